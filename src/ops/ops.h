@@ -1,0 +1,100 @@
+// The op interface: everything the model does to numbers goes through an Ops backend, so
+// model code never sees CUDA headers and the CPU implementation is the reference that a
+// GPU backend is tested against. Activations are F32 here (the CPU backend computes in
+// fp32); weights keep the dtype of the checkpoint (F32, BF16, F16, or F8_E4M3 with 128x128
+// block scales) and are dequantized inside the matmul.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace fathom {
+
+// A linear layer's weight, y = x · Wᵀ, exactly as the checkpoint stores it.
+struct LinearWeight {
+  std::string name;    // checkpoint tensor name, for error messages
+  Tensor weight;       // [out_features, in_features]  F32 | BF16 | F16 | F8_E4M3
+  Tensor scale_inv;    // F8_E4M3 only: [ceil(out/block), ceil(in/block)] F32; block (i,j) of W is multiplied by it
+  int64_t block = 128; // the quantization block edge (DeepSeek: 128x128)
+
+  int64_t out_features() const { return weight.dim(0); }
+  int64_t in_features() const { return weight.dim(1); }
+  bool quantized() const { return weight.dtype() == DType::F8_E4M3; }
+  size_t nbytes() const { return weight.nbytes() + (quantized() ? scale_inv.nbytes() : 0); }
+};
+
+// Scaled dot-product attention over strided Q/K/V, with grouped heads: query head h reads
+// key/value head h / (n_q_heads / n_kv_heads) — MHA when they are equal, MQA when
+// n_kv_heads == 1 (absorbed MLA is MQA over the latent cache: K = [latent, pe], V = latent).
+// Query i sits at absolute position q_pos0 + i; key j at position j; causal masks j > position.
+struct AttentionParams {
+  const float* q = nullptr;  // (n_q, n_q_heads, d_qk) with the strides below
+  int64_t q_token_stride = 0, q_head_stride = 0;
+  const float* k = nullptr;  // (n_kv, n_kv_heads, d_qk)
+  int64_t k_token_stride = 0, k_head_stride = 0;
+  const float* v = nullptr;  // (n_kv, n_kv_heads, d_v)
+  int64_t v_token_stride = 0, v_head_stride = 0;
+  float* out = nullptr;      // (n_q, n_q_heads, d_v)
+  int64_t out_token_stride = 0, out_head_stride = 0;
+  int64_t n_q = 0, n_kv = 0, q_pos0 = 0;
+  int n_q_heads = 0, n_kv_heads = 0, d_qk = 0, d_v = 0;
+  float scale = 1.0f;
+  bool causal = true;
+};
+
+// Rotary embedding on a slice of every head: dims [offset, offset + rope_dim) of each
+// (token, head) vector at x + t*token_stride + h*head_stride. Interleaved pairs (2i, 2i+1)
+// (DeepSeek's published layout) or halves (i, i + rope_dim/2).
+struct RopeParams {
+  float* x = nullptr;
+  int64_t n_tokens = 0, token_stride = 0, head_stride = 0;
+  int n_heads = 0, offset = 0, rope_dim = 0;
+  const float* cos = nullptr;  // (n_tokens, rope_dim/2), attention factor already applied
+  const float* sin = nullptr;  // (n_tokens, rope_dim/2)
+  bool interleaved = true;
+};
+
+enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
+
+// DeepSeekMoE routing for one layer: scores = score_fn(logits); experts are chosen by
+// score + bias (bias may be null), restricted to the best `topk_group` of `n_group` groups;
+// the routing weights are the unbiased scores of the chosen experts, optionally normalised,
+// times routed_scaling_factor.
+struct MoeGateParams {
+  ScoringFunc scoring = ScoringFunc::Sigmoid;
+  int n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
+  // Group rank: sum of the top-2 biased scores in the group (V3 noaux_tc) or the maximum
+  // score (V2 group_limited_greedy).
+  bool group_by_top2_sum = true;
+  bool norm_topk_prob = false;
+  float routed_scaling_factor = 1.0f;
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual const char* name() const = 0;
+
+  // out (T, H) = table[ids[t]] as F32; ids already validated against the vocabulary.
+  virtual void embedding(Tensor& out, const int32_t* ids, int64_t n_tokens, const Tensor& table) = 0;
+  // out (M, N) = x / rms(x) * weight;  weight (N) F32. out may alias x.
+  virtual void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) = 0;
+  // out (M, N) = x (M, K) · Wᵀ, fp32 accumulation, block-wise dequantization for FP8.
+  virtual void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) = 0;
+  virtual void rope(const RopeParams& p) = 0;
+  virtual void attention(const AttentionParams& p) = 0;
+  // out (M, N) = silu(gate) * up; out may alias gate.
+  virtual void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) = 0;
+  // x += y (same shape)
+  virtual void add(Tensor& x, const Tensor& y) = 0;
+  // weights (T, top_k) F32 and experts (T, top_k) I32 from router logits (T, n_experts) F32.
+  virtual void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
+                        const MoeGateParams& p) = 0;
+};
+
+// The CPU backend (reference semantics; multithreaded, SIMD matmul).
+std::unique_ptr<Ops> make_cpu_ops();
+
+}  // namespace fathom
