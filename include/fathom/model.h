@@ -1,0 +1,80 @@
+// fathom's public model API: load a DeepSeek-V2/V3 checkpoint directory (HuggingFace
+// layout) and run it — full forward passes, incremental decoding with the KV cache, the
+// multi-token-prediction (MTP) modules.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+
+namespace fathom {
+
+class Ops;
+struct ModelWeights;
+
+struct ModelOptions {
+  MlaMode mla_mode = MlaMode::Absorbed;
+  bool dequantize_fp8 = false;  // FP8 weights to F32 at load instead of dequantizing in the matmul
+};
+
+struct ParamCounts {
+  int64_t total = 0;             // every parameter of the checkpoint (main model + MTP)
+  int64_t main = 0;              // without the MTP modules
+  int64_t active_per_token = 0;  // main model, counting only num_experts_per_tok routed experts per MoE layer
+  int64_t mtp = 0;
+  int64_t active_weight_bytes = 0;  // bytes of the weights one decoded token reads (as stored)
+};
+
+struct ForwardOutput {
+  Tensor logits;                      // (T, vocab) or (1, vocab) with last_logits_only
+  std::vector<Tensor> hidden_states;  // if requested: L+1 tensors (T, hidden); [0] = embeddings, [L] after final norm
+  Tensor final_hidden;                // (T, hidden) after the final norm (the input of the LM head and of MTP)
+};
+
+struct ForwardRequest {
+  bool hidden_states = false;
+  bool last_logits_only = false;
+};
+
+class Model {
+ public:
+  ~Model();
+  // Loads config.json and the safetensors weights of `dir`; throws fathom::Error naming
+  // the file, tensor or field when anything is missing or malformed.
+  static std::unique_ptr<Model> load(const std::string& dir, const ModelOptions& options = {});
+
+  const ModelConfig& config() const;
+  const ModelOptions& options() const { return options_; }
+  const std::string& dir() const { return dir_; }
+  ParamCounts param_counts() const;
+  bool has_mtp() const;
+
+  KvCache new_cache(int64_t capacity = 256) const;
+  // Runs `ids` (all within the vocabulary) after what `cache` holds and appends them to it.
+  ForwardOutput forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& request = {});
+
+  // MTP module `depth` (0-based) over a sequence: position i combines the main model's
+  // final-normed hidden state h[i] with the embedding of ids[i+1]; returns logits
+  // (T-1-depth, vocab) predicting ids[i+2+depth]. `h` is (T, hidden) from forward().
+  // For depth > 0, `h` must be the previous module's output (see mtp_hidden).
+  Tensor mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int depth = 0, Tensor* mtp_hidden = nullptr);
+
+  // Greedy continuation: prefill `prompt`, then n_new tokens one at a time with the cache.
+  std::vector<int32_t> generate_greedy(const std::vector<int32_t>& prompt, int64_t n_new);
+
+  // Checks that every id is in [0, vocab); throws fathom::Error naming `what` and the position.
+  void check_ids(const std::vector<int32_t>& ids, const std::string& what) const;
+
+ private:
+  Model() = default;
+  std::string dir_;
+  ModelOptions options_;
+  std::unique_ptr<Ops> ops_;
+  std::unique_ptr<ModelWeights> w_;
+};
+
+}  // namespace fathom

@@ -1,0 +1,197 @@
+#include "model/attention.h"
+
+#include <cstring>
+
+#include "core/error.h"
+
+namespace fathom {
+
+namespace {
+
+// A per-head slice of kv_b_proj as its own F32-or-original-dtype weight, for absorption.
+// W_UK[h] rows are h*(nope+v) .. +nope, W_UV[h] the v rows after them. W_UK is transposed so
+// that "q_nope · W_UK" is an ordinary x · Wᵀ matmul.
+void split_kv_b(MlaWeights& w, const ModelConfig& c) {
+  const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, dv = c.v_head_dim;
+  const int64_t R = c.kv_lora_rank;
+  // Dequantized copy (exact for BF16/F16/F32; FP8 blocks times their scales).
+  Tensor full = dequantize(w.kv_b_proj);  // (H*(nope+dv), R)
+  for (int h = 0; h < H; ++h) {
+    const float* base = full.f32() + int64_t(h) * (nope + dv) * R;
+    LinearWeight uk;
+    uk.name = cat(w.kv_b_proj.name, "[W_UK head ", h, "]ᵀ");
+    uk.weight = Tensor::empty({R, nope});
+    for (int i = 0; i < nope; ++i)
+      for (int64_t r = 0; r < R; ++r) uk.weight.f32()[r * nope + i] = base[int64_t(i) * R + r];
+    LinearWeight uv;
+    uv.name = cat(w.kv_b_proj.name, "[W_UV head ", h, "]");
+    uv.weight = Tensor::empty({dv, R});
+    std::memcpy(uv.weight.f32(), base + int64_t(nope) * R, sizeof(float) * size_t(dv * R));
+    w.w_uk_t.push_back(std::move(uk));
+    w.w_uv.push_back(std::move(uv));
+  }
+}
+
+}  // namespace
+
+int64_t MlaWeights::nbytes() const {
+  int64_t n = 0;
+  for (const LinearWeight* l : {&q_a_proj, &q_b_proj, &q_proj, &kv_a_proj_with_mqa, &kv_b_proj, &o_proj})
+    if (l->weight.defined()) n += int64_t(l->nbytes());
+  return n;
+}
+
+MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& p) {
+  MlaWeights m;
+  const int64_t H = c.num_attention_heads, D = c.hidden_size;
+  if (c.q_lora_rank > 0) {
+    m.q_a_proj = w.linear(p + "q_a_proj.weight", c.q_lora_rank, D);
+    m.q_a_layernorm = w.f32(p + "q_a_layernorm.weight", {c.q_lora_rank});
+    m.q_b_proj = w.linear(p + "q_b_proj.weight", H * c.qk_head_dim(), c.q_lora_rank);
+  } else {
+    m.q_proj = w.linear(p + "q_proj.weight", H * c.qk_head_dim(), D);
+  }
+  m.kv_a_proj_with_mqa = w.linear(p + "kv_a_proj_with_mqa.weight", c.kv_lora_rank + c.qk_rope_head_dim, D);
+  m.kv_a_layernorm = w.f32(p + "kv_a_layernorm.weight", {c.kv_lora_rank});
+  m.kv_b_proj = w.linear(p + "kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  m.o_proj = w.linear(p + "o_proj.weight", D, H * c.v_head_dim);
+  split_kv_b(m, c);
+  return m;
+}
+
+void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
+                 LayerKvCache& layer, int64_t pos0, const RopeTables& rope) {
+  const int64_t T = x.dim(0);
+  const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim, dv = c.v_head_dim;
+  const int dqk = c.qk_head_dim();
+  const int64_t R = c.kv_lora_rank;
+  const float eps = float(c.rms_norm_eps);
+
+  // ---- queries: q (T, H, qk_head_dim) = [q_nope | q_pe] per head
+  Tensor q = Tensor::empty({T, H, dqk});
+  if (c.q_lora_rank > 0) {
+    Tensor qa = Tensor::empty({T, c.q_lora_rank});  // (T, q_lora_rank)
+    ops.matmul(qa, x, w.q_a_proj);
+    ops.rmsnorm(qa, qa, w.q_a_layernorm, eps);
+    ops.matmul(q, qa, w.q_b_proj);
+  } else {
+    ops.matmul(q, x, w.q_proj);
+  }
+  RopeParams rq;
+  rq.x = q.f32();
+  rq.n_tokens = T;
+  rq.token_stride = int64_t(H) * dqk;
+  rq.head_stride = dqk;
+  rq.n_heads = H;
+  rq.offset = nope;
+  rq.rope_dim = rd;
+  rq.cos = rope.cos->f32();
+  rq.sin = rope.sin->f32();
+  rq.interleaved = c.rope_interleave;
+  ops.rope(rq);
+
+  // ---- compressed keys/values: kv (T, kv_lora_rank + rope) = [c_kv | k_pe]
+  Tensor kv = Tensor::empty({T, R + rd});
+  ops.matmul(kv, x, w.kv_a_proj_with_mqa);
+  RopeParams rk = rq;
+  rk.x = kv.f32();
+  rk.token_stride = R + rd;
+  rk.head_stride = 0;
+  rk.n_heads = 1;
+  rk.offset = int(R);
+  ops.rope(rk);
+  // normalise c_kv in place (k_pe is not normalised)
+  Tensor c_kv = Tensor::empty({T, R});
+  for (int64_t t = 0; t < T; ++t) std::memcpy(c_kv.f32() + t * R, kv.f32() + t * (R + rd), sizeof(float) * size_t(R));
+  ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
+
+  const int64_t S = pos0 + T;  // keys after appending
+  Tensor attn = Tensor::empty({T, H, dv});  // (T, H, v_head_dim)
+  AttentionParams ap;
+  ap.n_q = T;
+  ap.n_kv = S;
+  ap.q_pos0 = pos0;
+  ap.n_q_heads = H;
+  ap.scale = float(c.softmax_scale());
+  ap.causal = true;
+
+  if (mode == MlaMode::Naive) {
+    // decompress: (T, H, nope + v) then write k = [k_nope | k_pe] and v into the cache
+    Tensor kvb = Tensor::empty({T, H, nope + dv});
+    ops.matmul(kvb, c_kv, w.kv_b_proj);
+    for (int64_t t = 0; t < T; ++t)
+      for (int h = 0; h < H; ++h) {
+        const float* src = kvb.f32() + (t * H + h) * (nope + dv);
+        float* kd = layer.k.f32() + ((pos0 + t) * H + h) * dqk;
+        float* vd = layer.v.f32() + ((pos0 + t) * H + h) * dv;
+        std::memcpy(kd, src, sizeof(float) * size_t(nope));
+        std::memcpy(kd + nope, kv.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
+        std::memcpy(vd, src + nope, sizeof(float) * size_t(dv));
+      }
+    ap.q = q.f32();
+    ap.q_token_stride = int64_t(H) * dqk;
+    ap.q_head_stride = dqk;
+    ap.k = layer.k.f32();
+    ap.k_token_stride = int64_t(H) * dqk;
+    ap.k_head_stride = dqk;
+    ap.v = layer.v.f32();
+    ap.v_token_stride = int64_t(H) * dv;
+    ap.v_head_stride = dv;
+    ap.n_kv_heads = H;
+    ap.d_qk = dqk;
+    ap.d_v = dv;
+    ap.out = attn.f32();
+    ap.out_token_stride = int64_t(H) * dv;
+    ap.out_head_stride = dv;
+    ops.attention(ap);
+  } else {
+    // cache row = [c_kv | k_pe]
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = layer.latent.f32() + (pos0 + t) * (R + rd);
+      std::memcpy(row, c_kv.f32() + t * R, sizeof(float) * size_t(R));
+      std::memcpy(row + R, kv.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
+    }
+    // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | q_pe]
+    Tensor qabs = Tensor::empty({T, H, R + rd});
+    Tensor q_nope_h = Tensor::empty({T, nope}), q_lat_h = Tensor::empty({T, R});
+    for (int h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(q_nope_h.f32() + t * nope, q.f32() + (t * H + h) * dqk, sizeof(float) * size_t(nope));
+      ops.matmul(q_lat_h, q_nope_h, w.w_uk_t[size_t(h)]);
+      for (int64_t t = 0; t < T; ++t) {
+        float* dst = qabs.f32() + (t * H + h) * (R + rd);
+        std::memcpy(dst, q_lat_h.f32() + t * R, sizeof(float) * size_t(R));
+        std::memcpy(dst + R, q.f32() + (t * H + h) * dqk + nope, sizeof(float) * size_t(rd));
+      }
+    }
+    Tensor lat_out = Tensor::empty({T, H, R});  // attention output in latent space
+    ap.q = qabs.f32();
+    ap.q_token_stride = int64_t(H) * (R + rd);
+    ap.q_head_stride = R + rd;
+    ap.k = layer.latent.f32();
+    ap.k_token_stride = R + rd;
+    ap.k_head_stride = 0;
+    ap.v = layer.latent.f32();  // the value is the latent part of the same row
+    ap.v_token_stride = R + rd;
+    ap.v_head_stride = 0;
+    ap.n_kv_heads = 1;
+    ap.d_qk = int(R) + rd;
+    ap.d_v = int(R);
+    ap.out = lat_out.f32();
+    ap.out_token_stride = int64_t(H) * R;
+    ap.out_head_stride = R;
+    ops.attention(ap);
+    // back to value space per head: attn[:, h] = lat_out[:, h] · W_UV[h]ᵀ
+    Tensor lat_h = Tensor::empty({T, R}), o_h = Tensor::empty({T, dv});
+    for (int h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(lat_h.f32() + t * R, lat_out.f32() + (t * H + h) * R, sizeof(float) * size_t(R));
+      ops.matmul(o_h, lat_h, w.w_uv[size_t(h)]);
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(attn.f32() + (t * H + h) * dv, o_h.f32() + t * dv, sizeof(float) * size_t(dv));
+    }
+  }
+  ops.matmul(out, attn.reshape({T, int64_t(H) * dv}), w.o_proj);
+}
+
+}  // namespace fathom

@@ -1,0 +1,53 @@
+// Multi-head latent attention (MLA), DeepSeek-V2/V3.
+//
+// Queries: h -> q_a_proj -> q_a_layernorm -> q_b_proj (or one q_proj when q_lora_rank is 0),
+// split per head into q_nope (qk_nope_head_dim) and q_pe (qk_rope_head_dim, rotated).
+// Keys/values: h -> kv_a_proj_with_mqa -> [c_kv (kv_lora_rank) | k_pe (qk_rope_head_dim)];
+// c_kv -> kv_a_layernorm -> kv_b_proj -> per head [k_nope | v]; k_pe is rotated and shared by
+// all heads.
+//
+// Two equivalent ways to attend (DeepSeek's `attn_impl`):
+//  naive    — decompress k_nope and v for every head and cached token, then ordinary MHA;
+//  absorbed — fold kv_b_proj into the query (q_nope · W_UK per head gives a query in latent
+//             space) and into the output (latent · W_UVᵀ), so attention runs as MQA directly
+//             over the cached [c_kv | k_pe] rows: the cache holds kv_lora_rank + rope floats per
+//             token instead of n_heads * (qk_head_dim + v_head_dim).
+#pragma once
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/weights.h"
+#include "ops/ops.h"
+
+namespace fathom {
+
+struct MlaWeights {
+  // with q LoRA
+  LinearWeight q_a_proj;        // (q_lora_rank, hidden)
+  Tensor q_a_layernorm;         // (q_lora_rank) F32
+  LinearWeight q_b_proj;        // (n_heads * qk_head_dim, q_lora_rank)
+  // without q LoRA
+  LinearWeight q_proj;          // (n_heads * qk_head_dim, hidden)
+  LinearWeight kv_a_proj_with_mqa;  // (kv_lora_rank + qk_rope_head_dim, hidden)
+  Tensor kv_a_layernorm;        // (kv_lora_rank) F32
+  LinearWeight kv_b_proj;       // (n_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank)
+  LinearWeight o_proj;          // (hidden, n_heads * v_head_dim)
+  // absorbed mode: kv_b_proj split per head, prepared at load
+  std::vector<LinearWeight> w_uk_t;  // per head (kv_lora_rank, qk_nope_head_dim): q_latent = q_nope · W_UK
+  std::vector<LinearWeight> w_uv;    // per head (v_head_dim, kv_lora_rank):       o = latent · W_UVᵀ
+
+  int64_t nbytes() const;  // weight bytes read per token (the checkpoint tensors)
+};
+
+MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& prefix);
+
+struct RopeTables {
+  const Tensor* cos;  // (T, rope/2)
+  const Tensor* sin;
+};
+
+// out (T, hidden) = MLA(x) for x (T, hidden) (already normed) at positions
+// cache.length() .. + T - 1; appends the T tokens to `layer` (the caller advances the cache).
+void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
+                 LayerKvCache& layer, int64_t pos0, const RopeTables& rope);
+
+}  // namespace fathom

@@ -1,0 +1,57 @@
+// The KV cache of multi-head latent attention (MLA).
+//
+// Absorbed mode caches, per token and layer, only what MLA compresses keys and values into:
+// the normalised latent c_kv (kv_lora_rank floats; DeepSeek's `kv_cache`) and the rotated
+// decoupled rope key k_pe (qk_rope_head_dim floats, shared by all heads; `pe_cache`). They sit
+// side by side in one row, [c_kv | k_pe], so attention reads the row as a 576-wide MQA key
+// (for V3) and its first kv_lora_rank floats as the value.
+//
+// Naive mode caches what standard multi-head attention would: the decompressed per-head
+// keys (n_heads * qk_head_dim) and values (n_heads * v_head_dim).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+
+namespace fathom {
+
+enum class MlaMode { Naive, Absorbed };
+const char* mla_mode_name(MlaMode m);
+
+struct LayerKvCache {
+  Tensor latent;  // absorbed: (capacity, kv_lora_rank + qk_rope_head_dim)  [c_kv | k_pe]
+  Tensor k;       // naive: (capacity, n_heads, qk_head_dim)
+  Tensor v;       // naive: (capacity, n_heads, v_head_dim)
+};
+
+class KvCache {
+ public:
+  KvCache(const ModelConfig& c, int n_layers, MlaMode mode, int64_t capacity = 256);
+
+  MlaMode mode() const { return mode_; }
+  int64_t length() const { return length_; }    // tokens already cached
+  int64_t capacity() const { return capacity_; }
+  LayerKvCache& layer(int i) { return layers_[size_t(i)]; }
+  int n_layers() const { return int(layers_.size()); }
+
+  // Makes room for n more tokens (keeping the cached ones), growing geometrically.
+  void reserve(int64_t n_more);
+  // Marks n tokens appended (every layer has written them).
+  void advance(int64_t n) { length_ += n; }
+  void clear() { length_ = 0; }
+
+  // Bytes one token occupies in one layer's cache, for elements of `elem_bytes` bytes.
+  static int64_t bytes_per_token_per_layer(const ModelConfig& c, MlaMode mode, int64_t elem_bytes);
+
+ private:
+  void allocate(LayerKvCache& l, int64_t capacity) const;
+
+  ModelConfig config_;  // a copy: the cache may outlive nothing it points at
+  MlaMode mode_;
+  int64_t length_ = 0, capacity_ = 0;
+  std::vector<LayerKvCache> layers_;
+};
+
+}  // namespace fathom

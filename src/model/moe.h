@@ -1,0 +1,51 @@
+// Feed-forward blocks: the dense SwiGLU MLP of the first `first_k_dense_replace` layers and
+// DeepSeekMoE — many small routed experts, of which each token uses `num_experts_per_tok`,
+// plus `n_shared_experts` that every token uses (stored as one SwiGLU of
+// n_shared * moe_intermediate_size).
+//
+// Routing (MoeGateParams in ops.h): V2 scores experts with a softmax; V3 with a sigmoid and
+// adds a per-expert bias `e_score_correction_bias` for *choosing* experts only — the
+// auxiliary-loss-free balancing of DeepSeek-V3 — while the weights that mix expert outputs
+// use the unbiased scores. Group-limited routing first keeps the best `topk_group` of
+// `n_group` expert groups (V3 ranks a group by the sum of its two best biased scores).
+#pragma once
+#include <vector>
+
+#include "model/config.h"
+#include "model/weights.h"
+#include "ops/ops.h"
+
+namespace fathom {
+
+struct SwiGluWeights {
+  LinearWeight gate_proj;  // (inter, hidden)
+  LinearWeight up_proj;    // (inter, hidden)
+  LinearWeight down_proj;  // (hidden, inter)
+  int64_t nbytes() const { return int64_t(gate_proj.nbytes() + up_proj.nbytes() + down_proj.nbytes()); }
+};
+
+struct MoeWeights {
+  LinearWeight gate;              // (n_routed_experts, hidden) router
+  Tensor e_score_correction_bias; // (n_routed_experts) F32, V3 only (undefined otherwise)
+  std::vector<SwiGluWeights> experts;
+  SwiGluWeights shared_experts;   // undefined weights when n_shared_experts == 0
+  bool has_shared = false;
+  MoeGateParams gate_params;
+};
+
+SwiGluWeights load_swiglu(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
+MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::string& prefix);
+
+// out (T, hidden) = down(silu(gate(x)) * up(x))
+void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x);
+
+// Load statistics: how many tokens each expert received (accumulated by moe_forward when given).
+struct ExpertLoad {
+  std::vector<int64_t> tokens_per_expert;
+};
+
+// out (T, hidden) = Σ_k weight_k · expert_k(x) + shared(x)
+void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x,
+                 ExpertLoad* load = nullptr);
+
+}  // namespace fathom

@@ -1,0 +1,36 @@
+// The tensor layout of a DeepSeek checkpoint (the published names and shapes) and a writer
+// of random-weight checkpoints in that layout: for benchmarks, tests and as the starting
+// point of training.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+
+namespace fathom {
+
+enum class TensorRole : uint8_t { Linear, Norm, Bias, Embedding };
+
+struct TensorSpec {
+  std::string name;
+  Shape shape;
+  TensorRole role;
+};
+
+// Every tensor a checkpoint of this config holds (main model and MTP modules), in the
+// published DeepSeek naming; FP8 scale tensors are not listed.
+std::vector<TensorSpec> checkpoint_layout(const ModelConfig& c);
+
+struct RandomInitOptions {
+  uint64_t seed = 1234;
+  double std = 0.02;          // linear and embedding weights ~ N(0, std)
+  DType dtype = DType::BF16;  // BF16, F16, F32, or F8_E4M3 (128x128 block scales)
+  size_t max_shard_bytes = 0; // 0: one model.safetensors; else shards + index
+};
+
+// Writes config.json (the given text, verbatim) and the weights into `dir` (created).
+void write_random_checkpoint(const std::string& config_json, const std::string& dir, const RandomInitOptions& o);
+
+}  // namespace fathom

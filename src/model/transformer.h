@@ -1,0 +1,49 @@
+// The weights of a whole DeepSeek model and the decoder layer they make up.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "core/safetensors.h"
+#include "model/attention.h"
+#include "model/config.h"
+#include "model/moe.h"
+#include "model/rope.h"
+
+namespace fathom {
+
+struct DecoderLayerWeights {
+  Tensor input_layernorm;           // (hidden) F32
+  Tensor post_attention_layernorm;  // (hidden) F32
+  MlaWeights attn;
+  bool is_moe = false;
+  SwiGluWeights mlp;  // dense layers
+  MoeWeights moe;     // MoE layers
+};
+
+// One MTP module (DeepSeek-V3 §2.2): combines the previous depth's hidden state with the
+// embedding of the next token and runs one more decoder layer.
+struct MtpWeights {
+  Tensor enorm, hnorm;         // (hidden) F32
+  LinearWeight eh_proj;        // (hidden, 2 * hidden): [enorm(emb) ; hnorm(h)] -> hidden
+  DecoderLayerWeights layer;
+  Tensor shared_head_norm;     // (hidden) F32
+  LinearWeight shared_head;    // (vocab, hidden)
+  Tensor embed_tokens;         // (vocab, hidden) as stored
+};
+
+struct ModelWeights {
+  ModelConfig config;
+  std::shared_ptr<SafetensorsSet> files;  // keeps the memory maps alive
+  Tensor embed_tokens;                    // (vocab, hidden) as stored
+  std::vector<DecoderLayerWeights> layers;
+  Tensor norm;                            // (hidden) F32
+  LinearWeight lm_head;                   // (vocab, hidden)
+  std::vector<MtpWeights> mtp;
+  std::unique_ptr<Rope> rope;
+};
+
+// x (T, hidden) += attn(norm(x)); x += ffn(norm(x))
+void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
+                           LayerKvCache& cache, int64_t pos0, const RopeTables& rope);
+
+}  // namespace fathom

@@ -1,0 +1,199 @@
+// The CPU backend: fp32 math, multithreaded over the global thread pool. Matmul lives in
+// matmul.cpp (SIMD, dequantizing inside the kernel); the rest is here.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "ops/cpu/matmul.h"
+#include "ops/cpu/vec.h"
+#include "ops/ops.h"
+
+namespace fathom {
+namespace {
+
+class CpuOps final : public Ops {
+ public:
+  CpuOps() : pool_(ThreadPool::global()) {}
+  const char* name() const override { return "cpu"; }
+
+  void embedding(Tensor& out, const int32_t* ids, int64_t n_tokens, const Tensor& table) override {
+    const int64_t H = table.dim(1);  // table (V, H)
+    FATHOM_ASSERT(out.numel() == n_tokens * H);
+    const size_t row_bytes = size_t(H) * dtype_size(table.dtype());
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      const char* row = static_cast<const char*>(table.data()) + size_t(ids[t]) * row_bytes;
+      convert_to_f32(table.dtype(), row, out.f32() + t * H, size_t(H));
+    }
+  }
+
+  void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) override {
+    const int64_t N = weight.numel(), M = x.numel() / N;  // x, out (M, N)
+    FATHOM_ASSERT(weight.dtype() == DType::F32 && out.numel() == x.numel());
+    const float* w = weight.f32();
+    pool_.parallel_for(M, [&](int64_t b, int64_t e, int) {
+      for (int64_t m = b; m < e; ++m) {
+        const float* xr = x.f32() + m * N;
+        float* o = out.f32() + m * N;
+        double ss = 0.0;
+        for (int64_t i = 0; i < N; ++i) ss += double(xr[i]) * xr[i];
+        float inv = float(1.0 / std::sqrt(ss / double(N) + eps));
+        for (int64_t i = 0; i < N; ++i) o[i] = xr[i] * inv * w[i];
+      }
+    }, 16);
+  }
+
+  void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) override {
+    const int64_t K = w.in_features(), N = w.out_features(), M = x.numel() / K;  // x (M, K), out (M, N)
+    FATHOM_ASSERT(x.numel() == M * K && out.numel() == M * N, "matmul ", w.name, ": x ", shape_str(x.shape()), " out ",
+                  shape_str(out.shape()), " weight ", shape_str(w.weight.shape()));
+    cpu::matmul(out.f32(), x.f32(), M, w, pool_);
+  }
+
+  void rope(const RopeParams& p) override {
+    const int half = p.rope_dim / 2;
+    for (int64_t t = 0; t < p.n_tokens; ++t) {
+      const float* c = p.cos + t * half;
+      const float* s = p.sin + t * half;
+      for (int h = 0; h < p.n_heads; ++h) {
+        float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
+        for (int i = 0; i < half; ++i) {
+          // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
+          float* a = p.interleaved ? v + 2 * i : v + i;
+          float* b = p.interleaved ? v + 2 * i + 1 : v + i + half;
+          float x0 = *a, x1 = *b;
+          *a = x0 * c[i] - x1 * s[i];
+          *b = x1 * c[i] + x0 * s[i];
+        }
+      }
+    }
+  }
+
+  void attention(const AttentionParams& p) override {
+    FATHOM_ASSERT(p.n_q_heads % p.n_kv_heads == 0);
+    const int group = p.n_q_heads / p.n_kv_heads;
+    // One work item per (query, head); each needs a score row of n_kv floats.
+    const int64_t items = p.n_q * p.n_q_heads;
+    std::vector<std::vector<float>> scratch(static_cast<size_t>(pool_.size()));
+    pool_.parallel_for(items, [&](int64_t b, int64_t e, int tid) {
+      std::vector<float>& scores = scratch[size_t(tid)];
+      scores.resize(size_t(p.n_kv));
+      for (int64_t it = b; it < e; ++it) {
+        const int64_t i = it / p.n_q_heads;
+        const int h = int(it % p.n_q_heads), kvh = h / group;
+        const float* q = p.q + i * p.q_token_stride + h * p.q_head_stride;
+        float* o = p.out + i * p.out_token_stride + h * p.out_head_stride;
+        const int64_t n_keys = p.causal ? std::min(p.n_kv, p.q_pos0 + i + 1) : p.n_kv;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n_keys; ++j) {
+          float sc = cpu::dot(q, p.k + j * p.k_token_stride + kvh * p.k_head_stride, p.d_qk) * p.scale;
+          scores[size_t(j)] = sc;
+          mx = std::max(mx, sc);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          float e_ = std::exp(scores[size_t(j)] - mx);
+          scores[size_t(j)] = e_;
+          sum += e_;
+        }
+        std::memset(o, 0, sizeof(float) * size_t(p.d_v));
+        if (n_keys == 0) continue;
+        const float inv = float(1.0 / sum);
+        for (int64_t j = 0; j < n_keys; ++j)
+          cpu::axpy(o, scores[size_t(j)] * inv, p.v + j * p.v_token_stride + kvh * p.v_head_stride, p.d_v);
+      }
+    });
+  }
+
+  void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
+    FATHOM_ASSERT(gate.numel() == up.numel() && out.numel() == gate.numel());
+    const float* g = gate.f32();
+    const float* u = up.f32();
+    float* o = out.f32();
+    for (int64_t i = 0, n = gate.numel(); i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    FATHOM_ASSERT(x.numel() == y.numel());
+    float* a = x.f32();
+    const float* b = y.f32();
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) a[i] += b[i];
+  }
+
+  void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
+                const MoeGateParams& p) override {
+    const int E = p.n_experts, K = p.top_k;
+    const int64_t T = logits.numel() / E;  // logits (T, E); weights, experts (T, K)
+    FATHOM_ASSERT(weights.numel() == T * K && experts.numel() == T * K && E % p.n_group == 0);
+    const int per_group = E / p.n_group;
+    std::vector<float> score(static_cast<size_t>(E)), choice(static_cast<size_t>(E)), group_score(static_cast<size_t>(p.n_group));
+    std::vector<int> order(static_cast<size_t>(std::max(E, p.n_group)));
+    for (int64_t t = 0; t < T; ++t) {
+      const float* l = logits.f32() + t * E;
+      if (p.scoring == ScoringFunc::Sigmoid) {
+        for (int e = 0; e < E; ++e) score[size_t(e)] = 1.0f / (1.0f + std::exp(-l[e]));
+      } else {
+        float mx = *std::max_element(l, l + E);
+        double sum = 0.0;
+        for (int e = 0; e < E; ++e) sum += (score[size_t(e)] = std::exp(l[e] - mx));
+        for (int e = 0; e < E; ++e) score[size_t(e)] = float(score[size_t(e)] / sum);
+      }
+      for (int e = 0; e < E; ++e) choice[size_t(e)] = score[size_t(e)] + (bias ? bias[e] : 0.0f);
+      if (p.n_group > 1 && p.topk_group < p.n_group) {
+        // Rank groups, keep the best topk_group; experts of the others cannot be chosen.
+        for (int g = 0; g < p.n_group; ++g) {
+          const float* c = choice.data() + g * per_group;
+          if (p.group_by_top2_sum) {
+            float a = -std::numeric_limits<float>::infinity(), b = a;
+            for (int e = 0; e < per_group; ++e) {
+              if (c[e] > a) { b = a; a = c[e]; } else if (c[e] > b) b = c[e];
+            }
+            group_score[size_t(g)] = per_group >= 2 ? a + b : a;
+          } else {
+            group_score[size_t(g)] = *std::max_element(c, c + per_group);
+          }
+        }
+        top_indices(group_score.data(), p.n_group, p.topk_group, order.data());
+        std::vector<char> keep(size_t(p.n_group), 0);
+        for (int g = 0; g < p.topk_group; ++g) keep[size_t(order[size_t(g)])] = 1;
+        for (int e = 0; e < E; ++e)
+          if (!keep[size_t(e / per_group)]) choice[size_t(e)] = -std::numeric_limits<float>::infinity();
+      }
+      top_indices(choice.data(), E, K, order.data());
+      float* w = weights.f32() + t * K;
+      int32_t* idx = experts.ptr<int32_t>() + t * K;
+      double sum = 0.0;
+      for (int k = 0; k < K; ++k) {
+        idx[k] = order[size_t(k)];
+        w[k] = score[size_t(order[size_t(k)])];  // routing weight: the score without bias
+        sum += w[k];
+      }
+      for (int k = 0; k < K; ++k) {
+        if (p.norm_topk_prob) w[k] = float(w[k] / (sum + 1e-20));
+        w[k] *= p.routed_scaling_factor;
+      }
+    }
+  }
+
+ private:
+  // The indices of the k largest of v[0..n) in descending order; ties keep the lower index.
+  static void top_indices(const float* v, int n, int k, int* out) {
+    std::vector<int> idx(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) idx[size_t(i)] = i;
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) {
+      return v[a] > v[b] || (v[a] == v[b] && a < b);
+    });
+    std::copy(idx.begin(), idx.begin() + k, out);
+  }
+
+  ThreadPool& pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
+
+}  // namespace fathom

@@ -1,0 +1,209 @@
+// fathom info | logits | generate: run a checkpoint on token ids.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "core/error.h"
+#include "core/files.h"
+#include "core/safetensors.h"
+#include "core/thread_pool.h"
+#include "fathom/model.h"
+
+namespace fathom::cli {
+
+namespace {
+
+struct ModelArgs {
+  std::string dir;
+  std::string mla = "absorbed";
+  bool dequantize_fp8 = false;
+};
+
+void add_model_options(CLI::App* cmd, ModelArgs& a) {
+  cmd->add_option("--model", a.dir, "model directory (config.json + safetensors)")->required();
+  cmd->add_option("--mla", a.mla, "MLA mode: absorbed (cache the latent) or naive (cache per-head K/V)")
+      ->check(CLI::IsMember({"absorbed", "naive"}));
+  cmd->add_flag("--dequantize-fp8", a.dequantize_fp8, "dequantize FP8 weights to F32 at load");
+}
+
+std::unique_ptr<Model> open_model(const ModelArgs& a) {
+  ModelOptions o;
+  o.mla_mode = a.mla == "naive" ? MlaMode::Naive : MlaMode::Absorbed;
+  o.dequantize_fp8 = a.dequantize_fp8;
+  return Model::load(a.dir, o);
+}
+
+// input_ids (B, T) I64 (or I32, or a 1-D (T)) from a safetensors file, validated.
+std::vector<std::vector<int32_t>> read_input_ids(const std::string& path, const Model& m) {
+  auto file = SafetensorsFile::open(path);
+  FATHOM_CHECK(file->contains("input_ids"), path, " has no tensor 'input_ids' (expected I64 [batch, tokens])");
+  Tensor t = file->tensor("input_ids");
+  FATHOM_CHECK(t.dtype() == DType::I64 || t.dtype() == DType::I32, path, ": tensor 'input_ids' has dtype ",
+               dtype_name(t.dtype()), ", expected I64");
+  FATHOM_CHECK(t.ndim() == 2 || t.ndim() == 1, path, ": tensor 'input_ids' has shape ", shape_str(t.shape()),
+               ", expected [batch, tokens]");
+  const int64_t B = t.ndim() == 2 ? t.dim(0) : 1, T = t.dim(-1);
+  FATHOM_CHECK(B > 0 && T > 0, path, ": tensor 'input_ids' is empty (shape ", shape_str(t.shape()),
+               "); at least one token is needed");
+  const int64_t V = m.config().vocab_size;
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < T; ++i) {
+      int64_t id = t.dtype() == DType::I64 ? t.ptr<int64_t>()[b * T + i] : t.ptr<int32_t>()[b * T + i];
+      FATHOM_CHECK(id >= 0 && id < V, path, ": input_ids[", b, "][", i, "] = ", id,
+                   " is outside the model's vocabulary [0, ", V, ")");
+      rows[size_t(b)].push_back(int32_t(id));
+    }
+  return rows;
+}
+
+void check_output_path(const std::string& out) {
+  namespace fs = std::filesystem;
+  fs::path parent = fs::path(out).parent_path();
+  FATHOM_CHECK(parent.empty() || fs::is_directory(parent), "cannot write ", out, ": directory ", parent.string(),
+               " does not exist");
+}
+
+}  // namespace
+
+Command add_info(CLI::App& app) {
+  auto a = std::make_shared<ModelArgs>();
+  auto json_out = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand("info", "print a model's architecture, parameter counts and KV-cache size");
+  add_model_options(cmd, *a);
+  cmd->add_flag("--json", *json_out, "print JSON");
+  return [a, json_out] {
+    auto m = open_model(*a);
+    const ModelConfig& c = m->config();
+    ParamCounts p = m->param_counts();
+    const int L = c.num_hidden_layers;
+    const int64_t absorbed = KvCache::bytes_per_token_per_layer(c, MlaMode::Absorbed, 4) * L;
+    const int64_t naive = KvCache::bytes_per_token_per_layer(c, MlaMode::Naive, 4) * L;
+    nlohmann::json j = {
+        {"model_type", c.model_type},
+        {"layers", L},
+        {"dense_layers", c.first_k_dense_replace},
+        {"hidden_size", c.hidden_size},
+        {"vocab_size", c.vocab_size},
+        {"attention", {{"heads", c.num_attention_heads}, {"q_lora_rank", c.q_lora_rank}, {"kv_lora_rank", c.kv_lora_rank},
+                       {"qk_nope_head_dim", c.qk_nope_head_dim}, {"qk_rope_head_dim", c.qk_rope_head_dim},
+                       {"v_head_dim", c.v_head_dim}, {"rope", c.rope_scaling.type}, {"rope_theta", c.rope_theta}}},
+        {"moe", {{"routed_experts", c.n_routed_experts}, {"experts_per_token", c.num_experts_per_tok},
+                 {"shared_experts", c.n_shared_experts}, {"scoring", c.scoring_func}, {"topk_method", c.topk_method},
+                 {"n_group", c.n_group}, {"topk_group", c.topk_group}}},
+        {"mtp_modules", c.num_nextn_predict_layers},
+        {"fp8", c.fp8},
+        {"params", {{"total", p.total}, {"main", p.main}, {"mtp", p.mtp}, {"active_per_token", p.active_per_token}}},
+        {"active_weight_bytes_per_token", p.active_weight_bytes},
+        {"kv_cache_bytes_per_token", {{"absorbed_fp32", absorbed}, {"naive_mha_fp32", naive},
+                                      {"absorbed_bf16", absorbed / 2}, {"naive_mha_bf16", naive / 2}}},
+    };
+    if (*json_out) {
+      std::printf("%s\n", j.dump(2).c_str());
+      return;
+    }
+    std::printf("model        %s (%s)\n", m->dir().c_str(), c.model_type.c_str());
+    std::printf("layers       %d (%d dense, %d MoE) + %d MTP, hidden %ld, vocab %ld\n", L,
+                std::min(c.first_k_dense_replace, L), L - std::min(c.first_k_dense_replace, L),
+                c.num_nextn_predict_layers, long(c.hidden_size), long(c.vocab_size));
+    std::printf("attention    MLA, %d heads, q_lora_rank %ld, kv_lora_rank %ld, qk %d+%d (nope+rope), v %d, rope %s\n",
+                c.num_attention_heads, long(c.q_lora_rank), long(c.kv_lora_rank), c.qk_nope_head_dim,
+                c.qk_rope_head_dim, c.v_head_dim, c.rope_scaling.type.c_str());
+    if (c.n_routed_experts > 0)
+      std::printf("moe          %d routed experts (top-%d, %s, %s, %d groups keep %d) + %d shared\n", c.n_routed_experts,
+                  c.num_experts_per_tok, c.scoring_func.c_str(), c.topk_method.c_str(), c.n_group, c.topk_group,
+                  c.n_shared_experts);
+    std::printf("weights      %s\n", c.fp8 ? "FP8 e4m3, 128x128 block scales" : "unquantized");
+    std::printf("parameters   %.2fM total (%.2fM main model + %.2fM MTP), %.2fM active per token\n", p.total / 1e6,
+                p.main / 1e6, p.mtp / 1e6, p.active_per_token / 1e6);
+    std::printf("weight bytes read per decoded token: %.2f MB\n", p.active_weight_bytes / 1e6);
+    std::printf("KV cache per token (all layers, fp32): absorbed MLA %ld bytes (latent %ld + rope %d per layer); "
+                "naive MHA %ld bytes — %.1fx smaller\n",
+                long(absorbed), long(c.kv_lora_rank), c.qk_rope_head_dim, long(naive), double(naive) / double(absorbed));
+  };
+}
+
+Command add_logits(CLI::App& app) {
+  auto a = std::make_shared<ModelArgs>();
+  auto input = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto mtp = std::make_shared<bool>(false);
+  auto hidden = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand("logits", "run a full forward pass on input_ids and write the logits");
+  add_model_options(cmd, *a);
+  cmd->add_option("--input-ids", *input, "safetensors file with tensor input_ids, I64 [batch, tokens]")->required();
+  cmd->add_option("--out", *out, "output safetensors file (logits F32 [batch, tokens, vocab])")->required();
+  cmd->add_flag("--mtp", *mtp, "also write mtp_logits F32 [batch, tokens-1, vocab] from the first MTP module");
+  cmd->add_flag("--hidden-states", *hidden, "also write hidden_states.{i} F32 [batch, tokens, hidden]");
+  return [a, input, out, mtp, hidden] {
+    check_output_path(*out);
+    auto m = open_model(*a);
+    FATHOM_CHECK(!*mtp || m->has_mtp(), "--mtp: model ", a->dir, " has no MTP module (num_nextn_predict_layers is 0)");
+    auto rows = read_input_ids(*input, *m);
+    const ModelConfig& c = m->config();
+    const int64_t B = int64_t(rows.size()), T = int64_t(rows[0].size()), V = c.vocab_size, D = c.hidden_size;
+    FATHOM_CHECK(!*mtp || T >= 2, "--mtp needs at least 2 tokens per row, ", *input, " has ", T);
+    Tensor logits = Tensor::empty({B, T, V});
+    Tensor mtp_logits = *mtp ? Tensor::empty({B, T - 1, V}) : Tensor();
+    std::vector<Tensor> hs;
+    for (int64_t b = 0; b < B; ++b) {
+      KvCache cache = m->new_cache(T);
+      ForwardRequest req;
+      req.hidden_states = *hidden;
+      ForwardOutput o = m->forward(rows[size_t(b)], cache, req);
+      std::memcpy(logits.f32() + b * T * V, o.logits.data(), o.logits.nbytes());
+      if (*hidden) {
+        if (hs.empty())
+          for (size_t i = 0; i < o.hidden_states.size(); ++i) hs.push_back(Tensor::empty({B, T, D}));
+        for (size_t i = 0; i < o.hidden_states.size(); ++i)
+          std::memcpy(hs[i].f32() + b * T * D, o.hidden_states[i].data(), o.hidden_states[i].nbytes());
+      }
+      if (*mtp) {
+        Tensor ml = m->mtp_logits(rows[size_t(b)], o.final_hidden, 0);
+        std::memcpy(mtp_logits.f32() + b * (T - 1) * V, ml.data(), ml.nbytes());
+      }
+    }
+    SafetensorsWriter w;
+    w.add("logits", logits);
+    if (*mtp) w.add("mtp_logits", mtp_logits);
+    for (size_t i = 0; i < hs.size(); ++i) w.add(cat("hidden_states.", i), hs[i]);
+    w.write(*out);
+  };
+}
+
+Command add_generate(CLI::App& app) {
+  auto a = std::make_shared<ModelArgs>();
+  auto input = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto n_new = std::make_shared<int64_t>(16);
+  auto temperature = std::make_shared<double>(0.0);
+  CLI::App* cmd = app.add_subcommand("generate", "continue row 0 of input_ids greedily with the KV cache");
+  add_model_options(cmd, *a);
+  cmd->add_option("--input-ids", *input, "safetensors file with tensor input_ids, I64 [batch, tokens]")->required();
+  cmd->add_option("--max-new-tokens", *n_new, "tokens to generate")->check(CLI::Range(int64_t(0), int64_t(1) << 20));
+  cmd->add_option("--temperature", *temperature, "0 = greedy (the only decoding this build offers for token ids)");
+  cmd->add_option("--out", *out, "output JSON file: {\"ids\": [new token ids]}")->required();
+  return [a, input, out, n_new, temperature] {
+    FATHOM_CHECK(*temperature == 0.0, "--temperature ", *temperature,
+                 ": only greedy decoding (--temperature 0) is available for token-id input");
+    check_output_path(*out);
+    auto m = open_model(*a);
+    auto rows = read_input_ids(*input, *m);
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<int32_t> ids = m->generate_greedy(rows[0], *n_new);
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    nlohmann::json j = {{"ids", ids}};
+    write_file_atomic(*out, j.dump() + "\n");
+    std::fprintf(stderr, "generated %zu tokens after a %zu-token prompt in %.2f s\n", ids.size(), rows[0].size(), secs);
+  };
+}
+
+}  // namespace fathom::cli
