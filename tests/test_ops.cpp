@@ -1,0 +1,191 @@
+// CPU ops against straightforward double-precision references on fresh random inputs, and
+// the MoE gate on hand-made cases whose answer is known.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace fathom;
+using namespace fathom::test;
+
+namespace {
+
+struct Rng {
+  Rng() : seed(std::random_device{}()), gen(seed) {}
+  float normal() { return std::normal_distribution<float>(0.0f, 1.0f)(gen); }
+  Tensor randn(Shape s) {
+    Tensor t = Tensor::empty(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal();
+    return t;
+  }
+  uint32_t seed;
+  std::mt19937 gen;
+};
+
+// attention in double, straight from the definition
+void attention_reference(const AttentionParams& p, std::vector<double>& out) {
+  const int group = p.n_q_heads / p.n_kv_heads;
+  out.assign(size_t(p.n_q * p.n_q_heads * p.d_v), 0.0);
+  for (int64_t i = 0; i < p.n_q; ++i)
+    for (int h = 0; h < p.n_q_heads; ++h) {
+      const int kh = h / group;
+      const int64_t n = p.causal ? std::min(p.n_kv, p.q_pos0 + i + 1) : p.n_kv;
+      std::vector<double> s(static_cast<size_t>(n));
+      double mx = -1e300;
+      for (int64_t j = 0; j < n; ++j) {
+        double d = 0;
+        for (int k = 0; k < p.d_qk; ++k)
+          d += double(p.q[i * p.q_token_stride + h * p.q_head_stride + k]) *
+               p.k[j * p.k_token_stride + kh * p.k_head_stride + k];
+        s[size_t(j)] = d * p.scale;
+        mx = std::max(mx, s[size_t(j)]);
+      }
+      double z = 0;
+      for (auto& v : s) z += (v = std::exp(v - mx));
+      for (int64_t j = 0; j < n; ++j)
+        for (int k = 0; k < p.d_v; ++k)
+          out[size_t((i * p.n_q_heads + h) * p.d_v + k)] +=
+              s[size_t(j)] / z * p.v[j * p.v_token_stride + kh * p.v_head_stride + k];
+    }
+}
+
+}  // namespace
+
+TEST(Ops, AttentionMatchesReferenceForMhaGqaMqa) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  struct Shape_ { int64_t nq, nkv, pos0; int hq, hkv, dqk, dv; bool causal; };
+  for (Shape_ s : {Shape_{5, 5, 0, 4, 4, 48, 32, true}, Shape_{1, 37, 36, 8, 2, 64, 64, true},
+                   Shape_{7, 20, 13, 6, 1, 72, 40, true}, Shape_{3, 9, 0, 2, 2, 17, 5, false}}) {
+    Tensor q = rng.randn({s.nq, s.hq, s.dqk}), k = rng.randn({s.nkv, s.hkv, s.dqk}), v = rng.randn({s.nkv, s.hkv, s.dv});
+    Tensor out = Tensor::empty({s.nq, s.hq, s.dv});
+    for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");  // catch unwritten elements
+    AttentionParams p;
+    p.q = q.f32(); p.q_token_stride = s.hq * s.dqk; p.q_head_stride = s.dqk;
+    p.k = k.f32(); p.k_token_stride = s.hkv * s.dqk; p.k_head_stride = s.dqk;
+    p.v = v.f32(); p.v_token_stride = s.hkv * s.dv; p.v_head_stride = s.dv;
+    p.out = out.f32(); p.out_token_stride = s.hq * s.dv; p.out_head_stride = s.dv;
+    p.n_q = s.nq; p.n_kv = s.nkv; p.q_pos0 = s.pos0; p.n_q_heads = s.hq; p.n_kv_heads = s.hkv;
+    p.d_qk = s.dqk; p.d_v = s.dv; p.scale = 1.0f / std::sqrt(float(s.dqk)); p.causal = s.causal;
+    ops->attention(p);
+    std::vector<double> want;
+    attention_reference(p, want);
+    std::vector<float> wantf(want.begin(), want.end());
+    EXPECT_LE(rel_err(out.f32(), wantf.data(), wantf.size()), 1e-5) << "seed " << rng.seed << " heads " << s.hq << "/" << s.hkv;
+  }
+}
+
+TEST(Ops, RmsNormAndSiluMul) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  Tensor x = rng.randn({3, 37}), w = rng.randn({37}), out = Tensor::empty({3, 37});
+  ops->rmsnorm(out, x, w, 1e-6f);
+  for (int r = 0; r < 3; ++r) {
+    double ss = 0;
+    for (int i = 0; i < 37; ++i) ss += double(x.f32()[r * 37 + i]) * x.f32()[r * 37 + i];
+    double inv = 1.0 / std::sqrt(ss / 37 + 1e-6);
+    for (int i = 0; i < 37; ++i) EXPECT_NEAR(out.f32()[r * 37 + i], x.f32()[r * 37 + i] * inv * w.f32()[i], 1e-5);
+  }
+  Tensor g = rng.randn({2, 11}), u = rng.randn({2, 11}), o = Tensor::empty({2, 11});
+  ops->silu_mul(o, g, u);
+  for (int i = 0; i < 22; ++i) {
+    double gv = g.f32()[i];
+    EXPECT_NEAR(o.f32()[i], gv / (1 + std::exp(-gv)) * u.f32()[i], 1e-5);
+  }
+}
+
+TEST(Ops, RopeRotatesPairsAndPreservesNorm) {
+  auto ops = make_cpu_ops();
+  for (bool interleaved : {true, false}) {
+    // one token, one head, 4 rope dims after 2 untouched dims
+    Tensor x = Tensor::empty({1, 6});
+    float init[6] = {9, 9, 1, 2, 3, 4};
+    std::copy(init, init + 6, x.f32());
+    float c[2] = {std::cos(0.5f), std::cos(0.25f)}, s[2] = {std::sin(0.5f), std::sin(0.25f)};
+    RopeParams p;
+    p.x = x.f32(); p.n_tokens = 1; p.token_stride = 6; p.head_stride = 0; p.n_heads = 1; p.offset = 2; p.rope_dim = 4;
+    p.cos = c; p.sin = s; p.interleaved = interleaved;
+    ops->rope(p);
+    EXPECT_EQ(x.f32()[0], 9.0f);
+    EXPECT_EQ(x.f32()[1], 9.0f);
+    // pair 0 is (1,2) interleaved or (1,3) halves, rotated by 0.5
+    float a0 = 1, b0 = interleaved ? 2 : 3;
+    float ra = x.f32()[2], rb = x.f32()[interleaved ? 3 : 4];
+    EXPECT_NEAR(ra, a0 * c[0] - b0 * s[0], 1e-6);
+    EXPECT_NEAR(rb, b0 * c[0] + a0 * s[0], 1e-6);
+    double n2 = 0;
+    for (int i = 2; i < 6; ++i) n2 += double(x.f32()[i]) * x.f32()[i];
+    EXPECT_NEAR(n2, 1 + 4 + 9 + 16, 1e-4);
+  }
+}
+
+namespace {
+struct GateResult {
+  std::vector<int32_t> experts;
+  std::vector<float> weights;
+};
+GateResult run_gate(const std::vector<float>& logits, const std::vector<float>* bias, const MoeGateParams& p) {
+  auto ops = make_cpu_ops();
+  Tensor l = Tensor::empty({1, p.n_experts});
+  std::copy(logits.begin(), logits.end(), l.f32());
+  Tensor w = Tensor::empty({1, p.top_k}), e = Tensor::empty({1, p.top_k}, DType::I32);
+  ops->moe_gate(w, e, l, bias ? bias->data() : nullptr, p);
+  return {std::vector<int32_t>(e.ptr<int32_t>(), e.ptr<int32_t>() + p.top_k),
+          std::vector<float>(w.f32(), w.f32() + p.top_k)};
+}
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+}  // namespace
+
+TEST(Ops, MoeGateV3BiasChoosesButDoesNotWeigh) {
+  MoeGateParams p;
+  p.scoring = ScoringFunc::Sigmoid;
+  p.n_experts = 4; p.top_k = 2; p.n_group = 1; p.topk_group = 1; p.norm_topk_prob = true; p.routed_scaling_factor = 2.5f;
+  std::vector<float> logits = {2.0f, 1.0f, 0.0f, -1.0f};
+  std::vector<float> bias = {0.0f, 0.0f, 0.0f, 1.0f};  // expert 3 gets chosen because of its bias
+  GateResult r = run_gate(logits, &bias, p);
+  EXPECT_EQ(r.experts, (std::vector<int32_t>{3, 0}));
+  float s3 = sigmoid(-1.0f), s0 = sigmoid(2.0f);  // weights use the unbiased scores
+  EXPECT_NEAR(r.weights[0], 2.5f * s3 / (s3 + s0), 1e-6);
+  EXPECT_NEAR(r.weights[1], 2.5f * s0 / (s3 + s0), 1e-6);
+  // without normalisation the weights are the raw scores times the scaling factor
+  p.norm_topk_prob = false;
+  r = run_gate(logits, &bias, p);
+  EXPECT_NEAR(r.weights[0], 2.5f * s3, 1e-6);
+}
+
+TEST(Ops, MoeGateGroupsRankedByTop2Sum) {
+  // 8 experts in 4 groups of 2; keep 1 group. Group 0 has the single best expert (0.9 + 0.0)
+  // but group 1 has the best pair (0.6 + 0.6): V3 keeps group 1, V2's max rule keeps group 0.
+  MoeGateParams p;
+  p.scoring = ScoringFunc::Sigmoid;
+  p.n_experts = 8; p.top_k = 2; p.n_group = 4; p.topk_group = 1; p.norm_topk_prob = false;
+  auto logit = [](float s) { return std::log(s / (1 - s)); };  // inverse sigmoid
+  std::vector<float> logits = {logit(0.9f), logit(0.01f), logit(0.6f), logit(0.6f),
+                               logit(0.5f), logit(0.02f), logit(0.3f), logit(0.3f)};
+  p.group_by_top2_sum = true;
+  GateResult r = run_gate(logits, nullptr, p);
+  std::vector<int32_t> e = r.experts;
+  std::sort(e.begin(), e.end());
+  EXPECT_EQ(e, (std::vector<int32_t>{2, 3}));
+  p.group_by_top2_sum = false;
+  r = run_gate(logits, nullptr, p);
+  e = r.experts;
+  std::sort(e.begin(), e.end());
+  EXPECT_EQ(e, (std::vector<int32_t>{0, 1}));
+}
+
+TEST(Ops, MoeGateSoftmaxGreedy) {
+  MoeGateParams p;
+  p.scoring = ScoringFunc::Softmax;
+  p.n_experts = 5; p.top_k = 2; p.routed_scaling_factor = 1.0f;
+  std::vector<float> logits = {0.1f, 3.0f, -2.0f, 2.0f, 0.0f};
+  GateResult r = run_gate(logits, nullptr, p);
+  double z = 0;
+  for (float l : logits) z += std::exp(l);
+  EXPECT_EQ(r.experts, (std::vector<int32_t>{1, 3}));
+  EXPECT_NEAR(r.weights[0], std::exp(3.0) / z, 1e-6);
+  EXPECT_NEAR(r.weights[1], std::exp(2.0) / z, 1e-6);
+}
