@@ -16,6 +16,13 @@ inline void cpu_relax() {
   _mm_pause();
 #endif
 }
+// Spin briefly, then give the core away: whoever we wait for may need it.
+inline void backoff(int& spins) {
+  if (++spins < 2000)
+    cpu_relax();
+  else
+    std::this_thread::yield();
+}
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -34,59 +41,69 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
+void ThreadPool::run_chunks(const Job& job, int thread_index) {
+  for (;;) {
+    int64_t c = next_chunk_.fetch_add(1);
+    if (c >= job.chunks) return;
+    int64_t u0 = job.units * c / job.chunks, u1 = job.units * (c + 1) / job.chunks;
+    int64_t b = u0 * job.grain, e = std::min(job.n, u1 * job.grain);
+    if (b < e) (*job.fn)(b, e, thread_index);
+    chunks_done_.fetch_add(1);
+  }
+}
+
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
     // Spin for a while (a decode step issues parallel regions back to back), then sleep.
     int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
+    while (generation_.load() == seen && spins < 4000) {
       cpu_relax();
       ++spins;
     }
-    if (generation_.load(std::memory_order_acquire) == seen) {
+    if (generation_.load() == seen) {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      wake_.wait(lock, [&] { return generation_.load() != seen; });
     }
-    seen = generation_.load(std::memory_order_acquire);
+    seen = generation_.load();
     if (stop_.load()) return;
-    (*job_)(index);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    // Join only a job that is still open; the caller does not return (and destroy the job)
+    // while in_job_ > 0, and it closes the job before waiting for in_job_ to drain.
+    in_job_.fetch_add(1);
+    if (open_.load()) {
+      const Job* job = job_.load();
+      run_chunks(*job, index);
+    }
+    in_job_.fetch_sub(1);
   }
-}
-
-void ThreadPool::run_on_all(const std::function<void(int)>& fn) {
-  if (n_threads_ == 1) {
-    fn(0);
-    return;
-  }
-  job_ = &fn;
-  pending_.store(n_threads_ - 1, std::memory_order_release);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
-  }
-  wake_.notify_all();
-  fn(0);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
-  job_ = nullptr;
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn, int64_t grain) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  int64_t units = (n + grain - 1) / grain;
-  int parts = int(std::min<int64_t>(units, n_threads_));
-  if (parts <= 1) {
+  const int64_t units = (n + grain - 1) / grain;
+  if (units <= 1 || n_threads_ == 1) {
     fn(0, n, 0);
     return;
   }
-  std::function<void(int)> job = [&](int t) {
-    if (t >= parts) return;
-    int64_t u0 = units * t / parts, u1 = units * (t + 1) / parts;
-    int64_t b = u0 * grain, e = std::min(n, u1 * grain);
-    if (b < e) fn(b, e, t);
-  };
-  run_on_all(job);
+  // A few chunks per thread: enough to rebalance when a thread is late, few enough that
+  // claiming them costs nothing next to the work.
+  Job job{&fn, n, grain, units, std::min<int64_t>(units, int64_t(n_threads_) * 4)};
+  job_.store(&job);
+  next_chunk_.store(0);
+  chunks_done_.store(0);
+  open_.store(true);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    generation_.fetch_add(1);
+  }
+  wake_.notify_all();
+  run_chunks(job, 0);
+  // Every chunk is claimed; wait for the ones workers are still running.
+  for (int spins = 0; chunks_done_.load() < job.chunks;) backoff(spins);
+  open_.store(false);
+  for (int spins = 0; in_job_.load() != 0;) backoff(spins);
+  job_.store(nullptr);
 }
 
 ThreadPool& ThreadPool::global() {

@@ -153,17 +153,18 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     }
     // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | q_pe]
     Tensor qabs = Tensor::empty({T, H, R + rd});
-    Tensor q_nope_h = Tensor::empty({T, nope}), q_lat_h = Tensor::empty({T, R});
-    for (int h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(q_nope_h.f32() + t * nope, q.f32() + (t * H + h) * dqk, sizeof(float) * size_t(nope));
-      ops.matmul(q_lat_h, q_nope_h, w.w_uk_t[size_t(h)]);
-      for (int64_t t = 0; t < T; ++t) {
-        float* dst = qabs.f32() + (t * H + h) * (R + rd);
-        std::memcpy(dst, q_lat_h.f32() + t * R, sizeof(float) * size_t(R));
-        std::memcpy(dst + R, q.f32() + (t * H + h) * dqk + nope, sizeof(float) * size_t(rd));
-      }
-    }
+    HeadMatmulParams uk;
+    uk.x = q.f32();
+    uk.x_token_stride = int64_t(H) * dqk;
+    uk.x_head_stride = dqk;
+    uk.out = qabs.f32();
+    uk.out_token_stride = int64_t(H) * (R + rd);
+    uk.out_head_stride = R + rd;
+    uk.n_tokens = T;
+    ops.matmul_per_head(uk, w.w_uk_t);
+    for (int64_t t = 0; t < T; ++t)
+      for (int h = 0; h < H; ++h)
+        std::memcpy(qabs.f32() + (t * H + h) * (R + rd) + R, q.f32() + (t * H + h) * dqk + nope, sizeof(float) * size_t(rd));
     Tensor lat_out = Tensor::empty({T, H, R});  // attention output in latent space
     ap.q = qabs.f32();
     ap.q_token_stride = int64_t(H) * (R + rd);
@@ -182,14 +183,15 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     ap.out_head_stride = R;
     ops.attention(ap);
     // back to value space per head: attn[:, h] = lat_out[:, h] · W_UV[h]ᵀ
-    Tensor lat_h = Tensor::empty({T, R}), o_h = Tensor::empty({T, dv});
-    for (int h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(lat_h.f32() + t * R, lat_out.f32() + (t * H + h) * R, sizeof(float) * size_t(R));
-      ops.matmul(o_h, lat_h, w.w_uv[size_t(h)]);
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(attn.f32() + (t * H + h) * dv, o_h.f32() + t * dv, sizeof(float) * size_t(dv));
-    }
+    HeadMatmulParams uv;
+    uv.x = lat_out.f32();
+    uv.x_token_stride = int64_t(H) * R;
+    uv.x_head_stride = R;
+    uv.out = attn.f32();
+    uv.out_token_stride = int64_t(H) * dv;
+    uv.out_head_stride = dv;
+    uv.n_tokens = T;
+    ops.matmul_per_head(uv, w.w_uv);
   }
   ops.matmul(out, attn.reshape({T, int64_t(H) * dv}), w.o_proj);
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -56,6 +57,16 @@ struct RopeParams {
   bool interleaved = true;
 };
 
+// Per-head matmul over strided activations: out[t, h, :] = x[t, h, :] · W[h]ᵀ, W[h] (N, K)
+// F32. MLA's absorption uses it: q_nope → latent space with W_UKᵀ, latent → values with W_UV.
+struct HeadMatmulParams {
+  float* out = nullptr;     // (n_tokens, n_heads, N) with the strides below
+  int64_t out_token_stride = 0, out_head_stride = 0;
+  const float* x = nullptr;  // (n_tokens, n_heads, K)
+  int64_t x_token_stride = 0, x_head_stride = 0;
+  int64_t n_tokens = 0;
+};
+
 enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
 
 // DeepSeekMoE routing for one layer: scores = score_fn(logits); experts are chosen by
@@ -85,6 +96,8 @@ class Ops {
   virtual void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) = 0;
   virtual void rope(const RopeParams& p) = 0;
   virtual void attention(const AttentionParams& p) = 0;
+  // One F32 weight per head (w.size() heads).
+  virtual void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) = 0;
   // out (M, N) = silu(gate) * up; out may alias gate.
   virtual void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) = 0;
   // x += y (same shape)

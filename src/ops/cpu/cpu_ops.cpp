@@ -108,6 +108,37 @@ class CpuOps final : public Ops {
     });
   }
 
+  void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) override {
+    const int H = int(w.size());
+    if (H == 0 || p.n_tokens == 0) return;
+    const int64_t N = w[0].out_features(), K = w[0].in_features();
+    for (const LinearWeight& wh : w)
+      FATHOM_ASSERT(wh.weight.dtype() == DType::F32 && wh.out_features() == N && wh.in_features() == K, wh.name);
+    if (p.n_tokens <= 8) {
+      // decode: one parallel region over (token, head) instead of one per head
+      pool_.parallel_for(p.n_tokens * H, [&](int64_t b, int64_t e, int) {
+        for (int64_t it = b; it < e; ++it) {
+          const int64_t t = it / H;
+          const int h = int(it % H);
+          const float* x = p.x + t * p.x_token_stride + h * p.x_head_stride;
+          float* o = p.out + t * p.out_token_stride + h * p.out_head_stride;
+          const float* W = w[size_t(h)].weight.f32();
+          for (int64_t n = 0; n < N; ++n) o[n] = cpu::dot(x, W + n * K, K);
+        }
+      });
+      return;
+    }
+    // prefill: gather each head's rows and use the blocked matmul
+    Tensor xh = Tensor::empty({p.n_tokens, K}), oh = Tensor::empty({p.n_tokens, N});
+    for (int h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < p.n_tokens; ++t)
+        std::memcpy(xh.f32() + t * K, p.x + t * p.x_token_stride + h * p.x_head_stride, sizeof(float) * size_t(K));
+      cpu::matmul(oh.f32(), xh.f32(), p.n_tokens, w[size_t(h)], pool_);
+      for (int64_t t = 0; t < p.n_tokens; ++t)
+        std::memcpy(p.out + t * p.out_token_stride + h * p.out_head_stride, oh.f32() + t * N, sizeof(float) * size_t(N));
+    }
+  }
+
   void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
     FATHOM_ASSERT(gate.numel() == up.numel() && out.numel() == gate.numel());
     const float* g = gate.f32();
