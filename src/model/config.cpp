@@ -195,9 +195,11 @@ ModelConfig parse_config(const json& j, const std::string& source) {
     Fields qf(q, source + ": 'quantization_config'");
     FATHOM_CHECK(q.is_object(), source, ": 'quantization_config' must be an object");
     std::string method = qf.string("quant_method", "");
-    FATHOM_CHECK(method == "fp8", source, ": quantization method '", method, "' is not supported (expected 'fp8')");
+    FATHOM_CHECK(method == "fp8", source, ": 'quantization_config.quant_method' is '", method,
+                 "', which is not supported (expected 'fp8')");
     std::string fmt = qf.string("fmt", "e4m3");
-    FATHOM_CHECK(fmt == "e4m3", source, ": FP8 format '", fmt, "' is not supported (expected 'e4m3')");
+    FATHOM_CHECK(fmt == "e4m3", source, ": 'quantization_config.fmt' is '", fmt,
+                 "', which is not supported (expected 'e4m3')");
     c.fp8 = true;
     if (qf.has("weight_block_size")) {
       const json& b = q.at("weight_block_size");
