@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
         std::string cfg = std::string(FATHOM_SOURCE_DIR) + "/bench/configs/v3-135m.json";
         std::fprintf(stderr, "generating %s from %s ...\n", model_dir.c_str(), cfg.c_str());
         RandomInitOptions o;
-        write_random_checkpoint(read_file(cfg), model_dir, o);
+        write_random_checkpoint(read_file(cfg), model_dir, o, cfg);
       }
     }
     ModelOptions mo;

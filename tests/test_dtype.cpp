@@ -41,6 +41,33 @@ TEST(DType, Fp8E4M3Values) {
   EXPECT_EQ(f32_to_fp8e4m3(1000.0f), 0x7e);  // saturates
 }
 
+// Round to nearest, ties to the even code, by brute force over every finite code.
+static uint8_t fp8_brute_force(float f) {
+  uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  float a = std::fabs(f);
+  if (a >= 448.0f) return uint8_t(sign | 0x7e);
+  int best = 0;
+  float best_err = a;
+  for (int c = 1; c <= 0x7e; ++c) {
+    float err = std::fabs(fp8e4m3_to_f32(uint8_t(c)) - a);
+    if (err < best_err || (err == best_err && (c & 1) == 0)) {
+      best = c;
+      best_err = err;
+    }
+  }
+  return uint8_t(sign | best);
+}
+
+TEST(DType, Fp8RoundingMatchesBruteForce) {
+  // every midpoint between neighbouring codes (the ties), and a sweep of values
+  for (int c = 0; c < 0x7e; ++c) {
+    float mid = 0.5f * (fp8e4m3_to_f32(uint8_t(c)) + fp8e4m3_to_f32(uint8_t(c + 1)));
+    ASSERT_EQ(f32_to_fp8e4m3(mid), fp8_brute_force(mid)) << "midpoint after code " << c;
+    ASSERT_EQ(f32_to_fp8e4m3(-mid), fp8_brute_force(-mid)) << "midpoint after code " << c;
+  }
+  for (float x = 1e-4f; x < 500.0f; x *= 1.0013f) ASSERT_EQ(f32_to_fp8e4m3(x), fp8_brute_force(x)) << x;
+}
+
 TEST(DType, NamesRoundTrip) {
   for (DType t : {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3, DType::I64, DType::I32}) {
     DType back;

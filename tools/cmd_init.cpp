@@ -26,7 +26,7 @@ Command add_init_random(CLI::App& app) {
   return [=] {
     o->dtype = *dtype == "bf16" ? DType::BF16 : *dtype == "f16" ? DType::F16 : *dtype == "f32" ? DType::F32 : DType::F8_E4M3;
     o->max_shard_bytes = size_t(*shard_mb * 1e6);
-    write_random_checkpoint(read_file(*config), *out, *o);
+    write_random_checkpoint(read_file(*config), *out, *o, *config);
   };
 }
 

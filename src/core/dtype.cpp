@@ -1,5 +1,6 @@
 #include "core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -88,22 +89,24 @@ float fp8e4m3_to_f32(uint8_t v) {
 
 uint8_t f32_to_fp8e4m3(float f) {
   if (std::isnan(f)) return 0x7f;
-  uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
-  float a = std::fabs(f);
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
+  const float a = std::fabs(f);
   if (a >= 448.0f) return uint8_t(sign | 0x7e);
-  // Try every magnitude code: exact round-to-nearest-even by search over the 127 finite codes.
-  // (Used only when quantizing weights, never in a hot loop.)
-  uint8_t best = 0;
-  float best_err = a;
-  for (uint8_t c = 1; c <= 0x7e; ++c) {
-    float v = fp8e4m3_to_f32(c);
-    float err = std::fabs(v - a);
-    if (err < best_err || (err == best_err && (c & 1) == 0)) {
-      best = c;
-      best_err = err;
-    }
+  if (a < 0.015625f) {
+    // subnormal range (below 2^-6): the code is the multiple of 2^-9, rounded to nearest even;
+    // 8 * 2^-9 rounds up into the smallest normal, whose code is exactly 8.
+    return uint8_t(sign | uint8_t(std::nearbyint(a * 512.0f)));
   }
-  return uint8_t(sign | best);
+  int e;
+  const float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  int exponent = e - 1;               // a = (2m) * 2^exponent, 2m in [1, 2)
+  int mant = int(std::nearbyint((2.0f * m - 1.0f) * 8.0f));  // ties to even on the 3-bit mantissa
+  if (mant == 8) {
+    mant = 0;
+    ++exponent;
+  }
+  const int code = ((exponent + 7) << 3) | mant;
+  return uint8_t(sign | std::min(code, 0x7e));
 }
 
 void convert_to_f32(DType from, const void* src, float* dst, size_t n) {

@@ -127,11 +127,12 @@ std::vector<TensorSpec> checkpoint_layout(const ModelConfig& c) {
   return t;
 }
 
-void write_random_checkpoint(const std::string& config_json, const std::string& dir, const RandomInitOptions& o) {
+void write_random_checkpoint(const std::string& config_json, const std::string& dir, const RandomInitOptions& o,
+                             const std::string& source) {
   namespace fs = std::filesystem;
   nlohmann::json j = nlohmann::json::parse(config_json, nullptr, false);
-  FATHOM_CHECK(!j.is_discarded(), "the model config is not valid JSON");
-  ModelConfig c = parse_config(j, "model config");
+  FATHOM_CHECK(!j.is_discarded(), source, " is not valid JSON");
+  ModelConfig c = parse_config(j, source);
   const bool fp8 = o.dtype == DType::F8_E4M3;
   if (fp8 && !j.contains("quantization_config"))
     j["quantization_config"] = {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"},

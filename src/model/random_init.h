@@ -30,7 +30,9 @@ struct RandomInitOptions {
   size_t max_shard_bytes = 0; // 0: one model.safetensors; else shards + index
 };
 
-// Writes config.json (the given text, verbatim) and the weights into `dir` (created).
-void write_random_checkpoint(const std::string& config_json, const std::string& dir, const RandomInitOptions& o);
+// Writes config.json (the given config, plus quantization_config for FP8) and the weights
+// into `dir` (created). `source` names the config in error messages.
+void write_random_checkpoint(const std::string& config_json, const std::string& dir, const RandomInitOptions& o,
+                             const std::string& source = "model config");
 
 }  // namespace fathom
