@@ -5,6 +5,8 @@
 #include <cmath>
 #include <random>
 
+#include "core/error.h"
+#include "ops/cpu/matmul.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -215,5 +217,46 @@ TEST(Ops, MatmulPerHeadMatchesReference) {
           ASSERT_NEAR(out.f32()[(t * H + h) * (N + 2) + n], want, 1e-4 * (1 + std::fabs(want)))
               << "seed " << rng.seed << " T " << T;
         }
+  }
+}
+
+TEST(Ops, MatmulBatchMatchesReference) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  // jobs of every weight kind, decode (M = 1, sliced over threads) and prefill rows (M > 1)
+  struct Spec { DType dtype; int64_t N, K, M; };
+  std::vector<Spec> specs = {{DType::BF16, 300, 70, 1}, {DType::F8_E4M3, 260, 130, 1}, {DType::F32, 5, 9, 1},
+                             {DType::F16, 33, 17, 3},   {DType::F8_E4M3, 129, 257, 2}, {DType::BF16, 1, 1, 1}};
+  std::vector<LinearWeight> w(specs.size());
+  std::vector<Tensor> x, out;
+  std::vector<MatmulJob> jobs;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Spec& s = specs[i];
+    Tensor wf = rng.randn({s.N, s.K});
+    w[i].name = cat("weight ", i);
+    w[i].weight = Tensor::empty({s.N, s.K}, s.dtype);
+    for (int64_t j = 0; j < wf.numel(); ++j) {
+      float v = wf.f32()[j];
+      switch (s.dtype) {
+        case DType::BF16: w[i].weight.ptr<uint16_t>()[j] = f32_to_bf16(v); break;
+        case DType::F16: w[i].weight.ptr<uint16_t>()[j] = f32_to_f16(v); break;
+        case DType::F8_E4M3: w[i].weight.ptr<uint8_t>()[j] = f32_to_fp8e4m3(v * 50); break;
+        default: w[i].weight.f32()[j] = v;
+      }
+    }
+    if (s.dtype == DType::F8_E4M3) {
+      w[i].scale_inv = Tensor::empty({(s.N + 127) / 128, (s.K + 127) / 128});
+      for (int64_t j = 0; j < w[i].scale_inv.numel(); ++j) w[i].scale_inv.f32()[j] = 0.01f * float(j + 1);
+    }
+    x.push_back(rng.randn({s.M, s.K}));
+    out.push_back(Tensor::empty({s.M, s.N}));
+    for (int64_t j = 0; j < out.back().numel(); ++j) out.back().f32()[j] = std::nanf("");
+  }
+  for (size_t i = 0; i < specs.size(); ++i) jobs.push_back({out[i].f32(), x[i].f32(), specs[i].M, &w[i]});
+  ops->matmul_batch(jobs);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<float> want(static_cast<size_t>(out[i].numel()));
+    cpu::matmul_reference(want.data(), x[i].f32(), specs[i].M, w[i]);
+    EXPECT_LE(rel_err(out[i].f32(), want.data(), want.size()), 1e-5) << "job " << i << " seed " << rng.seed;
   }
 }

@@ -67,15 +67,17 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   const int64_t R = c.kv_lora_rank;
   const float eps = float(c.rms_norm_eps);
 
-  // ---- queries: q (T, H, qk_head_dim) = [q_nope | q_pe] per head
+  // ---- queries q (T, H, qk_head_dim) = [q_nope | q_pe] per head, and the compressed keys/values
+  // kv (T, kv_lora_rank + rope) = [c_kv | k_pe]; both projections read x, so they run together
   Tensor q = Tensor::empty({T, H, dqk});
+  Tensor kv = Tensor::empty({T, R + rd});
   if (c.q_lora_rank > 0) {
     Tensor qa = Tensor::empty({T, c.q_lora_rank});  // (T, q_lora_rank)
-    ops.matmul(qa, x, w.q_a_proj);
+    ops.matmul_batch({{qa.f32(), x.f32(), T, &w.q_a_proj}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa}});
     ops.rmsnorm(qa, qa, w.q_a_layernorm, eps);
     ops.matmul(q, qa, w.q_b_proj);
   } else {
-    ops.matmul(q, x, w.q_proj);
+    ops.matmul_batch({{q.f32(), x.f32(), T, &w.q_proj}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa}});
   }
   RopeParams rq;
   rq.x = q.f32();
@@ -90,9 +92,6 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   rq.interleaved = c.rope_interleave;
   ops.rope(rq);
 
-  // ---- compressed keys/values: kv (T, kv_lora_rank + rope) = [c_kv | k_pe]
-  Tensor kv = Tensor::empty({T, R + rd});
-  ops.matmul(kv, x, w.kv_a_proj_with_mqa);
   RopeParams rk = rq;
   rk.x = kv.f32();
   rk.token_stride = R + rd;

@@ -42,8 +42,7 @@ MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::stri
 void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x) {
   const int64_t T = x.dim(0), I = w.gate_proj.out_features();
   Tensor g = Tensor::empty({T, I}), u = Tensor::empty({T, I});
-  ops.matmul(g, x, w.gate_proj);
-  ops.matmul(u, x, w.up_proj);
+  ops.matmul_batch({{g.f32(), x.f32(), T, &w.gate_proj}, {u.f32(), x.f32(), T, &w.up_proj}});
   ops.silu_mul(g, g, u);
   ops.matmul(out, g, w.down_proj);
 }
@@ -66,23 +65,60 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
       rows[size_t(e)].push_back(t);
       mix[size_t(e)].push_back(weights.f32()[t * K + k]);
     }
-  if (w.has_shared) {
-    swiglu_forward(ops, w.shared_experts, out, x);
-  } else {
-    std::memset(out.data(), 0, out.nbytes());
-  }
+  // Every expert with tokens (and the shared experts over all tokens) as one batch of
+  // gate/up matmuls, then one batch of down matmuls.
+  struct Active {
+    const SwiGluWeights* w;
+    const float* x;  // (n, D)
+    int64_t n;
+    Tensor xe, g, u, y;
+  };
+  std::vector<Active> active;
+  if (w.has_shared) active.push_back({&w.shared_experts, x.f32(), T, Tensor(), Tensor(), Tensor(), Tensor()});
+  std::vector<int> active_expert;  // routed expert of active[i] (-1: shared)
+  if (w.has_shared) active_expert.push_back(-1);
   for (int e = 0; e < E; ++e) {
     const auto& r = rows[size_t(e)];
     if (load) load->tokens_per_expert[size_t(e)] += int64_t(r.size());
     if (r.empty()) continue;
     const int64_t n = int64_t(r.size());
-    Tensor xe = Tensor::empty({n, D}), ye = Tensor::empty({n, D});
-    for (int64_t i = 0; i < n; ++i) std::memcpy(xe.f32() + i * D, x.f32() + r[size_t(i)] * D, sizeof(float) * size_t(D));
-    swiglu_forward(ops, w.experts[size_t(e)], ye, xe);
-    for (int64_t i = 0; i < n; ++i) {
-      float* o = out.f32() + r[size_t(i)] * D;
-      const float* y = ye.f32() + i * D;
-      const float m = mix[size_t(e)][size_t(i)];
+    Active a{&w.experts[size_t(e)], nullptr, n, Tensor::empty({n, D}), Tensor(), Tensor(), Tensor()};
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(a.xe.f32() + i * D, x.f32() + r[size_t(i)] * D, sizeof(float) * size_t(D));
+    a.x = a.xe.f32();
+    active.push_back(std::move(a));
+    active_expert.push_back(e);
+  }
+  std::vector<MatmulJob> jobs;
+  for (Active& a : active) {
+    const int64_t I = a.w->gate_proj.out_features();
+    a.g = Tensor::empty({a.n, I});
+    a.u = Tensor::empty({a.n, I});
+    a.y = Tensor::empty({a.n, D});
+    jobs.push_back({a.g.f32(), a.x, a.n, &a.w->gate_proj});
+    jobs.push_back({a.u.f32(), a.x, a.n, &a.w->up_proj});
+  }
+  ops.matmul_batch(jobs);
+  jobs.clear();
+  for (Active& a : active) {
+    ops.silu_mul(a.g, a.g, a.u);
+    jobs.push_back({a.y.f32(), a.g.f32(), a.n, &a.w->down_proj});
+  }
+  ops.matmul_batch(jobs);
+
+  std::memset(out.data(), 0, out.nbytes());
+  for (size_t i = 0; i < active.size(); ++i) {
+    const Active& a = active[i];
+    const int e = active_expert[i];
+    if (e < 0) {
+      ops.add(out, a.y);
+      continue;
+    }
+    const auto& r = rows[size_t(e)];
+    for (int64_t j = 0; j < a.n; ++j) {
+      float* o = out.f32() + r[size_t(j)] * D;
+      const float* y = a.y.f32() + j * D;
+      const float m = mix[size_t(e)][size_t(j)];
       for (int64_t d = 0; d < D; ++d) o[d] += m * y[d];
     }
   }

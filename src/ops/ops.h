@@ -67,6 +67,14 @@ struct HeadMatmulParams {
   int64_t n_tokens = 0;
 };
 
+// One matmul of a batch: out (M, N) = x (M, K) · Wᵀ.
+struct MatmulJob {
+  float* out = nullptr;
+  const float* x = nullptr;
+  int64_t M = 0;
+  const LinearWeight* w = nullptr;
+};
+
 enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
 
 // DeepSeekMoE routing for one layer: scores = score_fn(logits); experts are chosen by
@@ -94,6 +102,10 @@ class Ops {
   virtual void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) = 0;
   // out (M, N) = x (M, K) · Wᵀ, fp32 accumulation, block-wise dequantization for FP8.
   virtual void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) = 0;
+  // Independent matmuls run together: in decode, the small projections that share an input
+  // (q_a and kv_a, gate and up, the chosen experts) fill all threads in one parallel region
+  // instead of each waking them for a few microseconds of work.
+  virtual void matmul_batch(const std::vector<MatmulJob>& jobs) = 0;
   virtual void rope(const RopeParams& p) = 0;
   virtual void attention(const AttentionParams& p) = 0;
   // One F32 weight per head (w.size() heads).

@@ -53,6 +53,40 @@ class CpuOps final : public Ops {
     cpu::matmul(out.f32(), x.f32(), M, w, pool_);
   }
 
+  void matmul_batch(const std::vector<MatmulJob>& jobs) override {
+    // Single-row jobs are cut into slices of weight rows and spread over the threads in one
+    // region; jobs of several rows go through the blocked matmul one after another.
+    struct Slice {
+      const MatmulJob* job;
+      int64_t n0, n1;
+    };
+    std::vector<Slice> slices;
+    for (const MatmulJob& j : jobs) {
+      if (j.M != 1) {
+        if (j.M > 0) cpu::matmul(j.out, j.x, j.M, *j.w, pool_);
+        continue;
+      }
+      const int64_t N = j.w->out_features();
+      // FP8 slices must start on a scale block; otherwise ~32 KB of weights per slice
+      const int64_t step = j.w->quantized() ? j.w->block
+                                            : std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(1, j.w->weight.nbytes() / N));
+      for (int64_t n0 = 0; n0 < N; n0 += step) slices.push_back({&j, n0, std::min(N, n0 + step)});
+    }
+    pool_.parallel_for(int64_t(slices.size()), [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) {
+        const Slice& s = slices[size_t(i)];
+        const LinearWeight& w = *s.job->w;
+        LinearWeight part;
+        part.weight = w.weight.slice_rows(s.n0, s.n1);
+        if (w.quantized()) {
+          part.scale_inv = w.scale_inv.slice_rows(s.n0 / w.block, (s.n1 + w.block - 1) / w.block);
+          part.block = w.block;
+        }
+        cpu::matmul(s.job->out + s.n0, s.job->x, 1, part, serial_);
+      }
+    });
+  }
+
   void rope(const RopeParams& p) override {
     const int half = p.rope_dim / 2;
     for (int64_t t = 0; t < p.n_tokens; ++t) {
@@ -221,6 +255,7 @@ class CpuOps final : public Ops {
   }
 
   ThreadPool& pool_;
+  ThreadPool serial_{1};  // runs inline: for kernels called from inside a parallel region
 };
 
 }  // namespace
