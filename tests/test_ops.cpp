@@ -197,26 +197,41 @@ TEST(Ops, MatmulPerHeadMatchesReference) {
   auto ops = make_cpu_ops();
   const int H = 3;
   const int64_t N = 19, K = 33;
-  std::vector<LinearWeight> w(static_cast<size_t>(H));
-  for (auto& wh : w) wh.weight = rng.randn({N, K});
-  for (int64_t T : {1, 3, 20}) {  // the decode path (≤ 8 tokens) and the prefill path
-    // x: (T, H, K + 5) — padded rows exercise the strides
-    Tensor x = rng.randn({T, H, K + 5}), out = Tensor::empty({T, H, N + 2});
-    for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");
-    HeadMatmulParams p;
-    p.x = x.f32(); p.x_token_stride = H * (K + 5); p.x_head_stride = K + 5;
-    p.out = out.f32(); p.out_token_stride = H * (N + 2); p.out_head_stride = N + 2;
-    p.n_tokens = T;
-    ops->matmul_per_head(p, w);
-    for (int64_t t = 0; t < T; ++t)
-      for (int h = 0; h < H; ++h)
-        for (int64_t n = 0; n < N; ++n) {
-          double want = 0;
-          for (int64_t k = 0; k < K; ++k)
-            want += double(x.f32()[(t * H + h) * (K + 5) + k]) * w[size_t(h)].weight.f32()[n * K + k];
-          ASSERT_NEAR(out.f32()[(t * H + h) * (N + 2) + n], want, 1e-4 * (1 + std::fabs(want)))
-              << "seed " << rng.seed << " T " << T;
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    std::vector<LinearWeight> w(static_cast<size_t>(H));
+    std::vector<Tensor> wf;  // the exact values of each head's weight
+    for (auto& wh : w) {
+      Tensor f = rng.randn({N, K});
+      wh.weight = Tensor::empty({N, K}, dtype);
+      for (int64_t i = 0; i < f.numel(); ++i) {
+        if (dtype == DType::BF16) {
+          wh.weight.ptr<uint16_t>()[i] = f32_to_bf16(f.f32()[i]);
+          f.f32()[i] = bf16_to_f32(wh.weight.ptr<uint16_t>()[i]);
+        } else {
+          wh.weight.f32()[i] = f.f32()[i];
         }
+      }
+      wf.push_back(f);
+    }
+    for (int64_t T : {1, 3, 20}) {  // the decode path (≤ 8 tokens) and the prefill path
+      // x: (T, H, K + 5) — padded rows exercise the strides
+      Tensor x = rng.randn({T, H, K + 5}), out = Tensor::empty({T, H, N + 2});
+      for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");
+      HeadMatmulParams p;
+      p.x = x.f32(); p.x_token_stride = H * (K + 5); p.x_head_stride = K + 5;
+      p.out = out.f32(); p.out_token_stride = H * (N + 2); p.out_head_stride = N + 2;
+      p.n_tokens = T;
+      ops->matmul_per_head(p, w);
+      for (int64_t t = 0; t < T; ++t)
+        for (int h = 0; h < H; ++h)
+          for (int64_t n = 0; n < N; ++n) {
+            double want = 0;
+            for (int64_t k = 0; k < K; ++k)
+              want += double(x.f32()[(t * H + h) * (K + 5) + k]) * wf[size_t(h)].f32()[n * K + k];
+            ASSERT_NEAR(out.f32()[(t * H + h) * (N + 2) + n], want, 1e-4 * (1 + std::fabs(want)))
+                << "seed " << rng.seed << " T " << T << " " << dtype_name(dtype);
+          }
+    }
   }
 }
 

@@ -8,25 +8,29 @@ namespace fathom {
 
 namespace {
 
-// A per-head slice of kv_b_proj as its own F32-or-original-dtype weight, for absorption.
-// W_UK[h] rows are h*(nope+v) .. +nope, W_UV[h] the v rows after them. W_UK is transposed so
-// that "q_nope · W_UK" is an ordinary x · Wᵀ matmul.
+// kv_b_proj split per head for absorption. W_UK[h] are rows h*(nope+v) .. +nope, W_UV[h] the
+// v rows after them. W_UK is stored transposed so that "q_nope · W_UK" is an ordinary x · Wᵀ
+// matmul; W_UV is used as it is. Unquantized weights keep their dtype (a transpose and a view
+// are exact and read no more bytes than kv_b_proj); FP8 ones are dequantized to F32, since
+// their 128x128 scale blocks do not follow head boundaries.
 void split_kv_b(MlaWeights& w, const ModelConfig& c) {
   const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, dv = c.v_head_dim;
   const int64_t R = c.kv_lora_rank;
-  // Dequantized copy (exact for BF16/F16/F32; FP8 blocks times their scales).
-  Tensor full = dequantize(w.kv_b_proj);  // (H*(nope+dv), R)
+  const LinearWeight& kvb = w.kv_b_proj;  // (H*(nope+dv), R)
+  const Tensor src = kvb.quantized() ? dequantize(kvb) : kvb.weight;
+  const size_t elem = dtype_size(src.dtype());
   for (int h = 0; h < H; ++h) {
-    const float* base = full.f32() + int64_t(h) * (nope + dv) * R;
+    const int64_t row0 = int64_t(h) * (nope + dv);
+    const char* base = static_cast<const char*>(src.data()) + size_t(row0 * R) * elem;
     LinearWeight uk;
-    uk.name = cat(w.kv_b_proj.name, "[W_UK head ", h, "]ᵀ");
-    uk.weight = Tensor::empty({R, nope});
+    uk.name = cat(kvb.name, "[W_UK head ", h, "]ᵀ");
+    uk.weight = Tensor::empty({R, nope}, src.dtype());
+    char* dst = static_cast<char*>(uk.weight.data());
     for (int i = 0; i < nope; ++i)
-      for (int64_t r = 0; r < R; ++r) uk.weight.f32()[r * nope + i] = base[int64_t(i) * R + r];
+      for (int64_t r = 0; r < R; ++r) std::memcpy(dst + size_t(r * nope + i) * elem, base + size_t(i * R + r) * elem, elem);
     LinearWeight uv;
-    uv.name = cat(w.kv_b_proj.name, "[W_UV head ", h, "]");
-    uv.weight = Tensor::empty({dv, R});
-    std::memcpy(uv.weight.f32(), base + int64_t(nope) * R, sizeof(float) * size_t(dv * R));
+    uv.name = cat(kvb.name, "[W_UV head ", h, "]");
+    uv.weight = src.slice_rows(row0 + nope, row0 + nope + dv);  // (dv, R), a view
     w.w_uk_t.push_back(std::move(uk));
     w.w_uv.push_back(std::move(uv));
   }

@@ -57,8 +57,8 @@ struct RopeParams {
   bool interleaved = true;
 };
 
-// Per-head matmul over strided activations: out[t, h, :] = x[t, h, :] · W[h]ᵀ, W[h] (N, K)
-// F32. MLA's absorption uses it: q_nope → latent space with W_UKᵀ, latent → values with W_UV.
+// Per-head matmul over strided activations: out[t, h, :] = x[t, h, :] · W[h]ᵀ, W[h] (N, K),
+// unquantized. MLA's absorption uses it: q_nope → latent space with W_UKᵀ, latent → values with W_UV.
 struct HeadMatmulParams {
   float* out = nullptr;     // (n_tokens, n_heads, N) with the strides below
   int64_t out_token_stride = 0, out_head_stride = 0;
@@ -108,7 +108,7 @@ class Ops {
   virtual void matmul_batch(const std::vector<MatmulJob>& jobs) = 0;
   virtual void rope(const RopeParams& p) = 0;
   virtual void attention(const AttentionParams& p) = 0;
-  // One F32 weight per head (w.size() heads).
+  // One unquantized weight per head (w.size() heads).
   virtual void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) = 0;
   // out (M, N) = silu(gate) * up; out may alias gate.
   virtual void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) = 0;

@@ -147,7 +147,7 @@ class CpuOps final : public Ops {
     if (H == 0 || p.n_tokens == 0) return;
     const int64_t N = w[0].out_features(), K = w[0].in_features();
     for (const LinearWeight& wh : w)
-      FATHOM_ASSERT(wh.weight.dtype() == DType::F32 && wh.out_features() == N && wh.in_features() == K, wh.name);
+      FATHOM_ASSERT(!wh.quantized() && wh.out_features() == N && wh.in_features() == K, wh.name);
     if (p.n_tokens <= 8) {
       // decode: one parallel region over (token, head) instead of one per head
       pool_.parallel_for(p.n_tokens * H, [&](int64_t b, int64_t e, int) {
@@ -156,8 +156,7 @@ class CpuOps final : public Ops {
           const int h = int(it % H);
           const float* x = p.x + t * p.x_token_stride + h * p.x_head_stride;
           float* o = p.out + t * p.out_token_stride + h * p.out_head_stride;
-          const float* W = w[size_t(h)].weight.f32();
-          for (int64_t n = 0; n < N; ++n) o[n] = cpu::dot(x, W + n * K, K);
+          cpu::matmul(o, x, 1, w[size_t(h)], serial_);
         }
       });
       return;
