@@ -61,7 +61,10 @@ TEST(Ops, AttentionMatchesReferenceForMhaGqaMqa) {
   auto ops = make_cpu_ops();
   struct Shape_ { int64_t nq, nkv, pos0; int hq, hkv, dqk, dv; bool causal; };
   for (Shape_ s : {Shape_{5, 5, 0, 4, 4, 48, 32, true}, Shape_{1, 37, 36, 8, 2, 64, 64, true},
-                   Shape_{7, 20, 13, 6, 1, 72, 40, true}, Shape_{3, 9, 0, 2, 2, 17, 5, false}}) {
+                   Shape_{7, 20, 13, 6, 1, 72, 40, true}, Shape_{3, 9, 0, 2, 2, 17, 5, false},
+                   // long enough that the keys are split into chunks and merged
+                   Shape_{2, 700, 698, 8, 1, 40, 32, true}, Shape_{130, 130, 0, 4, 2, 24, 16, true},
+                   Shape_{1, 1500, 0, 2, 2, 8, 8, false}}) {
     Tensor q = rng.randn({s.nq, s.hq, s.dqk}), k = rng.randn({s.nkv, s.hkv, s.dqk}), v = rng.randn({s.nkv, s.hkv, s.dv});
     Tensor out = Tensor::empty({s.nq, s.hq, s.dv});
     for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");  // catch unwritten elements

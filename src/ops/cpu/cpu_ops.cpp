@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "ops/cpu/attention.h"
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/vec.h"
 #include "ops/ops.h"
@@ -106,41 +107,7 @@ class CpuOps final : public Ops {
     }
   }
 
-  void attention(const AttentionParams& p) override {
-    FATHOM_ASSERT(p.n_q_heads % p.n_kv_heads == 0);
-    const int group = p.n_q_heads / p.n_kv_heads;
-    // One work item per (query, head); each needs a score row of n_kv floats.
-    const int64_t items = p.n_q * p.n_q_heads;
-    std::vector<std::vector<float>> scratch(static_cast<size_t>(pool_.size()));
-    pool_.parallel_for(items, [&](int64_t b, int64_t e, int tid) {
-      std::vector<float>& scores = scratch[size_t(tid)];
-      scores.resize(size_t(p.n_kv));
-      for (int64_t it = b; it < e; ++it) {
-        const int64_t i = it / p.n_q_heads;
-        const int h = int(it % p.n_q_heads), kvh = h / group;
-        const float* q = p.q + i * p.q_token_stride + h * p.q_head_stride;
-        float* o = p.out + i * p.out_token_stride + h * p.out_head_stride;
-        const int64_t n_keys = p.causal ? std::min(p.n_kv, p.q_pos0 + i + 1) : p.n_kv;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n_keys; ++j) {
-          float sc = cpu::dot(q, p.k + j * p.k_token_stride + kvh * p.k_head_stride, p.d_qk) * p.scale;
-          scores[size_t(j)] = sc;
-          mx = std::max(mx, sc);
-        }
-        double sum = 0.0;
-        for (int64_t j = 0; j < n_keys; ++j) {
-          float e_ = std::exp(scores[size_t(j)] - mx);
-          scores[size_t(j)] = e_;
-          sum += e_;
-        }
-        std::memset(o, 0, sizeof(float) * size_t(p.d_v));
-        if (n_keys == 0) continue;
-        const float inv = float(1.0 / sum);
-        for (int64_t j = 0; j < n_keys; ++j)
-          cpu::axpy(o, scores[size_t(j)] * inv, p.v + j * p.v_token_stride + kvh * p.v_head_stride, p.d_v);
-      }
-    });
-  }
+  void attention(const AttentionParams& p) override { cpu::attention(p, pool_); }
 
   void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) override {
     const int H = int(w.size());
