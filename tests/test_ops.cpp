@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "ops/cpu/matmul.h"
+#include "ops/cpu/vec.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -205,15 +206,8 @@ TEST(Ops, MatmulPerHeadMatchesReference) {
     std::vector<Tensor> wf;  // the exact values of each head's weight
     for (auto& wh : w) {
       Tensor f = rng.randn({N, K});
-      wh.weight = Tensor::empty({N, K}, dtype);
-      for (int64_t i = 0; i < f.numel(); ++i) {
-        if (dtype == DType::BF16) {
-          wh.weight.ptr<uint16_t>()[i] = f32_to_bf16(f.f32()[i]);
-          f.f32()[i] = bf16_to_f32(wh.weight.ptr<uint16_t>()[i]);
-        } else {
-          wh.weight.f32()[i] = f.f32()[i];
-        }
-      }
+      wh.weight = from_f32(f.f32(), {N, K}, dtype);
+      f = to_f32(wh.weight);  // the exact values the kernel sees
       wf.push_back(f);
     }
     for (int64_t T : {1, 3, 20}) {  // the decode path (≤ 8 tokens) and the prefill path
@@ -252,16 +246,8 @@ TEST(Ops, MatmulBatchMatchesReference) {
     const Spec& s = specs[i];
     Tensor wf = rng.randn({s.N, s.K});
     w[i].name = cat("weight ", i);
-    w[i].weight = Tensor::empty({s.N, s.K}, s.dtype);
-    for (int64_t j = 0; j < wf.numel(); ++j) {
-      float v = wf.f32()[j];
-      switch (s.dtype) {
-        case DType::BF16: w[i].weight.ptr<uint16_t>()[j] = f32_to_bf16(v); break;
-        case DType::F16: w[i].weight.ptr<uint16_t>()[j] = f32_to_f16(v); break;
-        case DType::F8_E4M3: w[i].weight.ptr<uint8_t>()[j] = f32_to_fp8e4m3(v * 50); break;
-        default: w[i].weight.f32()[j] = v;
-      }
-    }
+    if (s.dtype == DType::F8_E4M3) fathom::cpu::scale(wf.f32(), 50.0f, wf.numel());  // use the e4m3 range
+    w[i].weight = from_f32(wf.f32(), {s.N, s.K}, s.dtype);
     if (s.dtype == DType::F8_E4M3) {
       w[i].scale_inv = Tensor::empty({(s.N + 127) / 128, (s.K + 127) / 128});
       for (int64_t j = 0; j < w[i].scale_inv.numel(); ++j) w[i].scale_inv.f32()[j] = 0.01f * float(j + 1);

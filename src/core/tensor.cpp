@@ -76,3 +76,29 @@ Tensor to_f32(const Tensor& t) {
 }
 
 }  // namespace fathom
+
+namespace fathom {
+
+Tensor from_f32(const float* values, Shape shape, DType dtype) {
+  Tensor t = Tensor::empty(std::move(shape), dtype);
+  const int64_t n = t.numel();
+  switch (dtype) {
+    case DType::F32:
+      std::memcpy(t.data(), values, t.nbytes());
+      break;
+    case DType::BF16:
+      for (int64_t i = 0; i < n; ++i) t.ptr<uint16_t>()[i] = f32_to_bf16(values[i]);
+      break;
+    case DType::F16:
+      for (int64_t i = 0; i < n; ++i) t.ptr<uint16_t>()[i] = f32_to_f16(values[i]);
+      break;
+    case DType::F8_E4M3:
+      for (int64_t i = 0; i < n; ++i) t.ptr<uint8_t>()[i] = f32_to_fp8e4m3(values[i]);
+      break;
+    default:
+      throw Error(cat("cannot convert F32 to ", dtype_name(dtype)));
+  }
+  return t;
+}
+
+}  // namespace fathom

@@ -60,5 +60,8 @@ class Tensor {
 
 // Copies any float-convertible tensor into a new F32 tensor of the same shape.
 Tensor to_f32(const Tensor& t);
+// The inverse: shape_numel(shape) floats rounded to nearest-even in `dtype` (F32, BF16, F16,
+// or F8_E4M3 saturating at ±448, without scales).
+Tensor from_f32(const float* values, Shape shape, DType dtype);
 
 }  // namespace fathom

@@ -73,19 +73,6 @@ class Normal {
   bool have_ = false;
 };
 
-Tensor encode(const std::vector<float>& v, const Shape& shape, DType dtype) {
-  Tensor t = Tensor::empty(shape, dtype);
-  for (size_t i = 0; i < v.size(); ++i) {
-    switch (dtype) {
-      case DType::F32: t.f32()[i] = v[i]; break;
-      case DType::BF16: t.ptr<uint16_t>()[i] = f32_to_bf16(v[i]); break;
-      case DType::F16: t.ptr<uint16_t>()[i] = f32_to_f16(v[i]); break;
-      default: FATHOM_ASSERT(false, "encode ", dtype_name(dtype));
-    }
-  }
-  return t;
-}
-
 // FP8 e4m3 with one scale per 128x128 block: scale = amax / 448, q = round(w / scale).
 void quantize_fp8(const std::vector<float>& v, int64_t N, int64_t K, Tensor& q, Tensor& scale_inv) {
   const int64_t b = 128, nb = (N + b - 1) / b, kb = (K + b - 1) / b;
@@ -152,14 +139,14 @@ void write_random_checkpoint(const std::string& config_json, const std::string& 
       for (float& x : v) x = float(rng.next() * o.std);
     }
     if (s.role == TensorRole::Bias) {
-      w.add(s.name, encode(v, s.shape, DType::F32));
+      w.add(s.name, from_f32(v.data(), s.shape, DType::F32));
     } else if (s.role == TensorRole::Linear && fp8) {
       Tensor q, scale;
       quantize_fp8(v, s.shape[0], s.shape[1], q, scale);
       w.add(s.name, q);
       w.add(s.name + "_scale_inv", scale);
     } else {
-      w.add(s.name, encode(v, s.shape, plain));
+      w.add(s.name, from_f32(v.data(), s.shape, plain));
     }
   }
   if (o.max_shard_bytes > 0)
