@@ -24,7 +24,14 @@ int main(int argc, char** argv) {
   add(fathom::cli::add_logits);
   add(fathom::cli::add_generate);
   add(fathom::cli::add_init_random);
-  // CLI11 reports a mistyped subcommand as "A subcommand is required"; name it instead.
+  // CLI11 reports a mistyped subcommand (or an option before any subcommand) as "A
+  // subcommand is required"; name what was given instead.
+  if (argc > 1 && argv[1][0] == '-' && std::string(argv[1]) != "-h" && std::string(argv[1]) != "--help") {
+    std::string known;
+    for (const auto& [sub, run] : commands) known += (known.empty() ? "" : ", ") + sub->get_name();
+    std::fprintf(stderr, "fathom: error: unknown option '%s' (expected a subcommand: %s)\n", argv[1], known.c_str());
+    return 2;
+  }
   if (argc > 1 && argv[1][0] != '-') {
     std::string known;
     bool found = false;
@@ -39,9 +46,17 @@ int main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
+    // Usage errors in the same one-line form as every other error.
+    std::string which;
+    for (const auto& [sub, run] : commands)
+      if (sub->parsed()) which = sub->get_name() + " ";
+    std::fprintf(stderr, "fathom: error: %s (see 'fathom %s--help')\n", e.what(), which.c_str());
+    return 2;
   }
   try {
     for (auto& [sub, run] : commands)
