@@ -45,7 +45,7 @@ int64_t MlaWeights::nbytes() const {
   return n;
 }
 
-MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& p) {
+MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& p, MlaMode mode) {
   MlaWeights m;
   const int64_t H = c.num_attention_heads, D = c.hidden_size;
   if (c.q_lora_rank > 0) {
@@ -59,7 +59,7 @@ MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::stri
   m.kv_a_layernorm = w.f32(p + "kv_a_layernorm.weight", {c.kv_lora_rank});
   m.kv_b_proj = w.linear(p + "kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
   m.o_proj = w.linear(p + "o_proj.weight", D, H * c.v_head_dim);
-  split_kv_b(m, c);
+  if (mode == MlaMode::Absorbed) split_kv_b(m, c);
   return m;
 }
 

@@ -38,7 +38,8 @@ struct MlaWeights {
   int64_t nbytes() const;  // weight bytes read per token (the checkpoint tensors)
 };
 
-MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& prefix);
+// `mode` decides what is prepared: absorbed mode also cuts W_UK/W_UV out of kv_b_proj.
+MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::string& prefix, MlaMode mode);
 
 struct RopeTables {
   const Tensor* cos;  // (T, rope/2)

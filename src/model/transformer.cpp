@@ -12,12 +12,12 @@ namespace fathom {
 
 namespace {
 
-DecoderLayerWeights load_layer(const WeightLoader& w, const ModelConfig& c, int i) {
+DecoderLayerWeights load_layer(const WeightLoader& w, const ModelConfig& c, int i, MlaMode mode) {
   const std::string p = cat("model.layers.", i, ".");
   DecoderLayerWeights l;
   l.input_layernorm = w.f32(p + "input_layernorm.weight", {c.hidden_size});
   l.post_attention_layernorm = w.f32(p + "post_attention_layernorm.weight", {c.hidden_size});
-  l.attn = load_mla(w, c, p + "self_attn.");
+  l.attn = load_mla(w, c, p + "self_attn.", mode);
   l.is_moe = c.is_moe_layer(i);
   if (l.is_moe)
     l.moe = load_moe(w, c, p + "mlp.");
@@ -99,7 +99,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
   WeightLoader loader(*w.files, lo, c.weight_block_size[0]);
 
   w.embed_tokens = loader.table("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
-  for (int i = 0; i < c.num_hidden_layers; ++i) w.layers.push_back(load_layer(loader, c, i));
+  for (int i = 0; i < c.num_hidden_layers; ++i) w.layers.push_back(load_layer(loader, c, i, options.mla_mode));
   w.norm = loader.f32("model.norm.weight", {c.hidden_size});
   if (c.tie_word_embeddings && !loader.contains("lm_head.weight")) {
     w.lm_head.name = "model.embed_tokens.weight";
@@ -114,7 +114,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
     t.enorm = loader.f32(p + "enorm.weight", {c.hidden_size});
     t.hnorm = loader.f32(p + "hnorm.weight", {c.hidden_size});
     t.eh_proj = loader.linear(p + "eh_proj.weight", c.hidden_size, 2 * c.hidden_size);
-    t.layer = load_layer(loader, c, li);
+    t.layer = load_layer(loader, c, li, options.mla_mode);
     t.shared_head_norm = loader.f32(p + "shared_head.norm.weight", {c.hidden_size});
     // The published V3 checkpoint repeats the embedding and head in every MTP module;
     // checkpoints that share them may leave them out.
