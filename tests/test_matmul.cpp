@@ -39,14 +39,13 @@ LinearWeight random_weight(DType d, int64_t N, int64_t K, int64_t block, std::mt
   const int64_t n = N * K;
   switch (d) {
     case DType::F32:
-      for (int64_t i = 0; i < n; ++i) w.weight.f32()[i] = normal(rng);
-      break;
     case DType::BF16:
-      for (int64_t i = 0; i < n; ++i) w.weight.ptr<uint16_t>()[i] = f32_to_bf16(normal(rng));
+    case DType::F16: {
+      std::vector<float> values(static_cast<size_t>(n));
+      for (float& v : values) v = normal(rng);
+      w.weight = from_f32(values.data(), {N, K}, d);
       break;
-    case DType::F16:
-      for (int64_t i = 0; i < n; ++i) w.weight.ptr<uint16_t>()[i] = f32_to_f16(normal(rng));
-      break;
+    }
     case DType::F8_E4M3: {
       std::uniform_int_distribution<int> code(0, 253);
       for (int64_t i = 0; i < n; ++i) {
