@@ -69,25 +69,23 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   // gate/up matmuls, then one batch of down matmuls.
   struct Active {
     const SwiGluWeights* w;
+    int expert;      // routed expert index, -1 for the shared experts
     const float* x;  // (n, D)
     int64_t n;
     Tensor xe, g, u, y;
   };
   std::vector<Active> active;
-  if (w.has_shared) active.push_back({&w.shared_experts, x.f32(), T, Tensor(), Tensor(), Tensor(), Tensor()});
-  std::vector<int> active_expert;  // routed expert of active[i] (-1: shared)
-  if (w.has_shared) active_expert.push_back(-1);
+  if (w.has_shared) active.push_back({&w.shared_experts, -1, x.f32(), T, Tensor(), Tensor(), Tensor(), Tensor()});
   for (int e = 0; e < E; ++e) {
     const auto& r = rows[size_t(e)];
     if (load) load->tokens_per_expert[size_t(e)] += int64_t(r.size());
     if (r.empty()) continue;
     const int64_t n = int64_t(r.size());
-    Active a{&w.experts[size_t(e)], nullptr, n, Tensor::empty({n, D}), Tensor(), Tensor(), Tensor()};
+    Active a{&w.experts[size_t(e)], e, nullptr, n, Tensor::empty({n, D}), Tensor(), Tensor(), Tensor()};
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(a.xe.f32() + i * D, x.f32() + r[size_t(i)] * D, sizeof(float) * size_t(D));
     a.x = a.xe.f32();
     active.push_back(std::move(a));
-    active_expert.push_back(e);
   }
   std::vector<MatmulJob> jobs;
   for (Active& a : active) {
@@ -109,7 +107,7 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   std::memset(out.data(), 0, out.nbytes());
   for (size_t i = 0; i < active.size(); ++i) {
     const Active& a = active[i];
-    const int e = active_expert[i];
+    const int e = a.expert;
     if (e < 0) {
       ops.add(out, a.y);
       continue;
