@@ -45,6 +45,44 @@ struct Ranks {
   }
 };
 
+// The nucleus: among `ids` (any order), the tokens in rank order are kept while the mass ranked
+// above them is below `target`. Returns the lowest-ranked kept id. l holds log-weights <= 0 and
+// w = exp(l). Small sets are sorted; large ones are binned by log-weight first (bins are
+// monotone in l, so rank order never crosses a bin boundary), and only the bin holding the
+// boundary is sorted: two linear passes instead of a sort of the vocabulary.
+int32_t nucleus_last(std::vector<int32_t>& ids, const float* l, const double* w, double target,
+                     const Ranks& ranks, std::vector<double>& bin_mass, std::vector<int32_t>& bin_ids) {
+  double above = 0.0;  // mass of the tokens ranked above those still to be ordered
+  auto walk_sorted = [&](std::vector<int32_t>& sorted) {
+    std::sort(sorted.begin(), sorted.end(), ranks);
+    for (size_t j = 1; j < sorted.size(); ++j) {
+      above += w[sorted[j - 1]];
+      if (above >= target) return sorted[j - 1];
+    }
+    return sorted.back();
+  };
+  if (ids.size() <= 4096) return walk_sorted(ids);
+
+  // Bins of equal width in l over [floor, 0]; -inf and anything below floor share the last.
+  constexpr int kBins = 4096;
+  float floor_l = 0.0f;
+  for (int32_t id : ids)
+    if (l[id] > -kInf) floor_l = std::min(floor_l, l[id]);
+  const float per_unit = floor_l < 0.0f ? float(kBins - 1) / -floor_l : 0.0f;
+  auto bin_of = [&](int32_t id) {
+    const float x = -l[id] * per_unit;  // NaN-free: l <= 0, per_unit finite
+    return x < float(kBins - 1) ? int(x) : kBins - 1;
+  };
+  bin_mass.assign(kBins, 0.0);
+  for (int32_t id : ids) bin_mass[size_t(bin_of(id))] += w[id];
+  int boundary = 0;
+  while (boundary < kBins - 1 && above + bin_mass[size_t(boundary)] < target) above += bin_mass[size_t(boundary++)];
+  bin_ids.clear();
+  for (int32_t id : ids)
+    if (bin_of(id) == boundary) bin_ids.push_back(id);
+  return walk_sorted(bin_ids);
+}
+
 }  // namespace
 
 void SamplingParams::validate() const {
@@ -164,71 +202,69 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, const std::vector<in
   const Ranks ranks{l};
   weights_.resize(size_t(vocab));
   double* w = weights_.data();  // (vocab) exp(l[id]), filled only for candidate ids
-  // The candidate set: either every id (in id order) or ids_[0, n_cand) in rank order.
+  // The candidate set: every id when `all`, else ids_ (ascending id order, so that the draw
+  // walks the CDF in an order that does not depend on how the set was found).
   bool all = true;
-  size_t n_cand = size_t(vocab);
+  ids_.clear();
 
   const int64_t k = params_.top_k;
   if (k > 0 && k < vocab) {
-    ids_.resize(size_t(vocab));
-    std::iota(ids_.begin(), ids_.end(), 0);
-    std::nth_element(ids_.begin(), ids_.begin() + k, ids_.end(), ranks);
-    std::sort(ids_.begin(), ids_.begin() + k, ranks);
+    // One pass with a heap of the k best so far, its front the worst of them.
+    select_.clear();
+    for (int32_t i = 0; i < int32_t(vocab); ++i) {
+      if (int64_t(select_.size()) < k) {
+        select_.push_back(i);
+        std::push_heap(select_.begin(), select_.end(), ranks);
+      } else if (ranks(i, select_.front())) {
+        std::pop_heap(select_.begin(), select_.end(), ranks);
+        select_.back() = i;
+        std::push_heap(select_.begin(), select_.end(), ranks);
+      }
+    }
+    ids_.assign(select_.begin(), select_.end());
+    std::sort(ids_.begin(), ids_.end());
     all = false;
-    n_cand = size_t(k);
-    for (size_t j = 0; j < n_cand; ++j) w[ids_[j]] = std::exp(double(l[ids_[j]]));
+    for (int32_t id : ids_) w[id] = double(std::exp(l[id]));
   } else {
-    for (int64_t i = 0; i < vocab; ++i) w[i] = std::exp(double(l[i]));
+    for (int64_t i = 0; i < vocab; ++i) w[i] = double(std::exp(l[i]));
   }
 
   if (params_.top_p < 1.0f) {
-    double total = 0.0;
     if (all) {
-      for (int64_t i = 0; i < vocab; ++i) total += w[i];
+      select_.resize(size_t(vocab));
+      std::iota(select_.begin(), select_.end(), 0);
     } else {
-      for (size_t j = 0; j < n_cand; ++j) total += w[ids_[j]];
+      select_ = ids_;
     }
-    const double target = double(params_.top_p) * total;
-    // Keep a token while the mass ranked above it is below top_p. Over the whole vocabulary,
-    // rank a small head first and widen it only when its mass falls short.
-    size_t head = all ? std::min<size_t>(size_t(vocab), 64) : n_cand;
-    if (all) {
-      ids_.resize(size_t(vocab));
-      std::iota(ids_.begin(), ids_.end(), 0);
-    }
-    for (;;) {
-      if (all) {
-        if (head < size_t(vocab)) std::nth_element(ids_.begin(), ids_.begin() + int64_t(head), ids_.end(), ranks);
-        std::sort(ids_.begin(), ids_.begin() + int64_t(head), ranks);
-      }
-      double mass = 0.0;
-      size_t keep = 0;
-      while (keep < head && mass < target) mass += w[ids_[keep++]];
-      if (mass >= target || head == n_cand) {
-        n_cand = std::max<size_t>(keep, 1);
-        all = false;
-        break;
-      }
-      head = std::min<size_t>(n_cand, head * 8);
-    }
-  }
-
-  if (params_.min_p > 0.0f) {
-    // The best token has weight exp(0) = 1 and is always a candidate, so p >= min_p * p_max
-    // is w >= min_p.
-    const double floor_w = params_.min_p;
+    double total = 0.0;
+    for (int32_t id : select_) total += w[id];
+    const int32_t last = nucleus_last(select_, l, w, double(params_.top_p) * total, ranks, bin_mass_, bin_ids_);
+    // Keep every candidate ranked at or above the last kept token, in id order.
     if (all) {
       ids_.clear();
       for (int32_t i = 0; i < int32_t(vocab); ++i)
-        if (w[i] >= floor_w) ids_.push_back(i);
-      n_cand = ids_.size();
-      all = false;
+        if (!ranks(last, i)) ids_.push_back(i);
     } else {
-      size_t keep = 0;
-      while (keep < n_cand && w[ids_[keep]] >= floor_w) ++keep;  // ids_ is in rank order
-      n_cand = keep;
+      ids_.erase(std::remove_if(ids_.begin(), ids_.end(), [&](int32_t id) { return ranks(last, id); }),
+                 ids_.end());
     }
+    all = false;
   }
+
+  if (params_.min_p > 0.0f) {
+    // The best token has weight exp(0) = 1 and survives top-k and top-p, so
+    // p >= min_p * p_max is w >= min_p.
+    const double floor_w = params_.min_p;
+    if (all) {
+      for (int32_t i = 0; i < int32_t(vocab); ++i)
+        if (w[i] >= floor_w) ids_.push_back(i);
+    } else {
+      ids_.erase(std::remove_if(ids_.begin(), ids_.end(), [&](int32_t id) { return w[id] < floor_w; }),
+                 ids_.end());
+    }
+    all = false;
+  }
+  const size_t n_cand = all ? size_t(vocab) : ids_.size();
 
   // Inverse CDF over the candidates with one uniform draw.
   auto id_at = [&](size_t j) { return all ? int32_t(j) : ids_[j]; };

@@ -1,10 +1,11 @@
 // Token sampling from one row of logits, in the order HuggingFace and vLLM apply it:
 // penalties -> temperature -> top-k -> top-p -> min-p -> draw.
 //
-// Candidate sets are found by partial selection (nth_element on the top few ids), never by
-// sorting the whole vocabulary, and tokens are drawn by inverse CDF with one uniform number
-// from the sampler's own seeded RNG, so a seed gives the same tokens on every run and platform
-// with the same logits. Ties between equal logits always go to the lower token id (greedy
+// Candidate sets are found without sorting the vocabulary: top-k by one pass with a k-entry
+// heap, top-p by binning log-weights and sorting only the bin where the mass crosses top_p, min-p by a threshold.
+// Tokens are drawn by inverse CDF over the candidates in ascending id order with one uniform
+// number from the sampler's own seeded RNG, so a seed gives the same tokens on every run for
+// the same logits. Ties between equal logits always go to the lower token id (greedy
 // argmax, the top-k boundary, the order top-p accumulates in).
 #pragma once
 #include <cstdint>
@@ -76,10 +77,13 @@ class Sampler {
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<float> processed_;    // (vocab) penalised logits, then (l - max) / temperature
-  std::vector<int32_t> ids_;        // (vocab) scratch for partial selection
+  std::vector<int32_t> ids_;        // (candidates) the candidate ids in ascending order
+  std::vector<int32_t> select_;     // (vocab or k) scratch for partial selection
   std::vector<int32_t> counts_;     // (vocab) occurrences in generated; zero between calls
   std::vector<uint8_t> seen_;       // (vocab) id in prompt or generated; zero between calls
-  std::vector<double> weights_;     // (candidates) exp(processed) of the candidate set
+  std::vector<double> weights_;     // (vocab) exp(processed_) for the candidate ids
+  std::vector<double> bin_mass_;    // (bins) top-p scratch: mass per log-weight bin
+  std::vector<int32_t> bin_ids_;    // (ids in one bin) top-p scratch
 };
 
 }  // namespace fathom
