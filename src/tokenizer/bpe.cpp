@@ -23,9 +23,77 @@ size_t StringHash::operator()(std::string_view s) const noexcept {
   }
   uint64_t tail = 0;
   std::memcpy(&tail, s.data() + i, s.size() - i);
-  h = (h ^ tail) * 0xC4CEB9FE1A85EC53ull;
-  h ^= h >> 29;
+  h ^= tail;
+  // murmur3's finalizer: every input bit reaches every output bit.
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
   return static_cast<size_t>(h);
+}
+
+int32_t TokenIndex::build(const std::vector<std::string>& strings) {
+  strings_ = &strings;
+  size_t cap = 16;
+  while (cap < strings.size() * 2) cap <<= 1;
+  slots_.assign(cap, Slot{});
+  mask_ = cap - 1;
+  StringHash hasher;
+  for (size_t id = 0; id < strings.size(); ++id) {
+    const std::string& s = strings[id];
+    if (s.empty()) continue;
+    const uint64_t h = hasher(s);
+    for (uint64_t i = h & mask_;; i = (i + 1) & mask_) {
+      Slot& slot = slots_[i];
+      if (slot.id < 0) {
+        slot = Slot{h, static_cast<int32_t>(id), static_cast<uint32_t>(s.size())};
+        break;
+      }
+      if (slot.hash == h && strings[static_cast<size_t>(slot.id)] == s) return static_cast<int32_t>(id);
+    }
+  }
+  return -1;
+}
+
+int32_t TokenIndex::find(std::string_view s) const {
+  if (slots_.empty()) return -1;
+  const uint64_t h = StringHash{}(s);
+  for (uint64_t i = h & mask_;; i = (i + 1) & mask_) {
+    const Slot& slot = slots_[i];
+    if (slot.id < 0) return -1;
+    if (slot.hash == h && slot.len == s.size() && (*strings_)[static_cast<size_t>(slot.id)] == s) return slot.id;
+  }
+}
+
+void TokenIndex::find_batch(const std::string_view* keys, size_t n, int32_t* ids) const {
+  constexpr size_t kBatch = 64;
+  uint64_t h[kBatch];
+  for (size_t b0 = 0; b0 < n; b0 += kBatch) {
+    const size_t m = std::min(kBatch, n - b0);
+    for (size_t k = 0; k < m; ++k) {
+      h[k] = StringHash{}(keys[b0 + k]);
+      __builtin_prefetch(&slots_[h[k] & mask_]);
+    }
+    // First probe of each key: prefetch the string object it points at.
+    for (size_t k = 0; k < m; ++k) {
+      const Slot& slot = slots_[h[k] & mask_];
+      if (slot.id >= 0) __builtin_prefetch(&(*strings_)[static_cast<size_t>(slot.id)]);
+    }
+    for (size_t k = 0; k < m; ++k) {
+      const std::string_view s = keys[b0 + k];
+      int32_t found = -1;
+      for (uint64_t i = h[k] & mask_;; i = (i + 1) & mask_) {
+        const Slot& slot = slots_[i];
+        if (slot.id < 0) break;
+        if (slot.hash == h[k] && slot.len == s.size() && (*strings_)[static_cast<size_t>(slot.id)] == s) {
+          found = slot.id;
+          break;
+        }
+      }
+      ids[b0 + k] = found;
+    }
+  }
 }
 
 void Bpe::PairTable::init(size_t n) {
@@ -53,25 +121,71 @@ std::atomic<uint64_t> g_next_uid{1};
 
 // Per-thread cache of whole pieces -> ids. Most text is made of a few thousand distinct words,
 // so after warm-up most pieces skip merging. Keyed by the model's uid so two tokenizers never
-// share entries (and a new tokenizer at a freed address never sees stale ones).
-struct PieceCache {
-  uint64_t uid = 0;
-  std::unordered_map<std::string, std::vector<int32_t>, StringHash, std::equal_to<>> map;
+// share entries (and a new tokenizer at a freed address never sees stale ones). A flat
+// open-addressing table over two arenas (piece bytes, ids); emptied when it fills up.
+class PieceCache {
+ public:
+  static constexpr size_t kMaxPiece = 64;  // bytes; longer pieces are rare and not cached
+
+  const int32_t* find(uint64_t h, std::string_view piece, uint32_t* n_ids) const {
+    for (size_t i = h & kMask;; i = (i + 1) & kMask) {
+      const Entry& e = table_[i];
+      if (e.key_len == 0) return nullptr;
+      if (e.hash == h && e.key_len == piece.size() && std::memcmp(bytes_.data() + e.key_off, piece.data(), piece.size()) == 0) {
+        *n_ids = e.n_ids;
+        return ids_.data() + e.ids_off;
+      }
+    }
+  }
+  void insert(uint64_t h, std::string_view piece, const std::vector<int32_t>& ids) {
+    if (count_ * 2 >= kSlots || ids.size() > 0xFFFF) {
+      if (ids.size() > 0xFFFF) return;
+      clear();
+    }
+    size_t i = h & kMask;
+    while (table_[i].key_len != 0) i = (i + 1) & kMask;
+    table_[i] = Entry{h, static_cast<uint32_t>(bytes_.size()), static_cast<uint32_t>(ids_.size()),
+                      static_cast<uint16_t>(piece.size()), static_cast<uint16_t>(ids.size())};
+    bytes_.append(piece);
+    ids_.insert(ids_.end(), ids.begin(), ids.end());
+    ++count_;
+  }
+  void reset_for(uint64_t uid) {
+    if (uid_ != uid) {
+      clear();
+      uid_ = uid;
+    }
+  }
+
+ private:
+  static constexpr size_t kSlots = 1 << 17, kMask = kSlots - 1;
+  struct Entry {
+    uint64_t hash = 0;
+    uint32_t key_off = 0, ids_off = 0;
+    uint16_t key_len = 0, n_ids = 0;  // key_len 0 = empty slot (empty pieces are never cached)
+  };
+  void clear() {
+    table_.assign(kSlots, Entry{});
+    bytes_.clear();
+    ids_.clear();
+    count_ = 0;
+  }
+  std::vector<Entry> table_ = std::vector<Entry>(kSlots);
+  std::string bytes_;
+  std::vector<int32_t> ids_;
+  size_t count_ = 0;
+  uint64_t uid_ = 0;
 };
-constexpr size_t kCacheMaxPiece = 64;       // bytes; longer pieces are rare and not cached
-constexpr size_t kCacheMaxEntries = 1 << 17;
 
 PieceCache& piece_cache(uint64_t uid) {
   thread_local PieceCache cache;
-  if (cache.uid != uid || cache.map.size() >= kCacheMaxEntries) {
-    cache.map.clear();
-    cache.uid = uid;
-  }
+  cache.reset_for(uid);
   return cache;
 }
 }  // namespace
 
-void Bpe::load(const nlohmann::json& model, bool byte_level, const std::string& where) {
+void Bpe::load(const nlohmann::json& model, std::vector<std::pair<std::string, int64_t>> vocab,
+               const std::vector<std::pair<std::string, std::string>>& merges, bool byte_level, const std::string& where) {
   uid_ = g_next_uid.fetch_add(1);
   byte_level_ = byte_level;
   const std::string type = model.contains("type") ? json_string(model, "type", where) : "BPE";
@@ -85,29 +199,27 @@ void Bpe::load(const nlohmann::json& model, bool byte_level, const std::string& 
                  ".", k, " is set; fathom's BPE does not implement it");
   }
 
-  const auto& vocab = json_object(model, "vocab", where);
-  int32_t max_id = -1;
-  token_to_id_.reserve(vocab.size());
-  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    FATHOM_CHECK(it.value().is_number_integer(), where, ".vocab[\"", it.key(), "\"] must be an integer id");
-    const int64_t id = it.value().get<int64_t>();
-    FATHOM_CHECK(id >= 0 && id < (1 << 24), where, ".vocab[\"", it.key(), "\"] = ", id, " is out of range");
-    token_to_id_.emplace(it.key(), static_cast<int32_t>(id));
-    max_id = std::max(max_id, static_cast<int32_t>(id));
+  int64_t max_id = -1;
+  for (const auto& [tok, id] : vocab) {
+    FATHOM_CHECK(id >= 0 && id < (1 << 24), where, ".vocab[\"", tok, "\"] = ", id, " is out of range");
+    max_id = std::max(max_id, id);
   }
   id_to_token_.assign(static_cast<size_t>(max_id + 1), std::string());
-  for (const auto& [tok, id] : token_to_id_) {
+  for (auto& [tok, id] : vocab) {
+    FATHOM_CHECK(!tok.empty(), where, ".vocab has an empty token (id ", id, ")");
     FATHOM_CHECK(id_to_token_[static_cast<size_t>(id)].empty(), where, ".vocab gives id ", id, " to both \"",
                  id_to_token_[static_cast<size_t>(id)], "\" and \"", tok, "\"");
-    id_to_token_[static_cast<size_t>(id)] = tok;
+    id_to_token_[static_cast<size_t>(id)] = std::move(tok);
   }
+  const int32_t dup = token_to_id_.build(id_to_token_);
+  FATHOM_CHECK(dup < 0, where, ".vocab lists \"", dup < 0 ? std::string() : id_to_token_[static_cast<size_t>(dup)],
+               "\" twice");
 
   unk_id_ = -1;
   if (model.contains("unk_token") && !model["unk_token"].is_null()) {
     const std::string unk = json_string(model, "unk_token", where);
-    auto it = token_to_id_.find(unk);
-    FATHOM_CHECK(it != token_to_id_.end(), where, ".unk_token \"", unk, "\" is not in the vocabulary");
-    unk_id_ = it->second;
+    unk_id_ = token_to_id_.find(unk);
+    FATHOM_CHECK(unk_id_ >= 0, where, ".unk_token \"", unk, "\" is not in the vocabulary");
   }
 
   const auto& unicode_table = unicode::byte_level_table();
@@ -116,48 +228,44 @@ void Bpe::load(const nlohmann::json& model, bool byte_level, const std::string& 
     byte_fallback_id_[b] = -1;
     std::string ch;
     unicode::append_utf8(ch, unicode_table.byte_to_cp[static_cast<size_t>(b)]);
-    if (auto it = token_to_id_.find(ch); it != token_to_id_.end()) byte_id_[b] = it->second;
+    byte_id_[b] = token_to_id_.find(ch);
     char name[8];
     std::snprintf(name, sizeof(name), "<0x%02X>", b);
-    if (auto it = token_to_id_.find(std::string_view(name)); it != token_to_id_.end()) byte_fallback_id_[b] = it->second;
+    byte_fallback_id_[b] = token_to_id_.find(std::string_view(name));
   }
 
-  const auto& merges = json_array(model, "merges", where);
+  // Resolve the merges in batches: ids of left, right and left+right for each.
   merges_.init(merges.size());
-  std::string joined;
-  for (size_t r = 0; r < merges.size(); ++r) {
-    const auto& m = merges[r];
-    std::string_view left, right;
-    std::string tmp;
-    if (m.is_string()) {  // "left right"
-      const auto& s = m.get_ref<const std::string&>();
-      size_t sp = s.find(' ');
-      FATHOM_CHECK(sp != std::string::npos && sp > 0 && sp + 1 < s.size() && s.find(' ', sp + 1) == std::string::npos,
-                   where, ".merges[", r, "] = \"", s, "\" is not two tokens separated by one space");
-      left = std::string_view(s).substr(0, sp);
-      right = std::string_view(s).substr(sp + 1);
-    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {  // ["left", "right"]
-      left = m[0].get_ref<const std::string&>();
-      right = m[1].get_ref<const std::string&>();
-    } else {
-      throw Error(cat(where, ".merges[", r, "] must be \"a b\" or [\"a\", \"b\"]"));
+  constexpr size_t kBatch = 256;
+  std::vector<std::string> joined(kBatch);
+  std::vector<std::string_view> keys(3 * kBatch);
+  std::vector<int32_t> ids(3 * kBatch);
+  for (size_t r0 = 0; r0 < merges.size(); r0 += kBatch) {
+    const size_t m = std::min(kBatch, merges.size() - r0);
+    for (size_t k = 0; k < m; ++k) {
+      const auto& [left, right] = merges[r0 + k];
+      joined[k].assign(left);
+      joined[k].append(right);
+      keys[3 * k] = left;
+      keys[3 * k + 1] = right;
+      keys[3 * k + 2] = joined[k];
     }
-    auto a = token_to_id_.find(left);
-    auto b = token_to_id_.find(right);
-    joined.assign(left);
-    joined.append(right);
-    auto c = token_to_id_.find(joined);
-    FATHOM_CHECK(a != token_to_id_.end() && b != token_to_id_.end(), where, ".merges[", r, "]: \"",
-                 a == token_to_id_.end() ? left : right, "\" is not in the vocabulary");
-    FATHOM_CHECK(c != token_to_id_.end(), where, ".merges[", r, "]: the merged token \"", joined,
-                 "\" is not in the vocabulary");
-    merges_.insert(pair_key(a->second, b->second), Merge{static_cast<int32_t>(r), c->second});
+    token_to_id_.find_batch(keys.data(), 3 * m, ids.data());
+    for (size_t k = 0; k < m; ++k) {
+      const size_t r = r0 + k;
+      const int32_t a = ids[3 * k], b = ids[3 * k + 1], c = ids[3 * k + 2];
+      FATHOM_CHECK(a >= 0 && b >= 0, where, ".merges[", r, "]: \"", a < 0 ? merges[r].first : merges[r].second,
+                   "\" is not in the vocabulary");
+      FATHOM_CHECK(c >= 0, where, ".merges[", r, "]: the merged token \"", joined[k], "\" is not in the vocabulary");
+      merges_.insert(pair_key(a, b), Merge{static_cast<int32_t>(r), c});
+    }
   }
 
   if (byte_level_ && ignore_merges_) {
-    std::string raw;
-    for (const auto& [tok, id] : token_to_id_)
-      if (unicode::byte_level_decode(tok, raw)) raw_to_id_.emplace(raw, id);
+    raw_tokens_.assign(id_to_token_.size(), std::string());
+    for (size_t id = 0; id < id_to_token_.size(); ++id)
+      if (!unicode::byte_level_decode(id_to_token_[id], raw_tokens_[id])) raw_tokens_[id].clear();
+    raw_to_id_.build(raw_tokens_);
   }
 }
 
@@ -190,8 +298,8 @@ void Bpe::initial_symbols(std::string_view piece, std::vector<int32_t>& syms) co
     size_t len = unicode::valid_seq_len(piece, i);
     if (len == 0) len = 1;
     std::string_view ch = piece.substr(i, len);
-    auto it = token_to_id_.find(ch);
-    if (it != token_to_id_.end()) syms.push_back(it->second);
+    const int32_t id = token_to_id_.find(ch);
+    if (id >= 0) syms.push_back(id);
     else unknown(ch);
     i += len;
   }
@@ -264,18 +372,20 @@ void Bpe::merge_heap(std::vector<int32_t>& syms) const {
 void Bpe::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
   if (piece.empty()) return;
   if (ignore_merges_) {
-    const TokenMap& m = byte_level_ ? raw_to_id_ : token_to_id_;
-    if (auto it = m.find(piece); it != m.end()) {
-      out.push_back(it->second);
+    const int32_t id = (byte_level_ ? raw_to_id_ : token_to_id_).find(piece);
+    if (id >= 0) {
+      out.push_back(id);
       return;
     }
   }
-  const bool cacheable = piece.size() <= kCacheMaxPiece;
   PieceCache* cache = nullptr;
-  if (cacheable) {
+  uint64_t h = 0;
+  if (piece.size() <= PieceCache::kMaxPiece) {
     cache = &piece_cache(uid_);
-    if (auto it = cache->map.find(piece); it != cache->map.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
+    h = StringHash{}(piece);
+    uint32_t n = 0;
+    if (const int32_t* ids = cache->find(h, piece, &n)) {
+      out.insert(out.end(), ids, ids + n);
       return;
     }
   }
@@ -284,7 +394,7 @@ void Bpe::encode_piece(std::string_view piece, std::vector<int32_t>& out) const 
   if (syms.size() < 48) merge_small(syms);
   else merge_heap(syms);
   out.insert(out.end(), syms.begin(), syms.end());
-  if (cache) cache->map.emplace(std::string(piece), syms);
+  if (cache) cache->insert(h, piece, syms);
 }
 
 }  // namespace fathom

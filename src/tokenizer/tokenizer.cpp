@@ -16,6 +16,7 @@
 #include "tokenizer/json_fields.h"
 #include "tokenizer/normalizer.h"
 #include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/tokenizer_json.h"
 #include "tokenizer/unicode.h"
 
 namespace fathom {
@@ -119,9 +120,9 @@ void parse_config(const nlohmann::json& c, TokenizerConfig& cfg, bool& flags_giv
 int32_t special_id(const Tokenizer::Impl& im, const std::string& content, const std::string& where) {
   auto it = im.added_by_content.find(content);
   if (it != im.added_by_content.end()) return it->second;
-  auto v = im.bpe.token_to_id().find(content);
-  FATHOM_CHECK(v != im.bpe.token_to_id().end(), where, ": token \"", content, "\" is not in the vocabulary");
-  return v->second;
+  const int32_t v = im.bpe.find_token(content);
+  FATHOM_CHECK(v >= 0, where, ": token \"", content, "\" is not in the vocabulary");
+  return v;
 }
 
 // TemplateProcessing / RobertaProcessing / BertProcessing: what surrounds a single sequence.
@@ -197,12 +198,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(std::string_view tokenizer_json,
   tok->impl_ = std::make_unique<Impl>();
   Impl& im = *tok->impl_;
   im.source = what;
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(tokenizer_json);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(cat(what, " is not valid JSON: ", e.what()));
-  }
+  TokenizerJson tj = parse_tokenizer_json(tokenizer_json, what);
+  const nlohmann::json& j = tj.rest;
   FATHOM_CHECK(j.is_object(), what, " must hold a JSON object");
   bool flags_given = false;
   if (!config_json.empty()) {
@@ -220,7 +217,10 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(std::string_view tokenizer_json,
   im.normalizer = parse_normalizer(j.value("normalizer", nlohmann::json()), w + "normalizer");
   im.pre_tokenizer = parse_pre_tokenizer(j.value("pre_tokenizer", nlohmann::json()), w + "pre_tokenizer");
   im.decoder = parse_decoder(j.value("decoder", nlohmann::json()), w + "decoder");
-  im.bpe.load(json_object(j, "model", what), im.pre_tokenizer && im.pre_tokenizer->byte_level(), w + "model");
+  FATHOM_CHECK(tj.has_vocab, what, ": model has no field \"vocab\" (an object of token -> id)");
+  FATHOM_CHECK(tj.has_merges, what, ": model has no field \"merges\" (an array)");
+  im.bpe.load(json_object(j, "model", what), std::move(tj.vocab), tj.merges,
+              im.pre_tokenizer && im.pre_tokenizer->byte_level(), w + "model");
 
   int32_t vocab_end = im.bpe.vocab_end();
   if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
@@ -315,7 +315,7 @@ int32_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
 
 std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
   if (auto it = impl_->added_by_content.find(token); it != impl_->added_by_content.end()) return it->second;
-  if (auto it = impl_->bpe.token_to_id().find(token); it != impl_->bpe.token_to_id().end()) return it->second;
+  if (const int32_t id = impl_->bpe.find_token(token); id >= 0) return id;
   return std::nullopt;
 }
 
