@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The tokenizer benchmark on the GPU machine, against HuggingFace `tokenizers` (Rust) there.
+#
+# Here, once (copies the inputs into the git-ignored device-data/, which the run must carry):
+#   scripts/device-tokenizer.sh --prepare
+# There, from the repository root (device run with carry: ["device-data"]):
+#   bash scripts/device-tokenizer.sh [bench_tokenizer options]
+# Configures build/device with -DFATHOM_TESTS=OFF, builds bench_tokenizer, runs it on
+# device-data/tokenizer-corpus.txt with device-data/deepseek-v3-tokenizer/ and the HF peer
+# (bench/tokenizer_peer_hf.py; single thread and encode_batch) at 1, 2, 4, ... and nproc
+# threads. The output is also written to $OUT/bench-tokenizer.txt when OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=device-data
+corpus="$data/tokenizer-corpus.txt"
+tokenizer="$data/deepseek-v3-tokenizer"
+
+if [ "${1:-}" = "--prepare" ]; then
+  [ -s bench-models/tokenizer-corpus.txt ] || scripts/make-tokenizer-corpus.sh bench-models/tokenizer-corpus.txt
+  mkdir -p "$tokenizer"
+  cp bench-models/tokenizer-corpus.txt bench-models/tokenizer-corpus.txt.sha256 "$data/"
+  cp ../shared/data/deepseek-v3-tokenizer/tokenizer.json ../shared/data/deepseek-v3-tokenizer/tokenizer_config.json "$tokenizer/"
+  echo "device-tokenizer: $data/ prepared ($(du -sh "$data" | cut -f1)); run 'bash scripts/device-tokenizer.sh' there with carry [\"$data\"]"
+  exit 0
+fi
+
+# ---- what the build and the peer need; say clearly what is missing
+missing=()
+for tool in cmake ninja g++ pkg-config python3; do
+  command -v "$tool" >/dev/null || missing+=("the program '$tool'")
+done
+if command -v pkg-config >/dev/null && ! pkg-config --exists libpcre2-8; then
+  missing+=("PCRE2 (libpcre2-8 with pkg-config file; Debian libpcre2-dev)")
+fi
+if ! [ -f /usr/include/nlohmann/json.hpp ] && ! [ -f /usr/local/include/nlohmann/json.hpp ] \
+   && ! ls /usr/lib/cmake/nlohmann_json /usr/share/cmake/nlohmann_json /usr/local/share/cmake/nlohmann_json >/dev/null 2>&1; then
+  missing+=("nlohmann-json 3.10+ (Debian nlohmann-json3-dev)")
+fi
+if ! [ -f /usr/include/CLI/CLI.hpp ] && ! [ -f /usr/local/include/CLI/CLI.hpp ]; then
+  missing+=("CLI11 headers CLI/CLI.hpp (Debian libcli11-dev)")
+fi
+if ! ls /usr/include/cblas.h /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h /usr/include/openblas/cblas.h >/dev/null 2>&1; then
+  missing+=("OpenBLAS with cblas.h (Debian libopenblas-dev)")
+fi
+if command -v python3 >/dev/null && ! python3 -c 'import tokenizers' 2>/dev/null; then
+  missing+=("the Python module 'tokenizers' for python3 ($(command -v python3))")
+fi
+[ -s "$corpus" ] || missing+=("the corpus $corpus (run 'scripts/device-tokenizer.sh --prepare' here and carry device-data)")
+[ -s "$tokenizer/tokenizer.json" ] || missing+=("the tokenizer $tokenizer/tokenizer.json (likewise)")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "device-tokenizer: cannot run; missing on this machine:" >&2
+  for m in "${missing[@]}"; do echo "  - $m" >&2; done
+  exit 1
+fi
+
+# 1, 2, 4, ... and nproc (the CPUs this process may use, not the host's)
+n=$(nproc)
+threads=1
+for ((t = 2; t < n; t *= 2)); do threads="$threads,$t"; done
+[ "$n" -gt 1 ] && threads="$threads,$n"
+
+echo "device-tokenizer: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), python3 $(python3 -c 'import sys, tokenizers; print(sys.version.split()[0], "tokenizers", tokenizers.__version__)')"
+cmake -S . -B build/device -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF >/dev/null
+cmake --build build/device --target bench_tokenizer
+
+log=/dev/null
+if [ -n "${OUT:-}" ]; then log="$OUT/bench-tokenizer.txt"; fi
+build/device/bench_tokenizer --tokenizer "$tokenizer" --corpus "$corpus" --threads "$threads" \
+  --peer-js none --peer-hf "python3 bench/tokenizer_peer_hf.py" "$@" 2>&1 | tee "$log"
