@@ -18,8 +18,8 @@ tokenizer="$data/deepseek-v3-tokenizer"
 if [ "${1:-}" = "--prepare" ]; then
   [ -s bench-models/tokenizer-corpus.txt ] || scripts/make-tokenizer-corpus.sh bench-models/tokenizer-corpus.txt
   mkdir -p "$tokenizer"
-  cp bench-models/tokenizer-corpus.txt bench-models/tokenizer-corpus.txt.sha256 "$data/"
-  cp ../shared/data/deepseek-v3-tokenizer/tokenizer.json ../shared/data/deepseek-v3-tokenizer/tokenizer_config.json "$tokenizer/"
+  install -m 644 bench-models/tokenizer-corpus.txt bench-models/tokenizer-corpus.txt.sha256 "$data/"
+  install -m 644 ../shared/data/deepseek-v3-tokenizer/tokenizer.json ../shared/data/deepseek-v3-tokenizer/tokenizer_config.json "$tokenizer/"
   echo "device-tokenizer: $data/ prepared ($(du -sh "$data" | cut -f1)); run 'bash scripts/device-tokenizer.sh' there with carry [\"$data\"]"
   exit 0
 fi
@@ -39,9 +39,11 @@ fi
 if ! [ -f /usr/include/CLI/CLI.hpp ] && ! [ -f /usr/local/include/CLI/CLI.hpp ]; then
   missing+=("CLI11 headers CLI/CLI.hpp (Debian libcli11-dev)")
 fi
-if ! ls /usr/include/cblas.h /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h /usr/include/openblas/cblas.h >/dev/null 2>&1; then
-  missing+=("OpenBLAS with cblas.h (Debian libopenblas-dev)")
-fi
+have_cblas=""
+for h in /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h /usr/include/openblas/cblas.h /usr/include/cblas.h; do
+  [ -f "$h" ] && have_cblas=1
+done
+[ -n "$have_cblas" ] || missing+=("OpenBLAS with cblas.h (Debian libopenblas-dev)")
 if command -v python3 >/dev/null && ! python3 -c 'import tokenizers' 2>/dev/null; then
   missing+=("the Python module 'tokenizers' for python3 ($(command -v python3))")
 fi
