@@ -229,24 +229,35 @@ TEST(Sampler, RandomTruncationsMatchTheFullSortOracle) {
   }
 }
 
-TEST(Sampler, TopPOverALargeVocabularyWidensItsHead) {
-  // Flat logits at vocab 129,280: top_p = 0.9 needs ~100k tokens, far past the first head of 64.
+TEST(Sampler, TopPOverTheFullDeepSeekVocabulary) {
+  // Large candidate sets go through log-weight bins; only the bin where the mass crosses top_p
+  // is sorted. A flat row (top_p = 0.9 needs ~100k tokens), a peaked one, and one with many
+  // tied and masked logits (ties across the boundary go to the lower id).
   const int64_t vocab = 129280;
-  auto l = random_logits(vocab, 3, 0.05f);
-  SamplingParams p = seeded();
-  p.top_p = 0.9f;
-  const auto allowed = allowed_distribution(l, p);
-  Sampler s(p);
-  for (int i = 0; i < 300; ++i) {
-    const int32_t id = s.sample(l.data(), vocab, kNone, kNone);
-    ASSERT_TRUE(allowed.count(id)) << "token " << id << " is outside the top-p set";
-  }
-  // A peaked row stops at the first head.
+  auto flat = random_logits(vocab, 3, 0.05f);
   auto peaked = random_logits(vocab, 4, 4.0f);
-  p.top_p = 0.5f;
-  const auto allowed_peaked = allowed_distribution(peaked, p);
-  Sampler s2(p);
-  for (int i = 0; i < 300; ++i) ASSERT_TRUE(allowed_peaked.count(s2.sample(peaked.data(), vocab, kNone, kNone)));
+  auto tied = random_logits(vocab, 5, 1.0f);
+  for (size_t i = 0; i < tied.size(); ++i)
+    tied[i] = i % 7 == 0 ? -std::numeric_limits<float>::infinity() : std::round(tied[i] * 2.0f) / 2.0f;
+  for (const auto& [row, top_p] : {std::pair{&flat, 0.9f}, {&peaked, 0.5f}, {&tied, 0.7f}, {&tied, 0.05f}}) {
+    SamplingParams p = seeded();
+    p.top_p = top_p;
+    const auto allowed = allowed_distribution(*row, p);
+    Sampler s(p);
+    for (int i = 0; i < 300; ++i) {
+      const int32_t id = s.sample(row->data(), vocab, kNone, kNone);
+      ASSERT_TRUE(allowed.count(id)) << "token " << id << " is outside the top-p " << top_p << " set";
+    }
+  }
+  // The exact boundary: 1,000 equal logits, top_p = 0.25005 keeps ids [0, 250] (mass before
+  // id 250 is 0.25 < 0.25005, before id 251 it is 0.251), tie order = id order.
+  std::vector<float> equal(1000, 0.0f);
+  SamplingParams p = seeded();
+  p.top_p = 0.25005f;
+  Sampler s(p);
+  int32_t hi = 0;
+  for (int i = 0; i < 5000; ++i) hi = std::max(hi, s.sample(equal.data(), 1000, kNone, kNone));
+  EXPECT_EQ(hi, 250);
 }
 
 TEST(Sampler, PenaltiesFollowTheirFormulas) {

@@ -45,42 +45,77 @@ struct Ranks {
   }
 };
 
-// The nucleus: among `ids` (any order), the tokens in rank order are kept while the mass ranked
-// above them is below `target`. Returns the lowest-ranked kept id. l holds log-weights <= 0 and
-// w = exp(l). Small sets are sorted; large ones are binned by log-weight first (bins are
-// monotone in l, so rank order never crosses a bin boundary), and only the bin holding the
-// boundary is sorted: two linear passes instead of a sort of the vocabulary.
+// The nucleus: among `ids` (ascending id order; consumed), the tokens in rank order are kept
+// while the mass ranked above them is below `target`; returns the lowest-ranked kept id.
+// w = exp(l). Rather than sorting, the ids are binned by logit (the bin index is monotone in
+// the logit, so rank order never crosses bins), the mass per bin finds the bin where the sum
+// crosses target, and only that bin is narrowed again, until it is small enough to sort or is
+// one tie class, whose rank order is its id order. Each round is one linear pass. bin_mass,
+// bin_count and next are scratch, owned by the caller so that a call allocates nothing.
 int32_t nucleus_last(std::vector<int32_t>& ids, const float* l, const double* w, double target,
-                     const Ranks& ranks, std::vector<double>& bin_mass, std::vector<int32_t>& bin_ids) {
-  double above = 0.0;  // mass of the tokens ranked above those still to be ordered
-  auto walk_sorted = [&](std::vector<int32_t>& sorted) {
-    std::sort(sorted.begin(), sorted.end(), ranks);
-    for (size_t j = 1; j < sorted.size(); ++j) {
-      above += w[sorted[j - 1]];
-      if (above >= target) return sorted[j - 1];
+                     const Ranks& ranks, std::vector<double>& bin_mass, std::vector<int32_t>& bin_count,
+                     std::vector<int32_t>& next) {
+  double above = 0.0;  // mass of the tokens ranked above every id still in `ids`
+  // Walks ids already in rank order.
+  auto walk = [&](const std::vector<int32_t>& ranked) {
+    for (size_t j = 0; j + 1 < ranked.size(); ++j) {
+      above += w[ranked[j]];
+      if (above >= target) return ranked[j];
     }
-    return sorted.back();
+    return ranked.back();
   };
-  if (ids.size() <= 4096) return walk_sorted(ids);
+  constexpr int kBins = 1024;
+  for (;;) {
+    if (ids.size() <= 64) {
+      std::sort(ids.begin(), ids.end(), ranks);
+      return walk(ids);
+    }
+    float top = -kInf, bottom = kInf;  // range of the finite logits
+    for (int32_t id : ids) {
+      if (l[id] == -kInf) continue;
+      top = std::max(top, l[id]);
+      bottom = std::min(bottom, l[id]);
+    }
+    // One tie class (the -inf ones, with no mass, rank after it in id order too).
+    if (!(bottom < top)) return walk(ids);
 
-  // Bins of equal width in l over [floor, 0]; -inf and anything below floor share the last.
-  constexpr int kBins = 4096;
-  float floor_l = 0.0f;
-  for (int32_t id : ids)
-    if (l[id] > -kInf) floor_l = std::min(floor_l, l[id]);
-  const float per_unit = floor_l < 0.0f ? float(kBins - 1) / -floor_l : 0.0f;
-  auto bin_of = [&](int32_t id) {
-    const float x = -l[id] * per_unit;  // NaN-free: l <= 0, per_unit finite
-    return x < float(kBins - 1) ? int(x) : kBins - 1;
-  };
-  bin_mass.assign(kBins, 0.0);
-  for (int32_t id : ids) bin_mass[size_t(bin_of(id))] += w[id];
-  int boundary = 0;
-  while (boundary < kBins - 1 && above + bin_mass[size_t(boundary)] < target) above += bin_mass[size_t(boundary++)];
-  bin_ids.clear();
-  for (int32_t id : ids)
-    if (bin_of(id) == boundary) bin_ids.push_back(id);
-  return walk_sorted(bin_ids);
+    // In double so that a range of a few ulps cannot overflow the scale.
+    const double per_unit = double(kBins - 1) / (double(top) - double(bottom));
+    auto bin_of = [&](int32_t id) {
+      const double x = (double(top) - double(l[id])) * per_unit;  // +inf for -inf logits
+      return x < double(kBins - 1) ? int(x) : kBins - 1;
+    };
+    bin_mass.assign(kBins, 0.0);
+    bin_count.assign(kBins, 0);
+    for (int32_t id : ids) {
+      const int b = bin_of(id);
+      bin_mass[size_t(b)] += w[id];
+      ++bin_count[size_t(b)];
+    }
+    // The first bin whose mass reaches target; if rounding leaves none, the last non-empty one.
+    int boundary = -1, last_nonempty = -1;
+    double run = above, before_last = above;
+    for (int b = 0; b < kBins; ++b) {
+      if (bin_count[size_t(b)] == 0) continue;
+      if (run + bin_mass[size_t(b)] >= target) {
+        boundary = b;
+        break;
+      }
+      last_nonempty = b;
+      before_last = run;
+      run += bin_mass[size_t(b)];
+    }
+    if (boundary < 0) {
+      boundary = last_nonempty;
+      run = before_last;
+    }
+    above = run;
+    // The top and bottom logits fall in different bins, so this bin is a strict subset.
+    next.clear();
+    for (int32_t id : ids)
+      if (bin_of(id) == boundary) next.push_back(id);
+    ids.swap(next);
+  }
 }
 
 }  // namespace
@@ -238,7 +273,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, const std::vector<in
     }
     double total = 0.0;
     for (int32_t id : select_) total += w[id];
-    const int32_t last = nucleus_last(select_, l, w, double(params_.top_p) * total, ranks, bin_mass_, bin_ids_);
+    const int32_t last = nucleus_last(select_, l, w, double(params_.top_p) * total, ranks, bin_mass_, bin_count_, narrowed_);
     // Keep every candidate ranked at or above the last kept token, in id order.
     if (all) {
       ids_.clear();

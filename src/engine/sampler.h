@@ -2,7 +2,7 @@
 // penalties -> temperature -> top-k -> top-p -> min-p -> draw.
 //
 // Candidate sets are found without sorting the vocabulary: top-k by one pass with a k-entry
-// heap, top-p by binning log-weights and sorting only the bin where the mass crosses top_p, min-p by a threshold.
+// heap, top-p by binning logits and narrowing only the bin where the mass crosses top_p, min-p by a threshold.
 // Tokens are drawn by inverse CDF over the candidates in ascending id order with one uniform
 // number from the sampler's own seeded RNG, so a seed gives the same tokens on every run for
 // the same logits. Ties between equal logits always go to the lower token id (greedy
@@ -82,8 +82,9 @@ class Sampler {
   std::vector<int32_t> counts_;     // (vocab) occurrences in generated; zero between calls
   std::vector<uint8_t> seen_;       // (vocab) id in prompt or generated; zero between calls
   std::vector<double> weights_;     // (vocab) exp(processed_) for the candidate ids
-  std::vector<double> bin_mass_;    // (bins) top-p scratch: mass per log-weight bin
-  std::vector<int32_t> bin_ids_;    // (ids in one bin) top-p scratch
+  std::vector<double> bin_mass_;    // (1024 bins) top-p scratch: mass per logit bin
+  std::vector<int32_t> bin_count_;  // (1024 bins) top-p scratch: ids per logit bin
+  std::vector<int32_t> narrowed_;   // (ids in one bin) top-p scratch
 };
 
 }  // namespace fathom
