@@ -31,65 +31,6 @@ using nlohmann::json;
 
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Running the CLI
-
-std::string sh_quote(const std::string& s) {
-  std::string out = "'";
-  for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return out + "'";
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-struct CliRun {
-  int status = -1;  // the exit code; -1 when the process did not exit normally
-  std::string out, err;
-  std::string command;
-};
-
-// Runs `fathom ARGS...` under `timeout 60`, capturing stdout and stderr in files of `scratch`.
-CliRun run_fathom(const std::vector<std::string>& args, const TempDir& scratch) {
-  CliRun r;
-  r.command = cat("timeout 60 ", sh_quote(FATHOM_BINARY));
-  for (const std::string& a : args) r.command.append(1, ' ').append(sh_quote(a));
-  const std::string out_path = scratch.file("cli.stdout"), err_path = scratch.file("cli.stderr");
-  std::string full = cat(r.command, " >", sh_quote(out_path), " 2>", sh_quote(err_path), " </dev/null");
-  int rc = std::system(full.c_str());
-  if (rc != -1 && WIFEXITED(rc)) r.status = WEXITSTATUS(rc);
-  r.out = slurp(out_path);
-  r.err = slurp(err_path);
-  fs::remove(out_path);
-  fs::remove(err_path);
-  return r;
-}
-
-// Exit code 2 and exactly one line "fathom: error: <sentence>" on stderr that names every needle.
-testing::AssertionResult is_user_error(const CliRun& r, std::initializer_list<std::string> needles) {
-  auto fail = [&]() {
-    return testing::AssertionFailure() << "\n  command: " << r.command << "\n  exit status: " << r.status
-                                       << "\n  stderr: " << r.err << "\n  ";
-  };
-  if (r.status == 124) return fail() << "timed out (hang?)";
-  if (r.status != 2) return fail() << "expected exit status 2";
-  for (const char* crash : {"internal error", "Sanitizer", "runtime error:", "terminate called", "Segmentation",
-                            "Aborted", "core dumped", "assert"})
-    if (r.err.find(crash) != std::string::npos) return fail() << "stderr reports a crash (" << crash << ")";
-  const std::string prefix = "fathom: error: ";
-  if (r.err.compare(0, prefix.size(), prefix) != 0) return fail() << "stderr does not start with '" << prefix << "'";
-  if (r.err.back() != '\n' || std::count(r.err.begin(), r.err.end(), '\n') != 1)
-    return fail() << "stderr is not exactly one line";
-  if (r.err.size() > 1000) return fail() << "the message is not one short sentence";
-  for (const std::string& n : needles)
-    if (r.err.find(n) == std::string::npos) return fail() << "the message does not name '" << n << "'";
-  return testing::AssertionSuccess();
-}
-
 // Nothing at `path` and nothing beside it whose name starts with its file name (no temporary).
 testing::AssertionResult left_nothing(const std::string& path) {
   if (fs::exists(fs::symlink_status(path))) return testing::AssertionFailure() << path << " was left behind";

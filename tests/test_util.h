@@ -2,6 +2,9 @@
 #pragma once
 #include <cmath>
 #include <filesystem>
+#include <initializer_list>
+
+#include <gtest/gtest.h>
 #include <string>
 #include <vector>
 
@@ -43,5 +46,23 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// ---- running the `fathom` binary
+
+std::string sh_quote(const std::string& s);
+std::string slurp(const std::string& path);
+
+struct CliRun {
+  int status = -1;  // the exit code; -1 when the process did not exit normally
+  std::string out, err;
+  std::string command;
+};
+
+// Runs `fathom ARGS...` under `timeout 60`, capturing stdout and stderr in files of `scratch`;
+// stdin is `stdin_text` (empty: /dev/null).
+CliRun run_fathom(const std::vector<std::string>& args, const TempDir& scratch, const std::string& stdin_text = "");
+
+// Exit code 2 and exactly one line "fathom: error: <sentence>" on stderr that names every needle.
+testing::AssertionResult is_user_error(const CliRun& r, std::initializer_list<std::string> needles);
 
 }  // namespace fathom::test

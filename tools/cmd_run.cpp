@@ -16,16 +16,9 @@
 #include "core/safetensors.h"
 #include "core/thread_pool.h"
 #include "fathom/model.h"
+#include "text_common.h"
 
 namespace fathom::cli {
-
-namespace {
-
-struct ModelArgs {
-  std::string dir;
-  std::string mla = "absorbed";
-  bool dequantize_fp8 = false;
-};
 
 void add_model_options(CLI::App* cmd, ModelArgs& a) {
   cmd->add_option("--model", a.dir, "model directory (config.json + safetensors)")->required();
@@ -40,6 +33,8 @@ std::unique_ptr<Model> open_model(const ModelArgs& a) {
   o.dequantize_fp8 = a.dequantize_fp8;
   return Model::load(a.dir, o);
 }
+
+namespace {
 
 // input_ids (B, T) I64 (or I32, or a 1-D (T)) from a safetensors file, validated.
 std::vector<std::vector<int32_t>> read_input_ids(const std::string& path, const Model& m) {
@@ -182,27 +177,67 @@ Command add_logits(CLI::App& app) {
 Command add_generate(CLI::App& app) {
   auto a = std::make_shared<ModelArgs>();
   auto input = std::make_shared<std::string>();
+  auto prompt = std::make_shared<std::string>();
+  auto tokenizer = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
-  auto n_new = std::make_shared<int64_t>(16);
-  auto temperature = std::make_shared<double>(0.0);
-  CLI::App* cmd = app.add_subcommand("generate", "continue row 0 of input_ids greedily with the KV cache");
+  auto chat = std::make_shared<bool>(false);
+  auto system = std::make_shared<std::string>();
+  auto s = std::make_shared<SamplingArgs>();
+  CLI::App* cmd = app.add_subcommand("generate", "continue a text prompt (streamed to stdout) or token ids (to a JSON file)");
   add_model_options(cmd, *a);
-  cmd->add_option("--input-ids", *input, "safetensors file with tensor input_ids, I64 [batch, tokens]")->required();
-  cmd->add_option("--max-new-tokens", *n_new, "tokens to generate")->check(CLI::Range(int64_t(0), int64_t(1) << 20));
-  cmd->add_option("--temperature", *temperature, "0 = greedy (the only decoding this build offers for token ids)");
-  cmd->add_option("--out", *out, "output JSON file: {\"ids\": [new token ids]}")->required();
-  return [a, input, out, n_new, temperature] {
-    FATHOM_CHECK(*temperature == 0.0, "--temperature ", *temperature,
-                 ": only greedy decoding (--temperature 0) is available for token-id input");
-    check_output_path(*out);
+  auto* p_opt = cmd->add_option("--prompt", *prompt, "text to continue; the new text streams to standard output");
+  auto* i_opt = cmd->add_option("--input-ids", *input, "safetensors file with tensor input_ids, I64 [batch, tokens]: continue row 0 greedily");
+  p_opt->excludes(i_opt);
+  cmd->add_option("--tokenizer", *tokenizer, "tokenizer directory or tokenizer.json (default: the model directory's)");
+  cmd->add_flag("--chat", *chat, "wrap --prompt as a user message with the chat template");
+  cmd->add_option("--system", *system, "with --chat: a system message first");
+  cmd->add_option("--out", *out, "with --input-ids: output JSON file {\"ids\": [new token ids]}");
+  add_sampling_options(cmd, *s);
+  s->max_tokens = 256;
+  return [=] {
+    FATHOM_CHECK(!prompt->empty() || !input->empty(), "generate needs --prompt TEXT or --input-ids FILE");
+    if (!input->empty()) {
+      FATHOM_CHECK(!out->empty(), "--input-ids needs --out FILE");
+      FATHOM_CHECK(s->temperature == 0.0, "--temperature ", s->temperature,
+                   ": token-id input is continued greedily (--temperature 0); use --prompt to sample");
+      FATHOM_CHECK(s->max_tokens >= 0 && s->max_tokens <= (int64_t(1) << 20), "--max-new-tokens ", s->max_tokens,
+                   " is out of range (expected 0 to 1048576)");
+      check_output_path(*out);
+      auto m = open_model(*a);
+      auto rows = read_input_ids(*input, *m);
+      auto t0 = std::chrono::steady_clock::now();
+      std::vector<int32_t> ids = m->generate_greedy(rows[0], s->max_tokens);
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      nlohmann::json j = {{"ids", ids}};
+      write_file_atomic(*out, j.dump() + "\n");
+      std::fprintf(stderr, "generated %zu tokens after a %zu-token prompt in %.2f s\n", ids.size(), rows[0].size(), secs);
+      return;
+    }
+    FATHOM_CHECK(out->empty(), "--out goes with --input-ids; --prompt streams to standard output");
+    FATHOM_CHECK(utf8_invalid_offset(*prompt) == std::string::npos, "--prompt is not valid UTF-8 at byte ",
+                 utf8_invalid_offset(*prompt));
+    GenerateOptions options = to_generate_options(*s);
+    auto tok = load_tokenizer(a->dir, *tokenizer);
     auto m = open_model(*a);
-    auto rows = read_input_ids(*input, *m);
-    auto t0 = std::chrono::steady_clock::now();
-    std::vector<int32_t> ids = m->generate_greedy(rows[0], *n_new);
-    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    nlohmann::json j = {{"ids", ids}};
-    write_file_atomic(*out, j.dump() + "\n");
-    std::fprintf(stderr, "generated %zu tokens after a %zu-token prompt in %.2f s\n", ids.size(), rows[0].size(), secs);
+    FATHOM_CHECK(tok->vocab_size() <= m->config().vocab_size, "the tokenizer has ", tok->vocab_size(),
+                 " ids but the model's vocabulary is ", m->config().vocab_size);
+    std::vector<int32_t> ids;
+    if (*chat) {
+      nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
+      if (!system->empty()) msgs.push_back({{"role", "system"}, {"content", *system}});
+      msgs.push_back({{"role", "user"}, {"content", *prompt}});
+      ids = tok->encode(render_chat(*tok, msgs, true));
+    } else {
+      ids = tok->encode(*prompt, /*add_special=*/true);
+    }
+    Generator gen(*m, *tok);
+    GenerateResult r = gen.generate(ids, options, [](std::string_view piece) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    });
+    std::fprintf(stderr, "\n[%zu tokens after a %lld-token prompt: prefill %.2f s, %.1f tokens/s; finish: %s]\n",
+                 r.ids.size(), (long long)r.prompt_tokens, r.prefill_seconds, r.decode_tokens_per_second(),
+                 r.finish_reason.c_str());
   };
 }
 

@@ -41,6 +41,8 @@ class KvCache {
   // Marks n tokens appended (every layer has written them).
   void advance(int64_t n) { length_ += n; }
   void clear() { length_ = 0; }
+  // Forgets every token from position n on (a shared prefix is kept, the rest recomputed).
+  void truncate(int64_t n) { length_ = n < length_ ? (n < 0 ? 0 : n) : length_; }
 
   // Bytes one token occupies in one layer's cache, for elements of `elem_bytes` bytes.
   static int64_t bytes_per_token_per_layer(const ModelConfig& c, MlaMode mode, int64_t elem_bytes);

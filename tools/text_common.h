@@ -1,0 +1,38 @@
+// Pieces shared by the text commands (tokenize, detokenize, chat-template, generate, chat).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "engine/generator.h"
+#include "fathom/tokenizer.h"
+
+namespace fathom::cli {
+
+// Sampling and stopping options as the user types them.
+struct SamplingArgs {
+  double temperature = 0.0, top_p = 1.0, min_p = 0.0;
+  int top_k = 0;
+  double repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0;
+  int64_t seed = -1;
+  int64_t max_tokens = 256;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+};
+void add_sampling_options(CLI::App* cmd, SamplingArgs& a);
+GenerateOptions to_generate_options(const SamplingArgs& a);  // validated: fathom::Error names the option
+
+// The tokenizer of a model directory, or the one given with --tokenizer (a directory or a
+// tokenizer.json path); a clear error when neither exists.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir, const std::string& tokenizer_path);
+
+// The chat template of `tok` (from its tokenizer_config.json) applied to `messages`.
+std::string render_chat(const Tokenizer& tok, const nlohmann::ordered_json& messages, bool add_generation_prompt);
+
+// All of stdin as bytes.
+std::string read_stdin();
+
+}  // namespace fathom::cli
