@@ -20,30 +20,23 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$tokenizer"
   install -m 644 bench-models/tokenizer-corpus.txt bench-models/tokenizer-corpus.txt.sha256 "$data/"
   install -m 644 ../shared/data/deepseek-v3-tokenizer/tokenizer.json ../shared/data/deepseek-v3-tokenizer/tokenizer_config.json "$tokenizer/"
+  # The GPU machine has no package registry: carry the two build dependencies the tokenizer
+  # needs (nlohmann-json headers, PCRE2 header + static library) from this Debian machine.
+  mkdir -p "$data/deps/include" "$data/deps/lib"
+  cp -r /usr/include/nlohmann "$data/deps/include/"
+  install -m 644 /usr/include/pcre2.h "$data/deps/include/"
+  install -m 644 "$(find /usr/lib -name libpcre2-8.a | head -1)" "$data/deps/lib/"
   echo "device-tokenizer: $data/ prepared ($(du -sh "$data" | cut -f1)); run 'bash scripts/device-tokenizer.sh' there with carry [\"$data\"]"
   exit 0
 fi
 
 # ---- what the build and the peer need; say clearly what is missing
 missing=()
-for tool in cmake ninja g++ pkg-config python3; do
+for tool in g++ python3; do
   command -v "$tool" >/dev/null || missing+=("the program '$tool'")
 done
-if command -v pkg-config >/dev/null && ! pkg-config --exists libpcre2-8; then
-  missing+=("PCRE2 (libpcre2-8 with pkg-config file; Debian libpcre2-dev)")
-fi
-if ! [ -f /usr/include/nlohmann/json.hpp ] && ! [ -f /usr/local/include/nlohmann/json.hpp ] \
-   && ! ls /usr/lib/cmake/nlohmann_json /usr/share/cmake/nlohmann_json /usr/local/share/cmake/nlohmann_json >/dev/null 2>&1; then
-  missing+=("nlohmann-json 3.10+ (Debian nlohmann-json3-dev)")
-fi
-if ! [ -f /usr/include/CLI/CLI.hpp ] && ! [ -f /usr/local/include/CLI/CLI.hpp ]; then
-  missing+=("CLI11 headers CLI/CLI.hpp (Debian libcli11-dev)")
-fi
-have_cblas=""
-for h in /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h /usr/include/openblas/cblas.h /usr/include/cblas.h; do
-  [ -f "$h" ] && have_cblas=1
-done
-[ -n "$have_cblas" ] || missing+=("OpenBLAS with cblas.h (Debian libopenblas-dev)")
+[ -f "$data/deps/include/pcre2.h" ] && [ -f "$data/deps/lib/libpcre2-8.a" ] && [ -f "$data/deps/include/nlohmann/json.hpp" ] \
+  || missing+=("the carried build dependencies $data/deps (run 'scripts/device-tokenizer.sh --prepare' here)")
 if command -v python3 >/dev/null && ! python3 -c 'import tokenizers' 2>/dev/null; then
   missing+=("the Python module 'tokenizers' for python3 ($(command -v python3))")
 fi
@@ -62,8 +55,18 @@ for ((t = 2; t < n; t *= 2)); do threads="$threads,$t"; done
 [ "$n" -gt 1 ] && threads="$threads,$n"
 
 echo "device-tokenizer: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), python3 $(python3 -c 'import sys, tokenizers; print(sys.version.split()[0], "tokenizers", tokenizers.__version__)')"
-cmake -S . -B build/device -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF >/dev/null
-cmake --build build/device --target bench_tokenizer
+# The benchmark needs only core + tokenizer: build it directly (the full CMake build also wants
+# CLI11 and OpenBLAS, which that machine lacks), with the flags of the Release build.
+mkdir -p build/device/obj
+flags=(-std=c++20 -O3 -march=native -DNDEBUG -Isrc -Iinclude -I"$data/deps/include" -DFATHOM_SOURCE_DIR="\"$PWD\"")
+objs=()
+for src in src/core/error.cpp src/core/files.cpp src/core/thread_pool.cpp src/tokenizer/*.cpp bench/bench_tokenizer.cpp; do
+  obj="build/device/obj/$(basename "${src%.cpp}").o"
+  objs+=("$obj")
+  g++ "${flags[@]}" -c "$src" -o "$obj" &
+done
+wait
+g++ "${objs[@]}" "$data/deps/lib/libpcre2-8.a" -lpthread -o build/device/bench_tokenizer
 
 log=/dev/null
 if [ -n "${OUT:-}" ]; then log="$OUT/bench-tokenizer.txt"; fi
