@@ -14,3 +14,15 @@ trap 'rm -rf "$out"' EXIT
 echo "greedy continuation of row 0 of $ids: $(cat "$out/gen.json")"
 ./build/release/fathom logits --model "$model" --input-ids "$ids" --out "$out/logits.safetensors" --mtp
 echo "logits (and MTP logits) written for every row of $ids"
+if [ $# -eq 0 ]; then
+  # Text in, text out: the DeepSeek-V3 tokenizer and chat template in front of a random-weight
+  # V3-shaped model with the full 129,280-id vocabulary (random weights: expect random words).
+  rand=bench-models/v3-chat-random
+  if [ ! -f "$rand/model.safetensors" ] || [ ! -f "$rand/tokenizer.json" ]; then
+    ./build/release/fathom init-random --config bench/configs/v3-chat-random.json --out "$rand" \
+      --tokenizer ../shared/data/deepseek-v3-tokenizer --seed 0
+  fi
+  echo "chat prompt through the DeepSeek-V3 tokenizer and chat template ($rand, random weights):"
+  ./build/release/fathom generate --model "$rand" --chat --prompt "What is multi-head latent attention?" \
+    --max-tokens 24 --temperature 0.7 --seed 0
+fi
