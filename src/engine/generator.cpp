@@ -56,7 +56,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
 
   Sampler sampler(options.sampling);
   StopMatcher stops(options.stop);
-  StreamDecoder detok(tok_);
+  StreamDecoder detok(tok_, /*skip_special=*/true);  // as vLLM and HF pipelines print by default
   const int64_t vocab = model_.config().vocab_size;
   auto emit = [&](const std::string& piece) {
     if (piece.empty()) return;

@@ -26,7 +26,7 @@ struct GenerateOptions {
 
 struct GenerateResult {
   std::vector<int32_t> ids;      // the new tokens (a stop string's tokens included, EOS not)
-  std::string text;              // the streamed text (ends before a stop string)
+  std::string text;              // the streamed text, special tokens left out (ends before a stop string)
   std::string finish_reason;     // "stop" (EOS or stop string), "length", "cancelled"
   int64_t prompt_tokens = 0;     // of the prompt given
   int64_t reused_tokens = 0;     // prompt tokens found already in the cache
