@@ -153,6 +153,17 @@ struct Program {
   Body body;
 };
 
+// jinja_lex.cpp: the source (newlines already normalised) as tokens, ending with Eof.
+struct Token {
+  enum Type { Text, VarBegin, VarEnd, BlockBegin, BlockEnd, Name, String, Int, Float, Op, Eof };
+  Type type;
+  std::string text;  // Text/Name/String/Op contents
+  int line;
+  int64_t ival = 0;
+  double fval = 0;
+};
+std::vector<Token> lex_template(std::string source, const std::string& name, const Options& options);
+
 // jinja_parse.cpp
 std::shared_ptr<const Program> parse_program(const std::string& source, const std::string& name,
                                              const Options& options);
