@@ -19,6 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include <sanitizer/common_interface_defs.h>
+
 #include "core/error.h"
 #include "fathom/tokenizer.h"
 
@@ -64,6 +66,7 @@ void print_ids(const char* label, const std::vector<int32_t>& ids) {
   print_ids("ids", ids);
   print_escaped("got ", got);
   print_escaped("want", want);
+  __sanitizer_print_stack_trace();
   std::abort();
 }
 

@@ -14,6 +14,8 @@
 #include <string_view>
 #include <vector>
 
+#include <sanitizer/common_interface_defs.h>
+
 #include "core/error.h"
 #include "fathom/tokenizer.h"
 
@@ -23,6 +25,7 @@ namespace {
   std::fprintf(stderr, "fuzz_tokenizer_json: %s (%zu bytes):", what, got.size());
   for (unsigned char c : got) std::fprintf(stderr, " %02X", c);
   std::fprintf(stderr, "\n");
+  __sanitizer_print_stack_trace();
   std::abort();
 }
 
