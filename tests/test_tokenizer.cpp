@@ -366,6 +366,13 @@ TEST(Tokenizer, BadTokenizerJson) {
   k["added_tokens"] = {{{"id", -3}, {"content", "<x>"}}};
   expect_error(k.dump(), "added_tokens[0].id");
   k = j;
+  k["model"]["vocab"]["far"] = (1 << 24) - 1;  // one id near 2^24: not 16M empty slots
+  expect_error(k.dump(), "more than 2^20 ids would be unassigned");
+  k = j;
+  k["post_processor"] = nlohmann::json::parse(R"({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}},
+      {"Sequence": {"id": "A"}}], "special_tokens": {"<s>": {"id": "<s>", "ids": [99999], "tokens": ["<s>"]}}})");
+  expect_error(k.dump(), "the post-processor adds id 99999");
+  k = j;
   k["post_processor"] = {{"type", "Mystery"}};
   expect_error(k.dump(), "unknown post-processor type \"Mystery\"");
 }

@@ -204,6 +204,10 @@ void Bpe::load(const nlohmann::json& model, std::vector<std::pair<std::string, i
     FATHOM_CHECK(id >= 0 && id < (1 << 24), where, ".vocab[\"", tok, "\"] = ", id, " is out of range");
     max_id = std::max(max_id, id);
   }
+  // Ids may leave holes (added tokens fill some), but not millions of them: a tiny file must
+  // not make us allocate gigabytes.
+  FATHOM_CHECK(max_id < static_cast<int64_t>(vocab.size()) + (1 << 20), where, ".vocab has ", vocab.size(),
+               " entries but ids up to ", max_id, "; more than 2^20 ids would be unassigned");
   id_to_token_.assign(static_cast<size_t>(max_id + 1), std::string());
   for (auto& [tok, id] : vocab) {
     FATHOM_CHECK(!tok.empty(), where, ".vocab has an empty token (id ", id, ")");

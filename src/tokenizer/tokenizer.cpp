@@ -245,6 +245,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(std::string_view tokenizer_json,
       im.added.push_back(t);
     }
   }
+  FATHOM_CHECK(vocab_end <= im.bpe.vocab_end() + static_cast<int32_t>(im.added.size()) + (1 << 20), what,
+               ": added token ids reach ", vocab_end - 1, ", far beyond the ", im.bpe.vocab_end(), "-entry vocabulary");
   im.vocab_size = vocab_end;
   im.added_index.assign(static_cast<size_t>(vocab_end), -1);
   std::vector<AddedTokenInfo> raw_set, norm_set;
@@ -266,6 +268,8 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(std::string_view tokenizer_json,
   } else {
     parse_post_processor(j.value("post_processor", nlohmann::json()), im, w + "post_processor");
   }
+  for (int32_t id : im.prefix) FATHOM_CHECK(id >= 0 && id < im.vocab_size, what, ": the post-processor adds id ", id, ", outside the vocabulary");
+  for (int32_t id : im.suffix) FATHOM_CHECK(id >= 0 && id < im.vocab_size, what, ": the post-processor adds id ", id, ", outside the vocabulary");
   return tok;
 }
 
