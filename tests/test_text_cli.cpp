@@ -120,6 +120,18 @@ TEST_F(TextModel, GreedyPromptMatchesTokenIdPath) {
   EXPECT_EQ(r.out, d.out);
 }
 
+TEST_F(TextModel, TokenizerFromElsewhere) {
+  // The same weights in a directory without tokenizer files: --tokenizer supplies them.
+  const std::string bare = tmp_.file("bare");
+  fs::create_directories(bare);
+  for (const char* f : {"config.json", "model.safetensors"}) fs::create_symlink(fs::path(model_) / f, fs::path(bare) / f);
+  CliRun a = run_fathom({"generate", "--model", model_, "--prompt", "Hi", "--max-tokens", "6", "--ignore-eos"}, tmp_);
+  CliRun b = run_fathom({"generate", "--model", bare, "--tokenizer", kTok, "--prompt", "Hi", "--max-tokens", "6", "--ignore-eos"},
+                        tmp_);
+  ASSERT_EQ(b.status, 0) << b.err;
+  EXPECT_EQ(a.out, b.out);
+}
+
 TEST_F(TextModel, SeedDecidesSampledOutput) {
   auto run = [&](const std::string& seed) {
     CliRun r = run_fathom({"generate", "--model", model_, "--prompt", "Once upon a time", "--max-tokens", "12",
