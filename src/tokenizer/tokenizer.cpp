@@ -149,7 +149,9 @@ void parse_post_processor(const nlohmann::json& j, Tokenizer::Impl& im, const st
       const std::string name = json_string(json_object(item, "SpecialToken", w), "id", w + ".SpecialToken");
       auto it = specials.find(name);
       FATHOM_CHECK(it != specials.end(), w, ": special token \"", name, "\" is not in special_tokens");
-      for (const auto& id : json_array(*it, "ids", cat(where, ".special_tokens[\"", name, "\"]"))) {
+      const std::string ids_where = cat(where, ".special_tokens[\"", name, "\"]");
+      const nlohmann::json& ids = json_array(*it, "ids", ids_where);
+      for (const auto& id : ids) {
         FATHOM_CHECK(id.is_number_integer(), where, ".special_tokens[\"", name, "\"].ids must be integers");
         (seen_seq ? im.suffix : im.prefix).push_back(id.get<int32_t>());
       }
