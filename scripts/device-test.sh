@@ -57,6 +57,20 @@ ctest --test-dir build/device-test -j "$(nproc)" --output-on-failure "$@" >"$log
 rc=$?
 set -e
 t2=$(date +%s)
+# The CUDA op tests once more under compute-sanitizer (out-of-bounds and misaligned accesses,
+# races, uninitialized device memory); not the test that provokes an out-of-memory API error on purpose.
+san="not run (no compute-sanitizer)"
+if command -v compute-sanitizer >/dev/null && [ -x build/device-test/fathom_tests ]; then
+  san="clean"
+  for tool in memcheck racecheck initcheck; do
+    if ! compute-sanitizer --tool "$tool" --error-exitcode 9 build/device-test/fathom_tests --gtest_filter='CudaOps*:-CudaOps.ErrorsAreFathomErrors' \
+        >"/tmp/sanitizer-$tool.log" 2>&1; then
+      san="$tool FAILED"
+      tail -20 "/tmp/sanitizer-$tool.log"
+      rc=1
+    fi
+  done
+fi
 grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)|\(Skipped\)" "$log" | head -40
 summary=$(grep -E "tests passed" "$log" || echo "ctest did not finish")
 {
@@ -65,5 +79,6 @@ summary=$(grep -E "tests passed" "$log" || echo "ctest did not finish")
   echo "|---|---|---|"
   echo "| build (Release, all targets but benchmarks) | ok | $((t1 - t0)) |"
   echo "| ctest -j$(nproc) | $summary | $((t2 - t1)) |"
+  echo "| compute-sanitizer memcheck/racecheck/initcheck on CudaOps.* | $san | $(($(date +%s) - t2)) |"
 } | tee "${OUT:-/tmp}/device-test.txt"
 exit $rc
