@@ -4,31 +4,37 @@
 
 namespace fathom::unicode {
 
+namespace {
+// What a lead byte promises: the sequence length (0 if it cannot start one) and the allowed
+// range of the second byte — narrower after E0/F0 (no overlong forms), ED (no surrogates)
+// and F4 (nothing past U+10FFFF).
+struct Lead {
+  size_t len = 0;
+  unsigned lo = 0x80, hi = 0xBF;
+};
+Lead lead(unsigned b0) {
+  Lead l;
+  if (b0 < 0x80) l.len = 1;
+  else if (b0 >= 0xC2 && b0 <= 0xDF) l.len = 2;
+  else if (b0 >= 0xE0 && b0 <= 0xEF) l.len = 3;
+  else if (b0 >= 0xF0 && b0 <= 0xF4) l.len = 4;
+  if (b0 == 0xE0) l.lo = 0xA0;
+  if (b0 == 0xED) l.hi = 0x9F;
+  if (b0 == 0xF0) l.lo = 0x90;
+  if (b0 == 0xF4) l.hi = 0x8F;
+  return l;
+}
+}  // namespace
+
 size_t valid_seq_len(std::string_view s, size_t i) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const size_t n = s.size();
-  const unsigned b0 = p[i];
-  if (b0 < 0x80) return 1;
-  size_t len;
-  unsigned lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-  if (b0 >= 0xC2 && b0 <= 0xDF) {
-    len = 2;
-  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-    len = 3;
-    if (b0 == 0xE0) lo = 0xA0;   // no overlong 3-byte forms
-    if (b0 == 0xED) hi = 0x9F;   // no surrogates
-  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-    len = 4;
-    if (b0 == 0xF0) lo = 0x90;   // no overlong 4-byte forms
-    if (b0 == 0xF4) hi = 0x8F;   // nothing past U+10FFFF
-  } else {
-    return 0;
-  }
-  if (i + len > n) return 0;
-  if (p[i + 1] < lo || p[i + 1] > hi) return 0;
-  for (size_t k = 2; k < len; ++k)
+  const Lead l = lead(p[i]);
+  if (l.len <= 1) return l.len;
+  if (i + l.len > s.size()) return 0;
+  if (p[i + 1] < l.lo || p[i + 1] > l.hi) return 0;
+  for (size_t k = 2; k < l.len; ++k)
     if ((p[i + k] & 0xC0) != 0x80) return 0;
-  return len;
+  return l.len;
 }
 
 uint32_t decode(std::string_view s, size_t i, size_t* len) {
@@ -76,16 +82,10 @@ size_t incomplete_tail(std::string_view s) {
   for (size_t back = 1; back <= 3 && back <= n; ++back) {
     const unsigned b0 = p[n - back];
     if ((b0 & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-    size_t need = (b0 >= 0xC2 && b0 <= 0xDF) ? 2 : (b0 >= 0xE0 && b0 <= 0xEF) ? 3 : (b0 >= 0xF0 && b0 <= 0xF4) ? 4 : 0;
-    if (need <= back) return 0;  // complete, ASCII, or not a lead byte at all
-    if (back >= 2) {             // the bytes so far must be a valid prefix
-      unsigned lo = 0x80, hi = 0xBF;
-      if (b0 == 0xE0) lo = 0xA0;
-      if (b0 == 0xED) hi = 0x9F;
-      if (b0 == 0xF0) lo = 0x90;
-      if (b0 == 0xF4) hi = 0x8F;
-      if (p[n - back + 1] < lo || p[n - back + 1] > hi) return 0;
-    }
+    const Lead l = lead(b0);
+    if (l.len <= back) return 0;  // complete, ASCII, or not a lead byte at all (len 0)
+    // The bytes so far must be a valid prefix.
+    if (back >= 2 && (p[n - back + 1] < l.lo || p[n - back + 1] > l.hi)) return 0;
     return back;
   }
   return 0;
@@ -162,18 +162,11 @@ std::string utf8_sanitize(std::string_view s) {
     }
     // How many bytes form a valid prefix of some sequence? Skip all of them (at least one).
     const unsigned b0 = p[i];
-    size_t need = (b0 >= 0xC2 && b0 <= 0xDF) ? 2 : (b0 >= 0xE0 && b0 <= 0xEF) ? 3 : (b0 >= 0xF0 && b0 <= 0xF4) ? 4 : 1;
+    const unicode::Lead l = unicode::lead(b0);
     size_t skip = 1;
-    if (need > 1 && i + 1 < s.size()) {
-      unsigned lo = 0x80, hi = 0xBF;
-      if (b0 == 0xE0) lo = 0xA0;
-      if (b0 == 0xED) hi = 0x9F;
-      if (b0 == 0xF0) lo = 0x90;
-      if (b0 == 0xF4) hi = 0x8F;
-      if (p[i + 1] >= lo && p[i + 1] <= hi) {
-        skip = 2;
-        while (skip < need && i + skip < s.size() && (p[i + skip] & 0xC0) == 0x80) ++skip;
-      }
+    if (l.len > 1 && i + 1 < s.size() && p[i + 1] >= l.lo && p[i + 1] <= l.hi) {
+      skip = 2;
+      while (skip < l.len && i + skip < s.size() && (p[i + skip] & 0xC0) == 0x80) ++skip;
     }
     out.append("\xEF\xBF\xBD");
     i += skip;
