@@ -88,8 +88,7 @@ Command add_chat(CLI::App& app) {
     FATHOM_CHECK(!tok->config().chat_template.empty(), "no chat_template in the tokenizer_config.json beside ",
                  tok->source(), "; fathom chat needs one");
     auto m = open_model(*a);
-    FATHOM_CHECK(tok->vocab_size() <= m->config().vocab_size, "the tokenizer has ", tok->vocab_size(),
-                 " ids but the model's vocabulary is ", m->config().vocab_size);
+    check_tokenizer_fits(*tok, *m);
     Generator gen(*m, *tok);
     const Style st{isatty(1) != 0};
     std::string system_prompt = *system;

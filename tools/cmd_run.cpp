@@ -219,8 +219,7 @@ Command add_generate(CLI::App& app) {
     GenerateOptions options = to_generate_options(*s);
     auto tok = load_tokenizer(a->dir, *tokenizer);
     auto m = open_model(*a);
-    FATHOM_CHECK(tok->vocab_size() <= m->config().vocab_size, "the tokenizer has ", tok->vocab_size(),
-                 " ids but the model's vocabulary is ", m->config().vocab_size);
+    check_tokenizer_fits(*tok, *m);
     std::vector<int32_t> ids;
     if (*chat) {
       nlohmann::ordered_json msgs = nlohmann::ordered_json::array();

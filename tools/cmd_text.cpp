@@ -77,13 +77,20 @@ std::string read_stdin() {
   return s;
 }
 
-std::string render_chat(const Tokenizer& tok, const nlohmann::ordered_json& messages, bool add_generation_prompt) {
+std::string render_chat(const Tokenizer& tok, const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                        const nlohmann::json& extra) {
   FATHOM_CHECK(!tok.config().chat_template.empty(), "no chat_template in the tokenizer_config.json beside ", tok.source());
   ChatTemplateOptions o;
   o.bos_token = tok.config().bos_token;
   o.eos_token = tok.config().eos_token;
   o.add_generation_prompt = add_generation_prompt;
+  o.extra = extra;
   return ChatTemplate::parse(tok.config().chat_template, "chat_template").render(messages, o);
+}
+
+void check_tokenizer_fits(const Tokenizer& tok, const Model& model) {
+  FATHOM_CHECK(tok.vocab_size() <= model.config().vocab_size, "the tokenizer has ", tok.vocab_size(),
+               " ids but the model's vocabulary is ", model.config().vocab_size);
 }
 
 namespace {
@@ -192,24 +199,19 @@ Command add_chat_template(CLI::App& app) {
   cmd->add_flag("--ids", *ids, "print the token ids of the rendered prompt as {\"ids\": [...]} instead");
   return [=] {
     auto tok = Tokenizer::load(*path);
-    FATHOM_CHECK(!tok->config().chat_template.empty(), "no chat_template in the tokenizer_config.json beside ",
-                 tok->source());
     nlohmann::ordered_json doc;
     try {
       doc = nlohmann::ordered_json::parse(read_file(*messages));
     } catch (const nlohmann::json::exception& e) {
       throw Error(cat(*messages, " is not valid JSON: ", e.what()));
     }
-    ChatTemplateOptions o;
-    o.bos_token = tok->config().bos_token;
-    o.eos_token = tok->config().eos_token;
-    o.add_generation_prompt = *gen;
+    nlohmann::json extra = nlohmann::json::object();
     nlohmann::ordered_json msgs = doc;
     if (doc.is_object()) {
       FATHOM_CHECK(doc.contains("messages"), *messages, " has no \"messages\" field");
       msgs = doc["messages"];
       for (auto it = doc.begin(); it != doc.end(); ++it)
-        if (it.key() != "messages") o.extra[it.key()] = nlohmann::json::parse(it.value().dump());
+        if (it.key() != "messages") extra[it.key()] = nlohmann::json::parse(it.value().dump());
     }
     FATHOM_CHECK(msgs.is_array(), *messages, ": messages must be a JSON array");
     for (size_t i = 0; i < msgs.size(); ++i) {
@@ -217,8 +219,7 @@ Command add_chat_template(CLI::App& app) {
       FATHOM_CHECK(msgs[i].contains("role") && msgs[i]["role"].is_string(), *messages, ": message ", i,
                    " has no \"role\" string");
     }
-    auto tmpl = ChatTemplate::parse(tok->config().chat_template, "chat_template");
-    const std::string text = tmpl.render(msgs, o);
+    const std::string text = render_chat(*tok, msgs, *gen, extra);
     if (*ids) write_stdout(nlohmann::json{{"ids", tok->encode(text)}}.dump() + "\n");
     else write_stdout(text);
   };

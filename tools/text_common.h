@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/generator.h"
+#include "fathom/model.h"
 #include "fathom/tokenizer.h"
 
 namespace fathom::cli {
@@ -30,7 +31,12 @@ GenerateOptions to_generate_options(const SamplingArgs& a);  // validated: fatho
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir, const std::string& tokenizer_path);
 
 // The chat template of `tok` (from its tokenizer_config.json) applied to `messages`.
-std::string render_chat(const Tokenizer& tok, const nlohmann::ordered_json& messages, bool add_generation_prompt);
+// `extra`: more template variables (tools, ...).
+std::string render_chat(const Tokenizer& tok, const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                        const nlohmann::json& extra = nlohmann::json::object());
+
+// Throws fathom::Error when the tokenizer has ids the model's vocabulary lacks.
+void check_tokenizer_fits(const Tokenizer& tok, const Model& model);
 
 // All of stdin as bytes.
 std::string read_stdin();
