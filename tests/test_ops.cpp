@@ -31,6 +31,11 @@ struct Rng {
 // attention in double, straight from the definition
 void attention_reference(const AttentionParams& p, std::vector<double>& out) {
   const int group = p.n_q_heads / p.n_kv_heads;
+  const float* kb = static_cast<const float*>(p.k);
+  const float* vb = static_cast<const float*>(p.v);
+  auto row = [&](int64_t j) {
+    return p.block_table ? int64_t(p.block_table[j / p.block_size]) * p.block_size + j % p.block_size : j;
+  };
   out.assign(size_t(p.n_q * p.n_q_heads * p.d_v), 0.0);
   for (int64_t i = 0; i < p.n_q; ++i)
     for (int h = 0; h < p.n_q_heads; ++h) {
@@ -42,7 +47,7 @@ void attention_reference(const AttentionParams& p, std::vector<double>& out) {
         double d = 0;
         for (int k = 0; k < p.d_qk; ++k)
           d += double(p.q[i * p.q_token_stride + h * p.q_head_stride + k]) *
-               p.k[j * p.k_token_stride + kh * p.k_head_stride + k];
+               kb[row(j) * p.k_token_stride + kh * p.k_head_stride + k];
         s[size_t(j)] = d * p.scale;
         mx = std::max(mx, s[size_t(j)]);
       }
@@ -51,7 +56,7 @@ void attention_reference(const AttentionParams& p, std::vector<double>& out) {
       for (int64_t j = 0; j < n; ++j)
         for (int k = 0; k < p.d_v; ++k)
           out[size_t((i * p.n_q_heads + h) * p.d_v + k)] +=
-              s[size_t(j)] / z * p.v[j * p.v_token_stride + kh * p.v_head_stride + k];
+              s[size_t(j)] / z * vb[row(j) * p.v_token_stride + kh * p.v_head_stride + k];
     }
 }
 
@@ -82,6 +87,112 @@ TEST(Ops, AttentionMatchesReferenceForMhaGqaMqa) {
     std::vector<float> wantf(want.begin(), want.end());
     EXPECT_LE(rel_err(out.f32(), wantf.data(), wantf.size()), 1e-5) << "seed " << rng.seed << " heads " << s.hq << "/" << s.hkv;
   }
+}
+
+TEST(Ops, AttentionReadsAPagedCacheThroughTheBlockTable) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  // 100 keys in blocks of 16 scattered (shuffled) over a pool of 9 blocks; MQA like absorbed MLA
+  const int64_t n_kv = 100, bs = 16, n_blocks = 9, nq = 3;
+  const int hq = 4, dqk = 24, dv = 16;
+  std::vector<int32_t> table(static_cast<size_t>(n_blocks));
+  for (int i = 0; i < int(n_blocks); ++i) table[size_t(i)] = i;
+  std::shuffle(table.begin(), table.end(), rng.gen);
+  Tensor pool = rng.randn({n_blocks * bs, dqk});  // row = [latent (dv) | pe]
+  Tensor q = rng.randn({nq, hq, dqk}), out = Tensor::empty({nq, hq, dv});
+  for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");
+  AttentionParams p;
+  p.q = q.f32(); p.q_token_stride = hq * dqk; p.q_head_stride = dqk;
+  p.k = pool.f32(); p.k_token_stride = dqk;
+  p.v = pool.f32(); p.v_token_stride = dqk;
+  p.block_table = table.data(); p.block_size = int(bs);
+  p.out = out.f32(); p.out_token_stride = hq * dv; p.out_head_stride = dv;
+  p.n_q = nq; p.n_kv = n_kv; p.q_pos0 = n_kv - nq; p.n_q_heads = hq; p.n_kv_heads = 1;
+  p.d_qk = dqk; p.d_v = dv; p.scale = 0.2f; p.causal = true;
+  ops->attention(p);
+  std::vector<double> want;
+  attention_reference(p, want);
+  std::vector<float> wantf(want.begin(), want.end());
+  EXPECT_LE(rel_err(out.f32(), wantf.data(), wantf.size()), 1e-5) << "seed " << rng.seed;
+  // the same keys laid out contiguously give the same answer
+  Tensor flat = Tensor::empty({n_kv, dqk});
+  for (int64_t j = 0; j < n_kv; ++j)
+    std::memcpy(flat.f32() + j * dqk, pool.f32() + (table[size_t(j / bs)] * bs + j % bs) * dqk, sizeof(float) * dqk);
+  Tensor out2 = Tensor::empty({nq, hq, dv});
+  p.k = p.v = flat.f32();
+  p.block_table = nullptr;
+  p.out = out2.f32();
+  ops->attention(p);
+  EXPECT_LE(rel_err(out2.f32(), out.f32(), size_t(out.numel())), 1e-6);
+}
+
+TEST(Ops, CopyStridedConvertsAndBroadcasts) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  // in (3 tokens, stride 11): 5 columns broadcast to 2 heads of an output with strides 16 / 7
+  Tensor in = rng.randn({3, 11});
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor out = Tensor::zeros({3, 16}, dt);
+    CopyParams p;
+    p.out = out.data(); p.out_token_stride = 16; p.out_head_stride = 7; p.out_dtype = dt;
+    p.in = in.f32() + 2; p.in_token_stride = 11; p.in_head_stride = 0;
+    p.n_tokens = 3; p.n_heads = 2; p.cols = 5;
+    ops->copy(p);
+    Tensor got = to_f32(out);
+    for (int t = 0; t < 3; ++t)
+      for (int c = 0; c < 16; ++c) {
+        const int h = c / 7, col = c % 7;
+        const bool written = h < 2 && col < 5;
+        const float src = in.f32()[t * 11 + 2 + col];
+        const float want = written ? (dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(src)) : src) : 0.0f;
+        EXPECT_EQ(got.f32()[t * 16 + c], want) << dtype_name(dt) << " t " << t << " c " << c;
+      }
+  }
+}
+
+TEST(Ops, MoeExpertsMixTheChosenExperts) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  const int E = 5, K = 2;
+  const int64_t T = 7, D = 12, I = 9;
+  std::vector<LinearWeight> ws(static_cast<size_t>(3 * E));
+  ExpertSet set;
+  for (int e = 0; e < E; ++e) {
+    ws[size_t(3 * e)].weight = rng.randn({I, D});
+    ws[size_t(3 * e + 1)].weight = rng.randn({I, D});
+    ws[size_t(3 * e + 2)].weight = rng.randn({D, I});
+    set.experts.push_back({&ws[size_t(3 * e)], &ws[size_t(3 * e + 1)], &ws[size_t(3 * e + 2)]});
+  }
+  ops->prepare_experts(set);
+  Tensor x = rng.randn({T, D}), weights = rng.randn({T, K}), ids = Tensor::empty({T, K}, DType::I32);
+  for (int64_t t = 0; t < T; ++t) {
+    ids.ptr<int32_t>()[t * K] = int32_t(t % E);
+    ids.ptr<int32_t>()[t * K + 1] = int32_t((t * 3 + 1) % E == t % E ? (t + 1) % E : (t * 3 + 1) % E);
+  }
+  Tensor out = Tensor::empty({T, D});
+  for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = std::nanf("");
+  ops->moe_experts(out, x, weights, ids, set);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) {
+      double want = 0;
+      for (int k = 0; k < K; ++k) {
+        const int e = ids.ptr<int32_t>()[t * K + k];
+        const float* wg = ws[size_t(3 * e)].weight.f32();
+        const float* wu = ws[size_t(3 * e + 1)].weight.f32();
+        const float* wd = ws[size_t(3 * e + 2)].weight.f32();
+        double y = 0;
+        for (int64_t i = 0; i < I; ++i) {
+          double g = 0, u = 0;
+          for (int64_t j = 0; j < D; ++j) {
+            g += double(wg[i * D + j]) * x.f32()[t * D + j];
+            u += double(wu[i * D + j]) * x.f32()[t * D + j];
+          }
+          y += g / (1 + std::exp(-g)) * u * wd[d * I + i];
+        }
+        want += weights.f32()[t * K + k] * y;
+      }
+      ASSERT_NEAR(out.f32()[t * D + d], want, 1e-4 * (1 + std::fabs(want))) << "seed " << rng.seed << " t " << t;
+    }
 }
 
 TEST(Ops, RmsNormAndSiluMul) {
@@ -202,14 +313,10 @@ TEST(Ops, MatmulPerHeadMatchesReference) {
   const int H = 3;
   const int64_t N = 19, K = 33;
   for (DType dtype : {DType::F32, DType::BF16}) {
-    std::vector<LinearWeight> w(static_cast<size_t>(H));
-    std::vector<Tensor> wf;  // the exact values of each head's weight
-    for (auto& wh : w) {
-      Tensor f = rng.randn({N, K});
-      wh.weight = from_f32(f.f32(), {N, K}, dtype);
-      f = to_f32(wh.weight);  // the exact values the kernel sees
-      wf.push_back(f);
-    }
+    Tensor w = from_f32(rng.randn({H, N, K}).f32(), {H, N, K}, dtype);
+    Tensor wall = to_f32(w);  // the exact values the kernel sees
+    std::vector<Tensor> wf;
+    for (int h = 0; h < H; ++h) wf.push_back(wall.slice_rows(h, h + 1).reshape({N, K}));
     for (int64_t T : {1, 3, 20}) {  // the decode path (≤ 8 tokens) and the prefill path
       // x: (T, H, K + 5) — padded rows exercise the strides
       Tensor x = rng.randn({T, H, K + 5}), out = Tensor::empty({T, H, N + 2});

@@ -1,4 +1,6 @@
 // fathom info | logits | generate: run a checkpoint on token ids.
+#include <cmath>
+#include <cstdlib>
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -25,12 +27,54 @@ void add_model_options(CLI::App* cmd, ModelArgs& a) {
   cmd->add_option("--mla", a.mla, "MLA mode: absorbed (cache the latent) or naive (cache per-head K/V)")
       ->check(CLI::IsMember({"absorbed", "naive"}));
   cmd->add_flag("--dequantize-fp8", a.dequantize_fp8, "dequantize FP8 weights to F32 at load");
+  const char* env = std::getenv("FATHOM_DEVICE");
+  a.device = env && *env ? env : "auto";
+  cmd->add_option("--device", a.device, "where to run: auto (CUDA when a GPU is present), cpu or cuda")
+      ->capture_default_str();
+  cmd->add_option("--precision", a.precision,
+                  "weights and KV cache: fp32 (as stored), bf16, or auto (bf16 on CUDA, fp32 on the CPU)")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--gpu-memory", a.gpu_memory,
+                  "GPU memory the model may use (e.g. 40G, 512M): weights, then the KV cache gets the rest; "
+                  "default: all that is free");
+}
+
+int64_t parse_size(const std::string& text, const std::string& what) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    throw Error(cat(what, " must be a size such as 40G, 512M or a number of bytes, got '", text, "'"));
+  }
+  std::string unit = text.substr(used);
+  for (char& ch : unit) ch = char(std::toupper(static_cast<unsigned char>(ch)));
+  double mult = 0;
+  if (unit.empty() || unit == "B") mult = 1;
+  else if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;
+  else if (unit == "M" || unit == "MB" || unit == "MIB") mult = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
+  else if (unit == "T" || unit == "TB" || unit == "TIB") mult = 1024.0 * 1024 * 1024 * 1024;
+  FATHOM_CHECK(mult > 0, what, ": unknown unit '", text.substr(used), "' in '", text, "' (use K, M, G or T)");
+  const double bytes = v * mult;
+  FATHOM_CHECK(std::isfinite(bytes) && bytes >= 1 && bytes < 9.0e18, what, " must be a positive size, got '", text, "'");
+  return int64_t(bytes);
 }
 
 std::unique_ptr<Model> open_model(const ModelArgs& a) {
   ModelOptions o;
   o.mla_mode = a.mla == "naive" ? MlaMode::Naive : MlaMode::Absorbed;
   o.dequantize_fp8 = a.dequantize_fp8;
+  if (a.device == "auto") o.device = DeviceKind::Auto;
+  else if (a.device == "cpu") o.device = DeviceKind::Cpu;
+  else if (a.device == "cuda") o.device = DeviceKind::Cuda;
+  else throw Error(cat("--device must be auto, cpu or cuda, got '", a.device, "'"));
+  o.precision = a.precision == "fp32" ? Precision::Fp32 : a.precision == "bf16" ? Precision::Bf16 : Precision::Auto;
+  if (!a.gpu_memory.empty()) {
+    o.gpu_memory = parse_size(a.gpu_memory, "--gpu-memory");
+    FATHOM_CHECK(a.device != "cpu", "--gpu-memory applies to --device cuda, not to the CPU");
+  }
   return Model::load(a.dir, o);
 }
 
@@ -100,6 +144,8 @@ Command add_info(CLI::App& app) {
         {"active_weight_bytes_per_token", p.active_weight_bytes},
         {"kv_cache_bytes_per_token", {{"absorbed_fp32", absorbed}, {"naive_mha_fp32", naive},
                                       {"absorbed_bf16", absorbed / 2}, {"naive_mha_bf16", naive / 2}}},
+        {"device", {{"backend", m->backend_name()}, {"precision", precision_name(m->precision())},
+                    {"gpu_weight_bytes", m->gpu_weight_bytes()}, {"max_cache_tokens", m->max_cache_tokens()}}},
     };
     if (*json_out) {
       std::printf("%s\n", j.dump(2).c_str());
@@ -123,6 +169,11 @@ Command add_info(CLI::App& app) {
     std::printf("KV cache per token (all layers, fp32): absorbed MLA %ld bytes (latent %ld + rope %d per layer); "
                 "naive MHA %ld bytes — %.1fx smaller\n",
                 long(absorbed), long(c.kv_lora_rank), c.qk_rope_head_dim, long(naive), double(naive) / double(absorbed));
+    std::printf("device       %s, %s", m->backend_name(), precision_name(m->precision()));
+    if (m->device() == DeviceKind::Cuda)
+      std::printf(", %.2f GiB of weights on the GPU, KV cache room for %ld tokens", m->gpu_weight_bytes() / 1073741824.0,
+                  long(m->max_cache_tokens()));
+    std::printf("\n");
   };
 }
 

@@ -12,12 +12,18 @@
 
 namespace fathom::cli {
 
-// --model, --mla, --dequantize-fp8: how a command opens a checkpoint.
+// --model, --mla, --dequantize-fp8, --device, --precision, --gpu-memory: how a command opens
+// a checkpoint. --device defaults to $FATHOM_DEVICE when set, else auto.
 struct ModelArgs {
   std::string dir;
   std::string mla = "absorbed";
   bool dequantize_fp8 = false;
+  std::string device;
+  std::string precision = "auto";
+  std::string gpu_memory;
 };
+// "24G", "512M", "1.5GiB", "1000000" (bytes) -> bytes; throws fathom::Error naming `what`.
+int64_t parse_size(const std::string& text, const std::string& what);
 void add_model_options(CLI::App* cmd, ModelArgs& a);
 std::unique_ptr<Model> open_model(const ModelArgs& a);
 

@@ -16,9 +16,26 @@ namespace fathom {
 class Ops;
 struct ModelWeights;
 
+// Where the model runs. The library's default is the CPU; the CLI's `--device` default is
+// `auto` (CUDA when a GPU is present).
+enum class DeviceKind { Auto, Cpu, Cuda };
+// Numbers the weights and KV cache are kept in. fp32: weights as stored (F32/BF16/F16/FP8)
+// and an F32 KV cache — the mode fixtures are checked in at 1e-4. bf16: F32/F16 weights are
+// rounded to BF16 when placed (FP8 stays FP8) and, on CUDA, the KV cache is BF16; activations
+// stay F32 in both. auto: bf16 on CUDA, fp32 on the CPU.
+enum class Precision { Auto, Fp32, Bf16 };
+const char* device_kind_name(DeviceKind d);
+const char* precision_name(Precision p);
+
 struct ModelOptions {
   MlaMode mla_mode = MlaMode::Absorbed;
   bool dequantize_fp8 = false;  // FP8 weights to F32 at load instead of dequantizing in the matmul
+  DeviceKind device = DeviceKind::Cpu;
+  Precision precision = Precision::Auto;
+  // GPU memory the model may use, in bytes: weights, then the KV cache gets what is left after a
+  // work-space reserve. 0: all memory free on the device when loading starts.
+  int64_t gpu_memory = 0;
+  bool progress = true;  // a progress bar on stderr (when it is a terminal) while weights go to the GPU
 };
 
 struct ParamCounts {
@@ -49,11 +66,20 @@ class Model {
 
   const ModelConfig& config() const;
   const ModelOptions& options() const { return options_; }
+  DeviceKind device() const { return device_; }        // resolved: Cpu or Cuda
+  Precision precision() const { return precision_; }   // resolved: Fp32 or Bf16
+  const char* backend_name() const;
+  // The most tokens one KV cache may hold: the memory budget on CUDA (see gpu_memory), the
+  // model's max_position_embeddings on the CPU.
+  int64_t max_cache_tokens() const { return max_cache_tokens_; }
+  int64_t gpu_weight_bytes() const { return gpu_weight_bytes_; }  // bytes of weights placed on the GPU
   const std::string& dir() const { return dir_; }
   ParamCounts param_counts() const;
   bool has_mtp() const;
 
-  KvCache new_cache(int64_t capacity = 256) const;
+  // A cache for `capacity` tokens (0: a small start that grows); throws when capacity exceeds
+  // max_cache_tokens().
+  KvCache new_cache(int64_t capacity = 0) const;
   // Runs `ids` (all within the vocabulary) after what `cache` holds and appends them to it.
   ForwardOutput forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& request = {});
 
@@ -71,8 +97,16 @@ class Model {
 
  private:
   Model() = default;
+  void place_weights();
+  // F32, or BF16 for bf16 precision on CUDA
+  DType kv_dtype() const {
+    return device_ == DeviceKind::Cuda && precision_ == Precision::Bf16 ? DType::BF16 : DType::F32;
+  }
   std::string dir_;
   ModelOptions options_;
+  DeviceKind device_ = DeviceKind::Cpu;
+  Precision precision_ = Precision::Fp32;
+  int64_t max_cache_tokens_ = 0, gpu_weight_bytes_ = 0;
   std::unique_ptr<Ops> ops_;
   std::unique_ptr<ModelWeights> w_;
 };

@@ -10,31 +10,47 @@ namespace {
 
 // kv_b_proj split per head for absorption. W_UK[h] are rows h*(nope+v) .. +nope, W_UV[h] the
 // v rows after them. W_UK is stored transposed so that "q_nope · W_UK" is an ordinary x · Wᵀ
-// matmul; W_UV is used as it is. Unquantized weights keep their dtype (a transpose and a view
-// are exact and read no more bytes than kv_b_proj); FP8 ones are dequantized to F32, since
-// their 128x128 scale blocks do not follow head boundaries.
+// matmul. Unquantized weights keep their dtype (a transpose and a gather are exact and read no
+// more bytes than kv_b_proj); FP8 ones are dequantized to F32, since their 128x128 scale
+// blocks do not follow head boundaries.
 void split_kv_b(MlaWeights& w, const ModelConfig& c) {
   const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, dv = c.v_head_dim;
   const int64_t R = c.kv_lora_rank;
   const LinearWeight& kvb = w.kv_b_proj;  // (H*(nope+dv), R)
   const Tensor src = kvb.quantized() ? dequantize(kvb) : kvb.weight;
   const size_t elem = dtype_size(src.dtype());
+  w.w_uk_t = Tensor::empty({H, R, nope}, src.dtype());
+  w.w_uv = Tensor::empty({H, dv, R}, src.dtype());
+  char* uk = static_cast<char*>(w.w_uk_t.data());
+  char* uv = static_cast<char*>(w.w_uv.data());
   for (int h = 0; h < H; ++h) {
     const int64_t row0 = int64_t(h) * (nope + dv);
     const char* base = static_cast<const char*>(src.data()) + size_t(row0 * R) * elem;
-    LinearWeight uk;
-    uk.name = cat(kvb.name, "[W_UK head ", h, "]ᵀ");
-    uk.weight = Tensor::empty({R, nope}, src.dtype());
-    char* dst = static_cast<char*>(uk.weight.data());
+    char* dst = uk + size_t(int64_t(h) * R * nope) * elem;
     for (int i = 0; i < nope; ++i)
       for (int64_t r = 0; r < R; ++r) std::memcpy(dst + size_t(r * nope + i) * elem, base + size_t(i * R + r) * elem, elem);
-    LinearWeight uv;
-    uv.name = cat(kvb.name, "[W_UV head ", h, "]");
-    uv.weight = src.slice_rows(row0 + nope, row0 + nope + dv);  // (dv, R), a view
-    w.w_uk_t.push_back(std::move(uk));
-    w.w_uv.push_back(std::move(uv));
+    std::memcpy(uv + size_t(int64_t(h) * dv * R) * elem, base + size_t(nope * R) * elem, size_t(dv * R) * elem);
   }
 }
+
+// A strided copy of f32 rows (see CopyParams).
+void copy_rows(Ops& ops, void* out, int64_t out_token_stride, DType out_dtype, const float* in, int64_t in_token_stride,
+               int64_t n_tokens, int cols, int n_heads = 1, int64_t out_head_stride = 0, int64_t in_head_stride = 0) {
+  CopyParams p;
+  p.out = out;
+  p.out_token_stride = out_token_stride;
+  p.out_head_stride = out_head_stride;
+  p.out_dtype = out_dtype;
+  p.in = in;
+  p.in_token_stride = in_token_stride;
+  p.in_head_stride = in_head_stride;
+  p.n_tokens = n_tokens;
+  p.n_heads = n_heads;
+  p.cols = cols;
+  ops.copy(p);
+}
+
+char* row_ptr(Tensor& t, int64_t elem_offset) { return static_cast<char*>(t.data()) + size_t(elem_offset) * dtype_size(t.dtype()); }
 
 }  // namespace
 
@@ -73,10 +89,10 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
 
   // ---- queries q (T, H, qk_head_dim) = [q_nope | q_pe] per head, and the compressed keys/values
   // kv (T, kv_lora_rank + rope) = [c_kv | k_pe]; both projections read x, so they run together
-  Tensor q = Tensor::empty({T, H, dqk});
-  Tensor kv = Tensor::empty({T, R + rd});
+  Tensor q = ops.empty({T, H, dqk});
+  Tensor kv = ops.empty({T, R + rd});
   if (c.q_lora_rank > 0) {
-    Tensor qa = Tensor::empty({T, c.q_lora_rank});  // (T, q_lora_rank)
+    Tensor qa = ops.empty({T, c.q_lora_rank});  // (T, q_lora_rank)
     ops.matmul_batch({{qa.f32(), x.f32(), T, &w.q_a_proj}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa}});
     ops.rmsnorm(qa, qa, w.q_a_layernorm, eps);
     ops.matmul(q, qa, w.q_b_proj);
@@ -104,12 +120,12 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   rk.offset = int(R);
   ops.rope(rk);
   // normalise c_kv in place (k_pe is not normalised)
-  Tensor c_kv = Tensor::empty({T, R});
-  for (int64_t t = 0; t < T; ++t) std::memcpy(c_kv.f32() + t * R, kv.f32() + t * (R + rd), sizeof(float) * size_t(R));
+  Tensor c_kv = ops.empty({T, R});
+  copy_rows(ops, c_kv.data(), R, DType::F32, kv.f32(), R + rd, T, int(R));
   ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
 
   const int64_t S = pos0 + T;  // keys after appending
-  Tensor attn = Tensor::empty({T, H, dv});  // (T, H, v_head_dim)
+  Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
   AttentionParams ap;
   ap.n_q = T;
   ap.n_kv = S;
@@ -120,24 +136,23 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
 
   if (mode == MlaMode::Naive) {
     // decompress: (T, H, nope + v) then write k = [k_nope | k_pe] and v into the cache
-    Tensor kvb = Tensor::empty({T, H, nope + dv});
+    Tensor kvb = ops.empty({T, H, nope + dv});
     ops.matmul(kvb, c_kv, w.kv_b_proj);
-    for (int64_t t = 0; t < T; ++t)
-      for (int h = 0; h < H; ++h) {
-        const float* src = kvb.f32() + (t * H + h) * (nope + dv);
-        float* kd = layer.k.f32() + ((pos0 + t) * H + h) * dqk;
-        float* vd = layer.v.f32() + ((pos0 + t) * H + h) * dv;
-        std::memcpy(kd, src, sizeof(float) * size_t(nope));
-        std::memcpy(kd + nope, kv.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
-        std::memcpy(vd, src + nope, sizeof(float) * size_t(dv));
-      }
+    const DType kd = layer.k.dtype();
+    const int64_t kts = int64_t(H) * dqk, vts = int64_t(H) * dv;
+    copy_rows(ops, row_ptr(layer.k, pos0 * kts), kts, kd, kvb.f32(), int64_t(H) * (nope + dv), T, nope, H, dqk,
+              nope + dv);                                                           // k_nope per head
+    copy_rows(ops, row_ptr(layer.k, pos0 * kts + nope), kts, kd, kv.f32() + R, R + rd, T, rd, H, dqk, 0);  // k_pe, shared
+    copy_rows(ops, row_ptr(layer.v, pos0 * vts), vts, kd, kvb.f32() + nope, int64_t(H) * (nope + dv), T, dv, H, dv,
+              nope + dv);                                                           // v per head
+    ap.kv_dtype = kd;
     ap.q = q.f32();
     ap.q_token_stride = int64_t(H) * dqk;
     ap.q_head_stride = dqk;
-    ap.k = layer.k.f32();
+    ap.k = layer.k.data();
     ap.k_token_stride = int64_t(H) * dqk;
     ap.k_head_stride = dqk;
-    ap.v = layer.v.f32();
+    ap.v = layer.v.data();
     ap.v_token_stride = int64_t(H) * dv;
     ap.v_head_stride = dv;
     ap.n_kv_heads = H;
@@ -149,13 +164,11 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     ops.attention(ap);
   } else {
     // cache row = [c_kv | k_pe]
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = layer.latent.f32() + (pos0 + t) * (R + rd);
-      std::memcpy(row, c_kv.f32() + t * R, sizeof(float) * size_t(R));
-      std::memcpy(row + R, kv.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
-    }
+    const DType ld = layer.latent.dtype();
+    copy_rows(ops, row_ptr(layer.latent, pos0 * (R + rd)), R + rd, ld, c_kv.f32(), R, T, int(R));
+    copy_rows(ops, row_ptr(layer.latent, pos0 * (R + rd) + R), R + rd, ld, kv.f32() + R, R + rd, T, rd);
     // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | q_pe]
-    Tensor qabs = Tensor::empty({T, H, R + rd});
+    Tensor qabs = ops.empty({T, H, R + rd});
     HeadMatmulParams uk;
     uk.x = q.f32();
     uk.x_token_stride = int64_t(H) * dqk;
@@ -165,17 +178,17 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     uk.out_head_stride = R + rd;
     uk.n_tokens = T;
     ops.matmul_per_head(uk, w.w_uk_t);
-    for (int64_t t = 0; t < T; ++t)
-      for (int h = 0; h < H; ++h)
-        std::memcpy(qabs.f32() + (t * H + h) * (R + rd) + R, q.f32() + (t * H + h) * dqk + nope, sizeof(float) * size_t(rd));
-    Tensor lat_out = Tensor::empty({T, H, R});  // attention output in latent space
+    copy_rows(ops, qabs.f32() + R, int64_t(H) * (R + rd), DType::F32, q.f32() + nope, int64_t(H) * dqk, T, rd, H, R + rd,
+              dqk);
+    Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
     ap.q = qabs.f32();
     ap.q_token_stride = int64_t(H) * (R + rd);
     ap.q_head_stride = R + rd;
-    ap.k = layer.latent.f32();
+    ap.k = layer.latent.data();
+    ap.kv_dtype = ld;
     ap.k_token_stride = R + rd;
     ap.k_head_stride = 0;
-    ap.v = layer.latent.f32();  // the value is the latent part of the same row
+    ap.v = layer.latent.data();  // the value is the latent part of the same row
     ap.v_token_stride = R + rd;
     ap.v_head_stride = 0;
     ap.n_kv_heads = 1;

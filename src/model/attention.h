@@ -32,8 +32,8 @@ struct MlaWeights {
   LinearWeight kv_b_proj;       // (n_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank)
   LinearWeight o_proj;          // (hidden, n_heads * v_head_dim)
   // absorbed mode: kv_b_proj split per head, prepared at load (stored dtype, or F32 for FP8)
-  std::vector<LinearWeight> w_uk_t;  // per head (kv_lora_rank, qk_nope_head_dim): q_latent = q_nope · W_UK
-  std::vector<LinearWeight> w_uv;    // per head (v_head_dim, kv_lora_rank):       o = latent · W_UVᵀ
+  Tensor w_uk_t;  // (n_heads, kv_lora_rank, qk_nope_head_dim): q_latent[h] = q_nope[h] · W_UK[h]
+  Tensor w_uv;    // (n_heads, v_head_dim, kv_lora_rank):       o[h] = latent[h] · W_UV[h]ᵀ
 
   int64_t nbytes() const;  // weight bytes read per token (the checkpoint tensors)
 };

@@ -10,12 +10,17 @@
 // keys (n_heads * qk_head_dim) and values (n_heads * v_head_dim).
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "core/tensor.h"
 #include "model/config.h"
 
+// Storage comes from the backend (host or GPU memory); elements are F32, or BF16 on the GPU.
+
 namespace fathom {
+
+class Ops;
 
 enum class MlaMode { Naive, Absorbed };
 const char* mla_mode_name(MlaMode m);
@@ -28,11 +33,15 @@ struct LayerKvCache {
 
 class KvCache {
  public:
-  KvCache(const ModelConfig& c, int n_layers, MlaMode mode, int64_t capacity = 256);
+  // `max_capacity` bounds growth (the backend's memory budget); reserve beyond it throws.
+  KvCache(Ops& ops, const ModelConfig& c, int n_layers, MlaMode mode, int64_t capacity = 256,
+          DType dtype = DType::F32, int64_t max_capacity = std::numeric_limits<int64_t>::max());
 
   MlaMode mode() const { return mode_; }
   int64_t length() const { return length_; }    // tokens already cached
   int64_t capacity() const { return capacity_; }
+  int64_t max_capacity() const { return max_capacity_; }
+  DType dtype() const { return dtype_; }
   LayerKvCache& layer(int i) { return layers_[size_t(i)]; }
   int n_layers() const { return int(layers_.size()); }
 
@@ -50,9 +59,11 @@ class KvCache {
  private:
   void allocate(LayerKvCache& l, int64_t capacity) const;
 
+  Ops* ops_;             // the backend whose memory holds the cache (outlives it: owned by the Model)
   ModelConfig config_;  // a copy: the cache may outlive nothing it points at
   MlaMode mode_;
-  int64_t length_ = 0, capacity_ = 0;
+  DType dtype_;
+  int64_t length_ = 0, capacity_ = 0, max_capacity_;
   std::vector<LayerKvCache> layers_;
 };
 

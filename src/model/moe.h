@@ -31,10 +31,14 @@ struct MoeWeights {
   SwiGluWeights shared_experts;   // undefined weights when n_shared_experts == 0
   bool has_shared = false;
   MoeGateParams gate_params;
+  ExpertSet expert_set;  // the routed experts in the backend's form (prepare_moe)
 };
 
 SwiGluWeights load_swiglu(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
 MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::string& prefix);
+// Points expert_set at `experts` and lets the backend prepare it; call once the weights sit
+// where they will stay (after placement on the device).
+void prepare_moe(Ops& ops, MoeWeights& m);
 
 // out (T, hidden) = down(silu(gate(x)) * up(x))
 void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x);

@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "core/error.h"
+#include "core/progress.h"
 #include "fathom/model.h"
 
 namespace fathom {
@@ -59,13 +61,63 @@ LayerCount count_layer(const DecoderLayerWeights& l, const ModelConfig& c) {
   return n;
 }
 
+// Every weight tensor of the model, for placing them on the device. Tied tensors (the LM head
+// and the embedding, the MTP modules' shared head) appear more than once; the caller keeps
+// one copy per storage.
+template <typename Fn> void for_each_weight(ModelWeights& w, Fn&& fn) {
+  auto lin = [&](LinearWeight& l) {
+    if (l.weight.defined()) fn(l.weight, true, &l);
+  };
+  auto vec = [&](Tensor& t) {
+    if (t.defined()) fn(t, false, nullptr);
+  };
+  auto swiglu = [&](SwiGluWeights& s) {
+    lin(s.gate_proj);
+    lin(s.up_proj);
+    lin(s.down_proj);
+  };
+  auto layer = [&](DecoderLayerWeights& l) {
+    vec(l.input_layernorm);
+    vec(l.post_attention_layernorm);
+    MlaWeights& a = l.attn;
+    for (LinearWeight* x : {&a.q_a_proj, &a.q_b_proj, &a.q_proj, &a.kv_a_proj_with_mqa, &a.kv_b_proj, &a.o_proj}) lin(*x);
+    vec(a.q_a_layernorm);
+    vec(a.kv_a_layernorm);
+    if (a.w_uk_t.defined()) fn(a.w_uk_t, true, nullptr);
+    if (a.w_uv.defined()) fn(a.w_uv, true, nullptr);
+    if (!l.is_moe) return swiglu(l.mlp);
+    lin(l.moe.gate);
+    vec(l.moe.e_score_correction_bias);
+    for (SwiGluWeights& e : l.moe.experts) swiglu(e);
+    if (l.moe.has_shared) swiglu(l.moe.shared_experts);
+  };
+  fn(w.embed_tokens, true, nullptr);
+  for (auto& l : w.layers) layer(l);
+  vec(w.norm);
+  lin(w.lm_head);
+  for (auto& m : w.mtp) {
+    vec(m.enorm);
+    vec(m.hnorm);
+    lin(m.eh_proj);
+    layer(m.layer);
+    vec(m.shared_head_norm);
+    lin(m.shared_head);
+    fn(m.embed_tokens, true, nullptr);
+  }
+}
+
 }  // namespace
+
+const char* device_kind_name(DeviceKind d) {
+  return d == DeviceKind::Auto ? "auto" : d == DeviceKind::Cpu ? "cpu" : "cuda";
+}
+const char* precision_name(Precision p) { return p == Precision::Auto ? "auto" : p == Precision::Fp32 ? "fp32" : "bf16"; }
 
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
                            LayerKvCache& cache, int64_t pos0, const RopeTables& rope) {
   const int64_t T = x.dim(0), D = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  Tensor h = Tensor::empty({T, D}), y = Tensor::empty({T, D});
+  Tensor h = ops.empty({T, D}), y = ops.empty({T, D});
   ops.rmsnorm(h, x, w.input_layernorm, eps);
   mla_forward(ops, w.attn, c, mode, y, h, cache, pos0, rope);
   ops.add(x, y);
@@ -85,7 +137,13 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
   std::unique_ptr<Model> m(new Model());
   m->dir_ = dir;
   m->options_ = options;
-  m->ops_ = make_cpu_ops();
+  DeviceKind dev = options.device;
+  if (dev == DeviceKind::Auto) dev = cuda_available() ? DeviceKind::Cuda : DeviceKind::Cpu;
+  m->device_ = dev;
+  m->ops_ = dev == DeviceKind::Cuda ? make_cuda_ops(0) : make_cpu_ops();
+  Precision prec = options.precision;
+  if (prec == Precision::Auto) prec = dev == DeviceKind::Cuda ? Precision::Bf16 : Precision::Fp32;
+  m->precision_ = prec;
   m->w_ = std::make_unique<ModelWeights>();
   ModelWeights& w = *m->w_;
   w.config = load_config((fs::path(dir) / "config.json").string());
@@ -127,14 +185,98 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
     w.mtp.push_back(std::move(t));
   }
   w.rope = std::make_unique<Rope>(c);
+  m->place_weights();
+  // every MoE layer's experts in the backend's form, now that the weights stay where they are
+  for (auto& l : w.layers)
+    if (l.is_moe) prepare_moe(*m->ops_, l.moe);
+  for (auto& t : w.mtp)
+    if (t.layer.is_moe) prepare_moe(*m->ops_, t.layer.moe);
   return m;
 }
+
+// Puts every weight where the backend computes: rounded to BF16 first in bf16 mode, then (on
+// CUDA) copied to the GPU through the backend's pinned staging buffers, behind a progress bar.
+// The memory budget is checked before the first byte moves, and what is left of it after the
+// weights and a work-space reserve becomes the KV cache's limit.
+void Model::place_weights() {
+  ModelWeights& w = *w_;
+  const ModelConfig& c = w.config;
+  Ops& ops = *ops_;
+  const bool to_bf16 = precision_ == Precision::Bf16;
+  auto placed_dtype = [&](const Tensor& t, bool convertible) {
+    return to_bf16 && convertible && (t.dtype() == DType::F32 || t.dtype() == DType::F16) ? DType::BF16 : t.dtype();
+  };
+  // one placement per storage: tied tensors share it
+  std::map<const void*, Tensor> done;
+  int64_t total = 0;
+  for_each_weight(w, [&](Tensor& t, bool convertible, LinearWeight* l) {
+    if (done.emplace(t.data(), Tensor()).second) {
+      total += t.numel() * int64_t(dtype_size(placed_dtype(t, convertible)));
+      if (l && l->quantized()) total += int64_t(l->scale_inv.nbytes());
+    }
+  });
+  done.clear();
+  const int64_t kv_token_bytes =
+      KvCache::bytes_per_token_per_layer(c, options_.mla_mode, int64_t(dtype_size(kv_dtype()))) *
+      (c.num_hidden_layers);
+  if (device_ == DeviceKind::Cpu) {
+    max_cache_tokens_ = std::max<int64_t>(c.max_position_embeddings, 1);
+    if (!to_bf16) return;  // weights stay as they were loaded
+  } else {
+    const int64_t free = ops.free_memory();
+    const double gib = 1024.0 * 1024.0 * 1024.0;
+    int64_t budget = options_.gpu_memory > 0 ? options_.gpu_memory : free;
+    FATHOM_CHECK(free < 0 || budget <= free, "--gpu-memory asks for ", budget / gib, " GiB but only ", free / gib,
+                 " GiB of GPU memory are free");
+    FATHOM_CHECK(total <= budget, "model ", dir_, " needs ", total / gib, " GiB of GPU memory for its weights (",
+                 precision_name(precision_), ") but the budget is ", budget / gib,
+                 " GiB; use a smaller model, FP8 weights, a larger --gpu-memory or --device cpu");
+    // work space for activations: 10% of what remains, at least 256 MiB
+    const int64_t left = budget - total;
+    const int64_t reserve = std::max<int64_t>(left / 10, int64_t(256) << 20);
+    max_cache_tokens_ = std::min<int64_t>((left - reserve) / kv_token_bytes, c.max_position_embeddings);
+    FATHOM_CHECK(max_cache_tokens_ >= 1, "the GPU memory budget leaves no room for the KV cache: ", budget / gib,
+                 " GiB budget, ", total / gib, " GiB of weights, ", reserve / gib,
+                 " GiB work space; one token needs ", kv_token_bytes, " bytes; raise --gpu-memory");
+    gpu_weight_bytes_ = total;
+  }
+  Progress bar(cat("loading ", c.num_hidden_layers, " layers to ", ops.name()), total, true, options_.progress);
+  for_each_weight(w, [&](Tensor& t, bool convertible, LinearWeight* l) {
+    auto it = done.find(t.data());
+    if (it != done.end() && it->second.defined()) {
+      t = it->second;
+    } else {
+      const void* key = t.data();
+      const DType to = placed_dtype(t, convertible);
+      Tensor host = to == t.dtype() ? t : from_f32(to_f32(t).f32(), t.shape(), to);
+      Tensor placed = ops.upload(host);
+      bar.add(int64_t(placed.nbytes()));
+      done[key] = placed;
+      t = placed;
+    }
+    if (l && l->quantized()) {
+      const void* key = l->scale_inv.data();
+      auto si = done.find(key);
+      if (si == done.end()) {
+        Tensor placed = ops.upload(l->scale_inv);
+        bar.add(int64_t(placed.nbytes()));
+        si = done.emplace(key, placed).first;
+      }
+      l->scale_inv = si->second;
+    }
+  });
+  bar.finish();
+}
+
+const char* Model::backend_name() const { return ops_->name(); }
 
 const ModelConfig& Model::config() const { return w_->config; }
 bool Model::has_mtp() const { return !w_->mtp.empty(); }
 
 KvCache Model::new_cache(int64_t capacity) const {
-  return KvCache(w_->config, w_->config.num_hidden_layers, options_.mla_mode, capacity);
+  if (capacity <= 0) capacity = std::min<int64_t>(256, max_cache_tokens_);
+  return KvCache(*ops_, w_->config, w_->config.num_hidden_layers, options_.mla_mode, capacity, kv_dtype(),
+                 max_cache_tokens_);
 }
 
 ParamCounts Model::param_counts() const {
@@ -181,30 +323,36 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
 
   std::vector<int64_t> positions(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = pos0 + t;
-  Tensor cos, sin;
-  w_->rope->tables(positions.data(), T, cos, sin);
+  Tensor cos_h, sin_h;
+  w_->rope->tables(positions.data(), T, cos_h, sin_h);
+  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
   RopeTables rope{&cos, &sin};
+  Tensor ids_d = ops.upload(Tensor::view(const_cast<int32_t*>(ids.data()), {T}, DType::I32, nullptr));
 
   ForwardOutput out;
-  Tensor x = Tensor::empty({T, D});  // the residual stream (T, hidden)
-  ops.embedding(x, ids.data(), T, w_->embed_tokens);
-  auto snapshot = [&] {
-    Tensor s = Tensor::empty({T, D});
-    std::memcpy(s.data(), x.data(), x.nbytes());
-    out.hidden_states.push_back(s);
+  Tensor x = ops.empty({T, D});  // the residual stream (T, hidden)
+  ops.embedding(x, ids_d, w_->embed_tokens);
+  auto snapshot = [&](const Tensor& s) {
+    Tensor h = Tensor::empty({T, D});
+    ops.download(h.data(), s);
+    out.hidden_states.push_back(h);
   };
-  if (req.hidden_states) snapshot();
+  if (req.hidden_states) snapshot(x);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, cache.layer(l), pos0, rope);
-    if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot();
+    if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);
+  Tensor normed = ops.empty({T, D});
+  ops.rmsnorm(normed, x, w_->norm, float(c.rms_norm_eps));
   out.final_hidden = Tensor::empty({T, D});
-  ops.rmsnorm(out.final_hidden, x, w_->norm, float(c.rms_norm_eps));
+  ops.download(out.final_hidden.data(), normed);
   if (req.hidden_states) out.hidden_states.push_back(out.final_hidden);
-  Tensor head_in = req.last_logits_only ? out.final_hidden.slice_rows(T - 1, T) : out.final_hidden;
+  Tensor head_in = req.last_logits_only ? normed.slice_rows(T - 1, T) : normed;
+  Tensor logits = ops.empty({head_in.dim(0), c.vocab_size});
+  ops.matmul(logits, head_in, w_->lm_head);
   out.logits = Tensor::empty({head_in.dim(0), c.vocab_size});
-  ops.matmul(out.logits, head_in, w_->lm_head);
+  ops.download(out.logits.data(), logits);
   return out;
 }
 
@@ -222,30 +370,46 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
   const float eps = float(c.rms_norm_eps);
 
   std::vector<int32_t> next(ids.begin() + 1 + depth, ids.end());  // the token after each position
-  Tensor e = Tensor::empty({n, D}), hn = Tensor::empty({n, D});
-  ops.embedding(e, next.data(), n, m.embed_tokens);
+  Tensor next_d = ops.upload(Tensor::view(next.data(), {n}, DType::I32, nullptr));
+  Tensor h_host = h.slice_rows(0, n);
+  if (h_host.device() != Device::CPU || h.dtype() != DType::F32) throw Error("MTP input hidden states must be F32 host memory");
+  Tensor h_d = ops.upload(h_host);
+  Tensor e = ops.empty({n, D}), hn = ops.empty({n, D});
+  ops.embedding(e, next_d, m.embed_tokens);
   ops.rmsnorm(e, e, m.enorm, eps);
-  ops.rmsnorm(hn, h.slice_rows(0, n), m.hnorm, eps);
-  Tensor cat_eh = Tensor::empty({n, 2 * D});  // [enorm(emb(t[i+1])) ; hnorm(h[i])]
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(cat_eh.f32() + i * 2 * D, e.f32() + i * D, sizeof(float) * size_t(D));
-    std::memcpy(cat_eh.f32() + i * 2 * D + D, hn.f32() + i * D, sizeof(float) * size_t(D));
+  ops.rmsnorm(hn, h_d, m.hnorm, eps);
+  Tensor cat_eh = ops.empty({n, 2 * D});  // [enorm(emb(t[i+1])) ; hnorm(h[i])]
+  for (int half = 0; half < 2; ++half) {
+    CopyParams cp;
+    cp.out = cat_eh.f32() + half * D;
+    cp.out_token_stride = 2 * D;
+    cp.in = (half ? hn : e).f32();
+    cp.in_token_stride = D;
+    cp.n_tokens = n;
+    cp.cols = int(D);
+    ops.copy(cp);
   }
-  Tensor x = Tensor::empty({n, D});
+  Tensor x = ops.empty({n, D});
   ops.matmul(x, cat_eh, m.eh_proj);
 
   std::vector<int64_t> positions(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = i;
-  Tensor cos, sin;
-  w_->rope->tables(positions.data(), n, cos, sin);
-  KvCache cache(c, 1, options_.mla_mode, n);
+  Tensor cos_h, sin_h;
+  w_->rope->tables(positions.data(), n, cos_h, sin_h);
+  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
+  KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
   decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, cache.layer(0), 0, RopeTables{&cos, &sin});
-  if (mtp_hidden) *mtp_hidden = x;
-  Tensor normed = Tensor::empty({n, D});
+  if (mtp_hidden) {
+    *mtp_hidden = Tensor::empty({n, D});
+    ops.download(mtp_hidden->data(), x);
+  }
+  Tensor normed = ops.empty({n, D});
   ops.rmsnorm(normed, x, m.shared_head_norm, eps);
-  Tensor logits = Tensor::empty({n, c.vocab_size});
+  Tensor logits = ops.empty({n, c.vocab_size});
   ops.matmul(logits, normed, m.shared_head);
-  return logits;
+  Tensor host_logits = Tensor::empty({n, c.vocab_size});
+  ops.download(host_logits.data(), logits);
+  return host_logits;
 }
 
 std::vector<int32_t> Model::generate_greedy(const std::vector<int32_t>& prompt, int64_t n_new) {

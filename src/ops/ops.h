@@ -1,8 +1,10 @@
 // The op interface: everything the model does to numbers goes through an Ops backend, so
 // model code never sees CUDA headers and the CPU implementation is the reference that a
-// GPU backend is tested against. Activations are F32 here (the CPU backend computes in
-// fp32); weights keep the dtype of the checkpoint (F32, BF16, F16, or F8_E4M3 with 128x128
-// block scales) and are dequantized inside the matmul.
+// GPU backend is tested against. Activations are F32 (both backends accumulate in fp32);
+// weights keep the dtype they were placed with (F32, BF16, F16, or F8_E4M3 with 128x128
+// block scales) and are dequantized inside the matmul. A backend owns the memory it computes
+// on: tensors and raw pointers handed to an op live on `device()` (host memory for the CPU
+// backend, GPU memory for CUDA); `upload`/`download` cross between host and device.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -30,13 +32,20 @@ struct LinearWeight {
 // key/value head h / (n_q_heads / n_kv_heads) — MHA when they are equal, MQA when
 // n_kv_heads == 1 (absorbed MLA is MQA over the latent cache: K = [latent, pe], V = latent).
 // Query i sits at absolute position q_pos0 + i; key j at position j; causal masks j > position.
+//
+// Keys and values are F32 or BF16 (kv_dtype; the CPU backend takes F32 only). With a block
+// table the cache is paged: key j lives at token row block_table[j / block_size] * block_size
+// + j % block_size of k and v (FlashMLA's layout); without one, at row j.
 struct AttentionParams {
   const float* q = nullptr;  // (n_q, n_q_heads, d_qk) with the strides below
   int64_t q_token_stride = 0, q_head_stride = 0;
-  const float* k = nullptr;  // (n_kv, n_kv_heads, d_qk)
+  const void* k = nullptr;   // (n_kv rows, n_kv_heads, d_qk) in kv_dtype
   int64_t k_token_stride = 0, k_head_stride = 0;
-  const float* v = nullptr;  // (n_kv, n_kv_heads, d_v)
+  const void* v = nullptr;   // (n_kv rows, n_kv_heads, d_v) in kv_dtype
   int64_t v_token_stride = 0, v_head_stride = 0;
+  DType kv_dtype = DType::F32;
+  const int32_t* block_table = nullptr;  // (ceil(n_kv / block_size)) or null
+  int block_size = 0;
   float* out = nullptr;      // (n_q, n_q_heads, d_v)
   int64_t out_token_stride = 0, out_head_stride = 0;
   int64_t n_q = 0, n_kv = 0, q_pos0 = 0;
@@ -57,8 +66,9 @@ struct RopeParams {
   bool interleaved = true;
 };
 
-// Per-head matmul over strided activations: out[t, h, :] = x[t, h, :] · W[h]ᵀ, W[h] (N, K),
-// unquantized. MLA's absorption uses it: q_nope → latent space with W_UKᵀ, latent → values with W_UV.
+// Per-head matmul over strided activations: out[t, h, :] = x[t, h, :] · W[h]ᵀ with W (H, N, K)
+// unquantized (F32, BF16, F16). MLA's absorption uses it: q_nope → latent space with W_UKᵀ,
+// latent → values with W_UV.
 struct HeadMatmulParams {
   float* out = nullptr;     // (n_tokens, n_heads, N) with the strides below
   int64_t out_token_stride = 0, out_head_stride = 0;
@@ -73,6 +83,33 @@ struct MatmulJob {
   const float* x = nullptr;
   int64_t M = 0;
   const LinearWeight* w = nullptr;
+};
+
+// A strided copy of F32 activations, converting to out_dtype (F32 or BF16, rounded to
+// nearest-even): out[t, h, c] = in[t, h, c] for t < n_tokens, h < n_heads, c < cols. A head
+// stride of 0 on the input broadcasts one row to every head. The model's data movement
+// (splitting [c_kv | k_pe], writing the KV cache, concatenating) goes through it.
+struct CopyParams {
+  void* out = nullptr;
+  int64_t out_token_stride = 0, out_head_stride = 0;
+  DType out_dtype = DType::F32;
+  const float* in = nullptr;
+  int64_t in_token_stride = 0, in_head_stride = 0;
+  int64_t n_tokens = 0;
+  int n_heads = 1, cols = 0;
+};
+
+// The routed experts of one MoE layer as the backend computes them. `prepared` is the
+// backend's own form (the CUDA backend: device arrays of every expert's weight and scale
+// pointers), made once by Ops::prepare_experts after the weights are placed.
+struct ExpertWeights {
+  const LinearWeight* gate_proj = nullptr;  // (moe_intermediate, hidden)
+  const LinearWeight* up_proj = nullptr;    // (moe_intermediate, hidden)
+  const LinearWeight* down_proj = nullptr;  // (hidden, moe_intermediate)
+};
+struct ExpertSet {
+  std::vector<ExpertWeights> experts;
+  std::shared_ptr<const void> prepared;
 };
 
 enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
@@ -95,9 +132,26 @@ class Ops {
  public:
   virtual ~Ops() = default;
   virtual const char* name() const = 0;
+  virtual Device device() const = 0;
 
-  // out (T, H) = table[ids[t]] as F32; ids already validated against the vocabulary.
-  virtual void embedding(Tensor& out, const int32_t* ids, int64_t n_tokens, const Tensor& table) = 0;
+  // ---- memory
+  // Uninitialised storage on this backend's device.
+  virtual Tensor empty(Shape shape, DType dtype = DType::F32) = 0;
+  // A copy of a host tensor on this backend's device (the CPU backend returns `host` itself).
+  virtual Tensor upload(const Tensor& host) = 0;
+  // Copies `t` (on this backend's device) into host memory of t.nbytes() bytes; waits for it.
+  virtual void download(void* host, const Tensor& t) = 0;
+  virtual void copy(const CopyParams& p) = 0;
+  // n bytes from src to dst, both on this backend's device (they must not overlap).
+  virtual void copy_bytes(void* dst, const void* src, size_t n) = 0;
+  // Bytes free on the device now; -1 for host memory, which is not budgeted.
+  virtual int64_t free_memory() { return -1; }
+  // Makes the backend's form of a layer's experts (after their weights are placed).
+  virtual void prepare_experts(ExpertSet& set) { (void)set; }
+
+  // ---- compute
+  // out (T, H) = table[ids[t]] as F32; ids (T) I32, already validated against the vocabulary.
+  virtual void embedding(Tensor& out, const Tensor& ids, const Tensor& table) = 0;
   // out (M, N) = x / rms(x) * weight;  weight (N) F32. out may alias x.
   virtual void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) = 0;
   // out (M, N) = x (M, K) · Wᵀ, fp32 accumulation, block-wise dequantization for FP8.
@@ -108,8 +162,8 @@ class Ops {
   virtual void matmul_batch(const std::vector<MatmulJob>& jobs) = 0;
   virtual void rope(const RopeParams& p) = 0;
   virtual void attention(const AttentionParams& p) = 0;
-  // One unquantized weight per head (w.size() heads).
-  virtual void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) = 0;
+  // w (H, N, K): one unquantized weight per head.
+  virtual void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) = 0;
   // out (M, N) = silu(gate) * up; out may alias gate.
   virtual void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) = 0;
   // x += y (same shape)
@@ -117,9 +171,19 @@ class Ops {
   // weights (T, top_k) F32 and experts (T, top_k) I32 from router logits (T, n_experts) F32.
   virtual void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
                         const MoeGateParams& p) = 0;
+  // The routed experts of a MoE layer: out (T, D) = Σ_k weights[t, k] · SwiGLU_e(x[t]) with
+  // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
+  virtual void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
+                           const ExpertSet& set) = 0;
 };
 
 // The CPU backend (reference semantics; multithreaded, SIMD matmul).
 std::unique_ptr<Ops> make_cpu_ops();
+
+// The CUDA backend on GPU `device` (src/ops/cuda); throws fathom::Error when the build has no
+// CUDA or the machine no usable GPU.
+std::unique_ptr<Ops> make_cuda_ops(int device = 0);
+// Whether make_cuda_ops can succeed: a CUDA build on a machine with a GPU (never throws).
+bool cuda_available();
 
 }  // namespace fathom

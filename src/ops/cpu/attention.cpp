@@ -23,6 +23,14 @@ struct Item {
 
 void attention(const AttentionParams& p, ThreadPool& pool) {
   FATHOM_ASSERT(p.n_kv_heads > 0 && p.n_q_heads % p.n_kv_heads == 0);
+  FATHOM_CHECK(p.kv_dtype == DType::F32, "CPU attention reads an F32 KV cache, not ", dtype_name(p.kv_dtype));
+  FATHOM_ASSERT(!p.block_table || p.block_size > 0);
+  const float* kbase = static_cast<const float*>(p.k);
+  const float* vbase = static_cast<const float*>(p.v);
+  // The cache row of key j: paged through the block table, or row j.
+  auto row = [&](int64_t j) {
+    return p.block_table ? int64_t(p.block_table[j / p.block_size]) * p.block_size + j % p.block_size : j;
+  };
   const int group = p.n_q_heads / p.n_kv_heads;
   const int dv = p.d_v;
   auto n_keys = [&](int64_t i) { return p.causal ? std::min(p.n_kv, p.q_pos0 + i + 1) : p.n_kv; };
@@ -55,7 +63,7 @@ void attention(const AttentionParams& p, ThreadPool& pool) {
       // scores: each key row is loaded once and dotted with every query head of the group
       float dots[8];
       for (int64_t j = 0; j < len; ++j) {
-        const float* k = p.k + (w.k0 + j) * p.k_token_stride + int64_t(w.g) * p.k_head_stride;
+        const float* k = kbase + row(w.k0 + j) * p.k_token_stride + int64_t(w.g) * p.k_head_stride;
         for (int h0 = 0; h0 < group; h0 += 8) {
           const int n = std::min(8, group - h0);
           dot_many(k, q0 + h0 * p.q_head_stride, p.q_head_stride, n, p.d_qk, dots);
@@ -74,7 +82,7 @@ void attention(const AttentionParams& p, ThreadPool& pool) {
       }
       // values: each value row is loaded once and accumulated into every head of the group
       for (int64_t j = 0; j < len; ++j) {
-        const float* v = p.v + (w.k0 + j) * p.v_token_stride + int64_t(w.g) * p.v_head_stride;
+        const float* v = vbase + row(w.k0 + j) * p.v_token_stride + int64_t(w.g) * p.v_head_stride;
         for (int h = 0; h < group; ++h) axpy(out0 + h * part + 2, s[size_t(h * chunk + j)], v, dv);
       }
     }

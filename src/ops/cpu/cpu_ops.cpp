@@ -20,13 +20,43 @@ class CpuOps final : public Ops {
  public:
   CpuOps() : pool_(ThreadPool::global()) {}
   const char* name() const override { return "cpu"; }
+  Device device() const override { return Device::CPU; }
 
-  void embedding(Tensor& out, const int32_t* ids, int64_t n_tokens, const Tensor& table) override {
-    const int64_t H = table.dim(1);  // table (V, H)
-    FATHOM_ASSERT(out.numel() == n_tokens * H);
+  Tensor empty(Shape shape, DType dtype) override { return Tensor::empty(std::move(shape), dtype); }
+  Tensor upload(const Tensor& host) override {
+    FATHOM_ASSERT(host.device() == Device::CPU);
+    return host;
+  }
+  void download(void* host, const Tensor& t) override {
+    FATHOM_ASSERT(t.device() == Device::CPU);
+    if (host != t.data()) std::memcpy(host, t.data(), t.nbytes());
+  }
+
+  void copy(const CopyParams& p) override {
+    FATHOM_ASSERT(p.out_dtype == DType::F32 || p.out_dtype == DType::BF16, "copy to ", dtype_name(p.out_dtype));
+    for (int64_t t = 0; t < p.n_tokens; ++t)
+      for (int h = 0; h < p.n_heads; ++h) {
+        const float* src = p.in + t * p.in_token_stride + h * p.in_head_stride;
+        const int64_t o = t * p.out_token_stride + h * p.out_head_stride;
+        if (p.out_dtype == DType::F32) {
+          std::memmove(static_cast<float*>(p.out) + o, src, sizeof(float) * size_t(p.cols));
+        } else {
+          uint16_t* dst = static_cast<uint16_t*>(p.out) + o;
+          for (int c = 0; c < p.cols; ++c) dst[c] = f32_to_bf16(src[c]);
+        }
+      }
+  }
+
+  void copy_bytes(void* dst, const void* src, size_t n) override {
+    if (n) std::memcpy(dst, src, n);
+  }
+
+  void embedding(Tensor& out, const Tensor& ids, const Tensor& table) override {
+    const int64_t H = table.dim(1), n_tokens = ids.numel();  // table (V, H), ids (T), out (T, H)
+    FATHOM_ASSERT(out.numel() == n_tokens * H && ids.dtype() == DType::I32);
     const size_t row_bytes = size_t(H) * dtype_size(table.dtype());
     for (int64_t t = 0; t < n_tokens; ++t) {
-      const char* row = static_cast<const char*>(table.data()) + size_t(ids[t]) * row_bytes;
+      const char* row = static_cast<const char*>(table.data()) + size_t(ids.ptr<int32_t>()[t]) * row_bytes;
       convert_to_f32(table.dtype(), row, out.f32() + t * H, size_t(H));
     }
   }
@@ -109,12 +139,16 @@ class CpuOps final : public Ops {
 
   void attention(const AttentionParams& p) override { cpu::attention(p, pool_); }
 
-  void matmul_per_head(const HeadMatmulParams& p, const std::vector<LinearWeight>& w) override {
-    const int H = int(w.size());
+  void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
+    const int H = int(w.dim(0));  // w (H, N, K)
     if (H == 0 || p.n_tokens == 0) return;
-    const int64_t N = w[0].out_features(), K = w[0].in_features();
-    for (const LinearWeight& wh : w)
-      FATHOM_ASSERT(!wh.quantized() && wh.out_features() == N && wh.in_features() == K, wh.name);
+    const int64_t N = w.dim(1), K = w.dim(2);
+    FATHOM_ASSERT(w.ndim() == 3 && w.dtype() != DType::F8_E4M3);
+    auto head = [&](int h) {
+      LinearWeight l;
+      l.weight = w.slice_rows(h, h + 1).reshape({N, K});
+      return l;
+    };
     if (p.n_tokens <= 8) {
       // decode: one parallel region over (token, head) instead of one per head
       pool_.parallel_for(p.n_tokens * H, [&](int64_t b, int64_t e, int) {
@@ -123,7 +157,7 @@ class CpuOps final : public Ops {
           const int h = int(it % H);
           const float* x = p.x + t * p.x_token_stride + h * p.x_head_stride;
           float* o = p.out + t * p.out_token_stride + h * p.out_head_stride;
-          cpu::matmul(o, x, 1, w[size_t(h)], serial_);
+          cpu::matmul(o, x, 1, head(h), serial_);
         }
       });
       return;
@@ -133,7 +167,7 @@ class CpuOps final : public Ops {
     for (int h = 0; h < H; ++h) {
       for (int64_t t = 0; t < p.n_tokens; ++t)
         std::memcpy(xh.f32() + t * K, p.x + t * p.x_token_stride + h * p.x_head_stride, sizeof(float) * size_t(K));
-      cpu::matmul(oh.f32(), xh.f32(), p.n_tokens, w[size_t(h)], pool_);
+      cpu::matmul(oh.f32(), xh.f32(), p.n_tokens, head(h), pool_);
       for (int64_t t = 0; t < p.n_tokens; ++t)
         std::memcpy(p.out + t * p.out_token_stride + h * p.out_head_stride, oh.f32() + t * N, sizeof(float) * size_t(N));
     }
@@ -206,6 +240,57 @@ class CpuOps final : public Ops {
         if (p.norm_topk_prob) w[k] = float(w[k] / (sum + 1e-20));
         w[k] *= p.routed_scaling_factor;
       }
+    }
+  }
+
+  void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
+                   const ExpertSet& set) override {
+    const int64_t D = x.dim(-1), T = x.numel() / D, K = weights.numel() / std::max<int64_t>(T, 1);
+    FATHOM_ASSERT(out.numel() == T * D && experts.numel() == T * K && experts.dtype() == DType::I32);
+    const int E = int(set.experts.size());
+    // Group the (token, slot) pairs by expert so each expert runs once over its tokens.
+    std::vector<std::vector<int64_t>> rows(static_cast<size_t>(E));  // token indices per expert
+    std::vector<std::vector<float>> mix(static_cast<size_t>(E));     // their routing weights
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        const int e = experts.ptr<int32_t>()[t * K + k];
+        FATHOM_ASSERT(e >= 0 && e < E, "expert id ", e);
+        rows[size_t(e)].push_back(t);
+        mix[size_t(e)].push_back(weights.f32()[t * K + k]);
+      }
+    // Every expert with tokens as one batch of gate/up matmuls, then one batch of down ones.
+    struct Active {
+      int expert;
+      int64_t n;
+      Tensor x, g, u, y;  // (n, D), (n, I), (n, I), (n, D)
+    };
+    std::vector<Active> active;
+    std::vector<MatmulJob> jobs;
+    for (int e = 0; e < E; ++e) {
+      const auto& r = rows[size_t(e)];
+      if (r.empty()) continue;
+      const int64_t n = int64_t(r.size()), I = set.experts[size_t(e)].gate_proj->out_features();
+      Active a{e, n, Tensor::empty({n, D}), Tensor::empty({n, I}), Tensor::empty({n, I}), Tensor::empty({n, D})};
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(a.x.f32() + i * D, x.f32() + r[size_t(i)] * D, sizeof(float) * size_t(D));
+      active.push_back(std::move(a));
+    }
+    for (Active& a : active) {
+      jobs.push_back({a.g.f32(), a.x.f32(), a.n, set.experts[size_t(a.expert)].gate_proj});
+      jobs.push_back({a.u.f32(), a.x.f32(), a.n, set.experts[size_t(a.expert)].up_proj});
+    }
+    matmul_batch(jobs);
+    jobs.clear();
+    for (Active& a : active) {
+      silu_mul(a.g, a.g, a.u);
+      jobs.push_back({a.y.f32(), a.g.f32(), a.n, set.experts[size_t(a.expert)].down_proj});
+    }
+    matmul_batch(jobs);
+    std::memset(out.data(), 0, out.nbytes());
+    for (const Active& a : active) {
+      const auto& r = rows[size_t(a.expert)];
+      for (int64_t j = 0; j < a.n; ++j) cpu::axpy(out.f32() + r[size_t(j)] * D, mix[size_t(a.expert)][size_t(j)],
+                                             a.y.f32() + j * D, D);
     }
   }
 
