@@ -45,7 +45,8 @@ std::string slurp(const std::string& path) {
 
 CliRun run_fathom(const std::vector<std::string>& args, const TempDir& scratch, const std::string& stdin_text) {
   CliRun r;
-  r.command = cat("timeout 60 ", sh_quote(FATHOM_BINARY));
+  // CLI tests run on the CPU unless they pass --device: the same answers on every machine
+  r.command = cat("FATHOM_DEVICE=cpu timeout 60 ", sh_quote(FATHOM_BINARY));
   for (const std::string& a : args) r.command.append(1, ' ').append(sh_quote(a));
   const std::string out_path = scratch.file("cli.stdout"), err_path = scratch.file("cli.stderr");
   std::string in_path = "/dev/null";

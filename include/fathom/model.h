@@ -14,6 +14,7 @@
 namespace fathom {
 
 class Ops;
+class WeightLoader;
 struct ModelWeights;
 
 // Where the model runs. The library's default is the CPU; the CLI's `--device` default is
@@ -63,6 +64,10 @@ class Model {
   // Loads config.json and the safetensors weights of `dir`; throws fathom::Error naming
   // the file, tensor or field when anything is missing or malformed.
   static std::unique_ptr<Model> load(const std::string& dir, const ModelOptions& options = {});
+  // A model of this config with random weights made by the backend where they live (no files:
+  // for benchmarks of models too large to write out). dtype: F32, BF16, F16 or F8_E4M3.
+  static std::unique_ptr<Model> random(const ModelConfig& config, const ModelOptions& options, DType dtype,
+                                       uint64_t seed = 1234);
 
   const ModelConfig& config() const;
   const ModelOptions& options() const { return options_; }
@@ -97,6 +102,8 @@ class Model {
 
  private:
   Model() = default;
+  void init_backend(const ModelOptions& options);
+  void build(const WeightLoader& loader);
   void place_weights();
   // F32, or BF16 for bf16 precision on CUDA
   DType kv_dtype() const {

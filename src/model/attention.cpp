@@ -75,7 +75,14 @@ MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::stri
   m.kv_a_layernorm = w.f32(p + "kv_a_layernorm.weight", {c.kv_lora_rank});
   m.kv_b_proj = w.linear(p + "kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
   m.o_proj = w.linear(p + "o_proj.weight", D, H * c.v_head_dim);
-  if (mode == MlaMode::Absorbed) split_kv_b(m, c);
+  if (mode == MlaMode::Absorbed) {
+    if (w.random()) {  // random weights live on the device already: draw the per-head stacks directly
+      m.w_uk_t = w.random_stack(p + "w_uk_t", {H, c.kv_lora_rank, c.qk_nope_head_dim});
+      m.w_uv = w.random_stack(p + "w_uv", {H, c.v_head_dim, c.kv_lora_rank});
+    } else {
+      split_kv_b(m, c);
+    }
+  }
   return m;
 }
 

@@ -131,19 +131,22 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
 
 Model::~Model() = default;
 
+// The backend and precision an options struct asks for, resolved.
+void Model::init_backend(const ModelOptions& options) {
+  options_ = options;
+  device_ = options.device == DeviceKind::Auto ? (cuda_available() ? DeviceKind::Cuda : DeviceKind::Cpu) : options.device;
+  ops_ = device_ == DeviceKind::Cuda ? make_cuda_ops(0) : make_cpu_ops();
+  precision_ = options.precision != Precision::Auto ? options.precision
+               : device_ == DeviceKind::Cuda        ? Precision::Bf16
+                                                    : Precision::Fp32;
+}
+
 std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& options) {
   namespace fs = std::filesystem;
   FATHOM_CHECK(fs::is_directory(dir), "model directory ", dir, " does not exist or is not a directory");
   std::unique_ptr<Model> m(new Model());
   m->dir_ = dir;
-  m->options_ = options;
-  DeviceKind dev = options.device;
-  if (dev == DeviceKind::Auto) dev = cuda_available() ? DeviceKind::Cuda : DeviceKind::Cpu;
-  m->device_ = dev;
-  m->ops_ = dev == DeviceKind::Cuda ? make_cuda_ops(0) : make_cpu_ops();
-  Precision prec = options.precision;
-  if (prec == Precision::Auto) prec = dev == DeviceKind::Cuda ? Precision::Bf16 : Precision::Fp32;
-  m->precision_ = prec;
+  m->init_backend(options);
   m->w_ = std::make_unique<ModelWeights>();
   ModelWeights& w = *m->w_;
   w.config = load_config((fs::path(dir) / "config.json").string());
@@ -154,10 +157,32 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
   FATHOM_CHECK(c.weight_block_size[0] == c.weight_block_size[1], dir,
                "/config.json: only square FP8 weight blocks are supported, found ", c.weight_block_size[0], "x",
                c.weight_block_size[1]);
-  WeightLoader loader(*w.files, lo, c.weight_block_size[0]);
+  m->build(WeightLoader(*w.files, lo, c.weight_block_size[0]));
+  return m;
+}
 
+std::unique_ptr<Model> Model::random(const ModelConfig& config, const ModelOptions& options, DType dtype,
+                                     uint64_t seed) {
+  std::unique_ptr<Model> m(new Model());
+  m->dir_ = cat("(random ", dtype_name(dtype), " weights, seed ", seed, ")");
+  m->init_backend(options);
+  m->w_ = std::make_unique<ModelWeights>();
+  m->w_->config = config;
+  RandomWeights r;
+  r.ops = m->ops_.get();
+  r.dtype = dtype;
+  r.seed = seed;
+  FATHOM_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F8_E4M3,
+               "random weights must be F32, BF16, F16 or F8_E4M3, not ", dtype_name(dtype));
+  m->build(WeightLoader(r, config.weight_block_size[0]));
+  return m;
+}
+
+void Model::build(const WeightLoader& loader) {
+  ModelWeights& w = *w_;
+  const ModelConfig& c = w.config;
   w.embed_tokens = loader.table("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
-  for (int i = 0; i < c.num_hidden_layers; ++i) w.layers.push_back(load_layer(loader, c, i, options.mla_mode));
+  for (int i = 0; i < c.num_hidden_layers; ++i) w.layers.push_back(load_layer(loader, c, i, options_.mla_mode));
   w.norm = loader.f32("model.norm.weight", {c.hidden_size});
   if (c.tie_word_embeddings && !loader.contains("lm_head.weight")) {
     w.lm_head.name = "model.embed_tokens.weight";
@@ -172,7 +197,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
     t.enorm = loader.f32(p + "enorm.weight", {c.hidden_size});
     t.hnorm = loader.f32(p + "hnorm.weight", {c.hidden_size});
     t.eh_proj = loader.linear(p + "eh_proj.weight", c.hidden_size, 2 * c.hidden_size);
-    t.layer = load_layer(loader, c, li, options.mla_mode);
+    t.layer = load_layer(loader, c, li, options_.mla_mode);
     t.shared_head_norm = loader.f32(p + "shared_head.norm.weight", {c.hidden_size});
     // The published V3 checkpoint repeats the embedding and head in every MTP module;
     // checkpoints that share them may leave them out.
@@ -185,13 +210,12 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
     w.mtp.push_back(std::move(t));
   }
   w.rope = std::make_unique<Rope>(c);
-  m->place_weights();
+  place_weights();
   // every MoE layer's experts in the backend's form, now that the weights stay where they are
   for (auto& l : w.layers)
-    if (l.is_moe) prepare_moe(*m->ops_, l.moe);
+    if (l.is_moe) prepare_moe(*ops_, l.moe);
   for (auto& t : w.mtp)
-    if (t.layer.is_moe) prepare_moe(*m->ops_, t.layer.moe);
-  return m;
+    if (t.layer.is_moe) prepare_moe(*ops_, t.layer.moe);
 }
 
 // Puts every weight where the backend computes: rounded to BF16 first in bf16 mode, then (on
@@ -208,11 +232,16 @@ void Model::place_weights() {
   };
   // one placement per storage: tied tensors share it
   std::map<const void*, Tensor> done;
-  int64_t total = 0;
+  int64_t total = 0, to_move = 0;  // all weight bytes; those still in host memory
   for_each_weight(w, [&](Tensor& t, bool convertible, LinearWeight* l) {
     if (done.emplace(t.data(), Tensor()).second) {
-      total += t.numel() * int64_t(dtype_size(placed_dtype(t, convertible)));
-      if (l && l->quantized()) total += int64_t(l->scale_inv.nbytes());
+      const int64_t n = t.numel() * int64_t(dtype_size(placed_dtype(t, convertible)));
+      total += n;
+      if (t.device() != ops.device()) to_move += n;
+    }
+    if (l && l->quantized() && done.emplace(l->scale_inv.data(), Tensor()).second) {
+      total += int64_t(l->scale_inv.nbytes());
+      if (l->scale_inv.device() != ops.device()) to_move += int64_t(l->scale_inv.nbytes());
     }
   });
   done.clear();
@@ -223,10 +252,11 @@ void Model::place_weights() {
     max_cache_tokens_ = std::max<int64_t>(c.max_position_embeddings, 1);
     if (!to_bf16) return;  // weights stay as they were loaded
   } else {
-    const int64_t free = ops.free_memory();
+    // weights made on the device already (random models) count as used budget
+    const int64_t free = ops.free_memory() + (total - to_move);
     const double gib = 1024.0 * 1024.0 * 1024.0;
     int64_t budget = options_.gpu_memory > 0 ? options_.gpu_memory : free;
-    FATHOM_CHECK(free < 0 || budget <= free, "--gpu-memory asks for ", budget / gib, " GiB but only ", free / gib,
+    FATHOM_CHECK(budget <= free, "--gpu-memory asks for ", budget / gib, " GiB but only ", free / gib,
                  " GiB of GPU memory are free");
     FATHOM_CHECK(total <= budget, "model ", dir_, " needs ", total / gib, " GiB of GPU memory for its weights (",
                  precision_name(precision_), ") but the budget is ", budget / gib,
@@ -240,11 +270,13 @@ void Model::place_weights() {
                  " GiB work space; one token needs ", kv_token_bytes, " bytes; raise --gpu-memory");
     gpu_weight_bytes_ = total;
   }
-  Progress bar(cat("loading ", c.num_hidden_layers, " layers to ", ops.name()), total, true, options_.progress);
+  Progress bar(cat("loading ", c.num_hidden_layers, " layers to ", ops.name()), to_move, true, options_.progress);
   for_each_weight(w, [&](Tensor& t, bool convertible, LinearWeight* l) {
     auto it = done.find(t.data());
     if (it != done.end() && it->second.defined()) {
       t = it->second;
+    } else if (t.device() == ops.device() && placed_dtype(t, convertible) == t.dtype()) {
+      done[t.data()] = t;  // made in place
     } else {
       const void* key = t.data();
       const DType to = placed_dtype(t, convertible);
@@ -257,10 +289,10 @@ void Model::place_weights() {
     if (l && l->quantized()) {
       const void* key = l->scale_inv.data();
       auto si = done.find(key);
-      if (si == done.end()) {
+      if (si == done.end() || !si->second.defined()) {
         Tensor placed = ops.upload(l->scale_inv);
         bar.add(int64_t(placed.nbytes()));
-        si = done.emplace(key, placed).first;
+        si = done.insert_or_assign(key, placed).first;
       }
       l->scale_inv = si->second;
     }

@@ -144,6 +144,10 @@ class Ops {
   virtual void copy(const CopyParams& p) = 0;
   // n bytes from src to dst, both on this backend's device (they must not overlap).
   virtual void copy_bytes(void* dst, const void* src, size_t n) = 0;
+  // Random weights made where they live (benchmarks of models too large to write to disk):
+  // element i = scale · u_i, u_i ∈ [-1, 1) from a counter-based hash of (seed, i), then rounded
+  // to t's dtype (F32, BF16, F16, F8_E4M3) — the same values on every backend.
+  virtual void fill_random(Tensor& t, uint64_t seed, float scale) = 0;
   // Bytes free on the device now; -1 for host memory, which is not budgeted.
   virtual int64_t free_memory() { return -1; }
   // Makes the backend's form of a layer's experts (after their weights are placed).

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/random_fill.h"
 #include "core/thread_pool.h"
 #include "ops/cpu/attention.h"
 #include "ops/cpu/matmul.h"
@@ -45,6 +46,21 @@ class CpuOps final : public Ops {
           for (int c = 0; c < p.cols; ++c) dst[c] = f32_to_bf16(src[c]);
         }
       }
+  }
+
+  void fill_random(Tensor& t, uint64_t seed, float scale) override {
+    FATHOM_ASSERT(t.device() == Device::CPU);
+    const int64_t n = t.numel();
+    std::vector<float> chunk;
+    const int64_t step = 1 << 16;
+    const size_t elem = dtype_size(t.dtype());
+    for (int64_t i0 = 0; i0 < n; i0 += step) {
+      const int64_t m = std::min(step, n - i0);
+      chunk.resize(size_t(m));
+      for (int64_t i = 0; i < m; ++i) chunk[size_t(i)] = scale * random_uniform(seed, uint64_t(i0 + i));
+      Tensor c = from_f32(chunk.data(), {m}, t.dtype());
+      std::memcpy(static_cast<char*>(t.data()) + size_t(i0) * elem, c.data(), c.nbytes());
+    }
   }
 
   void copy_bytes(void* dst, const void* src, size_t n) override {

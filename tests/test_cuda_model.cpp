@@ -1,0 +1,167 @@
+// The whole model on CUDA against the whole model on the CPU, and the CUDA backend's user
+// errors. Fixture comparisons with the HF reference live in test_fixtures.cpp; here random
+// models of shapes the fixtures do not cover (many experts, groups, long prompts) run on both
+// backends with bit-identical random weights (Ops::fill_random), and the CLI's --device,
+// --precision and --gpu-memory are checked. GPU cases skip without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/random_fill.h"
+#include "fathom/model.h"
+#include "model/config.h"
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace fathom;
+using namespace fathom::test;
+
+namespace {
+
+// V3-shaped and small: 2 layers (first dense), 16 experts in 4 groups (keep 2), top-4, 1 shared.
+ModelConfig small_v3() {
+  ModelConfig c = load_config(fixture_dir("v3-tiny") + "/config.json");
+  c.vocab_size = 1000;
+  c.hidden_size = 256;
+  c.num_hidden_layers = 3;
+  c.first_k_dense_replace = 1;
+  c.intermediate_size = 384;
+  c.moe_intermediate_size = 96;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 4;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.n_shared_experts = 1;
+  c.num_nextn_predict_layers = 0;
+  return c;
+}
+
+std::vector<int32_t> some_ids(int64_t n, int64_t vocab) {
+  std::vector<int32_t> ids;
+  for (int64_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % vocab));
+  return ids;
+}
+
+}  // namespace
+
+TEST(RandomModel, FillRandomIsTheDocumentedHash) {
+  auto ops = make_cpu_ops();
+  Tensor t = Tensor::empty({3, 5});
+  ops->fill_random(t, 42, 0.5f);
+  for (int i = 0; i < 15; ++i) {
+    EXPECT_EQ(t.f32()[i], 0.5f * random_uniform(42, uint64_t(i)));
+    EXPECT_LE(std::fabs(t.f32()[i]), 0.5f);
+  }
+  Tensor b = Tensor::empty({15}, DType::BF16);
+  ops->fill_random(b, 42, 0.5f);
+  Tensor bf = to_f32(b);
+  for (int i = 0; i < 15; ++i) EXPECT_NEAR(bf.f32()[i], t.f32()[i], 4e-3);
+}
+
+TEST(RandomModel, RunsOnTheCpu) {
+  ModelOptions o;
+  auto m = Model::random(small_v3(), o, DType::BF16, 7);
+  auto ids = some_ids(9, 1000);
+  KvCache cache = m->new_cache();
+  ForwardOutput out = m->forward(ids, cache);
+  ASSERT_EQ(out.logits.shape(), (Shape{9, 1000}));
+  for (int64_t i = 0; i < out.logits.numel(); ++i) ASSERT_TRUE(std::isfinite(out.logits.f32()[i]));
+}
+
+class CudaModel : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU (or a build without CUDA): CUDA model tests skipped";
+  }
+};
+
+// The same random weights on both backends (fp32 precision: F32 weights), prefill then decode.
+TEST_F(CudaModel, RandomModelMatchesTheCpu) {
+  for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3})
+    for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Naive}) {
+      ModelOptions o;
+      o.mla_mode = mode;
+      o.precision = Precision::Fp32;
+      auto cpu = Model::random(small_v3(), o, dt, 11);
+      o.device = DeviceKind::Cuda;
+      auto gpu = Model::random(small_v3(), o, dt, 11);
+      ASSERT_STREQ(gpu->backend_name(), "cuda");
+      auto ids = some_ids(40, 1000);
+      KvCache cc = cpu->new_cache(), gc = gpu->new_cache();
+      ForwardOutput a = cpu->forward(ids, cc), b = gpu->forward(ids, gc);
+      EXPECT_LE(rel_err(b.logits.f32(), a.logits.f32(), size_t(a.logits.numel())), 1e-4)
+          << dtype_name(dt) << " " << mla_mode_name(mode);
+      for (int step = 0; step < 5; ++step) {
+        std::vector<int32_t> next = {int32_t((step * 31 + 5) % 1000)};
+        ForwardOutput sa = cpu->forward(next, cc), sb = gpu->forward(next, gc);
+        ASSERT_LE(rel_err(sb.logits.f32(), sa.logits.f32(), 1000), 1e-4)
+            << "decode step " << step << " " << dtype_name(dt) << " " << mla_mode_name(mode);
+      }
+    }
+}
+
+TEST_F(CudaModel, GreedyGenerationMatchesTheCpuOnALongPrompt) {
+  ModelOptions o;
+  o.precision = Precision::Fp32;
+  auto cpu = Model::random(small_v3(), o, DType::F32, 3);
+  o.device = DeviceKind::Cuda;
+  auto gpu = Model::random(small_v3(), o, DType::F32, 3);
+  auto prompt = some_ids(700, 1000);  // long enough for split-KV decode
+  EXPECT_EQ(gpu->generate_greedy(prompt, 12), cpu->generate_greedy(prompt, 12));
+}
+
+TEST_F(CudaModel, MemoryBudgetErrors) {
+  ModelOptions o;
+  o.device = DeviceKind::Cuda;
+  o.gpu_memory = 1 << 20;  // 1 MiB: the weights do not fit
+  try {
+    Model::load(fixture_dir("v3-realdims-fp8"), o);
+    FAIL() << "a model larger than --gpu-memory loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("GiB of GPU memory for its weights"), std::string::npos) << e.what();
+  }
+  // a budget of the weights plus a little: the KV cache holds a few tokens, a longer sequence is refused
+  o.gpu_memory = 0;
+  auto m = Model::load(fixture_dir("v3-tiny"), o);
+  o.gpu_memory = m->gpu_weight_bytes() + (int64_t(256) << 20) + (int64_t(1) << 20);
+  auto small = Model::load(fixture_dir("v3-tiny"), o);
+  ASSERT_GT(small->max_cache_tokens(), 0);
+  ASSERT_LT(small->max_cache_tokens(), small->config().max_position_embeddings);
+  EXPECT_THROW(small->new_cache(small->max_cache_tokens() + 1), Error);
+  KvCache cache = small->new_cache();
+  std::vector<int32_t> too_long = some_ids(small->max_cache_tokens() + 1, small->config().vocab_size);
+  try {
+    small->forward(too_long, cache);
+    FAIL() << "a sequence longer than the KV budget ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("KV cache is full"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaCli, DeviceChoiceErrors) {
+  TempDir tmp;
+  const std::string model = fixture_dir("v3-tiny");
+  CliRun bad = run_fathom({"info", "--model", model, "--device", "tpu"}, tmp);
+  EXPECT_TRUE(is_user_error(bad, {"--device must be auto, cpu or cuda"}));
+  CliRun size = run_fathom({"info", "--model", model, "--device", "cuda", "--gpu-memory", "lots"}, tmp);
+  EXPECT_TRUE(is_user_error(size, {"--gpu-memory must be a size"}));
+  CliRun unit = run_fathom({"info", "--model", model, "--device", "cuda", "--gpu-memory", "3Q"}, tmp);
+  EXPECT_TRUE(is_user_error(unit, {"unknown unit"}));
+  CliRun cpu_budget = run_fathom({"info", "--model", model, "--device", "cpu", "--gpu-memory", "1G"}, tmp);
+  EXPECT_TRUE(is_user_error(cpu_budget, {"--gpu-memory applies to --device cuda"}));
+  if (cuda_available()) {
+    CliRun tiny = run_fathom({"info", "--model", model, "--device", "cuda", "--gpu-memory", "1K"}, tmp);
+    EXPECT_TRUE(is_user_error(tiny, {"for its weights"}));
+    CliRun ok = run_fathom({"info", "--model", model, "--device", "cuda"}, tmp);
+    EXPECT_EQ(ok.status, 0) << ok.err;
+    EXPECT_NE(ok.out.find("device       cuda, bf16"), std::string::npos) << ok.out;
+  } else {
+    CliRun r = run_fathom({"info", "--model", model, "--device", "cuda"}, tmp);
+    EXPECT_TRUE(is_user_error(r, {"--device cuda was requested"}));
+    CliRun aut = run_fathom({"info", "--model", model, "--device", "auto"}, tmp);
+    EXPECT_EQ(aut.status, 0) << aut.err;
+    EXPECT_NE(aut.out.find("device       cpu, fp32"), std::string::npos) << aut.out;
+  }
+}
