@@ -88,6 +88,11 @@ class Model {
   // Runs `ids` (all within the vocabulary) after what `cache` holds and appends them to it.
   ForwardOutput forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& request = {});
 
+  // One step for several sequences at once (batched decode): sequence b appends tokens[b] to
+  // *caches[b]. The projections, MoE and LM head run over all rows together; attention runs per
+  // sequence over its own cache. Returns the logits of each sequence's last token (B, vocab).
+  Tensor forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches);
+
   // MTP module `depth` (0-based) over a sequence: position i combines the main model's
   // final-normed hidden state h[i] with the embedding of ids[i+1]; returns logits
   // (T-1-depth, vocab) predicting ids[i+2+depth]. `h` is (T, hidden) from forward().

@@ -87,7 +87,7 @@ MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::stri
 }
 
 void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
-                 LayerKvCache& layer, int64_t pos0, const RopeTables& rope) {
+                 const std::vector<SeqSlice>& seqs, const RopeTables& rope) {
   const int64_t T = x.dim(0);
   const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim, dv = c.v_head_dim;
   const int dqk = c.qk_head_dim();
@@ -131,49 +131,52 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   copy_rows(ops, c_kv.data(), R, DType::F32, kv.f32(), R + rd, T, int(R));
   ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
 
-  const int64_t S = pos0 + T;  // keys after appending
   Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
-  AttentionParams ap;
-  ap.n_q = T;
-  ap.n_kv = S;
-  ap.q_pos0 = pos0;
-  ap.n_q_heads = H;
-  ap.scale = float(c.softmax_scale());
-  ap.causal = true;
+  // Each sequence appends its tokens to its own cache and attends over it.
+  auto attention_params = [&](const SeqSlice& sl) {
+    AttentionParams ap;
+    ap.n_q = sl.n;
+    ap.n_kv = sl.pos0 + sl.n;  // keys after appending
+    ap.q_pos0 = sl.pos0;
+    ap.n_q_heads = H;
+    ap.scale = float(c.softmax_scale());
+    ap.causal = true;
+    return ap;
+  };
 
   if (mode == MlaMode::Naive) {
     // decompress: (T, H, nope + v) then write k = [k_nope | k_pe] and v into the cache
     Tensor kvb = ops.empty({T, H, nope + dv});
     ops.matmul(kvb, c_kv, w.kv_b_proj);
-    const DType kd = layer.k.dtype();
-    const int64_t kts = int64_t(H) * dqk, vts = int64_t(H) * dv;
-    copy_rows(ops, row_ptr(layer.k, pos0 * kts), kts, kd, kvb.f32(), int64_t(H) * (nope + dv), T, nope, H, dqk,
-              nope + dv);                                                           // k_nope per head
-    copy_rows(ops, row_ptr(layer.k, pos0 * kts + nope), kts, kd, kv.f32() + R, R + rd, T, rd, H, dqk, 0);  // k_pe, shared
-    copy_rows(ops, row_ptr(layer.v, pos0 * vts), vts, kd, kvb.f32() + nope, int64_t(H) * (nope + dv), T, dv, H, dv,
-              nope + dv);                                                           // v per head
-    ap.kv_dtype = kd;
-    ap.q = q.f32();
-    ap.q_token_stride = int64_t(H) * dqk;
-    ap.q_head_stride = dqk;
-    ap.k = layer.k.data();
-    ap.k_token_stride = int64_t(H) * dqk;
-    ap.k_head_stride = dqk;
-    ap.v = layer.v.data();
-    ap.v_token_stride = int64_t(H) * dv;
-    ap.v_head_stride = dv;
-    ap.n_kv_heads = H;
-    ap.d_qk = dqk;
-    ap.d_v = dv;
-    ap.out = attn.f32();
-    ap.out_token_stride = int64_t(H) * dv;
-    ap.out_head_stride = dv;
-    ops.attention(ap);
+    const int64_t kts = int64_t(H) * dqk, vts = int64_t(H) * dv, bts = int64_t(H) * (nope + dv);
+    for (const SeqSlice& sl : seqs) {
+      LayerKvCache& layer = *sl.cache;
+      const DType kd = layer.k.dtype();
+      const float* kvb_t = kvb.f32() + sl.t0 * bts;
+      copy_rows(ops, row_ptr(layer.k, sl.pos0 * kts), kts, kd, kvb_t, bts, sl.n, nope, H, dqk, nope + dv);  // k_nope
+      copy_rows(ops, row_ptr(layer.k, sl.pos0 * kts + nope), kts, kd, kv.f32() + sl.t0 * (R + rd) + R, R + rd, sl.n, rd,
+                H, dqk, 0);                                                                                 // k_pe, shared
+      copy_rows(ops, row_ptr(layer.v, sl.pos0 * vts), vts, kd, kvb_t + nope, bts, sl.n, dv, H, dv, nope + dv);  // v
+      AttentionParams ap = attention_params(sl);
+      ap.kv_dtype = kd;
+      ap.q = q.f32() + sl.t0 * int64_t(H) * dqk;
+      ap.q_token_stride = int64_t(H) * dqk;
+      ap.q_head_stride = dqk;
+      ap.k = layer.k.data();
+      ap.k_token_stride = kts;
+      ap.k_head_stride = dqk;
+      ap.v = layer.v.data();
+      ap.v_token_stride = vts;
+      ap.v_head_stride = dv;
+      ap.n_kv_heads = H;
+      ap.d_qk = dqk;
+      ap.d_v = dv;
+      ap.out = attn.f32() + sl.t0 * int64_t(H) * dv;
+      ap.out_token_stride = int64_t(H) * dv;
+      ap.out_head_stride = dv;
+      ops.attention(ap);
+    }
   } else {
-    // cache row = [c_kv | k_pe]
-    const DType ld = layer.latent.dtype();
-    copy_rows(ops, row_ptr(layer.latent, pos0 * (R + rd)), R + rd, ld, c_kv.f32(), R, T, int(R));
-    copy_rows(ops, row_ptr(layer.latent, pos0 * (R + rd) + R), R + rd, ld, kv.f32() + R, R + rd, T, rd);
     // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | q_pe]
     Tensor qabs = ops.empty({T, H, R + rd});
     HeadMatmulParams uk;
@@ -188,23 +191,32 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     copy_rows(ops, qabs.f32() + R, int64_t(H) * (R + rd), DType::F32, q.f32() + nope, int64_t(H) * dqk, T, rd, H, R + rd,
               dqk);
     Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
-    ap.q = qabs.f32();
-    ap.q_token_stride = int64_t(H) * (R + rd);
-    ap.q_head_stride = R + rd;
-    ap.k = layer.latent.data();
-    ap.kv_dtype = ld;
-    ap.k_token_stride = R + rd;
-    ap.k_head_stride = 0;
-    ap.v = layer.latent.data();  // the value is the latent part of the same row
-    ap.v_token_stride = R + rd;
-    ap.v_head_stride = 0;
-    ap.n_kv_heads = 1;
-    ap.d_qk = int(R) + rd;
-    ap.d_v = int(R);
-    ap.out = lat_out.f32();
-    ap.out_token_stride = int64_t(H) * R;
-    ap.out_head_stride = R;
-    ops.attention(ap);
+    for (const SeqSlice& sl : seqs) {
+      LayerKvCache& layer = *sl.cache;
+      // cache row = [c_kv | k_pe]
+      const DType ld = layer.latent.dtype();
+      copy_rows(ops, row_ptr(layer.latent, sl.pos0 * (R + rd)), R + rd, ld, c_kv.f32() + sl.t0 * R, R, sl.n, int(R));
+      copy_rows(ops, row_ptr(layer.latent, sl.pos0 * (R + rd) + R), R + rd, ld, kv.f32() + sl.t0 * (R + rd) + R, R + rd,
+                sl.n, rd);
+      AttentionParams ap = attention_params(sl);
+      ap.q = qabs.f32() + sl.t0 * int64_t(H) * (R + rd);
+      ap.q_token_stride = int64_t(H) * (R + rd);
+      ap.q_head_stride = R + rd;
+      ap.k = layer.latent.data();
+      ap.kv_dtype = ld;
+      ap.k_token_stride = R + rd;
+      ap.k_head_stride = 0;
+      ap.v = layer.latent.data();  // the value is the latent part of the same row
+      ap.v_token_stride = R + rd;
+      ap.v_head_stride = 0;
+      ap.n_kv_heads = 1;
+      ap.d_qk = int(R) + rd;
+      ap.d_v = int(R);
+      ap.out = lat_out.f32() + sl.t0 * int64_t(H) * R;
+      ap.out_token_stride = int64_t(H) * R;
+      ap.out_head_stride = R;
+      ops.attention(ap);
+    }
     // back to value space per head: attn[:, h] = lat_out[:, h] · W_UV[h]ᵀ
     HeadMatmulParams uv;
     uv.x = lat_out.f32();

@@ -13,6 +13,8 @@
 //             over the cached [c_kv | k_pe] rows: the cache holds kv_lora_rank + rope floats per
 //             token instead of n_heads * (qk_head_dim + v_head_dim).
 #pragma once
+#include <vector>
+
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/weights.h"
@@ -46,9 +48,18 @@ struct RopeTables {
   const Tensor* sin;
 };
 
-// out (T, hidden) = MLA(x) for x (T, hidden) (already normed) at positions
-// cache.length() .. + T - 1; appends the T tokens to `layer` (the caller advances the cache).
+// The tokens of one sequence within a batch: rows [t0, t0 + n) of the activations sit at
+// positions pos0 .. pos0 + n - 1 of the sequence whose cache (this layer's) is `cache`.
+struct SeqSlice {
+  LayerKvCache* cache = nullptr;
+  int64_t pos0 = 0, t0 = 0, n = 0;
+};
+
+// out (T, hidden) = MLA(x) for x (T, hidden) (already normed) holding the tokens of one or
+// more sequences (`seqs` cover the T rows); the projections run over all T rows at once, each
+// sequence appends its tokens to its cache and attends over it (the caller advances caches).
+// rope: tables for the T rows' positions.
 void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
-                 LayerKvCache& layer, int64_t pos0, const RopeTables& rope);
+                 const std::vector<SeqSlice>& seqs, const RopeTables& rope);
 
 }  // namespace fathom

@@ -114,12 +114,12 @@ const char* device_kind_name(DeviceKind d) {
 const char* precision_name(Precision p) { return p == Precision::Auto ? "auto" : p == Precision::Fp32 ? "fp32" : "bf16"; }
 
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           LayerKvCache& cache, int64_t pos0, const RopeTables& rope) {
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope) {
   const int64_t T = x.dim(0), D = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
   Tensor h = ops.empty({T, D}), y = ops.empty({T, D});
   ops.rmsnorm(h, x, w.input_layernorm, eps);
-  mla_forward(ops, w.attn, c, mode, y, h, cache, pos0, rope);
+  mla_forward(ops, w.attn, c, mode, y, h, seqs, rope);
   ops.add(x, y);
   ops.rmsnorm(h, x, w.post_attention_layernorm, eps);
   if (w.is_moe)
@@ -371,7 +371,7 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   };
   if (req.hidden_states) snapshot(x);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, cache.layer(l), pos0, rope);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope);
     if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);
@@ -386,6 +386,64 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   out.logits = Tensor::empty({head_in.dim(0), c.vocab_size});
   ops.download(out.logits.data(), logits);
   return out;
+}
+
+Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches) {
+  FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), "forward_batch: ", tokens.size(), " token lists for ",
+               caches.size(), " caches");
+  const ModelConfig& c = w_->config;
+  Ops& ops = *ops_;
+  const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> positions;
+  std::vector<int64_t> last_rows;
+  for (int64_t b = 0; b < B; ++b) {
+    check_ids(tokens[size_t(b)], cat("tokens of sequence ", b));
+    KvCache& kc = *caches[size_t(b)];
+    FATHOM_CHECK(kc.mode() == options_.mla_mode, "KV cache ", b, " was made for MLA mode ", mla_mode_name(kc.mode()));
+    for (int64_t b2 = 0; b2 < b; ++b2) FATHOM_CHECK(caches[size_t(b2)] != &kc, "forward_batch: cache ", b, " repeats cache ", b2);
+    kc.reserve(int64_t(tokens[size_t(b)].size()));
+    for (size_t i = 0; i < tokens[size_t(b)].size(); ++i) {
+      ids.push_back(tokens[size_t(b)][i]);
+      positions.push_back(kc.length() + int64_t(i));
+    }
+    last_rows.push_back(int64_t(ids.size()) - 1);
+  }
+  const int64_t T = int64_t(ids.size());
+  Tensor cos_h, sin_h;
+  w_->rope->tables(positions.data(), T, cos_h, sin_h);
+  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
+  RopeTables rope{&cos, &sin};
+  Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
+  Tensor x = ops.empty({T, D});
+  ops.embedding(x, ids_d, w_->embed_tokens);
+  std::vector<SeqSlice> seqs(static_cast<size_t>(B));
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    int64_t t0 = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = int64_t(tokens[size_t(b)].size());
+      seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), t0, n};
+      t0 += n;
+    }
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
+  }
+  for (int64_t b = 0; b < B; ++b) caches[size_t(b)]->advance(int64_t(tokens[size_t(b)].size()));
+  // the last row of every sequence through the final norm and the LM head
+  Tensor last = ops.empty({B, D});
+  for (int64_t b = 0; b < B; ++b) {
+    CopyParams cp;
+    cp.out = last.f32() + b * D;
+    cp.in = x.f32() + last_rows[size_t(b)] * D;
+    cp.n_tokens = 1;
+    cp.cols = int(D);
+    ops.copy(cp);
+  }
+  ops.rmsnorm(last, last, w_->norm, float(c.rms_norm_eps));
+  Tensor logits = ops.empty({B, c.vocab_size});
+  ops.matmul(logits, last, w_->lm_head);
+  Tensor host = Tensor::empty({B, c.vocab_size});
+  ops.download(host.data(), logits);
+  return host;
 }
 
 Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int depth, Tensor* mtp_hidden) {
@@ -430,7 +488,7 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
   w_->rope->tables(positions.data(), n, cos_h, sin_h);
   Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
   KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
-  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, cache.layer(0), 0, RopeTables{&cos, &sin});
+  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, {{&cache.layer(0), 0, 0, n}}, RopeTables{&cos, &sin});
   if (mtp_hidden) {
     *mtp_hidden = Tensor::empty({n, D});
     ops.download(mtp_hidden->data(), x);

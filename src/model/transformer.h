@@ -43,7 +43,8 @@ struct ModelWeights {
 };
 
 // x (T, hidden) += attn(norm(x)); x += ffn(norm(x))
+// The tokens of one or more sequences (see SeqSlice; `layer` picks each sequence's cache).
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           LayerKvCache& cache, int64_t pos0, const RopeTables& rope);
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope);
 
 }  // namespace fathom
