@@ -56,8 +56,10 @@ char* row_ptr(Tensor& t, int64_t elem_offset) { return static_cast<char*>(t.data
 
 int64_t MlaWeights::nbytes() const {
   int64_t n = 0;
-  for (const LinearWeight* l : {&q_a_proj, &q_b_proj, &q_proj, &kv_a_proj_with_mqa, &kv_b_proj, &o_proj})
+  for (const LinearWeight* l : {&q_a_proj, &q_b_proj, &q_proj, &kv_a_proj_with_mqa, &o_proj})
     if (l->weight.defined()) n += int64_t(l->nbytes());
+  // absorbed decode reads the per-head stacks, not kv_b_proj itself
+  n += w_uk_t.defined() ? int64_t(w_uk_t.nbytes() + w_uv.nbytes()) : int64_t(kv_b_proj.nbytes());
   return n;
 }
 

@@ -37,7 +37,7 @@ struct MlaWeights {
   Tensor w_uk_t;  // (n_heads, kv_lora_rank, qk_nope_head_dim): q_latent[h] = q_nope[h] · W_UK[h]
   Tensor w_uv;    // (n_heads, v_head_dim, kv_lora_rank):       o[h] = latent[h] · W_UV[h]ᵀ
 
-  int64_t nbytes() const;  // weight bytes read per token (the checkpoint tensors)
+  int64_t nbytes() const;  // weight bytes one decoded token reads (absorbed: W_UK/W_UV instead of kv_b_proj)
 };
 
 // `mode` decides what is prepared: absorbed mode also cuts W_UK/W_UV out of kv_b_proj.

@@ -1,0 +1,183 @@
+// Decode and prefill speed of the CUDA backend on random-weight DeepSeek models made on the GPU
+// (Model::random: no files), against the memory-bandwidth roofline measured in the same run.
+//
+//   (a) v3-4.9b:      V3-shaped, 4.89B parameters (bench/configs/v3-4.9b.json)
+//   (b) v2-lite-16b:  V2-Lite-shaped, 15.7B parameters (bench/configs/v2-lite-16b.json)
+// each with bf16 and with FP8 e4m3 (128x128 block scales) weights, absorbed MLA, bf16 latent cache.
+//
+// Batch-1 decode reads every active weight once per token (attention, the dense or shared +
+// top-k routed experts, the router, the LM head) and the latent cache of the context:
+//     roofline tokens/s = copy bandwidth / (active weight bytes + latent KV bytes per step).
+// Batch-B decode runs B sequences per step (Model::forward_batch); prefill runs one prompt.
+//
+// usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
+//                          [--decode 64] [--prefill 2048] [--batches 1,8,32]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "fathom/model.h"
+#include "ops/ops.h"
+#ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/bandwidth.h"
+#endif
+
+using namespace fathom;
+using Clock = std::chrono::steady_clock;
+
+#ifdef FATHOM_HAVE_CUDA
+namespace {
+
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string x; std::getline(ss, x, ',');)
+    if (!x.empty()) out.push_back(x);
+  return out;
+}
+
+std::vector<int32_t> prompt_ids(int64_t n, int64_t vocab, int64_t salt) {
+  std::vector<int32_t> ids;
+  for (int64_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + salt * 104729 + 11) % vocab));
+  return ids;
+}
+
+int32_t argmax(const float* l, int64_t n) { return int32_t(std::max_element(l, l + n) - l); }
+
+struct Row {
+  std::string model, dtype, what;
+  double tokens_per_s = 0, roofline = 0;  // roofline tokens/s (batch 1 only)
+};
+
+}  // namespace
+#endif
+
+int main(int argc, char** argv) {
+  std::string models = "v3-4.9b,v2-lite-16b", dtypes = "bf16,fp8", batches = "1,8,32";
+  int64_t n_prompt = 128, n_decode = 64, n_prefill = 2048;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "bench_cuda_decode: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--models") models = next();
+    else if (a == "--dtypes") dtypes = next();
+    else if (a == "--batches") batches = next();
+    else if (a == "--prompt") n_prompt = std::atol(next().c_str());
+    else if (a == "--decode") n_decode = std::atol(next().c_str());
+    else if (a == "--prefill") n_prefill = std::atol(next().c_str());
+    else {
+      std::fprintf(stderr, "usage: bench_cuda_decode [--models LIST] [--dtypes bf16,fp8] [--batches 1,8,32] "
+                           "[--prompt N] [--decode N] [--prefill N]\n");
+      return 2;
+    }
+  }
+#ifndef FATHOM_HAVE_CUDA
+  (void)n_prompt, (void)n_decode, (void)n_prefill;
+  std::fprintf(stderr, "bench_cuda_decode: this build has no CUDA backend (nvcc was not found at configure time)\n");
+  return 1;
+#else
+  try {
+    if (!cuda_available()) {
+      std::fprintf(stderr, "bench_cuda_decode: no CUDA GPU on this machine\n");
+      return 1;
+    }
+    const double bw = cuda::copy_bandwidth(size_t(2) << 30, 5);
+    std::printf("device copy bandwidth: %.3f TB/s (2 GiB cudaMemcpy D2D, read + write bytes, best of 5)\n", bw / 1e12);
+    std::vector<Row> rows;
+    for (const std::string& name : split(models)) {
+      const ModelConfig c = load_config(std::string(FATHOM_SOURCE_DIR) + "/bench/configs/" + name + ".json");
+      double bf16_tps1 = 0;
+      for (const std::string& dt : split(dtypes)) {
+        FATHOM_CHECK(dt == "bf16" || dt == "fp8", "--dtypes takes bf16 and fp8, not ", dt);
+        ModelOptions o;
+        o.device = DeviceKind::Cuda;
+        o.precision = Precision::Bf16;
+        o.mla_mode = MlaMode::Absorbed;
+        o.progress = false;
+        auto t0 = Clock::now();
+        auto m = Model::random(c, o, dt == "fp8" ? DType::F8_E4M3 : DType::BF16, 1234);
+        const ParamCounts p = m->param_counts();
+        std::printf("\n%s %s: %.2fB parameters (%.2fB active), %.2f GB of active weights per token, made on the GPU "
+                    "in %.1f s; KV room for %ld tokens\n",
+                    name.c_str(), dt.c_str(), p.total / 1e9, p.active_per_token / 1e9, p.active_weight_bytes / 1e9,
+                    since(t0), long(m->max_cache_tokens()));
+        const int64_t V = c.vocab_size;
+        const int64_t kv_row = (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_hidden_layers;  // bf16 latent bytes/token
+        {  // prefill
+          KvCache warm = m->new_cache(64);
+          ForwardRequest r;
+          r.last_logits_only = true;
+          m->forward(prompt_ids(64, V, 0), warm, r);
+          KvCache cache = m->new_cache(n_prefill);
+          t0 = Clock::now();
+          m->forward(prompt_ids(n_prefill, V, 1), cache, r);
+          const double s = since(t0);
+          rows.push_back({name, dt, "prefill " + std::to_string(n_prefill), n_prefill / s, 0});
+          std::printf("  prefill %ld tokens: %.3f s, %.0f tokens/s\n", long(n_prefill), s, n_prefill / s);
+        }
+        for (const std::string& bs : split(batches)) {
+          const int64_t B = std::atol(bs.c_str());
+          FATHOM_CHECK(B >= 1 && B <= 1024, "batch size ", bs, " is out of range");
+          std::vector<KvCache> caches;
+          for (int64_t b = 0; b < B; ++b) caches.push_back(m->new_cache(n_prompt + n_decode + 4));
+          std::vector<KvCache*> ptrs;
+          for (auto& k : caches) ptrs.push_back(&k);
+          std::vector<std::vector<int32_t>> step;
+          for (int64_t b = 0; b < B; ++b) step.push_back(prompt_ids(n_prompt, V, b + 2));
+          Tensor logits = m->forward_batch(step, ptrs);
+          auto pick = [&] {
+            for (int64_t b = 0; b < B; ++b) step[size_t(b)] = {argmax(logits.f32() + b * V, V)};
+          };
+          pick();
+          for (int w = 0; w < 2; ++w) {  // warm-up steps
+            logits = m->forward_batch(step, ptrs);
+            pick();
+          }
+          t0 = Clock::now();
+          for (int64_t i = 0; i < n_decode; ++i) {
+            logits = m->forward_batch(step, ptrs);
+            pick();
+          }
+          const double s = since(t0);
+          const double tps = double(B * n_decode) / s;
+          double roof = 0;
+          if (B == 1) {
+            const double ctx = double(n_prompt + 2) + double(n_decode) / 2;  // mean context of the timed steps
+            roof = bw / (double(p.active_weight_bytes) + ctx * double(kv_row));
+            if (dt == "bf16") bf16_tps1 = tps;
+          }
+          rows.push_back({name, dt, "decode batch " + bs, tps, roof});
+          std::printf("  decode batch %ld: %.2f ms/step, %.1f tokens/s", long(B), 1e3 * s / double(n_decode), tps);
+          if (B == 1) std::printf(" (roofline %.0f tokens/s: %.1f%%)", roof, 100 * tps / roof);
+          if (B == 1 && dt == "fp8" && bf16_tps1 > 0) std::printf(", %.2fx bf16", tps / bf16_tps1);
+          std::printf("\n");
+        }
+      }
+    }
+    std::printf("\n%-12s %-5s %-18s %12s %12s %8s\n", "model", "dtype", "run", "tokens/s", "roofline", "ratio");
+    for (const Row& r : rows) {
+      std::printf("%-12s %-5s %-18s %12.1f", r.model.c_str(), r.dtype.c_str(), r.what.c_str(), r.tokens_per_s);
+      if (r.roofline > 0)
+        std::printf(" %12.0f %7.1f%%\n", r.roofline, 100 * r.tokens_per_s / r.roofline);
+      else
+        std::printf(" %12s %8s\n", "-", "-");
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_decode: %s\n", e.what());
+    return 2;
+  }
+#endif
+}

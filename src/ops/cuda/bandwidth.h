@@ -1,0 +1,10 @@
+// The GPU's memory bandwidth as benchmarks measure it in the same run as their own figures:
+// a device-to-device cudaMemcpy of `bytes`, counting the bytes read and written, best of `reps`.
+#pragma once
+#include <cstddef>
+
+namespace fathom::cuda {
+
+double copy_bandwidth(size_t bytes, int reps);  // bytes per second
+
+}  // namespace fathom::cuda
