@@ -1,10 +1,18 @@
-// CUDA ops against the CPU ops (the reference backend) on fresh random inputs every run,
-// several shapes including odd ones, with outputs poisoned (NaN) before each launch so an
-// element a kernel forgets to write fails the comparison. Skips — with the reason — when the
-// build has no CUDA or the machine has no GPU (CI).
+// Every op of the CUDA backend against the CPU backend (the reference), both called through the
+// Ops interface, on fresh random inputs each run (the seed is printed with any failure),
+// several shapes including odd ones. GPU outputs start as NaN bytes (a poisoned device tensor),
+// so an element a kernel forgets to write fails the comparison. Bounds, per op:
+//   bit-exact         fill_random, embedding, add, copy (F32 and BF16), memory round trips
+//   1e-5              rmsnorm, silu_mul, rope                    max |a-b| / (|b|+1)
+//   1e-4              matmul (every dtype), matmul_per_head, attention, moe_experts
+//   ids equal, 1e-6   moe_gate (inputs without near-ties)
+// Skips — with the reason — when the build has no CUDA or the machine has no GPU (CI).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -30,101 +38,515 @@ class CudaOps : public testing::Test {
  protected:
   void SetUp() override {
     if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine: CUDA op tests skipped";
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    trace_ = std::make_unique<testing::ScopedTrace>(__FILE__, __LINE__, cat("random seed ", seed_));
     cpu_ = make_cpu_ops();
+    gpu_ = make_cuda_ops(0);
   }
-  std::unique_ptr<Ops> cpu_;
-  std::mt19937 rng_{std::random_device{}()};
+  void TearDown() override { trace_.reset(); }
 
-  Tensor random(Shape shape, float scale = 1.0f) {
-    Tensor t = Tensor::empty(shape);
+  uint32_t seed_ = 0;
+  std::mt19937 rng_;
+  std::unique_ptr<testing::ScopedTrace> trace_;
+  std::unique_ptr<Ops> cpu_, gpu_;
+
+  Tensor randn(Shape shape, float scale = 1.0f) {
+    Tensor t = Tensor::empty(std::move(shape));
     std::normal_distribution<float> d(0.f, scale);
     for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(rng_);
     return t;
   }
-  static std::unique_ptr<cuda::DeviceBuffer> to_device(const Tensor& t) {
-    auto b = std::make_unique<cuda::DeviceBuffer>(t.nbytes());
-    b->upload(t.data(), t.nbytes());
-    return b;
+  Tensor uniform(Shape shape, float lo, float hi) {
+    Tensor t = Tensor::empty(std::move(shape));
+    std::uniform_real_distribution<float> d(lo, hi);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(rng_);
+    return t;
   }
-  static std::unique_ptr<cuda::DeviceBuffer> poisoned(size_t bytes) {
-    auto b = std::make_unique<cuda::DeviceBuffer>(bytes);
-    b->fill_bytes(0xFF);  // every float NaN
-    return b;
+  // A host tensor of NaN bytes (0xFF: every float and bf16 a NaN).
+  static Tensor host_poison(Shape shape, DType dtype = DType::F32) {
+    Tensor t = Tensor::empty(std::move(shape), dtype);
+    std::memset(t.data(), 0xFF, t.nbytes());
+    return t;
   }
-  static std::vector<float> from_device(const cuda::DeviceBuffer& b, int64_t n) {
-    cuda::synchronize();
-    std::vector<float> v(static_cast<size_t>(n));
-    b.download(v.data(), v.size() * sizeof(float));
-    return v;
+  Tensor gpu_poison(Shape shape, DType dtype = DType::F32) { return gpu_->upload(host_poison(std::move(shape), dtype)); }
+  Tensor up(const Tensor& host) { return gpu_->upload(host); }
+  Tensor down(const Tensor& dev) {
+    Tensor h = Tensor::empty(dev.shape(), dev.dtype());
+    gpu_->download(h.data(), dev);
+    return h;
   }
-  // Max |a - b| / (|b| + 1): NaN anywhere fails.
-  static double max_err(const std::vector<float>& got, const Tensor& want) {
+  LinearWeight up(const LinearWeight& w) {
+    LinearWeight g = w;
+    g.weight = up(w.weight);
+    if (w.quantized()) g.scale_inv = up(w.scale_inv);
+    return g;
+  }
+  // A random (N, K) weight in dtype, entries of size ~1/sqrt(K); FP8 with random block scales.
+  LinearWeight random_weight(int64_t N, int64_t K, DType dtype, int64_t block = 128) {
+    LinearWeight w;
+    w.name = cat("w", N, "x", K, "_", dtype_name(dtype));
+    w.block = block;
+    if (dtype == DType::F8_E4M3) {
+      Tensor f = randn({N, K}, 100.0f);  // codes over the whole e4m3 range, saturating at 448
+      w.weight = from_f32(f.f32(), {N, K}, dtype);
+      w.scale_inv = uniform({(N + block - 1) / block, (K + block - 1) / block}, 0.5f, 2.0f);
+      for (int64_t i = 0; i < w.scale_inv.numel(); ++i) w.scale_inv.f32()[i] /= 100.0f * std::sqrt(float(K));
+    } else {
+      Tensor f = randn({N, K}, 1.0f / std::sqrt(float(K)));
+      w.weight = from_f32(f.f32(), {N, K}, dtype);
+    }
+    return w;
+  }
+  // Max |a - b| / (|b| + 1) over F32 host tensors; NaN anywhere gives infinity.
+  static double max_err(const Tensor& got, const Tensor& want) {
+    EXPECT_EQ(got.numel(), want.numel());
     double m = 0;
     for (int64_t i = 0; i < want.numel(); ++i) {
-      const double d = std::fabs(double(got[size_t(i)]) - want.f32()[i]) / (std::fabs(want.f32()[i]) + 1.0);
+      const double d = std::fabs(double(got.f32()[i]) - want.f32()[i]) / (std::fabs(want.f32()[i]) + 1.0);
       if (!(d <= m)) m = std::isnan(d) ? INFINITY : d;
     }
     return m;
   }
+  // The (n_tokens, n_heads, cols) elements of a strided F32 buffer, compacted.
+  static Tensor gather(const Tensor& buf, int64_t n_tokens, int n_heads, int64_t cols, int64_t ts, int64_t hs) {
+    Tensor t = Tensor::empty({n_tokens, n_heads, cols});
+    for (int64_t i = 0; i < n_tokens; ++i)
+      for (int h = 0; h < n_heads; ++h)
+        std::memcpy(t.f32() + (i * n_heads + h) * cols, buf.f32() + i * ts + h * hs, sizeof(float) * size_t(cols));
+    return t;
+  }
+  static bool same_bytes(const Tensor& a, const Tensor& b) {
+    return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+  }
 };
+
+// ---- memory and errors
+
+TEST_F(CudaOps, MemoryRoundTripsBytesExactly) {
+  EXPECT_EQ(gpu_->device(), Device::CUDA);
+  EXPECT_STREQ(gpu_->name(), "cuda");
+  EXPECT_GT(gpu_->free_memory(), 0);
+  // sizes around the 32 MiB staging chunks, odd byte counts, empty tensors
+  for (int64_t n : {int64_t(0), int64_t(1), int64_t(3), int64_t(4097), int64_t(32) << 20, (int64_t(80) << 20) + 5}) {
+    Tensor host = Tensor::empty({n}, DType::U8);
+    for (int64_t i = 0; i < n; ++i) host.ptr<uint8_t>()[i] = uint8_t(rng_());
+    Tensor dev = up(host);
+    EXPECT_EQ(dev.device(), Device::CUDA);
+    EXPECT_EQ(dev.shape(), host.shape());
+    EXPECT_EQ(dev.dtype(), DType::U8);
+    EXPECT_TRUE(same_bytes(down(dev), host)) << n << " bytes";
+    // empty() + copy_bytes on the device
+    Tensor copy = gpu_->empty({n}, DType::U8);
+    gpu_->copy_bytes(copy.data(), dev.data(), size_t(n));
+    EXPECT_TRUE(same_bytes(down(copy), host)) << n << " bytes through copy_bytes";
+  }
+  for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3, DType::I32}) {
+    Tensor host = Tensor::empty({7, 13}, dt);
+    for (size_t i = 0; i < host.nbytes(); ++i) static_cast<uint8_t*>(host.data())[i] = uint8_t(rng_());
+    Tensor dev = up(host);
+    EXPECT_EQ(dev.dtype(), dt);
+    EXPECT_TRUE(same_bytes(down(dev), host)) << dtype_name(dt);
+  }
+}
+
+TEST_F(CudaOps, ErrorsAreFathomErrors) {
+  EXPECT_THROW(make_cuda_ops(cuda::device_count()), Error);  // one past the last GPU
+  EXPECT_THROW(make_cuda_ops(-1), Error);
+  try {
+    gpu_->empty({int64_t(1) << 40});  // 4 TiB
+    ADD_FAILURE() << "an impossible allocation succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bytes"), std::string::npos) << e.what();
+  }
+  // the backend still works after the failure
+  Tensor t = randn({4, 8});
+  EXPECT_TRUE(same_bytes(down(up(t)), t));
+  // a host tensor handed to a GPU op is a clear error, not a crash
+  Tensor out = gpu_->empty({4, 8});
+  EXPECT_THROW(gpu_->add(out, t), Error);
+  Tensor ids = up(Tensor::zeros({1}, DType::I32));
+  Tensor table = up(Tensor::zeros({4, 8}, DType::I64));
+  Tensor emb = gpu_->empty({1, 8});
+  EXPECT_THROW(gpu_->embedding(emb, ids, table), Error);
+}
+
+TEST_F(CudaOps, FillRandomIsBitIdentical) {
+  for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3})
+    for (int64_t n : {1, 1000, 65537 + 3}) {
+      const uint64_t seed = (uint64_t(rng_()) << 32) | rng_();
+      const float scale = dt == DType::F8_E4M3 ? 600.0f : 0.05f;  // FP8 saturates past 448
+      Tensor want = Tensor::empty({n}, dt);
+      cpu_->fill_random(want, seed, scale);
+      Tensor got = gpu_poison({n}, dt);
+      gpu_->fill_random(got, seed, scale);
+      EXPECT_TRUE(same_bytes(down(got), want)) << dtype_name(dt) << " n " << n;
+    }
+}
+
+// ---- elementwise
 
 TEST_F(CudaOps, Embedding) {
   for (auto [V, H, T] : {std::tuple{50, 64, 7}, {1000, 129, 33}, {17, 7168, 3}}) {
     for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
-      Tensor table32 = random({V, H});
+      Tensor table32 = randn({V, H});
       Tensor table = from_f32(table32.f32(), table32.shape(), dt);
-      std::vector<int32_t> ids(static_cast<size_t>(T));
-      for (auto& id : ids) id = int32_t(rng_() % uint32_t(V));
+      Tensor ids = Tensor::empty({T}, DType::I32);
+      for (int64_t i = 0; i < T; ++i) ids.ptr<int32_t>()[i] = int32_t(rng_() % uint32_t(V));
       Tensor want = Tensor::empty({T, H});
-      cpu_->embedding(want, ids.data(), T, table);
-      auto d_table = to_device(table);
-      cuda::DeviceBuffer d_ids(ids.size() * sizeof(int32_t));
-      d_ids.upload(ids.data(), ids.size() * sizeof(int32_t));
-      auto d_out = poisoned(size_t(T * H) * sizeof(float));
-      cuda::embedding(d_out->as<float>(), d_ids.as<int32_t>(), T, d_table->data(), dt, H);
-      EXPECT_EQ(max_err(from_device(*d_out, T * H), want), 0.0) << "V " << V << " H " << H << " " << dtype_name(dt);
+      cpu_->embedding(want, ids, table);
+      Tensor got = gpu_poison({T, H}), d_ids = up(ids), d_table = up(table);
+      gpu_->embedding(got, d_ids, d_table);
+      EXPECT_EQ(max_err(down(got), want), 0.0) << "V " << V << " H " << H << " " << dtype_name(dt);
     }
   }
 }
 
 TEST_F(CudaOps, RmsNorm) {
   for (auto [M, N] : {std::pair{1, 7168}, {5, 1}, {33, 513}, {128, 2048}, {3, 100003}}) {
-    Tensor x = random({M, N}, 3.0f), w = random({N});
+    Tensor x = randn({M, N}, 3.0f), w = randn({N});
     Tensor want = Tensor::empty({M, N});
     cpu_->rmsnorm(want, x, w, 1e-6f);
-    auto dx = to_device(x), dw = to_device(w);
-    auto d_out = poisoned(x.nbytes());
-    cuda::rmsnorm(d_out->as<float>(), dx->as<float>(), dw->as<float>(), M, N, 1e-6f);
-    EXPECT_LT(max_err(from_device(*d_out, M * N), want), 1e-5) << "M " << M << " N " << N;
-    // In place (out aliases x), as the model calls it.
-    cuda::rmsnorm(dx->as<float>(), dx->as<float>(), dw->as<float>(), M, N, 1e-6f);
-    EXPECT_LT(max_err(from_device(*dx, M * N), want), 1e-5) << "in place, M " << M << " N " << N;
+    Tensor dx = up(x), dw = up(w), got = gpu_poison({M, N});
+    gpu_->rmsnorm(got, dx, dw, 1e-6f);
+    EXPECT_LT(max_err(down(got), want), 1e-5) << "M " << M << " N " << N;
+    gpu_->rmsnorm(dx, dx, dw, 1e-6f);  // in place, as the model calls it
+    EXPECT_LT(max_err(down(dx), want), 1e-5) << "in place, M " << M << " N " << N;
   }
 }
 
 TEST_F(CudaOps, SiluMulAndAdd) {
   for (int64_t n : {1, 31, 4096, 1000003}) {
-    Tensor g = random({n}, 4.0f), u = random({n});
+    Tensor g = randn({n}, 4.0f), u = randn({n});
     Tensor want = Tensor::empty({n});
     cpu_->silu_mul(want, g, u);
-    auto dg = to_device(g), du = to_device(u);
-    auto d_out = poisoned(g.nbytes());
-    cuda::silu_mul(d_out->as<float>(), dg->as<float>(), du->as<float>(), n);
-    EXPECT_LT(max_err(from_device(*d_out, n), want), 1e-5) << "silu_mul n " << n;
+    Tensor dg = up(g), du = up(u), got = gpu_poison({n});
+    gpu_->silu_mul(got, dg, du);
+    EXPECT_LT(max_err(down(got), want), 1e-5) << "silu_mul n " << n;
+    gpu_->silu_mul(dg, dg, du);  // out aliases gate
+    EXPECT_LT(max_err(down(dg), want), 1e-5) << "silu_mul in place, n " << n;
 
-    Tensor x = random({n}), y = random({n});
-    auto dx = to_device(x), dy = to_device(y);
+    Tensor x = randn({n}), y = randn({n});
+    Tensor dx = up(x), dy = up(y);
     cpu_->add(x, y);
-    cuda::add(dx->as<float>(), dy->as<float>(), n);
-    EXPECT_EQ(max_err(from_device(*dx, n), x), 0.0) << "add n " << n;
+    gpu_->add(dx, dy);
+    EXPECT_EQ(max_err(down(dx), x), 0.0) << "add n " << n;
   }
 }
 
-TEST_F(CudaOps, ErrorsAreFathomErrors) {
-  EXPECT_THROW(cuda::DeviceBuffer(size_t(1) << 60), Error);  // absurd allocation: a clear error, no crash
-  Tensor t = random({4, 8});
-  auto d = to_device(t);
-  EXPECT_THROW(cuda::embedding(d->as<float>(), nullptr, 1, d->data(), DType::I64, 8), Error);
+TEST_F(CudaOps, CopyStridedConvertsAndBroadcasts) {
+  struct Case { int64_t T; int H, cols; int64_t in_ts, in_hs, out_ts, out_hs; };
+  for (Case c : {Case{3, 2, 5, 11, 0, 16, 7}, Case{7, 1, 576, 600, 0, 576, 0}, Case{33, 4, 64, 4 * 70, 70, 4 * 64 + 3, 64},
+                 Case{1, 128, 192, 128 * 192, 192, 128 * 200, 200}}) {
+    for (DType dt : {DType::F32, DType::BF16}) {
+      const int64_t in_n = (c.T - 1) * c.in_ts + (c.H - 1) * c.in_hs + c.cols;
+      const int64_t out_n = (c.T - 1) * c.out_ts + (c.H - 1) * c.out_hs + c.cols + 5;
+      Tensor in = randn({in_n});
+      Tensor want = host_poison({out_n}, dt);  // unwritten elements keep their bytes on both sides
+      CopyParams p;
+      p.out_token_stride = c.out_ts, p.out_head_stride = c.out_hs, p.out_dtype = dt;
+      p.in_token_stride = c.in_ts, p.in_head_stride = c.in_hs;
+      p.n_tokens = c.T, p.n_heads = c.H, p.cols = c.cols;
+      p.out = want.data(), p.in = in.f32();
+      cpu_->copy(p);
+      Tensor din = up(in), got = gpu_poison({out_n}, dt);
+      p.out = got.data(), p.in = din.f32();
+      gpu_->copy(p);
+      EXPECT_TRUE(same_bytes(down(got), want)) << dtype_name(dt) << " T " << c.T << " H " << c.H << " cols " << c.cols;
+    }
+  }
+}
+
+TEST_F(CudaOps, Rope) {
+  struct Case { int64_t T; int H, offset, dim; int64_t ts, hs; };
+  for (Case c : {Case{1, 128, 128, 64, 128 * 192, 192}, Case{37, 16, 0, 64, 16 * 64, 64}, Case{5, 1, 512, 64, 600, 0},
+                 Case{9, 3, 1, 6, 3 * 11 + 2, 11}}) {
+    for (bool interleaved : {true, false}) {
+      const int64_t n = (c.T - 1) * c.ts + (c.H - 1) * c.hs + c.offset + c.dim;
+      Tensor x = randn({n}), cs = uniform({c.T, c.dim / 2}, -1.2f, 1.2f), sn = uniform({c.T, c.dim / 2}, -1.2f, 1.2f);
+      Tensor dx = up(x), dcs = up(cs), dsn = up(sn);
+      RopeParams p;
+      p.n_tokens = c.T, p.token_stride = c.ts, p.head_stride = c.hs, p.n_heads = c.H, p.offset = c.offset,
+      p.rope_dim = c.dim, p.interleaved = interleaved;
+      p.x = x.f32(), p.cos = cs.f32(), p.sin = sn.f32();
+      cpu_->rope(p);
+      p.x = dx.f32(), p.cos = dcs.f32(), p.sin = dsn.f32();
+      gpu_->rope(p);
+      EXPECT_LT(max_err(down(dx), x), 1e-5) << "T " << c.T << " H " << c.H << " interleaved " << interleaved;
+    }
+  }
+}
+
+// ---- matmul
+
+TEST_F(CudaOps, MatmulEveryDtypeAndShape) {
+  struct Case { int64_t N, K, block; };
+  // odd sizes (scalar paths), aligned sizes (vector paths), FP8 edge blocks and block edges
+  // that are not multiples of 16 or 8
+  for (Case c : {Case{19, 33, 128}, Case{256, 512, 128}, Case{300, 200, 128}, Case{130, 1000, 128}, Case{64, 96, 24},
+                 Case{21, 45, 5}, Case{1000, 2048, 128}}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+      if (c.block != 128 && dt != DType::F8_E4M3) continue;
+      LinearWeight w = random_weight(c.N, c.K, dt, c.block), dw = up(w);
+      for (int64_t M : {1, 2, 5, 8, 9, 64, 130}) {
+        Tensor x = randn({M, c.K});
+        Tensor want = Tensor::empty({M, c.N});
+        cpu_->matmul(want, x, w);
+        Tensor dx = up(x), got = gpu_poison({M, c.N});
+        gpu_->matmul(got, dx, dw);
+        EXPECT_LT(max_err(down(got), want), 1e-4)
+            << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K << " block " << c.block;
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, MatmulBatch) {
+  LinearWeight a = random_weight(576, 256, DType::BF16), b = random_weight(300, 256, DType::F8_E4M3),
+               c = random_weight(77, 40, DType::F32);
+  LinearWeight da = up(a), db = up(b), dc = up(c);
+  for (int64_t M : {1, 3, 20}) {
+    Tensor x = randn({M, 256}), x2 = randn({M, 40});
+    Tensor wa = Tensor::empty({M, 576}), wb = Tensor::empty({M, 300}), wc = Tensor::empty({M, 77});
+    cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a}, {wb.f32(), x.f32(), M, &b}, {wc.f32(), x2.f32(), M, &c}});
+    Tensor dx = up(x), dx2 = up(x2);
+    Tensor ga = gpu_poison({M, 576}), gb = gpu_poison({M, 300}), gc = gpu_poison({M, 77});
+    gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da}, {gb.f32(), dx.f32(), M, &db}, {gc.f32(), dx2.f32(), M, &dc}});
+    EXPECT_LT(max_err(down(ga), wa), 1e-4) << "M " << M;
+    EXPECT_LT(max_err(down(gb), wb), 1e-4) << "M " << M;
+    EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
+  }
+}
+
+TEST_F(CudaOps, MatmulPerHead) {
+  struct Case { int H; int64_t N, K, x_pad, out_pad; };
+  // MLA absorption shapes (q_nope -> latent, latent -> v), odd ones, unaligned strides
+  for (Case c : {Case{16, 512, 128, 64, 0}, Case{16, 128, 512, 0, 0}, Case{3, 19, 33, 1, 3}, Case{4, 64, 64, 2, 1}}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+      Tensor w32 = randn({c.H, c.N, c.K}, 1.0f / std::sqrt(float(c.K)));
+      Tensor w = from_f32(w32.f32(), w32.shape(), dt);
+      Tensor dw = up(w);
+      for (int64_t T : {1, 3, 8, 9, 40}) {
+        const int64_t x_hs = c.K + c.x_pad, x_ts = c.H * x_hs + 1, o_hs = c.N + c.out_pad, o_ts = c.H * o_hs;
+        Tensor x = randn({T * x_ts});
+        Tensor want = host_poison({T * o_ts});
+        HeadMatmulParams p;
+        p.out_token_stride = o_ts, p.out_head_stride = o_hs, p.x_token_stride = x_ts, p.x_head_stride = x_hs;
+        p.n_tokens = T;
+        p.out = want.f32(), p.x = x.f32();
+        cpu_->matmul_per_head(p, w);
+        Tensor dx = up(x), got = gpu_poison({T * o_ts});
+        p.out = got.f32(), p.x = dx.f32();
+        gpu_->matmul_per_head(p, dw);
+        EXPECT_LT(max_err(gather(down(got), T, c.H, c.N, o_ts, o_hs), gather(want, T, c.H, c.N, o_ts, o_hs)), 1e-4)
+            << dtype_name(dt) << " H " << c.H << " N " << c.N << " K " << c.K << " T " << T;
+      }
+    }
+  }
+}
+
+// ---- attention
+
+struct AttnCase {
+  const char* what;
+  int64_t n_q, n_kv, q_pos0;
+  int hq, hkv, dqk, dv;
+  bool causal;
+  DType kv;
+  int block_size;  // 0: contiguous cache
+  bool v_in_k;     // V = the first dv columns of K (absorbed MLA)
+  int pad;         // extra elements per K/V token row (unaligned strides when odd)
+};
+
+TEST_F(CudaOps, Attention) {
+  const AttnCase cases[] = {
+      {"MHA decode chunk", 5, 40, 35, 4, 4, 64, 64, true, DType::F32, 0, false, 0},
+      {"MHA prefill d192/128", 100, 100, 0, 3, 3, 192, 128, true, DType::F32, 0, false, 0},
+      {"GQA long context (split-KV)", 3, 3000, 2997, 8, 2, 128, 128, true, DType::F32, 0, false, 0},
+      {"GQA bf16 long context", 2, 3000, 2998, 8, 2, 128, 128, true, DType::BF16, 0, false, 0},
+      {"absorbed MLA 16 heads", 1, 3000, 2999, 16, 1, 576, 512, true, DType::F32, 0, true, 0},
+      {"absorbed MLA 128 heads bf16 paged", 2, 3000, 2998, 128, 1, 576, 512, true, DType::BF16, 64, true, 0},
+      {"absorbed MLA prefill paged", 70, 70, 0, 16, 1, 576, 512, true, DType::F32, 16, true, 0},
+      {"MQA separate V, unaligned", 4, 333, 329, 6, 1, 72, 40, true, DType::BF16, 0, false, 1},
+      {"odd dims, not causal", 7, 50, 0, 2, 2, 33, 17, false, DType::F32, 0, false, 3},
+      {"odd dims bf16 paged", 9, 200, 191, 4, 2, 33, 17, true, DType::BF16, 16, false, 1},
+      {"no keys", 3, 0, 0, 4, 2, 64, 64, true, DType::F32, 0, false, 0},
+      {"more queries than keys visible", 130, 130, 0, 4, 2, 24, 16, true, DType::F32, 0, false, 0},
+  };
+  for (const AttnCase& c : cases) {
+    SCOPED_TRACE(c.what);
+    // q (n_q, hq, dqk) with a token-stride pad; out (n_q, hq, dv) likewise
+    const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, o_hs = c.dv, o_ts = c.hq * o_hs + 2;
+    Tensor q = randn({std::max<int64_t>(1, c.n_q * q_ts)});
+    // the cache: rows (physical when paged) x hkv heads
+    const int64_t n_blocks = c.block_size ? (c.n_kv + c.block_size - 1) / c.block_size : 0;
+    const int64_t pool_blocks = n_blocks + 2;  // spare blocks the table never points at
+    const int64_t rows = c.block_size ? pool_blocks * c.block_size : c.n_kv;
+    const int64_t k_hs = c.dqk + c.pad, k_ts = c.hkv * k_hs;
+    const int64_t v_hs = c.v_in_k ? k_hs : c.dv + c.pad, v_ts = c.v_in_k ? k_ts : c.hkv * v_hs;
+    Tensor k = randn({std::max<int64_t>(1, rows * k_ts)});
+    Tensor v = c.v_in_k ? k : randn({std::max<int64_t>(1, rows * v_ts)});
+    std::vector<int32_t> table(static_cast<size_t>(pool_blocks));
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), rng_);
+    table.resize(size_t(std::max<int64_t>(1, n_blocks)));
+    Tensor table_t = Tensor::empty({int64_t(table.size())}, DType::I32);
+    std::copy(table.begin(), table.end(), table_t.ptr<int32_t>());
+
+    // the GPU reads BF16 when asked; the CPU reads the same values widened to F32
+    Tensor k_dev_host = k, v_dev_host = v;
+    if (c.kv == DType::BF16) {
+      k_dev_host = from_f32(k.f32(), k.shape(), DType::BF16);
+      k = to_f32(k_dev_host);
+      if (c.v_in_k) {
+        v_dev_host = k_dev_host;
+        v = k;
+      } else {
+        v_dev_host = from_f32(v.f32(), v.shape(), DType::BF16);
+        v = to_f32(v_dev_host);
+      }
+    }
+    AttentionParams p;
+    p.q_token_stride = q_ts, p.q_head_stride = q_hs;
+    p.k_token_stride = k_ts, p.k_head_stride = k_hs;
+    p.v_token_stride = v_ts, p.v_head_stride = v_hs;
+    p.block_size = c.block_size;
+    p.out_token_stride = o_ts, p.out_head_stride = o_hs;
+    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0;
+    p.n_q_heads = c.hq, p.n_kv_heads = c.hkv, p.d_qk = c.dqk, p.d_v = c.dv;
+    p.scale = 1.0f / std::sqrt(float(c.dqk));
+    p.causal = c.causal;
+
+    Tensor want = host_poison({std::max<int64_t>(1, c.n_q * o_ts)});
+    p.q = q.f32(), p.k = k.f32(), p.v = v.f32(), p.kv_dtype = DType::F32;
+    p.block_table = c.block_size ? table_t.ptr<int32_t>() : nullptr;
+    p.out = want.f32();
+    cpu_->attention(p);
+
+    Tensor dq = up(q), dk = up(k_dev_host), dv = c.v_in_k ? dk : up(v_dev_host), dtable = up(table_t);
+    Tensor got = gpu_poison(want.shape());
+    p.q = dq.f32(), p.k = dk.data(), p.v = dv.data(), p.kv_dtype = c.kv;
+    p.block_table = c.block_size ? dtable.ptr<int32_t>() : nullptr;
+    p.out = got.f32();
+    gpu_->attention(p);
+    EXPECT_LT(max_err(gather(down(got), c.n_q, c.hq, c.dv, o_ts, o_hs), gather(want, c.n_q, c.hq, c.dv, o_ts, o_hs)),
+              1e-4);
+  }
+}
+
+// ---- MoE
+
+// Whether every pair of values differs by more than rounding could blur (relative 2e-6).
+bool separated(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  for (size_t i = 0; i + 1 < v.size(); ++i)
+    if (v[i + 1] - v[i] <= 2e-6 * std::max(std::fabs(v[i]), std::fabs(v[i + 1]))) return false;
+  return true;
+}
+// Router logits whose choice values and group ranks have no near-ties: float rounding in the
+// exponentials (CPU and GPU differ by an ulp) cannot change which experts win.
+bool well_separated(const float* l, const float* bias, const MoeGateParams& p) {
+  const int E = p.n_experts;
+  std::vector<double> choice(static_cast<size_t>(E));
+  double mx = *std::max_element(l, l + E), sum = 0;
+  for (int e = 0; e < E; ++e) sum += std::exp(double(l[e]) - mx);
+  for (int e = 0; e < E; ++e) {
+    const double s = p.scoring == ScoringFunc::Sigmoid ? 1 / (1 + std::exp(-double(l[e]))) : std::exp(l[e] - mx) / sum;
+    choice[size_t(e)] = s + (bias ? bias[e] : 0.0);
+  }
+  if (!separated(choice)) return false;
+  if (p.n_group <= 1) return true;
+  const int per = E / p.n_group;
+  std::vector<double> groups;
+  for (int g = 0; g < p.n_group; ++g) {
+    std::vector<double> v(choice.begin() + g * per, choice.begin() + (g + 1) * per);
+    std::sort(v.rbegin(), v.rend());
+    groups.push_back(p.group_by_top2_sum && per >= 2 ? v[0] + v[1] : v[0]);
+  }
+  return separated(groups);
+}
+
+TEST_F(CudaOps, MoeGateChoosesTheSameExperts) {
+  struct Case { const char* what; ScoringFunc scoring; int E, top_k, n_group, topk_group; bool top2, norm, bias; float rsf; };
+  const Case cases[] = {
+      {"V3 noaux_tc", ScoringFunc::Sigmoid, 256, 8, 8, 4, true, true, true, 2.5f},
+      {"V2-Lite softmax", ScoringFunc::Softmax, 64, 6, 1, 1, true, false, false, 1.0f},
+      {"V2 group_limited_greedy", ScoringFunc::Softmax, 160, 6, 8, 3, false, false, false, 16.0f},
+      {"odd, sigmoid, bias, no groups", ScoringFunc::Sigmoid, 7, 3, 1, 1, true, true, true, 1.0f},
+      {"groups of one", ScoringFunc::Sigmoid, 16, 4, 16, 5, true, true, false, 1.0f},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    MoeGateParams p;
+    p.scoring = c.scoring, p.n_experts = c.E, p.top_k = c.top_k, p.n_group = c.n_group, p.topk_group = c.topk_group;
+    p.group_by_top2_sum = c.top2, p.norm_topk_prob = c.norm, p.routed_scaling_factor = c.rsf;
+    for (int64_t T : {1, 5, 37}) {
+      // Logits: a shuffled ladder (distinct by 0.05) plus a little noise, so no two scores, choice
+      // values or group ranks are within rounding of each other.
+      // bias: a multiple of 1/1024 (exact) that reorders some experts
+      Tensor bias = Tensor::empty({c.E});
+      for (int e = 0; e < c.E; ++e) bias.f32()[e] = float(int(rng_() % 64) - 32) / 1024.0f;
+      Tensor logits = Tensor::empty({T, c.E});
+      for (int64_t t = 0; t < T; ++t) {
+        float* l = logits.f32() + t * c.E;
+        int tries = 0;
+        do {
+          std::vector<int> order(static_cast<size_t>(c.E));
+          std::iota(order.begin(), order.end(), 0);
+          std::shuffle(order.begin(), order.end(), rng_);
+          std::uniform_real_distribution<float> noise(-0.005f, 0.005f);
+          for (int e = 0; e < c.E; ++e) l[e] = (float(order[size_t(e)]) - c.E / 2.0f) * 0.05f + noise(rng_);
+        } while (!well_separated(l, c.bias ? bias.f32() : nullptr, p) && ++tries < 1000);
+        ASSERT_LT(tries, 1000) << "could not draw logits without near-ties";
+      }
+      Tensor w_want = Tensor::empty({T, c.top_k}), e_want = Tensor::empty({T, c.top_k}, DType::I32);
+      cpu_->moe_gate(w_want, e_want, logits, c.bias ? bias.f32() : nullptr, p);
+      Tensor dl = up(logits), db = up(bias);
+      Tensor w_got = gpu_poison({T, c.top_k}), e_got = gpu_poison({T, c.top_k}, DType::I32);
+      gpu_->moe_gate(w_got, e_got, dl, c.bias ? db.f32() : nullptr, p);
+      EXPECT_TRUE(same_bytes(down(e_got), e_want)) << "T " << T;
+      EXPECT_LT(max_err(down(w_got), w_want), 1e-6) << "T " << T;
+    }
+  }
+}
+
+TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
+  struct Case { int E, K; int64_t D, I, block; };
+  for (Case c : {Case{8, 3, 256, 136, 128}, Case{6, 2, 33, 19, 128}, Case{4, 4, 512, 256, 128}, Case{5, 2, 64, 48, 16},
+                 Case{3, 2, 40, 24, 7}}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+      if (c.block != 128 && dt != DType::F8_E4M3) continue;
+      std::vector<LinearWeight> host(static_cast<size_t>(3 * c.E)), dev(host.size());
+      ExpertSet cpu_set, gpu_set;
+      for (int e = 0; e < c.E; ++e) {
+        for (int i = 0; i < 3; ++i) {
+          const size_t j = size_t(3 * e + i);
+          host[j] = i < 2 ? random_weight(c.I, c.D, dt, c.block) : random_weight(c.D, c.I, dt, c.block);
+          dev[j] = up(host[j]);
+        }
+        cpu_set.experts.push_back({&host[size_t(3 * e)], &host[size_t(3 * e + 1)], &host[size_t(3 * e + 2)]});
+        gpu_set.experts.push_back({&dev[size_t(3 * e)], &dev[size_t(3 * e + 1)], &dev[size_t(3 * e + 2)]});
+      }
+      cpu_->prepare_experts(cpu_set);
+      gpu_->prepare_experts(gpu_set);
+      for (int64_t T : {1, 5, 33}) {
+        Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
+        Tensor ids = Tensor::empty({T, c.K}, DType::I32);
+        for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token
+          std::vector<int> order(static_cast<size_t>(c.E));
+          std::iota(order.begin(), order.end(), 0);
+          std::shuffle(order.begin(), order.end(), rng_);
+          for (int k = 0; k < c.K; ++k) ids.ptr<int32_t>()[t * c.K + k] = order[size_t(k)];
+        }
+        Tensor want = Tensor::empty({T, c.D});
+        cpu_->moe_experts(want, x, weights, ids, cpu_set);
+        Tensor dx = up(x), dwts = up(weights), dids = up(ids), got = gpu_poison({T, c.D});
+        gpu_->moe_experts(got, dx, dwts, dids, gpu_set);
+        EXPECT_LT(max_err(down(got), want), 1e-4)
+            << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D << " I " << c.I << " T " << T;
+      }
+    }
+  }
 }
 
 #endif

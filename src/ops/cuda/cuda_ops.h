@@ -1,52 +1,129 @@
 // The CUDA backend's kernels, as plain launchers over device pointers (launcher-only header:
 // no CUDA types here, so model and test code compile without CUDA headers). Activations are
-// F32 like the CPU backend's; tables may be BF16/F16/F32. Every launcher runs on the current
-// stream (the default stream for now) and reports a CUDA failure as fathom::Error.
+// F32 like the CPU backend's; weights and the KV cache may be BF16/F16/F8. Every launcher
+// enqueues its work on the stream it is given, never synchronizes the host, checks its
+// preconditions (fathom::Error sentences) and reports a CUDA failure as fathom::Error.
 //
-// Built only when CMake finds nvcc (FATHOM_HAVE_CUDA); the CUDA Ops backend that the model
-// calls is assembled from these launchers by the CUDA-backend issue.
+// The Ops backend that the model calls (make_cuda_ops in ops.h, cuda_backend.cu) is assembled
+// from these launchers; each kernel family lives in its own .cu:
+//   runtime.cu      device discovery, memory figures, error checks
+//   elementwise.cu  embedding, fill_random, rmsnorm, silu_mul, add, copy, rope
+//   matmul.cu       dense matmul: GEMV for M <= 8 (decode), tiled SIMT GEMM for larger M
+//   attention.cu    split-KV flash attention (GQA/MQA/absorbed MLA, causal, paged, BF16 KV)
+//   moe.cu          routing (moe_gate) and the routed experts
+//
+// Built only when CMake finds nvcc (FATHOM_HAVE_CUDA).
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "core/dtype.h"
+#include "ops/ops.h"
 
 namespace fathom::cuda {
 
+// A cudaStream_t, opaque here; nullptr is the legacy default stream.
+using Stream = void*;
+
 // Number of usable CUDA devices; 0 when there is no driver or no GPU (never throws).
 int device_count();
+// "NVIDIA H200 (sm_90, 132 SMs, 143771 MiB)"
 std::string device_name(int device);
 
-// Device memory, freed on destruction.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes);
-  ~DeviceBuffer();
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* data() { return ptr_; }
-  const void* data() const { return ptr_; }
-  template <typename T> T* as() { return static_cast<T*>(ptr_); }
-  size_t size() const { return bytes_; }
-  void upload(const void* host, size_t bytes);    // host -> device, bytes <= size()
-  void download(void* host, size_t bytes) const;  // device -> host (synchronizes)
-  void fill_bytes(int value);                     // e.g. 0xFF poisons floats with NaN
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
+// Device memory of the current device, in bytes (cudaMemGetInfo). Memory cached by the
+// stream-ordered pool of a CudaOps backend counts as used.
+struct MemoryInfo {
+  int64_t free = 0;
+  int64_t total = 0;
 };
+MemoryInfo memory_info();
 
-void synchronize();  // waits for all work; throws fathom::Error naming a failed kernel
+// ---- elementwise.cu
 
-// out (T, H) f32 = table[ids[t]] converted from `dtype` (F32, BF16, F16); ids on the device.
-void embedding(float* out, const int32_t* ids, int64_t n_tokens, const void* table, DType dtype, int64_t H);
-// out (M, N) = x / rms(x) * w, w (N) f32; one block per row, fp32 sum of squares.
-void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps);
+// out (T, H) f32 = table[ids[t]] converted from `dtype` (F32, BF16, F16); ids (T) I32.
+void embedding(float* out, const int32_t* ids, int64_t n_tokens, const void* table, DType dtype, int64_t H,
+               Stream stream);
+// out (n) in dtype (F32, BF16, F16, F8_E4M3) = scale * random_uniform(seed, i) (core/random_fill.h)
+// rounded like core's from_f32: the same bits as CpuOps::fill_random.
+void fill_random(void* out, DType dtype, int64_t n, uint64_t seed, float scale, Stream stream);
+// out (M, N) = x / rms(x) * w, w (N) f32; one block per row, fp32 sum of squares. out may alias x.
+void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps, Stream stream);
 // out (n) = silu(gate) * up; out may alias gate.
-void silu_mul(float* out, const float* gate, const float* up, int64_t n);
+void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream);
 // x (n) += y
-void add(float* x, const float* y, int64_t n);
+void add(float* x, const float* y, int64_t n, Stream stream);
+// CopyParams (ops.h): 3-D strided f32 -> F32 or BF16 (round to nearest-even, like core's
+// f32_to_bf16). Input and output must not overlap.
+void copy(const CopyParams& p, Stream stream);
+// RopeParams (ops.h): interleaved or halves rotation of a slice of every head, in place.
+void rope(const RopeParams& p, Stream stream);
+
+// ---- matmul.cu
+
+// A batch of dense matmuls with strided rows:
+//   out[b][m][n] = sum_k x[b][m][k] * W[b][n][k]     b < batch, m < M, n < N, k < K
+// where row m of x in batch b starts at x + b*x_batch_stride + m*ldx (likewise out), and W[b]
+// is (N, K) contiguous at w + b*w_batch_stride elements. W is F32, BF16, F16 or F8_E4M3; for
+// F8 (batch 1 only) element (n, k) is multiplied by scale_inv[n / block][k / block], the scales
+// being (ceil(N/block), ceil(K/block)) F32. fp32 accumulation. x and out must not overlap.
+struct MatmulParams {
+  float* out = nullptr;  // (batch, M, N) with the strides below, in floats
+  int64_t ldo = 0, out_batch_stride = 0;
+  const float* x = nullptr;  // (batch, M, K)
+  int64_t ldx = 0, x_batch_stride = 0;
+  const void* w = nullptr;  // (batch, N, K) in w_dtype
+  DType w_dtype = DType::F32;
+  int64_t w_batch_stride = 0;       // in elements
+  const float* scale_inv = nullptr;  // F8_E4M3 only
+  int64_t block = 128;
+  int64_t M = 0, N = 0, K = 0;
+  int batch = 1;
+};
+// M <= 8: a GEMV that streams W once with 16-byte loads; larger M: a tiled SIMT GEMM that
+// dequantizes W while loading its tiles.
+void matmul(const MatmulParams& p, Stream stream);
+
+// ---- attention.cu
+
+// AttentionParams (ops.h) exactly: strided q/k/v (element strides), GQA mapping, causal with
+// q_pos0, F32 or BF16 keys/values, optional block table. d_qk <= 1024 (padded to a multiple of
+// 4 it must fit in shared memory: 576 does) and d_v <= 512. When one pass over the keys would
+// leave SMs idle (decode), the keys are split over blocks and a second kernel merges the partial
+// softmax results; the work space comes from the stream-ordered pool (cudaMallocAsync).
+void attention(const AttentionParams& p, Stream stream);
+
+// ---- moe.cu
+
+// MoeGateParams (ops.h), one block per token, the same choice as CpuOps::moe_gate:
+// weights (T, top_k) F32, experts (T, top_k) I32 from logits (T, n_experts) F32; bias
+// (n_experts) F32 on the device or null. n_experts <= 1024.
+void moe_gate(float* weights, int32_t* experts, const float* logits, const float* bias, int64_t n_tokens,
+              const MoeGateParams& p, Stream stream);
+
+// One routed expert as the kernels see it (an array of these lives in device memory).
+struct ExpertPointers {
+  const void* gate = nullptr;  // (inter, hidden)
+  const void* up = nullptr;    // (inter, hidden)
+  const void* down = nullptr;  // (hidden, inter)
+  const float* gate_scale = nullptr;  // F8_E4M3 only: (ceil(inter/block), ceil(hidden/block))
+  const float* up_scale = nullptr;
+  const float* down_scale = nullptr;  // (ceil(hidden/block), ceil(inter/block))
+};
+// The routed experts of one layer: out (T, hidden) = sum_k weights[t, k] * SwiGLU_e(x[t]),
+// e = experts[t, k], everything resolved on the device (no host synchronization). Every expert
+// shares dtype and shapes.
+struct MoeExpertsParams {
+  float* out = nullptr;              // (T, hidden)
+  const float* x = nullptr;          // (T, hidden)
+  const float* weights = nullptr;    // (T, top_k)
+  const int32_t* experts = nullptr;  // (T, top_k)
+  const ExpertPointers* table = nullptr;  // (n_experts), device memory
+  int64_t n_tokens = 0, hidden = 0, inter = 0, block = 128;
+  int n_experts = 0, top_k = 0;
+  DType dtype = DType::BF16;
+  bool aligned16 = false;  // every weight pointer 16-byte aligned (vectorized loads allowed)
+};
+void moe_experts(const MoeExpertsParams& p, Stream stream);
 
 }  // namespace fathom::cuda

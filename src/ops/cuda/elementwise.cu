@@ -1,12 +1,13 @@
-// Memory-bound CUDA kernels: embedding lookup, RMSNorm, SwiGLU's silu(gate) * up, residual add.
-// Each mirrors the CPU op of the same name (src/ops/cpu/cpu_ops.cpp); tests/test_cuda_ops.cpp
-// compares them on fresh random inputs.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// Memory-bound CUDA kernels: embedding lookup, RMSNorm, SwiGLU's silu(gate) * up, residual add,
+// strided copies (F32 -> F32/BF16) and rotary embeddings. Each mirrors the CPU op of the same
+// name (src/ops/cpu/cpu_ops.cpp); tests/test_cuda_ops.cpp compares them on fresh random inputs.
+#include <algorithm>
 
 #include "core/error.h"
+#include "core/random_fill.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -26,20 +27,18 @@ __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restr
 }
 
 // grid (M), block 256: block-wide sum of squares (warp shuffles, then one value per warp).
-__global__ void rmsnorm_kernel(float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
-                               int64_t N, float eps) {
+__global__ void rmsnorm_kernel(float* out, const float* x, const float* __restrict__ w, int64_t N, float eps) {
   const float* xr = x + blockIdx.x * N;
   float* o = out + blockIdx.x * N;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < N; i += blockDim.x) ss += xr[i] * xr[i];
-  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  ss = warp_sum(ss);
   __shared__ float warp_sums[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = ss;
   __syncthreads();
   if (warp == 0) {
-    ss = lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f;
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
     if (lane == 0) warp_sums[0] = rsqrtf(ss / float(N) + eps);
   }
   __syncthreads();
@@ -50,7 +49,7 @@ __global__ void rmsnorm_kernel(float* __restrict__ out, const float* __restrict_
 __global__ void silu_mul_kernel(float* out, const float* gate, const float* __restrict__ up, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float g = gate[i];
-    out[i] = g / (1.f + __expf(-g)) * up[i];
+    out[i] = g / (1.f + expf(-g)) * up[i];
   }
 }
 
@@ -59,43 +58,135 @@ __global__ void add_kernel(float* x, const float* __restrict__ y, int64_t n) {
     x[i] += y[i];
 }
 
-int grid_for(int64_t n, int block) {
-  const int64_t g = (n + block - 1) / block;
-  return int(g < 65535 * 8 ? (g > 0 ? g : 1) : 65535 * 8);
+// grid (n_tokens * n_heads rows), threads over the columns of a row.
+template <bool kBf16>
+__global__ void copy_kernel(CopyParams p) {
+  const int64_t t = blockIdx.x / p.n_heads;
+  const int h = int(blockIdx.x % p.n_heads);
+  const float* in = p.in + t * p.in_token_stride + h * p.in_head_stride;
+  const int64_t o = t * p.out_token_stride + h * p.out_head_stride;
+  for (int c = threadIdx.x; c < p.cols; c += blockDim.x) {
+    if constexpr (kBf16)
+      static_cast<uint16_t*>(p.out)[o + c] = f32_to_bf16_bits(in[c]);
+    else
+      static_cast<float*>(p.out)[o + c] = in[c];
+  }
 }
+
+// grid (n_tokens * n_heads), threads over the rope_dim / 2 rotated pairs.
+__global__ void rope_kernel(RopeParams p) {
+  const int64_t t = blockIdx.x / p.n_heads;
+  const int h = int(blockIdx.x % p.n_heads);
+  const int half = p.rope_dim / 2;
+  float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
+  const float* c = p.cos + t * half;
+  const float* s = p.sin + t * half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
+    float* a = p.interleaved ? v + 2 * i : v + i;
+    float* b = p.interleaved ? v + 2 * i + 1 : v + i + half;
+    const float x0 = *a, x1 = *b;
+    *a = x0 * c[i] - x1 * s[i];
+    *b = x1 * c[i] + x0 * s[i];
+  }
+}
+
+// Grid-stride over the elements: core's random_uniform, scaled, rounded like from_f32.
+__global__ void fill_random_kernel(void* out, DType dtype, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = scale * random_uniform(seed, uint64_t(i));
+    switch (dtype) {
+      case DType::F32: static_cast<float*>(out)[i] = v; break;
+      case DType::BF16: static_cast<uint16_t*>(out)[i] = f32_to_bf16_bits(v); break;
+      case DType::F16: static_cast<uint16_t*>(out)[i] = f32_to_f16_bits(v); break;
+      default: static_cast<uint8_t*>(out)[i] = f32_to_fp8_bits(v); break;
+    }
+  }
+}
+
+unsigned grid_for(int64_t n, int block) {
+  const int64_t g = (n + block - 1) / block;
+  return unsigned(g < 65535 * 8 ? (g > 0 ? g : 1) : 65535 * 8);
+}
+
+unsigned threads_for(int64_t n, int max_threads) {
+  return unsigned(std::min<int64_t>(max_threads, std::max<int64_t>(32, (n + 31) / 32 * 32)));
+}
+
+constexpr int64_t kMaxRows = (int64_t(1) << 31) - 1;  // gridDim.x
 
 }  // namespace
 
-void embedding(float* out, const int32_t* ids, int64_t n_tokens, const void* table, DType dtype, int64_t H) {
-  if (n_tokens == 0) return;
-  FATHOM_CHECK(n_tokens < (int64_t(1) << 31), "embedding: ", n_tokens, " tokens is too many for one launch");
-  const dim3 grid{static_cast<unsigned>(n_tokens)}, block{256};
+void embedding(float* out, const int32_t* ids, int64_t n_tokens, const void* table, DType dtype, int64_t H,
+               Stream stream) {
+  FATHOM_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16, "embedding: table dtype ",
+               dtype_name(dtype), " is not supported on CUDA; expected F32, BF16 or F16.");
+  if (n_tokens == 0 || H == 0) return;
+  FATHOM_CHECK(n_tokens <= kMaxRows, "embedding: ", n_tokens, " tokens is too many for one launch.");
+  const cudaStream_t s = as_cuda(stream);
+  const dim3 grid{unsigned(n_tokens)}, block{256};
   switch (dtype) {
-    case DType::F32: embedding_kernel<<<grid, block>>>(out, ids, static_cast<const float*>(table), H); break;
-    case DType::BF16: embedding_kernel<<<grid, block>>>(out, ids, static_cast<const __nv_bfloat16*>(table), H); break;
-    case DType::F16: embedding_kernel<<<grid, block>>>(out, ids, static_cast<const __half*>(table), H); break;
-    default: throw Error(cat("embedding: table dtype ", dtype_name(dtype), " is not supported on CUDA"));
+    case DType::F32: embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const float*>(table), H); break;
+    case DType::BF16:
+      embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const __nv_bfloat16*>(table), H);
+      break;
+    default: embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const __half*>(table), H); break;
   }
   check_launch("embedding");
 }
 
-void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps) {
+void fill_random(void* out, DType dtype, int64_t n, uint64_t seed, float scale, Stream stream) {
+  FATHOM_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F8_E4M3,
+               "fill_random: dtype ", dtype_name(dtype), " is not supported; expected F32, BF16, F16 or F8_E4M3.");
+  if (n == 0) return;
+  fill_random_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(out, dtype, n, seed, scale);
+  check_launch("fill_random");
+}
+
+void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps, Stream stream) {
   if (M == 0) return;
-  FATHOM_CHECK(M < (int64_t(1) << 31), "rmsnorm: ", M, " rows is too many for one launch");
-  rmsnorm_kernel<<<unsigned(M), 256>>>(out, x, w, N, eps);
+  FATHOM_CHECK(M <= kMaxRows, "rmsnorm: ", M, " rows is too many for one launch.");
+  rmsnorm_kernel<<<unsigned(M), 256, 0, as_cuda(stream)>>>(out, x, w, N, eps);
   check_launch("rmsnorm");
 }
 
-void silu_mul(float* out, const float* gate, const float* up, int64_t n) {
+void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream) {
   if (n == 0) return;
-  silu_mul_kernel<<<grid_for(n, 256), 256>>>(out, gate, up, n);
+  silu_mul_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(out, gate, up, n);
   check_launch("silu_mul");
 }
 
-void add(float* x, const float* y, int64_t n) {
+void add(float* x, const float* y, int64_t n, Stream stream) {
   if (n == 0) return;
-  add_kernel<<<grid_for(n, 256), 256>>>(x, y, n);
+  add_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(x, y, n);
   check_launch("add");
+}
+
+void copy(const CopyParams& p, Stream stream) {
+  FATHOM_CHECK(p.out_dtype == DType::F32 || p.out_dtype == DType::BF16, "copy: output dtype ",
+               dtype_name(p.out_dtype), " is not supported; expected F32 or BF16.");
+  FATHOM_CHECK(p.n_tokens >= 0 && p.n_heads >= 0 && p.cols >= 0, "copy: negative extent (", p.n_tokens, " tokens, ",
+               p.n_heads, " heads, ", p.cols, " columns).");
+  const int64_t rows = p.n_tokens * p.n_heads;
+  if (rows == 0 || p.cols == 0) return;
+  FATHOM_CHECK(rows <= kMaxRows, "copy: ", rows, " rows is too many for one launch.");
+  FATHOM_ASSERT(p.out && p.in, "copy with a null pointer");
+  const unsigned threads = threads_for(p.cols, 256);
+  if (p.out_dtype == DType::BF16)
+    copy_kernel<true><<<unsigned(rows), threads, 0, as_cuda(stream)>>>(p);
+  else
+    copy_kernel<false><<<unsigned(rows), threads, 0, as_cuda(stream)>>>(p);
+  check_launch("copy");
+}
+
+void rope(const RopeParams& p, Stream stream) {
+  FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "rope: rope_dim ", p.rope_dim, " must be even.");
+  const int64_t rows = p.n_tokens * p.n_heads;
+  if (rows == 0 || p.rope_dim == 0) return;
+  FATHOM_CHECK(rows <= kMaxRows, "rope: ", rows, " (token, head) rows is too many for one launch.");
+  FATHOM_ASSERT(p.x && p.cos && p.sin, "rope with a null pointer");
+  rope_kernel<<<unsigned(rows), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream)>>>(p);
+  check_launch("rope");
 }
 
 }  // namespace fathom::cuda

@@ -1,5 +1,7 @@
-// CUDA runtime plumbing: device discovery, device buffers, error reporting.
+// CUDA runtime plumbing: device discovery, memory figures, error reporting, scratch memory.
 #include <cuda_runtime.h>
+
+#include <atomic>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -8,13 +10,16 @@
 namespace fathom::cuda {
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(cat("CUDA error in ", what, ": ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call does not report it again
+    throw Error(cat("CUDA error in ", what, ": ", cudaGetErrorString(e), "."));
+  }
 }
 
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
+    cudaGetLastError();  // clear the "no driver" error
     return 0;
   }
   return n;
@@ -27,31 +32,39 @@ std::string device_name(int device) {
              p.totalGlobalMem / (1024 * 1024), " MiB)");
 }
 
-DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
-  if (bytes == 0) return;
-  cudaError_t e = cudaMalloc(&ptr_, bytes);
+MemoryInfo memory_info() {
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return {int64_t(free), int64_t(total)};
+}
+
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= 0 && device < kMaxDevices) {
+    if (const int n = cached[device].load(std::memory_order_relaxed)) return n;
+  }
+  int n = 0;
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  if (device >= 0 && device < kMaxDevices) cached[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+StreamScratch::StreamScratch(size_t bytes, cudaStream_t stream, const char* what) : stream_(stream) {
+  const cudaError_t e = cudaMallocAsync(&ptr_, bytes ? bytes : 16, stream);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    throw Error(cat("cannot allocate ", bytes, " bytes of GPU memory: ", cudaGetErrorString(e)));
+    size_t free = 0, total = 0;
+    cudaMemGetInfo(&free, &total);
+    throw Error(cat(what, ": cannot allocate ", bytes, " bytes of GPU work space (", free >> 20, " MiB free of ",
+                    total >> 20, " MiB): ", cudaGetErrorString(e), "."));
   }
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (ptr_) cudaFree(ptr_);
+StreamScratch::~StreamScratch() {
+  if (ptr_) cudaFreeAsync(ptr_, stream_);
 }
-
-void DeviceBuffer::upload(const void* host, size_t bytes) {
-  FATHOM_ASSERT(bytes <= bytes_);
-  check(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "upload");
-}
-
-void DeviceBuffer::download(void* host, size_t bytes) const {
-  FATHOM_ASSERT(bytes <= bytes_);
-  check(cudaMemcpy(host, ptr_, bytes, cudaMemcpyDeviceToHost), "download");
-}
-
-void DeviceBuffer::fill_bytes(int value) { check(cudaMemset(ptr_, value, bytes_), "cudaMemset"); }
-
-void synchronize() { check(cudaDeviceSynchronize(), "a kernel (cudaDeviceSynchronize)"); }
 
 }  // namespace fathom::cuda

@@ -1,0 +1,362 @@
+// Scaled dot-product attention on the GPU: the CUDA counterpart of src/ops/cpu/attention.cpp,
+// for AttentionParams exactly (strided Q/K/V, GQA/MQA mapping, causal with q_pos0, F32 or BF16
+// keys and values, paged cache through a block table).
+//
+// One kernel serves prefill and decode ("flash-decoding" split-KV, FlashAttention's online
+// softmax, fp32 throughout):
+// - The query rows of one KV head g are the pairs (token i, head h of g's group), ordered
+//   token-major; a block takes kRows = 16 of them, so the 16-128 query heads of absorbed MLA
+//   or a GQA group share every key row loaded, and prefill takes 16 tokens of a head at once.
+// - The block walks its range of keys in tiles of kKeys = 32: the tile's key rows are gathered
+//   (through the block table when paged) and converted to fp32 in shared memory; each warp owns
+//   two query rows, lane j scores key j against both, the warp keeps the running max and sum
+//   with shuffles, and then accumulates p · V with lane d owning output dims d*4 + 128*i.
+//   When V is a prefix of K in memory (absorbed MLA: V = the latent part of [latent | pe]), the
+//   K tile is reused as the V tile.
+// - When one pass over the keys would leave SMs idle (decode, short prompts), the keys are
+//   split into chunks handled by separate blocks (gridDim.z); each writes its unnormalised
+//   output with its max and sum to a work space and attention_merge_kernel combines them:
+//   out = Σ_c e^(m_c − m) o_c / Σ_c e^(m_c − m) l_c.
+#include <algorithm>
+#include <limits>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+constexpr int kRows = 16;      // query rows per block: 8 warps x 2
+constexpr int kKeys = 32;      // keys per tile: one per lane
+constexpr int kThreads = 256;
+constexpr int kMaxDv = 512;    // 4 float4 per lane
+
+// Everything the kernels need, derived once on the host.
+struct AttnLaunch {
+  AttentionParams p;
+  int group = 1;            // query heads per KV head
+  int64_t rows = 0;         // query rows per KV head: n_q * group
+  int dqk4 = 0, dv4 = 0;    // d_qk, d_v rounded up to a multiple of 4
+  int q_stride = 0, kv_stride = 0;  // shared-memory row strides (floats), = 4 mod 8: conflict-free float4 reads
+  int64_t chunk = 0;        // keys per block along gridDim.z
+  int n_chunks = 1;
+  float* part_o = nullptr;   // n_chunks > 1: (n_chunks, n_q, n_q_heads, d_v) unnormalised outputs
+  float* part_ml = nullptr;  // (n_chunks, n_q, n_q_heads, 2): running max and sum
+  bool v_from_k = false;     // V rows are the first d_v columns of the K rows
+  bool vec_k = false, vec_v = false;  // 16-byte loads of K / V rows
+};
+
+template <typename T> struct KvType;
+template <> struct KvType<float> { static constexpr DType value = DType::F32; };
+template <> struct KvType<uint16_t> { static constexpr DType value = DType::BF16; };
+
+template <typename T>
+__device__ inline float kv_to_f32(T v) {
+  if constexpr (sizeof(T) == 4) return v;
+  else return bf16_bits_to_f32(v);
+}
+
+// The tile's key (or value) rows into shared memory as fp32: dst (kKeys, stride), zero past
+// the valid keys (off < 0) and in the padding columns [d, d4).
+template <typename T>
+__device__ inline void load_rows(float* dst, int stride, const T* __restrict__ base, const int64_t* off, int d, int d4,
+                                 bool vec) {
+  if (vec) {  // d % (16 / sizeof(T)) == 0, rows 16-byte aligned, hence d4 == d
+    constexpr int V = 16 / int(sizeof(T));
+    const int per_row = d / V;
+    for (int idx = threadIdx.x; idx < kKeys * per_row; idx += kThreads) {
+      const int j = idx / per_row, c = (idx % per_row) * V;
+      const int64_t o = off[j];
+      float v[V];
+      if (o >= 0) {
+        convert16<KvType<T>::value>(__ldg(reinterpret_cast<const uint4*>(base + o + c)), v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < V; i += 4)
+        *reinterpret_cast<float4*>(dst + j * stride + c + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kKeys * d4; idx += kThreads) {
+      const int j = idx / d4, c = idx % d4;
+      const int64_t o = off[j];
+      dst[j * stride + c] = o >= 0 && c < d ? kv_to_f32(base[o + c]) : 0.f;
+    }
+  }
+}
+
+// grid (ceil(rows / kRows), n_kv_heads, n_chunks), block kThreads, dynamic shared memory
+// (kRows * q_stride + kKeys * kv_stride) floats + 2 * kKeys int64.
+template <int NDV, typename T>
+__global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
+  extern __shared__ __align__(16) float smem[];
+  const AttentionParams& p = a.p;
+  float* qs = smem;                                   // (kRows, q_stride)
+  float* kvs = qs + kRows * a.q_stride;               // (kKeys, kv_stride)
+  int64_t* koff = reinterpret_cast<int64_t*>(kvs + kKeys * a.kv_stride);  // (kKeys)
+  int64_t* voff = koff + kKeys;                                           // (kKeys)
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = blockIdx.y, c = blockIdx.z;
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+
+  // The block's query rows, scaled by nothing (the scale multiplies the dot products, like the CPU).
+  for (int idx = tid; idx < kRows * a.dqk4; idx += kThreads) {
+    const int r = idx / a.dqk4, d = idx % a.dqk4;
+    const int64_t row = row0 + r;
+    float v = 0.f;
+    if (row < a.rows && d < p.d_qk) {
+      const int64_t i = row / a.group;
+      const int h = g * a.group + int(row % a.group);
+      v = p.q[i * p.q_token_stride + h * p.q_head_stride + d];
+    }
+    qs[r * a.q_stride + d] = v;
+  }
+
+  // This warp's two rows: token, head, and the keys they may see.
+  int64_t tok[2], lim[2];
+  int head[2];
+  bool valid[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int64_t row = row0 + 2 * warp + s;
+    valid[s] = row < a.rows;
+    tok[s] = valid[s] ? row / a.group : 0;
+    head[s] = g * a.group + int(valid[s] ? row % a.group : 0);
+    lim[s] = p.causal ? min(p.n_kv, p.q_pos0 + tok[s] + 1) : p.n_kv;
+  }
+  // The block's keys: its chunk, cut at the last row's causal limit.
+  const int64_t last_tok = (min(row0 + kRows, a.rows) - 1) / a.group;
+  const int64_t k_begin = int64_t(c) * a.chunk;
+  int64_t k_end = min(p.n_kv, k_begin + a.chunk);
+  if (p.causal) k_end = min(k_end, p.q_pos0 + last_tok + 1);
+
+  constexpr float kNegInf = -INFINITY;
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  float o[2][NDV][4];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int i = 0; i < NDV; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[s][i][e] = 0.f;
+
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeys) {
+    if (tid < kKeys) {
+      const int64_t j = j0 + tid;
+      int64_t kr = -1, vr = -1;
+      if (j < k_end) {
+        const int64_t row = p.block_table ? int64_t(p.block_table[j / p.block_size]) * p.block_size + j % p.block_size : j;
+        kr = row * p.k_token_stride + int64_t(g) * p.k_head_stride;
+        vr = row * p.v_token_stride + int64_t(g) * p.v_head_stride;
+      }
+      koff[tid] = kr;
+      voff[tid] = vr;
+    }
+    __syncthreads();  // offsets ready; the previous tile's readers are done with kvs
+    load_rows<T>(kvs, a.kv_stride, kbase, koff, p.d_qk, a.dqk4, a.vec_k);
+    __syncthreads();
+
+    // scores: lane j against the warp's two query rows
+    float s0 = 0.f, s1 = 0.f;
+    {
+      const float* kr = kvs + lane * a.kv_stride;
+      const float* q0 = qs + (2 * warp) * a.q_stride;
+      const float* q1 = q0 + a.q_stride;
+#pragma unroll 4
+      for (int d = 0; d < a.dqk4; d += 4) {
+        const float4 kv = *reinterpret_cast<const float4*>(kr + d);
+        const float4 x0 = *reinterpret_cast<const float4*>(q0 + d);
+        const float4 x1 = *reinterpret_cast<const float4*>(q1 + d);
+        s0 += x0.x * kv.x + x0.y * kv.y + x0.z * kv.z + x0.w * kv.w;
+        s1 += x1.x * kv.x + x1.y * kv.y + x1.z * kv.z + x1.w * kv.w;
+      }
+    }
+    const int64_t j = j0 + lane;
+    float sc[2] = {valid[0] && j < k_end && j < lim[0] ? s0 * p.scale : kNegInf,
+                   valid[1] && j < k_end && j < lim[1] ? s1 * p.scale : kNegInf};
+    float pj[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const float m_new = fmaxf(m[s], warp_max(sc[s]));
+      const float m_use = m_new == kNegInf ? 0.f : m_new;  // no visible key yet: everything stays 0
+      pj[s] = expf(sc[s] - m_use);
+      const float alpha = expf(m[s] - m_use);
+      l[s] = l[s] * alpha + warp_sum(pj[s]);
+      m[s] = m_new;
+#pragma unroll
+      for (int i = 0; i < NDV; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[s][i][e] *= alpha;
+    }
+
+    if (!a.v_from_k) {
+      __syncthreads();  // every warp is done scoring against the K tile
+      load_rows<T>(kvs, a.kv_stride, vbase, voff, p.d_v, a.dv4, a.vec_v);
+      __syncthreads();
+    }
+    const int n_keys = k_end - j0 < kKeys ? int(k_end - j0) : kKeys;
+    for (int jj = 0; jj < n_keys; ++jj) {
+      const float p0 = __shfl_sync(kFullMask, pj[0], jj), p1 = __shfl_sync(kFullMask, pj[1], jj);
+      const float* vr = kvs + jj * a.kv_stride;
+#pragma unroll
+      for (int i = 0; i < NDV; ++i) {
+        const int d = lane * 4 + i * 128;
+        if (d < a.dv4) {
+          const float4 v = *reinterpret_cast<const float4*>(vr + d);
+          o[0][i][0] += p0 * v.x, o[0][i][1] += p0 * v.y, o[0][i][2] += p0 * v.z, o[0][i][3] += p0 * v.w;
+          o[1][i][0] += p1 * v.x, o[1][i][1] += p1 * v.y, o[1][i][2] += p1 * v.z, o[1][i][3] += p1 * v.w;
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (!valid[s]) continue;
+    float* dst;
+    float mult = 1.f;
+    if (a.n_chunks == 1) {
+      dst = p.out + tok[s] * p.out_token_stride + int64_t(head[s]) * p.out_head_stride;
+      mult = l[s] > 0.f ? 1.f / l[s] : 0.f;  // no visible key: zeros, like the CPU
+    } else {
+      const int64_t part = (int64_t(c) * p.n_q + tok[s]) * p.n_q_heads + head[s];
+      dst = a.part_o + part * p.d_v;
+      if (lane == 0) a.part_ml[2 * part] = m[s], a.part_ml[2 * part + 1] = l[s];
+    }
+#pragma unroll
+    for (int i = 0; i < NDV; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int d = lane * 4 + i * 128 + e;
+        if (d < p.d_v) dst[d] = o[s][i][e] * mult;
+      }
+  }
+}
+
+// grid (n_q * n_q_heads), block 128, dynamic shared memory n_chunks floats.
+__global__ void attention_merge_kernel(AttnLaunch a) {
+  extern __shared__ float weight[];  // (n_chunks): e^(m_c - m)
+  const AttentionParams& p = a.p;
+  const int64_t pair = blockIdx.x, R = p.n_q * p.n_q_heads;
+  const int64_t i = pair / p.n_q_heads;
+  const int h = int(pair % p.n_q_heads);
+  float mx = -INFINITY;
+  for (int c = 0; c < a.n_chunks; ++c) mx = fmaxf(mx, a.part_ml[2 * (c * R + pair)]);
+  for (int c = threadIdx.x; c < a.n_chunks; c += blockDim.x)
+    weight[c] = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
+  __syncthreads();
+  float denom = 0.f;
+  for (int c = 0; c < a.n_chunks; ++c) denom += weight[c] * a.part_ml[2 * (c * R + pair) + 1];
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  float* out = p.out + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
+  for (int d = threadIdx.x; d < p.d_v; d += blockDim.x) {
+    float acc = 0.f;
+    for (int c = 0; c < a.n_chunks; ++c) acc += weight[c] * a.part_o[(c * R + pair) * p.d_v + d];
+    out[d] = acc * inv;
+  }
+}
+
+int smem_stride(int d4) { return d4 % 8 == 4 ? d4 : d4 + 4; }
+
+template <int NDV, typename T>
+void launch(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
+  auto kernel = attention_kernel<NDV, T>;
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "attention (cudaFuncSetAttribute)");
+  kernel<<<grid, kThreads, smem, s>>>(a);
+  check_launch("attention_kernel");
+}
+
+template <typename T>
+void launch_ndv(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
+  switch ((a.dv4 + 127) / 128) {
+    case 0:
+    case 1: return launch<1, T>(a, grid, smem, s);
+    case 2: return launch<2, T>(a, grid, smem, s);
+    case 3: return launch<3, T>(a, grid, smem, s);
+    default: return launch<4, T>(a, grid, smem, s);
+  }
+}
+
+}  // namespace
+
+void attention(const AttentionParams& p, Stream stream) {
+  FATHOM_CHECK(p.kv_dtype == DType::F32 || p.kv_dtype == DType::BF16, "attention: keys and values in ",
+               dtype_name(p.kv_dtype), " are not supported on CUDA; expected F32 or BF16.");
+  FATHOM_CHECK(p.n_kv_heads > 0 && p.n_q_heads > 0 && p.n_q_heads % p.n_kv_heads == 0, "attention: ", p.n_q_heads,
+               " query heads cannot be grouped over ", p.n_kv_heads, " key/value heads.");
+  FATHOM_CHECK(p.d_qk > 0 && p.d_qk <= 1024 && p.d_v > 0 && p.d_v <= kMaxDv, "attention: head dims d_qk ", p.d_qk,
+               " and d_v ", p.d_v, " are outside what the CUDA kernel supports (d_qk <= 1024, d_v <= ", kMaxDv, ").");
+  FATHOM_CHECK(p.n_q >= 0 && p.n_kv >= 0 && p.q_pos0 >= 0, "attention: negative n_q ", p.n_q, ", n_kv ", p.n_kv,
+               " or q_pos0 ", p.q_pos0, ".");
+  FATHOM_CHECK(!p.block_table || p.block_size > 0, "attention: a block table needs a positive block_size, not ",
+               p.block_size, ".");
+  FATHOM_CHECK(p.n_kv_heads <= 65535, "attention: ", p.n_kv_heads, " key/value heads is too many for one launch.");
+  if (p.n_q == 0) return;
+  FATHOM_ASSERT(p.q && p.k && p.v && p.out, "attention with a null pointer");
+
+  AttnLaunch a;
+  a.p = p;
+  a.group = p.n_q_heads / p.n_kv_heads;
+  a.rows = p.n_q * a.group;
+  a.dqk4 = (p.d_qk + 3) / 4 * 4;
+  a.dv4 = (p.d_v + 3) / 4 * 4;
+  a.q_stride = smem_stride(a.dqk4);
+  a.kv_stride = smem_stride(std::max(a.dqk4, a.dv4));
+  a.v_from_k = p.v == p.k && p.v_token_stride == p.k_token_stride && p.v_head_stride == p.k_head_stride &&
+               p.d_v <= p.d_qk;
+  const bool bf16 = p.kv_dtype == DType::BF16;
+  const int vec_elems = bf16 ? 8 : 4;
+  auto vec_ok = [&](const void* base, int64_t ts, int64_t hs, int d) {
+    return aligned16(base) && ts % vec_elems == 0 && hs % vec_elems == 0 && d % vec_elems == 0;
+  };
+  a.vec_k = vec_ok(p.k, p.k_token_stride, p.k_head_stride, p.d_qk);
+  a.vec_v = vec_ok(p.v, p.v_token_stride, p.v_head_stride, p.d_v);
+
+  const size_t smem = size_t(kRows * a.q_stride + kKeys * a.kv_stride) * sizeof(float) + 2 * kKeys * sizeof(int64_t);
+  int device = 0, smem_max = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  FATHOM_CHECK(smem <= size_t(smem_max), "attention: d_qk ", p.d_qk, " / d_v ", p.d_v, " need ", smem,
+               " bytes of shared memory per block but the GPU offers ", smem_max, ".");
+
+  // Split the keys when the (row tile, KV head) blocks alone would leave SMs idle; at least
+  // two tiles of keys per chunk.
+  const int64_t row_tiles = ceil_div(a.rows, kRows);
+  FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
+  const int64_t visible = p.causal ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
+  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kKeys));
+  const int64_t base_blocks = row_tiles * p.n_kv_heads;
+  int64_t n_chunks = std::clamp<int64_t>(ceil_div(4 * int64_t(sm_count()), base_blocks), 1,
+                                         std::max<int64_t>(1, key_tiles / 2));
+  n_chunks = std::min<int64_t>(n_chunks, 1024);
+  a.chunk = ceil_div(key_tiles, n_chunks) * kKeys;
+  a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
+
+  const cudaStream_t s = as_cuda(stream);
+  const dim3 grid(unsigned(row_tiles), unsigned(p.n_kv_heads), unsigned(a.n_chunks));
+  if (a.n_chunks == 1) {
+    if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
+    else launch_ndv<float>(a, grid, smem, s);
+    return;
+  }
+  const int64_t pairs = p.n_q * p.n_q_heads;
+  FATHOM_CHECK(pairs < (int64_t(1) << 31), "attention: ", pairs, " (query, head) pairs is too many for one launch.");
+  StreamScratch work(size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v + 2) * sizeof(float), s, "attention");
+  a.part_o = work.as<float>();
+  a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
+  if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
+  else launch_ndv<float>(a, grid, smem, s);
+  attention_merge_kernel<<<unsigned(pairs), 128, size_t(a.n_chunks) * sizeof(float), s>>>(a);
+  check_launch("attention_merge_kernel");
+}
+
+}  // namespace fathom::cuda

@@ -1,0 +1,463 @@
+// The CUDA Ops backend (make_cuda_ops in ops.h): device memory from the stream-ordered pool,
+// uploads through pinned staging buffers, and every op a launcher of cuda_ops.h on one
+// non-blocking stream. Nothing here synchronizes the host except download() (and the one-time
+// prepare_experts), so a decode step can later be captured as a CUDA graph.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/ops.h"
+
+namespace fathom {
+namespace {
+
+using cuda::check;
+
+// The device and stream that tensors of this backend are allocated and freed on. Shared by the
+// backend and by every tensor's deleter, so the stream outlives the last tensor.
+struct CudaContext {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cudaMemPool_t pool = nullptr;
+
+  explicit CudaContext(int d) : device(d) {
+    check(cudaSetDevice(device), "cudaSetDevice");
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
+    // Keep freed blocks in the pool instead of returning them at every synchronization: the
+    // activations of each step are allocated and freed again and again.
+    uint64_t keep_all = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all), "cudaMemPoolSetAttribute");
+  }
+  ~CudaContext() {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+};
+
+// Host-to-device copies of large (memory-mapped) tensors through two pinned buffers: while the
+// GPU copies one chunk, the CPU fills the other (several threads: a single thread's memcpy
+// would be the bottleneck).
+class PinnedStaging {
+ public:
+  static constexpr size_t kChunk = size_t(32) << 20;
+
+  ~PinnedStaging() {
+    for (Buffer& b : buffers_) {
+      if (b.done) cudaEventSynchronize(b.done), cudaEventDestroy(b.done);
+      if (b.host) cudaFreeHost(b.host);
+    }
+  }
+
+  void copy_to_device(void* dst, const void* src, size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    if (!ready_ && !init()) {  // no pinned memory to be had: a plain synchronous copy
+      check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream), "upload (cudaMemcpyAsync)");
+      check(cudaStreamSynchronize(stream), "upload (cudaStreamSynchronize)");
+      return;
+    }
+    for (size_t off = 0; off < n;) {
+      const size_t len = std::min(kChunk, n - off);
+      Buffer& b = buffers_[next_];
+      next_ = (next_ + 1) % 2;
+      check(cudaEventSynchronize(b.done), "upload (waiting for a staging buffer)");
+      const char* from = static_cast<const char*>(src) + off;
+      constexpr int64_t kPiece = int64_t(1) << 20;
+      ThreadPool::global().parallel_for(int64_t(len), [&](int64_t begin, int64_t end, int) {
+        std::memcpy(b.host + begin, from + begin, size_t(end - begin));
+      }, kPiece);
+      check(cudaMemcpyAsync(static_cast<char*>(dst) + off, b.host, len, cudaMemcpyHostToDevice, stream),
+            "upload (cudaMemcpyAsync)");
+      check(cudaEventRecord(b.done, stream), "upload (cudaEventRecord)");
+      off += len;
+    }
+  }
+
+ private:
+  struct Buffer {
+    char* host = nullptr;
+    cudaEvent_t done = nullptr;  // the copy out of `host` has finished
+  };
+  bool init() {
+    for (Buffer& b : buffers_) {
+      if (cudaMallocHost(reinterpret_cast<void**>(&b.host), kChunk) != cudaSuccess) {
+        cudaGetLastError();
+        b.host = nullptr;
+        return false;
+      }
+      check(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    }
+    return ready_ = true;
+  }
+  Buffer buffers_[2];
+  int next_ = 0;
+  bool ready_ = false;
+};
+
+// ExpertSet::prepared of this backend: the device table of every expert's pointers.
+struct PreparedExperts {
+  static constexpr uint64_t kTag = 0x6375646145787073ull;  // identifies the type behind the void pointer
+  uint64_t tag = kTag;
+  std::shared_ptr<CudaContext> ctx;
+  cuda::ExpertPointers* table = nullptr;  // (n_experts) device memory
+  DType dtype = DType::F32;
+  int64_t hidden = 0, inter = 0, block = 128;
+  int n_experts = 0;
+  bool aligned16 = false;
+  ~PreparedExperts() {
+    if (table) cudaFreeAsync(table, ctx->stream);
+  }
+};
+
+void on_gpu(const Tensor& t, const char* op, const char* what) {
+  FATHOM_CHECK(t.defined() && t.device() == Device::CUDA, op, ": ", what,
+               t.defined() ? " is in host memory; the CUDA backend computes on tensors it allocated or uploaded."
+                           : " has no data.");
+}
+void f32(const Tensor& t, const char* op, const char* what) {
+  on_gpu(t, op, what);
+  FATHOM_CHECK(t.dtype() == DType::F32, op, ": ", what, " is ", dtype_name(t.dtype()), "; expected F32.");
+}
+
+class CudaOps final : public Ops {
+ public:
+  explicit CudaOps(int device) : ctx_(std::make_shared<CudaContext>(device)) {}
+  const char* name() const override { return "cuda"; }
+  Device device() const override { return Device::CUDA; }
+
+  // ---- memory
+
+  Tensor empty(Shape shape, DType dtype) override {
+    use();
+    for (int64_t d : shape) FATHOM_ASSERT(d >= 0, "negative dimension in ", shape_str(shape));
+    const size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+    const size_t alloc = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+    void* ptr = nullptr;
+    cudaError_t e = cudaMallocAsync(&ptr, alloc, ctx_->stream);
+    if (e == cudaErrorMemoryAllocation) {
+      // Blocks cached by the pool may be free once queued work finishes: return them and retry.
+      cudaGetLastError();
+      cudaStreamSynchronize(ctx_->stream);
+      cudaMemPoolTrimTo(ctx_->pool, 0);
+      e = cudaMallocAsync(&ptr, alloc, ctx_->stream);
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      const cuda::MemoryInfo m = memory_info_or_zero();
+      throw Error(cat("out of GPU memory: a tensor of shape ", shape_str(shape), " (", dtype_name(dtype), ") needs ",
+                      bytes, " bytes but GPU ", ctx_->device, " has ", m.free, " bytes free of ", m.total, " (",
+                      cudaGetErrorString(e), ")."));
+    }
+    std::shared_ptr<CudaContext> ctx = ctx_;
+    std::shared_ptr<void> owner(ptr, [ctx](void* q) { cudaFreeAsync(q, ctx->stream); });
+    return Tensor::view(ptr, std::move(shape), dtype, std::move(owner), Device::CUDA);
+  }
+
+  Tensor upload(const Tensor& host) override {
+    if (host.device() == Device::CUDA) return host;  // already here
+    FATHOM_CHECK(host.defined() || host.numel() == 0, "upload: the host tensor has no data.");
+    Tensor t = empty(host.shape(), host.dtype());
+    staging_.copy_to_device(t.data(), host.data(), host.nbytes(), ctx_->stream);
+    return t;
+  }
+
+  void download(void* host, const Tensor& t) override {
+    use();
+    on_gpu(t, "download", "the tensor");
+    if (t.nbytes())
+      check(cudaMemcpyAsync(host, t.data(), t.nbytes(), cudaMemcpyDeviceToHost, ctx_->stream), "download");
+    check(cudaStreamSynchronize(ctx_->stream), "download (or a kernel queued before it)");
+  }
+
+  void copy(const CopyParams& p) override {
+    use();
+    cuda::copy(p, ctx_->stream);
+  }
+
+  void fill_random(Tensor& t, uint64_t seed, float scale) override {
+    use();
+    on_gpu(t, "fill_random", "the tensor");
+    cuda::fill_random(t.data(), t.dtype(), t.numel(), seed, scale, ctx_->stream);
+  }
+
+  void copy_bytes(void* dst, const void* src, size_t n) override {
+    use();
+    if (n) check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, ctx_->stream), "copy_bytes");
+  }
+
+  int64_t free_memory() override {
+    use();
+    // free device memory plus what the pool holds but does not use
+    uint64_t reserved = 0, used = 0;
+    check(cudaMemPoolGetAttribute(ctx_->pool, cudaMemPoolAttrReservedMemCurrent, &reserved), "cudaMemPoolGetAttribute");
+    check(cudaMemPoolGetAttribute(ctx_->pool, cudaMemPoolAttrUsedMemCurrent, &used), "cudaMemPoolGetAttribute");
+    return cuda::memory_info().free + int64_t(reserved - std::min(reserved, used));
+  }
+
+  void prepare_experts(ExpertSet& set) override {
+    use();
+    if (set.experts.empty()) return;
+    auto prep = std::make_shared<PreparedExperts>();
+    prep->ctx = ctx_;
+    const ExpertWeights& first = set.experts[0];
+    FATHOM_CHECK(first.gate_proj && first.up_proj && first.down_proj, "prepare_experts: expert 0 lacks a weight.");
+    prep->dtype = first.gate_proj->weight.dtype();
+    prep->inter = first.gate_proj->out_features();
+    prep->hidden = first.gate_proj->in_features();
+    prep->block = first.gate_proj->block;
+    prep->n_experts = int(set.experts.size());
+    prep->aligned16 = true;
+    std::vector<cuda::ExpertPointers> table(set.experts.size());
+    for (size_t e = 0; e < set.experts.size(); ++e) {
+      const ExpertWeights& x = set.experts[e];
+      FATHOM_CHECK(x.gate_proj && x.up_proj && x.down_proj, "prepare_experts: expert ", e, " lacks a weight.");
+      const LinearWeight* parts[3] = {x.gate_proj, x.up_proj, x.down_proj};
+      const Shape shapes[3] = {{prep->inter, prep->hidden}, {prep->inter, prep->hidden}, {prep->hidden, prep->inter}};
+      for (int i = 0; i < 3; ++i) {
+        const LinearWeight& w = *parts[i];
+        on_gpu(w.weight, "prepare_experts", w.name.c_str());
+        FATHOM_CHECK(w.weight.dtype() == prep->dtype && w.weight.shape() == shapes[i], "prepare_experts: ", w.name,
+                     " is ", dtype_name(w.weight.dtype()), " ", shape_str(w.weight.shape()), "; every expert of a layer must be ",
+                     dtype_name(prep->dtype), " ", shape_str(shapes[i]), " like expert 0.");
+        if (w.quantized()) {
+          check_scales(w, "prepare_experts");
+          FATHOM_CHECK(w.block == prep->block, "prepare_experts: ", w.name, " uses block ", w.block, " but expert 0 uses ",
+                       prep->block, ".");
+        }
+        prep->aligned16 = prep->aligned16 && cuda::aligned16(w.weight.data());
+      }
+      const bool q = prep->dtype == DType::F8_E4M3;
+      table[e] = {x.gate_proj->weight.data(), x.up_proj->weight.data(), x.down_proj->weight.data(),
+                  q ? x.gate_proj->scale_inv.f32() : nullptr, q ? x.up_proj->scale_inv.f32() : nullptr,
+                  q ? x.down_proj->scale_inv.f32() : nullptr};
+    }
+    const size_t bytes = table.size() * sizeof(cuda::ExpertPointers);
+    void* dev = nullptr;
+    check(cudaMallocAsync(&dev, bytes, ctx_->stream), "prepare_experts (cudaMallocAsync)");
+    prep->table = static_cast<cuda::ExpertPointers*>(dev);
+    check(cudaMemcpyAsync(dev, table.data(), bytes, cudaMemcpyHostToDevice, ctx_->stream), "prepare_experts");
+    check(cudaStreamSynchronize(ctx_->stream), "prepare_experts");  // `table` is about to go away
+    set.prepared = std::shared_ptr<const void>(prep, prep.get());
+  }
+
+  // ---- compute
+
+  void embedding(Tensor& out, const Tensor& ids, const Tensor& table) override {
+    use();
+    f32(out, "embedding", "the output");
+    on_gpu(ids, "embedding", "the token ids");
+    on_gpu(table, "embedding", "the table");
+    FATHOM_CHECK(ids.dtype() == DType::I32 && table.ndim() == 2, "embedding: expected I32 ids and a 2-D table, got ",
+                 dtype_name(ids.dtype()), " ids and a table of shape ", shape_str(table.shape()), ".");
+    const int64_t T = ids.numel(), H = table.dim(1);
+    FATHOM_ASSERT(out.numel() == T * H, "embedding: out ", shape_str(out.shape()), " for ", T, " tokens of ", H);
+    cuda::embedding(out.f32(), ids.ptr<int32_t>(), T, table.data(), table.dtype(), H, ctx_->stream);
+  }
+
+  void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) override {
+    use();
+    f32(out, "rmsnorm", "the output");
+    f32(x, "rmsnorm", "the input");
+    f32(weight, "rmsnorm", "the weight");
+    const int64_t N = weight.numel();
+    FATHOM_ASSERT(N > 0 && x.numel() % N == 0 && out.numel() == x.numel(), "rmsnorm: x ", shape_str(x.shape()),
+                  " out ", shape_str(out.shape()), " weight ", shape_str(weight.shape()));
+    cuda::rmsnorm(out.f32(), x.f32(), weight.f32(), x.numel() / N, N, eps, ctx_->stream);
+  }
+
+  void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) override {
+    use();
+    f32(out, "matmul", "the output");
+    f32(x, "matmul", "the input");
+    run_matmul(out.f32(), x.f32(), x.numel(), out.numel(), w);
+  }
+
+  void matmul_batch(const std::vector<MatmulJob>& jobs) override {
+    use();
+    for (const MatmulJob& j : jobs) {
+      FATHOM_ASSERT(j.w && j.M >= 0, "matmul_batch: a job without a weight");
+      run_matmul(j.out, j.x, j.M * j.w->in_features(), j.M * j.w->out_features(), *j.w);
+    }
+  }
+
+  void rope(const RopeParams& p) override {
+    use();
+    cuda::rope(p, ctx_->stream);
+  }
+
+  void attention(const AttentionParams& p) override {
+    use();
+    cuda::attention(p, ctx_->stream);
+  }
+
+  void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
+    use();
+    on_gpu(w, "matmul_per_head", "the weight");
+    FATHOM_CHECK(w.ndim() == 3 && (w.dtype() == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::F16),
+                 "matmul_per_head: the weight is ", dtype_name(w.dtype()), " ", shape_str(w.shape()),
+                 "; expected (heads, N, K) in F32, BF16 or F16.");
+    cuda::MatmulParams m;
+    m.out = p.out;
+    m.ldo = p.out_token_stride;
+    m.out_batch_stride = p.out_head_stride;
+    m.x = p.x;
+    m.ldx = p.x_token_stride;
+    m.x_batch_stride = p.x_head_stride;
+    m.w = w.data();
+    m.w_dtype = w.dtype();
+    m.w_batch_stride = w.dim(1) * w.dim(2);
+    m.M = p.n_tokens;
+    m.N = w.dim(1);
+    m.K = w.dim(2);
+    m.batch = int(w.dim(0));
+    if (m.batch == 0) return;
+    cuda::matmul(m, ctx_->stream);
+  }
+
+  void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
+    use();
+    f32(out, "silu_mul", "the output");
+    f32(gate, "silu_mul", "the gate");
+    f32(up, "silu_mul", "the up projection");
+    FATHOM_ASSERT(gate.numel() == up.numel() && out.numel() == gate.numel(), "silu_mul: gate ",
+                  shape_str(gate.shape()), " up ", shape_str(up.shape()), " out ", shape_str(out.shape()));
+    cuda::silu_mul(out.f32(), gate.f32(), up.f32(), out.numel(), ctx_->stream);
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    use();
+    f32(x, "add", "the accumulator");
+    f32(y, "add", "the addend");
+    FATHOM_ASSERT(x.numel() == y.numel(), "add: ", shape_str(x.shape()), " += ", shape_str(y.shape()));
+    cuda::add(x.f32(), y.f32(), x.numel(), ctx_->stream);
+  }
+
+  void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
+                const MoeGateParams& p) override {
+    use();
+    f32(weights, "moe_gate", "the routing weights");
+    on_gpu(experts, "moe_gate", "the expert ids");
+    f32(logits, "moe_gate", "the router logits");
+    FATHOM_ASSERT(p.n_experts > 0 && logits.numel() % p.n_experts == 0, "moe_gate: logits ",
+                  shape_str(logits.shape()), " for ", p.n_experts, " experts");
+    const int64_t T = logits.numel() / p.n_experts;
+    FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
+                  "moe_gate: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ",
+                  T, " tokens, top ", p.top_k);
+    cuda::moe_gate(weights.f32(), experts.ptr<int32_t>(), logits.f32(), bias, T, p, ctx_->stream);
+  }
+
+  void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
+                   const ExpertSet& set) override {
+    use();
+    f32(out, "moe_experts", "the output");
+    f32(x, "moe_experts", "the input");
+    f32(weights, "moe_experts", "the routing weights");
+    on_gpu(experts, "moe_experts", "the expert ids");
+    const auto* prep = static_cast<const PreparedExperts*>(set.prepared.get());
+    FATHOM_CHECK(prep && prep->tag == PreparedExperts::kTag, "moe_experts: the expert set was not prepared by the "
+                 "CUDA backend (call Ops::prepare_experts after placing the weights).");
+    const int64_t D = prep->hidden, T = x.numel() / D;
+    FATHOM_ASSERT(x.numel() == T * D && out.numel() == T * D, "moe_experts: x ", shape_str(x.shape()), " out ",
+                  shape_str(out.shape()), " for hidden size ", D);
+    if (T == 0) return;
+    const int64_t K = weights.numel() / T;
+    FATHOM_ASSERT(K > 0 && weights.numel() == T * K && experts.numel() == T * K && experts.dtype() == DType::I32,
+                  "moe_experts: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()));
+    cuda::MoeExpertsParams m;
+    m.out = out.f32();
+    m.x = x.f32();
+    m.weights = weights.f32();
+    m.experts = experts.ptr<int32_t>();
+    m.table = prep->table;
+    m.n_tokens = T;
+    m.hidden = D;
+    m.inter = prep->inter;
+    m.block = prep->block;
+    m.n_experts = prep->n_experts;
+    m.top_k = int(K);
+    m.dtype = prep->dtype;
+    m.aligned16 = prep->aligned16;
+    cuda::moe_experts(m, ctx_->stream);
+  }
+
+ private:
+  // Kernels go to the stream of this backend's device, whichever device the calling thread had.
+  void use() const { check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
+
+  cuda::MemoryInfo memory_info_or_zero() const {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();
+    return {int64_t(free), int64_t(total)};
+  }
+
+  static void check_scales(const LinearWeight& w, const char* op) {
+    FATHOM_CHECK(w.block > 0, op, ": FP8 weight '", w.name, "' has quantization block ", w.block,
+                 "; expected a positive size.");
+    const Shape expected = {(w.out_features() + w.block - 1) / w.block, (w.in_features() + w.block - 1) / w.block};
+    FATHOM_CHECK(w.scale_inv.defined() && w.scale_inv.dtype() == DType::F32 && w.scale_inv.shape() == expected, op,
+                 ": FP8 weight '", w.name, "' of shape ", shape_str(w.weight.shape()), " needs an F32 scale_inv of shape ",
+                 shape_str(expected), "; found ",
+                 w.scale_inv.defined() ? cat(dtype_name(w.scale_inv.dtype()), " ", shape_str(w.scale_inv.shape()))
+                                       : std::string("none"),
+                 ".");
+    on_gpu(w.scale_inv, op, "the FP8 scales");
+  }
+
+  // out (M, N) = x (M, K) · Wᵀ over raw device pointers; x_numel / out_numel check the shapes.
+  void run_matmul(float* out, const float* x, int64_t x_numel, int64_t out_numel, const LinearWeight& w) {
+    on_gpu(w.weight, "matmul", w.name.empty() ? "the weight" : w.name.c_str());
+    FATHOM_CHECK(w.weight.ndim() == 2, "matmul: weight '", w.name, "' has shape ", shape_str(w.weight.shape()),
+                 "; expected 2 dimensions [out_features, in_features].");
+    const int64_t N = w.out_features(), K = w.in_features();
+    const int64_t M = K > 0 ? x_numel / K : (N > 0 ? out_numel / N : 0);
+    FATHOM_ASSERT(x_numel == M * K && out_numel == M * N, "matmul ", w.name, ": ", x_numel, " inputs and ",
+                  out_numel, " outputs for weight ", shape_str(w.weight.shape()));
+    if (w.quantized()) check_scales(w, "matmul");
+    cuda::MatmulParams p;
+    p.out = out;
+    p.ldo = N;
+    p.x = x;
+    p.ldx = K;
+    p.w = w.weight.data();
+    p.w_dtype = w.weight.dtype();
+    p.scale_inv = w.quantized() ? w.scale_inv.f32() : nullptr;
+    p.block = w.block;
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    cuda::matmul(p, ctx_->stream);
+  }
+
+  std::shared_ptr<CudaContext> ctx_;
+  PinnedStaging staging_;
+};
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cuda_ops(int device) {
+  const int n = cuda::device_count();
+  FATHOM_CHECK(n > 0, "--device cuda was requested but no CUDA GPU is visible (no driver, no device, or "
+               "CUDA_VISIBLE_DEVICES hides them); use --device cpu.");
+  FATHOM_CHECK(device >= 0 && device < n, "--device cuda: GPU ", device, " was requested but ", n, " CUDA GPU",
+               n == 1 ? " is" : "s are", " visible (indices 0 to ", n - 1, ").");
+  return std::make_unique<CudaOps>(device);
+}
+
+bool cuda_available() {
+  try {
+    return cuda::device_count() > 0;
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace fathom

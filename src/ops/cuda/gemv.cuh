@@ -1,0 +1,95 @@
+// The memory-bound core shared by the dense GEMV (matmul.cu, M <= 8) and the routed experts
+// (moe.cu): a thread block computes R weight rows against up to MP rows of x.
+//
+// The threads of the block split K in 16-byte pieces of the weight (8 BF16/F16, 16 FP8, 4 F32
+// elements): each piece of each of the R rows is loaded once, converted in registers (FP8 scaled
+// by its block's scale_inv) and multiplied with the matching x values of every x row, which come
+// through L1 as float4 loads. R rows per block give R independent 16-byte loads in flight per
+// thread per step and reuse each x vector R times. The per-thread partial sums are reduced over
+// the block at the end (gemv_block_reduce).
+//
+// The vector path needs 16-byte aligned weight rows and x rows (and, for FP8, a block edge
+// that is a multiple of 16); otherwise, and for the K % kVec tail, a scalar loop does the work.
+#pragma once
+#include "ops/cuda/device_util.cuh"
+
+namespace fathom::cuda {
+
+// One weight row: its bytes and, for FP8, its row of scale_inv (ceil(K/block) floats).
+struct GemvRow {
+  const uint8_t* w;
+  const float* scale;
+};
+
+// acc[r][m] += mult * (this thread's share of) sum_k W_r[k] * x[m*ldx + k], for m < M <= MP.
+template <DType D, int MP, int R>
+__device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows)[R], const float* __restrict__ x,
+                                       int64_t ldx, int M, int64_t K, int64_t block, bool vec, float mult) {
+  constexpr int V = kVec<D>;
+  constexpr int E = ElemSize<D>::value;
+  const int64_t k_vec_end = vec ? K / V * V : 0;
+  const int64_t step = int64_t(blockDim.x) * V;
+#pragma unroll 2
+  for (int64_t k = int64_t(threadIdx.x) * V; k < k_vec_end; k += step) {
+    float w[R][V];
+    const int kb = D == DType::F8_E4M3 ? int(k) / int(block) : 0;  // K < 2^31 (checked by the launchers)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      convert16<D>(load16_stream(rows[r].w + k * E), w[r]);
+      float s = mult;
+      if constexpr (D == DType::F8_E4M3) s *= __ldg(rows[r].scale + kb);
+#pragma unroll
+      for (int i = 0; i < V; ++i) w[r][i] *= s;
+    }
+#pragma unroll
+    for (int m = 0; m < MP; ++m) {
+      if (m >= M) break;
+      const float4* xv = reinterpret_cast<const float4*>(x + m * ldx + k);
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c) {
+        const float4 xc = __ldg(xv + c);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          acc[r][m] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
+      }
+    }
+  }
+  for (int64_t k = k_vec_end + threadIdx.x; k < K; k += blockDim.x) {
+    float w[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      w[r] = load_elem<D>(rows[r].w, k) * mult;
+      if constexpr (D == DType::F8_E4M3) w[r] *= __ldg(rows[r].scale + int(k) / int(block));
+    }
+#pragma unroll
+    for (int m = 0; m < MP; ++m) {
+      if (m >= M) break;
+      const float xk = __ldg(x + m * ldx + k);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xk;
+    }
+  }
+}
+
+// Sums acc over the block; afterwards result[r * MP + m] (shared memory, R*MP floats) holds the
+// totals. `scratch` is shared memory of (blockDim.x / 32) * R * MP floats. Ends synchronized.
+template <int MP, int R>
+__device__ inline void gemv_block_reduce(float (&acc)[R][MP], float* scratch, float* result) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MP; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0) scratch[warp * R * MP + r * MP + m] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < R * MP; i += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < warps; ++w) s += scratch[w * R * MP + i];
+    result[i] = s;
+  }
+  __syncthreads();
+}
+
+}  // namespace fathom::cuda

@@ -1,0 +1,265 @@
+// DeepSeekMoE on the GPU: routing (moe_gate) and the routed experts (moe_experts), the CUDA
+// counterparts of CpuOps::moe_gate / moe_experts. Expert ids never leave the device, so a MoE
+// layer needs no host synchronization (and can be captured in a CUDA graph).
+//
+// moe_gate: one block per token, one thread per expert. Scores, biased choice values, group
+// ranks and the top-k are computed by ranking (the rank of an element is the number of
+// elements that beat it: larger, or equal with a lower index), which reproduces the CPU's
+// partial_sort order with ties going to the lower index.
+//
+// moe_experts, gather path (every batch size; the right one for decode): the (token, slot)
+// pairs each run their expert as GEMVs (gemv.cuh):
+//   1. expert_gate_up_kernel, grid (inter / R, pairs): h[pair] = silu(x[t] · Wgᵀ) * (x[t] · Wuᵀ),
+//      the gate and up rows of a block streamed together;
+//   2. expert_down_kernel, grid (hidden / R, tokens): out[t] = Σ_k weights[t, k] · (h[t, k] · Wdᵀ),
+//      the slots of a token summed in order inside one block (deterministic, no atomics).
+// Each pair reads its expert's weights, so large batches re-read popular experts (from L2 at
+// best); a token-permutation path with grouped GEMMs is the next step for prefill.
+#include <algorithm>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/gemv.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+constexpr int kMaxExperts = 1024;
+constexpr int kExpertThreads = 128;
+constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
+
+__device__ inline double block_sum_double(double v, double* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) s += scratch[w];
+  return s;
+}
+
+__device__ inline float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+// grid (T), block round_up(n_experts, 32).
+__global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict__ experts,
+                                const float* __restrict__ logits, const float* __restrict__ bias, MoeGateParams p) {
+  __shared__ float score[kMaxExperts], choice[kMaxExperts], group_score[kMaxExperts];
+  __shared__ int selected[kMaxExperts];
+  __shared__ bool keep[kMaxExperts];
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
+  const int E = p.n_experts, K = p.top_k, e = threadIdx.x;
+  const int64_t t = blockIdx.x;
+  const float l = e < E ? logits[t * E + e] : -INFINITY;
+
+  float sc = 0.f;
+  if (p.scoring == ScoringFunc::Sigmoid) {
+    sc = 1.0f / (1.0f + expf(-l));
+  } else {
+    // as the CPU: float exponentials, their sum in double, the quotient rounded to float
+    const float mx = block_max(l, fscratch);
+    const float ex = e < E ? expf(l - mx) : 0.f;
+    const double sum = block_sum_double(double(ex), dscratch);
+    sc = float(double(ex) / sum);
+  }
+  if (e < E) {
+    score[e] = sc;
+    choice[e] = sc + (bias ? bias[e] : 0.0f);
+  }
+  __syncthreads();
+
+  if (p.n_group > 1 && p.topk_group < p.n_group) {
+    const int per_group = E / p.n_group;
+    if (e < p.n_group) {
+      const float* c = choice + e * per_group;
+      float a = -INFINITY, b = -INFINITY;
+      for (int i = 0; i < per_group; ++i) {
+        if (c[i] > a) {
+          b = a;
+          a = c[i];
+        } else if (c[i] > b) {
+          b = c[i];
+        }
+      }
+      group_score[e] = p.group_by_top2_sum && per_group >= 2 ? a + b : a;
+    }
+    __syncthreads();
+    if (e < p.n_group) {
+      const float v = group_score[e];
+      int rank = 0;
+      for (int g = 0; g < p.n_group; ++g) rank += group_score[g] > v || (group_score[g] == v && g < e);
+      keep[e] = rank < p.topk_group;
+    }
+    __syncthreads();
+    if (e < E && !keep[e / per_group]) choice[e] = -INFINITY;
+    __syncthreads();
+  }
+
+  if (e < E) {
+    const float v = choice[e];
+    int rank = 0;
+    for (int i = 0; i < E; ++i) rank += choice[i] > v || (choice[i] == v && i < e);
+    if (rank < K) selected[rank] = e;
+  }
+  __syncthreads();
+  if (e == 0) {
+    float* w = weights + t * K;
+    int32_t* idx = experts + t * K;
+    double sum = 0.0;
+    for (int k = 0; k < K; ++k) {
+      idx[k] = selected[k];
+      w[k] = score[selected[k]];  // routing weight: the score without bias
+      sum += w[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      if (p.norm_topk_prob) w[k] = float(w[k] / (sum + 1e-20));
+      w[k] *= p.routed_scaling_factor;
+    }
+  }
+}
+
+// grid (ceil(inter / R), T * top_k), block kExpertThreads. h (pairs, inter).
+template <DType D, int R>
+__global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
+                                                                         bool vec) {
+  __shared__ float scratch[kExpertThreads / 32 * 2 * R];
+  __shared__ float result[2 * R];
+  constexpr int E = ElemSize<D>::value;
+  const int64_t pair = blockIdx.y, t = pair / p.top_k;
+  const int64_t n0 = int64_t(blockIdx.x) * R;
+  const int e = p.experts[pair];
+  float* hp = h + pair * p.inter;
+  if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (n0 + r < p.inter) hp[n0 + r] = 0.f;
+    return;
+  }
+  const ExpertPointers ep = p.table[e];
+  const int64_t scale_cols = ceil_div(p.hidden, p.block);
+  GemvRow rows[2 * R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = min(n0 + r, p.inter - 1);
+    rows[r].w = static_cast<const uint8_t*>(ep.gate) + n * p.hidden * E;
+    rows[R + r].w = static_cast<const uint8_t*>(ep.up) + n * p.hidden * E;
+    rows[r].scale = D == DType::F8_E4M3 ? ep.gate_scale + (n / p.block) * scale_cols : nullptr;
+    rows[R + r].scale = D == DType::F8_E4M3 ? ep.up_scale + (n / p.block) * scale_cols : nullptr;
+  }
+  float acc[2 * R][1];
+#pragma unroll
+  for (int r = 0; r < 2 * R; ++r) acc[r][0] = 0.f;
+  gemv_accumulate<D, 1, 2 * R>(acc, rows, p.x + t * p.hidden, p.hidden, 1, p.hidden, p.block, vec, 1.f);
+  gemv_block_reduce<1, 2 * R>(acc, scratch, result);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (n0 + r >= p.inter) continue;
+    const float g = result[r], u = result[R + r];
+    hp[n0 + r] = g / (1.f + expf(-g)) * u;
+  }
+}
+
+// grid (ceil(hidden / R), T), block kExpertThreads.
+template <DType D, int R>
+__global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
+                                                                      bool vec) {
+  __shared__ float scratch[kExpertThreads / 32 * R];
+  __shared__ float result[R];
+  constexpr int E = ElemSize<D>::value;
+  const int64_t t = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * R;
+  const int64_t scale_cols = ceil_div(p.inter, p.block);
+  float acc[R][1];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r][0] = 0.f;
+  for (int k = 0; k < p.top_k; ++k) {
+    const int64_t pair = t * p.top_k + k;
+    const int e = p.experts[pair];
+    if (e < 0 || e >= p.n_experts) continue;
+    const ExpertPointers ep = p.table[e];
+    GemvRow rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = min(n0 + r, p.hidden - 1);
+      rows[r].w = static_cast<const uint8_t*>(ep.down) + n * p.inter * E;
+      rows[r].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
+    }
+    // the routing weight scales this slot's partial sums; one reduction serves all slots
+    gemv_accumulate<D, 1, R>(acc, rows, h + pair * p.inter, p.inter, 1, p.inter, p.block, vec, p.weights[pair]);
+  }
+  gemv_block_reduce<1, R>(acc, scratch, result);
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    if (n0 + r < p.hidden) p.out[t * p.hidden + n0 + r] = result[r];
+}
+
+template <DType D>
+void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
+  constexpr int E = ElemSize<D>::value;
+  const int64_t pairs = p.n_tokens * p.top_k;
+  StreamScratch h(size_t(pairs * p.inter) * sizeof(float), s, "moe_experts");
+  const bool fp8_ok = D != DType::F8_E4M3 || p.block % 16 == 0;
+  const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && fp8_ok;
+  const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
+  constexpr int R = kExpertRows;
+  expert_gate_up_kernel<D, R>
+      <<<dim3(unsigned(ceil_div(p.inter, R)), unsigned(pairs)), kExpertThreads, 0, s>>>(p, h.as<float>(), vec_up);
+  check_launch("moe_experts (expert_gate_up_kernel)");
+  expert_down_kernel<D, R>
+      <<<dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kExpertThreads, 0, s>>>(p, h.as<float>(),
+                                                                                              vec_down);
+  check_launch("moe_experts (expert_down_kernel)");
+}
+
+}  // namespace
+
+void moe_gate(float* weights, int32_t* experts, const float* logits, const float* bias, int64_t n_tokens,
+              const MoeGateParams& p, Stream stream) {
+  FATHOM_CHECK(p.n_experts > 0 && p.n_experts <= kMaxExperts, "moe_gate: ", p.n_experts,
+               " experts; the CUDA router handles 1 to ", kMaxExperts, ".");
+  FATHOM_CHECK(p.top_k > 0 && p.top_k <= p.n_experts, "moe_gate: top_k ", p.top_k, " must be between 1 and ",
+               p.n_experts, ".");
+  FATHOM_CHECK(p.n_group >= 1 && p.n_experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group,
+               "moe_gate: ", p.n_experts, " experts in ", p.n_group, " groups keeping ", p.topk_group,
+               " do not divide evenly.");
+  if (n_tokens == 0) return;
+  FATHOM_CHECK(n_tokens < (int64_t(1) << 31), "moe_gate: ", n_tokens, " tokens is too many for one launch.");
+  FATHOM_ASSERT(weights && experts && logits, "moe_gate with a null pointer");
+  const unsigned threads = unsigned((p.n_experts + 31) / 32 * 32);
+  moe_gate_kernel<<<unsigned(n_tokens), threads, 0, as_cuda(stream)>>>(weights, experts, logits, bias, p);
+  check_launch("moe_gate");
+}
+
+void moe_experts(const MoeExpertsParams& p, Stream stream) {
+  const DType d = p.dtype;
+  FATHOM_CHECK(d == DType::F32 || d == DType::BF16 || d == DType::F16 || d == DType::F8_E4M3,
+               "moe_experts: expert weights in ", dtype_name(d),
+               " are not supported on CUDA; expected F32, BF16, F16 or F8_E4M3.");
+  FATHOM_CHECK(p.top_k > 0 && p.n_experts > 0 && p.hidden > 0 && p.inter > 0, "moe_experts: invalid shape (top_k ",
+               p.top_k, ", ", p.n_experts, " experts, hidden ", p.hidden, ", inter ", p.inter, ").");
+  FATHOM_CHECK(p.hidden < (int64_t(1) << 31) && p.inter < (int64_t(1) << 31) &&
+                   p.n_tokens * p.top_k < (int64_t(1) << 31),
+               "moe_experts: ", p.n_tokens, " tokens x ", p.top_k, " experts of ", p.inter, " x ", p.hidden,
+               " exceed what one launch handles.");
+  FATHOM_CHECK(d != DType::F8_E4M3 || p.block > 0, "moe_experts: FP8 experts need a positive block size.");
+  if (p.n_tokens == 0) return;
+  FATHOM_ASSERT(p.out && p.x && p.weights && p.experts && p.table, "moe_experts with a null pointer");
+  const cudaStream_t s = as_cuda(stream);
+  switch (d) {
+    case DType::F32: return run_experts<DType::F32>(p, s);
+    case DType::BF16: return run_experts<DType::BF16>(p, s);
+    case DType::F16: return run_experts<DType::F16>(p, s);
+    default: return run_experts<DType::F8_E4M3>(p, s);
+  }
+}
+
+}  // namespace fathom::cuda
