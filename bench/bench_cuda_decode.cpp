@@ -8,7 +8,9 @@
 // Batch-1 decode reads every active weight once per token (attention, the dense or shared +
 // top-k routed experts, the router, the LM head) and the latent cache of the context:
 //     roofline tokens/s = copy bandwidth / (active weight bytes + latent KV bytes per step).
-// Batch-B decode runs B sequences per step (Model::forward_batch); prefill runs one prompt.
+// Decode steps are Model::decode_greedy (a CUDA graph per step, argmax on the GPU) over B
+// sequences; batch 1 is also timed without the graph (forward_batch, host-launched ops, logits
+// downloaded) to show what the graph saves. Prefill runs one prompt.
 //
 // usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
 //                          [--decode 64] [--prefill 2048] [--batches 1,8,32]
@@ -136,20 +138,13 @@ int main(int argc, char** argv) {
           for (auto& k : caches) ptrs.push_back(&k);
           std::vector<std::vector<int32_t>> step;
           for (int64_t b = 0; b < B; ++b) step.push_back(prompt_ids(n_prompt, V, b + 2));
-          Tensor logits = m->forward_batch(step, ptrs);
-          auto pick = [&] {
-            for (int64_t b = 0; b < B; ++b) step[size_t(b)] = {argmax(logits.f32() + b * V, V)};
-          };
-          pick();
-          for (int w = 0; w < 2; ++w) {  // warm-up steps
-            logits = m->forward_batch(step, ptrs);
-            pick();
-          }
+          for (auto& k : caches) k.reserve(n_prompt + n_decode + 4);
+          Tensor logits = m->forward_batch(step, ptrs);  // the prompts (untimed)
+          std::vector<int32_t> next;
+          for (int64_t b = 0; b < B; ++b) next.push_back(argmax(logits.f32() + b * V, V));
+          for (int w = 0; w < 2; ++w) next = m->decode_greedy(next, ptrs);  // capture + warm-up
           t0 = Clock::now();
-          for (int64_t i = 0; i < n_decode; ++i) {
-            logits = m->forward_batch(step, ptrs);
-            pick();
-          }
+          for (int64_t i = 0; i < n_decode; ++i) next = m->decode_greedy(next, ptrs);
           const double s = since(t0);
           const double tps = double(B * n_decode) / s;
           double roof = 0;
@@ -157,6 +152,15 @@ int main(int argc, char** argv) {
             const double ctx = double(n_prompt + 2) + double(n_decode) / 2;  // mean context of the timed steps
             roof = bw / (double(p.active_weight_bytes) + ctx * double(kv_row));
             if (dt == "bf16") bf16_tps1 = tps;
+            // the same steps without the graph: every op launched from the host, logits downloaded
+            std::vector<std::vector<int32_t>> one = {{next[0]}};
+            auto e0 = Clock::now();
+            for (int64_t i = 0; i < n_decode / 4; ++i) {
+              logits = m->forward_batch(one, ptrs);
+              one[0] = {argmax(logits.f32(), V)};
+            }
+            const double es = since(e0);
+            rows.push_back({name, dt, "decode 1, no graph", double(n_decode / 4) / es, 0});
           }
           rows.push_back({name, dt, "decode batch " + bs, tps, roof});
           std::printf("  decode batch %ld: %.2f ms/step, %.1f tokens/s", long(B), 1e3 * s / double(n_decode), tps);

@@ -106,6 +106,52 @@ void expect_batch_equals_single(DeviceKind dev) {
 
 TEST(RandomModel, BatchedDecodeEqualsSingleSequences) { expect_batch_equals_single(DeviceKind::Cpu); }
 
+// The graph-replayed greedy step (device positions, device argmax) against eager forward_batch,
+// across a cache that grows (a new capture) and a batch that changes.
+void expect_decode_greedy_equals_forward(DeviceKind dev, MlaMode mode) {
+  ModelOptions o;
+  o.device = dev;
+  o.mla_mode = mode;
+  o.precision = Precision::Fp32;
+  auto m = Model::random(small_v3(), o, DType::F32, 9);
+  for (int B : {1, 3}) {
+    std::vector<KvCache> a, b;
+    for (int i = 0; i < B; ++i) {
+      a.push_back(m->new_cache(4));  // small: grows during the test
+      b.push_back(m->new_cache(4));
+    }
+    std::vector<KvCache*> pa, pb;
+    for (int i = 0; i < B; ++i) {
+      pa.push_back(&a[size_t(i)]);
+      pb.push_back(&b[size_t(i)]);
+    }
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < B; ++i) prompts.push_back(some_ids(2 + i, 1000 - i));
+    Tensor la = m->forward_batch(prompts, pa), lb = m->forward_batch(prompts, pb);
+    std::vector<int32_t> ta, tb;
+    for (int i = 0; i < B; ++i) {
+      ta.push_back(int32_t(std::max_element(la.f32() + i * 1000, la.f32() + (i + 1) * 1000) - (la.f32() + i * 1000)));
+      tb.push_back(ta.back());
+    }
+    for (int step = 0; step < 10; ++step) {
+      std::vector<std::vector<int32_t>> next;
+      for (int32_t t : ta) next.push_back({t});
+      Tensor l = m->forward_batch(next, pa);
+      for (int i = 0; i < B; ++i)
+        ta[size_t(i)] = int32_t(std::max_element(l.f32() + i * 1000, l.f32() + (i + 1) * 1000) - (l.f32() + i * 1000));
+      tb = m->decode_greedy(tb, pb);
+      ASSERT_EQ(tb, ta) << "step " << step << " batch " << B << " on " << device_kind_name(dev) << " "
+                        << mla_mode_name(mode);
+    }
+    for (int i = 0; i < B; ++i) EXPECT_EQ(b[size_t(i)].length(), a[size_t(i)].length());
+  }
+}
+
+TEST(RandomModel, DecodeGreedyEqualsForwardBatch) {
+  expect_decode_greedy_equals_forward(DeviceKind::Cpu, MlaMode::Absorbed);
+  expect_decode_greedy_equals_forward(DeviceKind::Cpu, MlaMode::Naive);
+}
+
 class CudaModel : public testing::Test {
  protected:
   void SetUp() override {
@@ -139,6 +185,11 @@ TEST_F(CudaModel, RandomModelMatchesTheCpu) {
 }
 
 TEST_F(CudaModel, BatchedDecodeEqualsSingleSequences) { expect_batch_equals_single(DeviceKind::Cuda); }
+
+TEST_F(CudaModel, GraphDecodeEqualsEagerDecode) {
+  expect_decode_greedy_equals_forward(DeviceKind::Cuda, MlaMode::Absorbed);
+  expect_decode_greedy_equals_forward(DeviceKind::Cuda, MlaMode::Naive);
+}
 
 TEST_F(CudaModel, GreedyGenerationMatchesTheCpuOnALongPrompt) {
   ModelOptions o;

@@ -9,6 +9,8 @@
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/vec.h"
 #include "ops/ops.h"
+#include "model/config.h"
+#include "model/rope.h"
 #include "test_util.h"
 
 using namespace fathom;
@@ -124,6 +126,30 @@ TEST(Ops, AttentionReadsAPagedCacheThroughTheBlockTable) {
   p.out = out2.f32();
   ops->attention(p);
   EXPECT_LE(rel_err(out2.f32(), out.f32(), size_t(out.numel())), 1e-6);
+}
+
+TEST(Ops, RopeTablesMatchTheModelsRope) {
+  auto ops = make_cpu_ops();
+  ModelConfig c = load_config(fixture_dir("v2-lite-tiny") + "/config.json");
+  c.rope_scaling.type = "yarn";  // with YaRN's ramp and attention factor
+  c.rope_scaling.factor = 40;
+  c.rope_scaling.original_max_position_embeddings = 64;
+  c.rope_scaling.mscale = 0.707;
+  c.rope_scaling.mscale_all_dim = 0.707;
+  Rope rope(c);
+  std::vector<int64_t> pos = {0, 1, 7, 300, 4095};
+  Tensor want_cos, want_sin;
+  rope.tables(pos.data(), int64_t(pos.size()), want_cos, want_sin);
+  Tensor p32 = Tensor::empty({int64_t(pos.size())}, DType::I32);
+  for (size_t i = 0; i < pos.size(); ++i) p32.ptr<int32_t>()[i] = int32_t(pos[i]);
+  Tensor inv = Tensor::empty({int64_t(rope.inv_freq().size())}, DType::F64);
+  std::copy(rope.inv_freq().begin(), rope.inv_freq().end(), inv.ptr<double>());
+  Tensor cos = Tensor::empty(want_cos.shape()), sin = Tensor::empty(want_sin.shape());
+  ops->rope_tables(cos, sin, p32, inv, rope.attention_factor());
+  for (int64_t i = 0; i < cos.numel(); ++i) {
+    EXPECT_EQ(cos.f32()[i], want_cos.f32()[i]) << i;
+    EXPECT_EQ(sin.f32()[i], want_sin.f32()[i]) << i;
+  }
 }
 
 TEST(Ops, CopyStridedConvertsAndBroadcasts) {

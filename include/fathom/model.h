@@ -93,6 +93,12 @@ class Model {
   // sequence over its own cache. Returns the logits of each sequence's last token (B, vocab).
   Tensor forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches);
 
+  // One greedy decoding step for several sequences: appends tokens[b] (one each) to *caches[b]
+  // and returns each sequence's argmax next token. On CUDA the step is a CUDA graph captured on
+  // first use and replayed after (captured again when the batch or a cache's storage changes);
+  // the argmax runs on the device and only the B ids come back.
+  std::vector<int32_t> decode_greedy(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches);
+
   // MTP module `depth` (0-based) over a sequence: position i combines the main model's
   // final-normed hidden state h[i] with the embedding of ids[i+1]; returns logits
   // (T-1-depth, vocab) predicting ids[i+2+depth]. `h` is (T, hidden) from forward().
@@ -107,6 +113,8 @@ class Model {
 
  private:
   Model() = default;
+  struct DecodeGraph;
+  void decode_body(DecodeGraph& g);
   void init_backend(const ModelOptions& options);
   void build(const WeightLoader& loader);
   void place_weights();
@@ -121,6 +129,7 @@ class Model {
   int64_t max_cache_tokens_ = 0, gpu_weight_bytes_ = 0;
   std::unique_ptr<Ops> ops_;
   std::unique_ptr<ModelWeights> w_;
+  std::unique_ptr<DecodeGraph> graph_;
 };
 
 }  // namespace fathom

@@ -35,8 +35,10 @@ void split_kv_b(MlaWeights& w, const ModelConfig& c) {
 
 // A strided copy of f32 rows (see CopyParams).
 void copy_rows(Ops& ops, void* out, int64_t out_token_stride, DType out_dtype, const float* in, int64_t in_token_stride,
-               int64_t n_tokens, int cols, int n_heads = 1, int64_t out_head_stride = 0, int64_t in_head_stride = 0) {
+               int64_t n_tokens, int cols, int n_heads = 1, int64_t out_head_stride = 0, int64_t in_head_stride = 0,
+               const int32_t* out_token_index = nullptr) {
   CopyParams p;
+  p.out_token_index = out_token_index;
   p.out = out;
   p.out_token_stride = out_token_stride;
   p.out_head_stride = out_head_stride;
@@ -134,12 +136,14 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
 
   Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
+  for (const SeqSlice& sl : seqs) FATHOM_ASSERT(!sl.pos_device || sl.n == 1, "device positions serve one token per sequence");
   // Each sequence appends its tokens to its own cache and attends over it.
   auto attention_params = [&](const SeqSlice& sl) {
     AttentionParams ap;
     ap.n_q = sl.n;
-    ap.n_kv = sl.pos0 + sl.n;  // keys after appending
+    ap.n_kv = sl.len_device ? sl.capacity : sl.pos0 + sl.n;  // keys after appending (or their bound)
     ap.q_pos0 = sl.pos0;
+    ap.kv_len = sl.len_device;
     ap.n_q_heads = H;
     ap.scale = float(c.softmax_scale());
     ap.causal = true;
@@ -155,10 +159,13 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       LayerKvCache& layer = *sl.cache;
       const DType kd = layer.k.dtype();
       const float* kvb_t = kvb.f32() + sl.t0 * bts;
-      copy_rows(ops, row_ptr(layer.k, sl.pos0 * kts), kts, kd, kvb_t, bts, sl.n, nope, H, dqk, nope + dv);  // k_nope
-      copy_rows(ops, row_ptr(layer.k, sl.pos0 * kts + nope), kts, kd, kv.f32() + sl.t0 * (R + rd) + R, R + rd, sl.n, rd,
-                H, dqk, 0);                                                                                 // k_pe, shared
-      copy_rows(ops, row_ptr(layer.v, sl.pos0 * vts), vts, kd, kvb_t + nope, bts, sl.n, dv, H, dv, nope + dv);  // v
+      const int64_t p0 = sl.pos_device ? 0 : sl.pos0;  // else the row comes from pos_device
+      copy_rows(ops, row_ptr(layer.k, p0 * kts), kts, kd, kvb_t, bts, sl.n, nope, H, dqk, nope + dv,
+                sl.pos_device);  // k_nope
+      copy_rows(ops, row_ptr(layer.k, p0 * kts + nope), kts, kd, kv.f32() + sl.t0 * (R + rd) + R, R + rd, sl.n, rd, H,
+                dqk, 0, sl.pos_device);  // k_pe, shared
+      copy_rows(ops, row_ptr(layer.v, p0 * vts), vts, kd, kvb_t + nope, bts, sl.n, dv, H, dv, nope + dv,
+                sl.pos_device);  // v
       AttentionParams ap = attention_params(sl);
       ap.kv_dtype = kd;
       ap.q = q.f32() + sl.t0 * int64_t(H) * dqk;
@@ -197,9 +204,11 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       LayerKvCache& layer = *sl.cache;
       // cache row = [c_kv | k_pe]
       const DType ld = layer.latent.dtype();
-      copy_rows(ops, row_ptr(layer.latent, sl.pos0 * (R + rd)), R + rd, ld, c_kv.f32() + sl.t0 * R, R, sl.n, int(R));
-      copy_rows(ops, row_ptr(layer.latent, sl.pos0 * (R + rd) + R), R + rd, ld, kv.f32() + sl.t0 * (R + rd) + R, R + rd,
-                sl.n, rd);
+      const int64_t p0 = sl.pos_device ? 0 : sl.pos0;  // else the row comes from pos_device
+      copy_rows(ops, row_ptr(layer.latent, p0 * (R + rd)), R + rd, ld, c_kv.f32() + sl.t0 * R, R, sl.n, int(R), 1, 0, 0,
+                sl.pos_device);
+      copy_rows(ops, row_ptr(layer.latent, p0 * (R + rd) + R), R + rd, ld, kv.f32() + sl.t0 * (R + rd) + R, R + rd,
+                sl.n, rd, 1, 0, 0, sl.pos_device);
       AttentionParams ap = attention_params(sl);
       ap.q = qabs.f32() + sl.t0 * int64_t(H) * (R + rd);
       ap.q_token_stride = int64_t(H) * (R + rd);

@@ -50,9 +50,15 @@ struct RopeTables {
 
 // The tokens of one sequence within a batch: rows [t0, t0 + n) of the activations sit at
 // positions pos0 .. pos0 + n - 1 of the sequence whose cache (this layer's) is `cache`.
+// In a step replayed from a CUDA graph the positions are device data: then pos_device[0] is
+// pos0 and len_device[0] the key count after appending (pos0 + n), and `capacity` (the cache's
+// rows) bounds the work.
 struct SeqSlice {
   LayerKvCache* cache = nullptr;
   int64_t pos0 = 0, t0 = 0, n = 0;
+  const int32_t* pos_device = nullptr;
+  const int32_t* len_device = nullptr;
+  int64_t capacity = 0;
 };
 
 // out (T, hidden) = MLA(x) for x (T, hidden) (already normed) holding the tokens of one or

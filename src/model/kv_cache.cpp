@@ -52,6 +52,14 @@ void KvCache::reserve(int64_t n_more) {
   capacity_ = cap;
 }
 
+std::vector<const void*> KvCache::storage() const {
+  std::vector<const void*> out;
+  for (const auto& l : layers_)
+    for (const Tensor* t : {&l.latent, &l.k, &l.v})
+      if (t->defined()) out.push_back(t->data());
+  return out;
+}
+
 int64_t KvCache::bytes_per_token_per_layer(const ModelConfig& c, MlaMode mode, int64_t elem_bytes) {
   if (mode == MlaMode::Absorbed) return (c.kv_lora_rank + c.qk_rope_head_dim) * elem_bytes;
   return int64_t(c.num_attention_heads) * (c.qk_head_dim() + c.v_head_dim) * elem_bytes;

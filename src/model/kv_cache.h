@@ -44,6 +44,9 @@ class KvCache {
   DType dtype() const { return dtype_; }
   LayerKvCache& layer(int i) { return layers_[size_t(i)]; }
   int n_layers() const { return int(layers_.size()); }
+  // Where every layer's storage is now (changes when reserve grows the cache): a replayed
+  // graph that baked these addresses in is valid while they stay the same.
+  std::vector<const void*> storage() const;
 
   // Makes room for n more tokens (keeping the cached ones), growing geometrically.
   void reserve(int64_t n_more);

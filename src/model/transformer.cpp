@@ -92,6 +92,7 @@ template <typename Fn> void for_each_weight(ModelWeights& w, Fn&& fn) {
     if (l.moe.has_shared) swiglu(l.moe.shared_experts);
   };
   fn(w.embed_tokens, true, nullptr);
+  vec(w.rope_inv_freq);
   for (auto& l : w.layers) layer(l);
   vec(w.norm);
   lin(w.lm_head);
@@ -129,7 +130,9 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
   ops.add(x, y);
 }
 
-Model::~Model() = default;
+Model::~Model() {
+  graph_.reset();  // before the backend that owns its memory
+}
 
 // The backend and precision an options struct asks for, resolved.
 void Model::init_backend(const ModelOptions& options) {
@@ -210,6 +213,8 @@ void Model::build(const WeightLoader& loader) {
     w.mtp.push_back(std::move(t));
   }
   w.rope = std::make_unique<Rope>(c);
+  w.rope_inv_freq = Tensor::empty({int64_t(w.rope->inv_freq().size())}, DType::F64);
+  std::copy(w.rope->inv_freq().begin(), w.rope->inv_freq().end(), w.rope_inv_freq.ptr<double>());
   place_weights();
   // every MoE layer's experts in the backend's form, now that the weights stay where they are
   for (auto& l : w.layers)
@@ -444,6 +449,111 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   Tensor host = Tensor::empty({B, c.vocab_size});
   ops.download(host.data(), logits);
   return host;
+}
+
+// The decode step a CUDA graph replays: its inputs (token ids, positions, key counts) sit in
+// device buffers filled from pinned host memory by the graph's first nodes, so nothing the host
+// knows at capture time changes between replays except what those buffers hold.
+struct Model::DecodeGraph {
+  int64_t B = 0;
+  std::vector<KvCache*> caches;
+  std::vector<const void*> storage;  // every cache's layer storage at capture
+  std::vector<int64_t> capacity;
+  Tensor in_host, in_dev;    // (3, B) I32: ids, positions, key counts after appending
+  Tensor next_dev, next_host;  // (B) I32: the argmax of each row
+  Tensor logits;               // (B, vocab) F32
+  std::shared_ptr<void> graph;  // null: the backend has no graphs, the body runs eagerly
+};
+
+void Model::decode_body(DecodeGraph& g) {
+  const ModelConfig& c = w_->config;
+  Ops& ops = *ops_;
+  const int64_t B = g.B, D = c.hidden_size;
+  ops.copy_from_host(g.in_dev, g.in_host);
+  const int32_t* in = g.in_dev.ptr<int32_t>();
+  Tensor ids = g.in_dev.slice_rows(0, 1).reshape({B});
+  Tensor positions = g.in_dev.slice_rows(1, 2).reshape({B});
+  const int64_t half = w_->rope_inv_freq.numel();
+  Tensor cos = ops.empty({B, half}), sin = ops.empty({B, half});
+  ops.rope_tables(cos, sin, positions, w_->rope_inv_freq, w_->rope->attention_factor());
+  RopeTables rope{&cos, &sin};
+  Tensor x = ops.empty({B, D});
+  ops.embedding(x, ids, w_->embed_tokens);
+  std::vector<SeqSlice> seqs(static_cast<size_t>(B));
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    for (int64_t b = 0; b < B; ++b) {
+      SeqSlice& s = seqs[size_t(b)];
+      s.cache = &g.caches[size_t(b)]->layer(l);
+      s.t0 = b;
+      s.n = 1;
+      s.pos_device = in + B + b;
+      s.len_device = in + 2 * B + b;
+      s.capacity = g.caches[size_t(b)]->capacity();
+    }
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
+  }
+  ops.rmsnorm(x, x, w_->norm, float(c.rms_norm_eps));
+  ops.matmul(g.logits, x, w_->lm_head);
+  ops.argmax(g.next_dev, g.logits);
+  ops.copy_to_host(g.next_host, g.next_dev);
+}
+
+std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches) {
+  FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), "decode_greedy: ", tokens.size(), " tokens for ",
+               caches.size(), " caches");
+  check_ids(tokens, "decode tokens");
+  Ops& ops = *ops_;
+  const int64_t B = int64_t(tokens.size());
+  std::vector<const void*> storage;
+  std::vector<int64_t> capacity;
+  for (int64_t b = 0; b < B; ++b) {
+    KvCache& kc = *caches[size_t(b)];
+    FATHOM_CHECK(kc.mode() == options_.mla_mode, "KV cache ", b, " was made for MLA mode ", mla_mode_name(kc.mode()));
+    for (int64_t b2 = 0; b2 < b; ++b2) FATHOM_CHECK(caches[size_t(b2)] != &kc, "decode_greedy: cache ", b, " repeats cache ", b2);
+    kc.reserve(1);
+    for (const void* p : kc.storage()) storage.push_back(p);
+    capacity.push_back(kc.capacity());
+  }
+  DecodeGraph* g = graph_.get();
+  if (!g || g->B != B || g->caches != caches || g->storage != storage || g->capacity != capacity) {
+    graph_.reset();  // the old graph first: its buffers go back to the pool
+    graph_ = std::make_unique<DecodeGraph>();
+    g = graph_.get();
+    g->B = B;
+    g->caches = caches;
+    g->storage = storage;
+    g->capacity = capacity;
+    g->in_host = ops.pinned_host({3, B}, DType::I32);
+    g->in_dev = ops.empty({3, B}, DType::I32);
+    g->next_dev = ops.empty({B}, DType::I32);
+    g->next_host = ops.pinned_host({B}, DType::I32);
+    g->logits = ops.empty({B, w_->config.vocab_size});
+    if (ops.capture_begin()) {
+      try {
+        decode_body(*g);
+      } catch (...) {
+        ops.capture_end();
+        graph_.reset();
+        throw;
+      }
+      g->graph = ops.capture_end();
+    }
+  }
+  int32_t* in = g->in_host.ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pos = caches[size_t(b)]->length();
+    in[b] = tokens[size_t(b)];
+    in[B + b] = int32_t(pos);
+    in[2 * B + b] = int32_t(pos + 1);
+  }
+  if (g->graph)
+    ops.replay(g->graph);
+  else
+    decode_body(*g);
+  ops.synchronize();
+  for (KvCache* kc : caches) kc->advance(1);
+  const int32_t* next = g->next_host.ptr<int32_t>();
+  return std::vector<int32_t>(next, next + B);
 }
 
 Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int depth, Tensor* mtp_hidden) {

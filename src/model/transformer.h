@@ -40,6 +40,7 @@ struct ModelWeights {
   LinearWeight lm_head;                   // (vocab, hidden)
   std::vector<MtpWeights> mtp;
   std::unique_ptr<Rope> rope;
+  Tensor rope_inv_freq;                   // (qk_rope_head_dim/2) F64, where the backend computes
 };
 
 // x (T, hidden) += attn(norm(x)); x += ffn(norm(x))

@@ -52,6 +52,10 @@ struct AttentionParams {
   int n_q_heads = 0, n_kv_heads = 0, d_qk = 0, d_v = 0;
   float scale = 1.0f;
   bool causal = true;
+  // Decode steps replayed from a CUDA graph cannot bake the context length into the launch:
+  // when set, the key count is *kv_len (device memory, ≤ n_kv, which then only bounds the
+  // work) and q_pos0 = *kv_len - n_q.
+  const int32_t* kv_len = nullptr;
 };
 
 // Rotary embedding on a slice of every head: dims [offset, offset + rope_dim) of each
@@ -97,6 +101,9 @@ struct CopyParams {
   int64_t in_token_stride = 0, in_head_stride = 0;
   int64_t n_tokens = 0;
   int n_heads = 1, cols = 0;
+  // When set, input token t goes to output token out_token_index[t] (device memory) instead
+  // of t: appending to a KV cache at a position the host does not bake into the launch.
+  const int32_t* out_token_index = nullptr;
 };
 
 // The routed experts of one MoE layer as the backend computes them. `prepared` is the
@@ -165,6 +172,10 @@ class Ops {
   // instead of each waking them for a few microseconds of work.
   virtual void matmul_batch(const std::vector<MatmulJob>& jobs) = 0;
   virtual void rope(const RopeParams& p) = 0;
+  // cos, sin (T, rope_dim/2) = cos/sin(position[t] · inv_freq[i]) · attention_factor, computed
+  // in double: the tables of Rope::tables for positions (T) I32 and inv_freq (rope_dim/2) F64.
+  virtual void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
+                           float attention_factor) = 0;
   virtual void attention(const AttentionParams& p) = 0;
   // w (H, N, K): one unquantized weight per head.
   virtual void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) = 0;
@@ -179,6 +190,23 @@ class Ops {
   // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
   virtual void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
                            const ExpertSet& set) = 0;
+  // ids (B) I32 = the index of each row's largest logit (the first on ties); logits (B, V).
+  virtual void argmax(Tensor& ids, const Tensor& logits) = 0;
+
+  // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
+  // and capture_end ops are recorded, not run; they may not synchronize or read host memory
+  // other than pinned buffers from pinned_host(). Backends without graphs return false from
+  // capture_begin and the caller runs eagerly.
+  virtual bool capture_begin() { return false; }
+  virtual std::shared_ptr<void> capture_end() { return nullptr; }
+  virtual void replay(const std::shared_ptr<void>& graph) { (void)graph; }
+  // Host memory the device can copy from/to asynchronously (inside graphs too).
+  virtual Tensor pinned_host(Shape shape, DType dtype) { return Tensor::empty(std::move(shape), dtype); }
+  // Asynchronous copies between a pinned_host tensor and a device tensor of the same size;
+  // synchronize() waits for them.
+  virtual void copy_from_host(Tensor& dst, const Tensor& pinned_src) { download(dst.data(), pinned_src); }
+  virtual void copy_to_host(Tensor& pinned_dst, const Tensor& src) { download(pinned_dst.data(), src); }
+  virtual void synchronize() {}
 };
 
 // The CPU backend (reference semantics; multithreaded, SIMD matmul).

@@ -38,7 +38,8 @@ class CpuOps final : public Ops {
     for (int64_t t = 0; t < p.n_tokens; ++t)
       for (int h = 0; h < p.n_heads; ++h) {
         const float* src = p.in + t * p.in_token_stride + h * p.in_head_stride;
-        const int64_t o = t * p.out_token_stride + h * p.out_head_stride;
+        const int64_t ot = p.out_token_index ? int64_t(p.out_token_index[t]) : t;
+        const int64_t o = ot * p.out_token_stride + h * p.out_head_stride;
         if (p.out_dtype == DType::F32) {
           std::memmove(static_cast<float*>(p.out) + o, src, sizeof(float) * size_t(p.cols));
         } else {
@@ -153,7 +154,37 @@ class CpuOps final : public Ops {
     }
   }
 
-  void attention(const AttentionParams& p) override { cpu::attention(p, pool_); }
+  void attention(const AttentionParams& p) override {
+    if (!p.kv_len) return cpu::attention(p, pool_);
+    AttentionParams q = p;  // the CPU backend's "device" memory is host memory
+    q.n_kv = *p.kv_len;
+    q.q_pos0 = q.n_kv - q.n_q;
+    q.kv_len = nullptr;
+    FATHOM_ASSERT(q.n_kv <= p.n_kv && q.q_pos0 >= 0, "kv_len ", q.n_kv, " bound ", p.n_kv);
+    cpu::attention(q, pool_);
+  }
+
+  void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
+                   float attention_factor) override {
+    const int64_t T = positions.numel(), half = inv_freq.numel();  // cos, sin (T, half)
+    FATHOM_ASSERT(positions.dtype() == DType::I32 && inv_freq.dtype() == DType::F64 && cos.numel() == T * half &&
+                  sin.numel() == T * half);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = double(positions.ptr<int32_t>()[t]) * inv_freq.ptr<double>()[i];
+        cos.f32()[t * half + i] = float(std::cos(angle) * attention_factor);
+        sin.f32()[t * half + i] = float(std::sin(angle) * attention_factor);
+      }
+  }
+
+  void argmax(Tensor& ids, const Tensor& logits) override {
+    const int64_t B = ids.numel(), V = logits.numel() / std::max<int64_t>(B, 1);
+    FATHOM_ASSERT(ids.dtype() == DType::I32 && logits.numel() == B * V);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* l = logits.f32() + b * V;
+      ids.ptr<int32_t>()[b] = int32_t(std::max_element(l, l + V) - l);
+    }
+  }
 
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
     const int H = int(w.dim(0));  // w (H, N, K)
