@@ -2,9 +2,11 @@
 // Ops interface, on fresh random inputs each run (the seed is printed with any failure),
 // several shapes including odd ones. GPU outputs start as NaN bytes (a poisoned device tensor),
 // so an element a kernel forgets to write fails the comparison. Bounds, per op:
-//   bit-exact         fill_random, embedding, add, copy (F32 and BF16), memory round trips
-//   1e-5              rmsnorm, silu_mul, rope                    max |a-b| / (|b|+1)
-//   1e-4              matmul (every dtype), matmul_per_head, attention, moe_experts
+//   bit-exact         fill_random, embedding, add, copy (F32 and BF16), argmax, memory round trips
+//   1e-6              rope_tables                                max |a-b| / (|b|+1)
+//   1e-5              rmsnorm, silu_mul, rope
+//   1e-4              matmul (every dtype), matmul_per_head, attention, moe_experts, a captured
+//                     and replayed graph of several ops
 //   ids equal, 1e-6   moe_gate (inputs without near-ties)
 // Skips — with the reason — when the build has no CUDA or the machine has no GPU (CI).
 #include <gtest/gtest.h>
@@ -257,6 +259,96 @@ TEST_F(CudaOps, CopyStridedConvertsAndBroadcasts) {
   }
 }
 
+TEST_F(CudaOps, CopyToIndexedTokens) {
+  // appending 3 tokens to rows of a cache given by a device index, BF16 like the KV cache
+  const int64_t T = 3, cols = 576, cache_rows = 40;
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor in = randn({T, cols}), index = Tensor::empty({T}, DType::I32);
+    for (int64_t t = 0; t < T; ++t) index.ptr<int32_t>()[t] = int32_t(7 + 11 * t);
+    Tensor want = host_poison({cache_rows, cols}, dt);
+    CopyParams p;
+    p.out_token_stride = cols, p.out_dtype = dt, p.in_token_stride = cols, p.n_tokens = T, p.cols = int(cols);
+    p.out = want.data(), p.in = in.f32(), p.out_token_index = index.ptr<int32_t>();
+    cpu_->copy(p);
+    Tensor din = up(in), dindex = up(index), got = gpu_poison({cache_rows, cols}, dt);
+    p.out = got.data(), p.in = din.f32(), p.out_token_index = dindex.ptr<int32_t>();
+    gpu_->copy(p);
+    EXPECT_TRUE(same_bytes(down(got), want)) << dtype_name(dt);
+  }
+}
+
+TEST_F(CudaOps, RopeTables) {
+  for (int64_t T : {1, 5, 300}) {
+    const int64_t half = 32;
+    Tensor positions = Tensor::empty({T}, DType::I32), inv_freq = Tensor::empty({half}, DType::F64);
+    for (int64_t t = 0; t < T; ++t) positions.ptr<int32_t>()[t] = int32_t(rng_() % 160000);
+    for (int64_t i = 0; i < half; ++i) inv_freq.ptr<double>()[i] = std::pow(10000.0, -double(2 * i) / double(2 * half)) / 40.0;
+    Tensor cos_want = Tensor::empty({T, half}), sin_want = Tensor::empty({T, half});
+    cpu_->rope_tables(cos_want, sin_want, positions, inv_freq, 1.25f);
+    Tensor dpos = up(positions), dinv = up(inv_freq), cos_got = gpu_poison({T, half}), sin_got = gpu_poison({T, half});
+    gpu_->rope_tables(cos_got, sin_got, dpos, dinv, 1.25f);
+    EXPECT_LT(max_err(down(cos_got), cos_want), 1e-6) << "T " << T;
+    EXPECT_LT(max_err(down(sin_got), sin_want), 1e-6) << "T " << T;
+  }
+}
+
+TEST_F(CudaOps, ArgmaxTakesTheFirstOfTies) {
+  for (auto [B, V] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {8, 129280}, {5, 1000}}) {
+    Tensor logits = randn({B, V});
+    for (int64_t b = 0; b < B; ++b)
+      if (V > 2 && b % 2 == 0) {  // a tie for the maximum: the lower index wins
+        float* l = logits.f32() + b * V;
+        const float mx = *std::max_element(l, l + V) + 1.0f;
+        l[V - 1] = mx;
+        l[(b * 7919) % (V - 1)] = mx;
+      }
+    Tensor want = Tensor::empty({B}, DType::I32);
+    cpu_->argmax(want, logits);
+    Tensor dl = up(logits), got = gpu_poison({B}, DType::I32);
+    gpu_->argmax(got, dl);
+    EXPECT_TRUE(same_bytes(down(got), want)) << "B " << B << " V " << V;
+  }
+}
+
+TEST_F(CudaOps, GraphReplaysWithNewInputs) {
+  // A miniature decode step: ids from pinned memory -> embedding -> rmsnorm -> matmul -> argmax
+  // -> pinned memory, captured once and replayed with new ids.
+  const int64_t B = 3, V = 300, D = 64;
+  Tensor table = randn({V, D}), norm = uniform({D}, 0.5f, 1.5f);
+  LinearWeight head = random_weight(V, D, DType::BF16);
+  Tensor d_table = up(table), d_norm = up(norm);
+  LinearWeight d_head = up(head);
+  Tensor in_host = gpu_->pinned_host({B}, DType::I32), next_host = gpu_->pinned_host({B}, DType::I32);
+  Tensor in_dev = gpu_->empty({B}, DType::I32), next_dev = gpu_->empty({B}, DType::I32);
+  Tensor logits = gpu_->empty({B, V});
+  ASSERT_TRUE(gpu_->capture_begin());
+  {
+    gpu_->copy_from_host(in_dev, in_host);
+    Tensor x = gpu_->empty({B, D});  // allocated and freed inside the graph
+    gpu_->embedding(x, in_dev, d_table);
+    gpu_->rmsnorm(x, x, d_norm, 1e-6f);
+    gpu_->matmul(logits, x, d_head);
+    gpu_->argmax(next_dev, logits);
+    gpu_->copy_to_host(next_host, next_dev);
+  }
+  std::shared_ptr<void> graph = gpu_->capture_end();
+  ASSERT_TRUE(graph);
+  for (int round = 0; round < 3; ++round) {
+    Tensor ids = Tensor::empty({B}, DType::I32);
+    for (int64_t b = 0; b < B; ++b) ids.ptr<int32_t>()[b] = in_host.ptr<int32_t>()[b] = int32_t(rng_() % V);
+    gpu_->replay(graph);
+    gpu_->synchronize();
+    Tensor x = Tensor::empty({B, D}), want = Tensor::empty({B, V});
+    cpu_->embedding(x, ids, table);
+    cpu_->rmsnorm(x, x, norm, 1e-6f);
+    cpu_->matmul(want, x, head);
+    Tensor got = down(logits), best = Tensor::empty({B}, DType::I32);
+    EXPECT_LT(max_err(got, want), 1e-4) << "round " << round;
+    cpu_->argmax(best, got);  // the GPU's argmax of its own logits, exactly
+    EXPECT_TRUE(same_bytes(best, Tensor::view(next_host.data(), {B}, DType::I32, nullptr))) << "round " << round;
+  }
+}
+
 TEST_F(CudaOps, Rope) {
   struct Case { int64_t T; int H, offset, dim; int64_t ts, hs; };
   for (Case c : {Case{1, 128, 128, 64, 128 * 192, 192}, Case{37, 16, 0, 64, 16 * 64, 64}, Case{5, 1, 512, 64, 600, 0},
@@ -356,6 +448,7 @@ struct AttnCase {
   int block_size;  // 0: contiguous cache
   bool v_in_k;     // V = the first dv columns of K (absorbed MLA)
   int pad;         // extra elements per K/V token row (unaligned strides when odd)
+  int slack = 0;   // > 0: the key count comes from device memory (kv_len), n_kv + slack bounds it
 };
 
 TEST_F(CudaOps, Attention) {
@@ -372,6 +465,8 @@ TEST_F(CudaOps, Attention) {
       {"odd dims bf16 paged", 9, 200, 191, 4, 2, 33, 17, true, DType::BF16, 16, false, 1},
       {"no keys", 3, 0, 0, 4, 2, 64, 64, true, DType::F32, 0, false, 0},
       {"more queries than keys visible", 130, 130, 0, 4, 2, 24, 16, true, DType::F32, 0, false, 0},
+      {"graph decode: kv_len on the device", 1, 1000, 999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0, 3000},
+      {"graph decode: kv_len, MHA", 1, 77, 76, 4, 4, 64, 64, true, DType::F32, 0, false, 0, 100},
   };
   for (const AttnCase& c : cases) {
     SCOPED_TRACE(c.what);
@@ -379,9 +474,10 @@ TEST_F(CudaOps, Attention) {
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, o_hs = c.dv, o_ts = c.hq * o_hs + 2;
     Tensor q = randn({std::max<int64_t>(1, c.n_q * q_ts)});
     // the cache: rows (physical when paged) x hkv heads
-    const int64_t n_blocks = c.block_size ? (c.n_kv + c.block_size - 1) / c.block_size : 0;
+    const int64_t bound = c.n_kv + c.slack;  // keys the cache holds room for
+    const int64_t n_blocks = c.block_size ? (bound + c.block_size - 1) / c.block_size : 0;
     const int64_t pool_blocks = n_blocks + 2;  // spare blocks the table never points at
-    const int64_t rows = c.block_size ? pool_blocks * c.block_size : c.n_kv;
+    const int64_t rows = c.block_size ? pool_blocks * c.block_size : bound;
     const int64_t k_hs = c.dqk + c.pad, k_ts = c.hkv * k_hs;
     const int64_t v_hs = c.v_in_k ? k_hs : c.dv + c.pad, v_ts = c.v_in_k ? k_ts : c.hkv * v_hs;
     Tensor k = randn({std::max<int64_t>(1, rows * k_ts)});
@@ -412,7 +508,10 @@ TEST_F(CudaOps, Attention) {
     p.v_token_stride = v_ts, p.v_head_stride = v_hs;
     p.block_size = c.block_size;
     p.out_token_stride = o_ts, p.out_head_stride = o_hs;
-    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0;
+    p.n_q = c.n_q, p.n_kv = c.slack ? bound : c.n_kv, p.q_pos0 = c.q_pos0;
+    const int32_t kv_len = int32_t(c.n_kv);
+    Tensor kv_len_t = Tensor::empty({1}, DType::I32);
+    kv_len_t.ptr<int32_t>()[0] = kv_len;
     p.n_q_heads = c.hq, p.n_kv_heads = c.hkv, p.d_qk = c.dqk, p.d_v = c.dv;
     p.scale = 1.0f / std::sqrt(float(c.dqk));
     p.causal = c.causal;
@@ -420,13 +519,16 @@ TEST_F(CudaOps, Attention) {
     Tensor want = host_poison({std::max<int64_t>(1, c.n_q * o_ts)});
     p.q = q.f32(), p.k = k.f32(), p.v = v.f32(), p.kv_dtype = DType::F32;
     p.block_table = c.block_size ? table_t.ptr<int32_t>() : nullptr;
+    p.kv_len = c.slack ? &kv_len : nullptr;
     p.out = want.f32();
     cpu_->attention(p);
 
     Tensor dq = up(q), dk = up(k_dev_host), dv = c.v_in_k ? dk : up(v_dev_host), dtable = up(table_t);
+    Tensor d_kv_len = up(kv_len_t);
     Tensor got = gpu_poison(want.shape());
     p.q = dq.f32(), p.k = dk.data(), p.v = dv.data(), p.kv_dtype = c.kv;
     p.block_table = c.block_size ? dtable.ptr<int32_t>() : nullptr;
+    p.kv_len = c.slack ? d_kv_len.ptr<int32_t>() : nullptr;
     p.out = got.f32();
     gpu_->attention(p);
     EXPECT_LT(max_err(gather(down(got), c.n_q, c.hq, c.dv, o_ts, o_hs), gather(want, c.n_q, c.hq, c.dv, o_ts, o_hs)),
@@ -529,7 +631,8 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
       }
       cpu_->prepare_experts(cpu_set);
       gpu_->prepare_experts(gpu_set);
-      for (int64_t T : {1, 5, 33}) {
+      // 1 and 5 tokens take the gather path, 33 and 130 the grouped one (several tiles per expert)
+      for (int64_t T : {1, 5, 33, 130}) {
         Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
         Tensor ids = Tensor::empty({T, c.K}, DType::I32);
         for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token

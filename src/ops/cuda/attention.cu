@@ -13,12 +13,15 @@
 //   with shuffles, and then accumulates p · V with lane d owning output dims d*4 + 128*i.
 //   When V is a prefix of K in memory (absorbed MLA: V = the latent part of [latent | pe]), the
 //   K tile is reused as the V tile.
+// - With AttentionParams::kv_len (graph-replayed decode) the key count is read on the device;
+//   the grid is sized for the bound p.n_kv and blocks past the actual keys contribute nothing.
 // - When one pass over the keys would leave SMs idle (decode, short prompts), the keys are
 //   split into chunks handled by separate blocks (gridDim.z); each writes its unnormalised
 //   output with its max and sum to a work space and attention_merge_kernel combines them:
 //   out = Σ_c e^(m_c − m) o_c / Σ_c e^(m_c − m) l_c.
 #include <algorithm>
 #include <limits>
+#include <mutex>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -105,6 +108,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = blockIdx.y, c = blockIdx.z;
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  // a graph-replayed decode step reads the key count from the device; p.n_kv only bounds it
+  const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
+  const int64_t q_pos0 = p.kv_len ? n_kv - p.n_q : p.q_pos0;
 
   // The block's query rows, scaled by nothing (the scale multiplies the dot products, like the CPU).
   for (int idx = tid; idx < kRows * a.dqk4; idx += kThreads) {
@@ -129,13 +135,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
     valid[s] = row < a.rows;
     tok[s] = valid[s] ? row / a.group : 0;
     head[s] = g * a.group + int(valid[s] ? row % a.group : 0);
-    lim[s] = p.causal ? min(p.n_kv, p.q_pos0 + tok[s] + 1) : p.n_kv;
+    lim[s] = p.causal ? min(n_kv, q_pos0 + tok[s] + 1) : n_kv;
   }
   // The block's keys: its chunk, cut at the last row's causal limit.
   const int64_t last_tok = (min(row0 + kRows, a.rows) - 1) / a.group;
   const int64_t k_begin = int64_t(c) * a.chunk;
-  int64_t k_end = min(p.n_kv, k_begin + a.chunk);
-  if (p.causal) k_end = min(k_end, p.q_pos0 + last_tok + 1);
+  int64_t k_end = min(n_kv, k_begin + a.chunk);
+  if (p.causal) k_end = min(k_end, q_pos0 + last_tok + 1);
 
   constexpr float kNegInf = -INFINITY;
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
@@ -267,13 +273,26 @@ int smem_stride(int d4) { return d4 % 8 == 4 ? d4 : d4 + 4; }
 
 template <int NDV, typename T>
 void launch(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
-  auto kernel = attention_kernel<NDV, T>;
-  if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "attention (cudaFuncSetAttribute)");
-  kernel<<<grid, kThreads, smem, s>>>(a);
+  attention_kernel<NDV, T><<<grid, kThreads, smem, s>>>(a);
   check_launch("attention_kernel");
 }
+
+// Lets every instantiation use all the shared memory a block may have (d_qk 576 needs ~110 KB).
+template <int NDV, typename T>
+void allow_smem(int bytes) {
+  check(cudaFuncSetAttribute(attention_kernel<NDV, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+        "attention (cudaFuncSetAttribute)");
+}
+template <typename T>
+void allow_smem_all(int bytes) {
+  allow_smem<1, T>(bytes);
+  allow_smem<2, T>(bytes);
+  allow_smem<3, T>(bytes);
+  allow_smem<4, T>(bytes);
+}
+
+constexpr int kMaxDevices = 64;
+std::once_flag g_setup_done[kMaxDevices];
 
 template <typename T>
 void launch_ndv(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
@@ -288,6 +307,19 @@ void launch_ndv(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
 
 }  // namespace
 
+void attention_setup() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  auto setup = [device] {
+    int smem_max = 0;
+    check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+    allow_smem_all<float>(smem_max);
+    allow_smem_all<uint16_t>(smem_max);
+  };
+  if (device >= 0 && device < kMaxDevices) std::call_once(g_setup_done[device], setup);
+  else setup();
+}
+
 void attention(const AttentionParams& p, Stream stream) {
   FATHOM_CHECK(p.kv_dtype == DType::F32 || p.kv_dtype == DType::BF16, "attention: keys and values in ",
                dtype_name(p.kv_dtype), " are not supported on CUDA; expected F32 or BF16.");
@@ -295,7 +327,7 @@ void attention(const AttentionParams& p, Stream stream) {
                " query heads cannot be grouped over ", p.n_kv_heads, " key/value heads.");
   FATHOM_CHECK(p.d_qk > 0 && p.d_qk <= 1024 && p.d_v > 0 && p.d_v <= kMaxDv, "attention: head dims d_qk ", p.d_qk,
                " and d_v ", p.d_v, " are outside what the CUDA kernel supports (d_qk <= 1024, d_v <= ", kMaxDv, ").");
-  FATHOM_CHECK(p.n_q >= 0 && p.n_kv >= 0 && p.q_pos0 >= 0, "attention: negative n_q ", p.n_q, ", n_kv ", p.n_kv,
+  FATHOM_CHECK(p.n_q >= 0 && p.n_kv >= 0 && (p.q_pos0 >= 0 || p.kv_len), "attention: negative n_q ", p.n_q, ", n_kv ", p.n_kv,
                " or q_pos0 ", p.q_pos0, ".");
   FATHOM_CHECK(!p.block_table || p.block_size > 0, "attention: a block table needs a positive block_size, not ",
                p.block_size, ".");
@@ -322,6 +354,7 @@ void attention(const AttentionParams& p, Stream stream) {
   a.vec_v = vec_ok(p.v, p.v_token_stride, p.v_head_stride, p.d_v);
 
   const size_t smem = size_t(kRows * a.q_stride + kKeys * a.kv_stride) * sizeof(float) + 2 * kKeys * sizeof(int64_t);
+  attention_setup();
   int device = 0, smem_max = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
@@ -332,7 +365,7 @@ void attention(const AttentionParams& p, Stream stream) {
   // two tiles of keys per chunk.
   const int64_t row_tiles = ceil_div(a.rows, kRows);
   FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
-  const int64_t visible = p.causal ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
+  const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
   const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kKeys));
   const int64_t base_blocks = row_tiles * p.n_kv_heads;
   int64_t n_chunks = std::clamp<int64_t>(ceil_div(4 * int64_t(sm_count()), base_blocks), 1,

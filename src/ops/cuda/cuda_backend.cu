@@ -1,7 +1,10 @@
 // The CUDA Ops backend (make_cuda_ops in ops.h): device memory from the stream-ordered pool,
 // uploads through pinned staging buffers, and every op a launcher of cuda_ops.h on one
-// non-blocking stream. Nothing here synchronizes the host except download() (and the one-time
-// prepare_experts), so a decode step can later be captured as a CUDA graph.
+// non-blocking stream. Nothing here synchronizes the host except download(), synchronize() and
+// the one-time prepare_experts, so a decode step can be captured as a CUDA graph
+// (capture_begin/capture_end/replay): allocations inside a capture become graph memory nodes.
+// Tensors that exist before capture_begin must outlive capture_end (freeing one while
+// recording would record the free, and replays would repeat it).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -117,6 +120,20 @@ struct PreparedExperts {
   }
 };
 
+// A captured decode step (Ops::capture_end), replayed with Ops::replay.
+struct CudaGraph {
+  static constexpr uint64_t kTag = 0x6375646147726170ull;
+  uint64_t tag = kTag;
+  std::shared_ptr<CudaContext> ctx;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~CudaGraph() {
+    cudaStreamSynchronize(ctx->stream);  // no replay of it may still be running
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+  }
+};
+
 void on_gpu(const Tensor& t, const char* op, const char* what) {
   FATHOM_CHECK(t.defined() && t.device() == Device::CUDA, op, ": ", what,
                t.defined() ? " is in host memory; the CUDA backend computes on tensors it allocated or uploaded."
@@ -129,7 +146,9 @@ void f32(const Tensor& t, const char* op, const char* what) {
 
 class CudaOps final : public Ops {
  public:
-  explicit CudaOps(int device) : ctx_(std::make_shared<CudaContext>(device)) {}
+  explicit CudaOps(int device) : ctx_(std::make_shared<CudaContext>(device)) {
+    cuda::attention_setup();  // kernel attributes now, never inside a graph capture
+  }
   const char* name() const override { return "cuda"; }
   Device device() const override { return Device::CUDA; }
 
@@ -149,6 +168,7 @@ class CudaOps final : public Ops {
       cudaMemPoolTrimTo(ctx_->pool, 0);
       e = cudaMallocAsync(&ptr, alloc, ctx_->stream);
     }
+    if (e != cudaSuccess && e != cudaErrorMemoryAllocation) check(e, "empty (cudaMallocAsync)");
     if (e != cudaSuccess) {
       cudaGetLastError();
       const cuda::MemoryInfo m = memory_info_or_zero();
@@ -298,6 +318,32 @@ class CudaOps final : public Ops {
     cuda::attention(p, ctx_->stream);
   }
 
+  void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
+                   float attention_factor) override {
+    use();
+    f32(cos, "rope_tables", "the cosine table");
+    f32(sin, "rope_tables", "the sine table");
+    on_gpu(positions, "rope_tables", "the positions");
+    on_gpu(inv_freq, "rope_tables", "the inverse frequencies");
+    const int64_t T = positions.numel(), half = inv_freq.numel();
+    FATHOM_ASSERT(positions.dtype() == DType::I32 && inv_freq.dtype() == DType::F64 && cos.numel() == T * half &&
+                      sin.numel() == T * half,
+                  "rope_tables: positions ", shape_str(positions.shape()), " inv_freq ", shape_str(inv_freq.shape()),
+                  " cos ", shape_str(cos.shape()));
+    cuda::rope_tables(cos.f32(), sin.f32(), positions.ptr<int32_t>(), inv_freq.ptr<double>(), T, half,
+                      attention_factor, ctx_->stream);
+  }
+
+  void argmax(Tensor& ids, const Tensor& logits) override {
+    use();
+    on_gpu(ids, "argmax", "the ids");
+    f32(logits, "argmax", "the logits");
+    const int64_t B = ids.numel();
+    FATHOM_ASSERT(ids.dtype() == DType::I32 && B > 0 && logits.numel() % B == 0, "argmax: ids ",
+                  shape_str(ids.shape()), " logits ", shape_str(logits.shape()));
+    cuda::argmax(ids.ptr<int32_t>(), logits.f32(), B, logits.numel() / B, ctx_->stream);
+  }
+
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
     use();
     on_gpu(w, "matmul_per_head", "the weight");
@@ -387,6 +433,70 @@ class CudaOps final : public Ops {
     m.dtype = prep->dtype;
     m.aligned16 = prep->aligned16;
     cuda::moe_experts(m, ctx_->stream);
+  }
+
+  // ---- graphs
+
+  bool capture_begin() override {
+    use();
+    // thread-local: this thread may not make calls that would synchronize while it records
+    check(cudaStreamBeginCapture(ctx_->stream, cudaStreamCaptureModeThreadLocal), "capture_begin");
+    return true;
+  }
+
+  std::shared_ptr<void> capture_end() override {
+    use();
+    auto g = std::make_shared<CudaGraph>();
+    g->ctx = ctx_;
+    const cudaError_t e = cudaStreamEndCapture(ctx_->stream, &g->graph);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw Error(cat("capturing a CUDA graph failed (an op synchronized or touched pageable host memory while "
+                      "recording?): ", cudaGetErrorString(e), "."));
+    }
+    check(cudaGraphInstantiate(&g->exec, g->graph, 0), "capture_end (cudaGraphInstantiate)");
+    return std::shared_ptr<void>(g, g.get());
+  }
+
+  void replay(const std::shared_ptr<void>& graph) override {
+    use();
+    const auto* g = static_cast<const CudaGraph*>(graph.get());
+    FATHOM_CHECK(g && g->tag == CudaGraph::kTag, "replay: not a graph captured by the CUDA backend.");
+    check(cudaGraphLaunch(g->exec, ctx_->stream), "replay (cudaGraphLaunch)");
+  }
+
+  Tensor pinned_host(Shape shape, DType dtype) override {
+    use();
+    const size_t bytes = std::max<size_t>(64, size_t(shape_numel(shape)) * dtype_size(dtype));
+    void* ptr = nullptr;
+    check(cudaMallocHost(&ptr, bytes), "pinned_host (cudaMallocHost)");
+    std::shared_ptr<void> owner(ptr, [](void* q) { cudaFreeHost(q); });
+    return Tensor::view(ptr, std::move(shape), dtype, std::move(owner), Device::CPU);
+  }
+
+  void copy_from_host(Tensor& dst, const Tensor& pinned_src) override {
+    use();
+    on_gpu(dst, "copy_from_host", "the destination");
+    FATHOM_ASSERT(pinned_src.device() == Device::CPU && pinned_src.nbytes() == dst.nbytes(), "copy_from_host: ",
+                  pinned_src.nbytes(), " bytes into ", dst.nbytes());
+    if (dst.nbytes())
+      check(cudaMemcpyAsync(dst.data(), pinned_src.data(), dst.nbytes(), cudaMemcpyHostToDevice, ctx_->stream),
+            "copy_from_host");
+  }
+
+  void copy_to_host(Tensor& pinned_dst, const Tensor& src) override {
+    use();
+    on_gpu(src, "copy_to_host", "the source");
+    FATHOM_ASSERT(pinned_dst.device() == Device::CPU && pinned_dst.nbytes() == src.nbytes(), "copy_to_host: ",
+                  src.nbytes(), " bytes into ", pinned_dst.nbytes());
+    if (src.nbytes())
+      check(cudaMemcpyAsync(pinned_dst.data(), src.data(), src.nbytes(), cudaMemcpyDeviceToHost, ctx_->stream),
+            "copy_to_host");
+  }
+
+  void synchronize() override {
+    use();
+    check(cudaStreamSynchronize(ctx_->stream), "synchronize (a kernel queued before it failed)");
   }
 
  private:

@@ -7,10 +7,11 @@
 // The Ops backend that the model calls (make_cuda_ops in ops.h, cuda_backend.cu) is assembled
 // from these launchers; each kernel family lives in its own .cu:
 //   runtime.cu      device discovery, memory figures, error checks
-//   elementwise.cu  embedding, fill_random, rmsnorm, silu_mul, add, copy, rope
+//   elementwise.cu  embedding, fill_random, rmsnorm, silu_mul, add, copy, rope, rope_tables, argmax
 //   matmul.cu       dense matmul: GEMV for M <= 8 (decode), tiled SIMT GEMM for larger M
 //   attention.cu    split-KV flash attention (GQA/MQA/absorbed MLA, causal, paged, BF16 KV)
-//   moe.cu          routing (moe_gate) and the routed experts
+//   moe.cu          routing (moe_gate) and the routed experts (gather path)
+//   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
 //
 // Built only when CMake finds nvcc (FATHOM_HAVE_CUDA).
 #pragma once
@@ -54,10 +55,17 @@ void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream 
 // x (n) += y
 void add(float* x, const float* y, int64_t n, Stream stream);
 // CopyParams (ops.h): 3-D strided f32 -> F32 or BF16 (round to nearest-even, like core's
-// f32_to_bf16). Input and output must not overlap.
+// f32_to_bf16), optionally to the output tokens out_token_index[t] (device memory). Input and
+// output must not overlap.
 void copy(const CopyParams& p, Stream stream);
 // RopeParams (ops.h): interleaved or halves rotation of a slice of every head, in place.
 void rope(const RopeParams& p, Stream stream);
+// cos, sin (T, half) = cos/sin(positions[t] * inv_freq[i]) * attention_factor, in double like
+// the CPU; positions (T) I32, inv_freq (half) F64.
+void rope_tables(float* cos, float* sin, const int32_t* positions, const double* inv_freq, int64_t T, int64_t half,
+                 float attention_factor, Stream stream);
+// ids (B) = the index of the largest of each row of logits (B, V); the first one on ties.
+void argmax(int32_t* ids, const float* logits, int64_t B, int64_t V, Stream stream);
 
 // ---- matmul.cu
 
@@ -92,6 +100,9 @@ void matmul(const MatmulParams& p, Stream stream);
 // leave SMs idle (decode), the keys are split over blocks and a second kernel merges the partial
 // softmax results; the work space comes from the stream-ordered pool (cudaMallocAsync).
 void attention(const AttentionParams& p, Stream stream);
+// Once per device: lets the attention kernels use the device's shared memory. attention() calls
+// it itself; call it before capturing a graph, where attribute changes do not belong.
+void attention_setup();
 
 // ---- moe.cu
 

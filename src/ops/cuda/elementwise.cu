@@ -1,5 +1,5 @@
-// Memory-bound CUDA kernels: embedding lookup, RMSNorm, SwiGLU's silu(gate) * up, residual add,
-// strided copies (F32 -> F32/BF16) and rotary embeddings. Each mirrors the CPU op of the same
+// Memory-bound CUDA kernels: embedding lookup, random fill, RMSNorm, SwiGLU's silu(gate) * up,
+// residual add, strided copies (F32 -> F32/BF16), rotary embeddings and their tables, argmax. Each mirrors the CPU op of the same
 // name (src/ops/cpu/cpu_ops.cpp); tests/test_cuda_ops.cpp compares them on fresh random inputs.
 #include <algorithm>
 
@@ -64,7 +64,8 @@ __global__ void copy_kernel(CopyParams p) {
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = int(blockIdx.x % p.n_heads);
   const float* in = p.in + t * p.in_token_stride + h * p.in_head_stride;
-  const int64_t o = t * p.out_token_stride + h * p.out_head_stride;
+  const int64_t ot = p.out_token_index ? int64_t(p.out_token_index[t]) : t;
+  const int64_t o = ot * p.out_token_stride + h * p.out_head_stride;
   for (int c = threadIdx.x; c < p.cols; c += blockDim.x) {
     if constexpr (kBf16)
       static_cast<uint16_t*>(p.out)[o + c] = f32_to_bf16_bits(in[c]);
@@ -88,6 +89,43 @@ __global__ void rope_kernel(RopeParams p) {
     const float x0 = *a, x1 = *b;
     *a = x0 * c[i] - x1 * s[i];
     *b = x1 * c[i] + x0 * s[i];
+  }
+}
+
+// Grid-stride over (t, i): the angles in double, like the CPU.
+__global__ void rope_tables_kernel(float* __restrict__ cos_out, float* __restrict__ sin_out,
+                                   const int32_t* __restrict__ positions, const double* __restrict__ inv_freq,
+                                   int64_t T, int64_t half, float attention_factor) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < T * half; j += int64_t(gridDim.x) * blockDim.x) {
+    const double angle = double(positions[j / half]) * inv_freq[j % half];
+    cos_out[j] = float(cos(angle) * attention_factor);
+    sin_out[j] = float(sin(angle) * attention_factor);
+  }
+}
+
+// grid (B), block 256: the running best of each thread, then a shuffle and shared-memory
+// reduction; a larger value wins, an equal one only with a lower index.
+__global__ void argmax_kernel(int32_t* __restrict__ ids, const float* __restrict__ logits, int64_t V) {
+  const float* l = logits + blockIdx.x * V;
+  float best = -INFINITY;
+  int64_t at = V;  // past the end: loses to any element
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+    if (l[i] > best || at == V) best = l[i], at = i;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float v = __shfl_xor_sync(kFullMask, best, off);
+    const int64_t i = __shfl_xor_sync(kFullMask, at, off);
+    if (v > best || (v == best && i < at)) best = v, at = i;
+  }
+  __shared__ float warp_best[32];
+  __shared__ int64_t warp_at[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_best[warp] = best, warp_at[warp] = at;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x / 32); ++w)
+      if (warp_best[w] > best || (warp_best[w] == best && warp_at[w] < at)) best = warp_best[w], at = warp_at[w];
+    ids[blockIdx.x] = int32_t(at);
   }
 }
 
@@ -177,6 +215,23 @@ void copy(const CopyParams& p, Stream stream) {
   else
     copy_kernel<false><<<unsigned(rows), threads, 0, as_cuda(stream)>>>(p);
   check_launch("copy");
+}
+
+void rope_tables(float* cos, float* sin, const int32_t* positions, const double* inv_freq, int64_t T, int64_t half,
+                 float attention_factor, Stream stream) {
+  if (T == 0 || half == 0) return;
+  FATHOM_ASSERT(cos && sin && positions && inv_freq, "rope_tables with a null pointer");
+  rope_tables_kernel<<<grid_for(T * half, 256), 256, 0, as_cuda(stream)>>>(cos, sin, positions, inv_freq, T, half,
+                                                                           attention_factor);
+  check_launch("rope_tables");
+}
+
+void argmax(int32_t* ids, const float* logits, int64_t B, int64_t V, Stream stream) {
+  if (B == 0) return;
+  FATHOM_CHECK(V > 0, "argmax: rows of ", V, " logits have no largest element.");
+  FATHOM_CHECK(B <= kMaxRows, "argmax: ", B, " rows is too many for one launch.");
+  argmax_kernel<<<unsigned(B), 256, 0, as_cuda(stream)>>>(ids, logits, V);
+  check_launch("argmax");
 }
 
 void rope(const RopeParams& p, Stream stream) {

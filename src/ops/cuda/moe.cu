@@ -13,14 +13,16 @@
 //      the gate and up rows of a block streamed together;
 //   2. expert_down_kernel, grid (hidden / R, tokens): out[t] = Σ_k weights[t, k] · (h[t, k] · Wdᵀ),
 //      the slots of a token summed in order inside one block (deterministic, no atomics).
-// Each pair reads its expert's weights, so large batches re-read popular experts (from L2 at
-// best); a token-permutation path with grouped GEMMs is the next step for prefill.
+// Each pair reads its expert's weights, so when experts see many tokens each (prefill) the
+// launcher hands the batch to the grouped path instead (moe_grouped.cu: pairs sorted by
+// expert on the device, tiled GEMMs per expert).
 #include <algorithm>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -28,6 +30,8 @@ namespace {
 constexpr int kMaxExperts = 1024;
 constexpr int kExpertThreads = 128;
 constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
+// From this many (token, slot) pairs per expert on average, moe_grouped.cu's sorted GEMMs.
+constexpr int64_t kGroupedMinRowsPerExpert = 8;
 
 __device__ inline double block_sum_double(double v, double* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -254,6 +258,10 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   if (p.n_tokens == 0) return;
   FATHOM_ASSERT(p.out && p.x && p.weights && p.experts && p.table, "moe_experts with a null pointer");
   const cudaStream_t s = as_cuda(stream);
+  // Sorting pays once experts see several tokens each on average (prefill); decode-sized
+  // batches touch mostly distinct experts, which the GEMVs stream at full bandwidth.
+  const int64_t pairs = p.n_tokens * p.top_k;
+  if (pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) return moe_experts_grouped(p, s);
   switch (d) {
     case DType::F32: return run_experts<DType::F32>(p, s);
     case DType::BF16: return run_experts<DType::BF16>(p, s);

@@ -1,0 +1,196 @@
+// The routed experts for large batches (prefill): the (token, slot) pairs are sorted by expert
+// on the device and each expert runs once over its rows as tiled GEMMs (gemm_tile.cuh), so an
+// expert's weights are read once per 64-row tile instead of once per pair (moe.cu's gather
+// path). Still no host synchronization: the number of tiles stays on the device and the GEMM
+// grids are launched for the most tiles there can be, surplus blocks returning at once.
+//
+//   1. moe_route_kernel (one block): counts per expert, offsets, each pair's sorted position,
+//      the token of every sorted row, and the tile list (expert, first row, end row).
+//   2. grouped_gate_up_kernel: h[row] = silu(x[token] · Wgᵀ) * (x[token] · Wuᵀ), gate and up
+//      tiles computed side by side from the same x tile.
+//   3. grouped_down_kernel: y[row] = h[row] · Wdᵀ.
+//   4. moe_combine_kernel: out[t] = Σ_k weights[t, k] · y[pos(t, k)], slots in order.
+// A row's result depends only on its own x row and the weights, never on where the sort put it
+// (the atomics only assign positions), so results are deterministic.
+#include <algorithm>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/gemm_tile.cuh"
+#include "ops/cuda/moe_grouped.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+constexpr int kBM = 64, kBN = 64;  // expert GEMM tiles
+constexpr int kMaxExperts = 1024;
+
+struct Routing {
+  int32_t* token_of_row;  // (pairs): token of each sorted row
+  int32_t* row_of_pair;   // (pairs): sorted row of each pair; -1 for an invalid expert id
+  int32_t* tile_expert;   // (max_tiles)
+  int32_t* tile_begin;    // (max_tiles): first sorted row of the tile
+  int32_t* tile_end;      // (max_tiles): end of the expert's rows
+  int32_t* n_tiles;       // (1)
+};
+
+// grid (1), block 1024.
+__global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
+  __shared__ int count[kMaxExperts], offset[kMaxExperts + 1], tile_offset[kMaxExperts + 1], cursor[kMaxExperts];
+  const int64_t pairs = p.n_tokens * p.top_k;
+  for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x) count[e] = 0, cursor[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const int e = p.experts[i];
+    if (e >= 0 && e < p.n_experts) atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int rows = 0, tiles = 0;
+    for (int e = 0; e < p.n_experts; ++e) {
+      offset[e] = rows, tile_offset[e] = tiles;
+      rows += count[e];
+      tiles += (count[e] + kBM - 1) / kBM;
+    }
+    offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
+    *r.n_tiles = tiles;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x)
+    for (int t = tile_offset[e]; t < tile_offset[e + 1]; ++t) {
+      r.tile_expert[t] = e;
+      r.tile_begin[t] = offset[e] + (t - tile_offset[e]) * kBM;
+      r.tile_end[t] = offset[e + 1];
+    }
+  for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const int e = p.experts[i];
+    int row = -1;
+    if (e >= 0 && e < p.n_experts) {
+      row = offset[e] + atomicAdd(&cursor[e], 1);
+      r.token_of_row[row] = int32_t(i / p.top_k);
+    }
+    r.row_of_pair[i] = row;
+  }
+}
+
+// grid (ceil(inter / kBN), max_tiles), block kTileThreads. h (pairs, inter) in sorted order.
+template <DType D>
+__global__ void __launch_bounds__(kTileThreads)
+    grouped_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, bool vec_x, bool vec_w) {
+  constexpr int TM = kBM / 16, TN = kBN / 16;
+  __shared__ __align__(16) TileSmem<kBM, kBN, 2> sm;
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  const int e = r.tile_expert[tile];
+  const int64_t begin = r.tile_begin[tile], end = r.tile_end[tile], n0 = int64_t(blockIdx.x) * kBN;
+  const ExpertPointers ep = p.table[e];
+  const TileRows rows{p.x, p.hidden, r.token_of_row, begin, end, vec_x};
+  const TileWeight w[2] = {{static_cast<const uint8_t*>(ep.gate), ep.gate_scale},
+                           {static_cast<const uint8_t*>(ep.up), ep.up_scale}};
+  float acc[2][TM][TN];
+  gemm_tile<D, kBM, kBN, 2>(acc, sm, rows, w, n0, p.inter, p.hidden, int(p.block), vec_w);
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = begin + tile_row(i, TM);
+    if (m >= end) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + tile_col(j);
+      const float g = acc[0][i][j], u = acc[1][i][j];
+      if (n < p.inter) h[m * p.inter + n] = g / (1.f + expf(-g)) * u;
+    }
+  }
+}
+
+// grid (ceil(hidden / kBN), max_tiles), block kTileThreads. y (pairs, hidden) in sorted order.
+template <DType D>
+__global__ void __launch_bounds__(kTileThreads)
+    grouped_down_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ h, float* __restrict__ y, bool vec_h,
+                        bool vec_w) {
+  constexpr int TM = kBM / 16, TN = kBN / 16;
+  __shared__ __align__(16) TileSmem<kBM, kBN, 1> sm;
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  const int e = r.tile_expert[tile];
+  const int64_t begin = r.tile_begin[tile], end = r.tile_end[tile], n0 = int64_t(blockIdx.x) * kBN;
+  const ExpertPointers ep = p.table[e];
+  const TileRows rows{h, p.inter, nullptr, begin, end, vec_h};
+  const TileWeight w[1] = {{static_cast<const uint8_t*>(ep.down), ep.down_scale}};
+  float acc[1][TM][TN];
+  gemm_tile<D, kBM, kBN, 1>(acc, sm, rows, w, n0, p.hidden, p.inter, int(p.block), vec_w);
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = begin + tile_row(i, TM);
+    if (m >= end) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + tile_col(j);
+      if (n < p.hidden) y[m * p.hidden + n] = acc[0][i][j];
+    }
+  }
+}
+
+// grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
+__global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ y) {
+  const int64_t t = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < p.hidden; d += blockDim.x) {
+    float acc = 0.f;
+    for (int k = 0; k < p.top_k; ++k) {
+      const int64_t pair = t * p.top_k + k;
+      const int row = r.row_of_pair[pair];
+      if (row >= 0) acc += p.weights[pair] * y[int64_t(row) * p.hidden + d];
+    }
+    p.out[t * p.hidden + d] = acc;
+  }
+}
+
+template <DType D>
+void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
+  constexpr int E = ElemSize<D>::value;
+  const int64_t pairs = p.n_tokens * p.top_k;
+  const int64_t max_tiles = ceil_div(pairs, kBM) + std::min<int64_t>(p.n_experts, pairs);
+  FATHOM_CHECK(max_tiles <= 65535, "moe_experts: ", p.n_tokens, " tokens x ", p.top_k,
+               " experts is too many for one grouped launch.");
+  StreamScratch index(size_t(2 * pairs + 3 * max_tiles + 1) * sizeof(int32_t), s, "moe_experts");
+  Routing r;
+  r.token_of_row = index.as<int32_t>();
+  r.row_of_pair = r.token_of_row + pairs;
+  r.tile_expert = r.row_of_pair + pairs;
+  r.tile_begin = r.tile_expert + max_tiles;
+  r.tile_end = r.tile_begin + max_tiles;
+  r.n_tiles = r.tile_end + max_tiles;
+  StreamScratch h(size_t(pairs * p.inter) * sizeof(float), s, "moe_experts");
+  StreamScratch y(size_t(pairs * p.hidden) * sizeof(float), s, "moe_experts");
+
+  const bool fp8_ok = D != DType::F8_E4M3 || p.block % 8 == 0;
+  const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0, vec_h = p.inter % 4 == 0;
+  const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && fp8_ok;
+  const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
+
+  moe_route_kernel<<<1, 1024, 0, s>>>(p, r);
+  check_launch("moe_experts (moe_route_kernel)");
+  grouped_gate_up_kernel<D><<<dim3(unsigned(ceil_div(p.inter, kBN)), unsigned(max_tiles)), kTileThreads, 0, s>>>(
+      p, r, h.as<float>(), vec_x, vec_up);
+  check_launch("moe_experts (grouped_gate_up_kernel)");
+  grouped_down_kernel<D><<<dim3(unsigned(ceil_div(p.hidden, kBN)), unsigned(max_tiles)), kTileThreads, 0, s>>>(
+      p, r, h.as<float>(), y.as<float>(), vec_h, vec_down);
+  check_launch("moe_experts (grouped_down_kernel)");
+  moe_combine_kernel<<<unsigned(p.n_tokens), 256, 0, s>>>(p, r, y.as<float>());
+  check_launch("moe_experts (moe_combine_kernel)");
+}
+
+}  // namespace
+
+void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t s) {
+  FATHOM_CHECK(p.n_experts <= kMaxExperts, "moe_experts: ", p.n_experts, " experts; the grouped path handles up to ",
+               kMaxExperts, ".");
+  switch (p.dtype) {
+    case DType::F32: return run_grouped<DType::F32>(p, s);
+    case DType::BF16: return run_grouped<DType::BF16>(p, s);
+    case DType::F16: return run_grouped<DType::F16>(p, s);
+    default: return run_grouped<DType::F8_E4M3>(p, s);
+  }
+}
+
+}  // namespace fathom::cuda

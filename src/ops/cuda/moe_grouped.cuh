@@ -1,0 +1,11 @@
+// The grouped (token-permutation) path of moe_experts, for batches where experts see many
+// tokens each (moe_grouped.cu); moe.cu's launcher chooses between it and the gather path.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "ops/cuda/cuda_ops.h"
+
+namespace fathom::cuda {
+// Same contract as moe_experts (cuda_ops.h); the caller has checked the parameters.
+void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t stream);
+}  // namespace fathom::cuda
