@@ -419,7 +419,8 @@ TEST_F(CudaOps, MatmulPerHead) {
       Tensor w = from_f32(w32.f32(), w32.shape(), dt);
       Tensor dw = up(w);
       for (int64_t T : {1, 3, 8, 9, 40}) {
-        const int64_t x_hs = c.K + c.x_pad, x_ts = c.H * x_hs + 1, o_hs = c.N + c.out_pad, o_ts = c.H * o_hs;
+        const int64_t x_hs = c.K + c.x_pad, x_ts = c.H * x_hs + c.x_pad % 2;  // odd pads: unaligned rows
+        const int64_t o_hs = c.N + c.out_pad, o_ts = c.H * o_hs;
         Tensor x = randn({T * x_ts});
         Tensor want = host_poison({T * o_ts});
         HeadMatmulParams p;
