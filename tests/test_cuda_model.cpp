@@ -35,6 +35,7 @@ ModelConfig small_v3() {
   c.topk_group = 2;
   c.n_shared_experts = 1;
   c.num_nextn_predict_layers = 0;
+  c.max_position_embeddings = 4096;
   return c;
 }
 
@@ -214,7 +215,7 @@ TEST_F(CudaModel, MemoryBudgetErrors) {
   // a budget of the weights plus a little: the KV cache holds a few tokens, a longer sequence is refused
   o.gpu_memory = 0;
   auto m = Model::load(fixture_dir("v3-tiny"), o);
-  o.gpu_memory = m->gpu_weight_bytes() + (int64_t(256) << 20) + (int64_t(1) << 20);
+  o.gpu_memory = m->gpu_weight_bytes() + (int64_t(256) << 20) + (int64_t(100) << 10);  // ~100 tokens of KV
   auto small = Model::load(fixture_dir("v3-tiny"), o);
   ASSERT_GT(small->max_cache_tokens(), 0);
   ASSERT_LT(small->max_cache_tokens(), small->config().max_position_embeddings);

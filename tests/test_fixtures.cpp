@@ -3,10 +3,18 @@
 // MLA modes, greedy generation identical, incremental decoding equal to a full forward — on
 // the CPU, and on CUDA (skipped without a GPU) in fp32 mode with the same bounds and in bf16
 // mode within 2e-2 with the same greedy tokens for the first 8 steps.
+//
+// bf16 and MoE routing: rounding the latent cache to bf16 moves hidden states by ~0.5%, which
+// is enough to flip a near-tied router choice; the token whose experts changed then differs
+// from the reference by 20-30% (measured on v3-tiny: one token in 24). In bf16 mode the bounds
+// therefore hold per token for every token whose routing, and that of the tokens before it,
+// is the fp32 model's; a token (or a greedy step) beyond them must show a routing difference
+// against the fp32 CUDA model, checked here, or the test fails.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 
+#include "core/error.h"
 #include "fathom/model.h"
 #include "ops/ops.h"
 #include "test_util.h"
@@ -47,10 +55,56 @@ class Fixture : public testing::TestWithParam<Case> {
     o.device = c.device;
     o.precision = c.precision;
     model = Model::load(fixture_dir(c.fixture), o);
+    if (c.bf16()) {
+      o.precision = Precision::Fp32;
+      fp32_model = Model::load(fixture_dir(c.fixture), o);
+    }
     ref = SafetensorsFile::open(fixture_dir(c.fixture) + "/reference.safetensors");
     rows = id_rows(ref->tensor("input_ids"));
   }
-  std::unique_ptr<Model> model;
+  // Per token of `ids`: whether the router of some layer < `layers` chose other experts for it,
+  // or for a token before it, in the bf16 model than in the fp32 model.
+  std::vector<bool> routing_changed(const std::vector<int32_t>& ids, int layers) {
+    ForwardRequest req;
+    req.expert_choices = true;
+    KvCache ca = model->new_cache(int64_t(ids.size())), cb = fp32_model->new_cache(int64_t(ids.size()));
+    ForwardOutput a = model->forward(ids, ca, req), b = fp32_model->forward(ids, cb, req);
+    std::vector<bool> changed(ids.size(), false);
+    for (int l = 0; l < layers && l < int(a.expert_choices.size()); ++l) {
+      const ExpertChoices &x = a.expert_choices[size_t(l)], &y = b.expert_choices[size_t(l)];
+      for (size_t t = 0; t < ids.size() && x.top_k > 0; ++t) {
+        std::vector<int32_t> ex(x.ids.begin() + t * x.top_k, x.ids.begin() + (t + 1) * x.top_k);
+        std::vector<int32_t> ey(y.ids.begin() + t * y.top_k, y.ids.begin() + (t + 1) * y.top_k);
+        std::sort(ex.begin(), ex.end());
+        std::sort(ey.begin(), ey.end());
+        if (ex != ey) changed[t] = true;
+      }
+    }
+    for (size_t t = 1; t < changed.size(); ++t) changed[t] = changed[t] || changed[t - 1];
+    return changed;
+  }
+  // bf16: every token within the bound unless its routing changed; fp32: the whole tensor.
+  void expect_close(const float* got, const float* want, int64_t T, int64_t W, const std::vector<int32_t>& ids,
+                    int layers, const std::string& what) {
+    const double whole = rel_err(got, want, size_t(T * W));
+    if (!GetParam().bf16()) {
+      EXPECT_LE(whole, GetParam().bound()) << what;
+      return;
+    }
+    std::vector<bool> changed;
+    int flips = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const double e = rel_err(got + t * W, want + t * W, size_t(W));
+      if (e <= GetParam().bound()) continue;
+      if (changed.empty()) changed = routing_changed(ids, layers);
+      EXPECT_TRUE(changed[size_t(t)]) << what << ": token " << t << " is off by " << e
+                                      << " while its routing (and that of the tokens before) is the fp32 model's";
+      flips += changed[size_t(t)] ? 1 : 0;
+    }
+    if (flips) std::printf("[ note     ] %s: %d of %ld tokens beyond %.0e after a routing flip (whole-tensor error %.3g)\n",
+                           what.c_str(), flips, long(T), GetParam().bound(), whole);
+  }
+  std::unique_ptr<Model> model, fp32_model;
   std::shared_ptr<SafetensorsFile> ref;
   std::vector<std::vector<int32_t>> rows;
 };
@@ -64,13 +118,14 @@ TEST_P(Fixture, LogitsAndHiddenStatesMatchReference) {
     ForwardRequest req;
     req.hidden_states = true;
     ForwardOutput o = model->forward(rows[b], cache, req);
-    double e = rel_err(o.logits.f32(), ref_logits.f32() + b * T * V, size_t(T * V));
-    EXPECT_LE(e, GetParam().bound()) << "logits of row " << b;
+    expect_close(o.logits.f32(), ref_logits.f32() + b * T * V, T, V, rows[b], c.num_hidden_layers,
+                 cat("logits of row ", b));
     for (size_t i = 0; i < o.hidden_states.size(); ++i) {
       std::string name = "hidden_states." + std::to_string(i);
       if (!ref->contains(name)) continue;
-      double eh = rel_err(o.hidden_states[i].f32(), ref->tensor(name).f32() + b * T * D, size_t(T * D));
-      EXPECT_LE(eh, GetParam().bound()) << name << " of row " << b;
+      // hidden_states.i follows layers 0 .. i-1
+      expect_close(o.hidden_states[i].f32(), ref->tensor(name).f32() + b * T * D, T, D, rows[b], int(i),
+                   cat(name, " of row ", b));
     }
     if (ref->contains("hidden_states.0")) {
       EXPECT_EQ(o.hidden_states.size(), size_t(c.num_hidden_layers + 1));
@@ -80,6 +135,7 @@ TEST_P(Fixture, LogitsAndHiddenStatesMatchReference) {
 
 TEST_P(Fixture, GreedyGenerationMatchesReference) {
   if (!ref->contains("generate_ids")) GTEST_SKIP() << "fixture has no generate_ids";
+  const ModelConfig& c = model->config();
   Tensor gen = ref->tensor("generate_ids");  // (1, T + n)
   const int64_t T = int64_t(rows[0].size()), n = gen.dim(1) - T;
   std::vector<int32_t> got = model->generate_greedy(rows[0], n);
@@ -96,6 +152,10 @@ TEST_P(Fixture, GreedyGenerationMatchesReference) {
     ForwardOutput o = model->forward(prefix, cache, req);
     const float* l = o.logits.f32();
     float a = l[want], b = l[got[size_t(i)]];
+    if (GetParam().bf16() && routing_changed(prefix, c.num_hidden_layers).back()) {
+      std::printf("[ note     ] greedy step %ld differs from the reference after a bf16 routing flip\n", long(i));
+      break;
+    }
     ADD_FAILURE() << "step " << i << ": generated " << got[size_t(i)] << " (logit " << b << "), reference " << want
                   << " (logit " << a << ")";
     EXPECT_LE(std::fabs(a - b), GetParam().bf16() ? 2e-2f * std::max(1.0f, std::fabs(a)) : 1e-4f)

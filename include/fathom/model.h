@@ -10,6 +10,7 @@
 #include "core/tensor.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "model/moe.h"
 
 namespace fathom {
 
@@ -51,11 +52,14 @@ struct ForwardOutput {
   Tensor logits;                      // (T, vocab) or (1, vocab) with last_logits_only
   std::vector<Tensor> hidden_states;  // if requested: L+1 tensors (T, hidden); [0] = embeddings, [L] after final norm
   Tensor final_hidden;                // (T, hidden) after the final norm (the input of the LM head and of MTP)
+  // if requested: per layer, the experts its router chose ((T, top_k) ids; empty for dense layers)
+  std::vector<ExpertChoices> expert_choices;
 };
 
 struct ForwardRequest {
   bool hidden_states = false;
   bool last_logits_only = false;
+  bool expert_choices = false;
 };
 
 class Model {

@@ -53,7 +53,7 @@ void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor&
   ops.matmul(out, g, w.down_proj);
 }
 
-void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertLoad* load) {
+void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertChoices* choices) {
   const int64_t T = x.dim(0), D = c.hidden_size;
   const int K = c.num_experts_per_tok, E = c.n_routed_experts;
   Tensor logits = ops.empty({T, E});
@@ -61,10 +61,10 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   Tensor weights = ops.empty({T, K}), experts = ops.empty({T, K}, DType::I32);
   ops.moe_gate(weights, experts, logits,
                w.e_score_correction_bias.defined() ? w.e_score_correction_bias.f32() : nullptr, w.gate_params);
-  if (load) {
-    std::vector<int32_t> ids(static_cast<size_t>(T * K));
-    ops.download(ids.data(), experts);
-    for (int32_t e : ids) load->tokens_per_expert[size_t(e)] += 1;
+  if (choices) {
+    choices->ids.resize(static_cast<size_t>(T * K));
+    choices->top_k = K;
+    ops.download(choices->ids.data(), experts);
   }
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
   ops.moe_experts(out, x, weights, experts, w.expert_set);

@@ -43,13 +43,15 @@ void prepare_moe(Ops& ops, MoeWeights& m);
 // out (T, hidden) = down(silu(gate(x)) * up(x))
 void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x);
 
-// Load statistics: how many tokens each expert received (accumulated by moe_forward when given).
-struct ExpertLoad {
-  std::vector<int64_t> tokens_per_expert;
+// What routing chose, when asked: the (T, top_k) expert ids of one call, row by row (expert
+// load statistics and routing comparisons are computed from it).
+struct ExpertChoices {
+  std::vector<int32_t> ids;
+  int top_k = 0;
 };
 
 // out (T, hidden) = Σ_k weight_k · expert_k(x) + shared(x)
 void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x,
-                 ExpertLoad* load = nullptr);
+                 ExpertChoices* choices = nullptr);
 
 }  // namespace fathom

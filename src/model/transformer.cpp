@@ -115,7 +115,7 @@ const char* device_kind_name(DeviceKind d) {
 const char* precision_name(Precision p) { return p == Precision::Auto ? "auto" : p == Precision::Fp32 ? "fp32" : "bf16"; }
 
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           const std::vector<SeqSlice>& seqs, const RopeTables& rope) {
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope, ExpertChoices* choices) {
   const int64_t T = x.dim(0), D = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
   Tensor h = ops.empty({T, D}), y = ops.empty({T, D});
@@ -124,7 +124,7 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
   ops.add(x, y);
   ops.rmsnorm(h, x, w.post_attention_layernorm, eps);
   if (w.is_moe)
-    moe_forward(ops, w.moe, c, y, h);
+    moe_forward(ops, w.moe, c, y, h, choices);
   else
     swiglu_forward(ops, w.mlp, y, h);
   ops.add(x, y);
@@ -376,7 +376,13 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   };
   if (req.hidden_states) snapshot(x);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope);
+    ExpertChoices* ch = nullptr;
+    if (req.expert_choices) {
+      out.expert_choices.emplace_back();
+      ch = &out.expert_choices.back();
+    }
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope,
+                          ch);
     if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);

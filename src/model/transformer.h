@@ -45,7 +45,8 @@ struct ModelWeights {
 
 // x (T, hidden) += attn(norm(x)); x += ffn(norm(x))
 // The tokens of one or more sequences (see SeqSlice; `layer` picks each sequence's cache).
+// `choices`, when given and the layer is MoE, receives what its router chose.
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           const std::vector<SeqSlice>& seqs, const RopeTables& rope);
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope, ExpertChoices* choices = nullptr);
 
 }  // namespace fathom

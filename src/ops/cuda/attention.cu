@@ -246,25 +246,28 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
   }
 }
 
-// grid (n_q * n_q_heads), block 128, dynamic shared memory n_chunks floats.
+// grid (n_q * n_q_heads), block 128: every thread recomputes the chunk weights it needs
+// (n_chunks ≤ 1024 exponentials), so there is no shared state to size.
 __global__ void attention_merge_kernel(AttnLaunch a) {
-  extern __shared__ float weight[];  // (n_chunks): e^(m_c - m)
   const AttentionParams& p = a.p;
   const int64_t pair = blockIdx.x, R = p.n_q * p.n_q_heads;
   const int64_t i = pair / p.n_q_heads;
   const int h = int(pair % p.n_q_heads);
   float mx = -INFINITY;
   for (int c = 0; c < a.n_chunks; ++c) mx = fmaxf(mx, a.part_ml[2 * (c * R + pair)]);
-  for (int c = threadIdx.x; c < a.n_chunks; c += blockDim.x)
-    weight[c] = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
-  __syncthreads();
   float denom = 0.f;
-  for (int c = 0; c < a.n_chunks; ++c) denom += weight[c] * a.part_ml[2 * (c * R + pair) + 1];
+  for (int c = 0; c < a.n_chunks; ++c) {
+    const float w = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
+    denom += w * a.part_ml[2 * (c * R + pair) + 1];
+  }
   const float inv = denom > 0.f ? 1.f / denom : 0.f;
   float* out = p.out + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
   for (int d = threadIdx.x; d < p.d_v; d += blockDim.x) {
     float acc = 0.f;
-    for (int c = 0; c < a.n_chunks; ++c) acc += weight[c] * a.part_o[(c * R + pair) * p.d_v + d];
+    for (int c = 0; c < a.n_chunks; ++c) {
+      const float w = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
+      acc += w * a.part_o[(c * R + pair) * p.d_v + d];
+    }
     out[d] = acc * inv;
   }
 }
@@ -388,7 +391,7 @@ void attention(const AttentionParams& p, Stream stream) {
   a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
   if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
   else launch_ndv<float>(a, grid, smem, s);
-  attention_merge_kernel<<<unsigned(pairs), 128, size_t(a.n_chunks) * sizeof(float), s>>>(a);
+  attention_merge_kernel<<<unsigned(pairs), 128, 0, s>>>(a);
   check_launch("attention_merge_kernel");
 }
 
