@@ -7,8 +7,9 @@
 # OpenBLAS with its Fortran runtime) and the reference data into the git-ignored
 # device-test-data/ (under the 64 MiB a run may carry). Then there (carry ["device-test-data"]):
 #   bash scripts/device-test.sh [ctest arguments]
-# configures build/device-test with -DFATHOM_DEPS_DIR, builds, runs ctest on all cores and
-# prints a summary table last (also written to $OUT/device-test.txt when OUT is set).
+# configures build/device-test with -DFATHOM_DEPS_DIR, builds, runs ctest on all cores, the
+# CUDA op tests under compute-sanitizer, and prints a summary table last (also written to
+# $OUT/device-test.txt when OUT is set). FATHOM_NO_SANITIZER=1 skips the sanitizer runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-test-data
@@ -60,7 +61,9 @@ t2=$(date +%s)
 # The CUDA op tests once more under compute-sanitizer (out-of-bounds and misaligned accesses,
 # races, uninitialized device memory); not the test that provokes an out-of-memory API error on purpose.
 san="not run (no compute-sanitizer)"
-if command -v compute-sanitizer >/dev/null && [ -x build/device-test/fathom_tests ]; then
+if [ -n "${FATHOM_NO_SANITIZER:-}" ]; then
+  san="skipped (FATHOM_NO_SANITIZER)"
+elif command -v compute-sanitizer >/dev/null && [ -x build/device-test/fathom_tests ]; then
   san="clean"
   for tool in memcheck racecheck initcheck; do
     if ! compute-sanitizer --tool "$tool" --error-exitcode 9 build/device-test/fathom_tests --gtest_filter='CudaOps*:-CudaOps.ErrorsAreFathomErrors' \

@@ -68,20 +68,30 @@ __device__ inline void load_rows(float* dst, int stride, const T* __restrict__ b
                                  bool vec) {
   if (vec) {  // d % (16 / sizeof(T)) == 0, rows 16-byte aligned, hence d4 == d
     constexpr int V = 16 / int(sizeof(T));
-    const int per_row = d / V;
-    for (int idx = threadIdx.x; idx < kKeys * per_row; idx += kThreads) {
-      const int j = idx / per_row, c = (idx % per_row) * V;
-      const int64_t o = off[j];
-      float v[V];
-      if (o >= 0) {
-        convert16<KvType<T>::value>(__ldg(reinterpret_cast<const uint4*>(base + o + c)), v);
-      } else {
+    constexpr int kBatch = 4;  // 16-byte loads in flight per thread before any is converted
+    const int per_row = d / V, total = kKeys * per_row;
+    for (int idx0 = threadIdx.x; idx0 < total; idx0 += kBatch * kThreads) {
+      uint4 raw[kBatch];
 #pragma unroll
-        for (int i = 0; i < V; ++i) v[i] = 0.f;
+      for (int b = 0; b < kBatch; ++b) {
+        const int idx = idx0 + b * kThreads;
+        raw[b] = make_uint4(0, 0, 0, 0);
+        if (idx < total) {
+          const int64_t o = off[idx / per_row];
+          if (o >= 0) raw[b] = __ldg(reinterpret_cast<const uint4*>(base + o + (idx % per_row) * V));
+        }
       }
 #pragma unroll
-      for (int i = 0; i < V; i += 4)
-        *reinterpret_cast<float4*>(dst + j * stride + c + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+      for (int b = 0; b < kBatch; ++b) {
+        const int idx = idx0 + b * kThreads;
+        if (idx >= total) break;
+        const int j = idx / per_row, c = (idx % per_row) * V;
+        float v[V];
+        convert16<KvType<T>::value>(raw[b], v);  // zero bits convert to zeros: rows past the keys
+#pragma unroll
+        for (int i = 0; i < V; i += 4)
+          *reinterpret_cast<float4*>(dst + j * stride + c + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+      }
     }
   } else {
     for (int idx = threadIdx.x; idx < kKeys * d4; idx += kThreads) {
@@ -96,6 +106,7 @@ __device__ inline void load_rows(float* dst, int stride, const T* __restrict__ b
 // (kRows * q_stride + kKeys * kv_stride) floats + 2 * kKeys int64.
 template <int NDV, typename T>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
+  pdl_wait();
   extern __shared__ __align__(16) float smem[];
   const AttentionParams& p = a.p;
   float* qs = smem;                                   // (kRows, q_stride)
@@ -249,6 +260,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
 // grid (n_q * n_q_heads), block 128: every thread recomputes the chunk weights it needs
 // (n_chunks ≤ 1024 exponentials), so there is no shared state to size.
 __global__ void attention_merge_kernel(AttnLaunch a) {
+  pdl_wait();
   const AttentionParams& p = a.p;
   const int64_t pair = blockIdx.x, R = p.n_q * p.n_q_heads;
   const int64_t i = pair / p.n_q_heads;
@@ -276,7 +288,7 @@ int smem_stride(int d4) { return d4 % 8 == 4 ? d4 : d4 + 4; }
 
 template <int NDV, typename T>
 void launch(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
-  attention_kernel<NDV, T><<<grid, kThreads, smem, s>>>(a);
+  launch_kernel(attention_kernel<NDV, T>, grid, kThreads, smem, s, a);
   check_launch("attention_kernel");
 }
 
@@ -364,15 +376,15 @@ void attention(const AttentionParams& p, Stream stream) {
   FATHOM_CHECK(smem <= size_t(smem_max), "attention: d_qk ", p.d_qk, " / d_v ", p.d_v, " need ", smem,
                " bytes of shared memory per block but the GPU offers ", smem_max, ".");
 
-  // Split the keys when the (row tile, KV head) blocks alone would leave SMs idle; at least
-  // two tiles of keys per chunk.
+  // Split the keys when the (row tile, KV head) blocks alone would leave SMs idle, down to one
+  // tile of keys per chunk: a decode step's latency is then one tile's, not the context's.
   const int64_t row_tiles = ceil_div(a.rows, kRows);
   FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
   const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
   const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kKeys));
   const int64_t base_blocks = row_tiles * p.n_kv_heads;
   int64_t n_chunks = std::clamp<int64_t>(ceil_div(4 * int64_t(sm_count()), base_blocks), 1,
-                                         std::max<int64_t>(1, key_tiles / 2));
+                                         key_tiles);
   n_chunks = std::min<int64_t>(n_chunks, 1024);
   a.chunk = ceil_div(key_tiles, n_chunks) * kKeys;
   a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
@@ -391,7 +403,7 @@ void attention(const AttentionParams& p, Stream stream) {
   a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
   if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
   else launch_ndv<float>(a, grid, smem, s);
-  attention_merge_kernel<<<unsigned(pairs), 128, 0, s>>>(a);
+  launch_kernel(attention_merge_kernel, unsigned(pairs), 128, 0, s, a);
   check_launch("attention_merge_kernel");
 }
 

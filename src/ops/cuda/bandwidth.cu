@@ -1,3 +1,4 @@
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -37,5 +38,8 @@ double copy_bandwidth(size_t bytes, int reps) {
   cudaFree(b);
   return 2.0 * double(bytes) / (double(best_ms) * 1e-3);
 }
+
+void profiler_start() { cudaProfilerStart(); }
+void profiler_stop() { cudaProfilerStop(); }
 
 }  // namespace fathom::cuda

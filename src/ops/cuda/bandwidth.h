@@ -7,4 +7,9 @@ namespace fathom::cuda {
 
 double copy_bandwidth(size_t bytes, int reps);  // bytes per second
 
+// Marks the region a profiler started with `--profile-from-start off` (ncu, nsys) records;
+// no effect otherwise.
+void profiler_start();
+void profiler_stop();
+
 }  // namespace fathom::cuda

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "ops/cuda/cuda_ops.h"
 
@@ -18,6 +19,33 @@ inline cudaStream_t as_cuda(Stream s) { return static_cast<cudaStream_t>(s); }
 int sm_count();
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether kernels launch with programmatic dependent launch (PDL, Hopper and later, checked
+// at run time per device; FATHOM_NO_PDL=1 turns it off): the next kernel on the stream may be
+// scheduled while this one's last blocks run, and waits in pdl_wait() (device_util.cuh) until
+// this one's results are visible. In a decode step of ~350 small kernels that hides most of
+// the launch gap between them; CUDA graphs keep the programmatic edges.
+bool pdl_enabled();
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the PDL attribute when pdl_enabled().
+// Every kernel launched this way starts with pdl_wait() before it reads what earlier kernels
+// wrote.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (pdl_enabled()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 // Stream-ordered scratch memory for one launcher call: allocated on `stream` from the device's
 // default pool and freed on the same stream when it goes out of scope (the kernels that use it

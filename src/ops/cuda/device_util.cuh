@@ -12,6 +12,16 @@
 
 namespace fathom::cuda {
 
+// The device side of programmatic dependent launch (see launch_kernel() in cuda_check.cuh): wait for
+// the kernels this one depends on to finish and flush, then let the next kernel be scheduled.
+// Both are no-ops before sm_90 and when the kernel was launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

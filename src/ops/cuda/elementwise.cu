@@ -21,6 +21,7 @@ template <> __device__ float to_f32<__half>(__half v) { return __half2float(v); 
 template <typename T>
 __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restrict__ ids, const T* __restrict__ table,
                                  int64_t H) {
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const T* row = table + int64_t(ids[t]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) out[t * H + i] = to_f32(row[i]);
@@ -28,6 +29,7 @@ __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restr
 
 // grid (M), block 256: block-wide sum of squares (warp shuffles, then one value per warp).
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* __restrict__ w, int64_t N, float eps) {
+  pdl_wait();
   const float* xr = x + blockIdx.x * N;
   float* o = out + blockIdx.x * N;
   float ss = 0.f;
@@ -47,6 +49,7 @@ __global__ void rmsnorm_kernel(float* out, const float* x, const float* __restri
 }
 
 __global__ void silu_mul_kernel(float* out, const float* gate, const float* __restrict__ up, int64_t n) {
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float g = gate[i];
     out[i] = g / (1.f + expf(-g)) * up[i];
@@ -54,6 +57,7 @@ __global__ void silu_mul_kernel(float* out, const float* gate, const float* __re
 }
 
 __global__ void add_kernel(float* x, const float* __restrict__ y, int64_t n) {
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     x[i] += y[i];
 }
@@ -61,6 +65,7 @@ __global__ void add_kernel(float* x, const float* __restrict__ y, int64_t n) {
 // grid (n_tokens * n_heads rows), threads over the columns of a row.
 template <bool kBf16>
 __global__ void copy_kernel(CopyParams p) {
+  pdl_wait();
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = int(blockIdx.x % p.n_heads);
   const float* in = p.in + t * p.in_token_stride + h * p.in_head_stride;
@@ -76,6 +81,7 @@ __global__ void copy_kernel(CopyParams p) {
 
 // grid (n_tokens * n_heads), threads over the rope_dim / 2 rotated pairs.
 __global__ void rope_kernel(RopeParams p) {
+  pdl_wait();
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = int(blockIdx.x % p.n_heads);
   const int half = p.rope_dim / 2;
@@ -96,6 +102,7 @@ __global__ void rope_kernel(RopeParams p) {
 __global__ void rope_tables_kernel(float* __restrict__ cos_out, float* __restrict__ sin_out,
                                    const int32_t* __restrict__ positions, const double* __restrict__ inv_freq,
                                    int64_t T, int64_t half, float attention_factor) {
+  pdl_wait();
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < T * half; j += int64_t(gridDim.x) * blockDim.x) {
     const double angle = double(positions[j / half]) * inv_freq[j % half];
     cos_out[j] = float(cos(angle) * attention_factor);
@@ -106,11 +113,20 @@ __global__ void rope_tables_kernel(float* __restrict__ cos_out, float* __restric
 // grid (B), block 256: the running best of each thread, then a shuffle and shared-memory
 // reduction; a larger value wins, an equal one only with a lower index.
 __global__ void argmax_kernel(int32_t* __restrict__ ids, const float* __restrict__ logits, int64_t V) {
+  pdl_wait();
   const float* l = logits + blockIdx.x * V;
   float best = -INFINITY;
   int64_t at = V;  // past the end: loses to any element
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
-    if (l[i] > best || at == V) best = l[i], at = i;
+  // four independent loads in flight per thread, then compared in index order
+  const int64_t step = blockDim.x;
+  for (int64_t i0 = threadIdx.x; i0 < V; i0 += 4 * step) {
+    float v[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) v[b] = i0 + b * step < V ? __ldg(l + i0 + b * step) : -INFINITY;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      if (i0 + b * step < V && (v[b] > best || at == V)) best = v[b], at = i0 + b * step;
+  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const float v = __shfl_xor_sync(kFullMask, best, off);
@@ -131,6 +147,7 @@ __global__ void argmax_kernel(int32_t* __restrict__ ids, const float* __restrict
 
 // Grid-stride over the elements: core's random_uniform, scaled, rounded like from_f32.
 __global__ void fill_random_kernel(void* out, DType dtype, int64_t n, uint64_t seed, float scale) {
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float v = scale * random_uniform(seed, uint64_t(i));
     switch (dtype) {
@@ -164,11 +181,11 @@ void embedding(float* out, const int32_t* ids, int64_t n_tokens, const void* tab
   const cudaStream_t s = as_cuda(stream);
   const dim3 grid{unsigned(n_tokens)}, block{256};
   switch (dtype) {
-    case DType::F32: embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const float*>(table), H); break;
+    case DType::F32: launch_kernel(embedding_kernel<float>, grid, block, 0, s, out, ids, static_cast<const float*>(table), H); break;
     case DType::BF16:
-      embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const __nv_bfloat16*>(table), H);
+      launch_kernel(embedding_kernel<__nv_bfloat16>, grid, block, 0, s, out, ids, static_cast<const __nv_bfloat16*>(table), H);
       break;
-    default: embedding_kernel<<<grid, block, 0, s>>>(out, ids, static_cast<const __half*>(table), H); break;
+    default: launch_kernel(embedding_kernel<__half>, grid, block, 0, s, out, ids, static_cast<const __half*>(table), H); break;
   }
   check_launch("embedding");
 }
@@ -177,26 +194,26 @@ void fill_random(void* out, DType dtype, int64_t n, uint64_t seed, float scale, 
   FATHOM_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F8_E4M3,
                "fill_random: dtype ", dtype_name(dtype), " is not supported; expected F32, BF16, F16 or F8_E4M3.");
   if (n == 0) return;
-  fill_random_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(out, dtype, n, seed, scale);
+  launch_kernel(fill_random_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), out, dtype, n, seed, scale);
   check_launch("fill_random");
 }
 
 void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps, Stream stream) {
   if (M == 0) return;
   FATHOM_CHECK(M <= kMaxRows, "rmsnorm: ", M, " rows is too many for one launch.");
-  rmsnorm_kernel<<<unsigned(M), 256, 0, as_cuda(stream)>>>(out, x, w, N, eps);
+  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, x, w, N, eps);
   check_launch("rmsnorm");
 }
 
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream) {
   if (n == 0) return;
-  silu_mul_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(out, gate, up, n);
+  launch_kernel(silu_mul_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), out, gate, up, n);
   check_launch("silu_mul");
 }
 
 void add(float* x, const float* y, int64_t n, Stream stream) {
   if (n == 0) return;
-  add_kernel<<<grid_for(n, 256), 256, 0, as_cuda(stream)>>>(x, y, n);
+  launch_kernel(add_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), x, y, n);
   check_launch("add");
 }
 
@@ -211,9 +228,9 @@ void copy(const CopyParams& p, Stream stream) {
   FATHOM_ASSERT(p.out && p.in, "copy with a null pointer");
   const unsigned threads = threads_for(p.cols, 256);
   if (p.out_dtype == DType::BF16)
-    copy_kernel<true><<<unsigned(rows), threads, 0, as_cuda(stream)>>>(p);
+    launch_kernel(copy_kernel<true>, unsigned(rows), threads, 0, as_cuda(stream), p);
   else
-    copy_kernel<false><<<unsigned(rows), threads, 0, as_cuda(stream)>>>(p);
+    launch_kernel(copy_kernel<false>, unsigned(rows), threads, 0, as_cuda(stream), p);
   check_launch("copy");
 }
 
@@ -221,7 +238,7 @@ void rope_tables(float* cos, float* sin, const int32_t* positions, const double*
                  float attention_factor, Stream stream) {
   if (T == 0 || half == 0) return;
   FATHOM_ASSERT(cos && sin && positions && inv_freq, "rope_tables with a null pointer");
-  rope_tables_kernel<<<grid_for(T * half, 256), 256, 0, as_cuda(stream)>>>(cos, sin, positions, inv_freq, T, half,
+  launch_kernel(rope_tables_kernel, grid_for(T * half, 256), 256, 0, as_cuda(stream), cos, sin, positions, inv_freq, T, half,
                                                                            attention_factor);
   check_launch("rope_tables");
 }
@@ -230,7 +247,7 @@ void argmax(int32_t* ids, const float* logits, int64_t B, int64_t V, Stream stre
   if (B == 0) return;
   FATHOM_CHECK(V > 0, "argmax: rows of ", V, " logits have no largest element.");
   FATHOM_CHECK(B <= kMaxRows, "argmax: ", B, " rows is too many for one launch.");
-  argmax_kernel<<<unsigned(B), 256, 0, as_cuda(stream)>>>(ids, logits, V);
+  launch_kernel(argmax_kernel, unsigned(B), 1024, 0, as_cuda(stream), ids, logits, V);
   check_launch("argmax");
 }
 
@@ -240,7 +257,7 @@ void rope(const RopeParams& p, Stream stream) {
   if (rows == 0 || p.rope_dim == 0) return;
   FATHOM_CHECK(rows <= kMaxRows, "rope: ", rows, " (token, head) rows is too many for one launch.");
   FATHOM_ASSERT(p.x && p.cos && p.sin, "rope with a null pointer");
-  rope_kernel<<<unsigned(rows), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream)>>>(p);
+  launch_kernel(rope_kernel, unsigned(rows), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream), p);
   check_launch("rope");
 }
 

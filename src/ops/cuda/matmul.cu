@@ -26,6 +26,7 @@ constexpr int kGemvThreads = 128;
 // grid (ceil(N / R), batch), block kGemvThreads.
 template <DType D, int MP, int R>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(MatmulParams p, bool vec) {
+  pdl_wait();
   __shared__ float scratch[kGemvThreads / 32 * R * MP];
   __shared__ float result[R * MP];
   constexpr int E = ElemSize<D>::value;
@@ -59,6 +60,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(MatmulParams p, bool
 // grid (ceil(N / BN), ceil(M / BM), batch), block kTileThreads.
 template <DType D, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads) gemm_kernel(MatmulParams p, bool vec_x, bool vec_w) {
+  pdl_wait();
   constexpr int TM = BM / 16, TN = BN / 16;
   __shared__ __align__(16) TileSmem<BM, BN, 1> sm;
   const int b = blockIdx.z;
@@ -83,6 +85,7 @@ __global__ void __launch_bounds__(kTileThreads) gemm_kernel(MatmulParams p, bool
 
 // out rows of zeros (K == 0). grid (M, batch).
 __global__ void zero_rows_kernel(MatmulParams p) {
+  pdl_wait();
   float* out = p.out + blockIdx.y * p.out_batch_stride + blockIdx.x * p.ldo;
   for (int64_t n = threadIdx.x; n < p.N; n += blockDim.x) out[n] = 0.f;
 }
@@ -94,9 +97,9 @@ void launch_gemv(const MatmulParams& p, cudaStream_t s) {
                    p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0 && (D != DType::F8_E4M3 || p.block % 16 == 0);
   // Four rows per block while that still gives every SM several blocks; else one.
   if (ceil_div(p.N, 4) * p.batch >= 8 * sm_count()) {
-    gemv_kernel<D, MP, 4><<<dim3(unsigned(ceil_div(p.N, 4)), unsigned(p.batch)), kGemvThreads, 0, s>>>(p, vec);
+    launch_kernel(gemv_kernel<D, MP, 4>, dim3(unsigned(ceil_div(p.N, 4)), unsigned(p.batch)), kGemvThreads, 0, s, p, vec);
   } else {
-    gemv_kernel<D, MP, 1><<<dim3(unsigned(p.N), unsigned(p.batch)), kGemvThreads, 0, s>>>(p, vec);
+    launch_kernel(gemv_kernel<D, MP, 1>, dim3(unsigned(p.N), unsigned(p.batch)), kGemvThreads, 0, s, p, vec);
   }
   check_launch("matmul (gemv_kernel)");
 }
@@ -109,8 +112,7 @@ void launch_gemm(const MatmulParams& p, cudaStream_t s) {
                      (D != DType::F8_E4M3 || p.block % 8 == 0);
   const int64_t m_tiles = ceil_div(p.M, BM);
   FATHOM_CHECK(m_tiles <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
-  gemm_kernel<D, BM, BN><<<dim3(unsigned(ceil_div(p.N, BN)), unsigned(m_tiles), unsigned(p.batch)), kTileThreads, 0,
-                           s>>>(p, vec_x, vec_w);
+  launch_kernel(gemm_kernel<D, BM, BN>, dim3(unsigned(ceil_div(p.N, BN)), unsigned(m_tiles), unsigned(p.batch)), kTileThreads, 0, s, p, vec_x, vec_w);
   check_launch("matmul (gemm_kernel)");
 }
 
@@ -143,7 +145,7 @@ void matmul(const MatmulParams& p, Stream stream) {
   const cudaStream_t s = as_cuda(stream);
   if (p.K == 0) {
     FATHOM_CHECK(p.M <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
-    zero_rows_kernel<<<dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s>>>(p);
+    launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
     return check_launch("matmul (zero_rows_kernel)");
   }
   switch (d) {

@@ -31,7 +31,7 @@ constexpr int kMaxExperts = 1024;
 constexpr int kExpertThreads = 128;
 constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
 // From this many (token, slot) pairs per expert on average, moe_grouped.cu's sorted GEMMs.
-constexpr int64_t kGroupedMinRowsPerExpert = 8;
+constexpr int64_t kGroupedMinRowsPerExpert = 2;
 
 __device__ inline double block_sum_double(double v, double* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -59,6 +59,7 @@ __device__ inline float block_max(float v, float* scratch) {
 // grid (T), block round_up(n_experts, 32).
 __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict__ experts,
                                 const float* __restrict__ logits, const float* __restrict__ bias, MoeGateParams p) {
+  pdl_wait();
   __shared__ float score[kMaxExperts], choice[kMaxExperts], group_score[kMaxExperts];
   __shared__ int selected[kMaxExperts];
   __shared__ bool keep[kMaxExperts];
@@ -138,6 +139,7 @@ __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict
 template <DType D, int R>
 __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
                                                                          bool vec) {
+  pdl_wait();
   __shared__ float scratch[kExpertThreads / 32 * 2 * R];
   __shared__ float result[2 * R];
   constexpr int E = ElemSize<D>::value;
@@ -177,6 +179,7 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
 template <DType D, int R>
 __global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
                                                                       bool vec) {
+  pdl_wait();
   __shared__ float scratch[kExpertThreads / 32 * R];
   __shared__ float result[R];
   constexpr int E = ElemSize<D>::value;
@@ -215,12 +218,11 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
   constexpr int R = kExpertRows;
-  expert_gate_up_kernel<D, R>
-      <<<dim3(unsigned(ceil_div(p.inter, R)), unsigned(pairs)), kExpertThreads, 0, s>>>(p, h.as<float>(), vec_up);
+  launch_kernel(expert_gate_up_kernel<D, R>, dim3(unsigned(ceil_div(p.inter, R)), unsigned(pairs)), kExpertThreads, 0, s,
+                p, h.as<float>(), vec_up);
   check_launch("moe_experts (expert_gate_up_kernel)");
-  expert_down_kernel<D, R>
-      <<<dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kExpertThreads, 0, s>>>(p, h.as<float>(),
-                                                                                              vec_down);
+  launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kExpertThreads, 0,
+                s, p, h.as<float>(), vec_down);
   check_launch("moe_experts (expert_down_kernel)");
 }
 
@@ -239,7 +241,7 @@ void moe_gate(float* weights, int32_t* experts, const float* logits, const float
   FATHOM_CHECK(n_tokens < (int64_t(1) << 31), "moe_gate: ", n_tokens, " tokens is too many for one launch.");
   FATHOM_ASSERT(weights && experts && logits, "moe_gate with a null pointer");
   const unsigned threads = unsigned((p.n_experts + 31) / 32 * 32);
-  moe_gate_kernel<<<unsigned(n_tokens), threads, 0, as_cuda(stream)>>>(weights, experts, logits, bias, p);
+  launch_kernel(moe_gate_kernel, unsigned(n_tokens), threads, 0, as_cuda(stream), weights, experts, logits, bias, p);
   check_launch("moe_gate");
 }
 

@@ -37,6 +37,7 @@ struct Routing {
 
 // grid (1), block 1024.
 __global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
+  pdl_wait();
   __shared__ int count[kMaxExperts], offset[kMaxExperts + 1], tile_offset[kMaxExperts + 1], cursor[kMaxExperts];
   const int64_t pairs = p.n_tokens * p.top_k;
   for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x) count[e] = 0, cursor[e] = 0;
@@ -78,6 +79,7 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
 template <DType D>
 __global__ void __launch_bounds__(kTileThreads)
     grouped_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, bool vec_x, bool vec_w) {
+  pdl_wait();
   constexpr int TM = kBM / 16, TN = kBN / 16;
   __shared__ __align__(16) TileSmem<kBM, kBN, 2> sm;
   const int tile = blockIdx.y;
@@ -108,6 +110,7 @@ template <DType D>
 __global__ void __launch_bounds__(kTileThreads)
     grouped_down_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ h, float* __restrict__ y, bool vec_h,
                         bool vec_w) {
+  pdl_wait();
   constexpr int TM = kBM / 16, TN = kBN / 16;
   __shared__ __align__(16) TileSmem<kBM, kBN, 1> sm;
   const int tile = blockIdx.y;
@@ -133,6 +136,7 @@ __global__ void __launch_bounds__(kTileThreads)
 
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
 __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ y) {
+  pdl_wait();
   const int64_t t = blockIdx.x;
   for (int64_t d = threadIdx.x; d < p.hidden; d += blockDim.x) {
     float acc = 0.f;
@@ -168,15 +172,15 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
 
-  moe_route_kernel<<<1, 1024, 0, s>>>(p, r);
+  launch_kernel(moe_route_kernel, 1, 1024, 0, s, p, r);
   check_launch("moe_experts (moe_route_kernel)");
-  grouped_gate_up_kernel<D><<<dim3(unsigned(ceil_div(p.inter, kBN)), unsigned(max_tiles)), kTileThreads, 0, s>>>(
+  launch_kernel(grouped_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, kBN)), unsigned(max_tiles)), kTileThreads, 0, s, 
       p, r, h.as<float>(), vec_x, vec_up);
   check_launch("moe_experts (grouped_gate_up_kernel)");
-  grouped_down_kernel<D><<<dim3(unsigned(ceil_div(p.hidden, kBN)), unsigned(max_tiles)), kTileThreads, 0, s>>>(
+  launch_kernel(grouped_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, kBN)), unsigned(max_tiles)), kTileThreads, 0, s, 
       p, r, h.as<float>(), y.as<float>(), vec_h, vec_down);
   check_launch("moe_experts (grouped_down_kernel)");
-  moe_combine_kernel<<<unsigned(p.n_tokens), 256, 0, s>>>(p, r, y.as<float>());
+  launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y.as<float>());
   check_launch("moe_experts (moe_combine_kernel)");
 }
 

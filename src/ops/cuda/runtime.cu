@@ -1,6 +1,8 @@
 // CUDA runtime plumbing: device discovery, memory figures, error reporting, scratch memory.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include <atomic>
 
 #include "core/error.h"
@@ -65,6 +67,19 @@ StreamScratch::StreamScratch(size_t bytes, cudaStream_t stream, const char* what
 
 StreamScratch::~StreamScratch() {
   if (ptr_) cudaFreeAsync(ptr_, stream_);
+}
+
+bool pdl_enabled() {
+  static int cached[64];  // per device: 0 unknown, 1 off, 2 on
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    const char* off = std::getenv("FATHOM_NO_PDL");
+    cached[device] = major >= 9 && !(off && *off && *off != '0') ? 2 : 1;
+  }
+  return cached[device] == 2;
 }
 
 }  // namespace fathom::cuda
