@@ -255,3 +255,26 @@ TEST(CudaCli, DeviceChoiceErrors) {
     EXPECT_NE(aut.out.find("device       cpu, fp32"), std::string::npos) << aut.out;
   }
 }
+
+// `fathom generate --device cuda` gives the reference's greedy continuation (fp32 precision).
+TEST(CudaCli, GenerateOnTheGpuMatchesTheReference) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU (or a build without CUDA)";
+  TempDir tmp;
+  const std::string ids = fixture_dir("v3-tiny") + "/reference.safetensors";
+  const std::string out = tmp.file("gen.json");
+  CliRun r = run_fathom({"generate", "--model", fixture_dir("v3-tiny"), "--input-ids", ids, "--max-new-tokens", "16",
+                         "--temperature", "0", "--device", "cuda", "--precision", "fp32", "--out", out},
+                        tmp);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const std::string text = slurp(out);
+  auto ref = SafetensorsFile::open(ids);
+  Tensor gen = ref->tensor("generate_ids");
+  const int64_t T = ref->tensor("input_ids").dim(1);
+  std::string want;
+  for (int64_t i = T; i < gen.dim(1); ++i) want += cat(i > T ? "," : "", gen.ptr<int64_t>()[i]);
+  std::string got = text.substr(text.find('[') + 1);
+  got = got.substr(0, got.find(']'));
+  got.erase(std::remove_if(got.begin(), got.end(), [](char ch) { return std::isspace(static_cast<unsigned char>(ch)); }),
+            got.end());
+  EXPECT_EQ(got, want) << text;
+}

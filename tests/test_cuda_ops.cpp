@@ -653,6 +653,49 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
   }
 }
 
+// The dense SwiGLU (shared experts, dense MLP) through the expert kernels: out = or += .
+TEST_F(CudaOps, SwigluMatchesTheCpu) {
+  struct Case { int64_t D, I, block; };
+  for (Case c : {Case{256, 512, 128}, Case{33, 19, 128}, Case{2048, 1024, 128}, Case{40, 24, 7}}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+      if (c.block != 128 && dt != DType::F8_E4M3) continue;
+      LinearWeight hg = random_weight(c.I, c.D, dt, c.block), hu = random_weight(c.I, c.D, dt, c.block),
+                   hd = random_weight(c.D, c.I, dt, c.block);
+      LinearWeight dg = up(hg), du = up(hu), dd = up(hd);
+      ExpertSet cpu_set, gpu_set;
+      cpu_set.experts.push_back({&hg, &hu, &hd});
+      gpu_set.experts.push_back({&dg, &du, &dd});
+      cpu_->prepare_experts(cpu_set);
+      gpu_->prepare_experts(gpu_set);
+      for (int64_t T : {1, 3, 8}) {
+        for (bool acc : {false, true}) {
+          Tensor x = randn({T, c.D}), base = randn({T, c.D});
+          Tensor want = Tensor::empty({T, c.D});
+          std::copy(base.f32(), base.f32() + base.numel(), want.f32());
+          cpu_->swiglu(want, x, cpu_set, acc);
+          Tensor dx = up(x), got = acc ? up(base) : gpu_poison({T, c.D});
+          gpu_->swiglu(got, dx, gpu_set, acc);
+          EXPECT_LT(max_err(down(got), want), 1e-4)
+              << dtype_name(dt) << " D " << c.D << " I " << c.I << " T " << T << (acc ? " accumulate" : "");
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, AddRmsNormFusesTheResidual) {
+  for (auto [M, N] : {std::pair<int64_t, int64_t>{1, 7168}, {5, 1}, {33, 513}, {3, 2048}}) {
+    Tensor x = randn({M, N}), y = randn({M, N}), w = randn({N});
+    Tensor xw = Tensor::empty({M, N}), hw = Tensor::empty({M, N});
+    std::copy(x.f32(), x.f32() + x.numel(), xw.f32());
+    cpu_->add_rmsnorm(xw, y, hw, w, 1e-6f);
+    Tensor dx = up(x), dy = up(y), dw = up(w), dh = gpu_poison({M, N});
+    gpu_->add_rmsnorm(dx, dy, dh, dw, 1e-6f);
+    EXPECT_EQ(max_err(down(dx), xw), 0.0) << "residual, M " << M << " N " << N;
+    EXPECT_LT(max_err(down(dh), hw), 1e-5) << "norm, M " << M << " N " << N;
+  }
+}
+
 #endif
 
 }  // namespace

@@ -118,6 +118,9 @@ class Model {
  private:
   Model() = default;
   struct DecodeGraph;
+  // The norm before layer 0 and the one after layer l (the next layer's input norm or the final norm).
+  const Tensor& first_norm() const;
+  const Tensor& next_norm(int l) const;
   void decode_body(DecodeGraph& g);
   void init_backend(const ModelOptions& options);
   void build(const WeightLoader& loader);

@@ -45,12 +45,22 @@ void prepare_moe(Ops& ops, MoeWeights& m) {
   ops.prepare_experts(m.expert_set);
 }
 
-void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x) {
+void prepare_swiglu(Ops& ops, SwiGluWeights& s) {
+  s.fused = ExpertSet();
+  s.fused.experts.push_back({&s.gate_proj, &s.up_proj, &s.down_proj});
+  ops.prepare_experts(s.fused);
+}
+
+void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate) {
   const int64_t T = x.dim(0), I = w.gate_proj.out_features();
+  if (T <= kFusedSwiGluMaxTokens && !w.fused.experts.empty()) return ops.swiglu(out, x, w.fused, accumulate);
   Tensor g = ops.empty({T, I}), u = ops.empty({T, I});
   ops.matmul_batch({{g.f32(), x.f32(), T, &w.gate_proj}, {u.f32(), x.f32(), T, &w.up_proj}});
   ops.silu_mul(g, g, u);
-  ops.matmul(out, g, w.down_proj);
+  if (!accumulate) return ops.matmul(out, g, w.down_proj);
+  Tensor y = ops.empty(out.shape());
+  ops.matmul(y, g, w.down_proj);
+  ops.add(out, y);
 }
 
 void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertChoices* choices) {
@@ -68,11 +78,8 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   }
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
   ops.moe_experts(out, x, weights, experts, w.expert_set);
-  if (w.has_shared) {
-    Tensor s = ops.empty({T, D});
-    swiglu_forward(ops, w.shared_experts, s, x);
-    ops.add(out, s);
-  }
+  if (w.has_shared) swiglu_forward(ops, w.shared_experts, out, x, /*accumulate=*/true);
+  (void)D;
 }
 
 }  // namespace fathom

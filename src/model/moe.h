@@ -21,6 +21,7 @@ struct SwiGluWeights {
   LinearWeight gate_proj;  // (inter, hidden)
   LinearWeight up_proj;    // (inter, hidden)
   LinearWeight down_proj;  // (hidden, inter)
+  ExpertSet fused;         // the three as one expert for Ops::swiglu (prepare_swiglu)
   int64_t nbytes() const { return int64_t(gate_proj.nbytes() + up_proj.nbytes() + down_proj.nbytes()); }
 };
 
@@ -39,9 +40,14 @@ MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::stri
 // Points expert_set at `experts` and lets the backend prepare it; call once the weights sit
 // where they will stay (after placement on the device).
 void prepare_moe(Ops& ops, MoeWeights& m);
+void prepare_swiglu(Ops& ops, SwiGluWeights& s);
 
-// out (T, hidden) = down(silu(gate(x)) * up(x))
-void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x);
+// Up to this many tokens a SwiGLU (dense MLP, shared experts) runs as Ops::swiglu's two fused
+// passes, which stream the weights once per token; longer inputs use batched matmuls.
+constexpr int64_t kFusedSwiGluMaxTokens = 8;
+
+// out (T, hidden) = down(silu(gate(x)) * up(x)), or out += that with accumulate
+void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate = false);
 
 // What routing chose, when asked: the (T, top_k) expert ids of one call, row by row (expert
 // load statistics and routing comparisons are computed from it).

@@ -115,19 +115,18 @@ const char* device_kind_name(DeviceKind d) {
 const char* precision_name(Precision p) { return p == Precision::Auto ? "auto" : p == Precision::Fp32 ? "fp32" : "bf16"; }
 
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           const std::vector<SeqSlice>& seqs, const RopeTables& rope, ExpertChoices* choices) {
+                           Tensor& h, const Tensor& next_norm, const std::vector<SeqSlice>& seqs,
+                           const RopeTables& rope, ExpertChoices* choices) {
   const int64_t T = x.dim(0), D = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  Tensor h = ops.empty({T, D}), y = ops.empty({T, D});
-  ops.rmsnorm(h, x, w.input_layernorm, eps);
+  Tensor y = ops.empty({T, D});
   mla_forward(ops, w.attn, c, mode, y, h, seqs, rope);
-  ops.add(x, y);
-  ops.rmsnorm(h, x, w.post_attention_layernorm, eps);
+  ops.add_rmsnorm(x, y, h, w.post_attention_layernorm, eps);
   if (w.is_moe)
     moe_forward(ops, w.moe, c, y, h, choices);
   else
     swiglu_forward(ops, w.mlp, y, h);
-  ops.add(x, y);
+  ops.add_rmsnorm(x, y, h, next_norm, eps);
 }
 
 Model::~Model() {
@@ -217,10 +216,13 @@ void Model::build(const WeightLoader& loader) {
   std::copy(w.rope->inv_freq().begin(), w.rope->inv_freq().end(), w.rope_inv_freq.ptr<double>());
   place_weights();
   // every MoE layer's experts in the backend's form, now that the weights stay where they are
-  for (auto& l : w.layers)
-    if (l.is_moe) prepare_moe(*ops_, l.moe);
-  for (auto& t : w.mtp)
-    if (t.layer.is_moe) prepare_moe(*ops_, t.layer.moe);
+  auto prepare = [&](DecoderLayerWeights& l) {
+    if (!l.is_moe) return prepare_swiglu(*ops_, l.mlp);
+    prepare_moe(*ops_, l.moe);
+    if (l.moe.has_shared) prepare_swiglu(*ops_, l.moe.shared_experts);
+  };
+  for (auto& l : w.layers) prepare(l);
+  for (auto& t : w.mtp) prepare(t.layer);
 }
 
 // Puts every weight where the backend computes: rounded to BF16 first in bf16 mode, then (on
@@ -307,6 +309,14 @@ void Model::place_weights() {
 
 const char* Model::backend_name() const { return ops_->name(); }
 
+const Tensor& Model::first_norm() const {
+  return w_->layers.empty() ? w_->norm : w_->layers[0].input_layernorm;
+}
+
+const Tensor& Model::next_norm(int l) const {
+  return l + 1 < int(w_->layers.size()) ? w_->layers[size_t(l) + 1].input_layernorm : w_->norm;
+}
+
 const ModelConfig& Model::config() const { return w_->config; }
 bool Model::has_mtp() const { return !w_->mtp.empty(); }
 
@@ -375,19 +385,19 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
     out.hidden_states.push_back(h);
   };
   if (req.hidden_states) snapshot(x);
+  Tensor normed = ops.empty({T, D});  // h: each layer's normed input, at the end the final norm's output
+  ops.rmsnorm(normed, x, first_norm(), float(c.rms_norm_eps));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     ExpertChoices* ch = nullptr;
     if (req.expert_choices) {
       out.expert_choices.emplace_back();
       ch = &out.expert_choices.back();
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope,
-                          ch);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, normed, next_norm(l),
+                          {{&cache.layer(l), pos0, 0, T}}, rope, ch);
     if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);
-  Tensor normed = ops.empty({T, D});
-  ops.rmsnorm(normed, x, w_->norm, float(c.rms_norm_eps));
   out.final_hidden = Tensor::empty({T, D});
   ops.download(out.final_hidden.data(), normed);
   if (req.hidden_states) out.hidden_states.push_back(out.final_hidden);
@@ -426,8 +436,9 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
   RopeTables rope{&cos, &sin};
   Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
-  Tensor x = ops.empty({T, D});
+  Tensor x = ops.empty({T, D}), h = ops.empty({T, D});
   ops.embedding(x, ids_d, w_->embed_tokens);
+  ops.rmsnorm(h, x, first_norm(), float(c.rms_norm_eps));
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     int64_t t0 = 0;
@@ -436,20 +447,19 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
       seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), t0, n};
       t0 += n;
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, h, next_norm(l), seqs, rope);
   }
   for (int64_t b = 0; b < B; ++b) caches[size_t(b)]->advance(int64_t(tokens[size_t(b)].size()));
-  // the last row of every sequence through the final norm and the LM head
+  // the last (final-normed) row of every sequence through the LM head
   Tensor last = ops.empty({B, D});
   for (int64_t b = 0; b < B; ++b) {
     CopyParams cp;
     cp.out = last.f32() + b * D;
-    cp.in = x.f32() + last_rows[size_t(b)] * D;
+    cp.in = h.f32() + last_rows[size_t(b)] * D;
     cp.n_tokens = 1;
     cp.cols = int(D);
     ops.copy(cp);
   }
-  ops.rmsnorm(last, last, w_->norm, float(c.rms_norm_eps));
   Tensor logits = ops.empty({B, c.vocab_size});
   ops.matmul(logits, last, w_->lm_head);
   Tensor host = Tensor::empty({B, c.vocab_size});
@@ -483,8 +493,9 @@ void Model::decode_body(DecodeGraph& g) {
   Tensor cos = ops.empty({B, half}), sin = ops.empty({B, half});
   ops.rope_tables(cos, sin, positions, w_->rope_inv_freq, w_->rope->attention_factor());
   RopeTables rope{&cos, &sin};
-  Tensor x = ops.empty({B, D});
+  Tensor x = ops.empty({B, D}), h = ops.empty({B, D});
   ops.embedding(x, ids, w_->embed_tokens);
+  ops.rmsnorm(h, x, first_norm(), float(c.rms_norm_eps));
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) {
@@ -496,10 +507,9 @@ void Model::decode_body(DecodeGraph& g) {
       s.len_device = in + 2 * B + b;
       s.capacity = g.caches[size_t(b)]->capacity();
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, h, next_norm(l), seqs, rope);
   }
-  ops.rmsnorm(x, x, w_->norm, float(c.rms_norm_eps));
-  ops.matmul(g.logits, x, w_->lm_head);
+  ops.matmul(g.logits, h, w_->lm_head);  // h: after the final norm
   ops.argmax(g.next_dev, g.logits);
   ops.copy_to_host(g.next_host, g.next_dev);
 }
@@ -604,13 +614,14 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
   w_->rope->tables(positions.data(), n, cos_h, sin_h);
   Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
   KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
-  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, {{&cache.layer(0), 0, 0, n}}, RopeTables{&cos, &sin});
+  Tensor normed = ops.empty({n, D});
+  ops.rmsnorm(normed, x, m.layer.input_layernorm, eps);
+  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, normed, m.shared_head_norm, {{&cache.layer(0), 0, 0, n}},
+                        RopeTables{&cos, &sin});  // normed: after shared_head.norm
   if (mtp_hidden) {
     *mtp_hidden = Tensor::empty({n, D});
     ops.download(mtp_hidden->data(), x);
   }
-  Tensor normed = ops.empty({n, D});
-  ops.rmsnorm(normed, x, m.shared_head_norm, eps);
   Tensor logits = ops.empty({n, c.vocab_size});
   ops.matmul(logits, normed, m.shared_head);
   Tensor host_logits = Tensor::empty({n, c.vocab_size});

@@ -43,10 +43,12 @@ struct ModelWeights {
   Tensor rope_inv_freq;                   // (qk_rope_head_dim/2) F64, where the backend computes
 };
 
-// x (T, hidden) += attn(norm(x)); x += ffn(norm(x))
-// The tokens of one or more sequences (see SeqSlice; `layer` picks each sequence's cache).
+// x (T, hidden) += attn(norm(x)); x += ffn(norm(x)) — for the tokens of one or more sequences
+// (see SeqSlice). On entry h = input_layernorm(x); each residual add is fused with the norm
+// after it, so on return h = next_norm(x) (the next layer's input norm, or the final norm).
 // `choices`, when given and the layer is MoE, receives what its router chose.
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           const std::vector<SeqSlice>& seqs, const RopeTables& rope, ExpertChoices* choices = nullptr);
+                           Tensor& h, const Tensor& next_norm, const std::vector<SeqSlice>& seqs,
+                           const RopeTables& rope, ExpertChoices* choices = nullptr);
 
 }  // namespace fathom

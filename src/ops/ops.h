@@ -165,6 +165,9 @@ class Ops {
   virtual void embedding(Tensor& out, const Tensor& ids, const Tensor& table) = 0;
   // out (M, N) = x / rms(x) * weight;  weight (N) F32. out may alias x.
   virtual void rmsnorm(Tensor& out, const Tensor& x, const Tensor& weight, float eps) = 0;
+  // x (M, N) += y, then h = x / rms(x) * weight: a block's residual add fused with the norm
+  // that follows it (the next block's input norm, or the final norm).
+  virtual void add_rmsnorm(Tensor& x, const Tensor& y, Tensor& h, const Tensor& weight, float eps) = 0;
   // out (M, N) = x (M, K) · Wᵀ, fp32 accumulation, block-wise dequantization for FP8.
   virtual void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) = 0;
   // Independent matmuls run together: in decode, the small projections that share an input
@@ -190,6 +193,10 @@ class Ops {
   // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
   virtual void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
                            const ExpertSet& set) = 0;
+  // out (T, D) = (or += with accumulate) down(silu(x · gateᵀ) * (x · upᵀ)) for the one expert
+  // of `set` (prepared like routed experts): the shared experts or a dense MLP as two fused
+  // passes (gate and up together, then down) instead of five ops. For decode-sized T.
+  virtual void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) = 0;
   // ids (B) I32 = the index of each row's largest logit (the first on ties); logits (B, V).
   virtual void argmax(Tensor& ids, const Tensor& logits) = 0;
 

@@ -94,6 +94,22 @@ class CpuOps final : public Ops {
     }, 16);
   }
 
+  void add_rmsnorm(Tensor& x, const Tensor& y, Tensor& h, const Tensor& weight, float eps) override {
+    add(x, y);
+    rmsnorm(h, x, weight, eps);
+  }
+
+  void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) override {
+    FATHOM_ASSERT(set.experts.size() == 1, "swiglu takes one expert");
+    const ExpertWeights& e = set.experts[0];
+    const int64_t D = x.dim(-1), T = x.numel() / D, I = e.gate_proj->out_features();
+    Tensor g = Tensor::empty({T, I}), u = Tensor::empty({T, I}), y = Tensor::empty({T, D});
+    matmul_batch({{g.f32(), x.f32(), T, e.gate_proj}, {u.f32(), x.f32(), T, e.up_proj}});
+    silu_mul(g, g, u);
+    matmul(accumulate ? y : out, g, *e.down_proj);
+    if (accumulate) add(out, y);
+  }
+
   void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) override {
     const int64_t K = w.in_features(), N = w.out_features(), M = x.numel() / K;  // x (M, K), out (M, N)
     FATHOM_ASSERT(x.numel() == M * K && out.numel() == M * N, "matmul ", w.name, ": x ", shape_str(x.shape()), " out ",

@@ -293,6 +293,18 @@ class CudaOps final : public Ops {
     cuda::rmsnorm(out.f32(), x.f32(), weight.f32(), x.numel() / N, N, eps, ctx_->stream);
   }
 
+  void add_rmsnorm(Tensor& x, const Tensor& y, Tensor& h, const Tensor& weight, float eps) override {
+    use();
+    f32(x, "add_rmsnorm", "the residual");
+    f32(y, "add_rmsnorm", "the addend");
+    f32(h, "add_rmsnorm", "the output");
+    f32(weight, "add_rmsnorm", "the weight");
+    const int64_t N = weight.numel();
+    FATHOM_ASSERT(N > 0 && x.numel() % N == 0 && y.numel() == x.numel() && h.numel() == x.numel(), "add_rmsnorm: x ",
+                  shape_str(x.shape()), " y ", shape_str(y.shape()), " h ", shape_str(h.shape()));
+    cuda::add_rmsnorm(x.f32(), y.f32(), h.f32(), weight.f32(), x.numel() / N, N, eps, ctx_->stream);
+  }
+
   void matmul(Tensor& out, const Tensor& x, const LinearWeight& w) override {
     use();
     f32(out, "matmul", "the output");
@@ -432,6 +444,33 @@ class CudaOps final : public Ops {
     m.top_k = int(K);
     m.dtype = prep->dtype;
     m.aligned16 = prep->aligned16;
+    cuda::moe_experts(m, ctx_->stream);
+  }
+
+  void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) override {
+    use();
+    f32(out, "swiglu", "the output");
+    f32(x, "swiglu", "the input");
+    const auto* prep = static_cast<const PreparedExperts*>(set.prepared.get());
+    FATHOM_CHECK(prep && prep->tag == PreparedExperts::kTag && prep->n_experts == 1, "swiglu: the weights were not "
+                 "prepared by the CUDA backend as one expert (Ops::prepare_experts).");
+    const int64_t D = prep->hidden, T = x.numel() / D;
+    FATHOM_ASSERT(x.numel() == T * D && out.numel() == T * D, "swiglu: x ", shape_str(x.shape()), " out ",
+                  shape_str(out.shape()), " for hidden size ", D);
+    if (T == 0) return;
+    cuda::MoeExpertsParams m;
+    m.out = out.f32();
+    m.x = x.f32();
+    m.table = prep->table;
+    m.n_tokens = T;
+    m.hidden = D;
+    m.inter = prep->inter;
+    m.block = prep->block;
+    m.n_experts = 1;
+    m.top_k = 1;
+    m.dtype = prep->dtype;
+    m.aligned16 = prep->aligned16;
+    m.accumulate = accumulate;
     cuda::moe_experts(m, ctx_->stream);
   }
 

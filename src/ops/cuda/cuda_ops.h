@@ -54,6 +54,8 @@ void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, f
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream);
 // x (n) += y
 void add(float* x, const float* y, int64_t n, Stream stream);
+// x (M, N) += y, then out = x / rms(x) * w: the residual add and the next norm in one pass.
+void add_rmsnorm(float* x, const float* y, float* out, const float* w, int64_t M, int64_t N, float eps, Stream stream);
 // CopyParams (ops.h): 3-D strided f32 -> F32 or BF16 (round to nearest-even, like core's
 // f32_to_bf16), optionally to the output tokens out_token_index[t] (device memory). Input and
 // output must not overlap.
@@ -134,6 +136,9 @@ struct MoeExpertsParams {
   int n_experts = 0, top_k = 0;
   DType dtype = DType::BF16;
   bool aligned16 = false;  // every weight pointer 16-byte aligned (vectorized loads allowed)
+  // A dense SwiGLU (shared experts, a dense MLP) through the same kernels: experts and weights
+  // null, top_k 1, every token uses expert 0 with weight 1. accumulate: out += instead of out =.
+  bool accumulate = false;
 };
 void moe_experts(const MoeExpertsParams& p, Stream stream);
 

@@ -28,12 +28,24 @@ __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restr
 }
 
 // grid (M), block 256: block-wide sum of squares (warp shuffles, then one value per warp).
-__global__ void rmsnorm_kernel(float* out, const float* x, const float* __restrict__ w, int64_t N, float eps) {
+// x (M, N) += y first when y is given (the residual add fused into the norm); then
+// out = x / rms(x) * w. One block per row.
+__global__ void rmsnorm_kernel(float* out, float* x, const float* __restrict__ y, const float* __restrict__ w, int64_t N,
+                               float eps) {
   pdl_wait();
-  const float* xr = x + blockIdx.x * N;
+  float* xr = x + blockIdx.x * N;
   float* o = out + blockIdx.x * N;
   float ss = 0.f;
-  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) ss += xr[i] * xr[i];
+  if (y) {
+    const float* yr = y + blockIdx.x * N;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+      const float v = xr[i] + yr[i];
+      xr[i] = v;  // read back below by this same thread
+      ss += v * v;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) ss += xr[i] * xr[i];
+  }
   ss = warp_sum(ss);
   __shared__ float warp_sums[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -201,8 +213,17 @@ void fill_random(void* out, DType dtype, int64_t n, uint64_t seed, float scale, 
 void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, float eps, Stream stream) {
   if (M == 0) return;
   FATHOM_CHECK(M <= kMaxRows, "rmsnorm: ", M, " rows is too many for one launch.");
-  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, x, w, N, eps);
+  // x is only read without a residual; out may alias it
+  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, const_cast<float*>(x),
+                static_cast<const float*>(nullptr), w, N, eps);
   check_launch("rmsnorm");
+}
+
+void add_rmsnorm(float* x, const float* y, float* out, const float* w, int64_t M, int64_t N, float eps, Stream stream) {
+  if (M == 0) return;
+  FATHOM_CHECK(M <= kMaxRows, "add_rmsnorm: ", M, " rows is too many for one launch.");
+  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, x, y, w, N, eps);
+  check_launch("add_rmsnorm");
 }
 
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream) {

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   constexpr int E = ElemSize<D>::value;
   const int64_t pair = blockIdx.y, t = pair / p.top_k;
   const int64_t n0 = int64_t(blockIdx.x) * R;
-  const int e = p.experts[pair];
+  const int e = p.experts ? p.experts[pair] : 0;
   float* hp = h + pair * p.inter;
   if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
     for (int r = threadIdx.x; r < R; r += blockDim.x)
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsP
   for (int r = 0; r < R; ++r) acc[r][0] = 0.f;
   for (int k = 0; k < p.top_k; ++k) {
     const int64_t pair = t * p.top_k + k;
-    const int e = p.experts[pair];
+    const int e = p.experts ? p.experts[pair] : 0;
     if (e < 0 || e >= p.n_experts) continue;
     const ExpertPointers ep = p.table[e];
     GemvRow rows[R];
@@ -202,11 +202,15 @@ __global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsP
       rows[r].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
     }
     // the routing weight scales this slot's partial sums; one reduction serves all slots
-    gemv_accumulate<D, 1, R>(acc, rows, h + pair * p.inter, p.inter, 1, p.inter, p.block, vec, p.weights[pair]);
+    gemv_accumulate<D, 1, R>(acc, rows, h + pair * p.inter, p.inter, 1, p.inter, p.block, vec,
+                             p.weights ? p.weights[pair] : 1.f);
   }
   gemv_block_reduce<1, R>(acc, scratch, result);
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    if (n0 + r < p.hidden) p.out[t * p.hidden + n0 + r] = result[r];
+    if (n0 + r < p.hidden) {
+      float* o = p.out + t * p.hidden + n0 + r;
+      *o = p.accumulate ? *o + result[r] : result[r];
+    }
 }
 
 template <DType D>
@@ -258,12 +262,14 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
                " exceed what one launch handles.");
   FATHOM_CHECK(d != DType::F8_E4M3 || p.block > 0, "moe_experts: FP8 experts need a positive block size.");
   if (p.n_tokens == 0) return;
-  FATHOM_ASSERT(p.out && p.x && p.weights && p.experts && p.table, "moe_experts with a null pointer");
+  FATHOM_ASSERT(p.out && p.x && p.table && (p.experts || (p.top_k == 1 && !p.weights)) && (!p.experts || p.weights),
+                "moe_experts with a null pointer");
+  FATHOM_ASSERT(!p.accumulate || !p.experts, "moe_experts: accumulate is for the dense SwiGLU");
   const cudaStream_t s = as_cuda(stream);
   // Sorting pays once experts see several tokens each on average (prefill); decode-sized
   // batches touch mostly distinct experts, which the GEMVs stream at full bandwidth.
   const int64_t pairs = p.n_tokens * p.top_k;
-  if (pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) return moe_experts_grouped(p, s);
+  if (p.experts && pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) return moe_experts_grouped(p, s);
   switch (d) {
     case DType::F32: return run_experts<DType::F32>(p, s);
     case DType::BF16: return run_experts<DType::BF16>(p, s);
