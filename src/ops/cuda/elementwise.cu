@@ -38,12 +38,14 @@ __global__ void rmsnorm_kernel(float* out, float* x, const float* __restrict__ y
   float ss = 0.f;
   if (y) {
     const float* yr = y + blockIdx.x * N;
+#pragma unroll 4
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
       const float v = xr[i] + yr[i];
       xr[i] = v;  // read back below by this same thread
       ss += v * v;
     }
   } else {
+#pragma unroll 4
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) ss += xr[i] * xr[i];
   }
   ss = warp_sum(ss);
@@ -57,8 +59,13 @@ __global__ void rmsnorm_kernel(float* out, float* x, const float* __restrict__ y
   }
   __syncthreads();
   const float inv = warp_sums[0];
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < N; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
+
+// Threads for one row of N: enough that each handles a few elements (latency, not bandwidth,
+// bounds a decode step's norms).
+unsigned norm_threads(int64_t N) { return N >= 4096 ? 1024u : N >= 1024 ? 512u : 256u; }
 
 __global__ void silu_mul_kernel(float* out, const float* gate, const float* __restrict__ up, int64_t n) {
   pdl_wait();
@@ -214,7 +221,7 @@ void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, f
   if (M == 0) return;
   FATHOM_CHECK(M <= kMaxRows, "rmsnorm: ", M, " rows is too many for one launch.");
   // x is only read without a residual; out may alias it
-  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, const_cast<float*>(x),
+  launch_kernel(rmsnorm_kernel, unsigned(M), norm_threads(N), 0, as_cuda(stream), out, const_cast<float*>(x),
                 static_cast<const float*>(nullptr), w, N, eps);
   check_launch("rmsnorm");
 }
@@ -222,7 +229,7 @@ void rmsnorm(float* out, const float* x, const float* w, int64_t M, int64_t N, f
 void add_rmsnorm(float* x, const float* y, float* out, const float* w, int64_t M, int64_t N, float eps, Stream stream) {
   if (M == 0) return;
   FATHOM_CHECK(M <= kMaxRows, "add_rmsnorm: ", M, " rows is too many for one launch.");
-  launch_kernel(rmsnorm_kernel, unsigned(M), 256, 0, as_cuda(stream), out, x, y, w, N, eps);
+  launch_kernel(rmsnorm_kernel, unsigned(M), norm_threads(N), 0, as_cuda(stream), out, x, y, w, N, eps);
   check_launch("add_rmsnorm");
 }
 
