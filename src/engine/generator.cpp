@@ -75,13 +75,21 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   r.finish_reason = "length";
+  // Plain greedy decoding needs only each step's argmax: Model::decode_greedy computes it on the
+  // device (a replayed CUDA graph on the GPU) and returns the token instead of the logits.
+  const SamplingParams& sp = options.sampling;
+  const bool argmax_only = sp.temperature == 0.0f && sp.repetition_penalty == 1.0f && sp.presence_penalty == 0.0f &&
+                           sp.frequency_penalty == 0.0f;
+  int32_t next = -1;
   for (int64_t step = 0; step < max_new; ++step) {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
       r.finish_reason = "cancelled";
       break;
     }
-    const float* logits = out.logits.ptr<float>() + (out.logits.dim(0) - 1) * vocab;
-    const int32_t next = sampler.sample(logits, vocab, prompt, r.ids);
+    if (step == 0 || !argmax_only) {
+      const float* logits = out.logits.ptr<float>() + (out.logits.dim(0) - 1) * vocab;
+      next = sampler.sample(logits, vocab, prompt, r.ids);
+    }
     if (!options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), next)) {
       r.finish_reason = "stop";
       break;
@@ -93,8 +101,12 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
       break;
     }
     if (step + 1 == max_new) break;
-    out = model_.forward({next}, cache_, req);
-    cached_.push_back(next);
+    if (argmax_only) {
+      next = model_.decode_greedy({next}, {&cache_})[0];
+    } else {
+      out = model_.forward({next}, cache_, req);
+    }
+    cached_.push_back(r.ids.back());
   }
   if (!stops.stopped()) emit(stops.push(detok.flush()));
   if (!stops.stopped()) emit(stops.flush());
