@@ -170,10 +170,9 @@ Command add_info(CLI::App& app) {
                 "naive MHA %ld bytes — %.1fx smaller\n",
                 long(absorbed), long(c.kv_lora_rank), c.qk_rope_head_dim, long(naive), double(naive) / double(absorbed));
     std::printf("device       %s, %s", m->backend_name(), precision_name(m->precision()));
-    if (m->device() == DeviceKind::Cuda)
-      std::printf(", %.2f GiB of weights on the GPU, KV cache room for %ld tokens", m->gpu_weight_bytes() / 1073741824.0,
-                  long(m->max_cache_tokens()));
-    std::printf("\n");
+    if (m->device() == DeviceKind::Cuda) std::printf(", %.2f GiB of weights on the GPU", m->gpu_weight_bytes() / 1073741824.0);
+    std::printf(", KV cache room for %ld tokens%s\n", long(m->max_cache_tokens()),
+                m->device() == DeviceKind::Cuda ? "" : " (the model's context)");
   };
 }
 
