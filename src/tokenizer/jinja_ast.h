@@ -1,5 +1,6 @@
 // Internals of the Jinja interpreter shared by jinja.cpp (values), jinja_parse.cpp (lexer
-// and parser) and jinja_eval.cpp (evaluator). Not part of the public API.
+// and parser) and the evaluator (jinja_renderer.h: jinja_eval.cpp, jinja_builtins.cpp). Not
+// part of the public API.
 #pragma once
 #include <cstdint>
 #include <memory>
