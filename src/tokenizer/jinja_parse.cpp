@@ -261,33 +261,22 @@ class Parser {
     ~ChainGuard() { p.depth_ -= links; }
   };
 
-  ExprPtr parse_or() {
-    ExprPtr left = parse_and();
+  // `a or b or c` / `a and b`: a left-associative chain of one keyword over the next level.
+  ExprPtr parse_keyword_chain(const char* keyword, Expr::Kind kind, ExprPtr (Parser::*operand)()) {
+    ExprPtr left = (this->*operand)();
     ChainGuard chain(*this);
-    while (is_name("or")) {
+    while (is_name(keyword)) {
       chain.link(cur().line);
-      ExprPtr e = node(Expr::Kind::Or, cur().line);
+      ExprPtr e = node(kind, cur().line);
       ++i_;
       e->kids.push_back(std::move(left));
-      e->kids.push_back(parse_and());
+      e->kids.push_back((this->*operand)());
       left = std::move(e);
     }
     return left;
   }
-
-  ExprPtr parse_and() {
-    ExprPtr left = parse_not();
-    ChainGuard chain(*this);
-    while (is_name("and")) {
-      chain.link(cur().line);
-      ExprPtr e = node(Expr::Kind::And, cur().line);
-      ++i_;
-      e->kids.push_back(std::move(left));
-      e->kids.push_back(parse_not());
-      left = std::move(e);
-    }
-    return left;
-  }
+  ExprPtr parse_or() { return parse_keyword_chain("or", Expr::Kind::Or, &Parser::parse_and); }
+  ExprPtr parse_and() { return parse_keyword_chain("and", Expr::Kind::And, &Parser::parse_not); }
 
   ExprPtr parse_not() {
     if (is_name("not")) {
