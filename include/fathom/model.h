@@ -123,6 +123,10 @@ class Model {
   const Tensor& next_norm(int l) const;
   void decode_body(DecodeGraph& g);
   void init_backend(const ModelOptions& options);
+  // cos/sin (T, rope/2) for these positions, on the backend's device.
+  void rope_tables(const std::vector<int64_t>& positions, Tensor& cos, Tensor& sin) const;
+  // Every cache is of the model's MLA mode and none repeats (for the batched steps).
+  void check_caches(const std::vector<KvCache*>& caches, const char* what) const;
   void build(const WeightLoader& loader);
   void place_weights();
   // F32, or BF16 for bf16 precision on CUDA

@@ -39,15 +39,19 @@ MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::stri
   return m;
 }
 
+namespace {
+ExpertWeights as_expert(const SwiGluWeights& s) { return {&s.gate_proj, &s.up_proj, &s.down_proj}; }
+}  // namespace
+
 void prepare_moe(Ops& ops, MoeWeights& m) {
   m.expert_set = ExpertSet();
-  for (const SwiGluWeights& e : m.experts) m.expert_set.experts.push_back({&e.gate_proj, &e.up_proj, &e.down_proj});
+  for (const SwiGluWeights& e : m.experts) m.expert_set.experts.push_back(as_expert(e));
   ops.prepare_experts(m.expert_set);
 }
 
 void prepare_swiglu(Ops& ops, SwiGluWeights& s) {
   s.fused = ExpertSet();
-  s.fused.experts.push_back({&s.gate_proj, &s.up_proj, &s.down_proj});
+  s.fused.experts.push_back(as_expert(s));
   ops.prepare_experts(s.fused);
 }
 
@@ -64,7 +68,7 @@ void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor&
 }
 
 void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertChoices* choices) {
-  const int64_t T = x.dim(0), D = c.hidden_size;
+  const int64_t T = x.dim(0);
   const int K = c.num_experts_per_tok, E = c.n_routed_experts;
   Tensor logits = ops.empty({T, E});
   ops.matmul(logits, x, w.gate);
@@ -79,7 +83,6 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
   ops.moe_experts(out, x, weights, experts, w.expert_set);
   if (w.has_shared) swiglu_forward(ops, w.shared_experts, out, x, /*accumulate=*/true);
-  (void)D;
 }
 
 }  // namespace fathom

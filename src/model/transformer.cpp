@@ -309,6 +309,21 @@ void Model::place_weights() {
 
 const char* Model::backend_name() const { return ops_->name(); }
 
+void Model::rope_tables(const std::vector<int64_t>& positions, Tensor& cos, Tensor& sin) const {
+  Tensor cos_h, sin_h;
+  w_->rope->tables(positions.data(), int64_t(positions.size()), cos_h, sin_h);
+  cos = ops_->upload(cos_h);
+  sin = ops_->upload(sin_h);
+}
+
+void Model::check_caches(const std::vector<KvCache*>& caches, const char* what) const {
+  for (size_t b = 0; b < caches.size(); ++b) {
+    FATHOM_CHECK(caches[b]->mode() == options_.mla_mode, "KV cache ", b, " was made for MLA mode ",
+                 mla_mode_name(caches[b]->mode()));
+    for (size_t b2 = 0; b2 < b; ++b2) FATHOM_CHECK(caches[b2] != caches[b], what, ": cache ", b, " repeats cache ", b2);
+  }
+}
+
 const Tensor& Model::first_norm() const {
   return w_->layers.empty() ? w_->norm : w_->layers[0].input_layernorm;
 }
@@ -370,9 +385,8 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
 
   std::vector<int64_t> positions(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = pos0 + t;
-  Tensor cos_h, sin_h;
-  w_->rope->tables(positions.data(), T, cos_h, sin_h);
-  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
+  Tensor cos, sin;
+  rope_tables(positions, cos, sin);
   RopeTables rope{&cos, &sin};
   Tensor ids_d = ops.upload(Tensor::view(const_cast<int32_t*>(ids.data()), {T}, DType::I32, nullptr));
 
@@ -412,6 +426,7 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
 Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches) {
   FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), "forward_batch: ", tokens.size(), " token lists for ",
                caches.size(), " caches");
+  check_caches(caches, "forward_batch");
   const ModelConfig& c = w_->config;
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
@@ -421,8 +436,6 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   for (int64_t b = 0; b < B; ++b) {
     check_ids(tokens[size_t(b)], cat("tokens of sequence ", b));
     KvCache& kc = *caches[size_t(b)];
-    FATHOM_CHECK(kc.mode() == options_.mla_mode, "KV cache ", b, " was made for MLA mode ", mla_mode_name(kc.mode()));
-    for (int64_t b2 = 0; b2 < b; ++b2) FATHOM_CHECK(caches[size_t(b2)] != &kc, "forward_batch: cache ", b, " repeats cache ", b2);
     kc.reserve(int64_t(tokens[size_t(b)].size()));
     for (size_t i = 0; i < tokens[size_t(b)].size(); ++i) {
       ids.push_back(tokens[size_t(b)][i]);
@@ -431,9 +444,8 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
     last_rows.push_back(int64_t(ids.size()) - 1);
   }
   const int64_t T = int64_t(ids.size());
-  Tensor cos_h, sin_h;
-  w_->rope->tables(positions.data(), T, cos_h, sin_h);
-  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
+  Tensor cos, sin;
+  rope_tables(positions, cos, sin);
   RopeTables rope{&cos, &sin};
   Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
   Tensor x = ops.empty({T, D}), h = ops.empty({T, D});
@@ -522,10 +534,9 @@ std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, co
   const int64_t B = int64_t(tokens.size());
   std::vector<const void*> storage;
   std::vector<int64_t> capacity;
+  check_caches(caches, "decode_greedy");
   for (int64_t b = 0; b < B; ++b) {
     KvCache& kc = *caches[size_t(b)];
-    FATHOM_CHECK(kc.mode() == options_.mla_mode, "KV cache ", b, " was made for MLA mode ", mla_mode_name(kc.mode()));
-    for (int64_t b2 = 0; b2 < b; ++b2) FATHOM_CHECK(caches[size_t(b2)] != &kc, "decode_greedy: cache ", b, " repeats cache ", b2);
     kc.reserve(1);
     for (const void* p : kc.storage()) storage.push_back(p);
     capacity.push_back(kc.capacity());
@@ -588,7 +599,7 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
   std::vector<int32_t> next(ids.begin() + 1 + depth, ids.end());  // the token after each position
   Tensor next_d = ops.upload(Tensor::view(next.data(), {n}, DType::I32, nullptr));
   Tensor h_host = h.slice_rows(0, n);
-  if (h_host.device() != Device::CPU || h.dtype() != DType::F32) throw Error("MTP input hidden states must be F32 host memory");
+  FATHOM_CHECK(h_host.device() == Device::CPU && h.dtype() == DType::F32, "MTP input hidden states must be F32 host memory");
   Tensor h_d = ops.upload(h_host);
   Tensor e = ops.empty({n, D}), hn = ops.empty({n, D});
   ops.embedding(e, next_d, m.embed_tokens);
@@ -610,9 +621,8 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
 
   std::vector<int64_t> positions(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = i;
-  Tensor cos_h, sin_h;
-  w_->rope->tables(positions.data(), n, cos_h, sin_h);
-  Tensor cos = ops.upload(cos_h), sin = ops.upload(sin_h);
+  Tensor cos, sin;
+  rope_tables(positions, cos, sin);
   KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
   Tensor normed = ops.empty({n, D});
   ops.rmsnorm(normed, x, m.layer.input_layernorm, eps);
