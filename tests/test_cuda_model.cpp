@@ -7,11 +7,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 
 #include "core/error.h"
 #include "core/random_fill.h"
 #include "fathom/model.h"
 #include "model/config.h"
+#include "ops/cpu/sample.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -153,6 +155,72 @@ TEST(RandomModel, DecodeGreedyEqualsForwardBatch) {
   expect_decode_greedy_equals_forward(DeviceKind::Cpu, MlaMode::Naive);
 }
 
+// The graph-replayed sampling step (Ops::sample on the device) against select_token on the logits
+// of eager forward_batch, one mix of temperature / top-k / top-p / min-p per sequence; every
+// fourth step is a greedy one on the same caches (the step graph is captured again for it). Both
+// sides get the same tokens. The logits of the two paths may differ by rounding on the GPU, so a
+// token may differ where moving u by 1e-4 changes select_token's choice, once at most.
+void expect_decode_sample_equals_forward(DeviceKind dev) {
+  ModelOptions o;
+  o.device = dev;
+  o.precision = Precision::Fp32;
+  auto m = Model::random(small_v3(), o, DType::F32, 9);
+  const int64_t V = m->config().vocab_size;
+  std::vector<SampleRow> rows = {{0.7f, 0, 1.0f, 0.0f, 0.0}, {1.0f, 20, 0.9f, 0.0f, 0.0},
+                                 {0.0f, 0, 1.0f, 0.0f, 0.0}, {1.3f, 0, 0.8f, 0.05f, 0.0}};
+  const size_t B = rows.size();
+  std::vector<KvCache> a, b;
+  for (size_t i = 0; i < B; ++i) {
+    a.push_back(m->new_cache(4));  // small: grows during the test
+    b.push_back(m->new_cache(4));
+  }
+  std::vector<KvCache*> pa, pb;
+  for (size_t i = 0; i < B; ++i) {
+    pa.push_back(&a[i]);
+    pb.push_back(&b[i]);
+  }
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < B; ++i) prompts.push_back(some_ids(3 + int(i), 1000 - int(i)));
+  SelectScratch scratch;
+  auto choose = [&](const Tensor& logits, size_t i, SampleRow r) {
+    std::vector<float> row(logits.f32() + int64_t(i) * V, logits.f32() + int64_t(i + 1) * V);
+    return select_token(row.data(), V, r, scratch);
+  };
+  std::mt19937_64 rng(5);
+  Tensor la = m->forward_batch(prompts, pa);
+  m->forward_batch(prompts, pb);
+  std::vector<int32_t> tokens;
+  for (size_t i = 0; i < B; ++i) tokens.push_back(choose(la, i, rows[i]));
+  int forgiven = 0;
+  for (int step = 0; step < 12; ++step) {
+    const bool greedy = step % 4 == 3;
+    for (SampleRow& r : rows) r.u = double(rng() >> 11) * 0x1.0p-53;
+    std::vector<std::vector<int32_t>> next;
+    for (int32_t t : tokens) next.push_back({t});
+    Tensor l = m->forward_batch(next, pa);
+    std::vector<int32_t> got = greedy ? m->decode_greedy(tokens, pb) : m->decode_sample(tokens, pb, rows);
+    for (size_t i = 0; i < B; ++i) {
+      SampleRow r = rows[i];
+      if (greedy) r.temperature = 0.0f;
+      const int32_t want = choose(l, i, r);
+      if (got[i] != want) {
+        SampleRow lo = r, hi = r;
+        lo.u = std::max(0.0, r.u - 1e-4);
+        hi.u = std::min(std::nextafter(1.0, 0.0), r.u + 1e-4);
+        EXPECT_TRUE(!greedy && choose(l, i, lo) != choose(l, i, hi))
+            << "step " << step << " sequence " << i << ": " << got[i] << " instead of " << want << " on "
+            << device_kind_name(dev);
+        ++forgiven;
+      }
+      tokens[i] = want;
+    }
+  }
+  EXPECT_LE(forgiven, dev == DeviceKind::Cpu ? 0 : 1) << "on " << device_kind_name(dev);
+  for (size_t i = 0; i < B; ++i) EXPECT_EQ(b[i].length(), a[i].length());
+}
+
+TEST(RandomModel, DecodeSampleEqualsForwardBatch) { expect_decode_sample_equals_forward(DeviceKind::Cpu); }
+
 class CudaModel : public testing::Test {
  protected:
   void SetUp() override {
@@ -191,6 +259,8 @@ TEST_F(CudaModel, GraphDecodeEqualsEagerDecode) {
   expect_decode_greedy_equals_forward(DeviceKind::Cuda, MlaMode::Absorbed);
   expect_decode_greedy_equals_forward(DeviceKind::Cuda, MlaMode::Naive);
 }
+
+TEST_F(CudaModel, GraphSampleStepEqualsEagerDecode) { expect_decode_sample_equals_forward(DeviceKind::Cuda); }
 
 TEST_F(CudaModel, GreedyGenerationMatchesTheCpuOnALongPrompt) {
   ModelOptions o;

@@ -4,10 +4,11 @@
 // so an element a kernel forgets to write fails the comparison. Bounds, per op:
 //   bit-exact         fill_random, embedding, add, copy (F32 and BF16), argmax, memory round trips
 //   1e-6              rope_tables                                max |a-b| / (|b|+1)
-//   1e-5              rmsnorm, silu_mul, rope
+//   1e-5              rmsnorm, silu_mul, rope, mla_cache_append (F32; BF16 within one bf16 ulp)
 //   1e-4              matmul (every dtype), matmul_per_head, attention, moe_experts, a captured
 //                     and replayed graph of several ops
 //   ids equal, 1e-6   moe_gate (inputs without near-ties)
+//   ids equal         sample (bar at most one u within 1e-9 of a CDF boundary)
 // Skips — with the reason — when the build has no CUDA or the machine has no GPU (CI).
 #include <gtest/gtest.h>
 
@@ -24,6 +25,7 @@
 #include "ops/ops.h"
 
 #ifdef FATHOM_HAVE_CUDA
+#include "ops/cpu/sample.h"
 #include "ops/cuda/cuda_ops.h"
 #endif
 
@@ -408,6 +410,29 @@ TEST_F(CudaOps, MatmulBatch) {
     EXPECT_LT(max_err(down(gb), wb), 1e-4) << "M " << M;
     EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
   }
+  // runs of one dtype and M share a launch (q_a and kv_a of MLA), up to four jobs per launch
+  for (DType dt : {DType::BF16, DType::F8_E4M3}) {
+    std::vector<LinearWeight> host, dev;
+    for (int64_t n : {768, 576, 33, 130, 1}) host.push_back(random_weight(n, 256, dt));
+    for (const LinearWeight& w : host) dev.push_back(up(w));
+    for (int64_t M : {1, 5}) {
+      Tensor x = randn({M, 256}), dx = up(x);
+      std::vector<Tensor> want, got;
+      std::vector<MatmulJob> cj, gj;
+      for (size_t i = 0; i < host.size(); ++i) {
+        want.push_back(Tensor::empty({M, host[i].out_features()}));
+        got.push_back(gpu_poison({M, host[i].out_features()}));
+      }
+      for (size_t i = 0; i < host.size(); ++i) {
+        cj.push_back({want[i].f32(), x.f32(), M, &host[i]});
+        gj.push_back({got[i].f32(), dx.f32(), M, &dev[i]});
+      }
+      cpu_->matmul_batch(cj);
+      gpu_->matmul_batch(gj);
+      for (size_t i = 0; i < host.size(); ++i)
+        EXPECT_LT(max_err(down(got[i]), want[i]), 1e-4) << dtype_name(dt) << " M " << M << " job " << i;
+    }
+  }
 }
 
 TEST_F(CudaOps, MatmulPerHead) {
@@ -468,6 +493,12 @@ TEST_F(CudaOps, Attention) {
       {"more queries than keys visible", 130, 130, 0, 4, 2, 24, 16, true, DType::F32, 0, false, 0},
       {"graph decode: kv_len on the device", 1, 1000, 999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0, 3000},
       {"graph decode: kv_len, MHA", 1, 77, 76, 4, 4, 64, 64, true, DType::F32, 0, false, 0, 100},
+      // the BF16 latent shape runs on tensor cores (attention_mla.cu)
+      {"MLA latent: 5 keys", 1, 5, 4, 16, 1, 576, 512, true, DType::BF16, 0, true, 0},
+      {"MLA latent: 2 tokens x 8 heads in one tile, paged", 2, 130, 128, 8, 1, 576, 512, true, DType::BF16, 16, true, 0},
+      {"MLA latent: prefill, several tiles per block", 150, 150, 0, 16, 1, 576, 512, true, DType::BF16, 0, true, 0},
+      {"MLA latent: long context", 1, 20000, 19999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0},
+      {"MLA latent: 2 KV heads, not causal", 3, 97, 0, 4, 2, 576, 512, false, DType::BF16, 0, true, 0},
   };
   for (const AttnCase& c : cases) {
     SCOPED_TRACE(c.what);
@@ -632,6 +663,15 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
       }
       cpu_->prepare_experts(cpu_set);
       gpu_->prepare_experts(gpu_set);
+      // a shared expert of twice the intermediate size (as DeepSeek's 2 shared experts are)
+      LinearWeight hs[3] = {random_weight(2 * c.I, c.D, dt, c.block), random_weight(2 * c.I, c.D, dt, c.block),
+                            random_weight(c.D, 2 * c.I, dt, c.block)};
+      LinearWeight ds[3] = {up(hs[0]), up(hs[1]), up(hs[2])};
+      ExpertSet cpu_shared, gpu_shared;
+      cpu_shared.experts.push_back({&hs[0], &hs[1], &hs[2]});
+      gpu_shared.experts.push_back({&ds[0], &ds[1], &ds[2]});
+      cpu_->prepare_experts(cpu_shared);
+      gpu_->prepare_experts(gpu_shared);
       // 1 and 5 tokens take the gather path, 33 and 130 the grouped one (several tiles per expert)
       for (int64_t T : {1, 5, 33, 130}) {
         Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
@@ -642,12 +682,14 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
           std::shuffle(order.begin(), order.end(), rng_);
           for (int k = 0; k < c.K; ++k) ids.ptr<int32_t>()[t * c.K + k] = order[size_t(k)];
         }
-        Tensor want = Tensor::empty({T, c.D});
-        cpu_->moe_experts(want, x, weights, ids, cpu_set);
-        Tensor dx = up(x), dwts = up(weights), dids = up(ids), got = gpu_poison({T, c.D});
-        gpu_->moe_experts(got, dx, dwts, dids, gpu_set);
-        EXPECT_LT(max_err(down(got), want), 1e-4)
-            << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D << " I " << c.I << " T " << T;
+        for (bool with_shared : {false, true}) {
+          Tensor want = Tensor::empty({T, c.D});
+          cpu_->moe_experts(want, x, weights, ids, cpu_set, with_shared ? &cpu_shared : nullptr);
+          Tensor dx = up(x), dwts = up(weights), dids = up(ids), got = gpu_poison({T, c.D});
+          gpu_->moe_experts(got, dx, dwts, dids, gpu_set, with_shared ? &gpu_shared : nullptr);
+          EXPECT_LT(max_err(down(got), want), 1e-4) << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D
+                                                    << " I " << c.I << " T " << T << (with_shared ? " + shared" : "");
+        }
       }
     }
   }
@@ -694,6 +736,213 @@ TEST_F(CudaOps, AddRmsNormFusesTheResidual) {
     EXPECT_EQ(max_err(down(dx), xw), 0.0) << "residual, M " << M << " N " << N;
     EXPECT_LT(max_err(down(dh), hw), 1e-5) << "norm, M " << M << " N " << N;
   }
+}
+
+TEST_F(CudaOps, RopeToASeparateOutput) {
+  // q (T, H, nope + rd) roped into qabs (T, H, R + rd) at column R (absorbed MLA), and odd shapes
+  struct Case { int64_t T; int H, offset, dim; int64_t ts, hs; int out_offset; int64_t out_ts, out_hs; };
+  for (Case c : {Case{1, 128, 128, 64, 128 * 192, 192, 512, 128 * 576, 576}, Case{17, 16, 128, 64, 16 * 192, 192, 512, 16 * 576, 576},
+                 Case{3, 3, 1, 6, 3 * 11 + 2, 11, 5, 3 * 13 + 1, 13}, Case{5, 1, 96, 32, 130, 0, 96, 128, 0}}) {
+    for (bool interleaved : {true, false}) {
+      const int64_t n = (c.T - 1) * c.ts + (c.H - 1) * c.hs + c.offset + c.dim;
+      const int64_t out_n = (c.T - 1) * c.out_ts + (c.H - 1) * c.out_hs + c.out_offset + c.dim + 3;
+      Tensor x = randn({n}), cs = uniform({c.T, c.dim / 2}, -1.2f, 1.2f), sn = uniform({c.T, c.dim / 2}, -1.2f, 1.2f);
+      Tensor want = host_poison({out_n});
+      Tensor dx = up(x), dcs = up(cs), dsn = up(sn), got = gpu_poison({out_n});
+      RopeParams p;
+      p.n_tokens = c.T, p.token_stride = c.ts, p.head_stride = c.hs, p.n_heads = c.H, p.offset = c.offset,
+      p.rope_dim = c.dim, p.interleaved = interleaved;
+      p.out_token_stride = c.out_ts, p.out_head_stride = c.out_hs, p.out_offset = c.out_offset;
+      p.x = x.f32(), p.cos = cs.f32(), p.sin = sn.f32(), p.out = want.f32();
+      cpu_->rope(p);
+      p.x = dx.f32(), p.cos = dcs.f32(), p.sin = dsn.f32(), p.out = got.f32();
+      gpu_->rope(p);
+      Tensor g = down(got);
+      EXPECT_TRUE(same_bytes(down(dx), x)) << "the input was modified";
+      const int64_t ots = c.out_ts, ohs = c.out_hs;
+      auto slice = [&](Tensor& t) {  // the rotated dims: from column out_offset of every (token, head)
+        return gather(Tensor::view(t.f32() + c.out_offset, {out_n - c.out_offset}, DType::F32, nullptr), c.T, c.H, c.dim,
+                      ots, ohs);
+      };
+      EXPECT_LT(max_err(slice(g), slice(want)), 1e-5)
+          << "T " << c.T << " H " << c.H << " interleaved " << interleaved;
+      // everything else still holds the poison
+      for (int64_t i = 0; i < c.T; ++i)
+        for (int h = 0; h < c.H; ++h)
+          std::memset(g.f32() + i * ots + h * ohs + c.out_offset, 0xFF, sizeof(float) * size_t(c.dim));
+      EXPECT_TRUE(same_bytes(g, host_poison({out_n}))) << "T " << c.T << " H " << c.H << ": a write outside the slice";
+    }
+  }
+}
+
+TEST_F(CudaOps, MlaCacheAppendMatchesTheCpu) {
+  struct Case { int64_t R; int rd; int64_t T; };
+  for (Case c : {Case{512, 64, 1}, Case{512, 64, 3}, Case{512, 64, 17}, Case{96, 32, 1}, Case{96, 32, 3}, Case{96, 32, 17},
+                 Case{7, 2, 3}}) {
+    for (DType dt : {DType::F32, DType::BF16})
+      for (bool indexed : {false, true}) {
+        const bool interleaved = (c.T + (indexed ? 1 : 0)) % 2 == 1;
+        const int64_t W = c.R + c.rd, pad = 5, rows = 2 * c.T + 6, pos0 = 3;
+        Tensor kv = randn({c.T, W + pad}, 3.0f), w = randn({c.R}), cs = uniform({c.T, c.rd / 2}, -1.2f, 1.2f),
+               sn = uniform({c.T, c.rd / 2}, -1.2f, 1.2f), index = Tensor::empty({c.T}, DType::I32);
+        for (int64_t t = 0; t < c.T; ++t) index.ptr<int32_t>()[t] = int32_t(2 * (c.T - 1 - t) + 1);  // reversed, with gaps
+        Tensor want = host_poison({rows, W}, dt);
+        Tensor dkv = up(kv), dw = up(w), dcs = up(cs), dsn = up(sn), dindex = up(index), got = gpu_poison({rows, W}, dt);
+        MlaAppendParams p;
+        p.out_dtype = dt, p.pos0 = pos0, p.kv_token_stride = W + pad, p.n_tokens = c.T, p.kv_lora_rank = int(c.R),
+        p.rope_dim = c.rd, p.eps = 1e-6f, p.interleaved = interleaved;
+        p.out = want.data(), p.kv = kv.f32(), p.norm_weight = w.f32(), p.cos = cs.f32(), p.sin = sn.f32(),
+        p.out_token_index = indexed ? index.ptr<int32_t>() : nullptr;
+        cpu_->mla_cache_append(p);
+        p.out = got.data(), p.kv = dkv.f32(), p.norm_weight = dw.f32(), p.cos = dcs.f32(), p.sin = dsn.f32(),
+        p.out_token_index = indexed ? dindex.ptr<int32_t>() : nullptr;
+        gpu_->mla_cache_append(p);
+        Tensor g = down(got);
+        EXPECT_TRUE(same_bytes(down(dkv), kv)) << "kv was modified";
+        const std::string what = cat("R ", c.R, " rd ", c.rd, " T ", c.T, " ", dtype_name(dt), indexed ? " indexed" : "");
+        int64_t rows_written = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool written = indexed ? (r % 2 == 1 && r < 2 * c.T) : (r >= pos0 && r < pos0 + c.T);
+          rows_written += written;
+          if (!written) {  // the sentinel (NaN bytes) is untouched
+            const size_t rb = size_t(W) * dtype_size(dt);
+            EXPECT_TRUE(std::all_of(static_cast<uint8_t*>(g.data()) + r * rb, static_cast<uint8_t*>(g.data()) + (r + 1) * rb,
+                                    [](uint8_t b) { return b == 0xFF; }))
+                << what << ": row " << r << " was written";
+            continue;
+          }
+          if (dt == DType::F32) {
+            Tensor a = Tensor::view(g.f32() + r * W, {W}, DType::F32, nullptr);
+            Tensor b = Tensor::view(want.f32() + r * W, {W}, DType::F32, nullptr);
+            EXPECT_LT(max_err(a, b), 1e-5) << what << " row " << r;
+          } else {  // within one bf16 ulp of the CPU (the norm's sum rounds differently)
+            const uint16_t* a = g.ptr<uint16_t>() + r * W;
+            const uint16_t* b = want.ptr<uint16_t>() + r * W;
+            int worst = 0;
+            for (int64_t i = 0; i < W; ++i) {
+              const bool same_sign = (a[i] ^ b[i]) < 0x8000;
+              worst = std::max(worst, same_sign ? std::abs(int(a[i]) - int(b[i])) : (a[i] & 0x7FFF) + (b[i] & 0x7FFF));
+            }
+            EXPECT_LE(worst, 1) << what << " row " << r << " (bf16 ulps)";
+          }
+        }
+        EXPECT_EQ(rows_written, c.T) << what;
+      }
+  }
+}
+
+TEST_F(CudaOps, MlaCacheAppendAndRopeRejectBadInput) {
+  Tensor kv = up(Tensor::zeros({2, 20})), w = up(Tensor::zeros({16})), cs = up(Tensor::zeros({2, 2}));
+  Tensor cache = gpu_poison({4, 20});
+  MlaAppendParams p;
+  p.out = cache.data(), p.kv = kv.f32(), p.kv_token_stride = 20, p.n_tokens = 2, p.kv_lora_rank = 16, p.rope_dim = 4;
+  p.norm_weight = w.f32(), p.cos = cs.f32(), p.sin = cs.f32();
+  gpu_->mla_cache_append(p);  // valid
+  gpu_->synchronize();
+  p.out_dtype = DType::F16;
+  EXPECT_THROW(gpu_->mla_cache_append(p), Error);
+  p.out_dtype = DType::BF16, p.rope_dim = 3;
+  EXPECT_THROW(gpu_->mla_cache_append(p), Error);
+  RopeParams r;
+  r.x = kv.f32(), r.n_tokens = 2, r.token_stride = 20, r.n_heads = 1, r.offset = 16, r.rope_dim = 3;
+  r.cos = cs.f32(), r.sin = cs.f32();
+  EXPECT_THROW(gpu_->rope(r), Error);
+  // the backend still works
+  gpu_->synchronize();
+}
+
+
+// ---- sampling
+
+// Ops::sample on the GPU picks the CPU op's token for the same logits and u, for many parameter
+// mixes (one per row of a call), ties and masked tokens, flat and peaked rows, vocabularies up
+// to DeepSeek's. The GPU sums in another order, so a u within rounding of a CDF boundary could
+// go either way: a mismatch is forgiven only when moving u by 1e-9 either way changes the CPU's
+// token (decided on the host in double), and at most once in the whole test, which should
+// essentially never happen. Then a captured graph replayed with new rows copied in each time.
+TEST_F(CudaOps, Sample) {
+  struct Mix { float temperature; int top_k; float top_p, min_p; };
+  const std::vector<Mix> mixes = {
+      {0.0f, 0, 1.0f, 0.0f},  {0.7f, 0, 1.0f, 0.0f},   {0.7f, 1, 1.0f, 0.0f},      {0.7f, 50, 1.0f, 0.0f},
+      {0.7f, 5000, 1.0f, 0.0f}, {1.0f, 0, 0.9f, 0.0f}, {1.0f, 0, 0.5f, 0.0f},      {1.0f, 0, 1.0f, 0.0f},
+      {0.7f, 0, 1.0f, 0.05f}, {0.7f, 50, 0.9f, 0.0f},  {0.6f, 5000, 0.95f, 0.05f}, {1.3f, 0, 0.9f, 0.05f},
+      {0.05f, 0, 0.9f, 0.0f}, {1.0f, 3, 0.5f, 0.2f},   {1.0f, 0, 0.999f, 0.0f},    {0.7f, 0, 0.5f, 0.05f}};
+  auto draw_u = [&] { return double(((uint64_t(rng_()) << 32) | rng_()) >> 11) * 0x1.0p-53; };
+  auto pack = [](const std::vector<SampleRow>& rows) {
+    Tensor t = Tensor::empty({int64_t(rows.size() * sizeof(SampleRow))}, DType::U8);
+    std::memcpy(t.data(), rows.data(), t.nbytes());
+    return t;
+  };
+  int compared = 0, forgiven = 0;
+  // got: the GPU's ids (host memory) for logits (B, V) on the host and rows.
+  auto check = [&](const Tensor& got, const Tensor& logits, const std::vector<SampleRow>& rows, const std::string& what) {
+    const int64_t B = int64_t(rows.size()), V = logits.dim(1);
+    Tensor want = Tensor::empty({B}, DType::I32);
+    cpu_->sample(want, logits, pack(rows));
+    SelectScratch scratch;
+    for (int64_t b = 0; b < B; ++b) {
+      ++compared;
+      const int32_t g = got.ptr<int32_t>()[b], w = want.ptr<int32_t>()[b];
+      if (g == w) continue;
+      auto cpu_at = [&](double u) {
+        SampleRow r = rows[size_t(b)];
+        r.u = std::clamp(u, 0.0, std::nextafter(1.0, 0.0));
+        std::vector<float> row(logits.f32() + b * V, logits.f32() + (b + 1) * V);
+        return select_token(row.data(), V, r, scratch);
+      };
+      const int32_t below = cpu_at(rows[size_t(b)].u - 1e-9), above = cpu_at(rows[size_t(b)].u + 1e-9);
+      const bool at_boundary = below != above && (g == below || g == above);
+      EXPECT_TRUE(at_boundary) << what << " row " << b << ": GPU " << g << ", CPU " << w << " (T "
+                               << rows[size_t(b)].temperature << " top_k " << rows[size_t(b)].top_k << " top_p "
+                               << rows[size_t(b)].top_p << " min_p " << rows[size_t(b)].min_p << " u "
+                               << rows[size_t(b)].u << ")";
+      forgiven += at_boundary;
+    }
+  };
+
+  const int64_t B = int64_t(mixes.size());
+  for (int64_t V : {7, 1000, 32000, 129280}) {
+    for (int round = 0; round < 3; ++round) {
+      Tensor logits = randn({B, V}, round == 2 ? 8.0f : 2.0f);  // round 2: peaked rows
+      for (int64_t b = 0; b < B; ++b) {
+        float* l = logits.f32() + b * V;
+        if ((b + round) % 3 == 1)
+          for (int64_t i = 0; i < V; ++i) l[i] = std::round(l[i]);  // many ties
+        if ((b + round) % 5 == 2)
+          for (int64_t i = 1; i < V; i += 4) l[i] = -INFINITY;  // masked tokens
+      }
+      std::vector<SampleRow> rows;
+      for (const Mix& m : mixes) rows.push_back({m.temperature, m.top_k, m.top_p, m.min_p, draw_u()});
+      Tensor got = gpu_poison({B}, DType::I32);
+      gpu_->sample(got, up(logits), up(pack(rows)));
+      check(down(got), logits, rows, cat("V ", V, " round ", round));
+    }
+  }
+
+  const int64_t GB = 3, GV = 1000;
+  Tensor logits = randn({GB, GV}, 2.0f), d_logits = up(logits);
+  Tensor rows_host = gpu_->pinned_host({GB * int64_t(sizeof(SampleRow))}, DType::U8);
+  Tensor rows_dev = gpu_->empty({GB * int64_t(sizeof(SampleRow))}, DType::U8);
+  Tensor ids_dev = gpu_->empty({GB}, DType::I32), ids_host = gpu_->pinned_host({GB}, DType::I32);
+  ASSERT_TRUE(gpu_->capture_begin());
+  gpu_->copy_from_host(rows_dev, rows_host);
+  gpu_->sample(ids_dev, d_logits, rows_dev);
+  gpu_->copy_to_host(ids_host, ids_dev);
+  std::shared_ptr<void> graph = gpu_->capture_end();
+  ASSERT_TRUE(graph);
+  for (int replay = 0; replay < 4; ++replay) {
+    std::vector<SampleRow> rows = {{0.8f, replay == 1 ? 20 : 0, 0.9f, 0.0f, draw_u()},
+                                   {replay == 2 ? 0.0f : 1.0f, 0, 1.0f, 0.05f, draw_u()},
+                                   {0.7f, 50, replay == 3 ? 0.5f : 1.0f, 0.0f, draw_u()}};
+    std::memcpy(rows_host.data(), rows.data(), rows_host.nbytes());
+    std::memset(ids_host.data(), 0xFF, ids_host.nbytes());
+    gpu_->replay(graph);
+    gpu_->synchronize();
+    Tensor got = Tensor::empty({GB}, DType::I32);
+    std::memcpy(got.data(), ids_host.data(), got.nbytes());
+    check(got, logits, rows, cat("graph replay ", replay));
+  }
+  EXPECT_LE(forgiven, 1) << "mismatches at a CDF boundary among " << compared << " rows";
 }
 
 #endif

@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "core/error.h"
+#include "engine/sampler.h"
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/vec.h"
 #include "ops/ops.h"
@@ -396,4 +398,181 @@ TEST(Ops, MatmulBatchMatchesReference) {
     cpu::matmul_reference(want.data(), x[i].f32(), specs[i].M, w[i]);
     EXPECT_LE(rel_err(out[i].f32(), want.data(), want.size()), 1e-5) << "job " << i << " seed " << rng.seed;
   }
+}
+
+namespace {
+// The old absorbed-MLA cache append, op by op: rope of k_pe in kv, c_kv copied out, rmsnorm of
+// it, and the two copies into the cache. kv is taken by value (a copy is roped).
+void mla_append_by_parts(Ops& ops, const MlaAppendParams& p) {
+  const int64_t T = p.n_tokens, R = p.kv_lora_rank, W = R + p.rope_dim;
+  Tensor kv = Tensor::empty({T, W});
+  for (int64_t t = 0; t < T; ++t) std::memcpy(kv.f32() + t * W, p.kv + t * p.kv_token_stride, sizeof(float) * size_t(W));
+  RopeParams r;
+  r.x = kv.f32(); r.n_tokens = T; r.token_stride = W; r.head_stride = 0; r.n_heads = 1; r.offset = int(R);
+  r.rope_dim = p.rope_dim; r.cos = p.cos; r.sin = p.sin; r.interleaved = p.interleaved;
+  ops.rope(r);
+  Tensor c_kv = Tensor::empty({T, R}), weight = Tensor::view(const_cast<float*>(p.norm_weight), {R}, DType::F32, nullptr);
+  CopyParams c;
+  c.out = c_kv.f32(); c.out_token_stride = R; c.in = kv.f32(); c.in_token_stride = W; c.n_tokens = T; c.cols = int(R);
+  ops.copy(c);
+  ops.rmsnorm(c_kv, c_kv, weight, p.eps);
+  const size_t elem = dtype_size(p.out_dtype);
+  CopyParams a;
+  a.out = static_cast<char*>(p.out) + size_t(p.pos0 * W) * elem;
+  a.out_token_stride = W; a.out_dtype = p.out_dtype; a.out_token_index = p.out_token_index;
+  a.in = c_kv.f32(); a.in_token_stride = R; a.n_tokens = T; a.cols = int(R);
+  if (p.out_token_index) a.out = p.out;
+  ops.copy(a);
+  a.out = static_cast<char*>(a.out) + size_t(R) * elem;
+  a.in = kv.f32() + R; a.in_token_stride = W; a.cols = p.rope_dim;
+  ops.copy(a);
+}
+}  // namespace
+
+TEST(Ops, MlaCacheAppendEqualsTheOpsItFuses) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  struct Case { int64_t R; int rd; int64_t T, pad; };
+  for (Case s : {Case{96, 32, 3, 0}, Case{512, 64, 17, 7}, Case{512, 64, 1, 0}, Case{40, 6, 5, 3}})
+    for (DType dt : {DType::F32, DType::BF16})
+      for (bool interleaved : {true, false})
+        for (bool indexed : {false, true}) {
+          const int64_t W = s.R + s.rd, rows = 2 * s.T + 9;
+          Tensor kv = rng.randn({s.T, W + s.pad}), w = rng.randn({s.R}), cs = rng.randn({s.T, s.rd / 2}),
+                 sn = rng.randn({s.T, s.rd / 2});
+          for (int64_t i = 0; i < kv.numel(); ++i) kv.f32()[i] *= 3.0f;
+          Tensor index = Tensor::empty({s.T}, DType::I32);
+          for (int64_t t = 0; t < s.T; ++t) index.ptr<int32_t>()[t] = int32_t(2 * (s.T - 1 - t) + 1);  // reversed, gaps
+          Tensor got = Tensor::empty({rows, W}, dt), want = Tensor::empty({rows, W}, dt);
+          std::memset(got.data(), 0xA5, got.nbytes());
+          std::memset(want.data(), 0xA5, want.nbytes());
+          Tensor kv_before = Tensor::empty(kv.shape());
+          std::memcpy(kv_before.data(), kv.data(), kv.nbytes());
+          MlaAppendParams p;
+          p.out_dtype = dt; p.pos0 = 4;  // ignored with an index p.out_token_index = indexed ? index.ptr<int32_t>() : nullptr;
+          p.kv = kv.f32(); p.kv_token_stride = W + s.pad; p.n_tokens = s.T; p.kv_lora_rank = int(s.R); p.rope_dim = s.rd;
+          p.norm_weight = w.f32(); p.eps = 1e-6f; p.cos = cs.f32(); p.sin = sn.f32(); p.interleaved = interleaved;
+          p.out = want.data();
+          mla_append_by_parts(*ops, p);
+          p.out = got.data();
+          ops->mla_cache_append(p);
+          EXPECT_EQ(std::memcmp(got.data(), want.data(), got.nbytes()), 0)
+              << "seed " << rng.seed << " R " << s.R << " rd " << s.rd << " T " << s.T << " " << dtype_name(dt)
+              << " interleaved " << interleaved << " indexed " << indexed;
+          EXPECT_EQ(std::memcmp(kv.data(), kv_before.data(), kv.nbytes()), 0) << "kv was modified";
+          // exactly the T rows were written; the rest keep their bytes
+          int64_t written = 0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const uint8_t* b = static_cast<const uint8_t*>(got.data()) + size_t(r * W) * dtype_size(dt);
+            bool sentinel = true;
+            for (size_t i = 0; i < size_t(W) * dtype_size(dt); ++i) sentinel = sentinel && b[i] == 0xA5;
+            written += sentinel ? 0 : 1;
+          }
+          EXPECT_EQ(written, s.T);
+        }
+}
+
+TEST(Ops, RopeToASeparateOutputEqualsInPlaceThenCopy) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  // q (T, H, nope + rd) roped into qabs (T, H, R + rd) at column R, as absorbed MLA does
+  const int64_t T = 5, nope = 24, R = 40;
+  const int H = 3, rd = 16;
+  for (bool interleaved : {true, false}) {
+    Tensor q = rng.randn({T, H, nope + rd}), cs = rng.randn({T, rd / 2}), sn = rng.randn({T, rd / 2});
+    Tensor got = Tensor::empty({T, H, R + rd}), want = Tensor::empty({T, H, R + rd});
+    for (int64_t i = 0; i < got.numel(); ++i) got.f32()[i] = want.f32()[i] = float(i);
+    Tensor q_before = Tensor::empty(q.shape());
+    std::memcpy(q_before.data(), q.data(), q.nbytes());
+    RopeParams p;
+    p.x = q.f32(); p.n_tokens = T; p.token_stride = H * (nope + rd); p.head_stride = nope + rd; p.n_heads = H;
+    p.offset = int(nope); p.rope_dim = rd; p.cos = cs.f32(); p.sin = sn.f32(); p.interleaved = interleaved;
+    p.out = got.f32(); p.out_token_stride = H * (R + rd); p.out_head_stride = R + rd; p.out_offset = int(R);
+    ops->rope(p);
+    EXPECT_EQ(std::memcmp(q.data(), q_before.data(), q.nbytes()), 0) << "the input was modified";
+    p.out = nullptr;  // in place, then copied
+    ops->rope(p);
+    CopyParams c;
+    c.out = want.f32() + R; c.out_token_stride = H * (R + rd); c.out_head_stride = R + rd;
+    c.in = q.f32() + nope; c.in_token_stride = H * (nope + rd); c.in_head_stride = nope + rd;
+    c.n_tokens = T; c.n_heads = H; c.cols = rd;
+    ops->copy(c);
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.nbytes()), 0) << "seed " << rng.seed << " interleaved " << interleaved;
+  }
+}
+
+TEST(Ops, MlaCacheAppendAndRopeRejectBadInput) {
+  auto ops = make_cpu_ops();
+  Tensor kv = Tensor::zeros({2, 20}), w = Tensor::zeros({16}), cs = Tensor::zeros({2, 2}), cache = Tensor::zeros({4, 20});
+  MlaAppendParams p;
+  p.out = cache.data(); p.kv = kv.f32(); p.kv_token_stride = 20; p.n_tokens = 2; p.kv_lora_rank = 16; p.rope_dim = 4;
+  p.norm_weight = w.f32(); p.cos = cs.f32(); p.sin = cs.f32();
+  ops->mla_cache_append(p);  // valid
+  p.out_dtype = DType::F16;
+  EXPECT_THROW(ops->mla_cache_append(p), Error);
+  p.out_dtype = DType::BF16;
+  p.rope_dim = 3;
+  EXPECT_THROW(ops->mla_cache_append(p), Error);
+  RopeParams r;
+  r.x = kv.f32(); r.n_tokens = 2; r.token_stride = 20; r.n_heads = 1; r.offset = 16; r.rope_dim = 3;
+  r.cos = cs.f32(); r.sin = cs.f32();
+  EXPECT_THROW(ops->rope(r), Error);
+}
+
+// Ops::sample (the CPU op) chooses what Sampler::sample draws from the same logits with the same
+// seed, step after step: the op gets its uniform number from Sampler::next_row, the sampler draws
+// the same number itself. Several parameter mixes, one per row of a call; ties and masked tokens.
+TEST(Ops, SampleMatchesTheSampler) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  struct Mix { float temperature; int top_k; float top_p, min_p; };
+  const std::vector<Mix> mixes = {{0.0f, 0, 1.0f, 0.0f},    {0.7f, 0, 1.0f, 0.0f},   {0.7f, 1, 1.0f, 0.0f},
+                                  {0.7f, 50, 1.0f, 0.0f},   {1.0f, 5000, 0.9f, 0.0f}, {0.7f, 0, 0.9f, 0.0f},
+                                  {1.3f, 0, 0.5f, 0.0f},    {0.7f, 0, 1.0f, 0.05f},  {0.6f, 50, 0.95f, 0.05f},
+                                  {1.0f, 3, 0.5f, 0.2f},    {0.05f, 0, 0.9f, 0.0f},  {1.0f, 0, 0.999f, 0.0f}};
+  const int64_t B = int64_t(mixes.size());
+  for (int64_t V : {7, 1000, 32000}) {
+    Tensor logits = rng.randn({B, V});
+    for (int64_t b = 0; b < B; ++b) {
+      float* l = logits.f32() + b * V;
+      if (b % 3 == 1)
+        for (int64_t i = 0; i < V; ++i) l[i] = std::round(2.0f * l[i]);  // many ties
+      if (b % 4 == 2)
+        for (int64_t i = 0; i < V; i += 3) l[i] = -INFINITY;  // masked tokens
+    }
+    std::vector<Sampler> drawers, samplers;
+    for (int64_t b = 0; b < B; ++b) {
+      SamplingParams sp;
+      sp.temperature = mixes[size_t(b)].temperature;
+      sp.top_k = mixes[size_t(b)].top_k;
+      sp.top_p = mixes[size_t(b)].top_p;
+      sp.min_p = mixes[size_t(b)].min_p;
+      sp.seed = rng.seed + uint64_t(b);
+      sp.has_seed = true;
+      drawers.emplace_back(sp);
+      samplers.emplace_back(sp);
+    }
+    Tensor params = Tensor::empty({B * int64_t(sizeof(SampleRow))}, DType::U8);
+    Tensor ids = Tensor::empty({B}, DType::I32);
+    for (int step = 0; step < 4; ++step) {
+      for (int64_t b = 0; b < B; ++b) {
+        const SampleRow row = drawers[size_t(b)].next_row();
+        std::memcpy(static_cast<uint8_t*>(params.data()) + b * int64_t(sizeof(SampleRow)), &row, sizeof(row));
+      }
+      std::fill(ids.ptr<int32_t>(), ids.ptr<int32_t>() + B, -1);
+      ops->sample(ids, logits, params);
+      for (int64_t b = 0; b < B; ++b) {
+        const int32_t want = samplers[size_t(b)].sample(logits.f32() + b * V, V, {}, {});
+        EXPECT_EQ(ids.ptr<int32_t>()[b], want) << "V " << V << " row " << b << " step " << step << " seed " << rng.seed;
+      }
+    }
+  }
+  // A row out of range is an error, not a token.
+  SampleRow bad;
+  bad.temperature = 1.0f;
+  bad.u = 1.0;
+  Tensor one = rng.randn({1, 5}), bad_params = Tensor::empty({int64_t(sizeof(SampleRow))}, DType::U8);
+  std::memcpy(bad_params.data(), &bad, sizeof(bad));
+  Tensor id = Tensor::empty({1}, DType::I32);
+  EXPECT_THROW(ops->sample(id, one, bad_params), Error);
 }

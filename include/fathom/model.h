@@ -16,6 +16,7 @@ namespace fathom {
 
 class Ops;
 class WeightLoader;
+struct SampleRow;  // ops/ops.h
 struct ModelWeights;
 
 // Where the model runs. The library's default is the CPU; the CLI's `--device` default is
@@ -102,6 +103,12 @@ class Model {
   // first use and replayed after (captured again when the batch or a cache's storage changes);
   // the argmax runs on the device and only the B ids come back.
   std::vector<int32_t> decode_greedy(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches);
+  // decode_greedy with a sampled next token instead of the argmax: rows[b] (temperature, top-k,
+  // top-p, min-p and the uniform number u; no penalties) chooses sequence b's token with
+  // Ops::sample, on the device like the argmax (the same graph machinery; the rows travel through
+  // pinned memory into the replayed graph). Throws fathom::Error for a row out of range.
+  std::vector<int32_t> decode_sample(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                                     const std::vector<SampleRow>& rows);
 
   // MTP module `depth` (0-based) over a sequence: position i combines the main model's
   // final-normed hidden state h[i] with the embedding of ids[i+1]; returns logits
@@ -122,6 +129,9 @@ class Model {
   const Tensor& first_norm() const;
   const Tensor& next_norm(int l) const;
   void decode_body(DecodeGraph& g);
+  // decode_greedy (rows null) and decode_sample: one step, replayed from the graph when it fits.
+  std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                                   const std::vector<SampleRow>* rows, const char* what);
   void init_backend(const ModelOptions& options);
   // cos/sin (T, rope/2) for these positions, on the backend's device.
   void rope_tables(const std::vector<int64_t>& positions, Tensor& cos, Tensor& sin) const;

@@ -75,18 +75,24 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
 
   r.finish_reason = "length";
-  // Plain greedy decoding needs only each step's argmax: Model::decode_greedy computes it on the
-  // device (a replayed CUDA graph on the GPU) and returns the token instead of the logits.
+  // Without penalties a step's token depends only on its logits and, when sampling, the
+  // sampler's next uniform number: Model::decode_greedy (temperature 0) or decode_sample
+  // chooses it on the device (a replayed CUDA graph on the GPU) and returns the token instead of
+  // the logits. decode_sample gets its SampleRow from sampler.next_row(), so u comes from the
+  // same seeded RNG sequence that sampler.sample() would draw from, and Ops::sample makes
+  // select_token's choice. On the CPU the tokens for a seed are therefore the same as when every
+  // step went through sampler.sample (as long as the decode step's logits equal forward()'s,
+  // which they do: the same ops on the same numbers); on CUDA they differ from the CPU's only
+  // where u lands within rounding of a CDF boundary.
   const SamplingParams& sp = options.sampling;
-  const bool argmax_only = sp.temperature == 0.0f && sp.repetition_penalty == 1.0f && sp.presence_penalty == 0.0f &&
-                           sp.frequency_penalty == 0.0f;
+  const bool on_device = sp.repetition_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
   int32_t next = -1;
   for (int64_t step = 0; step < max_new; ++step) {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
       r.finish_reason = "cancelled";
       break;
     }
-    if (step == 0 || !argmax_only) {
+    if (step == 0 || !on_device) {
       const float* logits = out.logits.ptr<float>() + (out.logits.dim(0) - 1) * vocab;
       next = sampler.sample(logits, vocab, prompt, r.ids);
     }
@@ -101,8 +107,10 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
       break;
     }
     if (step + 1 == max_new) break;
-    if (argmax_only) {
+    if (on_device && sp.temperature == 0.0f) {
       next = model_.decode_greedy({next}, {&cache_})[0];
+    } else if (on_device) {
+      next = model_.decode_sample({next}, {&cache_}, {sampler.next_row()})[0];
     } else {
       out = model_.forward({next}, cache_, req);
     }

@@ -1,16 +1,17 @@
 // Token sampling from one row of logits, in the order HuggingFace and vLLM apply it:
 // penalties -> temperature -> top-k -> top-p -> min-p -> draw.
 //
-// Candidate sets are found without sorting the vocabulary: top-k by one pass with a k-entry
-// heap, top-p by binning logits and narrowing only the bin where the mass crosses top_p, min-p by a threshold.
-// Tokens are drawn by inverse CDF over the candidates in ascending id order with one uniform
-// number from the sampler's own seeded RNG, so a seed gives the same tokens on every run for
-// the same logits. Ties between equal logits always go to the lower token id (greedy
-// argmax, the top-k boundary, the order top-p accumulates in).
+// The penalties are applied here; the rest is select_token (src/ops/cpu/sample.h), the choice
+// that Ops::sample makes on the device too. Tokens are drawn by inverse CDF over the candidates
+// in ascending id order with one uniform number from the sampler's own seeded RNG, so a seed
+// gives the same tokens on every run for the same logits. Ties between equal logits always go
+// to the lower token id (greedy argmax, the top-k boundary, the order top-p accumulates in).
 #pragma once
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#include "ops/cpu/sample.h"
 
 namespace fathom {
 
@@ -67,24 +68,26 @@ class Sampler {
 
   const SamplingParams& params() const { return params_; }
 
+  // The next uniform double in [0, 1) from 53 random bits of the RNG, identical on every
+  // platform: the number sample() draws its token with when temperature > 0 (once per call).
+  // A caller that lets Ops::sample choose on the device (no penalties) passes it as
+  // SampleRow::u, so the tokens are those sample() would have drawn from the same logits.
+  double draw_uniform();
+  // The SampleRow of these parameters (penalties left out) with u = draw_uniform(), or u = 0
+  // without drawing for temperature 0.
+  SampleRow next_row();
+
  private:
   // Writes the penalised logits into processed_ (vocab floats).
   void apply_penalties(const float* logits, int64_t vocab, const std::vector<int32_t>& prompt,
                        const std::vector<int32_t>& generated);
-  // Uniform double in [0, 1) from 53 random bits, identical on every platform.
-  double uniform();
 
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<float> processed_;    // (vocab) penalised logits, then (l - max) / temperature
-  std::vector<int32_t> ids_;        // (candidates) the candidate ids in ascending order
-  std::vector<int32_t> select_;     // (vocab or k) scratch for partial selection
-  std::vector<int32_t> counts_;     // (vocab) occurrences in generated; zero between calls
-  std::vector<uint8_t> seen_;       // (vocab) id in prompt or generated; zero between calls
-  std::vector<double> weights_;     // (vocab) exp(processed_) for the candidate ids
-  std::vector<double> bin_mass_;    // (1024 bins) top-p scratch: mass per logit bin
-  std::vector<int32_t> bin_count_;  // (1024 bins) top-p scratch: ids per logit bin
-  std::vector<int32_t> narrowed_;   // (ids in one bin) top-p scratch
+  std::vector<float> processed_;  // (vocab) penalised logits, then (l - max) / temperature
+  std::vector<int32_t> counts_;   // (vocab) occurrences in generated; zero between calls
+  std::vector<uint8_t> seen_;     // (vocab) id in prompt or generated; zero between calls
+  SelectScratch select_;          // select_token's working memory
 };
 
 }  // namespace fathom

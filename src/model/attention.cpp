@@ -121,19 +121,6 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   rq.cos = rope.cos->f32();
   rq.sin = rope.sin->f32();
   rq.interleaved = c.rope_interleave;
-  ops.rope(rq);
-
-  RopeParams rk = rq;
-  rk.x = kv.f32();
-  rk.token_stride = R + rd;
-  rk.head_stride = 0;
-  rk.n_heads = 1;
-  rk.offset = int(R);
-  ops.rope(rk);
-  // normalise c_kv in place (k_pe is not normalised)
-  Tensor c_kv = ops.empty({T, R});
-  copy_rows(ops, c_kv.data(), R, DType::F32, kv.f32(), R + rd, T, int(R));
-  ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
 
   Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
   for (const SeqSlice& sl : seqs) FATHOM_ASSERT(!sl.pos_device || sl.n == 1, "device positions serve one token per sequence");
@@ -151,6 +138,18 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   };
 
   if (mode == MlaMode::Naive) {
+    ops.rope(rq);
+    RopeParams rk = rq;
+    rk.x = kv.f32();
+    rk.token_stride = R + rd;
+    rk.head_stride = 0;
+    rk.n_heads = 1;
+    rk.offset = int(R);
+    ops.rope(rk);
+    // normalise c_kv in place (k_pe is not normalised)
+    Tensor c_kv = ops.empty({T, R});
+    copy_rows(ops, c_kv.data(), R, DType::F32, kv.f32(), R + rd, T, int(R));
+    ops.rmsnorm(c_kv, c_kv, w.kv_a_layernorm, eps);
     // decompress: (T, H, nope + v) then write k = [k_nope | k_pe] and v into the cache
     Tensor kvb = ops.empty({T, H, nope + dv});
     ops.matmul(kvb, c_kv, w.kv_b_proj);
@@ -186,7 +185,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       ops.attention(ap);
     }
   } else {
-    // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | q_pe]
+    // absorbed query (T, H, R + rope) = [q_nope · W_UK[h] | rope(q_pe)], q_pe roped straight into it
     Tensor qabs = ops.empty({T, H, R + rd});
     HeadMatmulParams uk;
     uk.x = q.f32();
@@ -197,18 +196,32 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     uk.out_head_stride = R + rd;
     uk.n_tokens = T;
     ops.matmul_per_head(uk, w.w_uk_t);
-    copy_rows(ops, qabs.f32() + R, int64_t(H) * (R + rd), DType::F32, q.f32() + nope, int64_t(H) * dqk, T, rd, H, R + rd,
-              dqk);
+    rq.out = qabs.f32();
+    rq.out_token_stride = int64_t(H) * (R + rd);
+    rq.out_head_stride = R + rd;
+    rq.out_offset = int(R);
+    ops.rope(rq);
     Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
     for (const SeqSlice& sl : seqs) {
       LayerKvCache& layer = *sl.cache;
-      // cache row = [c_kv | k_pe]
+      // cache row = [rmsnorm(c_kv) | rope(k_pe)] from kv's raw rows, in one op
       const DType ld = layer.latent.dtype();
-      const int64_t p0 = sl.pos_device ? 0 : sl.pos0;  // else the row comes from pos_device
-      copy_rows(ops, row_ptr(layer.latent, p0 * (R + rd)), R + rd, ld, c_kv.f32() + sl.t0 * R, R, sl.n, int(R), 1, 0, 0,
-                sl.pos_device);
-      copy_rows(ops, row_ptr(layer.latent, p0 * (R + rd) + R), R + rd, ld, kv.f32() + sl.t0 * (R + rd) + R, R + rd,
-                sl.n, rd, 1, 0, 0, sl.pos_device);
+      MlaAppendParams app;
+      app.out = layer.latent.data();
+      app.out_dtype = ld;
+      app.pos0 = sl.pos0;
+      app.out_token_index = sl.pos_device;  // when set, the row comes from it
+      app.kv = kv.f32() + sl.t0 * (R + rd);
+      app.kv_token_stride = R + rd;
+      app.n_tokens = sl.n;
+      app.kv_lora_rank = int(R);
+      app.rope_dim = rd;
+      app.norm_weight = w.kv_a_layernorm.f32();
+      app.eps = eps;
+      app.cos = rope.cos->f32() + sl.t0 * (rd / 2);
+      app.sin = rope.sin->f32() + sl.t0 * (rd / 2);
+      app.interleaved = c.rope_interleave;
+      ops.mla_cache_append(app);
       AttentionParams ap = attention_params(sl);
       ap.q = qabs.f32() + sl.t0 * int64_t(H) * (R + rd);
       ap.q_token_stride = int64_t(H) * (R + rd);

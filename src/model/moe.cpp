@@ -81,8 +81,10 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
     ops.download(choices->ids.data(), experts);
   }
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
-  ops.moe_experts(out, x, weights, experts, w.expert_set);
-  if (w.has_shared) swiglu_forward(ops, w.shared_experts, out, x, /*accumulate=*/true);
+  // decode-sized batches run the shared experts in the routed experts' launches
+  const bool with_routed = w.has_shared && T <= kFusedSwiGluMaxTokens && !w.shared_experts.fused.experts.empty();
+  ops.moe_experts(out, x, weights, experts, w.expert_set, with_routed ? &w.shared_experts.fused : nullptr);
+  if (w.has_shared && !with_routed) swiglu_forward(ops, w.shared_experts, out, x, /*accumulate=*/true);
 }
 
 }  // namespace fathom

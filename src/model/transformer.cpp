@@ -2,6 +2,7 @@
 #include "model/transformer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -488,7 +489,9 @@ struct Model::DecodeGraph {
   std::vector<const void*> storage;  // every cache's layer storage at capture
   std::vector<int64_t> capacity;
   Tensor in_host, in_dev;    // (3, B) I32: ids, positions, key counts after appending
-  Tensor next_dev, next_host;  // (B) I32: the argmax of each row
+  bool sample = false;         // the next token by Ops::sample instead of the argmax
+  Tensor rows_host, rows_dev;  // (B * sizeof(SampleRow)) U8: each row's sampling, when sampling
+  Tensor next_dev, next_host;  // (B) I32: the token chosen for each row
   Tensor logits;               // (B, vocab) F32
   std::shared_ptr<void> graph;  // null: the backend has no graphs, the body runs eagerly
 };
@@ -498,6 +501,7 @@ void Model::decode_body(DecodeGraph& g) {
   Ops& ops = *ops_;
   const int64_t B = g.B, D = c.hidden_size;
   ops.copy_from_host(g.in_dev, g.in_host);
+  if (g.sample) ops.copy_from_host(g.rows_dev, g.rows_host);
   const int32_t* in = g.in_dev.ptr<int32_t>();
   Tensor ids = g.in_dev.slice_rows(0, 1).reshape({B});
   Tensor positions = g.in_dev.slice_rows(1, 2).reshape({B});
@@ -522,19 +526,42 @@ void Model::decode_body(DecodeGraph& g) {
     decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, h, next_norm(l), seqs, rope);
   }
   ops.matmul(g.logits, h, w_->lm_head);  // h: after the final norm
-  ops.argmax(g.next_dev, g.logits);
+  if (g.sample)
+    ops.sample(g.next_dev, g.logits, g.rows_dev);
+  else
+    ops.argmax(g.next_dev, g.logits);
   ops.copy_to_host(g.next_host, g.next_dev);
 }
 
 std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches) {
-  FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), "decode_greedy: ", tokens.size(), " tokens for ",
+  return decode_step(tokens, caches, nullptr, "decode_greedy");
+}
+
+std::vector<int32_t> Model::decode_sample(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                                          const std::vector<SampleRow>& rows) {
+  FATHOM_CHECK(rows.size() == tokens.size(), "decode_sample: ", rows.size(), " sampling rows for ", tokens.size(),
+               " tokens");
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const SampleRow& r = rows[b];
+    FATHOM_CHECK(std::isfinite(r.temperature) && r.temperature >= 0.0f && r.top_k >= 0 && r.top_p > 0.0f &&
+                     r.top_p <= 1.0f && r.min_p >= 0.0f && r.min_p <= 1.0f && r.u >= 0.0 && r.u < 1.0,
+                 "decode_sample: row ", b, " has temperature ", r.temperature, ", top_k ", r.top_k, ", top_p ",
+                 r.top_p, ", min_p ", r.min_p, ", u ", r.u,
+                 "; expected temperature >= 0, top_k >= 0, top_p in (0, 1], min_p in [0, 1], u in [0, 1)");
+  }
+  return decode_step(tokens, caches, &rows, "decode_sample");
+}
+
+std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                                        const std::vector<SampleRow>* rows, const char* what) {
+  FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), what, ": ", tokens.size(), " tokens for ",
                caches.size(), " caches");
   check_ids(tokens, "decode tokens");
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size());
   std::vector<const void*> storage;
   std::vector<int64_t> capacity;
-  check_caches(caches, "decode_greedy");
+  check_caches(caches, what);
   for (int64_t b = 0; b < B; ++b) {
     KvCache& kc = *caches[size_t(b)];
     kc.reserve(1);
@@ -542,7 +569,9 @@ std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, co
     capacity.push_back(kc.capacity());
   }
   DecodeGraph* g = graph_.get();
-  if (!g || g->B != B || g->caches != caches || g->storage != storage || g->capacity != capacity) {
+  const bool sample = rows != nullptr;
+  if (!g || g->B != B || g->sample != sample || g->caches != caches || g->storage != storage ||
+      g->capacity != capacity) {
     graph_.reset();  // the old graph first: its buffers go back to the pool
     graph_ = std::make_unique<DecodeGraph>();
     g = graph_.get();
@@ -552,6 +581,11 @@ std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, co
     g->capacity = capacity;
     g->in_host = ops.pinned_host({3, B}, DType::I32);
     g->in_dev = ops.empty({3, B}, DType::I32);
+    g->sample = sample;
+    if (sample) {
+      g->rows_host = ops.pinned_host({B * int64_t(sizeof(SampleRow))}, DType::U8);
+      g->rows_dev = ops.empty({B * int64_t(sizeof(SampleRow))}, DType::U8);
+    }
     g->next_dev = ops.empty({B}, DType::I32);
     g->next_host = ops.pinned_host({B}, DType::I32);
     g->logits = ops.empty({B, w_->config.vocab_size});
@@ -573,6 +607,7 @@ std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, co
     in[B + b] = int32_t(pos);
     in[2 * B + b] = int32_t(pos + 1);
   }
+  if (sample) std::memcpy(g->rows_host.data(), rows->data(), size_t(B) * sizeof(SampleRow));
   if (g->graph)
     ops.replay(g->graph);
   else

@@ -60,13 +60,40 @@ struct AttentionParams {
 
 // Rotary embedding on a slice of every head: dims [offset, offset + rope_dim) of each
 // (token, head) vector at x + t*token_stride + h*head_stride. Interleaved pairs (2i, 2i+1)
-// (DeepSeek's published layout) or halves (i, i + rope_dim/2).
+// (DeepSeek's published layout) or halves (i, i + rope_dim/2). rope_dim must be even.
 struct RopeParams {
   float* x = nullptr;
   int64_t n_tokens = 0, token_stride = 0, head_stride = 0;
   int n_heads = 0, offset = 0, rope_dim = 0;
   const float* cos = nullptr;  // (n_tokens, rope_dim/2), attention factor already applied
   const float* sin = nullptr;  // (n_tokens, rope_dim/2)
+  bool interleaved = true;
+  // Null: in place. Otherwise rotated dim i of (t, h) goes to out + t*out_token_stride +
+  // h*out_head_stride + out_offset + i and x is only read (the two must not overlap): absorbed
+  // MLA ropes q_pe straight into its absorbed query.
+  float* out = nullptr;
+  int64_t out_token_stride = 0, out_head_stride = 0;
+  int out_offset = 0;
+};
+
+// Appends tokens to an absorbed-MLA latent cache in one op. kv (n_tokens, kv_lora_rank +
+// rope_dim) = [c_kv | k_pe] is kv_a_proj_with_mqa's raw output (only read); token t's cache row
+// [rmsnorm(c_kv) * norm_weight | rope(k_pe)] is written in out_dtype (F32, or BF16 rounded to
+// nearest-even) at out + row * (kv_lora_rank + rope_dim) elements, row = out_token_index[t]
+// (device memory, as CopyParams) when given, else pos0 + t. The CPU result equals, bit for bit,
+// rope of k_pe, rmsnorm of c_kv and the copies into the cache done as separate ops.
+struct MlaAppendParams {
+  void* out = nullptr;  // the cache (rows, kv_lora_rank + rope_dim) in out_dtype
+  DType out_dtype = DType::F32;
+  int64_t pos0 = 0;
+  const int32_t* out_token_index = nullptr;  // (n_tokens) or null
+  const float* kv = nullptr;                 // (n_tokens, kv_lora_rank + rope_dim), rows kv_token_stride apart
+  int64_t kv_token_stride = 0, n_tokens = 0;
+  int kv_lora_rank = 0, rope_dim = 0;  // rope_dim even
+  const float* norm_weight = nullptr;  // (kv_lora_rank): kv_a_layernorm
+  float eps = 1e-6f;
+  const float* cos = nullptr;  // (n_tokens, rope_dim/2), as RopeParams
+  const float* sin = nullptr;
   bool interleaved = true;
 };
 
@@ -117,6 +144,17 @@ struct ExpertWeights {
 struct ExpertSet {
   std::vector<ExpertWeights> experts;
   std::shared_ptr<const void> prepared;
+};
+
+// One row's token choice for Ops::sample: the engine's SamplingParams without the penalties
+// (applied to the logits before, or off) plus the uniform number that draws the token. Rows
+// live in device memory as raw bytes, so a replayed decode graph reads values copied in anew.
+struct SampleRow {
+  float temperature = 0.0f;  // >= 0; 0 = greedy argmax (ties -> lowest id), the rest ignored
+  int32_t top_k = 0;         // keep the k most likely tokens; 0 (or >= vocab) = off
+  float top_p = 1.0f;        // in (0, 1]: the smallest most-likely set with mass >= top_p; 1 = off
+  float min_p = 0.0f;        // in [0, 1]: keep tokens with p >= min_p * p_max; 0 = off
+  double u = 0.0;            // in [0, 1): the point of the inverse CDF that picks the token
 };
 
 enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
@@ -175,6 +213,7 @@ class Ops {
   // instead of each waking them for a few microseconds of work.
   virtual void matmul_batch(const std::vector<MatmulJob>& jobs) = 0;
   virtual void rope(const RopeParams& p) = 0;
+  virtual void mla_cache_append(const MlaAppendParams& p) = 0;
   // cos, sin (T, rope_dim/2) = cos/sin(position[t] · inv_freq[i]) · attention_factor, computed
   // in double: the tables of Rope::tables for positions (T) I32 and inv_freq (rope_dim/2) F64.
   virtual void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
@@ -191,14 +230,23 @@ class Ops {
                         const MoeGateParams& p) = 0;
   // The routed experts of a MoE layer: out (T, D) = Σ_k weights[t, k] · SwiGLU_e(x[t]) with
   // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
+  // shared (optional, one expert prepared like `set`, e.g. the shared experts): out += its
+  // SwiGLU of x as well, as swiglu(out, x, *shared, true) would, in the same launches on CUDA.
   virtual void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                           const ExpertSet& set) = 0;
+                           const ExpertSet& set, const ExpertSet* shared = nullptr) = 0;
   // out (T, D) = (or += with accumulate) down(silu(x · gateᵀ) * (x · upᵀ)) for the one expert
   // of `set` (prepared like routed experts): the shared experts or a dense MLP as two fused
   // passes (gate and up together, then down) instead of five ops. For decode-sized T.
   virtual void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) = 0;
   // ids (B) I32 = the index of each row's largest logit (the first on ties); logits (B, V).
   virtual void argmax(Tensor& ids, const Tensor& logits) = 0;
+  // ids (B) I32 = one token per row of logits (B, V) F32 (finite or -inf, one finite at least),
+  // chosen like the engine's Sampler after penalties: l = (l - max) / temperature, then top-k,
+  // top-p, min-p (ranks: larger l first, the lower id on ties), then the token where u * mass
+  // falls on the CDF of the kept tokens in ascending id order. params (B * sizeof(SampleRow))
+  // U8 on this backend's device. The CUDA op picks the CPU's token unless u lies within
+  // rounding (~1e-12) of a CDF boundary.
+  virtual void sample(Tensor& ids, const Tensor& logits, const Tensor& params) = 0;
 
   // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
   // and capture_end ops are recorded, not run; they may not synchronize or read host memory

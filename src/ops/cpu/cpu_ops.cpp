@@ -11,11 +11,32 @@
 #include "core/thread_pool.h"
 #include "ops/cpu/attention.h"
 #include "ops/cpu/matmul.h"
+#include "ops/cpu/sample.h"
 #include "ops/cpu/vec.h"
 #include "ops/ops.h"
 
 namespace fathom {
 namespace {
+
+// One row of RMSNorm, o = x / rms(x) * w (o may alias x): rmsnorm and mla_cache_append share it,
+// so the fused op rounds exactly like the separate ones.
+inline void rmsnorm_row(const float* xr, float* o, const float* w, int64_t N, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < N; ++i) ss += double(xr[i]) * xr[i];
+  float inv = float(1.0 / std::sqrt(ss / double(N) + eps));
+  for (int64_t i = 0; i < N; ++i) o[i] = xr[i] * inv * w[i];
+}
+
+// One rotated slice: v (2*half dims) by the angles of c, s into o (o may be v).
+inline void rope_row(const float* v, float* o, const float* c, const float* s, int half, bool interleaved) {
+  for (int i = 0; i < half; ++i) {
+    // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float x0 = v[a], x1 = v[b];
+    o[a] = x0 * c[i] - x1 * s[i];
+    o[b] = x1 * c[i] + x0 * s[i];
+  }
+}
 
 class CpuOps final : public Ops {
  public:
@@ -83,14 +104,7 @@ class CpuOps final : public Ops {
     FATHOM_ASSERT(weight.dtype() == DType::F32 && out.numel() == x.numel());
     const float* w = weight.f32();
     pool_.parallel_for(M, [&](int64_t b, int64_t e, int) {
-      for (int64_t m = b; m < e; ++m) {
-        const float* xr = x.f32() + m * N;
-        float* o = out.f32() + m * N;
-        double ss = 0.0;
-        for (int64_t i = 0; i < N; ++i) ss += double(xr[i]) * xr[i];
-        float inv = float(1.0 / std::sqrt(ss / double(N) + eps));
-        for (int64_t i = 0; i < N; ++i) o[i] = xr[i] * inv * w[i];
-      }
+      for (int64_t m = b; m < e; ++m) rmsnorm_row(x.f32() + m * N, out.f32() + m * N, w, N, eps);
     }, 16);
   }
 
@@ -152,22 +166,44 @@ class CpuOps final : public Ops {
   }
 
   void rope(const RopeParams& p) override {
+    FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "rope: rope_dim ", p.rope_dim, " must be even.");
     const int half = p.rope_dim / 2;
     for (int64_t t = 0; t < p.n_tokens; ++t) {
       const float* c = p.cos + t * half;
       const float* s = p.sin + t * half;
       for (int h = 0; h < p.n_heads; ++h) {
         float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
-        for (int i = 0; i < half; ++i) {
-          // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
-          float* a = p.interleaved ? v + 2 * i : v + i;
-          float* b = p.interleaved ? v + 2 * i + 1 : v + i + half;
-          float x0 = *a, x1 = *b;
-          *a = x0 * c[i] - x1 * s[i];
-          *b = x1 * c[i] + x0 * s[i];
-        }
+        float* o = p.out ? p.out + t * p.out_token_stride + h * p.out_head_stride + p.out_offset : v;
+        rope_row(v, o, c, s, half, p.interleaved);
       }
     }
+  }
+
+  void mla_cache_append(const MlaAppendParams& p) override {
+    FATHOM_CHECK(p.out_dtype == DType::F32 || p.out_dtype == DType::BF16, "mla_cache_append: cache dtype ",
+                 dtype_name(p.out_dtype), " is not supported; expected F32 or BF16.");
+    FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "mla_cache_append: rope_dim ", p.rope_dim, " must be even.");
+    FATHOM_CHECK(p.kv_lora_rank > 0 && p.n_tokens >= 0, "mla_cache_append: kv_lora_rank ", p.kv_lora_rank, " and ",
+                 p.n_tokens, " tokens; expected a positive rank and no negative count.");
+    if (p.n_tokens == 0) return;
+    const int64_t R = p.kv_lora_rank, W = R + p.rope_dim;
+    const int half = p.rope_dim / 2;
+    // the steps of the separate ops in their order: rope of k_pe, rmsnorm of c_kv, conversion
+    pool_.parallel_for(p.n_tokens, [&](int64_t b, int64_t e, int) {
+      std::vector<float> row(static_cast<size_t>(W));
+      for (int64_t t = b; t < e; ++t) {
+        const float* in = p.kv + t * p.kv_token_stride;
+        rope_row(in + R, row.data() + R, p.cos + t * half, p.sin + t * half, half, p.interleaved);
+        rmsnorm_row(in, row.data(), p.norm_weight, R, p.eps);
+        const int64_t o = (p.out_token_index ? int64_t(p.out_token_index[t]) : p.pos0 + t) * W;
+        if (p.out_dtype == DType::F32) {
+          std::memcpy(static_cast<float*>(p.out) + o, row.data(), sizeof(float) * size_t(W));
+        } else {
+          uint16_t* dst = static_cast<uint16_t*>(p.out) + o;
+          for (int64_t c = 0; c < W; ++c) dst[c] = f32_to_bf16(row[size_t(c)]);
+        }
+      }
+    }, 16);
   }
 
   void attention(const AttentionParams& p) override {
@@ -201,6 +237,7 @@ class CpuOps final : public Ops {
       ids.ptr<int32_t>()[b] = int32_t(std::max_element(l, l + V) - l);
     }
   }
+  void sample(Tensor& ids, const Tensor& logits, const Tensor& params) override { cpu::sample(ids, logits, params); }
 
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
     const int H = int(w.dim(0));  // w (H, N, K)
@@ -307,7 +344,13 @@ class CpuOps final : public Ops {
   }
 
   void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                   const ExpertSet& set) override {
+                   const ExpertSet& set, const ExpertSet* shared) override {
+    routed_experts(out, x, weights, experts, set);
+    if (shared) swiglu(out, x, *shared, /*accumulate=*/true);
+  }
+
+  void routed_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
+                      const ExpertSet& set) {
     const int64_t D = x.dim(-1), T = x.numel() / D, K = weights.numel() / std::max<int64_t>(T, 1);
     FATHOM_ASSERT(out.numel() == T * D && experts.numel() == T * K && experts.dtype() == DType::I32);
     const int E = int(set.experts.size());

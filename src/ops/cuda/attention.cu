@@ -24,6 +24,7 @@
 #include <mutex>
 
 #include "core/error.h"
+#include "ops/cuda/attention_mla.cuh"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
@@ -336,6 +337,43 @@ void launch_ndv(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
   }
 }
 
+// The absorbed-MLA shape on tensor cores (attention_mla.cu). The kernel needs ~190 KB of shared
+// memory, so one block per SM: the keys are split until the blocks about fill the GPU, in whole
+// 64-key tiles, and the chunks are merged by the last block to finish (or, without counters, by
+// the merge kernel below).
+void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
+  MlaLaunch a;
+  a.p = p;
+  a.vec_q = aligned16(p.q) && p.q_token_stride % 4 == 0 && p.q_head_stride % 4 == 0;
+  a.group = p.n_q_heads / p.n_kv_heads;
+  a.rows = p.n_q * a.group;
+  const int64_t row_tiles = ceil_div(a.rows, kMlaRows);
+  FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
+  const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
+  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kMlaKeys));
+  int64_t n_chunks = std::clamp<int64_t>(ceil_div(sm_count(), row_tiles * p.n_kv_heads), 1, key_tiles);
+  n_chunks = std::min<int64_t>(n_chunks, 1024);
+  a.chunk = ceil_div(key_tiles, n_chunks) * kMlaKeys;
+  a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
+  if (a.n_chunks == 1) return mla_attention(a, s);
+  const int64_t pairs = p.n_q * p.n_q_heads;
+  FATHOM_CHECK(pairs < (int64_t(1) << 31), "attention: ", pairs, " (query, head) pairs is too many for one launch.");
+  StreamScratch work(size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v + 2) * sizeof(float), s, "attention");
+  a.part_o = work.as<float>();
+  a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
+  // the last block of each (row tile, KV head) to finish merges, when the counters suffice
+  if (counters && row_tiles * p.n_kv_heads <= kStreamCounters) a.counters = counters;
+  mla_attention(a, s);
+  if (a.counters) return;
+  AttnLaunch m;  // what the merge reads
+  m.p = p;
+  m.n_chunks = a.n_chunks;
+  m.part_o = a.part_o;
+  m.part_ml = a.part_ml;
+  launch_kernel(attention_merge_kernel, unsigned(pairs), 128, 0, s, m);
+  check_launch("attention_merge_kernel");
+}
+
 }  // namespace
 
 void attention_setup() {
@@ -351,7 +389,7 @@ void attention_setup() {
   else setup();
 }
 
-void attention(const AttentionParams& p, Stream stream) {
+void attention(const AttentionParams& p, Stream stream, int* counters) {
   FATHOM_CHECK(p.kv_dtype == DType::F32 || p.kv_dtype == DType::BF16, "attention: keys and values in ",
                dtype_name(p.kv_dtype), " are not supported on CUDA; expected F32 or BF16.");
   FATHOM_CHECK(p.n_kv_heads > 0 && p.n_q_heads > 0 && p.n_q_heads % p.n_kv_heads == 0, "attention: ", p.n_q_heads,
@@ -365,6 +403,8 @@ void attention(const AttentionParams& p, Stream stream) {
   FATHOM_CHECK(p.n_kv_heads <= 65535, "attention: ", p.n_kv_heads, " key/value heads is too many for one launch.");
   if (p.n_q == 0) return;
   FATHOM_ASSERT(p.q && p.k && p.v && p.out, "attention with a null pointer");
+  const cudaStream_t s = as_cuda(stream);
+  if (mla_supported(p)) return attention_latent(p, s, counters);
 
   AttnLaunch a;
   a.p = p;
@@ -405,7 +445,6 @@ void attention(const AttentionParams& p, Stream stream) {
   a.chunk = ceil_div(key_tiles, n_chunks) * kKeys;
   a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
 
-  const cudaStream_t s = as_cuda(stream);
   const dim3 grid(unsigned(row_tiles), unsigned(p.n_kv_heads), unsigned(a.n_chunks));
   if (a.n_chunks == 1) {
     if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);

@@ -28,6 +28,9 @@ struct CudaContext {
   int device = 0;
   cudaStream_t stream = nullptr;
   cudaMemPool_t pool = nullptr;
+  // Zeroed counters the kernels of this stream may use and must leave zeroed (the latent
+  // attention's last-block merge, attention_mla.cu).
+  int* counters = nullptr;
 
   explicit CudaContext(int d) : device(d) {
     check(cudaSetDevice(device), "cudaSetDevice");
@@ -37,9 +40,12 @@ struct CudaContext {
     // activations of each step are allocated and freed again and again.
     uint64_t keep_all = UINT64_MAX;
     check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all), "cudaMemPoolSetAttribute");
+    check(cudaMalloc(&counters, cuda::kStreamCounters * sizeof(int)), "cudaMalloc (stream counters)");
+    check(cudaMemset(counters, 0, cuda::kStreamCounters * sizeof(int)), "cudaMemset (stream counters)");
   }
   ~CudaContext() {
     cudaStreamSynchronize(stream);
+    cudaFree(counters);
     cudaStreamDestroy(stream);
   }
   CudaContext(const CudaContext&) = delete;
@@ -111,6 +117,7 @@ struct PreparedExperts {
   uint64_t tag = kTag;
   std::shared_ptr<CudaContext> ctx;
   cuda::ExpertPointers* table = nullptr;  // (n_experts) device memory
+  cuda::ExpertPointers host_table;        // with one expert: table[0], on the host
   DType dtype = DType::F32;
   int64_t hidden = 0, inter = 0, block = 128;
   int n_experts = 0;
@@ -263,6 +270,7 @@ class CudaOps final : public Ops {
     void* dev = nullptr;
     check(cudaMallocAsync(&dev, bytes, ctx_->stream), "prepare_experts (cudaMallocAsync)");
     prep->table = static_cast<cuda::ExpertPointers*>(dev);
+    prep->host_table = table[0];
     check(cudaMemcpyAsync(dev, table.data(), bytes, cudaMemcpyHostToDevice, ctx_->stream), "prepare_experts");
     check(cudaStreamSynchronize(ctx_->stream), "prepare_experts");  // `table` is about to go away
     set.prepared = std::shared_ptr<const void>(prep, prep.get());
@@ -314,10 +322,12 @@ class CudaOps final : public Ops {
 
   void matmul_batch(const std::vector<MatmulJob>& jobs) override {
     use();
+    std::vector<cuda::MatmulParams> ps;
     for (const MatmulJob& j : jobs) {
       FATHOM_ASSERT(j.w && j.M >= 0, "matmul_batch: a job without a weight");
-      run_matmul(j.out, j.x, j.M * j.w->in_features(), j.M * j.w->out_features(), *j.w);
+      ps.push_back(matmul_params(j.out, j.x, j.M * j.w->in_features(), j.M * j.w->out_features(), *j.w));
     }
+    cuda::matmul_batch(ps.data(), int(ps.size()), ctx_->stream);
   }
 
   void rope(const RopeParams& p) override {
@@ -325,9 +335,14 @@ class CudaOps final : public Ops {
     cuda::rope(p, ctx_->stream);
   }
 
+  void mla_cache_append(const MlaAppendParams& p) override {
+    use();
+    cuda::mla_cache_append(p, ctx_->stream);
+  }
+
   void attention(const AttentionParams& p) override {
     use();
-    cuda::attention(p, ctx_->stream);
+    cuda::attention(p, ctx_->stream, ctx_->counters);
   }
 
   void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
@@ -354,6 +369,20 @@ class CudaOps final : public Ops {
     FATHOM_ASSERT(ids.dtype() == DType::I32 && B > 0 && logits.numel() % B == 0, "argmax: ids ",
                   shape_str(ids.shape()), " logits ", shape_str(logits.shape()));
     cuda::argmax(ids.ptr<int32_t>(), logits.f32(), B, logits.numel() / B, ctx_->stream);
+  }
+
+  void sample(Tensor& ids, const Tensor& logits, const Tensor& params) override {
+    use();
+    on_gpu(ids, "sample", "the ids");
+    f32(logits, "sample", "the logits");
+    on_gpu(params, "sample", "the sampling rows");
+    const int64_t B = ids.numel();
+    FATHOM_ASSERT(ids.dtype() == DType::I32 && B > 0 && logits.numel() % B == 0 &&
+                      params.nbytes() == size_t(B) * sizeof(SampleRow),
+                  "sample: ids ", shape_str(ids.shape()), " logits ", shape_str(logits.shape()), " params ",
+                  params.nbytes(), " bytes");
+    cuda::sample(ids.ptr<int32_t>(), logits.f32(), static_cast<const SampleRow*>(params.data()), B,
+                 logits.numel() / B, ctx_->stream);
   }
 
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
@@ -414,7 +443,7 @@ class CudaOps final : public Ops {
   }
 
   void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                   const ExpertSet& set) override {
+                   const ExpertSet& set, const ExpertSet* shared) override {
     use();
     f32(out, "moe_experts", "the output");
     f32(x, "moe_experts", "the input");
@@ -444,6 +473,19 @@ class CudaOps final : public Ops {
     m.top_k = int(K);
     m.dtype = prep->dtype;
     m.aligned16 = prep->aligned16;
+    if (shared) {
+      const auto* sp = static_cast<const PreparedExperts*>(shared->prepared.get());
+      FATHOM_CHECK(sp && sp->tag == PreparedExperts::kTag && sp->n_experts == 1, "moe_experts: the shared expert was not "
+                   "prepared by the CUDA backend as one expert (Ops::prepare_experts).");
+      FATHOM_CHECK(sp->dtype == prep->dtype && sp->hidden == D && (sp->dtype != DType::F8_E4M3 || sp->block == prep->block),
+                   "moe_experts: the shared expert (", dtype_name(sp->dtype), ", hidden ", sp->hidden,
+                   ") does not match the routed experts (", dtype_name(prep->dtype), ", hidden ", D, ").");
+      m.has_shared = true;
+      m.shared = sp->host_table;
+      m.shared_table = sp->table;
+      m.shared_inter = sp->inter;
+      m.aligned16 = m.aligned16 && sp->aligned16;
+    }
     cuda::moe_experts(m, ctx_->stream);
   }
 
@@ -563,6 +605,11 @@ class CudaOps final : public Ops {
 
   // out (M, N) = x (M, K) · Wᵀ over raw device pointers; x_numel / out_numel check the shapes.
   void run_matmul(float* out, const float* x, int64_t x_numel, int64_t out_numel, const LinearWeight& w) {
+    cuda::matmul(matmul_params(out, x, x_numel, out_numel, w), ctx_->stream);
+  }
+
+  cuda::MatmulParams matmul_params(float* out, const float* x, int64_t x_numel, int64_t out_numel,
+                                   const LinearWeight& w) {
     on_gpu(w.weight, "matmul", w.name.empty() ? "the weight" : w.name.c_str());
     FATHOM_CHECK(w.weight.ndim() == 2, "matmul: weight '", w.name, "' has shape ", shape_str(w.weight.shape()),
                  "; expected 2 dimensions [out_features, in_features].");
@@ -583,7 +630,7 @@ class CudaOps final : public Ops {
     p.M = M;
     p.N = N;
     p.K = K;
-    cuda::matmul(p, ctx_->stream);
+    return p;
   }
 
   std::shared_ptr<CudaContext> ctx_;

@@ -7,11 +7,13 @@
 // The Ops backend that the model calls (make_cuda_ops in ops.h, cuda_backend.cu) is assembled
 // from these launchers; each kernel family lives in its own .cu:
 //   runtime.cu      device discovery, memory figures, error checks
-//   elementwise.cu  embedding, fill_random, rmsnorm, silu_mul, add, copy, rope, rope_tables, argmax
+//   elementwise.cu  embedding, fill_random, rmsnorm, silu_mul, add, copy, rope, rope_tables,
+//                   mla_cache_append, argmax
 //   matmul.cu       dense matmul: GEMV for M <= 8 (decode), tiled SIMT GEMM for larger M
 //   attention.cu    split-KV flash attention (GQA/MQA/absorbed MLA, causal, paged, BF16 KV)
 //   moe.cu          routing (moe_gate) and the routed experts (gather path)
 //   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
+//   sample.cu       token sampling: temperature, top-k, top-p, min-p, the draw (Ops::sample)
 //
 // Built only when CMake finds nvcc (FATHOM_HAVE_CUDA).
 #pragma once
@@ -60,8 +62,12 @@ void add_rmsnorm(float* x, const float* y, float* out, const float* w, int64_t M
 // f32_to_bf16), optionally to the output tokens out_token_index[t] (device memory). Input and
 // output must not overlap.
 void copy(const CopyParams& p, Stream stream);
-// RopeParams (ops.h): interleaved or halves rotation of a slice of every head, in place.
+// RopeParams (ops.h): interleaved or halves rotation of a slice of every head, in place or
+// into p.out.
 void rope(const RopeParams& p, Stream stream);
+// MlaAppendParams (ops.h): the absorbed-MLA cache rows [rmsnorm(c_kv) * w | rope(k_pe)] in F32
+// or BF16, one block per token (replaces rope + copy + rmsnorm + two copies).
+void mla_cache_append(const MlaAppendParams& p, Stream stream);
 // cos, sin (T, half) = cos/sin(positions[t] * inv_freq[i]) * attention_factor, in double like
 // the CPU; positions (T) I32, inv_freq (half) F64.
 void rope_tables(float* cos, float* sin, const int32_t* positions, const double* inv_freq, int64_t T, int64_t half,
@@ -93,6 +99,8 @@ struct MatmulParams {
 // M <= 8: a GEMV that streams W once with 16-byte loads; larger M: a tiled SIMT GEMM that
 // dequantizes W while loading its tiles.
 void matmul(const MatmulParams& p, Stream stream);
+// Several matmuls in order; runs of GEMVs (M <= 8) of one dtype and the same M share a launch.
+void matmul_batch(const MatmulParams* ps, int n, Stream stream);
 
 // ---- attention.cu
 
@@ -101,7 +109,10 @@ void matmul(const MatmulParams& p, Stream stream);
 // 4 it must fit in shared memory: 576 does) and d_v <= 512. When one pass over the keys would
 // leave SMs idle (decode), the keys are split over blocks and a second kernel merges the partial
 // softmax results; the work space comes from the stream-ordered pool (cudaMallocAsync).
-void attention(const AttentionParams& p, Stream stream);
+// counters: kStreamCounters zeroed ints owned by the stream (or null), which the latent kernel
+// uses to merge its key chunks in the last block to finish instead of a second kernel.
+constexpr int kStreamCounters = 1 << 16;
+void attention(const AttentionParams& p, Stream stream, int* counters = nullptr);
 // Once per device: lets the attention kernels use the device's shared memory. attention() calls
 // it itself; call it before capturing a graph, where attribute changes do not belong.
 void attention_setup();
@@ -139,7 +150,21 @@ struct MoeExpertsParams {
   // A dense SwiGLU (shared experts, a dense MLP) through the same kernels: experts and weights
   // null, top_k 1, every token uses expert 0 with weight 1. accumulate: out += instead of out =.
   bool accumulate = false;
+  // Routed experts only, optional: one more expert every token uses with weight 1 (the shared
+  // experts), of its own intermediate size, in the same launches.
+  bool has_shared = false;
+  ExpertPointers shared;
+  const ExpertPointers* shared_table = nullptr;  // the same in device memory
+  int64_t shared_inter = 0;
 };
 void moe_experts(const MoeExpertsParams& p, Stream stream);
+
+// ---- sample.cu
+
+// ids (B) = the token each row of logits (B, V) F32 chooses under rows[b] (device memory):
+// select_token's choice (src/ops/cpu/sample.h) with weights in double, so the same token as the
+// CPU unless u lies within rounding of a CDF boundary. Work space from the stream-ordered pool
+// (12 bytes per logit). B <= 65535.
+void sample(int32_t* ids, const float* logits, const SampleRow* rows, int64_t B, int64_t V, Stream stream);
 
 }  // namespace fathom::cuda

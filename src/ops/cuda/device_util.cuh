@@ -15,6 +15,8 @@ namespace fathom::cuda {
 // The device side of programmatic dependent launch (see launch_kernel() in cuda_check.cuh): wait for
 // the kernels this one depends on to finish and flush, then let the next kernel be scheduled.
 // Both are no-ops before sm_90 and when the kernel was launched without the attribute.
+// Work that reads nothing an earlier kernel writes (weights) may come before it: see
+// prefetch_l2.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -23,6 +25,28 @@ __device__ __forceinline__ void pdl_wait() {
 }
 
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Asks L2 to fetch [p, p + bytes) from memory, without waiting; called by one thread. Kernels
+// issue it for their weights before pdl_wait(), so that the weights stream in while the kernel
+// before them is still running and the reads after the wait hit L2. On sm_90 one bulk prefetch
+// (16-byte aligned start and size; the range is widened to that); before, one prefetch per
+// 128-byte line of the first 32 lines (a hint only).
+__device__ inline void prefetch_l2(const void* p, uint64_t bytes) {
+  if (bytes == 0) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint64_t a = reinterpret_cast<uint64_t>(p);
+  const uint64_t lo = a & ~uint64_t(15), hi = (a + bytes + 15) & ~uint64_t(15);
+  for (uint64_t s = lo; s < hi; s += (uint64_t(1) << 30)) {
+    const uint32_t n = uint32_t(min(hi - s, uint64_t(1) << 30));
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(s), "r"(n) : "memory");
+  }
+#elif defined(__CUDA_ARCH__)
+  const char* c = static_cast<const char*>(p);
+  for (uint64_t o = 0; o < bytes && o < 32 * 128; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+#else
+  (void)p;
+#endif
+}
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -126,6 +150,26 @@ __device__ inline void convert16(const uint4& v, float* out) {
       out[4 * i + 1] = a.y;
       out[4 * i + 2] = b.x;
       out[4 * i + 3] = b.y;
+    }
+  }
+}
+
+// 16 FP8 e4m3 codes -> 16 floats equal to the codes' values times 2^-120, by bit placement
+// alone: the code's 7 magnitude bits go to float bits 20..26 and its sign to bit 31, so its
+// 4-bit exponent and 3-bit mantissa become the float's with the bias 127 instead of 7 (exact for
+// normal and subnormal codes alike: the float is then subnormal too). Three integer operations
+// per value instead of the f16 round trip of convert16, which on Hopper is limited by the
+// conversion throughput, not by memory. The caller multiplies its sums by 2^120 (in two 2^60
+// steps, so that neither factor can overflow). The NaN codes 0x7F/0xFF read as ±480; checkpoints
+// never hold them (the quantizer saturates at ±448).
+__device__ inline void fp8x16_scaled_down(const uint4& v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t top = b == 3 ? w[i] : w[i] << (24 - 8 * b);  // code b in bits 24..31
+      out[4 * i + b] = __uint_as_float((top & 0x80000000u) | ((top >> 4) & 0x07f00000u));
     }
   }
 }

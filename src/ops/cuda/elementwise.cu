@@ -1,5 +1,6 @@
 // Memory-bound CUDA kernels: embedding lookup, random fill, RMSNorm, SwiGLU's silu(gate) * up,
-// residual add, strided copies (F32 -> F32/BF16), rotary embeddings and their tables, argmax. Each mirrors the CPU op of the same
+// residual add, strided copies (F32 -> F32/BF16), rotary embeddings and their tables, the fused
+// absorbed-MLA cache append, argmax. Each mirrors the CPU op of the same
 // name (src/ops/cpu/cpu_ops.cpp); tests/test_cuda_ops.cpp compares them on fresh random inputs.
 #include <algorithm>
 
@@ -98,23 +99,67 @@ __global__ void copy_kernel(CopyParams p) {
   }
 }
 
-// grid (n_tokens * n_heads), threads over the rope_dim / 2 rotated pairs.
+// grid (n_tokens * n_heads), threads over the rope_dim / 2 rotated pairs; in place, or into
+// p.out when it is set.
 __global__ void rope_kernel(RopeParams p) {
   pdl_wait();
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = int(blockIdx.x % p.n_heads);
   const int half = p.rope_dim / 2;
   float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
+  float* o = p.out ? p.out + t * p.out_token_stride + h * p.out_head_stride + p.out_offset : v;
   const float* c = p.cos + t * half;
   const float* s = p.sin + t * half;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
-    float* a = p.interleaved ? v + 2 * i : v + i;
-    float* b = p.interleaved ? v + 2 * i + 1 : v + i + half;
-    const float x0 = *a, x1 = *b;
-    *a = x0 * c[i] - x1 * s[i];
-    *b = x1 * c[i] + x0 * s[i];
+    const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
+    const float x0 = v[a], x1 = v[b];
+    o[a] = x0 * c[i] - x1 * s[i];
+    o[b] = x1 * c[i] + x0 * s[i];
   }
+}
+
+// grid (n_tokens), block norm_threads(kv_lora_rank): one cache row per block. The rotated k_pe
+// pairs first (no reduction needed), then rmsnorm_kernel's block-wide sum of squares of c_kv and
+// the normalised latent; every value is stored once, converted to the cache dtype.
+template <bool kBf16>
+__global__ void mla_cache_append_kernel(MlaAppendParams p) {
+  pdl_wait();
+  const int64_t t = blockIdx.x, R = p.kv_lora_rank;
+  const int half = p.rope_dim / 2;
+  const float* in = p.kv + t * p.kv_token_stride;
+  const int64_t row = p.out_token_index ? int64_t(p.out_token_index[t]) : p.pos0 + t;
+  const int64_t o = row * (R + p.rope_dim);
+  auto store = [&](int64_t i, float v) {
+    if constexpr (kBf16)
+      static_cast<uint16_t*>(p.out)[o + i] = f32_to_bf16_bits(v);
+    else
+      static_cast<float*>(p.out)[o + i] = v;
+  };
+  const float* c = p.cos + t * half;
+  const float* s = p.sin + t * half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
+    const float x0 = in[R + a], x1 = in[R + b];
+    store(R + a, x0 * c[i] - x1 * s[i]);
+    store(R + b, x1 * c[i] + x0 * s[i]);
+  }
+  float ss = 0.f;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) ss += in[i] * in[i];
+  ss = warp_sum(ss);
+  __shared__ float warp_sums[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = ss;
+  __syncthreads();
+  if (warp == 0) {
+    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
+    if (lane == 0) warp_sums[0] = rsqrtf(ss / float(R) + p.eps);
+  }
+  __syncthreads();
+  const float inv = warp_sums[0];
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) store(i, in[i] * inv * p.norm_weight[i]);
 }
 
 // Grid-stride over (t, i): the angles in double, like the CPU.
@@ -287,6 +332,24 @@ void rope(const RopeParams& p, Stream stream) {
   FATHOM_ASSERT(p.x && p.cos && p.sin, "rope with a null pointer");
   launch_kernel(rope_kernel, unsigned(rows), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream), p);
   check_launch("rope");
+}
+
+void mla_cache_append(const MlaAppendParams& p, Stream stream) {
+  FATHOM_CHECK(p.out_dtype == DType::F32 || p.out_dtype == DType::BF16, "mla_cache_append: cache dtype ",
+               dtype_name(p.out_dtype), " is not supported; expected F32 or BF16.");
+  FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "mla_cache_append: rope_dim ", p.rope_dim, " must be even.");
+  FATHOM_CHECK(p.kv_lora_rank > 0 && p.n_tokens >= 0, "mla_cache_append: kv_lora_rank ", p.kv_lora_rank, " and ",
+               p.n_tokens, " tokens; expected a positive rank and no negative count.");
+  if (p.n_tokens == 0) return;
+  FATHOM_CHECK(p.n_tokens <= kMaxRows, "mla_cache_append: ", p.n_tokens, " tokens is too many for one launch.");
+  FATHOM_ASSERT(p.out && p.kv && p.norm_weight && (p.rope_dim == 0 || (p.cos && p.sin)),
+                "mla_cache_append with a null pointer");
+  const unsigned threads = norm_threads(p.kv_lora_rank);
+  if (p.out_dtype == DType::BF16)
+    launch_kernel(mla_cache_append_kernel<true>, unsigned(p.n_tokens), threads, 0, as_cuda(stream), p);
+  else
+    launch_kernel(mla_cache_append_kernel<false>, unsigned(p.n_tokens), threads, 0, as_cuda(stream), p);
+  check_launch("mla_cache_append");
 }
 
 }  // namespace fathom::cuda

@@ -22,39 +22,57 @@ struct GemvRow {
 };
 
 // acc[r][m] += mult * (this thread's share of) sum_k W_r[k] * x[m*ldx + k], for m < M <= MP.
+// All R 16-byte loads of a step are issued before any is used; each row's 16-element partial
+// dot product is scaled once (mult, and for FP8 the block's scale_inv), not every element.
+// K is split over `parts` threads, this one being `part` (by default the whole block).
 template <DType D, int MP, int R>
 __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows)[R], const float* __restrict__ x,
-                                       int64_t ldx, int M, int64_t K, int64_t block, bool vec, float mult) {
+                                       int64_t ldx, int M, int64_t K, int64_t block, bool vec, float mult,
+                                       int part = threadIdx.x, int parts = blockDim.x) {
   constexpr int V = kVec<D>;
   constexpr int E = ElemSize<D>::value;
   const int64_t k_vec_end = vec ? K / V * V : 0;
-  const int64_t step = int64_t(blockDim.x) * V;
+  const int64_t step = int64_t(parts) * V;
 #pragma unroll 2
-  for (int64_t k = int64_t(threadIdx.x) * V; k < k_vec_end; k += step) {
-    float w[R][V];
+  for (int64_t k = int64_t(part) * V; k < k_vec_end; k += step) {
+    uint4 raw[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) raw[r] = load16_stream(rows[r].w + k * E);
+    float s[R];
     const int kb = D == DType::F8_E4M3 ? int(k) / int(block) : 0;  // K < 2^31 (checked by the launchers)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      convert16<D>(load16_stream(rows[r].w + k * E), w[r]);
-      float s = mult;
-      if constexpr (D == DType::F8_E4M3) s *= __ldg(rows[r].scale + kb);
+      s[r] = mult;
+      if constexpr (D == DType::F8_E4M3) s[r] *= __ldg(rows[r].scale + kb) * 0x1p60f;  // see fp8x16_scaled_down
+    }
+    float w[R][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) w[r][i] *= s;
+    for (int r = 0; r < R; ++r) {
+      if constexpr (D == DType::F8_E4M3) fp8x16_scaled_down(raw[r], w[r]);
+      else convert16<D>(raw[r], w[r]);
     }
 #pragma unroll
     for (int m = 0; m < MP; ++m) {
       if (m >= M) break;
       const float4* xv = reinterpret_cast<const float4*>(x + m * ldx + k);
+      float dot[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll
       for (int c = 0; c < V / 4; ++c) {
         const float4 xc = __ldg(xv + c);
 #pragma unroll
         for (int r = 0; r < R; ++r)
-          acc[r][m] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
+          dot[r] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if constexpr (D == DType::F8_E4M3) dot[r] *= 0x1p60f;
+        acc[r][m] += s[r] * dot[r];
       }
     }
   }
-  for (int64_t k = k_vec_end + threadIdx.x; k < K; k += blockDim.x) {
+  for (int64_t k = k_vec_end + part; k < K; k += parts) {
     float w[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {

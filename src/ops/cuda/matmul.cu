@@ -23,16 +23,32 @@ constexpr int kGemvThreads = 128;
 
 // ---- GEMV (M <= 8)
 
-// grid (ceil(N / R), batch), block kGemvThreads.
+// Up to kMaxJobs GEMVs of one dtype and the same M in one launch (matmul_batch: the q_a and
+// kv_a projections of MLA read the same x): block b belongs to the first job whose block_end
+// exceeds b. A lone job may have a batch (gridDim.y).
+constexpr int kMaxJobs = 4;
+struct GemvJobs {
+  MatmulParams job[kMaxJobs];
+  int64_t block_end[kMaxJobs];
+  bool vec[kMaxJobs];
+  int n = 0;
+};
+
+// grid (Σ ceil(N / R), batch), block kGemvThreads.
 template <DType D, int MP, int R>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(MatmulParams p, bool vec) {
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvJobs jobs) {
+  constexpr int E = ElemSize<D>::value;
+  int j = 0;
+  while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
+  const MatmulParams& p = jobs.job[j];
+  const int b = blockIdx.y;
+  const int64_t n0 = (int64_t(blockIdx.x) - (j ? jobs.block_end[j - 1] : 0)) * R;
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
+  // the block's rows are contiguous and no earlier kernel writes them: into L2 before the wait
+  if (threadIdx.x == 0) prefetch_l2(w + n0 * p.K * E, uint64_t(min(int64_t(R), p.N - n0) * p.K * E));
   pdl_wait();
   __shared__ float scratch[kGemvThreads / 32 * R * MP];
   __shared__ float result[R * MP];
-  constexpr int E = ElemSize<D>::value;
-  const int b = blockIdx.y;
-  const int64_t n0 = int64_t(blockIdx.x) * R;
-  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
   const int64_t scale_cols = ceil_div(p.K, p.block);
   GemvRow rows[R];
 #pragma unroll
@@ -46,7 +62,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(MatmulParams p, bool
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MP; ++m) acc[r][m] = 0.f;
-  gemv_accumulate<D, MP, R>(acc, rows, p.x + b * p.x_batch_stride, p.ldx, int(p.M), p.K, p.block, vec, 1.f);
+  gemv_accumulate<D, MP, R>(acc, rows, p.x + b * p.x_batch_stride, p.ldx, int(p.M), p.K, p.block, jobs.vec[j], 1.f);
   gemv_block_reduce<MP, R>(acc, scratch, result);
   float* out = p.out + b * p.out_batch_stride;
   for (int i = threadIdx.x; i < R * MP; i += blockDim.x) {
@@ -90,16 +106,38 @@ __global__ void zero_rows_kernel(MatmulParams p) {
   for (int64_t n = threadIdx.x; n < p.N; n += blockDim.x) out[n] = 0.f;
 }
 
-template <DType D, int MP>
-void launch_gemv(const MatmulParams& p, cudaStream_t s) {
+template <DType D, int R>
+GemvJobs gemv_jobs(const MatmulParams* ps, int n) {
   constexpr int E = ElemSize<D>::value;
-  const bool vec = aligned16(p.w) && p.K * E % 16 == 0 && p.w_batch_stride * E % 16 == 0 && aligned16(p.x) &&
-                   p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0 && (D != DType::F8_E4M3 || p.block % 16 == 0);
+  GemvJobs jobs;
+  jobs.n = n;
+  int64_t blocks = 0;
+  for (int i = 0; i < n; ++i) {
+    const MatmulParams& p = ps[i];
+    jobs.job[i] = p;
+    jobs.vec[i] = aligned16(p.w) && p.K * E % 16 == 0 && p.w_batch_stride * E % 16 == 0 && aligned16(p.x) &&
+                  p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0 && (D != DType::F8_E4M3 || p.block % 16 == 0);
+    blocks += ceil_div(p.N, R);
+    jobs.block_end[i] = blocks;
+  }
+  FATHOM_CHECK(blocks < (int64_t(1) << 31), "matmul: ", blocks, " row blocks is too many for one launch");
+  return jobs;
+}
+
+// jobs of one dtype, the same M (<= MP) and, with several, no batch.
+template <DType D, int MP>
+void launch_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
+  int64_t rows = 0;
+  for (int i = 0; i < n; ++i) rows += ps[i].N * ps[i].batch;
   // Four rows per block while that still gives every SM several blocks; else one.
-  if (ceil_div(p.N, 4) * p.batch >= 8 * sm_count()) {
-    launch_kernel(gemv_kernel<D, MP, 4>, dim3(unsigned(ceil_div(p.N, 4)), unsigned(p.batch)), kGemvThreads, 0, s, p, vec);
+  if (ceil_div(rows, 4) >= 8 * sm_count()) {
+    const GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
+    launch_kernel(gemv_kernel<D, MP, 4>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)), kGemvThreads, 0,
+                  s, jobs);
   } else {
-    launch_kernel(gemv_kernel<D, MP, 1>, dim3(unsigned(p.N), unsigned(p.batch)), kGemvThreads, 0, s, p, vec);
+    const GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
+    launch_kernel(gemv_kernel<D, MP, 1>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)), kGemvThreads, 0,
+                  s, jobs);
   }
   check_launch("matmul (gemv_kernel)");
 }
@@ -117,19 +155,24 @@ void launch_gemm(const MatmulParams& p, cudaStream_t s) {
 }
 
 template <DType D>
+void run_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
+  const int64_t M = ps[0].M;
+  if (M <= 1) return launch_gemv<D, 1>(ps, n, s);
+  if (M <= 2) return launch_gemv<D, 2>(ps, n, s);
+  if (M <= 4) return launch_gemv<D, 4>(ps, n, s);
+  launch_gemv<D, 8>(ps, n, s);
+}
+
+template <DType D>
 void run(const MatmulParams& p, cudaStream_t s) {
-  if (p.M <= 1) return launch_gemv<D, 1>(p, s);
-  if (p.M <= 2) return launch_gemv<D, 2>(p, s);
-  if (p.M <= 4) return launch_gemv<D, 4>(p, s);
-  if (p.M <= 8) return launch_gemv<D, 8>(p, s);
+  if (p.M <= 8) return run_gemv<D>(&p, 1, s);
   if (p.M <= 32) return launch_gemm<D, 32, 64>(p, s);
   if (p.M <= 64) return launch_gemm<D, 64, 64>(p, s);
   launch_gemm<D, 128, 128>(p, s);
 }
 
-}  // namespace
-
-void matmul(const MatmulParams& p, Stream stream) {
+// The checks every matmul passes; false when there is nothing to compute.
+bool check_params(const MatmulParams& p) {
   const DType d = p.w_dtype;
   FATHOM_CHECK(d == DType::F32 || d == DType::BF16 || d == DType::F16 || d == DType::F8_E4M3,
                "matmul: weight dtype ", dtype_name(d), " is not supported on CUDA; expected F32, BF16, F16 or F8_E4M3.");
@@ -140,19 +183,54 @@ void matmul(const MatmulParams& p, Stream stream) {
   if (d == DType::F8_E4M3)
     FATHOM_CHECK(p.scale_inv && p.block > 0 && p.batch == 1,
                  "matmul: an F8_E4M3 weight needs scale_inv and a positive block (and no batch).");
-  if (p.M == 0 || p.N == 0) return;
+  if (p.M == 0 || p.N == 0) return false;
   FATHOM_ASSERT(p.out && p.x && p.w, "matmul with a null pointer");
+  return true;
+}
+
+}  // namespace
+
+void matmul(const MatmulParams& p, Stream stream) {
+  if (!check_params(p)) return;
   const cudaStream_t s = as_cuda(stream);
   if (p.K == 0) {
     FATHOM_CHECK(p.M <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
     launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
     return check_launch("matmul (zero_rows_kernel)");
   }
-  switch (d) {
+  switch (p.w_dtype) {
     case DType::F32: return run<DType::F32>(p, s);
     case DType::BF16: return run<DType::BF16>(p, s);
     case DType::F16: return run<DType::F16>(p, s);
     default: return run<DType::F8_E4M3>(p, s);
+  }
+}
+
+void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
+  const cudaStream_t s = as_cuda(stream);
+  int i = 0;
+  while (i < n) {
+    // a run of GEMVs that can share a launch: one dtype, the same M <= 8, K > 0, no batch
+    auto joins = [&](const MatmulParams& p) {
+      return p.M >= 1 && p.M <= 8 && p.N > 0 && p.K > 0 && p.batch == 1 && p.M == ps[i].M && p.w_dtype == ps[i].w_dtype;
+    };
+    int j = i;
+    if (check_params(ps[i]) && joins(ps[i])) {
+      j = i + 1;
+      while (j < n && j - i < kMaxJobs && check_params(ps[j]) && joins(ps[j])) ++j;
+    }
+    if (j - i >= 2) {
+      switch (ps[i].w_dtype) {
+        case DType::F32: run_gemv<DType::F32>(ps + i, j - i, s); break;
+        case DType::BF16: run_gemv<DType::BF16>(ps + i, j - i, s); break;
+        case DType::F16: run_gemv<DType::F16>(ps + i, j - i, s); break;
+        default: run_gemv<DType::F8_E4M3>(ps + i, j - i, s); break;
+      }
+      i = j;
+    } else {
+      matmul(ps[i], stream);
+      ++i;
+    }
   }
 }
 

@@ -30,6 +30,7 @@ namespace {
 constexpr int kMaxExperts = 1024;
 constexpr int kExpertThreads = 128;
 constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
+constexpr int kDownThreads = 256;  // expert_down_kernel: 8 warps, one slot each
 // From this many (token, slot) pairs per expert on average, moe_grouped.cu's sorted GEMMs.
 constexpr int64_t kGroupedMinRowsPerExpert = 2;
 
@@ -135,29 +136,49 @@ __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict
   }
 }
 
-// grid (ceil(inter / R), T * top_k), block kExpertThreads. h (pairs, inter).
+// The rows of h: the routed (token, slot) pairs (pairs, inter), then with has_shared one row
+// per token for the shared expert (T, shared_inter).
+struct HiddenRow {
+  int64_t t, inter, offset;  // token, row length, offset of the row in h
+  bool shared;
+};
+__device__ inline HiddenRow hidden_row(const MoeExpertsParams& p, int64_t pair) {
+  const int64_t routed = p.n_tokens * p.top_k;
+  if (pair < routed) return {pair / p.top_k, p.inter, pair * p.inter, false};
+  return {pair - routed, p.shared_inter, routed * p.inter + (pair - routed) * p.shared_inter, true};
+}
+
+// grid (ceil(max(inter, shared_inter) / R), T * top_k (+ T with has_shared)), block
+// kExpertThreads. h as in HiddenRow.
 template <DType D, int R>
 __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
                                                                          bool vec) {
+  constexpr int E = ElemSize<D>::value;
+  const HiddenRow hr = hidden_row(p, blockIdx.y);
+  const int64_t n0 = int64_t(blockIdx.x) * R;
+  // a dense SwiGLU's or the shared expert's rows are known before the wait: into L2
+  if ((!p.experts || hr.shared) && threadIdx.x < 2 && n0 < hr.inter) {
+    const ExpertPointers& sp = hr.shared ? p.shared : p.table[0];
+    const uint8_t* base = static_cast<const uint8_t*>(threadIdx.x == 0 ? sp.gate : sp.up);
+    prefetch_l2(base + n0 * p.hidden * E, uint64_t(min(int64_t(R), hr.inter - n0) * p.hidden * E));
+  }
   pdl_wait();
   __shared__ float scratch[kExpertThreads / 32 * 2 * R];
   __shared__ float result[2 * R];
-  constexpr int E = ElemSize<D>::value;
-  const int64_t pair = blockIdx.y, t = pair / p.top_k;
-  const int64_t n0 = int64_t(blockIdx.x) * R;
-  const int e = p.experts ? p.experts[pair] : 0;
-  float* hp = h + pair * p.inter;
+  if (n0 >= hr.inter) return;  // the longer of the two row lengths sizes the grid
+  float* hp = h + hr.offset;
+  const int e = hr.shared ? 0 : p.experts ? p.experts[blockIdx.y] : 0;
   if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
     for (int r = threadIdx.x; r < R; r += blockDim.x)
-      if (n0 + r < p.inter) hp[n0 + r] = 0.f;
+      if (n0 + r < hr.inter) hp[n0 + r] = 0.f;
     return;
   }
-  const ExpertPointers ep = p.table[e];
+  const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
   const int64_t scale_cols = ceil_div(p.hidden, p.block);
   GemvRow rows[2 * R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int64_t n = min(n0 + r, p.inter - 1);
+    const int64_t n = min(n0 + r, hr.inter - 1);
     rows[r].w = static_cast<const uint8_t*>(ep.gate) + n * p.hidden * E;
     rows[R + r].w = static_cast<const uint8_t*>(ep.up) + n * p.hidden * E;
     rows[r].scale = D == DType::F8_E4M3 ? ep.gate_scale + (n / p.block) * scale_cols : nullptr;
@@ -166,44 +187,69 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   float acc[2 * R][1];
 #pragma unroll
   for (int r = 0; r < 2 * R; ++r) acc[r][0] = 0.f;
-  gemv_accumulate<D, 1, 2 * R>(acc, rows, p.x + t * p.hidden, p.hidden, 1, p.hidden, p.block, vec, 1.f);
+  gemv_accumulate<D, 1, 2 * R>(acc, rows, p.x + hr.t * p.hidden, p.hidden, 1, p.hidden, p.block, vec, 1.f);
   gemv_block_reduce<1, 2 * R>(acc, scratch, result);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (n0 + r >= p.inter) continue;
+    if (n0 + r >= hr.inter) continue;
     const float g = result[r], u = result[R + r];
     hp[n0 + r] = g / (1.f + expf(-g)) * u;
   }
 }
 
-// grid (ceil(hidden / R), T), block kExpertThreads.
+// grid (ceil(hidden / R), T), block kDownThreads. vec: 16-byte loads of the routed down rows;
+// vec_shared: of the shared expert's. Warp w computes slots w, w + warps, ... (the shared
+// expert being slot top_k), each over the whole intermediate dim, so the loads of all slots are
+// in flight at once (with fewer slots than warps, kWarps / slots warps share a slot); the block
+// reduction then sums the slots (in a fixed order: deterministic).
 template <DType D, int R>
-__global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
-                                                                      bool vec) {
-  pdl_wait();
-  __shared__ float scratch[kExpertThreads / 32 * R];
-  __shared__ float result[R];
+__global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
+                                                                    bool vec, bool vec_shared) {
   constexpr int E = ElemSize<D>::value;
   const int64_t t = blockIdx.y;
   const int64_t n0 = int64_t(blockIdx.x) * R;
-  const int64_t scale_cols = ceil_div(p.inter, p.block);
+  const int64_t n_rows = min(int64_t(R), p.hidden - n0);
+  // Each slot's R down rows are contiguous: into L2 before the wait. The expert ids come from
+  // moe_gate, which finished before expert_gate_up_kernel (the kernel this one waits for) got
+  // past its own wait and let this one launch, so they are final here. Even if they were not,
+  // a prefetch only warms the cache: the weights used are read after the wait.
+  if (threadIdx.x < p.top_k) {
+    const int64_t pair = t * p.top_k + threadIdx.x;
+    const int e = p.experts ? p.experts[pair] : 0;
+    if (e >= 0 && e < p.n_experts)
+      prefetch_l2(static_cast<const uint8_t*>(p.table[e].down) + n0 * p.inter * E, uint64_t(n_rows * p.inter * E));
+  } else if (p.has_shared && threadIdx.x == 32) {
+    prefetch_l2(static_cast<const uint8_t*>(p.shared.down) + n0 * p.shared_inter * E,
+                uint64_t(n_rows * p.shared_inter * E));
+  }
+  pdl_wait();
+  __shared__ float scratch[kDownThreads / 32 * R];
+  __shared__ float result[R];
+  constexpr int kWarps = kDownThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[R][1];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r][0] = 0.f;
-  for (int k = 0; k < p.top_k; ++k) {
-    const int64_t pair = t * p.top_k + k;
-    const int e = p.experts ? p.experts[pair] : 0;
+  const int slots = p.top_k + (p.has_shared ? 1 : 0);
+  // fewer slots than warps (a dense SwiGLU has one): several warps split a slot's K
+  const int per_slot = slots < kWarps ? kWarps / slots : 1;
+  for (int k = warp / per_slot; k < slots && warp / per_slot < slots; k += kWarps / per_slot) {
+    const bool shared = k == p.top_k;
+    const int64_t pair = shared ? p.n_tokens * p.top_k + t : t * p.top_k + k;
+    const int e = shared ? 0 : p.experts ? p.experts[pair] : 0;
     if (e < 0 || e >= p.n_experts) continue;
-    const ExpertPointers ep = p.table[e];
+    const ExpertPointers& ep = shared ? p.shared : p.table[e];
+    const HiddenRow hr = hidden_row(p, pair);
+    const int64_t scale_cols = ceil_div(hr.inter, p.block);
     GemvRow rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t n = min(n0 + r, p.hidden - 1);
-      rows[r].w = static_cast<const uint8_t*>(ep.down) + n * p.inter * E;
+      rows[r].w = static_cast<const uint8_t*>(ep.down) + n * hr.inter * E;
       rows[r].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
     }
     // the routing weight scales this slot's partial sums; one reduction serves all slots
-    gemv_accumulate<D, 1, R>(acc, rows, h + pair * p.inter, p.inter, 1, p.inter, p.block, vec,
-                             p.weights ? p.weights[pair] : 1.f);
+    gemv_accumulate<D, 1, R>(acc, rows, h + hr.offset, hr.inter, 1, hr.inter, p.block, shared ? vec_shared : vec,
+                             p.weights && !shared ? p.weights[pair] : 1.f, (warp % per_slot) * 32 + lane, 32 * per_slot);
   }
   gemv_block_reduce<1, R>(acc, scratch, result);
   for (int r = threadIdx.x; r < R; r += blockDim.x)
@@ -216,18 +262,29 @@ __global__ void __launch_bounds__(kExpertThreads) expert_down_kernel(MoeExpertsP
 template <DType D>
 void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   constexpr int E = ElemSize<D>::value;
-  const int64_t pairs = p.n_tokens * p.top_k;
-  StreamScratch h(size_t(pairs * p.inter) * sizeof(float), s, "moe_experts");
+  const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
+  StreamScratch h(size_t(routed * p.inter + shared * p.shared_inter) * sizeof(float), s, "moe_experts");
   const bool fp8_ok = D != DType::F8_E4M3 || p.block % 16 == 0;
   const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
+  const bool vec_shared = p.aligned16 && p.shared_inter * E % 16 == 0 && fp8_ok;
   constexpr int R = kExpertRows;
-  launch_kernel(expert_gate_up_kernel<D, R>, dim3(unsigned(ceil_div(p.inter, R)), unsigned(pairs)), kExpertThreads, 0, s,
-                p, h.as<float>(), vec_up);
+  const int64_t inter = std::max(p.inter, p.has_shared ? p.shared_inter : 0);
+  launch_kernel(expert_gate_up_kernel<D, R>, dim3(unsigned(ceil_div(inter, R)), unsigned(routed + shared)),
+                kExpertThreads, 0, s, p, h.as<float>(), vec_up);
   check_launch("moe_experts (expert_gate_up_kernel)");
-  launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kExpertThreads, 0,
-                s, p, h.as<float>(), vec_down);
+  launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kDownThreads, 0,
+                s, p, h.as<float>(), vec_down, vec_shared);
   check_launch("moe_experts (expert_down_kernel)");
+}
+
+void dispatch_experts(const MoeExpertsParams& p, cudaStream_t s) {
+  switch (p.dtype) {
+    case DType::F32: return run_experts<DType::F32>(p, s);
+    case DType::BF16: return run_experts<DType::BF16>(p, s);
+    case DType::F16: return run_experts<DType::F16>(p, s);
+    default: return run_experts<DType::F8_E4M3>(p, s);
+  }
 }
 
 }  // namespace
@@ -265,17 +322,30 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   FATHOM_ASSERT(p.out && p.x && p.table && (p.experts || (p.top_k == 1 && !p.weights)) && (!p.experts || p.weights),
                 "moe_experts with a null pointer");
   FATHOM_ASSERT(!p.accumulate || !p.experts, "moe_experts: accumulate is for the dense SwiGLU");
+  FATHOM_ASSERT(!p.has_shared || (p.experts && p.shared_table && p.shared_inter > 0),
+                "moe_experts: a shared expert joins routed ones");
   const cudaStream_t s = as_cuda(stream);
   // Sorting pays once experts see several tokens each on average (prefill); decode-sized
   // batches touch mostly distinct experts, which the GEMVs stream at full bandwidth.
   const int64_t pairs = p.n_tokens * p.top_k;
-  if (p.experts && pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) return moe_experts_grouped(p, s);
-  switch (d) {
-    case DType::F32: return run_experts<DType::F32>(p, s);
-    case DType::BF16: return run_experts<DType::BF16>(p, s);
-    case DType::F16: return run_experts<DType::F16>(p, s);
-    default: return run_experts<DType::F8_E4M3>(p, s);
+  if (p.experts && pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) {
+    MoeExpertsParams routed = p;
+    routed.has_shared = false;
+    moe_experts_grouped(routed, s);
+    if (!p.has_shared) return;
+    // the shared expert as a dense SwiGLU added to the routed sum
+    MoeExpertsParams dense = p;
+    dense.experts = nullptr;
+    dense.weights = nullptr;
+    dense.top_k = 1;
+    dense.n_experts = 1;
+    dense.has_shared = false;
+    dense.accumulate = true;
+    dense.inter = p.shared_inter;
+    dense.table = p.shared_table;
+    return dispatch_experts(dense, s);
   }
+  dispatch_experts(p, s);
 }
 
 }  // namespace fathom::cuda

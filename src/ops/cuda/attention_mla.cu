@@ -1,0 +1,447 @@
+// Absorbed-MLA attention on tensor cores, in the spirit of FlashMLA: the 16 (or 128) query heads
+// of a token share one latent key row [c_kv | k_pe] of 576 BF16 values, and the value is the
+// row's first 512 columns. Decode therefore multiplies a 16-row query tile with 64-key tiles of
+// the cache, which is exactly an m16n8k16 tensor-core MMA (mma.sync, sm_80 and later).
+//
+// A block (4 warps) owns 16 query rows (the heads of a token, token-major when a row tile spans
+// tokens) and one chunk of keys, walked in tiles of 64 keys:
+//   1. the tile's key rows are copied with cp.async (through the block table when paged; rows
+//      past the keys are zero-filled), double-buffered when shared memory allows, so the next
+//      tile streams in while this one is multiplied;
+//   2. S = Q Kᵀ: warp w scores keys 16w..16w+15 of the tile over all 576 dims;
+//   3. online softmax (FlashAttention): the row max and sum over the tile are combined across the
+//      4 warps through shared memory; P = exp(S - m) goes to shared memory as BF16;
+//   4. O += P V: warp w owns output dims 128w..128w+127, V read transposed from the same tile
+//      (ldmatrix.trans), so the latent row is loaded once for both products.
+// Precision: the CPU reference computes in fp32, and so must this kernel (1e-4). Q and P are
+// each split into a BF16 high part and a BF16 remainder (x = hi + lo to ~2^-17 relative) and
+// both parts are multiplied, with fp32 accumulation: twice the tensor-core work, still far
+// below the memory time, and the result matches fp32 arithmetic on the BF16 cache.
+#include <cuda_bf16.h>
+
+#include <mutex>
+
+#include "core/error.h"
+#include "ops/cuda/attention_mla.cuh"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/device_util.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+constexpr int kDqk = 576, kDv = 512;
+constexpr int kWarps = 4, kThreads = kWarps * 32;
+// Shared-memory row strides in BF16 elements: 16-byte multiples whose 16-byte count is odd,
+// so the 8 row addresses of an ldmatrix hit 8 different bank groups.
+constexpr int kQs = kDqk + 8;        // Q rows
+constexpr int kKs = kDqk + 8;        // key rows
+constexpr int kPs = kMlaKeys + 8;    // P rows
+constexpr int kDvPerWarp = kDv / kWarps;  // 128: 16 n8 tiles
+
+template <int STAGES>
+struct MlaSmem {
+  static constexpr size_t q = size_t(kMlaRows) * kQs * 2;       // one of Q hi / Q lo
+  static constexpr size_t k = size_t(kMlaKeys) * kKs * 2;       // one key tile
+  static constexpr size_t pp = size_t(kMlaRows) * kPs * 2;      // one of P hi / P lo
+  static constexpr size_t red = size_t(2) * kWarps * kMlaRows * sizeof(float);
+  static constexpr size_t bytes = 2 * q + STAGES * k + 2 * pp + red;
+};
+
+__device__ inline uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// c (16x8 fp32) += a (16x16 BF16, row major) · b (16x8 BF16, column major)
+__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
+__device__ inline void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// hi = bf16(x), lo = bf16(x - hi), two values packed low-first.
+__device__ inline void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(a - hf.x, b - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// Issues the cp.async copies of keys [j0, j0 + kMlaKeys) ∩ [.., k_end) into `tile`.
+__device__ inline void load_tile(uint16_t* tile, const uint16_t* __restrict__ kbase, const AttentionParams& p, int g,
+                                 int64_t j0, int64_t k_end) {
+  constexpr int kChunks = kDqk / 8;  // 16-byte pieces per row
+  for (int idx = threadIdx.x; idx < kMlaKeys * kChunks; idx += kThreads) {
+    const int key = idx / kChunks, c = idx % kChunks;
+    const int64_t j = j0 + key;
+    const bool valid = j < k_end;
+    const uint16_t* src = kbase;
+    if (valid) {
+      const int64_t row = p.block_table ? int64_t(p.block_table[j / p.block_size]) * p.block_size + j % p.block_size : j;
+      src = kbase + row * p.k_token_stride + int64_t(g) * p.k_head_stride + c * 8;
+    }
+    cp_async16(smem_u32(tile + key * kKs + c * 8), src, valid);
+  }
+  cp_async_commit();
+}
+
+// grid (ceil(rows / 16), n_kv_heads, n_chunks), block kThreads, MlaSmem<STAGES>::bytes.
+template <int STAGES>
+__global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
+  pdl_wait();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using S = MlaSmem<STAGES>;
+  uint16_t* q_hi = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* q_lo = reinterpret_cast<uint16_t*>(smem_raw + S::q);
+  uint16_t* k_tiles = reinterpret_cast<uint16_t*>(smem_raw + 2 * S::q);
+  uint16_t* p_hi = reinterpret_cast<uint16_t*>(smem_raw + 2 * S::q + STAGES * S::k);
+  uint16_t* p_lo = reinterpret_cast<uint16_t*>(smem_raw + 2 * S::q + STAGES * S::k + S::pp);
+  float* red_max = reinterpret_cast<float*>(smem_raw + 2 * S::q + STAGES * S::k + 2 * S::pp);  // (warps, 16)
+  float* red_sum = red_max + kWarps * kMlaRows;
+
+  const AttentionParams& p = a.p;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tq = lane % 4;  // the MMA fragment's row group and column pair
+  const int g = blockIdx.y, c = blockIdx.z;
+  const int64_t row0 = int64_t(blockIdx.x) * kMlaRows;
+  const uint16_t* kbase = static_cast<const uint16_t*>(p.k);
+
+  const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
+  const int64_t q_pos0 = p.kv_len ? n_kv - p.n_q : p.q_pos0;
+  const int64_t last_tok = (min(row0 + kMlaRows, a.rows) - 1) / a.group;
+  const int64_t k_begin = int64_t(c) * a.chunk;
+  int64_t k_end = min(n_kv, k_begin + a.chunk);
+  if (p.causal) k_end = min(k_end, q_pos0 + last_tok + 1);
+  const int n_tiles = k_end > k_begin ? int((k_end - k_begin + kMlaKeys - 1) / kMlaKeys) : 0;
+
+  if (n_tiles > 0) load_tile(k_tiles, kbase, p, g, k_begin, k_end);
+
+  // Q rows as hi/lo BF16 pairs; rows past the block's rows are zeros (their outputs are dropped).
+  // Every load of the thread is issued before the first is converted: the rows then arrive in
+  // one memory round trip rather than one per element.
+  auto q_row = [&](int r) -> const float* {
+    const int64_t row = row0 + r;
+    if (row >= a.rows) return nullptr;
+    return p.q + (row / a.group) * p.q_token_stride + int64_t(g * a.group + int(row % a.group)) * p.q_head_stride;
+  };
+  if (a.vec_q) {
+    constexpr int kPer = kMlaRows * (kDqk / 4) / kThreads;  // 18 float4 per thread
+    float4 v[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kThreads, r = idx / (kDqk / 4), d = 4 * (idx % (kDqk / 4));
+      const float* q = q_row(r);
+      v[i] = q ? __ldg(reinterpret_cast<const float4*>(q + d)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kThreads, r = idx / (kDqk / 4), d = 4 * (idx % (kDqk / 4));
+      uint32_t hi[2], lo[2];
+      split2(v[i].x, v[i].y, hi[0], lo[0]);
+      split2(v[i].z, v[i].w, hi[1], lo[1]);
+      *reinterpret_cast<uint2*>(q_hi + r * kQs + d) = make_uint2(hi[0], hi[1]);
+      *reinterpret_cast<uint2*>(q_lo + r * kQs + d) = make_uint2(lo[0], lo[1]);
+    }
+  } else {
+    constexpr int kBatch = 8;
+    for (int idx0 = tid; idx0 < kMlaRows * (kDqk / 2); idx0 += kBatch * kThreads) {
+      float2 v[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int idx = idx0 + b * kThreads, r = idx / (kDqk / 2), d = 2 * (idx % (kDqk / 2));
+        const float* q = idx < kMlaRows * (kDqk / 2) ? q_row(r) : nullptr;
+        v[b] = q ? make_float2(__ldg(q + d), __ldg(q + d + 1)) : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int idx = idx0 + b * kThreads, r = idx / (kDqk / 2), d = 2 * (idx % (kDqk / 2));
+        if (idx >= kMlaRows * (kDqk / 2)) break;
+        uint32_t hi, lo;
+        split2(v[b].x, v[b].y, hi, lo);
+        *reinterpret_cast<uint32_t*>(q_hi + r * kQs + d) = hi;
+        *reinterpret_cast<uint32_t*>(q_lo + r * kQs + d) = lo;
+      }
+    }
+  }
+
+  // The two rows this thread's fragments cover: gq and gq + 8 of the tile.
+  int64_t lim[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int64_t row = row0 + gq + 8 * s;
+    lim[s] = p.causal ? q_pos0 + (row < a.rows ? row : a.rows - 1) / a.group + 1 : n_kv;
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[kDvPerWarp / 8][4];
+#pragma unroll
+  for (int i = 0; i < kDvPerWarp / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  // ldmatrix row addresses: A (16x16 of Q or P) and B (keys x dims of the tile).
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+  const int bk_key = 16 * warp + (lane & 7) + (lane >> 4) * 8, bk_col = ((lane >> 3) & 1) * 8;  // S: K non-transposed
+  const int bv_key = (lane & 7) + ((lane >> 3) & 1) * 8, bv_col = (lane >> 4) * 8;              // PV: V transposed
+  const uint32_t qh_addr = smem_u32(q_hi + a_row * kQs + a_col), ql_addr = smem_u32(q_lo + a_row * kQs + a_col);
+  const uint32_t ph_addr = smem_u32(p_hi + a_row * kPs + a_col), pl_addr = smem_u32(p_lo + a_row * kPs + a_col);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int64_t j0 = k_begin + int64_t(t) * kMlaKeys;
+    const uint16_t* tile = k_tiles + (STAGES == 2 ? (t & 1) : 0) * (kMlaKeys * kKs);
+    if (STAGES == 2 && t + 1 < n_tiles) {
+      load_tile(k_tiles + ((t + 1) & 1) * (kMlaKeys * kKs), kbase, p, g, j0 + kMlaKeys, k_end);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // the tile (and, the first time, Q) is in shared memory
+
+    // ---- S = Q Kᵀ for keys 16*warp .. +15 of the tile (two n8 tiles)
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const uint32_t k_addr = smem_u32(tile + bk_key * kKs + bk_col);
+#pragma unroll 4
+    for (int k0 = 0; k0 < kDqk; k0 += 16) {
+      uint32_t qh[4], ql[4], b[4];
+      ldsm_x4(qh, qh_addr + k0 * 2);
+      ldsm_x4(ql, ql_addr + k0 * 2);
+      ldsm_x4(b, k_addr + k0 * 2);
+      mma_bf16(s[0], qh, b[0], b[1]);
+      mma_bf16(s[0], ql, b[0], b[1]);
+      mma_bf16(s[1], qh, b[2], b[3]);
+      mma_bf16(s[1], ql, b[2], b[3]);
+    }
+    // scale and mask; s[n][e]: row gq + 8*(e/2), key j0 + 16*warp + 8n + 2tq + e%2
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = j0 + 16 * warp + 8 * n + 2 * tq + (e & 1);
+        const int r = e >> 1;
+        s[n][e] = j < k_end && j < lim[r] ? s[n][e] * p.scale : -INFINITY;
+        mx[r] = fmaxf(mx[r], s[n][e]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+    }
+    if (tq == 0) red_max[warp * kMlaRows + gq] = mx[0], red_max[warp * kMlaRows + gq + 8] = mx[1];
+    __syncthreads();
+    float m_use[2], alpha[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) tile_max = fmaxf(tile_max, red_max[w * kMlaRows + gq + 8 * r]);
+      const float m_new = fmaxf(m[r], tile_max);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: everything stays 0
+      alpha[r] = expf(m[r] - m_use[r]);
+      m[r] = m_new;
+    }
+    // P = exp(S - m) as hi/lo BF16 in shared memory, and this thread's share of the row sums
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float pv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pv[e] = expf(s[n][e] - m_use[e >> 1]);
+        sum[e >> 1] += pv[e];
+      }
+      const int key = 16 * warp + 8 * n + 2 * tq;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint32_t hi, lo;
+        split2(pv[2 * r], pv[2 * r + 1], hi, lo);
+        *reinterpret_cast<uint32_t*>(p_hi + (gq + 8 * r) * kPs + key) = hi;
+        *reinterpret_cast<uint32_t*>(p_lo + (gq + 8 * r) * kPs + key) = lo;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(kFullMask, sum[r], 1);
+      sum[r] += __shfl_xor_sync(kFullMask, sum[r], 2);
+    }
+    if (tq == 0) red_sum[warp * kMlaRows + gq] = sum[0], red_sum[warp * kMlaRows + gq + 8] = sum[1];
+    __syncthreads();  // P and the partial sums are visible
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) tile_sum += red_sum[w * kMlaRows + gq + 8 * r];
+      l[r] = l[r] * alpha[r] + tile_sum;
+    }
+#pragma unroll
+    for (int i = 0; i < kDvPerWarp / 8; ++i) {
+      o[i][0] *= alpha[0], o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1], o[i][3] *= alpha[1];
+    }
+
+    // ---- O += P V for dims 128*warp .. +127: V[key][dim] is the tile read transposed
+    const uint32_t v_addr = smem_u32(tile + bv_key * kKs + kDvPerWarp * warp + bv_col);
+#pragma unroll
+    for (int k0 = 0; k0 < kMlaKeys; k0 += 16) {
+      uint32_t ph[4], pl[4];
+      ldsm_x4(ph, ph_addr + k0 * 2);
+      ldsm_x4(pl, pl_addr + k0 * 2);
+#pragma unroll
+      for (int np = 0; np < kDvPerWarp / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, v_addr + (k0 * kKs + 16 * np) * 2);
+        mma_bf16(o[2 * np], ph, b[0], b[1]);
+        mma_bf16(o[2 * np], pl, b[0], b[1]);
+        mma_bf16(o[2 * np + 1], ph, b[2], b[3]);
+        mma_bf16(o[2 * np + 1], pl, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this tile, P and the reductions
+    if (STAGES == 1 && t + 1 < n_tiles) load_tile(k_tiles, kbase, p, g, j0 + kMlaKeys, k_end);
+  }
+
+  // ---- results: o[i][e] is row gq + 8*(e/2), dim 128*warp + 8i + 2tq + e%2
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + gq + 8 * r;
+    if (row >= a.rows) continue;
+    const int64_t tok = row / a.group;
+    const int head = g * a.group + int(row % a.group);
+    float* dst;
+    float mult = 1.f;
+    if (a.n_chunks == 1) {
+      dst = p.out + tok * p.out_token_stride + int64_t(head) * p.out_head_stride;
+      mult = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: zeros, like the CPU
+    } else {
+      const int64_t part = (int64_t(c) * p.n_q + tok) * p.n_q_heads + head;
+      dst = a.part_o + part * kDv;
+      if (warp == 0 && tq == 0) a.part_ml[2 * part] = m[r], a.part_ml[2 * part + 1] = l[r];
+    }
+#pragma unroll
+    for (int i = 0; i < kDvPerWarp / 8; ++i) {
+      const int d = kDvPerWarp * warp + 8 * i + 2 * tq;
+      dst[d] = o[i][2 * r] * mult;
+      dst[d + 1] = o[i][2 * r + 1] * mult;
+    }
+  }
+  if (a.n_chunks == 1 || !a.counters) return;
+
+  // ---- the last block of this (row tile, KV head) to finish merges the chunks:
+  // out = Σ_c e^(m_c − m) o_c / Σ_c e^(m_c − m) l_c (the other blocks' partials are visible
+  // after their fence and the counter's atomic order)
+  __threadfence();
+  __syncthreads();
+  int* counter = a.counters + (int64_t(blockIdx.x) * gridDim.y + blockIdx.y);
+  int* is_last = reinterpret_cast<int*>(red_max);
+  if (tid == 0) *is_last = atomicAdd(counter, 1) == a.n_chunks - 1;
+  __syncthreads();
+  if (!*is_last) return;
+  __threadfence();
+  float* wts = reinterpret_cast<float*>(k_tiles);  // (16, n_chunks) chunk weights; the tiles are done
+  float* inv = red_sum;                            // (16) 1 / Σ_c w_c l_c
+  auto part_of = [&](int c, int64_t row) {
+    return (int64_t(c) * p.n_q + row / a.group) * p.n_q_heads + g * a.group + int(row % a.group);
+  };
+  for (int r = warp; r < kMlaRows; r += kWarps) {
+    const int64_t row = row0 + r;
+    if (row >= a.rows) continue;
+    float mx = -INFINITY;
+    for (int cc = lane; cc < a.n_chunks; cc += 32) mx = fmaxf(mx, __ldcg(a.part_ml + 2 * part_of(cc, row)));
+    mx = warp_max(mx);
+    float den = 0.f;
+    for (int cc = lane; cc < a.n_chunks; cc += 32) {
+      const int64_t part = part_of(cc, row);
+      const float w = mx == -INFINITY ? 0.f : expf(__ldcg(a.part_ml + 2 * part) - mx);
+      wts[r * a.n_chunks + cc] = w;
+      den += w * __ldcg(a.part_ml + 2 * part + 1);
+    }
+    den = warp_sum(den);
+    if (lane == 0) inv[r] = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
+  }
+  __syncthreads();
+  // four dims per thread and step, four steps unrolled: many loads in flight per thread, since
+  // one block reads every chunk's outputs here
+  constexpr int kSteps = kMlaRows * kDv / 4 / kThreads;  // 16
+#pragma unroll 4
+  for (int i = 0; i < kSteps; ++i) {
+    const int idx = tid + i * kThreads, r = idx / (kDv / 4), d = 4 * (idx % (kDv / 4));
+    const int64_t row = row0 + r;
+    if (row >= a.rows) continue;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int cc = 0; cc < a.n_chunks; ++cc) {
+      const float w = wts[r * a.n_chunks + cc];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.part_o + part_of(cc, row) * kDv + d));
+      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    }
+    float* out = p.out + (row / a.group) * p.out_token_stride + int64_t(g * a.group + int(row % a.group)) * p.out_head_stride + d;
+    const float s = inv[r];
+    out[0] = acc.x * s, out[1] = acc.y * s, out[2] = acc.z * s, out[3] = acc.w * s;
+  }
+  if (tid == 0) *counter = 0;  // ready for the next call on this stream
+}
+
+int smem_optin() {
+  int device = 0, smem_max = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return smem_max;
+}
+
+constexpr int kMaxDevices = 64;
+std::once_flag g_setup[kMaxDevices];
+
+void setup_once() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  auto setup = [] {
+    const int smem_max = smem_optin();
+    if (MlaSmem<2>::bytes <= size_t(smem_max))
+      check(cudaFuncSetAttribute(mla_attention_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(MlaSmem<2>::bytes)),
+            "attention (cudaFuncSetAttribute)");
+    if (MlaSmem<1>::bytes <= size_t(smem_max))
+      check(cudaFuncSetAttribute(mla_attention_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(MlaSmem<1>::bytes)),
+            "attention (cudaFuncSetAttribute)");
+  };
+  if (device >= 0 && device < kMaxDevices) std::call_once(g_setup[device], setup);
+  else setup();
+}
+
+}  // namespace
+
+bool mla_supported(const AttentionParams& p) {
+  const bool shape = p.kv_dtype == DType::BF16 && p.d_qk == kDqk && p.d_v == kDv && p.v == p.k &&
+                     p.v_token_stride == p.k_token_stride && p.v_head_stride == p.k_head_stride;
+  if (!shape || !aligned16(p.k) || p.k_token_stride % 8 != 0 || p.k_head_stride % 8 != 0) return false;
+  return MlaSmem<1>::bytes <= size_t(smem_optin());
+}
+
+void mla_attention(const MlaLaunch& a, cudaStream_t stream) {
+  setup_once();
+  const dim3 grid(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
+  if (MlaSmem<2>::bytes <= size_t(smem_optin())) {
+    launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);
+  } else {
+    launch_kernel(mla_attention_kernel<1>, grid, kThreads, MlaSmem<1>::bytes, stream, a);
+  }
+  check_launch("mla_attention_kernel");
+}
+
+}  // namespace fathom::cuda

@@ -1,0 +1,40 @@
+// Absorbed-MLA attention on tensor cores (attention_mla.cu), used by attention() (attention.cu)
+// for the shape DeepSeek models decode with: one shared latent row [c_kv (512) | k_pe (64)] per
+// key in a BF16 cache, the value being its first 512 columns.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/ops.h"
+
+namespace fathom::cuda {
+
+// One launch of the latent kernel. The key range of each (row tile, KV head) is cut into
+// n_chunks chunks of `chunk` keys (a multiple of kMlaKeys); with n_chunks > 1 every block
+// writes its unnormalised output and (max, sum) to part_o / part_ml, in the layout of
+// attention.cu's merge kernel, which combines them.
+struct MlaLaunch {
+  AttentionParams p;
+  int group = 1;     // query heads per KV head
+  int64_t rows = 0;  // query rows per KV head: n_q * group
+  int64_t chunk = 0;
+  int n_chunks = 1;
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+  bool vec_q = false;  // Q rows 16-byte aligned: float4 loads
+  // n_chunks > 1: zeroed counters, one per (row tile, KV head); the block that finishes last
+  // merges the chunks and resets its counter. Null: the caller merges.
+  int* counters = nullptr;
+};
+
+constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
+constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
+
+// Whether p has the latent shape the kernel is built for (BF16, d_qk 576, d_v 512, V the
+// prefix of K, 16-byte aligned rows) and the device has the shared memory it needs.
+bool mla_supported(const AttentionParams& p);
+// Launches the kernel (no merge).
+void mla_attention(const MlaLaunch& a, cudaStream_t stream);
+
+}  // namespace fathom::cuda
