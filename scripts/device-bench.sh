@@ -26,8 +26,14 @@ export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "device-bench: $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null || echo 'no GPU')"
 cmake -S . -B build/device-bench -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=ON \
   -DFATHOM_DEPS_DIR="$deps" >/dev/null
-cmake --build build/device-bench --target bench_cuda_decode 2>&1 | grep -E "warning|error|FAILED" || true
-cmake --build build/device-bench --target bench_cuda_decode >/dev/null
+cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention 2>&1 | grep -E "warning|error|FAILED" || true
+cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention >/dev/null
+attn_log=/tmp/device-bench-attention.log
+if [ "$quick" = 1 ]; then
+  build/device-bench/bench_cuda_attention --keys 196,4096 | tee "$attn_log"
+else
+  build/device-bench/bench_cuda_attention | tee "$attn_log"
+fi
 if [ "$quick" = 1 ]; then args=(--models v3-4.9b --batches 1 "${args[@]}"); fi
 log=/tmp/device-bench.log
 build/device-bench/bench_cuda_decode "${args[@]}" | tee "$log"
@@ -46,6 +52,8 @@ fi
   echo "## bench_cuda_decode $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   sed -n '/^model  /,$p' "$log"
   grep "copy bandwidth" "$log"
+  echo
+  cat "$attn_log"
   if [ -n "$peers" ]; then
     echo
     echo "HF transformers eager generate (bf16, batch 1, greedy) on the same configs, tokens/s:"

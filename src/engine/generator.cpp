@@ -80,10 +80,11 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt, const Gen
   // chooses it on the device (a replayed CUDA graph on the GPU) and returns the token instead of
   // the logits. decode_sample gets its SampleRow from sampler.next_row(), so u comes from the
   // same seeded RNG sequence that sampler.sample() would draw from, and Ops::sample makes
-  // select_token's choice. On the CPU the tokens for a seed are therefore the same as when every
-  // step went through sampler.sample (as long as the decode step's logits equal forward()'s,
-  // which they do: the same ops on the same numbers); on CUDA they differ from the CPU's only
-  // where u lands within rounding of a CDF boundary.
+  // select_token's choice. So on the CPU a seed still gives the tokens it gave when every step
+  // went through forward() and sampler.sample(): the decode step computes the same logits
+  // (checked: `fathom generate --temperature 0.7 --seed 1`, with top-k/top-p/min-p too, prints
+  // the same text as before; RandomModel.DecodeSampleEqualsForwardBatch). On CUDA a token can
+  // differ from the CPU's only where u lands within rounding of a CDF boundary.
   const SamplingParams& sp = options.sampling;
   const bool on_device = sp.repetition_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
   int32_t next = -1;

@@ -20,6 +20,7 @@
 //   output with its max and sum to a work space and attention_merge_kernel combines them:
 //   out = Σ_c e^(m_c − m) o_c / Σ_c e^(m_c − m) l_c.
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <mutex>
 
@@ -36,6 +37,7 @@ constexpr int kRows = 16;      // query rows per block: 8 warps x 2
 constexpr int kKeys = 32;      // keys per tile: one per lane
 constexpr int kThreads = 256;
 constexpr int kMaxDv = 512;    // 4 float4 per lane
+constexpr int kStaticSmem = kRows * sizeof(int64_t);  // attention_kernel's q_off, beside the dynamic part
 
 // Everything the kernels need, derived once on the host.
 struct AttnLaunch {
@@ -124,6 +126,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
   const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
   const int64_t q_pos0 = p.kv_len ? n_kv - p.n_q : p.q_pos0;
 
+  // Where each of the block's query rows starts (-1: past the rows), once per block: 64-bit
+  // divisions per element would cost more than the loads.
+  __shared__ int64_t q_off[kRows];
+  if (tid < kRows) {
+    const int64_t row = row0 + tid;
+    q_off[tid] = row < a.rows ? (row / a.group) * p.q_token_stride + (g * a.group + int(row % a.group)) * p.q_head_stride
+                              : -1;
+  }
+  __syncthreads();
   // The block's query rows, scaled by nothing (the scale multiplies the dot products, like the
   // CPU); eight loads in flight per thread, so the rows arrive in about one memory round trip.
   {
@@ -136,13 +147,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
         const int idx = idx0 + b * kThreads;
         v[b] = 0.f;
         if (idx < total) {
-          const int r = idx / a.dqk4, d = idx % a.dqk4;
-          const int64_t row = row0 + r;
-          if (row < a.rows && d < p.d_qk) {
-            const int64_t i = row / a.group;
-            const int h = g * a.group + int(row % a.group);
-            v[b] = __ldg(p.q + i * p.q_token_stride + h * p.q_head_stride + d);
-          }
+          const int r = idx / a.dqk4, d = idx - r * a.dqk4;
+          if (q_off[r] >= 0 && d < p.d_qk) v[b] = __ldg(p.q + q_off[r] + d);
         }
       }
 #pragma unroll
@@ -348,7 +354,8 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   a.group = p.n_q_heads / p.n_kv_heads;
   a.rows = p.n_q * a.group;
   const int64_t row_tiles = ceil_div(a.rows, kMlaRows);
-  FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
+  FATHOM_CHECK(a.rows < (int64_t(1) << 31) && p.n_kv < (int64_t(1) << 31), "attention: ", p.n_q, " queries x ",
+               a.group, " heads or ", p.n_kv, " keys is too many for one launch.");
   const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
   const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kMlaKeys));
   int64_t n_chunks = std::clamp<int64_t>(ceil_div(sm_count(), row_tiles * p.n_kv_heads), 1, key_tiles);
@@ -382,12 +389,18 @@ void attention_setup() {
   auto setup = [device] {
     int smem_max = 0;
     check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
-    allow_smem_all<float>(smem_max);
-    allow_smem_all<uint16_t>(smem_max);
+    allow_smem_all<float>(smem_max - kStaticSmem);
+    allow_smem_all<uint16_t>(smem_max - kStaticSmem);
   };
   if (device >= 0 && device < kMaxDevices) std::call_once(g_setup_done[device], setup);
   else setup();
 }
+
+namespace {
+std::atomic<bool> g_latent_attention{true};
+}  // namespace
+
+void set_latent_attention(bool enabled) { g_latent_attention = enabled; }
 
 void attention(const AttentionParams& p, Stream stream, int* counters) {
   FATHOM_CHECK(p.kv_dtype == DType::F32 || p.kv_dtype == DType::BF16, "attention: keys and values in ",
@@ -404,7 +417,7 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
   if (p.n_q == 0) return;
   FATHOM_ASSERT(p.q && p.k && p.v && p.out, "attention with a null pointer");
   const cudaStream_t s = as_cuda(stream);
-  if (mla_supported(p)) return attention_latent(p, s, counters);
+  if (g_latent_attention && mla_supported(p)) return attention_latent(p, s, counters);
 
   AttnLaunch a;
   a.p = p;
@@ -429,8 +442,8 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
   int device = 0, smem_max = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
-  FATHOM_CHECK(smem <= size_t(smem_max), "attention: d_qk ", p.d_qk, " / d_v ", p.d_v, " need ", smem,
-               " bytes of shared memory per block but the GPU offers ", smem_max, ".");
+  FATHOM_CHECK(smem + kStaticSmem <= size_t(smem_max), "attention: d_qk ", p.d_qk, " / d_v ", p.d_v, " need ",
+               smem + kStaticSmem, " bytes of shared memory per block but the GPU offers ", smem_max, ".");
 
   // Split the keys when the (row tile, KV head) blocks alone would leave SMs idle, down to one
   // tile of keys per chunk: a decode step's latency is then one tile's, not the context's.

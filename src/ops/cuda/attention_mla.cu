@@ -37,6 +37,7 @@ constexpr int kQs = kDqk + 8;        // Q rows
 constexpr int kKs = kDqk + 8;        // key rows
 constexpr int kPs = kMlaKeys + 8;    // P rows
 constexpr int kDvPerWarp = kDv / kWarps;  // 128: 16 n8 tiles
+constexpr size_t kRowSmem = 4 * kMlaRows * sizeof(int64_t);  // the kernel's static per-row table
 
 template <int STAGES>
 struct MlaSmem {
@@ -96,7 +97,8 @@ __device__ inline void load_tile(uint16_t* tile, const uint16_t* __restrict__ kb
     const bool valid = j < k_end;
     const uint16_t* src = kbase;
     if (valid) {
-      const int64_t row = p.block_table ? int64_t(p.block_table[j / p.block_size]) * p.block_size + j % p.block_size : j;
+      const int jj = int(j);  // < 2^31 keys (checked by the launcher)
+      const int64_t row = p.block_table ? int64_t(p.block_table[jj / p.block_size]) * p.block_size + jj % p.block_size : j;
       src = kbase + row * p.k_token_stride + int64_t(g) * p.k_head_stride + c * 8;
     }
     cp_async16(smem_u32(tile + key * kKs + c * 8), src, valid);
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
 
   const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
   const int64_t q_pos0 = p.kv_len ? n_kv - p.n_q : p.q_pos0;
-  const int64_t last_tok = (min(row0 + kMlaRows, a.rows) - 1) / a.group;
+  const int64_t last_tok = int(min(row0 + kMlaRows, a.rows) - 1) / a.group;
   const int64_t k_begin = int64_t(c) * a.chunk;
   int64_t k_end = min(n_kv, k_begin + a.chunk);
   if (p.causal) k_end = min(k_end, q_pos0 + last_tok + 1);
@@ -135,14 +137,25 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
 
   if (n_tiles > 0) load_tile(k_tiles, kbase, p, g, k_begin, k_end);
 
+  // Each row's token and head, once per block (divisions are dozens of instructions, and this
+  // kernel is short): Q and output offsets, the chunk-partial index and the causal key limit.
+  __shared__ int64_t row_q[kMlaRows], row_out[kMlaRows], row_part[kMlaRows], row_lim[kMlaRows];
+  if (tid < kMlaRows) {
+    const int64_t row = row0 + tid;
+    const bool valid = row < a.rows;
+    const int rr = int(valid ? row : a.rows - 1);  // rows < 2^31 (checked by the launcher)
+    const int tok = rr / a.group, head = g * a.group + rr % a.group;
+    row_q[tid] = valid ? tok * p.q_token_stride + int64_t(head) * p.q_head_stride : -1;
+    row_out[tid] = valid ? tok * p.out_token_stride + int64_t(head) * p.out_head_stride : -1;
+    row_part[tid] = int64_t(tok) * p.n_q_heads + head;
+    row_lim[tid] = p.causal ? q_pos0 + tok + 1 : n_kv;
+  }
+  __syncthreads();
+
   // Q rows as hi/lo BF16 pairs; rows past the block's rows are zeros (their outputs are dropped).
   // Every load of the thread is issued before the first is converted: the rows then arrive in
   // one memory round trip rather than one per element.
-  auto q_row = [&](int r) -> const float* {
-    const int64_t row = row0 + r;
-    if (row >= a.rows) return nullptr;
-    return p.q + (row / a.group) * p.q_token_stride + int64_t(g * a.group + int(row % a.group)) * p.q_head_stride;
-  };
+  auto q_row = [&](int r) -> const float* { return row_q[r] >= 0 ? p.q + row_q[r] : nullptr; };
   if (a.vec_q) {
     constexpr int kPer = kMlaRows * (kDqk / 4) / kThreads;  // 18 float4 per thread
     float4 v[kPer];
@@ -184,12 +197,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   }
 
   // The two rows this thread's fragments cover: gq and gq + 8 of the tile.
-  int64_t lim[2];
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const int64_t row = row0 + gq + 8 * s;
-    lim[s] = p.causal ? q_pos0 + (row < a.rows ? row : a.rows - 1) / a.group + 1 : n_kv;
-  }
+  const int64_t lim[2] = {row_lim[gq], row_lim[gq + 8]};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[kDvPerWarp / 8][4];
 #pragma unroll
@@ -318,17 +326,15 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   // ---- results: o[i][e] is row gq + 8*(e/2), dim 128*warp + 8i + 2tq + e%2
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + gq + 8 * r;
-    if (row >= a.rows) continue;
-    const int64_t tok = row / a.group;
-    const int head = g * a.group + int(row % a.group);
+    const int rr = gq + 8 * r;
+    if (row_out[rr] < 0) continue;
     float* dst;
     float mult = 1.f;
     if (a.n_chunks == 1) {
-      dst = p.out + tok * p.out_token_stride + int64_t(head) * p.out_head_stride;
+      dst = p.out + row_out[rr];
       mult = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: zeros, like the CPU
     } else {
-      const int64_t part = (int64_t(c) * p.n_q + tok) * p.n_q_heads + head;
+      const int64_t part = int64_t(c) * p.n_q * p.n_q_heads + row_part[rr];
       dst = a.part_o + part * kDv;
       if (warp == 0 && tq == 0) a.part_ml[2 * part] = m[r], a.part_ml[2 * part + 1] = l[r];
     }
@@ -354,12 +360,11 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   __threadfence();
   float* wts = reinterpret_cast<float*>(k_tiles);  // (16, n_chunks) chunk weights; the tiles are done
   float* inv = red_sum;                            // (16) 1 / Σ_c w_c l_c
-  auto part_of = [&](int c, int64_t row) {
-    return (int64_t(c) * p.n_q + row / a.group) * p.n_q_heads + g * a.group + int(row % a.group);
-  };
+  const int64_t chunk_stride = p.n_q * p.n_q_heads;
+  auto part_of = [&](int c, int r) { return int64_t(c) * chunk_stride + row_part[r]; };
   for (int r = warp; r < kMlaRows; r += kWarps) {
-    const int64_t row = row0 + r;
-    if (row >= a.rows) continue;
+    if (row_out[r] < 0) continue;
+    const int row = r;
     float mx = -INFINITY;
     for (int cc = lane; cc < a.n_chunks; cc += 32) mx = fmaxf(mx, __ldcg(a.part_ml + 2 * part_of(cc, row)));
     mx = warp_max(mx);
@@ -380,8 +385,8 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
 #pragma unroll 4
   for (int i = 0; i < kSteps; ++i) {
     const int idx = tid + i * kThreads, r = idx / (kDv / 4), d = 4 * (idx % (kDv / 4));
-    const int64_t row = row0 + r;
-    if (row >= a.rows) continue;
+    if (row_out[r] < 0) continue;
+    const int row = r;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
     for (int cc = 0; cc < a.n_chunks; ++cc) {
@@ -389,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
       const float4 v = __ldcg(reinterpret_cast<const float4*>(a.part_o + part_of(cc, row) * kDv + d));
       acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
     }
-    float* out = p.out + (row / a.group) * p.out_token_stride + int64_t(g * a.group + int(row % a.group)) * p.out_head_stride + d;
+    float* out = p.out + row_out[r] + d;
     const float s = inv[r];
     out[0] = acc.x * s, out[1] = acc.y * s, out[2] = acc.z * s, out[3] = acc.w * s;
   }
@@ -411,11 +416,11 @@ void setup_once() {
   check(cudaGetDevice(&device), "cudaGetDevice");
   auto setup = [] {
     const int smem_max = smem_optin();
-    if (MlaSmem<2>::bytes <= size_t(smem_max))
+    if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_max))
       check(cudaFuncSetAttribute(mla_attention_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  int(MlaSmem<2>::bytes)),
             "attention (cudaFuncSetAttribute)");
-    if (MlaSmem<1>::bytes <= size_t(smem_max))
+    if (MlaSmem<1>::bytes + kRowSmem <= size_t(smem_max))
       check(cudaFuncSetAttribute(mla_attention_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  int(MlaSmem<1>::bytes)),
             "attention (cudaFuncSetAttribute)");
@@ -430,13 +435,13 @@ bool mla_supported(const AttentionParams& p) {
   const bool shape = p.kv_dtype == DType::BF16 && p.d_qk == kDqk && p.d_v == kDv && p.v == p.k &&
                      p.v_token_stride == p.k_token_stride && p.v_head_stride == p.k_head_stride;
   if (!shape || !aligned16(p.k) || p.k_token_stride % 8 != 0 || p.k_head_stride % 8 != 0) return false;
-  return MlaSmem<1>::bytes <= size_t(smem_optin());
+  return MlaSmem<1>::bytes + kRowSmem <= size_t(smem_optin());
 }
 
 void mla_attention(const MlaLaunch& a, cudaStream_t stream) {
   setup_once();
   const dim3 grid(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
-  if (MlaSmem<2>::bytes <= size_t(smem_optin())) {
+  if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin())) {
     launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);
   } else {
     launch_kernel(mla_attention_kernel<1>, grid, kThreads, MlaSmem<1>::bytes, stream, a);

@@ -113,6 +113,9 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream);
 // uses to merge its key chunks in the last block to finish instead of a second kernel.
 constexpr int kStreamCounters = 1 << 16;
 void attention(const AttentionParams& p, Stream stream, int* counters = nullptr);
+// Whether attention() may use the tensor-core latent kernel (default true); benchmarks turn it
+// off to time the general kernel on the same shape.
+void set_latent_attention(bool enabled);
 // Once per device: lets the attention kernels use the device's shared memory. attention() calls
 // it itself; call it before capturing a graph, where attribute changes do not belong.
 void attention_setup();
