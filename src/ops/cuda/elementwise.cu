@@ -28,6 +28,22 @@ __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restr
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) out[t * H + i] = to_f32(row[i]);
 }
 
+// 1 / sqrt(mean + eps) of a row whose squares this block's threads summed into ss (each its
+// share); every thread gets the result. Ends synchronized.
+__device__ inline float block_rms_inverse(float ss, int64_t n, float eps) {
+  ss = warp_sum(ss);
+  __shared__ float warp_sums[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = ss;
+  __syncthreads();
+  if (warp == 0) {
+    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
+    if (lane == 0) warp_sums[0] = rsqrtf(ss / float(n) + eps);
+  }
+  __syncthreads();
+  return warp_sums[0];
+}
+
 // grid (M), block 256: block-wide sum of squares (warp shuffles, then one value per warp).
 // x (M, N) += y first when y is given (the residual add fused into the norm); then
 // out = x / rms(x) * w. One block per row.
@@ -49,17 +65,7 @@ __global__ void rmsnorm_kernel(float* out, float* x, const float* __restrict__ y
 #pragma unroll 4
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) ss += xr[i] * xr[i];
   }
-  ss = warp_sum(ss);
-  __shared__ float warp_sums[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = ss;
-  __syncthreads();
-  if (warp == 0) {
-    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
-    if (lane == 0) warp_sums[0] = rsqrtf(ss / float(N) + eps);
-  }
-  __syncthreads();
-  const float inv = warp_sums[0];
+  const float inv = block_rms_inverse(ss, N, eps);
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < N; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
@@ -147,17 +153,7 @@ __global__ void mla_cache_append_kernel(MlaAppendParams p) {
   float ss = 0.f;
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < R; i += blockDim.x) ss += in[i] * in[i];
-  ss = warp_sum(ss);
-  __shared__ float warp_sums[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = ss;
-  __syncthreads();
-  if (warp == 0) {
-    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
-    if (lane == 0) warp_sums[0] = rsqrtf(ss / float(R) + p.eps);
-  }
-  __syncthreads();
-  const float inv = warp_sums[0];
+  const float inv = block_rms_inverse(ss, R, p.eps);
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < R; i += blockDim.x) store(i, in[i] * inv * p.norm_weight[i]);
 }
