@@ -21,16 +21,27 @@ struct GemvRow {
   const float* scale;
 };
 
-// acc[r][m] += mult * (this thread's share of) sum_k W_r[k] * x[m*ldx + k], for m < M <= MP.
+// The rows of x a GEMV multiplies: row m starts at base + (index ? index[m] : m) * ldx (index:
+// the gathered tokens of one expert in the grouped MoE path).
+struct GemvX {
+  const float* base;
+  int64_t ldx;
+  const int32_t* index = nullptr;
+};
+
+// acc[r][m] += mult * (this thread's share of) sum_k W_r[k] * x_m[k], for m < M <= MP.
 // All R 16-byte loads of a step are issued before any is used; each row's 16-element partial
 // dot product is scaled once (mult, and for FP8 the block's scale_inv), not every element.
 // K is split over `parts` threads, this one being `part` (by default the whole block).
 template <DType D, int MP, int R>
-__device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows)[R], const float* __restrict__ x,
-                                       int64_t ldx, int M, int64_t K, int64_t block, bool vec, float mult,
-                                       int part = threadIdx.x, int parts = blockDim.x) {
+__device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows)[R], const GemvX& xs, int M,
+                                       int64_t K, int64_t block, bool vec, float mult, int part = threadIdx.x,
+                                       int parts = blockDim.x) {
   constexpr int V = kVec<D>;
   constexpr int E = ElemSize<D>::value;
+  const float* xrow[MP];
+#pragma unroll
+  for (int m = 0; m < MP; ++m) xrow[m] = xs.base + (m < M ? (xs.index ? int64_t(xs.index[m]) : m) * xs.ldx : 0);
   const int64_t k_vec_end = vec ? K / V * V : 0;
   const int64_t step = int64_t(parts) * V;
 #pragma unroll 2
@@ -54,7 +65,7 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
 #pragma unroll
     for (int m = 0; m < MP; ++m) {
       if (m >= M) break;
-      const float4* xv = reinterpret_cast<const float4*>(x + m * ldx + k);
+      const float4* xv = reinterpret_cast<const float4*>(xrow[m] + k);
       float dot[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
@@ -82,7 +93,7 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
 #pragma unroll
     for (int m = 0; m < MP; ++m) {
       if (m >= M) break;
-      const float xk = __ldg(x + m * ldx + k);
+      const float xk = __ldg(xrow[m] + k);
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xk;
     }

@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MP; ++m) acc[r][m] = 0.f;
-  gemv_accumulate<D, MP, R>(acc, rows, p.x + b * p.x_batch_stride, p.ldx, int(p.M), p.K, p.block, jobs.vec[j], 1.f);
+  gemv_accumulate<D, MP, R>(acc, rows, GemvX{p.x + b * p.x_batch_stride, p.ldx}, int(p.M), p.K, p.block, jobs.vec[j],
+                            1.f);
   gemv_block_reduce<MP, R>(acc, scratch, result);
   float* out = p.out + b * p.out_batch_stride;
   for (int i = threadIdx.x; i < R * MP; i += blockDim.x) {

@@ -13,9 +13,10 @@
 //      the gate and up rows of a block streamed together;
 //   2. expert_down_kernel, grid (hidden / R, tokens): out[t] = Σ_k weights[t, k] · (h[t, k] · Wdᵀ),
 //      the slots of a token summed in order inside one block (deterministic, no atomics).
-// Each pair reads its expert's weights, so when experts see many tokens each (prefill) the
-// launcher hands the batch to the grouped path instead (moe_grouped.cu: pairs sorted by
-// expert on the device, tiled GEMMs per expert).
+// Each pair reads its expert's weights, so from 64 pairs on (experts repeat) the
+// launcher hands the batch to the grouped path instead (moe_grouped.cu: pairs sorted by expert
+// on the device, each expert's weights read once per tile; the shared expert then runs as a
+// dense SwiGLU).
 #include <algorithm>
 
 #include "core/error.h"
@@ -31,8 +32,11 @@ constexpr int kMaxExperts = 1024;
 constexpr int kExpertThreads = 128;
 constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
 constexpr int kDownThreads = 256;  // expert_down_kernel: 8 warps, one slot each
-// From this many (token, slot) pairs per expert on average, moe_grouped.cu's sorted GEMMs.
-constexpr int64_t kGroupedMinRowsPerExpert = 2;
+// From this many (token, slot) pairs (a batch of ~11 tokens at top-6), moe_grouped.cu sorts
+// them by expert so that each expert's weights are read once per tile, not once per pair.
+// Measured on an H200 (v3-4.9b, bench/RESULTS.md): at batch 8 (48 pairs) the per-pair GEMVs are
+// still faster (1,420 against 1,195 tokens/s), at batch 32 the sorted path is (1,202 against 797).
+constexpr int64_t kGroupedMinPairs = 64;
 
 __device__ inline double block_sum_double(double v, double* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -187,7 +191,7 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   float acc[2 * R][1];
 #pragma unroll
   for (int r = 0; r < 2 * R; ++r) acc[r][0] = 0.f;
-  gemv_accumulate<D, 1, 2 * R>(acc, rows, p.x + hr.t * p.hidden, p.hidden, 1, p.hidden, p.block, vec, 1.f);
+  gemv_accumulate<D, 1, 2 * R>(acc, rows, GemvX{p.x + hr.t * p.hidden, p.hidden}, 1, p.hidden, p.block, vec, 1.f);
   gemv_block_reduce<1, 2 * R>(acc, scratch, result);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if (n0 + r >= hr.inter) continue;
@@ -248,7 +252,7 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
       rows[r].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
     }
     // the routing weight scales this slot's partial sums; one reduction serves all slots
-    gemv_accumulate<D, 1, R>(acc, rows, h + hr.offset, hr.inter, 1, hr.inter, p.block, shared ? vec_shared : vec,
+    gemv_accumulate<D, 1, R>(acc, rows, GemvX{h + hr.offset, hr.inter}, 1, hr.inter, p.block, shared ? vec_shared : vec,
                              p.weights && !shared ? p.weights[pair] : 1.f, (warp % per_slot) * 32 + lane, 32 * per_slot);
   }
   gemv_block_reduce<1, R>(acc, scratch, result);
@@ -325,10 +329,10 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   FATHOM_ASSERT(!p.has_shared || (p.experts && p.shared_table && p.shared_inter > 0),
                 "moe_experts: a shared expert joins routed ones");
   const cudaStream_t s = as_cuda(stream);
-  // Sorting pays once experts see several tokens each on average (prefill); decode-sized
-  // batches touch mostly distinct experts, which the GEMVs stream at full bandwidth.
+  // A few tokens touch mostly distinct experts, which the per-pair GEMVs stream at full
+  // bandwidth; from a handful of tokens on, experts repeat and sorting by expert pays.
   const int64_t pairs = p.n_tokens * p.top_k;
-  if (p.experts && pairs >= 64 && pairs >= kGroupedMinRowsPerExpert * p.n_experts) {
+  if (p.experts && pairs >= kGroupedMinPairs) {
     MoeExpertsParams routed = p;
     routed.has_shared = false;
     moe_experts_grouped(routed, s);

@@ -1,8 +1,10 @@
-// The routed experts for large batches (prefill): the (token, slot) pairs are sorted by expert
-// on the device and each expert runs once over its rows as tiled GEMMs (gemm_tile.cuh), so an
-// expert's weights are read once per 64-row tile instead of once per pair (moe.cu's gather
-// path). Still no host synchronization: the number of tiles stays on the device and the GEMM
-// grids are launched for the most tiles there can be, surplus blocks returning at once.
+// The routed experts for larger batches: the (token, slot) pairs are sorted by expert on the
+// device and each expert runs once over its rows, so an expert's weights are read once per tile
+// instead of once per pair (moe.cu's gather path): as tiled GEMMs (gemm_tile.cuh) over 64-row
+// tiles when experts see many rows each (prefill), as GEMVs over 8-row tiles (gemv.cuh) when
+// they see a few (batched decode). Still no host synchronization: the number of tiles stays on
+// the device and the grids are launched for the most tiles there can be, surplus blocks
+// returning at once.
 //
 //   1. moe_route_kernel (one block): counts per expert, offsets, each pair's sorted position,
 //      the token of every sorted row, and the tile list (expert, first row, end row).
@@ -18,6 +20,7 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
+#include "ops/cuda/gemv.cuh"
 #include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
@@ -25,6 +28,13 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64;  // expert GEMM tiles
 constexpr int kMaxExperts = 1024;
+// Below this many rows per expert on average (decode batches) a 64-row GEMM tile would be mostly
+// padding: tiles of kSmallRows rows run as GEMVs over those rows instead (gemv.cuh), each
+// expert's weights still read once per tile.
+constexpr int64_t kTiledMinRowsPerExpert = 16;
+constexpr int kSmallRows = 8;      // rows (tokens) per tile of the GEMV-style kernels
+constexpr int kSmallR = 2;         // weight rows per block
+constexpr int kSmallThreads = 128;
 
 struct Routing {
   int32_t* token_of_row;  // (pairs): token of each sorted row
@@ -35,8 +45,8 @@ struct Routing {
   int32_t* n_tiles;       // (1)
 };
 
-// grid (1), block 1024.
-__global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
+// grid (1), block 1024. Tiles of at most tile_rows rows of one expert.
+__global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
   pdl_wait();
   __shared__ int count[kMaxExperts], offset[kMaxExperts + 1], tile_offset[kMaxExperts + 1], cursor[kMaxExperts];
   const int64_t pairs = p.n_tokens * p.top_k;
@@ -52,7 +62,7 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
     for (int e = 0; e < p.n_experts; ++e) {
       offset[e] = rows, tile_offset[e] = tiles;
       rows += count[e];
-      tiles += (count[e] + kBM - 1) / kBM;
+      tiles += (count[e] + tile_rows - 1) / tile_rows;
     }
     offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
     *r.n_tiles = tiles;
@@ -61,7 +71,7 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r) {
   for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x)
     for (int t = tile_offset[e]; t < tile_offset[e + 1]; ++t) {
       r.tile_expert[t] = e;
-      r.tile_begin[t] = offset[e] + (t - tile_offset[e]) * kBM;
+      r.tile_begin[t] = offset[e] + (t - tile_offset[e]) * tile_rows;
       r.tile_end[t] = offset[e + 1];
     }
   for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
@@ -134,6 +144,81 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+// grid (ceil(inter / kSmallR), max_tiles), block kSmallThreads: the GEMV form of
+// grouped_gate_up_kernel for tiles of at most kSmallRows rows.
+template <DType D>
+__global__ void __launch_bounds__(kSmallThreads)
+    small_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, bool vec) {
+  pdl_wait();
+  __shared__ float scratch[kSmallThreads / 32 * 2 * kSmallR * kSmallRows];
+  __shared__ float result[2 * kSmallR * kSmallRows];
+  constexpr int E = ElemSize<D>::value;
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * kSmallR;
+  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
+  const int64_t scale_cols = ceil_div(p.hidden, p.block);
+  GemvRow rows[2 * kSmallR];
+#pragma unroll
+  for (int i = 0; i < kSmallR; ++i) {
+    const int64_t n = min(n0 + i, p.inter - 1);
+    rows[i].w = static_cast<const uint8_t*>(ep.gate) + n * p.hidden * E;
+    rows[kSmallR + i].w = static_cast<const uint8_t*>(ep.up) + n * p.hidden * E;
+    rows[i].scale = D == DType::F8_E4M3 ? ep.gate_scale + (n / p.block) * scale_cols : nullptr;
+    rows[kSmallR + i].scale = D == DType::F8_E4M3 ? ep.up_scale + (n / p.block) * scale_cols : nullptr;
+  }
+  float acc[2 * kSmallR][kSmallRows];
+#pragma unroll
+  for (int i = 0; i < 2 * kSmallR; ++i)
+#pragma unroll
+    for (int m = 0; m < kSmallRows; ++m) acc[i][m] = 0.f;
+  gemv_accumulate<D, kSmallRows, 2 * kSmallR>(acc, rows, GemvX{p.x, p.hidden, r.token_of_row + begin}, M, p.hidden,
+                                               p.block, vec, 1.f);
+  gemv_block_reduce<kSmallRows, 2 * kSmallR>(acc, scratch, result);
+  for (int i = threadIdx.x; i < kSmallR * kSmallRows; i += blockDim.x) {
+    const int n = i / kSmallRows, m = i % kSmallRows;
+    if (m >= M || n0 + n >= p.inter) continue;
+    const float g = result[n * kSmallRows + m], u = result[(kSmallR + n) * kSmallRows + m];
+    h[(begin + m) * p.inter + n0 + n] = g / (1.f + expf(-g)) * u;
+  }
+}
+
+// grid (ceil(hidden / kSmallR), max_tiles), block kSmallThreads: the GEMV form of
+// grouped_down_kernel.
+template <DType D>
+__global__ void __launch_bounds__(kSmallThreads)
+    small_down_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ h, float* __restrict__ y, bool vec) {
+  pdl_wait();
+  __shared__ float scratch[kSmallThreads / 32 * kSmallR * kSmallRows];
+  __shared__ float result[kSmallR * kSmallRows];
+  constexpr int E = ElemSize<D>::value;
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * kSmallR;
+  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
+  const int64_t scale_cols = ceil_div(p.inter, p.block);
+  GemvRow rows[kSmallR];
+#pragma unroll
+  for (int i = 0; i < kSmallR; ++i) {
+    const int64_t n = min(n0 + i, p.hidden - 1);
+    rows[i].w = static_cast<const uint8_t*>(ep.down) + n * p.inter * E;
+    rows[i].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
+  }
+  float acc[kSmallR][kSmallRows];
+#pragma unroll
+  for (int i = 0; i < kSmallR; ++i)
+#pragma unroll
+    for (int m = 0; m < kSmallRows; ++m) acc[i][m] = 0.f;
+  gemv_accumulate<D, kSmallRows, kSmallR>(acc, rows, GemvX{h + begin * p.inter, p.inter}, M, p.inter, p.block, vec, 1.f);
+  gemv_block_reduce<kSmallRows, kSmallR>(acc, scratch, result);
+  for (int i = threadIdx.x; i < kSmallR * kSmallRows; i += blockDim.x) {
+    const int n = i / kSmallRows, m = i % kSmallRows;
+    if (m < M && n0 + n < p.hidden) y[(begin + m) * p.hidden + n0 + n] = result[n * kSmallRows + m];
+  }
+}
+
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
 __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ y) {
   pdl_wait();
@@ -153,7 +238,9 @@ template <DType D>
 void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   constexpr int E = ElemSize<D>::value;
   const int64_t pairs = p.n_tokens * p.top_k;
-  const int64_t max_tiles = ceil_div(pairs, kBM) + std::min<int64_t>(p.n_experts, pairs);
+  const bool small = pairs < kTiledMinRowsPerExpert * p.n_experts;
+  const int tile_rows = small ? kSmallRows : kBM;
+  const int64_t max_tiles = ceil_div(pairs, tile_rows) + std::min<int64_t>(p.n_experts, pairs);
   FATHOM_CHECK(max_tiles <= 65535, "moe_experts: ", p.n_tokens, " tokens x ", p.top_k,
                " experts is too many for one grouped launch.");
   StreamScratch index(size_t(2 * pairs + 3 * max_tiles + 1) * sizeof(int32_t), s, "moe_experts");
@@ -172,8 +259,21 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
 
-  launch_kernel(moe_route_kernel, 1, 1024, 0, s, p, r);
+  launch_kernel(moe_route_kernel, 1, 1024, 0, s, p, r, tile_rows);
   check_launch("moe_experts (moe_route_kernel)");
+  if (small) {
+    const bool fp8_gemv = D != DType::F8_E4M3 || p.block % 16 == 0;
+    const bool vec_x16 = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && p.hidden % 4 == 0 && fp8_gemv;
+    const bool vec_h16 = p.aligned16 && p.inter * E % 16 == 0 && p.inter % 4 == 0 && fp8_gemv;
+    launch_kernel(small_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, kSmallR)), unsigned(max_tiles)),
+                  kSmallThreads, 0, s, p, r, h.as<float>(), vec_x16);
+    check_launch("moe_experts (small_gate_up_kernel)");
+    launch_kernel(small_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, kSmallR)), unsigned(max_tiles)), kSmallThreads,
+                  0, s, p, r, h.as<float>(), y.as<float>(), vec_h16);
+    check_launch("moe_experts (small_down_kernel)");
+    launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y.as<float>());
+    return check_launch("moe_experts (moe_combine_kernel)");
+  }
   launch_kernel(grouped_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, kBN)), unsigned(max_tiles)), kTileThreads, 0, s, 
       p, r, h.as<float>(), vec_x, vec_up);
   check_launch("moe_experts (grouped_gate_up_kernel)");
