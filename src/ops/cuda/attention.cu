@@ -343,6 +343,33 @@ void launch_ndv(const AttnLaunch& a, dim3 grid, size_t smem, cudaStream_t s) {
   }
 }
 
+// How the keys of each (row tile, KV head) are cut: into chunks of whole `tile`-key tiles, enough
+// that base_blocks x chunks reaches target_blocks, but never less than a tile per chunk nor more
+// than 1024 chunks. Without a device key count the causal limit bounds the keys.
+struct KeySplit {
+  int64_t chunk;
+  int n_chunks;
+};
+KeySplit split_keys(const AttentionParams& p, int tile, int64_t base_blocks, int64_t target_blocks) {
+  const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
+  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, tile));
+  int64_t n_chunks = std::clamp<int64_t>(ceil_div(target_blocks, base_blocks), 1, key_tiles);
+  n_chunks = std::min<int64_t>(n_chunks, 1024);
+  const int64_t chunk = ceil_div(key_tiles, n_chunks) * tile;
+  return {chunk, int(std::max<int64_t>(1, ceil_div(visible, chunk)))};
+}
+
+// The split chunks' work space: their unnormalised outputs (n_chunks, n_q, n_q_heads, d_v), then
+// their (max, sum) pairs (n_chunks, n_q, n_q_heads, 2) from partial_ml(part_o) on.
+size_t partial_bytes(const AttentionParams& p, int n_chunks) {
+  const int64_t pairs = p.n_q * p.n_q_heads;
+  FATHOM_CHECK(pairs < (int64_t(1) << 31), "attention: ", pairs, " (query, head) pairs is too many for one launch.");
+  return size_t(n_chunks) * size_t(pairs) * size_t(p.d_v + 2) * sizeof(float);
+}
+float* partial_ml(const AttentionParams& p, int n_chunks, float* part_o) {
+  return part_o + size_t(n_chunks) * size_t(p.n_q * p.n_q_heads) * size_t(p.d_v);
+}
+
 // The absorbed-MLA shape on tensor cores (attention_mla.cu). The kernel needs ~190 KB of shared
 // memory, so one block per SM: the keys are split until the blocks about fill the GPU, in whole
 // 64-key tiles, and the chunks are merged by the last block to finish (or, without counters, by
@@ -356,18 +383,13 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   const int64_t row_tiles = ceil_div(a.rows, kMlaRows);
   FATHOM_CHECK(a.rows < (int64_t(1) << 31) && p.n_kv < (int64_t(1) << 31), "attention: ", p.n_q, " queries x ",
                a.group, " heads or ", p.n_kv, " keys is too many for one launch.");
-  const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
-  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kMlaKeys));
-  int64_t n_chunks = std::clamp<int64_t>(ceil_div(sm_count(), row_tiles * p.n_kv_heads), 1, key_tiles);
-  n_chunks = std::min<int64_t>(n_chunks, 1024);
-  a.chunk = ceil_div(key_tiles, n_chunks) * kMlaKeys;
-  a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
+  const KeySplit split = split_keys(p, kMlaKeys, row_tiles * p.n_kv_heads, sm_count());
+  a.chunk = split.chunk;
+  a.n_chunks = split.n_chunks;
   if (a.n_chunks == 1) return mla_attention(a, s);
-  const int64_t pairs = p.n_q * p.n_q_heads;
-  FATHOM_CHECK(pairs < (int64_t(1) << 31), "attention: ", pairs, " (query, head) pairs is too many for one launch.");
-  StreamScratch work(size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v + 2) * sizeof(float), s, "attention");
+  StreamScratch work(partial_bytes(p, a.n_chunks), s, "attention");
   a.part_o = work.as<float>();
-  a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
+  a.part_ml = partial_ml(p, a.n_chunks, a.part_o);
   // the last block of each (row tile, KV head) to finish merges, when the counters suffice
   if (counters && row_tiles * p.n_kv_heads <= kStreamCounters) a.counters = counters;
   mla_attention(a, s);
@@ -377,7 +399,7 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   m.n_chunks = a.n_chunks;
   m.part_o = a.part_o;
   m.part_ml = a.part_ml;
-  launch_kernel(attention_merge_kernel, unsigned(pairs), 128, 0, s, m);
+  launch_kernel(attention_merge_kernel, unsigned(p.n_q * p.n_q_heads), 128, 0, s, m);
   check_launch("attention_merge_kernel");
 }
 
@@ -386,9 +408,8 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
 void attention_setup() {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  auto setup = [device] {
-    int smem_max = 0;
-    check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  auto setup = [] {
+    const int smem_max = smem_optin();  // also sets up the latent kernel
     allow_smem_all<float>(smem_max - kStaticSmem);
     allow_smem_all<uint16_t>(smem_max - kStaticSmem);
   };
@@ -439,9 +460,7 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
 
   const size_t smem = size_t(kRows * a.q_stride + kKeys * a.kv_stride) * sizeof(float) + 2 * kKeys * sizeof(int64_t);
   attention_setup();
-  int device = 0, smem_max = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  const int smem_max = smem_optin();
   FATHOM_CHECK(smem + kStaticSmem <= size_t(smem_max), "attention: d_qk ", p.d_qk, " / d_v ", p.d_v, " need ",
                smem + kStaticSmem, " bytes of shared memory per block but the GPU offers ", smem_max, ".");
 
@@ -449,14 +468,9 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
   // tile of keys per chunk: a decode step's latency is then one tile's, not the context's.
   const int64_t row_tiles = ceil_div(a.rows, kRows);
   FATHOM_CHECK(row_tiles < (int64_t(1) << 31), "attention: ", p.n_q, " queries is too many for one launch.");
-  const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
-  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, kKeys));
-  const int64_t base_blocks = row_tiles * p.n_kv_heads;
-  int64_t n_chunks = std::clamp<int64_t>(ceil_div(4 * int64_t(sm_count()), base_blocks), 1,
-                                         key_tiles);
-  n_chunks = std::min<int64_t>(n_chunks, 1024);
-  a.chunk = ceil_div(key_tiles, n_chunks) * kKeys;
-  a.n_chunks = int(std::max<int64_t>(1, ceil_div(visible, a.chunk)));
+  const KeySplit split = split_keys(p, kKeys, row_tiles * p.n_kv_heads, 4 * int64_t(sm_count()));
+  a.chunk = split.chunk;
+  a.n_chunks = split.n_chunks;
 
   const dim3 grid(unsigned(row_tiles), unsigned(p.n_kv_heads), unsigned(a.n_chunks));
   if (a.n_chunks == 1) {
@@ -464,14 +478,12 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
     else launch_ndv<float>(a, grid, smem, s);
     return;
   }
-  const int64_t pairs = p.n_q * p.n_q_heads;
-  FATHOM_CHECK(pairs < (int64_t(1) << 31), "attention: ", pairs, " (query, head) pairs is too many for one launch.");
-  StreamScratch work(size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v + 2) * sizeof(float), s, "attention");
+  StreamScratch work(partial_bytes(p, a.n_chunks), s, "attention");
   a.part_o = work.as<float>();
-  a.part_ml = a.part_o + size_t(a.n_chunks) * size_t(pairs) * size_t(p.d_v);
+  a.part_ml = partial_ml(p, a.n_chunks, a.part_o);
   if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
   else launch_ndv<float>(a, grid, smem, s);
-  launch_kernel(attention_merge_kernel, unsigned(pairs), 128, 0, s, a);
+  launch_kernel(attention_merge_kernel, unsigned(p.n_q * p.n_q_heads), 128, 0, s, a);
   check_launch("attention_merge_kernel");
 }
 

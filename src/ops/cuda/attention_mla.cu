@@ -401,35 +401,50 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   if (tid == 0) *counter = 0;  // ready for the next call on this stream
 }
 
-int smem_optin() {
-  int device = 0, smem_max = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
+int query_smem_optin(int device) {
+  int smem_max = 0;
   check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
   return smem_max;
 }
 
+void allow_smem(int smem_max) {
+  if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_max))
+    check(cudaFuncSetAttribute(mla_attention_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(MlaSmem<2>::bytes)),
+          "attention (cudaFuncSetAttribute)");
+  if (MlaSmem<1>::bytes + kRowSmem <= size_t(smem_max))
+    check(cudaFuncSetAttribute(mla_attention_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(MlaSmem<1>::bytes)),
+          "attention (cudaFuncSetAttribute)");
+}
+
 constexpr int kMaxDevices = 64;
 std::once_flag g_setup[kMaxDevices];
+int g_smem_optin[kMaxDevices];
 
-void setup_once() {
+int current_device() {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  auto setup = [] {
-    const int smem_max = smem_optin();
-    if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_max))
-      check(cudaFuncSetAttribute(mla_attention_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 int(MlaSmem<2>::bytes)),
-            "attention (cudaFuncSetAttribute)");
-    if (MlaSmem<1>::bytes + kRowSmem <= size_t(smem_max))
-      check(cudaFuncSetAttribute(mla_attention_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 int(MlaSmem<1>::bytes)),
-            "attention (cudaFuncSetAttribute)");
-  };
-  if (device >= 0 && device < kMaxDevices) std::call_once(g_setup[device], setup);
-  else setup();
+  return device;
 }
 
 }  // namespace
+
+void mla_setup() {
+  const int device = current_device();
+  if (device < 0 || device >= kMaxDevices) return allow_smem(query_smem_optin(device));
+  std::call_once(g_setup[device], [device] {
+    g_smem_optin[device] = query_smem_optin(device);
+    allow_smem(g_smem_optin[device]);
+  });
+}
+
+int smem_optin() {
+  const int device = current_device();
+  if (device < 0 || device >= kMaxDevices) return query_smem_optin(device);
+  mla_setup();
+  return g_smem_optin[device];
+}
 
 bool mla_supported(const AttentionParams& p) {
   const bool shape = p.kv_dtype == DType::BF16 && p.d_qk == kDqk && p.d_v == kDv && p.v == p.k &&
@@ -439,7 +454,7 @@ bool mla_supported(const AttentionParams& p) {
 }
 
 void mla_attention(const MlaLaunch& a, cudaStream_t stream) {
-  setup_once();
+  mla_setup();
   const dim3 grid(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
   if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin())) {
     launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);

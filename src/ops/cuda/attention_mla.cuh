@@ -31,6 +31,12 @@ struct MlaLaunch {
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
 constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
 
+// Once per device (attention_setup() calls it, before any graph capture): the kernel's shared
+// memory attribute, and the device's opt-in shared memory per block, which smem_optin() returns
+// without asking the driver again.
+void mla_setup();
+int smem_optin();
+
 // Whether p has the latent shape the kernel is built for (BF16, d_qk 576, d_v 512, V the
 // prefix of K, 16-byte aligned rows) and the device has the shared memory it needs.
 bool mla_supported(const AttentionParams& p);

@@ -11,6 +11,7 @@
 // The vector path needs 16-byte aligned weight rows and x rows (and, for FP8, a block edge
 // that is a multiple of 16); otherwise, and for the K % kVec tail, a scalar loop does the work.
 #pragma once
+#include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
 
 namespace fathom::cuda {
@@ -20,6 +21,26 @@ struct GemvRow {
   const uint8_t* w;
   const float* scale;
 };
+
+// Row n of an (N, K) weight of dtype D at w, with its scales (FP8: (ceil(N/block), ceil(K/block))).
+template <DType D>
+__device__ inline GemvRow gemv_row(const void* w, const float* scale_inv, int64_t n, int64_t K, int64_t block) {
+  return {static_cast<const uint8_t*>(w) + n * K * ElemSize<D>::value,
+          D == DType::F8_E4M3 ? scale_inv + (n / block) * ceil_div(K, block) : nullptr};
+}
+
+// An expert's gate rows n0 .. n0+R-1 (rows[0..R)) and up rows (rows[R..2R)); rows past `inter`
+// repeat its last row (their results are dropped).
+template <DType D, int R>
+__device__ inline void gate_up_rows(GemvRow (&rows)[2 * R], const ExpertPointers& ep, int64_t n0, int64_t inter,
+                                    int64_t hidden, int64_t block) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = min(n0 + r, inter - 1);
+    rows[r] = gemv_row<D>(ep.gate, ep.gate_scale, n, hidden, block);
+    rows[R + r] = gemv_row<D>(ep.up, ep.up_scale, n, hidden, block);
+  }
+}
 
 // The rows of x a GEMV multiplies: row m starts at base + (index ? index[m] : m) * ldx (index:
 // the gathered tokens of one expert in the grouped MoE path).

@@ -49,13 +49,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
   pdl_wait();
   __shared__ float scratch[kGemvThreads / 32 * R * MP];
   __shared__ float result[R * MP];
-  const int64_t scale_cols = ceil_div(p.K, p.block);
   GemvRow rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int64_t n = min(n0 + r, p.N - 1);  // past the end: a duplicate whose result is dropped
-    rows[r].w = w + n * p.K * E;
-    rows[r].scale = D == DType::F8_E4M3 ? p.scale_inv + (n / p.block) * scale_cols : nullptr;
+    rows[r] = gemv_row<D>(w, p.scale_inv, n, p.K, p.block);
   }
   float acc[R][MP];
 #pragma unroll

@@ -178,16 +178,8 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
     return;
   }
   const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
-  const int64_t scale_cols = ceil_div(p.hidden, p.block);
   GemvRow rows[2 * R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = min(n0 + r, hr.inter - 1);
-    rows[r].w = static_cast<const uint8_t*>(ep.gate) + n * p.hidden * E;
-    rows[R + r].w = static_cast<const uint8_t*>(ep.up) + n * p.hidden * E;
-    rows[r].scale = D == DType::F8_E4M3 ? ep.gate_scale + (n / p.block) * scale_cols : nullptr;
-    rows[R + r].scale = D == DType::F8_E4M3 ? ep.up_scale + (n / p.block) * scale_cols : nullptr;
-  }
+  gate_up_rows<D, R>(rows, ep, n0, hr.inter, p.hidden, p.block);
   float acc[2 * R][1];
 #pragma unroll
   for (int r = 0; r < 2 * R; ++r) acc[r][0] = 0.f;
@@ -243,14 +235,9 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
     if (e < 0 || e >= p.n_experts) continue;
     const ExpertPointers& ep = shared ? p.shared : p.table[e];
     const HiddenRow hr = hidden_row(p, pair);
-    const int64_t scale_cols = ceil_div(hr.inter, p.block);
     GemvRow rows[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t n = min(n0 + r, p.hidden - 1);
-      rows[r].w = static_cast<const uint8_t*>(ep.down) + n * hr.inter * E;
-      rows[r].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
-    }
+    for (int r = 0; r < R; ++r) rows[r] = gemv_row<D>(ep.down, ep.down_scale, min(n0 + r, p.hidden - 1), hr.inter, p.block);
     // the routing weight scales this slot's partial sums; one reduction serves all slots
     gemv_accumulate<D, 1, R>(acc, rows, GemvX{h + hr.offset, hr.inter}, 1, hr.inter, p.block, shared ? vec_shared : vec,
                              p.weights && !shared ? p.weights[pair] : 1.f, (warp % per_slot) * 32 + lane, 32 * per_slot);

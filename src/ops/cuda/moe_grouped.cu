@@ -152,22 +152,13 @@ __global__ void __launch_bounds__(kSmallThreads)
   pdl_wait();
   __shared__ float scratch[kSmallThreads / 32 * 2 * kSmallR * kSmallRows];
   __shared__ float result[2 * kSmallR * kSmallRows];
-  constexpr int E = ElemSize<D>::value;
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * kSmallR;
   const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
-  const int64_t scale_cols = ceil_div(p.hidden, p.block);
   GemvRow rows[2 * kSmallR];
-#pragma unroll
-  for (int i = 0; i < kSmallR; ++i) {
-    const int64_t n = min(n0 + i, p.inter - 1);
-    rows[i].w = static_cast<const uint8_t*>(ep.gate) + n * p.hidden * E;
-    rows[kSmallR + i].w = static_cast<const uint8_t*>(ep.up) + n * p.hidden * E;
-    rows[i].scale = D == DType::F8_E4M3 ? ep.gate_scale + (n / p.block) * scale_cols : nullptr;
-    rows[kSmallR + i].scale = D == DType::F8_E4M3 ? ep.up_scale + (n / p.block) * scale_cols : nullptr;
-  }
+  gate_up_rows<D, kSmallR>(rows, ep, n0, p.inter, p.hidden, p.block);
   float acc[2 * kSmallR][kSmallRows];
 #pragma unroll
   for (int i = 0; i < 2 * kSmallR; ++i)
@@ -192,20 +183,14 @@ __global__ void __launch_bounds__(kSmallThreads)
   pdl_wait();
   __shared__ float scratch[kSmallThreads / 32 * kSmallR * kSmallRows];
   __shared__ float result[kSmallR * kSmallRows];
-  constexpr int E = ElemSize<D>::value;
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * kSmallR;
   const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
-  const int64_t scale_cols = ceil_div(p.inter, p.block);
   GemvRow rows[kSmallR];
 #pragma unroll
-  for (int i = 0; i < kSmallR; ++i) {
-    const int64_t n = min(n0 + i, p.hidden - 1);
-    rows[i].w = static_cast<const uint8_t*>(ep.down) + n * p.inter * E;
-    rows[i].scale = D == DType::F8_E4M3 ? ep.down_scale + (n / p.block) * scale_cols : nullptr;
-  }
+  for (int i = 0; i < kSmallR; ++i) rows[i] = gemv_row<D>(ep.down, ep.down_scale, min(n0 + i, p.hidden - 1), p.inter, p.block);
   float acc[kSmallR][kSmallRows];
 #pragma unroll
   for (int i = 0; i < kSmallR; ++i)
