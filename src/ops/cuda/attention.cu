@@ -280,31 +280,89 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnLaunch a) {
   }
 }
 
-// grid (n_q * n_q_heads), block 128: every thread recomputes the chunk weights it needs
-// (n_chunks ≤ 1024 exponentials), so there is no shared state to size.
-__global__ void attention_merge_kernel(AttnLaunch a) {
+// grid (n_q * n_q_heads, ceil(d_v / 128)), block kMergeThreads: one (query, head) pair and 128
+// of its output dims. The chunk weights w_c = e^(m_c − m) are computed once per block into
+// shared memory; then each warp walks every 8th chunk, its lanes on 4 adjacent dims, with the
+// loads of 4 chunks in flight (a serial walk over the chunks is a chain of L2 round trips),
+// and the 8 warps' sums are added through shared memory.
+constexpr int kMergeThreads = 256, kMergeWarps = kMergeThreads / 32, kMergeDims = 128;
+constexpr int kMaxChunks = 1024;  // split_keys never makes more
+__global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaunch a) {
   pdl_wait();
+  __shared__ float wts[kMaxChunks];
+  __shared__ float red[kMergeWarps];
+  __shared__ float4 sums[kMergeWarps][kMergeDims / 4];
   const AttentionParams& p = a.p;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t pair = blockIdx.x, R = p.n_q * p.n_q_heads;
+  const int n = a.n_chunks;
+  float mx = -INFINITY;
+  for (int c = tid; c < n; c += kMergeThreads) mx = fmaxf(mx, a.part_ml[2 * (c * R + pair)]);
+  mx = warp_max(mx);
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+  for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, red[w]);
+  __syncthreads();  // red is reused below
+  float den = 0.f;
+  for (int c = tid; c < n; c += kMergeThreads) {
+    const float w = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
+    wts[c] = w;
+    den += w * a.part_ml[2 * (c * R + pair) + 1];
+  }
+  den = warp_sum(den);
+  if (lane == 0) red[warp] = den;
+  __syncthreads();  // wts and red are complete
+  den = 0.f;
+  for (int w = 0; w < kMergeWarps; ++w) den += red[w];
+
+  const int64_t d0 = int64_t(blockIdx.y) * kMergeDims + 4 * lane;
+  const bool vec = p.d_v % 4 == 0;
+  auto load4 = [&](int c) -> float4 {
+    const float* src = a.part_o + (c * R + pair) * p.d_v + d0;
+    if (vec && d0 < p.d_v) return __ldcg(reinterpret_cast<const float4*>(src));
+    float v[4];
+    for (int e = 0; e < 4; ++e) v[e] = d0 + e < p.d_v ? __ldcg(src + e) : 0.f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+  };
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  int c = warp;
+  for (; c + 3 * kMergeWarps < n; c += 4 * kMergeWarps) {
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = load4(c + u * kMergeWarps);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float w = wts[c + u * kMergeWarps];
+      acc.x += w * v[u].x, acc.y += w * v[u].y, acc.z += w * v[u].z, acc.w += w * v[u].w;
+    }
+  }
+  for (; c < n; c += kMergeWarps) {
+    const float4 v = load4(c);
+    const float w = wts[c];
+    acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+  }
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp != 0) return;
+  float4 t = sums[0][lane];
+  for (int w = 1; w < kMergeWarps; ++w) {
+    const float4 v = sums[w][lane];
+    t.x += v.x, t.y += v.y, t.z += v.z, t.w += v.w;
+  }
+  const float inv = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
   const int64_t i = pair / p.n_q_heads;
   const int h = int(pair % p.n_q_heads);
-  float mx = -INFINITY;
-  for (int c = 0; c < a.n_chunks; ++c) mx = fmaxf(mx, a.part_ml[2 * (c * R + pair)]);
-  float denom = 0.f;
-  for (int c = 0; c < a.n_chunks; ++c) {
-    const float w = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
-    denom += w * a.part_ml[2 * (c * R + pair) + 1];
-  }
-  const float inv = denom > 0.f ? 1.f / denom : 0.f;
-  float* out = p.out + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
-  for (int d = threadIdx.x; d < p.d_v; d += blockDim.x) {
-    float acc = 0.f;
-    for (int c = 0; c < a.n_chunks; ++c) {
-      const float w = mx == -INFINITY ? 0.f : expf(a.part_ml[2 * (c * R + pair)] - mx);
-      acc += w * a.part_o[(c * R + pair) * p.d_v + d];
-    }
-    out[d] = acc * inv;
-  }
+  float* out = p.out + i * p.out_token_stride + int64_t(h) * p.out_head_stride + d0;
+  const float r[4] = {t.x * inv, t.y * inv, t.z * inv, t.w * inv};
+  for (int e = 0; e < 4; ++e)
+    if (d0 + e < p.d_v) out[e] = r[e];
+}
+
+void launch_merge(const AttnLaunch& m, cudaStream_t s) {
+  const dim3 grid(unsigned(m.p.n_q * m.p.n_q_heads), unsigned(ceil_div(m.p.d_v, kMergeDims)));
+  launch_kernel(attention_merge_kernel, grid, kMergeThreads, 0, s, m);
+  check_launch("attention_merge_kernel");
 }
 
 int smem_stride(int d4) { return d4 % 8 == 4 ? d4 : d4 + 4; }
@@ -354,7 +412,7 @@ KeySplit split_keys(const AttentionParams& p, int tile, int64_t base_blocks, int
   const int64_t visible = p.causal && !p.kv_len ? std::min(p.n_kv, p.q_pos0 + p.n_q) : p.n_kv;
   const int64_t key_tiles = std::max<int64_t>(1, ceil_div(visible, tile));
   int64_t n_chunks = std::clamp<int64_t>(ceil_div(target_blocks, base_blocks), 1, key_tiles);
-  n_chunks = std::min<int64_t>(n_chunks, 1024);
+  n_chunks = std::min<int64_t>(n_chunks, kMaxChunks);
   const int64_t chunk = ceil_div(key_tiles, n_chunks) * tile;
   return {chunk, int(std::max<int64_t>(1, ceil_div(visible, chunk)))};
 }
@@ -372,8 +430,8 @@ float* partial_ml(const AttentionParams& p, int n_chunks, float* part_o) {
 
 // The absorbed-MLA shape on tensor cores (attention_mla.cu). The kernel needs ~190 KB of shared
 // memory, so one block per SM: the keys are split until the blocks about fill the GPU, in whole
-// 64-key tiles, and the chunks are merged by the last block to finish (or, without counters, by
-// the merge kernel below).
+// 64-key tiles, and the chunks are merged by the last block to finish (or, without counters or
+// with many chunks, by the merge kernel above).
 void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   MlaLaunch a;
   a.p = p;
@@ -390,8 +448,10 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   StreamScratch work(partial_bytes(p, a.n_chunks), s, "attention");
   a.part_o = work.as<float>();
   a.part_ml = partial_ml(p, a.n_chunks, a.part_o);
-  // the last block of each (row tile, KV head) to finish merges, when the counters suffice
-  if (counters && row_tiles * p.n_kv_heads <= kStreamCounters) a.counters = counters;
+  // the last block of each (row tile, KV head) to finish merges, when the counters suffice and
+  // the chunks are few (one block reads them all; past that the merge kernel's many blocks win)
+  if (counters && row_tiles * p.n_kv_heads <= kStreamCounters && a.n_chunks <= kMlaLastMergeChunks)
+    a.counters = counters;
   mla_attention(a, s);
   if (a.counters) return;
   AttnLaunch m;  // what the merge reads
@@ -399,8 +459,7 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   m.n_chunks = a.n_chunks;
   m.part_o = a.part_o;
   m.part_ml = a.part_ml;
-  launch_kernel(attention_merge_kernel, unsigned(p.n_q * p.n_q_heads), 128, 0, s, m);
-  check_launch("attention_merge_kernel");
+  launch_merge(m, s);
 }
 
 }  // namespace
@@ -483,8 +542,7 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
   a.part_ml = partial_ml(p, a.n_chunks, a.part_o);
   if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
   else launch_ndv<float>(a, grid, smem, s);
-  launch_kernel(attention_merge_kernel, unsigned(p.n_q * p.n_q_heads), 128, 0, s, a);
-  check_launch("attention_merge_kernel");
+  launch_merge(a, s);
 }
 
 }  // namespace fathom::cuda

@@ -3,16 +3,19 @@
 // row's first 512 columns. Decode therefore multiplies a 16-row query tile with 64-key tiles of
 // the cache, which is exactly an m16n8k16 tensor-core MMA (mma.sync, sm_80 and later).
 //
-// A block (4 warps) owns 16 query rows (the heads of a token, token-major when a row tile spans
+// A block (8 warps) owns 16 query rows (the heads of a token, token-major when a row tile spans
 // tokens) and one chunk of keys, walked in tiles of 64 keys:
 //   1. the tile's key rows are copied with cp.async (through the block table when paged; rows
 //      past the keys are zero-filled), double-buffered when shared memory allows, so the next
 //      tile streams in while this one is multiplied;
-//   2. S = Q Kᵀ: warp w scores keys 16w..16w+15 of the tile over all 576 dims;
+//   2. S = Q Kᵀ: warp w scores keys 8w..8w+7 of the tile over all 576 dims;
 //   3. online softmax (FlashAttention): the row max and sum over the tile are combined across the
-//      4 warps through shared memory; P = exp(S - m) goes to shared memory as BF16;
-//   4. O += P V: warp w owns output dims 128w..128w+127, V read transposed from the same tile
+//      8 warps through shared memory; P = exp(S - m) goes to shared memory as BF16;
+//   4. O += P V: warp w owns output dims 64w..64w+63, V read transposed from the same tile
 //      (ldmatrix.trans), so the latent row is loaded once for both products.
+// A decode call is short (a few tiles per block), so the block's fixed work counts as much as
+// the tiles: eight warps share it, each thread computes a key row's (or a query row's) address
+// once and then issues its copies back to back, and the final merge keeps its loads in flight.
 // Precision: the CPU reference computes in fp32, and so must this kernel (1e-4). Q and P are
 // each split into a BF16 high part and a BF16 remainder (x = hi + lo to ~2^-17 relative) and
 // both parts are multiplied, with fp32 accumulation: twice the tensor-core work, still far
@@ -30,13 +33,15 @@ namespace fathom::cuda {
 namespace {
 
 constexpr int kDqk = 576, kDv = 512;
-constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr int kWarps = 8, kThreads = kWarps * 32;
 // Shared-memory row strides in BF16 elements: 16-byte multiples whose 16-byte count is odd,
 // so the 8 row addresses of an ldmatrix hit 8 different bank groups.
 constexpr int kQs = kDqk + 8;        // Q rows
 constexpr int kKs = kDqk + 8;        // key rows
 constexpr int kPs = kMlaKeys + 8;    // P rows
-constexpr int kDvPerWarp = kDv / kWarps;  // 128: 16 n8 tiles
+constexpr int kDvPerWarp = kDv / kWarps;        // 64: 8 n8 tiles
+constexpr int kKeysPerWarp = kMlaKeys / kWarps;  // 8: one n8 tile
+static_assert(kKeysPerWarp == 8 && kDvPerWarp % 16 == 0, "the fragment layout below assumes these");
 constexpr size_t kRowSmem = 4 * kMlaRows * sizeof(int64_t);  // the kernel's static per-row table
 
 template <int STAGES>
@@ -87,21 +92,30 @@ __device__ inline void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
-// Issues the cp.async copies of keys [j0, j0 + kMlaKeys) ∩ [.., k_end) into `tile`.
+// Issues the cp.async copies of keys [j0, j0 + kMlaKeys) ∩ [.., k_end) into `tile`: 8 threads
+// per key row (each finds the row once, then copies 9 of its 72 16-byte pieces, the 8 threads
+// together 128 contiguous bytes per instruction), 32 rows per pass.
 __device__ inline void load_tile(uint16_t* tile, const uint16_t* __restrict__ kbase, const AttentionParams& p, int g,
                                  int64_t j0, int64_t k_end) {
-  constexpr int kChunks = kDqk / 8;  // 16-byte pieces per row
-  for (int idx = threadIdx.x; idx < kMlaKeys * kChunks; idx += kThreads) {
-    const int key = idx / kChunks, c = idx % kChunks;
+  constexpr int kPieces = kDqk / 8, kLanes = 8, kRowsPerPass = kThreads / kLanes;
+  const int sub = threadIdx.x % kLanes;
+#pragma unroll
+  for (int pass = 0; pass < kMlaKeys / kRowsPerPass; ++pass) {
+    const int key = pass * kRowsPerPass + threadIdx.x / kLanes;
     const int64_t j = j0 + key;
     const bool valid = j < k_end;
-    const uint16_t* src = kbase;
+    const uint16_t* src = kbase;  // zero fill reads nothing, but the address stays a valid one
     if (valid) {
       const int jj = int(j);  // < 2^31 keys (checked by the launcher)
       const int64_t row = p.block_table ? int64_t(p.block_table[jj / p.block_size]) * p.block_size + jj % p.block_size : j;
-      src = kbase + row * p.k_token_stride + int64_t(g) * p.k_head_stride + c * 8;
+      src = kbase + row * p.k_token_stride + int64_t(g) * p.k_head_stride;
     }
-    cp_async16(smem_u32(tile + key * kKs + c * 8), src, valid);
+    const uint32_t dst = smem_u32(tile + key * kKs);
+#pragma unroll
+    for (int m = 0; m < kPieces / kLanes; ++m) {
+      const int c = sub + kLanes * m;
+      cp_async16(dst + c * 16, valid ? src + c * 8 : src, valid);
+    }
   }
   cp_async_commit();
 }
@@ -157,17 +171,18 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   // one memory round trip rather than one per element.
   auto q_row = [&](int r) -> const float* { return row_q[r] >= 0 ? p.q + row_q[r] : nullptr; };
   if (a.vec_q) {
-    constexpr int kPer = kMlaRows * (kDqk / 4) / kThreads;  // 18 float4 per thread
+    // 16 threads per query row, 9 float4 each: the row's address is found once
+    constexpr int kPerRow = kThreads / kMlaRows, kPer = (kDqk / 4) / kPerRow;
+    static_assert((kDqk / 4) % kPerRow == 0, "a Q row splits evenly over its threads");
+    const int r = tid / kPerRow, c0 = tid % kPerRow;
+    const float* q = q_row(r);
     float4 v[kPer];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int idx = tid + i * kThreads, r = idx / (kDqk / 4), d = 4 * (idx % (kDqk / 4));
-      const float* q = q_row(r);
-      v[i] = q ? __ldg(reinterpret_cast<const float4*>(q + d)) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    for (int i = 0; i < kPer; ++i)
+      v[i] = q ? __ldg(reinterpret_cast<const float4*>(q + 4 * (c0 + kPerRow * i))) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const int idx = tid + i * kThreads, r = idx / (kDqk / 4), d = 4 * (idx % (kDqk / 4));
+      const int d = 4 * (c0 + kPerRow * i);
       uint32_t hi[2], lo[2];
       split2(v[i].x, v[i].y, hi[0], lo[0]);
       split2(v[i].z, v[i].w, hi[1], lo[1]);
@@ -203,10 +218,11 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
 #pragma unroll
   for (int i = 0; i < kDvPerWarp / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 
-  // ldmatrix row addresses: A (16x16 of Q or P) and B (keys x dims of the tile).
+  // ldmatrix row addresses: A (16x16 of Q or P); B for S: the warp's 8 key rows, four 8-dim
+  // pieces = two k-steps per ldmatrix.x4; B for PV: V (keys x dims) read transposed.
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-  const int bk_key = 16 * warp + (lane & 7) + (lane >> 4) * 8, bk_col = ((lane >> 3) & 1) * 8;  // S: K non-transposed
-  const int bv_key = (lane & 7) + ((lane >> 3) & 1) * 8, bv_col = (lane >> 4) * 8;              // PV: V transposed
+  const int bk_key = kKeysPerWarp * warp + (lane & 7), bk_col = (lane >> 3) * 8;
+  const int bv_key = (lane & 7) + ((lane >> 3) & 1) * 8, bv_col = (lane >> 4) * 8;
   const uint32_t qh_addr = smem_u32(q_hi + a_row * kQs + a_col), ql_addr = smem_u32(q_lo + a_row * kQs + a_col);
   const uint32_t ph_addr = smem_u32(p_hi + a_row * kPs + a_col), pl_addr = smem_u32(p_lo + a_row * kPs + a_col);
 
@@ -221,31 +237,32 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
     }
     __syncthreads();  // the tile (and, the first time, Q) is in shared memory
 
-    // ---- S = Q Kᵀ for keys 16*warp .. +15 of the tile (two n8 tiles)
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // ---- S = Q Kᵀ for keys 8*warp .. +7 of the tile; the hi and lo products accumulate apart
+    // (two dependency chains of 36 MMAs instead of one of 72)
+    float sh[4] = {0.f, 0.f, 0.f, 0.f}, sl[4] = {0.f, 0.f, 0.f, 0.f};
     const uint32_t k_addr = smem_u32(tile + bk_key * kKs + bk_col);
-#pragma unroll 4
-    for (int k0 = 0; k0 < kDqk; k0 += 16) {
-      uint32_t qh[4], ql[4], b[4];
-      ldsm_x4(qh, qh_addr + k0 * 2);
-      ldsm_x4(ql, ql_addr + k0 * 2);
+#pragma unroll 3
+    for (int k0 = 0; k0 < kDqk; k0 += 32) {
+      uint32_t b[4], qh0[4], ql0[4], qh1[4], ql1[4];
       ldsm_x4(b, k_addr + k0 * 2);
-      mma_bf16(s[0], qh, b[0], b[1]);
-      mma_bf16(s[0], ql, b[0], b[1]);
-      mma_bf16(s[1], qh, b[2], b[3]);
-      mma_bf16(s[1], ql, b[2], b[3]);
+      ldsm_x4(qh0, qh_addr + k0 * 2);
+      ldsm_x4(ql0, ql_addr + k0 * 2);
+      ldsm_x4(qh1, qh_addr + (k0 + 16) * 2);
+      ldsm_x4(ql1, ql_addr + (k0 + 16) * 2);
+      mma_bf16(sh, qh0, b[0], b[1]);
+      mma_bf16(sl, ql0, b[0], b[1]);
+      mma_bf16(sh, qh1, b[2], b[3]);
+      mma_bf16(sl, ql1, b[2], b[3]);
     }
-    // scale and mask; s[n][e]: row gq + 8*(e/2), key j0 + 16*warp + 8n + 2tq + e%2
-    float mx[2] = {-INFINITY, -INFINITY};
+    // scale and mask; s[e]: row gq + 8*(e/2), key j0 + 8*warp + 2tq + e%2
+    float s[4], mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t j = j0 + 16 * warp + 8 * n + 2 * tq + (e & 1);
-        const int r = e >> 1;
-        s[n][e] = j < k_end && j < lim[r] ? s[n][e] * p.scale : -INFINITY;
-        mx[r] = fmaxf(mx[r], s[n][e]);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = j0 + kKeysPerWarp * warp + 2 * tq + (e & 1);
+      const int r = e >> 1;
+      s[e] = j < k_end && j < lim[r] ? (sh[e] + sl[e]) * p.scale : -INFINITY;
+      mx[r] = fmaxf(mx[r], s[e]);
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
@@ -265,15 +282,14 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
       m[r] = m_new;
     }
     // P = exp(S - m) as hi/lo BF16 in shared memory, and this thread's share of the row sums
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
+    {
       float pv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        pv[e] = expf(s[n][e] - m_use[e >> 1]);
+        pv[e] = expf(s[e] - m_use[e >> 1]);
         sum[e >> 1] += pv[e];
       }
-      const int key = 16 * warp + 8 * n + 2 * tq;
+      const int key = kKeysPerWarp * warp + 2 * tq;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         uint32_t hi, lo;
@@ -302,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
       o[i][2] *= alpha[1], o[i][3] *= alpha[1];
     }
 
-    // ---- O += P V for dims 128*warp .. +127: V[key][dim] is the tile read transposed
+    // ---- O += P V for dims 64*warp .. +63: V[key][dim] is the tile read transposed
     const uint32_t v_addr = smem_u32(tile + bv_key * kKs + kDvPerWarp * warp + bv_col);
 #pragma unroll
     for (int k0 = 0; k0 < kMlaKeys; k0 += 16) {
@@ -323,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
     if (STAGES == 1 && t + 1 < n_tiles) load_tile(k_tiles, kbase, p, g, j0 + kMlaKeys, k_end);
   }
 
-  // ---- results: o[i][e] is row gq + 8*(e/2), dim 128*warp + 8i + 2tq + e%2
+  // ---- results: o[i][e] is row gq + 8*(e/2), dim 64*warp + 8i + 2tq + e%2
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int rr = gq + 8 * r;
@@ -362,8 +378,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   float* inv = red_sum;                            // (16) 1 / Σ_c w_c l_c
   const int64_t chunk_stride = p.n_q * p.n_q_heads;
   auto part_of = [&](int c, int r) { return int64_t(c) * chunk_stride + row_part[r]; };
-  for (int r = warp; r < kMlaRows; r += kWarps) {
-    if (row_out[r] < 0) continue;
+  for (int r = warp; r < kMlaRows; r += kWarps) {  // rows past the block's: a valid row's partials
     const int row = r;
     float mx = -INFINITY;
     for (int cc = lane; cc < a.n_chunks; cc += 32) mx = fmaxf(mx, __ldcg(a.part_ml + 2 * part_of(cc, row)));
@@ -379,24 +394,36 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
     if (lane == 0) inv[r] = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
   }
   __syncthreads();
-  // four dims per thread and step, four steps unrolled: many loads in flight per thread, since
-  // one block reads every chunk's outputs here
-  constexpr int kSteps = kMlaRows * kDv / 4 / kThreads;  // 16
-#pragma unroll 4
-  for (int i = 0; i < kSteps; ++i) {
-    const int idx = tid + i * kThreads, r = idx / (kDv / 4), d = 4 * (idx % (kDv / 4));
-    if (row_out[r] < 0) continue;
-    const int row = r;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int cc = 0; cc < a.n_chunks; ++cc) {
-      const float w = wts[r * a.n_chunks + cc];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.part_o + part_of(cc, row) * kDv + d));
-      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+  // thread: dims 4*d4 .. +3 of rows r0, r0 + 2, .., r0 + 14; per chunk its 8 loads are issued
+  // together, two chunks at a time (a walk load by load is a chain of L2 round trips)
+  constexpr int kCols = kDv / 4, kRowsPer = kMlaRows * kCols / kThreads;  // 128 float4 columns, 8 rows
+  const int d4 = tid % kCols, r0 = tid / kCols, r_step = kThreads / kCols;
+  float4 acc[kRowsPer];
+  const float* base[kRowsPer];
+#pragma unroll
+  for (int i = 0; i < kRowsPer; ++i) {
+    acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    base[i] = a.part_o + row_part[r0 + r_step * i] * kDv + 4 * d4;  // invalid rows: a valid row's partials
+  }
+#pragma unroll 2
+  for (int cc = 0; cc < a.n_chunks; ++cc) {
+    float4 v[kRowsPer];
+#pragma unroll
+    for (int i = 0; i < kRowsPer; ++i)
+      v[i] = __ldcg(reinterpret_cast<const float4*>(base[i] + int64_t(cc) * chunk_stride * kDv));
+#pragma unroll
+    for (int i = 0; i < kRowsPer; ++i) {
+      const float w = wts[(r0 + r_step * i) * a.n_chunks + cc];
+      acc[i].x += w * v[i].x, acc[i].y += w * v[i].y, acc[i].z += w * v[i].z, acc[i].w += w * v[i].w;
     }
-    float* out = p.out + row_out[r] + d;
-    const float s = inv[r];
-    out[0] = acc.x * s, out[1] = acc.y * s, out[2] = acc.z * s, out[3] = acc.w * s;
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPer; ++i) {
+    const int r = r0 + r_step * i;
+    if (row_out[r] < 0) continue;
+    float* out = p.out + row_out[r] + 4 * d4;
+    const float sc = inv[r];
+    out[0] = acc[i].x * sc, out[1] = acc[i].y * sc, out[2] = acc[i].z * sc, out[3] = acc[i].w * sc;
   }
   if (tid == 0) *counter = 0;  // ready for the next call on this stream
 }

@@ -30,6 +30,9 @@ struct MlaLaunch {
 
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
 constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
+// Up to this many chunks the last block merges them (reading 32 KB per chunk for 16 rows);
+// more go to attention.cu's merge kernel, which spreads the reads over many blocks.
+constexpr int kMlaLastMergeChunks = 16;
 
 // Once per device (attention_setup() calls it, before any graph capture): the kernel's shared
 // memory attribute, and the device's opt-in shared memory per block, which smem_optin() returns
