@@ -9,8 +9,9 @@
 //
 // moe_experts, gather path (every batch size; the right one for decode): the (token, slot)
 // pairs each run their expert as GEMVs (gemv.cuh):
-//   1. expert_gate_up_kernel, grid (inter / R, pairs): h[pair] = silu(x[t] · Wgᵀ) * (x[t] · Wuᵀ),
-//      the gate and up rows of a block streamed together;
+//   1. expert_gate_up_kernel, one block per R rows of a pair (a flat grid, the shared expert's
+//      rows first): h[pair] = silu(x[t] · Wgᵀ) * (x[t] · Wuᵀ), the gate and up rows of a block
+//      streamed together;
 //   2. expert_down_kernel, grid (hidden / R, tokens): out[t] = Σ_k weights[t, k] · (h[t, k] · Wdᵀ),
 //      the slots of a token summed in order inside one block (deterministic, no atomics).
 // Each pair reads its expert's weights, so from 64 pairs on (experts repeat) the
@@ -152,16 +153,36 @@ __device__ inline HiddenRow hidden_row(const MoeExpertsParams& p, int64_t pair) 
   return {pair - routed, p.shared_inter, routed * p.inter + (pair - routed) * p.shared_inter, true};
 }
 
-// grid (ceil(max(inter, shared_inter) / R), T * top_k (+ T with has_shared)), block
+// The block's h row and its rows n0 .. n0+R-1: the grid is one flat list of R-row units, the
+// shared expert's first (its weights are known before the router finishes, so their blocks
+// start streaming first), then every routed pair's. No block is idle, whatever the two row
+// lengths.
+struct GateUpUnit {
+  int64_t pair, n0;
+};
+template <int R>
+__device__ inline GateUpUnit gate_up_unit(const MoeExpertsParams& p, int64_t b) {
+  const int64_t routed = p.n_tokens * p.top_k;
+  if (p.has_shared) {
+    const int64_t per = ceil_div(p.shared_inter, R);
+    if (b < p.n_tokens * per) return {routed + b / per, b % per * R};
+    b -= p.n_tokens * per;
+  }
+  const int64_t per = ceil_div(p.inter, R);
+  return {b / per, b % per * R};
+}
+
+// grid (T * top_k * ceil(inter / R) (+ T * ceil(shared_inter / R) with has_shared)), block
 // kExpertThreads. h as in HiddenRow.
 template <DType D, int R>
 __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
                                                                          bool vec) {
   constexpr int E = ElemSize<D>::value;
-  const HiddenRow hr = hidden_row(p, blockIdx.y);
-  const int64_t n0 = int64_t(blockIdx.x) * R;
+  const GateUpUnit unit = gate_up_unit<R>(p, blockIdx.x);
+  const HiddenRow hr = hidden_row(p, unit.pair);
+  const int64_t n0 = unit.n0;
   // a dense SwiGLU's or the shared expert's rows are known before the wait: into L2
-  if ((!p.experts || hr.shared) && threadIdx.x < 2 && n0 < hr.inter) {
+  if ((!p.experts || hr.shared) && threadIdx.x < 2) {
     const ExpertPointers& sp = hr.shared ? p.shared : p.table[0];
     const uint8_t* base = static_cast<const uint8_t*>(threadIdx.x == 0 ? sp.gate : sp.up);
     prefetch_l2(base + n0 * p.hidden * E, uint64_t(min(int64_t(R), hr.inter - n0) * p.hidden * E));
@@ -169,9 +190,8 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   pdl_wait();
   __shared__ float scratch[kExpertThreads / 32 * 2 * R];
   __shared__ float result[2 * R];
-  if (n0 >= hr.inter) return;  // the longer of the two row lengths sizes the grid
   float* hp = h + hr.offset;
-  const int e = hr.shared ? 0 : p.experts ? p.experts[blockIdx.y] : 0;
+  const int e = hr.shared ? 0 : p.experts ? p.experts[unit.pair] : 0;
   if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
     for (int r = threadIdx.x; r < R; r += blockDim.x)
       if (n0 + r < hr.inter) hp[n0 + r] = 0.f;
@@ -193,10 +213,12 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
 }
 
 // grid (ceil(hidden / R), T), block kDownThreads. vec: 16-byte loads of the routed down rows;
-// vec_shared: of the shared expert's. Warp w computes slots w, w + warps, ... (the shared
-// expert being slot top_k), each over the whole intermediate dim, so the loads of all slots are
-// in flight at once (with fewer slots than warps, kWarps / slots warps share a slot); the block
-// reduction then sums the slots (in a fixed order: deterministic).
+// vec_shared: of the shared expert's. The warps are dealt out by work: a routed slot is one unit
+// (inter columns), the shared expert ceil(shared_inter / inter) units, and with no more units
+// than warps each unit gets kWarps / units warps that split its K (a dense SwiGLU: all 8; top-6
+// with a shared expert twice as wide: 6 + 2 — one warp per unit, none waiting on a longer
+// one); with more units, warp w computes slots w, w + 8, ... whole. The loads of all slots are
+// in flight at once, and the block reduction sums the slots in a fixed order (deterministic).
 template <DType D, int R>
 __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
                                                                     bool vec, bool vec_shared) {
@@ -225,14 +247,14 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
   float acc[R][1];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r][0] = 0.f;
-  const int slots = p.top_k + (p.has_shared ? 1 : 0);
-  // fewer slots than warps (a dense SwiGLU has one): several warps split a slot's K
-  const int per_slot = slots < kWarps ? kWarps / slots : 1;
-  for (int k = warp / per_slot; k < slots && warp / per_slot < slots; k += kWarps / per_slot) {
+  const int shared_units = p.has_shared ? int(ceil_div(p.shared_inter, p.inter)) : 0;
+  const int units = p.top_k + shared_units;
+  // one slot's share: slot k (top_k: the shared expert), K split over `parts` threads, this one `part`
+  auto run_slot = [&](int k, int part, int parts) {
     const bool shared = k == p.top_k;
     const int64_t pair = shared ? p.n_tokens * p.top_k + t : t * p.top_k + k;
     const int e = shared ? 0 : p.experts ? p.experts[pair] : 0;
-    if (e < 0 || e >= p.n_experts) continue;
+    if (e < 0 || e >= p.n_experts) return;
     const ExpertPointers& ep = shared ? p.shared : p.table[e];
     const HiddenRow hr = hidden_row(p, pair);
     GemvRow rows[R];
@@ -240,7 +262,14 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
     for (int r = 0; r < R; ++r) rows[r] = gemv_row<D>(ep.down, ep.down_scale, min(n0 + r, p.hidden - 1), hr.inter, p.block);
     // the routing weight scales this slot's partial sums; one reduction serves all slots
     gemv_accumulate<D, 1, R>(acc, rows, GemvX{h + hr.offset, hr.inter}, 1, hr.inter, p.block, shared ? vec_shared : vec,
-                             p.weights && !shared ? p.weights[pair] : 1.f, (warp % per_slot) * 32 + lane, 32 * per_slot);
+                             p.weights && !shared ? p.weights[pair] : 1.f, part, parts);
+  };
+  if (units <= kWarps) {
+    const int rep = kWarps / units, unit = warp / rep;  // warps past units * rep idle
+    if (unit < p.top_k) run_slot(unit, (warp % rep) * 32 + lane, 32 * rep);
+    else if (unit < units) run_slot(p.top_k, ((unit - p.top_k) * rep + warp % rep) * 32 + lane, 32 * rep * shared_units);
+  } else {
+    for (int k = warp; k < p.top_k + (p.has_shared ? 1 : 0); k += kWarps) run_slot(k, lane, 32);
   }
   gemv_block_reduce<1, R>(acc, scratch, result);
   for (int r = threadIdx.x; r < R; r += blockDim.x)
@@ -260,9 +289,9 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
   const bool vec_shared = p.aligned16 && p.shared_inter * E % 16 == 0 && fp8_ok;
   constexpr int R = kExpertRows;
-  const int64_t inter = std::max(p.inter, p.has_shared ? p.shared_inter : 0);
-  launch_kernel(expert_gate_up_kernel<D, R>, dim3(unsigned(ceil_div(inter, R)), unsigned(routed + shared)),
-                kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+  const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
+  FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
+  launch_kernel(expert_gate_up_kernel<D, R>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
   check_launch("moe_experts (expert_gate_up_kernel)");
   launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kDownThreads, 0,
                 s, p, h.as<float>(), vec_down, vec_shared);
