@@ -5,8 +5,9 @@
 //   bit-exact         fill_random, embedding, add, copy (F32 and BF16), argmax, memory round trips
 //   1e-6              rope_tables                                max |a-b| / (|b|+1)
 //   1e-5              rmsnorm, silu_mul, rope, mla_cache_append (F32; BF16 within one bf16 ulp)
-//   1e-4              matmul (every dtype), matmul_per_head, attention, moe_experts, a captured
-//                     and replayed graph of several ops
+//   1e-4              matmul (every dtype; with input norm and accumulation), matmul_per_head,
+//                     attention, moe_experts and swiglu (also normalising x and adding into it),
+//                     a captured and replayed graph of several ops
 //   ids equal, 1e-6   moe_gate (inputs without near-ties)
 //   ids equal         sample (bar at most one u within 1e-9 of a CDF boundary)
 // Skips — with the reason — when the build has no CUDA or the machine has no GPU (CI).
@@ -435,6 +436,40 @@ TEST_F(CudaOps, MatmulBatch) {
   }
 }
 
+// matmul_batch jobs that normalise their input (InputNorm: the norm inside the GEMV, or a
+// normalised copy before the GEMM) and accumulate into out, against the CPU's same jobs.
+TEST_F(CudaOps, MatmulInputNormAndAccumulate) {
+  struct Case { int64_t N, K; };
+  for (Case c : {Case{576, 256}, Case{33, 45}, Case{2048, 2048}, Case{300, 7}}) {
+    for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
+      LinearWeight a = random_weight(c.N, c.K, dt), b = random_weight(c.N / 2 + 1, c.K, dt);
+      LinearWeight da = up(a), db = up(b);
+      Tensor g = randn({c.K}), dg = up(g);
+      for (int64_t M : {1, 3, 8, 20}) {
+        Tensor x = randn({M, c.K}, 3.0f), base = randn({M, c.N});
+        Tensor wa = Tensor::empty({M, c.N}), wb = Tensor::empty({M, c.N / 2 + 1}), wc = Tensor::empty({M, c.N});
+        std::copy(base.f32(), base.f32() + base.numel(), wc.f32());
+        cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}},
+                            {wb.f32(), x.f32(), M, &b, InputNorm{&g, 1e-6f}},
+                            {wc.f32(), x.f32(), M, &a, {}, /*accumulate=*/true}});
+        Tensor dx = up(x), ga = gpu_poison({M, c.N}), gb = gpu_poison({M, c.N / 2 + 1}), gc = up(base);
+        gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}},
+                            {gb.f32(), dx.f32(), M, &db, InputNorm{&dg, 1e-6f}},
+                            {gc.f32(), dx.f32(), M, &da, {}, /*accumulate=*/true}});
+        EXPECT_LT(max_err(down(ga), wa), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
+        EXPECT_LT(max_err(down(gb), wb), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
+        EXPECT_LT(max_err(down(gc), wc), 1e-4) << "accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
+        // both at once: a projection into the residual stream from a normalised input
+        Tensor wd = Tensor::empty({M, c.N}), gd = up(base);
+        std::copy(base.f32(), base.f32() + base.numel(), wd.f32());
+        cpu_->matmul_batch({{wd.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}, true}});
+        gpu_->matmul_batch({{gd.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}, true}});
+        EXPECT_LT(max_err(down(gd), wd), 1e-4) << "norm + accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
+      }
+    }
+  }
+}
+
 TEST_F(CudaOps, MatmulPerHead) {
   struct Case { int H; int64_t N, K, x_pad, out_pad; };
   // MLA absorption shapes (q_nope -> latent, latent -> v), odd ones, unaligned strides
@@ -690,6 +725,14 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
           EXPECT_LT(max_err(down(got), want), 1e-4) << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D
                                                     << " I " << c.I << " T " << T << (with_shared ? " + shared" : "");
         }
+        // as the decoder layer calls it: x += experts(rmsnorm(x)), out being x itself
+        Tensor g = randn({c.D}), dg = up(g), want = Tensor::empty({T, c.D});
+        std::copy(x.f32(), x.f32() + x.numel(), want.f32());
+        cpu_->moe_experts(want, want, weights, ids, cpu_set, &cpu_shared, true, InputNorm{&g, 1e-6f});
+        Tensor dx = up(x), dwts = up(weights), dids = up(ids);
+        gpu_->moe_experts(dx, dx, dwts, dids, gpu_set, &gpu_shared, true, InputNorm{&dg, 1e-6f});
+        EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " E " << c.E
+                                                 << " D " << c.D << " I " << c.I << " T " << T;
       }
     }
   }
@@ -720,6 +763,14 @@ TEST_F(CudaOps, SwigluMatchesTheCpu) {
           EXPECT_LT(max_err(down(got), want), 1e-4)
               << dtype_name(dt) << " D " << c.D << " I " << c.I << " T " << T << (acc ? " accumulate" : "");
         }
+        // the dense MLP as the decoder layer calls it: x += swiglu(rmsnorm(x)), out being x
+        Tensor x = randn({T, c.D}), nw = randn({c.D}), dnw = up(nw), want = Tensor::empty({T, c.D});
+        std::copy(x.f32(), x.f32() + x.numel(), want.f32());
+        cpu_->swiglu(want, want, cpu_set, true, InputNorm{&nw, 1e-6f});
+        Tensor dx = up(x);
+        gpu_->swiglu(dx, dx, gpu_set, true, InputNorm{&dnw, 1e-6f});
+        EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " D " << c.D
+                                                 << " T " << T;
       }
     }
   }

@@ -223,6 +223,81 @@ TEST(Ops, MoeExpertsMixTheChosenExperts) {
     }
 }
 
+// Input norms (InputNorm) and accumulation fused into matmul_batch, moe_experts and swiglu give
+// what the separate ops give: rmsnorm into a copy, the op, then add — also when the output is
+// the input itself (the residual stream, as the decoder layer calls them).
+TEST(Ops, InputNormAndAccumulateMatchTheSeparateOps) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  const int64_t D = 24, I = 10, N = 13;
+  auto close = [&](const Tensor& got, const Tensor& want, const char* what) {
+    for (int64_t i = 0; i < want.numel(); ++i)
+      ASSERT_NEAR(got.f32()[i], want.f32()[i], 1e-5 * (1 + std::fabs(want.f32()[i]))) << what << " seed " << rng.seed;
+  };
+  auto copy_of = [](const Tensor& t) {
+    Tensor c = Tensor::empty(t.shape());
+    std::memcpy(c.data(), t.data(), t.nbytes());
+    return c;
+  };
+  Tensor g = rng.randn({D}), g2 = rng.randn({D});
+  const float eps = 1e-6f;
+  LinearWeight a, b;
+  a.weight = rng.randn({N, D});
+  b.weight = rng.randn({I, D});
+  for (int64_t M : {1, 3}) {
+    Tensor x = rng.randn({M, D}), h = Tensor::empty({M, D}), h2 = Tensor::empty({M, D});
+    ops->rmsnorm(h, x, g, eps);
+    ops->rmsnorm(h2, x, g2, eps);
+    // two jobs share x and its norm, a third normalises x with another weight and accumulates
+    Tensor wa = Tensor::empty({M, N}), wb = Tensor::empty({M, I}), base = rng.randn({M, N});
+    Tensor wc = copy_of(base);
+    ops->matmul(wa, h, a);
+    ops->matmul(wb, h, b);
+    Tensor prod = Tensor::empty({M, N});
+    ops->matmul(prod, h2, a);
+    ops->add(wc, prod);
+    Tensor ga = Tensor::empty({M, N}), gb = Tensor::empty({M, I}), gc = copy_of(base);
+    ops->matmul_batch({{ga.f32(), x.f32(), M, &a, InputNorm{&g, eps}},
+                       {gb.f32(), x.f32(), M, &b, InputNorm{&g, eps}},
+                       {gc.f32(), x.f32(), M, &a, InputNorm{&g2, eps}, /*accumulate=*/true}});
+    close(ga, wa, "matmul_batch norm");
+    close(gb, wb, "matmul_batch norm, second job");
+    close(gc, wc, "matmul_batch norm + accumulate");
+  }
+
+  // experts: out = x, accumulating, normalised input
+  const int E = 4, K = 2;
+  const int64_t T = 5;
+  std::vector<LinearWeight> ws(static_cast<size_t>(3 * E + 3));
+  ExpertSet set, shared;
+  for (int e = 0; e <= E; ++e) {
+    ws[size_t(3 * e)].weight = rng.randn({I, D});
+    ws[size_t(3 * e + 1)].weight = rng.randn({I, D});
+    ws[size_t(3 * e + 2)].weight = rng.randn({D, I});
+    (e < E ? set : shared).experts.push_back({&ws[size_t(3 * e)], &ws[size_t(3 * e + 1)], &ws[size_t(3 * e + 2)]});
+  }
+  ops->prepare_experts(set);
+  ops->prepare_experts(shared);
+  Tensor x = rng.randn({T, D}), weights = rng.randn({T, K}), ids = Tensor::empty({T, K}, DType::I32);
+  for (int64_t t = 0; t < T; ++t) {
+    ids.ptr<int32_t>()[t * K] = int32_t(t % E);
+    ids.ptr<int32_t>()[t * K + 1] = int32_t((t + 1) % E);
+  }
+  Tensor h = Tensor::empty({T, D}), y = Tensor::empty({T, D}), want = copy_of(x);
+  ops->rmsnorm(h, x, g, eps);
+  ops->moe_experts(y, h, weights, ids, set, &shared);
+  ops->add(want, y);
+  Tensor got = copy_of(x);
+  ops->moe_experts(got, got, weights, ids, set, &shared, /*accumulate=*/true, InputNorm{&g, eps});
+  close(got, want, "moe_experts norm + accumulate into its input");
+
+  want = copy_of(x);
+  ops->swiglu(want, h, shared, /*accumulate=*/true);
+  got = copy_of(x);
+  ops->swiglu(got, got, shared, /*accumulate=*/true, InputNorm{&g, eps});
+  close(got, want, "swiglu norm + accumulate into its input");
+}
+
 TEST(Ops, RmsNormAndSiluMul) {
   Rng rng;
   auto ops = make_cpu_ops();

@@ -125,9 +125,6 @@ class Model {
  private:
   Model() = default;
   struct DecodeGraph;
-  // The norm before layer 0 and the one after layer l (the next layer's input norm or the final norm).
-  const Tensor& first_norm() const;
-  const Tensor& next_norm(int l) const;
   void decode_body(DecodeGraph& g);
   // decode_greedy (rows null) and decode_sample: one step, replayed from the graph when it fits.
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,

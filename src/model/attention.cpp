@@ -91,7 +91,7 @@ MlaWeights load_mla(const WeightLoader& w, const ModelConfig& c, const std::stri
 }
 
 void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
-                 const std::vector<SeqSlice>& seqs, const RopeTables& rope) {
+                 const std::vector<SeqSlice>& seqs, const RopeTables& rope, InputNorm norm, bool accumulate) {
   const int64_t T = x.dim(0);
   const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim, dv = c.v_head_dim;
   const int dqk = c.qk_head_dim();
@@ -104,11 +104,10 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   Tensor kv = ops.empty({T, R + rd});
   if (c.q_lora_rank > 0) {
     Tensor qa = ops.empty({T, c.q_lora_rank});  // (T, q_lora_rank)
-    ops.matmul_batch({{qa.f32(), x.f32(), T, &w.q_a_proj}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa}});
-    ops.rmsnorm(qa, qa, w.q_a_layernorm, eps);
-    ops.matmul(q, qa, w.q_b_proj);
+    ops.matmul_batch({{qa.f32(), x.f32(), T, &w.q_a_proj, norm}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa, norm}});
+    ops.matmul_batch({{q.f32(), qa.f32(), T, &w.q_b_proj, InputNorm{&w.q_a_layernorm, eps}}});  // q_a's norm fused
   } else {
-    ops.matmul_batch({{q.f32(), x.f32(), T, &w.q_proj}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa}});
+    ops.matmul_batch({{q.f32(), x.f32(), T, &w.q_proj, norm}, {kv.f32(), x.f32(), T, &w.kv_a_proj_with_mqa, norm}});
   }
   RopeParams rq;
   rq.x = q.f32();
@@ -252,7 +251,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     uv.n_tokens = T;
     ops.matmul_per_head(uv, w.w_uv);
   }
-  ops.matmul(out, attn.reshape({T, int64_t(H) * dv}), w.o_proj);
+  ops.matmul_batch({{out.f32(), attn.f32(), T, &w.o_proj, {}, accumulate}});
 }
 
 }  // namespace fathom

@@ -61,11 +61,14 @@ struct SeqSlice {
   int64_t capacity = 0;
 };
 
-// out (T, hidden) = MLA(x) for x (T, hidden) (already normed) holding the tokens of one or
-// more sequences (`seqs` cover the T rows); the projections run over all T rows at once, each
-// sequence appends its tokens to its cache and attends over it (the caller advances caches).
-// rope: tables for the T rows' positions.
+// out (T, hidden) = MLA(norm(x)) for x (T, hidden) holding the tokens of one or more
+// sequences (`seqs` cover the T rows), or out += that with accumulate (out may then be x: the
+// residual add, fused into the output projection). norm: the input norm, applied by the first
+// projections as they read x (none: x is already normed). The projections run over all T rows
+// at once, each sequence appends its tokens to its cache and attends over it (the caller
+// advances caches). rope: tables for the T rows' positions.
 void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mode, Tensor& out, const Tensor& x,
-                 const std::vector<SeqSlice>& seqs, const RopeTables& rope);
+                 const std::vector<SeqSlice>& seqs, const RopeTables& rope, InputNorm norm = {},
+                 bool accumulate = false);
 
 }  // namespace fathom

@@ -55,23 +55,21 @@ void prepare_swiglu(Ops& ops, SwiGluWeights& s) {
   ops.prepare_experts(s.fused);
 }
 
-void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate) {
+void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate, InputNorm norm) {
   const int64_t T = x.dim(0), I = w.gate_proj.out_features();
-  if (T <= kFusedSwiGluMaxTokens && !w.fused.experts.empty()) return ops.swiglu(out, x, w.fused, accumulate);
+  if (T <= kFusedSwiGluMaxTokens && !w.fused.experts.empty()) return ops.swiglu(out, x, w.fused, accumulate, norm);
   Tensor g = ops.empty({T, I}), u = ops.empty({T, I});
-  ops.matmul_batch({{g.f32(), x.f32(), T, &w.gate_proj}, {u.f32(), x.f32(), T, &w.up_proj}});
+  ops.matmul_batch({{g.f32(), x.f32(), T, &w.gate_proj, norm}, {u.f32(), x.f32(), T, &w.up_proj, norm}});
   ops.silu_mul(g, g, u);
-  if (!accumulate) return ops.matmul(out, g, w.down_proj);
-  Tensor y = ops.empty(out.shape());
-  ops.matmul(y, g, w.down_proj);
-  ops.add(out, y);
+  ops.matmul_batch({{out.f32(), g.f32(), T, &w.down_proj, {}, accumulate}});
 }
 
-void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertChoices* choices) {
+void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x, ExpertChoices* choices,
+                 InputNorm norm, bool accumulate) {
   const int64_t T = x.dim(0);
   const int K = c.num_experts_per_tok, E = c.n_routed_experts;
   Tensor logits = ops.empty({T, E});
-  ops.matmul(logits, x, w.gate);
+  ops.matmul_batch({{logits.f32(), x.f32(), T, &w.gate, norm}});
   Tensor weights = ops.empty({T, K}), experts = ops.empty({T, K}, DType::I32);
   ops.moe_gate(weights, experts, logits,
                w.e_score_correction_bias.defined() ? w.e_score_correction_bias.f32() : nullptr, w.gate_params);
@@ -83,8 +81,28 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
   // decode-sized batches run the shared experts in the routed experts' launches
   const bool with_routed = w.has_shared && T <= kFusedSwiGluMaxTokens && !w.shared_experts.fused.experts.empty();
-  ops.moe_experts(out, x, weights, experts, w.expert_set, with_routed ? &w.shared_experts.fused : nullptr);
-  if (w.has_shared && !with_routed) swiglu_forward(ops, w.shared_experts, out, x, /*accumulate=*/true);
+  // Run apart (long inputs), the routed and the shared experts must both see x as it was before
+  // either adds to out: the normalised rows (or, writing over x, a copy) are made once.
+  const bool apart = w.has_shared && !with_routed;
+  Tensor xin = x;
+  if (apart && (norm || out.data() == x.data())) {
+    xin = ops.empty(x.shape());
+    if (norm) {
+      ops.rmsnorm(xin, x, *norm.weight, norm.eps);
+      norm = {};
+    } else {
+      CopyParams cp;
+      cp.out = xin.f32();
+      cp.in = x.f32();
+      cp.out_token_stride = cp.in_token_stride = x.dim(1);
+      cp.n_tokens = T;
+      cp.cols = int(x.dim(1));
+      ops.copy(cp);
+    }
+  }
+  ops.moe_experts(out, xin, weights, experts, w.expert_set, with_routed ? &w.shared_experts.fused : nullptr,
+                  accumulate, norm);
+  if (apart) swiglu_forward(ops, w.shared_experts, out, xin, /*accumulate=*/true, norm);
 }
 
 }  // namespace fathom

@@ -46,8 +46,10 @@ void prepare_swiglu(Ops& ops, SwiGluWeights& s);
 // passes, which stream the weights once per token; longer inputs use batched matmuls.
 constexpr int64_t kFusedSwiGluMaxTokens = 8;
 
-// out (T, hidden) = down(silu(gate(x)) * up(x)), or out += that with accumulate
-void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate = false);
+// out (T, hidden) = down(silu(gate(x)) * up(x)), or out += that with accumulate (out may then be
+// x); x normalised first when norm is set
+void swiglu_forward(Ops& ops, const SwiGluWeights& w, Tensor& out, const Tensor& x, bool accumulate = false,
+                    InputNorm norm = {});
 
 // What routing chose, when asked: the (T, top_k) expert ids of one call, row by row (expert
 // load statistics and routing comparisons are computed from it).
@@ -56,8 +58,10 @@ struct ExpertChoices {
   int top_k = 0;
 };
 
-// out (T, hidden) = Σ_k weight_k · expert_k(x) + shared(x)
+// out (T, hidden) = Σ_k weight_k · expert_k(x) + shared(x), or out += that with accumulate (out
+// may then be x: the residual add, fused into the experts' down projection); x normalised first
+// (by the router and the experts as they read it) when norm is set
 void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& out, const Tensor& x,
-                 ExpertChoices* choices = nullptr);
+                 ExpertChoices* choices = nullptr, InputNorm norm = {}, bool accumulate = false);
 
 }  // namespace fathom

@@ -116,18 +116,14 @@ const char* device_kind_name(DeviceKind d) {
 const char* precision_name(Precision p) { return p == Precision::Auto ? "auto" : p == Precision::Fp32 ? "fp32" : "bf16"; }
 
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           Tensor& h, const Tensor& next_norm, const std::vector<SeqSlice>& seqs,
-                           const RopeTables& rope, ExpertChoices* choices) {
-  const int64_t T = x.dim(0), D = c.hidden_size;
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope, ExpertChoices* choices) {
   const float eps = float(c.rms_norm_eps);
-  Tensor y = ops.empty({T, D});
-  mla_forward(ops, w.attn, c, mode, y, h, seqs, rope);
-  ops.add_rmsnorm(x, y, h, w.post_attention_layernorm, eps);
+  mla_forward(ops, w.attn, c, mode, x, x, seqs, rope, InputNorm{&w.input_layernorm, eps}, /*accumulate=*/true);
+  const InputNorm post{&w.post_attention_layernorm, eps};
   if (w.is_moe)
-    moe_forward(ops, w.moe, c, y, h, choices);
+    moe_forward(ops, w.moe, c, x, x, choices, post, /*accumulate=*/true);
   else
-    swiglu_forward(ops, w.mlp, y, h);
-  ops.add_rmsnorm(x, y, h, next_norm, eps);
+    swiglu_forward(ops, w.mlp, x, x, /*accumulate=*/true, post);
 }
 
 Model::~Model() {
@@ -325,14 +321,6 @@ void Model::check_caches(const std::vector<KvCache*>& caches, const char* what) 
   }
 }
 
-const Tensor& Model::first_norm() const {
-  return w_->layers.empty() ? w_->norm : w_->layers[0].input_layernorm;
-}
-
-const Tensor& Model::next_norm(int l) const {
-  return l + 1 < int(w_->layers.size()) ? w_->layers[size_t(l) + 1].input_layernorm : w_->norm;
-}
-
 const ModelConfig& Model::config() const { return w_->config; }
 bool Model::has_mtp() const { return !w_->mtp.empty(); }
 
@@ -400,19 +388,19 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
     out.hidden_states.push_back(h);
   };
   if (req.hidden_states) snapshot(x);
-  Tensor normed = ops.empty({T, D});  // h: each layer's normed input, at the end the final norm's output
-  ops.rmsnorm(normed, x, first_norm(), float(c.rms_norm_eps));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     ExpertChoices* ch = nullptr;
     if (req.expert_choices) {
       out.expert_choices.emplace_back();
       ch = &out.expert_choices.back();
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, normed, next_norm(l),
-                          {{&cache.layer(l), pos0, 0, T}}, rope, ch);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope,
+                          ch);
     if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);
+  Tensor normed = ops.empty({T, D});  // after the final norm
+  ops.rmsnorm(normed, x, w_->norm, float(c.rms_norm_eps));
   out.final_hidden = Tensor::empty({T, D});
   ops.download(out.final_hidden.data(), normed);
   if (req.hidden_states) out.hidden_states.push_back(out.final_hidden);
@@ -449,9 +437,8 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   rope_tables(positions, cos, sin);
   RopeTables rope{&cos, &sin};
   Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
-  Tensor x = ops.empty({T, D}), h = ops.empty({T, D});
+  Tensor x = ops.empty({T, D});
   ops.embedding(x, ids_d, w_->embed_tokens);
-  ops.rmsnorm(h, x, first_norm(), float(c.rms_norm_eps));
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     int64_t t0 = 0;
@@ -460,21 +447,21 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
       seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), t0, n};
       t0 += n;
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, h, next_norm(l), seqs, rope);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
   }
   for (int64_t b = 0; b < B; ++b) caches[size_t(b)]->advance(int64_t(tokens[size_t(b)].size()));
-  // the last (final-normed) row of every sequence through the LM head
+  // the last row of every sequence through the final norm and the LM head
   Tensor last = ops.empty({B, D});
   for (int64_t b = 0; b < B; ++b) {
     CopyParams cp;
     cp.out = last.f32() + b * D;
-    cp.in = h.f32() + last_rows[size_t(b)] * D;
+    cp.in = x.f32() + last_rows[size_t(b)] * D;
     cp.n_tokens = 1;
     cp.cols = int(D);
     ops.copy(cp);
   }
   Tensor logits = ops.empty({B, c.vocab_size});
-  ops.matmul(logits, last, w_->lm_head);
+  ops.matmul_batch({{logits.f32(), last.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
   Tensor host = Tensor::empty({B, c.vocab_size});
   ops.download(host.data(), logits);
   return host;
@@ -509,9 +496,8 @@ void Model::decode_body(DecodeGraph& g) {
   Tensor cos = ops.empty({B, half}), sin = ops.empty({B, half});
   ops.rope_tables(cos, sin, positions, w_->rope_inv_freq, w_->rope->attention_factor());
   RopeTables rope{&cos, &sin};
-  Tensor x = ops.empty({B, D}), h = ops.empty({B, D});
+  Tensor x = ops.empty({B, D});
   ops.embedding(x, ids, w_->embed_tokens);
-  ops.rmsnorm(h, x, first_norm(), float(c.rms_norm_eps));
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) {
@@ -523,9 +509,10 @@ void Model::decode_body(DecodeGraph& g) {
       s.len_device = in + 2 * B + b;
       s.capacity = g.caches[size_t(b)]->capacity();
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, h, next_norm(l), seqs, rope);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
   }
-  ops.matmul(g.logits, h, w_->lm_head);  // h: after the final norm
+  // the final norm, applied by the LM head as it reads x
+  ops.matmul_batch({{g.logits.f32(), x.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
   if (g.sample)
     ops.sample(g.next_dev, g.logits, g.rows_dev);
   else
@@ -659,10 +646,9 @@ Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int d
   Tensor cos, sin;
   rope_tables(positions, cos, sin);
   KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
-  Tensor normed = ops.empty({n, D});
-  ops.rmsnorm(normed, x, m.layer.input_layernorm, eps);
-  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, normed, m.shared_head_norm, {{&cache.layer(0), 0, 0, n}},
-                        RopeTables{&cos, &sin});  // normed: after shared_head.norm
+  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, {{&cache.layer(0), 0, 0, n}}, RopeTables{&cos, &sin});
+  Tensor normed = ops.empty({n, D});  // after shared_head.norm
+  ops.rmsnorm(normed, x, m.shared_head_norm, eps);
   if (mtp_hidden) {
     *mtp_hidden = Tensor::empty({n, D});
     ops.download(mtp_hidden->data(), x);

@@ -43,12 +43,13 @@ struct ModelWeights {
   Tensor rope_inv_freq;                   // (qk_rope_head_dim/2) F64, where the backend computes
 };
 
-// x (T, hidden) += attn(norm(x)); x += ffn(norm(x)) — for the tokens of one or more sequences
-// (see SeqSlice). On entry h = input_layernorm(x); each residual add is fused with the norm
-// after it, so on return h = next_norm(x) (the next layer's input norm, or the final norm).
-// `choices`, when given and the layer is MoE, receives what its router chose.
+// x (T, hidden) += attn(input_layernorm(x)); x += ffn(post_attention_layernorm(x)) — for the
+// tokens of one or more sequences (see SeqSlice). Neither norm is written out: the first ops of
+// attention and of the MLP/MoE apply it as they read x (InputNorm), and the residual adds are
+// the accumulating output projections (o_proj, down). `choices`, when given and the layer is
+// MoE, receives what its router chose.
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
-                           Tensor& h, const Tensor& next_norm, const std::vector<SeqSlice>& seqs,
-                           const RopeTables& rope, ExpertChoices* choices = nullptr);
+                           const std::vector<SeqSlice>& seqs, const RopeTables& rope,
+                           ExpertChoices* choices = nullptr);
 
 }  // namespace fathom

@@ -108,12 +108,29 @@ struct HeadMatmulParams {
   int64_t n_tokens = 0;
 };
 
-// One matmul of a batch: out (M, N) = x (M, K) · Wᵀ.
+// An RMSNorm an op applies to its input rows before using them: x / rms(x) * weight, exactly as
+// Ops::rmsnorm would (weight (K) F32), so that the normalised rows need not be written out and
+// read back by a separate op. In decode that is one kernel less per norm: the consumer (a GEMV,
+// the experts) reads every input row whole anyway and sums its squares on the way.
+struct InputNorm {
+  const Tensor* weight = nullptr;  // null: no norm
+  float eps = 0.f;
+  explicit operator bool() const { return weight != nullptr; }
+};
+
+// One matmul of a batch: out (M, N) = x (M, K) · Wᵀ, or out += with accumulate (a residual add
+// fused into the projection that feeds it); x first normalised when `norm` is set.
 struct MatmulJob {
+  MatmulJob() = default;
+  MatmulJob(float* out_, const float* x_, int64_t M_, const LinearWeight* w_, InputNorm norm_ = {},
+            bool accumulate_ = false)
+      : out(out_), x(x_), M(M_), w(w_), norm(norm_), accumulate(accumulate_) {}
   float* out = nullptr;
   const float* x = nullptr;
   int64_t M = 0;
   const LinearWeight* w = nullptr;
+  InputNorm norm;
+  bool accumulate = false;
 };
 
 // A strided copy of F32 activations, converting to out_dtype (F32 or BF16, rounded to
@@ -232,12 +249,16 @@ class Ops {
   // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
   // shared (optional, one expert prepared like `set`, e.g. the shared experts): out += its
   // SwiGLU of x as well, as swiglu(out, x, *shared, true) would, in the same launches on CUDA.
+  // accumulate: out += the sum instead of out = (the residual add); norm: x normalised first.
+  // out may be x itself (the residual stream): x is read whole before out is written.
   virtual void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                           const ExpertSet& set, const ExpertSet* shared = nullptr) = 0;
+                           const ExpertSet& set, const ExpertSet* shared = nullptr, bool accumulate = false,
+                           InputNorm norm = {}) = 0;
   // out (T, D) = (or += with accumulate) down(silu(x · gateᵀ) * (x · upᵀ)) for the one expert
   // of `set` (prepared like routed experts): the shared experts or a dense MLP as two fused
-  // passes (gate and up together, then down) instead of five ops. For decode-sized T.
-  virtual void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) = 0;
+  // passes (gate and up together, then down) instead of five ops. For decode-sized T. norm and
+  // aliasing as for moe_experts.
+  virtual void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate, InputNorm norm = {}) = 0;
   // ids (B) I32 = the index of each row's largest logit (the first on ties); logits (B, V).
   virtual void argmax(Tensor& ids, const Tensor& logits) = 0;
   // ids (B) I32 = one token per row of logits (B, V) F32 (finite or -inf, one finite at least),

@@ -113,9 +113,18 @@ class CpuOps final : public Ops {
     rmsnorm(h, x, weight, eps);
   }
 
-  void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) override {
+  // x itself, or (norm set) its rows normalised into a new tensor
+  Tensor normed_input(const Tensor& x, InputNorm norm) {
+    if (!norm) return x;
+    Tensor n = Tensor::empty(x.shape());
+    rmsnorm(n, x, *norm.weight, norm.eps);
+    return n;
+  }
+
+  void swiglu(Tensor& out, const Tensor& x_in, const ExpertSet& set, bool accumulate, InputNorm norm = {}) override {
     FATHOM_ASSERT(set.experts.size() == 1, "swiglu takes one expert");
     const ExpertWeights& e = set.experts[0];
+    const Tensor x = normed_input(x_in, norm);
     const int64_t D = x.dim(-1), T = x.numel() / D, I = e.gate_proj->out_features();
     Tensor g = Tensor::empty({T, I}), u = Tensor::empty({T, I}), y = Tensor::empty({T, D});
     matmul_batch({{g.f32(), x.f32(), T, e.gate_proj}, {u.f32(), x.f32(), T, e.up_proj}});
@@ -131,7 +140,54 @@ class CpuOps final : public Ops {
     cpu::matmul(out.f32(), x.f32(), M, w, pool_);
   }
 
-  void matmul_batch(const std::vector<MatmulJob>& jobs) override {
+  void matmul_batch(const std::vector<MatmulJob>& in_jobs) override {
+    // Input norms and accumulation become plain jobs first: a normalised copy of each input
+    // (shared by the jobs with the same input and norm) and, for accumulating jobs, a product
+    // added to `out` at the end.
+    std::vector<MatmulJob> jobs = in_jobs;
+    std::vector<Tensor> temps;
+    struct Normed {
+      const float* x;
+      const Tensor* weight;
+      float eps;
+      int64_t M, K;
+      const float* out;
+    };
+    std::vector<Normed> normed;
+    struct Add {
+      float* out;
+      const float* y;
+      int64_t n;
+    };
+    std::vector<Add> adds;
+    for (MatmulJob& j : jobs) {
+      FATHOM_ASSERT(j.w && j.M >= 0, "matmul_batch: a job without a weight");
+      const int64_t K = j.w->in_features(), N = j.w->out_features();
+      if (j.norm) {
+        const float* made = nullptr;
+        for (const Normed& n : normed)
+          if (n.x == j.x && n.weight == j.norm.weight && n.eps == j.norm.eps && n.M == j.M && n.K == K) made = n.out;
+        if (!made) {
+          const Tensor xin = Tensor::view(const_cast<float*>(j.x), {j.M, K}, DType::F32, nullptr);
+          temps.push_back(normed_input(xin, j.norm));
+          made = temps.back().f32();
+          normed.push_back({j.x, j.norm.weight, j.norm.eps, j.M, K, made});
+        }
+        j.x = made;
+        j.norm = {};
+      }
+      if (j.accumulate) {
+        temps.push_back(Tensor::empty({j.M, N}));
+        adds.push_back({j.out, temps.back().f32(), j.M * N});
+        j.out = temps.back().f32();
+        j.accumulate = false;
+      }
+    }
+    plain_matmuls(jobs);
+    for (const Add& a : adds) cpu::axpy(a.out, 1.f, a.y, a.n);
+  }
+
+  void plain_matmuls(const std::vector<MatmulJob>& jobs) {
     // Single-row jobs are cut into slices of weight rows and spread over the threads in one
     // region; jobs of several rows go through the blocked matmul one after another.
     struct Slice {
@@ -343,10 +399,13 @@ class CpuOps final : public Ops {
     }
   }
 
-  void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                   const ExpertSet& set, const ExpertSet* shared) override {
-    routed_experts(out, x, weights, experts, set);
-    if (shared) swiglu(out, x, *shared, /*accumulate=*/true);
+  void moe_experts(Tensor& out, const Tensor& x_in, const Tensor& weights, const Tensor& experts,
+                   const ExpertSet& set, const ExpertSet* shared = nullptr, bool accumulate = false, InputNorm norm = {}) override {
+    const Tensor x = normed_input(x_in, norm);
+    Tensor y = accumulate ? Tensor::empty(out.shape()) : out;
+    routed_experts(y, x, weights, experts, set);  // reads x whole before writing y (which may be x)
+    if (shared) swiglu(y, x, *shared, /*accumulate=*/true);
+    if (accumulate) add(out, y);
   }
 
   void routed_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,

@@ -326,8 +326,20 @@ class CudaOps final : public Ops {
     for (const MatmulJob& j : jobs) {
       FATHOM_ASSERT(j.w && j.M >= 0, "matmul_batch: a job without a weight");
       ps.push_back(matmul_params(j.out, j.x, j.M * j.w->in_features(), j.M * j.w->out_features(), *j.w));
+      ps.back().accumulate = j.accumulate;
+      if (j.norm) {
+        ps.back().norm = input_norm(j.norm, j.w->in_features(), "matmul_batch");
+        ps.back().eps = j.norm.eps;
+      }
     }
     cuda::matmul_batch(ps.data(), int(ps.size()), ctx_->stream);
+  }
+
+  // The norm weight of an InputNorm over rows of K, checked.
+  const float* input_norm(const InputNorm& n, int64_t K, const char* op) {
+    f32(*n.weight, op, "the input norm's weight");
+    FATHOM_ASSERT(n.weight->numel() == K, op, ": an input norm of ", n.weight->numel(), " weights for rows of ", K);
+    return n.weight->f32();
   }
 
   void rope(const RopeParams& p) override {
@@ -443,7 +455,7 @@ class CudaOps final : public Ops {
   }
 
   void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
-                   const ExpertSet& set, const ExpertSet* shared) override {
+                   const ExpertSet& set, const ExpertSet* shared = nullptr, bool accumulate = false, InputNorm norm = {}) override {
     use();
     f32(out, "moe_experts", "the output");
     f32(x, "moe_experts", "the input");
@@ -473,6 +485,11 @@ class CudaOps final : public Ops {
     m.top_k = int(K);
     m.dtype = prep->dtype;
     m.aligned16 = prep->aligned16;
+    m.accumulate = accumulate;
+    if (norm) {
+      m.norm = input_norm(norm, D, "moe_experts");
+      m.eps = norm.eps;
+    }
     if (shared) {
       const auto* sp = static_cast<const PreparedExperts*>(shared->prepared.get());
       FATHOM_CHECK(sp && sp->tag == PreparedExperts::kTag && sp->n_experts == 1, "moe_experts: the shared expert was not "
@@ -489,7 +506,7 @@ class CudaOps final : public Ops {
     cuda::moe_experts(m, ctx_->stream);
   }
 
-  void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate) override {
+  void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate, InputNorm norm = {}) override {
     use();
     f32(out, "swiglu", "the output");
     f32(x, "swiglu", "the input");
@@ -513,6 +530,10 @@ class CudaOps final : public Ops {
     m.dtype = prep->dtype;
     m.aligned16 = prep->aligned16;
     m.accumulate = accumulate;
+    if (norm) {
+      m.norm = input_norm(norm, D, "swiglu");
+      m.eps = norm.eps;
+    }
     cuda::moe_experts(m, ctx_->stream);
   }
 

@@ -95,6 +95,10 @@ struct MatmulParams {
   int64_t block = 128;
   int64_t M = 0, N = 0, K = 0;
   int batch = 1;
+  // Optional RMSNorm of the x rows first (InputNorm in ops.h): weight (K) and eps; batch 1.
+  const float* norm = nullptr;
+  float eps = 0.f;
+  bool accumulate = false;  // out += instead of out =
 };
 // M <= 8: a GEMV that streams W once with 16-byte loads; larger M: a tiled SIMT GEMM that
 // dequantizes W while loading its tiles.
@@ -152,13 +156,16 @@ struct MoeExpertsParams {
   bool aligned16 = false;  // every weight pointer 16-byte aligned (vectorized loads allowed)
   // A dense SwiGLU (shared experts, a dense MLP) through the same kernels: experts and weights
   // null, top_k 1, every token uses expert 0 with weight 1. accumulate: out += instead of out =.
-  bool accumulate = false;
+  bool accumulate = false;  // for routed experts too: out may then be x (read whole before out is written)
   // Routed experts only, optional: one more expert every token uses with weight 1 (the shared
   // experts), of its own intermediate size, in the same launches.
   bool has_shared = false;
   ExpertPointers shared;
   const ExpertPointers* shared_table = nullptr;  // the same in device memory
   int64_t shared_inter = 0;
+  // Optional RMSNorm of the x rows first (InputNorm in ops.h): weight (hidden) and eps.
+  const float* norm = nullptr;
+  float eps = 0.f;
 };
 void moe_experts(const MoeExpertsParams& p, Stream stream);
 

@@ -54,10 +54,15 @@ struct GemvX {
 // All R 16-byte loads of a step are issued before any is used; each row's 16-element partial
 // dot product is scaled once (mult, and for FP8 the block's scale_inv), not every element.
 // K is split over `parts` threads, this one being `part` (by default the whole block).
-template <DType D, int MP, int R>
+// NORM (an RMSNorm of x folded in, see InputNorm): x_m[k] is taken times g[k], and sumsq[m]
+// gathers x_m[k]² over this thread's k — over the block, the whole row's sum of squares, so
+// the caller scales the finished dot products by 1 / rms(x_m) (norm_scale) without a second
+// pass over x.
+template <DType D, int MP, int R, bool NORM = false>
 __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows)[R], const GemvX& xs, int M,
                                        int64_t K, int64_t block, bool vec, float mult, int part = threadIdx.x,
-                                       int parts = blockDim.x) {
+                                       int parts = blockDim.x, const float* __restrict__ g = nullptr,
+                                       float* sumsq = nullptr) {
   constexpr int V = kVec<D>;
   constexpr int E = ElemSize<D>::value;
   const float* xrow[MP];
@@ -92,7 +97,12 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll
       for (int c = 0; c < V / 4; ++c) {
-        const float4 xc = __ldg(xv + c);
+        float4 xc = __ldg(xv + c);
+        if constexpr (NORM) {
+          const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
+          sumsq[m] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
+          xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r)
           dot[r] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
@@ -114,7 +124,11 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
 #pragma unroll
     for (int m = 0; m < MP; ++m) {
       if (m >= M) break;
-      const float xk = __ldg(xrow[m] + k);
+      float xk = __ldg(xrow[m] + k);
+      if constexpr (NORM) {
+        sumsq[m] += xk * xk;
+        xk *= __ldg(g + k);
+      }
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r][m] += w[r] * xk;
     }
@@ -141,5 +155,9 @@ __device__ inline void gemv_block_reduce(float (&acc)[R][MP], float* scratch, fl
   }
   __syncthreads();
 }
+
+// The RMSNorm factor of a row whose squares sum (over all K) to sumsq: 1 / sqrt(mean + eps),
+// the factor rmsnorm_kernel applies.
+__device__ inline float norm_scale(float sumsq, int64_t K, float eps) { return rsqrtf(sumsq / float(K) + eps); }
 
 }  // namespace fathom::cuda

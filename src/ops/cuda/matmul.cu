@@ -10,6 +10,8 @@
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
 // A batch dimension (gridDim.y / gridDim.z) with strides serves matmul_per_head.
+#include <optional>
+
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
@@ -35,7 +37,7 @@ struct GemvJobs {
 };
 
 // grid (Σ ceil(N / R), batch), block kGemvThreads.
-template <DType D, int MP, int R>
+template <DType D, int MP, int R, bool NORM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvJobs jobs) {
   constexpr int E = ElemSize<D>::value;
   int j = 0;
@@ -60,13 +62,22 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MP; ++m) acc[r][m] = 0.f;
-  gemv_accumulate<D, MP, R>(acc, rows, GemvX{p.x + b * p.x_batch_stride, p.ldx}, int(p.M), p.K, p.block, jobs.vec[j],
-                            1.f);
+  float ss[1][MP];  // NORM: this thread's share of each x row's sum of squares
+#pragma unroll
+  for (int m = 0; m < MP; ++m) ss[0][m] = 0.f;
+  gemv_accumulate<D, MP, R, NORM>(acc, rows, GemvX{p.x + b * p.x_batch_stride, p.ldx}, int(p.M), p.K, p.block,
+                                  jobs.vec[j], 1.f, threadIdx.x, blockDim.x, p.norm, ss[0]);
   gemv_block_reduce<MP, R>(acc, scratch, result);
+  __shared__ float ss_total[MP];
+  if constexpr (NORM) gemv_block_reduce<MP, 1>(ss, scratch, ss_total);
   float* out = p.out + b * p.out_batch_stride;
   for (int i = threadIdx.x; i < R * MP; i += blockDim.x) {
     const int r = i / MP, m = i % MP;
-    if (m < p.M && n0 + r < p.N) out[m * p.ldo + n0 + r] = result[i];
+    if (m >= p.M || n0 + r >= p.N) continue;
+    float v = result[i];
+    if constexpr (NORM) v *= norm_scale(ss_total[m], p.K, p.eps);
+    float* o = out + m * p.ldo + n0 + r;
+    *o = p.accumulate ? *o + v : v;
   }
 }
 
@@ -93,7 +104,7 @@ __global__ void __launch_bounds__(kTileThreads) gemm_kernel(MatmulParams p, bool
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + tile_col(j);
-      if (n < p.N) out[m * p.ldo + n] = acc[0][i][j];
+      if (n < p.N) out[m * p.ldo + n] = p.accumulate ? out[m * p.ldo + n] + acc[0][i][j] : acc[0][i][j];
     }
   }
 }
@@ -115,7 +126,8 @@ GemvJobs gemv_jobs(const MatmulParams* ps, int n) {
     const MatmulParams& p = ps[i];
     jobs.job[i] = p;
     jobs.vec[i] = aligned16(p.w) && p.K * E % 16 == 0 && p.w_batch_stride * E % 16 == 0 && aligned16(p.x) &&
-                  p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0 && (D != DType::F8_E4M3 || p.block % 16 == 0);
+                  p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0 && (D != DType::F8_E4M3 || p.block % 16 == 0) &&
+                  aligned16(p.norm);
     blocks += ceil_div(p.N, R);
     jobs.block_end[i] = blocks;
   }
@@ -124,21 +136,28 @@ GemvJobs gemv_jobs(const MatmulParams* ps, int n) {
 }
 
 // jobs of one dtype, the same M (<= MP) and, with several, no batch.
-template <DType D, int MP>
-void launch_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
+template <DType D, int MP, bool NORM>
+void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s) {
   int64_t rows = 0;
   for (int i = 0; i < n; ++i) rows += ps[i].N * ps[i].batch;
   // Four rows per block while that still gives every SM several blocks; else one.
   if (ceil_div(rows, 4) >= 8 * sm_count()) {
     const GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
-    launch_kernel(gemv_kernel<D, MP, 4>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)), kGemvThreads, 0,
-                  s, jobs);
+    launch_kernel(gemv_kernel<D, MP, 4, NORM>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)),
+                  kGemvThreads, 0, s, jobs);
   } else {
     const GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
-    launch_kernel(gemv_kernel<D, MP, 1>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)), kGemvThreads, 0,
-                  s, jobs);
+    launch_kernel(gemv_kernel<D, MP, 1, NORM>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)),
+                  kGemvThreads, 0, s, jobs);
   }
   check_launch("matmul (gemv_kernel)");
+}
+
+// The jobs of one launch all normalise their input or none does (matmul_batch groups them so).
+template <DType D, int MP>
+void launch_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
+  if (ps[0].norm) return launch_gemv_norm<D, MP, true>(ps, n, s);
+  launch_gemv_norm<D, MP, false>(ps, n, s);
 }
 
 template <DType D, int BM, int BN>
@@ -179,6 +198,7 @@ bool check_params(const MatmulParams& p) {
                p.K, " batch ", p.batch, ".");
   FATHOM_CHECK(p.K < (int64_t(1) << 31) && p.N < (int64_t(1) << 31) && p.batch <= 65535, "matmul: N ", p.N, " K ",
                p.K, " batch ", p.batch, " exceed what one launch handles.");
+  FATHOM_ASSERT(!p.norm || p.batch == 1, "matmul: an input norm with a batch of weights");
   if (d == DType::F8_E4M3)
     FATHOM_CHECK(p.scale_inv && p.block > 0 && p.batch == 1,
                  "matmul: an F8_E4M3 weight needs scale_inv and a positive block (and no batch).");
@@ -189,10 +209,23 @@ bool check_params(const MatmulParams& p) {
 
 }  // namespace
 
-void matmul(const MatmulParams& p, Stream stream) {
-  if (!check_params(p)) return;
+void matmul(const MatmulParams& p_in, Stream stream) {
+  if (!check_params(p_in)) return;
   const cudaStream_t s = as_cuda(stream);
+  MatmulParams p = p_in;
+  // The tiled GEMM has no norm prologue: there the rows are normalised into a work space first
+  // (prefill, where one more pass over the activations is small beside the GEMM).
+  std::optional<StreamScratch> normed;
+  if (p.norm && p.M > 8 && p.K > 0) {
+    normed.emplace(size_t(p.M * p.K) * sizeof(float), s, "matmul (input norm)");
+    FATHOM_ASSERT(p.ldx == p.K, "matmul: an input norm over strided rows");
+    rmsnorm(normed->as<float>(), p.x, p.norm, p.M, p.K, p.eps, stream);
+    p.x = normed->as<float>();
+    p.ldx = p.K;
+    p.norm = nullptr;
+  }
   if (p.K == 0) {
+    if (p.accumulate) return;  // out += 0
     FATHOM_CHECK(p.M <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
     launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
     return check_launch("matmul (zero_rows_kernel)");
@@ -211,7 +244,8 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
   while (i < n) {
     // a run of GEMVs that can share a launch: one dtype, the same M <= 8, K > 0, no batch
     auto joins = [&](const MatmulParams& p) {
-      return p.M >= 1 && p.M <= 8 && p.N > 0 && p.K > 0 && p.batch == 1 && p.M == ps[i].M && p.w_dtype == ps[i].w_dtype;
+      return p.M >= 1 && p.M <= 8 && p.N > 0 && p.K > 0 && p.batch == 1 && p.M == ps[i].M && p.w_dtype == ps[i].w_dtype &&
+             (p.norm != nullptr) == (ps[i].norm != nullptr);
     };
     int j = i;
     if (check_params(ps[i]) && joins(ps[i])) {

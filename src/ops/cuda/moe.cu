@@ -19,6 +19,7 @@
 // on the device, each expert's weights read once per tile; the shared expert then runs as a
 // dense SwiGLU).
 #include <algorithm>
+#include <optional>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -173,8 +174,8 @@ __device__ inline GateUpUnit gate_up_unit(const MoeExpertsParams& p, int64_t b) 
 }
 
 // grid (T * top_k * ceil(inter / R) (+ T * ceil(shared_inter / R) with has_shared)), block
-// kExpertThreads. h as in HiddenRow.
-template <DType D, int R>
+// kExpertThreads. h as in HiddenRow. NORM: x normalised on the fly (p.norm, gemv_accumulate).
+template <DType D, int R, bool NORM>
 __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
                                                                          bool vec) {
   constexpr int E = ElemSize<D>::value;
@@ -200,14 +201,18 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
   GemvRow rows[2 * R];
   gate_up_rows<D, R>(rows, ep, n0, hr.inter, p.hidden, p.block);
-  float acc[2 * R][1];
+  float acc[2 * R][1], ss[1][1] = {{0.f}};
 #pragma unroll
   for (int r = 0; r < 2 * R; ++r) acc[r][0] = 0.f;
-  gemv_accumulate<D, 1, 2 * R>(acc, rows, GemvX{p.x + hr.t * p.hidden, p.hidden}, 1, p.hidden, p.block, vec, 1.f);
+  gemv_accumulate<D, 1, 2 * R, NORM>(acc, rows, GemvX{p.x + hr.t * p.hidden, p.hidden}, 1, p.hidden, p.block, vec, 1.f,
+                                     threadIdx.x, blockDim.x, p.norm, ss[0]);
   gemv_block_reduce<1, 2 * R>(acc, scratch, result);
+  __shared__ float ss_total[1];
+  if constexpr (NORM) gemv_block_reduce<1, 1>(ss, scratch, ss_total);
+  const float sc = NORM ? norm_scale(ss_total[0], p.hidden, p.eps) : 1.f;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if (n0 + r >= hr.inter) continue;
-    const float g = result[r], u = result[R + r];
+    const float g = result[r] * sc, u = result[R + r] * sc;
     hp[n0 + r] = g / (1.f + expf(-g)) * u;
   }
 }
@@ -285,13 +290,16 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
   StreamScratch h(size_t(routed * p.inter + shared * p.shared_inter) * sizeof(float), s, "moe_experts");
   const bool fp8_ok = D != DType::F8_E4M3 || p.block % 16 == 0;
-  const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && fp8_ok;
+  const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && aligned16(p.norm) && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
   const bool vec_shared = p.aligned16 && p.shared_inter * E % 16 == 0 && fp8_ok;
   constexpr int R = kExpertRows;
   const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
   FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
-  launch_kernel(expert_gate_up_kernel<D, R>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+  if (p.norm)
+    launch_kernel(expert_gate_up_kernel<D, R, true>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+  else
+    launch_kernel(expert_gate_up_kernel<D, R, false>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
   check_launch("moe_experts (expert_gate_up_kernel)");
   launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kDownThreads, 0,
                 s, p, h.as<float>(), vec_down, vec_shared);
@@ -305,6 +313,25 @@ void dispatch_experts(const MoeExpertsParams& p, cudaStream_t s) {
     case DType::F16: return run_experts<DType::F16>(p, s);
     default: return run_experts<DType::F8_E4M3>(p, s);
   }
+}
+
+// The routed experts by the grouped kernels, then the shared expert as a dense SwiGLU added to
+// their sum; p's x and out are plain (no norm, no accumulation, no aliasing).
+void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
+  MoeExpertsParams routed = p;
+  routed.has_shared = false;
+  moe_experts_grouped(routed, s);
+  if (!p.has_shared) return;
+  MoeExpertsParams dense = p;
+  dense.experts = nullptr;
+  dense.weights = nullptr;
+  dense.top_k = 1;
+  dense.n_experts = 1;
+  dense.has_shared = false;
+  dense.accumulate = true;
+  dense.inter = p.shared_inter;
+  dense.table = p.shared_table;
+  dispatch_experts(dense, s);
 }
 
 }  // namespace
@@ -341,7 +368,6 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   if (p.n_tokens == 0) return;
   FATHOM_ASSERT(p.out && p.x && p.table && (p.experts || (p.top_k == 1 && !p.weights)) && (!p.experts || p.weights),
                 "moe_experts with a null pointer");
-  FATHOM_ASSERT(!p.accumulate || !p.experts, "moe_experts: accumulate is for the dense SwiGLU");
   FATHOM_ASSERT(!p.has_shared || (p.experts && p.shared_table && p.shared_inter > 0),
                 "moe_experts: a shared expert joins routed ones");
   const cudaStream_t s = as_cuda(stream);
@@ -349,21 +375,26 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   // bandwidth; from a handful of tokens on, experts repeat and sorting by expert pays.
   const int64_t pairs = p.n_tokens * p.top_k;
   if (p.experts && pairs >= kGroupedMinPairs) {
-    MoeExpertsParams routed = p;
-    routed.has_shared = false;
-    moe_experts_grouped(routed, s);
-    if (!p.has_shared) return;
-    // the shared expert as a dense SwiGLU added to the routed sum
-    MoeExpertsParams dense = p;
-    dense.experts = nullptr;
-    dense.weights = nullptr;
-    dense.top_k = 1;
-    dense.n_experts = 1;
-    dense.has_shared = false;
-    dense.accumulate = true;
-    dense.inter = p.shared_inter;
-    dense.table = p.shared_table;
-    return dispatch_experts(dense, s);
+    // The grouped kernels take plain inputs and outputs: a normalised copy of x, and (when
+    // accumulating or writing over x) a separate sum, added or copied to out at the end.
+    const size_t bytes = size_t(p.n_tokens * p.hidden) * sizeof(float);
+    MoeExpertsParams q = p;
+    std::optional<StreamScratch> xn, y;
+    if (p.norm) {
+      xn.emplace(bytes, s, "moe_experts (input norm)");
+      rmsnorm(xn->as<float>(), p.x, p.norm, p.n_tokens, p.hidden, p.eps, stream);
+      q.x = xn->as<float>();
+      q.norm = nullptr;
+    }
+    if (p.accumulate || p.out == p.x) {
+      y.emplace(bytes, s, "moe_experts (sum)");
+      q.out = y->as<float>();
+      q.accumulate = false;
+    }
+    run_grouped(q, s);
+    if (p.accumulate) add(p.out, q.out, p.n_tokens * p.hidden, stream);
+    else if (y) check(cudaMemcpyAsync(p.out, q.out, bytes, cudaMemcpyDeviceToDevice, s), "moe_experts (copy)");
+    return;
   }
   dispatch_experts(p, s);
 }
