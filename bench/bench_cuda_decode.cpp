@@ -10,7 +10,8 @@
 //     roofline tokens/s = copy bandwidth / (active weight bytes + latent KV bytes per step).
 // Decode steps are Model::decode_greedy (a CUDA graph per step, argmax on the GPU) over B
 // sequences; batch 1 is also timed without the graph (forward_batch, host-launched ops, logits
-// downloaded) to show what the graph saves. Prefill runs one prompt.
+// downloaded) to show what the graph saves, and with GPU sampling (temperature, top-k, top-p)
+// instead of the argmax. Prefill runs one prompt.
 //
 // usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
 //                          [--decode 64] [--prefill 2048] [--batches 1,8,32]
@@ -163,6 +164,26 @@ int main(int argc, char** argv) {
             }
             const double es = since(e0);
             rows.push_back({name, dt, "decode 1, no graph", double(n_decode / 4) / es, 0});
+            // the same steps sampling on the GPU (temperature 0.7, top-k 50, top-p 0.9: Ops::sample
+            // over the logits instead of the argmax, in the step's graph)
+            // from a fresh cache of the same size and the same prompt: the same context lengths
+            std::vector<SampleRow> sr(1);
+            sr[0].temperature = 0.7f, sr[0].top_k = 50, sr[0].top_p = 0.9f;
+            KvCache scache = m->new_cache(n_prompt + n_decode + 4);
+            scache.reserve(n_prompt + n_decode + 4);
+            std::vector<KvCache*> sptr = {&scache};
+            Tensor sl = m->forward_batch({prompt_ids(n_prompt, V, 2)}, sptr);
+            std::vector<int32_t> sn = {argmax(sl.f32(), V)};
+            for (int w = 0; w < 2; ++w) sn = m->decode_sample(sn, sptr, sr);  // capture + warm-up
+            auto s0 = Clock::now();
+            for (int64_t i = 0; i < n_decode; ++i) {
+              sr[0].u = double(i % 97) / 97.0;
+              sn = m->decode_sample(sn, sptr, sr);
+            }
+            const double ss = since(s0);
+            rows.push_back({name, dt, "decode 1, sampled", double(n_decode) / ss, 0});
+            std::printf("  decode batch 1 sampled (T 0.7, top-k 50, top-p 0.9): %.1f tokens/s, %.2fx greedy\n",
+                        double(n_decode) / ss, double(n_decode) / ss / tps);
           }
           rows.push_back({name, dt, "decode batch " + bs, tps, roof});
           std::printf("  decode batch %ld: %.2f ms/step, %.1f tokens/s", long(B), 1e3 * s / double(n_decode), tps);

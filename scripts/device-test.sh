@@ -7,9 +7,10 @@
 # OpenBLAS with its Fortran runtime) and the reference data into the git-ignored
 # device-test-data/ (under the 64 MiB a run may carry). Then there (carry ["device-test-data"]):
 #   bash scripts/device-test.sh [ctest arguments]
-# configures build/device-test with -DFATHOM_DEPS_DIR, builds, runs ctest on all cores, the
-# CUDA op tests under compute-sanitizer, and prints a summary table last (also written to
-# $OUT/device-test.txt when OUT is set). FATHOM_NO_SANITIZER=1 skips the sanitizer runs.
+# configures build/device-test with -DFATHOM_DEPS_DIR, builds, runs ctest on all cores, then
+# scripts/device-sanitize.sh (compute-sanitizer on the CUDA op tests of the trickier kernels), and
+# prints a summary table last (also written to $OUT/device-test.txt when OUT is set).
+# FATHOM_NO_SANITIZER=1 skips the sanitizer runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-test-data
@@ -58,21 +59,15 @@ ctest --test-dir build/device-test -j "$(nproc)" --output-on-failure "$@" >"$log
 rc=$?
 set -e
 t2=$(date +%s)
-# The CUDA op tests once more under compute-sanitizer (out-of-bounds and misaligned accesses,
-# races, uninitialized device memory); not the test that provokes an out-of-memory API error on purpose.
+# The CUDA op tests of the kernels with shared-memory reductions, last-block merges and cp.async
+# pipelines once more under compute-sanitizer (scripts/device-sanitize.sh: memcheck, racecheck,
+# initcheck, each under a time limit).
 san="not run (no compute-sanitizer)"
 if [ -n "${FATHOM_NO_SANITIZER:-}" ]; then
   san="skipped (FATHOM_NO_SANITIZER)"
 elif command -v compute-sanitizer >/dev/null && [ -x build/device-test/fathom_tests ]; then
-  san="clean"
-  for tool in memcheck racecheck initcheck; do
-    if ! compute-sanitizer --tool "$tool" --error-exitcode 9 build/device-test/fathom_tests --gtest_filter='CudaOps*:-CudaOps.ErrorsAreFathomErrors' \
-        >"/tmp/sanitizer-$tool.log" 2>&1; then
-      san="$tool FAILED"
-      tail -20 "/tmp/sanitizer-$tool.log"
-      rc=1
-    fi
-  done
+  if bash scripts/device-sanitize.sh >/tmp/device-sanitize.out 2>&1; then san="clean"; else san="FAILED or unfinished"; rc=1; fi
+  tail -6 /tmp/device-sanitize.out
 fi
 grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)|\(Skipped\)" "$log" | head -40
 summary=$(grep -E "tests passed" "$log" || echo "ctest did not finish")
@@ -82,6 +77,6 @@ summary=$(grep -E "tests passed" "$log" || echo "ctest did not finish")
   echo "|---|---|---|"
   echo "| build (Release, all targets but benchmarks) | ok | $((t1 - t0)) |"
   echo "| ctest -j$(nproc) | $summary | $((t2 - t1)) |"
-  echo "| compute-sanitizer memcheck/racecheck/initcheck on CudaOps.* | $san | $(($(date +%s) - t2)) |"
+  echo "| compute-sanitizer (scripts/device-sanitize.sh) | $san | $(($(date +%s) - t2)) |"
 } | tee "${OUT:-/tmp}/device-test.txt"
 exit $rc
