@@ -1,0 +1,160 @@
+#include "train/backward.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace fathom::train {
+namespace {
+
+void check_f32(const Tensor& t, const char* op, const char* what) {
+  FATHOM_CHECK(t.defined() && t.dtype() == DType::F32 && t.device() == Device::CPU, op, ": ", what,
+               " must be an F32 host tensor.");
+}
+
+}  // namespace
+
+void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  check_f32(dtable, "embedding_backward", "the table gradient");
+  check_f32(dout, "embedding_backward", "the output gradient");
+  FATHOM_CHECK(ids.dtype() == DType::I32 && dtable.ndim() == 2, "embedding_backward: expected I32 ids and a 2-D table.");
+  const int64_t V = dtable.dim(0), H = dtable.dim(1), T = ids.numel();
+  FATHOM_CHECK(dout.numel() == T * H, "embedding_backward: dout ", shape_str(dout.shape()), " for ", T, " ids of ", H);
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t id = ids.ptr<int32_t>()[t];
+    FATHOM_CHECK(id >= 0 && id < V, "embedding_backward: id ", id, " at position ", t, " is outside [0, ", V, ").");
+    float* row = dtable.f32() + int64_t(id) * H;
+    const float* g = dout.f32() + t * H;
+    for (int64_t h = 0; h < H; ++h) row[h] += g[h];
+  }
+}
+
+void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dout, const Tensor& x, const Tensor& weight,
+                      float eps) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dx, &dweight, &dout, &x, &weight}) check_f32(*t, "rmsnorm_backward", "every tensor");
+  const int64_t N = weight.numel(), M = x.numel() / std::max<int64_t>(N, 1);
+  FATHOM_CHECK(N > 0 && x.numel() == M * N && dout.numel() == x.numel() && dx.numel() == x.numel() &&
+                   dweight.numel() == N,
+               "rmsnorm_backward: x ", shape_str(x.shape()), " dout ", shape_str(dout.shape()), " dx ",
+               shape_str(dx.shape()), " weight ", shape_str(weight.shape()), " dweight ", shape_str(dweight.shape()));
+  const float* w = weight.f32();
+  float* dw = dweight.f32();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x.f32() + m * N;
+    const float* gr = dout.f32() + m * N;
+    float* dr = dx.f32() + m * N;
+    double ss = 0, dot = 0;  // Σ x², Σ dout·w·x
+    for (int64_t i = 0; i < N; ++i) {
+      ss += double(xr[i]) * xr[i];
+      dot += double(gr[i]) * w[i] * xr[i];
+    }
+    const double r = 1.0 / std::sqrt(ss / double(N) + eps);
+    const double c = r * r * r * dot / double(N);
+    for (int64_t i = 0; i < N; ++i) {
+      dw[i] += float(double(gr[i]) * xr[i] * r);
+      dr[i] = float(r * double(gr[i]) * w[i] - c * xr[i]);
+    }
+  }
+}
+
+void matmul_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w) {
+  check_f32(dout, "matmul_backward", "the output gradient");
+  check_f32(x, "matmul_backward", "the input");
+  check_f32(w, "matmul_backward", "the (master) weight");
+  check_f32(dw, "matmul_backward", "the weight gradient");
+  FATHOM_CHECK(w.ndim() == 2 && dw.numel() == w.numel(), "matmul_backward: weight ", shape_str(w.shape()),
+               " and its gradient ", shape_str(dw.shape()), " differ.");
+  const int64_t N = w.dim(0), K = w.dim(1), M = K > 0 ? x.numel() / K : 0;
+  FATHOM_CHECK(x.numel() == M * K && dout.numel() == M * N, "matmul_backward: x ", shape_str(x.shape()), " dout ",
+               shape_str(dout.shape()), " for weight ", shape_str(w.shape()));
+  if (M == 0 || N == 0 || K == 0) {
+    if (dx.defined()) std::fill(dx.f32(), dx.f32() + dx.numel(), 0.0f);
+    return;
+  }
+  // dw (N, K) += doutᵀ (N, M) · x (M, K)
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(N), int(K), int(M), 1.0f, dout.f32(), int(N), x.f32(),
+              int(K), 1.0f, dw.f32(), int(K));
+  if (!dx.defined()) return;
+  check_f32(dx, "matmul_backward", "the input gradient");
+  FATHOM_CHECK(dx.numel() == M * K, "matmul_backward: dx ", shape_str(dx.shape()), " for x ", shape_str(x.shape()));
+  // dx (M, K) = dout (M, N) · W (N, K)
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(K), int(N), 1.0f, dout.f32(), int(N), w.f32(),
+              int(K), 0.0f, dx.f32(), int(K));
+}
+
+void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate, const Tensor& up) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &dout, &gate, &up}) check_f32(*t, "silu_mul_backward", "every tensor");
+  const int64_t n = gate.numel();
+  FATHOM_CHECK(up.numel() == n && dout.numel() == n && dgate.numel() == n && dup.numel() == n,
+               "silu_mul_backward: gate ", shape_str(gate.shape()), " up ", shape_str(up.shape()), " dout ",
+               shape_str(dout.shape()));
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate.f32()[i], u = up.f32()[i], d = dout.f32()[i];
+    const float sg = 1.0f / (1.0f + std::exp(-g));
+    const float silu = g * sg;
+    dgate.f32()[i] = d * u * sg * (1.0f + g * (1.0f - sg));
+    dup.f32()[i] = d * silu;
+  }
+}
+
+void rope_backward(const RopeParams& p) {
+  FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "rope_backward: rope_dim ", p.rope_dim, " must be even.");
+  FATHOM_CHECK(p.out == nullptr, "rope_backward works in place (out must be null).");
+  const int half = p.rope_dim / 2;
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    const float* c = p.cos + t * half;
+    const float* s = p.sin + t * half;
+    for (int h = 0; h < p.n_heads; ++h) {
+      float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
+      for (int i = 0; i < half; ++i) {
+        // the forward's pair: interleaved (2i, 2i+1), else the two halves (i, i + half)
+        const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
+        const float ga = v[a], gb = v[b];  // d(out) of the pair
+        v[a] = ga * c[i] + gb * s[i];      // the transposed rotation
+        v[b] = gb * c[i] - ga * s[i];
+      }
+    }
+  }
+}
+
+int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                               float dloss) {
+  check_f32(logits, "cross_entropy_backward", "the logits");
+  check_f32(dlogits, "cross_entropy_backward", "the logits' gradient");
+  check_f32(losses, "cross_entropy_backward", "the losses");
+  FATHOM_CHECK(logits.ndim() == 2 && targets.dtype() == DType::I32, "cross_entropy_backward: expected (T, V) logits "
+               "and I32 targets, got ", shape_str(logits.shape()), " and ", dtype_name(targets.dtype()));
+  const int64_t T = logits.dim(0), V = logits.dim(1);
+  FATHOM_CHECK(targets.numel() == T && losses.numel() == T && dlogits.numel() == T * V,
+               "cross_entropy_backward: ", T, " rows but targets ", shape_str(targets.shape()), " losses ",
+               shape_str(losses.shape()), " dlogits ", shape_str(dlogits.shape()));
+  int64_t counted = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits.f32() + t * V;
+    float* d = dlogits.f32() + t * V;
+    const int32_t target = targets.ptr<int32_t>()[t];
+    FATHOM_CHECK(target < V, "cross_entropy_backward: target ", target, " at row ", t, " is outside [0, ", V, ").");
+    if (target < 0) {
+      losses.f32()[t] = 0.0f;
+      std::fill(d, d + V, 0.0f);
+      continue;
+    }
+    ++counted;
+    float mx = l[0];
+    for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(l[v]) - mx);
+    const double lse = double(mx) + std::log(sum);
+    const double target_logit = l[target];  // read before d (which may be l) is written
+    for (int64_t v = 0; v < V; ++v) d[v] = float(std::exp(double(l[v]) - lse) * dloss);
+    d[target] = float(std::expm1(target_logit - lse) * dloss);  // p − 1 without cancellation
+    losses.f32()[t] = float(lse - target_logit);
+  }
+  return counted;
+}
+
+}  // namespace fathom::train
