@@ -223,6 +223,63 @@ TEST(Backward, RopeIsTheInverseRotation) {
   }
 }
 
+// Self-attention as training runs it (causal, q_pos0 0), a chunk after earlier keys (q_pos0 > 0),
+// non-causal; GQA (4 query heads on 2 KV heads), d_qk != d_v, padded strides.
+TEST(Backward, Attention) {
+  Rng rng;
+  struct Case { int64_t n_q, n_kv, q_pos0; bool causal; };
+  for (Case c : {Case{5, 5, 0, true}, Case{3, 7, 4, true}, Case{4, 6, 0, false}}) {
+    const int H = 4, G = 2, dqk = 6, dv = 5;
+    const int64_t qts = H * (dqk + 1), kts = G * (dqk + 2), vts = G * dv;  // padded rows
+    Tensor q = rng.randn({c.n_q, qts}), k = rng.randn({c.n_kv, kts}), v = rng.randn({c.n_kv, vts});
+    Tensor dout = rng.randn({c.n_q, H, dv});
+    AttentionParams p;
+    p.q = q.f32(), p.q_token_stride = qts, p.q_head_stride = dqk + 1;
+    p.k = k.f32(), p.k_token_stride = kts, p.k_head_stride = dqk + 2;
+    p.v = v.f32(), p.v_token_stride = vts, p.v_head_stride = dv;
+    p.out_token_stride = H * dv, p.out_head_stride = dv;
+    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.causal = c.causal;
+    p.n_q_heads = H, p.n_kv_heads = G, p.d_qk = dqk, p.d_v = dv, p.scale = 0.37f;
+    auto forward = [&]() {  // L = Σ dout ⊙ attention(q, k, v), from the definition in double
+      double L = 0;
+      for (int64_t i = 0; i < c.n_q; ++i)
+        for (int h = 0; h < H; ++h) {
+          const int g = h / (H / G);
+          const int64_t n = c.causal ? std::min(c.n_kv, c.q_pos0 + i + 1) : c.n_kv;
+          std::vector<double> s(static_cast<size_t>(n));
+          double mx = -1e300, sum = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            double d = 0;
+            for (int e = 0; e < dqk; ++e) d += double(q.f32()[i * qts + h * (dqk + 1) + e]) * k.f32()[j * kts + g * (dqk + 2) + e];
+            s[size_t(j)] = d * p.scale;
+            mx = std::max(mx, s[size_t(j)]);
+          }
+          for (double& x : s) sum += (x = std::exp(x - mx));
+          for (int e = 0; e < dv; ++e) {
+            double o = 0;
+            for (int64_t j = 0; j < n; ++j) o += s[size_t(j)] / sum * v.f32()[j * vts + g * dv + e];
+            L += o * dout.f32()[(i * H + h) * dv + e];
+          }
+        }
+      return L;
+    };
+    {  // the double reference is the op's forward
+      auto ops = make_cpu_ops();
+      Tensor out = Tensor::empty({c.n_q, H, dv});
+      AttentionParams f = p;
+      f.out = out.f32();
+      ops->attention(f);
+      std::vector<double> d(dout.f32(), dout.f32() + dout.numel());
+      ASSERT_NEAR(dot(out, d), forward(), 1e-4 * (1 + std::fabs(forward())));
+    }
+    Tensor dq = Tensor::zeros(q.shape()), dk = Tensor::zeros(k.shape()), dvv = Tensor::zeros(v.shape());
+    train::attention_backward(dq.f32(), dk.f32(), dvv.f32(), dout.f32(), p);
+    expect_grad(dq, numeric_grad(q, forward), "dq", rng.seed);
+    expect_grad(dk, numeric_grad(k, forward), "dk", rng.seed);
+    expect_grad(dvv, numeric_grad(v, forward), "dv", rng.seed);
+  }
+}
+
 TEST(Backward, CrossEntropyFusedAndInPlace) {
   Rng rng;
   const int64_t T = 5, V = 11;

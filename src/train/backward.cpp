@@ -121,6 +121,72 @@ void rope_backward(const RopeParams& p) {
   }
 }
 
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) {
+  FATHOM_CHECK(p.kv_dtype == DType::F32 && !p.block_table && !p.kv_len, "attention_backward: F32 keys and values "
+               "without a block table or device key count (the training layout) are supported.");
+  FATHOM_CHECK(p.n_q >= 0 && p.n_kv >= 0 && p.n_kv_heads > 0 && p.n_q_heads % p.n_kv_heads == 0 && p.d_qk > 0 &&
+                   p.d_v > 0,
+               "attention_backward: ", p.n_q_heads, " query heads over ", p.n_kv_heads, " KV heads, d_qk ", p.d_qk,
+               ", d_v ", p.d_v, ".");
+  FATHOM_ASSERT(dq && dk && dv && dout && p.q && p.k && p.v, "attention_backward with a null pointer");
+  FATHOM_CHECK(p.k != p.v, "attention_backward: keys and values must be separate tensors (absorbed MLA's shared "
+               "latent rows train through the naive layout).");
+  const float* K = static_cast<const float*>(p.k);
+  const float* Vv = static_cast<const float*>(p.v);
+  const int group = p.n_q_heads / p.n_kv_heads;
+  auto qrow = [&](int64_t i, int h) { return i * p.q_token_stride + int64_t(h) * p.q_head_stride; };
+  auto krow = [&](int64_t j, int g) { return j * p.k_token_stride + int64_t(g) * p.k_head_stride; };
+  auto vrow = [&](int64_t j, int g) { return j * p.v_token_stride + int64_t(g) * p.v_head_stride; };
+  auto orow = [&](int64_t i, int h) { return i * p.out_token_stride + int64_t(h) * p.out_head_stride; };
+  // key and value gradients in double until the end: many query rows add into each
+  std::vector<double> gk(size_t(p.n_kv) * p.n_kv_heads * p.d_qk, 0.0), gv(size_t(p.n_kv) * p.n_kv_heads * p.d_v, 0.0);
+  std::vector<double> prob, dp, gq(size_t(p.d_qk));
+  for (int64_t i = 0; i < p.n_q; ++i)
+    for (int h = 0; h < p.n_q_heads; ++h) {
+      const int g = h / group;
+      const int64_t n = p.causal ? std::clamp<int64_t>(p.q_pos0 + i + 1, 0, p.n_kv) : p.n_kv;
+      const float* q = p.q + qrow(i, h);
+      const float* go = dout + orow(i, h);
+      prob.assign(size_t(n), 0.0);
+      dp.assign(size_t(n), 0.0);
+      double mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int c = 0; c < p.d_qk; ++c) s += double(q[c]) * K[krow(j, g) + c];
+        prob[size_t(j)] = s * p.scale;
+        mx = std::max(mx, prob[size_t(j)]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (prob[size_t(j)] = std::exp(prob[size_t(j)] - mx));
+      double d = 0;  // Σ_j P_ij dP_ij = dout_i · out_i
+      for (int64_t j = 0; j < n; ++j) {
+        prob[size_t(j)] /= sum;
+        double s = 0;
+        for (int c = 0; c < p.d_v; ++c) s += double(go[c]) * Vv[vrow(j, g) + c];
+        dp[size_t(j)] = s;
+        d += prob[size_t(j)] * s;
+      }
+      std::fill(gq.begin(), gq.end(), 0.0);
+      for (int64_t j = 0; j < n; ++j) {
+        const double pj = prob[size_t(j)], ds = pj * (dp[size_t(j)] - d) * p.scale;
+        double* gkj = gk.data() + (size_t(j) * p.n_kv_heads + g) * p.d_qk;
+        double* gvj = gv.data() + (size_t(j) * p.n_kv_heads + g) * p.d_v;
+        for (int c = 0; c < p.d_qk; ++c) {
+          gq[size_t(c)] += ds * K[krow(j, g) + c];
+          gkj[c] += ds * q[c];
+        }
+        for (int c = 0; c < p.d_v; ++c) gvj[c] += pj * go[c];
+      }
+      float* dqi = dq + qrow(i, h);
+      for (int c = 0; c < p.d_qk; ++c) dqi[c] = float(gq[size_t(c)]);
+    }
+  for (int64_t j = 0; j < p.n_kv; ++j)
+    for (int g = 0; g < p.n_kv_heads; ++g) {
+      for (int c = 0; c < p.d_qk; ++c) dk[krow(j, g) + c] = float(gk[(size_t(j) * p.n_kv_heads + g) * p.d_qk + c]);
+      for (int c = 0; c < p.d_v; ++c) dv[vrow(j, g) + c] = float(gv[(size_t(j) * p.n_kv_heads + g) * p.d_v + c]);
+    }
+}
+
 int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                float dloss) {
   check_f32(logits, "cross_entropy_backward", "the logits");

@@ -44,6 +44,16 @@ void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Ten
 // forward: tokens, heads, strides, offset, rope_dim, cos/sin (T, rope_dim/2), interleaved.
 void rope_backward(const RopeParams& p);
 
+// forward: Ops::attention(p) (F32 q/k/v, no block table, no device key count): per query row i
+// and head h, S = scale · q·kᵀ over the visible keys (causal: key j ≤ q_pos0 + i), P = softmax(S),
+// out = P·V. Given dout (the layout of p.out), writes
+//   dv[j] = Σ_i P_ij dout_i,   dS_ij = P_ij (dout_i·v_j − Σ_j' P_ij' dout_i·v_j'),
+//   dq_i = scale Σ_j dS_ij k_j,   dk_j = scale Σ_i dS_ij q_i,
+// summed over the query heads that share a KV head (GQA/MQA). dq, dk, dv have the strides of
+// q, k, v; every element of theirs that the forward reads is written. P is recomputed (the
+// recomputation FlashAttention's backward does), everything in double.
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p);
+
 // The LM head's loss, fused and memory-light: for each row of logits (T, V), with target
 // targets[t] (I32; < 0: no target, loss 0 and zero gradient — padding), losses[t] =
 // logsumexp(logits[t]) − logits[t, target] and dlogits[t] = (softmax(logits[t]) − onehot) · dloss.
