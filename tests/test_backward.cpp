@@ -280,6 +280,59 @@ TEST(Backward, Attention) {
   }
 }
 
+// The router's gradient through the chosen experts' weights (the choice itself is held fixed):
+// V3 (sigmoid, normalised top-k, scaling 2.5, bias, groups), V2-Lite (softmax, raw top-k) and
+// softmax with normalisation.
+TEST(Backward, MoeGateThroughTheRoutingWeights) {
+  Rng rng;
+  auto ops = make_cpu_ops();
+  struct Case { ScoringFunc scoring; int E, K, n_group, topk_group; bool norm; float rsf; };
+  for (Case c : {Case{ScoringFunc::Sigmoid, 16, 4, 4, 2, true, 2.5f}, Case{ScoringFunc::Softmax, 12, 3, 1, 1, false, 1.0f},
+                 Case{ScoringFunc::Softmax, 9, 2, 1, 1, true, 1.5f}}) {
+    MoeGateParams p;
+    p.scoring = c.scoring, p.n_experts = c.E, p.top_k = c.K, p.n_group = c.n_group, p.topk_group = c.topk_group;
+    p.norm_topk_prob = c.norm, p.routed_scaling_factor = c.rsf;
+    const int64_t T = 4;
+    Tensor logits = rng.randn({T, c.E}, 2.0f), bias = rng.randn({c.E}, 0.1f), dw = rng.randn({T, c.K});
+    Tensor weights = Tensor::empty({T, c.K}), ids = Tensor::empty({T, c.K}, DType::I32);
+    ops->moe_gate(weights, ids, logits, c.scoring == ScoringFunc::Sigmoid ? bias.f32() : nullptr, p);
+    auto routing = [&](std::vector<double>& w) {  // the weights of the chosen experts, in double
+      w.assign(size_t(T * c.K), 0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> sc(static_cast<size_t>(c.E));
+        double mx = -1e300, sum = 0;
+        for (int e = 0; e < c.E; ++e) mx = std::max(mx, double(logits.f32()[t * c.E + e]));
+        for (int e = 0; e < c.E; ++e) {
+          const double l = logits.f32()[t * c.E + e];
+          sc[size_t(e)] = c.scoring == ScoringFunc::Sigmoid ? 1 / (1 + std::exp(-l)) : std::exp(l - mx);
+          sum += sc[size_t(e)];
+        }
+        if (c.scoring == ScoringFunc::Softmax)
+          for (double& x : sc) x /= sum;
+        double raw = 0;
+        for (int k = 0; k < c.K; ++k) raw += sc[size_t(ids.ptr<int32_t>()[t * c.K + k])];
+        for (int k = 0; k < c.K; ++k) {
+          const double r = sc[size_t(ids.ptr<int32_t>()[t * c.K + k])];
+          w[size_t(t * c.K + k)] = (c.norm ? r / (raw + 1e-20) : r) * c.rsf;
+        }
+      }
+    };
+    std::vector<double> w0;
+    routing(w0);
+    for (size_t i = 0; i < w0.size(); ++i) ASSERT_NEAR(weights.f32()[i], w0[i], 1e-5 * (1 + std::fabs(w0[i])));
+    auto forward = [&]() {
+      std::vector<double> w;
+      routing(w);
+      double L = 0;
+      for (size_t i = 0; i < w.size(); ++i) L += w[i] * dw.f32()[i];
+      return L;
+    };
+    Tensor dlogits = Tensor::empty({T, c.E});
+    train::moe_gate_backward(dlogits, dw, logits, ids, p);
+    expect_grad(dlogits, numeric_grad(logits, forward), "dlogits", rng.seed);
+  }
+}
+
 TEST(Backward, CrossEntropyFusedAndInPlace) {
   Rng rng;
   const int64_t T = 5, V = 11;

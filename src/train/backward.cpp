@@ -187,6 +187,55 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     }
 }
 
+void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
+                       const MoeGateParams& p) {
+  check_f32(dlogits, "moe_gate_backward", "the logits' gradient");
+  check_f32(dweights, "moe_gate_backward", "the routing weights' gradient");
+  check_f32(logits, "moe_gate_backward", "the logits");
+  const int E = p.n_experts, K = p.top_k;
+  FATHOM_CHECK(E > 0 && K > 0 && logits.numel() % E == 0 && experts.dtype() == DType::I32,
+               "moe_gate_backward: logits ", shape_str(logits.shape()), " for ", E, " experts, I32 ids expected.");
+  const int64_t T = logits.numel() / E;
+  FATHOM_CHECK(dlogits.numel() == T * E && dweights.numel() == T * K && experts.numel() == T * K,
+               "moe_gate_backward: ", T, " tokens but dlogits ", shape_str(dlogits.shape()), " dweights ",
+               shape_str(dweights.shape()), " experts ", shape_str(experts.shape()));
+  std::vector<double> score(static_cast<size_t>(E)), dscore(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits.f32() + t * E;
+    if (p.scoring == ScoringFunc::Sigmoid) {
+      for (int e = 0; e < E; ++e) score[size_t(e)] = 1.0 / (1.0 + std::exp(-double(l[e])));
+    } else {
+      const double mx = *std::max_element(l, l + E);
+      double sum = 0;
+      for (int e = 0; e < E; ++e) sum += (score[size_t(e)] = std::exp(double(l[e]) - mx));
+      for (double& s : score) s /= sum;
+    }
+    const int32_t* ids = experts.ptr<int32_t>() + t * K;
+    const float* dw = dweights.f32() + t * K;
+    std::fill(dscore.begin(), dscore.end(), 0.0);
+    double raw_sum = 0, dot = 0;  // Σ_k score(e_k), Σ_k dw_k · score(e_k)
+    for (int k = 0; k < K; ++k) {
+      FATHOM_CHECK(ids[k] >= 0 && ids[k] < E, "moe_gate_backward: expert id ", ids[k], " of token ", t, ".");
+      raw_sum += score[size_t(ids[k])];
+      dot += double(dw[k]) * score[size_t(ids[k])];
+    }
+    const double rsf = p.routed_scaling_factor, denom = raw_sum + 1e-20;
+    for (int k = 0; k < K; ++k) {
+      // w_k = rsf · raw_k / denom:  d raw_j = rsf · (dw_j / denom − Σ_k dw_k raw_k / denom²)
+      const double d = p.norm_topk_prob ? rsf * (double(dw[k]) / denom - dot / (denom * denom)) : rsf * dw[k];
+      dscore[size_t(ids[k])] += d;
+    }
+    float* dl = dlogits.f32() + t * E;
+    if (p.scoring == ScoringFunc::Sigmoid) {
+      for (int e = 0; e < E; ++e) dl[e] = float(dscore[size_t(e)] * score[size_t(e)] * (1 - score[size_t(e)]));
+    } else {
+      double sd = 0;
+      for (int e = 0; e < E; ++e) sd += score[size_t(e)] * dscore[size_t(e)];
+      for (int e = 0; e < E; ++e) dl[e] = float(score[size_t(e)] * (dscore[size_t(e)] - sd));
+    }
+  }
+}
+
 int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                float dloss) {
   check_f32(logits, "cross_entropy_backward", "the logits");

@@ -54,6 +54,15 @@ void rope_backward(const RopeParams& p);
 // recomputation FlashAttention's backward does), everything in double.
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p);
 
+// forward: Ops::moe_gate(weights (T, K), experts (T, K), logits (T, E), bias, p). The choice of
+// experts is discrete (and the bias only steers it), so the gradient flows through the routing
+// weights of the chosen experts alone: w_k = score(e_k) [/ Σ_k score(e_k) with norm_topk_prob]
+// · routed_scaling_factor, score = sigmoid(logit) or the softmax over all E logits. Given
+// dweights (T, K), writes dlogits (T, E) (zero for experts whose score no weight used; with
+// softmax every logit gets some). The experts are the forward's ids.
+void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
+                       const MoeGateParams& p);
+
 // The LM head's loss, fused and memory-light: for each row of logits (T, V), with target
 // targets[t] (I32; < 0: no target, loss 0 and zero gradient — padding), losses[t] =
 // logsumexp(logits[t]) − logits[t, target] and dlogits[t] = (softmax(logits[t]) − onehot) · dloss.
