@@ -37,5 +37,6 @@ Command add_tokenize(CLI::App& app);
 Command add_detokenize(CLI::App& app);
 Command add_chat_template(CLI::App& app);
 Command add_chat(CLI::App& app);
+Command add_data(CLI::App& app);
 
 }  // namespace fathom::cli

@@ -1,0 +1,50 @@
+// Training data: text files tokenized into shards of token ids with a manifest, the form
+// `fathom train` reads (`fathom data prepare` makes it).
+//
+// Each input file is one document. A document's tokens start with the tokenizer's BOS (or, if
+// it has none, end with its EOS), so document boundaries survive concatenation. The documents
+// are shuffled with a seeded permutation of their own (the same on every machine), the first
+// val_fraction of them form the held-out validation split, and each split is written in order
+// into shards of at most shard_tokens ids:
+//   <out>/train-00000.bin, ..., <out>/val-00000.bin, ..., <out>/manifest.json
+// A shard is "FTOKSHRD", a little-endian u32 version (1) and u32 zero, a u64 id count, then the
+// ids as little-endian u32. The manifest (written last, atomically: its presence means the set is
+// complete) records the tokenizer's file and SHA-256, the seed, the split, every shard with its
+// id count, document count and SHA-256, and every source file with its bytes and tokens.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fathom {
+class Tokenizer;
+}
+
+namespace fathom::train {
+
+struct DataPrepareOptions {
+  std::vector<std::string> inputs;  // files, or directories (every regular file below, sorted)
+  std::string out_dir;
+  double val_fraction = 0.01;        // of the documents; at least one when > 0 and there are two
+  int64_t shard_tokens = int64_t(1) << 24;
+  uint64_t seed = 1234;
+  bool skip_invalid_utf8 = false;    // skip (and list) files that are not UTF-8 text instead of failing
+  bool progress = true;
+};
+
+struct DataSummary {
+  int64_t documents = 0, train_documents = 0, val_documents = 0;
+  int64_t train_tokens = 0, val_tokens = 0;
+  int64_t bytes = 0;
+  std::vector<std::string> shards;   // paths, train then val
+  std::vector<std::string> skipped;  // files skipped as not UTF-8
+};
+
+DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& options);
+
+// The ids of one shard; a file that is not a complete shard is an error naming it.
+std::vector<int32_t> read_shard(const std::string& path);
+void write_shard(const std::string& path, const std::vector<int32_t>& ids);
+
+}  // namespace fathom::train
