@@ -45,6 +45,7 @@ class AdamW {
   int64_t steps() const { return t_; }
   void set_steps(int64_t t) { t_ = t; }  // resuming: the bias corrections depend on t
   std::vector<Param>& params() { return params_; }
+  const std::vector<Param>& params() const { return params_; }
   const AdamWConfig& config() const { return config_; }
 
  private:
