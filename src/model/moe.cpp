@@ -25,9 +25,14 @@ MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::stri
     m.shared_experts = load_swiglu(w, p + "shared_experts.", D, I * c.n_shared_experts);
     m.has_shared = true;
   }
-  MoeGateParams& g = m.gate_params;
+  m.gate_params = moe_gate_params(c);
+  return m;
+}
+
+MoeGateParams moe_gate_params(const ModelConfig& c) {
+  MoeGateParams g;
   g.scoring = c.scoring_func == "sigmoid" ? ScoringFunc::Sigmoid : ScoringFunc::Softmax;
-  g.n_experts = int(E);
+  g.n_experts = c.n_routed_experts;
   g.top_k = c.num_experts_per_tok;
   // greedy routing ignores groups even when the config lists them
   const bool grouped = c.topk_method != "greedy";
@@ -36,7 +41,7 @@ MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::stri
   g.group_by_top2_sum = c.topk_method == "noaux_tc";
   g.norm_topk_prob = c.norm_topk_prob;
   g.routed_scaling_factor = float(c.routed_scaling_factor);
-  return m;
+  return g;
 }
 
 namespace {

@@ -37,6 +37,8 @@ struct MoeWeights {
 
 SwiGluWeights load_swiglu(const WeightLoader& w, const std::string& prefix, int64_t hidden, int64_t inter);
 MoeWeights load_moe(const WeightLoader& w, const ModelConfig& c, const std::string& prefix);
+// The router's settings from a config (scoring, top-k, groups, normalisation, scaling).
+MoeGateParams moe_gate_params(const ModelConfig& c);
 // Points expert_set at `experts` and lets the backend prepare it; call once the weights sit
 // where they will stay (after placement on the device).
 void prepare_moe(Ops& ops, MoeWeights& m);

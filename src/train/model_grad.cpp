@@ -1,0 +1,367 @@
+#include "train/model_grad.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/files.h"
+#include "core/safetensors.h"
+#include "model/moe.h"
+#include "model/rope.h"
+#include "ops/ops.h"
+#include "train/backward.h"
+
+namespace fs = std::filesystem;
+
+namespace fathom::train {
+namespace {
+
+Ops& cpu() {
+  static const std::unique_ptr<Ops> ops = make_cpu_ops();
+  return *ops;
+}
+
+// out (M, N) = x (M, K) · Wᵀ
+Tensor mm(const Tensor& x, const Tensor& w) {
+  LinearWeight lw;
+  lw.weight = w;
+  Tensor out = Tensor::empty({x.numel() / w.dim(1), w.dim(0)});
+  cpu().matmul(out, x, lw);
+  return out;
+}
+Tensor norm(const Tensor& x, const Tensor& w, float eps) {
+  Tensor out = Tensor::empty(x.shape());
+  cpu().rmsnorm(out, x, w, eps);
+  return out;
+}
+void add_into(Tensor& a, const Tensor& b) { cpu().add(a, b); }
+
+// What one layer's backward needs from its forward.
+struct Expert {  // one expert's tokens in the layer (routed: the pairs that chose it)
+  std::string prefix;
+  std::vector<int64_t> token, slot;  // slot: index in the token's top-k (-1: shared expert)
+  Tensor x, g, u, a, y;              // (n, D), (n, I), (n, I), (n, I), (n, D) unweighted output
+};
+struct LayerActs {
+  Tensor x_in, h1, qa, qan, q, kva, ckv, ckvn, kvb, kpe, K, V, attn, x_mid, h2;
+  Tensor g, u, a;                       // dense MLP
+  Tensor logits, weights, ids;          // router
+  std::vector<Expert> experts;          // routed (with tokens) and shared
+  bool moe = false;
+};
+
+void dequantize_fp8(const Tensor& w, const Tensor& scale, int64_t block, float* out) {
+  const int64_t N = w.dim(0), K = w.dim(1), kb = (K + block - 1) / block;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      out[n * K + k] = fp8e4m3_to_f32(w.ptr<uint8_t>()[n * K + k]) * scale.f32()[(n / block) * kb + k / block];
+}
+
+}  // namespace
+
+std::unique_ptr<GradModel> GradModel::load(const std::string& dir) {
+  auto m = std::unique_ptr<GradModel>(new GradModel());
+  m->config_ = load_config((fs::path(dir) / "config.json").string());
+  const ModelConfig& c = m->config_;
+  const SafetensorsSet set = SafetensorsSet::open_dir(dir);
+  for (const std::string& name : set.names()) {
+    if (name.size() >= 10 && name.compare(name.size() - 10, 10, "_scale_inv") == 0) continue;
+    int layer = -1;
+    if (std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 && layer >= c.num_hidden_layers) continue;  // MTP
+    const Tensor t = set.tensor(name);
+    Tensor f = Tensor::empty(t.shape());
+    if (t.dtype() == DType::F8_E4M3) {
+      FATHOM_CHECK(set.contains(name + "_scale_inv") && t.ndim() == 2, dir, ": FP8 weight ", name,
+                   " has no block scales (", name, "_scale_inv).");
+      dequantize_fp8(t, to_f32(set.tensor(name + "_scale_inv")), c.weight_block_size[0], f.f32());
+    } else {
+      convert_to_f32(t.dtype(), t.data(), f.f32(), size_t(t.numel()));
+    }
+    m->names_.push_back(name);
+    m->value_[name] = f;
+    m->grad_[name] = Tensor::zeros(t.shape());
+  }
+  FATHOM_CHECK(m->value_.count("model.embed_tokens.weight") && m->value_.count("model.norm.weight"), dir,
+               ": the checkpoint has no model.embed_tokens.weight or model.norm.weight.");
+  FATHOM_CHECK(c.tie_word_embeddings || m->value_.count("lm_head.weight"), dir, ": no lm_head.weight.");
+  return m;
+}
+
+Tensor& GradModel::value(const std::string& name) {
+  auto it = value_.find(name);
+  FATHOM_CHECK(it != value_.end(), "the model has no weight ", name, ".");
+  return it->second;
+}
+Tensor& GradModel::grad(const std::string& name) {
+  auto it = grad_.find(name);
+  FATHOM_CHECK(it != grad_.end(), "the model has no weight ", name, ".");
+  return it->second;
+}
+void GradModel::zero_grad() {
+  for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
+}
+void GradModel::add_to(AdamW& optimizer) {
+  for (const std::string& n : names_) optimizer.add(n, value_[n], grad_[n]);
+}
+double GradModel::loss_and_grad(const std::vector<int32_t>& tokens) { return run(tokens, true); }
+double GradModel::loss(const std::vector<int32_t>& tokens) { return run(tokens, false); }
+
+double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
+  const ModelConfig& c = config_;
+  FATHOM_CHECK(tokens.size() >= 2, "a training sequence needs at least 2 tokens, got ", tokens.size(), ".");
+  const int64_t T = int64_t(tokens.size()) - 1, D = c.hidden_size, V = c.vocab_size;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    FATHOM_CHECK(tokens[i] < V, "token ", tokens[i], " at position ", i, " is outside the vocabulary of ", V, ".");
+  const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim, dv = c.v_head_dim;
+  const int dqk = c.qk_head_dim();
+  const int64_t R = c.kv_lora_rank;
+  const float eps = float(c.rms_norm_eps);
+  auto W = [&](const std::string& n) -> Tensor& { return value(n); };
+  auto G = [&](const std::string& n) -> Tensor& { return grad(n); };
+
+  Tensor ids = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
+  for (int64_t t = 0; t < T; ++t) {
+    FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t, " is negative.");
+    ids.ptr<int32_t>()[t] = tokens[size_t(t)];
+    targets.ptr<int32_t>()[t] = tokens[size_t(t) + 1];
+  }
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = t;
+  Tensor cosv, sinv;
+  Rope(c).tables(positions.data(), T, cosv, sinv);
+  auto rope_params = [&](float* x, int64_t token_stride, int64_t head_stride, int n_heads, int offset) {
+    RopeParams p;
+    p.x = x, p.n_tokens = T, p.token_stride = token_stride, p.head_stride = head_stride;
+    p.n_heads = n_heads, p.offset = offset, p.rope_dim = rd, p.cos = cosv.f32(), p.sin = sinv.f32();
+    p.interleaved = c.rope_interleave;
+    return p;
+  };
+  auto attn_params = [&](const LayerActs& a) {
+    AttentionParams p;
+    p.q = a.q.f32(), p.q_token_stride = int64_t(H) * dqk, p.q_head_stride = dqk;
+    p.k = a.K.f32(), p.k_token_stride = int64_t(H) * dqk, p.k_head_stride = dqk;
+    p.v = a.V.f32(), p.v_token_stride = int64_t(H) * dv, p.v_head_stride = dv;
+    p.out_token_stride = int64_t(H) * dv, p.out_head_stride = dv;
+    p.n_q = T, p.n_kv = T, p.q_pos0 = 0, p.causal = true;
+    p.n_q_heads = H, p.n_kv_heads = H, p.d_qk = dqk, p.d_v = dv, p.scale = float(c.softmax_scale());
+    return p;
+  };
+
+  // ---- forward
+  const std::string embed = "model.embed_tokens.weight";
+  const std::string head = c.tie_word_embeddings ? embed : "lm_head.weight";
+  Tensor x = Tensor::empty({T, D});
+  cpu().embedding(x, ids, W(embed));
+  std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
+  const MoeGateParams gp = moe_gate_params(c);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerActs& a = acts[size_t(l)];
+    const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
+    a.x_in = x;
+    a.h1 = norm(x, W(p + "input_layernorm.weight"), eps);
+    if (c.q_lora_rank > 0) {
+      a.qa = mm(a.h1, W(sa + "q_a_proj.weight"));
+      a.qan = norm(a.qa, W(sa + "q_a_layernorm.weight"), eps);
+      a.q = mm(a.qan, W(sa + "q_b_proj.weight"));
+    } else {
+      a.q = mm(a.h1, W(sa + "q_proj.weight"));
+    }
+    cpu().rope(rope_params(a.q.f32(), int64_t(H) * dqk, dqk, H, nope));
+    a.kva = mm(a.h1, W(sa + "kv_a_proj_with_mqa.weight"));  // (T, R + rd) = [c_kv | k_pe]
+    a.ckv = Tensor::empty({T, R});
+    a.kpe = Tensor::empty({T, rd});
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(a.ckv.f32() + t * R, a.kva.f32() + t * (R + rd), sizeof(float) * size_t(R));
+      std::memcpy(a.kpe.f32() + t * rd, a.kva.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
+    }
+    cpu().rope(rope_params(a.kpe.f32(), rd, 0, 1, 0));
+    a.ckvn = norm(a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
+    a.kvb = mm(a.ckvn, W(sa + "kv_b_proj.weight"));  // (T, H, nope + dv)
+    a.K = Tensor::empty({T, H, dqk});
+    a.V = Tensor::empty({T, H, dv});
+    for (int64_t t = 0; t < T; ++t)
+      for (int h = 0; h < H; ++h) {
+        const float* kb = a.kvb.f32() + (t * H + h) * (nope + dv);
+        std::memcpy(a.K.f32() + (t * H + h) * dqk, kb, sizeof(float) * size_t(nope));
+        std::memcpy(a.K.f32() + (t * H + h) * dqk + nope, a.kpe.f32() + t * rd, sizeof(float) * size_t(rd));
+        std::memcpy(a.V.f32() + (t * H + h) * dv, kb + nope, sizeof(float) * size_t(dv));
+      }
+    a.attn = Tensor::empty({T, int64_t(H) * dv});
+    AttentionParams ap = attn_params(a);
+    ap.out = a.attn.f32();
+    cpu().attention(ap);
+    x = mm(a.attn, W(sa + "o_proj.weight"));
+    add_into(x, a.x_in);  // x_mid = x_in + o
+    a.x_mid = x;
+    a.h2 = norm(x, W(p + "post_attention_layernorm.weight"), eps);
+    Tensor y = Tensor::zeros({T, D});
+    auto expert_forward = [&](Expert& e) {
+      e.g = mm(e.x, W(e.prefix + "gate_proj.weight"));
+      e.u = mm(e.x, W(e.prefix + "up_proj.weight"));
+      e.a = Tensor::empty(e.g.shape());
+      cpu().silu_mul(e.a, e.g, e.u);
+      e.y = mm(e.a, W(e.prefix + "down_proj.weight"));
+    };
+    a.moe = c.is_moe_layer(l);
+    if (!a.moe) {
+      Expert e;
+      e.prefix = p + "mlp.";
+      e.x = a.h2;
+      expert_forward(e);
+      y = e.y;
+      a.experts.push_back(std::move(e));
+    } else {
+      const int K = c.num_experts_per_tok;
+      a.logits = mm(a.h2, W(p + "mlp.gate.weight"));
+      a.weights = Tensor::empty({T, K});
+      a.ids = Tensor::empty({T, K}, DType::I32);
+      const std::string bias = p + "mlp.gate.e_score_correction_bias";
+      cpu().moe_gate(a.weights, a.ids, a.logits, value_.count(bias) ? W(bias).f32() : nullptr, gp);
+      for (int e = 0; e < c.n_routed_experts; ++e) {
+        Expert ex;
+        ex.prefix = cat(p, "mlp.experts.", e, ".");
+        for (int64_t t = 0; t < T; ++t)
+          for (int k = 0; k < K; ++k)
+            if (a.ids.ptr<int32_t>()[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
+        if (ex.token.empty()) continue;
+        ex.x = Tensor::empty({int64_t(ex.token.size()), D});
+        for (size_t i = 0; i < ex.token.size(); ++i)
+          std::memcpy(ex.x.f32() + int64_t(i) * D, a.h2.f32() + ex.token[i] * D, sizeof(float) * size_t(D));
+        expert_forward(ex);
+        for (size_t i = 0; i < ex.token.size(); ++i) {
+          const float w = a.weights.f32()[ex.token[i] * K + ex.slot[i]];
+          float* yr = y.f32() + ex.token[i] * D;
+          const float* er = ex.y.f32() + int64_t(i) * D;
+          for (int64_t d = 0; d < D; ++d) yr[d] += w * er[d];
+        }
+        a.experts.push_back(std::move(ex));
+      }
+      if (c.n_shared_experts > 0) {
+        Expert ex;
+        ex.prefix = p + "mlp.shared_experts.";
+        ex.x = a.h2;
+        expert_forward(ex);
+        add_into(y, ex.y);
+        a.experts.push_back(std::move(ex));
+      }
+    }
+    add_into(y, a.x_mid);  // x_out = x_mid + y
+    x = y;
+  }
+  const Tensor hf = norm(x, W("model.norm.weight"), eps);
+  Tensor logits = mm(hf, W(head));
+  Tensor losses = Tensor::empty({T});
+  int64_t counted = 0;
+  for (int64_t t = 0; t < T; ++t) counted += targets.ptr<int32_t>()[t] >= 0;
+  FATHOM_CHECK(counted > 0, "a training sequence has no token to predict.");
+  train::cross_entropy_backward(losses, logits, logits, targets, 1.0f / float(counted));  // logits -> dlogits
+  double loss = 0;
+  for (int64_t t = 0; t < T; ++t) loss += losses.f32()[t];
+  loss /= double(counted);
+  if (!backward) return loss;
+
+  // ---- backward, in exactly the reverse order
+  Tensor& dlogits = logits;
+  Tensor dhf = Tensor::empty({T, D});
+  matmul_backward(dhf, G(head), dlogits, hf, W(head));
+  Tensor dx = Tensor::empty({T, D});
+  rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
+  for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
+    LayerActs& a = acts[size_t(l)];
+    const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
+    // x_out = x_mid + y
+    Tensor dh2 = Tensor::zeros({T, D});
+    auto expert_backward = [&](Expert& e, const Tensor& dy) {  // dy (n, D): gradient of e.y
+      Tensor da = Tensor::empty(e.a.shape()), dg = Tensor::empty(e.g.shape()), du = Tensor::empty(e.u.shape());
+      matmul_backward(da, G(e.prefix + "down_proj.weight"), dy, e.a, W(e.prefix + "down_proj.weight"));
+      silu_mul_backward(dg, du, da, e.g, e.u);
+      Tensor dxe = Tensor::empty(e.x.shape()), dxu = Tensor::empty(e.x.shape());
+      matmul_backward(dxe, G(e.prefix + "gate_proj.weight"), dg, e.x, W(e.prefix + "gate_proj.weight"));
+      matmul_backward(dxu, G(e.prefix + "up_proj.weight"), du, e.x, W(e.prefix + "up_proj.weight"));
+      add_into(dxe, dxu);
+      return dxe;  // gradient of e.x
+    };
+    if (!a.moe) {
+      dh2 = expert_backward(a.experts[0], dx);
+    } else {
+      const int K = c.num_experts_per_tok;
+      Tensor dweights = Tensor::zeros({T, K});
+      for (Expert& e : a.experts) {
+        const int64_t n = e.x.dim(0);
+        if (e.token.empty()) {  // the shared expert: every token, weight 1
+          add_into(dh2, expert_backward(e, dx));
+          continue;
+        }
+        Tensor dy = Tensor::empty({n, D});
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = e.token[size_t(i)];
+          const float w = a.weights.f32()[t * K + e.slot[size_t(i)]];
+          double dw = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            dy.f32()[i * D + d] = w * dx.f32()[t * D + d];
+            dw += double(dx.f32()[t * D + d]) * e.y.f32()[i * D + d];
+          }
+          dweights.f32()[t * K + e.slot[size_t(i)]] += float(dw);
+        }
+        const Tensor dxe = expert_backward(e, dy);
+        for (int64_t i = 0; i < n; ++i) {
+          float* r = dh2.f32() + e.token[size_t(i)] * D;
+          for (int64_t d = 0; d < D; ++d) r[d] += dxe.f32()[i * D + d];
+        }
+      }
+      Tensor dlg = Tensor::empty(a.logits.shape());
+      moe_gate_backward(dlg, dweights, a.logits, a.ids, gp);
+      Tensor dhg = Tensor::empty({T, D});
+      matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));
+      add_into(dh2, dhg);
+    }
+    Tensor dx_mid = Tensor::empty({T, D});
+    rmsnorm_backward(dx_mid, G(p + "post_attention_layernorm.weight"), dh2, a.x_mid, W(p + "post_attention_layernorm.weight"), eps);
+    add_into(dx_mid, dx);  // the residual path
+    // x_mid = x_in + attn · Woᵀ
+    Tensor dattn = Tensor::empty(a.attn.shape());
+    matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
+    Tensor dq = Tensor::zeros(a.q.shape()), dK = Tensor::zeros(a.K.shape()), dV = Tensor::zeros(a.V.shape());
+    attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a));
+    // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
+    Tensor dkvb = Tensor::empty(a.kvb.shape()), dkpe = Tensor::zeros({T, rd});
+    for (int64_t t = 0; t < T; ++t)
+      for (int h = 0; h < H; ++h) {
+        float* kb = dkvb.f32() + (t * H + h) * (nope + dv);
+        std::memcpy(kb, dK.f32() + (t * H + h) * dqk, sizeof(float) * size_t(nope));
+        std::memcpy(kb + nope, dV.f32() + (t * H + h) * dv, sizeof(float) * size_t(dv));
+        for (int i = 0; i < rd; ++i) dkpe.f32()[t * rd + i] += dK.f32()[(t * H + h) * dqk + nope + i];
+      }
+    rope_backward(rope_params(dkpe.f32(), rd, 0, 1, 0));
+    Tensor dckvn = Tensor::empty(a.ckvn.shape()), dckv = Tensor::empty(a.ckv.shape());
+    matmul_backward(dckvn, G(sa + "kv_b_proj.weight"), dkvb, a.ckvn, W(sa + "kv_b_proj.weight"));
+    rmsnorm_backward(dckv, G(sa + "kv_a_layernorm.weight"), dckvn, a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
+    Tensor dkva = Tensor::empty(a.kva.shape());
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(dkva.f32() + t * (R + rd), dckv.f32() + t * R, sizeof(float) * size_t(R));
+      std::memcpy(dkva.f32() + t * (R + rd) + R, dkpe.f32() + t * rd, sizeof(float) * size_t(rd));
+    }
+    Tensor dh1 = Tensor::empty({T, D}), dh1b = Tensor::empty({T, D});
+    matmul_backward(dh1, G(sa + "kv_a_proj_with_mqa.weight"), dkva, a.h1, W(sa + "kv_a_proj_with_mqa.weight"));
+    rope_backward(rope_params(dq.f32(), int64_t(H) * dqk, dqk, H, nope));
+    if (c.q_lora_rank > 0) {
+      Tensor dqan = Tensor::empty(a.qan.shape()), dqa = Tensor::empty(a.qa.shape());
+      matmul_backward(dqan, G(sa + "q_b_proj.weight"), dq, a.qan, W(sa + "q_b_proj.weight"));
+      rmsnorm_backward(dqa, G(sa + "q_a_layernorm.weight"), dqan, a.qa, W(sa + "q_a_layernorm.weight"), eps);
+      matmul_backward(dh1b, G(sa + "q_a_proj.weight"), dqa, a.h1, W(sa + "q_a_proj.weight"));
+    } else {
+      matmul_backward(dh1b, G(sa + "q_proj.weight"), dq, a.h1, W(sa + "q_proj.weight"));
+    }
+    add_into(dh1, dh1b);
+    Tensor dx_in = Tensor::empty({T, D});
+    rmsnorm_backward(dx_in, G(p + "input_layernorm.weight"), dh1, a.x_in, W(p + "input_layernorm.weight"), eps);
+    add_into(dx_in, dx_mid);  // the residual path
+    dx = dx_in;
+  }
+  embedding_backward(G(embed), dx, ids);
+  return loss;
+}
+
+}  // namespace fathom::train

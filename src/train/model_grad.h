@@ -1,0 +1,55 @@
+// The loss of a DeepSeek-V3/V2-architecture model on a token sequence and its gradient with
+// respect to every weight, on the CPU in F32: the reference training step.
+//
+// The forward pass is the inference model's (the CPU ops, naive MLA: per-head keys and values
+// decompressed by kv_b_proj, which is what trains) with every activation the backward needs kept;
+// the backward calls the passes of src/train/backward.h in exactly the reverse order:
+//   embedding → for each layer: x += MLA(rmsnorm(x)); x += MLP or MoE(rmsnorm(x))
+//   → rmsnorm → LM head → cross-entropy against the next tokens.
+// MoE gradients reach the router through the chosen experts' routing weights; the expert choice
+// and e_score_correction_bias are not differentiated. MTP modules are not part of it yet.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+#include "train/optimizer.h"
+
+namespace fathom::train {
+
+class GradModel {
+ public:
+  // The weights of a checkpoint directory (config.json + safetensors; F32/BF16/F16, or FP8 with
+  // block scales, all made F32 masters). MTP layers in the file are ignored.
+  static std::unique_ptr<GradModel> load(const std::string& dir);
+
+  const ModelConfig& config() const { return config_; }
+  // Weight names in checkpoint order, and each master value and gradient (same shape).
+  const std::vector<std::string>& names() const { return names_; }
+  Tensor& value(const std::string& name);
+  Tensor& grad(const std::string& name);
+  void zero_grad();
+  // Registers every weight (value and gradient) with the optimizer.
+  void add_to(AdamW& optimizer);
+
+  // Mean next-token cross-entropy of `tokens` (one sequence: position i predicts tokens[i + 1];
+  // targets < 0 are skipped), and its gradient added to every weight's grad. The e_score
+  // correction bias is carried as a value but gets no gradient.
+  double loss_and_grad(const std::vector<int32_t>& tokens);
+  // The same loss without the backward.
+  double loss(const std::vector<int32_t>& tokens);
+
+ private:
+  struct Impl;
+  double run(const std::vector<int32_t>& tokens, bool backward);
+  ModelConfig config_;
+  std::vector<std::string> names_;
+  std::map<std::string, Tensor> value_, grad_;
+};
+
+}  // namespace fathom::train

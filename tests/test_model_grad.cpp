@@ -1,0 +1,121 @@
+// The whole-model loss and gradient on the CPU (src/train/model_grad.h) on the v3-tiny and
+// v2-lite-tiny fixtures: the training forward's loss equals the cross-entropy of the inference
+// model's logits (which the fixture tests check against HF transformers), and the gradient of each
+// weight tensor, projected on a random direction, equals the central difference of the loss along
+// that direction. The fixtures and the token sequences are fixed, so the MoE choice (a
+// discontinuity of the loss) is the same at every probe: the test is deterministic.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "fathom/model.h"
+#include "test_util.h"
+#include "train/model_grad.h"
+
+using namespace fathom;
+using namespace fathom::test;
+
+namespace {
+
+// mean next-token cross-entropy of the inference model (CPU, fp32, naive MLA), in double
+double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens) {
+  ModelOptions o;
+  o.device = DeviceKind::Cpu;
+  o.precision = Precision::Fp32;
+  o.mla_mode = MlaMode::Naive;
+  o.progress = false;
+  auto m = Model::load(dir, o);
+  KvCache cache = m->new_cache(int64_t(tokens.size()));
+  const std::vector<int32_t> in(tokens.begin(), tokens.end() - 1);
+  const ForwardOutput out = m->forward(in, cache, ForwardRequest{});
+  const int64_t V = m->config().vocab_size;
+  double loss = 0;
+  for (size_t t = 0; t < in.size(); ++t) {
+    const float* l = out.logits.f32() + int64_t(t) * V;
+    double mx = -1e300, s = 0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(l[v]));
+    for (int64_t v = 0; v < V; ++v) s += std::exp(double(l[v]) - mx);
+    loss += mx + std::log(s) - l[tokens[t + 1]];
+  }
+  return loss / double(in.size());
+}
+
+void check_model(const std::string& fixture, const std::vector<std::string>& probe_names) {
+  const std::string dir = fixture_dir(fixture);
+  auto gm = train::GradModel::load(dir);
+  const int64_t V = gm->config().vocab_size;
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 14; ++i) tokens.push_back(int32_t((i * 37 + 11) % V));
+  const double loss = gm->loss_and_grad(tokens);
+  EXPECT_NEAR(loss, inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  std::mt19937 gen(42);
+  for (const std::string& name : probe_names) {
+    Tensor& w = gm->value(name);
+    const Tensor& g = gm->grad(name);
+    const std::vector<float> w0(w.f32(), w.f32() + w.numel());
+    // A direction whose line crosses a routing boundary (an expert choice flips) makes the loss
+    // jump: the central differences at h and h/2 then disagree, and another direction is drawn.
+    bool checked = false;
+    for (int attempt = 0; attempt < 4 && !checked; ++attempt) {
+      std::vector<float> dir_v(static_cast<size_t>(w.numel()));
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      double norm = 0, along = 0;
+      for (float& v : dir_v) {
+        v = nd(gen);
+        norm += double(v) * v;
+      }
+      norm = std::sqrt(norm);
+      for (size_t i = 0; i < dir_v.size(); ++i) along += double(g.f32()[i]) * dir_v[i] / norm;  // g · v̂
+      auto at = [&](double s) {
+        for (size_t i = 0; i < dir_v.size(); ++i) w.f32()[i] = float(w0[i] + s * dir_v[i] / norm);
+        return gm->loss(tokens);
+      };
+      const double h = 1e-2;
+      const double n1 = (at(h) - at(-h)) / (2 * h), n2 = (at(h / 2) - at(-h / 2)) / h;
+      for (size_t i = 0; i < dir_v.size(); ++i) w.f32()[i] = w0[i];
+      const double tol = 2e-2 * std::fabs(n2) + 3e-4;
+      if (std::fabs(n1 - n2) > tol) continue;  // not smooth along this line
+      EXPECT_NEAR(along, n2, tol) << fixture << ": " << name;
+      checked = true;
+    }
+    EXPECT_TRUE(checked) << fixture << ": " << name << ": no direction without a routing flip";
+  }
+}
+
+TEST(ModelGrad, V3TinyMatchesInferenceAndFiniteDifferences) {
+  check_model("v3-tiny", {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                          "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_a_proj.weight",
+                          "model.layers.0.self_attn.q_a_layernorm.weight", "model.layers.0.self_attn.q_b_proj.weight",
+                          "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                          "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.0.self_attn.kv_b_proj.weight",
+                          "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                          "model.layers.0.mlp.down_proj.weight", "model.layers.2.post_attention_layernorm.weight",
+                          "model.layers.2.mlp.gate.weight", "model.layers.2.mlp.shared_experts.up_proj.weight",
+                          "model.layers.3.mlp.experts.5.down_proj.weight", "model.layers.3.mlp.experts.9.gate_proj.weight"});
+}
+
+TEST(ModelGrad, V2LiteTinyMatchesInferenceAndFiniteDifferences) {
+  auto gm = train::GradModel::load(fixture_dir("v2-lite-tiny"));
+  const ModelConfig& c = gm->config();
+  std::vector<std::string> names = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                    "model.layers.0.self_attn.kv_b_proj.weight"};
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    if (c.is_moe_layer(l)) {
+      names.push_back(cat("model.layers.", l, ".mlp.gate.weight"));
+      names.push_back(cat("model.layers.", l, ".mlp.experts.1.up_proj.weight"));
+      break;
+    }
+  check_model("v2-lite-tiny", names);
+}
+
+TEST(ModelGrad, BadSequencesAreErrors) {
+  auto gm = train::GradModel::load(fixture_dir("v3-tiny"));
+  EXPECT_THROW(gm->loss({5}), Error);
+  EXPECT_THROW(gm->loss({5, int32_t(gm->config().vocab_size)}), Error);
+  EXPECT_THROW(gm->loss({-3, 4}), Error);
+}
+
+}  // namespace
