@@ -38,5 +38,6 @@ Command add_detokenize(CLI::App& app);
 Command add_chat_template(CLI::App& app);
 Command add_chat(CLI::App& app);
 Command add_data(CLI::App& app);
+Command add_train(CLI::App& app);
 
 }  // namespace fathom::cli

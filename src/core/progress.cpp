@@ -46,6 +46,10 @@ void Progress::draw(bool final) {
     std::fprintf(stderr, "\r%s [%s] %5.1f%%  %lld / %lld", label_.c_str(), bar, 100 * frac, (long long)done_,
                  (long long)total_);
   }
+  if (!bytes_ && done_ > 0 && done_ < total_ && secs > 0)
+    std::fprintf(stderr, "  ETA %.0f s", secs / double(done_) * double(total_ - done_));
+  if (!note_.empty()) std::fprintf(stderr, "  %s", note_.c_str());
+  std::fprintf(stderr, "\x1b[K");  // clear what a longer earlier line left
   if (final) std::fprintf(stderr, "  %.1f s\n", secs);
   std::fflush(stderr);
 }

@@ -15,10 +15,12 @@ class Progress {
   ~Progress();
   void add(int64_t done_units);
   void finish();  // draws the final state and a newline (once)
+  // Text shown after the counts (e.g. a training step's loss and tokens/s), from the next draw on.
+  void set_note(std::string note) { note_ = std::move(note); }
 
  private:
   void draw(bool final);
-  std::string label_;
+  std::string label_, note_;
   int64_t total_, done_ = 0;
   bool bytes_, enabled_, finished_ = false;
   std::chrono::steady_clock::time_point start_, last_draw_;

@@ -64,6 +64,7 @@ void dequantize_fp8(const Tensor& w, const Tensor& scale, int64_t block, float* 
 std::unique_ptr<GradModel> GradModel::load(const std::string& dir) {
   auto m = std::unique_ptr<GradModel>(new GradModel());
   m->config_ = load_config((fs::path(dir) / "config.json").string());
+  m->config_json_ = read_file((fs::path(dir) / "config.json").string());
   const ModelConfig& c = m->config_;
   const SafetensorsSet set = SafetensorsSet::open_dir(dir);
   for (const std::string& name : set.names()) {
@@ -98,6 +99,10 @@ Tensor& GradModel::grad(const std::string& name) {
   auto it = grad_.find(name);
   FATHOM_CHECK(it != grad_.end(), "the model has no weight ", name, ".");
   return it->second;
+}
+void GradModel::scale_grad(float s) {
+  for (auto& [n, g] : grad_)
+    for (int64_t i = 0; i < g.numel(); ++i) g.f32()[i] *= s;
 }
 void GradModel::zero_grad() {
   for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
@@ -219,6 +224,11 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       a.ids = Tensor::empty({T, K}, DType::I32);
       const std::string bias = p + "mlp.gate.e_score_correction_bias";
       cpu().moe_gate(a.weights, a.ids, a.logits, value_.count(bias) ? W(bias).f32() : nullptr, gp);
+      if (backward) {
+        std::vector<int64_t>& load = load_[l];
+        load.resize(size_t(c.n_routed_experts), 0);
+        for (int64_t i = 0; i < a.ids.numel(); ++i) ++load[size_t(a.ids.ptr<int32_t>()[i])];
+      }
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;
         ex.prefix = cat(p, "mlp.experts.", e, ".");

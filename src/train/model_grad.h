@@ -31,6 +31,7 @@ class GradModel {
   const ModelConfig& config() const { return config_; }
   // Weight names in checkpoint order, and each master value and gradient (same shape).
   const std::vector<std::string>& names() const { return names_; }
+  bool has(const std::string& name) const { return value_.count(name) != 0; }
   Tensor& value(const std::string& name);
   Tensor& grad(const std::string& name);
   void zero_grad();
@@ -43,6 +44,15 @@ class GradModel {
   double loss_and_grad(const std::vector<int32_t>& tokens);
   // The same loss without the backward.
   double loss(const std::vector<int32_t>& tokens);
+  // Multiplies every gradient by s (averaging over the sequences of a step).
+  void scale_grad(float s);
+
+  // Tokens routed to each expert of each MoE layer by the loss_and_grad calls since the last
+  // reset (layer index -> counts; the auxiliary-loss-free bias update reads them).
+  const std::map<int, std::vector<int64_t>>& expert_load() const { return load_; }
+  void reset_expert_load() { load_.clear(); }
+  // config.json as read, for checkpoints.
+  const std::string& config_json() const { return config_json_; }
 
  private:
   struct Impl;
@@ -50,6 +60,8 @@ class GradModel {
   ModelConfig config_;
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;
+  std::map<int, std::vector<int64_t>> load_;
+  std::string config_json_;
 };
 
 }  // namespace fathom::train

@@ -1,0 +1,197 @@
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/files.h"
+#include "core/progress.h"
+#include "train/balance.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/model_grad.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace fathom::train {
+namespace {
+
+// A split's tokens, all shards concatenated in manifest order.
+std::vector<int32_t> load_split(const std::string& data_dir, const std::string& split) {
+  const std::string mpath = (fs::path(data_dir) / "manifest.json").string();
+  FATHOM_CHECK(fs::exists(mpath), "training data '", data_dir, "' has no manifest.json (run fathom data prepare).");
+  const json m = json::parse(read_file(mpath), nullptr, false);
+  FATHOM_CHECK(m.is_object() && m.contains("shards") && m["shards"].is_array(), mpath, ": no list of shards.");
+  std::vector<int32_t> ids;
+  for (const json& s : m["shards"]) {
+    FATHOM_CHECK(s.is_object() && s.contains("file") && s.contains("split") && s["file"].is_string(), mpath,
+                 ": a shard entry without file and split.");
+    if (s["split"] != split) continue;
+    const std::vector<int32_t> part = read_shard((fs::path(data_dir) / s["file"].get<std::string>()).string());
+    ids.insert(ids.end(), part.begin(), part.end());
+  }
+  return ids;
+}
+
+// tokens [pos, pos + n) of a split, wrapping around
+std::vector<int32_t> window(const std::vector<int32_t>& ids, int64_t pos, int64_t n) {
+  std::vector<int32_t> w(static_cast<size_t>(n));
+  const int64_t size = int64_t(ids.size());
+  for (int64_t i = 0; i < n; ++i) w[size_t(i)] = ids[size_t((pos + i) % size)];
+  return w;
+}
+
+std::string fmt(double v) {  // every bit of a double, for logs that must compare exactly
+  char b[40];
+  std::snprintf(b, sizeof(b), "%.17g", v);
+  return b;
+}
+
+}  // namespace
+
+TrainConfig load_train_config(const std::string& path) {
+  const json j = json::parse(read_file(path), nullptr, false);
+  FATHOM_CHECK(j.is_object(), "training config '", path, "' is not a JSON object.");
+  const fs::path base = fs::path(path).parent_path();
+  TrainConfig c;
+  auto str = [&](const char* key) {
+    FATHOM_CHECK(j.contains(key) && j[key].is_string() && !j[key].get<std::string>().empty(), "training config '",
+                 path, "': \"", key, "\" (a path) is missing.");
+    const fs::path p = j[key].get<std::string>();
+    return (p.is_absolute() ? p : base / p).string();
+  };
+  auto num = [&](const json& o, const char* key, auto fallback) {
+    using T = decltype(fallback);
+    if (!o.contains(key)) return fallback;
+    FATHOM_CHECK(o[key].is_number(), "training config '", path, "': \"", key, "\" must be a number.");
+    return o[key].get<T>();
+  };
+  c.model_dir = str("model");
+  c.data_dir = str("data");
+  c.out_dir = str("out");
+  c.seq_len = num(j, "seq_len", c.seq_len);
+  c.batch = num(j, "batch", c.batch);
+  c.steps = num(j, "steps", c.steps);
+  c.clip = num(j, "clip", c.clip);
+  c.checkpoint_every = num(j, "checkpoint_every", c.checkpoint_every);
+  c.eval_every = num(j, "eval_every", c.eval_every);
+  c.eval_batches = num(j, "eval_batches", c.eval_batches);
+  c.bias_update = num(j, "bias_update", c.bias_update);
+  FATHOM_CHECK(c.seq_len >= 1 && c.batch >= 1 && c.steps >= 1 && c.checkpoint_every >= 0 && c.eval_every >= 0 &&
+                   c.eval_batches >= 1 && c.bias_update >= 0 && c.clip >= 0,
+               "training config '", path, "': seq_len, batch, steps and eval_batches must be positive, and "
+               "checkpoint_every, eval_every, bias_update and clip not negative.");
+  const json lr = j.value("lr", json::object());
+  FATHOM_CHECK(lr.is_object(), "training config '", path, "': \"lr\" must be an object.");
+  const std::string sched = lr.value("schedule", std::string("cosine"));
+  FATHOM_CHECK(sched == "cosine" || sched == "wsd" || sched == "constant", "training config '", path,
+               "': lr.schedule must be cosine, wsd or constant, not ", sched, ".");
+  c.lr.kind = sched == "cosine" ? LrSchedule::Kind::Cosine : sched == "wsd" ? LrSchedule::Kind::Wsd
+                                                                           : LrSchedule::Kind::Constant;
+  c.lr.peak = num(lr, "peak", c.lr.peak);
+  c.lr.min_lr = num(lr, "min", c.lr.min_lr);
+  c.lr.warmup = num(lr, "warmup", int64_t(0));
+  c.lr.decay = num(lr, "decay", int64_t(0));
+  c.lr.total = c.steps;
+  c.lr.at(0);  // checks the schedule's numbers
+  const json ad = j.value("adamw", json::object());
+  FATHOM_CHECK(ad.is_object(), "training config '", path, "': \"adamw\" must be an object.");
+  c.adamw.beta1 = num(ad, "beta1", c.adamw.beta1);
+  c.adamw.beta2 = num(ad, "beta2", c.adamw.beta2);
+  c.adamw.eps = num(ad, "eps", c.adamw.eps);
+  c.adamw.weight_decay = num(ad, "weight_decay", c.adamw.weight_decay);
+  AdamW check(c.adamw);  // its constructor checks the numbers
+  return c;
+}
+
+TrainResult train(const TrainConfig& cfg, bool resume) {
+  auto model = GradModel::load(cfg.model_dir);
+  const std::vector<int32_t> train_ids = load_split(cfg.data_dir, "train");
+  const std::vector<int32_t> val_ids = load_split(cfg.data_dir, "val");
+  FATHOM_CHECK(int64_t(train_ids.size()) > cfg.seq_len, "training data '", cfg.data_dir, "' holds ",
+               train_ids.size(), " training tokens, fewer than one window of ", cfg.seq_len + 1, ".");
+  const int64_t V = model->config().vocab_size;
+  for (size_t i = 0; i < train_ids.size(); ++i)
+    FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
+                 " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
+  AdamW opt(cfg.adamw);
+  model->add_to(opt);
+  fs::create_directories(cfg.out_dir);
+  const std::string ckpt_root = (fs::path(cfg.out_dir) / "checkpoints").string();
+  TrainerState st;
+  TrainResult result;
+  if (resume) {
+    std::vector<std::string> rejected;
+    const std::optional<std::string> latest = latest_checkpoint(ckpt_root, &rejected);
+    for (const std::string& r : rejected) std::fprintf(stderr, "fathom: skipped checkpoint: %s\n", r.c_str());
+    FATHOM_CHECK(latest.has_value(), "--resume: no valid checkpoint under '", ckpt_root, "'.");
+    const Checkpoint c = load_checkpoint(*latest);
+    restore(opt, c);
+    st = c.state;
+    result.last_checkpoint = *latest;
+  }
+  std::ofstream log((fs::path(cfg.out_dir) / "log.jsonl").string(), std::ios::app);
+  FATHOM_CHECK(log.good(), "cannot write '", (fs::path(cfg.out_dir) / "log.jsonl").string(), "'.");
+  Progress progress("training", cfg.steps, /*bytes=*/false, cfg.progress);
+  progress.add(st.step);
+  auto save = [&]() {
+    result.last_checkpoint = save_checkpoint(ckpt_root, model->config_json(), opt, st);
+  };
+  const int64_t window_tokens = cfg.seq_len + 1;
+  const int64_t last = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
+  while (st.step < last) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model->zero_grad();
+    model->reset_expert_load();
+    double loss = 0;
+    for (int64_t b = 0; b < cfg.batch; ++b) {
+      loss += model->loss_and_grad(window(train_ids, st.data_offset, window_tokens)) / double(cfg.batch);
+      st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
+    }
+    model->scale_grad(1.0f / float(cfg.batch));
+    const double gnorm = opt.clip_grad_norm(cfg.clip);
+    FATHOM_CHECK(std::isfinite(loss) && std::isfinite(gnorm), "training stopped at step ", st.step + 1, ": the loss (",
+                 loss, ") or the gradient norm (", gnorm, ") is not finite; the last good checkpoint is ",
+                 result.last_checkpoint.empty() ? std::string("none") : result.last_checkpoint, ".");
+    const double lr = cfg.lr.at(st.step);
+    opt.step(float(lr));
+    json loads = json::object();
+    for (const auto& [layer, load] : model->expert_load()) {
+      loads[std::to_string(layer)] = load_imbalance(load);
+      const std::string bias = cat("model.layers.", layer, ".mlp.gate.e_score_correction_bias");
+      if (cfg.bias_update > 0 && model->has(bias)) update_expert_bias(model->value(bias), load, cfg.bias_update);
+    }
+    ++st.step;
+    st.optimizer_steps = opt.steps();
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    json line = {{"step", st.step}, {"loss", fmt(loss)}, {"lr", fmt(lr)}, {"grad_norm", fmt(gnorm)},
+                 {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs}, {"expert_load_max_over_mean", loads}};
+    if (cfg.eval_every > 0 && (st.step % cfg.eval_every == 0 || st.step == cfg.steps) &&
+        int64_t(val_ids.size()) > cfg.seq_len) {
+      double val = 0;
+      for (int64_t b = 0; b < cfg.eval_batches; ++b)
+        val += model->loss(window(val_ids, b * cfg.seq_len, window_tokens)) / double(cfg.eval_batches);
+      line["val_loss"] = fmt(val);
+    }
+    log << line.dump() << "\n";
+    log.flush();
+    char note[96];
+    std::snprintf(note, sizeof(note), "loss %.4f  %.0f tok/s", loss, double(cfg.batch * cfg.seq_len) / secs);
+    progress.set_note(note);
+    progress.add(1);
+    result.last_loss = loss;
+    if ((cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0) || st.step == last) save();
+  }
+  progress.finish();
+  result.steps_done = st.step;
+  return result;
+}
+
+}  // namespace fathom::train

@@ -1,0 +1,53 @@
+// The training loop on the CPU reference path: `fathom train --config FILE [--resume]`.
+//
+// Each step takes `batch` windows of seq_len + 1 tokens from the training shards (one after the
+// other through the shards, wrapping around; the position is part of the checkpoint), sums the
+// gradients of their next-token losses (GradModel), averages them, clips them by the global norm,
+// steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
+// even load (auxiliary-loss-free balancing). Every step appends a JSON line to <out>/log.jsonl
+// (step, loss, learning rate, gradient norm, tokens/s, the max/mean expert load per MoE layer);
+// every eval_every steps the validation loss is logged too; every checkpoint_every steps and at
+// the end a checkpoint is written under <out>/checkpoints. A loss or gradient norm that is not
+// finite stops the run with an error naming the step, leaving the last good checkpoint as it was.
+//
+// The config file (JSON):
+//   {"model": DIR, "data": DIR, "out": DIR, "seq_len": 128, "batch": 4, "steps": 100,
+//    "lr": {"schedule": "cosine"|"wsd"|"constant", "peak": 3e-4, "min": 3e-5, "warmup": 10, "decay": 0},
+//    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
+//    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001}
+// Relative paths are taken from the config file's directory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "train/optimizer.h"
+
+namespace fathom::train {
+
+struct TrainConfig {
+  std::string model_dir, data_dir, out_dir;
+  int64_t seq_len = 128, batch = 4, steps = 100;
+  LrSchedule lr;
+  AdamWConfig adamw;
+  double clip = 1.0;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  int64_t eval_every = 0, eval_batches = 2;
+  float bias_update = 0.001f;    // γ of the auxiliary-loss-free balancing (0: off)
+  int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)
+  bool progress = true;
+};
+
+// Reads and checks a config file (errors name the file and the field).
+TrainConfig load_train_config(const std::string& path);
+
+struct TrainResult {
+  int64_t steps_done = 0;
+  double last_loss = 0;
+  std::string last_checkpoint;
+};
+
+// Runs the loop (from the newest valid checkpoint under <out>/checkpoints with resume).
+TrainResult train(const TrainConfig& config, bool resume);
+
+}  // namespace fathom::train

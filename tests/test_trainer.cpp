@@ -1,0 +1,167 @@
+// The training loop (src/train/trainer.h, `fathom train`) on the v3-tiny fixture: the loss falls
+// on a learnable sequence, a run interrupted and resumed ends bit for bit where an uninterrupted
+// one does, a NaN stops the run without a checkpoint, and bad configs are clear errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/files.h"
+#include "core/safetensors.h"
+#include "test_util.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/trainer.h"
+
+using namespace fathom;
+using namespace fathom::test;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+// a data set whose training text repeats a short pattern (learnable), in the prepare_data format
+std::string make_data(const TempDir& tmp) {
+  const std::string dir = tmp.file("data");
+  fs::create_directories(dir);
+  std::vector<int32_t> train, val;
+  for (int i = 0; i < 600; ++i) train.push_back(int32_t(3 + (i * 7) % 23));
+  for (int i = 0; i < 100; ++i) val.push_back(int32_t(3 + (i * 7) % 23));
+  train::write_shard(dir + "/train-00000.bin", train);
+  train::write_shard(dir + "/val-00000.bin", val);
+  json m = {{"shards", json::array({{{"file", "train-00000.bin"}, {"split", "train"}, {"tokens", train.size()}},
+                                    {{"file", "val-00000.bin"}, {"split", "val"}, {"tokens", val.size()}}})}};
+  write_file_atomic(dir + "/manifest.json", m.dump());
+  return dir;
+}
+
+std::string write_config(const TempDir& tmp, const std::string& name, json extra) {
+  json c = {{"model", fixture_dir("v3-tiny")}, {"data", "data"}, {"out", name}, {"seq_len", 16}, {"batch", 2},
+            {"steps", 6}, {"lr", {{"schedule", "cosine"}, {"peak", 3e-3}, {"min", 3e-4}, {"warmup", 2}}},
+            {"clip", 1.0}, {"eval_every", 3}, {"bias_update", 0.01}};
+  c.update(extra);
+  const std::string path = tmp.file(name + ".json");
+  write_file_atomic(path, c.dump(2));
+  return path;
+}
+
+std::vector<json> log_lines(const std::string& out) {
+  std::vector<json> lines;
+  std::ifstream in(out + "/log.jsonl");
+  for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
+  return lines;
+}
+
+TEST(Trainer, TheLossFallsAndEveryStepIsLogged) {
+  TempDir tmp;
+  make_data(tmp);
+  train::TrainConfig c = train::load_train_config(write_config(tmp, "run", {{"steps", 12}}));
+  c.progress = false;
+  const train::TrainResult r = train::train(c, false);
+  EXPECT_EQ(r.steps_done, 12);
+  const std::vector<json> log = log_lines(tmp.file("run"));
+  ASSERT_EQ(log.size(), 12u);
+  const double first = std::stod(log.front()["loss"].get<std::string>()), last = std::stod(log.back()["loss"].get<std::string>());
+  EXPECT_LT(last, 0.7 * first) << "first " << first << " last " << last;
+  EXPECT_TRUE(log[2].contains("val_loss"));
+  EXPECT_EQ(log[0]["expert_load_max_over_mean"].size(), 3u);  // the three MoE layers of v3-tiny
+  EXPECT_EQ(fs::path(r.last_checkpoint).filename().string(), "step-00000012");
+  EXPECT_NO_THROW(train::load_checkpoint(r.last_checkpoint));
+}
+
+TEST(Trainer, AnInterruptedRunResumesBitForBit) {
+  TempDir tmp;
+  make_data(tmp);
+  train::TrainConfig straight = train::load_train_config(write_config(tmp, "straight", json::object()));
+  straight.progress = false;
+  train::train(straight, false);
+  train::TrainConfig part = train::load_train_config(write_config(tmp, "parts", json::object()));
+  part.progress = false;
+  part.stop_at = 3;
+  EXPECT_EQ(train::train(part, false).steps_done, 3);
+  part.stop_at = 0;
+  EXPECT_EQ(train::train(part, true).steps_done, 6);
+  const std::string a = tmp.file("straight/checkpoints/step-00000006"), b = tmp.file("parts/checkpoints/step-00000006");
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
+    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+  const std::vector<json> la = log_lines(tmp.file("straight")), lb = log_lines(tmp.file("parts"));
+  ASSERT_EQ(la.size(), 6u);
+  ASSERT_EQ(lb.size(), 6u);
+  for (size_t i = 0; i < 6; ++i)
+    for (const char* k : {"step", "loss", "lr", "grad_norm"}) EXPECT_EQ(la[i][k], lb[i][k]) << "line " << i << " " << k;
+}
+
+TEST(Trainer, ANonFiniteLossStopsWithoutACheckpoint) {
+  TempDir tmp;
+  make_data(tmp);
+  // v3-tiny with one NaN weight
+  const std::string model = tmp.file("nan-model");
+  fs::create_directories(model);
+  fs::copy_file(fixture_dir("v3-tiny") + "/config.json", model + "/config.json");
+  const SafetensorsSet set = SafetensorsSet::open_dir(fixture_dir("v3-tiny"));
+  std::vector<Tensor> keep;
+  SafetensorsWriter w;
+  for (const std::string& n : set.names()) {
+    Tensor t = to_f32(set.tensor(n));
+    if (n == "model.norm.weight") t.f32()[3] = NAN;
+    keep.push_back(t);
+    w.add(n, keep.back());
+  }
+  w.write(model + "/model.safetensors");
+  train::TrainConfig c = train::load_train_config(write_config(tmp, "nan", {{"model", model}}));
+  c.progress = false;
+  try {
+    train::train(c, false);
+    ADD_FAILURE() << "a NaN loss did not stop training";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not finite"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(train::latest_checkpoint(tmp.file("nan/checkpoints")).has_value());
+}
+
+TEST(Trainer, BadConfigsAreClearErrors) {
+  TempDir tmp;
+  make_data(tmp);
+  auto error_of = [&](const std::string& path) -> std::string {
+    try {
+      train::TrainConfig c = train::load_train_config(path);
+      c.progress = false;
+      train::train(c, false);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  json no_data = {{"model", fixture_dir("v3-tiny")}, {"out", "x"}};
+  write_file_atomic(tmp.file("a.json"), no_data.dump());
+  EXPECT_NE(error_of(tmp.file("a.json")).find("\"data\""), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "b", {{"lr", {{"schedule", "linear"}}}})).find("lr.schedule"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "c", {{"batch", 0}})).find("positive"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "d", {{"seq_len", 5000}})).find("fewer than one window"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "e", {{"data", "nowhere"}})).find("manifest.json"), std::string::npos);
+  write_file_atomic(tmp.file("f.json"), "{not json");
+  EXPECT_NE(error_of(tmp.file("f.json")).find("not a JSON object"), std::string::npos);
+  EXPECT_EQ(error_of(write_config(tmp, "h", {{"steps", 1}})), "");  // a good config trains
+  // --resume without a checkpoint
+  train::TrainConfig c = train::load_train_config(write_config(tmp, "i", json::object()));
+  c.progress = false;
+  EXPECT_THROW(train::train(c, true), Error);
+}
+
+TEST(Trainer, TheCommandLine) {
+  TempDir tmp;
+  make_data(tmp);
+  CliRun r = run_fathom({"train", "--config", write_config(tmp, "cli", {{"steps", 2}}), "--quiet"}, tmp);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("trained to step 2"), std::string::npos) << r.out;
+  CliRun bad = run_fathom({"train", "--config", tmp.file("missing.json"), "--quiet"}, tmp);
+  EXPECT_TRUE(is_user_error(bad, {"missing.json"}));
+}
+
+}  // namespace
