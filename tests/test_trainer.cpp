@@ -67,7 +67,7 @@ TEST(Trainer, TheLossFallsAndEveryStepIsLogged) {
   EXPECT_EQ(r.steps_done, 12);
   const std::vector<json> log = log_lines(tmp.file("run"));
   ASSERT_EQ(log.size(), 12u);
-  const double first = std::stod(log.front()["loss"].get<std::string>()), last = std::stod(log.back()["loss"].get<std::string>());
+  const double first = log.front()["loss"].get<double>(), last = log.back()["loss"].get<double>();
   EXPECT_LT(last, 0.7 * first) << "first " << first << " last " << last;
   EXPECT_TRUE(log[2].contains("val_loss"));
   EXPECT_EQ(log[0]["expert_load_max_over_mean"].size(), 3u);  // the three MoE layers of v3-tiny

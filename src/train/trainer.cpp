@@ -48,12 +48,6 @@ std::vector<int32_t> window(const std::vector<int32_t>& ids, int64_t pos, int64_
   return w;
 }
 
-std::string fmt(double v) {  // every bit of a double, for logs that must compare exactly
-  char b[40];
-  std::snprintf(b, sizeof(b), "%.17g", v);
-  return b;
-}
-
 }  // namespace
 
 TrainConfig load_train_config(const std::string& path) {
@@ -171,14 +165,15 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     ++st.step;
     st.optimizer_steps = opt.steps();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    json line = {{"step", st.step}, {"loss", fmt(loss)}, {"lr", fmt(lr)}, {"grad_norm", fmt(gnorm)},
+    // numbers as JSON writes doubles: 17 significant digits, so a log compares exactly
+    json line = {{"step", st.step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
                  {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs}, {"expert_load_max_over_mean", loads}};
     if (cfg.eval_every > 0 && (st.step % cfg.eval_every == 0 || st.step == cfg.steps) &&
         int64_t(val_ids.size()) > cfg.seq_len) {
       double val = 0;
       for (int64_t b = 0; b < cfg.eval_batches; ++b)
         val += model->loss(window(val_ids, b * cfg.seq_len, window_tokens)) / double(cfg.eval_batches);
-      line["val_loss"] = fmt(val);
+      line["val_loss"] = val;
     }
     log << line.dump() << "\n";
     log.flush();
