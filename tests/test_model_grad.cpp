@@ -43,14 +43,18 @@ double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens
   return loss / double(in.size());
 }
 
-void check_model(const std::string& fixture, const std::vector<std::string>& probe_names) {
+void check_model(const std::string& fixture, const std::vector<std::string>& probe_names, float balance_alpha = 0) {
   const std::string dir = fixture_dir(fixture);
   auto gm = train::GradModel::load(dir);
+  gm->set_balance_alpha(balance_alpha);
   const int64_t V = gm->config().vocab_size;
   std::vector<int32_t> tokens;
   for (int i = 0; i < 14; ++i) tokens.push_back(int32_t((i * 37 + 11) % V));
   const double loss = gm->loss_and_grad(tokens);
-  EXPECT_NEAR(loss, inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  if (balance_alpha > 0) {
+    EXPECT_GT(gm->last_balance_loss(), 0.0);
+  }
+  EXPECT_NEAR(loss - gm->last_balance_loss(), inference_loss(dir, tokens), 1e-5 * loss) << fixture;
   std::mt19937 gen(42);
   for (const std::string& name : probe_names) {
     Tensor& w = gm->value(name);
@@ -95,6 +99,14 @@ TEST(ModelGrad, V3TinyMatchesInferenceAndFiniteDifferences) {
                           "model.layers.0.mlp.down_proj.weight", "model.layers.2.post_attention_layernorm.weight",
                           "model.layers.2.mlp.gate.weight", "model.layers.2.mlp.shared_experts.up_proj.weight",
                           "model.layers.3.mlp.experts.5.down_proj.weight", "model.layers.3.mlp.experts.9.gate_proj.weight"});
+}
+
+// With the sequence-wise balance loss in the objective (α 5, far above training's 1e-4, so that its share of the
+// router's gradient is far above the bound), the router and the layers below it still match.
+TEST(ModelGrad, TheBalanceLossJoinsTheGradient) {
+  check_model("v3-tiny", {"model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight",
+                          "model.layers.2.self_attn.o_proj.weight", "model.layers.1.input_layernorm.weight"},
+              5.0f);
 }
 
 TEST(ModelGrad, V2LiteTinyMatchesInferenceAndFiniteDifferences) {

@@ -12,6 +12,7 @@
 #include "model/rope.h"
 #include "ops/ops.h"
 #include "train/backward.h"
+#include "train/balance.h"
 
 namespace fs = std::filesystem;
 
@@ -48,6 +49,7 @@ struct LayerActs {
   Tensor x_in, h1, qa, qan, q, kva, ckv, ckvn, kvb, kpe, K, V, attn, x_mid, h2;
   Tensor g, u, a;                       // dense MLP
   Tensor logits, weights, ids;          // router
+  Tensor dlogits_balance;               // the balance loss's gradient of the router logits
   std::vector<Expert> experts;          // routed (with tokens) and shared
   bool moe = false;
 };
@@ -160,6 +162,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   Tensor x = Tensor::empty({T, D});
   cpu().embedding(x, ids, W(embed));
   std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
+  double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
   const MoeGateParams gp = moe_gate_params(c);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     LayerActs& a = acts[size_t(l)];
@@ -224,6 +227,10 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       a.ids = Tensor::empty({T, K}, DType::I32);
       const std::string bias = p + "mlp.gate.e_score_correction_bias";
       cpu().moe_gate(a.weights, a.ids, a.logits, value_.count(bias) ? W(bias).f32() : nullptr, gp);
+      if (balance_alpha_ > 0) {
+        a.dlogits_balance = Tensor::zeros(a.logits.shape());
+        balance += sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {T}, balance_alpha_, gp);
+      }
       if (backward) {
         std::vector<int64_t>& load = load_[l];
         load.resize(size_t(c.n_routed_experts), 0);
@@ -269,7 +276,8 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   train::cross_entropy_backward(losses, logits, logits, targets, 1.0f / float(counted));  // logits -> dlogits
   double loss = 0;
   for (int64_t t = 0; t < T; ++t) loss += losses.f32()[t];
-  loss /= double(counted);
+  loss = loss / double(counted) + balance;
+  last_balance_ = balance;
   if (!backward) return loss;
 
   // ---- backward, in exactly the reverse order
@@ -323,6 +331,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       }
       Tensor dlg = Tensor::empty(a.logits.shape());
       moe_gate_backward(dlg, dweights, a.logits, a.ids, gp);
+      if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);
       Tensor dhg = Tensor::empty({T, D});
       matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));
       add_into(dh2, dhg);

@@ -44,6 +44,11 @@ class GradModel {
   double loss_and_grad(const std::vector<int32_t>& tokens);
   // The same loss without the backward.
   double loss(const std::vector<int32_t>& tokens);
+  // DeepSeek-V3's sequence-wise balance loss (balance.h) with weight alpha in every MoE layer,
+  // added to the objective that loss() and loss_and_grad() return (0, the default: none).
+  void set_balance_alpha(float alpha) { balance_alpha_ = alpha; }
+  // The balance part of the last loss()/loss_and_grad() result, summed over the layers.
+  double last_balance_loss() const { return last_balance_; }
   // Multiplies every gradient by s (averaging over the sequences of a step).
   void scale_grad(float s);
 
@@ -61,6 +66,8 @@ class GradModel {
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;
   std::map<int, std::vector<int64_t>> load_;
+  float balance_alpha_ = 0.0f;
+  double last_balance_ = 0.0;
   std::string config_json_;
 };
 

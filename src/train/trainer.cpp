@@ -78,10 +78,11 @@ TrainConfig load_train_config(const std::string& path) {
   c.eval_every = num(j, "eval_every", c.eval_every);
   c.eval_batches = num(j, "eval_batches", c.eval_batches);
   c.bias_update = num(j, "bias_update", c.bias_update);
+  c.balance_alpha = num(j, "balance_alpha", c.balance_alpha);
   FATHOM_CHECK(c.seq_len >= 1 && c.batch >= 1 && c.steps >= 1 && c.checkpoint_every >= 0 && c.eval_every >= 0 &&
-                   c.eval_batches >= 1 && c.bias_update >= 0 && c.clip >= 0,
+                   c.eval_batches >= 1 && c.bias_update >= 0 && c.balance_alpha >= 0 && c.clip >= 0,
                "training config '", path, "': seq_len, batch, steps and eval_batches must be positive, and "
-               "checkpoint_every, eval_every, bias_update and clip not negative.");
+               "checkpoint_every, eval_every, bias_update, balance_alpha and clip not negative.");
   const json lr = j.value("lr", json::object());
   FATHOM_CHECK(lr.is_object(), "training config '", path, "': \"lr\" must be an object.");
   const std::string sched = lr.value("schedule", std::string("cosine"));
@@ -115,6 +116,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   for (size_t i = 0; i < train_ids.size(); ++i)
     FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
+  model->set_balance_alpha(cfg.balance_alpha);
   AdamW opt(cfg.adamw);
   model->add_to(opt);
   fs::create_directories(cfg.out_dir);
@@ -144,9 +146,10 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     const auto t0 = std::chrono::steady_clock::now();
     model->zero_grad();
     model->reset_expert_load();
-    double loss = 0;
+    double loss = 0, balance = 0;
     for (int64_t b = 0; b < cfg.batch; ++b) {
       loss += model->loss_and_grad(window(train_ids, st.data_offset, window_tokens)) / double(cfg.batch);
+      balance += model->last_balance_loss() / double(cfg.batch);
       st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
     }
     model->scale_grad(1.0f / float(cfg.batch));
@@ -166,7 +169,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     st.optimizer_steps = opt.steps();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // numbers as JSON writes doubles: 17 significant digits, so a log compares exactly
-    json line = {{"step", st.step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
+    json line = {{"step", st.step}, {"loss", loss}, {"balance_loss", balance}, {"lr", lr}, {"grad_norm", gnorm},
                  {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs}, {"expert_load_max_over_mean", loads}};
     if (cfg.eval_every > 0 && (st.step % cfg.eval_every == 0 || st.step == cfg.steps) &&
         int64_t(val_ids.size()) > cfg.seq_len) {

@@ -4,7 +4,8 @@
 // other through the shards, wrapping around; the position is part of the checkpoint), sums the
 // gradients of their next-token losses (GradModel), averages them, clips them by the global norm,
 // steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
-// even load (auxiliary-loss-free balancing). Every step appends a JSON line to <out>/log.jsonl
+// even load (auxiliary-loss-free balancing); the objective includes the small sequence-wise
+// balance loss (α). Every step appends a JSON line to <out>/log.jsonl
 // (step, loss, learning rate, gradient norm, tokens/s, the max/mean expert load per MoE layer);
 // every eval_every steps the validation loss is logged too; every checkpoint_every steps and at
 // the end a checkpoint is written under <out>/checkpoints. A loss or gradient norm that is not
@@ -14,7 +15,8 @@
 //   {"model": DIR, "data": DIR, "out": DIR, "seq_len": 128, "batch": 4, "steps": 100,
 //    "lr": {"schedule": "cosine"|"wsd"|"constant", "peak": 3e-4, "min": 3e-5, "warmup": 10, "decay": 0},
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
-//    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001}
+//    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
+//    "balance_alpha": 1e-4}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -34,6 +36,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;  // 0: only at the end
   int64_t eval_every = 0, eval_batches = 2;
   float bias_update = 0.001f;    // γ of the auxiliary-loss-free balancing (0: off)
+  float balance_alpha = 1e-4f;   // α of the sequence-wise balance loss (0: off)
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)
   bool progress = true;
 };
