@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/sha256.h"
 #include "core/files.h"
 #include "core/thread_pool.h"
 #include "fathom/tokenizer.h"
@@ -43,81 +44,6 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// ---- SHA-256 (FIPS 180-4), to print and compare the ids_sha256 the peers print.
-class Sha256 {
- public:
-  Sha256() {
-    // The constants are the first 32 fractional bits of the square roots (initial hash) and
-    // cube roots (round constants) of the first primes; long double holds enough bits.
-    int primes[64], n = 0;
-    for (int c = 2; n < 64; ++c) {
-      bool prime = true;
-      for (int d = 2; d * d <= c; ++d) prime = prime && c % d != 0;
-      if (prime) primes[n++] = c;
-    }
-    auto frac32 = [](long double x) { return uint32_t(uint64_t((x - std::floor(x)) * 4294967296.0L)); };
-    for (int i = 0; i < 8; ++i) h_[i] = frac32(std::sqrt((long double)primes[i]));
-    for (int i = 0; i < 64; ++i) k_[i] = frac32(std::cbrt((long double)primes[i]));
-  }
-  void update(std::string_view data) {
-    for (char c : data) {
-      buf_[buf_len_++] = uint8_t(c);
-      if (buf_len_ == 64) {
-        compress();
-        buf_len_ = 0;
-      }
-    }
-    total_bytes_ += data.size();
-  }
-  std::string hex_digest() {
-    const uint64_t bits = total_bytes_ * 8;
-    const std::string pad(1, char(0x80));
-    update(pad);
-    while (buf_len_ != 56) update(std::string_view("\0", 1));
-    std::string len(8, '\0');
-    for (int i = 0; i < 8; ++i) len[i] = char(bits >> (56 - 8 * i));
-    update(len);
-    std::string hex;
-    char part[9];
-    for (uint32_t h : h_) {
-      std::snprintf(part, sizeof part, "%08x", h);
-      hex += part;
-    }
-    return hex;
-  }
-
- private:
-  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-  void compress() {
-    uint32_t w[64];
-    for (int i = 0; i < 16; ++i)
-      w[i] = uint32_t(buf_[4 * i]) << 24 | uint32_t(buf_[4 * i + 1]) << 16 | uint32_t(buf_[4 * i + 2]) << 8 | buf_[4 * i + 3];
-    for (int i = 16; i < 64; ++i) {
-      const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
-      const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
-      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
-    for (int i = 0; i < 64; ++i) {
-      const uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k_[i] + w[i];
-      const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
-    }
-    const uint32_t out[8] = {a, b, c, d, e, f, g, h};
-    for (int i = 0; i < 8; ++i) h_[i] += out[i];
-  }
-  uint32_t h_[8], k_[64];
-  uint8_t buf_[64];
-  size_t buf_len_ = 0;
-  uint64_t total_bytes_ = 0;
-};
-
-std::string sha256_hex(std::string_view s) {
-  Sha256 h;
-  h.update(s);
-  return h.hex_digest();
-}
 
 // The ids as decimal text joined by ',' (what the peers hash and dump).
 std::string ids_text(const std::vector<int32_t>& ids) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "core/error.h"
@@ -104,21 +105,16 @@ void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Ten
 void rope_backward(const RopeParams& p) {
   FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "rope_backward: rope_dim ", p.rope_dim, " must be even.");
   FATHOM_CHECK(p.out == nullptr, "rope_backward works in place (out must be null).");
-  const int half = p.rope_dim / 2;
-  for (int64_t t = 0; t < p.n_tokens; ++t) {
-    const float* c = p.cos + t * half;
-    const float* s = p.sin + t * half;
-    for (int h = 0; h < p.n_heads; ++h) {
-      float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
-      for (int i = 0; i < half; ++i) {
-        // the forward's pair: interleaved (2i, 2i+1), else the two halves (i, i + half)
-        const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
-        const float ga = v[a], gb = v[b];  // d(out) of the pair
-        v[a] = ga * c[i] + gb * s[i];      // the transposed rotation
-        v[b] = gb * c[i] - ga * s[i];
-      }
-    }
-  }
+  // The forward multiplies each pair by [[c, −s], [s, c]] (c, s scaled by the attention
+  // factor); its transpose [[c, s], [−s, c]] is the same rotation with sin negated: the forward
+  // op itself, given −sin.
+  const int64_t n = p.n_tokens * (p.rope_dim / 2);
+  std::vector<float> neg_sin(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) neg_sin[size_t(i)] = -p.sin[i];
+  RopeParams q = p;
+  q.sin = neg_sin.data();
+  static const std::unique_ptr<Ops> cpu = make_cpu_ops();
+  cpu->rope(q);
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) {

@@ -38,7 +38,7 @@ void matmul_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x
 void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate, const Tensor& up);
 
 // forward: Ops::rope(p), rotating each pair (a, b) of a head's rope slice by its angle:
-// (a cos − b sin, a sin + b cos). Its gradient is the inverse rotation of the output gradient:
+// (a cos − b sin, a sin + b cos). Its gradient is the transposed rotation of the output gradient:
 // p.x holds d(out) at the rope slices and receives d(in) there, in place (p.out must be null;
 // the other columns are the identity's and are left as they are). Same layout fields as the
 // forward: tokens, heads, strides, offset, rope_dim, cos/sin (T, rope_dim/2), interleaved.
