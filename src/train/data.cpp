@@ -96,6 +96,22 @@ std::vector<int32_t> read_shard(const std::string& path) {
   return ids;
 }
 
+std::vector<int32_t> read_split(const std::string& data_dir, const std::string& split) {
+  const std::string mpath = (fs::path(data_dir) / "manifest.json").string();
+  FATHOM_CHECK(fs::exists(mpath), "training data '", data_dir, "' has no manifest.json (run fathom data prepare).");
+  const nlohmann::json m = nlohmann::json::parse(read_file(mpath), nullptr, false);
+  FATHOM_CHECK(m.is_object() && m.contains("shards") && m["shards"].is_array(), mpath, ": no list of shards.");
+  std::vector<int32_t> ids;
+  for (const nlohmann::json& s : m["shards"]) {
+    FATHOM_CHECK(s.is_object() && s.contains("file") && s.contains("split") && s["file"].is_string(), mpath,
+                 ": a shard entry without file and split.");
+    if (s["split"] != split) continue;
+    const std::vector<int32_t> part = read_shard((fs::path(data_dir) / s["file"].get<std::string>()).string());
+    ids.insert(ids.end(), part.begin(), part.end());
+  }
+  return ids;
+}
+
 DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o) {
   FATHOM_CHECK(o.val_fraction >= 0 && o.val_fraction < 1, "data prepare: the validation fraction must lie in [0, 1) "
                "(got ", o.val_fraction, ").");

@@ -43,6 +43,10 @@ struct DataSummary {
 
 DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& options);
 
+// Every id of one split ("train" or "val") of a prepared data set, its shards concatenated in
+// manifest order; a missing or malformed manifest or shard is an error naming it.
+std::vector<int32_t> read_split(const std::string& data_dir, const std::string& split);
+
 // The ids of one shard; a file that is not a complete shard is an error naming it.
 std::vector<int32_t> read_shard(const std::string& path);
 void write_shard(const std::string& path, const std::vector<int32_t>& ids);

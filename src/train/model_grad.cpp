@@ -232,9 +232,10 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
         balance += sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {T}, balance_alpha_, gp);
       }
       if (backward) {
+        const std::vector<int64_t> step = train::expert_load(a.ids, c.n_routed_experts);
         std::vector<int64_t>& load = load_[l];
-        load.resize(size_t(c.n_routed_experts), 0);
-        for (int64_t i = 0; i < a.ids.numel(); ++i) ++load[size_t(a.ids.ptr<int32_t>()[i])];
+        load.resize(step.size(), 0);
+        for (size_t e = 0; e < step.size(); ++e) load[e] += step[e];
       }
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;

@@ -23,23 +23,6 @@ using json = nlohmann::json;
 namespace fathom::train {
 namespace {
 
-// A split's tokens, all shards concatenated in manifest order.
-std::vector<int32_t> load_split(const std::string& data_dir, const std::string& split) {
-  const std::string mpath = (fs::path(data_dir) / "manifest.json").string();
-  FATHOM_CHECK(fs::exists(mpath), "training data '", data_dir, "' has no manifest.json (run fathom data prepare).");
-  const json m = json::parse(read_file(mpath), nullptr, false);
-  FATHOM_CHECK(m.is_object() && m.contains("shards") && m["shards"].is_array(), mpath, ": no list of shards.");
-  std::vector<int32_t> ids;
-  for (const json& s : m["shards"]) {
-    FATHOM_CHECK(s.is_object() && s.contains("file") && s.contains("split") && s["file"].is_string(), mpath,
-                 ": a shard entry without file and split.");
-    if (s["split"] != split) continue;
-    const std::vector<int32_t> part = read_shard((fs::path(data_dir) / s["file"].get<std::string>()).string());
-    ids.insert(ids.end(), part.begin(), part.end());
-  }
-  return ids;
-}
-
 // tokens [pos, pos + n) of a split, wrapping around
 std::vector<int32_t> window(const std::vector<int32_t>& ids, int64_t pos, int64_t n) {
   std::vector<int32_t> w(static_cast<size_t>(n));
@@ -108,8 +91,8 @@ TrainConfig load_train_config(const std::string& path) {
 
 TrainResult train(const TrainConfig& cfg, bool resume) {
   auto model = GradModel::load(cfg.model_dir);
-  const std::vector<int32_t> train_ids = load_split(cfg.data_dir, "train");
-  const std::vector<int32_t> val_ids = load_split(cfg.data_dir, "val");
+  const std::vector<int32_t> train_ids = read_split(cfg.data_dir, "train");
+  const std::vector<int32_t> val_ids = read_split(cfg.data_dir, "val");
   FATHOM_CHECK(int64_t(train_ids.size()) > cfg.seq_len, "training data '", cfg.data_dir, "' holds ",
                train_ids.size(), " training tokens, fewer than one window of ", cfg.seq_len + 1, ".");
   const int64_t V = model->config().vocab_size;
