@@ -1,9 +1,11 @@
 // Training checkpoints (src/train/checkpoint.h): a bit-exact round trip that resumes AdamW
-// exactly, corrupted or incomplete checkpoints rejected with the previous one used, and a writer
-// killed with SIGKILL mid-write never leaving a checkpoint that fails to load.
+// exactly, corrupted or incomplete checkpoints rejected with the previous one used, a writer
+// killed with SIGKILL mid-write never leaving a checkpoint that fails to load, and a disk that
+// fills up mid-write failing the save with a clear error and nothing half-written left.
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -146,6 +148,72 @@ TEST(Checkpoint, AWriterKilledMidWriteLeavesALoadableLatest) {
     const Checkpoint c = load_checkpoint(*latest);
     EXPECT_TRUE(same(c.values.at("model.norm.weight"), big.params()[1].value)) << "after a kill at " << delay_ms << " ms";
   }
+}
+
+// A full disk, simulated with RLIMIT_FSIZE (no file may grow past the limit: write(2) fails with
+// EFBIG once SIGXFSZ is ignored) in a child process, at three sizes: config.json, then
+// model.safetensors (~2 MB), then optimizer.safetensors (~4 MB) is the file that does not fit.
+TEST(Checkpoint, AFullDiskFailsTheSaveAndKeepsThePrevious) {
+  TempDir tmp;
+  const std::string root = tmp.file("ckpt");
+  AdamW big = trained(9, 1, /*rows=*/100000);
+  const std::string first = save_checkpoint(root, kConfig, big, TrainerState{1, 1, "", 0, 0});
+  for (const auto& [limit, file] : std::vector<std::pair<rlim_t, std::string>>{
+           {16, "config.json"}, {1 << 20, "model.safetensors"}, {3 << 20, "optimizer.safetensors"}}) {
+    int pipe_fds[2];
+    ASSERT_EQ(pipe(pipe_fds), 0);
+    const pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      // exit 0: a fathom::Error, its message down the pipe (a pipe is not limited by RLIMIT_FSIZE)
+      close(pipe_fds[0]);
+      signal(SIGXFSZ, SIG_IGN);
+      const rlimit lim{limit, limit};
+      if (setrlimit(RLIMIT_FSIZE, &lim) != 0) _exit(3);
+      int code = 0;
+      std::string message;
+      try {
+        save_checkpoint(root, kConfig, big, TrainerState{2, 1, "", 0, 0});
+        message = "the checkpoint was saved despite the limit";
+        code = 4;
+      } catch (const Error& e) {
+        message = e.what();
+      } catch (const std::exception& e) {
+        message = std::string("not a fathom::Error: ") + e.what();
+        code = 5;
+      }
+      const ssize_t n = write(pipe_fds[1], message.data(), message.size());
+      (void)n;
+      _exit(code);
+    }
+    close(pipe_fds[1]);
+    std::string message;
+    char buf[512];
+    for (ssize_t n; (n = read(pipe_fds[0], buf, sizeof(buf))) > 0;) message.append(buf, size_t(n));
+    close(pipe_fds[0]);
+    int status = 0;
+    waitpid(child, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << "the saving child did not exit (limit " << limit << ")";
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "limit " << limit << ": " << message;
+    // the message names the checkpoint, the file that did not fit and the OS error
+    EXPECT_NE(message.find(checkpoint_name(2)), std::string::npos) << message;
+    EXPECT_NE(message.find(file), std::string::npos) << message;
+    EXPECT_TRUE(message.find("File too large") != std::string::npos ||
+                message.find("No space left") != std::string::npos)
+        << message;
+    // the previous checkpoint is still the latest and loads; nothing of the failed one is left
+    std::vector<std::string> rejected;
+    EXPECT_EQ(latest_checkpoint(root, &rejected).value_or("none"), first);
+    EXPECT_TRUE(rejected.empty());
+    const Checkpoint c = load_checkpoint(first);
+    EXPECT_TRUE(same(c.values.at("model.layers.0.mlp.up_proj.weight"), big.params()[0].value));
+    std::vector<std::string> entries;
+    for (const auto& e : fs::directory_iterator(root)) entries.push_back(e.path().filename().string());
+    EXPECT_EQ(entries, std::vector<std::string>{checkpoint_name(1)}) << "limit " << limit;
+  }
+  // with room again the same step saves: the failed attempt blocks nothing
+  const std::string second = save_checkpoint(root, kConfig, big, TrainerState{2, 1, "", 0, 0});
+  EXPECT_EQ(latest_checkpoint(root).value_or("none"), second);
 }
 
 }  // namespace

@@ -43,10 +43,37 @@ double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens
   return loss / double(in.size());
 }
 
-void check_model(const std::string& fixture, const std::vector<std::string>& probe_names, float balance_alpha = 0) {
+// mean cross-entropy of the inference model's MTP module 0 (h: the main model's final-normed
+// hidden states) against tokens[i + 2]
+double inference_mtp_loss(const std::string& dir, const std::vector<int32_t>& tokens) {
+  ModelOptions o;
+  o.device = DeviceKind::Cpu;
+  o.precision = Precision::Fp32;
+  o.mla_mode = MlaMode::Naive;
+  o.progress = false;
+  auto m = Model::load(dir, o);
+  const std::vector<int32_t> in(tokens.begin(), tokens.end() - 1);
+  KvCache cache = m->new_cache(int64_t(in.size()));
+  const ForwardOutput out = m->forward(in, cache, ForwardRequest{});
+  const Tensor logits = m->mtp_logits(in, out.final_hidden);  // (T - 1, V): row i predicts tokens[i + 2]
+  const int64_t V = m->config().vocab_size, n = logits.dim(0);
+  double loss = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* l = logits.f32() + t * V;
+    double mx = -1e300, s = 0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(l[v]));
+    for (int64_t v = 0; v < V; ++v) s += std::exp(double(l[v]) - mx);
+    loss += mx + std::log(s) - l[tokens[size_t(t) + 2]];
+  }
+  return loss / double(n);
+}
+
+void check_model(const std::string& fixture, const std::vector<std::string>& probe_names, float balance_alpha = 0,
+                 float mtp_lambda = 0) {
   const std::string dir = fixture_dir(fixture);
   auto gm = train::GradModel::load(dir);
   gm->set_balance_alpha(balance_alpha);
+  gm->set_mtp_lambda(mtp_lambda);
   const int64_t V = gm->config().vocab_size;
   std::vector<int32_t> tokens;
   for (int i = 0; i < 14; ++i) tokens.push_back(int32_t((i * 37 + 11) % V));
@@ -54,7 +81,13 @@ void check_model(const std::string& fixture, const std::vector<std::string>& pro
   if (balance_alpha > 0) {
     EXPECT_GT(gm->last_balance_loss(), 0.0);
   }
-  EXPECT_NEAR(loss - gm->last_balance_loss(), inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  EXPECT_NEAR(gm->last_lm_loss(), inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  if (mtp_lambda > 0) {
+    EXPECT_NEAR(gm->last_mtp_loss(), inference_mtp_loss(dir, tokens), 1e-5 * loss) << fixture;
+  } else {
+    EXPECT_EQ(gm->last_mtp_loss(), 0.0);
+  }
+  EXPECT_NEAR(loss, gm->last_lm_loss() + gm->last_balance_loss() + mtp_lambda * gm->last_mtp_loss(), 1e-12 * loss);
   std::mt19937 gen(42);
   for (const std::string& name : probe_names) {
     Tensor& w = gm->value(name);
@@ -107,6 +140,52 @@ TEST(ModelGrad, TheBalanceLossJoinsTheGradient) {
   check_model("v3-tiny", {"model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight",
                           "model.layers.2.self_attn.o_proj.weight", "model.layers.1.input_layernorm.weight"},
               5.0f);
+}
+
+// The MTP objective (DeepSeek-V3 §2.2) on v3-tiny-mtp: module 0's loss equals the cross-entropy of
+// the inference model's mtp_logits (checked against the reference in test_fixtures), and the
+// gradients of the module's own weights and of the main model's (which the MTP loss reaches
+// through the hidden states) match finite differences. λ 1 so that the MTP share is large.
+TEST(ModelGrad, TheMtpLossAndItsGradient) {
+  check_model("v3-tiny-mtp",
+              {"model.layers.4.enorm.weight", "model.layers.4.hnorm.weight", "model.layers.4.eh_proj.weight",
+               "model.layers.4.embed_tokens.weight", "model.layers.4.shared_head.norm.weight",
+               "model.layers.4.shared_head.head.weight", "model.layers.4.self_attn.q_b_proj.weight",
+               "model.layers.4.self_attn.kv_b_proj.weight", "model.layers.4.mlp.gate.weight",
+               "model.layers.4.mlp.shared_experts.down_proj.weight", "model.norm.weight",
+               "model.layers.3.self_attn.o_proj.weight", "model.embed_tokens.weight"},
+              0.0f, 1.0f);
+}
+
+TEST(ModelGrad, MtpSettingsAreChecked) {
+  auto plain = train::GradModel::load(fixture_dir("v3-tiny"));
+  EXPECT_THROW(plain->set_mtp_lambda(0.3f), Error);  // no MTP modules
+  plain->set_mtp_lambda(0.0f);
+  auto gm = train::GradModel::load(fixture_dir("v3-tiny-mtp"));
+  EXPECT_EQ(gm->mtp_depth(), 1);
+  EXPECT_TRUE(gm->has("model.layers.4.eh_proj.weight"));
+  EXPECT_THROW(gm->set_mtp_lambda(-1.0f), Error);
+  EXPECT_THROW(gm->set_mtp_lambda(std::nanf("")), Error);
+  // λ 0: the MTP modules take no part, and the optimizer keeps them frozen
+  train::AdamW opt;
+  gm->add_to(opt);
+  int frozen = 0;
+  for (const train::Param& p : opt.params()) {
+    const bool mtp = p.name.rfind("model.layers.4.", 0) == 0;
+    EXPECT_EQ(p.frozen, mtp) << p.name;
+    frozen += p.frozen;
+  }
+  EXPECT_GT(frozen, 10);
+  const double l0 = gm->loss({3, 9, 27, 81, 243});
+  EXPECT_EQ(gm->last_mtp_loss(), 0.0);
+  gm->set_mtp_lambda(0.5f);
+  const double l1 = gm->loss({3, 9, 27, 81, 243});
+  EXPECT_GT(gm->last_mtp_loss(), 0.0);
+  EXPECT_NEAR(l1, l0 + 0.5 * gm->last_mtp_loss(), 1e-9 * l1);
+  // a two-token sequence has nothing for the MTP module to predict: the objective is the main loss
+  const double l2 = gm->loss({3, 9});
+  EXPECT_EQ(gm->last_mtp_loss(), 0.0);
+  EXPECT_EQ(l2, gm->last_lm_loss());
 }
 
 TEST(ModelGrad, V2LiteTinyMatchesInferenceAndFiniteDifferences) {

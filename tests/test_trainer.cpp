@@ -75,6 +75,50 @@ TEST(Trainer, TheLossFallsAndEveryStepIsLogged) {
   EXPECT_NO_THROW(train::load_checkpoint(r.last_checkpoint));
 }
 
+// A model with an MTP module trains it (λ from the config, switching at a step), logs its loss,
+// and checkpoints its weights with the rest; with λ 0 the module is kept as loaded.
+TEST(Trainer, TheMtpModuleTrainsWithTheModel) {
+  TempDir tmp;
+  make_data(tmp);
+  train::TrainConfig c = train::load_train_config(write_config(
+      tmp, "mtp", {{"model", fixture_dir("v3-tiny-mtp")}, {"steps", 8}, {"mtp_lambda", 0.3}, {"mtp_lambda_switch", 5}}));
+  c.progress = false;
+  c.plots = false;
+  const train::TrainResult r = train::train(c, false);
+  const std::vector<json> log = log_lines(tmp.file("mtp"));
+  ASSERT_EQ(log.size(), 8u);
+  EXPECT_EQ(log[3]["mtp_lambda"].get<double>(), double(0.3f));
+  EXPECT_EQ(log[5]["mtp_lambda"].get<double>(), double(0.1f));  // step 6 is past the switch
+  EXPECT_LT(log.back()["mtp_loss"].get<double>(), 0.8 * log.front()["mtp_loss"].get<double>());
+  EXPECT_EQ(log[0]["expert_load_max_over_mean"].size(), 4u);  // three MoE layers and the MTP module's
+  EXPECT_TRUE(log[2].contains("val_mtp_loss"));
+  const double objective = log[4]["objective"].get<double>();
+  EXPECT_NEAR(objective,
+              log[4]["loss"].get<double>() + log[4]["balance_loss"].get<double>() + 0.3 * log[4]["mtp_loss"].get<double>(),
+              1e-6 * objective);
+  const auto fixture = SafetensorsFile::open(fixture_dir("v3-tiny-mtp") + "/model.safetensors");
+  auto changed = [&](const train::Checkpoint& ck, const std::string& name) {
+    const Tensor a = to_f32(fixture->tensor(name));
+    const Tensor& b = ck.values.at(name);
+    for (int64_t i = 0; i < a.numel(); ++i)
+      if (a.f32()[i] != b.f32()[i]) return true;
+    return false;
+  };
+  const train::Checkpoint ck = train::load_checkpoint(r.last_checkpoint);
+  EXPECT_TRUE(changed(ck, "model.layers.4.eh_proj.weight"));
+  EXPECT_TRUE(changed(ck, "model.layers.4.shared_head.head.weight"));
+
+  train::TrainConfig off = train::load_train_config(
+      write_config(tmp, "off", {{"model", fixture_dir("v3-tiny-mtp")}, {"steps", 2}, {"mtp_lambda", 0}}));
+  off.progress = false;
+  off.plots = false;
+  const train::Checkpoint ck0 = train::load_checkpoint(train::train(off, false).last_checkpoint);
+  EXPECT_FALSE(changed(ck0, "model.layers.4.eh_proj.weight"));
+  EXPECT_TRUE(ck0.values.count("model.layers.4.enorm.weight"));
+  EXPECT_TRUE(changed(ck0, "model.layers.3.self_attn.o_proj.weight"));
+  EXPECT_FALSE(log_lines(tmp.file("off"))[0].contains("mtp_loss"));
+}
+
 TEST(Trainer, AnInterruptedRunResumesBitForBit) {
   TempDir tmp;
   make_data(tmp);
@@ -147,6 +191,8 @@ TEST(Trainer, BadConfigsAreClearErrors) {
   EXPECT_NE(error_of(write_config(tmp, "e", {{"data", "nowhere"}})).find("manifest.json"), std::string::npos);
   write_file_atomic(tmp.file("f.json"), "{not json");
   EXPECT_NE(error_of(tmp.file("f.json")).find("not a JSON object"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "g", {{"mtp_lambda", 0.3}})).find("no MTP modules"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "g2", {{"mtp_lambda", -1}})).find("mtp_lambda"), std::string::npos);
   EXPECT_EQ(error_of(write_config(tmp, "h", {{"steps", 1}})), "");  // a good config trains
   // --resume without a checkpoint
   train::TrainConfig c = train::load_train_config(write_config(tmp, "i", json::object()));

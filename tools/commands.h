@@ -39,5 +39,6 @@ Command add_chat_template(CLI::App& app);
 Command add_chat(CLI::App& app);
 Command add_data(CLI::App& app);
 Command add_train(CLI::App& app);
+Command add_train_plot(CLI::App& app);
 
 }  // namespace fathom::cli

@@ -28,8 +28,13 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
     }
     done += size_t(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    int err = errno;
+  // A full disk may show only here (delayed allocation, network file systems): both results
+  // count, and the descriptor is closed either way.
+  const int sync_rc = ::fsync(fd);
+  const int sync_err = errno;
+  const int close_rc = ::close(fd);
+  if (sync_rc != 0 || close_rc != 0) {
+    int err = sync_rc != 0 ? sync_err : errno;
     ::unlink(tmp.c_str());
     throw Error(cat("cannot write ", path, ": ", std::strerror(err)));
   }

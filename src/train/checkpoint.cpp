@@ -83,9 +83,14 @@ std::string save_checkpoint(const std::string& root, const std::string& config_j
     st["files"] = files;
     write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
     fs::rename(tmp, final_dir, ec);
-    FATHOM_CHECK(!ec, "checkpoint: cannot move '", tmp.string(), "' into place: ", ec.message());
+    FATHOM_CHECK(!ec, "cannot move '", tmp.string(), "' into place: ", ec.message());
+  } catch (const Error& e) {
+    // never leave half a checkpoint behind (a full disk lands here); the message says which
+    // checkpoint was lost before the file and the OS error that stopped it
+    fs::remove_all(tmp, ec);
+    throw Error(cat("checkpoint '", final_dir.string(), "' was not saved (older checkpoints are untouched): ", e.what()));
   } catch (...) {
-    fs::remove_all(tmp, ec);  // never leave half a checkpoint behind under a final name
+    fs::remove_all(tmp, ec);
     throw;
   }
   return final_dir.string();

@@ -72,7 +72,10 @@ std::unique_ptr<GradModel> GradModel::load(const std::string& dir) {
   for (const std::string& name : set.names()) {
     if (name.size() >= 10 && name.compare(name.size() - 10, 10, "_scale_inv") == 0) continue;
     int layer = -1;
-    if (std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 && layer >= c.num_hidden_layers) continue;  // MTP
+    // layers past the MTP modules' are not part of the model (inference ignores them too)
+    if (std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1 &&
+        layer >= c.num_hidden_layers + c.num_nextn_predict_layers)
+      continue;
     const Tensor t = set.tensor(name);
     Tensor f = Tensor::empty(t.shape());
     if (t.dtype() == DType::F8_E4M3) {
@@ -110,62 +113,88 @@ void GradModel::zero_grad() {
   for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
 }
 void GradModel::add_to(AdamW& optimizer) {
-  for (const std::string& n : names_) optimizer.add(n, value_[n], grad_[n]);
+  for (const std::string& n : names_) {
+    Param& p = optimizer.add(n, value_[n], grad_[n]);
+    int layer = -1;
+    if (mtp_lambda_ == 0 && std::sscanf(n.c_str(), "model.layers.%d.", &layer) == 1 &&
+        layer >= config_.num_hidden_layers)
+      p.frozen = true;
+  }
+}
+void GradModel::set_mtp_lambda(float lambda) {
+  FATHOM_CHECK(std::isfinite(lambda) && lambda >= 0, "the MTP loss weight must be a finite number >= 0, got ", lambda,
+               ".");
+  FATHOM_CHECK(lambda == 0 || mtp_depth() > 0, "an MTP loss weight of ", lambda,
+               " was set, but the model has no MTP modules (num_nextn_predict_layers is 0).");
+  mtp_lambda_ = lambda;
 }
 double GradModel::loss_and_grad(const std::vector<int32_t>& tokens) { return run(tokens, true); }
 double GradModel::loss(const std::vector<int32_t>& tokens) { return run(tokens, false); }
 
-double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
-  const ModelConfig& c = config_;
-  FATHOM_CHECK(tokens.size() >= 2, "a training sequence needs at least 2 tokens, got ", tokens.size(), ".");
-  const int64_t T = int64_t(tokens.size()) - 1, D = c.hidden_size, V = c.vocab_size;
-  for (size_t i = 0; i < tokens.size(); ++i)
-    FATHOM_CHECK(tokens[i] < V, "token ", tokens[i], " at position ", i, " is outside the vocabulary of ", V, ".");
-  const int H = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim, dv = c.v_head_dim;
-  const int dqk = c.qk_head_dim();
-  const int64_t R = c.kv_lora_rank;
-  const float eps = float(c.rms_norm_eps);
-  auto W = [&](const std::string& n) -> Tensor& { return value(n); };
-  auto G = [&](const std::string& n) -> Tensor& { return grad(n); };
+// One pass over one sequence: the forward with every activation the backward needs kept, then (on
+// request) the backward. The decoder layer's two halves are shared by the main layers and the MTP
+// modules, which run the same layer shape over a shorter sequence.
+struct GradModel::Impl {
+  GradModel& m;
+  const ModelConfig& c;
+  const bool backward;
+  const int H, nope, rd, dv, dqk;
+  const int64_t R, D;
+  const float eps;
+  const MoeGateParams gp;
+  Tensor cosv, sinv;  // RoPE tables for positions 0 .. T-1 (the MTP modules use a prefix)
+  double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
 
-  Tensor ids = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
-  for (int64_t t = 0; t < T; ++t) {
-    FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t, " is negative.");
-    ids.ptr<int32_t>()[t] = tokens[size_t(t)];
-    targets.ptr<int32_t>()[t] = tokens[size_t(t) + 1];
+  Impl(GradModel& model, int64_t T, bool bw)
+      : m(model), c(model.config_), backward(bw), H(c.num_attention_heads), nope(c.qk_nope_head_dim),
+        rd(c.qk_rope_head_dim), dv(c.v_head_dim), dqk(c.qk_head_dim()), R(c.kv_lora_rank), D(c.hidden_size),
+        eps(float(c.rms_norm_eps)), gp(moe_gate_params(c)) {
+    std::vector<int64_t> positions(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = t;
+    Rope(c).tables(positions.data(), T, cosv, sinv);
   }
-  std::vector<int64_t> positions(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = t;
-  Tensor cosv, sinv;
-  Rope(c).tables(positions.data(), T, cosv, sinv);
-  auto rope_params = [&](float* x, int64_t token_stride, int64_t head_stride, int n_heads, int offset) {
+  Tensor& W(const std::string& n) { return m.value(n); }
+  Tensor& G(const std::string& n) { return m.grad(n); }
+
+  RopeParams rope_params(float* x, int64_t n, int64_t token_stride, int64_t head_stride, int n_heads, int offset) {
     RopeParams p;
-    p.x = x, p.n_tokens = T, p.token_stride = token_stride, p.head_stride = head_stride;
+    p.x = x, p.n_tokens = n, p.token_stride = token_stride, p.head_stride = head_stride;
     p.n_heads = n_heads, p.offset = offset, p.rope_dim = rd, p.cos = cosv.f32(), p.sin = sinv.f32();
     p.interleaved = c.rope_interleave;
     return p;
-  };
-  auto attn_params = [&](const LayerActs& a) {
+  }
+  AttentionParams attn_params(const LayerActs& a, int64_t n) {
     AttentionParams p;
     p.q = a.q.f32(), p.q_token_stride = int64_t(H) * dqk, p.q_head_stride = dqk;
     p.k = a.K.f32(), p.k_token_stride = int64_t(H) * dqk, p.k_head_stride = dqk;
     p.v = a.V.f32(), p.v_token_stride = int64_t(H) * dv, p.v_head_stride = dv;
     p.out_token_stride = int64_t(H) * dv, p.out_head_stride = dv;
-    p.n_q = T, p.n_kv = T, p.q_pos0 = 0, p.causal = true;
+    p.n_q = n, p.n_kv = n, p.q_pos0 = 0, p.causal = true;
     p.n_q_heads = H, p.n_kv_heads = H, p.d_qk = dqk, p.d_v = dv, p.scale = float(c.softmax_scale());
     return p;
-  };
+  }
 
-  // ---- forward
-  const std::string embed = "model.embed_tokens.weight";
-  const std::string head = c.tie_word_embeddings ? embed : "lm_head.weight";
-  Tensor x = Tensor::empty({T, D});
-  cpu().embedding(x, ids, W(embed));
-  std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
-  double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
-  const MoeGateParams gp = moe_gate_params(c);
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    LayerActs& a = acts[size_t(l)];
+  void expert_forward(Expert& e) {
+    e.g = mm(e.x, W(e.prefix + "gate_proj.weight"));
+    e.u = mm(e.x, W(e.prefix + "up_proj.weight"));
+    e.a = Tensor::empty(e.g.shape());
+    cpu().silu_mul(e.a, e.g, e.u);
+    e.y = mm(e.a, W(e.prefix + "down_proj.weight"));
+  }
+  Tensor expert_backward(Expert& e, const Tensor& dy) {  // dy (n, D): gradient of e.y; returns that of e.x
+    Tensor da = Tensor::empty(e.a.shape()), dg = Tensor::empty(e.g.shape()), du = Tensor::empty(e.u.shape());
+    matmul_backward(da, G(e.prefix + "down_proj.weight"), dy, e.a, W(e.prefix + "down_proj.weight"));
+    silu_mul_backward(dg, du, da, e.g, e.u);
+    Tensor dxe = Tensor::empty(e.x.shape()), dxu = Tensor::empty(e.x.shape());
+    matmul_backward(dxe, G(e.prefix + "gate_proj.weight"), dg, e.x, W(e.prefix + "gate_proj.weight"));
+    matmul_backward(dxu, G(e.prefix + "up_proj.weight"), du, e.x, W(e.prefix + "up_proj.weight"));
+    add_into(dxe, dxu);
+    return dxe;
+  }
+
+  // Decoder layer l (a main layer, or an MTP module's at num_hidden_layers + k) over the n rows of
+  // x: x ← x + MLA(rmsnorm(x)); x ← x + MLP or MoE(rmsnorm(x)).
+  void layer_forward(int l, Tensor& x, LayerActs& a, int64_t n) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
     a.x_in = x;
     a.h1 = norm(x, W(p + "input_layernorm.weight"), eps);
@@ -176,42 +205,35 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     } else {
       a.q = mm(a.h1, W(sa + "q_proj.weight"));
     }
-    cpu().rope(rope_params(a.q.f32(), int64_t(H) * dqk, dqk, H, nope));
-    a.kva = mm(a.h1, W(sa + "kv_a_proj_with_mqa.weight"));  // (T, R + rd) = [c_kv | k_pe]
-    a.ckv = Tensor::empty({T, R});
-    a.kpe = Tensor::empty({T, rd});
-    for (int64_t t = 0; t < T; ++t) {
+    cpu().rope(rope_params(a.q.f32(), n, int64_t(H) * dqk, dqk, H, nope));
+    a.kva = mm(a.h1, W(sa + "kv_a_proj_with_mqa.weight"));  // (n, R + rd) = [c_kv | k_pe]
+    a.ckv = Tensor::empty({n, R});
+    a.kpe = Tensor::empty({n, rd});
+    for (int64_t t = 0; t < n; ++t) {
       std::memcpy(a.ckv.f32() + t * R, a.kva.f32() + t * (R + rd), sizeof(float) * size_t(R));
       std::memcpy(a.kpe.f32() + t * rd, a.kva.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
     }
-    cpu().rope(rope_params(a.kpe.f32(), rd, 0, 1, 0));
+    cpu().rope(rope_params(a.kpe.f32(), n, rd, 0, 1, 0));
     a.ckvn = norm(a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
-    a.kvb = mm(a.ckvn, W(sa + "kv_b_proj.weight"));  // (T, H, nope + dv)
-    a.K = Tensor::empty({T, H, dqk});
-    a.V = Tensor::empty({T, H, dv});
-    for (int64_t t = 0; t < T; ++t)
+    a.kvb = mm(a.ckvn, W(sa + "kv_b_proj.weight"));  // (n, H, nope + dv)
+    a.K = Tensor::empty({n, H, dqk});
+    a.V = Tensor::empty({n, H, dv});
+    for (int64_t t = 0; t < n; ++t)
       for (int h = 0; h < H; ++h) {
         const float* kb = a.kvb.f32() + (t * H + h) * (nope + dv);
         std::memcpy(a.K.f32() + (t * H + h) * dqk, kb, sizeof(float) * size_t(nope));
         std::memcpy(a.K.f32() + (t * H + h) * dqk + nope, a.kpe.f32() + t * rd, sizeof(float) * size_t(rd));
         std::memcpy(a.V.f32() + (t * H + h) * dv, kb + nope, sizeof(float) * size_t(dv));
       }
-    a.attn = Tensor::empty({T, int64_t(H) * dv});
-    AttentionParams ap = attn_params(a);
+    a.attn = Tensor::empty({n, int64_t(H) * dv});
+    AttentionParams ap = attn_params(a, n);
     ap.out = a.attn.f32();
     cpu().attention(ap);
     x = mm(a.attn, W(sa + "o_proj.weight"));
     add_into(x, a.x_in);  // x_mid = x_in + o
     a.x_mid = x;
     a.h2 = norm(x, W(p + "post_attention_layernorm.weight"), eps);
-    Tensor y = Tensor::zeros({T, D});
-    auto expert_forward = [&](Expert& e) {
-      e.g = mm(e.x, W(e.prefix + "gate_proj.weight"));
-      e.u = mm(e.x, W(e.prefix + "up_proj.weight"));
-      e.a = Tensor::empty(e.g.shape());
-      cpu().silu_mul(e.a, e.g, e.u);
-      e.y = mm(e.a, W(e.prefix + "down_proj.weight"));
-    };
+    Tensor y = Tensor::zeros({n, D});
     a.moe = c.is_moe_layer(l);
     if (!a.moe) {
       Expert e;
@@ -223,24 +245,24 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     } else {
       const int K = c.num_experts_per_tok;
       a.logits = mm(a.h2, W(p + "mlp.gate.weight"));
-      a.weights = Tensor::empty({T, K});
-      a.ids = Tensor::empty({T, K}, DType::I32);
+      a.weights = Tensor::empty({n, K});
+      a.ids = Tensor::empty({n, K}, DType::I32);
       const std::string bias = p + "mlp.gate.e_score_correction_bias";
-      cpu().moe_gate(a.weights, a.ids, a.logits, value_.count(bias) ? W(bias).f32() : nullptr, gp);
-      if (balance_alpha_ > 0) {
+      cpu().moe_gate(a.weights, a.ids, a.logits, m.has(bias) ? W(bias).f32() : nullptr, gp);
+      if (m.balance_alpha_ > 0) {
         a.dlogits_balance = Tensor::zeros(a.logits.shape());
-        balance += sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {T}, balance_alpha_, gp);
+        balance += sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {n}, m.balance_alpha_, gp);
       }
       if (backward) {
         const std::vector<int64_t> step = train::expert_load(a.ids, c.n_routed_experts);
-        std::vector<int64_t>& load = load_[l];
+        std::vector<int64_t>& load = m.load_[l];
         load.resize(step.size(), 0);
         for (size_t e = 0; e < step.size(); ++e) load[e] += step[e];
       }
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;
         ex.prefix = cat(p, "mlp.experts.", e, ".");
-        for (int64_t t = 0; t < T; ++t)
+        for (int64_t t = 0; t < n; ++t)
           for (int k = 0; k < K; ++k)
             if (a.ids.ptr<int32_t>()[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
         if (ex.token.empty()) continue;
@@ -268,53 +290,25 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     add_into(y, a.x_mid);  // x_out = x_mid + y
     x = y;
   }
-  const Tensor hf = norm(x, W("model.norm.weight"), eps);
-  Tensor logits = mm(hf, W(head));
-  Tensor losses = Tensor::empty({T});
-  int64_t counted = 0;
-  for (int64_t t = 0; t < T; ++t) counted += targets.ptr<int32_t>()[t] >= 0;
-  FATHOM_CHECK(counted > 0, "a training sequence has no token to predict.");
-  train::cross_entropy_backward(losses, logits, logits, targets, 1.0f / float(counted));  // logits -> dlogits
-  double loss = 0;
-  for (int64_t t = 0; t < T; ++t) loss += losses.f32()[t];
-  loss = loss / double(counted) + balance;
-  last_balance_ = balance;
-  if (!backward) return loss;
 
-  // ---- backward, in exactly the reverse order
-  Tensor& dlogits = logits;
-  Tensor dhf = Tensor::empty({T, D});
-  matmul_backward(dhf, G(head), dlogits, hf, W(head));
-  Tensor dx = Tensor::empty({T, D});
-  rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
-  for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
-    LayerActs& a = acts[size_t(l)];
+  // The backward of layer_forward: dx, the gradient of the layer's output, becomes that of its input.
+  void layer_backward(int l, LayerActs& a, Tensor& dx, int64_t n) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
     // x_out = x_mid + y
-    Tensor dh2 = Tensor::zeros({T, D});
-    auto expert_backward = [&](Expert& e, const Tensor& dy) {  // dy (n, D): gradient of e.y
-      Tensor da = Tensor::empty(e.a.shape()), dg = Tensor::empty(e.g.shape()), du = Tensor::empty(e.u.shape());
-      matmul_backward(da, G(e.prefix + "down_proj.weight"), dy, e.a, W(e.prefix + "down_proj.weight"));
-      silu_mul_backward(dg, du, da, e.g, e.u);
-      Tensor dxe = Tensor::empty(e.x.shape()), dxu = Tensor::empty(e.x.shape());
-      matmul_backward(dxe, G(e.prefix + "gate_proj.weight"), dg, e.x, W(e.prefix + "gate_proj.weight"));
-      matmul_backward(dxu, G(e.prefix + "up_proj.weight"), du, e.x, W(e.prefix + "up_proj.weight"));
-      add_into(dxe, dxu);
-      return dxe;  // gradient of e.x
-    };
+    Tensor dh2 = Tensor::zeros({n, D});
     if (!a.moe) {
       dh2 = expert_backward(a.experts[0], dx);
     } else {
       const int K = c.num_experts_per_tok;
-      Tensor dweights = Tensor::zeros({T, K});
+      Tensor dweights = Tensor::zeros({n, K});
       for (Expert& e : a.experts) {
-        const int64_t n = e.x.dim(0);
+        const int64_t ne = e.x.dim(0);
         if (e.token.empty()) {  // the shared expert: every token, weight 1
           add_into(dh2, expert_backward(e, dx));
           continue;
         }
-        Tensor dy = Tensor::empty({n, D});
-        for (int64_t i = 0; i < n; ++i) {
+        Tensor dy = Tensor::empty({ne, D});
+        for (int64_t i = 0; i < ne; ++i) {
           const int64_t t = e.token[size_t(i)];
           const float w = a.weights.f32()[t * K + e.slot[size_t(i)]];
           double dw = 0;
@@ -325,7 +319,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
           dweights.f32()[t * K + e.slot[size_t(i)]] += float(dw);
         }
         const Tensor dxe = expert_backward(e, dy);
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < ne; ++i) {
           float* r = dh2.f32() + e.token[size_t(i)] * D;
           for (int64_t d = 0; d < D; ++d) r[d] += dxe.f32()[i * D + d];
         }
@@ -333,39 +327,39 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       Tensor dlg = Tensor::empty(a.logits.shape());
       moe_gate_backward(dlg, dweights, a.logits, a.ids, gp);
       if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);
-      Tensor dhg = Tensor::empty({T, D});
+      Tensor dhg = Tensor::empty({n, D});
       matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));
       add_into(dh2, dhg);
     }
-    Tensor dx_mid = Tensor::empty({T, D});
+    Tensor dx_mid = Tensor::empty({n, D});
     rmsnorm_backward(dx_mid, G(p + "post_attention_layernorm.weight"), dh2, a.x_mid, W(p + "post_attention_layernorm.weight"), eps);
     add_into(dx_mid, dx);  // the residual path
     // x_mid = x_in + attn · Woᵀ
     Tensor dattn = Tensor::empty(a.attn.shape());
     matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
     Tensor dq = Tensor::zeros(a.q.shape()), dK = Tensor::zeros(a.K.shape()), dV = Tensor::zeros(a.V.shape());
-    attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a));
+    attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, n));
     // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
-    Tensor dkvb = Tensor::empty(a.kvb.shape()), dkpe = Tensor::zeros({T, rd});
-    for (int64_t t = 0; t < T; ++t)
+    Tensor dkvb = Tensor::empty(a.kvb.shape()), dkpe = Tensor::zeros({n, rd});
+    for (int64_t t = 0; t < n; ++t)
       for (int h = 0; h < H; ++h) {
         float* kb = dkvb.f32() + (t * H + h) * (nope + dv);
         std::memcpy(kb, dK.f32() + (t * H + h) * dqk, sizeof(float) * size_t(nope));
         std::memcpy(kb + nope, dV.f32() + (t * H + h) * dv, sizeof(float) * size_t(dv));
         for (int i = 0; i < rd; ++i) dkpe.f32()[t * rd + i] += dK.f32()[(t * H + h) * dqk + nope + i];
       }
-    rope_backward(rope_params(dkpe.f32(), rd, 0, 1, 0));
+    rope_backward(rope_params(dkpe.f32(), n, rd, 0, 1, 0));
     Tensor dckvn = Tensor::empty(a.ckvn.shape()), dckv = Tensor::empty(a.ckv.shape());
     matmul_backward(dckvn, G(sa + "kv_b_proj.weight"), dkvb, a.ckvn, W(sa + "kv_b_proj.weight"));
     rmsnorm_backward(dckv, G(sa + "kv_a_layernorm.weight"), dckvn, a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
     Tensor dkva = Tensor::empty(a.kva.shape());
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < n; ++t) {
       std::memcpy(dkva.f32() + t * (R + rd), dckv.f32() + t * R, sizeof(float) * size_t(R));
       std::memcpy(dkva.f32() + t * (R + rd) + R, dkpe.f32() + t * rd, sizeof(float) * size_t(rd));
     }
-    Tensor dh1 = Tensor::empty({T, D}), dh1b = Tensor::empty({T, D});
+    Tensor dh1 = Tensor::empty({n, D}), dh1b = Tensor::empty({n, D});
     matmul_backward(dh1, G(sa + "kv_a_proj_with_mqa.weight"), dkva, a.h1, W(sa + "kv_a_proj_with_mqa.weight"));
-    rope_backward(rope_params(dq.f32(), int64_t(H) * dqk, dqk, H, nope));
+    rope_backward(rope_params(dq.f32(), n, int64_t(H) * dqk, dqk, H, nope));
     if (c.q_lora_rank > 0) {
       Tensor dqan = Tensor::empty(a.qan.shape()), dqa = Tensor::empty(a.qa.shape());
       matmul_backward(dqan, G(sa + "q_b_proj.weight"), dq, a.qan, W(sa + "q_b_proj.weight"));
@@ -375,11 +369,158 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       matmul_backward(dh1b, G(sa + "q_proj.weight"), dq, a.h1, W(sa + "q_proj.weight"));
     }
     add_into(dh1, dh1b);
-    Tensor dx_in = Tensor::empty({T, D});
+    Tensor dx_in = Tensor::empty({n, D});
     rmsnorm_backward(dx_in, G(p + "input_layernorm.weight"), dh1, a.x_in, W(p + "input_layernorm.weight"), eps);
     add_into(dx_in, dx_mid);  // the residual path
     dx = dx_in;
   }
+
+  // Mean cross-entropy of logits (n, V) against targets (n; < 0 skipped), times `weight`; the
+  // logits are replaced by the gradient of that weighted mean. `counted` gets the targets used.
+  double weighted_cross_entropy(Tensor& logits, const Tensor& targets, double weight, int64_t& counted) {
+    const int64_t n = logits.dim(0);
+    counted = 0;
+    for (int64_t t = 0; t < n; ++t) counted += targets.ptr<int32_t>()[t] >= 0;
+    Tensor losses = Tensor::empty({n});
+    if (counted == 0) {  // nothing to predict: no loss and no gradient
+      std::memset(logits.data(), 0, logits.nbytes());
+      return 0;
+    }
+    train::cross_entropy_backward(losses, logits, logits, targets, float(weight / double(counted)));
+    double loss = 0;
+    for (int64_t t = 0; t < n; ++t) loss += losses.f32()[t];
+    return loss / double(counted);
+  }
+};
+
+double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
+  const ModelConfig& c = config_;
+  FATHOM_CHECK(tokens.size() >= 2, "a training sequence needs at least 2 tokens, got ", tokens.size(), ".");
+  const int64_t T = int64_t(tokens.size()) - 1, D = c.hidden_size, V = c.vocab_size;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    FATHOM_CHECK(tokens[i] < V, "token ", tokens[i], " at position ", i, " is outside the vocabulary of ", V, ".");
+  Impl im(*this, T, backward);
+  const float eps = im.eps;
+  auto W = [&](const std::string& n) -> Tensor& { return value(n); };
+  auto G = [&](const std::string& n) -> Tensor& { return grad(n); };
+
+  Tensor ids = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
+  for (int64_t t = 0; t < T; ++t) {
+    FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t, " is negative.");
+    ids.ptr<int32_t>()[t] = tokens[size_t(t)];
+    targets.ptr<int32_t>()[t] = tokens[size_t(t) + 1];
+  }
+
+  // ---- forward: the main model
+  const std::string embed = "model.embed_tokens.weight";
+  const std::string head = c.tie_word_embeddings ? embed : "lm_head.weight";
+  Tensor x = Tensor::empty({T, D});
+  cpu().embedding(x, ids, W(embed));
+  std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
+  for (int l = 0; l < c.num_hidden_layers; ++l) im.layer_forward(l, x, acts[size_t(l)], T);
+  const Tensor hf = norm(x, W("model.norm.weight"), eps);
+  Tensor logits = mm(hf, W(head));
+  int64_t counted = 0;
+  const double lm = im.weighted_cross_entropy(logits, targets, 1.0, counted);  // logits -> dlogits
+  FATHOM_CHECK(counted > 0, "a training sequence has no token to predict.");
+
+  // ---- forward: the MTP modules (DeepSeek-V3 §2.2). Module k (0-based) at position i combines
+  // the previous depth's hidden state h[i] (k = 0: the main model's, after its final norm; then
+  // the previous module's output) with the embedding of tokens[i+1+k] and predicts tokens[i+2+k]:
+  //   x = eh_proj([enorm(embed(tokens[i+1+k])) ; hnorm(h[i])]);  x = layer(x);
+  //   logits = head(shared_head.norm(x)).
+  // Loss: λ / depth · Σ_k mean CE_k.
+  struct MtpActs {
+    std::string p, embed, head;
+    int64_t n = 0;
+    Tensor ids, e, en, hin, hn, cat_eh, x_out, xn, dlogits;
+    LayerActs layer;
+  };
+  std::vector<MtpActs> mtp;
+  double mtp_sum = 0;
+  const int depth = mtp_depth();
+  if (mtp_lambda_ > 0 && depth > 0) {
+    const double weight = double(mtp_lambda_) / double(depth);
+    const Tensor* h = &hf;
+    mtp.resize(static_cast<size_t>(depth));
+    for (int k = 0; k < depth; ++k) {
+      MtpActs& a = mtp[size_t(k)];
+      a.n = T - 1 - k;
+      if (a.n < 1) {  // too short a sequence for this depth (and the deeper ones)
+        mtp.resize(size_t(k));
+        break;
+      }
+      const int64_t n = a.n;
+      a.p = cat("model.layers.", c.num_hidden_layers + k, ".");
+      a.embed = has(a.p + "embed_tokens.weight") ? a.p + "embed_tokens.weight" : embed;
+      a.head = has(a.p + "shared_head.head.weight") ? a.p + "shared_head.head.weight" : head;
+      a.ids = Tensor::empty({n}, DType::I32);
+      Tensor tg = Tensor::empty({n}, DType::I32);
+      for (int64_t i = 0; i < n; ++i) {
+        a.ids.ptr<int32_t>()[i] = tokens[size_t(i + 1 + k)];
+        tg.ptr<int32_t>()[i] = tokens[size_t(i + 2 + k)];
+      }
+      a.e = Tensor::empty({n, D});
+      cpu().embedding(a.e, a.ids, W(a.embed));
+      a.en = norm(a.e, W(a.p + "enorm.weight"), eps);
+      a.hin = Tensor::empty({n, D});
+      std::memcpy(a.hin.f32(), h->f32(), sizeof(float) * size_t(n * D));
+      a.hn = norm(a.hin, W(a.p + "hnorm.weight"), eps);
+      a.cat_eh = Tensor::empty({n, 2 * D});
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(a.cat_eh.f32() + i * 2 * D, a.en.f32() + i * D, sizeof(float) * size_t(D));
+        std::memcpy(a.cat_eh.f32() + i * 2 * D + D, a.hn.f32() + i * D, sizeof(float) * size_t(D));
+      }
+      Tensor xm = mm(a.cat_eh, W(a.p + "eh_proj.weight"));
+      im.layer_forward(c.num_hidden_layers + k, xm, a.layer, n);
+      a.x_out = xm;
+      a.xn = norm(a.x_out, W(a.p + "shared_head.norm.weight"), eps);
+      a.dlogits = mm(a.xn, W(a.head));
+      int64_t used = 0;
+      mtp_sum += im.weighted_cross_entropy(a.dlogits, tg, weight, used);
+      h = &a.x_out;
+    }
+  }
+  last_lm_ = lm;
+  last_balance_ = im.balance;
+  last_mtp_ = mtp.empty() ? 0.0 : mtp_sum / double(depth);
+  const double loss = lm + im.balance + (mtp.empty() ? 0.0 : double(mtp_lambda_) * last_mtp_);
+  if (!backward) return loss;
+
+  // ---- backward, in exactly the reverse order: the MTP modules (deepest first), then the main model
+  Tensor dhf = Tensor::empty({T, D});
+  Tensor& dlogits = logits;
+  matmul_backward(dhf, G(head), dlogits, hf, W(head));
+  Tensor dh_next;  // the gradient of the hidden state the next-deeper module read
+  for (int k = int(mtp.size()) - 1; k >= 0; --k) {
+    MtpActs& a = mtp[size_t(k)];
+    const int64_t n = a.n;
+    Tensor dxn = Tensor::empty({n, D}), dx = Tensor::empty({n, D});
+    matmul_backward(dxn, G(a.head), a.dlogits, a.xn, W(a.head));
+    rmsnorm_backward(dx, G(a.p + "shared_head.norm.weight"), dxn, a.x_out, W(a.p + "shared_head.norm.weight"), eps);
+    if (dh_next.defined())  // the next module read rows 0 .. n-2 of this one's output
+      for (int64_t i = 0; i < dh_next.dim(0); ++i)
+        for (int64_t d = 0; d < D; ++d) dx.f32()[i * D + d] += dh_next.f32()[i * D + d];
+    im.layer_backward(c.num_hidden_layers + k, a.layer, dx, n);
+    Tensor dcat = Tensor::empty({n, 2 * D});
+    matmul_backward(dcat, G(a.p + "eh_proj.weight"), dx, a.cat_eh, W(a.p + "eh_proj.weight"));
+    Tensor den = Tensor::empty({n, D}), dhn = Tensor::empty({n, D});
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(den.f32() + i * D, dcat.f32() + i * 2 * D, sizeof(float) * size_t(D));
+      std::memcpy(dhn.f32() + i * D, dcat.f32() + i * 2 * D + D, sizeof(float) * size_t(D));
+    }
+    Tensor de = Tensor::empty({n, D});
+    rmsnorm_backward(de, G(a.p + "enorm.weight"), den, a.e, W(a.p + "enorm.weight"), eps);
+    embedding_backward(G(a.embed), de, a.ids);
+    dh_next = Tensor::empty({n, D});
+    rmsnorm_backward(dh_next, G(a.p + "hnorm.weight"), dhn, a.hin, W(a.p + "hnorm.weight"), eps);
+  }
+  if (dh_next.defined())  // module 0 read rows 0 .. T-2 of the main model's normed output
+    for (int64_t i = 0; i < dh_next.dim(0); ++i)
+      for (int64_t d = 0; d < D; ++d) dhf.f32()[i * D + d] += dh_next.f32()[i * D + d];
+  Tensor dx = Tensor::empty({T, D});
+  rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
+  for (int l = c.num_hidden_layers - 1; l >= 0; --l) im.layer_backward(l, acts[size_t(l)], dx, T);
   embedding_backward(G(embed), dx, ids);
   return loss;
 }

@@ -7,7 +7,10 @@
 //   embedding → for each layer: x += MLA(rmsnorm(x)); x += MLP or MoE(rmsnorm(x))
 //   → rmsnorm → LM head → cross-entropy against the next tokens.
 // MoE gradients reach the router through the chosen experts' routing weights; the expert choice
-// and e_score_correction_bias are not differentiated. MTP modules are not part of it yet.
+// and e_score_correction_bias are not differentiated. With an MTP weight λ > 0 the model's MTP
+// modules (num_nextn_predict_layers, at model.layers.{num_hidden_layers + k}) add DeepSeek-V3's
+// multi-token prediction loss λ / depth · Σ_k CE_k, whose gradient also flows back into the main
+// model through the hidden states the first module reads.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +28,7 @@ namespace fathom::train {
 class GradModel {
  public:
   // The weights of a checkpoint directory (config.json + safetensors; F32/BF16/F16, or FP8 with
-  // block scales, all made F32 masters). MTP layers in the file are ignored.
+  // block scales, all made F32 masters), the MTP modules' included.
   static std::unique_ptr<GradModel> load(const std::string& dir);
 
   const ModelConfig& config() const { return config_; }
@@ -35,15 +38,27 @@ class GradModel {
   Tensor& value(const std::string& name);
   Tensor& grad(const std::string& name);
   void zero_grad();
-  // Registers every weight (value and gradient) with the optimizer.
+  // Registers every weight (value and gradient) with the optimizer; while λ is 0 the MTP
+  // modules' weights are registered frozen (kept and saved, never updated or decayed).
   void add_to(AdamW& optimizer);
 
-  // Mean next-token cross-entropy of `tokens` (one sequence: position i predicts tokens[i + 1];
-  // targets < 0 are skipped), and its gradient added to every weight's grad. The e_score
-  // correction bias is carried as a value but gets no gradient.
+  // The training objective of `tokens` (one sequence: position i predicts tokens[i + 1]; targets
+  // < 0 are skipped): the mean next-token cross-entropy, plus the balance loss (α) and the MTP
+  // loss (λ) when set; its gradient is added to every weight's grad. The e_score correction
+  // bias is carried as a value but gets no gradient.
   double loss_and_grad(const std::vector<int32_t>& tokens);
-  // The same loss without the backward.
+  // The same objective without the backward.
   double loss(const std::vector<int32_t>& tokens);
+  // The parts of the last loss()/loss_and_grad() result: the next-token cross-entropy, and the
+  // MTP loss (the mean over the modules of each one's cross-entropy, before λ; 0 without MTP).
+  double last_lm_loss() const { return last_lm_; }
+  double last_mtp_loss() const { return last_mtp_; }
+  // MTP modules the checkpoint has (num_nextn_predict_layers).
+  int mtp_depth() const { return config_.num_nextn_predict_layers; }
+  // λ, the MTP loss weight (0, the default: the MTP modules take no part). DeepSeek-V3 used 0.3,
+  // then 0.1 for its last 4.8T tokens.
+  void set_mtp_lambda(float lambda);
+  float mtp_lambda() const { return mtp_lambda_; }
   // DeepSeek-V3's sequence-wise balance loss (balance.h) with weight alpha in every MoE layer,
   // added to the objective that loss() and loss_and_grad() return (0, the default: none).
   void set_balance_alpha(float alpha) { balance_alpha_ = alpha; }
@@ -66,8 +81,8 @@ class GradModel {
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;
   std::map<int, std::vector<int64_t>> load_;
-  float balance_alpha_ = 0.0f;
-  double last_balance_ = 0.0;
+  float balance_alpha_ = 0.0f, mtp_lambda_ = 0.0f;
+  double last_balance_ = 0.0, last_lm_ = 0.0, last_mtp_ = 0.0;
   std::string config_json_;
 };
 

@@ -58,6 +58,7 @@ void AdamW::step(float lr) {
   const float decay = 1.0f - lr * config_.weight_decay;
   const float fb1 = config_.beta1, fb2 = config_.beta2, eps = config_.eps;
   for (Param& p : params_) {
+    if (p.frozen) continue;
     float* w = p.value.f32();
     const float* g = p.grad.f32();
     float* m = p.m.f32();

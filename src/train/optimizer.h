@@ -27,7 +27,8 @@ struct AdamWConfig {
 struct Param {
   std::string name;
   Tensor value, grad, m, v;
-  bool decay = false;  // weight decay applies (a matrix, not a norm weight or a bias)
+  bool decay = false;   // weight decay applies (a matrix, not a norm weight or a bias)
+  bool frozen = false;  // kept (and checkpointed) but not updated
 };
 
 class AdamW {

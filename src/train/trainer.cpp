@@ -16,6 +16,7 @@
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/model_grad.h"
+#include "train/plot.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -62,6 +63,13 @@ TrainConfig load_train_config(const std::string& path) {
   c.eval_batches = num(j, "eval_batches", c.eval_batches);
   c.bias_update = num(j, "bias_update", c.bias_update);
   c.balance_alpha = num(j, "balance_alpha", c.balance_alpha);
+  c.mtp_lambda = num(j, "mtp_lambda", c.mtp_lambda);
+  c.mtp_lambda_later = num(j, "mtp_lambda_later", c.mtp_lambda_later);
+  c.mtp_lambda_switch = num(j, "mtp_lambda_switch", c.mtp_lambda_switch);
+  FATHOM_CHECK((c.mtp_lambda >= 0 || j.count("mtp_lambda") == 0) && c.mtp_lambda_later > 0 &&
+                   c.mtp_lambda_switch >= 0 && std::isfinite(c.mtp_lambda) && std::isfinite(c.mtp_lambda_later),
+               "training config '", path, "': mtp_lambda must be a number >= 0, mtp_lambda_later > 0 and "
+               "mtp_lambda_switch a step >= 0.");
   FATHOM_CHECK(c.seq_len >= 1 && c.batch >= 1 && c.steps >= 1 && c.checkpoint_every >= 0 && c.eval_every >= 0 &&
                    c.eval_batches >= 1 && c.bias_update >= 0 && c.balance_alpha >= 0 && c.clip >= 0,
                "training config '", path, "': seq_len, batch, steps and eval_batches must be positive, and "
@@ -100,6 +108,13 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
   model->set_balance_alpha(cfg.balance_alpha);
+  const float lambda0 = cfg.mtp_lambda >= 0 ? cfg.mtp_lambda : model->mtp_depth() > 0 ? 0.3f : 0.0f;
+  FATHOM_CHECK(lambda0 == 0 || model->mtp_depth() > 0, "training config: mtp_lambda is ", lambda0, " but the model '",
+               cfg.model_dir, "' has no MTP modules (num_nextn_predict_layers is 0).");
+  auto lambda_at = [&](int64_t step) {
+    return lambda0 > 0 && cfg.mtp_lambda_switch > 0 && step >= cfg.mtp_lambda_switch ? cfg.mtp_lambda_later : lambda0;
+  };
+  model->set_mtp_lambda(lambda0);
   AdamW opt(cfg.adamw);
   model->add_to(opt);
   fs::create_directories(cfg.out_dir);
@@ -129,16 +144,19 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     const auto t0 = std::chrono::steady_clock::now();
     model->zero_grad();
     model->reset_expert_load();
-    double loss = 0, balance = 0;
+    model->set_mtp_lambda(lambda_at(st.step));
+    double objective = 0, loss = 0, balance = 0, mtp = 0;
     for (int64_t b = 0; b < cfg.batch; ++b) {
-      loss += model->loss_and_grad(window(train_ids, st.data_offset, window_tokens)) / double(cfg.batch);
+      objective += model->loss_and_grad(window(train_ids, st.data_offset, window_tokens)) / double(cfg.batch);
+      loss += model->last_lm_loss() / double(cfg.batch);
       balance += model->last_balance_loss() / double(cfg.batch);
+      mtp += model->last_mtp_loss() / double(cfg.batch);
       st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
     }
     model->scale_grad(1.0f / float(cfg.batch));
     const double gnorm = opt.clip_grad_norm(cfg.clip);
-    FATHOM_CHECK(std::isfinite(loss) && std::isfinite(gnorm), "training stopped at step ", st.step + 1, ": the loss (",
-                 loss, ") or the gradient norm (", gnorm, ") is not finite; the last good checkpoint is ",
+    FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,
+                 ": the loss (", objective, ") or the gradient norm (", gnorm, ") is not finite; the last good checkpoint is ",
                  result.last_checkpoint.empty() ? std::string("none") : result.last_checkpoint, ".");
     const double lr = cfg.lr.at(st.step);
     opt.step(float(lr));
@@ -152,14 +170,23 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     st.optimizer_steps = opt.steps();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // numbers as JSON writes doubles: 17 significant digits, so a log compares exactly
-    json line = {{"step", st.step}, {"loss", loss}, {"balance_loss", balance}, {"lr", lr}, {"grad_norm", gnorm},
-                 {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs}, {"expert_load_max_over_mean", loads}};
+    json line = {{"step", st.step}, {"loss", loss}, {"balance_loss", balance}, {"objective", objective},
+                 {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs},
+                 {"expert_load_max_over_mean", loads}};
+    if (model->mtp_lambda() > 0) {
+      line["mtp_loss"] = mtp;
+      line["mtp_lambda"] = model->mtp_lambda();
+    }
     if (cfg.eval_every > 0 && (st.step % cfg.eval_every == 0 || st.step == cfg.steps) &&
         int64_t(val_ids.size()) > cfg.seq_len) {
-      double val = 0;
-      for (int64_t b = 0; b < cfg.eval_batches; ++b)
-        val += model->loss(window(val_ids, b * cfg.seq_len, window_tokens)) / double(cfg.eval_batches);
+      double val = 0, val_mtp = 0;
+      for (int64_t b = 0; b < cfg.eval_batches; ++b) {
+        model->loss(window(val_ids, b * cfg.seq_len, window_tokens));
+        val += model->last_lm_loss() / double(cfg.eval_batches);
+        val_mtp += model->last_mtp_loss() / double(cfg.eval_batches);
+      }
       line["val_loss"] = val;
+      if (model->mtp_lambda() > 0) line["val_mtp_loss"] = val_mtp;
     }
     log << line.dump() << "\n";
     log.flush();
@@ -172,6 +199,15 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   }
   progress.finish();
   result.steps_done = st.step;
+  // the curves of the whole log (earlier runs of a resumed one included); a missing gnuplot costs
+  // the pictures, not the run
+  if (cfg.plots) {
+    try {
+      write_training_plots((fs::path(cfg.out_dir) / "log.jsonl").string(), cfg.out_dir);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "fathom: training plots not written: %s\n", e.what());
+    }
+  }
   return result;
 }
 

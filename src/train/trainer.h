@@ -5,10 +5,14 @@
 // gradients of their next-token losses (GradModel), averages them, clips them by the global norm,
 // steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
 // even load (auxiliary-loss-free balancing); the objective includes the small sequence-wise
-// balance loss (α). Every step appends a JSON line to <out>/log.jsonl
-// (step, loss, learning rate, gradient norm, tokens/s, the max/mean expert load per MoE layer);
+// balance loss (α) and, for a model with MTP modules, the multi-token prediction loss (weight λ,
+// optionally switching to a second value at a given step, as DeepSeek-V3 went from 0.3 to 0.1).
+// Every step appends a JSON line to <out>/log.jsonl (step, loss — the next-token cross-entropy —,
+// the balance and MTP losses, the whole objective, learning rate, gradient norm, tokens/s, the
+// max/mean expert load per MoE layer);
 // every eval_every steps the validation loss is logged too; every checkpoint_every steps and at
-// the end a checkpoint is written under <out>/checkpoints. A loss or gradient norm that is not
+// the end a checkpoint is written under <out>/checkpoints, and at the end the log's curves are drawn
+// as <out>/loss.png and <out>/expert-load.png. A loss or gradient norm that is not
 // finite stops the run with an error naming the step, leaving the last good checkpoint as it was.
 //
 // The config file (JSON):
@@ -16,7 +20,7 @@
 //    "lr": {"schedule": "cosine"|"wsd"|"constant", "peak": 3e-4, "min": 3e-5, "warmup": 10, "decay": 0},
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
-//    "balance_alpha": 1e-4}
+//    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -37,8 +41,13 @@ struct TrainConfig {
   int64_t eval_every = 0, eval_batches = 2;
   float bias_update = 0.001f;    // γ of the auxiliary-loss-free balancing (0: off)
   float balance_alpha = 1e-4f;   // α of the sequence-wise balance loss (0: off)
+  // λ of the MTP loss (-1: 0.3 when the model has MTP modules, else 0); from step
+  // mtp_lambda_switch on (0: never) it is mtp_lambda_later.
+  float mtp_lambda = -1.0f, mtp_lambda_later = 0.1f;
+  int64_t mtp_lambda_switch = 0;
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)
   bool progress = true;
+  bool plots = true;  // loss.png and expert-load.png in `out` at the end (train/plot.h)
 };
 
 // Reads and checks a config file (errors name the file and the field).
