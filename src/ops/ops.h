@@ -68,6 +68,9 @@ struct RopeParams {
   const float* cos = nullptr;  // (n_tokens, rope_dim/2), attention factor already applied
   const float* sin = nullptr;  // (n_tokens, rope_dim/2)
   bool interleaved = true;
+  // The inverse (transposed) rotation, each pair turned by minus its angle: the rotation's
+  // backward (a gradient goes through the transposed matrix).
+  bool inverse = false;
   // Null: in place. Otherwise rotated dim i of (t, h) goes to out + t*out_token_stride +
   // h*out_head_stride + out_offset + i and x is only read (the two must not overlap): absorbed
   // MLA ropes q_pe straight into its absorbed query.
@@ -268,6 +271,28 @@ class Ops {
   // U8 on this backend's device. The CUDA op picks the CPU's token unless u lies within
   // rounding (~1e-12) of a CDF boundary.
   virtual void sample(Tensor& ids, const Tensor& logits, const Tensor& params) = 0;
+
+  // ---- backward passes (training). Each differentiates the forward op of its name, with the
+  // forward's argument order after the gradients it produces; the math of each is written beside
+  // the CPU reference in src/ops/cpu/backward.h. Input gradients are written, parameter gradients
+  // (dtable, dweight, dw) accumulate. All F32 on this backend's device.
+  virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
+  virtual void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dout, const Tensor& x,
+                                const Tensor& weight, float eps) = 0;
+  // dx may be undefined (not wanted); w is the F32 master weight (N, K).
+  virtual void matmul_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w) = 0;
+  virtual void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate,
+                                 const Tensor& up) = 0;
+  // In place on p.x (p.out null): the inverse rotation (rope with p.inverse toggled).
+  virtual void rope_backward(const RopeParams& p) = 0;
+  // F32 q/k/v in separate buffers, no block table or device key count (the training layout).
+  virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) = 0;
+  virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits,
+                                 const Tensor& experts, const MoeGateParams& p) = 0;
+  // losses (T) and dlogits (T, V) (which may be logits itself) from logits and targets (T) I32
+  // (< 0: no target, zero loss and gradient), the gradient scaled by dloss.
+  virtual void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                      float dloss) = 0;
 
   // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
   // and capture_end ops are recorded, not run; they may not synchronize or read host memory

@@ -10,6 +10,7 @@
 #include "core/random_fill.h"
 #include "core/thread_pool.h"
 #include "ops/cpu/attention.h"
+#include "ops/cpu/backward.h"
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/sample.h"
 #include "ops/cpu/vec.h"
@@ -28,13 +29,14 @@ inline void rmsnorm_row(const float* xr, float* o, const float* w, int64_t N, fl
 }
 
 // One rotated slice: v (2*half dims) by the angles of c, s into o (o may be v).
-inline void rope_row(const float* v, float* o, const float* c, const float* s, int half, bool interleaved) {
+inline void rope_row(const float* v, float* o, const float* c, const float* s, int half, bool interleaved,
+                     bool inverse) {
   for (int i = 0; i < half; ++i) {
     // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
     const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    const float x0 = v[a], x1 = v[b];
-    o[a] = x0 * c[i] - x1 * s[i];
-    o[b] = x1 * c[i] + x0 * s[i];
+    const float x0 = v[a], x1 = v[b], si = inverse ? -s[i] : s[i];
+    o[a] = x0 * c[i] - x1 * si;
+    o[b] = x1 * c[i] + x0 * si;
   }
 }
 
@@ -230,7 +232,7 @@ class CpuOps final : public Ops {
       for (int h = 0; h < p.n_heads; ++h) {
         float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
         float* o = p.out ? p.out + t * p.out_token_stride + h * p.out_head_stride + p.out_offset : v;
-        rope_row(v, o, c, s, half, p.interleaved);
+        rope_row(v, o, c, s, half, p.interleaved, p.inverse);
       }
     }
   }
@@ -249,7 +251,7 @@ class CpuOps final : public Ops {
       std::vector<float> row(static_cast<size_t>(W));
       for (int64_t t = b; t < e; ++t) {
         const float* in = p.kv + t * p.kv_token_stride;
-        rope_row(in + R, row.data() + R, p.cos + t * half, p.sin + t * half, half, p.interleaved);
+        rope_row(in + R, row.data() + R, p.cos + t * half, p.sin + t * half, half, p.interleaved, false);
         rmsnorm_row(in, row.data(), p.norm_weight, R, p.eps);
         const int64_t o = (p.out_token_index ? int64_t(p.out_token_index[t]) : p.pos0 + t) * W;
         if (p.out_dtype == DType::F32) {
@@ -457,6 +459,34 @@ class CpuOps final : public Ops {
       for (int64_t j = 0; j < a.n; ++j) cpu::axpy(out.f32() + r[size_t(j)] * D, mix[size_t(a.expert)][size_t(j)],
                                              a.y.f32() + j * D, D);
     }
+  }
+
+  // ---- backward passes: the reference implementations (ops/cpu/backward.h)
+  void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override {
+    cpu::embedding_backward(dtable, dout, ids);
+  }
+  void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dout, const Tensor& x, const Tensor& weight,
+                        float eps) override {
+    cpu::rmsnorm_backward(dx, dweight, dout, x, weight, eps);
+  }
+  void matmul_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w) override {
+    cpu::matmul_backward(dx, dw, dout, x, w);
+  }
+  void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate,
+                         const Tensor& up) override {
+    cpu::silu_mul_backward(dgate, dup, dout, gate, up);
+  }
+  void rope_backward(const RopeParams& p) override { cpu::rope_backward(p); }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) override {
+    cpu::attention_backward(dq, dk, dv, dout, p);
+  }
+  void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
+                         const MoeGateParams& p) override {
+    cpu::moe_gate_backward(dlogits, dweights, logits, experts, p);
+  }
+  void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                              float dloss) override {
+    cpu::cross_entropy_backward(losses, dlogits, logits, targets, dloss);
   }
 
  private:

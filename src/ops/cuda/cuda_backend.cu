@@ -397,6 +397,104 @@ class CudaOps final : public Ops {
                  logits.numel() / B, ctx_->stream);
   }
 
+  // ---- backward passes (backward.cu)
+  void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override {
+    use();
+    f32(dtable, "embedding_backward", "the table gradient");
+    f32(dout, "embedding_backward", "the output gradient");
+    on_gpu(ids, "embedding_backward", "the ids");
+    FATHOM_CHECK(ids.dtype() == DType::I32 && dtable.ndim() == 2 && dout.numel() == ids.numel() * dtable.dim(1),
+                 "embedding_backward: I32 ids ", shape_str(ids.shape()), ", table gradient ", shape_str(dtable.shape()),
+                 " and output gradient ", shape_str(dout.shape()), " do not fit.");
+    cuda::embedding_backward(dtable.f32(), dout.f32(), ids.ptr<int32_t>(), ids.numel(), dtable.dim(1), dtable.dim(0),
+                             ctx_->stream);
+  }
+  void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dout, const Tensor& x, const Tensor& weight,
+                        float eps) override {
+    use();
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&dx, &dweight, &dout, &x, &weight})
+      f32(*t, "rmsnorm_backward", "an operand");
+    const int64_t N = weight.numel();
+    FATHOM_CHECK(N > 0 && x.numel() % N == 0 && dx.numel() == x.numel() && dout.numel() == x.numel() &&
+                     dweight.numel() == N,
+                 "rmsnorm_backward: x ", shape_str(x.shape()), " dx ", shape_str(dx.shape()), " dout ",
+                 shape_str(dout.shape()), " weight ", shape_str(weight.shape()), " dweight ", shape_str(dweight.shape()));
+    cuda::rmsnorm_backward(dx.f32(), dweight.f32(), dout.f32(), x.f32(), weight.f32(), x.numel() / N, N, eps,
+                           ctx_->stream);
+  }
+  void matmul_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w) override {
+    use();
+    f32(dw, "matmul_backward", "the weight gradient");
+    f32(dout, "matmul_backward", "the output gradient");
+    f32(x, "matmul_backward", "the input");
+    f32(w, "matmul_backward", "the weight (the F32 master)");
+    FATHOM_CHECK(w.ndim() == 2 && dw.shape() == w.shape(), "matmul_backward: weight ", shape_str(w.shape()),
+                 " and its gradient ", shape_str(dw.shape()), " differ.");
+    const int64_t N = w.dim(0), K = w.dim(1);
+    FATHOM_CHECK(K > 0 && N > 0 && x.numel() % K == 0 && dout.numel() == x.numel() / K * N, "matmul_backward: x ",
+                 shape_str(x.shape()), " dout ", shape_str(dout.shape()), " for a weight ", shape_str(w.shape()));
+    const int64_t M = x.numel() / K;
+    if (dx.defined()) {
+      f32(dx, "matmul_backward", "the input gradient");
+      FATHOM_CHECK(dx.numel() == x.numel(), "matmul_backward: dx ", shape_str(dx.shape()), " for x ",
+                   shape_str(x.shape()));
+    }
+    cuda::matmul_backward(dx.defined() ? dx.f32() : nullptr, dw.f32(), dout.f32(), x.f32(), w.f32(), M, N, K,
+                          ctx_->stream);
+  }
+  void silu_mul_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate,
+                         const Tensor& up) override {
+    use();
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &dout, &gate, &up})
+      f32(*t, "silu_mul_backward", "an operand");
+    const int64_t n = gate.numel();
+    FATHOM_CHECK(up.numel() == n && dout.numel() == n && dgate.numel() == n && dup.numel() == n,
+                 "silu_mul_backward: gate ", shape_str(gate.shape()), " up ", shape_str(up.shape()), " dout ",
+                 shape_str(dout.shape()));
+    cuda::silu_mul_backward(dgate.f32(), dup.f32(), dout.f32(), gate.f32(), up.f32(), n, ctx_->stream);
+  }
+  void rope_backward(const RopeParams& p) override {
+    use();
+    FATHOM_CHECK(p.out == nullptr, "rope_backward works in place (out must be null).");
+    RopeParams q = p;
+    q.inverse = !p.inverse;
+    cuda::rope(q, ctx_->stream);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) override {
+    use();
+    cuda::attention_backward(dq, dk, dv, dout, p, ctx_->stream);
+  }
+  void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
+                         const MoeGateParams& p) override {
+    use();
+    f32(dlogits, "moe_gate_backward", "the logits' gradient");
+    f32(dweights, "moe_gate_backward", "the routing weights' gradient");
+    f32(logits, "moe_gate_backward", "the logits");
+    on_gpu(experts, "moe_gate_backward", "the expert ids");
+    FATHOM_CHECK(p.n_experts > 0 && p.top_k > 0 && logits.numel() % p.n_experts == 0 && experts.dtype() == DType::I32,
+                 "moe_gate_backward: logits ", shape_str(logits.shape()), " for ", p.n_experts, " experts.");
+    const int64_t T = logits.numel() / p.n_experts;
+    FATHOM_CHECK(dlogits.numel() == T * p.n_experts && dweights.numel() == T * p.top_k &&
+                     experts.numel() == T * p.top_k,
+                 "moe_gate_backward: ", T, " tokens but dlogits ", shape_str(dlogits.shape()), " dweights ",
+                 shape_str(dweights.shape()), " experts ", shape_str(experts.shape()));
+    cuda::moe_gate_backward(dlogits.f32(), dweights.f32(), logits.f32(), experts.ptr<int32_t>(), T, p, ctx_->stream);
+  }
+  void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                              float dloss) override {
+    use();
+    f32(losses, "cross_entropy_backward", "the losses");
+    f32(dlogits, "cross_entropy_backward", "the logits' gradient");
+    f32(logits, "cross_entropy_backward", "the logits");
+    on_gpu(targets, "cross_entropy_backward", "the targets");
+    FATHOM_CHECK(logits.ndim() == 2 && targets.dtype() == DType::I32 && targets.numel() == logits.dim(0) &&
+                     losses.numel() == logits.dim(0) && dlogits.numel() == logits.numel(),
+                 "cross_entropy_backward: logits ", shape_str(logits.shape()), " targets ", shape_str(targets.shape()),
+                 " losses ", shape_str(losses.shape()), " dlogits ", shape_str(dlogits.shape()));
+    cuda::cross_entropy_backward(losses.f32(), dlogits.f32(), logits.f32(), targets.ptr<int32_t>(), logits.dim(0),
+                                 logits.dim(1), dloss, ctx_->stream);
+  }
+
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
     use();
     on_gpu(w, "matmul_per_head", "the weight");

@@ -177,4 +177,20 @@ void moe_experts(const MoeExpertsParams& p, Stream stream);
 // (12 bytes per logit). B <= 65535.
 void sample(int32_t* ids, const float* logits, const SampleRow* rows, int64_t B, int64_t V, Stream stream);
 
+// ---- backward passes (backward.cu): the CUDA side of Ops::*_backward, F32 device pointers
+void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t T, int64_t H, int64_t V,
+                        Stream stream);
+void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x, const float* w, int64_t M,
+                      int64_t N, float eps, Stream stream);
+void silu_mul_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n,
+                       Stream stream);
+void cross_entropy_backward(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t T,
+                            int64_t V, float dloss, Stream stream);
+void moe_gate_backward(float* dlogits, const float* dweights, const float* logits, const int32_t* experts, int64_t T,
+                       const MoeGateParams& p, Stream stream);
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream);
+// dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
+void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
+                     int64_t K, Stream stream);
+
 }  // namespace fathom::cuda

@@ -119,9 +119,9 @@ __global__ void rope_kernel(RopeParams p) {
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
     const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
-    const float x0 = v[a], x1 = v[b];
-    o[a] = x0 * c[i] - x1 * s[i];
-    o[b] = x1 * c[i] + x0 * s[i];
+    const float x0 = v[a], x1 = v[b], si = p.inverse ? -s[i] : s[i];
+    o[a] = x0 * c[i] - x1 * si;
+    o[b] = x1 * c[i] + x0 * si;
   }
 }
 

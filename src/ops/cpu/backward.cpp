@@ -1,4 +1,4 @@
-#include "train/backward.h"
+#include "ops/cpu/backward.h"
 
 #include <cblas.h>
 
@@ -9,7 +9,7 @@
 
 #include "core/error.h"
 
-namespace fathom::train {
+namespace fathom::cpu {
 namespace {
 
 void check_f32(const Tensor& t, const char* op, const char* what) {
@@ -107,12 +107,9 @@ void rope_backward(const RopeParams& p) {
   FATHOM_CHECK(p.out == nullptr, "rope_backward works in place (out must be null).");
   // The forward multiplies each pair by [[c, −s], [s, c]] (c, s scaled by the attention
   // factor); its transpose [[c, s], [−s, c]] is the same rotation with sin negated: the forward
-  // op itself, given −sin.
-  const int64_t n = p.n_tokens * (p.rope_dim / 2);
-  std::vector<float> neg_sin(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) neg_sin[size_t(i)] = -p.sin[i];
+  // op itself, asked for the inverse rotation.
   RopeParams q = p;
-  q.sin = neg_sin.data();
+  q.inverse = !p.inverse;
   static const std::unique_ptr<Ops> cpu = make_cpu_ops();
   cpu->rope(q);
 }
@@ -268,4 +265,4 @@ int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& lo
   return counted;
 }
 
-}  // namespace fathom::train
+}  // namespace fathom::cpu

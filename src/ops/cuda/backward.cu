@@ -1,0 +1,434 @@
+// The backward passes of training on the GPU (Ops::*_backward, ops.h), each the counterpart of the
+// CPU reference in src/ops/cpu/backward.cpp, whose header states the math; tests/test_cuda_backward.cpp
+// compares them on fresh random inputs. F32 throughout.
+//
+// These are the correct first versions: the linear layer's two products go to cuBLAS (SGEMM, no
+// TF32), the rest are plain kernels — attention's backward recomputes the probabilities row by row
+// (FlashAttention's idea without its tiling; the tiled Hopper kernel is issue "Hopper kernels").
+#include <cublas_v2.h>
+
+#include <mutex>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+unsigned blocks_for(int64_t n, int threads) {
+  const int64_t g = (n + threads - 1) / threads;
+  return unsigned(g < (int64_t(1) << 30) ? (g > 0 ? g : 1) : (int64_t(1) << 30));
+}
+
+// grid (T), block 256: token t's output-gradient row added to its id's row. Repeated ids add
+// through atomics (so the order of the additions, not the result's exactness, varies).
+__global__ void embedding_backward_kernel(float* __restrict__ dtable, const float* __restrict__ dout,
+                                          const int32_t* __restrict__ ids, int64_t H, int64_t V) {
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  const int32_t id = ids[t];
+  if (id < 0 || id >= V) return;  // the launcher's caller checked the ids; never write outside the table
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) atomicAdd(dtable + int64_t(id) * H + i, dout[t * H + i]);
+}
+
+// Sum over the block; every thread gets it. Ends synchronized.
+__device__ float block_sum(float v, float* shared32) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // shared32 may still be read from a previous call
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? shared32[lane] : 0.f;
+  v = warp_sum(v);
+  return v;
+}
+__device__ float block_max(float v, float* shared32) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? shared32[lane] : -INFINITY;
+  v = warp_max(v);
+  return v;
+}
+
+// grid (M), block 256: row m's dx, and its 1/rms into r[m] for the weight's gradient.
+__global__ void rmsnorm_backward_dx_kernel(float* __restrict__ dx, float* __restrict__ r_out,
+                                           const float* __restrict__ dout, const float* __restrict__ x,
+                                           const float* __restrict__ w, int64_t N, float eps) {
+  pdl_wait();
+  __shared__ float s32[32];
+  const float* xr = x + blockIdx.x * N;
+  const float* gr = dout + blockIdx.x * N;
+  float ss = 0.f, dot = 0.f;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+    ss += xr[i] * xr[i];
+    dot += gr[i] * w[i] * xr[i];
+  }
+  ss = block_sum(ss, s32);
+  dot = block_sum(dot, s32);
+  const float r = rsqrtf(ss / float(N) + eps);
+  const float c = r * r * r / float(N) * dot;
+  float* o = dx + blockIdx.x * N;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) o[i] = r * gr[i] * w[i] - xr[i] * c;
+  if (threadIdx.x == 0) r_out[blockIdx.x] = r;
+}
+
+// grid (ceil(N / 256), ceil(M / kRows)), block 256: column n's Σ_m dout·x·r over kRows rows,
+// added to dweight[n] (one atomic per column per block of rows).
+constexpr int kNormRows = 64;
+__global__ void rmsnorm_backward_dw_kernel(float* __restrict__ dweight, const float* __restrict__ r,
+                                           const float* __restrict__ dout, const float* __restrict__ x, int64_t M,
+                                           int64_t N) {
+  pdl_wait();
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int64_t m0 = int64_t(blockIdx.y) * kNormRows, m1 = min(M, m0 + kNormRows);
+  float s = 0.f;
+  for (int64_t m = m0; m < m1; ++m) s += dout[m * N + n] * x[m * N + n] * r[m];
+  atomicAdd(dweight + n, s);
+}
+
+__global__ void silu_mul_backward_kernel(float* __restrict__ dgate, float* __restrict__ dup,
+                                         const float* __restrict__ dout, const float* __restrict__ gate,
+                                         const float* __restrict__ up, int64_t n) {
+  pdl_wait();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float g = gate[i], u = up[i], d = dout[i];
+    const float sg = 1.0f / (1.0f + expf(-g));
+    dgate[i] = d * u * sg * (1.0f + g * (1.0f - sg));
+    dup[i] = d * g * sg;
+  }
+}
+
+// grid (T), block 256: the row's log-sum-exp, its loss and its gradient (in place when dlogits is
+// logits: every thread reads its own elements before writing them, and the target logit is read
+// before the block's first write).
+__global__ void cross_entropy_backward_kernel(float* __restrict__ losses, float* dlogits, const float* logits,
+                                              const int32_t* __restrict__ targets, int64_t V, float dloss) {
+  pdl_wait();
+  __shared__ float s32[32];
+  const int64_t t = blockIdx.x;
+  const float* l = logits + t * V;
+  float* d = dlogits + t * V;
+  const int32_t target = targets[t];
+  if (target < 0 || target >= V) {  // padding (the launcher rejected targets >= V)
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = 0.f;
+    if (threadIdx.x == 0) losses[t] = 0.f;
+    return;
+  }
+  float mx = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
+  mx = block_max(mx, s32);
+  float sum = 0.f;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
+  sum = block_sum(sum, s32);
+  const float lse = mx + logf(sum);
+  const float target_logit = l[target];
+  __syncthreads();  // every thread has the target logit before any writes
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = expf(l[v] - lse) * dloss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    d[target] = expm1f(target_logit - lse) * dloss;  // p − 1 without cancellation
+    losses[t] = lse - target_logit;
+  }
+}
+
+// One thread per token: the scores of all experts (softmax needs them all), then the chain rule
+// through the chosen experts' weights (see the CPU reference for the formulas).
+constexpr int kMaxExperts = 512, kMaxTopK = 16;
+__global__ void moe_gate_backward_kernel(float* __restrict__ dlogits, const float* __restrict__ dweights,
+                                         const float* __restrict__ logits, const int32_t* __restrict__ experts,
+                                         int64_t T, MoeGateParams p) {
+  pdl_wait();
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  const int E = p.n_experts, K = p.top_k;
+  const float* l = logits + t * E;
+  float* dl = dlogits + t * E;
+  const bool sigmoid = p.scoring == ScoringFunc::Sigmoid;
+  float mx = -INFINITY, sum = 0.f;
+  if (!sigmoid) {
+    for (int e = 0; e < E; ++e) mx = fmaxf(mx, l[e]);
+    for (int e = 0; e < E; ++e) sum += expf(l[e] - mx);
+  }
+  auto score = [&](int e) { return sigmoid ? 1.0f / (1.0f + expf(-l[e])) : expf(l[e] - mx) / sum; };
+  const int32_t* ids = experts + t * K;
+  const float* dw = dweights + t * K;
+  float raw_sum = 0.f, dot = 0.f;
+  for (int k = 0; k < K; ++k) {
+    const float s = score(ids[k]);
+    raw_sum += s;
+    dot += dw[k] * s;
+  }
+  const float rsf = p.routed_scaling_factor, denom = raw_sum + 1e-20f;
+  // dscore of expert e: the sum over the slots that chose it (a slot list, no E-sized array)
+  auto dscore = [&](int e) {
+    float d = 0.f;
+    for (int k = 0; k < K; ++k)
+      if (ids[k] == e) d += p.norm_topk_prob ? rsf * (dw[k] / denom - dot / (denom * denom)) : rsf * dw[k];
+    return d;
+  };
+  if (sigmoid) {
+    for (int e = 0; e < E; ++e) dl[e] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int e = ids[k];
+      bool first = true;  // an expert listed twice gets its summed dscore once
+      for (int j = 0; j < k; ++j) first &= ids[j] != e;
+      if (!first) continue;
+      const float s = score(e);
+      dl[e] = dscore(e) * s * (1.0f - s);
+    }
+  } else {
+    float sd = 0.f;  // Σ_e s_e dscore_e: only chosen experts have a dscore
+    for (int k = 0; k < K; ++k) {
+      bool first = true;
+      for (int j = 0; j < k; ++j) first &= ids[j] != ids[k];
+      if (first) sd += score(ids[k]) * dscore(ids[k]);
+    }
+    for (int e = 0; e < E; ++e) dl[e] = -score(e) * sd;
+    for (int k = 0; k < K; ++k) {
+      const int e = ids[k];
+      bool first = true;
+      for (int j = 0; j < k; ++j) first &= ids[j] != e;
+      if (first) dl[e] += score(e) * dscore(e);
+    }
+  }
+}
+
+// ---- attention backward, three passes without atomics:
+//   row pass   (query i, head h), one warp: lse_ih and D_ih = Σ_j P_ij dP_ij (= dout_i · out_i),
+//              then dq_i = scale Σ_j P_ij (dP_ij − D_ih) k_j;
+//   key pass   (key j, KV head g), one warp: over the queries that see j and the heads of g,
+//              dk_j = scale Σ dS_ij q_i and dv_j = Σ P_ij dout_i.
+// A lane holds dims lane, lane + 32, ... of a row (up to kMaxD = 256).
+constexpr int kMaxD = 256, kPer = kMaxD / 32;
+
+struct AttnBwd {
+  AttentionParams p;
+  const float* dout;
+  float *dq, *dk, *dv;
+  float *lse, *delta;  // (n_q, n_q_heads)
+};
+
+__device__ inline int64_t visible_keys(const AttentionParams& p, int64_t i) {
+  return p.causal ? min(max(p.q_pos0 + i + 1, int64_t(0)), p.n_kv) : p.n_kv;
+}
+__device__ inline void load_row(float (&r)[kPer], const float* src, int d) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) r[c] = lane + 32 * c < d ? src[lane + 32 * c] : 0.f;
+}
+__device__ inline float dot_row(const float (&a)[kPer], const float* b, int d) {
+  const int lane = threadIdx.x % 32;
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c)
+    if (lane + 32 * c < d) s += a[c] * b[lane + 32 * c];
+  return warp_sum(s);
+}
+
+__global__ void attention_backward_rows_kernel(AttnBwd a) {
+  pdl_wait();
+  const AttentionParams& p = a.p;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= p.n_q * p.n_q_heads) return;
+  const int64_t i = row / p.n_q_heads;
+  const int h = int(row % p.n_q_heads), g = h / (p.n_q_heads / p.n_kv_heads);
+  const float* K = static_cast<const float*>(p.k);
+  const float* Vv = static_cast<const float*>(p.v);
+  float q[kPer], go[kPer];
+  load_row(q, p.q + i * p.q_token_stride + int64_t(h) * p.q_head_stride, p.d_qk);
+  load_row(go, a.dout + i * p.out_token_stride + int64_t(h) * p.out_head_stride, p.d_v);
+  const int64_t n = visible_keys(p, i);
+  auto krow = [&](int64_t j) { return K + j * p.k_token_stride + int64_t(g) * p.k_head_stride; };
+  auto vrow = [&](int64_t j) { return Vv + j * p.v_token_stride + int64_t(g) * p.v_head_stride; };
+  float mx = -INFINITY, sum = 0.f;  // online softmax
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = dot_row(q, krow(j), p.d_qk) * p.scale;
+    const float m2 = fmaxf(mx, s);
+    sum = sum * expf(mx - m2) + expf(s - m2);
+    mx = m2;
+  }
+  const float lse = n > 0 ? mx + logf(sum) : 0.f;
+  float delta = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = expf(dot_row(q, krow(j), p.d_qk) * p.scale - lse);
+    delta += pj * dot_row(go, vrow(j), p.d_v);
+  }
+  float dq[kPer] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = krow(j);
+    const float pj = expf(dot_row(q, kj, p.d_qk) * p.scale - lse);
+    const float ds = pj * (dot_row(go, vrow(j), p.d_v) - delta) * p.scale;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int c = 0; c < kPer; ++c)
+      if (lane + 32 * c < p.d_qk) dq[c] += ds * kj[lane + 32 * c];
+  }
+  const int lane = threadIdx.x % 32;
+  float* o = a.dq + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c)
+    if (lane + 32 * c < p.d_qk) o[lane + 32 * c] = dq[c];
+  if (lane == 0) {
+    a.lse[row] = lse;
+    a.delta[row] = delta;
+  }
+}
+
+__global__ void attention_backward_keys_kernel(AttnBwd a) {
+  pdl_wait();
+  const AttentionParams& p = a.p;
+  const int64_t item = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (item >= p.n_kv * p.n_kv_heads) return;
+  const int64_t j = item / p.n_kv_heads;
+  const int g = int(item % p.n_kv_heads), group = p.n_q_heads / p.n_kv_heads;
+  float k[kPer], v[kPer];
+  load_row(k, static_cast<const float*>(p.k) + j * p.k_token_stride + int64_t(g) * p.k_head_stride, p.d_qk);
+  load_row(v, static_cast<const float*>(p.v) + j * p.v_token_stride + int64_t(g) * p.v_head_stride, p.d_v);
+  float dk[kPer] = {}, dv[kPer] = {};
+  const int lane = threadIdx.x % 32;
+  // the queries that see key j: all, or (causal) those with q_pos0 + i >= j
+  const int64_t i0 = p.causal ? max(int64_t(0), j - p.q_pos0) : 0;
+  for (int64_t i = i0; i < p.n_q; ++i)
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      const int64_t row = i * p.n_q_heads + h;
+      const float* qi = p.q + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
+      const float* goi = a.dout + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
+      const float pj = expf(dot_row(k, qi, p.d_qk) * p.scale - a.lse[row]);
+      const float ds = pj * (dot_row(v, goi, p.d_v) - a.delta[row]) * p.scale;
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) {
+        if (lane + 32 * c < p.d_qk) dk[c] += ds * qi[lane + 32 * c];
+        if (lane + 32 * c < p.d_v) dv[c] += pj * goi[lane + 32 * c];
+      }
+    }
+  float* ok = a.dk + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
+  float* ov = a.dv + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (lane + 32 * c < p.d_qk) ok[lane + 32 * c] = dk[c];
+    if (lane + 32 * c < p.d_v) ov[lane + 32 * c] = dv[c];
+  }
+}
+
+// One cuBLAS handle per device, created on first use; each call sets the stream.
+cublasHandle_t cublas_handle() {
+  static std::mutex mu;
+  static cublasHandle_t handles[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  FATHOM_CHECK(dev >= 0 && dev < 64, "cuBLAS: device ", dev, " is out of range.");
+  if (!handles[dev]) {
+    const cublasStatus_t s = cublasCreate(&handles[dev]);
+    FATHOM_CHECK(s == CUBLAS_STATUS_SUCCESS, "cuBLAS could not start (cublasCreate: status ", int(s), ").");
+    cublasSetMathMode(handles[dev], CUBLAS_PEDANTIC_MATH);  // true F32 products, no TF32
+  }
+  return handles[dev];
+}
+void check_cublas(cublasStatus_t s, const char* what) {
+  FATHOM_CHECK(s == CUBLAS_STATUS_SUCCESS, what, " failed (cuBLAS status ", int(s), ").");
+}
+
+}  // namespace
+
+void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t T, int64_t H, int64_t V,
+                        Stream stream) {
+  if (T == 0 || H == 0) return;
+  FATHOM_ASSERT(dtable && dout && ids, "embedding_backward with a null pointer");
+  launch_kernel(embedding_backward_kernel, unsigned(T), 256, 0, as_cuda(stream), dtable, dout, ids, H, V);
+  check_launch("embedding_backward");
+}
+
+void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x, const float* w, int64_t M,
+                      int64_t N, float eps, Stream stream) {
+  if (M == 0 || N == 0) return;
+  FATHOM_ASSERT(dx && dweight && dout && x && w, "rmsnorm_backward with a null pointer");
+  FATHOM_CHECK(M < (int64_t(1) << 31), "rmsnorm_backward: ", M, " rows is too many for one launch.");
+  StreamScratch r(size_t(M) * sizeof(float), as_cuda(stream), "rmsnorm_backward");
+  launch_kernel(rmsnorm_backward_dx_kernel, unsigned(M), 256, 0, as_cuda(stream), dx, r.as<float>(), dout, x, w, N,
+                eps);
+  check_launch("rmsnorm_backward (dx)");
+  launch_kernel(rmsnorm_backward_dw_kernel, dim3(blocks_for(N, 256), unsigned((M + kNormRows - 1) / kNormRows)), 256,
+                0, as_cuda(stream), dweight, static_cast<const float*>(r.as<float>()), dout, x, M, N);
+  check_launch("rmsnorm_backward (dweight)");
+}
+
+void silu_mul_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n,
+                       Stream stream) {
+  if (n == 0) return;
+  FATHOM_ASSERT(dgate && dup && dout && gate && up, "silu_mul_backward with a null pointer");
+  launch_kernel(silu_mul_backward_kernel, std::min(blocks_for(n, 256), 65535u * 8), 256, 0, as_cuda(stream), dgate, dup,
+                dout, gate, up, n);
+  check_launch("silu_mul_backward");
+}
+
+void cross_entropy_backward(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t T,
+                            int64_t V, float dloss, Stream stream) {
+  if (T == 0) return;
+  FATHOM_ASSERT(losses && dlogits && logits && targets && V > 0, "cross_entropy_backward with a null pointer");
+  FATHOM_CHECK(T < (int64_t(1) << 31), "cross_entropy_backward: ", T, " rows is too many for one launch.");
+  launch_kernel(cross_entropy_backward_kernel, unsigned(T), 256, 0, as_cuda(stream), losses, dlogits, logits, targets, V,
+                dloss);
+  check_launch("cross_entropy_backward");
+}
+
+void moe_gate_backward(float* dlogits, const float* dweights, const float* logits, const int32_t* experts, int64_t T,
+                       const MoeGateParams& p, Stream stream) {
+  if (T == 0) return;
+  FATHOM_CHECK(p.n_experts > 0 && p.n_experts <= kMaxExperts && p.top_k > 0 && p.top_k <= kMaxTopK,
+               "moe_gate_backward: ", p.n_experts, " experts, top ", p.top_k, " (the CUDA op takes up to ", kMaxExperts,
+               " experts and top ", kMaxTopK, ").");
+  launch_kernel(moe_gate_backward_kernel, blocks_for(T, 128), 128, 0, as_cuda(stream), dlogits, dweights, logits,
+                experts, T, p);
+  check_launch("moe_gate_backward");
+}
+
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream) {
+  FATHOM_CHECK(p.kv_dtype == DType::F32 && !p.block_table && !p.kv_len && p.k != p.v, "attention_backward: F32 keys "
+               "and values in separate buffers, without a block table or device key count (the training layout).");
+  FATHOM_CHECK(p.n_kv_heads > 0 && p.n_q_heads % p.n_kv_heads == 0 && p.d_qk > 0 && p.d_qk <= kMaxD && p.d_v > 0 &&
+                   p.d_v <= kMaxD,
+               "attention_backward: ", p.n_q_heads, " query heads over ", p.n_kv_heads, " KV heads, d_qk ", p.d_qk,
+               ", d_v ", p.d_v, " (the CUDA op takes head dims up to ", kMaxD, ").");
+  FATHOM_ASSERT(dq && dk && dv && dout && p.q && p.k && p.v, "attention_backward with a null pointer");
+  const int64_t rows = p.n_q * p.n_q_heads, keys = p.n_kv * p.n_kv_heads;
+  StreamScratch stats(size_t(std::max<int64_t>(rows, 1)) * 2 * sizeof(float), as_cuda(stream), "attention_backward");
+  AttnBwd a{p, dout, dq, dk, dv, stats.as<float>(), stats.as<float>() + rows};
+  const int threads = 256, warps = threads / 32;
+  if (rows > 0) {
+    launch_kernel(attention_backward_rows_kernel, blocks_for(rows, warps), threads, 0, as_cuda(stream), a);
+    check_launch("attention_backward (rows)");
+  }
+  if (keys > 0) {
+    launch_kernel(attention_backward_keys_kernel, blocks_for(keys, warps), threads, 0, as_cuda(stream), a);
+    check_launch("attention_backward (keys)");
+  }
+}
+
+void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
+                     int64_t K, Stream stream) {
+  if (M == 0 || N == 0 || K == 0) return;
+  FATHOM_CHECK(M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && K < (int64_t(1) << 31),
+               "matmul_backward: dims ", M, " x ", N, " x ", K, " exceed cuBLAS's int range.");
+  cublasHandle_t h = cublas_handle();
+  check_cublas(cublasSetStream(h, as_cuda(stream)), "cublasSetStream");
+  const float one = 1.0f, zero = 0.0f;
+  // Row-major A (r × c) is column-major Aᵀ (c × r) with leading dimension c.
+  if (dx) {  // dx (M, K) = dout (M, N) · W (N, K)   <=>   dxᵀ (K, M) = Wᵀ (K, N) · doutᵀ (N, M)
+    check_cublas(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, int(K), int(M), int(N), &one, w, int(K), dout, int(N), &zero,
+                             dx, int(K)),
+                 "matmul_backward (dx)");
+  }
+  // dw (N, K) += doutᵀ (N, M) · x (M, K)   <=>   dwᵀ (K, N) += xᵀ (K, M) · dout (M, N)
+  check_cublas(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, int(K), int(N), int(M), &one, x, int(K), dout, int(N), &one, dw,
+                           int(K)),
+               "matmul_backward (dw)");
+}
+
+}  // namespace fathom::cuda

@@ -1,0 +1,265 @@
+// The CUDA backward passes (src/ops/cuda/backward.cu) against the CPU references
+// (src/ops/cpu/backward.cpp, themselves checked by finite differences in test_backward.cpp), both
+// through the Ops interface, on fresh random inputs each run (the seed is printed with a failure)
+// and several shapes, odd ones included. Written outputs start as NaN bytes, so an element a kernel
+// forgets fails; accumulated parameter gradients start from random values, so a kernel that
+// overwrites instead of adding fails. Bound: max |a − b| / (|b| + 1) ≤ 1e-4 (1e-5 for the
+// elementwise ones). Skips, with the reason, without CUDA or a GPU (CI).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "core/tensor.h"
+#include "ops/ops.h"
+
+#ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/cuda_ops.h"
+#endif
+
+namespace fathom {
+namespace {
+
+#ifndef FATHOM_HAVE_CUDA
+
+TEST(CudaBackward, Skipped) { GTEST_SKIP() << "built without CUDA (nvcc was not found at configure time)"; }
+
+#else
+
+class CudaBackward : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine: CUDA backward tests skipped";
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    trace_ = std::make_unique<testing::ScopedTrace>(__FILE__, __LINE__, cat("random seed ", seed_));
+    cpu_ = make_cpu_ops();
+    gpu_ = make_cuda_ops(0);
+  }
+  void TearDown() override { trace_.reset(); }
+
+  Tensor randn(Shape shape, float scale = 1.0f) {
+    Tensor t = Tensor::empty(std::move(shape));
+    std::normal_distribution<float> d(0.f, scale);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(rng_);
+    return t;
+  }
+  Tensor poison(Shape shape) {
+    Tensor t = Tensor::empty(std::move(shape));
+    std::memset(t.data(), 0xFF, t.nbytes());
+    return gpu_->upload(t);
+  }
+  Tensor up(const Tensor& host) { return gpu_->upload(host); }
+  Tensor down(const Tensor& dev) {
+    Tensor h = Tensor::empty(dev.shape(), dev.dtype());
+    gpu_->download(h.data(), dev);
+    return h;
+  }
+  static Tensor clone(const Tensor& t) {
+    Tensor c = Tensor::empty(t.shape(), t.dtype());
+    std::memcpy(c.data(), t.data(), t.nbytes());
+    return c;
+  }
+  static double max_err(const Tensor& got, const Tensor& want) {
+    EXPECT_EQ(got.numel(), want.numel());
+    double m = 0;
+    for (int64_t i = 0; i < want.numel(); ++i) {
+      const double d = std::fabs(double(got.f32()[i]) - want.f32()[i]) / (std::fabs(want.f32()[i]) + 1.0);
+      if (!(d <= m)) m = std::isnan(d) ? INFINITY : d;
+    }
+    return m;
+  }
+  Tensor ids(int64_t n, int32_t below) {
+    Tensor t = Tensor::empty({n}, DType::I32);
+    std::uniform_int_distribution<int32_t> d(0, below - 1);
+    for (int64_t i = 0; i < n; ++i) t.ptr<int32_t>()[i] = d(rng_);
+    return t;
+  }
+
+  uint32_t seed_ = 0;
+  std::mt19937 rng_;
+  std::unique_ptr<testing::ScopedTrace> trace_;
+  std::unique_ptr<Ops> cpu_, gpu_;
+};
+
+TEST_F(CudaBackward, Embedding) {
+  for (auto [T, V, H] : {std::tuple<int64_t, int32_t, int64_t>{1, 1, 1}, {23, 7, 19}, {300, 1000, 256}}) {
+    SCOPED_TRACE(cat("T ", T, " V ", V, " H ", H));
+    const Tensor id = ids(T, V), dout = randn({T, H}), table0 = randn({V, H});  // few ids: repeats
+    Tensor want = clone(table0), got = up(table0);
+    cpu_->embedding_backward(want, dout, id);
+    gpu_->embedding_backward(got, up(dout), up(id));
+    EXPECT_LE(max_err(down(got), want), 1e-5);
+  }
+}
+
+TEST_F(CudaBackward, RmsNorm) {
+  for (auto [M, N] : {std::pair<int64_t, int64_t>{1, 1}, {7, 19}, {130, 256}, {65, 1000}}) {
+    SCOPED_TRACE(cat("M ", M, " N ", N));
+    const Tensor x = randn({M, N}, 2.0f), w = randn({N}), dout = randn({M, N}), dw0 = randn({N});
+    Tensor dx = Tensor::empty({M, N}), dw = clone(dw0);
+    cpu_->rmsnorm_backward(dx, dw, dout, x, w, 1e-6f);
+    Tensor gdx = poison({M, N}), gdw = up(dw0);
+    gpu_->rmsnorm_backward(gdx, gdw, up(dout), up(x), up(w), 1e-6f);
+    EXPECT_LE(max_err(down(gdx), dx), 1e-5);
+    EXPECT_LE(max_err(down(gdw), dw), 1e-4);  // a sum over M rows
+  }
+}
+
+TEST_F(CudaBackward, Matmul) {
+  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 13, 5}, {65, 130, 257}, {300, 64, 96}}) {
+    SCOPED_TRACE(cat("M ", M, " N ", N, " K ", K));
+    const Tensor x = randn({M, K}), w = randn({N, K}, 1.0f / std::sqrt(float(K))), dout = randn({M, N});
+    const Tensor dw0 = randn({N, K});
+    Tensor dx = Tensor::empty({M, K}), dw = clone(dw0);
+    cpu_->matmul_backward(dx, dw, dout, x, w);
+    Tensor gdx = poison({M, K}), gdw = up(dw0);
+    gpu_->matmul_backward(gdx, gdw, up(dout), up(x), up(w));
+    EXPECT_LE(max_err(down(gdx), dx), 1e-4);
+    EXPECT_LE(max_err(down(gdw), dw), 1e-4);
+    // without dx (the first layer's input): only dw, once more
+    Tensor none;
+    cpu_->matmul_backward(none, dw, dout, x, w);
+    gpu_->matmul_backward(none, gdw, up(dout), up(x), up(w));
+    EXPECT_LE(max_err(down(gdw), dw), 1e-4);
+  }
+}
+
+TEST_F(CudaBackward, SiluMul) {
+  for (int64_t n : {1, 1000, 4097}) {
+    const Tensor g = randn({n}, 3.0f), u = randn({n}), dout = randn({n});
+    Tensor dg = Tensor::empty({n}), du = Tensor::empty({n});
+    cpu_->silu_mul_backward(dg, du, dout, g, u);
+    Tensor gdg = poison({n}), gdu = poison({n});
+    gpu_->silu_mul_backward(gdg, gdu, up(dout), up(g), up(u));
+    EXPECT_LE(max_err(down(gdg), dg), 1e-5) << n;
+    EXPECT_LE(max_err(down(gdu), du), 1e-5) << n;
+  }
+}
+
+TEST_F(CudaBackward, Rope) {
+  for (bool interleaved : {true, false}) {
+    const int64_t T = 9;
+    const int H = 3, rd = 16, offset = 8, hs = 40, ts = H * hs + 5;
+    const Tensor x = randn({T * ts}), cos = randn({T, rd / 2}), sin = randn({T, rd / 2});
+    Tensor want = clone(x), got = up(x), gcos = up(cos), gsin = up(sin);
+    RopeParams p;
+    p.n_tokens = T, p.token_stride = ts, p.head_stride = hs, p.n_heads = H, p.offset = offset, p.rope_dim = rd;
+    p.interleaved = interleaved;
+    RopeParams c = p;
+    c.x = want.f32(), c.cos = cos.f32(), c.sin = sin.f32();
+    cpu_->rope_backward(c);
+    RopeParams g = p;
+    g.x = got.f32(), g.cos = gcos.f32(), g.sin = gsin.f32();
+    gpu_->rope_backward(g);
+    EXPECT_LE(max_err(down(got), want), 1e-5) << "interleaved " << interleaved;
+  }
+}
+
+TEST_F(CudaBackward, Attention) {
+  struct Case {
+    const char* what;
+    int64_t n_q, n_kv, q_pos0;
+    int hq, hkv, dqk, dv;
+    bool causal;
+  };
+  const Case cases[] = {
+      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true},
+      {"GQA, odd dims", 17, 17, 0, 6, 2, 33, 17, true},
+      {"queries after a prefix (q_pos0 > 0)", 5, 30, 25, 2, 1, 48, 32, true},
+      {"not causal", 9, 21, 0, 3, 3, 64, 64, false},
+      {"one token", 1, 1, 0, 2, 2, 8, 8, true},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    // padded strides, as the model's (token, head) layouts are
+    const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;
+    const int64_t v_hs = c.dv, v_ts = c.hkv * v_hs + 2, o_hs = c.dv, o_ts = c.hq * o_hs;
+    const Tensor q = randn({c.n_q * q_ts}), k = randn({c.n_kv * k_ts}), v = randn({c.n_kv * v_ts});
+    const Tensor dout = randn({c.n_q * o_ts});
+    AttentionParams p;
+    p.q_token_stride = q_ts, p.q_head_stride = q_hs, p.k_token_stride = k_ts, p.k_head_stride = k_hs;
+    p.v_token_stride = v_ts, p.v_head_stride = v_hs, p.out_token_stride = o_ts, p.out_head_stride = o_hs;
+    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_q_heads = c.hq, p.n_kv_heads = c.hkv;
+    p.d_qk = c.dqk, p.d_v = c.dv, p.scale = 1.0f / std::sqrt(float(c.dqk)), p.causal = c.causal;
+    // the CPU writes only the elements the forward reads: start both from the same zeros there
+    Tensor dq = Tensor::zeros({c.n_q * q_ts}), dk = Tensor::zeros({c.n_kv * k_ts}), dv = Tensor::zeros({c.n_kv * v_ts});
+    AttentionParams pc = p;
+    pc.q = q.f32(), pc.k = k.f32(), pc.v = v.f32();
+    cpu_->attention_backward(dq.f32(), dk.f32(), dv.f32(), dout.f32(), pc);
+    Tensor gq = up(q), gk = up(k), gv = up(v), gdout = up(dout);
+    Tensor gdq = up(Tensor::zeros({c.n_q * q_ts})), gdk = up(Tensor::zeros({c.n_kv * k_ts}));
+    Tensor gdv = up(Tensor::zeros({c.n_kv * v_ts}));
+    AttentionParams pg = p;
+    pg.q = gq.f32(), pg.k = gk.f32(), pg.v = gv.f32();
+    gpu_->attention_backward(gdq.f32(), gdk.f32(), gdv.f32(), gdout.f32(), pg);
+    EXPECT_LE(max_err(down(gdq), dq), 1e-4);
+    EXPECT_LE(max_err(down(gdk), dk), 1e-4);
+    EXPECT_LE(max_err(down(gdv), dv), 1e-4);
+  }
+}
+
+TEST_F(CudaBackward, MoeGate) {
+  for (bool sigmoid : {true, false}) {
+    SCOPED_TRACE(sigmoid ? "sigmoid, normalised top-k" : "softmax");
+    const int64_t T = 37;
+    MoeGateParams p;
+    p.scoring = sigmoid ? ScoringFunc::Sigmoid : ScoringFunc::Softmax;
+    p.n_experts = 16, p.top_k = 4, p.norm_topk_prob = sigmoid, p.routed_scaling_factor = 2.5f;
+    const Tensor logits = randn({T, 16}, 2.0f), dweights = randn({T, 4});
+    Tensor experts = Tensor::empty({T, 4}, DType::I32);
+    std::vector<int32_t> all(16);
+    std::iota(all.begin(), all.end(), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      std::shuffle(all.begin(), all.end(), rng_);
+      std::copy(all.begin(), all.begin() + 4, experts.ptr<int32_t>() + t * 4);
+    }
+    Tensor want = Tensor::empty({T, 16}), got = poison({T, 16});
+    cpu_->moe_gate_backward(want, dweights, logits, experts, p);
+    gpu_->moe_gate_backward(got, up(dweights), up(logits), up(experts), p);
+    EXPECT_LE(max_err(down(got), want), 1e-5);
+  }
+}
+
+TEST_F(CudaBackward, CrossEntropy) {
+  for (auto [T, V] : {std::pair<int64_t, int64_t>{1, 2}, {9, 1000}, {4, 32000}}) {
+    SCOPED_TRACE(cat("T ", T, " V ", V));
+    const Tensor logits = randn({T, V}, 3.0f);
+    Tensor targets = ids(T, int32_t(V));
+    targets.ptr<int32_t>()[T - 1] = T > 1 ? -1 : targets.ptr<int32_t>()[T - 1];  // padding
+    Tensor losses = Tensor::empty({T}), dl = Tensor::empty({T, V});
+    cpu_->cross_entropy_backward(losses, dl, logits, targets, 0.25f);
+    Tensor gl = poison({T}), gdl = poison({T, V});
+    gpu_->cross_entropy_backward(gl, gdl, up(logits), up(targets), 0.25f);
+    EXPECT_LE(max_err(down(gl), losses), 1e-5);
+    EXPECT_LE(max_err(down(gdl), dl), 1e-5);
+    // in place: the gradient over the logits themselves
+    Tensor inplace = up(logits), gl2 = poison({T});
+    gpu_->cross_entropy_backward(gl2, inplace, inplace, up(targets), 0.25f);
+    EXPECT_LE(max_err(down(inplace), dl), 1e-5);
+    EXPECT_LE(max_err(down(gl2), losses), 1e-5);
+  }
+}
+
+TEST_F(CudaBackward, BadInputIsAnError) {
+  Tensor a = gpu_->upload(randn({4, 8})), w = gpu_->upload(randn({3, 8})), dw = gpu_->upload(randn({3, 7}));
+  Tensor dout = gpu_->upload(randn({4, 3})), none;
+  EXPECT_THROW(gpu_->matmul_backward(none, dw, dout, a, w), Error);  // dw's shape differs from w's
+  Tensor host = randn({3, 8});
+  EXPECT_THROW(gpu_->matmul_backward(none, host, dout, a, w), Error);  // a host tensor
+  AttentionParams p;
+  p.d_qk = 300, p.d_v = 8, p.n_q_heads = 1, p.n_kv_heads = 1;
+  float* f = a.f32();
+  p.q = f, p.k = f, p.v = f + 1;
+  EXPECT_THROW(gpu_->attention_backward(f, f, f, f, p), Error);  // head dim beyond the kernel's 256
+}
+
+#endif
+
+}  // namespace
+}  // namespace fathom
