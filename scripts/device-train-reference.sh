@@ -10,7 +10,7 @@
 # logits for it. Then on the GPU machine (carry ["device-train-data"]):
 #   bash scripts/device-train-reference.sh
 # writes, under $OUT (or out/train-reference):
-#   v3-tiny-mtp-grads-N.safetensors whole-model gradients of v3-tiny-mtp (float64 autograd; N = 1, 2)
+#   v3-tiny-mtp-grads.safetensors   whole-model gradients of v3-tiny-mtp (float64 autograd, stored F16 × scale)
 #   v3-tiny-train-50.safetensors    50 AdamW steps of v3-tiny in float32: the token stream and the
 #                                   loss of every step
 #   check.json                      fathom's checkpoint loaded by transformers: logits error
@@ -61,7 +61,7 @@ fi
 out=${OUT:-out/train-reference}
 mkdir -p "$out"
 ref=scripts/train-reference.py
-python3 $ref grads --model "$data/v3-tiny-mtp" --out "$out/v3-tiny-mtp-grads" --seq-len 24 --batch 2 \
+python3 $ref grads --model "$data/v3-tiny-mtp" --out "$out/v3-tiny-mtp-grads.safetensors" --seq-len 24 --batch 2 \
   --lam 0.3 --alpha 0.01 2>&1 | tee "$out/grads.log"
 python3 $ref train --model "$data/v3-tiny" --out "$out/v3-tiny-train-50.safetensors" --seq-len 32 --batch 2 --steps 50 \
   --peak 1e-3 --min-lr 1e-4 --alpha 0.001 --gamma 0.001 2>&1 | tee "$out/train.log"

@@ -2,7 +2,10 @@
 // scripts/device-train-reference.sh from HF transformers' DeepseekV3ForCausalLM, see
 // scripts/train-reference.py):
 // - the whole-model gradient of v3-tiny-mtp — next-token loss, the sequence-wise balance loss of
-//   every MoE layer and the MTP loss — against float64 autograd, for every tensor of the checkpoint;
+//   every MoE layer and the MTP loss — against float64 autograd, for every tensor of the checkpoint
+//   (the reference stored in F16 with a power-of-two scale per tensor, which rounds it by ~3e-4
+//   norm-wise: what this test measures now, against the 1e-3 bound; before that rounding, the
+//   float64 gradients agreed with fathom's within 2.6e-6);
 // - 50 steps of `fathom train` on v3-tiny (AdamW, cosine schedule, clipping, the expert-bias
 //   update) against the same steps in PyTorch float32, loss by loss.
 #include <gtest/gtest.h>
@@ -40,8 +43,7 @@ double scalar(const SafetensorsFile& f, const std::string& name) {
 }
 
 TEST(TrainReference, WholeModelGradientsMatchPyTorch) {
-  auto ref1 = SafetensorsFile::open(reference("v3-tiny-mtp-grads-1.safetensors"));
-  auto ref2 = SafetensorsFile::open(reference("v3-tiny-mtp-grads-2.safetensors"));
+  auto ref1 = SafetensorsFile::open(reference("v3-tiny-mtp-grads.safetensors"));
   auto gm = train::GradModel::load(fixture_dir("v3-tiny-mtp"));
   gm->set_mtp_lambda(float(scalar(*ref1, "mtp_lambda")));
   gm->set_balance_alpha(float(scalar(*ref1, "balance_alpha")));
@@ -67,8 +69,11 @@ TEST(TrainReference, WholeModelGradientsMatchPyTorch) {
   for (const std::string& name : gm->names()) {
     if (name.find("e_score_correction_bias") != std::string::npos) continue;  // not trained by gradient
     const std::string key = "grad." + name;
-    ASSERT_TRUE(ref1->contains(key) || ref2->contains(key)) << "no reference gradient for " << name;
-    const Tensor r = (ref1->contains(key) ? *ref1 : *ref2).tensor(key);
+    ASSERT_TRUE(ref1->contains(key)) << "no reference gradient for " << name;
+    // stored as F16 times a power-of-two scale (2^-11 relative rounding per element)
+    Tensor r = to_f32(ref1->tensor(key));
+    const float scale = ref1->tensor("scale." + name).f32()[0];
+    for (int64_t i = 0; i < r.numel(); ++i) r.f32()[i] *= scale;
     const Tensor& g = gm->grad(name);
     ASSERT_EQ(r.shape(), g.shape()) << name;
     double num = 0, den = 0;
