@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -69,11 +70,12 @@ double inference_mtp_loss(const std::string& dir, const std::vector<int32_t>& to
 }
 
 void check_model(const std::string& fixture, const std::vector<std::string>& probe_names, float balance_alpha = 0,
-                 float mtp_lambda = 0) {
+                 float mtp_lambda = 0, float capacity = 0) {
   const std::string dir = fixture_dir(fixture);
   auto gm = train::GradModel::load(dir);
   gm->set_balance_alpha(balance_alpha);
   gm->set_mtp_lambda(mtp_lambda);
+  gm->set_capacity_factor(capacity);
   const int64_t V = gm->config().vocab_size;
   std::vector<int32_t> tokens;
   for (int i = 0; i < 14; ++i) tokens.push_back(int32_t((i * 37 + 11) % V));
@@ -81,7 +83,11 @@ void check_model(const std::string& fixture, const std::vector<std::string>& pro
   if (balance_alpha > 0) {
     EXPECT_GT(gm->last_balance_loss(), 0.0);
   }
-  EXPECT_NEAR(gm->last_lm_loss(), inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  if (capacity == 0) {  // (dropping tokens changes the model the inference code runs)
+    EXPECT_NEAR(gm->last_lm_loss(), inference_loss(dir, tokens), 1e-5 * loss) << fixture;
+  } else {
+    EXPECT_FALSE(gm->expert_dropped().empty()) << "the capacity factor " << capacity << " dropped nothing";
+  }
   if (mtp_lambda > 0) {
     EXPECT_NEAR(gm->last_mtp_loss(), inference_mtp_loss(dir, tokens), 1e-5 * loss) << fixture;
   } else {
@@ -186,6 +192,53 @@ TEST(ModelGrad, MtpSettingsAreChecked) {
   const double l2 = gm->loss({3, 9});
   EXPECT_EQ(gm->last_mtp_loss(), 0.0);
   EXPECT_EQ(l2, gm->last_lm_loss());
+}
+
+// Activation recomputation changes what is kept, not what is computed: the same objective and every
+// gradient bit for bit (MTP and the balance loss included), the same expert loads.
+TEST(ModelGrad, RecomputationGivesTheSameGradients) {
+  auto a = train::GradModel::load(fixture_dir("v3-tiny-mtp")), b = train::GradModel::load(fixture_dir("v3-tiny-mtp"));
+  for (auto* m : {a.get(), b.get()}) {
+    m->set_mtp_lambda(0.3f);
+    m->set_balance_alpha(0.01f);
+  }
+  b->set_recompute(true);
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 20; ++i) tokens.push_back(int32_t((i * 53 + 7) % 1024));
+  EXPECT_EQ(a->loss_and_grad(tokens), b->loss_and_grad(tokens));
+  EXPECT_EQ(a->last_balance_loss(), b->last_balance_loss());
+  for (const std::string& n : a->names()) {
+    const Tensor &ga = a->grad(n), &gb = b->grad(n);
+    ASSERT_EQ(std::memcmp(ga.data(), gb.data(), ga.nbytes()), 0) << n;
+  }
+  EXPECT_EQ(a->expert_load(), b->expert_load());
+}
+
+// Expert capacity: a generous factor drops nothing and changes nothing; a tight one drops pairs
+// (counted), never more than each expert's excess, and its gradient still matches finite
+// differences (the dropped pairs are fixed along the probes, like the expert choice).
+TEST(ModelGrad, ExpertCapacityDropsAndReports) {
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 14; ++i) tokens.push_back(int32_t((i * 37 + 11) % 1024));
+  auto base = train::GradModel::load(fixture_dir("v3-tiny"));
+  const double l0 = base->loss_and_grad(tokens);
+  auto wide = train::GradModel::load(fixture_dir("v3-tiny"));
+  wide->set_capacity_factor(100.0f);
+  EXPECT_EQ(wide->loss_and_grad(tokens), l0);
+  EXPECT_TRUE(wide->expert_dropped().empty());
+  auto tight = train::GradModel::load(fixture_dir("v3-tiny"));
+  tight->set_capacity_factor(0.5f);  // 13 tokens, top-4 of 16: at most ceil(0.5 · 13 · 4 / 16) = 2 per expert
+  EXPECT_NE(tight->loss_and_grad(tokens), l0);
+  int64_t dropped = 0, over = 0;
+  for (const auto& [layer, n] : tight->expert_dropped()) dropped += n;
+  for (const auto& [layer, load] : tight->expert_load())
+    for (int64_t l : load) over += std::max<int64_t>(0, l - 2);
+  EXPECT_EQ(dropped, over);  // exactly each expert's tokens beyond its capacity
+  EXPECT_GT(dropped, 0);
+  EXPECT_THROW(tight->set_capacity_factor(-1.0f), Error);
+  check_model("v3-tiny", {"model.layers.2.mlp.gate.weight", "model.layers.3.mlp.experts.5.down_proj.weight",
+                          "model.layers.1.self_attn.o_proj.weight"},
+              0.0f, 0.0f, 0.5f);
 }
 
 TEST(ModelGrad, V2LiteTinyMatchesInferenceAndFiniteDifferences) {

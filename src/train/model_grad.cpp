@@ -121,6 +121,11 @@ void GradModel::add_to(AdamW& optimizer) {
       p.frozen = true;
   }
 }
+void GradModel::set_capacity_factor(float factor) {
+  FATHOM_CHECK(std::isfinite(factor) && factor >= 0, "the expert capacity factor must be a finite number >= 0 (0: "
+               "no dropping), got ", factor, ".");
+  capacity_factor_ = factor;
+}
 void GradModel::set_mtp_lambda(float lambda) {
   FATHOM_CHECK(std::isfinite(lambda) && lambda >= 0, "the MTP loss weight must be a finite number >= 0, got ", lambda,
                ".");
@@ -144,6 +149,7 @@ struct GradModel::Impl {
   const MoeGateParams gp;
   Tensor cosv, sinv;  // RoPE tables for positions 0 .. T-1 (the MTP modules use a prefix)
   double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
+  bool recomputing = false;  // a layer forward run again in the backward: count nothing twice
 
   Impl(GradModel& model, int64_t T, bool bw)
       : m(model), c(model.config_), backward(bw), H(c.num_attention_heads), nope(c.qk_nope_head_dim),
@@ -251,20 +257,41 @@ struct GradModel::Impl {
       cpu().moe_gate(a.weights, a.ids, a.logits, m.has(bias) ? W(bias).f32() : nullptr, gp);
       if (m.balance_alpha_ > 0) {
         a.dlogits_balance = Tensor::zeros(a.logits.shape());
-        balance += sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {n}, m.balance_alpha_, gp);
+        const double b = sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {n}, m.balance_alpha_, gp);
+        if (!recomputing) balance += b;
       }
-      if (backward) {
+      if (backward && !recomputing) {
         const std::vector<int64_t> step = train::expert_load(a.ids, c.n_routed_experts);
         std::vector<int64_t>& load = m.load_[l];
         load.resize(step.size(), 0);
         for (size_t e = 0; e < step.size(); ++e) load[e] += step[e];
       }
+      // each routed expert's capacity for this sequence (no limit without a factor)
+      const int64_t capacity =
+          m.capacity_factor_ > 0
+              ? int64_t(std::ceil(double(m.capacity_factor_) * double(n) * K / double(c.n_routed_experts)))
+              : n * K;
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;
         ex.prefix = cat(p, "mlp.experts.", e, ".");
         for (int64_t t = 0; t < n; ++t)
           for (int k = 0; k < K; ++k)
             if (a.ids.ptr<int32_t>()[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
+        if (int64_t(ex.token.size()) > capacity) {
+          // keep the `capacity` pairs of the highest routing weight (the earlier token on ties),
+          // in token order
+          std::vector<size_t> order(ex.token.size());
+          for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+          auto weight = [&](size_t i) { return a.weights.f32()[ex.token[i] * K + ex.slot[i]]; };
+          std::stable_sort(order.begin(), order.end(), [&](size_t i, size_t j) { return weight(i) > weight(j); });
+          order.resize(size_t(capacity));
+          std::sort(order.begin(), order.end());
+          std::vector<int64_t> token, slot;
+          for (size_t i : order) token.push_back(ex.token[i]), slot.push_back(ex.slot[i]);
+          if (backward && !recomputing) m.dropped_[l] += int64_t(ex.token.size()) - capacity;
+          ex.token = std::move(token);
+          ex.slot = std::move(slot);
+        }
         if (ex.token.empty()) continue;
         ex.x = Tensor::empty({int64_t(ex.token.size()), D});
         for (size_t i = 0; i < ex.token.size(); ++i)
@@ -417,7 +444,16 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   Tensor x = Tensor::empty({T, D});
   cpu().embedding(x, ids, W(embed));
   std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
-  for (int l = 0; l < c.num_hidden_layers; ++l) im.layer_forward(l, x, acts[size_t(l)], T);
+  const bool recompute = backward && recompute_;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerActs& a = acts[size_t(l)];
+    im.layer_forward(l, x, a, T);
+    if (recompute || !backward) {  // keep the layer's input (never written in place) alone
+      Tensor in = a.x_in;
+      a = LayerActs{};
+      a.x_in = in;
+    }
+  }
   const Tensor hf = norm(x, W("model.norm.weight"), eps);
   Tensor logits = mm(hf, W(head));
   int64_t counted = 0;
@@ -520,7 +556,17 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       for (int64_t d = 0; d < D; ++d) dhf.f32()[i * D + d] += dh_next.f32()[i * D + d];
   Tensor dx = Tensor::empty({T, D});
   rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
-  for (int l = c.num_hidden_layers - 1; l >= 0; --l) im.layer_backward(l, acts[size_t(l)], dx, T);
+  im.recomputing = true;  // (only read by layer_forward below)
+  for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
+    LayerActs& a = acts[size_t(l)];
+    if (recompute) {
+      Tensor xin = a.x_in;
+      a = LayerActs{};
+      im.layer_forward(l, xin, a, T);  // the same inputs give the same activations, bit for bit
+    }
+    im.layer_backward(l, a, dx, T);
+    a = LayerActs{};  // this layer's activations are no longer needed
+  }
   embedding_backward(G(embed), dx, ids);
   return loss;
 }

@@ -64,13 +64,27 @@ class GradModel {
   void set_balance_alpha(float alpha) { balance_alpha_ = alpha; }
   // The balance part of the last loss()/loss_and_grad() result, summed over the layers.
   double last_balance_loss() const { return last_balance_; }
+  // Activation recomputation: keep only each main layer's input in the forward and run the layer
+  // forward again, one layer at a time, in the backward (the activations of one layer instead of
+  // all of them; the gradients are bit for bit the same).
+  void set_recompute(bool on) { recompute_ = on; }
+  // Expert capacity (0, the default: no token is ever dropped). With a factor c > 0 each routed
+  // expert of each MoE layer takes at most ceil(c · T · top_k / n_experts) of a sequence's T
+  // tokens; beyond that, the tokens with the lowest routing weight for it are dropped (their
+  // output from that expert is left out, the other weights unchanged, as DeepSeek-V2's
+  // device-level dropping does) and counted in expert_dropped().
+  void set_capacity_factor(float factor);
+  const std::map<int, int64_t>& expert_dropped() const { return dropped_; }
   // Multiplies every gradient by s (averaging over the sequences of a step).
   void scale_grad(float s);
 
   // Tokens routed to each expert of each MoE layer by the loss_and_grad calls since the last
   // reset (layer index -> counts; the auxiliary-loss-free bias update reads them).
   const std::map<int, std::vector<int64_t>>& expert_load() const { return load_; }
-  void reset_expert_load() { load_.clear(); }
+  void reset_expert_load() {
+    load_.clear();
+    dropped_.clear();
+  }
   // config.json as read, for checkpoints.
   const std::string& config_json() const { return config_json_; }
 
@@ -81,6 +95,9 @@ class GradModel {
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;
   std::map<int, std::vector<int64_t>> load_;
+  std::map<int, int64_t> dropped_;  // (token, expert) pairs dropped at capacity, per layer
+  bool recompute_ = false;
+  float capacity_factor_ = 0.0f;
   float balance_alpha_ = 0.0f, mtp_lambda_ = 0.0f;
   double last_balance_ = 0.0, last_lm_ = 0.0, last_mtp_ = 0.0;
   std::string config_json_;

@@ -63,6 +63,13 @@ TrainConfig load_train_config(const std::string& path) {
   c.eval_batches = num(j, "eval_batches", c.eval_batches);
   c.bias_update = num(j, "bias_update", c.bias_update);
   c.balance_alpha = num(j, "balance_alpha", c.balance_alpha);
+  c.capacity_factor = num(j, "capacity_factor", c.capacity_factor);
+  if (j.contains("recompute")) {
+    FATHOM_CHECK(j["recompute"].is_boolean(), "training config '", path, "': \"recompute\" must be true or false.");
+    c.recompute = j["recompute"].get<bool>();
+  }
+  FATHOM_CHECK(std::isfinite(c.capacity_factor) && c.capacity_factor >= 0, "training config '", path,
+               "': capacity_factor must be a number >= 0 (0: no token is dropped).");
   c.mtp_lambda = num(j, "mtp_lambda", c.mtp_lambda);
   c.mtp_lambda_later = num(j, "mtp_lambda_later", c.mtp_lambda_later);
   c.mtp_lambda_switch = num(j, "mtp_lambda_switch", c.mtp_lambda_switch);
@@ -108,6 +115,8 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
   model->set_balance_alpha(cfg.balance_alpha);
+  model->set_recompute(cfg.recompute);
+  model->set_capacity_factor(cfg.capacity_factor);
   const float lambda0 = cfg.mtp_lambda >= 0 ? cfg.mtp_lambda : model->mtp_depth() > 0 ? 0.3f : 0.0f;
   FATHOM_CHECK(lambda0 == 0 || model->mtp_depth() > 0, "training config: mtp_lambda is ", lambda0, " but the model '",
                cfg.model_dir, "' has no MTP modules (num_nextn_predict_layers is 0).");
@@ -173,6 +182,11 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     json line = {{"step", st.step}, {"loss", loss}, {"balance_loss", balance}, {"objective", objective},
                  {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_s", double(cfg.batch * cfg.seq_len) / secs},
                  {"expert_load_max_over_mean", loads}};
+    if (cfg.capacity_factor > 0) {
+      int64_t dropped = 0;
+      for (const auto& [layer, n] : model->expert_dropped()) dropped += n;
+      line["dropped_tokens"] = dropped;  // (token, expert) pairs over the step's MoE layers
+    }
     if (model->mtp_lambda() > 0) {
       line["mtp_loss"] = mtp;
       line["mtp_lambda"] = model->mtp_lambda();

@@ -9,7 +9,7 @@
 // optionally switching to a second value at a given step, as DeepSeek-V3 went from 0.3 to 0.1).
 // Every step appends a JSON line to <out>/log.jsonl (step, loss — the next-token cross-entropy —,
 // the balance and MTP losses, the whole objective, learning rate, gradient norm, tokens/s, the
-// max/mean expert load per MoE layer);
+// max/mean expert load per MoE layer, and with a capacity factor the tokens dropped);
 // every eval_every steps the validation loss is logged too; every checkpoint_every steps and at
 // the end a checkpoint is written under <out>/checkpoints, and at the end the log's curves are drawn
 // as <out>/loss.png and <out>/expert-load.png. A loss or gradient norm that is not
@@ -20,7 +20,8 @@
 //    "lr": {"schedule": "cosine"|"wsd"|"constant", "peak": 3e-4, "min": 3e-5, "warmup": 10, "decay": 0},
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
-//    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0}
+//    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0,
+//    "recompute": false, "capacity_factor": 0}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -45,6 +46,8 @@ struct TrainConfig {
   // mtp_lambda_switch on (0: never) it is mtp_lambda_later.
   float mtp_lambda = -1.0f, mtp_lambda_later = 0.1f;
   int64_t mtp_lambda_switch = 0;
+  bool recompute = false;        // activation recomputation (GradModel::set_recompute)
+  float capacity_factor = 0.0f;  // expert capacity (0: no dropping; GradModel::set_capacity_factor)
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)
   bool progress = true;
   bool plots = true;  // loss.png and expert-load.png in `out` at the end (train/plot.h)
