@@ -246,6 +246,20 @@ TEST_F(CudaBackward, CrossEntropy) {
   }
 }
 
+TEST_F(CudaBackward, RowHelpers) {
+  for (auto [M, N] : {std::pair<int64_t, int64_t>{1, 1}, {17, 300}, {64, 2048}}) {
+    const Tensor x = randn({M, N}), s = randn({M}), b = randn({M, N});
+    Tensor want = clone(x), got = up(x);
+    cpu_->mul_rows(want, s);
+    gpu_->mul_rows(got, up(s));
+    EXPECT_LE(max_err(down(got), want), 1e-6) << M << "x" << N;
+    Tensor dw = Tensor::empty({M}), dg = poison({M});
+    cpu_->row_dot(dw, x, b);
+    gpu_->row_dot(dg, up(x), up(b));
+    EXPECT_LE(max_err(down(dg), dw), 1e-5) << M << "x" << N;
+  }
+}
+
 TEST_F(CudaBackward, BadInputIsAnError) {
   Tensor a = gpu_->upload(randn({4, 8})), w = gpu_->upload(randn({3, 8})), dw = gpu_->upload(randn({3, 7}));
   Tensor dout = gpu_->upload(randn({4, 3})), none;

@@ -18,6 +18,7 @@
 #include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/trainer.h"
+#include "ops/ops.h"
 
 using namespace fathom;
 using namespace fathom::test;
@@ -166,6 +167,30 @@ TEST(Trainer, TheBiasUpdateBalancesTheExperts) {
   EXPECT_LT(on, 0.8 * off);
 }
 
+// `"device": "cuda"`: the same run on the GPU logs the CPU run's losses (within float rounding:
+// the GPU's sums run in another order).
+TEST(Trainer, TrainsOnTheGpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA build or GPU: GPU training is not checked here";
+  TempDir tmp;
+  make_data(tmp);
+  auto run = [&](const std::string& name, const char* device) {
+    train::TrainConfig c = train::load_train_config(
+        write_config(tmp, name, {{"model", fixture_dir("v3-tiny-mtp")}, {"steps", 6}, {"device", device}}));
+    c.progress = false;
+    c.plots = false;
+    train::train(c, false);
+    return log_lines(tmp.file(name));
+  };
+  const std::vector<json> cpu = run("cpu", "cpu"), gpu = run("gpu", "cuda");
+  ASSERT_EQ(cpu.size(), gpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double a = cpu[i]["objective"].get<double>(), b = gpu[i]["objective"].get<double>();
+    EXPECT_NEAR(b, a, 1e-4 * a) << "step " << i + 1;
+    EXPECT_NEAR(gpu[i]["mtp_loss"].get<double>(), cpu[i]["mtp_loss"].get<double>(), 1e-4 * a) << "step " << i + 1;
+  }
+  EXPECT_TRUE(gpu[2].contains("val_loss"));
+}
+
 TEST(Trainer, AnInterruptedRunResumesBitForBit) {
   TempDir tmp;
   make_data(tmp);
@@ -241,6 +266,10 @@ TEST(Trainer, BadConfigsAreClearErrors) {
   EXPECT_NE(error_of(write_config(tmp, "g", {{"mtp_lambda", 0.3}})).find("no MTP modules"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g3", {{"capacity_factor", -2}})).find("capacity_factor"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g4", {{"recompute", "yes"}})).find("recompute"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "g5", {{"device", "tpu"}})).find("device"), std::string::npos);
+  if (!cuda_available()) {  // asking for the GPU where there is none is a clear error, not a CPU run
+    EXPECT_NE(error_of(write_config(tmp, "g6", {{"device", "cuda"}, {"steps", 1}})), "");
+  }
   EXPECT_NE(error_of(write_config(tmp, "g2", {{"mtp_lambda", -1}})).find("mtp_lambda"), std::string::npos);
   EXPECT_EQ(error_of(write_config(tmp, "h", {{"steps", 1}})), "");  // a good config trains
   // --resume without a checkpoint

@@ -289,6 +289,10 @@ class Ops {
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) = 0;
   virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits,
                                  const Tensor& experts, const MoeGateParams& p) = 0;
+  // Row helpers of the MoE's gather/scatter in training: x (M, N) row m *= s[m] (s (M) F32);
+  // out (M) = the dot products of the rows of a and b (M, N), summed in double on the CPU.
+  virtual void mul_rows(Tensor& x, const Tensor& s) = 0;
+  virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& b) = 0;
   // losses (T) and dlogits (T, V) (which may be logits itself) from logits and targets (T) I32
   // (< 0: no target, zero loss and gradient), the gradient scaled by dloss.
   virtual void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,

@@ -24,31 +24,18 @@ Ops& cpu() {
   return *ops;
 }
 
-// out (M, N) = x (M, K) · Wᵀ
-Tensor mm(const Tensor& x, const Tensor& w) {
-  LinearWeight lw;
-  lw.weight = w;
-  Tensor out = Tensor::empty({x.numel() / w.dim(1), w.dim(0)});
-  cpu().matmul(out, x, lw);
-  return out;
-}
-Tensor norm(const Tensor& x, const Tensor& w, float eps) {
-  Tensor out = Tensor::empty(x.shape());
-  cpu().rmsnorm(out, x, w, eps);
-  return out;
-}
-void add_into(Tensor& a, const Tensor& b) { cpu().add(a, b); }
-
 // What one layer's backward needs from its forward.
 struct Expert {  // one expert's tokens in the layer (routed: the pairs that chose it)
   std::string prefix;
-  std::vector<int64_t> token, slot;  // slot: index in the token's top-k (-1: shared expert)
+  std::vector<int64_t> token, slot;  // slot: index in the token's top-k (empty: shared or dense)
+  Tensor idx, w;                     // routed: the tokens (n) I32 and their routing weights (n), on the device
   Tensor x, g, u, a, y;              // (n, D), (n, I), (n, I), (n, I), (n, D) unweighted output
 };
 struct LayerActs {
   Tensor x_in, h1, qa, qan, q, kva, ckv, ckvn, kvb, kpe, K, V, attn, x_mid, h2;
   Tensor g, u, a;                       // dense MLP
-  Tensor logits, weights, ids;          // router
+  Tensor logits, weights, ids;          // router (on the device)
+  Tensor weights_h, ids_h;              // the router's choice in host memory
   Tensor dlogits_balance;               // the balance loss's gradient of the router logits
   std::vector<Expert> experts;          // routed (with tokens) and shared
   bool moe = false;
@@ -65,6 +52,7 @@ void dequantize_fp8(const Tensor& w, const Tensor& scale, int64_t block, float* 
 
 std::unique_ptr<GradModel> GradModel::load(const std::string& dir) {
   auto m = std::unique_ptr<GradModel>(new GradModel());
+  m->ops_ = &cpu();
   m->config_ = load_config((fs::path(dir) / "config.json").string());
   m->config_json_ = read_file((fs::path(dir) / "config.json").string());
   const ModelConfig& c = m->config_;
@@ -111,6 +99,37 @@ void GradModel::scale_grad(float s) {
 }
 void GradModel::zero_grad() {
   for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
+  for (auto& [n, g] : dgrad_) g = ops_->upload(grad_.at(n));  // (a fresh zero copy on the device)
+}
+Tensor& GradModel::device_value(const std::string& name) {
+  if (dvalue_.empty()) return value(name);
+  auto it = dvalue_.find(name);
+  FATHOM_CHECK(it != dvalue_.end(), "the model has no weight ", name, ".");
+  return it->second;
+}
+Tensor& GradModel::device_grad(const std::string& name) {
+  if (dgrad_.empty()) return grad(name);
+  auto it = dgrad_.find(name);
+  FATHOM_CHECK(it != dgrad_.end(), "the model has no weight ", name, ".");
+  return it->second;
+}
+void GradModel::use_backend(std::unique_ptr<Ops> ops) {
+  FATHOM_CHECK(ops != nullptr, "GradModel::use_backend: no backend.");
+  owned_ops_ = std::move(ops);
+  ops_ = owned_ops_.get();
+  dvalue_.clear();
+  dgrad_.clear();
+  if (ops_->device() == Device::CPU) return;  // the host tensors are the backend's
+  for (const std::string& n : names_) {
+    dvalue_[n] = ops_->upload(value_.at(n));
+    dgrad_[n] = ops_->upload(grad_.at(n));
+  }
+}
+void GradModel::grads_to_host() {
+  for (auto& [n, g] : dgrad_) ops_->download(grad_.at(n).data(), g);
+}
+void GradModel::values_to_device() {
+  for (auto& [n, v] : dvalue_) v = ops_->upload(value_.at(n));
 }
 void GradModel::add_to(AdamW& optimizer) {
   for (const std::string& n : names_) {
@@ -138,29 +157,78 @@ double GradModel::loss(const std::vector<int32_t>& tokens) { return run(tokens, 
 
 // One pass over one sequence: the forward with every activation the backward needs kept, then (on
 // request) the backward. The decoder layer's two halves are shared by the main layers and the MTP
-// modules, which run the same layer shape over a shorter sequence.
+// modules, which run the same layer shape over a shorter sequence. Every tensor operation goes
+// through the model's backend (Ops): the CPU reference, or the CUDA backend with the weights,
+// gradients and activations in GPU memory; what stays on the host is bookkeeping — the router's
+// choice (downloaded once per layer) to list each expert's tokens, and the few numbers of the
+// losses.
 struct GradModel::Impl {
   GradModel& m;
+  Ops& ops;
   const ModelConfig& c;
   const bool backward;
   const int H, nope, rd, dv, dqk;
   const int64_t R, D;
   const float eps;
   const MoeGateParams gp;
-  Tensor cosv, sinv;  // RoPE tables for positions 0 .. T-1 (the MTP modules use a prefix)
+  Tensor cosv, sinv;  // RoPE tables for positions 0 .. T-1 on the backend (the MTP modules use a prefix)
   double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
   bool recomputing = false;  // a layer forward run again in the backward: count nothing twice
 
   Impl(GradModel& model, int64_t T, bool bw)
-      : m(model), c(model.config_), backward(bw), H(c.num_attention_heads), nope(c.qk_nope_head_dim),
-        rd(c.qk_rope_head_dim), dv(c.v_head_dim), dqk(c.qk_head_dim()), R(c.kv_lora_rank), D(c.hidden_size),
-        eps(float(c.rms_norm_eps)), gp(moe_gate_params(c)) {
+      : m(model), ops(*model.ops_), c(model.config_), backward(bw), H(c.num_attention_heads),
+        nope(c.qk_nope_head_dim), rd(c.qk_rope_head_dim), dv(c.v_head_dim), dqk(c.qk_head_dim()),
+        R(c.kv_lora_rank), D(c.hidden_size), eps(float(c.rms_norm_eps)), gp(moe_gate_params(c)) {
     std::vector<int64_t> positions(static_cast<size_t>(T));
     for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = t;
-    Rope(c).tables(positions.data(), T, cosv, sinv);
+    Tensor cos_h, sin_h;
+    Rope(c).tables(positions.data(), T, cos_h, sin_h);
+    cosv = ops.upload(cos_h);
+    sinv = ops.upload(sin_h);
   }
-  Tensor& W(const std::string& n) { return m.value(n); }
-  Tensor& G(const std::string& n) { return m.grad(n); }
+  Tensor& W(const std::string& n) { return m.device_value(n); }
+  Tensor& G(const std::string& n) { return m.device_grad(n); }
+
+  // ---- tensor helpers on the backend
+  Tensor zeros(Shape shape) { return ops.upload(Tensor::zeros(std::move(shape))); }
+  Tensor mm(const Tensor& x, const Tensor& w) {  // out (M, N) = x (M, K) · Wᵀ
+    LinearWeight lw;
+    lw.weight = w;
+    Tensor out = ops.empty({x.numel() / w.dim(1), w.dim(0)});
+    ops.matmul(out, x, lw);
+    return out;
+  }
+  Tensor norm(const Tensor& x, const Tensor& w) {
+    Tensor out = ops.empty(x.shape());
+    ops.rmsnorm(out, x, w, eps);
+    return out;
+  }
+  void add_into(Tensor& a, const Tensor& b) { ops.add(a, b); }
+  // out[t, h, 0:cols] = in[t, h, 0:cols] over n rows (strides in floats; in_hs 0 broadcasts a row)
+  void copy(float* out, int64_t out_ts, int64_t out_hs, const float* in, int64_t in_ts, int64_t in_hs, int64_t n,
+            int heads, int cols) {
+    CopyParams p;
+    p.out = out, p.out_token_stride = out_ts, p.out_head_stride = out_hs;
+    p.in = in, p.in_token_stride = in_ts, p.in_head_stride = in_hs;
+    p.n_tokens = n, p.n_heads = heads, p.cols = cols;
+    ops.copy(p);
+  }
+  Tensor clone(const Tensor& t) {
+    Tensor out = ops.empty(t.shape());
+    ops.copy_bytes(out.data(), t.data(), t.nbytes());
+    return out;
+  }
+  Tensor to_host(const Tensor& t) {
+    if (t.device() == Device::CPU) return t;
+    Tensor h = Tensor::empty(t.shape(), t.dtype());
+    ops.download(h.data(), t);
+    return h;
+  }
+  Tensor ids_tensor(const std::vector<int64_t>& v) {
+    Tensor t = Tensor::empty({int64_t(v.size())}, DType::I32);
+    for (size_t i = 0; i < v.size(); ++i) t.ptr<int32_t>()[i] = int32_t(v[i]);
+    return ops.upload(t);
+  }
 
   RopeParams rope_params(float* x, int64_t n, int64_t token_stride, int64_t head_stride, int n_heads, int offset) {
     RopeParams p;
@@ -183,17 +251,17 @@ struct GradModel::Impl {
   void expert_forward(Expert& e) {
     e.g = mm(e.x, W(e.prefix + "gate_proj.weight"));
     e.u = mm(e.x, W(e.prefix + "up_proj.weight"));
-    e.a = Tensor::empty(e.g.shape());
-    cpu().silu_mul(e.a, e.g, e.u);
+    e.a = ops.empty(e.g.shape());
+    ops.silu_mul(e.a, e.g, e.u);
     e.y = mm(e.a, W(e.prefix + "down_proj.weight"));
   }
   Tensor expert_backward(Expert& e, const Tensor& dy) {  // dy (n, D): gradient of e.y; returns that of e.x
-    Tensor da = Tensor::empty(e.a.shape()), dg = Tensor::empty(e.g.shape()), du = Tensor::empty(e.u.shape());
-    matmul_backward(da, G(e.prefix + "down_proj.weight"), dy, e.a, W(e.prefix + "down_proj.weight"));
-    silu_mul_backward(dg, du, da, e.g, e.u);
-    Tensor dxe = Tensor::empty(e.x.shape()), dxu = Tensor::empty(e.x.shape());
-    matmul_backward(dxe, G(e.prefix + "gate_proj.weight"), dg, e.x, W(e.prefix + "gate_proj.weight"));
-    matmul_backward(dxu, G(e.prefix + "up_proj.weight"), du, e.x, W(e.prefix + "up_proj.weight"));
+    Tensor da = ops.empty(e.a.shape()), dg = ops.empty(e.g.shape()), du = ops.empty(e.u.shape());
+    ops.matmul_backward(da, G(e.prefix + "down_proj.weight"), dy, e.a, W(e.prefix + "down_proj.weight"));
+    ops.silu_mul_backward(dg, du, da, e.g, e.u);
+    Tensor dxe = ops.empty(e.x.shape()), dxu = ops.empty(e.x.shape());
+    ops.matmul_backward(dxe, G(e.prefix + "gate_proj.weight"), dg, e.x, W(e.prefix + "gate_proj.weight"));
+    ops.matmul_backward(dxu, G(e.prefix + "up_proj.weight"), du, e.x, W(e.prefix + "up_proj.weight"));
     add_into(dxe, dxu);
     return dxe;
   }
@@ -202,44 +270,39 @@ struct GradModel::Impl {
   // x: x ← x + MLA(rmsnorm(x)); x ← x + MLP or MoE(rmsnorm(x)).
   void layer_forward(int l, Tensor& x, LayerActs& a, int64_t n) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
+    const int64_t kv_w = R + rd, kvb_w = nope + dv;
     a.x_in = x;
-    a.h1 = norm(x, W(p + "input_layernorm.weight"), eps);
+    a.h1 = norm(x, W(p + "input_layernorm.weight"));
     if (c.q_lora_rank > 0) {
       a.qa = mm(a.h1, W(sa + "q_a_proj.weight"));
-      a.qan = norm(a.qa, W(sa + "q_a_layernorm.weight"), eps);
+      a.qan = norm(a.qa, W(sa + "q_a_layernorm.weight"));
       a.q = mm(a.qan, W(sa + "q_b_proj.weight"));
     } else {
       a.q = mm(a.h1, W(sa + "q_proj.weight"));
     }
-    cpu().rope(rope_params(a.q.f32(), n, int64_t(H) * dqk, dqk, H, nope));
+    ops.rope(rope_params(a.q.f32(), n, int64_t(H) * dqk, dqk, H, nope));
     a.kva = mm(a.h1, W(sa + "kv_a_proj_with_mqa.weight"));  // (n, R + rd) = [c_kv | k_pe]
-    a.ckv = Tensor::empty({n, R});
-    a.kpe = Tensor::empty({n, rd});
-    for (int64_t t = 0; t < n; ++t) {
-      std::memcpy(a.ckv.f32() + t * R, a.kva.f32() + t * (R + rd), sizeof(float) * size_t(R));
-      std::memcpy(a.kpe.f32() + t * rd, a.kva.f32() + t * (R + rd) + R, sizeof(float) * size_t(rd));
-    }
-    cpu().rope(rope_params(a.kpe.f32(), n, rd, 0, 1, 0));
-    a.ckvn = norm(a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
+    a.ckv = ops.empty({n, R});
+    a.kpe = ops.empty({n, rd});
+    copy(a.ckv.f32(), R, 0, a.kva.f32(), kv_w, 0, n, 1, int(R));
+    copy(a.kpe.f32(), rd, 0, a.kva.f32() + R, kv_w, 0, n, 1, rd);
+    ops.rope(rope_params(a.kpe.f32(), n, rd, 0, 1, 0));
+    a.ckvn = norm(a.ckv, W(sa + "kv_a_layernorm.weight"));
     a.kvb = mm(a.ckvn, W(sa + "kv_b_proj.weight"));  // (n, H, nope + dv)
-    a.K = Tensor::empty({n, H, dqk});
-    a.V = Tensor::empty({n, H, dv});
-    for (int64_t t = 0; t < n; ++t)
-      for (int h = 0; h < H; ++h) {
-        const float* kb = a.kvb.f32() + (t * H + h) * (nope + dv);
-        std::memcpy(a.K.f32() + (t * H + h) * dqk, kb, sizeof(float) * size_t(nope));
-        std::memcpy(a.K.f32() + (t * H + h) * dqk + nope, a.kpe.f32() + t * rd, sizeof(float) * size_t(rd));
-        std::memcpy(a.V.f32() + (t * H + h) * dv, kb + nope, sizeof(float) * size_t(dv));
-      }
-    a.attn = Tensor::empty({n, int64_t(H) * dv});
+    a.K = ops.empty({n, H, dqk});
+    a.V = ops.empty({n, H, dv});
+    copy(a.K.f32(), int64_t(H) * dqk, dqk, a.kvb.f32(), H * kvb_w, kvb_w, n, H, nope);
+    copy(a.K.f32() + nope, int64_t(H) * dqk, dqk, a.kpe.f32(), rd, 0, n, H, rd);  // k_pe shared by the heads
+    copy(a.V.f32(), int64_t(H) * dv, dv, a.kvb.f32() + nope, H * kvb_w, kvb_w, n, H, dv);
+    a.attn = ops.empty({n, int64_t(H) * dv});
     AttentionParams ap = attn_params(a, n);
     ap.out = a.attn.f32();
-    cpu().attention(ap);
+    ops.attention(ap);
     x = mm(a.attn, W(sa + "o_proj.weight"));
     add_into(x, a.x_in);  // x_mid = x_in + o
     a.x_mid = x;
-    a.h2 = norm(x, W(p + "post_attention_layernorm.weight"), eps);
-    Tensor y = Tensor::zeros({n, D});
+    a.h2 = norm(x, W(p + "post_attention_layernorm.weight"));
+    Tensor y = zeros({n, D});
     a.moe = c.is_moe_layer(l);
     if (!a.moe) {
       Expert e;
@@ -251,17 +314,20 @@ struct GradModel::Impl {
     } else {
       const int K = c.num_experts_per_tok;
       a.logits = mm(a.h2, W(p + "mlp.gate.weight"));
-      a.weights = Tensor::empty({n, K});
-      a.ids = Tensor::empty({n, K}, DType::I32);
+      a.weights = ops.empty({n, K});
+      a.ids = ops.empty({n, K}, DType::I32);
       const std::string bias = p + "mlp.gate.e_score_correction_bias";
-      cpu().moe_gate(a.weights, a.ids, a.logits, m.has(bias) ? W(bias).f32() : nullptr, gp);
+      ops.moe_gate(a.weights, a.ids, a.logits, m.has(bias) ? W(bias).f32() : nullptr, gp);
+      a.weights_h = to_host(a.weights);
+      a.ids_h = to_host(a.ids);
       if (m.balance_alpha_ > 0) {
-        a.dlogits_balance = Tensor::zeros(a.logits.shape());
-        const double b = sequence_balance_loss(a.dlogits_balance, a.logits, a.ids, {n}, m.balance_alpha_, gp);
+        Tensor dlb = Tensor::zeros(a.logits.shape());
+        const double b = sequence_balance_loss(dlb, to_host(a.logits), a.ids_h, {n}, m.balance_alpha_, gp);
+        a.dlogits_balance = ops.upload(dlb);
         if (!recomputing) balance += b;
       }
       if (backward && !recomputing) {
-        const std::vector<int64_t> step = train::expert_load(a.ids, c.n_routed_experts);
+        const std::vector<int64_t> step = train::expert_load(a.ids_h, c.n_routed_experts);
         std::vector<int64_t>& load = m.load_[l];
         load.resize(step.size(), 0);
         for (size_t e = 0; e < step.size(); ++e) load[e] += step[e];
@@ -271,18 +337,20 @@ struct GradModel::Impl {
           m.capacity_factor_ > 0
               ? int64_t(std::ceil(double(m.capacity_factor_) * double(n) * K / double(c.n_routed_experts)))
               : n * K;
+      const int32_t* ids_h = a.ids_h.ptr<int32_t>();
+      const float* weights_h = a.weights_h.f32();
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;
         ex.prefix = cat(p, "mlp.experts.", e, ".");
         for (int64_t t = 0; t < n; ++t)
           for (int k = 0; k < K; ++k)
-            if (a.ids.ptr<int32_t>()[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
+            if (ids_h[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
         if (int64_t(ex.token.size()) > capacity) {
           // keep the `capacity` pairs of the highest routing weight (the earlier token on ties),
           // in token order
           std::vector<size_t> order(ex.token.size());
           for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-          auto weight = [&](size_t i) { return a.weights.f32()[ex.token[i] * K + ex.slot[i]]; };
+          auto weight = [&](size_t i) { return weights_h[ex.token[i] * K + ex.slot[i]]; };
           std::stable_sort(order.begin(), order.end(), [&](size_t i, size_t j) { return weight(i) > weight(j); });
           order.resize(size_t(capacity));
           std::sort(order.begin(), order.end());
@@ -293,16 +361,17 @@ struct GradModel::Impl {
           ex.slot = std::move(slot);
         }
         if (ex.token.empty()) continue;
-        ex.x = Tensor::empty({int64_t(ex.token.size()), D});
-        for (size_t i = 0; i < ex.token.size(); ++i)
-          std::memcpy(ex.x.f32() + int64_t(i) * D, a.h2.f32() + ex.token[i] * D, sizeof(float) * size_t(D));
+        const int64_t ne = int64_t(ex.token.size());
+        Tensor w = Tensor::empty({ne});
+        for (int64_t i = 0; i < ne; ++i) w.f32()[i] = weights_h[ex.token[size_t(i)] * K + ex.slot[size_t(i)]];
+        ex.idx = ids_tensor(ex.token);
+        ex.w = ops.upload(w);
+        ex.x = ops.empty({ne, D});
+        ops.embedding(ex.x, ex.idx, a.h2);  // gather the expert's tokens
         expert_forward(ex);
-        for (size_t i = 0; i < ex.token.size(); ++i) {
-          const float w = a.weights.f32()[ex.token[i] * K + ex.slot[i]];
-          float* yr = y.f32() + ex.token[i] * D;
-          const float* er = ex.y.f32() + int64_t(i) * D;
-          for (int64_t d = 0; d < D; ++d) yr[d] += w * er[d];
-        }
+        Tensor weighted = clone(ex.y);
+        ops.mul_rows(weighted, ex.w);
+        ops.embedding_backward(y, weighted, ex.idx);  // scatter-add: y[token] += weight · out
         a.experts.push_back(std::move(ex));
       }
       if (c.n_shared_experts > 0) {
@@ -321,101 +390,95 @@ struct GradModel::Impl {
   // The backward of layer_forward: dx, the gradient of the layer's output, becomes that of its input.
   void layer_backward(int l, LayerActs& a, Tensor& dx, int64_t n) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
+    const int64_t kv_w = R + rd, kvb_w = nope + dv;
     // x_out = x_mid + y
-    Tensor dh2 = Tensor::zeros({n, D});
+    Tensor dh2;
     if (!a.moe) {
       dh2 = expert_backward(a.experts[0], dx);
     } else {
+      dh2 = zeros({n, D});
       const int K = c.num_experts_per_tok;
-      Tensor dweights = Tensor::zeros({n, K});
+      Tensor dweights = Tensor::zeros({n, K});  // host: each routed pair's dot product lands here
       for (Expert& e : a.experts) {
-        const int64_t ne = e.x.dim(0);
         if (e.token.empty()) {  // the shared expert: every token, weight 1
           add_into(dh2, expert_backward(e, dx));
           continue;
         }
-        Tensor dy = Tensor::empty({ne, D});
-        for (int64_t i = 0; i < ne; ++i) {
-          const int64_t t = e.token[size_t(i)];
-          const float w = a.weights.f32()[t * K + e.slot[size_t(i)]];
-          double dw = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            dy.f32()[i * D + d] = w * dx.f32()[t * D + d];
-            dw += double(dx.f32()[t * D + d]) * e.y.f32()[i * D + d];
-          }
-          dweights.f32()[t * K + e.slot[size_t(i)]] += float(dw);
-        }
+        const int64_t ne = e.x.dim(0);
+        Tensor dy = ops.empty({ne, D});
+        ops.embedding(dy, e.idx, dx);  // the tokens' output gradients
+        Tensor dot = ops.empty({ne});
+        ops.row_dot(dot, dy, e.y);  // d weight = dx[token] · out
+        const Tensor dot_h = to_host(dot);
+        for (int64_t i = 0; i < ne; ++i)
+          dweights.f32()[e.token[size_t(i)] * K + e.slot[size_t(i)]] += dot_h.f32()[i];
+        ops.mul_rows(dy, e.w);  // d out = weight · dx[token]
         const Tensor dxe = expert_backward(e, dy);
-        for (int64_t i = 0; i < ne; ++i) {
-          float* r = dh2.f32() + e.token[size_t(i)] * D;
-          for (int64_t d = 0; d < D; ++d) r[d] += dxe.f32()[i * D + d];
-        }
+        ops.embedding_backward(dh2, dxe, e.idx);  // scatter-add into the tokens' rows
       }
-      Tensor dlg = Tensor::empty(a.logits.shape());
-      moe_gate_backward(dlg, dweights, a.logits, a.ids, gp);
+      Tensor dlg = ops.empty(a.logits.shape());
+      ops.moe_gate_backward(dlg, ops.upload(dweights), a.logits, a.ids, gp);
       if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);
-      Tensor dhg = Tensor::empty({n, D});
-      matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));
+      Tensor dhg = ops.empty({n, D});
+      ops.matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));
       add_into(dh2, dhg);
     }
-    Tensor dx_mid = Tensor::empty({n, D});
-    rmsnorm_backward(dx_mid, G(p + "post_attention_layernorm.weight"), dh2, a.x_mid, W(p + "post_attention_layernorm.weight"), eps);
+    Tensor dx_mid = ops.empty({n, D});
+    ops.rmsnorm_backward(dx_mid, G(p + "post_attention_layernorm.weight"), dh2, a.x_mid,
+                         W(p + "post_attention_layernorm.weight"), eps);
     add_into(dx_mid, dx);  // the residual path
     // x_mid = x_in + attn · Woᵀ
-    Tensor dattn = Tensor::empty(a.attn.shape());
-    matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
-    Tensor dq = Tensor::zeros(a.q.shape()), dK = Tensor::zeros(a.K.shape()), dV = Tensor::zeros(a.V.shape());
-    attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, n));
+    Tensor dattn = ops.empty(a.attn.shape());
+    ops.matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
+    Tensor dq = zeros(a.q.shape()), dK = zeros(a.K.shape()), dV = zeros(a.V.shape());
+    ops.attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, n));
     // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
-    Tensor dkvb = Tensor::empty(a.kvb.shape()), dkpe = Tensor::zeros({n, rd});
-    for (int64_t t = 0; t < n; ++t)
-      for (int h = 0; h < H; ++h) {
-        float* kb = dkvb.f32() + (t * H + h) * (nope + dv);
-        std::memcpy(kb, dK.f32() + (t * H + h) * dqk, sizeof(float) * size_t(nope));
-        std::memcpy(kb + nope, dV.f32() + (t * H + h) * dv, sizeof(float) * size_t(dv));
-        for (int i = 0; i < rd; ++i) dkpe.f32()[t * rd + i] += dK.f32()[(t * H + h) * dqk + nope + i];
-      }
-    rope_backward(rope_params(dkpe.f32(), n, rd, 0, 1, 0));
-    Tensor dckvn = Tensor::empty(a.ckvn.shape()), dckv = Tensor::empty(a.ckv.shape());
-    matmul_backward(dckvn, G(sa + "kv_b_proj.weight"), dkvb, a.ckvn, W(sa + "kv_b_proj.weight"));
-    rmsnorm_backward(dckv, G(sa + "kv_a_layernorm.weight"), dckvn, a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
-    Tensor dkva = Tensor::empty(a.kva.shape());
-    for (int64_t t = 0; t < n; ++t) {
-      std::memcpy(dkva.f32() + t * (R + rd), dckv.f32() + t * R, sizeof(float) * size_t(R));
-      std::memcpy(dkva.f32() + t * (R + rd) + R, dkpe.f32() + t * rd, sizeof(float) * size_t(rd));
+    Tensor dkvb = ops.empty(a.kvb.shape()), dkpe = zeros({n, rd});
+    copy(dkvb.f32(), H * kvb_w, kvb_w, dK.f32(), int64_t(H) * dqk, dqk, n, H, nope);
+    copy(dkvb.f32() + nope, H * kvb_w, kvb_w, dV.f32(), int64_t(H) * dv, dv, n, H, dv);
+    Tensor head_pe = ops.empty({n, rd});
+    for (int h = 0; h < H; ++h) {  // k_pe's gradient: the sum over the heads that shared it
+      copy(head_pe.f32(), rd, 0, dK.f32() + int64_t(h) * dqk + nope, int64_t(H) * dqk, 0, n, 1, rd);
+      add_into(dkpe, head_pe);
     }
-    Tensor dh1 = Tensor::empty({n, D}), dh1b = Tensor::empty({n, D});
-    matmul_backward(dh1, G(sa + "kv_a_proj_with_mqa.weight"), dkva, a.h1, W(sa + "kv_a_proj_with_mqa.weight"));
-    rope_backward(rope_params(dq.f32(), n, int64_t(H) * dqk, dqk, H, nope));
+    ops.rope_backward(rope_params(dkpe.f32(), n, rd, 0, 1, 0));
+    Tensor dckvn = ops.empty(a.ckvn.shape()), dckv = ops.empty(a.ckv.shape());
+    ops.matmul_backward(dckvn, G(sa + "kv_b_proj.weight"), dkvb, a.ckvn, W(sa + "kv_b_proj.weight"));
+    ops.rmsnorm_backward(dckv, G(sa + "kv_a_layernorm.weight"), dckvn, a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
+    Tensor dkva = ops.empty(a.kva.shape());
+    copy(dkva.f32(), kv_w, 0, dckv.f32(), R, 0, n, 1, int(R));
+    copy(dkva.f32() + R, kv_w, 0, dkpe.f32(), rd, 0, n, 1, rd);
+    Tensor dh1 = ops.empty({n, D}), dh1b = ops.empty({n, D});
+    ops.matmul_backward(dh1, G(sa + "kv_a_proj_with_mqa.weight"), dkva, a.h1, W(sa + "kv_a_proj_with_mqa.weight"));
+    ops.rope_backward(rope_params(dq.f32(), n, int64_t(H) * dqk, dqk, H, nope));
     if (c.q_lora_rank > 0) {
-      Tensor dqan = Tensor::empty(a.qan.shape()), dqa = Tensor::empty(a.qa.shape());
-      matmul_backward(dqan, G(sa + "q_b_proj.weight"), dq, a.qan, W(sa + "q_b_proj.weight"));
-      rmsnorm_backward(dqa, G(sa + "q_a_layernorm.weight"), dqan, a.qa, W(sa + "q_a_layernorm.weight"), eps);
-      matmul_backward(dh1b, G(sa + "q_a_proj.weight"), dqa, a.h1, W(sa + "q_a_proj.weight"));
+      Tensor dqan = ops.empty(a.qan.shape()), dqa = ops.empty(a.qa.shape());
+      ops.matmul_backward(dqan, G(sa + "q_b_proj.weight"), dq, a.qan, W(sa + "q_b_proj.weight"));
+      ops.rmsnorm_backward(dqa, G(sa + "q_a_layernorm.weight"), dqan, a.qa, W(sa + "q_a_layernorm.weight"), eps);
+      ops.matmul_backward(dh1b, G(sa + "q_a_proj.weight"), dqa, a.h1, W(sa + "q_a_proj.weight"));
     } else {
-      matmul_backward(dh1b, G(sa + "q_proj.weight"), dq, a.h1, W(sa + "q_proj.weight"));
+      ops.matmul_backward(dh1b, G(sa + "q_proj.weight"), dq, a.h1, W(sa + "q_proj.weight"));
     }
     add_into(dh1, dh1b);
-    Tensor dx_in = Tensor::empty({n, D});
-    rmsnorm_backward(dx_in, G(p + "input_layernorm.weight"), dh1, a.x_in, W(p + "input_layernorm.weight"), eps);
+    Tensor dx_in = ops.empty({n, D});
+    ops.rmsnorm_backward(dx_in, G(p + "input_layernorm.weight"), dh1, a.x_in, W(p + "input_layernorm.weight"), eps);
     add_into(dx_in, dx_mid);  // the residual path
     dx = dx_in;
   }
 
-  // Mean cross-entropy of logits (n, V) against targets (n; < 0 skipped), times `weight`; the
+  // Mean cross-entropy of logits (n, V) against targets (n, host; < 0 skipped), times `weight`; the
   // logits are replaced by the gradient of that weighted mean. `counted` gets the targets used.
   double weighted_cross_entropy(Tensor& logits, const Tensor& targets, double weight, int64_t& counted) {
     const int64_t n = logits.dim(0);
     counted = 0;
     for (int64_t t = 0; t < n; ++t) counted += targets.ptr<int32_t>()[t] >= 0;
-    Tensor losses = Tensor::empty({n});
-    if (counted == 0) {  // nothing to predict: no loss and no gradient
-      std::memset(logits.data(), 0, logits.nbytes());
-      return 0;
-    }
-    train::cross_entropy_backward(losses, logits, logits, targets, float(weight / double(counted)));
+    Tensor losses = ops.empty({n});
+    const float dloss = counted ? float(weight / double(counted)) : 0.0f;  // nothing to predict: no gradient
+    ops.cross_entropy_backward(losses, logits, logits, ops.upload(targets), dloss);
+    if (counted == 0) return 0;
+    const Tensor lh = to_host(losses);
     double loss = 0;
-    for (int64_t t = 0; t < n; ++t) loss += losses.f32()[t];
+    for (int64_t t = 0; t < n; ++t) loss += lh.f32()[t];
     return loss / double(counted);
   }
 };
@@ -427,22 +490,23 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   for (size_t i = 0; i < tokens.size(); ++i)
     FATHOM_CHECK(tokens[i] < V, "token ", tokens[i], " at position ", i, " is outside the vocabulary of ", V, ".");
   Impl im(*this, T, backward);
-  const float eps = im.eps;
-  auto W = [&](const std::string& n) -> Tensor& { return value(n); };
-  auto G = [&](const std::string& n) -> Tensor& { return grad(n); };
+  Ops& ops = im.ops;
+  auto W = [&](const std::string& n) -> Tensor& { return device_value(n); };
+  auto G = [&](const std::string& n) -> Tensor& { return device_grad(n); };
 
-  Tensor ids = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
+  Tensor ids_h = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
   for (int64_t t = 0; t < T; ++t) {
     FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t, " is negative.");
-    ids.ptr<int32_t>()[t] = tokens[size_t(t)];
+    ids_h.ptr<int32_t>()[t] = tokens[size_t(t)];
     targets.ptr<int32_t>()[t] = tokens[size_t(t) + 1];
   }
+  const Tensor ids = ops.upload(ids_h);
 
   // ---- forward: the main model
   const std::string embed = "model.embed_tokens.weight";
   const std::string head = c.tie_word_embeddings ? embed : "lm_head.weight";
-  Tensor x = Tensor::empty({T, D});
-  cpu().embedding(x, ids, W(embed));
+  Tensor x = ops.empty({T, D});
+  ops.embedding(x, ids, W(embed));
   std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
   const bool recompute = backward && recompute_;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -454,8 +518,8 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       a.x_in = in;
     }
   }
-  const Tensor hf = norm(x, W("model.norm.weight"), eps);
-  Tensor logits = mm(hf, W(head));
+  const Tensor hf = im.norm(x, W("model.norm.weight"));
+  Tensor logits = im.mm(hf, W(head));
   int64_t counted = 0;
   const double lm = im.weighted_cross_entropy(logits, targets, 1.0, counted);  // logits -> dlogits
   FATHOM_CHECK(counted > 0, "a training sequence has no token to predict.");
@@ -490,28 +554,25 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
       a.p = cat("model.layers.", c.num_hidden_layers + k, ".");
       a.embed = has(a.p + "embed_tokens.weight") ? a.p + "embed_tokens.weight" : embed;
       a.head = has(a.p + "shared_head.head.weight") ? a.p + "shared_head.head.weight" : head;
-      a.ids = Tensor::empty({n}, DType::I32);
-      Tensor tg = Tensor::empty({n}, DType::I32);
+      Tensor in_h = Tensor::empty({n}, DType::I32), tg = Tensor::empty({n}, DType::I32);
       for (int64_t i = 0; i < n; ++i) {
-        a.ids.ptr<int32_t>()[i] = tokens[size_t(i + 1 + k)];
+        in_h.ptr<int32_t>()[i] = tokens[size_t(i + 1 + k)];
         tg.ptr<int32_t>()[i] = tokens[size_t(i + 2 + k)];
       }
-      a.e = Tensor::empty({n, D});
-      cpu().embedding(a.e, a.ids, W(a.embed));
-      a.en = norm(a.e, W(a.p + "enorm.weight"), eps);
-      a.hin = Tensor::empty({n, D});
-      std::memcpy(a.hin.f32(), h->f32(), sizeof(float) * size_t(n * D));
-      a.hn = norm(a.hin, W(a.p + "hnorm.weight"), eps);
-      a.cat_eh = Tensor::empty({n, 2 * D});
-      for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(a.cat_eh.f32() + i * 2 * D, a.en.f32() + i * D, sizeof(float) * size_t(D));
-        std::memcpy(a.cat_eh.f32() + i * 2 * D + D, a.hn.f32() + i * D, sizeof(float) * size_t(D));
-      }
-      Tensor xm = mm(a.cat_eh, W(a.p + "eh_proj.weight"));
+      a.ids = ops.upload(in_h);
+      a.e = ops.empty({n, D});
+      ops.embedding(a.e, a.ids, W(a.embed));
+      a.en = im.norm(a.e, W(a.p + "enorm.weight"));
+      a.hin = h->slice_rows(0, n);  // a view: neither h nor hin is written later
+      a.hn = im.norm(a.hin, W(a.p + "hnorm.weight"));
+      a.cat_eh = ops.empty({n, 2 * D});
+      im.copy(a.cat_eh.f32(), 2 * D, 0, a.en.f32(), D, 0, n, 1, int(D));
+      im.copy(a.cat_eh.f32() + D, 2 * D, 0, a.hn.f32(), D, 0, n, 1, int(D));
+      Tensor xm = im.mm(a.cat_eh, W(a.p + "eh_proj.weight"));
       im.layer_forward(c.num_hidden_layers + k, xm, a.layer, n);
       a.x_out = xm;
-      a.xn = norm(a.x_out, W(a.p + "shared_head.norm.weight"), eps);
-      a.dlogits = mm(a.xn, W(a.head));
+      a.xn = im.norm(a.x_out, W(a.p + "shared_head.norm.weight"));
+      a.dlogits = im.mm(a.xn, W(a.head));
       int64_t used = 0;
       mtp_sum += im.weighted_cross_entropy(a.dlogits, tg, weight, used);
       h = &a.x_out;
@@ -524,38 +585,40 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   if (!backward) return loss;
 
   // ---- backward, in exactly the reverse order: the MTP modules (deepest first), then the main model
-  Tensor dhf = Tensor::empty({T, D});
+  const float eps = im.eps;
+  Tensor dhf = ops.empty({T, D});
   Tensor& dlogits = logits;
-  matmul_backward(dhf, G(head), dlogits, hf, W(head));
+  ops.matmul_backward(dhf, G(head), dlogits, hf, W(head));
   Tensor dh_next;  // the gradient of the hidden state the next-deeper module read
   for (int k = int(mtp.size()) - 1; k >= 0; --k) {
     MtpActs& a = mtp[size_t(k)];
     const int64_t n = a.n;
-    Tensor dxn = Tensor::empty({n, D}), dx = Tensor::empty({n, D});
-    matmul_backward(dxn, G(a.head), a.dlogits, a.xn, W(a.head));
-    rmsnorm_backward(dx, G(a.p + "shared_head.norm.weight"), dxn, a.x_out, W(a.p + "shared_head.norm.weight"), eps);
-    if (dh_next.defined())  // the next module read rows 0 .. n-2 of this one's output
-      for (int64_t i = 0; i < dh_next.dim(0); ++i)
-        for (int64_t d = 0; d < D; ++d) dx.f32()[i * D + d] += dh_next.f32()[i * D + d];
-    im.layer_backward(c.num_hidden_layers + k, a.layer, dx, n);
-    Tensor dcat = Tensor::empty({n, 2 * D});
-    matmul_backward(dcat, G(a.p + "eh_proj.weight"), dx, a.cat_eh, W(a.p + "eh_proj.weight"));
-    Tensor den = Tensor::empty({n, D}), dhn = Tensor::empty({n, D});
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(den.f32() + i * D, dcat.f32() + i * 2 * D, sizeof(float) * size_t(D));
-      std::memcpy(dhn.f32() + i * D, dcat.f32() + i * 2 * D + D, sizeof(float) * size_t(D));
+    Tensor dxn = ops.empty({n, D}), dx = ops.empty({n, D});
+    ops.matmul_backward(dxn, G(a.head), a.dlogits, a.xn, W(a.head));
+    ops.rmsnorm_backward(dx, G(a.p + "shared_head.norm.weight"), dxn, a.x_out, W(a.p + "shared_head.norm.weight"),
+                         eps);
+    if (dh_next.defined()) {  // the next module read rows 0 .. n-2 of this one's output
+      Tensor rows = dx.slice_rows(0, dh_next.dim(0));
+      im.add_into(rows, dh_next);
     }
-    Tensor de = Tensor::empty({n, D});
-    rmsnorm_backward(de, G(a.p + "enorm.weight"), den, a.e, W(a.p + "enorm.weight"), eps);
-    embedding_backward(G(a.embed), de, a.ids);
-    dh_next = Tensor::empty({n, D});
-    rmsnorm_backward(dh_next, G(a.p + "hnorm.weight"), dhn, a.hin, W(a.p + "hnorm.weight"), eps);
+    im.layer_backward(c.num_hidden_layers + k, a.layer, dx, n);
+    Tensor dcat = ops.empty({n, 2 * D});
+    ops.matmul_backward(dcat, G(a.p + "eh_proj.weight"), dx, a.cat_eh, W(a.p + "eh_proj.weight"));
+    Tensor den = ops.empty({n, D}), dhn = ops.empty({n, D});
+    im.copy(den.f32(), D, 0, dcat.f32(), 2 * D, 0, n, 1, int(D));
+    im.copy(dhn.f32(), D, 0, dcat.f32() + D, 2 * D, 0, n, 1, int(D));
+    Tensor de = ops.empty({n, D});
+    ops.rmsnorm_backward(de, G(a.p + "enorm.weight"), den, a.e, W(a.p + "enorm.weight"), eps);
+    ops.embedding_backward(G(a.embed), de, a.ids);
+    dh_next = ops.empty({n, D});
+    ops.rmsnorm_backward(dh_next, G(a.p + "hnorm.weight"), dhn, a.hin, W(a.p + "hnorm.weight"), eps);
   }
-  if (dh_next.defined())  // module 0 read rows 0 .. T-2 of the main model's normed output
-    for (int64_t i = 0; i < dh_next.dim(0); ++i)
-      for (int64_t d = 0; d < D; ++d) dhf.f32()[i * D + d] += dh_next.f32()[i * D + d];
-  Tensor dx = Tensor::empty({T, D});
-  rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
+  if (dh_next.defined()) {  // module 0 read rows 0 .. T-2 of the main model's normed output
+    Tensor rows = dhf.slice_rows(0, dh_next.dim(0));
+    im.add_into(rows, dh_next);
+  }
+  Tensor dx = ops.empty({T, D});
+  ops.rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
   im.recomputing = true;  // (only read by layer_forward below)
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     LayerActs& a = acts[size_t(l)];
@@ -567,7 +630,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     im.layer_backward(l, a, dx, T);
     a = LayerActs{};  // this layer's activations are no longer needed
   }
-  embedding_backward(G(embed), dx, ids);
+  ops.embedding_backward(G(embed), dx, ids);
   return loss;
 }
 

@@ -21,6 +21,7 @@
 
 #include "core/tensor.h"
 #include "model/config.h"
+#include "ops/ops.h"
 #include "train/optimizer.h"
 
 namespace fathom::train {
@@ -32,12 +33,24 @@ class GradModel {
   static std::unique_ptr<GradModel> load(const std::string& dir);
 
   const ModelConfig& config() const { return config_; }
+
+  // The backend the passes run on (the CPU reference until set). A GPU backend gets a copy of
+  // every weight and gradient in its memory; the host tensors of value()/grad() stay the masters
+  // the optimizer updates and checkpoints save: after the passes of a step, grads_to_host() brings
+  // the gradients back, and after the optimizer, values_to_device() sends the weights out again.
+  void use_backend(std::unique_ptr<Ops> ops);
+  Ops& backend() { return *ops_; }
+  void grads_to_host();
+  void values_to_device();
+  // The backend's copy of a weight and of its gradient (the host tensors on the CPU).
+  Tensor& device_value(const std::string& name);
+  Tensor& device_grad(const std::string& name);
   // Weight names in checkpoint order, and each master value and gradient (same shape).
   const std::vector<std::string>& names() const { return names_; }
   bool has(const std::string& name) const { return value_.count(name) != 0; }
   Tensor& value(const std::string& name);
   Tensor& grad(const std::string& name);
-  void zero_grad();
+  void zero_grad();  // host and backend gradients
   // Registers every weight (value and gradient) with the optimizer; while λ is 0 the MTP
   // modules' weights are registered frozen (kept and saved, never updated or decayed).
   void add_to(AdamW& optimizer);
@@ -75,7 +88,7 @@ class GradModel {
   // device-level dropping does) and counted in expert_dropped().
   void set_capacity_factor(float factor);
   const std::map<int, int64_t>& expert_dropped() const { return dropped_; }
-  // Multiplies every gradient by s (averaging over the sequences of a step).
+  // Multiplies every (host) gradient by s (averaging over the sequences of a step).
   void scale_grad(float s);
 
   // Tokens routed to each expert of each MoE layer by the loss_and_grad calls since the last
@@ -94,6 +107,9 @@ class GradModel {
   ModelConfig config_;
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;
+  std::unique_ptr<Ops> owned_ops_;
+  Ops* ops_ = nullptr;                          // set by load(): the CPU reference
+  std::map<std::string, Tensor> dvalue_, dgrad_;  // the backend's copies (empty on the CPU)
   std::map<int, std::vector<int64_t>> load_;
   std::map<int, int64_t> dropped_;  // (token, expert) pairs dropped at capacity, per layer
   bool recompute_ = false;

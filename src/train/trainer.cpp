@@ -17,6 +17,7 @@
 #include "train/data.h"
 #include "train/model_grad.h"
 #include "train/plot.h"
+#include "ops/ops.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -64,6 +65,12 @@ TrainConfig load_train_config(const std::string& path) {
   c.bias_update = num(j, "bias_update", c.bias_update);
   c.balance_alpha = num(j, "balance_alpha", c.balance_alpha);
   c.capacity_factor = num(j, "capacity_factor", c.capacity_factor);
+  if (j.contains("device")) {
+    FATHOM_CHECK(j["device"].is_string(), "training config '", path, "': \"device\" must be \"cpu\", \"cuda\" or \"auto\".");
+    c.device = j["device"].get<std::string>();
+  }
+  FATHOM_CHECK(c.device == "cpu" || c.device == "cuda" || c.device == "auto", "training config '", path,
+               "': device must be cpu, cuda or auto, not \"", c.device, "\".");
   if (j.contains("recompute")) {
     FATHOM_CHECK(j["recompute"].is_boolean(), "training config '", path, "': \"recompute\" must be true or false.");
     c.recompute = j["recompute"].get<bool>();
@@ -114,6 +121,8 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   for (size_t i = 0; i < train_ids.size(); ++i)
     FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
+  const bool on_gpu = cfg.device == "cuda" || (cfg.device == "auto" && cuda_available());
+  if (on_gpu) model->use_backend(make_cuda_ops(0));  // throws a clear error without CUDA or a GPU
   model->set_balance_alpha(cfg.balance_alpha);
   model->set_recompute(cfg.recompute);
   model->set_capacity_factor(cfg.capacity_factor);
@@ -162,6 +171,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
       mtp += model->last_mtp_loss() / double(cfg.batch);
       st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
     }
+    model->grads_to_host();
     model->scale_grad(1.0f / float(cfg.batch));
     const double gnorm = opt.clip_grad_norm(cfg.clip);
     FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,
@@ -175,6 +185,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
       const std::string bias = cat("model.layers.", layer, ".mlp.gate.e_score_correction_bias");
       if (cfg.bias_update > 0 && model->has(bias)) update_expert_bias(model->value(bias), load, cfg.bias_update);
     }
+    model->values_to_device();  // the updated masters and biases, for the next step's passes
     ++st.step;
     st.optimizer_steps = opt.steps();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

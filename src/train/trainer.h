@@ -21,7 +21,7 @@
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
 //    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0,
-//    "recompute": false, "capacity_factor": 0}
+//    "recompute": false, "capacity_factor": 0, "device": "cpu"}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -46,6 +46,10 @@ struct TrainConfig {
   // mtp_lambda_switch on (0: never) it is mtp_lambda_later.
   float mtp_lambda = -1.0f, mtp_lambda_later = 0.1f;
   int64_t mtp_lambda_switch = 0;
+  // Where the passes run: "cpu" (the reference, the default), "cuda", or "auto" (CUDA when a GPU
+  // is present). On CUDA the optimizer still steps the host masters (GradModel::use_backend), and
+  // the gradients' scatter-adds use atomics: runs are not bit-reproducible there yet.
+  std::string device = "cpu";
   bool recompute = false;        // activation recomputation (GradModel::set_recompute)
   float capacity_factor = 0.0f;  // expert capacity (0: no dropping; GradModel::set_capacity_factor)
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)

@@ -488,6 +488,26 @@ class CpuOps final : public Ops {
                               float dloss) override {
     cpu::cross_entropy_backward(losses, dlogits, logits, targets, dloss);
   }
+  void mul_rows(Tensor& x, const Tensor& s) override {
+    const int64_t M = s.numel();
+    FATHOM_CHECK(x.dtype() == DType::F32 && s.dtype() == DType::F32 && M > 0 && x.numel() % M == 0,
+                 "mul_rows: F32 x ", shape_str(x.shape()), " and one F32 factor per row, got ", shape_str(s.shape()));
+    const int64_t N = x.numel() / M;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) x.f32()[m * N + n] *= s.f32()[m];
+  }
+  void row_dot(Tensor& out, const Tensor& a, const Tensor& b) override {
+    const int64_t M = out.numel();
+    FATHOM_CHECK(out.dtype() == DType::F32 && a.dtype() == DType::F32 && b.dtype() == DType::F32 && M > 0 &&
+                     a.numel() == b.numel() && a.numel() % M == 0,
+                 "row_dot: F32 a ", shape_str(a.shape()), " b ", shape_str(b.shape()), " out ", shape_str(out.shape()));
+    const int64_t N = a.numel() / M;
+    for (int64_t m = 0; m < M; ++m) {
+      double d = 0;
+      for (int64_t n = 0; n < N; ++n) d += double(a.f32()[m * N + n]) * b.f32()[m * N + n];
+      out.f32()[m] = float(d);
+    }
+  }
 
  private:
   // The indices of the k largest of v[0..n) in descending order; ties keep the lower index.

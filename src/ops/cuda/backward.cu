@@ -316,6 +316,24 @@ __global__ void attention_backward_keys_kernel(AttnBwd a) {
   }
 }
 
+__global__ void mul_rows_kernel(float* __restrict__ x, const float* __restrict__ s, int64_t N) {
+  pdl_wait();
+  const float f = s[blockIdx.x];
+  float* r = x + int64_t(blockIdx.x) * N;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) r[i] *= f;
+}
+__global__ void row_dot_kernel(float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b,
+                               int64_t N) {
+  pdl_wait();
+  __shared__ float s32[32];
+  const float* ar = a + int64_t(blockIdx.x) * N;
+  const float* br = b + int64_t(blockIdx.x) * N;
+  float d = 0.f;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) d += ar[i] * br[i];
+  d = block_sum(d, s32);
+  if (threadIdx.x == 0) out[blockIdx.x] = d;
+}
+
 // One cuBLAS handle per device, created on first use; each call sets the stream.
 cublasHandle_t cublas_handle() {
   static std::mutex mu;
@@ -409,6 +427,19 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     launch_kernel(attention_backward_keys_kernel, blocks_for(keys, warps), threads, 0, as_cuda(stream), a);
     check_launch("attention_backward (keys)");
   }
+}
+
+void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream) {
+  if (M == 0 || N == 0) return;
+  FATHOM_CHECK(M < (int64_t(1) << 31), "mul_rows: ", M, " rows is too many for one launch.");
+  launch_kernel(mul_rows_kernel, unsigned(M), 256, 0, as_cuda(stream), x, s, N);
+  check_launch("mul_rows");
+}
+void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream) {
+  if (M == 0) return;
+  FATHOM_CHECK(M < (int64_t(1) << 31), "row_dot: ", M, " rows is too many for one launch.");
+  launch_kernel(row_dot_kernel, unsigned(M), 256, 0, as_cuda(stream), out, a, b, N);
+  check_launch("row_dot");
 }
 
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,

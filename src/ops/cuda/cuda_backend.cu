@@ -495,6 +495,25 @@ class CudaOps final : public Ops {
                                  logits.dim(1), dloss, ctx_->stream);
   }
 
+  void mul_rows(Tensor& x, const Tensor& s) override {
+    use();
+    f32(x, "mul_rows", "the rows");
+    f32(s, "mul_rows", "the factors");
+    const int64_t M = s.numel();
+    FATHOM_CHECK(M > 0 && x.numel() % M == 0, "mul_rows: x ", shape_str(x.shape()), " for ", M, " factors.");
+    cuda::mul_rows(x.f32(), s.f32(), M, x.numel() / M, ctx_->stream);
+  }
+  void row_dot(Tensor& out, const Tensor& a, const Tensor& b) override {
+    use();
+    f32(out, "row_dot", "the output");
+    f32(a, "row_dot", "the first rows");
+    f32(b, "row_dot", "the second rows");
+    const int64_t M = out.numel();
+    FATHOM_CHECK(M > 0 && a.numel() == b.numel() && a.numel() % M == 0, "row_dot: a ", shape_str(a.shape()), " b ",
+                 shape_str(b.shape()), " out ", shape_str(out.shape()));
+    cuda::row_dot(out.f32(), a.f32(), b.f32(), M, a.numel() / M, ctx_->stream);
+  }
+
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
     use();
     on_gpu(w, "matmul_per_head", "the weight");

@@ -189,6 +189,8 @@ void cross_entropy_backward(float* losses, float* dlogits, const float* logits, 
 void moe_gate_backward(float* dlogits, const float* dweights, const float* logits, const int32_t* experts, int64_t T,
                        const MoeGateParams& p, Stream stream);
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream);
+void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
+void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
 // dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
                      int64_t K, Stream stream);
