@@ -1,4 +1,6 @@
 #include <cuda_profiler_api.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -37,6 +39,44 @@ double copy_bandwidth(size_t bytes, int reps) {
   cudaFree(a);
   cudaFree(b);
   return 2.0 * double(bytes) / (double(best_ms) * 1e-3);
+}
+
+double bf16_gemm_flops(int n, int reps) {
+  // C (n × n, F32 out is not what training uses: bf16 out like a layer's activations) = A · B,
+  // bf16 inputs, F32 accumulation (CUBLAS_COMPUTE_32F): the dense bf16 rate of the tensor cores.
+  const size_t elems = size_t(n) * size_t(n);
+  void *a = nullptr, *b = nullptr, *c = nullptr;
+  ok(cudaMalloc(&a, elems * 2), "cudaMalloc");
+  ok(cudaMalloc(&b, elems * 2), "cudaMalloc");
+  ok(cudaMalloc(&c, elems * 2), "cudaMalloc");
+  ok(cudaMemset(a, 0x3c, elems * 2), "cudaMemset");  // bf16 0x3c3c ≈ 0.0115: finite, no denormals
+  ok(cudaMemset(b, 0x3c, elems * 2), "cudaMemset");
+  cublasHandle_t h = nullptr;
+  FATHOM_CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "bf16_gemm_flops: cublasCreate failed.");
+  const float one = 1.0f, zero = 0.0f;
+  cudaEvent_t t0, t1;
+  ok(cudaEventCreate(&t0), "cudaEventCreate");
+  ok(cudaEventCreate(&t1), "cudaEventCreate");
+  float best_ms = 1e30f;
+  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {  // the first call warms up (and picks the kernel)
+    ok(cudaEventRecord(t0), "cudaEventRecord");
+    const cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b,
+                                           CUDA_R_16BF, n, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT);
+    FATHOM_CHECK(st == CUBLAS_STATUS_SUCCESS, "bf16_gemm_flops: cublasGemmEx failed (status ", int(st), ").");
+    ok(cudaEventRecord(t1), "cudaEventRecord");
+    ok(cudaEventSynchronize(t1), "cudaEventSynchronize");
+    float ms = 0;
+    ok(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
+    if (r > 0) best_ms = std::min(best_ms, ms);
+  }
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+  cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * double(n) * n * n / (double(best_ms) * 1e-3);
 }
 
 void profiler_start() { cudaProfilerStart(); }

@@ -6,6 +6,9 @@
 namespace fathom::cuda {
 
 double copy_bandwidth(size_t bytes, int reps);  // bytes per second
+// The dense bf16 matrix rate (cuBLAS GEMM, n × n × n, F32 accumulation), best of `reps`: FLOP/s,
+// the peak a training benchmark's MFU is taken against.
+double bf16_gemm_flops(int n, int reps);
 
 // Marks the region a profiler started with `--profile-from-start off` (ncu, nsys) records;
 // no effect otherwise.
