@@ -12,7 +12,7 @@ Command add_train(CLI::App& app) {
   auto config = std::make_shared<std::string>();
   auto resume = std::make_shared<bool>(false);
   auto quiet = std::make_shared<bool>(false);
-  CLI::App* cmd = app.add_subcommand("train", "train a model on prepared token shards (CPU reference path)");
+  CLI::App* cmd = app.add_subcommand("train", "train a model on prepared token shards (CPU reference path; \"device\": \"cuda\" in the config for the GPU)");
   cmd->add_option("--config", *config, "training config (JSON: model, data, out, steps, batch, lr, ...)")->required();
   cmd->add_flag("--resume", *resume, "continue from the newest valid checkpoint under <out>/checkpoints");
   cmd->add_flag("-q,--quiet", *quiet, "no progress bar");

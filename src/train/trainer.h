@@ -1,4 +1,5 @@
-// The training loop on the CPU reference path: `fathom train --config FILE [--resume]`.
+// The training loop: `fathom train --config FILE [--resume]` (the CPU reference path, or the GPU with
+// "device": "cuda").
 //
 // Each step takes `batch` windows of seq_len + 1 tokens from the training shards (one after the
 // other through the shards, wrapping around; the position is part of the checkpoint), sums the
