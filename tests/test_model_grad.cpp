@@ -23,13 +23,18 @@ using namespace fathom::test;
 namespace {
 
 // mean next-token cross-entropy of the inference model (CPU, fp32, naive MLA), in double
-double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens) {
+// the inference model on the CPU in F32 with naive MLA (the layout training uses)
+std::unique_ptr<Model> reference_model(const std::string& dir) {
   ModelOptions o;
   o.device = DeviceKind::Cpu;
   o.precision = Precision::Fp32;
   o.mla_mode = MlaMode::Naive;
   o.progress = false;
-  auto m = Model::load(dir, o);
+  return Model::load(dir, o);
+}
+
+double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens) {
+  auto m = reference_model(dir);
   KvCache cache = m->new_cache(int64_t(tokens.size()));
   const std::vector<int32_t> in(tokens.begin(), tokens.end() - 1);
   const ForwardOutput out = m->forward(in, cache, ForwardRequest{});
@@ -48,12 +53,7 @@ double inference_loss(const std::string& dir, const std::vector<int32_t>& tokens
 // mean cross-entropy of the inference model's MTP module 0 (h: the main model's final-normed
 // hidden states) against tokens[i + 2]
 double inference_mtp_loss(const std::string& dir, const std::vector<int32_t>& tokens) {
-  ModelOptions o;
-  o.device = DeviceKind::Cpu;
-  o.precision = Precision::Fp32;
-  o.mla_mode = MlaMode::Naive;
-  o.progress = false;
-  auto m = Model::load(dir, o);
+  auto m = reference_model(dir);
   const std::vector<int32_t> in(tokens.begin(), tokens.end() - 1);
   KvCache cache = m->new_cache(int64_t(in.size()));
   const ForwardOutput out = m->forward(in, cache, ForwardRequest{});

@@ -12,7 +12,27 @@ namespace fathom::cuda {
 
 namespace {
 void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(cat("copy_bandwidth: ", what, ": ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw Error(cat("GPU limit measurement: ", what, ": ", cudaGetErrorString(e)));
+}
+// The fastest of `reps` runs of work() in milliseconds (CUDA events), after one warm-up run.
+template <typename F>
+float best_ms(int reps, F&& work) {
+  cudaEvent_t t0, t1;
+  ok(cudaEventCreate(&t0), "cudaEventCreate");
+  ok(cudaEventCreate(&t1), "cudaEventCreate");
+  float best = 1e30f;
+  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {
+    ok(cudaEventRecord(t0), "cudaEventRecord");
+    work();
+    ok(cudaEventRecord(t1), "cudaEventRecord");
+    ok(cudaEventSynchronize(t1), "cudaEventSynchronize");
+    float ms = 0;
+    ok(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
+    if (r > 0) best = std::min(best, ms);
+  }
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+  return best;
 }
 }  // namespace
 
@@ -21,29 +41,15 @@ double copy_bandwidth(size_t bytes, int reps) {
   ok(cudaMalloc(&a, bytes), "cudaMalloc");
   ok(cudaMalloc(&b, bytes), "cudaMalloc");
   ok(cudaMemset(a, 1, bytes), "cudaMemset");
-  cudaEvent_t t0, t1;
-  ok(cudaEventCreate(&t0), "cudaEventCreate");
-  ok(cudaEventCreate(&t1), "cudaEventCreate");
-  float best_ms = 1e30f;
-  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {  // the first copy warms up
-    ok(cudaEventRecord(t0), "cudaEventRecord");
-    ok(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
-    ok(cudaEventRecord(t1), "cudaEventRecord");
-    ok(cudaEventSynchronize(t1), "cudaEventSynchronize");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
-    if (r > 0) best_ms = std::min(best_ms, ms);
-  }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
+  const float ms = best_ms(reps, [&] { ok(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy"); });
   cudaFree(a);
   cudaFree(b);
-  return 2.0 * double(bytes) / (double(best_ms) * 1e-3);
+  return 2.0 * double(bytes) / (double(ms) * 1e-3);
 }
 
 double bf16_gemm_flops(int n, int reps) {
-  // C (n × n, F32 out is not what training uses: bf16 out like a layer's activations) = A · B,
-  // bf16 inputs, F32 accumulation (CUBLAS_COMPUTE_32F): the dense bf16 rate of the tensor cores.
+  // C = A · B, all n × n bf16, accumulated in F32 (CUBLAS_COMPUTE_32F): the dense bf16 rate of
+  // the tensor cores, as a bf16 training step's matrix products would run.
   const size_t elems = size_t(n) * size_t(n);
   void *a = nullptr, *b = nullptr, *c = nullptr;
   ok(cudaMalloc(&a, elems * 2), "cudaMalloc");
@@ -54,29 +60,17 @@ double bf16_gemm_flops(int n, int reps) {
   cublasHandle_t h = nullptr;
   FATHOM_CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "bf16_gemm_flops: cublasCreate failed.");
   const float one = 1.0f, zero = 0.0f;
-  cudaEvent_t t0, t1;
-  ok(cudaEventCreate(&t0), "cudaEventCreate");
-  ok(cudaEventCreate(&t1), "cudaEventCreate");
-  float best_ms = 1e30f;
-  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {  // the first call warms up (and picks the kernel)
-    ok(cudaEventRecord(t0), "cudaEventRecord");
+  const float ms = best_ms(reps, [&] {  // (the warm-up call also picks the kernel)
     const cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b,
                                            CUDA_R_16BF, n, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT);
     FATHOM_CHECK(st == CUBLAS_STATUS_SUCCESS, "bf16_gemm_flops: cublasGemmEx failed (status ", int(st), ").");
-    ok(cudaEventRecord(t1), "cudaEventRecord");
-    ok(cudaEventSynchronize(t1), "cudaEventSynchronize");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
-    if (r > 0) best_ms = std::min(best_ms, ms);
-  }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
+  });
   cublasDestroy(h);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
-  return 2.0 * double(n) * n * n / (double(best_ms) * 1e-3);
+  return 2.0 * double(n) * n * n / (double(ms) * 1e-3);
 }
 
 void profiler_start() { cudaProfilerStart(); }
