@@ -341,6 +341,9 @@ TEST(Tokenizer, BadTokenizerJson) {
   k = j;
   k["decoder"] = {{"type", "WordPiece"}};
   expect_error(k.dump(), "unknown decoder type \"WordPiece\"");
+  k = j;  // a decoder type that is not a string, inside a Sequence (found by fuzz_tokenizer_json)
+  k["decoder"] = nlohmann::json::parse(R"({"type": "Sequence", "decoders": [{"type": 0}]})");
+  expect_error(k.dump(), "decoder.decoders[0]");
   k = j;
   k["model"]["type"] = "Unigram";
   expect_error(k.dump(), "BPE model only");

@@ -267,6 +267,7 @@ TEST(Trainer, BadConfigsAreClearErrors) {
   EXPECT_NE(error_of(write_config(tmp, "g3", {{"capacity_factor", -2}})).find("capacity_factor"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g4", {{"recompute", "yes"}})).find("recompute"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g5", {{"device", "tpu"}})).find("device"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "g7", {{"lr", {{"schedule", 3}}}})).find("lr.schedule"), std::string::npos);
   if (!cuda_available()) {  // asking for the GPU where there is none is a clear error, not a CPU run
     EXPECT_NE(error_of(write_config(tmp, "g6", {{"device", "cuda"}, {"steps", 1}})), "");
   }

@@ -38,7 +38,9 @@ Command add_init_random(CLI::App& app) {
     const std::string config_text = read_file(*config);
     if (tok) {
       const auto cfg = nlohmann::json::parse(config_text, nullptr, false);
-      FATHOM_CHECK(cfg.is_object() && cfg.value("vocab_size", int64_t(0)) >= tok->vocab_size(), *config,
+      FATHOM_CHECK(cfg.is_object() && cfg.contains("vocab_size") && cfg["vocab_size"].is_number_integer() &&
+                       cfg["vocab_size"].get<int64_t>() >= tok->vocab_size(),
+                   *config,
                    ": vocab_size must be at least the tokenizer's ", tok->vocab_size(), " ids");
     }
     write_random_checkpoint(config_text, *out, *o, *config);

@@ -121,7 +121,9 @@ std::unique_ptr<Decoder> parse_decoder(const nlohmann::json& j, const std::strin
     const auto& arr = json_array(j, "decoders", where);
     std::vector<std::unique_ptr<Decoder>> items;
     for (size_t i = 0; i < arr.size(); ++i) {
-      if (arr[i].is_object() && arr[i].value("type", "") == "Fuse") fused = true;
+      // (a "type" that is not a string is reported by the recursive call, not thrown by value())
+      if (arr[i].is_object() && arr[i].contains("type") && arr[i]["type"].is_string() && arr[i]["type"] == "Fuse")
+        fused = true;
       if (auto d = parse_decoder(arr[i], cat(where, ".decoders[", i, "]"), fused)) items.push_back(std::move(d));
     }
     return std::make_unique<Sequence>(std::move(items));

@@ -109,7 +109,7 @@ void parse_config(const nlohmann::json& c, TokenizerConfig& cfg, bool& flags_giv
       cfg.chat_template = t.get<std::string>();
     } else if (t.is_array()) {  // [{"name": "default", "template": "..."}, ...]
       for (const auto& e : t)
-        if (e.is_object() && e.value("name", "") == "default") cfg.chat_template = json_string(e, "template", where + ".chat_template");
+        if (e.is_object() && e.contains("name") && e["name"].is_string() && e["name"] == "default") cfg.chat_template = json_string(e, "template", where + ".chat_template");
       FATHOM_CHECK(!cfg.chat_template.empty(), where, ".chat_template has no template named \"default\"");
     } else if (!t.is_null()) {
       throw Error(cat(where, ".chat_template must be a string or a list of named templates"));

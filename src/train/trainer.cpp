@@ -90,6 +90,8 @@ TrainConfig load_train_config(const std::string& path) {
                "checkpoint_every, eval_every, bias_update, balance_alpha and clip not negative.");
   const json lr = j.value("lr", json::object());
   FATHOM_CHECK(lr.is_object(), "training config '", path, "': \"lr\" must be an object.");
+  FATHOM_CHECK(!lr.contains("schedule") || lr["schedule"].is_string(), "training config '", path,
+               "': lr.schedule must be cosine, wsd or constant (a string).");
   const std::string sched = lr.value("schedule", std::string("cosine"));
   FATHOM_CHECK(sched == "cosine" || sched == "wsd" || sched == "constant", "training config '", path,
                "': lr.schedule must be cosine, wsd or constant, not ", sched, ".");
