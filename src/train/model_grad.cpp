@@ -11,7 +11,6 @@
 #include "model/moe.h"
 #include "model/rope.h"
 #include "ops/ops.h"
-#include "train/backward.h"
 #include "train/balance.h"
 
 namespace fs = std::filesystem;

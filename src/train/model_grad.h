@@ -1,9 +1,10 @@
 // The loss of a DeepSeek-V3/V2-architecture model on a token sequence and its gradient with
-// respect to every weight, on the CPU in F32: the reference training step.
+// respect to every weight, in F32: the reference training step on the CPU, and the same code on
+// the GPU through the CUDA backend (use_backend).
 //
-// The forward pass is the inference model's (the CPU ops, naive MLA: per-head keys and values
-// decompressed by kv_b_proj, which is what trains) with every activation the backward needs kept;
-// the backward calls the passes of src/train/backward.h in exactly the reverse order:
+// The forward pass is the inference model's ops (naive MLA: per-head keys and values decompressed
+// by kv_b_proj, which is what trains) with every activation the backward needs kept; the backward
+// calls the Ops::*_backward passes (math in src/ops/cpu/backward.h) in exactly the reverse order:
 //   embedding → for each layer: x += MLA(rmsnorm(x)); x += MLP or MoE(rmsnorm(x))
 //   → rmsnorm → LM head → cross-entropy against the next tokens.
 // MoE gradients reach the router through the chosen experts' routing weights; the expert choice
