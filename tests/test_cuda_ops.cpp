@@ -498,6 +498,90 @@ TEST_F(CudaOps, MatmulPerHead) {
   }
 }
 
+// W_UK with the q_pe RoPE and the latent-cache append in its launch (HeadMatmulParams'
+// also_rope / also_append, absorbed MLA's decode): the same results as the three separate CPU
+// ops, the GEMV path carrying them (T <= 8) and the tiled GEMM leaving them to their own kernels.
+TEST_F(CudaOps, MatmulPerHeadWithSideOps) {
+  const int H = 16, nope = 128, rd = 64;
+  const int64_t R = 512, dq = nope + rd, W = R + rd;
+  for (DType dt : {DType::BF16, DType::F32}) {
+    Tensor w32 = randn({H, R, nope}, 1.0f / std::sqrt(float(nope)));
+    Tensor w = from_f32(w32.f32(), w32.shape(), dt), dw = up(w);
+    for (int64_t T : {1, 3, 9}) {
+      for (DType cache_dt : {DType::BF16, DType::F32}) {
+        const bool interleaved = T % 2 == 1;
+        Tensor q = randn({T, H, dq}), kv = randn({T, W}, 3.0f), g = randn({R});
+        Tensor cs = uniform({T, rd / 2}, -1.2f, 1.2f), sn = uniform({T, rd / 2}, -1.2f, 1.2f);
+        const int64_t rows = T + 4, pos0 = 2;
+        auto run = [&](Ops& ops, const Tensor& wt, float* qp, const float* kvp, const float* gp, const float* cp,
+                       const float* sp, float* out, void* cache) {
+          HeadMatmulParams p;
+          p.x = qp, p.x_token_stride = H * dq, p.x_head_stride = dq;
+          p.out = out, p.out_token_stride = H * W, p.out_head_stride = W;
+          p.n_tokens = T;
+          RopeParams r;
+          r.x = qp, r.n_tokens = T, r.token_stride = H * dq, r.head_stride = dq, r.n_heads = H, r.offset = nope;
+          r.rope_dim = rd, r.cos = cp, r.sin = sp, r.interleaved = interleaved;
+          r.out = out, r.out_token_stride = H * W, r.out_head_stride = W, r.out_offset = int(R);
+          MlaAppendParams a;
+          a.out = cache, a.out_dtype = cache_dt, a.pos0 = pos0, a.kv = kvp, a.kv_token_stride = W, a.n_tokens = T;
+          a.kv_lora_rank = int(R), a.rope_dim = rd, a.norm_weight = gp, a.eps = 1e-6f, a.cos = cp, a.sin = sp;
+          a.interleaved = interleaved;
+          p.also_rope = &r;
+          p.also_append = &a;
+          ops.matmul_per_head(p, wt);
+        };
+        Tensor want = host_poison({T, H, W}), want_cache = host_poison({rows, W}, cache_dt);
+        run(*cpu_, w, q.f32(), kv.f32(), g.f32(), cs.f32(), sn.f32(), want.f32(), want_cache.data());
+        Tensor dq_ = up(q), dkv = up(kv), dg = up(g), dcs = up(cs), dsn = up(sn);
+        Tensor got = gpu_poison({T, H, W}), got_cache = gpu_poison({rows, W}, cache_dt);
+        run(*gpu_, dw, dq_.f32(), dkv.f32(), dg.f32(), dcs.f32(), dsn.f32(), got.f32(), got_cache.data());
+        const std::string what = cat(dtype_name(dt), " T ", T, " cache ", dtype_name(cache_dt));
+        EXPECT_LT(max_err(down(got), want), 1e-4) << what << ": the absorbed query";
+        Tensor gc = down(got_cache);
+        const size_t rb = size_t(W) * dtype_size(cache_dt);
+        for (int64_t r0 = 0; r0 < rows; ++r0) {
+          const uint8_t* a = static_cast<const uint8_t*>(gc.data()) + r0 * rb;
+          const uint8_t* b = static_cast<const uint8_t*>(want_cache.data()) + r0 * rb;
+          if (r0 < pos0 || r0 >= pos0 + T) {
+            EXPECT_TRUE(std::all_of(a, a + rb, [](uint8_t x) { return x == 0xFF; })) << what << ": row " << r0 << " was written";
+          } else if (cache_dt == DType::F32) {
+            Tensor ga = Tensor::view(gc.f32() + r0 * W, {W}, DType::F32, nullptr);
+            Tensor wa = Tensor::view(want_cache.f32() + r0 * W, {W}, DType::F32, nullptr);
+            EXPECT_LT(max_err(ga, wa), 1e-5) << what << ": cache row " << r0;
+          } else {  // within one bf16 ulp (the norm's sum rounds differently)
+            const uint16_t* ua = reinterpret_cast<const uint16_t*>(a);
+            const uint16_t* ub = reinterpret_cast<const uint16_t*>(b);
+            int worst = 0;
+            for (int64_t i = 0; i < W; ++i) {
+              const bool same_sign = (ua[i] ^ ub[i]) < 0x8000;
+              worst = std::max(worst, same_sign ? std::abs(int(ua[i]) - int(ub[i])) : (ua[i] & 0x7FFF) + (ub[i] & 0x7FFF));
+            }
+            EXPECT_LE(worst, 1) << what << ": cache row " << r0 << " (bf16 ulps)";
+          }
+        }
+      }
+    }
+  }
+  // a bad side op is an error before anything is launched
+  Tensor q = up(randn({1, H, dq})), out = gpu_poison({1, H, W});
+  Tensor w = up(from_f32(randn({H, R, nope}).f32(), {H, R, nope}, DType::BF16));
+  HeadMatmulParams p;
+  p.x = q.f32(), p.x_token_stride = H * dq, p.x_head_stride = dq;
+  p.out = out.f32(), p.out_token_stride = H * W, p.out_head_stride = W, p.n_tokens = 1;
+  RopeParams r;
+  r.x = q.f32(), r.n_tokens = 1, r.token_stride = H * dq, r.head_stride = dq, r.n_heads = H, r.offset = nope, r.rope_dim = 3;
+  r.cos = q.f32(), r.sin = q.f32();
+  p.also_rope = &r;
+  EXPECT_THROW(gpu_->matmul_per_head(p, w), Error);
+  r.rope_dim = rd;
+  MlaAppendParams a;
+  a.out = out.data(), a.out_dtype = DType::F16, a.kv = q.f32(), a.kv_token_stride = W, a.n_tokens = 1;
+  a.kv_lora_rank = int(R), a.rope_dim = rd, a.norm_weight = q.f32(), a.cos = q.f32(), a.sin = q.f32();
+  p.also_append = &a;
+  EXPECT_THROW(gpu_->matmul_per_head(p, w), Error);
+}
+
 // ---- attention
 
 struct AttnCase {

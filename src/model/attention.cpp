@@ -194,20 +194,16 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     uk.out_token_stride = int64_t(H) * (R + rd);
     uk.out_head_stride = R + rd;
     uk.n_tokens = T;
-    ops.matmul_per_head(uk, w.w_uk_t);
     rq.out = qabs.f32();
     rq.out_token_stride = int64_t(H) * (R + rd);
     rq.out_head_stride = R + rd;
     rq.out_offset = int(R);
-    ops.rope(rq);
-    Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
-    for (const SeqSlice& sl : seqs) {
-      LayerKvCache& layer = *sl.cache;
-      // cache row = [rmsnorm(c_kv) | rope(k_pe)] from kv's raw rows, in one op
-      const DType ld = layer.latent.dtype();
+    uk.also_rope = &rq;
+    // cache row = [rmsnorm(c_kv) | rope(k_pe)] from kv's raw rows, in one op
+    auto append_params = [&](const SeqSlice& sl) {
       MlaAppendParams app;
-      app.out = layer.latent.data();
-      app.out_dtype = ld;
+      app.out = sl.cache->latent.data();
+      app.out_dtype = sl.cache->latent.dtype();
       app.pos0 = sl.pos0;
       app.out_token_index = sl.pos_device;  // when set, the row comes from it
       app.kv = kv.f32() + sl.t0 * (R + rd);
@@ -220,7 +216,21 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       app.cos = rope.cos->f32() + sl.t0 * (rd / 2);
       app.sin = rope.sin->f32() + sl.t0 * (rd / 2);
       app.interleaved = c.rope_interleave;
-      ops.mla_cache_append(app);
+      return app;
+    };
+    // One sequence (batch-1 decode, a prompt): its append rides with W_UK and the q_pe RoPE
+    // (independent of both), which the CUDA backend runs in one launch.
+    MlaAppendParams app0;
+    if (seqs.size() == 1) {
+      app0 = append_params(seqs[0]);
+      uk.also_append = &app0;
+    }
+    ops.matmul_per_head(uk, w.w_uk_t);
+    Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
+    for (const SeqSlice& sl : seqs) {
+      LayerKvCache& layer = *sl.cache;
+      const DType ld = layer.latent.dtype();
+      if (seqs.size() > 1) ops.mla_cache_append(append_params(sl));
       AttentionParams ap = attention_params(sl);
       ap.q = qabs.f32() + sl.t0 * int64_t(H) * (R + rd);
       ap.q_token_stride = int64_t(H) * (R + rd);

@@ -109,6 +109,12 @@ struct HeadMatmulParams {
   const float* x = nullptr;  // (n_tokens, n_heads, K)
   int64_t x_token_stride = 0, x_head_stride = 0;
   int64_t n_tokens = 0;
+  // Optional small ops done with the matmul, as Ops::rope / Ops::mla_cache_append would do them
+  // after it; they must read nothing the matmul writes and write nothing it reads. Absorbed MLA
+  // passes its q_pe RoPE and latent-cache append with W_UK: the CUDA backend runs them in spare
+  // blocks of the same launch when decoding (two kernel boundaries less per layer).
+  const RopeParams* also_rope = nullptr;
+  const MlaAppendParams* also_append = nullptr;
 };
 
 // An RMSNorm an op applies to its input rows before using them: x / rms(x) * weight, exactly as

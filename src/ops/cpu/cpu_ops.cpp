@@ -298,6 +298,12 @@ class CpuOps final : public Ops {
   void sample(Tensor& ids, const Tensor& logits, const Tensor& params) override { cpu::sample(ids, logits, params); }
 
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
+    head_matmul(p, w);
+    if (p.also_rope) rope(*p.also_rope);
+    if (p.also_append) mla_cache_append(*p.also_append);
+  }
+
+  void head_matmul(const HeadMatmulParams& p, const Tensor& w) {
     const int H = int(w.dim(0));  // w (H, N, K)
     if (H == 0 || p.n_tokens == 0) return;
     const int64_t N = w.dim(1), K = w.dim(2);

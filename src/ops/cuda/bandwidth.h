@@ -16,3 +16,19 @@ void profiler_start();
 void profiler_stop();
 
 }  // namespace fathom::cuda
+
+#include <string>
+#include <vector>
+namespace fathom::cuda {
+// stage_bench.cu: a chain of dependent GEMV stages shaped like `layers` DeepSeek decode layers
+// (tiny: 64×64 stages, the synchronisation cost alone), as one kernel per stage (PDL, graph)
+// and as persistent kernels with a grid barrier between stages and L2 look-ahead. Seconds per
+// chain, best of `reps`.
+struct StageBenchRow {
+  std::string variant;
+  double seconds = 0;
+  double weight_bytes = 0;
+  int stages = 0;
+};
+std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps);
+}  // namespace fathom::cuda

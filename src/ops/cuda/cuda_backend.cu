@@ -534,8 +534,14 @@ class CudaOps final : public Ops {
     m.N = w.dim(1);
     m.K = w.dim(2);
     m.batch = int(w.dim(0));
-    if (m.batch == 0) return;
-    cuda::matmul(m, ctx_->stream);
+    cuda::GemvSide side;
+    side.rope = p.also_rope;
+    side.append = p.also_append;
+    if (m.batch == 0) {
+      m.M = 0;  // nothing to multiply; the side ops still run
+      m.batch = 1;
+    }
+    cuda::matmul(m, ctx_->stream, side);
   }
 
   void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {

@@ -68,6 +68,10 @@ void rope(const RopeParams& p, Stream stream);
 // MlaAppendParams (ops.h): the absorbed-MLA cache rows [rmsnorm(c_kv) * w | rope(k_pe)] in F32
 // or BF16, one block per token (replaces rope + copy + rmsnorm + two copies).
 void mla_cache_append(const MlaAppendParams& p, Stream stream);
+// The checks rope() and mla_cache_append() make, for a launcher that runs them in its own
+// launch (GemvSide below); false when there is nothing to do.
+bool rope_checked(const RopeParams& p);
+bool mla_append_checked(const MlaAppendParams& p);
 // cos, sin (T, half) = cos/sin(positions[t] * inv_freq[i]) * attention_factor, in double like
 // the CPU; positions (T) I32, inv_freq (half) F64.
 void rope_tables(float* cos, float* sin, const int32_t* positions, const double* inv_freq, int64_t T, int64_t half,
@@ -100,9 +104,17 @@ struct MatmulParams {
   float eps = 0.f;
   bool accumulate = false;  // out += instead of out =
 };
+// Small ops a GEMV launch may run in spare blocks of its grid, one kernel boundary less each
+// (the q_pe RoPE and the latent-cache append ride in MLA's W_UK launch when decoding). They must
+// read nothing the matmul writes and write nothing it reads; when the matmul is not a GEMV they
+// are launched after it.
+struct GemvSide {
+  const RopeParams* rope = nullptr;
+  const MlaAppendParams* append = nullptr;
+};
 // M <= 8: a GEMV that streams W once with 16-byte loads; larger M: a tiled SIMT GEMM that
 // dequantizes W while loading its tiles.
-void matmul(const MatmulParams& p, Stream stream);
+void matmul(const MatmulParams& p, Stream stream, const GemvSide& side = {});
 // Several matmuls in order; runs of GEMVs (M <= 8) of one dtype and the same M share a launch.
 void matmul_batch(const MatmulParams* ps, int n, Stream stream);
 

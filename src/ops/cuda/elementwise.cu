@@ -9,6 +9,7 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/small_ops.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -26,22 +27,6 @@ __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restr
   const int64_t t = blockIdx.x;
   const T* row = table + int64_t(ids[t]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) out[t * H + i] = to_f32(row[i]);
-}
-
-// 1 / sqrt(mean + eps) of a row whose squares this block's threads summed into ss (each its
-// share); every thread gets the result. Ends synchronized.
-__device__ inline float block_rms_inverse(float ss, int64_t n, float eps) {
-  ss = warp_sum(ss);
-  __shared__ float warp_sums[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = ss;
-  __syncthreads();
-  if (warp == 0) {
-    ss = warp_sum(lane < int(blockDim.x / 32) ? warp_sums[lane] : 0.f);
-    if (lane == 0) warp_sums[0] = rsqrtf(ss / float(n) + eps);
-  }
-  __syncthreads();
-  return warp_sums[0];
 }
 
 // grid (M), block 256: block-wide sum of squares (warp shuffles, then one value per warp).
@@ -109,53 +94,14 @@ __global__ void copy_kernel(CopyParams p) {
 // p.out when it is set.
 __global__ void rope_kernel(RopeParams p) {
   pdl_wait();
-  const int64_t t = blockIdx.x / p.n_heads;
-  const int h = int(blockIdx.x % p.n_heads);
-  const int half = p.rope_dim / 2;
-  float* v = p.x + t * p.token_stride + h * p.head_stride + p.offset;
-  float* o = p.out ? p.out + t * p.out_token_stride + h * p.out_head_stride + p.out_offset : v;
-  const float* c = p.cos + t * half;
-  const float* s = p.sin + t * half;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    // interleaved: the pair (2i, 2i+1) rotates by angle i; halves: (i, i + half)
-    const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
-    const float x0 = v[a], x1 = v[b], si = p.inverse ? -s[i] : s[i];
-    o[a] = x0 * c[i] - x1 * si;
-    o[b] = x1 * c[i] + x0 * si;
-  }
+  rope_row(p, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-// grid (n_tokens), block norm_threads(kv_lora_rank): one cache row per block. The rotated k_pe
-// pairs first (no reduction needed), then rmsnorm_kernel's block-wide sum of squares of c_kv and
-// the normalised latent; every value is stored once, converted to the cache dtype.
+// grid (n_tokens), block norm_threads(kv_lora_rank): one cache row per block (mla_append_row).
 template <bool kBf16>
 __global__ void mla_cache_append_kernel(MlaAppendParams p) {
   pdl_wait();
-  const int64_t t = blockIdx.x, R = p.kv_lora_rank;
-  const int half = p.rope_dim / 2;
-  const float* in = p.kv + t * p.kv_token_stride;
-  const int64_t row = p.out_token_index ? int64_t(p.out_token_index[t]) : p.pos0 + t;
-  const int64_t o = row * (R + p.rope_dim);
-  auto store = [&](int64_t i, float v) {
-    if constexpr (kBf16)
-      static_cast<uint16_t*>(p.out)[o + i] = f32_to_bf16_bits(v);
-    else
-      static_cast<float*>(p.out)[o + i] = v;
-  };
-  const float* c = p.cos + t * half;
-  const float* s = p.sin + t * half;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const int a = p.interleaved ? 2 * i : i, b = p.interleaved ? 2 * i + 1 : i + half;
-    const float x0 = in[R + a], x1 = in[R + b];
-    store(R + a, x0 * c[i] - x1 * s[i]);
-    store(R + b, x1 * c[i] + x0 * s[i]);
-  }
-  float ss = 0.f;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) ss += in[i] * in[i];
-  const float inv = block_rms_inverse(ss, R, p.eps);
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) store(i, in[i] * inv * p.norm_weight[i]);
+  mla_append_row<kBf16>(p, blockIdx.x);
 }
 
 // Grid-stride over (t, i): the angles in double, like the CPU.
@@ -320,26 +266,36 @@ void argmax(int32_t* ids, const float* logits, int64_t B, int64_t V, Stream stre
   check_launch("argmax");
 }
 
-void rope(const RopeParams& p, Stream stream) {
+bool rope_checked(const RopeParams& p) {
   FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "rope: rope_dim ", p.rope_dim, " must be even.");
   const int64_t rows = p.n_tokens * p.n_heads;
-  if (rows == 0 || p.rope_dim == 0) return;
+  if (rows == 0 || p.rope_dim == 0) return false;
   FATHOM_CHECK(rows <= kMaxRows, "rope: ", rows, " (token, head) rows is too many for one launch.");
   FATHOM_ASSERT(p.x && p.cos && p.sin, "rope with a null pointer");
-  launch_kernel(rope_kernel, unsigned(rows), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream), p);
+  return true;
+}
+
+void rope(const RopeParams& p, Stream stream) {
+  if (!rope_checked(p)) return;
+  launch_kernel(rope_kernel, unsigned(p.n_tokens * p.n_heads), threads_for(p.rope_dim / 2, 128), 0, as_cuda(stream), p);
   check_launch("rope");
 }
 
-void mla_cache_append(const MlaAppendParams& p, Stream stream) {
+bool mla_append_checked(const MlaAppendParams& p) {
   FATHOM_CHECK(p.out_dtype == DType::F32 || p.out_dtype == DType::BF16, "mla_cache_append: cache dtype ",
                dtype_name(p.out_dtype), " is not supported; expected F32 or BF16.");
   FATHOM_CHECK(p.rope_dim >= 0 && p.rope_dim % 2 == 0, "mla_cache_append: rope_dim ", p.rope_dim, " must be even.");
   FATHOM_CHECK(p.kv_lora_rank > 0 && p.n_tokens >= 0, "mla_cache_append: kv_lora_rank ", p.kv_lora_rank, " and ",
                p.n_tokens, " tokens; expected a positive rank and no negative count.");
-  if (p.n_tokens == 0) return;
+  if (p.n_tokens == 0) return false;
   FATHOM_CHECK(p.n_tokens <= kMaxRows, "mla_cache_append: ", p.n_tokens, " tokens is too many for one launch.");
   FATHOM_ASSERT(p.out && p.kv && p.norm_weight && (p.rope_dim == 0 || (p.cos && p.sin)),
                 "mla_cache_append with a null pointer");
+  return true;
+}
+
+void mla_cache_append(const MlaAppendParams& p, Stream stream) {
+  if (!mla_append_checked(p)) return;
   const unsigned threads = norm_threads(p.kv_lora_rank);
   if (p.out_dtype == DType::BF16)
     launch_kernel(mla_cache_append_kernel<true>, unsigned(p.n_tokens), threads, 0, as_cuda(stream), p);

@@ -17,6 +17,7 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/small_ops.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -29,17 +30,40 @@ constexpr int kGemvThreads = 128;
 // kv_a projections of MLA read the same x): block b belongs to the first job whose block_end
 // exceeds b. A lone job may have a batch (gridDim.y).
 constexpr int kMaxJobs = 4;
+// GemvSide's ops by value: rope_blocks blocks for the RoPE, then one block per appended token.
+struct SideJobs {
+  int rope_blocks = 0, append_blocks = 0;
+  bool append_bf16 = false;
+  RopeParams rope;
+  MlaAppendParams append;
+};
 struct GemvJobs {
   MatmulParams job[kMaxJobs];
   int64_t block_end[kMaxJobs];
   bool vec[kMaxJobs];
   int n = 0;
+  SideJobs side;
 };
 
-// grid (Σ ceil(N / R), batch), block kGemvThreads.
+// Block b of the side ops (after the GEMV blocks, in the first batch row only).
+__device__ inline void run_side(const SideJobs& s, int64_t b) {
+  pdl_wait();
+  if (b < s.rope_blocks) return rope_all(s.rope, b * blockDim.x + threadIdx.x, int64_t(s.rope_blocks) * blockDim.x);
+  b -= s.rope_blocks;
+  if (s.append_bf16)
+    mla_append_row<true>(s.append, b);
+  else
+    mla_append_row<false>(s.append, b);
+}
+
+// grid (Σ ceil(N / R) + side blocks, batch), block kGemvThreads.
 template <DType D, int MP, int R, bool NORM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvJobs jobs) {
   constexpr int E = ElemSize<D>::value;
+  if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
+    if (blockIdx.y == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
+    return;
+  }
   int j = 0;
   while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
   const MatmulParams& p = jobs.job[j];
@@ -136,28 +160,47 @@ GemvJobs gemv_jobs(const MatmulParams* ps, int n) {
 }
 
 // jobs of one dtype, the same M (<= MP) and, with several, no batch.
+// The side ops of a launch (their parameters checked by the caller).
+SideJobs side_jobs(const GemvSide& side) {
+  SideJobs sj;
+  if (side.rope) {
+    sj.rope = *side.rope;
+    const int64_t items = sj.rope.n_tokens * sj.rope.n_heads * (sj.rope.rope_dim / 2);
+    sj.rope_blocks = int(std::min<int64_t>(ceil_div(items, kGemvThreads * 4), 1024));  // a few pairs per thread
+  }
+  if (side.append) {
+    sj.append = *side.append;
+    sj.append_blocks = int(sj.append.n_tokens);
+    sj.append_bf16 = sj.append.out_dtype == DType::BF16;
+  }
+  return sj;
+}
+
 template <DType D, int MP, bool NORM>
-void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s) {
+void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& side) {
   int64_t rows = 0;
   for (int i = 0; i < n; ++i) rows += ps[i].N * ps[i].batch;
+  const int64_t side_blocks = int64_t(side.rope_blocks) + side.append_blocks;
   // Four rows per block while that still gives every SM several blocks; else one.
   if (ceil_div(rows, 4) >= 8 * sm_count()) {
-    const GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
-    launch_kernel(gemv_kernel<D, MP, 4, NORM>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)),
-                  kGemvThreads, 0, s, jobs);
+    GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
+    jobs.side = side;
+    launch_kernel(gemv_kernel<D, MP, 4, NORM>,
+                  dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
   } else {
-    const GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
-    launch_kernel(gemv_kernel<D, MP, 1, NORM>, dim3(unsigned(jobs.block_end[n - 1]), unsigned(ps[0].batch)),
-                  kGemvThreads, 0, s, jobs);
+    GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
+    jobs.side = side;
+    launch_kernel(gemv_kernel<D, MP, 1, NORM>,
+                  dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
   }
   check_launch("matmul (gemv_kernel)");
 }
 
 // The jobs of one launch all normalise their input or none does (matmul_batch groups them so).
 template <DType D, int MP>
-void launch_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
-  if (ps[0].norm) return launch_gemv_norm<D, MP, true>(ps, n, s);
-  launch_gemv_norm<D, MP, false>(ps, n, s);
+void launch_gemv(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& side) {
+  if (ps[0].norm) return launch_gemv_norm<D, MP, true>(ps, n, s, side);
+  launch_gemv_norm<D, MP, false>(ps, n, s, side);
 }
 
 template <DType D, int BM, int BN>
@@ -173,20 +216,30 @@ void launch_gemm(const MatmulParams& p, cudaStream_t s) {
 }
 
 template <DType D>
-void run_gemv(const MatmulParams* ps, int n, cudaStream_t s) {
+void run_gemv(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& side = {}) {
   const int64_t M = ps[0].M;
-  if (M <= 1) return launch_gemv<D, 1>(ps, n, s);
-  if (M <= 2) return launch_gemv<D, 2>(ps, n, s);
-  if (M <= 4) return launch_gemv<D, 4>(ps, n, s);
-  launch_gemv<D, 8>(ps, n, s);
+  if (M <= 1) return launch_gemv<D, 1>(ps, n, s, side);
+  if (M <= 2) return launch_gemv<D, 2>(ps, n, s, side);
+  if (M <= 4) return launch_gemv<D, 4>(ps, n, s, side);
+  launch_gemv<D, 8>(ps, n, s, side);
 }
 
 template <DType D>
-void run(const MatmulParams& p, cudaStream_t s) {
-  if (p.M <= 8) return run_gemv<D>(&p, 1, s);
+void run_gemm(const MatmulParams& p, cudaStream_t s) {
   if (p.M <= 32) return launch_gemm<D, 32, 64>(p, s);
   if (p.M <= 64) return launch_gemm<D, 64, 64>(p, s);
   launch_gemm<D, 128, 128>(p, s);
+}
+
+// The matmul, with the side ops in its launch when it is a GEMV (and true), else false.
+template <DType D>
+bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
+  if (p.M <= 8) {
+    run_gemv<D>(&p, 1, s, side);
+    return true;
+  }
+  run_gemm<D>(p, s);
+  return false;
 }
 
 // The checks every matmul passes; false when there is nothing to compute.
@@ -209,8 +262,17 @@ bool check_params(const MatmulParams& p) {
 
 }  // namespace
 
-void matmul(const MatmulParams& p_in, Stream stream) {
-  if (!check_params(p_in)) return;
+void matmul(const MatmulParams& p_in, Stream stream, const GemvSide& side_in) {
+  GemvSide side = side_in;  // the side ops' checks first: a bad one is an error before any launch
+  if (side.rope && !rope_checked(*side.rope)) side.rope = nullptr;
+  if (side.append && !mla_append_checked(*side.append)) side.append = nullptr;
+  const bool has_side = side.rope || side.append;
+  // the side ops after the matmul, as their own kernels, when the matmul cannot carry them
+  auto side_apart = [&] {
+    if (side.rope) rope(*side.rope, stream);
+    if (side.append) mla_cache_append(*side.append, stream);
+  };
+  if (!check_params(p_in)) return side_apart();
   const cudaStream_t s = as_cuda(stream);
   MatmulParams p = p_in;
   // The tiled GEMM has no norm prologue: there the rows are normalised into a work space first
@@ -225,17 +287,22 @@ void matmul(const MatmulParams& p_in, Stream stream) {
     p.norm = nullptr;
   }
   if (p.K == 0) {
-    if (p.accumulate) return;  // out += 0
-    FATHOM_CHECK(p.M <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
-    launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
-    return check_launch("matmul (zero_rows_kernel)");
+    if (!p.accumulate) {  // else out += 0
+      FATHOM_CHECK(p.M <= 65535, "matmul: M = ", p.M, " rows is too many for one launch");
+      launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
+      check_launch("matmul (zero_rows_kernel)");
+    }
+    return side_apart();
   }
+  const SideJobs sj = has_side ? side_jobs(side) : SideJobs{};
+  bool carried = false;
   switch (p.w_dtype) {
-    case DType::F32: return run<DType::F32>(p, s);
-    case DType::BF16: return run<DType::BF16>(p, s);
-    case DType::F16: return run<DType::F16>(p, s);
-    default: return run<DType::F8_E4M3>(p, s);
+    case DType::F32: carried = run<DType::F32>(p, s, sj); break;
+    case DType::BF16: carried = run<DType::BF16>(p, s, sj); break;
+    case DType::F16: carried = run<DType::F16>(p, s, sj); break;
+    default: carried = run<DType::F8_E4M3>(p, s, sj); break;
   }
+  if (!carried) side_apart();
 }
 
 void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
