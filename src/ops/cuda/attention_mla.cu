@@ -121,8 +121,32 @@ __device__ inline void load_tile(uint16_t* tile, const uint16_t* __restrict__ kb
 }
 
 // grid (ceil(rows / 16), n_kv_heads, n_chunks), block kThreads, MlaSmem<STAGES>::bytes.
+// The key rows of the block's chunk into L2, before the wait (one bulk prefetch per run of
+// rows contiguous in the cache): every row but this step's new ones was written by kernels that
+// finished before the one this kernel waits for, the key count and the block table by copies
+// that precede every kernel of the step, and L2 is where writes land, so a prefetched line is
+// never stale; the rows are read (cp.async) after the wait, from L2 instead of memory.
+__device__ inline void prefetch_chunk(const MlaLaunch& a, int g, int c) {
+  const AttentionParams& p = a.p;
+  const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
+  const int64_t kb = int64_t(c) * a.chunk, ke = min(n_kv, kb + a.chunk);
+  const uint16_t* base = static_cast<const uint16_t*>(p.k) + int64_t(g) * p.k_head_stride;
+  const uint64_t stride = uint64_t(p.k_token_stride) * 2, row = kDqk * 2;
+  for (int64_t j = kb; j < ke;) {
+    int64_t end = ke, first = j;
+    if (p.block_table) {
+      const int64_t page = j / p.block_size;
+      end = min(ke, (page + 1) * p.block_size);
+      first = int64_t(p.block_table[page]) * p.block_size + j % p.block_size;
+    }
+    prefetch_l2(base + first * p.k_token_stride, uint64_t(end - j - 1) * stride + row);
+    j = end;
+  }
+}
+
 template <int STAGES>
 __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
+  if (threadIdx.x == 0) prefetch_chunk(a, blockIdx.y, blockIdx.z);
   pdl_wait();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using S = MlaSmem<STAGES>;
