@@ -14,7 +14,9 @@
 // instead of the argmax. Prefill runs one prompt.
 //
 // usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
-//                          [--decode 64] [--prefill 2048] [--batches 1,8,32]
+//                          [--decode 64] [--prefill 2048] [--batches 1,8,32] [--repeat]
+// --repeat: also the batch-1 step with each kind of op (the GEMVs, the attention, the routing,
+// the experts) launched twice, and the time that adds: what that kind costs inside the step.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -28,6 +30,7 @@
 #include "ops/ops.h"
 #ifdef FATHOM_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
+#include "ops/cuda/cuda_ops.h"
 #endif
 
 using namespace fathom;
@@ -57,6 +60,7 @@ int32_t argmax(const float* l, int64_t n) { return int32_t(std::max_element(l, l
 struct Row {
   std::string model, dtype, what;
   double tokens_per_s = 0, roofline = 0;  // roofline tokens/s (batch 1 only)
+  double added_us = 0;                     // --repeat rows: the time the doubled ops add per step
 };
 
 }  // namespace
@@ -65,6 +69,7 @@ struct Row {
 int main(int argc, char** argv) {
   std::string models = "v3-4.9b,v2-lite-16b", dtypes = "bf16,fp8", batches = "1,8,32";
   int64_t n_prompt = 128, n_decode = 64, n_prefill = 2048;
+  bool repeat = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -80,6 +85,7 @@ int main(int argc, char** argv) {
     else if (a == "--prompt") n_prompt = std::atol(next().c_str());
     else if (a == "--decode") n_decode = std::atol(next().c_str());
     else if (a == "--prefill") n_prefill = std::atol(next().c_str());
+    else if (a == "--repeat") repeat = true;
     else {
       std::fprintf(stderr, "usage: bench_cuda_decode [--models LIST] [--dtypes bf16,fp8] [--batches 1,8,32] "
                            "[--prompt N] [--decode N] [--prefill N]\n");
@@ -186,6 +192,31 @@ int main(int argc, char** argv) {
                         double(n_decode) / ss, double(n_decode) / ss / tps);
           }
           rows.push_back({name, dt, "decode batch " + bs, tps, roof});
+#ifdef FATHOM_HAVE_CUDA
+          if (B == 1 && repeat) {
+            // each kind of op twice: the added time per step is what that kind costs in it
+            const std::pair<const char*, int> kinds[] = {{"gemv", cuda::kRepeatGemv},
+                                                         {"attention", cuda::kRepeatAttention},
+                                                         {"routing", cuda::kRepeatGate},
+                                                         {"experts", cuda::kRepeatExperts}};
+            for (const auto& [kname, mask] : kinds) {
+              cuda::set_repeat(mask);
+              KvCache rc = m->new_cache(n_prompt + n_decode + 4);
+              rc.reserve(n_prompt + n_decode + 4);
+              std::vector<KvCache*> rp = {&rc};
+              Tensor rl = m->forward_batch({prompt_ids(n_prompt, V, 2)}, rp);
+              std::vector<int32_t> rn = {argmax(rl.f32(), V)};
+              for (int w = 0; w < 2; ++w) rn = m->decode_greedy(rn, rp);  // capture + warm-up
+              auto r0 = Clock::now();
+              for (int64_t i = 0; i < n_decode; ++i) rn = m->decode_greedy(rn, rp);
+              const double rs = since(r0) / double(n_decode);
+              cuda::set_repeat(0);
+              std::printf("  decode batch 1 with every %s op twice: %.1f us/step, +%.1f us (%.1f%% of the step)\n",
+                          kname, 1e6 * rs, 1e6 * (rs - 1 / tps), 100 * (rs - 1 / tps) * tps);
+              rows.push_back({name, dt, cat("b1 ", kname, " twice"), 1 / rs, 0, 1e6 * (rs - 1 / tps)});
+            }
+          }
+#endif
           std::printf("  decode batch %ld: %.2f ms/step, %.1f tokens/s", long(B), 1e3 * s / double(n_decode), tps);
           if (B == 1) std::printf(" (roofline %.0f tokens/s: %.1f%%)", roof, 100 * tps / roof);
           if (B == 1 && dt == "fp8" && bf16_tps1 > 0) std::printf(", %.2fx bf16", tps / bf16_tps1);
@@ -198,6 +229,8 @@ int main(int argc, char** argv) {
       std::printf("%-12s %-5s %-18s %12.1f", r.model.c_str(), r.dtype.c_str(), r.what.c_str(), r.tokens_per_s);
       if (r.roofline > 0)
         std::printf(" %12.0f %7.1f%%\n", r.roofline, 100 * r.tokens_per_s / r.roofline);
+      else if (r.added_us != 0)
+        std::printf(" %9.1f us added\n", r.added_us);
       else
         std::printf(" %12s %8s\n", "-", "-");
     }

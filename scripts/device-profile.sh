@@ -29,7 +29,7 @@ ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("
 tot = collections.Counter(); cnt = collections.Counter()
 for r in rows[1:]:
     v = float(r[vi].replace(",", ""))
-    v = v / 1000 if r[ui] == "nsecond" else v * 1000 if r[ui] == "msecond" else v  # -> microseconds
+    v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[r[ui]]  # -> microseconds
     name = r[ki].split("(")[0].split("<")[0].replace("fathom::cuda::", "").replace("(anonymous namespace)::", "")
     tot[name] += v; cnt[name] += 1
 steps = int(sys.argv[2]); all_us = sum(tot.values())

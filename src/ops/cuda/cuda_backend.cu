@@ -332,7 +332,7 @@ class CudaOps final : public Ops {
         ps.back().eps = j.norm.eps;
       }
     }
-    cuda::matmul_batch(ps.data(), int(ps.size()), ctx_->stream);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatGemv); ++r) cuda::matmul_batch(ps.data(), int(ps.size()), ctx_->stream);
   }
 
   // The norm weight of an InputNorm over rows of K, checked.
@@ -354,7 +354,7 @@ class CudaOps final : public Ops {
 
   void attention(const AttentionParams& p) override {
     use();
-    cuda::attention(p, ctx_->stream, ctx_->counters);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatAttention); ++r) cuda::attention(p, ctx_->stream, ctx_->counters);
   }
 
   void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
@@ -541,7 +541,7 @@ class CudaOps final : public Ops {
       m.M = 0;  // nothing to multiply; the side ops still run
       m.batch = 1;
     }
-    cuda::matmul(m, ctx_->stream, side);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatGemv); ++r) cuda::matmul(m, ctx_->stream, side);
   }
 
   void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
@@ -574,7 +574,8 @@ class CudaOps final : public Ops {
     FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
                   "moe_gate: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ",
                   T, " tokens, top ", p.top_k);
-    cuda::moe_gate(weights.f32(), experts.ptr<int32_t>(), logits.f32(), bias, T, p, ctx_->stream);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatGate); ++r)
+      cuda::moe_gate(weights.f32(), experts.ptr<int32_t>(), logits.f32(), bias, T, p, ctx_->stream);
   }
 
   void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
@@ -626,7 +627,7 @@ class CudaOps final : public Ops {
       m.shared_inter = sp->inter;
       m.aligned16 = m.aligned16 && sp->aligned16;
     }
-    cuda::moe_experts(m, ctx_->stream);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatExperts); ++r) cuda::moe_experts(m, ctx_->stream);
   }
 
   void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate, InputNorm norm = {}) override {
@@ -657,7 +658,7 @@ class CudaOps final : public Ops {
       m.norm = input_norm(norm, D, "swiglu");
       m.eps = norm.eps;
     }
-    cuda::moe_experts(m, ctx_->stream);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatExperts); ++r) cuda::moe_experts(m, ctx_->stream);
   }
 
   // ---- graphs
@@ -749,7 +750,8 @@ class CudaOps final : public Ops {
 
   // out (M, N) = x (M, K) · Wᵀ over raw device pointers; x_numel / out_numel check the shapes.
   void run_matmul(float* out, const float* x, int64_t x_numel, int64_t out_numel, const LinearWeight& w) {
-    cuda::matmul(matmul_params(out, x, x_numel, out_numel, w), ctx_->stream);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatGemv); ++r)
+      cuda::matmul(matmul_params(out, x, x_numel, out_numel, w), ctx_->stream);
   }
 
   cuda::MatmulParams matmul_params(float* out, const float* x, int64_t x_numel, int64_t out_numel,

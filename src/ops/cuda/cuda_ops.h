@@ -42,6 +42,14 @@ struct MemoryInfo {
 };
 MemoryInfo memory_info();
 
+// Benchmarks only (bench_cuda_decode --repeat): every op of the kinds in `mask` is launched
+// twice, the second launch redoing the first's work (values that accumulate grow, nothing else
+// changes), so a decode step's time grows by what those ops cost inside the step — the
+// measurement by repetition that needs no profiler. 0 (the default) turns it off.
+enum RepeatKind : int { kRepeatGemv = 1, kRepeatAttention = 2, kRepeatGate = 4, kRepeatExperts = 8 };
+void set_repeat(int mask);
+int repeats(RepeatKind kind);  // 2 when kind is in the mask, else 1
+
 // ---- elementwise.cu
 
 // out (T, H) f32 = table[ids[t]] converted from `dtype` (F32, BF16, F16); ids (T) I32.

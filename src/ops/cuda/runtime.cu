@@ -1,9 +1,8 @@
 // CUDA runtime plumbing: device discovery, memory figures, error reporting, scratch memory.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-
 #include <atomic>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -81,5 +80,11 @@ bool pdl_enabled() {
   }
   return cached[device] == 2;
 }
+
+namespace {
+std::atomic<int> g_repeat{0};
+}
+void set_repeat(int mask) { g_repeat = mask; }
+int repeats(RepeatKind kind) { return (g_repeat.load(std::memory_order_relaxed) & kind) ? 2 : 1; }
 
 }  // namespace fathom::cuda
