@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -199,9 +200,13 @@ int main(int argc, char** argv) {
                                                          {"attention", cuda::kRepeatAttention},
                                                          {"routing", cuda::kRepeatGate},
                                                          {"experts", cuda::kRepeatExperts}};
+            // a cache per variant, all kept: a new cache (address and storage) makes the model
+            // capture a new step graph, with the kind doubled
+            std::vector<std::unique_ptr<KvCache>> keep;
             for (const auto& [kname, mask] : kinds) {
               cuda::set_repeat(mask);
-              KvCache rc = m->new_cache(n_prompt + n_decode + 4);
+              keep.push_back(std::make_unique<KvCache>(m->new_cache(n_prompt + n_decode + 4)));
+              KvCache& rc = *keep.back();
               rc.reserve(n_prompt + n_decode + 4);
               std::vector<KvCache*> rp = {&rc};
               Tensor rl = m->forward_batch({prompt_ids(n_prompt, V, 2)}, rp);
