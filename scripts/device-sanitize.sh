@@ -5,8 +5,8 @@
 # builds the tests (build/device-test, as device-test.sh does) and runs each tool on the gtest
 # filter given for it, each under a time limit (FATHOM_SANITIZE_LIMIT seconds, default 150), then
 # prints a table (also in $OUT/device-sanitize.txt). Without arguments: memcheck, racecheck and
-# initcheck on the tests of the kernels with shared-memory reductions, last-block merges and
-# cp.async pipelines (attention, the experts, the GEMV with an input norm). racecheck and initcheck
+# initcheck on the tests of the kernels with shared-memory reductions and cp.async pipelines
+# (attention, the experts, the GEMV with an input norm or side ops). racecheck and initcheck
 # over every CudaOps test do not fit one 10-minute device call; name them to run them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ cmake --build build/device-test --target fathom_tests >/dev/null
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
   kernels='CudaOps.Attention:CudaOps.MoeExpertsMatchTheCpu:CudaOps.SwigluMatchesTheCpu:CudaOps.MatmulInputNormAndAccumulate'
-  runs=("memcheck=$kernels:CudaOps.MatmulBatch:CudaOps.MlaCacheAppendMatchesTheCpu:CudaOps.Sample"
+  runs=("memcheck=$kernels:CudaOps.MatmulBatch:CudaOps.MlaCacheAppendMatchesTheCpu:CudaOps.Sample:CudaOps.MatmulPerHeadWithSideOps"
         "racecheck=CudaOps.Attention:CudaOps.MoeExpertsMatchTheCpu:CudaOps.MatmulInputNormAndAccumulate"
         "initcheck=CudaOps.Attention:CudaOps.MatmulInputNormAndAccumulate")
 fi

@@ -430,9 +430,8 @@ float* partial_ml(const AttentionParams& p, int n_chunks, float* part_o) {
 
 // The absorbed-MLA shape on tensor cores (attention_mla.cu). The kernel needs ~190 KB of shared
 // memory, so one block per SM: the keys are split until the blocks about fill the GPU, in whole
-// 64-key tiles, and the chunks are merged by the last block to finish (or, without counters or
-// with many chunks, by the merge kernel above).
-void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
+// 64-key tiles, and the chunks are combined by the merge kernel above.
+void attention_latent(const AttentionParams& p, cudaStream_t s) {
   MlaLaunch a;
   a.p = p;
   a.vec_q = aligned16(p.q) && p.q_token_stride % 4 == 0 && p.q_head_stride % 4 == 0;
@@ -448,12 +447,7 @@ void attention_latent(const AttentionParams& p, cudaStream_t s, int* counters) {
   StreamScratch work(partial_bytes(p, a.n_chunks), s, "attention");
   a.part_o = work.as<float>();
   a.part_ml = partial_ml(p, a.n_chunks, a.part_o);
-  // the last block of each (row tile, KV head) to finish merges, when the counters suffice and
-  // the chunks are few (one block reads them all; past that the merge kernel's many blocks win)
-  if (counters && row_tiles * p.n_kv_heads <= kStreamCounters && a.n_chunks <= kMlaLastMergeChunks)
-    a.counters = counters;
   mla_attention(a, s);
-  if (a.counters) return;
   AttnLaunch m;  // what the merge reads
   m.p = p;
   m.n_chunks = a.n_chunks;
@@ -482,7 +476,7 @@ std::atomic<bool> g_latent_attention{true};
 
 void set_latent_attention(bool enabled) { g_latent_attention = enabled; }
 
-void attention(const AttentionParams& p, Stream stream, int* counters) {
+void attention(const AttentionParams& p, Stream stream) {
   FATHOM_CHECK(p.kv_dtype == DType::F32 || p.kv_dtype == DType::BF16, "attention: keys and values in ",
                dtype_name(p.kv_dtype), " are not supported on CUDA; expected F32 or BF16.");
   FATHOM_CHECK(p.n_kv_heads > 0 && p.n_q_heads > 0 && p.n_q_heads % p.n_kv_heads == 0, "attention: ", p.n_q_heads,
@@ -497,7 +491,7 @@ void attention(const AttentionParams& p, Stream stream, int* counters) {
   if (p.n_q == 0) return;
   FATHOM_ASSERT(p.q && p.k && p.v && p.out, "attention with a null pointer");
   const cudaStream_t s = as_cuda(stream);
-  if (g_latent_attention && mla_supported(p)) return attention_latent(p, s, counters);
+  if (g_latent_attention && mla_supported(p)) return attention_latent(p, s);
 
   AttnLaunch a;
   a.p = p;

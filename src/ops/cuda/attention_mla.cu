@@ -14,8 +14,9 @@
 //   4. O += P V: warp w owns output dims 64w..64w+63, V read transposed from the same tile
 //      (ldmatrix.trans), so the latent row is loaded once for both products.
 // A decode call is short (a few tiles per block), so the block's fixed work counts as much as
-// the tiles: eight warps share it, each thread computes a key row's (or a query row's) address
-// once and then issues its copies back to back, and the final merge keeps its loads in flight.
+// the tiles: eight warps share it, and each thread computes a key row's (or a query row's)
+// address once and then issues its copies back to back. With the keys split over several
+// blocks, attention.cu's merge kernel combines their partial results.
 // Precision: the CPU reference computes in fp32, and so must this kernel (1e-4). Q and P are
 // each split into a BF16 high part and a BF16 remainder (x = hi + lo to ~2^-17 relative) and
 // both parts are multiplied, with fp32 accumulation: twice the tensor-core work, still far
@@ -385,71 +386,6 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
       dst[d + 1] = o[i][2 * r + 1] * mult;
     }
   }
-  if (a.n_chunks == 1 || !a.counters) return;
-
-  // ---- the last block of this (row tile, KV head) to finish merges the chunks:
-  // out = Σ_c e^(m_c − m) o_c / Σ_c e^(m_c − m) l_c (the other blocks' partials are visible
-  // after their fence and the counter's atomic order)
-  __threadfence();
-  __syncthreads();
-  int* counter = a.counters + (int64_t(blockIdx.x) * gridDim.y + blockIdx.y);
-  int* is_last = reinterpret_cast<int*>(red_max);
-  if (tid == 0) *is_last = atomicAdd(counter, 1) == a.n_chunks - 1;
-  __syncthreads();
-  if (!*is_last) return;
-  __threadfence();
-  float* wts = reinterpret_cast<float*>(k_tiles);  // (16, n_chunks) chunk weights; the tiles are done
-  float* inv = red_sum;                            // (16) 1 / Σ_c w_c l_c
-  const int64_t chunk_stride = p.n_q * p.n_q_heads;
-  auto part_of = [&](int c, int r) { return int64_t(c) * chunk_stride + row_part[r]; };
-  for (int r = warp; r < kMlaRows; r += kWarps) {  // rows past the block's: a valid row's partials
-    const int row = r;
-    float mx = -INFINITY;
-    for (int cc = lane; cc < a.n_chunks; cc += 32) mx = fmaxf(mx, __ldcg(a.part_ml + 2 * part_of(cc, row)));
-    mx = warp_max(mx);
-    float den = 0.f;
-    for (int cc = lane; cc < a.n_chunks; cc += 32) {
-      const int64_t part = part_of(cc, row);
-      const float w = mx == -INFINITY ? 0.f : expf(__ldcg(a.part_ml + 2 * part) - mx);
-      wts[r * a.n_chunks + cc] = w;
-      den += w * __ldcg(a.part_ml + 2 * part + 1);
-    }
-    den = warp_sum(den);
-    if (lane == 0) inv[r] = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
-  }
-  __syncthreads();
-  // thread: dims 4*d4 .. +3 of rows r0, r0 + 2, .., r0 + 14; per chunk its 8 loads are issued
-  // together, two chunks at a time (a walk load by load is a chain of L2 round trips)
-  constexpr int kCols = kDv / 4, kRowsPer = kMlaRows * kCols / kThreads;  // 128 float4 columns, 8 rows
-  const int d4 = tid % kCols, r0 = tid / kCols, r_step = kThreads / kCols;
-  float4 acc[kRowsPer];
-  const float* base[kRowsPer];
-#pragma unroll
-  for (int i = 0; i < kRowsPer; ++i) {
-    acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    base[i] = a.part_o + row_part[r0 + r_step * i] * kDv + 4 * d4;  // invalid rows: a valid row's partials
-  }
-#pragma unroll 2
-  for (int cc = 0; cc < a.n_chunks; ++cc) {
-    float4 v[kRowsPer];
-#pragma unroll
-    for (int i = 0; i < kRowsPer; ++i)
-      v[i] = __ldcg(reinterpret_cast<const float4*>(base[i] + int64_t(cc) * chunk_stride * kDv));
-#pragma unroll
-    for (int i = 0; i < kRowsPer; ++i) {
-      const float w = wts[(r0 + r_step * i) * a.n_chunks + cc];
-      acc[i].x += w * v[i].x, acc[i].y += w * v[i].y, acc[i].z += w * v[i].z, acc[i].w += w * v[i].w;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kRowsPer; ++i) {
-    const int r = r0 + r_step * i;
-    if (row_out[r] < 0) continue;
-    float* out = p.out + row_out[r] + 4 * d4;
-    const float sc = inv[r];
-    out[0] = acc[i].x * sc, out[1] = acc[i].y * sc, out[2] = acc[i].z * sc, out[3] = acc[i].w * sc;
-  }
-  if (tid == 0) *counter = 0;  // ready for the next call on this stream
 }
 
 int query_smem_optin(int device) {

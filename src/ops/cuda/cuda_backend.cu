@@ -28,9 +28,6 @@ struct CudaContext {
   int device = 0;
   cudaStream_t stream = nullptr;
   cudaMemPool_t pool = nullptr;
-  // Zeroed counters the kernels of this stream may use and must leave zeroed (the latent
-  // attention's last-block merge, attention_mla.cu).
-  int* counters = nullptr;
 
   explicit CudaContext(int d) : device(d) {
     check(cudaSetDevice(device), "cudaSetDevice");
@@ -40,12 +37,9 @@ struct CudaContext {
     // activations of each step are allocated and freed again and again.
     uint64_t keep_all = UINT64_MAX;
     check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all), "cudaMemPoolSetAttribute");
-    check(cudaMalloc(&counters, cuda::kStreamCounters * sizeof(int)), "cudaMalloc (stream counters)");
-    check(cudaMemset(counters, 0, cuda::kStreamCounters * sizeof(int)), "cudaMemset (stream counters)");
   }
   ~CudaContext() {
     cudaStreamSynchronize(stream);
-    cudaFree(counters);
     cudaStreamDestroy(stream);
   }
   CudaContext(const CudaContext&) = delete;
@@ -354,7 +348,7 @@ class CudaOps final : public Ops {
 
   void attention(const AttentionParams& p) override {
     use();
-    for (int r = 0; r < cuda::repeats(cuda::kRepeatAttention); ++r) cuda::attention(p, ctx_->stream, ctx_->counters);
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatAttention); ++r) cuda::attention(p, ctx_->stream);
   }
 
   void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,

@@ -133,10 +133,7 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream);
 // 4 it must fit in shared memory: 576 does) and d_v <= 512. When one pass over the keys would
 // leave SMs idle (decode), the keys are split over blocks and a second kernel merges the partial
 // softmax results; the work space comes from the stream-ordered pool (cudaMallocAsync).
-// counters: kStreamCounters zeroed ints owned by the stream (or null), which the latent kernel
-// uses to merge its key chunks in the last block to finish instead of a second kernel.
-constexpr int kStreamCounters = 1 << 16;
-void attention(const AttentionParams& p, Stream stream, int* counters = nullptr);
+void attention(const AttentionParams& p, Stream stream);
 // Whether attention() may use the tensor-core latent kernel (default true); benchmarks turn it
 // off to time the general kernel on the same shape.
 void set_latent_attention(bool enabled);
