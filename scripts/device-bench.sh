@@ -2,7 +2,9 @@
 # The CUDA benchmarks on the GPU machine, in one command (carry ["device-test-data"], made here
 # by `bash scripts/device-test.sh --prepare`): builds bench_cuda_decode, runs it (decode at
 # batch 1/8/32 and a 2,048-token prefill of the V3-4.9B and V2-Lite-16B shapes in bf16 and FP8
-# against the copy-bandwidth roofline), then the HF transformers eager peer on the same configs,
+# against the copy-bandwidth roofline; with --repeat also what each kind of op costs inside the
+# batch-1 step), bench_cuda_attention and bench_cuda_sync (a kernel-per-stage GEMV chain against
+# persistent kernels; not with --quick), then the HF transformers eager peer on the same configs,
 # and prints the table last (also in $OUT/device-bench.txt when OUT is set).
 #
 #   bash scripts/device-bench.sh [--quick] [--no-peer] [bench_cuda_decode arguments]
@@ -26,8 +28,10 @@ export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "device-bench: $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null || echo 'no GPU')"
 cmake -S . -B build/device-bench -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=ON \
   -DFATHOM_DEPS_DIR="$deps" >/dev/null
-cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention 2>&1 | grep -E "warning|error|FAILED" || true
-cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention >/dev/null
+cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention bench_cuda_sync 2>&1 | grep -E "warning|error|FAILED" || true
+cmake --build build/device-bench --target bench_cuda_decode bench_cuda_attention bench_cuda_sync >/dev/null
+sync_log=/tmp/device-bench-sync.log
+[ "$quick" = 1 ] || build/device-bench/bench_cuda_sync | tee "$sync_log"
 attn_log=/tmp/device-bench-attention.log
 if [ "$quick" = 1 ]; then
   build/device-bench/bench_cuda_attention --keys 196,4096 | tee "$attn_log"
@@ -54,6 +58,7 @@ fi
   grep "copy bandwidth" "$log"
   echo
   cat "$attn_log"
+  [ "$quick" = 1 ] || { echo; cat "$sync_log"; }
   if [ -n "$peers" ]; then
     echo
     echo "HF transformers eager generate (bf16, batch 1, greedy) on the same configs, tokens/s:"

@@ -2,10 +2,12 @@
 // GEMV stages shaped like a DeepSeek decode step (per layer the q_a+kv_a, q_b, W_UK, W_UV,
 // o_proj and router projections, then an expert gate+up and down of the active experts' size),
 // run (a) as one kernel per stage, launched with programmatic dependent launch inside a CUDA
-// graph — how the decode step runs today — and (b) as one persistent kernel whose blocks move
-// from stage to stage through a grid barrier, asking L2 for the weights of the stages ahead
-// before they compute the current one. Both use the decode GEMV's inner loop (gemv.cuh), so
-// the difference is the kernel boundaries and the look-ahead. See bench/bench_cuda_sync.cpp.
+// graph — how the decode step runs today —, (b) the same with a few one-warp blocks on a
+// parallel graph branch that ask L2 for the weights of the stages ahead (paced by a progress
+// word the stage kernels write), and (c) as one persistent kernel whose blocks move from stage
+// to stage through a grid barrier, asking L2 for the next stage's weights before they compute
+// the current one. All use the decode GEMV's inner loop (gemv.cuh), so the differences are the
+// kernel boundaries and the look-ahead. See bench/bench_cuda_sync.cpp.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -68,8 +70,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel_marked(const Stage* sta
   stage_unit(s, blockIdx.x, scratch, result);
 }
 
-// One warp beside the chain, on its own graph branch: asks L2 for stage t's weights once
-// stage t - look has started, in 64 KiB pieces.
+// One-warp blocks beside the chain, on their own graph branch: ask L2 for stage t's weights
+// once stage t - look has started, in 32 KiB pieces dealt over every lane of every block.
 __global__ void prefetcher_kernel(const Stage* stages, int n, const unsigned* progress, int look) {
   for (int t = 0; t < n; ++t) {
     if (t > look) {
