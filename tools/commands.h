@@ -40,5 +40,6 @@ Command add_chat(CLI::App& app);
 Command add_data(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_train_plot(CLI::App& app);
+Command add_tokenizer(CLI::App& app);
 
 }  // namespace fathom::cli
