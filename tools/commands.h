@@ -41,5 +41,6 @@ Command add_data(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_train_plot(CLI::App& app);
 Command add_tokenizer(CLI::App& app);
+Command add_convert(CLI::App& app);
 
 }  // namespace fathom::cli

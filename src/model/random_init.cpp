@@ -73,25 +73,25 @@ class Normal {
   bool have_ = false;
 };
 
-// FP8 e4m3 with one scale per 128x128 block: scale = amax / 448, q = round(w / scale).
-void quantize_fp8(const std::vector<float>& v, int64_t N, int64_t K, Tensor& q, Tensor& scale_inv) {
-  const int64_t b = 128, nb = (N + b - 1) / b, kb = (K + b - 1) / b;
+}  // namespace
+
+// FP8 e4m3 with one scale per block x block tile: scale = amax / 448, q = round(w / scale).
+void quantize_fp8(const float* v, int64_t N, int64_t K, int64_t block, Tensor& q, Tensor& scale_inv) {
+  const int64_t b = block, nb = (N + b - 1) / b, kb = (K + b - 1) / b;
   q = Tensor::empty({N, K}, DType::F8_E4M3);
   scale_inv = Tensor::empty({nb, kb});
   for (int64_t bi = 0; bi < nb; ++bi)
     for (int64_t bj = 0; bj < kb; ++bj) {
       float amax = 0;
       for (int64_t n = bi * b; n < std::min(N, (bi + 1) * b); ++n)
-        for (int64_t k = bj * b; k < std::min(K, (bj + 1) * b); ++k) amax = std::max(amax, std::fabs(v[size_t(n * K + k)]));
-      float s = std::max(amax, 1e-12f) / 448.0f;
+        for (int64_t k = bj * b; k < std::min(K, (bj + 1) * b); ++k) amax = std::max(amax, std::fabs(v[n * K + k]));
+      const float s = std::max(amax, 1e-12f) / 448.0f;
       scale_inv.f32()[bi * kb + bj] = s;
       for (int64_t n = bi * b; n < std::min(N, (bi + 1) * b); ++n)
         for (int64_t k = bj * b; k < std::min(K, (bj + 1) * b); ++k)
-          q.ptr<uint8_t>()[n * K + k] = f32_to_fp8e4m3(v[size_t(n * K + k)] / s);
+          q.ptr<uint8_t>()[n * K + k] = f32_to_fp8e4m3(v[n * K + k] / s);
     }
 }
-
-}  // namespace
 
 std::vector<TensorSpec> checkpoint_layout(const ModelConfig& c) {
   std::vector<TensorSpec> t;
@@ -142,7 +142,7 @@ void write_random_checkpoint(const std::string& config_json, const std::string& 
       w.add(s.name, from_f32(v.data(), s.shape, DType::F32));
     } else if (s.role == TensorRole::Linear && fp8) {
       Tensor q, scale;
-      quantize_fp8(v, s.shape[0], s.shape[1], q, scale);
+      quantize_fp8(v.data(), s.shape[0], s.shape[1], 128, q, scale);
       w.add(s.name, q);
       w.add(s.name + "_scale_inv", scale);
     } else {

@@ -19,6 +19,11 @@ struct TensorSpec {
   TensorRole role;
 };
 
+// FP8 e4m3 block quantization as DeepSeek publishes it: W (N, K) F32 -> q (N, K) F8_E4M3 and
+// scale_inv (ceil(N/block), ceil(K/block)) F32 with W ≈ q * scale_inv, each block scaled so
+// that its largest magnitude maps to 448 (e4m3's largest finite value).
+void quantize_fp8(const float* w, int64_t N, int64_t K, int64_t block, Tensor& q, Tensor& scale_inv);
+
 // Every tensor a checkpoint of this config holds (main model and MTP modules), in the
 // published DeepSeek naming; FP8 scale tensors are not listed.
 std::vector<TensorSpec> checkpoint_layout(const ModelConfig& c);
