@@ -191,6 +191,30 @@ TEST(Trainer, TrainsOnTheGpu) {
   EXPECT_TRUE(gpu[2].contains("val_loss"));
 }
 
+// A time limit ends the run after the step that passes it, checkpointed, and --resume finishes
+// the same run as one that was never stopped.
+TEST(Trainer, ATimeLimitStopsCheckpointedAndResumes) {
+  TempDir tmp;
+  make_data(tmp);
+  train::TrainConfig straight = train::load_train_config(write_config(tmp, "straight", json::object()));
+  straight.progress = false;
+  train::train(straight, false);
+  train::TrainConfig part = train::load_train_config(write_config(tmp, "parts", json::object()));
+  part.progress = false;
+  part.time_limit_s = 1e-9;  // past after the first step
+  const train::TrainResult r = train::train(part, false);
+  EXPECT_TRUE(r.stopped_by_time);
+  EXPECT_EQ(r.steps_done, 1);
+  EXPECT_TRUE(fs::exists(tmp.file("parts/checkpoints/step-00000001/model.safetensors")));
+  part.time_limit_s = 0;
+  const train::TrainResult rest = train::train(part, true);
+  EXPECT_FALSE(rest.stopped_by_time);
+  EXPECT_EQ(rest.steps_done, 6);
+  const std::string a = tmp.file("straight/checkpoints/step-00000006"), b = tmp.file("parts/checkpoints/step-00000006");
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
+    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+}
+
 TEST(Trainer, AnInterruptedRunResumesBitForBit) {
   TempDir tmp;
   make_data(tmp);

@@ -27,6 +27,8 @@ Command add_init_random(CLI::App& app) {
   cmd->add_option("--std", o->std, "standard deviation of the weights")->check(CLI::Range(0.0, 10.0));
   cmd->add_option("--shard-mb", *shard_mb, "split into safetensors shards of at most this many MB (0: one file)")
       ->check(CLI::Range(0.0, 1e6));
+  cmd->add_flag("--mtp-shared-embeddings", o->mtp_shared_embeddings,
+               "MTP modules use the main model's embedding and head (as the V3 paper has it) instead of copies");
   cmd->add_option("--tokenizer", *tokenizer,
                   "copy this tokenizer (directory or tokenizer.json, with its tokenizer_config.json) into the model");
   return [=] {

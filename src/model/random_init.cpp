@@ -132,6 +132,9 @@ void write_random_checkpoint(const std::string& config_json, const std::string& 
   SafetensorsWriter w;
   w.set_metadata("format", "pt");
   for (const TensorSpec& s : checkpoint_layout(c)) {
+    if (o.mtp_shared_embeddings && (s.name.find(".shared_head.head.") != std::string::npos ||
+                                    (s.name.find(".embed_tokens.") != std::string::npos && s.name != "model.embed_tokens.weight")))
+      continue;
     std::vector<float> v(static_cast<size_t>(shape_numel(s.shape)));
     if (s.role == TensorRole::Norm) {
       std::fill(v.begin(), v.end(), 1.0f);

@@ -33,6 +33,10 @@ struct RandomInitOptions {
   double std = 0.02;          // linear and embedding weights ~ N(0, std)
   DType dtype = DType::BF16;  // BF16, F16, F32, or F8_E4M3 (128x128 block scales)
   size_t max_shard_bytes = 0; // 0: one model.safetensors; else shards + index
+  // The MTP modules use the main model's embedding and output head (as the DeepSeek-V3 paper
+  // describes them) instead of their own copies (as its published checkpoint stores them):
+  // their embed_tokens and shared_head.head are not written.
+  bool mtp_shared_embeddings = false;
 };
 
 // Writes config.json (the given config, plus quantization_config for FP8) and the weights

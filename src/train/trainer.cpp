@@ -160,6 +160,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   };
   const int64_t window_tokens = cfg.seq_len + 1;
   const int64_t last = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
+  const auto run_start = std::chrono::steady_clock::now();
   while (st.step < last) {
     const auto t0 = std::chrono::steady_clock::now();
     model->zero_grad();
@@ -222,7 +223,14 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     progress.set_note(note);
     progress.add(1);
     result.last_loss = loss;
-    if ((cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0) || st.step == last) save();
+    const bool out_of_time =
+        cfg.time_limit_s > 0 &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count() >= cfg.time_limit_s;
+    if ((cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0) || st.step == last || out_of_time) save();
+    if (out_of_time && st.step < last) {
+      result.stopped_by_time = true;
+      break;
+    }
   }
   progress.finish();
   result.steps_done = st.step;

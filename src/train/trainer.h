@@ -54,6 +54,10 @@ struct TrainConfig {
   bool recompute = false;        // activation recomputation (GradModel::set_recompute)
   float capacity_factor = 0.0f;  // expert capacity (0: no dropping; GradModel::set_capacity_factor)
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)
+  // End this run, checkpointed, after the first step that finishes this many seconds after the
+  // run started (0: no limit; `fathom train --max-minutes`): a run on a lent machine stops
+  // cleanly before the machine goes back, and `--resume` goes on from there.
+  double time_limit_s = 0;
   bool progress = true;
   bool plots = true;  // loss.png and expert-load.png in `out` at the end (train/plot.h)
 };
@@ -63,6 +67,7 @@ TrainConfig load_train_config(const std::string& path);
 
 struct TrainResult {
   int64_t steps_done = 0;
+  bool stopped_by_time = false;  // time_limit_s ended the run before `steps`
   double last_loss = 0;
   std::string last_checkpoint;
 };
