@@ -42,5 +42,6 @@ Command add_train(CLI::App& app);
 Command add_train_plot(CLI::App& app);
 Command add_tokenizer(CLI::App& app);
 Command add_convert(CLI::App& app);
+Command add_eval(CLI::App& app);
 
 }  // namespace fathom::cli
