@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Training fathom-mini (configs/fathom-mini/) on the GPU machine, in calls of at most 10 minutes
+# on one warm machine (files stay between calls while it is held; $OUT brings back 8 files).
+#
+# Here, once (carry ["device-mini-data"] in every call after):
+#   bash scripts/device-train-mini.sh --prepare
+#     builds the corpus (scripts/make-mini-corpus.sh) and the 12,000-token tokenizer, and packs
+#     corpus.tar.xz, the tokenizer and the build dependencies into device-mini-data/.
+# There:
+#   bash scripts/device-train-mini.sh start MINUTES   build, prepare the shards, write the random
+#        F32 model (MTP sharing the embedding and head), time 20 steps to size the run so that it
+#        ends in MINUTES of training (the cosine schedule then completes), train for up to 8 of them
+#   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
+#   bash scripts/device-train-mini.sh finish          validation loss (F32 masters and FP8 copy),
+#        n-gram baselines, MTP acceptance; the FP8 checkpoint in 16 MiB shards, the log and the
+#        plots into $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=device-mini-data
+work=build/mini
+if [ "${1:-}" = "--prepare" ]; then
+  fathom=${2:-build/fathom}
+  rm -rf "$data" && mkdir -p "$data"
+  [ -s "$work-corpus/corpus.tar.xz" ] || bash scripts/make-mini-corpus.sh "$work-corpus"
+  cp "$work-corpus/corpus.tar.xz" "$work-corpus/manifest.json" "$data/"
+  "$fathom" tokenizer train -q "$work-corpus/text" -o "$data/tokenizer" --vocab-size 12000
+  [ -s device-test-data/deps.tar.xz ] || bash scripts/device-test.sh --prepare
+  cp device-test-data/deps.tar.xz "$data/"
+  echo "device-train-mini: $data prepared ($(du -sh "$data" | cut -f1)); carry [\"$data\"]"
+  exit 0
+fi
+stage=${1:-}
+deps=/tmp/fathom-deps
+if [ ! -d "$deps/lib" ]; then mkdir -p "$deps" && tar -C "$deps" -xJf "$data/deps.tar.xz"; fi
+export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+F=build/device-mini/fathom
+case "$stage" in
+  start)
+    minutes=${2:?usage: device-train-mini.sh start MINUTES}
+    cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=OFF \
+      -DFATHOM_DEPS_DIR="$deps" >/dev/null
+    cmake --build build/device-mini --target fathom >/dev/null
+    rm -rf "$work" && mkdir -p "$work/corpus"
+    tar -C "$work/corpus" -xJf "$data/corpus.tar.xz"
+    "$F" data prepare -q "$work/corpus/text" --tokenizer "$data/tokenizer" -o "$work/data" --val-fraction 0.02
+    "$F" init-random --config configs/fathom-mini/config.json --out "$work/init" --dtype f32 --seed 1 \
+      --tokenizer "$data/tokenizer" --mtp-shared-embeddings >/dev/null
+    # 20 steps to measure the step time, then the run sized to the minutes asked for
+    python3 - "$work" 20 <<'PY'
+import json, sys
+w, steps = sys.argv[1], int(sys.argv[2])
+c = json.load(open("configs/fathom-mini/train.json"))
+c.update({"out": f"{w}/calibrate", "steps": steps, "eval_every": 0, "checkpoint_every": 0,
+          "lr": {"schedule": "constant", "peak": 1e-4}})
+json.dump(c, open(f"{w}/calibrate.json", "w"), indent=1)
+PY
+    "$F" train -q --config "$work/calibrate.json" >/dev/null
+    python3 - "$work" "$minutes" <<'PY'
+import json, sys
+w, minutes = sys.argv[1], float(sys.argv[2])
+lines = [json.loads(l) for l in open(f"{w}/calibrate/log.jsonl")]
+tps = sorted(l["tokens_per_s"] for l in lines[5:])[len(lines[5:]) // 2]  # median, after warm-up
+c = json.load(open("configs/fathom-mini/train.json"))
+per_step = c["batch"] * c["seq_len"]
+steps = max(200, int(minutes * 60 * tps / per_step * 0.9))  # evaluation and checkpoints take the rest
+c["steps"] = steps
+c["lr"]["warmup"] = min(c["lr"]["warmup"], steps // 10)
+json.dump(c, open(f"{w}/train.json", "w"), indent=1)
+print(f"device-train-mini: {tps:.0f} tokens/s -> {steps} steps of {per_step} tokens ({steps * per_step / 1e6:.1f}M tokens)")
+PY
+    "$F" train -q --config "$work/train.json" --max-minutes 8 ;;
+  resume)
+    "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
+  finish)
+    ckpt=$(ls -d "$work"/run/checkpoints/step-* | sort | tail -1)
+    rm -rf "$work/fp8" "$work/bf16"
+    "$F" convert --model "$ckpt" -o "$work/fp8" --dtype fp8 --shard-mb 16
+    "$F" convert --model "$ckpt" -o "$work/bf16" --dtype bf16 --shard-mb 0
+    for f in tokenizer.json tokenizer_config.json; do cp "$data/tokenizer/$f" "$work/fp8/"; cp "$data/tokenizer/$f" "$work/bf16/"; done
+    "$F" eval --model "$work/bf16" --data "$work/data" --seq-len 512 --baselines --mtp-prompts 32 --json --device cuda \
+      --precision fp32 | tee "$work/eval-bf16.json"
+    "$F" eval --model "$work/fp8" --data "$work/data" --seq-len 512 --json --device cuda --precision fp32 | tee "$work/eval-fp8.json"
+    if [ -n "${OUT:-}" ]; then
+      cp "$work"/fp8/model-*.safetensors "$work/fp8/model.safetensors.index.json" "$work/fp8/config.json" "$OUT/"
+      cp "$work/run/log.jsonl" "$OUT/"
+      cp "$work/run/loss.png" "$OUT/" 2>/dev/null || true
+      python3 - "$work" "$OUT" <<'PY'
+import json, sys
+w, out = sys.argv[1], sys.argv[2]
+e = {"bf16": json.load(open(f"{w}/eval-bf16.json")), "fp8": json.load(open(f"{w}/eval-fp8.json"))}
+json.dump(e, open(f"{out}/eval.json", "w"), indent=1)
+PY
+    fi
+    python3 - "$work" <<'PY'
+import json, sys
+w = sys.argv[1]
+b, f = json.load(open(f"{w}/eval-bf16.json")), json.load(open(f"{w}/eval-fp8.json"))
+print("| measure | value |\n|---|---|")
+print(f"| validation loss, BF16 weights | {b['loss']:.4f} (perplexity {b['perplexity']:.1f}) |")
+print(f"| validation loss, FP8 weights | {f['loss']:.4f} ({100 * (f['loss'] / b['loss'] - 1):+.2f}%) |")
+print(f"| unigram / bigram baseline | {b['unigram_loss']:.4f} / {b['bigram_loss']:.4f} |")
+print(f"| MTP greedy acceptance | {100 * b['mtp_acceptance']:.1f}% of {b['mtp_drafts']} drafts |")
+PY
+    ;;
+  *)
+    echo "usage: $0 --prepare | start MINUTES | resume | finish" >&2
+    exit 2 ;;
+esac
