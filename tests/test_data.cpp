@@ -19,6 +19,7 @@
 #include "core/sha256.h"
 #include "fathom/tokenizer.h"
 #include "test_util.h"
+#include "tokenizer/chat_template.h"
 #include "train/data.h"
 
 using namespace fathom;
@@ -125,6 +126,68 @@ TEST(Data, DocumentsComeBackExactlyAcrossShardsAndSplits) {
   for (const auto& src : m["sources"]) source_tokens += src["tokens"].get<int64_t>();
   EXPECT_GT(train_shards, 1) << "the long document must spill into a second shard";
   EXPECT_EQ(source_tokens, s.train_tokens + s.val_tokens);
+}
+
+// Fine-tuning data: each JSON line a conversation, rendered with the tokenizer's chat template
+// (which writes BOS and the end-of-turn tokens itself) into one document of exactly the ids of
+// that rendering; bad lines are errors naming the file and the line.
+TEST(Data, ChatLinesBecomeRenderedConversations) {
+  TempDir tmp;
+  fs::create_directories(tmp.file("chat"));
+  const std::vector<std::string> lines = {
+      R"({"messages": [{"role": "user", "content": "What does len() return?"}, {"role": "assistant", "content": "The number of items."}]})",
+      R"([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "git add?"}, {"role": "assistant", "content": "Stages changes."}])",
+      R"({"messages": [{"role": "user", "content": "数据?"}, {"role": "assistant", "content": "Data."}]})"};
+  write_file_atomic(tmp.file("chat/a.jsonl"), lines[0] + "\n\n" + lines[1] + "\n");
+  write_file_atomic(tmp.file("chat/b.jsonl"), lines[2]);
+  train::DataPrepareOptions o = options(tmp, "out");
+  o.inputs = {tmp.file("chat")};
+  o.chat = true;
+  o.val_fraction = 0;
+  const train::DataSummary s = train::prepare_data(*tokenizer(), o);
+  EXPECT_EQ(s.documents, 3);
+  const ChatTemplate ct = ChatTemplate::parse(tokenizer()->config().chat_template);
+  ChatTemplateOptions co;
+  co.bos_token = tokenizer()->config().bos_token;
+  co.eos_token = tokenizer()->config().eos_token;
+  std::multiset<std::vector<int32_t>> want;
+  int64_t want_tokens = 0;
+  for (const std::string& l : lines) {
+    nlohmann::json j = nlohmann::json::parse(l);
+    const std::vector<int32_t> ids = tokenizer()->encode(ct.render(j.is_array() ? j : j["messages"], co));
+    ASSERT_EQ(ids.front(), *tokenizer()->bos_id()) << "the template starts with BOS";
+    want.insert(ids);
+    want_tokens += int64_t(ids.size());
+  }
+  EXPECT_EQ(s.train_tokens, want_tokens);  // no boundary token added beside the template's
+  // the stream, cut at each BOS, is the three renderings
+  const std::vector<int32_t> all = train::read_split(tmp.file("out"), "train");
+  std::multiset<std::vector<int32_t>> got;
+  for (size_t i = 0; i < all.size();) {
+    size_t j = i + 1;
+    while (j < all.size() && all[j] != *tokenizer()->bos_id()) ++j;
+    got.insert(std::vector<int32_t>(all.begin() + long(i), all.begin() + long(j)));
+    i = j;
+  }
+  EXPECT_EQ(got, want);
+  // bad lines
+  auto fails_with = [&](const std::string& text, const std::string& needle) {
+    TempDir t2;
+    write_file_atomic(t2.file("c.jsonl"), text);
+    train::DataPrepareOptions b = options(t2, "out");
+    b.inputs = {t2.file("c.jsonl")};
+    b.chat = true;
+    try {
+      train::prepare_data(*tokenizer(), b);
+    } catch (const Error& e) {
+      return std::string(e.what()).find(needle) != std::string::npos ? testing::AssertionSuccess()
+                                                                      : testing::AssertionFailure() << e.what();
+    }
+    return testing::AssertionFailure() << "no error";
+  };
+  EXPECT_TRUE(fails_with(lines[0] + "\n{not json\n", "c.jsonl:2 is not a JSON value"));
+  EXPECT_TRUE(fails_with(R"({"messages": []})", "c.jsonl:1 is neither a non-empty array"));
+  EXPECT_TRUE(fails_with(R"([{"role": "user", "content": 5}])", "message 0 needs a string"));
 }
 
 TEST(Data, TheShuffleAndTheSplitAreDeterministic) {

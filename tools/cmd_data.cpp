@@ -29,6 +29,8 @@ Command add_data(CLI::App& app) {
   prep->add_option("--seed", o->seed, "seed of the document shuffle");
   prep->add_flag("--skip-invalid-utf8", o->skip_invalid_utf8, "skip files that are not UTF-8 text (listed in the "
                                                              "manifest) instead of stopping");
+  prep->add_flag("--chat", o->chat, "the inputs are JSON Lines conversations ({\"messages\": [...]} per line), each "
+                                    "rendered with the tokenizer's chat template into one document (fine-tuning data)");
   prep->add_flag("-q,--quiet", *quiet, "no progress bar");
   return [=] {
     const std::unique_ptr<Tokenizer> tok = Tokenizer::load(*tokenizer);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 #include "core/progress.h"
 #include "core/sha256.h"
 #include "fathom/tokenizer.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/unicode.h"
 
 namespace fs = std::filesystem;
@@ -129,12 +131,21 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
   FATHOM_CHECK(!fs::exists(fs::path(o.out_dir) / "manifest.json"), "data prepare: '", o.out_dir,
                "' already holds a data set (manifest.json); choose another directory or remove it.");
 
-  // read every document (each file), checking it is text
+  // read every document (each file, or with chat each line), checking it is text
   DataSummary sum;
   std::vector<std::string> texts, names;
   int64_t total_bytes = 0;
   for (const std::string& f : files) total_bytes += int64_t(fs::file_size(f, ec));
   Progress progress("tokenizing", total_bytes, /*bytes=*/true, o.progress);
+  std::optional<ChatTemplate> chat;
+  ChatTemplateOptions chat_opts;
+  if (o.chat) {
+    FATHOM_CHECK(!tokenizer.config().chat_template.empty(), "data prepare --chat: the tokenizer '", tokenizer.source(),
+                 "' has no chat template (tokenizer_config.json's chat_template).");
+    chat = ChatTemplate::parse(tokenizer.config().chat_template);
+    chat_opts.bos_token = tokenizer.config().bos_token;
+    chat_opts.eos_token = tokenizer.config().eos_token;
+  }
   for (const std::string& f : files) {
     std::string text = read_file(f);
     const size_t bad = invalid_utf8_at(text);
@@ -146,8 +157,31 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
       continue;
     }
     sum.bytes += int64_t(text.size());
-    texts.push_back(std::move(text));
-    names.push_back(f);
+    if (!chat) {
+      texts.push_back(std::move(text));
+      names.push_back(f);
+      continue;
+    }
+    size_t line_no = 0;
+    for (size_t at = 0; at < text.size();) {
+      const size_t end = std::min(text.find('\n', at), text.size());
+      const std::string_view line(text.data() + at, end - at);
+      ++line_no;
+      at = end + 1;
+      if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+      const std::string where = cat(f, ":", line_no);
+      const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      FATHOM_CHECK(!j.is_discarded(), "data prepare --chat: ", where, " is not a JSON value.");
+      const nlohmann::json& msgs = j.is_object() && j.contains("messages") ? j["messages"] : j;
+      FATHOM_CHECK(msgs.is_array() && !msgs.empty(), "data prepare --chat: ", where,
+                   " is neither a non-empty array of messages nor an object with one under \"messages\".");
+      for (size_t i = 0; i < msgs.size(); ++i)
+        FATHOM_CHECK(msgs[i].is_object() && msgs[i].contains("role") && msgs[i]["role"].is_string() &&
+                         msgs[i].contains("content") && msgs[i]["content"].is_string(),
+                     "data prepare --chat: ", where, ": message ", i, " needs a string \"role\" and \"content\".");
+      texts.push_back(chat->render(msgs, chat_opts));
+      names.push_back(where);
+    }
   }
   FATHOM_CHECK(!texts.empty(), "data prepare: none of the ", files.size(), " input files is UTF-8 text.");
 
@@ -162,12 +196,13 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
     std::vector<std::vector<int32_t>> ids = tokenizer.encode_batch(batch);
     for (size_t i = b; i < e; ++i) {
       std::vector<int32_t>& d = docs[i];
-      if (bos) d.push_back(*bos);
+      if (bos && !chat) d.push_back(*bos);
       d.insert(d.end(), ids[i - b].begin(), ids[i - b].end());
-      if (!bos) d.push_back(*eos);
-      progress.add(int64_t(batch[i - b].size()));
+      if (!bos && !chat) d.push_back(*eos);
+      if (!chat) progress.add(int64_t(batch[i - b].size()));
     }
   }
+  if (chat) progress.add(total_bytes);
   progress.finish();
 
   // a seeded permutation of the documents (Fisher-Yates on mt19937_64: the same everywhere)
@@ -226,7 +261,9 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
   m["tokenizer"] = {{"file", tokenizer.source()},
                     {"sha256", on_disk ? nlohmann::json(sha256_hex(read_file(tokenizer.source()))) : nlohmann::json()},
                     {"vocab_size", tokenizer.vocab_size()}};
-  m["document_boundary"] = bos ? nlohmann::json{{"bos", *bos}} : nlohmann::json{{"eos", *eos}};
+  m["document_boundary"] = o.chat ? nlohmann::json{{"chat_template", true}}
+                          : bos  ? nlohmann::json{{"bos", *bos}}
+                                 : nlohmann::json{{"eos", *eos}};
   m["seed"] = o.seed;
   m["val_fraction"] = o.val_fraction;
   m["shard_tokens"] = o.shard_tokens;

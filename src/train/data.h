@@ -30,6 +30,11 @@ struct DataPrepareOptions {
   int64_t shard_tokens = int64_t(1) << 24;
   uint64_t seed = 1234;
   bool skip_invalid_utf8 = false;    // skip (and list) files that are not UTF-8 text instead of failing
+  // Chat data (supervised fine-tuning): the inputs are JSON Lines files, each line a conversation
+  // ({"messages": [{"role", "content", ...}, ...]} or the bare array), rendered with the
+  // tokenizer's chat template into one document each. The template writes the BOS and the
+  // end-of-turn tokens itself, so no boundary token is added.
+  bool chat = false;
   bool progress = true;
 };
 
