@@ -11,6 +11,8 @@
 #        F32 model (MTP sharing the embedding and head), time 20 steps to size the run so that it
 #        ends in MINUTES of training (the cosine schedule then completes), train for up to 8 of them
 #   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
+#   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
+#        600 chat examples answered from the docs), 150 steps from the last checkpoint
 #   bash scripts/device-train-mini.sh finish          validation loss (F32 masters and FP8 copy),
 #        n-gram baselines, MTP acceptance; the FP8 checkpoint in 16 MiB shards, the log and the
 #        plots into $OUT
@@ -71,8 +73,26 @@ PY
     "$F" train -q --config "$work/train.json" --max-minutes 8 ;;
   resume)
     "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
+  sft)
+    # the supervised stage: chat examples answered from the docs (scripts/make-sft-data.py),
+    # rendered with the chat template, a few epochs from the last pretraining checkpoint
+    python3 scripts/make-sft-data.py "$work/corpus/text" "$work/sft.jsonl" --max 600
+    rm -rf "$work/sft-data"
+    "$F" data prepare -q --chat "$work/sft.jsonl" --tokenizer "$data/tokenizer" -o "$work/sft-data" --val-fraction 0.05
+    python3 - "$work" <<'PY'
+import glob, json, sys
+w = sys.argv[1]
+c = json.load(open(f"{w}/train.json"))
+c.update({"model": sorted(glob.glob(f"{w}/run/checkpoints/step-*"))[-1], "data": f"{w}/sft-data", "out": f"{w}/sft",
+          "steps": 150, "batch": 8, "seq_len": 256, "eval_every": 25, "eval_batches": 4, "checkpoint_every": 0,
+          "lr": {"schedule": "cosine", "peak": 3e-4, "min": 3e-5, "warmup": 10}})
+json.dump(c, open(f"{w}/sft.json", "w"), indent=1)
+PY
+    "$F" train -q --config "$work/sft.json" --max-minutes 8 ;;
   finish)
-    ckpt=$(ls -d "$work"/run/checkpoints/step-* | sort | tail -1)
+    run=run
+    [ -d "$work/sft/checkpoints" ] && run=sft  # the supervised stage's model when it ran
+    ckpt=$(ls -d "$work/$run"/checkpoints/step-* | sort | tail -1)
     rm -rf "$work/fp8" "$work/bf16"
     "$F" convert --model "$ckpt" -o "$work/fp8" --dtype fp8 --shard-mb 16
     "$F" convert --model "$ckpt" -o "$work/bf16" --dtype bf16 --shard-mb 0
@@ -83,7 +103,7 @@ PY
     if [ -n "${OUT:-}" ]; then
       cp "$work"/fp8/model-*.safetensors "$work/fp8/model.safetensors.index.json" "$work/fp8/config.json" "$OUT/"
       cp "$work/run/log.jsonl" "$OUT/"
-      cp "$work/run/loss.png" "$OUT/" 2>/dev/null || true
+      cp "$work/run/loss.png" "$OUT/" 2>/dev/null || true  # the pretraining curve (the model card's)
       python3 - "$work" "$OUT" <<'PY'
 import json, sys
 w, out = sys.argv[1], sys.argv[2]
@@ -103,6 +123,6 @@ print(f"| MTP greedy acceptance | {100 * b['mtp_acceptance']:.1f}% of {b['mtp_dr
 PY
     ;;
   *)
-    echo "usage: $0 --prepare | start MINUTES | resume | finish" >&2
+    echo "usage: $0 --prepare | start MINUTES | resume | sft | finish" >&2
     exit 2 ;;
 esac
