@@ -1,9 +1,11 @@
 #include "core/files.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <unistd.h>
@@ -51,6 +53,29 @@ std::string read_file(const std::string& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs, const std::string& what) {
+  namespace fs = std::filesystem;
+  FATHOM_CHECK(!inputs.empty(), what, ": no input files were given.");
+  std::vector<std::string> files;
+  for (const std::string& in : inputs) {
+    std::error_code ec;
+    const fs::file_status st = fs::status(in, ec);
+    FATHOM_CHECK(!ec && fs::exists(st), what, ": input '", in, "' does not exist.");
+    if (fs::is_directory(st)) {
+      std::vector<std::string> below;
+      for (const auto& e : fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied))
+        if (e.is_regular_file()) below.push_back(e.path().string());
+      std::sort(below.begin(), below.end());
+      FATHOM_CHECK(!below.empty(), what, ": directory '", in, "' holds no files.");
+      files.insert(files.end(), below.begin(), below.end());
+    } else {
+      FATHOM_CHECK(fs::is_regular_file(st), what, ": input '", in, "' is not a regular file.");
+      files.push_back(in);
+    }
+  }
+  return files;
 }
 
 }  // namespace fathom

@@ -155,24 +155,7 @@ void BpeTrainer::add_text(std::string_view text, const std::string& what) {
 
 void BpeTrainer::add_files(const std::vector<std::string>& inputs) {
   namespace fs = std::filesystem;
-  FATHOM_CHECK(!inputs.empty(), "tokenizer training: no input files");
-  std::vector<std::string> paths;  // each input, or every regular file below a directory in sorted order
-  for (const std::string& in : inputs) {
-    std::error_code ec;
-    const fs::file_status st = fs::status(in, ec);
-    FATHOM_CHECK(!ec && fs::exists(st), "tokenizer training: input '", in, "' does not exist");
-    if (fs::is_directory(st)) {
-      std::vector<std::string> below;
-      for (const auto& e : fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied))
-        if (e.is_regular_file()) below.push_back(e.path().string());
-      std::sort(below.begin(), below.end());
-      FATHOM_CHECK(!below.empty(), "tokenizer training: directory '", in, "' holds no files");
-      paths.insert(paths.end(), below.begin(), below.end());
-    } else {
-      FATHOM_CHECK(fs::is_regular_file(st), "tokenizer training: input '", in, "' is not a regular file");
-      paths.push_back(in);
-    }
-  }
+  const std::vector<std::string> paths = expand_inputs(inputs, "tokenizer training");
   int64_t total = 0;
   for (const auto& p : paths) {
     std::error_code ec;

@@ -25,29 +25,6 @@ namespace {
 constexpr char kMagic[8] = {'F', 'T', 'O', 'K', 'S', 'H', 'R', 'D'};
 constexpr size_t kHeader = 8 + 4 + 4 + 8;
 
-// The files an input names: itself, or every regular file below a directory in sorted order.
-std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
-  FATHOM_CHECK(!inputs.empty(), "data prepare: no input files were given.");
-  std::vector<std::string> files;
-  for (const std::string& in : inputs) {
-    std::error_code ec;
-    const fs::file_status st = fs::status(in, ec);
-    FATHOM_CHECK(!ec && fs::exists(st), "data prepare: input '", in, "' does not exist.");
-    if (fs::is_directory(st)) {
-      std::vector<std::string> below;
-      for (const auto& e : fs::recursive_directory_iterator(in, fs::directory_options::skip_permission_denied))
-        if (e.is_regular_file()) below.push_back(e.path().string());
-      std::sort(below.begin(), below.end());
-      FATHOM_CHECK(!below.empty(), "data prepare: directory '", in, "' holds no files.");
-      files.insert(files.end(), below.begin(), below.end());
-    } else {
-      FATHOM_CHECK(fs::is_regular_file(st), "data prepare: input '", in, "' is not a regular file.");
-      files.push_back(in);
-    }
-  }
-  return files;
-}
-
 // The offset of the first byte that is not valid UTF-8, or npos.
 size_t invalid_utf8_at(std::string_view s) {
   for (size_t i = 0; i < s.size();) {
@@ -123,7 +100,7 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
   const std::optional<int32_t> bos = tokenizer.bos_id(), eos = tokenizer.eos_id();
   FATHOM_CHECK(bos || eos, "data prepare: the tokenizer has neither a BOS nor an EOS token to mark where a document "
                "starts.");
-  const std::vector<std::string> files = expand_inputs(o.inputs);
+  const std::vector<std::string> files = expand_inputs(o.inputs, "data prepare");
   std::error_code ec;
   fs::create_directories(o.out_dir, ec);
   FATHOM_CHECK(!ec && fs::is_directory(o.out_dir), "data prepare: cannot create the output directory '", o.out_dir,
