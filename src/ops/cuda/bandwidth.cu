@@ -7,32 +7,13 @@
 
 #include "core/error.h"
 #include "ops/cuda/bandwidth.h"
+#include "ops/cuda/timing.cuh"
 
 namespace fathom::cuda {
 
 namespace {
 void ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw Error(cat("GPU limit measurement: ", what, ": ", cudaGetErrorString(e)));
-}
-// The fastest of `reps` runs of work() in milliseconds (CUDA events), after one warm-up run.
-template <typename F>
-float best_ms(int reps, F&& work) {
-  cudaEvent_t t0, t1;
-  ok(cudaEventCreate(&t0), "cudaEventCreate");
-  ok(cudaEventCreate(&t1), "cudaEventCreate");
-  float best = 1e30f;
-  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {
-    ok(cudaEventRecord(t0), "cudaEventRecord");
-    work();
-    ok(cudaEventRecord(t1), "cudaEventRecord");
-    ok(cudaEventSynchronize(t1), "cudaEventSynchronize");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
-    if (r > 0) best = std::min(best, ms);
-  }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
-  return best;
 }
 }  // namespace
 
@@ -41,7 +22,7 @@ double copy_bandwidth(size_t bytes, int reps) {
   ok(cudaMalloc(&a, bytes), "cudaMalloc");
   ok(cudaMalloc(&b, bytes), "cudaMalloc");
   ok(cudaMemset(a, 1, bytes), "cudaMemset");
-  const float ms = best_ms(reps, [&] { ok(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy"); });
+  const float ms = best_event_ms(reps, nullptr, [&] { ok(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy"); });
   cudaFree(a);
   cudaFree(b);
   return 2.0 * double(bytes) / (double(ms) * 1e-3);
@@ -60,7 +41,7 @@ double bf16_gemm_flops(int n, int reps) {
   cublasHandle_t h = nullptr;
   FATHOM_CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "bf16_gemm_flops: cublasCreate failed.");
   const float one = 1.0f, zero = 0.0f;
-  const float ms = best_ms(reps, [&] {  // (the warm-up call also picks the kernel)
+  const float ms = best_event_ms(reps, nullptr, [&] {  // (the warm-up call also picks the kernel)
     const cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b,
                                            CUDA_R_16BF, n, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT);

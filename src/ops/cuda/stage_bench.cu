@@ -17,6 +17,7 @@
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/timing.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -125,26 +126,6 @@ void ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw Error(cat("stage benchmark: ", what, ": ", cudaGetErrorString(e)));
 }
 
-// Seconds per replay of g, best of reps after a warm-up.
-double replay_seconds(cudaGraphExec_t g, cudaStream_t s, int reps) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "cudaEventCreate");
-  ok(cudaEventCreate(&b), "cudaEventCreate");
-  float best = 1e30f;
-  for (int r = 0; r <= reps; ++r) {
-    ok(cudaEventRecord(a, s), "cudaEventRecord");
-    ok(cudaGraphLaunch(g, s), "cudaGraphLaunch");
-    ok(cudaEventRecord(b, s), "cudaEventRecord");
-    ok(cudaEventSynchronize(b), "cudaEventSynchronize");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
-    if (r > 0) best = std::min(best, ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return double(best) * 1e-3;
-}
-
 }  // namespace
 
 std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps) {
@@ -194,7 +175,7 @@ std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps) {
     enqueue();
     ok(cudaStreamEndCapture(st, &g), "cudaStreamEndCapture");
     ok(cudaGraphInstantiate(&ge, g, 0), "cudaGraphInstantiate");
-    const double s = replay_seconds(ge, st, reps);
+    const double s = 1e-3 * best_event_ms(reps, st, [&] { ok(cudaGraphLaunch(ge, st), "cudaGraphLaunch"); });
     rows.push_back({name, s, bytes, n});
     cudaGraphExecDestroy(ge);
     cudaGraphDestroy(g);
@@ -234,9 +215,9 @@ std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps) {
   cudaFree(progress);
   int per_sm = 0;
   ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, kThreads, 0), "occupancy");
-  for (int bps : {8}) {
+  for (int bps : {1, 2, 4, 8}) {
     if (bps > per_sm) break;
-    for (int look : {1}) {
+    for (int look : {0, 1, 2}) {
       const unsigned grid = unsigned(sm_count() * bps);
       run(cat("persistent, ", bps, " blocks/SM, look-ahead ", look), [&] {
         ok(cudaMemsetAsync(counter, 0, sizeof(unsigned), st), "cudaMemsetAsync");
