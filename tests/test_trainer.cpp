@@ -191,16 +191,30 @@ TEST(Trainer, TrainsOnTheGpu) {
   EXPECT_TRUE(gpu[2].contains("val_loss"));
 }
 
-// A time limit ends the run after the step that passes it, checkpointed, and --resume finishes
-// the same run as one that was never stopped.
-TEST(Trainer, ATimeLimitStopsCheckpointedAndResumes) {
-  TempDir tmp;
+// Data and an uninterrupted six-step run in <tmp>/straight; returns the (quiet) config of the
+// same run in <tmp>/parts, for a test to interrupt and resume.
+train::TrainConfig straight_run_and_parts(const TempDir& tmp) {
   make_data(tmp);
   train::TrainConfig straight = train::load_train_config(write_config(tmp, "straight", json::object()));
   straight.progress = false;
   train::train(straight, false);
   train::TrainConfig part = train::load_train_config(write_config(tmp, "parts", json::object()));
   part.progress = false;
+  return part;
+}
+
+// Both runs end with byte-identical weights, optimizer state and trainer state.
+void expect_same_final_checkpoint(const TempDir& tmp) {
+  const std::string a = tmp.file("straight/checkpoints/step-00000006"), b = tmp.file("parts/checkpoints/step-00000006");
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
+    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+}
+
+// A time limit ends the run after the step that passes it, checkpointed, and --resume finishes
+// the same run as one that was never stopped.
+TEST(Trainer, ATimeLimitStopsCheckpointedAndResumes) {
+  TempDir tmp;
+  train::TrainConfig part = straight_run_and_parts(tmp);
   part.time_limit_s = 1e-9;  // past after the first step
   const train::TrainResult r = train::train(part, false);
   EXPECT_TRUE(r.stopped_by_time);
@@ -210,26 +224,17 @@ TEST(Trainer, ATimeLimitStopsCheckpointedAndResumes) {
   const train::TrainResult rest = train::train(part, true);
   EXPECT_FALSE(rest.stopped_by_time);
   EXPECT_EQ(rest.steps_done, 6);
-  const std::string a = tmp.file("straight/checkpoints/step-00000006"), b = tmp.file("parts/checkpoints/step-00000006");
-  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
-    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+  expect_same_final_checkpoint(tmp);
 }
 
 TEST(Trainer, AnInterruptedRunResumesBitForBit) {
   TempDir tmp;
-  make_data(tmp);
-  train::TrainConfig straight = train::load_train_config(write_config(tmp, "straight", json::object()));
-  straight.progress = false;
-  train::train(straight, false);
-  train::TrainConfig part = train::load_train_config(write_config(tmp, "parts", json::object()));
-  part.progress = false;
+  train::TrainConfig part = straight_run_and_parts(tmp);
   part.stop_at = 3;
   EXPECT_EQ(train::train(part, false).steps_done, 3);
   part.stop_at = 0;
   EXPECT_EQ(train::train(part, true).steps_done, 6);
-  const std::string a = tmp.file("straight/checkpoints/step-00000006"), b = tmp.file("parts/checkpoints/step-00000006");
-  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
-    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+  expect_same_final_checkpoint(tmp);
   const std::vector<json> la = log_lines(tmp.file("straight")), lb = log_lines(tmp.file("parts"));
   ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
