@@ -7,9 +7,10 @@
 #     builds the corpus (scripts/make-mini-corpus.sh) and the 12,000-token tokenizer, and packs
 #     corpus.tar.xz, the tokenizer and the build dependencies into device-mini-data/.
 # There:
-#   bash scripts/device-train-mini.sh start MINUTES   build, prepare the shards, write the random
-#        F32 model (MTP sharing the embedding and head), time 20 steps to size the run so that it
-#        ends in MINUTES of training (the cosine schedule then completes), train for up to 8 of them
+#   bash scripts/device-train-mini.sh start MINUTES   build, run the GPU training tests, prepare the
+#        shards, write the random F32 model (MTP sharing the embedding and head), time 20 steps to
+#        size the run so that it ends in MINUTES of training (the cosine schedule then completes),
+#        train for what is left of the call's 10 minutes
 #   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 150 steps from the last checkpoint
@@ -28,6 +29,9 @@ if [ "${1:-}" = "--prepare" ]; then
   "$fathom" tokenizer train -q "$work-corpus/text" -o "$data/tokenizer" --vocab-size 12000
   [ -s device-test-data/deps.tar.xz ] || bash scripts/device-test.sh --prepare
   cp device-test-data/deps.tar.xz "$data/"
+  # the two fixtures the GPU training tests read (the start stage runs them before it trains)
+  tar -C ../shared -cJf "$data/train-fixtures.tar.xz" data/fixtures/v3-tiny/config.json \
+    data/fixtures/v3-tiny/model.safetensors data/fixtures/v3-tiny-mtp/config.json data/fixtures/v3-tiny-mtp/model.safetensors
   echo "device-train-mini: $data prepared ($(du -sh "$data" | cut -f1)); carry [\"$data\"]"
   exit 0
 fi
@@ -39,9 +43,15 @@ F=build/device-mini/fathom
 case "$stage" in
   start)
     minutes=${2:?usage: device-train-mini.sh start MINUTES}
-    cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=OFF \
-      -DFATHOM_DEPS_DIR="$deps" >/dev/null
-    cmake --build build/device-mini --target fathom >/dev/null
+    # the GPU training tests first (the optimizer on the device, a GPU run against the CPU's, a
+    # resumed GPU run): a broken step must not cost the session's training time
+    rm -rf /tmp/fathom-shared && mkdir -p /tmp/fathom-shared && tar -C /tmp/fathom-shared -xJf "$data/train-fixtures.tar.xz"
+    cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=ON -DFATHOM_BENCH=OFF \
+      -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
+    cmake --build build/device-mini --target fathom fathom_tests >/dev/null
+    build/device-mini/fathom_tests --gtest_brief=1 \
+      --gtest_filter='CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState:ModelGrad.CudaGradientsMatchTheCpu'
+    echo "device-train-mini: built and tested in $SECONDS s"
     rm -rf "$work" && mkdir -p "$work/corpus"
     tar -C "$work/corpus" -xJf "$data/corpus.tar.xz"
     "$F" data prepare -q "$work/corpus/text" --tokenizer "$data/tokenizer" -o "$work/data" --val-fraction 0.02
@@ -70,7 +80,10 @@ c["lr"]["warmup"] = min(c["lr"]["warmup"], steps // 10)
 json.dump(c, open(f"{w}/train.json", "w"), indent=1)
 print(f"device-train-mini: {tps:.0f} tokens/s -> {steps} steps of {per_step} tokens ({steps * per_step / 1e6:.1f}M tokens)")
 PY
-    "$F" train -q --config "$work/train.json" --max-minutes 8 ;;
+    # what is left of this call's 10 minutes, less a margin for the last step and its checkpoint
+    left=$(python3 -c "print(max(0.5, (560 - $SECONDS) / 60))")
+    echo "device-train-mini: training for $left minutes in this call"
+    "$F" train -q --config "$work/train.json" --max-minutes "$left" ;;
   resume)
     "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
   sft)
@@ -100,6 +113,16 @@ PY
     "$F" eval --model "$work/bf16" --data "$work/data" --seq-len 512 --baselines --mtp-prompts 32 --json --device cuda \
       --precision fp32 | tee "$work/eval-bf16.json"
     "$F" eval --model "$work/fp8" --data "$work/data" --seq-len 512 --json --device cuda --precision fp32 | tee "$work/eval-fp8.json"
+    # greedy generation of the FP8 model on the CPU and on the GPU (F32 activations on both)
+    agree=0 n=0
+    for p in "The list type in Python" "To create a new branch in Git," "The Linux kernel"; do
+      "$F" generate --model "$work/fp8" --device cpu --precision fp32 --prompt "$p" --max-tokens 48 >"$work/g-cpu.txt" 2>/dev/null
+      "$F" generate --model "$work/fp8" --device cuda --precision fp32 --prompt "$p" --max-tokens 48 >"$work/g-cuda.txt" 2>/dev/null
+      n=$((n + 1))
+      cmp -s "$work/g-cpu.txt" "$work/g-cuda.txt" && agree=$((agree + 1))
+      printf 'prompt: %s\n  cpu:  %s\n  cuda: %s\n' "$p" "$(cat "$work/g-cpu.txt")" "$(cat "$work/g-cuda.txt")"
+    done
+    echo "$agree/$n" >"$work/greedy-agree.txt"
     if [ -n "${OUT:-}" ]; then
       cp "$work"/fp8/model-*.safetensors "$work/fp8/model.safetensors.index.json" "$work/fp8/config.json" "$OUT/"
       cp "$work/run/log.jsonl" "$OUT/"
@@ -120,6 +143,15 @@ print(f"| validation loss, BF16 weights | {b['loss']:.4f} (perplexity {b['perple
 print(f"| validation loss, FP8 weights | {f['loss']:.4f} ({100 * (f['loss'] / b['loss'] - 1):+.2f}%) |")
 print(f"| unigram / bigram baseline | {b['unigram_loss']:.4f} / {b['bigram_loss']:.4f} |")
 print(f"| MTP greedy acceptance | {100 * b['mtp_acceptance']:.1f}% of {b['mtp_drafts']} drafts |")
+print(f"| greedy generation, CPU = CUDA (48 tokens, FP8 weights) | {open(f'{w}/greedy-agree.txt').read().strip()} prompts |")
+for stage in ("run", "sft"):
+    try:
+        log = [json.loads(l) for l in open(f"{w}/{stage}/log.jsonl")]
+    except OSError:
+        continue
+    vals = [l["val_loss"] for l in log if "val_loss" in l]
+    print(f"| {stage}: steps, first / last train loss, last val loss | {log[-1]['step']}, {log[0]['loss']:.4f} / "
+          f"{log[-1]['loss']:.4f}, {vals[-1] if vals else float('nan'):.4f} |")
 PY
     ;;
   *)

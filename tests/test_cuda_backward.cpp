@@ -260,6 +260,43 @@ TEST_F(CudaBackward, RowHelpers) {
   }
 }
 
+TEST_F(CudaBackward, OptimizerPasses) {
+  // AdamW's update and the gradient norm's sum of squares, several sizes (one element, odd, many
+  // blocks' worth), with and without decay, three steps so the moments are nonzero going in
+  for (int64_t n : {int64_t(1), int64_t(1001), int64_t(3) << 20}) {
+    Tensor w = randn({n}), m = randn({n}, 0.1f), v = randn({n});
+    for (int64_t i = 0; i < n; ++i) v.f32()[i] = v.f32()[i] * v.f32()[i];  // a second moment is >= 0
+    Tensor gw = up(w), gm = up(m), gv = up(v);
+    for (int t = 1; t <= 3; ++t) {
+      const Tensor g = randn({n}, t == 2 ? 50.0f : 1.0f);
+      AdamWStepParams p;
+      p.decay = t == 3 ? 1.0f : 1.0f - 1e-3f * 0.1f;
+      p.step_size = float(1e-3 / (1 - std::pow(0.9, t)));
+      p.bc2_sqrt = float(std::sqrt(1 - std::pow(0.95, t)));
+      p.grad_scale = t == 1 ? 1.0f : 0.37f;
+      cpu_->adamw_step(w, m, v, g, p);
+      gpu_->adamw_step(gw, gm, gv, up(g), p);
+    }
+    EXPECT_LE(max_err(down(gw), w), 1e-6) << n;
+    EXPECT_LE(max_err(down(gm), m), 1e-6) << n;
+    EXPECT_LE(max_err(down(gv), v), 1e-6) << n;
+    const Tensor a = randn({n}), b = randn({n / 2 + 1}, 3.0f);
+    const double want = cpu_->sum_squares({a, b});
+    const double got = gpu_->sum_squares({up(a), up(b)});
+    EXPECT_NEAR(got, want, 1e-12 * want) << n;
+    EXPECT_EQ(gpu_->sum_squares({up(a), up(b)}), got) << "the same sum twice: the order is fixed";
+    Tensor z = up(a);
+    gpu_->zero(z);
+    EXPECT_EQ(cpu_->sum_squares({down(z)}), 0.0) << n;
+  }
+  EXPECT_EQ(gpu_->sum_squares({}), 0.0);
+  Tensor host = randn({4}), dev = up(host);
+  AdamWStepParams p;
+  EXPECT_THROW(gpu_->adamw_step(dev, dev, host, dev, p), Error);  // a host tensor
+  Tensor short_m = up(randn({3}));
+  EXPECT_THROW(gpu_->adamw_step(dev, short_m, dev, dev, p), Error);  // sizes differ
+}
+
 TEST_F(CudaBackward, BadInputIsAnError) {
   Tensor a = gpu_->upload(randn({4, 8})), w = gpu_->upload(randn({3, 8})), dw = gpu_->upload(randn({3, 7}));
   Tensor dout = gpu_->upload(randn({4, 3})), none;

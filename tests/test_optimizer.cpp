@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "core/error.h"
+#include "ops/ops.h"
 #include "train/optimizer.h"
 
 using namespace fathom;
@@ -83,6 +85,62 @@ TEST(Optimizer, ClipsByTheGlobalNorm) {
   EXPECT_TRUE(std::isnan(opt.clip_grad_norm(1e-3)));
   EXPECT_THROW(opt.add("c", Tensor::zeros({2}), Tensor::zeros({3})), Error);
   EXPECT_THROW(AdamW(AdamWConfig{1.0f, 0.95f, 1e-8f, 0.1f}), Error);
+}
+
+// The optimizer on a backend (AdamW::use_backend; here the CPU backend, whose tensors are host
+// ones, so CI runs it — test_trainer's CUDA run covers the GPU): the norm, the clipping and the
+// update read and write the backend's copies only, and to_host() brings the result back equal
+// to the host path's, which applies the same scales to the gradients eagerly.
+TEST(Optimizer, RunsOnABackendAsOnTheHost) {
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 gen(seed);
+  auto ops = make_cpu_ops();
+  AdamW host, dev;
+  std::vector<Tensor> dvals, dgrads;
+  for (Shape s : {Shape{6, 5}, Shape{7}}) {
+    const Tensor w = randn(gen, s);
+    Tensor w1 = Tensor::empty(s), w2 = Tensor::empty(s), w3 = Tensor::empty(s);
+    std::memcpy(w1.data(), w.data(), w.nbytes());
+    std::memcpy(w2.data(), w.data(), w.nbytes());
+    std::memcpy(w3.data(), w.data(), w.nbytes());
+    host.add("p", w1, Tensor::zeros(s));
+    Param& p = dev.add("p", w2, Tensor::zeros(s));
+    p.device_value = w3;  // the backend's copies (host memory for the CPU backend)
+    p.device_grad = Tensor::zeros(s);
+  }
+  Param& loose = dev.params()[1];
+  loose.device_grad = Tensor();
+  EXPECT_THROW(dev.use_backend(*ops), Error);  // a parameter without its backend copy
+  loose.device_grad = Tensor::zeros(loose.value.shape());
+  dev.use_backend(*ops);
+  EXPECT_TRUE(dev.on_backend());
+  for (int t = 1; t <= 4; ++t) {
+    for (size_t k = 0; k < 2; ++k) {
+      const Tensor g = randn(gen, host.params()[k].grad.shape(), t == 2 ? 30.0f : 1.0f);
+      std::memcpy(host.params()[k].grad.data(), g.data(), g.nbytes());
+      std::memcpy(dev.params()[k].device_grad.data(), g.data(), g.nbytes());
+      std::memset(dev.params()[k].grad.data(), 0xFF, g.nbytes());  // the host gradient is never read
+    }
+    host.scale_grads(0.5f);
+    dev.scale_grads(0.5f);
+    const double hn = host.clip_grad_norm(1.0), dn = dev.clip_grad_norm(1.0);
+    EXPECT_NEAR(dn, hn, 1e-12 * hn) << "step " << t;
+    host.step(1e-2f);
+    dev.step(1e-2f);
+  }
+  dev.to_host();
+  for (size_t k = 0; k < 2; ++k)
+    for (int64_t i = 0; i < host.params()[k].value.numel(); ++i) {
+      EXPECT_NEAR(dev.params()[k].value.f32()[i], host.params()[k].value.f32()[i], 1e-6) << "seed " << seed;
+      EXPECT_NEAR(dev.params()[k].m.f32()[i], host.params()[k].m.f32()[i], 1e-6) << "seed " << seed;
+      EXPECT_NEAR(dev.params()[k].v.f32()[i], host.params()[k].v.f32()[i], 1e-6) << "seed " << seed;
+    }
+  // a restored checkpoint's host values go out again
+  dev.params()[0].value.f32()[0] = 42.0f;
+  dev.to_device();
+  EXPECT_EQ(dev.params()[0].device_value.f32()[0], 42.0f);
+  dev.zero_grad();
+  EXPECT_EQ(dev.params()[1].device_grad.f32()[3], 0.0f);
 }
 
 TEST(Optimizer, Schedules) {

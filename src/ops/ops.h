@@ -199,6 +199,16 @@ struct MoeGateParams {
   float routed_scaling_factor = 1.0f;
 };
 
+// One AdamW update (Ops::adamw_step), with g = grad · grad_scale:
+//   w ← w · decay;  m ← m + (1 − β1)(g − m);  v ← β2 v + (1 − β2) g²;
+//   w ← w − step_size · m / (sqrt(v) / bc2_sqrt + eps)
+// where decay = 1 − lr · weight_decay (1 for parameters without decay), step_size = lr / (1 − β1^t)
+// and bc2_sqrt = sqrt(1 − β2^t).
+struct AdamWStepParams {
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  float decay = 1.0f, step_size = 0.0f, bc2_sqrt = 1.0f, grad_scale = 1.0f;
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -303,6 +313,16 @@ class Ops {
   // (< 0: no target, zero loss and gradient), the gradient scaled by dloss.
   virtual void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                       float dloss) = 0;
+
+  // ---- the optimizer's passes (training), so that the update runs where the weights are.
+  // One AdamW update of an F32 parameter w with its moments m and v (same size) from gradient
+  // grad · p.grad_scale — train/optimizer.h writes the formula; every value is F32 math, the same
+  // expression on every backend.
+  virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p) = 0;
+  // Σ x² over every element of the F32 tensors, accumulated in double (the global gradient norm).
+  virtual double sum_squares(const std::vector<Tensor>& xs) = 0;
+  // Every byte of t set to zero.
+  virtual void zero(Tensor& t) = 0;
 
   // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
   // and capture_end ops are recorded, not run; they may not synchronize or read host memory

@@ -97,8 +97,12 @@ void GradModel::scale_grad(float s) {
     for (int64_t i = 0; i < g.numel(); ++i) g.f32()[i] *= s;
 }
 void GradModel::zero_grad() {
-  for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
-  for (auto& [n, g] : dgrad_) g = ops_->upload(grad_.at(n));  // (a fresh zero copy on the device)
+  if (dgrad_.empty()) {
+    for (auto& [n, g] : grad_) std::memset(g.data(), 0, g.nbytes());
+    return;
+  }
+  // the host gradients are left as they are: grads_to_host() overwrites every one of them
+  for (auto& [n, g] : dgrad_) ops_->zero(g);
 }
 Tensor& GradModel::device_value(const std::string& name) {
   if (dvalue_.empty()) return value(name);
@@ -128,11 +132,21 @@ void GradModel::grads_to_host() {
   for (auto& [n, g] : dgrad_) ops_->download(grad_.at(n).data(), g);
 }
 void GradModel::values_to_device() {
-  for (auto& [n, v] : dvalue_) v = ops_->upload(value_.at(n));
+  for (auto& [n, v] : dvalue_) ops_->copy_from_host(v, value_.at(n));  // in place: the optimizer shares them
+  ops_->synchronize();
+}
+void GradModel::value_to_device(const std::string& name) {
+  if (dvalue_.empty()) return;
+  ops_->copy_from_host(device_value(name), value(name));
+  ops_->synchronize();
 }
 void GradModel::add_to(AdamW& optimizer) {
   for (const std::string& n : names_) {
     Param& p = optimizer.add(n, value_[n], grad_[n]);
+    if (!dvalue_.empty()) {  // the backend's copies, for an optimizer that runs there
+      p.device_value = dvalue_.at(n);
+      p.device_grad = dgrad_.at(n);
+    }
     int layer = -1;
     if (mtp_lambda_ == 0 && std::sscanf(n.c_str(), "model.layers.%d.", &layer) == 1 &&
         layer >= config_.num_hidden_layers)

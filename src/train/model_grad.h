@@ -43,6 +43,8 @@ class GradModel {
   Ops& backend() { return *ops_; }
   void grads_to_host();
   void values_to_device();
+  // One host value copied to the backend (a weight the host changed: the expert bias).
+  void value_to_device(const std::string& name);
   // The backend's copy of a weight and of its gradient (the host tensors on the CPU).
   Tensor& device_value(const std::string& name);
   Tensor& device_grad(const std::string& name);
@@ -52,7 +54,8 @@ class GradModel {
   Tensor& value(const std::string& name);
   Tensor& grad(const std::string& name);
   void zero_grad();  // host and backend gradients
-  // Registers every weight (value and gradient) with the optimizer; while λ is 0 the MTP
+  // Registers every weight (value and gradient, and the backend's copies of both) with the
+  // optimizer, which then may run on the backend (AdamW::use_backend); while λ is 0 the MTP
   // modules' weights are registered frozen (kept and saved, never updated or decayed).
   void add_to(AdamW& optimizer);
 

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "ops/cpu/backward.h"
 
 namespace fathom::train {
 
@@ -34,46 +35,99 @@ Param& AdamW::add(std::string name, Tensor value, Tensor grad) {
 
 double AdamW::clip_grad_norm(double max_norm) {
   double ss = 0;
-  for (const Param& p : params_) {
-    const float* g = p.grad.f32();
-    for (int64_t i = 0, n = p.grad.numel(); i < n; ++i) ss += double(g[i]) * g[i];
+  if (ops_) {
+    std::vector<Tensor> grads;
+    grads.reserve(params_.size());
+    for (const Param& p : params_) grads.push_back(p.device_grad);
+    ss = ops_->sum_squares(grads) * grad_scale_ * grad_scale_;
+  } else {
+    for (const Param& p : params_) ss += cpu::sum_squares(p.grad);
   }
   const double norm = std::sqrt(ss);
   if (!std::isfinite(norm) || max_norm <= 0) return norm;
   const double coef = max_norm / (norm + 1e-6);
   if (coef >= 1) return norm;
-  const float c = float(coef);
+  scale_grads(float(coef));
+  return norm;
+}
+
+void AdamW::scale_grads(float s) {
+  if (ops_) {
+    grad_scale_ *= s;
+    return;
+  }
   for (Param& p : params_) {
     float* g = p.grad.f32();
-    for (int64_t i = 0, n = p.grad.numel(); i < n; ++i) g[i] *= c;
+    for (int64_t i = 0, n = p.grad.numel(); i < n; ++i) g[i] *= s;
   }
-  return norm;
 }
 
 void AdamW::step(float lr) {
   ++t_;
-  const double b1 = config_.beta1, b2 = config_.beta2;
-  const double bc1 = 1 - std::pow(b1, double(t_)), bc2 = 1 - std::pow(b2, double(t_));
-  const float step_size = float(lr / bc1), bc2_sqrt = float(std::sqrt(bc2));
+  const double bc1 = 1 - std::pow(double(config_.beta1), double(t_));
+  const double bc2 = 1 - std::pow(double(config_.beta2), double(t_));
+  AdamWStepParams sp;
+  sp.beta1 = config_.beta1;
+  sp.beta2 = config_.beta2;
+  sp.eps = config_.eps;
+  sp.step_size = float(lr / bc1);
+  sp.bc2_sqrt = float(std::sqrt(bc2));
+  sp.grad_scale = float(grad_scale_);
   const float decay = 1.0f - lr * config_.weight_decay;
-  const float fb1 = config_.beta1, fb2 = config_.beta2, eps = config_.eps;
   for (Param& p : params_) {
     if (p.frozen) continue;
-    float* w = p.value.f32();
-    const float* g = p.grad.f32();
-    float* m = p.m.f32();
-    float* v = p.v.f32();
-    for (int64_t i = 0, n = p.value.numel(); i < n; ++i) {
-      if (p.decay) w[i] *= decay;
-      m[i] += (1 - fb1) * (g[i] - m[i]);  // torch's exp_avg.lerp_(grad, 1 - beta1)
-      v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
-      w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
-    }
+    sp.decay = p.decay ? decay : 1.0f;
+    if (ops_)
+      ops_->adamw_step(p.device_value, p.device_m, p.device_v, p.device_grad, sp);
+    else
+      cpu::adamw_step(p.value, p.m, p.v, p.grad, sp);
   }
+  grad_scale_ = 1;
 }
 
 void AdamW::zero_grad() {
-  for (Param& p : params_) std::memset(p.grad.data(), 0, p.grad.nbytes());
+  grad_scale_ = 1;
+  for (Param& p : params_) {
+    if (ops_)
+      ops_->zero(p.device_grad);
+    else
+      std::memset(p.grad.data(), 0, p.grad.nbytes());
+  }
+}
+
+void AdamW::use_backend(Ops& ops) {
+  for (Param& p : params_) {
+    FATHOM_CHECK(p.device_value.defined() && p.device_grad.defined() && p.device_value.device() == ops.device() &&
+                     p.device_grad.device() == ops.device() && p.device_value.numel() == p.value.numel() &&
+                     p.device_grad.numel() == p.value.numel(),
+                 "AdamW::use_backend: parameter '", p.name, "' has no copy of its value and gradient on the ",
+                 ops.name(), " backend.");
+  }
+  ops_ = &ops;
+  grad_scale_ = 1;
+  for (Param& p : params_) {
+    p.device_m = ops.upload(p.m);
+    p.device_v = ops.upload(p.v);
+  }
+}
+
+void AdamW::to_host() {
+  if (!ops_) return;
+  for (Param& p : params_) {
+    ops_->download(p.value.data(), p.device_value);
+    ops_->download(p.m.data(), p.device_m);
+    ops_->download(p.v.data(), p.device_v);
+  }
+}
+
+void AdamW::to_device() {
+  if (!ops_) return;
+  for (Param& p : params_) {
+    ops_->copy_from_host(p.device_value, p.value);
+    ops_->copy_from_host(p.device_m, p.m);
+    ops_->copy_from_host(p.device_v, p.v);
+  }
+  ops_->synchronize();
 }
 
 double LrSchedule::at(int64_t step) const {

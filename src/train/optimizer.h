@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "ops/ops.h"
 
 namespace fathom::train {
 
@@ -23,10 +24,13 @@ struct AdamWConfig {
 };
 
 // One trained tensor: its F32 master value, its gradient (same shape; the backward passes
-// accumulate into it) and the two moment estimates.
+// accumulate into it) and the two moment estimates. With a backend (AdamW::use_backend) the
+// device_* tensors are the backend's copies, where the update runs; the host ones are then
+// brought up to date by AdamW::to_host() only.
 struct Param {
   std::string name;
   Tensor value, grad, m, v;
+  Tensor device_value, device_grad, device_m, device_v;
   bool decay = false;   // weight decay applies (a matrix, not a norm weight or a bias)
   bool frozen = false;  // kept (and checkpointed) but not updated
 };
@@ -40,9 +44,22 @@ class AdamW {
   // and returns the global L2 norm before scaling (a NaN or infinite norm is returned as is and
   // nothing is scaled: the caller stops). max_norm <= 0 only measures.
   double clip_grad_norm(double max_norm);
+  // Multiplies every gradient by s (on a backend, folded into the norm and the update instead
+  // of a pass over the gradients).
+  void scale_grads(float s);
   // One update of every parameter with learning rate lr; t advances first.
   void step(float lr);
   void zero_grad();
+
+  // Runs the update on a backend (the GPU): every parameter's device_value and device_grad must
+  // be set (GradModel::add_to does it once the model has the backend); the moments are copied
+  // there. The norm, clipping and update then touch no host memory: to_host() brings values
+  // and moments back (before a checkpoint is written), to_device() sends the host ones out
+  // (after a checkpoint is restored). Without a backend both do nothing.
+  void use_backend(Ops& ops);
+  bool on_backend() const { return ops_ != nullptr; }
+  void to_host();
+  void to_device();
   int64_t steps() const { return t_; }
   void set_steps(int64_t t) { t_ = t; }  // resuming: the bias corrections depend on t
   std::vector<Param>& params() { return params_; }
@@ -53,6 +70,8 @@ class AdamW {
   AdamWConfig config_;
   std::vector<Param> params_;
   int64_t t_ = 0;
+  Ops* ops_ = nullptr;
+  double grad_scale_ = 1;  // on a backend: the factor scale_grads and the clipping have set, applied in step()
 };
 
 // The learning rate at a step (0-based): linear warm-up to `peak` over `warmup` steps (step s

@@ -137,6 +137,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   model->set_mtp_lambda(lambda0);
   AdamW opt(cfg.adamw);
   model->add_to(opt);
+  if (on_gpu) opt.use_backend(model->backend());  // the update runs beside the weights: no tensor crosses per step
   fs::create_directories(cfg.out_dir);
   const std::string ckpt_root = (fs::path(cfg.out_dir) / "checkpoints").string();
   TrainerState st;
@@ -148,6 +149,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     FATHOM_CHECK(latest.has_value(), "--resume: no valid checkpoint under '", ckpt_root, "'.");
     const Checkpoint c = load_checkpoint(*latest);
     restore(opt, c);
+    opt.to_device();
     st = c.state;
     result.last_checkpoint = *latest;
   }
@@ -156,6 +158,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   Progress progress("training", cfg.steps, /*bytes=*/false, cfg.progress);
   progress.add(st.step);
   auto save = [&]() {
+    opt.to_host();
     result.last_checkpoint = save_checkpoint(ckpt_root, model->config_json(), opt, st);
   };
   const int64_t window_tokens = cfg.seq_len + 1;
@@ -174,8 +177,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
       mtp += model->last_mtp_loss() / double(cfg.batch);
       st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
     }
-    model->grads_to_host();
-    model->scale_grad(1.0f / float(cfg.batch));
+    opt.scale_grads(1.0f / float(cfg.batch));
     const double gnorm = opt.clip_grad_norm(cfg.clip);
     FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,
                  ": the loss (", objective, ") or the gradient norm (", gnorm, ") is not finite; the last good checkpoint is ",
@@ -186,9 +188,12 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     for (const auto& [layer, load] : model->expert_load()) {
       loads[std::to_string(layer)] = load_imbalance(load);
       const std::string bias = cat("model.layers.", layer, ".mlp.gate.e_score_correction_bias");
-      if (cfg.bias_update > 0 && model->has(bias)) update_expert_bias(model->value(bias), load, cfg.bias_update);
+      if (cfg.bias_update > 0 && model->has(bias)) {
+        // the bias has no gradient, so the optimizer never moves it: its host value is current
+        update_expert_bias(model->value(bias), load, cfg.bias_update);
+        model->value_to_device(bias);
+      }
     }
-    model->values_to_device();  // the updated masters and biases, for the next step's passes
     ++st.step;
     st.optimizer_steps = opt.steps();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -265,4 +265,31 @@ int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& lo
   return counted;
 }
 
+void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p) {
+  const int64_t n = w.numel();
+  FATHOM_CHECK(w.dtype() == DType::F32 && m.dtype() == DType::F32 && v.dtype() == DType::F32 &&
+                   grad.dtype() == DType::F32 && m.numel() == n && v.numel() == n && grad.numel() == n,
+               "adamw_step: F32 value ", shape_str(w.shape()), ", moments ", shape_str(m.shape()), " and ",
+               shape_str(v.shape()), ", gradient ", shape_str(grad.shape()), " must all be one size.");
+  float* wp = w.f32();
+  float* mp = m.f32();
+  float* vp = v.f32();
+  const float* gp = grad.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gp[i] * p.grad_scale;
+    wp[i] *= p.decay;
+    mp[i] += (1 - p.beta1) * (g - mp[i]);  // torch's exp_avg.lerp_(grad, 1 - beta1)
+    vp[i] = p.beta2 * vp[i] + (1 - p.beta2) * g * g;
+    wp[i] -= p.step_size * mp[i] / (std::sqrt(vp[i]) / p.bc2_sqrt + p.eps);
+  }
+}
+
+double sum_squares(const Tensor& x) {
+  FATHOM_CHECK(x.dtype() == DType::F32, "sum_squares: the tensor is ", dtype_name(x.dtype()), ", not F32.");
+  const float* p = x.f32();
+  double ss = 0;
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) ss += double(p[i]) * p[i];
+  return ss;
+}
+
 }  // namespace fathom::cpu

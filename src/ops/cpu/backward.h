@@ -72,4 +72,9 @@ void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& lo
 int64_t cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                float dloss);
 
+// The optimizer's passes (Ops::adamw_step, sum_squares): one AdamW update of w, m, v (F32, same
+// size as grad) by the formula of AdamWStepParams, element by element in F32; Σ x² in double.
+void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p);
+double sum_squares(const Tensor& x);
+
 }  // namespace fathom::cpu

@@ -494,6 +494,17 @@ class CpuOps final : public Ops {
                               float dloss) override {
     cpu::cross_entropy_backward(losses, dlogits, logits, targets, dloss);
   }
+  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p) override {
+    cpu::adamw_step(w, m, v, grad, p);
+  }
+  double sum_squares(const std::vector<Tensor>& xs) override {
+    double ss = 0;
+    for (const Tensor& x : xs) ss += cpu::sum_squares(x);
+    return ss;
+  }
+  void zero(Tensor& t) override {
+    if (t.nbytes()) std::memset(t.data(), 0, t.nbytes());
+  }
   void mul_rows(Tensor& x, const Tensor& s) override {
     const int64_t M = s.numel();
     FATHOM_CHECK(x.dtype() == DType::F32 && s.dtype() == DType::F32 && M > 0 && x.numel() % M == 0,

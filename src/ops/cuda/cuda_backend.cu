@@ -489,6 +489,40 @@ class CudaOps final : public Ops {
                                  logits.dim(1), dloss, ctx_->stream);
   }
 
+  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p) override {
+    use();
+    f32(w, "adamw_step", "the parameter");
+    f32(m, "adamw_step", "the first moment");
+    f32(v, "adamw_step", "the second moment");
+    f32(grad, "adamw_step", "the gradient");
+    const int64_t n = w.numel();
+    FATHOM_CHECK(m.numel() == n && v.numel() == n && grad.numel() == n, "adamw_step: value ", shape_str(w.shape()),
+                 ", moments ", shape_str(m.shape()), " and ", shape_str(v.shape()), ", gradient ",
+                 shape_str(grad.shape()), " must all be one size.");
+    cuda::adamw_step(w.f32(), m.f32(), v.f32(), grad.f32(), n, p, ctx_->stream);
+  }
+  double sum_squares(const std::vector<Tensor>& xs) override {
+    use();
+    Tensor partials = empty({cuda::kSumSquaresPartials + 1}, DType::F64);
+    check(cudaMemsetAsync(partials.data(), 0, partials.nbytes(), ctx_->stream), "sum_squares (zeroing)");
+    double* d = partials.ptr<double>();
+    for (const Tensor& x : xs) {
+      f32(x, "sum_squares", "a tensor");
+      cuda::sum_squares_accumulate(d, x.f32(), x.numel(), ctx_->stream);
+    }
+    cuda::sum_squares_finish(d + cuda::kSumSquaresPartials, d, ctx_->stream);
+    double total = 0;
+    check(cudaMemcpyAsync(&total, d + cuda::kSumSquaresPartials, sizeof(double), cudaMemcpyDeviceToHost, ctx_->stream),
+          "sum_squares (the result)");
+    check(cudaStreamSynchronize(ctx_->stream), "sum_squares (or a kernel queued before it)");
+    return total;
+  }
+  void zero(Tensor& t) override {
+    use();
+    on_gpu(t, "zero", "the tensor");
+    if (t.nbytes()) check(cudaMemsetAsync(t.data(), 0, t.nbytes(), ctx_->stream), "zero");
+  }
+
   void mul_rows(Tensor& x, const Tensor& s) override {
     use();
     f32(x, "mul_rows", "the rows");

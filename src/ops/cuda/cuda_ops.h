@@ -14,6 +14,8 @@
 //   moe.cu          routing (moe_gate) and the routed experts (gather path)
 //   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
 //   sample.cu       token sampling: temperature, top-k, top-p, min-p, the draw (Ops::sample)
+//   backward.cu     the training passes' backward kernels
+//   optimizer.cu    AdamW and the gradient norm on the device (training)
 //
 // Built only when CMake finds nvcc (FATHOM_HAVE_CUDA).
 #pragma once
@@ -208,6 +210,13 @@ void moe_gate_backward(float* dlogits, const float* dweights, const float* logit
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
+// The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula);
+// the sum of squares of x added into partials[0 .. kSumSquaresPartials) (zeroed by the caller
+// before the first tensor), then their total written to *out.
+void adamw_step(float* w, float* m, float* v, const float* grad, int64_t n, const AdamWStepParams& p, Stream stream);
+constexpr int kSumSquaresPartials = 512;
+void sum_squares_accumulate(double* partials, const float* x, int64_t n, Stream stream);
+void sum_squares_finish(double* out, const double* partials, Stream stream);
 // dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
                      int64_t K, Stream stream);
