@@ -12,7 +12,8 @@
 // op on the GPU in F32, the gradients downloaded and AdamW stepped on the host masters. It reports
 // the GPU passes alone and the whole step.
 //
-// usage: bench_train [--config FILE] [--seq 2048] [--steps 2] [--dir /tmp/fathom-bench-train]
+// usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
+//   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -61,7 +62,7 @@ double active_matrix_params(const ModelConfig& c) {
 int run(int argc, char** argv) {
   std::string config = std::string(FATHOM_SOURCE_DIR) + "/bench/configs/v3-0.5b-train.json";
   std::string dir = "/tmp/fathom-bench-train";
-  int64_t seq = 2048, steps = 2;
+  int64_t seq = 2048, steps = 2, batch = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -71,10 +72,11 @@ int run(int argc, char** argv) {
     if (a == "--config") config = next();
     else if (a == "--seq") seq = std::stoll(next());
     else if (a == "--steps") steps = std::stoll(next());
+    else if (a == "--batch") batch = std::stoll(next());
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }
-  FATHOM_CHECK(seq >= 2 && steps >= 1, "bench_train: --seq must be >= 2 and --steps >= 1.");
+  FATHOM_CHECK(seq >= 2 && steps >= 1 && batch >= 1, "bench_train: --seq must be >= 2, --steps and --batch >= 1.");
   const double peak = cuda::bf16_gemm_flops(8192, 5);
   std::printf("bf16 GEMM rate (cuBLAS 8192^3, F32 accumulation): %.1f TFLOP/s\n", peak / 1e12);
 
@@ -103,13 +105,14 @@ int run(int argc, char** argv) {
 
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
-  std::vector<int32_t> tokens(static_cast<size_t>(seq + 1));
+  std::vector<std::vector<int32_t>> tokens(size_t(batch), std::vector<int32_t>(static_cast<size_t>(seq + 1)));
   double pass_s = 0, step_s = 0, host_s = 0, loss = 0;
   for (int64_t s = 0; s <= steps; ++s) {  // step 0 warms up
-    for (int32_t& t : tokens) t = tok(rng);
+    for (auto& seq_tokens : tokens)
+      for (int32_t& t : seq_tokens) t = tok(rng);
     const auto a = Clock::now();
     model->zero_grad();
-    loss = model->loss_and_grad(tokens);
+    loss = model->loss_and_grad_batch(tokens);
     model->backend().synchronize();
     const double pass = since(a);
     const auto b = Clock::now();
@@ -121,7 +124,7 @@ int run(int argc, char** argv) {
                 loss, pass, host);
     if (s > 0) pass_s += pass / double(steps), host_s += host / double(steps), step_s += step / double(steps);
   }
-  const double tps_pass = double(seq) / pass_s, tps_step = double(seq) / step_s;
+  const double tps_pass = double(batch * seq) / pass_s, tps_step = double(batch * seq) / step_s;
   const double mfu_pass = tps_pass * flops_per_token / peak, mfu_step = tps_step * flops_per_token / peak;
   std::printf("\n| measure | seconds | tokens/s | MFU (vs %.0f TFLOP/s) |\n|---|---|---|---|\n", peak / 1e12);
   std::printf("| GPU passes (forward + backward, F32) | %.3f | %.0f | %.3f%% |\n", pass_s, tps_pass, 100 * mfu_pass);

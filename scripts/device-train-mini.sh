@@ -12,6 +12,8 @@
 #        size the run so that it ends in MINUTES of training (the cosine schedule then completes),
 #        train for what is left of the call's 10 minutes
 #   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
+#   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
+#        fathom-mini's shape (bench_train: one window per pass, then 16)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 150 steps from the last checkpoint
 #   bash scripts/device-train-mini.sh finish          validation loss (F32 masters and FP8 copy),
@@ -40,17 +42,21 @@ deps=/tmp/fathom-deps
 if [ ! -d "$deps/lib" ]; then mkdir -p "$deps" && tar -C "$deps" -xJf "$data/deps.tar.xz"; fi
 export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 F=build/device-mini/fathom
+# Builds fathom, its tests and bench_train, then runs the GPU training tests (the optimizer on the
+# device, a GPU run against the CPU's, a resumed GPU run, micro-batches): a broken step must not
+# cost the session's training time.
+build_and_test() {
+  rm -rf /tmp/fathom-shared && mkdir -p /tmp/fathom-shared && tar -C /tmp/fathom-shared -xJf "$data/train-fixtures.tar.xz"
+  cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=ON -DFATHOM_BENCH=ON \
+    -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
+  cmake --build build/device-mini --target fathom fathom_tests bench_train >/dev/null
+  build/device-mini/fathom_tests --gtest_brief=1 \
+    --gtest_filter='CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
+}
 case "$stage" in
   start)
     minutes=${2:?usage: device-train-mini.sh start MINUTES}
-    # the GPU training tests first (the optimizer on the device, a GPU run against the CPU's, a
-    # resumed GPU run): a broken step must not cost the session's training time
-    rm -rf /tmp/fathom-shared && mkdir -p /tmp/fathom-shared && tar -C /tmp/fathom-shared -xJf "$data/train-fixtures.tar.xz"
-    cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=ON -DFATHOM_BENCH=OFF \
-      -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
-    cmake --build build/device-mini --target fathom fathom_tests >/dev/null
-    build/device-mini/fathom_tests --gtest_brief=1 \
-      --gtest_filter='CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState:ModelGrad.CudaGradientsMatchTheCpu'
+    build_and_test
     echo "device-train-mini: built and tested in $SECONDS s"
     rm -rf "$work" && mkdir -p "$work/corpus"
     tar -C "$work/corpus" -xJf "$data/corpus.tar.xz"
@@ -59,20 +65,22 @@ case "$stage" in
       --tokenizer "$data/tokenizer" --mtp-shared-embeddings >/dev/null
     # 20 steps to measure the step time, then the run sized to the minutes asked for
     python3 - "$work" 20 <<'PY'
-import json, sys
+import json, os, sys
 w, steps = sys.argv[1], int(sys.argv[2])
 c = json.load(open("configs/fathom-mini/train.json"))
-c.update({"out": f"{w}/calibrate", "steps": steps, "eval_every": 0, "checkpoint_every": 0,
+c.update({"model": os.path.abspath(f"{w}/init"), "data": os.path.abspath(f"{w}/data")})  # (relative: to the config's folder)
+c.update({"out": os.path.abspath(f"{w}/calibrate"), "steps": steps, "eval_every": 0, "checkpoint_every": 0,
           "lr": {"schedule": "constant", "peak": 1e-4}})
 json.dump(c, open(f"{w}/calibrate.json", "w"), indent=1)
 PY
     "$F" train -q --config "$work/calibrate.json" >/dev/null
     python3 - "$work" "$minutes" <<'PY'
-import json, sys
+import json, os, sys
 w, minutes = sys.argv[1], float(sys.argv[2])
 lines = [json.loads(l) for l in open(f"{w}/calibrate/log.jsonl")]
 tps = sorted(l["tokens_per_s"] for l in lines[5:])[len(lines[5:]) // 2]  # median, after warm-up
 c = json.load(open("configs/fathom-mini/train.json"))
+c.update({"model": os.path.abspath(f"{w}/init"), "data": os.path.abspath(f"{w}/data"), "out": os.path.abspath(f"{w}/run")})
 per_step = c["batch"] * c["seq_len"]
 steps = max(200, int(minutes * 60 * tps / per_step * 0.9))  # evaluation and checkpoints take the rest
 c["steps"] = steps
@@ -84,6 +92,14 @@ PY
     left=$(python3 -c "print(max(0.5, (560 - $SECONDS) / 60))")
     echo "device-train-mini: training for $left minutes in this call"
     "$F" train -q --config "$work/train.json" --max-minutes "$left" ;;
+  bench)
+    # the training step of fathom-mini's shape (random weights): one window per pass against the
+    # batch of 16 in one pass, as fathom train runs it (bench_train; tokens/s and MFU)
+    build_and_test
+    for b in 1 16; do
+      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 --batch "$b" --steps 3 \
+        --dir /tmp/bench-mini | tee "/tmp/bench-mini-$b.txt" | grep -E "^  step|^\| (GPU|whole)"
+    done ;;
   resume)
     "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
   sft)
@@ -93,10 +109,11 @@ PY
     rm -rf "$work/sft-data"
     "$F" data prepare -q --chat "$work/sft.jsonl" --tokenizer "$data/tokenizer" -o "$work/sft-data" --val-fraction 0.05
     python3 - "$work" <<'PY'
-import glob, json, sys
+import glob, json, os, sys
 w = sys.argv[1]
 c = json.load(open(f"{w}/train.json"))
-c.update({"model": sorted(glob.glob(f"{w}/run/checkpoints/step-*"))[-1], "data": f"{w}/sft-data", "out": f"{w}/sft",
+c.update({"model": os.path.abspath(sorted(glob.glob(f"{w}/run/checkpoints/step-*"))[-1]),
+          "data": os.path.abspath(f"{w}/sft-data"), "out": os.path.abspath(f"{w}/sft"),
           "steps": 150, "batch": 8, "seq_len": 256, "eval_every": 25, "eval_batches": 4, "checkpoint_every": 0,
           "lr": {"schedule": "cosine", "peak": 3e-4, "min": 3e-5, "warmup": 10}})
 json.dump(c, open(f"{w}/sft.json", "w"), indent=1)
@@ -128,14 +145,14 @@ PY
       cp "$work/run/log.jsonl" "$OUT/"
       cp "$work/run/loss.png" "$OUT/" 2>/dev/null || true  # the pretraining curve (the model card's)
       python3 - "$work" "$OUT" <<'PY'
-import json, sys
+import json, os, sys
 w, out = sys.argv[1], sys.argv[2]
 e = {"bf16": json.load(open(f"{w}/eval-bf16.json")), "fp8": json.load(open(f"{w}/eval-fp8.json"))}
 json.dump(e, open(f"{out}/eval.json", "w"), indent=1)
 PY
     fi
     python3 - "$work" <<'PY'
-import json, sys
+import json, os, sys
 w = sys.argv[1]
 b, f = json.load(open(f"{w}/eval-bf16.json")), json.load(open(f"{w}/eval-fp8.json"))
 print("| measure | value |\n|---|---|")
@@ -155,6 +172,6 @@ for stage in ("run", "sft"):
 PY
     ;;
   *)
-    echo "usage: $0 --prepare | start MINUTES | resume | sft | finish" >&2
+    echo "usage: $0 --prepare | start MINUTES | resume | sft | finish | bench" >&2
     exit 2 ;;
 esac

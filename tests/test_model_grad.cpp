@@ -6,6 +6,7 @@
 // discontinuity of the loss) is the same at every probe: the test is deterministic.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -213,6 +214,54 @@ TEST(ModelGrad, RecomputationGivesTheSameGradients) {
     ASSERT_EQ(std::memcmp(ga.data(), gb.data(), ga.nbytes()), 0) << n;
   }
   EXPECT_EQ(a->expert_load(), b->expert_load());
+}
+
+// A batch in one pass (rows stacked, attention and RoPE per sequence, the MTP module reading each
+// sequence's own rows) is the mean of its sequences run one by one: the objective and its parts,
+// every gradient (the batch's is the mean's), the expert loads. v3-tiny-mtp with MTP and the
+// balance loss on, three sequences of random tokens (fresh each run), once with recomputation.
+TEST(ModelGrad, ABatchIsTheMeanOfItsSequences) {
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int32_t> tok(0, 1023);
+  std::vector<std::vector<int32_t>> batch(3, std::vector<int32_t>(13));
+  for (auto& s : batch)
+    for (int32_t& t : s) t = tok(gen);
+  for (bool recompute : {false, true}) {
+    auto one = train::GradModel::load(fixture_dir("v3-tiny-mtp")), all = train::GradModel::load(fixture_dir("v3-tiny-mtp"));
+    for (auto* m : {one.get(), all.get()}) {
+      m->set_mtp_lambda(0.3f);
+      m->set_balance_alpha(0.01f);
+      m->set_recompute(recompute);
+    }
+    double obj = 0, lm = 0, mtp = 0, bal = 0;
+    for (const auto& s : batch) {
+      obj += one->loss_and_grad(s) / 3;
+      lm += one->last_lm_loss() / 3, mtp += one->last_mtp_loss() / 3, bal += one->last_balance_loss() / 3;
+    }
+    const double got = all->loss_and_grad_batch(batch);
+    EXPECT_NEAR(got, obj, 1e-6 * obj) << "seed " << seed;
+    EXPECT_NEAR(all->last_lm_loss(), lm, 1e-6 * lm);
+    EXPECT_NEAR(all->last_mtp_loss(), mtp, 1e-6 * mtp);
+    EXPECT_NEAR(all->last_balance_loss(), bal, 1e-6 * bal + 1e-12);
+    EXPECT_EQ(all->expert_load(), one->expert_load());
+    double worst = 0;
+    std::string where;
+    for (const std::string& n : all->names()) {
+      const Tensor &gb = all->grad(n), &gs = one->grad(n);
+      double scale = 0;
+      for (int64_t i = 0; i < gs.numel(); ++i) scale = std::max(scale, std::fabs(double(gs.f32()[i])) / 3);
+      for (int64_t i = 0; i < gs.numel(); ++i) {
+        const double e = std::fabs(double(gb.f32()[i]) - double(gs.f32()[i]) / 3) / (scale + 1e-6);
+        if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e, where = n;
+      }
+    }
+    EXPECT_LE(worst, 1e-4) << where << " (seed " << seed << ", recompute " << recompute << ")";
+    EXPECT_EQ(all->loss_batch(batch), got) << "the loss alone is the same number";
+  }
+  auto m = train::GradModel::load(fixture_dir("v3-tiny"));
+  EXPECT_THROW(m->loss_batch({{1, 2, 3}, {1, 2}}), Error);  // two lengths
+  EXPECT_THROW(m->loss_batch({}), Error);
 }
 
 // Expert capacity: a generous factor drops nothing and changes nothing; a tight one drops pairs

@@ -28,6 +28,7 @@ struct Expert {  // one expert's tokens in the layer (routed: the pairs that cho
   std::string prefix;
   std::vector<int64_t> token, slot;  // slot: index in the token's top-k (empty: shared or dense)
   Tensor idx, w;                     // routed: the tokens (n) I32 and their routing weights (n), on the device
+  int64_t offset = 0;                // routed: where its pairs start in the layer's packed lists
   Tensor x, g, u, a, y;              // (n, D), (n, I), (n, I), (n, I), (n, D) unweighted output
 };
 struct LayerActs {
@@ -37,6 +38,7 @@ struct LayerActs {
   Tensor weights_h, ids_h;              // the router's choice in host memory
   Tensor dlogits_balance;               // the balance loss's gradient of the router logits
   std::vector<Expert> experts;          // routed (with tokens) and shared
+  int64_t pairs = 0;                    // (token, expert) pairs the routed experts took
   bool moe = false;
 };
 
@@ -165,8 +167,10 @@ void GradModel::set_mtp_lambda(float lambda) {
                " was set, but the model has no MTP modules (num_nextn_predict_layers is 0).");
   mtp_lambda_ = lambda;
 }
-double GradModel::loss_and_grad(const std::vector<int32_t>& tokens) { return run(tokens, true); }
-double GradModel::loss(const std::vector<int32_t>& tokens) { return run(tokens, false); }
+double GradModel::loss_and_grad(const std::vector<int32_t>& tokens) { return run({tokens}, true); }
+double GradModel::loss(const std::vector<int32_t>& tokens) { return run({tokens}, false); }
+double GradModel::loss_and_grad_batch(const std::vector<std::vector<int32_t>>& batch) { return run(batch, true); }
+double GradModel::loss_batch(const std::vector<std::vector<int32_t>>& batch) { return run(batch, false); }
 
 // One pass over one sequence: the forward with every activation the backward needs kept, then (on
 // request) the backward. The decoder layer's two halves are shared by the main layers and the MTP
@@ -184,26 +188,35 @@ struct GradModel::Impl {
   const int64_t R, D;
   const float eps;
   const MoeGateParams gp;
-  Tensor cosv, sinv;  // RoPE tables for positions 0 .. T-1 on the backend (the MTP modules use a prefix)
+  const int64_t B;  // sequences in the pass, their rows stacked
+  // RoPE tables on the backend for B sequences of L rows (positions 0 .. L-1, B times), by L: the
+  // main layers' and each MTP module's (a shorter sequence)
+  std::map<int64_t, std::pair<Tensor, Tensor>> rope_tables;
   double balance = 0;  // Σ over MoE layers of the sequence-wise balance loss
   bool recomputing = false;  // a layer forward run again in the backward: count nothing twice
 
-  Impl(GradModel& model, int64_t T, bool bw)
+  Impl(GradModel& model, int64_t batch, bool bw)
       : m(model), ops(*model.ops_), c(model.config_), backward(bw), H(c.num_attention_heads),
         nope(c.qk_nope_head_dim), rd(c.qk_rope_head_dim), dv(c.v_head_dim), dqk(c.qk_head_dim()),
-        R(c.kv_lora_rank), D(c.hidden_size), eps(float(c.rms_norm_eps)), gp(moe_gate_params(c)) {
-    std::vector<int64_t> positions(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = t;
+        R(c.kv_lora_rank), D(c.hidden_size), eps(float(c.rms_norm_eps)), gp(moe_gate_params(c)), B(batch) {}
+  const std::pair<Tensor, Tensor>& tables(int64_t L) {
+    auto it = rope_tables.find(L);
+    if (it != rope_tables.end()) return it->second;
+    std::vector<int64_t> positions(static_cast<size_t>(B * L));
+    for (int64_t t = 0; t < B * L; ++t) positions[size_t(t)] = t % L;
     Tensor cos_h, sin_h;
-    Rope(c).tables(positions.data(), T, cos_h, sin_h);
-    cosv = ops.upload(cos_h);
-    sinv = ops.upload(sin_h);
+    Rope(c).tables(positions.data(), B * L, cos_h, sin_h);
+    return rope_tables[L] = {ops.upload(cos_h), ops.upload(sin_h)};
   }
   Tensor& W(const std::string& n) { return m.device_value(n); }
   Tensor& G(const std::string& n) { return m.device_grad(n); }
 
   // ---- tensor helpers on the backend
-  Tensor zeros(Shape shape) { return ops.upload(Tensor::zeros(std::move(shape))); }
+  Tensor zeros(Shape shape) {
+    Tensor t = ops.empty(std::move(shape));
+    ops.zero(t);
+    return t;
+  }
   Tensor mm(const Tensor& x, const Tensor& w) {  // out (M, N) = x (M, K) · Wᵀ
     LinearWeight lw;
     lw.weight = w;
@@ -237,26 +250,25 @@ struct GradModel::Impl {
     ops.download(h.data(), t);
     return h;
   }
-  Tensor ids_tensor(const std::vector<int64_t>& v) {
-    Tensor t = Tensor::empty({int64_t(v.size())}, DType::I32);
-    for (size_t i = 0; i < v.size(); ++i) t.ptr<int32_t>()[i] = int32_t(v[i]);
-    return ops.upload(t);
-  }
 
-  RopeParams rope_params(float* x, int64_t n, int64_t token_stride, int64_t head_stride, int n_heads, int offset) {
+  // x: n rows, B sequences of L
+  RopeParams rope_params(float* x, int64_t n, int64_t L, int64_t token_stride, int64_t head_stride, int n_heads,
+                         int offset) {
+    const auto& [cosv, sinv] = tables(L);
     RopeParams p;
     p.x = x, p.n_tokens = n, p.token_stride = token_stride, p.head_stride = head_stride;
     p.n_heads = n_heads, p.offset = offset, p.rope_dim = rd, p.cos = cosv.f32(), p.sin = sinv.f32();
     p.interleaved = c.rope_interleave;
     return p;
   }
-  AttentionParams attn_params(const LayerActs& a, int64_t n) {
+  // Sequence b's causal self-attention (its L rows of the stacked q, K, V); the caller sets the output.
+  AttentionParams attn_params(const LayerActs& a, int64_t L, int64_t b) {
     AttentionParams p;
-    p.q = a.q.f32(), p.q_token_stride = int64_t(H) * dqk, p.q_head_stride = dqk;
-    p.k = a.K.f32(), p.k_token_stride = int64_t(H) * dqk, p.k_head_stride = dqk;
-    p.v = a.V.f32(), p.v_token_stride = int64_t(H) * dv, p.v_head_stride = dv;
+    p.q = a.q.f32() + b * L * H * dqk, p.q_token_stride = int64_t(H) * dqk, p.q_head_stride = dqk;
+    p.k = a.K.f32() + b * L * H * dqk, p.k_token_stride = int64_t(H) * dqk, p.k_head_stride = dqk;
+    p.v = a.V.f32() + b * L * H * dv, p.v_token_stride = int64_t(H) * dv, p.v_head_stride = dv;
     p.out_token_stride = int64_t(H) * dv, p.out_head_stride = dv;
-    p.n_q = n, p.n_kv = n, p.q_pos0 = 0, p.causal = true;
+    p.n_q = L, p.n_kv = L, p.q_pos0 = 0, p.causal = true;
     p.n_q_heads = H, p.n_kv_heads = H, p.d_qk = dqk, p.d_v = dv, p.scale = float(c.softmax_scale());
     return p;
   }
@@ -280,8 +292,8 @@ struct GradModel::Impl {
   }
 
   // Decoder layer l (a main layer, or an MTP module's at num_hidden_layers + k) over the n rows of
-  // x: x ← x + MLA(rmsnorm(x)); x ← x + MLP or MoE(rmsnorm(x)).
-  void layer_forward(int l, Tensor& x, LayerActs& a, int64_t n) {
+  // x, B sequences of L: x ← x + MLA(rmsnorm(x)); x ← x + MLP or MoE(rmsnorm(x)).
+  void layer_forward(int l, Tensor& x, LayerActs& a, int64_t n, int64_t L) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
     const int64_t kv_w = R + rd, kvb_w = nope + dv;
     a.x_in = x;
@@ -293,13 +305,13 @@ struct GradModel::Impl {
     } else {
       a.q = mm(a.h1, W(sa + "q_proj.weight"));
     }
-    ops.rope(rope_params(a.q.f32(), n, int64_t(H) * dqk, dqk, H, nope));
+    ops.rope(rope_params(a.q.f32(), n, L, int64_t(H) * dqk, dqk, H, nope));
     a.kva = mm(a.h1, W(sa + "kv_a_proj_with_mqa.weight"));  // (n, R + rd) = [c_kv | k_pe]
     a.ckv = ops.empty({n, R});
     a.kpe = ops.empty({n, rd});
     copy(a.ckv.f32(), R, 0, a.kva.f32(), kv_w, 0, n, 1, int(R));
     copy(a.kpe.f32(), rd, 0, a.kva.f32() + R, kv_w, 0, n, 1, rd);
-    ops.rope(rope_params(a.kpe.f32(), n, rd, 0, 1, 0));
+    ops.rope(rope_params(a.kpe.f32(), n, L, rd, 0, 1, 0));
     a.ckvn = norm(a.ckv, W(sa + "kv_a_layernorm.weight"));
     a.kvb = mm(a.ckvn, W(sa + "kv_b_proj.weight"));  // (n, H, nope + dv)
     a.K = ops.empty({n, H, dqk});
@@ -308,9 +320,11 @@ struct GradModel::Impl {
     copy(a.K.f32() + nope, int64_t(H) * dqk, dqk, a.kpe.f32(), rd, 0, n, H, rd);  // k_pe shared by the heads
     copy(a.V.f32(), int64_t(H) * dv, dv, a.kvb.f32() + nope, H * kvb_w, kvb_w, n, H, dv);
     a.attn = ops.empty({n, int64_t(H) * dv});
-    AttentionParams ap = attn_params(a, n);
-    ap.out = a.attn.f32();
-    ops.attention(ap);
+    for (int64_t b = 0; b < B; ++b) {
+      AttentionParams ap = attn_params(a, L, b);
+      ap.out = a.attn.f32() + b * L * H * dv;
+      ops.attention(ap);
+    }
     x = mm(a.attn, W(sa + "o_proj.weight"));
     add_into(x, a.x_in);  // x_mid = x_in + o
     a.x_mid = x;
@@ -335,7 +349,8 @@ struct GradModel::Impl {
       a.ids_h = to_host(a.ids);
       if (m.balance_alpha_ > 0) {
         Tensor dlb = Tensor::zeros(a.logits.shape());
-        const double b = sequence_balance_loss(dlb, to_host(a.logits), a.ids_h, {n}, m.balance_alpha_, gp);
+        const double b = sequence_balance_loss(dlb, to_host(a.logits), a.ids_h, std::vector<int64_t>(size_t(B), L),
+                                               m.balance_alpha_, gp);
         a.dlogits_balance = ops.upload(dlb);
         if (!recomputing) balance += b;
       }
@@ -345,13 +360,14 @@ struct GradModel::Impl {
         load.resize(step.size(), 0);
         for (size_t e = 0; e < step.size(); ++e) load[e] += step[e];
       }
-      // each routed expert's capacity for this sequence (no limit without a factor)
+      // each routed expert's capacity for this pass (no limit without a factor)
       const int64_t capacity =
           m.capacity_factor_ > 0
               ? int64_t(std::ceil(double(m.capacity_factor_) * double(n) * K / double(c.n_routed_experts)))
               : n * K;
       const int32_t* ids_h = a.ids_h.ptr<int32_t>();
       const float* weights_h = a.weights_h.f32();
+      std::vector<Expert> routed;
       for (int e = 0; e < c.n_routed_experts; ++e) {
         Expert ex;
         ex.prefix = cat(p, "mlp.experts.", e, ".");
@@ -373,12 +389,27 @@ struct GradModel::Impl {
           ex.token = std::move(token);
           ex.slot = std::move(slot);
         }
-        if (ex.token.empty()) continue;
+        if (!ex.token.empty()) routed.push_back(std::move(ex));
+      }
+      // every expert's tokens and routing weights in one upload each (a copy per expert would
+      // wait on the GPU each time), then sliced per expert
+      int64_t pairs = 0;
+      for (const Expert& ex : routed) pairs += int64_t(ex.token.size());
+      Tensor idx_h = Tensor::empty({pairs}, DType::I32), w_h = Tensor::empty({pairs});
+      int64_t at = 0;
+      for (Expert& ex : routed) {
+        ex.offset = at;
+        for (size_t i = 0; i < ex.token.size(); ++i, ++at) {
+          idx_h.ptr<int32_t>()[at] = int32_t(ex.token[i]);
+          w_h.f32()[at] = weights_h[ex.token[i] * K + ex.slot[i]];
+        }
+      }
+      a.pairs = pairs;
+      const Tensor idx_all = ops.upload(idx_h), w_all = ops.upload(w_h);
+      for (Expert& ex : routed) {
         const int64_t ne = int64_t(ex.token.size());
-        Tensor w = Tensor::empty({ne});
-        for (int64_t i = 0; i < ne; ++i) w.f32()[i] = weights_h[ex.token[size_t(i)] * K + ex.slot[size_t(i)]];
-        ex.idx = ids_tensor(ex.token);
-        ex.w = ops.upload(w);
+        ex.idx = idx_all.slice_rows(ex.offset, ex.offset + ne);
+        ex.w = w_all.slice_rows(ex.offset, ex.offset + ne);
         ex.x = ops.empty({ne, D});
         ops.embedding(ex.x, ex.idx, a.h2);  // gather the expert's tokens
         expert_forward(ex);
@@ -401,7 +432,7 @@ struct GradModel::Impl {
   }
 
   // The backward of layer_forward: dx, the gradient of the layer's output, becomes that of its input.
-  void layer_backward(int l, LayerActs& a, Tensor& dx, int64_t n) {
+  void layer_backward(int l, LayerActs& a, Tensor& dx, int64_t n, int64_t L) {
     const std::string p = cat("model.layers.", l, "."), sa = p + "self_attn.";
     const int64_t kv_w = R + rd, kvb_w = nope + dv;
     // x_out = x_mid + y
@@ -412,6 +443,7 @@ struct GradModel::Impl {
       dh2 = zeros({n, D});
       const int K = c.num_experts_per_tok;
       Tensor dweights = Tensor::zeros({n, K});  // host: each routed pair's dot product lands here
+      Tensor dots = ops.empty({a.pairs});        // device: the same, packed as the pairs were
       for (Expert& e : a.experts) {
         if (e.token.empty()) {  // the shared expert: every token, weight 1
           add_into(dh2, expert_backward(e, dx));
@@ -420,15 +452,16 @@ struct GradModel::Impl {
         const int64_t ne = e.x.dim(0);
         Tensor dy = ops.empty({ne, D});
         ops.embedding(dy, e.idx, dx);  // the tokens' output gradients
-        Tensor dot = ops.empty({ne});
+        Tensor dot = dots.slice_rows(e.offset, e.offset + ne);
         ops.row_dot(dot, dy, e.y);  // d weight = dx[token] · out
-        const Tensor dot_h = to_host(dot);
-        for (int64_t i = 0; i < ne; ++i)
-          dweights.f32()[e.token[size_t(i)] * K + e.slot[size_t(i)]] += dot_h.f32()[i];
         ops.mul_rows(dy, e.w);  // d out = weight · dx[token]
         const Tensor dxe = expert_backward(e, dy);
         ops.embedding_backward(dh2, dxe, e.idx);  // scatter-add into the tokens' rows
       }
+      const Tensor dots_h = to_host(dots);  // one wait for the whole layer
+      for (const Expert& e : a.experts)
+        for (size_t i = 0; i < e.token.size() && !e.slot.empty(); ++i)
+          dweights.f32()[e.token[i] * K + e.slot[i]] += dots_h.f32()[e.offset + int64_t(i)];
       Tensor dlg = ops.empty(a.logits.shape());
       ops.moe_gate_backward(dlg, ops.upload(dweights), a.logits, a.ids, gp);
       if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);
@@ -444,7 +477,9 @@ struct GradModel::Impl {
     Tensor dattn = ops.empty(a.attn.shape());
     ops.matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
     Tensor dq = zeros(a.q.shape()), dK = zeros(a.K.shape()), dV = zeros(a.V.shape());
-    ops.attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, n));
+    for (int64_t b = 0; b < B; ++b)
+      ops.attention_backward(dq.f32() + b * L * H * dqk, dK.f32() + b * L * H * dqk, dV.f32() + b * L * H * dv,
+                             dattn.f32() + b * L * H * dv, attn_params(a, L, b));
     // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
     Tensor dkvb = ops.empty(a.kvb.shape()), dkpe = zeros({n, rd});
     copy(dkvb.f32(), H * kvb_w, kvb_w, dK.f32(), int64_t(H) * dqk, dqk, n, H, nope);
@@ -454,7 +489,7 @@ struct GradModel::Impl {
       copy(head_pe.f32(), rd, 0, dK.f32() + int64_t(h) * dqk + nope, int64_t(H) * dqk, 0, n, 1, rd);
       add_into(dkpe, head_pe);
     }
-    ops.rope_backward(rope_params(dkpe.f32(), n, rd, 0, 1, 0));
+    ops.rope_backward(rope_params(dkpe.f32(), n, L, rd, 0, 1, 0));
     Tensor dckvn = ops.empty(a.ckvn.shape()), dckv = ops.empty(a.ckv.shape());
     ops.matmul_backward(dckvn, G(sa + "kv_b_proj.weight"), dkvb, a.ckvn, W(sa + "kv_b_proj.weight"));
     ops.rmsnorm_backward(dckv, G(sa + "kv_a_layernorm.weight"), dckvn, a.ckv, W(sa + "kv_a_layernorm.weight"), eps);
@@ -463,7 +498,7 @@ struct GradModel::Impl {
     copy(dkva.f32() + R, kv_w, 0, dkpe.f32(), rd, 0, n, 1, rd);
     Tensor dh1 = ops.empty({n, D}), dh1b = ops.empty({n, D});
     ops.matmul_backward(dh1, G(sa + "kv_a_proj_with_mqa.weight"), dkva, a.h1, W(sa + "kv_a_proj_with_mqa.weight"));
-    ops.rope_backward(rope_params(dq.f32(), n, int64_t(H) * dqk, dqk, H, nope));
+    ops.rope_backward(rope_params(dq.f32(), n, L, int64_t(H) * dqk, dqk, H, nope));
     if (c.q_lora_rank > 0) {
       Tensor dqan = ops.empty(a.qan.shape()), dqa = ops.empty(a.qa.shape());
       ops.matmul_backward(dqan, G(sa + "q_b_proj.weight"), dq, a.qan, W(sa + "q_b_proj.weight"));
@@ -496,35 +531,49 @@ struct GradModel::Impl {
   }
 };
 
-double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
+// A batch: B sequences of T + 1 tokens, their T input rows stacked into B·T rows (row b·T + t is
+// sequence b's position t). Row-wise ops see the whole batch; RoPE restarts at every sequence and
+// attention runs per sequence; the MTP modules stack each sequence's shorter rows the same way.
+double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backward) {
   const ModelConfig& c = config_;
-  FATHOM_CHECK(tokens.size() >= 2, "a training sequence needs at least 2 tokens, got ", tokens.size(), ".");
-  const int64_t T = int64_t(tokens.size()) - 1, D = c.hidden_size, V = c.vocab_size;
-  for (size_t i = 0; i < tokens.size(); ++i)
-    FATHOM_CHECK(tokens[i] < V, "token ", tokens[i], " at position ", i, " is outside the vocabulary of ", V, ".");
-  Impl im(*this, T, backward);
+  FATHOM_CHECK(!batch.empty(), "a training batch needs at least one sequence.");
+  const size_t len = batch[0].size();
+  FATHOM_CHECK(len >= 2, "a training sequence needs at least 2 tokens, got ", len, ".");
+  const int64_t B = int64_t(batch.size()), T = int64_t(len) - 1, N = B * T, D = c.hidden_size, V = c.vocab_size;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    FATHOM_CHECK(batch[b].size() == len, "the sequences of a training batch must have one length: sequence ", b,
+                 " has ", batch[b].size(), " tokens, sequence 0 ", len, ".");
+    for (size_t i = 0; i < len; ++i)
+      FATHOM_CHECK(batch[b][i] < V, "token ", batch[b][i], " at position ", i, B > 1 ? cat(" of sequence ", b) : "",
+                   " is outside the vocabulary of ", V, ".");
+  }
+  Impl im(*this, B, backward);
   Ops& ops = im.ops;
   auto W = [&](const std::string& n) -> Tensor& { return device_value(n); };
   auto G = [&](const std::string& n) -> Tensor& { return device_grad(n); };
 
-  Tensor ids_h = Tensor::empty({T}, DType::I32), targets = Tensor::empty({T}, DType::I32);
-  for (int64_t t = 0; t < T; ++t) {
-    FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t, " is negative.");
-    ids_h.ptr<int32_t>()[t] = tokens[size_t(t)];
-    targets.ptr<int32_t>()[t] = tokens[size_t(t) + 1];
+  Tensor ids_h = Tensor::empty({N}, DType::I32), targets = Tensor::empty({N}, DType::I32);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int32_t>& tokens = batch[size_t(b)];
+    for (int64_t t = 0; t < T; ++t) {
+      FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t,
+                   B > 1 ? cat(" of sequence ", b) : "", " is negative.");
+      ids_h.ptr<int32_t>()[b * T + t] = tokens[size_t(t)];
+      targets.ptr<int32_t>()[b * T + t] = tokens[size_t(t) + 1];
+    }
   }
   const Tensor ids = ops.upload(ids_h);
 
   // ---- forward: the main model
   const std::string embed = "model.embed_tokens.weight";
   const std::string head = c.tie_word_embeddings ? embed : "lm_head.weight";
-  Tensor x = ops.empty({T, D});
+  Tensor x = ops.empty({N, D});
   ops.embedding(x, ids, W(embed));
   std::vector<LayerActs> acts(static_cast<size_t>(c.num_hidden_layers));
   const bool recompute = backward && recompute_;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     LayerActs& a = acts[size_t(l)];
-    im.layer_forward(l, x, a, T);
+    im.layer_forward(l, x, a, N, T);
     if (recompute || !backward) {  // keep the layer's input (never written in place) alone
       Tensor in = a.x_in;
       a = LayerActs{};
@@ -535,7 +584,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   Tensor logits = im.mm(hf, W(head));
   int64_t counted = 0;
   const double lm = im.weighted_cross_entropy(logits, targets, 1.0, counted);  // logits -> dlogits
-  FATHOM_CHECK(counted > 0, "a training sequence has no token to predict.");
+  FATHOM_CHECK(counted > 0, B > 1 ? "a training batch has no token to predict." : "a training sequence has no token to predict.");
 
   // ---- forward: the MTP modules (DeepSeek-V3 §2.2). Module k (0-based) at position i combines
   // the previous depth's hidden state h[i] (k = 0: the main model's, after its final norm; then
@@ -545,7 +594,8 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   // Loss: λ / depth · Σ_k mean CE_k.
   struct MtpActs {
     std::string p, embed, head;
-    int64_t n = 0;
+    int64_t L = 0, n = 0;  // rows per sequence, rows in all
+    Tensor rows;           // the rows of the previous depth's output it reads (I32, n)
     Tensor ids, e, en, hin, hn, cat_eh, x_out, xn, dlogits;
     LayerActs layer;
   };
@@ -555,40 +605,52 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
   if (mtp_lambda_ > 0 && depth > 0) {
     const double weight = double(mtp_lambda_) / double(depth);
     const Tensor* h = &hf;
+    int64_t L_prev = T;  // rows per sequence of h
     mtp.resize(static_cast<size_t>(depth));
     for (int k = 0; k < depth; ++k) {
       MtpActs& a = mtp[size_t(k)];
-      a.n = T - 1 - k;
-      if (a.n < 1) {  // too short a sequence for this depth (and the deeper ones)
+      a.L = T - 1 - k;
+      if (a.L < 1) {  // too short a sequence for this depth (and the deeper ones)
         mtp.resize(size_t(k));
         break;
       }
-      const int64_t n = a.n;
+      const int64_t L = a.L, n = B * L;
+      a.n = n;
       a.p = cat("model.layers.", c.num_hidden_layers + k, ".");
       a.embed = has(a.p + "embed_tokens.weight") ? a.p + "embed_tokens.weight" : embed;
       a.head = has(a.p + "shared_head.head.weight") ? a.p + "shared_head.head.weight" : head;
       Tensor in_h = Tensor::empty({n}, DType::I32), tg = Tensor::empty({n}, DType::I32);
-      for (int64_t i = 0; i < n; ++i) {
-        in_h.ptr<int32_t>()[i] = tokens[size_t(i + 1 + k)];
-        tg.ptr<int32_t>()[i] = tokens[size_t(i + 2 + k)];
-      }
+      Tensor rows_h = Tensor::empty({n}, DType::I32);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < L; ++i) {
+          in_h.ptr<int32_t>()[b * L + i] = batch[size_t(b)][size_t(i + 1 + k)];
+          tg.ptr<int32_t>()[b * L + i] = batch[size_t(b)][size_t(i + 2 + k)];
+          rows_h.ptr<int32_t>()[b * L + i] = int32_t(b * L_prev + i);
+        }
       a.ids = ops.upload(in_h);
+      a.rows = ops.upload(rows_h);
       a.e = ops.empty({n, D});
       ops.embedding(a.e, a.ids, W(a.embed));
       a.en = im.norm(a.e, W(a.p + "enorm.weight"));
-      a.hin = h->slice_rows(0, n);  // a view: neither h nor hin is written later
+      if (B == 1) {
+        a.hin = h->slice_rows(0, n);  // a view: neither h nor hin is written later
+      } else {
+        a.hin = ops.empty({n, D});  // each sequence's first L rows of h
+        ops.embedding(a.hin, a.rows, *h);
+      }
       a.hn = im.norm(a.hin, W(a.p + "hnorm.weight"));
       a.cat_eh = ops.empty({n, 2 * D});
       im.copy(a.cat_eh.f32(), 2 * D, 0, a.en.f32(), D, 0, n, 1, int(D));
       im.copy(a.cat_eh.f32() + D, 2 * D, 0, a.hn.f32(), D, 0, n, 1, int(D));
       Tensor xm = im.mm(a.cat_eh, W(a.p + "eh_proj.weight"));
-      im.layer_forward(c.num_hidden_layers + k, xm, a.layer, n);
+      im.layer_forward(c.num_hidden_layers + k, xm, a.layer, n, L);
       a.x_out = xm;
       a.xn = im.norm(a.x_out, W(a.p + "shared_head.norm.weight"));
       a.dlogits = im.mm(a.xn, W(a.head));
       int64_t used = 0;
       mtp_sum += im.weighted_cross_entropy(a.dlogits, tg, weight, used);
       h = &a.x_out;
+      L_prev = L;
     }
   }
   last_lm_ = lm;
@@ -599,7 +661,7 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
 
   // ---- backward, in exactly the reverse order: the MTP modules (deepest first), then the main model
   const float eps = im.eps;
-  Tensor dhf = ops.empty({T, D});
+  Tensor dhf = ops.empty({N, D});
   Tensor& dlogits = logits;
   ops.matmul_backward(dhf, G(head), dlogits, hf, W(head));
   Tensor dh_next;  // the gradient of the hidden state the next-deeper module read
@@ -610,11 +672,8 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     ops.matmul_backward(dxn, G(a.head), a.dlogits, a.xn, W(a.head));
     ops.rmsnorm_backward(dx, G(a.p + "shared_head.norm.weight"), dxn, a.x_out, W(a.p + "shared_head.norm.weight"),
                          eps);
-    if (dh_next.defined()) {  // the next module read rows 0 .. n-2 of this one's output
-      Tensor rows = dx.slice_rows(0, dh_next.dim(0));
-      im.add_into(rows, dh_next);
-    }
-    im.layer_backward(c.num_hidden_layers + k, a.layer, dx, n);
+    if (dh_next.defined()) ops.embedding_backward(dx, dh_next, mtp[size_t(k) + 1].rows);  // the rows the next module read
+    im.layer_backward(c.num_hidden_layers + k, a.layer, dx, n, a.L);
     Tensor dcat = ops.empty({n, 2 * D});
     ops.matmul_backward(dcat, G(a.p + "eh_proj.weight"), dx, a.cat_eh, W(a.p + "eh_proj.weight"));
     Tensor den = ops.empty({n, D}), dhn = ops.empty({n, D});
@@ -626,11 +685,8 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     dh_next = ops.empty({n, D});
     ops.rmsnorm_backward(dh_next, G(a.p + "hnorm.weight"), dhn, a.hin, W(a.p + "hnorm.weight"), eps);
   }
-  if (dh_next.defined()) {  // module 0 read rows 0 .. T-2 of the main model's normed output
-    Tensor rows = dhf.slice_rows(0, dh_next.dim(0));
-    im.add_into(rows, dh_next);
-  }
-  Tensor dx = ops.empty({T, D});
+  if (dh_next.defined()) ops.embedding_backward(dhf, dh_next, mtp[0].rows);  // module 0 read these rows of it
+  Tensor dx = ops.empty({N, D});
   ops.rmsnorm_backward(dx, G("model.norm.weight"), dhf, x, W("model.norm.weight"), eps);
   im.recomputing = true;  // (only read by layer_forward below)
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
@@ -638,9 +694,9 @@ double GradModel::run(const std::vector<int32_t>& tokens, bool backward) {
     if (recompute) {
       Tensor xin = a.x_in;
       a = LayerActs{};
-      im.layer_forward(l, xin, a, T);  // the same inputs give the same activations, bit for bit
+      im.layer_forward(l, xin, a, N, T);  // the same inputs give the same activations, bit for bit
     }
-    im.layer_backward(l, a, dx, T);
+    im.layer_backward(l, a, dx, N, T);
     a = LayerActs{};  // this layer's activations are no longer needed
   }
   ops.embedding_backward(G(embed), dx, ids);

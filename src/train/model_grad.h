@@ -66,6 +66,13 @@ class GradModel {
   double loss_and_grad(const std::vector<int32_t>& tokens);
   // The same objective without the backward.
   double loss(const std::vector<int32_t>& tokens);
+  // A batch of sequences of one length in one pass (their rows stacked: every matmul and expert
+  // sees all of them at once; attention and RoPE stay within each sequence): the objective is
+  // the mean over the predicted tokens of the batch (for sequences without negative targets, the
+  // mean of the sequences' own objectives, the balance loss averaged over the sequences) and its
+  // gradient, that mean's, is added to every weight's grad.
+  double loss_and_grad_batch(const std::vector<std::vector<int32_t>>& batch);
+  double loss_batch(const std::vector<std::vector<int32_t>>& batch);
   // The parts of the last loss()/loss_and_grad() result: the next-token cross-entropy, and the
   // MTP loss (the mean over the modules of each one's cross-entropy, before λ; 0 without MTP).
   double last_lm_loss() const { return last_lm_; }
@@ -86,8 +93,8 @@ class GradModel {
   // all of them; the gradients are bit for bit the same).
   void set_recompute(bool on) { recompute_ = on; }
   // Expert capacity (0, the default: no token is ever dropped). With a factor c > 0 each routed
-  // expert of each MoE layer takes at most ceil(c · T · top_k / n_experts) of a sequence's T
-  // tokens; beyond that, the tokens with the lowest routing weight for it are dropped (their
+  // expert of each MoE layer takes at most ceil(c · T · top_k / n_experts) of the T tokens of a
+  // pass (one sequence, or a batch's); beyond that, the tokens with the lowest routing weight for it are dropped (their
   // output from that expert is left out, the other weights unchanged, as DeepSeek-V2's
   // device-level dropping does) and counted in expert_dropped().
   void set_capacity_factor(float factor);
@@ -107,7 +114,7 @@ class GradModel {
 
  private:
   struct Impl;
-  double run(const std::vector<int32_t>& tokens, bool backward);
+  double run(const std::vector<std::vector<int32_t>>& batch, bool backward);
   ModelConfig config_;
   std::vector<std::string> names_;
   std::map<std::string, Tensor> value_, grad_;

@@ -57,6 +57,7 @@ TrainConfig load_train_config(const std::string& path) {
   c.out_dir = str("out");
   c.seq_len = num(j, "seq_len", c.seq_len);
   c.batch = num(j, "batch", c.batch);
+  c.micro_batch = num(j, "micro_batch", c.micro_batch);
   c.steps = num(j, "steps", c.steps);
   c.clip = num(j, "clip", c.clip);
   c.checkpoint_every = num(j, "checkpoint_every", c.checkpoint_every);
@@ -88,6 +89,9 @@ TrainConfig load_train_config(const std::string& path) {
                    c.eval_batches >= 1 && c.bias_update >= 0 && c.balance_alpha >= 0 && c.clip >= 0,
                "training config '", path, "': seq_len, batch, steps and eval_batches must be positive, and "
                "checkpoint_every, eval_every, bias_update, balance_alpha and clip not negative.");
+  FATHOM_CHECK(c.micro_batch >= 0 && c.micro_batch <= c.batch && (c.micro_batch == 0 || c.batch % c.micro_batch == 0),
+               "training config '", path, "': micro_batch (", c.micro_batch, ") must divide batch (", c.batch,
+               "); 0 runs the whole batch in one pass.");
   const json lr = j.value("lr", json::object());
   FATHOM_CHECK(lr.is_object(), "training config '", path, "': \"lr\" must be an object.");
   FATHOM_CHECK(!lr.contains("schedule") || lr["schedule"].is_string(), "training config '", path,
@@ -162,6 +166,8 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     result.last_checkpoint = save_checkpoint(ckpt_root, model->config_json(), opt, st);
   };
   const int64_t window_tokens = cfg.seq_len + 1;
+  const int64_t micro = cfg.micro_batch > 0 ? cfg.micro_batch : cfg.batch;  // windows per pass
+  const double part = double(micro) / double(cfg.batch);                   // a pass's share of the step
   const int64_t last = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
   const auto run_start = std::chrono::steady_clock::now();
   while (st.step < last) {
@@ -170,14 +176,18 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     model->reset_expert_load();
     model->set_mtp_lambda(lambda_at(st.step));
     double objective = 0, loss = 0, balance = 0, mtp = 0;
-    for (int64_t b = 0; b < cfg.batch; ++b) {
-      objective += model->loss_and_grad(window(train_ids, st.data_offset, window_tokens)) / double(cfg.batch);
-      loss += model->last_lm_loss() / double(cfg.batch);
-      balance += model->last_balance_loss() / double(cfg.batch);
-      mtp += model->last_mtp_loss() / double(cfg.batch);
-      st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
+    for (int64_t b0 = 0; b0 < cfg.batch; b0 += micro) {
+      std::vector<std::vector<int32_t>> windows;
+      for (int64_t b = 0; b < micro; ++b) {
+        windows.push_back(window(train_ids, st.data_offset, window_tokens));
+        st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
+      }
+      objective += model->loss_and_grad_batch(windows) * part;  // (the gradient of this pass's mean)
+      loss += model->last_lm_loss() * part;
+      balance += model->last_balance_loss() * part;
+      mtp += model->last_mtp_loss() * part;
     }
-    opt.scale_grads(1.0f / float(cfg.batch));
+    opt.scale_grads(float(part));  // the passes' means summed: the batch's mean
     const double gnorm = opt.clip_grad_norm(cfg.clip);
     FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,
                  ": the loss (", objective, ") or the gradient norm (", gnorm, ") is not finite; the last good checkpoint is ",
@@ -213,10 +223,14 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     if (cfg.eval_every > 0 && (st.step % cfg.eval_every == 0 || st.step == cfg.steps) &&
         int64_t(val_ids.size()) > cfg.seq_len) {
       double val = 0, val_mtp = 0;
-      for (int64_t b = 0; b < cfg.eval_batches; ++b) {
-        model->loss(window(val_ids, b * cfg.seq_len, window_tokens));
-        val += model->last_lm_loss() / double(cfg.eval_batches);
-        val_mtp += model->last_mtp_loss() / double(cfg.eval_batches);
+      for (int64_t b0 = 0; b0 < cfg.eval_batches; b0 += micro) {
+        std::vector<std::vector<int32_t>> windows;
+        for (int64_t b = b0; b < std::min(cfg.eval_batches, b0 + micro); ++b)
+          windows.push_back(window(val_ids, b * cfg.seq_len, window_tokens));
+        model->loss_batch(windows);
+        const double share = double(windows.size()) / double(cfg.eval_batches);
+        val += model->last_lm_loss() * share;
+        val_mtp += model->last_mtp_loss() * share;
       }
       line["val_loss"] = val;
       if (model->mtp_lambda() > 0) line["val_mtp_loss"] = val_mtp;

@@ -2,8 +2,9 @@
 // "device": "cuda").
 //
 // Each step takes `batch` windows of seq_len + 1 tokens from the training shards (one after the
-// other through the shards, wrapping around; the position is part of the checkpoint), sums the
-// gradients of their next-token losses (GradModel), averages them, clips them by the global norm,
+// other through the shards, wrapping around; the position is part of the checkpoint), runs them
+// through the model `micro_batch` at a time (each group one pass, its rows stacked), averages the
+// gradients of their next-token losses (GradModel), clips them by the global norm,
 // steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
 // even load (auxiliary-loss-free balancing); the objective includes the small sequence-wise
 // balance loss (α) and, for a model with MTP modules, the multi-token prediction loss (weight λ,
@@ -17,7 +18,7 @@
 // finite stops the run with an error naming the step, leaving the last good checkpoint as it was.
 //
 // The config file (JSON):
-//   {"model": DIR, "data": DIR, "out": DIR, "seq_len": 128, "batch": 4, "steps": 100,
+//   {"model": DIR, "data": DIR, "out": DIR, "seq_len": 128, "batch": 4, "micro_batch": 0, "steps": 100,
 //    "lr": {"schedule": "cosine"|"wsd"|"constant", "peak": 3e-4, "min": 3e-5, "warmup": 10, "decay": 0},
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
@@ -36,6 +37,9 @@ namespace fathom::train {
 struct TrainConfig {
   std::string model_dir, data_dir, out_dir;
   int64_t seq_len = 128, batch = 4, steps = 100;
+  // Windows per forward/backward pass (0: the whole batch in one pass); must divide batch. Fewer
+  // use less memory, more use the GPU better (every matmul and expert sees all their rows).
+  int64_t micro_batch = 0;
   LrSchedule lr;
   AdamWConfig adamw;
   double clip = 1.0;
@@ -48,8 +52,8 @@ struct TrainConfig {
   float mtp_lambda = -1.0f, mtp_lambda_later = 0.1f;
   int64_t mtp_lambda_switch = 0;
   // Where the passes run: "cpu" (the reference, the default), "cuda", or "auto" (CUDA when a GPU
-  // is present). On CUDA the optimizer still steps the host masters (GradModel::use_backend), and
-  // the gradients' scatter-adds use atomics: runs are not bit-reproducible there yet.
+  // is present). On CUDA the whole step stays there, AdamW included (AdamW::use_backend), and the
+  // gradients' scatter-adds use atomics: runs are not bit-reproducible there yet.
   std::string device = "cpu";
   bool recompute = false;        // activation recomputation (GradModel::set_recompute)
   float capacity_factor = 0.0f;  // expert capacity (0: no dropping; GradModel::set_capacity_factor)
