@@ -167,6 +167,11 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   };
   const int64_t window_tokens = cfg.seq_len + 1;
   const int64_t micro = cfg.micro_batch > 0 ? cfg.micro_batch : cfg.batch;  // windows per pass
+  // Window b of a step starts b lanes after the data position, which moves one window per step:
+  // each of the batch's rows streams through its own 1/batch of the (shuffled) documents, so a
+  // step's windows come from far-apart text even where one document is long, and an epoch is
+  // size / (batch · seq_len) steps as before.
+  const int64_t lane = std::max<int64_t>(1, int64_t(train_ids.size()) / cfg.batch);
   const double part = double(micro) / double(cfg.batch);                   // a pass's share of the step
   const int64_t last = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
   const auto run_start = std::chrono::steady_clock::now();
@@ -178,15 +183,14 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     double objective = 0, loss = 0, balance = 0, mtp = 0;
     for (int64_t b0 = 0; b0 < cfg.batch; b0 += micro) {
       std::vector<std::vector<int32_t>> windows;
-      for (int64_t b = 0; b < micro; ++b) {
-        windows.push_back(window(train_ids, st.data_offset, window_tokens));
-        st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
-      }
+      for (int64_t b = b0; b < b0 + micro; ++b)
+        windows.push_back(window(train_ids, (st.data_offset + b * lane) % int64_t(train_ids.size()), window_tokens));
       objective += model->loss_and_grad_batch(windows) * part;  // (the gradient of this pass's mean)
       loss += model->last_lm_loss() * part;
       balance += model->last_balance_loss() * part;
       mtp += model->last_mtp_loss() * part;
     }
+    st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
     opt.scale_grads(float(part));  // the passes' means summed: the batch's mean
     const double gnorm = opt.clip_grad_norm(cfg.clip);
     FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,

@@ -1,8 +1,9 @@
 // The training loop: `fathom train --config FILE [--resume]` (the CPU reference path, or the GPU with
 // "device": "cuda").
 //
-// Each step takes `batch` windows of seq_len + 1 tokens from the training shards (one after the
-// other through the shards, wrapping around; the position is part of the checkpoint), runs them
+// Each step takes `batch` windows of seq_len + 1 tokens from the training shards (row b of the
+// batch reads from its own lane, the b-th 1/batch of the tokens, one window further each step,
+// wrapping around; the position is part of the checkpoint), runs them
 // through the model `micro_batch` at a time (each group one pass, its rows stacked), averages the
 // gradients of their next-token losses (GradModel), clips them by the global norm,
 // steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
