@@ -234,6 +234,18 @@ TEST(Trainer, AGpuRunResumesWithItsOptimizerState) {
   }
 }
 
+// A step's windows are a lane apart; the position moves one window per step; all wrap around.
+TEST(Trainer, BatchRowsReadTheirOwnLanes) {
+  EXPECT_EQ(train::window_start(0, 0, 4, 1000), 0);
+  EXPECT_EQ(train::window_start(0, 1, 4, 1000), 250);
+  EXPECT_EQ(train::window_start(0, 3, 4, 1000), 750);
+  EXPECT_EQ(train::window_start(900, 3, 4, 1000), 650);  // 900 + 750 wraps
+  EXPECT_EQ(train::window_start(17, 2, 3, 10), 3);        // lanes of 3 over 10 tokens: (17 + 6) % 10
+  EXPECT_EQ(train::window_start(5, 4, 8, 6), 3);          // fewer tokens than rows: lanes of 1
+  EXPECT_THROW(train::window_start(0, 4, 4, 1000), Error);
+  EXPECT_THROW(train::window_start(0, 0, 4, 0), Error);
+}
+
 // The batch in one pass or one window per pass is the same step (to rounding): the same losses,
 // gradient norms and validation losses in the log. Compared over the first two steps: AdamW's
 // first updates are ±lr for every element whatever its gradient's size, so the rounding noise of

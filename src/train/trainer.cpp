@@ -35,6 +35,13 @@ std::vector<int32_t> window(const std::vector<int32_t>& ids, int64_t pos, int64_
 
 }  // namespace
 
+int64_t window_start(int64_t data_offset, int64_t row, int64_t batch, int64_t tokens) {
+  FATHOM_CHECK(tokens > 0 && batch > 0 && row >= 0 && row < batch && data_offset >= 0, "window_start: row ", row,
+               " of ", batch, " over ", tokens, " tokens at ", data_offset, ".");
+  const int64_t lane = std::max<int64_t>(1, tokens / batch);
+  return (data_offset + row * lane) % tokens;
+}
+
 TrainConfig load_train_config(const std::string& path) {
   const json j = json::parse(read_file(path), nullptr, false);
   FATHOM_CHECK(j.is_object(), "training config '", path, "' is not a JSON object.");
@@ -167,11 +174,6 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
   };
   const int64_t window_tokens = cfg.seq_len + 1;
   const int64_t micro = cfg.micro_batch > 0 ? cfg.micro_batch : cfg.batch;  // windows per pass
-  // Window b of a step starts b lanes after the data position, which moves one window per step:
-  // each of the batch's rows streams through its own 1/batch of the (shuffled) documents, so a
-  // step's windows come from far-apart text even where one document is long, and an epoch is
-  // size / (batch · seq_len) steps as before.
-  const int64_t lane = std::max<int64_t>(1, int64_t(train_ids.size()) / cfg.batch);
   const double part = double(micro) / double(cfg.batch);                   // a pass's share of the step
   const int64_t last = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
   const auto run_start = std::chrono::steady_clock::now();
@@ -184,7 +186,8 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     for (int64_t b0 = 0; b0 < cfg.batch; b0 += micro) {
       std::vector<std::vector<int32_t>> windows;
       for (int64_t b = b0; b < b0 + micro; ++b)
-        windows.push_back(window(train_ids, (st.data_offset + b * lane) % int64_t(train_ids.size()), window_tokens));
+        windows.push_back(window(train_ids, window_start(st.data_offset, b, cfg.batch, int64_t(train_ids.size())),
+                                 window_tokens));
       objective += model->loss_and_grad_batch(windows) * part;  // (the gradient of this pass's mean)
       loss += model->last_lm_loss() * part;
       balance += model->last_balance_loss() * part;

@@ -67,6 +67,13 @@ struct TrainConfig {
   bool plots = true;  // loss.png and expert-load.png in `out` at the end (train/plot.h)
 };
 
+// Where row `row` of a batch of `batch` windows starts in a split of `tokens` ids when the data
+// position is data_offset: the rows are a lane, tokens / batch, apart (wrapping around), and the
+// position moves one window per step, so each row streams through its own 1/batch of the
+// (shuffled) documents and a step's windows come from far-apart text even where one document is
+// long; an epoch is still tokens / (batch · seq_len) steps.
+int64_t window_start(int64_t data_offset, int64_t row, int64_t batch, int64_t tokens);
+
 // Reads and checks a config file (errors name the file and the field).
 TrainConfig load_train_config(const std::string& path);
 
