@@ -17,9 +17,10 @@
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 60 steps (about two epochs) from the last
 #        checkpoint: the first run's 150 steps at 3e-4 overfitted them (bench/RESULTS.md)
-#   bash scripts/device-train-mini.sh finish          validation loss (F32 masters and FP8 copy),
-#        n-gram baselines, MTP acceptance; the FP8 checkpoint in 16 MiB shards, the log and the
-#        plots into $OUT
+#   bash scripts/device-train-mini.sh finish          validation loss (BF16 and FP8 copies),
+#        n-gram baselines, MTP acceptance, greedy text on the CPU and the GPU; the FP8 checkpoint
+#        in 16 MiB shards, eval.json and both stages' logs into $OUT (8 files; draw the curves
+#        here with `fathom train-plot --log log.jsonl`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-mini-data
@@ -144,7 +145,8 @@ PY
     if [ -n "${OUT:-}" ]; then
       cp "$work"/fp8/model-*.safetensors "$work/fp8/model.safetensors.index.json" "$work/fp8/config.json" "$OUT/"
       cp "$work/run/log.jsonl" "$OUT/"
-      cp "$work/run/loss.png" "$OUT/" 2>/dev/null || true  # the pretraining curve (the model card's)
+      # the GPU machine has no gnuplot: `fathom train-plot --log log.jsonl` draws the curves here
+      if [ -f "$work/sft/log.jsonl" ]; then cp "$work/sft/log.jsonl" "$OUT/sft-log.jsonl"; fi
       python3 - "$work" "$OUT" <<'PY'
 import json, os, sys
 w, out = sys.argv[1], sys.argv[2]
