@@ -11,7 +11,12 @@
 #        shards, write the random F32 model (MTP sharing the embedding and head), time 20 steps to
 #        size the run so that it ends in MINUTES of training (the cosine schedule then completes),
 #        train for what is left of the call's 10 minutes
+#     With a checkpoint folder (carried in by an earlier call of the same machine, e.g. an
+#     ignored device-mini-ckpt/ holding what `export` brought back), training goes on from its
+#     weights with fresh moments and a peak learning rate of 1e-3 instead of starting at random.
 #   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
+#   bash scripts/device-train-mini.sh export          the last pretraining checkpoint as FP8 shards
+#        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
 #        fathom-mini's shape (bench_train: one window per pass, then 16)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
@@ -57,14 +62,23 @@ build_and_test() {
 }
 case "$stage" in
   start)
-    minutes=${2:?usage: device-train-mini.sh start MINUTES}
+    minutes=${2:?usage: device-train-mini.sh start MINUTES [CHECKPOINT]}
+    from=${3:-}
+    [ -z "$from" ] || [ -f "$from/config.json" ] || { echo "device-train-mini: $from has no config.json (carry it in an earlier call)" >&2; exit 1; }
     build_and_test
     echo "device-train-mini: built and tested in $SECONDS s"
     rm -rf "$work" && mkdir -p "$work/corpus"
     tar -C "$work/corpus" -xJf "$data/corpus.tar.xz"
     "$F" data prepare -q "$work/corpus/text" --tokenizer "$data/tokenizer" -o "$work/data" --val-fraction 0.02
-    "$F" init-random --config configs/fathom-mini/config.json --out "$work/init" --dtype f32 --seed 1 \
-      --tokenizer "$data/tokenizer" --mtp-shared-embeddings >/dev/null
+    if [ -n "$from" ]; then
+      # going on from an earlier session's weights (`export`): fresh AdamW moments, half the peak
+      cp -r "$from" "$work/init" && cp "$data"/tokenizer/* "$work/init/"
+      peak=1e-3
+    else
+      "$F" init-random --config configs/fathom-mini/config.json --out "$work/init" --dtype f32 --seed 1 \
+        --tokenizer "$data/tokenizer" --mtp-shared-embeddings >/dev/null
+      peak=
+    fi
     # 20 steps to measure the step time, then the run sized to the minutes asked for
     python3 - "$work" 20 <<'PY'
 import json, os, sys
@@ -76,9 +90,9 @@ c.update({"out": os.path.abspath(f"{w}/calibrate"), "steps": steps, "eval_every"
 json.dump(c, open(f"{w}/calibrate.json", "w"), indent=1)
 PY
     "$F" train -q --config "$work/calibrate.json" >/dev/null
-    python3 - "$work" "$minutes" <<'PY'
+    python3 - "$work" "$minutes" "$peak" <<'PY'
 import json, os, sys
-w, minutes = sys.argv[1], float(sys.argv[2])
+w, minutes, peak = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 lines = [json.loads(l) for l in open(f"{w}/calibrate/log.jsonl")]
 tps = sorted(l["tokens_per_s"] for l in lines[5:])[len(lines[5:]) // 2]  # median, after warm-up
 c = json.load(open("configs/fathom-mini/train.json"))
@@ -87,6 +101,9 @@ per_step = c["batch"] * c["seq_len"]
 steps = max(200, int(minutes * 60 * tps / per_step * 0.9))  # evaluation and checkpoints take the rest
 c["steps"] = steps
 c["lr"]["warmup"] = min(c["lr"]["warmup"], steps // 10)
+if peak:
+    c["lr"]["peak"] = float(peak)
+    c["lr"]["min"] = min(c["lr"]["min"], float(peak) / 10)
 json.dump(c, open(f"{w}/train.json", "w"), indent=1)
 print(f"device-train-mini: {tps:.0f} tokens/s -> {steps} steps of {per_step} tokens ({steps * per_step / 1e6:.1f}M tokens)")
 PY
@@ -102,6 +119,15 @@ PY
       build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 --batch "$b" --steps 3 \
         --dir /tmp/bench-mini | tee "/tmp/bench-mini-$b.txt" | grep -E "^  step|^\| (GPU|whole)"
     done ;;
+  export)
+    # the last pretraining checkpoint as FP8 in 16 MiB shards (41.6 MiB; BF16 would be 65.5 MiB,
+    # more than one call brings back or carries in beside the working tree), for `start MINUTES
+    # DIR` in a later session: the F32 masters and AdamW's moments (411 MB) cannot leave the
+    # machine. FP8 with 128x128 scales changed the first run's validation loss by under 1e-4.
+    ckpt=$(ls -d "$work"/run/checkpoints/step-* | sort | tail -1)
+    rm -rf "$work/export" && "$F" convert --model "$ckpt" -o "$work/export" --dtype fp8 --shard-mb 16
+    if [ -n "${OUT:-}" ]; then cp "$work"/export/*.safetensors "$work"/export/*.json "$OUT/"; fi
+    ls -la "$work/export" ;;
   resume)
     "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
   sft)
@@ -175,6 +201,6 @@ for stage in ("run", "sft"):
 PY
     ;;
   *)
-    echo "usage: $0 --prepare | start MINUTES | resume | sft | finish | bench" >&2
+    echo "usage: $0 --prepare | start MINUTES [CHECKPOINT] | resume | export | sft | finish | bench" >&2
     exit 2 ;;
 esac
