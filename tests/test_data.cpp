@@ -160,8 +160,8 @@ TEST(Data, ChatLinesBecomeRenderedConversations) {
     want_tokens += int64_t(ids.size());
   }
   EXPECT_EQ(s.train_tokens, want_tokens);  // no boundary token added beside the template's
-  // the stream, cut at each BOS, is the three renderings
-  const std::vector<int32_t> all = train::read_split(tmp.file("out"), "train");
+  // the stream (context-only bits cleared), cut at each BOS, is the three renderings
+  const std::vector<int32_t> raw = train::read_split(tmp.file("out"), "train"), all = train::token_ids(raw);
   std::multiset<std::vector<int32_t>> got;
   for (size_t i = 0; i < all.size();) {
     size_t j = i + 1;
@@ -170,6 +170,21 @@ TEST(Data, ChatLinesBecomeRenderedConversations) {
     i = j;
   }
   EXPECT_EQ(got, want);
+  // the tokens to learn (no context-only bit) are exactly the answers, each with its end of turn
+  std::multiset<std::string> answers, want_answers;
+  std::vector<int32_t> cur;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    if (!train::is_context_only(raw[i])) cur.push_back(raw[i]);
+    if ((train::is_context_only(raw[i]) || i + 1 == raw.size()) && !cur.empty())
+      answers.insert(tokenizer()->decode(cur)), cur.clear();
+  }
+  for (const std::string& l : lines) {
+    nlohmann::json j = nlohmann::json::parse(l);
+    for (const auto& m : (j.is_array() ? j : j["messages"]))
+      if (m["role"] == "assistant") want_answers.insert(m["content"].get<std::string>() + co.eos_token);
+  }
+  EXPECT_EQ(answers, want_answers);
+  EXPECT_TRUE(train::is_context_only(raw[0])) << "the BOS is context";
   // bad lines
   auto fails_with = [&](const std::string& text, const std::string& needle) {
     TempDir t2;

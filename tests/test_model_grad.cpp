@@ -16,6 +16,7 @@
 #include "fathom/model.h"
 #include "ops/ops.h"
 #include "test_util.h"
+#include "train/data.h"
 #include "train/model_grad.h"
 
 using namespace fathom;
@@ -262,6 +263,28 @@ TEST(ModelGrad, ABatchIsTheMeanOfItsSequences) {
   auto m = train::GradModel::load(fixture_dir("v3-tiny"));
   EXPECT_THROW(m->loss_batch({{1, 2, 3}, {1, 2}}), Error);  // two lengths
   EXPECT_THROW(m->loss_batch({}), Error);
+}
+
+// Chat data's context-only tokens (train::kContextOnly) are read but not predicted: the loss is
+// the mean cross-entropy of the other positions, each position's CE taken from the inference
+// model run on the prefix that ends there.
+TEST(ModelGrad, ContextOnlyTokensAreNotPredicted) {
+  const std::string dir = fixture_dir("v3-tiny");
+  const std::vector<int32_t> tokens = {5, 77, 300, 12, 901, 44, 618, 3};
+  std::vector<double> ce;  // ce[t]: position t predicting tokens[t + 1]
+  double prev = 0;
+  for (size_t t = 0; t + 1 < tokens.size(); ++t) {
+    const double mean = inference_loss(dir, std::vector<int32_t>(tokens.begin(), tokens.begin() + long(t) + 2));
+    ce.push_back(mean * double(t + 1) - prev);
+    prev = mean * double(t + 1);
+  }
+  std::vector<int32_t> marked = tokens;
+  for (size_t t : {0, 1, 2, 5}) marked[t] = int32_t(uint32_t(marked[t]) | train::kContextOnly);
+  double want = 0;  // targets 3, 4, 6, 7 are learnt: positions 2, 3, 5, 6
+  for (size_t t : {2, 3, 5, 6}) want += ce[t] / 4;
+  auto m = train::GradModel::load(dir);
+  EXPECT_NEAR(m->loss(marked), want, 1e-5 * want);
+  EXPECT_NEAR(m->loss(tokens), prev / double(tokens.size() - 1), 1e-5 * prev);
 }
 
 // Expert capacity: a generous factor drops nothing and changes nothing; a tight one drops pairs

@@ -36,7 +36,8 @@ Command add_eval(CLI::App& app) {
   cmd->add_flag("--json", a->json, "one JSON object instead of text");
   return [=] {
     std::unique_ptr<Model> m = open_model(a->model);
-    const std::vector<int32_t> ids = train::read_split(a->data, a->split);
+    // every token is scored, chat prompts too (the context-only bit of chat data cleared)
+    const std::vector<int32_t> ids = train::token_ids(train::read_split(a->data, a->split));
     nlohmann::ordered_json j;
     const train::LossResult r = train::model_loss(*m, ids, a->seq_len, a->max_tokens);
     j["split"] = a->split;
@@ -45,7 +46,7 @@ Command add_eval(CLI::App& app) {
     j["perplexity"] = r.perplexity();
     if (a->baselines) {
       const train::NgramBaselines b =
-          train::ngram_baselines(train::read_split(a->data, "train"), ids, m->config().vocab_size, r.tokens);
+          train::ngram_baselines(train::token_ids(train::read_split(a->data, "train")), ids, m->config().vocab_size, r.tokens);
       j["unigram_loss"] = b.unigram.loss;
       j["unigram_perplexity"] = b.unigram.perplexity();
       j["bigram_loss"] = b.bigram.loss;

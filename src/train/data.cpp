@@ -75,6 +75,11 @@ std::vector<int32_t> read_shard(const std::string& path) {
   return ids;
 }
 
+std::vector<int32_t> token_ids(std::vector<int32_t> ids) {
+  for (int32_t& v : ids) v = token_id(v);
+  return ids;
+}
+
 std::vector<int32_t> read_split(const std::string& data_dir, const std::string& split) {
   const std::string mpath = (fs::path(data_dir) / "manifest.json").string();
   FATHOM_CHECK(fs::exists(mpath), "training data '", data_dir, "' has no manifest.json (run fathom data prepare).");
@@ -111,6 +116,9 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
   // read every document (each file, or with chat each line), checking it is text
   DataSummary sum;
   std::vector<std::string> texts, names;
+  // chat: each conversation's text cut into pieces, every other one an answer (context, answer,
+  // context, ...; the first may be empty), tokenized piece by piece
+  std::vector<std::vector<std::string>> pieces;
   int64_t total_bytes = 0;
   for (const std::string& f : files) total_bytes += int64_t(fs::file_size(f, ec));
   Progress progress("tokenizing", total_bytes, /*bytes=*/true, o.progress);
@@ -156,7 +164,31 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
         FATHOM_CHECK(msgs[i].is_object() && msgs[i].contains("role") && msgs[i]["role"].is_string() &&
                          msgs[i].contains("content") && msgs[i]["content"].is_string(),
                      "data prepare --chat: ", where, ": message ", i, " needs a string \"role\" and \"content\".");
-      texts.push_back(chat->render(msgs, chat_opts));
+      // the answers: what appending each assistant message adds to the conversation so far
+      // rendered with the generation prompt
+      std::string full = chat->render(msgs, chat_opts);
+      std::vector<std::string> parts;
+      size_t done = 0;
+      for (size_t i = 0; i < msgs.size(); ++i) {
+        if (msgs[i]["role"] != "assistant") continue;
+        nlohmann::json head = nlohmann::json::array();
+        for (size_t k = 0; k < i; ++k) head.push_back(msgs[k]);
+        ChatTemplateOptions gen = chat_opts;
+        gen.add_generation_prompt = true;
+        const std::string before = i ? chat->render(head, gen) : std::string();
+        head.push_back(msgs[i]);
+        const std::string upto = chat->render(head, chat_opts);
+        FATHOM_CHECK(before.size() >= done && upto.size() >= before.size() && upto.compare(0, before.size(), before) == 0 &&
+                         full.compare(0, upto.size(), upto) == 0,
+                     "data prepare --chat: ", where, ": the chat template does not render this conversation as a "
+                     "growing prefix (message ", i, "), so its answers cannot be told from the prompts.");
+        parts.push_back(full.substr(done, before.size() - done));
+        parts.push_back(full.substr(before.size(), upto.size() - before.size()));
+        done = upto.size();
+      }
+      parts.push_back(full.substr(done));
+      pieces.push_back(std::move(parts));
+      texts.push_back(std::move(full));
       names.push_back(where);
     }
   }
@@ -179,7 +211,20 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
       if (!chat) progress.add(int64_t(batch[i - b].size()));
     }
   }
-  if (chat) progress.add(total_bytes);
+  if (chat) {
+    // the pieces one by one, answers as they are, the rest marked context-only; they must give
+    // the conversation's own ids (the template puts a special token at every cut)
+    for (size_t i = 0; i < n; ++i) {
+      const std::vector<std::vector<int32_t>> ids = tokenizer.encode_batch(pieces[i]);
+      std::vector<int32_t> d;
+      for (size_t k = 0; k < ids.size(); ++k)
+        for (int32_t id : ids[k]) d.push_back(k % 2 ? id : int32_t(uint32_t(id) | kContextOnly));
+      FATHOM_CHECK(token_ids(d) == docs[i], "data prepare --chat: ", names[i], ": tokenized piece by piece, the "
+                   "conversation gives other ids than as a whole, so its answers cannot be marked.");
+      docs[i] = std::move(d);
+    }
+    progress.add(total_bytes);
+  }
   progress.finish();
 
   // a seeded permutation of the documents (Fisher-Yates on mt19937_64: the same everywhere)
@@ -238,7 +283,7 @@ DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& o
   m["tokenizer"] = {{"file", tokenizer.source()},
                     {"sha256", on_disk ? nlohmann::json(sha256_hex(read_file(tokenizer.source()))) : nlohmann::json()},
                     {"vocab_size", tokenizer.vocab_size()}};
-  m["document_boundary"] = o.chat ? nlohmann::json{{"chat_template", true}}
+  m["document_boundary"] = o.chat ? nlohmann::json{{"chat_template", true}, {"context_only_bit", kContextOnly}}
                           : bos  ? nlohmann::json{{"bos", *bos}}
                                  : nlohmann::json{{"eos", *eos}};
   m["seed"] = o.seed;

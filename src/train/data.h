@@ -33,7 +33,9 @@ struct DataPrepareOptions {
   // Chat data (supervised fine-tuning): the inputs are JSON Lines files, each line a conversation
   // ({"messages": [{"role", "content", ...}, ...]} or the bare array), rendered with the
   // tokenizer's chat template into one document each. The template writes the BOS and the
-  // end-of-turn tokens itself, so no boundary token is added.
+  // end-of-turn tokens itself, so no boundary token is added. Every token outside the assistant
+  // turns carries kContextOnly (below): each assistant turn is the text the template adds when
+  // the message is appended to the conversation rendered up to it with the generation prompt.
   bool chat = false;
   bool progress = true;
 };
@@ -47,6 +49,15 @@ struct DataSummary {
 };
 
 DataSummary prepare_data(const Tokenizer& tokenizer, const DataPrepareOptions& options);
+
+// Chat data marks the tokens a model should read but not learn to write — the system and user
+// turns, the template's framing up to each answer — with this bit (a negative id in memory): the
+// training loss skips predicting them, while each answer and its end-of-turn token are learnt.
+constexpr uint32_t kContextOnly = 0x80000000u;
+inline int32_t token_id(int32_t v) { return int32_t(uint32_t(v) & ~kContextOnly); }
+inline bool is_context_only(int32_t v) { return (uint32_t(v) & kContextOnly) != 0; }
+// The ids with the context-only bit cleared (what a reader that predicts every token wants).
+std::vector<int32_t> token_ids(std::vector<int32_t> ids);
 
 // Every id of one split ("train" or "val") of a prepared data set, its shards concatenated in
 // manifest order; a missing or malformed manifest or shard is an error naming it.

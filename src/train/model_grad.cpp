@@ -12,6 +12,7 @@
 #include "model/rope.h"
 #include "ops/ops.h"
 #include "train/balance.h"
+#include "train/data.h"
 
 namespace fs = std::filesystem;
 
@@ -534,6 +535,11 @@ struct GradModel::Impl {
 // A batch: B sequences of T + 1 tokens, their T input rows stacked into B·T rows (row b·T + t is
 // sequence b's position t). Row-wise ops see the whole batch; RoPE restarts at every sequence and
 // attention runs per sequence; the MTP modules stack each sequence's shorter rows the same way.
+namespace {
+// what position t learns to predict: token t + 1, unless that one is context only (chat prompts)
+int32_t target_of(int32_t v) { return is_context_only(v) ? -1 : v; }
+}  // namespace
+
 double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backward) {
   const ModelConfig& c = config_;
   FATHOM_CHECK(!batch.empty(), "a training batch needs at least one sequence.");
@@ -544,8 +550,8 @@ double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backw
     FATHOM_CHECK(batch[b].size() == len, "the sequences of a training batch must have one length: sequence ", b,
                  " has ", batch[b].size(), " tokens, sequence 0 ", len, ".");
     for (size_t i = 0; i < len; ++i)
-      FATHOM_CHECK(batch[b][i] < V, "token ", batch[b][i], " at position ", i, B > 1 ? cat(" of sequence ", b) : "",
-                   " is outside the vocabulary of ", V, ".");
+      FATHOM_CHECK(token_id(batch[b][i]) < V, "token ", token_id(batch[b][i]), " at position ", i,
+                   B > 1 ? cat(" of sequence ", b) : "", " is outside the vocabulary of ", V, ".");
   }
   Impl im(*this, B, backward);
   Ops& ops = im.ops;
@@ -556,10 +562,8 @@ double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backw
   for (int64_t b = 0; b < B; ++b) {
     const std::vector<int32_t>& tokens = batch[size_t(b)];
     for (int64_t t = 0; t < T; ++t) {
-      FATHOM_CHECK(tokens[size_t(t)] >= 0, "input token ", tokens[size_t(t)], " at position ", t,
-                   B > 1 ? cat(" of sequence ", b) : "", " is negative.");
-      ids_h.ptr<int32_t>()[b * T + t] = tokens[size_t(t)];
-      targets.ptr<int32_t>()[b * T + t] = tokens[size_t(t) + 1];
+      ids_h.ptr<int32_t>()[b * T + t] = token_id(tokens[size_t(t)]);
+      targets.ptr<int32_t>()[b * T + t] = target_of(tokens[size_t(t) + 1]);
     }
   }
   const Tensor ids = ops.upload(ids_h);
@@ -623,8 +627,8 @@ double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backw
       Tensor rows_h = Tensor::empty({n}, DType::I32);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < L; ++i) {
-          in_h.ptr<int32_t>()[b * L + i] = batch[size_t(b)][size_t(i + 1 + k)];
-          tg.ptr<int32_t>()[b * L + i] = batch[size_t(b)][size_t(i + 2 + k)];
+          in_h.ptr<int32_t>()[b * L + i] = token_id(batch[size_t(b)][size_t(i + 1 + k)]);
+          tg.ptr<int32_t>()[b * L + i] = target_of(batch[size_t(b)][size_t(i + 2 + k)]);
           rows_h.ptr<int32_t>()[b * L + i] = int32_t(b * L_prev + i);
         }
       a.ids = ops.upload(in_h);

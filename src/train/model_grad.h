@@ -59,8 +59,9 @@ class GradModel {
   // modules' weights are registered frozen (kept and saved, never updated or decayed).
   void add_to(AdamW& optimizer);
 
-  // The training objective of `tokens` (one sequence: position i predicts tokens[i + 1]; targets
-  // < 0 are skipped): the mean next-token cross-entropy, plus the balance loss (α) and the MTP
+  // The training objective of `tokens` (one sequence: position i predicts tokens[i + 1]; a token
+  // with train::kContextOnly set — chat prompts, data.h — is read as its id but never predicted):
+  // the mean next-token cross-entropy, plus the balance loss (α) and the MTP
   // loss (λ) when set; its gradient is added to every weight's grad. The e_score correction
   // bias is carried as a value but gets no gradient.
   double loss_and_grad(const std::vector<int32_t>& tokens);

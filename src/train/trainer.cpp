@@ -132,7 +132,7 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
                train_ids.size(), " training tokens, fewer than one window of ", cfg.seq_len + 1, ".");
   const int64_t V = model->config().vocab_size;
   for (size_t i = 0; i < train_ids.size(); ++i)
-    FATHOM_CHECK(train_ids[i] >= 0 && train_ids[i] < V, "training data '", cfg.data_dir, "': token ", train_ids[i],
+    FATHOM_CHECK(token_id(train_ids[i]) < V, "training data '", cfg.data_dir, "': token ", token_id(train_ids[i]),
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
   const bool on_gpu = cfg.device == "cuda" || (cfg.device == "auto" && cuda_available());
   if (on_gpu) model->use_backend(make_cuda_ops(0));  // throws a clear error without CUDA or a GPU
