@@ -285,6 +285,13 @@ TEST(ModelGrad, ContextOnlyTokensAreNotPredicted) {
   auto m = train::GradModel::load(dir);
   EXPECT_NEAR(m->loss(marked), want, 1e-5 * want);
   EXPECT_NEAR(m->loss(tokens), prev / double(tokens.size() - 1), 1e-5 * prev);
+  // nothing to predict: a pass that adds nothing
+  std::vector<int32_t> prompt = tokens;
+  for (int32_t& t : prompt) t = int32_t(uint32_t(t) | train::kContextOnly);
+  m->zero_grad();
+  EXPECT_EQ(m->loss_and_grad(prompt), 0.0);
+  for (const std::string& n : m->names())
+    for (int64_t i = 0; i < m->grad(n).numel(); ++i) ASSERT_EQ(m->grad(n).f32()[i], 0.0f) << n;
 }
 
 // Expert capacity: a generous factor drops nothing and changes nothing; a tight one drops pairs

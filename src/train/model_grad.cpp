@@ -588,7 +588,8 @@ double GradModel::run(const std::vector<std::vector<int32_t>>& batch, bool backw
   Tensor logits = im.mm(hf, W(head));
   int64_t counted = 0;
   const double lm = im.weighted_cross_entropy(logits, targets, 1.0, counted);  // logits -> dlogits
-  FATHOM_CHECK(counted > 0, B > 1 ? "a training batch has no token to predict." : "a training sequence has no token to predict.");
+  // (counted is 0 only when every target is context only — a window inside a long chat prompt:
+  // then its next-token loss is 0 with no gradient, rather than an error that stops the run)
 
   // ---- forward: the MTP modules (DeepSeek-V3 §2.2). Module k (0-based) at position i combines
   // the previous depth's hidden state h[i] (k = 0: the main model's, after its final norm; then
