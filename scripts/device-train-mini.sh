@@ -49,8 +49,8 @@ deps=/tmp/fathom-deps
 if [ ! -d "$deps/lib" ]; then mkdir -p "$deps" && tar -C "$deps" -xJf "$data/deps.tar.xz"; fi
 export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 F=build/device-mini/fathom
-# Builds fathom, its tests and bench_train, then runs the GPU training tests (the optimizer on the
-# device, a GPU run against the CPU's, a resumed GPU run, micro-batches): a broken step must not
+# Builds fathom, its tests and bench_train, then runs the GPU training tests (the matmuls, the
+# optimizer on the device, a GPU run against the CPU's, a resumed GPU run): a broken step must not
 # cost the session's training time.
 build_and_test() {
   rm -rf /tmp/fathom-shared && mkdir -p /tmp/fathom-shared && tar -C /tmp/fathom-shared -xJf "$data/train-fixtures.tar.xz"
@@ -58,7 +58,7 @@ build_and_test() {
     -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
   cmake --build build/device-mini --target fathom fathom_tests bench_train >/dev/null
   build/device-mini/fathom_tests --gtest_brief=1 \
-    --gtest_filter='CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
+    --gtest_filter='CudaOps.Matmul*:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
 }
 case "$stage" in
   start)

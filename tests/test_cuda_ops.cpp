@@ -445,7 +445,7 @@ TEST_F(CudaOps, MatmulInputNormAndAccumulate) {
       LinearWeight a = random_weight(c.N, c.K, dt), b = random_weight(c.N / 2 + 1, c.K, dt);
       LinearWeight da = up(a), db = up(b);
       Tensor g = randn({c.K}), dg = up(g);
-      for (int64_t M : {1, 3, 8, 20}) {
+      for (int64_t M : {1, 3, 8, 20, 70}) {  // 70: F32 goes to cuBLAS (beta 1 when accumulating)
         Tensor x = randn({M, c.K}, 3.0f), base = randn({M, c.N});
         Tensor wa = Tensor::empty({M, c.N}), wb = Tensor::empty({M, c.N / 2 + 1}), wc = Tensor::empty({M, c.N});
         std::copy(base.f32(), base.f32() + base.numel(), wc.f32());
@@ -478,7 +478,7 @@ TEST_F(CudaOps, MatmulPerHead) {
       Tensor w32 = randn({c.H, c.N, c.K}, 1.0f / std::sqrt(float(c.K)));
       Tensor w = from_f32(w32.f32(), w32.shape(), dt);
       Tensor dw = up(w);
-      for (int64_t T : {1, 3, 8, 9, 40}) {
+      for (int64_t T : {1, 3, 8, 9, 40, 70}) {  // 70: F32 heads as one strided-batched cuBLAS SGEMM
         const int64_t x_hs = c.K + c.x_pad, x_ts = c.H * x_hs + c.x_pad % 2;  // odd pads: unaligned rows
         const int64_t o_hs = c.N + c.out_pad, o_ts = c.H * o_hs;
         Tensor x = randn({T * x_ts});

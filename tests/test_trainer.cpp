@@ -382,6 +382,7 @@ TEST(Trainer, BadConfigsAreClearErrors) {
   EXPECT_NE(error_of(write_config(tmp, "g5", {{"device", "tpu"}})).find("device"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g7", {{"lr", {{"schedule", 3}}}})).find("lr.schedule"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g8", {{"micro_batch", 3}})).find("micro_batch"), std::string::npos);
+  EXPECT_NE(error_of(write_config(tmp, "g10", {{"lanes", 1}})).find("lanes"), std::string::npos);
   EXPECT_NE(error_of(write_config(tmp, "g9", {{"batch", 4}, {"micro_batch", 3}})).find("divide"), std::string::npos);
   if (!cuda_available()) {  // asking for the GPU where there is none is a clear error, not a CPU run
     EXPECT_NE(error_of(write_config(tmp, "g6", {{"device", "cuda"}, {"steps", 1}})), "");

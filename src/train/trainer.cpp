@@ -79,6 +79,10 @@ TrainConfig load_train_config(const std::string& path) {
   }
   FATHOM_CHECK(c.device == "cpu" || c.device == "cuda" || c.device == "auto", "training config '", path,
                "': device must be cpu, cuda or auto, not \"", c.device, "\".");
+  if (j.contains("lanes")) {
+    FATHOM_CHECK(j["lanes"].is_boolean(), "training config '", path, "': \"lanes\" must be true or false.");
+    c.lanes = j["lanes"].get<bool>();
+  }
   if (j.contains("recompute")) {
     FATHOM_CHECK(j["recompute"].is_boolean(), "training config '", path, "': \"recompute\" must be true or false.");
     c.recompute = j["recompute"].get<bool>();
@@ -186,14 +190,16 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
     for (int64_t b0 = 0; b0 < cfg.batch; b0 += micro) {
       std::vector<std::vector<int32_t>> windows;
       for (int64_t b = b0; b < b0 + micro; ++b)
-        windows.push_back(window(train_ids, window_start(st.data_offset, b, cfg.batch, int64_t(train_ids.size())),
+        windows.push_back(window(train_ids,
+                                 cfg.lanes ? window_start(st.data_offset, b, cfg.batch, int64_t(train_ids.size()))
+                                           : (st.data_offset + b * cfg.seq_len) % int64_t(train_ids.size()),
                                  window_tokens));
       objective += model->loss_and_grad_batch(windows) * part;  // (the gradient of this pass's mean)
       loss += model->last_lm_loss() * part;
       balance += model->last_balance_loss() * part;
       mtp += model->last_mtp_loss() * part;
     }
-    st.data_offset = (st.data_offset + cfg.seq_len) % int64_t(train_ids.size());
+    st.data_offset = (st.data_offset + (cfg.lanes ? 1 : cfg.batch) * cfg.seq_len) % int64_t(train_ids.size());
     opt.scale_grads(float(part));  // the passes' means summed: the batch's mean
     const double gnorm = opt.clip_grad_norm(cfg.clip);
     FATHOM_CHECK(std::isfinite(objective) && std::isfinite(gnorm), "training stopped at step ", st.step + 1,

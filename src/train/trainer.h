@@ -2,8 +2,9 @@
 // "device": "cuda").
 //
 // Each step takes `batch` windows of seq_len + 1 tokens from the training shards (row b of the
-// batch reads from its own lane, the b-th 1/batch of the tokens, one window further each step,
-// wrapping around; the position is part of the checkpoint), runs them
+// batch reads from its own lane, the b-th 1/batch of the tokens, one window further each step —
+// or, with "lanes": false, the step's windows one after the other — wrapping around; the
+// position is part of the checkpoint), runs them
 // through the model `micro_batch` at a time (each group one pass, its rows stacked), averages the
 // gradients of their next-token losses (GradModel), clips them by the global norm,
 // steps AdamW with the schedule's learning rate and moves each MoE layer's expert bias by γ toward
@@ -24,7 +25,7 @@
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
 //    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0,
-//    "recompute": false, "capacity_factor": 0, "device": "cpu"}
+//    "recompute": false, "capacity_factor": 0, "device": "cpu", "lanes": true}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -41,6 +42,9 @@ struct TrainConfig {
   // Windows per forward/backward pass (0: the whole batch in one pass); must divide batch. Fewer
   // use less memory, more use the GPU better (every matmul and expert sees all their rows).
   int64_t micro_batch = 0;
+  // Each batch row reads its own lane of the data (window_start); false: a step's windows are
+  // consecutive (the order the PyTorch parity reference was made with).
+  bool lanes = true;
   LrSchedule lr;
   AdamWConfig adamw;
   double clip = 1.0;

@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "core/error.h"
+#include "ops/cuda/cublas_util.cuh"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
@@ -334,6 +335,8 @@ __global__ void row_dot_kernel(float* __restrict__ out, const float* __restrict_
   if (threadIdx.x == 0) out[blockIdx.x] = d;
 }
 
+}  // namespace
+
 // One cuBLAS handle per device, created on first use; each call sets the stream.
 cublasHandle_t cublas_handle() {
   static std::mutex mu;
@@ -352,8 +355,6 @@ cublasHandle_t cublas_handle() {
 void check_cublas(cublasStatus_t s, const char* what) {
   FATHOM_CHECK(s == CUBLAS_STATUS_SUCCESS, what, " failed (cuBLAS status ", int(s), ").");
 }
-
-}  // namespace
 
 void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t T, int64_t H, int64_t V,
                         Stream stream) {

@@ -1,11 +1,12 @@
 // Dense matmul out (M, N) = x (M, K) · Wᵀ with W in its stored dtype (F32, BF16, F16, F8_E4M3
 // with block scales), fp32 accumulation; the CUDA counterpart of src/ops/cpu/matmul.cpp.
 //
-// Two regimes, chosen by M:
+// The regimes, chosen by M (and the weight dtype):
 // - M <= 8 (decode, small batches): memory bound. gemv_kernel streams every weight byte once
 //   with 16-byte loads (gemv.cuh), R = 4 weight rows per 128-thread block (1 when N is too
 //   small to fill the GPU with 4-row blocks), all M rows of x reused from L1 for each converted
 //   weight vector.
+// - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS SGEMM (run_sgemm), true F32.
 // - M > 8 (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
@@ -13,6 +14,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "ops/cuda/cublas_util.cuh"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
@@ -224,8 +226,26 @@ void run_gemv(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& sid
   launch_gemv<D, 8>(ps, n, s, side);
 }
 
+// F32 weights and many rows (training's forward passes, fp32 prefill): cuBLAS SGEMM, true F32
+// products as the SIMT GEMM's but at the library's rate. Row-major out (M, N) = x (M, K) · Wᵀ is,
+// column-major, outᵀ (N, M) = W_cm(K, N)ᵀ · x_cmᵀ(K, M), every leading dimension as stored.
+constexpr int64_t kCublasMinRows = 64;
+void run_sgemm(const MatmulParams& p, cudaStream_t s) {
+  cublasHandle_t h = cublas_handle();
+  check_cublas(cublasSetStream(h, s), "cublasSetStream");
+  const float one = 1.f, beta = p.accumulate ? 1.f : 0.f;
+  check_cublas(cublasSgemmStridedBatched(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.N), int(p.M), int(p.K), &one,
+                                         static_cast<const float*>(p.w), int(p.K), p.w_batch_stride, p.x, int(p.ldx),
+                                         p.x_batch_stride, &beta, p.out, int(p.ldo), p.out_batch_stride, p.batch),
+               "matmul (cublasSgemmStridedBatched)");
+}
+
 template <DType D>
 void run_gemm(const MatmulParams& p, cudaStream_t s) {
+  if constexpr (D == DType::F32) {
+    if (p.M >= kCublasMinRows && p.M < (int64_t(1) << 31) && p.ldx < (int64_t(1) << 31) && p.ldo < (int64_t(1) << 31))
+      return run_sgemm(p, s);
+  }
   if (p.M <= 32) return launch_gemm<D, 32, 64>(p, s);
   if (p.M <= 64) return launch_gemm<D, 64, 64>(p, s);
   launch_gemm<D, 128, 128>(p, s);
