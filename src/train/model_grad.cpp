@@ -173,8 +173,8 @@ double GradModel::loss(const std::vector<int32_t>& tokens) { return run({tokens}
 double GradModel::loss_and_grad_batch(const std::vector<std::vector<int32_t>>& batch) { return run(batch, true); }
 double GradModel::loss_batch(const std::vector<std::vector<int32_t>>& batch) { return run(batch, false); }
 
-// One pass over one sequence: the forward with every activation the backward needs kept, then (on
-// request) the backward. The decoder layer's two halves are shared by the main layers and the MTP
+// One pass over a batch of sequences (one, or several stacked): the forward with every activation
+// the backward needs kept, then (on request) the backward. The decoder layer's two halves are shared by the main layers and the MTP
 // modules, which run the same layer shape over a shorter sequence. Every tensor operation goes
 // through the model's backend (Ops): the CPU reference, or the CUDA backend with the weights,
 // gradients and activations in GPU memory; what stays on the host is bookkeeping — the router's
