@@ -14,6 +14,7 @@
 //
 // usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
+//   --attention-lanes: the attention backward's lane kernels (cuda::set_attention_backward_lanes)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -31,6 +32,7 @@
 #include "train/optimizer.h"
 #ifdef FATHOM_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
+#include "ops/cuda/cuda_ops.h"
 #endif
 
 using namespace fathom;
@@ -73,6 +75,7 @@ int run(int argc, char** argv) {
     else if (a == "--seq") seq = std::stoll(next());
     else if (a == "--steps") steps = std::stoll(next());
     else if (a == "--batch") batch = std::stoll(next());
+    else if (a == "--attention-lanes") cuda::set_attention_backward_lanes(true);
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }

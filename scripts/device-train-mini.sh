@@ -18,7 +18,8 @@
 #   bash scripts/device-train-mini.sh export          the last pretraining checkpoint as FP8 shards
 #        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
-#        fathom-mini's shape (bench_train: one window per pass, then 16)
+#        fathom-mini's shape (bench_train: one window per pass, then 16, then 16 with the
+#        attention backward's lane kernels)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 60 steps (about two epochs) from the last
 #        checkpoint: the first run's 150 steps at 3e-4 overfitted them (bench/RESULTS.md)
@@ -58,7 +59,7 @@ build_and_test() {
     -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
   cmake --build build/device-mini --target fathom fathom_tests bench_train >/dev/null
   build/device-mini/fathom_tests --gtest_brief=1 \
-    --gtest_filter='CudaOps.Matmul*:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
+    --gtest_filter='CudaOps.Matmul*:CudaBackward.Attention:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
 }
 case "$stage" in
   start)
@@ -115,9 +116,11 @@ PY
     # the training step of fathom-mini's shape (random weights): one window per pass against the
     # batch of 16 in one pass, as fathom train runs it (bench_train; tokens/s and MFU)
     build_and_test
-    for b in 1 16; do
-      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 --batch "$b" --steps 3 \
-        --dir /tmp/bench-mini | tee "/tmp/bench-mini-$b.txt" | grep -E "^  step|^\| (GPU|whole)"
+    for args in "--batch 1" "--batch 16" "--batch 16 --attention-lanes"; do
+      echo "bench_train $args:"
+      # shellcheck disable=SC2086
+      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 $args --steps 3 \
+        --dir /tmp/bench-mini | grep -E "^\| (GPU|whole)"
     done ;;
   export)
     # the last pretraining checkpoint as FP8 in 16 MiB shards (41.6 MiB; BF16 would be 65.5 MiB,

@@ -175,8 +175,10 @@ TEST_F(CudaBackward, Attention) {
       {"not causal", 9, 21, 0, 3, 3, 64, 64, false},
       {"one token", 1, 1, 0, 2, 2, 8, 8, true},
   };
+  for (bool lanes : {false, true})  // the warp's lanes over dims, then over keys / queries
   for (const Case& c : cases) {
-    SCOPED_TRACE(c.what);
+    SCOPED_TRACE(cat(c.what, lanes ? " (lane kernels)" : " (dims kernels)"));
+    cuda::set_attention_backward_lanes(lanes);
     // padded strides, as the model's (token, head) layouts are
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;
     const int64_t v_hs = c.dv, v_ts = c.hkv * v_hs + 2, o_hs = c.dv, o_ts = c.hq * o_hs;
@@ -202,6 +204,7 @@ TEST_F(CudaBackward, Attention) {
     EXPECT_LE(max_err(down(gdk), dk), 1e-4);
     EXPECT_LE(max_err(down(gdv), dv), 1e-4);
   }
+  cuda::set_attention_backward_lanes(false);
 }
 
 TEST_F(CudaBackward, MoeGate) {

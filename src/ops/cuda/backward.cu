@@ -408,6 +408,143 @@ void moe_gate_backward(float* dlogits, const float* dweights, const float* logit
   check_launch("moe_gate_backward");
 }
 
+namespace {
+
+// ---- the same three passes with the lanes of a warp over keys (row pass) or queries (key pass)
+// instead of over dims: each lane takes its own key (query) and forms the whole dot product
+// serially against the warp's row kept in shared memory, so a score costs no shuffle; a
+// reduction runs once per 32 keys, and the gradient rows are accumulated by broadcasting each
+// lane's factor (one shuffle per key). The dims of the accumulated rows stay lane-strided.
+constexpr int kLaneWarps = 8;
+
+__device__ inline float dot_serial(const float* smem_row, const float* row, int d) {
+  float s = 0.f;
+  for (int c = 0; c < d; ++c) s += smem_row[c] * row[c];
+  return s;
+}
+
+__global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_rows_lanes_kernel(AttnBwd a) {
+  pdl_wait();
+  __shared__ float sq[kLaneWarps][kMaxD], sgo[kLaneWarps][kMaxD];
+  const AttentionParams& p = a.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kLaneWarps + warp;
+  if (row >= p.n_q * p.n_q_heads) return;  // (whole warps leave; no block barrier follows)
+  const int64_t i = row / p.n_q_heads;
+  const int h = int(row % p.n_q_heads), g = h / (p.n_q_heads / p.n_kv_heads);
+  const float* K = static_cast<const float*>(p.k) + int64_t(g) * p.k_head_stride;
+  const float* Vv = static_cast<const float*>(p.v) + int64_t(g) * p.v_head_stride;
+  const float* qrow = p.q + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
+  const float* gorow = a.dout + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
+  for (int c = lane; c < p.d_qk; c += 32) sq[warp][c] = qrow[c];
+  for (int c = lane; c < p.d_v; c += 32) sgo[warp][c] = gorow[c];
+  __syncwarp();
+  const int64_t n = visible_keys(p, i);
+  // pass 1: the log-sum-exp, each lane over its keys, then merged
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t j = lane; j < n; j += 32) {
+    const float sc = dot_serial(sq[warp], K + j * p.k_token_stride, p.d_qk) * p.scale;
+    const float m2 = fmaxf(mx, sc);
+    sum = sum * expf(mx - m2) + expf(sc - m2);
+    mx = m2;
+  }
+  const float m_all = warp_max(mx);
+  const float s_all = warp_sum(mx == -INFINITY ? 0.f : sum * expf(mx - m_all));
+  const float lse = n > 0 ? m_all + logf(s_all) : 0.f;
+  // pass 2: D = Σ_j P_ij dP_ij
+  float delta = 0.f;
+  for (int64_t j = lane; j < n; j += 32) {
+    const float pj = expf(dot_serial(sq[warp], K + j * p.k_token_stride, p.d_qk) * p.scale - lse);
+    delta += pj * dot_serial(sgo[warp], Vv + j * p.v_token_stride, p.d_v);
+  }
+  delta = warp_sum(delta);
+  // pass 3: dq = scale Σ_j P_ij (dP_ij − D) k_j, 32 keys at a time
+  float dq[kPer] = {};
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int64_t j = j0 + lane;
+    float ds = 0.f;
+    if (j < n) {
+      const float pj = expf(dot_serial(sq[warp], K + j * p.k_token_stride, p.d_qk) * p.scale - lse);
+      ds = pj * (dot_serial(sgo[warp], Vv + j * p.v_token_stride, p.d_v) - delta) * p.scale;
+    }
+    const int m = int(n - j0 < 32 ? n - j0 : 32);
+    for (int t = 0; t < m; ++t) {
+      const float dst = __shfl_sync(0xffffffffu, ds, t);
+      const float* kj = K + (j0 + t) * p.k_token_stride;
+#pragma unroll
+      for (int c = 0; c < kPer; ++c)
+        if (lane + 32 * c < p.d_qk) dq[c] += dst * kj[lane + 32 * c];
+    }
+  }
+  float* o = a.dq + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c)
+    if (lane + 32 * c < p.d_qk) o[lane + 32 * c] = dq[c];
+  if (lane == 0) {
+    a.lse[row] = lse;
+    a.delta[row] = delta;
+  }
+}
+
+__global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_keys_lanes_kernel(AttnBwd a) {
+  pdl_wait();
+  __shared__ float sk[kLaneWarps][kMaxD], sv[kLaneWarps][kMaxD];
+  const AttentionParams& p = a.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t item = int64_t(blockIdx.x) * kLaneWarps + warp;
+  if (item >= p.n_kv * p.n_kv_heads) return;
+  const int64_t j = item / p.n_kv_heads;
+  const int g = int(item % p.n_kv_heads), group = p.n_q_heads / p.n_kv_heads;
+  const float* krow = static_cast<const float*>(p.k) + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
+  const float* vrow = static_cast<const float*>(p.v) + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
+  for (int c = lane; c < p.d_qk; c += 32) sk[warp][c] = krow[c];
+  for (int c = lane; c < p.d_v; c += 32) sv[warp][c] = vrow[c];
+  __syncwarp();
+  // the (query, head) pairs that see key j: queries from i0 on, the heads of group g
+  const int64_t i0 = p.causal ? max(int64_t(0), j - p.q_pos0) : 0;
+  const int64_t pairs = max(int64_t(0), p.n_q - i0) * group;
+  auto q_of = [&](int64_t m) {
+    return p.q + (i0 + m / group) * p.q_token_stride + int64_t(g * group + int(m % group)) * p.q_head_stride;
+  };
+  auto go_of = [&](int64_t m) {
+    return a.dout + (i0 + m / group) * p.out_token_stride + int64_t(g * group + int(m % group)) * p.out_head_stride;
+  };
+  float dk[kPer] = {}, dv[kPer] = {};
+  for (int64_t m0 = 0; m0 < pairs; m0 += 32) {
+    const int64_t m = m0 + lane;
+    float pj = 0.f, ds = 0.f;
+    if (m < pairs) {
+      const int64_t r = (i0 + m / group) * p.n_q_heads + g * group + int(m % group);
+      pj = expf(dot_serial(sk[warp], q_of(m), p.d_qk) * p.scale - a.lse[r]);
+      ds = pj * (dot_serial(sv[warp], go_of(m), p.d_v) - a.delta[r]) * p.scale;
+    }
+    const int cnt = int(pairs - m0 < 32 ? pairs - m0 : 32);
+    for (int t = 0; t < cnt; ++t) {
+      const float pt = __shfl_sync(0xffffffffu, pj, t), dst = __shfl_sync(0xffffffffu, ds, t);
+      const float* qt = q_of(m0 + t);
+      const float* got = go_of(m0 + t);
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) {
+        if (lane + 32 * c < p.d_qk) dk[c] += dst * qt[lane + 32 * c];
+        if (lane + 32 * c < p.d_v) dv[c] += pt * got[lane + 32 * c];
+      }
+    }
+  }
+  float* ok = a.dk + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
+  float* ov = a.dv + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (lane + 32 * c < p.d_qk) ok[lane + 32 * c] = dk[c];
+    if (lane + 32 * c < p.d_v) ov[lane + 32 * c] = dv[c];
+  }
+}
+
+bool g_attention_backward_lanes = false;
+
+}  // namespace
+
+void set_attention_backward_lanes(bool enabled) { g_attention_backward_lanes = enabled; }
+
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream) {
   FATHOM_CHECK(p.kv_dtype == DType::F32 && !p.block_table && !p.kv_len && p.k != p.v, "attention_backward: F32 keys "
                "and values in separate buffers, without a block table or device key count (the training layout).");
@@ -420,12 +557,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   StreamScratch stats(size_t(std::max<int64_t>(rows, 1)) * 2 * sizeof(float), as_cuda(stream), "attention_backward");
   AttnBwd a{p, dout, dq, dk, dv, stats.as<float>(), stats.as<float>() + rows};
   const int threads = 256, warps = threads / 32;
+  static_assert(kLaneWarps * 32 == 256, "the lane kernels use the same blocks");
+  const bool lanes = g_attention_backward_lanes;
   if (rows > 0) {
-    launch_kernel(attention_backward_rows_kernel, blocks_for(rows, warps), threads, 0, as_cuda(stream), a);
+    launch_kernel(lanes ? attention_backward_rows_lanes_kernel : attention_backward_rows_kernel,
+                  blocks_for(rows, warps), threads, 0, as_cuda(stream), a);
     check_launch("attention_backward (rows)");
   }
   if (keys > 0) {
-    launch_kernel(attention_backward_keys_kernel, blocks_for(keys, warps), threads, 0, as_cuda(stream), a);
+    launch_kernel(lanes ? attention_backward_keys_lanes_kernel : attention_backward_keys_kernel,
+                  blocks_for(keys, warps), threads, 0, as_cuda(stream), a);
     check_launch("attention_backward (keys)");
   }
 }

@@ -208,6 +208,9 @@ void cross_entropy_backward(float* losses, float* dlogits, const float* logits, 
 void moe_gate_backward(float* dlogits, const float* dweights, const float* logits, const int32_t* experts, int64_t T,
                        const MoeGateParams& p, Stream stream);
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream);
+// Whether attention_backward's passes put a warp's lanes over keys (queries) instead of over dims
+// (default false until measured on the GPU against the dims kernels; tests run both).
+void set_attention_backward_lanes(bool enabled);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
 // The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula);
