@@ -223,6 +223,29 @@ __device__ inline void load_row(float (&r)[kPer], const float* src, int d) {
 #pragma unroll
   for (int c = 0; c < kPer; ++c) r[c] = lane + 32 * c < d ? src[lane + 32 * c] : 0.f;
 }
+// The passes' results: the row pass writes dq of (query i, head h), its log-sum-exp and D; the key
+// pass dk and dv of (key j, KV head g). A lane holds dims lane, lane + 32, ...
+__device__ inline void store_row(float* dst, const float (&r)[kPer], int d) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c)
+    if (lane + 32 * c < d) dst[lane + 32 * c] = r[c];
+}
+__device__ inline void write_row_results(const AttnBwd& a, int64_t i, int h, const float (&dq)[kPer], float lse,
+                                         float delta) {
+  const AttentionParams& p = a.p;
+  store_row(a.dq + i * p.q_token_stride + int64_t(h) * p.q_head_stride, dq, p.d_qk);
+  if (threadIdx.x % 32 == 0) {
+    a.lse[i * p.n_q_heads + h] = lse;
+    a.delta[i * p.n_q_heads + h] = delta;
+  }
+}
+__device__ inline void write_key_results(const AttnBwd& a, int64_t j, int g, const float (&dk)[kPer],
+                                         const float (&dv)[kPer]) {
+  const AttentionParams& p = a.p;
+  store_row(a.dk + j * p.k_token_stride + int64_t(g) * p.k_head_stride, dk, p.d_qk);
+  store_row(a.dv + j * p.v_token_stride + int64_t(g) * p.v_head_stride, dv, p.d_v);
+}
 __device__ inline float dot_row(const float (&a)[kPer], const float* b, int d) {
   const int lane = threadIdx.x % 32;
   float s = 0.f;
@@ -270,15 +293,7 @@ __global__ void attention_backward_rows_kernel(AttnBwd a) {
     for (int c = 0; c < kPer; ++c)
       if (lane + 32 * c < p.d_qk) dq[c] += ds * kj[lane + 32 * c];
   }
-  const int lane = threadIdx.x % 32;
-  float* o = a.dq + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
-#pragma unroll
-  for (int c = 0; c < kPer; ++c)
-    if (lane + 32 * c < p.d_qk) o[lane + 32 * c] = dq[c];
-  if (lane == 0) {
-    a.lse[row] = lse;
-    a.delta[row] = delta;
-  }
+  write_row_results(a, i, h, dq, lse, delta);
 }
 
 __global__ void attention_backward_keys_kernel(AttnBwd a) {
@@ -308,13 +323,7 @@ __global__ void attention_backward_keys_kernel(AttnBwd a) {
         if (lane + 32 * c < p.d_v) dv[c] += pj * goi[lane + 32 * c];
       }
     }
-  float* ok = a.dk + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
-  float* ov = a.dv + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
-#pragma unroll
-  for (int c = 0; c < kPer; ++c) {
-    if (lane + 32 * c < p.d_qk) ok[lane + 32 * c] = dk[c];
-    if (lane + 32 * c < p.d_v) ov[lane + 32 * c] = dv[c];
-  }
+  write_key_results(a, j, g, dk, dv);
 }
 
 __global__ void mul_rows_kernel(float* __restrict__ x, const float* __restrict__ s, int64_t N) {
@@ -476,14 +485,7 @@ __global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_rows_lanes
         if (lane + 32 * c < p.d_qk) dq[c] += dst * kj[lane + 32 * c];
     }
   }
-  float* o = a.dq + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
-#pragma unroll
-  for (int c = 0; c < kPer; ++c)
-    if (lane + 32 * c < p.d_qk) o[lane + 32 * c] = dq[c];
-  if (lane == 0) {
-    a.lse[row] = lse;
-    a.delta[row] = delta;
-  }
+  write_row_results(a, i, h, dq, lse, delta);
 }
 
 __global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_keys_lanes_kernel(AttnBwd a) {
@@ -530,13 +532,7 @@ __global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_keys_lanes
       }
     }
   }
-  float* ok = a.dk + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
-  float* ov = a.dv + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
-#pragma unroll
-  for (int c = 0; c < kPer; ++c) {
-    if (lane + 32 * c < p.d_qk) ok[lane + 32 * c] = dk[c];
-    if (lane + 32 * c < p.d_v) ov[lane + 32 * c] = dv[c];
-  }
+  write_key_results(a, j, g, dk, dv);
 }
 
 bool g_attention_backward_lanes = false;
