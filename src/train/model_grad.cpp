@@ -134,13 +134,9 @@ void GradModel::use_backend(std::unique_ptr<Ops> ops) {
 void GradModel::grads_to_host() {
   for (auto& [n, g] : dgrad_) ops_->download(grad_.at(n).data(), g);
 }
-void GradModel::values_to_device() {
-  for (auto& [n, v] : dvalue_) ops_->copy_from_host(v, value_.at(n));  // in place: the optimizer shares them
-  ops_->synchronize();
-}
 void GradModel::value_to_device(const std::string& name) {
   if (dvalue_.empty()) return;
-  ops_->copy_from_host(device_value(name), value(name));
+  ops_->copy_from_host(device_value(name), value(name));  // in place: the optimizer shares the tensor
   ops_->synchronize();
 }
 void GradModel::add_to(AdamW& optimizer) {

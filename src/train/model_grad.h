@@ -36,13 +36,12 @@ class GradModel {
   const ModelConfig& config() const { return config_; }
 
   // The backend the passes run on (the CPU reference until set). A GPU backend gets a copy of
-  // every weight and gradient in its memory; the host tensors of value()/grad() stay the masters
-  // the optimizer updates and checkpoints save: after the passes of a step, grads_to_host() brings
-  // the gradients back, and after the optimizer, values_to_device() sends the weights out again.
+  // every weight and gradient in its memory, which an optimizer on that backend steps
+  // (add_to, AdamW::use_backend); the host tensors of value()/grad() are then brought up to date
+  // on request: grads_to_host() for the gradients, AdamW::to_host() for the values.
   void use_backend(std::unique_ptr<Ops> ops);
   Ops& backend() { return *ops_; }
   void grads_to_host();
-  void values_to_device();
   // One host value copied to the backend (a weight the host changed: the expert bias).
   void value_to_device(const std::string& name);
   // The backend's copy of a weight and of its gradient (the host tensors on the CPU).

@@ -426,6 +426,14 @@ namespace {
 // lane's factor (one shuffle per key). The dims of the accumulated rows stay lane-strided.
 constexpr int kLaneWarps = 8;
 
+// A warp's two rows (q and dout of a query, or k and v of a key) into its shared-memory rows.
+__device__ inline void stage_rows(float* sa, const float* a, int da, float* sb, const float* b, int db) {
+  const int lane = threadIdx.x % 32;
+  for (int c = lane; c < da; c += 32) sa[c] = a[c];
+  for (int c = lane; c < db; c += 32) sb[c] = b[c];
+  __syncwarp();
+}
+
 __device__ inline float dot_serial(const float* smem_row, const float* row, int d) {
   float s = 0.f;
   for (int c = 0; c < d; ++c) s += smem_row[c] * row[c];
@@ -445,9 +453,7 @@ __global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_rows_lanes
   const float* Vv = static_cast<const float*>(p.v) + int64_t(g) * p.v_head_stride;
   const float* qrow = p.q + i * p.q_token_stride + int64_t(h) * p.q_head_stride;
   const float* gorow = a.dout + i * p.out_token_stride + int64_t(h) * p.out_head_stride;
-  for (int c = lane; c < p.d_qk; c += 32) sq[warp][c] = qrow[c];
-  for (int c = lane; c < p.d_v; c += 32) sgo[warp][c] = gorow[c];
-  __syncwarp();
+  stage_rows(sq[warp], qrow, p.d_qk, sgo[warp], gorow, p.d_v);
   const int64_t n = visible_keys(p, i);
   // pass 1: the log-sum-exp, each lane over its keys, then merged
   float mx = -INFINITY, sum = 0.f;
@@ -499,9 +505,7 @@ __global__ void __launch_bounds__(kLaneWarps * 32) attention_backward_keys_lanes
   const int g = int(item % p.n_kv_heads), group = p.n_q_heads / p.n_kv_heads;
   const float* krow = static_cast<const float*>(p.k) + j * p.k_token_stride + int64_t(g) * p.k_head_stride;
   const float* vrow = static_cast<const float*>(p.v) + j * p.v_token_stride + int64_t(g) * p.v_head_stride;
-  for (int c = lane; c < p.d_qk; c += 32) sk[warp][c] = krow[c];
-  for (int c = lane; c < p.d_v; c += 32) sv[warp][c] = vrow[c];
-  __syncwarp();
+  stage_rows(sk[warp], krow, p.d_qk, sv[warp], vrow, p.d_v);
   // the (query, head) pairs that see key j: queries from i0 on, the heads of group g
   const int64_t i0 = p.causal ? max(int64_t(0), j - p.q_pos0) : 0;
   const int64_t pairs = max(int64_t(0), p.n_q - i0) * group;
