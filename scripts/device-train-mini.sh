@@ -14,7 +14,7 @@
 #     With a checkpoint folder (carried in by an earlier call of the same machine, e.g. an
 #     ignored device-mini-ckpt/ holding what `export` brought back), training goes on from its
 #     weights with fresh moments and a peak learning rate of 1e-3 instead of starting at random.
-#   bash scripts/device-train-mini.sh resume          train on (--resume) for up to 9 minutes
+#   bash scripts/device-train-mini.sh resume [MINUTES]  train on (--resume) for up to MINUTES (9)
 #   bash scripts/device-train-mini.sh export          the last pretraining checkpoint as FP8 shards
 #        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
@@ -132,7 +132,7 @@ PY
     if [ -n "${OUT:-}" ]; then cp "$work"/export/*.safetensors "$work"/export/*.json "$OUT/"; fi
     ls -la "$work/export" ;;
   resume)
-    "$F" train -q --config "$work/train.json" --resume --max-minutes 9 ;;
+    "$F" train -q --config "$work/train.json" --resume --max-minutes "${2:-9}" ;;
   sft)
     # the supervised stage: chat examples answered from the docs (scripts/make-sft-data.py),
     # rendered with the chat template, a few epochs from the last pretraining checkpoint
@@ -204,6 +204,6 @@ for stage in ("run", "sft"):
 PY
     ;;
   *)
-    echo "usage: $0 --prepare | start MINUTES [CHECKPOINT] | resume | export | sft | finish | bench" >&2
+    echo "usage: $0 --prepare | start MINUTES [CHECKPOINT] | resume [MINUTES] | export | sft | finish | bench" >&2
     exit 2 ;;
 esac
