@@ -164,8 +164,8 @@ PY
     # greedy generation of the FP8 model on the CPU and on the GPU (F32 activations on both)
     agree=0 n=0
     for p in "The list type in Python" "To create a new branch in Git," "The Linux kernel"; do
-      "$F" generate --model "$work/fp8" --device cpu --precision fp32 --prompt "$p" --max-tokens 48 >"$work/g-cpu.txt" 2>/dev/null
-      "$F" generate --model "$work/fp8" --device cuda --precision fp32 --prompt "$p" --max-tokens 48 >"$work/g-cuda.txt" 2>/dev/null
+      "$F" generate --model "$work/fp8" --device cpu --precision fp32 --temperature 0 --prompt "$p" --max-tokens 48 >"$work/g-cpu.txt" 2>/dev/null
+      "$F" generate --model "$work/fp8" --device cuda --precision fp32 --temperature 0 --prompt "$p" --max-tokens 48 >"$work/g-cuda.txt" 2>/dev/null
       n=$((n + 1))
       cmp -s "$work/g-cpu.txt" "$work/g-cuda.txt" && agree=$((agree + 1))
       printf 'prompt: %s\n  cpu:  %s\n  cuda: %s\n' "$p" "$(cat "$work/g-cpu.txt")" "$(cat "$work/g-cuda.txt")"

@@ -1,28 +1,22 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs fathom on the default model: a checkpoint given as the first
-# argument, or the DeepSeek-V3-shaped reference fixture ../shared/data/fixtures/v3-tiny-mtp.
-# Shows the model, then a greedy continuation with the KV cache.
+# Sets up, builds and runs fathom on its default model, fathom-mini (models/fathom-mini: a small
+# DeepSeek-V3-architecture model that fathom trained from scratch; its README is the model card):
+# shows the model, then answers a question through the chat template on the CPU.
+#
+#   bash scripts/run.sh ["QUESTION" [MODEL_DIR]]
+#
+# For a conversation in the terminal: build/release/fathom chat --model models/fathom-mini
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh >/dev/null
-model="${1:-../shared/data/fixtures/v3-tiny-mtp}"
-ids="${2:-$model/reference.safetensors}"
+question="${1:-What does str.split do?}"
+model="${2:-models/fathom-mini}"
+[ -f "$model/config.json" ] || { echo "run.sh: $model has no config.json (a model directory is needed)" >&2; exit 1; }
 ./build/release/fathom info --model "$model"
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-./build/release/fathom generate --model "$model" --input-ids "$ids" --max-new-tokens 16 --temperature 0 --out "$out/gen.json"
-echo "greedy continuation of row 0 of $ids: $(cat "$out/gen.json")"
-./build/release/fathom logits --model "$model" --input-ids "$ids" --out "$out/logits.safetensors" --mtp
-echo "logits (and MTP logits) written for every row of $ids"
-if [ $# -eq 0 ]; then
-  # Text in, text out: the DeepSeek-V3 tokenizer and chat template in front of a random-weight
-  # V3-shaped model with the full 129,280-id vocabulary (random weights: expect random words).
-  rand=bench-models/v3-chat-random
-  if [ ! -f "$rand/model.safetensors" ] || [ ! -f "$rand/tokenizer.json" ]; then
-    ./build/release/fathom init-random --config bench/configs/v3-chat-random.json --out "$rand" \
-      --tokenizer ../shared/data/deepseek-v3-tokenizer --seed 0
-  fi
-  echo "chat prompt through the DeepSeek-V3 tokenizer and chat template ($rand, random weights):"
-  ./build/release/fathom generate --model "$rand" --chat --prompt "What is multi-head latent attention?" \
-    --max-tokens 24 --temperature 0.7 --seed 0
-fi
+echo
+echo "user: $question"
+printf 'assistant: '
+# Sampling as `fathom chat` does, with a fixed seed so that the answer is the same on every run;
+# a model this small loops when decoded greedily, so the repetition penalty is on.
+./build/release/fathom generate --model "$model" --device cpu --chat --prompt "$question" \
+  --max-tokens 160 --temperature 0.6 --top-p 0.9 --repetition-penalty 1.15 --seed 0

@@ -146,6 +146,44 @@ TEST_F(TextModel, SeedDecidesSampledOutput) {
   EXPECT_NE(a, c);
 }
 
+// A model directory's generation_config.json (HF's file) sets the sampling defaults the command
+// line leaves open; options given on the command line win; a malformed file is a user error.
+TEST_F(TextModel, GenerationConfigSetsTheDefaults) {
+  const std::string dir = tmp_.file("with-config");
+  fs::create_directories(dir);
+  for (const auto& e : fs::directory_iterator(model_)) fs::create_symlink(e.path(), fs::path(dir) / e.path().filename());
+  std::ofstream(fs::path(dir) / "generation_config.json")
+      << R"({"do_sample": true, "temperature": 1.3, "top_p": 0.8, "top_k": 40, "repetition_penalty": 1.2})";
+  auto gen = [&](const std::string& model, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"generate", "--model", model, "--prompt", "Once upon a time", "--max-tokens", "12",
+                                     "--seed", "5", "--ignore-eos"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = run_fathom(args, tmp_);
+    EXPECT_EQ(r.status, 0) << r.err;
+    return r.out;
+  };
+  const std::string from_file = gen(dir, {});
+  const std::string spelled_out = gen(model_, {"--temperature", "1.3", "--top-p", "0.8", "--top-k", "40",
+                                               "--repetition-penalty", "1.2"});
+  EXPECT_FALSE(from_file.empty());
+  EXPECT_EQ(from_file, spelled_out);
+  // the command line wins: greedy stays greedy, with the file's repetition penalty
+  EXPECT_EQ(gen(dir, {"--temperature", "0"}), gen(model_, {"--temperature", "0", "--repetition-penalty", "1.2"}));
+  EXPECT_NE(gen(dir, {"--temperature", "0"}), from_file);
+  // do_sample false: the penalty still applies, the sampling keys do not (generate stays greedy)
+  std::ofstream(fs::path(dir) / "generation_config.json") << R"({"do_sample": false, "temperature": 1.3, "repetition_penalty": 1.2})";
+  EXPECT_EQ(gen(dir, {}), gen(model_, {"--temperature", "0", "--repetition-penalty", "1.2"}));
+  for (const char* bad : {R"({"temperature": )", R"({"do_sample": "yes"})", R"({"do_sample": true, "top_p": "high"})",
+                          R"({"do_sample": true, "top_k": -3})", R"([1, 2])", R"({"do_sample": true, "temperature": -1})"}) {
+    std::ofstream(fs::path(dir) / "generation_config.json") << bad;
+    CliRun r = run_fathom({"generate", "--model", dir, "--prompt", "x", "--max-tokens", "2"}, tmp_);
+    EXPECT_TRUE(is_user_error(r, {std::string(bad).find("-1") != std::string::npos ? "temperature" : "generation_config.json"}))
+        << bad << ": " << r.err;
+    r = run_fathom({"chat", "--model", dir}, tmp_, "hi\n");
+    EXPECT_NE(r.status, 0) << bad;
+  }
+}
+
 TEST_F(TextModel, StopStringEndsTheOutput) {
   CliRun full = run_fathom({"generate", "--model", model_, "--prompt", "Hello", "--max-tokens", "16", "--ignore-eos"}, tmp_);
   ASSERT_EQ(full.status, 0) << full.err;

@@ -83,7 +83,9 @@ Command add_chat(CLI::App& app) {
   s->top_p = 0.95;
   s->max_tokens = 1024;
   return [=] {
-    GenerateOptions options = to_generate_options(*s);
+    SamplingArgs sampling = *s;
+    apply_generation_config(cmd, a->dir, sampling);
+    GenerateOptions options = to_generate_options(sampling);
     auto tok = load_tokenizer(a->dir, *tokenizer);
     FATHOM_CHECK(!tok->config().chat_template.empty(), "no chat_template in the tokenizer_config.json beside ",
                  tok->source(), "; fathom chat needs one");

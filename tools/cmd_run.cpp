@@ -266,7 +266,9 @@ Command add_generate(CLI::App& app) {
     FATHOM_CHECK(out->empty(), "--out goes with --input-ids; --prompt streams to standard output");
     FATHOM_CHECK(utf8_invalid_offset(*prompt) == std::string::npos, "--prompt is not valid UTF-8 at byte ",
                  utf8_invalid_offset(*prompt));
-    GenerateOptions options = to_generate_options(*s);
+    SamplingArgs sampling = *s;
+    apply_generation_config(cmd, a->dir, sampling);
+    GenerateOptions options = to_generate_options(sampling);
     auto tok = load_tokenizer(a->dir, *tokenizer);
     auto m = open_model(*a);
     check_tokenizer_fits(*tok, *m);

@@ -52,6 +52,43 @@ GenerateOptions to_generate_options(const SamplingArgs& a) {
   return o;
 }
 
+void apply_generation_config(const CLI::App* cmd, const std::string& model_dir, SamplingArgs& a) {
+  namespace fs = std::filesystem;
+  const fs::path path = fs::path(model_dir) / "generation_config.json";
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return;
+  nlohmann::json g;
+  try {
+    g = nlohmann::json::parse(read_file(path.string()));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(cat(path.string(), " is not valid JSON: ", e.what()));
+  }
+  FATHOM_CHECK(g.is_object(), path.string(), " must hold a JSON object");
+  auto given = [&](const char* option) { return cmd->get_option(option)->count() > 0; };
+  auto number = [&](const char* key, double& into, const char* option) {
+    if (!g.contains(key) || g[key].is_null() || given(option)) return;
+    FATHOM_CHECK(g[key].is_number(), path.string(), ": \"", key, "\" must be a number, not ", g[key].dump());
+    into = g[key].get<double>();
+  };
+  bool sample = false;
+  if (g.contains("do_sample") && !g["do_sample"].is_null()) {
+    FATHOM_CHECK(g["do_sample"].is_boolean(), path.string(), ": \"do_sample\" must be true or false, not ",
+                 g["do_sample"].dump());
+    sample = g["do_sample"].get<bool>();
+  }
+  number("repetition_penalty", a.repetition_penalty, "--repetition-penalty");
+  if (!sample) return;  // greedy in HF's terms: the command's own defaults stand
+  if (!given("--temperature")) a.temperature = 1.0;  // HF's default when do_sample is on
+  number("temperature", a.temperature, "--temperature");
+  number("top_p", a.top_p, "--top-p");
+  number("min_p", a.min_p, "--min-p");
+  if (g.contains("top_k") && !g["top_k"].is_null() && !given("--top-k")) {
+    FATHOM_CHECK(g["top_k"].is_number_integer() && g["top_k"].get<int64_t>() >= 0 && g["top_k"].get<int64_t>() < (1 << 30),
+                 path.string(), ": \"top_k\" must be a non-negative integer, not ", g["top_k"].dump());
+    a.top_k = int(g["top_k"].get<int64_t>());
+  }
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir, const std::string& tokenizer_path) {
   namespace fs = std::filesystem;
   if (!tokenizer_path.empty()) return Tokenizer::load(tokenizer_path);
