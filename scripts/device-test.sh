@@ -10,6 +10,8 @@
 # configures build/device-test with -DFATHOM_DEPS_DIR, builds, runs ctest on all cores, then
 # scripts/device-sanitize.sh (compute-sanitizer on the CUDA op tests of the trickier kernels), and
 # prints a summary table last (also written to $OUT/device-test.txt when OUT is set).
+# The working tree and the carried folder must stay under 64 MiB: run `bash scripts/device-room.sh
+# hide` here first (the shipped fathom-mini weights do not travel) and `restore` after.
 # FATHOM_NO_SANITIZER=1 skips the sanitizer runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

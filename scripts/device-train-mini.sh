@@ -27,6 +27,8 @@
 #        n-gram baselines, MTP acceptance, greedy text on the CPU and the GPU; the FP8 checkpoint
 #        in 16 MiB shards, eval.json and both stages' logs into $OUT (8 files; draw the curves
 #        here with `fathom train-plot --log log.jsonl`)
+# The working tree and the carried folder must stay under 64 MiB: run `bash scripts/device-room.sh
+# hide` here first (the shipped fathom-mini weights do not travel) and `restore` after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-mini-data
