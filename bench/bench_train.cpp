@@ -14,7 +14,8 @@
 //
 // usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
-//   --attention-lanes: the attention backward's lane kernels (cuda::set_attention_backward_lanes)
+//   --attention-tiled / --attention-rows: the attention backward's tiled kernels or the simple
+//     warp-per-row ones (the default for now; cuda::set_attention_backward_tiled)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -75,7 +76,8 @@ int run(int argc, char** argv) {
     else if (a == "--seq") seq = std::stoll(next());
     else if (a == "--steps") steps = std::stoll(next());
     else if (a == "--batch") batch = std::stoll(next());
-    else if (a == "--attention-lanes") cuda::set_attention_backward_lanes(true);
+    else if (a == "--attention-rows") cuda::set_attention_backward_tiled(false);
+    else if (a == "--attention-tiled") cuda::set_attention_backward_tiled(true);
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }

@@ -19,7 +19,9 @@
 #        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
 #        fathom-mini's shape (bench_train: one window per pass, then 16, then 16 with the
-#        attention backward's lane kernels)
+#        attention backward's tiled kernels, after their test; each under a time limit)
+#   bash scripts/device-train-mini.sh profile         build, test, and the GPU time per kernel of that
+#        batched step (ncu; scripts/ncu-kernel-table.py)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 60 steps (about two epochs) from the last
 #        checkpoint: the first run's 150 steps at 3e-4 overfitted them (bench/RESULTS.md)
@@ -60,7 +62,8 @@ build_and_test() {
   cmake -S . -B build/device-mini -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=ON -DFATHOM_BENCH=ON \
     -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-shared/data >/dev/null
   cmake --build build/device-mini --target fathom fathom_tests bench_train >/dev/null
-  build/device-mini/fathom_tests --gtest_brief=1 \
+  echo "device-train-mini: built in $SECONDS s"
+  timeout 300 build/device-mini/fathom_tests --gtest_brief=1 \
     --gtest_filter='CudaOps.Matmul*:CudaBackward.Attention:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
 }
 case "$stage" in
@@ -118,12 +121,25 @@ PY
     # the training step of fathom-mini's shape (random weights): one window per pass against the
     # batch of 16 in one pass, as fathom train runs it (bench_train; tokens/s and MFU)
     build_and_test
-    for args in "--batch 1" "--batch 16" "--batch 16 --attention-lanes"; do
-      echo "bench_train $args:"
+    # the tiled attention backward has not passed on a GPU yet: its test alone, under a time limit
+    echo "device-train-mini: CudaBackward.AttentionTiled ($SECONDS s)"
+    timeout 120 build/device-mini/fathom_tests --gtest_brief=1 --gtest_filter='CudaBackward.AttentionTiled' ||
+      echo "device-train-mini: CudaBackward.AttentionTiled failed or timed out (exit $?)"
+    for args in "--batch 1" "--batch 16" "--batch 16 --attention-tiled"; do
+      echo "bench_train $args ($SECONDS s):"
       # shellcheck disable=SC2086
-      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 $args --steps 3 \
-        --dir /tmp/bench-mini | grep -E "^\| (GPU|whole)"
+      timeout 120 build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 $args --steps 3 \
+        --dir /tmp/bench-mini | grep -E "^\| (GPU|whole)" || echo "  failed or timed out"
     done ;;
+  profile)
+    # GPU time per kernel of fathom-mini's batched step (ncu; the machine has no nsys): the first
+    # 3,000 launches of bench_train --batch 16, about one step after the warm-up
+    build_and_test
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    timeout 300 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --launch-count 3000 \
+      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 --batch 16 --steps 1 \
+      --dir /tmp/bench-mini >/tmp/ncu.csv 2>/tmp/ncu.err || { tail -5 /tmp/ncu.err; exit 1; }
+    python3 scripts/ncu-kernel-table.py /tmp/ncu.csv --top 20 ;;
   export)
     # the last pretraining checkpoint as FP8 in 16 MiB shards (41.6 MiB; BF16 would be 65.5 MiB,
     # more than one call brings back or carries in beside the working tree), for `start MINUTES
@@ -206,6 +222,6 @@ for stage in ("run", "sft"):
 PY
     ;;
   *)
-    echo "usage: $0 --prepare | start MINUTES [CHECKPOINT] | resume [MINUTES] | export | sft | finish | bench" >&2
+    echo "usage: $0 --prepare | start MINUTES [CHECKPOINT] | resume [MINUTES] | export | sft | finish | bench | profile" >&2
     exit 2 ;;
 esac

@@ -55,6 +55,7 @@ class CudaBackward : public testing::Test {
     return gpu_->upload(t);
   }
   Tensor up(const Tensor& host) { return gpu_->upload(host); }
+  void check_attention(bool tiled);
   Tensor down(const Tensor& dev) {
     Tensor h = Tensor::empty(dev.shape(), dev.dtype());
     gpu_->download(h.data(), dev);
@@ -161,51 +162,60 @@ TEST_F(CudaBackward, Rope) {
   }
 }
 
-TEST_F(CudaBackward, Attention) {
+// The attention backward's kernels (attention_backward.cu) against the CPU: the warp-per-row ones
+// (the default) or the tiled ones.
+void CudaBackward::check_attention(bool tiled) {
   struct Case {
     const char* what;
     int64_t n_q, n_kv, q_pos0;
     int hq, hkv, dqk, dv;
     bool causal;
+    int64_t n_seq;
   };
   const Case cases[] = {
-      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true},
-      {"GQA, odd dims", 17, 17, 0, 6, 2, 33, 17, true},
-      {"queries after a prefix (q_pos0 > 0)", 5, 30, 25, 2, 1, 48, 32, true},
-      {"not causal", 9, 21, 0, 3, 3, 64, 64, false},
-      {"one token", 1, 1, 0, 2, 2, 8, 8, true},
+      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true, 1},
+      {"fathom-mini's shape, 3 sequences of 100 (ragged tiles)", 100, 100, 0, 6, 6, 96, 64, true, 3},
+      {"GQA, odd dims, 2 sequences", 17, 17, 0, 6, 2, 33, 17, true, 2},
+      {"queries after a prefix (q_pos0 > 0)", 5, 70, 65, 2, 1, 48, 32, true, 1},
+      {"not causal, several tiles", 33, 70, 0, 3, 3, 64, 64, false, 2},
+      {"widest heads (256)", 37, 37, 0, 2, 1, 256, 256, true, 1},
+      {"one token", 1, 1, 0, 2, 2, 8, 8, true, 1},
   };
-  for (bool lanes : {false, true})  // the warp's lanes over dims, then over keys / queries
   for (const Case& c : cases) {
-    SCOPED_TRACE(cat(c.what, lanes ? " (lane kernels)" : " (dims kernels)"));
-    cuda::set_attention_backward_lanes(lanes);
+    SCOPED_TRACE(cat(c.what, tiled ? " (tiled kernels)" : " (warp-per-row kernels)"));
+    cuda::set_attention_backward_tiled(tiled);
     // padded strides, as the model's (token, head) layouts are
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;
     const int64_t v_hs = c.dv, v_ts = c.hkv * v_hs + 2, o_hs = c.dv, o_ts = c.hq * o_hs;
-    const Tensor q = randn({c.n_q * q_ts}), k = randn({c.n_kv * k_ts}), v = randn({c.n_kv * v_ts});
-    const Tensor dout = randn({c.n_q * o_ts});
+    const Tensor q = randn({c.n_seq * c.n_q * q_ts}), k = randn({c.n_seq * c.n_kv * k_ts}), v = randn({c.n_seq * c.n_kv * v_ts});
+    const Tensor dout = randn({c.n_seq * c.n_q * o_ts});
     AttentionParams p;
     p.q_token_stride = q_ts, p.q_head_stride = q_hs, p.k_token_stride = k_ts, p.k_head_stride = k_hs;
     p.v_token_stride = v_ts, p.v_head_stride = v_hs, p.out_token_stride = o_ts, p.out_head_stride = o_hs;
     p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_q_heads = c.hq, p.n_kv_heads = c.hkv;
     p.d_qk = c.dqk, p.d_v = c.dv, p.scale = 1.0f / std::sqrt(float(c.dqk)), p.causal = c.causal;
     // the CPU writes only the elements the forward reads: start both from the same zeros there
-    Tensor dq = Tensor::zeros({c.n_q * q_ts}), dk = Tensor::zeros({c.n_kv * k_ts}), dv = Tensor::zeros({c.n_kv * v_ts});
+    Tensor dq = Tensor::zeros({c.n_seq * c.n_q * q_ts}), dk = Tensor::zeros({c.n_seq * c.n_kv * k_ts}), dv = Tensor::zeros({c.n_seq * c.n_kv * v_ts});
     AttentionParams pc = p;
     pc.q = q.f32(), pc.k = k.f32(), pc.v = v.f32();
-    cpu_->attention_backward(dq.f32(), dk.f32(), dv.f32(), dout.f32(), pc);
+    cpu_->attention_backward(dq.f32(), dk.f32(), dv.f32(), dout.f32(), pc, c.n_seq);
     Tensor gq = up(q), gk = up(k), gv = up(v), gdout = up(dout);
-    Tensor gdq = up(Tensor::zeros({c.n_q * q_ts})), gdk = up(Tensor::zeros({c.n_kv * k_ts}));
-    Tensor gdv = up(Tensor::zeros({c.n_kv * v_ts}));
+    Tensor gdq = up(Tensor::zeros({c.n_seq * c.n_q * q_ts})), gdk = up(Tensor::zeros({c.n_seq * c.n_kv * k_ts}));
+    Tensor gdv = up(Tensor::zeros({c.n_seq * c.n_kv * v_ts}));
     AttentionParams pg = p;
     pg.q = gq.f32(), pg.k = gk.f32(), pg.v = gv.f32();
-    gpu_->attention_backward(gdq.f32(), gdk.f32(), gdv.f32(), gdout.f32(), pg);
+    gpu_->attention_backward(gdq.f32(), gdk.f32(), gdv.f32(), gdout.f32(), pg, c.n_seq);
     EXPECT_LE(max_err(down(gdq), dq), 1e-4);
     EXPECT_LE(max_err(down(gdk), dk), 1e-4);
     EXPECT_LE(max_err(down(gdv), dv), 1e-4);
   }
-  cuda::set_attention_backward_lanes(false);
+  cuda::set_attention_backward_tiled(false);
 }
+
+TEST_F(CudaBackward, Attention) { check_attention(false); }
+// Its own test so that a device run can take it apart (scripts/device-train-mini.sh bench runs it
+// under a time limit): the tiled kernels have not yet run on a GPU.
+TEST_F(CudaBackward, AttentionTiled) { check_attention(true); }
 
 TEST_F(CudaBackward, MoeGate) {
   for (bool sigmoid : {true, false}) {
@@ -310,7 +320,7 @@ TEST_F(CudaBackward, BadInputIsAnError) {
   p.d_qk = 300, p.d_v = 8, p.n_q_heads = 1, p.n_kv_heads = 1;
   float* f = a.f32();
   p.q = f, p.k = f, p.v = f + 1;
-  EXPECT_THROW(gpu_->attention_backward(f, f, f, f, p), Error);  // head dim beyond the kernel's 256
+  EXPECT_THROW(gpu_->attention_backward(f, f, f, f, p, 1), Error);  // head dim beyond the kernel's 256
 }
 
 #endif

@@ -302,7 +302,11 @@ class Ops {
   // In place on p.x (p.out null): the inverse rotation (rope with p.inverse toggled).
   virtual void rope_backward(const RopeParams& p) = 0;
   // F32 q/k/v in separate buffers, no block table or device key count (the training layout).
-  virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) = 0;
+  // n_seq sequences of equal length stacked row after row, each attending only to its own keys:
+  // sequence b's queries, outputs and their gradients (strides of q and out) start at row b·n_q,
+  // its keys, values and their gradients (strides of k and v) at row b·n_kv.
+  virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
+                                  int64_t n_seq) = 0;
   virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits,
                                  const Tensor& experts, const MoeGateParams& p) = 0;
   // Row helpers of the MoE's gather/scatter in training: x (M, N) row m *= s[m] (s (M) F32);

@@ -474,9 +474,7 @@ struct GradModel::Impl {
     Tensor dattn = ops.empty(a.attn.shape());
     ops.matmul_backward(dattn, G(sa + "o_proj.weight"), dx_mid, a.attn, W(sa + "o_proj.weight"));
     Tensor dq = zeros(a.q.shape()), dK = zeros(a.K.shape()), dV = zeros(a.V.shape());
-    for (int64_t b = 0; b < B; ++b)
-      ops.attention_backward(dq.f32() + b * L * H * dqk, dK.f32() + b * L * H * dqk, dV.f32() + b * L * H * dv,
-                             dattn.f32() + b * L * H * dv, attn_params(a, L, b));
+    ops.attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, L, 0), B);  // all B sequences
     // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
     Tensor dkvb = ops.empty(a.kvb.shape()), dkpe = zeros({n, rd});
     copy(dkvb.f32(), H * kvb_w, kvb_w, dK.f32(), int64_t(H) * dqk, dqk, n, H, nope);

@@ -454,9 +454,10 @@ class CudaOps final : public Ops {
     q.inverse = !p.inverse;
     cuda::rope(q, ctx_->stream);
   }
-  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) override {
+  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
+                          int64_t n_seq) override {
     use();
-    cuda::attention_backward(dq, dk, dv, dout, p, ctx_->stream);
+    cuda::attention_backward(dq, dk, dv, dout, p, n_seq, ctx_->stream);
   }
   void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
                          const MoeGateParams& p) override {

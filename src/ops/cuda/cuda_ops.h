@@ -207,10 +207,12 @@ void cross_entropy_backward(float* losses, float* dlogits, const float* logits, 
                             int64_t V, float dloss, Stream stream);
 void moe_gate_backward(float* dlogits, const float* dweights, const float* logits, const int32_t* experts, int64_t T,
                        const MoeGateParams& p, Stream stream);
-void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, Stream stream);
-// Whether attention_backward's passes put a warp's lanes over keys (queries) instead of over dims
-// (default false until measured on the GPU against the dims kernels; tests run both).
-void set_attention_backward_lanes(bool enabled);
+// n_seq sequences of equal length stacked row after row (attention_backward.cu).
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, int64_t n_seq,
+                        Stream stream);
+// The tiled kernels, or the simple warp-per-row ones (the default until the tiled ones have passed
+// on a GPU), their peer in tests and bench_train.
+void set_attention_backward_tiled(bool enabled);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
 // The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula);
