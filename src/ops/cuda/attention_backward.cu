@@ -13,8 +13,9 @@
 //    online softmax and the output O (so D = dout·O needs no extra sweep), then dq. The key pass
 //    sweeps the queries of each head of its KV group once for dk and dv. Sequences and heads are
 //    grid dimensions, so one launch covers the whole batch.
-//  * rows (the default until the tiled kernels have passed on a GPU: the one device run that tried
-//    them, 2026-11-30, ran out of time without output): a warp per (query, head) row and per
+//  * rows (the default until the tiled kernels have passed on a GPU: their one device run,
+//    2026-11-30, hung — a shuffle skipped by a warp's rows past n_q, since fixed and checked in a
+//    CPU emulation of the kernels against the CPU reference, not yet on a GPU): a warp per (query, head) row and per
 //    (key, KV head), lanes over the dims, keys walked one at a time with a warp reduction per dot
 //    product — the first, simple version, and the tiled kernels' peer in tests and bench_train
 //    (set_attention_backward_tiled).
@@ -239,6 +240,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_rows_tiled_ke
   const float* V = static_cast<const float*>(p.v) + b * p.n_kv * p.v_token_stride + int64_t(g) * p.v_head_stride;
   stage_tile(Qs, sq, Q, p.q_token_stride, i0, p.n_q, p.d_qk);
   stage_tile(Gs, sv, G, p.out_token_stride, i0, p.n_q, p.d_v);
+  __syncthreads();  // (read below even when no key tile follows)
   const int64_t i = i0 + r;
   const int64_t mine = i < p.n_q ? visible_keys(p, i) : 0;  // keys this row sees
   const int64_t last = min(i0 + kTile, p.n_q) - 1;
@@ -256,7 +258,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_rows_tiled_ke
   // sweep 1: online softmax and the output row O (unnormalised: o / l)
   float mx = -INFINITY, l = 0.f, o[kCols] = {};
   for (int64_t j0 = 0; j0 < span; j0 += kTile) {
-    __syncthreads();  // the previous tile is no longer read (and the first: Qs and Gs are staged)
+    __syncthreads();  // the previous tile is no longer read
     stage_tile(Ks, sq, K, p.k_token_stride, j0, p.n_kv, p.d_qk);
     stage_tile(Vs, sv, V, p.v_token_stride, j0, p.n_kv, p.d_v);
     __syncthreads();
@@ -284,7 +286,10 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_rows_tiled_ke
 #pragma unroll
   for (int c = 0; c < kCols; ++c)
     if (sub + kSub * c < p.d_v) dsum += go[sub + kSub * c] * o[c];
-  const float delta = l > 0.f ? row_sum(dsum) / l : 0.f;
+  // every lane sums (the shuffle names the whole warp; a warp's rows past n_q have l = 0 and would
+  // otherwise skip it and hang the others)
+  const float dsum_row = row_sum(dsum);
+  const float delta = l > 0.f ? dsum_row / l : 0.f;
   // sweep 2: dq = scale Σ_j P_ij (dP_ij − D_i) k_j
   float dq[kCols] = {};
   for (int64_t j0 = 0; j0 < span; j0 += kTile) {
@@ -404,18 +409,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   float* lse = stats.as<float>();
   float* delta = lse + rows * n_seq;
   if (g_tiled) {
-    static const bool opted_in = [] {  // more than 48 KiB of shared memory at the largest head dims
-      AttentionParams widest;
-      widest.d_qk = widest.d_v = kMaxD;
-      check(cudaFuncSetAttribute(attention_backward_rows_tiled_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(rows_tiled_smem(widest))),
-                 "attention_backward (shared memory)");
-      check(cudaFuncSetAttribute(attention_backward_keys_tiled_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(keys_tiled_smem(widest))),
-                 "attention_backward (shared memory)");
-      return true;
-    }();
-    (void)opted_in;
+    // More than 48 KiB of shared memory from head dims of ~96 up: allowed up to the widest heads'
+    // need, on each call (the setting is per device, and the same value every time).
+    AttentionParams widest;
+    widest.d_qk = widest.d_v = kMaxD;
+    check(cudaFuncSetAttribute(attention_backward_rows_tiled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(rows_tiled_smem(widest))),
+          "attention_backward (shared memory)");
+    check(cudaFuncSetAttribute(attention_backward_keys_tiled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(keys_tiled_smem(widest))),
+          "attention_backward (shared memory)");
     const AttnBwd a{p, dout, dq, dk, dv, lse, delta};
     if (rows > 0) {
       const dim3 grid(unsigned((p.n_q + kTile - 1) / kTile), unsigned(p.n_q_heads), unsigned(n_seq));
