@@ -1,0 +1,373 @@
+// CPU emulation of attention_backward_{rows,keys}_tiled_kernel (src/ops/cuda/attention_backward.cu)
+// for checking them without a GPU: 256 std::threads per block; __syncthreads, __syncwarp and
+// __shfl_xor_sync emulated with timed barriers that check that every thread meets at the same call
+// site (a hang is reported with where the threads wait); shared memory starts as NaN; outputs are
+// compared with the CPU reference (a copy of cpu::attention_backward below) on the cases of
+// CudaBackward.Attention. It found the skipped shuffle that hung the kernels on the H200
+// (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]].
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace emu {
+constexpr int kThreads = 256;
+double g_timeout_s = 20;
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+thread_local Dim3 threadIdx, blockIdx;
+thread_local float* emu_sm = nullptr;
+const Dim3 blockDim{kThreads, 1, 1};
+
+std::atomic<int> where[kThreads];  // per thread: 0 running, >0 block barrier at line, <-1 warp barrier at -line, -1 exited
+std::atomic<bool> g_problem{false};
+Dim3 g_block;
+const char* g_kernel = "";
+
+void dump_where(const char* why) {
+  static std::atomic<bool> once{false};
+  if (once.exchange(true)) { std::this_thread::sleep_for(std::chrono::seconds(100)); return; }
+  std::fprintf(stderr, "[%s] kernel %s block (%u,%u,%u): %s\n", why, g_kernel, g_block.x, g_block.y, g_block.z, why);
+  std::vector<std::pair<int, int>> hist;
+  for (int t = 0; t < kThreads; ++t) {
+    const int w = where[t].load();
+    auto it = std::find_if(hist.begin(), hist.end(), [&](auto& h) { return h.first == w; });
+    if (it == hist.end()) hist.push_back({w, 1}); else ++it->second;
+  }
+  for (auto& [w, c] : hist) {
+    if (w == 0) std::fprintf(stderr, "   %3d threads running (not at a barrier)\n", c);
+    else if (w == -1) std::fprintf(stderr, "   %3d threads exited\n", c);
+    else if (w > 0) std::fprintf(stderr, "   %3d threads at __syncthreads, kernels.inc line %d\n", c, w);
+    else std::fprintf(stderr, "   %3d threads at a warp barrier, kernels.inc line %d\n", c, -w);
+  }
+}
+
+struct Barrier {
+  int n;
+  const char* name;
+  std::mutex m;
+  std::condition_variable cv;
+  int count = 0, exited = 0, site = 0;
+  uint64_t gen = 0;
+  void release() {
+    count = 0;
+    ++gen;
+    cv.notify_all();
+  }
+  void arrive(int s) {
+    std::unique_lock lk(m);
+    if (count == 0) site = s;
+    else if (site != s) {
+      std::fprintf(stderr, "MISMATCH: %s: threads at line %d and line %d in the same barrier generation\n", name, site,
+                   s);
+      g_problem = true;
+    }
+    if (++count + exited == n) {
+      if (exited) {
+        std::fprintf(stderr, "UB: %s released with %d exited threads\n", name, exited);
+        g_problem = true;
+      }
+      release();
+      return;
+    }
+    const uint64_t g = gen;
+    if (!cv.wait_for(lk, std::chrono::duration<double>(g_timeout_s), [&] { return gen != g; })) {
+      lk.unlock();
+      dump_where("HANG (barrier timeout)");
+      std::fflush(stderr);
+      std::_Exit(3);
+    }
+  }
+  void thread_exit() {
+    std::unique_lock lk(m);
+    ++exited;
+    if (count > 0 && count + exited == n) {
+      std::fprintf(stderr, "UB: %s waited on by %d threads while %d exited\n", name, count, exited);
+      g_problem = true;
+      release();
+    }
+  }
+};
+
+struct BlockState {
+  Barrier block{kThreads, "__syncthreads"};
+  Barrier warp[kThreads / 32] = {{32, "warp"}, {32, "warp"}, {32, "warp"}, {32, "warp"},
+                                 {32, "warp"}, {32, "warp"}, {32, "warp"}, {32, "warp"}};
+  float slot[kThreads / 32][32];
+};
+thread_local BlockState* tl_block = nullptr;
+
+void syncthreads(int line) {
+  where[threadIdx.x] = line;
+  tl_block->block.arrive(line);
+  where[threadIdx.x] = 0;
+}
+void syncwarp(int line, unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) { std::fprintf(stderr, "partial mask\n"); g_problem = true; }
+  where[threadIdx.x] = -line;
+  tl_block->warp[threadIdx.x / 32].arrive(line);
+  where[threadIdx.x] = 0;
+}
+float shfl_xor(int line, unsigned mask, float v, int off) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  syncwarp(line, mask);  // slot no longer read by a previous shuffle
+  tl_block->slot[w][lane] = v;
+  syncwarp(line, mask);
+  const float r = tl_block->slot[w][lane ^ off];
+  return r;
+}
+}  // namespace emu
+
+// ---- CUDA spellings
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __syncthreads() ::emu::syncthreads(__LINE__)
+#define __syncwarp(...) ::emu::syncwarp(__LINE__ __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, off) ::emu::shfl_xor(__LINE__, mask, v, off)
+
+namespace fathom::cuda {
+namespace {
+using emu::blockDim;
+using emu::blockIdx;
+using emu::emu_sm;
+using emu::threadIdx;
+using std::max;
+using std::min;
+constexpr unsigned kFullMask = 0xffffffffu;
+inline void pdl_wait() {}
+#ifndef KERNELS_FILE
+#define KERNELS_FILE "kernels.inc"  // written by run.sh from src/ops/cuda/attention_backward.cu
+#endif
+#include KERNELS_FILE
+}  // namespace
+}  // namespace fathom::cuda
+
+using fathom::AttentionParams;
+using fathom::cuda::AttnBwd;
+
+// ---- launching
+template <typename K>
+void launch(const char* name, K kernel, emu::Dim3 grid, size_t smem_bytes, const AttnBwd& a) {
+  emu::g_kernel = name;
+  std::vector<float> smem(smem_bytes / sizeof(float) + 1);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        emu::g_block = {x, y, z};
+        std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());  // uninitialised
+        auto* bs = new emu::BlockState;
+        for (auto& w : emu::where) w = 0;
+        std::mutex dm;
+        std::condition_variable dcv;
+        int done = 0;
+        std::vector<std::thread> ts;
+        ts.reserve(emu::kThreads);
+        for (int t = 0; t < emu::kThreads; ++t)
+          ts.emplace_back([&, t] {
+            emu::threadIdx = {unsigned(t), 0, 0};
+            emu::blockIdx = {x, y, z};
+            emu::emu_sm = smem.data();
+            emu::tl_block = bs;
+            kernel(a);
+            emu::where[t] = -1;
+            bs->block.thread_exit();
+            bs->warp[t / 32].thread_exit();
+            std::lock_guard lk(dm);
+            ++done;
+            dcv.notify_all();
+          });
+        {
+          std::unique_lock lk(dm);
+          if (!dcv.wait_for(lk, std::chrono::duration<double>(emu::g_timeout_s * 2),
+                            [&] { return done == emu::kThreads; })) {
+            lk.unlock();
+            emu::dump_where("HANG (block watchdog)");
+            std::fflush(stderr);
+            std::_Exit(3);
+          }
+        }
+        for (auto& t : ts) t.join();
+        delete bs;
+      }
+}
+
+// ---- the CPU reference (src/ops/cpu/backward.cpp, copied, one sequence)
+void ref_attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) {
+  const float* K = static_cast<const float*>(p.k);
+  const float* Vv = static_cast<const float*>(p.v);
+  const int group = p.n_q_heads / p.n_kv_heads;
+  auto qrow = [&](int64_t i, int h) { return i * p.q_token_stride + int64_t(h) * p.q_head_stride; };
+  auto krow = [&](int64_t j, int g) { return j * p.k_token_stride + int64_t(g) * p.k_head_stride; };
+  auto vrow = [&](int64_t j, int g) { return j * p.v_token_stride + int64_t(g) * p.v_head_stride; };
+  auto orow = [&](int64_t i, int h) { return i * p.out_token_stride + int64_t(h) * p.out_head_stride; };
+  std::vector<double> gk(size_t(p.n_kv) * p.n_kv_heads * p.d_qk, 0.0), gv(size_t(p.n_kv) * p.n_kv_heads * p.d_v, 0.0);
+  std::vector<double> prob, dp, gq(size_t(p.d_qk));
+  for (int64_t i = 0; i < p.n_q; ++i)
+    for (int h = 0; h < p.n_q_heads; ++h) {
+      const int g = h / group;
+      const int64_t n = p.causal ? std::clamp<int64_t>(p.q_pos0 + i + 1, 0, p.n_kv) : p.n_kv;
+      const float* q = p.q + qrow(i, h);
+      const float* go = dout + orow(i, h);
+      prob.assign(size_t(n), 0.0);
+      dp.assign(size_t(n), 0.0);
+      double mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int c = 0; c < p.d_qk; ++c) s += double(q[c]) * K[krow(j, g) + c];
+        prob[size_t(j)] = s * p.scale;
+        mx = std::max(mx, prob[size_t(j)]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (prob[size_t(j)] = std::exp(prob[size_t(j)] - mx));
+      double d = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        prob[size_t(j)] /= sum;
+        double s = 0;
+        for (int c = 0; c < p.d_v; ++c) s += double(go[c]) * Vv[vrow(j, g) + c];
+        dp[size_t(j)] = s;
+        d += prob[size_t(j)] * s;
+      }
+      std::fill(gq.begin(), gq.end(), 0.0);
+      for (int64_t j = 0; j < n; ++j) {
+        const double pj = prob[size_t(j)], ds = pj * (dp[size_t(j)] - d) * p.scale;
+        double* gkj = gk.data() + (size_t(j) * p.n_kv_heads + g) * p.d_qk;
+        double* gvj = gv.data() + (size_t(j) * p.n_kv_heads + g) * p.d_v;
+        for (int c = 0; c < p.d_qk; ++c) {
+          gq[size_t(c)] += ds * K[krow(j, g) + c];
+          gkj[c] += ds * q[c];
+        }
+        for (int c = 0; c < p.d_v; ++c) gvj[c] += pj * go[c];
+      }
+      float* dqi = dq + qrow(i, h);
+      for (int c = 0; c < p.d_qk; ++c) dqi[c] = float(gq[size_t(c)]);
+    }
+  for (int64_t j = 0; j < p.n_kv; ++j)
+    for (int g = 0; g < p.n_kv_heads; ++g) {
+      for (int c = 0; c < p.d_qk; ++c) dk[krow(j, g) + c] = float(gk[(size_t(j) * p.n_kv_heads + g) * p.d_qk + c]);
+      for (int c = 0; c < p.d_v; ++c) dv[vrow(j, g) + c] = float(gv[(size_t(j) * p.n_kv_heads + g) * p.d_v + c]);
+    }
+}
+
+// max |a-b|/(|b|+1) over the elements the reference writes (the emulated outputs start as NaN);
+// also counts the elements the reference writes and the kernel left untouched (still NaN) and the
+// padding elements the kernel overwrote.
+struct Err { double max = 0; int64_t missing = 0, stray = 0; };
+Err compare(const std::vector<float>& got, const std::vector<float>& want, const std::vector<char>& written) {
+  Err e;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!written[i]) {
+      if (!std::isnan(got[i])) ++e.stray;
+      continue;
+    }
+    const double d = std::fabs(double(got[i]) - want[i]) / (std::fabs(want[i]) + 1.0);
+    if (std::isnan(got[i])) ++e.missing;
+    if (!(d <= e.max)) e.max = std::isnan(d) ? INFINITY : d;
+  }
+  return e;
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1) emu::g_timeout_s = std::atof(argv[1]);
+  const int only = argc > 2 ? std::atoi(argv[2]) : -1;
+  struct Case {
+    const char* what;
+    int64_t n_q, n_kv, q_pos0;
+    int hq, hkv, dqk, dv;
+    bool causal;
+    int64_t n_seq;
+  };
+  const Case cases[] = {
+      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true, 1},
+      {"fathom-mini's shape, 3 sequences of 100 (ragged tiles)", 100, 100, 0, 6, 6, 96, 64, true, 3},
+      {"GQA, odd dims, 2 sequences", 17, 17, 0, 6, 2, 33, 17, true, 2},
+      {"queries after a prefix (q_pos0 > 0)", 5, 70, 65, 2, 1, 48, 32, true, 1},
+      {"not causal, several tiles", 33, 70, 0, 3, 3, 64, 64, false, 2},
+      {"widest heads (256)", 37, 37, 0, 2, 1, 256, 256, true, 1},
+      {"one token", 1, 1, 0, 2, 2, 8, 8, true, 1},
+  };
+  std::mt19937 rng(12345);
+  bool all_ok = true;
+  int idx = -1;
+  for (const Case& c : cases) {
+    ++idx;
+    if (only >= 0 && idx != only) continue;
+    const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;
+    const int64_t v_hs = c.dv, v_ts = c.hkv * v_hs + 2, o_hs = c.dv, o_ts = c.hq * o_hs;
+    auto randn = [&](int64_t n) {
+      std::vector<float> t(static_cast<size_t>(n));
+      std::normal_distribution<float> d(0.f, 1.f);
+      for (auto& x : t) x = d(rng);
+      return t;
+    };
+    const auto q = randn(c.n_seq * c.n_q * q_ts), k = randn(c.n_seq * c.n_kv * k_ts), v = randn(c.n_seq * c.n_kv * v_ts);
+    const auto dout = randn(c.n_seq * c.n_q * o_ts);
+    AttentionParams p;
+    p.q_token_stride = q_ts, p.q_head_stride = q_hs, p.k_token_stride = k_ts, p.k_head_stride = k_hs;
+    p.v_token_stride = v_ts, p.v_head_stride = v_hs, p.out_token_stride = o_ts, p.out_head_stride = o_hs;
+    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_q_heads = c.hq, p.n_kv_heads = c.hkv;
+    p.d_qk = c.dqk, p.d_v = c.dv, p.scale = 1.0f / std::sqrt(float(c.dqk)), p.causal = c.causal;
+    p.q = q.data(), p.k = k.data(), p.v = v.data();
+    // reference, sequence by sequence (cpu_ops.cpp's loop)
+    std::vector<float> rq(q.size(), 0.f), rk(k.size(), 0.f), rv(v.size(), 0.f);
+    for (int64_t b = 0; b < c.n_seq; ++b) {
+      AttentionParams ps = p;
+      ps.q += b * p.n_q * p.q_token_stride;
+      ps.k = k.data() + b * p.n_kv * p.k_token_stride;
+      ps.v = v.data() + b * p.n_kv * p.v_token_stride;
+      ref_attention_backward(rq.data() + b * p.n_q * q_ts, rk.data() + b * p.n_kv * k_ts, rv.data() + b * p.n_kv * v_ts,
+                             dout.data() + b * p.n_q * o_ts, ps);
+    }
+    // which elements the reference writes: mark by running it on a NaN-free "written" mask
+    auto mask = [&](int64_t nrows, int64_t ts, int64_t hs, int heads, int d) {
+      std::vector<char> w(size_t(c.n_seq * nrows * ts), 0);
+      for (int64_t r = 0; r < c.n_seq * nrows; ++r)
+        for (int h = 0; h < heads; ++h)
+          for (int e = 0; e < d; ++e) w[size_t(r * ts + h * hs + e)] = 1;
+      return w;
+    };
+    const auto wq = mask(c.n_q, q_ts, q_hs, c.hq, c.dqk), wk = mask(c.n_kv, k_ts, k_hs, c.hkv, c.dqk),
+               wv = mask(c.n_kv, v_ts, v_hs, c.hkv, c.dv);
+    // emulated launcher
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> gq(q.size(), nan), gk(k.size(), nan), gv(v.size(), nan);
+    const int64_t rows = p.n_q * p.n_q_heads;
+    std::vector<float> stats(size_t(std::max<int64_t>(rows * c.n_seq, 1)) * 2, nan);
+    float* lse = stats.data();
+    float* delta = lse + rows * c.n_seq;
+    const AttnBwd a{p, dout.data(), gq.data(), gk.data(), gv.data(), lse, delta};
+    using namespace fathom::cuda;
+    const auto t0 = std::chrono::steady_clock::now();
+    launch("rows_tiled", attention_backward_rows_tiled_kernel,
+           {unsigned((p.n_q + kTile - 1) / kTile), unsigned(p.n_q_heads), unsigned(c.n_seq)}, rows_tiled_smem(p), a);
+    launch("keys_tiled", attention_backward_keys_tiled_kernel,
+           {unsigned((p.n_kv + kTile - 1) / kTile), unsigned(p.n_kv_heads), unsigned(c.n_seq)}, keys_tiled_smem(p), a);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const Err eq = compare(gq, rq, wq), ek = compare(gk, rk, wk), ev = compare(gv, rv, wv);
+    int64_t lse_nan = 0;
+    for (float x : stats) lse_nan += std::isnan(x);
+    const bool ok = eq.max <= 1e-4 && ek.max <= 1e-4 && ev.max <= 1e-4 && !eq.stray && !ek.stray && !ev.stray &&
+                    !lse_nan && !emu::g_problem;
+    all_ok &= ok;
+    std::printf("%-58s %s  dq %.3g dk %.3g dv %.3g  (missing %lld/%lld/%lld, stray %lld/%lld/%lld, lse/D NaN %lld) "
+                "smem %zu/%zu B, %.1fs\n",
+                c.what, ok ? "OK  " : "FAIL", eq.max, ek.max, ev.max, (long long)eq.missing, (long long)ek.missing,
+                (long long)ev.missing, (long long)eq.stray, (long long)ek.stray, (long long)ev.stray,
+                (long long)lse_nan, rows_tiled_smem(p), keys_tiled_smem(p), secs);
+    std::fflush(stdout);
+  }
+  std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");
+  return all_ok ? 0 : 1;
+}

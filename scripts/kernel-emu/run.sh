@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the tiled attention-backward kernels in the CPU emulation (attention_backward_emu.cpp):
+# cuts the kernels out of src/ops/cuda/attention_backward.cu as they are now, builds, runs every
+# case (or CASE, 0-based) with a TIMEOUT_S watchdog per block (default 20). About a minute on
+# 2 cores; not part of CI. Prints one line per case and "ALL OK" when all match the CPU.
+#   bash scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+src=src/ops/cuda/attention_backward.cu
+out=${TMPDIR:-/tmp}/fathom-kernel-emu
+mkdir -p "$out"
+# the shared definitions (kMaxD .. visible_keys), then the tiled section up to its switch
+awk '/^constexpr int kMaxD = 256/{on=1} on{print} /^__device__ inline int64_t visible_keys/{vk=1} vk && /^}/{exit}' "$src" >"$out/kernels.inc"
+awk '/^\/\/ ---- the tiled kernels/{on=1} /^bool g_tiled/{on=0} on' "$src" |
+  sed 's|^  extern __shared__ float sm\[\];|  float* sm = emu_sm;|' >>"$out/kernels.inc"
+grep -q 'float\* sm = emu_sm;' "$out/kernels.inc" || { echo "kernel-emu: could not cut the kernels out of $src" >&2; exit 1; }
+g++ -O2 -std=c++20 -pthread -Isrc -Iinclude -I"$out" scripts/kernel-emu/attention_backward_emu.cpp -o "$out/emu"
+"$out/emu" "$@"
