@@ -2,7 +2,7 @@
 // for checking them without a GPU: 256 std::threads per block; __syncthreads, __syncwarp and
 // __shfl_xor_sync emulated with timed barriers that check that every thread meets at the same call
 // site (a hang is reported with where the threads wait); shared memory starts as NaN; outputs are
-// compared with the CPU reference (a copy of cpu::attention_backward below) on the cases of
+// compared with the CPU reference (cpu::attention_backward, built in) on the cases of
 // CudaBackward.Attention. It found the skipped shuffle that hung the kernels on the H200
 // (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]].
 #include <algorithm>
@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "ops/cpu/backward.h"
 #include "ops/ops.h"
 
 namespace emu {
@@ -204,61 +205,9 @@ void launch(const char* name, K kernel, emu::Dim3 grid, size_t smem_bytes, const
       }
 }
 
-// ---- the CPU reference (src/ops/cpu/backward.cpp, copied, one sequence)
+// ---- the CPU reference: src/ops/cpu/backward.cpp itself, one sequence
 void ref_attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p) {
-  const float* K = static_cast<const float*>(p.k);
-  const float* Vv = static_cast<const float*>(p.v);
-  const int group = p.n_q_heads / p.n_kv_heads;
-  auto qrow = [&](int64_t i, int h) { return i * p.q_token_stride + int64_t(h) * p.q_head_stride; };
-  auto krow = [&](int64_t j, int g) { return j * p.k_token_stride + int64_t(g) * p.k_head_stride; };
-  auto vrow = [&](int64_t j, int g) { return j * p.v_token_stride + int64_t(g) * p.v_head_stride; };
-  auto orow = [&](int64_t i, int h) { return i * p.out_token_stride + int64_t(h) * p.out_head_stride; };
-  std::vector<double> gk(size_t(p.n_kv) * p.n_kv_heads * p.d_qk, 0.0), gv(size_t(p.n_kv) * p.n_kv_heads * p.d_v, 0.0);
-  std::vector<double> prob, dp, gq(size_t(p.d_qk));
-  for (int64_t i = 0; i < p.n_q; ++i)
-    for (int h = 0; h < p.n_q_heads; ++h) {
-      const int g = h / group;
-      const int64_t n = p.causal ? std::clamp<int64_t>(p.q_pos0 + i + 1, 0, p.n_kv) : p.n_kv;
-      const float* q = p.q + qrow(i, h);
-      const float* go = dout + orow(i, h);
-      prob.assign(size_t(n), 0.0);
-      dp.assign(size_t(n), 0.0);
-      double mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        double s = 0;
-        for (int c = 0; c < p.d_qk; ++c) s += double(q[c]) * K[krow(j, g) + c];
-        prob[size_t(j)] = s * p.scale;
-        mx = std::max(mx, prob[size_t(j)]);
-      }
-      double sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += (prob[size_t(j)] = std::exp(prob[size_t(j)] - mx));
-      double d = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        prob[size_t(j)] /= sum;
-        double s = 0;
-        for (int c = 0; c < p.d_v; ++c) s += double(go[c]) * Vv[vrow(j, g) + c];
-        dp[size_t(j)] = s;
-        d += prob[size_t(j)] * s;
-      }
-      std::fill(gq.begin(), gq.end(), 0.0);
-      for (int64_t j = 0; j < n; ++j) {
-        const double pj = prob[size_t(j)], ds = pj * (dp[size_t(j)] - d) * p.scale;
-        double* gkj = gk.data() + (size_t(j) * p.n_kv_heads + g) * p.d_qk;
-        double* gvj = gv.data() + (size_t(j) * p.n_kv_heads + g) * p.d_v;
-        for (int c = 0; c < p.d_qk; ++c) {
-          gq[size_t(c)] += ds * K[krow(j, g) + c];
-          gkj[c] += ds * q[c];
-        }
-        for (int c = 0; c < p.d_v; ++c) gvj[c] += pj * go[c];
-      }
-      float* dqi = dq + qrow(i, h);
-      for (int c = 0; c < p.d_qk; ++c) dqi[c] = float(gq[size_t(c)]);
-    }
-  for (int64_t j = 0; j < p.n_kv; ++j)
-    for (int g = 0; g < p.n_kv_heads; ++g) {
-      for (int c = 0; c < p.d_qk; ++c) dk[krow(j, g) + c] = float(gk[(size_t(j) * p.n_kv_heads + g) * p.d_qk + c]);
-      for (int c = 0; c < p.d_v; ++c) dv[vrow(j, g) + c] = float(gv[(size_t(j) * p.n_kv_heads + g) * p.d_v + c]);
-    }
+  fathom::cpu::attention_backward(dq, dk, dv, dout, p);
 }
 
 // max |a-b|/(|b|+1) over the elements the reference writes (the emulated outputs start as NaN);

@@ -2,7 +2,7 @@
 # Runs the tiled attention-backward kernels in the CPU emulation (attention_backward_emu.cpp):
 # cuts the kernels out of src/ops/cuda/attention_backward.cu as they are now, builds, runs every
 # case (or CASE, 0-based) with a TIMEOUT_S watchdog per block (default 20). About a minute on
-# 2 cores; not part of CI. Prints one line per case and "ALL OK" when all match the CPU.
+# 2 cores once the release build's libraries are built; not part of CI. Prints one line per case and "ALL OK" when all match the CPU.
 #   bash scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,5 +14,9 @@ awk '/^constexpr int kMaxD = 256/{on=1} on{print} /^__device__ inline int64_t vi
 awk '/^\/\/ ---- the tiled kernels/{on=1} /^bool g_tiled/{on=0} on' "$src" |
   sed 's|^  extern __shared__ float sm\[\];|  float* sm = emu_sm;|' >>"$out/kernels.inc"
 grep -q 'float\* sm = emu_sm;' "$out/kernels.inc" || { echo "kernel-emu: could not cut the kernels out of $src" >&2; exit 1; }
-g++ -O2 -std=c++20 -pthread -Isrc -Iinclude -I"$out" scripts/kernel-emu/attention_backward_emu.cpp -o "$out/emu"
+# the CPU reference is src/ops/cpu/backward.cpp itself, from the release build's libraries
+# (scripts/build.sh; CUDA or not, the CPU ops are the same)
+bash scripts/build.sh --target fathom_ops fathom_core >/dev/null
+g++ -O2 -std=c++20 -pthread -Isrc -Iinclude -I"$out" scripts/kernel-emu/attention_backward_emu.cpp \
+  build/release/libfathom_ops.a build/release/libfathom_core.a -lopenblas -o "$out/emu"
 "$out/emu" "$@"
