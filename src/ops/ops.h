@@ -58,6 +58,16 @@ struct AttentionParams {
   const int32_t* kv_len = nullptr;
 };
 
+// Sequence b of a batch stacked row after row (Ops::attention_backward's n_seq): p with q, k and v
+// moved to that sequence's first rows (q by b·n_q rows, k and v by b·n_kv; F32 keys and values).
+inline AttentionParams sequence_of(const AttentionParams& p, int64_t b) {
+  AttentionParams s = p;
+  s.q += b * p.n_q * p.q_token_stride;
+  s.k = static_cast<const float*>(p.k) + b * p.n_kv * p.k_token_stride;
+  s.v = static_cast<const float*>(p.v) + b * p.n_kv * p.v_token_stride;
+  return s;
+}
+
 // Rotary embedding on a slice of every head: dims [offset, offset + rope_dim) of each
 // (token, head) vector at x + t*token_stride + h*head_stride. Interleaved pairs (2i, 2i+1)
 // (DeepSeek's published layout) or halves (i, i + rope_dim/2). rope_dim must be even.

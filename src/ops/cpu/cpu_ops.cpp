@@ -486,14 +486,10 @@ class CpuOps final : public Ops {
   void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
                           int64_t n_seq) override {
     FATHOM_CHECK(n_seq >= 1, "attention_backward: ", n_seq, " sequences");
-    for (int64_t b = 0; b < n_seq; ++b) {  // one sequence at a time
-      AttentionParams ps = p;
-      ps.q += b * p.n_q * p.q_token_stride;
-      ps.k = static_cast<const float*>(p.k) + b * p.n_kv * p.k_token_stride;
-      ps.v = static_cast<const float*>(p.v) + b * p.n_kv * p.v_token_stride;
+    for (int64_t b = 0; b < n_seq; ++b)  // one sequence at a time
       cpu::attention_backward(dq + b * p.n_q * p.q_token_stride, dk + b * p.n_kv * p.k_token_stride,
-                              dv + b * p.n_kv * p.v_token_stride, dout + b * p.n_q * p.out_token_stride, ps);
-    }
+                              dv + b * p.n_kv * p.v_token_stride, dout + b * p.n_q * p.out_token_stride,
+                              sequence_of(p, b));
   }
   void moe_gate_backward(Tensor& dlogits, const Tensor& dweights, const Tensor& logits, const Tensor& experts,
                          const MoeGateParams& p) override {

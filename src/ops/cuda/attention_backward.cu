@@ -434,11 +434,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   }
   const int threads = 256, warps = threads / 32;
   for (int64_t b = 0; b < n_seq; ++b) {  // the simple kernels: one sequence per launch
-    AttentionParams ps = p;
-    ps.q += b * p.n_q * p.q_token_stride;
-    ps.k = static_cast<const float*>(p.k) + b * p.n_kv * p.k_token_stride;
-    ps.v = static_cast<const float*>(p.v) + b * p.n_kv * p.v_token_stride;
-    const AttnBwd a{ps, dout + b * p.n_q * p.out_token_stride, dq + b * p.n_q * p.q_token_stride,
+    const AttnBwd a{sequence_of(p, b), dout + b * p.n_q * p.out_token_stride, dq + b * p.n_q * p.q_token_stride,
                     dk + b * p.n_kv * p.k_token_stride, dv + b * p.n_kv * p.v_token_stride, lse + b * rows,
                     delta + b * rows};
     if (rows > 0) {
