@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "attention_backward_cases.h"
 #include "core/error.h"
 #include "core/tensor.h"
 #include "ops/ops.h"
@@ -165,23 +166,7 @@ TEST_F(CudaBackward, Rope) {
 // The attention backward's kernels (attention_backward.cu) against the CPU: the warp-per-row ones
 // (the default) or the tiled ones.
 void CudaBackward::check_attention(bool tiled) {
-  struct Case {
-    const char* what;
-    int64_t n_q, n_kv, q_pos0;
-    int hq, hkv, dqk, dv;
-    bool causal;
-    int64_t n_seq;
-  };
-  const Case cases[] = {
-      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true, 1},
-      {"fathom-mini's shape, 3 sequences of 100 (ragged tiles)", 100, 100, 0, 6, 6, 96, 64, true, 3},
-      {"GQA, odd dims, 2 sequences", 17, 17, 0, 6, 2, 33, 17, true, 2},
-      {"queries after a prefix (q_pos0 > 0)", 5, 70, 65, 2, 1, 48, 32, true, 1},
-      {"not causal, several tiles", 33, 70, 0, 3, 3, 64, 64, false, 2},
-      {"widest heads (256)", 37, 37, 0, 2, 1, 256, 256, true, 1},
-      {"one token", 1, 1, 0, 2, 2, 8, 8, true, 1},
-  };
-  for (const Case& c : cases) {
+  for (const test::AttentionBackwardCase& c : test::kAttentionBackwardCases) {
     SCOPED_TRACE(cat(c.what, tiled ? " (tiled kernels)" : " (warp-per-row kernels)"));
     cuda::set_attention_backward_tiled(tiled);
     // padded strides, as the model's (token, head) layouts are

@@ -3,8 +3,8 @@
 // __shfl_xor_sync emulated with timed barriers that check that every thread meets at the same call
 // site (a hang is reported with where the threads wait); shared memory starts as NaN; outputs are
 // compared with the CPU reference (cpu::attention_backward, built in) on the cases of
-// CudaBackward.Attention. It found the skipped shuffle that hung the kernels on the H200
-// (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]].
+// CudaBackward.Attention (tests/attention_backward_cases.h). It found the skipped shuffle that
+// hung the kernels on the H200 (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]].
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "attention_backward_cases.h"  // tests/: the cases CudaBackward.Attention checks
 #include "ops/cpu/backward.h"
 #include "ops/ops.h"
 
@@ -231,26 +232,10 @@ Err compare(const std::vector<float>& got, const std::vector<float>& want, const
 int main(int argc, char** argv) {
   if (argc > 1) emu::g_timeout_s = std::atof(argv[1]);
   const int only = argc > 2 ? std::atoi(argv[2]) : -1;
-  struct Case {
-    const char* what;
-    int64_t n_q, n_kv, q_pos0;
-    int hq, hkv, dqk, dv;
-    bool causal;
-    int64_t n_seq;
-  };
-  const Case cases[] = {
-      {"MLA training shape, causal", 40, 40, 0, 4, 4, 192, 128, true, 1},
-      {"fathom-mini's shape, 3 sequences of 100 (ragged tiles)", 100, 100, 0, 6, 6, 96, 64, true, 3},
-      {"GQA, odd dims, 2 sequences", 17, 17, 0, 6, 2, 33, 17, true, 2},
-      {"queries after a prefix (q_pos0 > 0)", 5, 70, 65, 2, 1, 48, 32, true, 1},
-      {"not causal, several tiles", 33, 70, 0, 3, 3, 64, 64, false, 2},
-      {"widest heads (256)", 37, 37, 0, 2, 1, 256, 256, true, 1},
-      {"one token", 1, 1, 0, 2, 2, 8, 8, true, 1},
-  };
   std::mt19937 rng(12345);
   bool all_ok = true;
   int idx = -1;
-  for (const Case& c : cases) {
+  for (const fathom::test::AttentionBackwardCase& c : fathom::test::kAttentionBackwardCases) {
     ++idx;
     if (only >= 0 && idx != only) continue;
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;

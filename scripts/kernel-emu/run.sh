@@ -17,6 +17,6 @@ grep -q 'float\* sm = emu_sm;' "$out/kernels.inc" || { echo "kernel-emu: could n
 # the CPU reference is src/ops/cpu/backward.cpp itself, from the release build's libraries
 # (scripts/build.sh; CUDA or not, the CPU ops are the same)
 bash scripts/build.sh --target fathom_ops fathom_core >/dev/null
-g++ -O2 -std=c++20 -pthread -Isrc -Iinclude -I"$out" scripts/kernel-emu/attention_backward_emu.cpp \
+g++ -O2 -std=c++20 -pthread -Isrc -Iinclude -Itests -I"$out" scripts/kernel-emu/attention_backward_emu.cpp \
   build/release/libfathom_ops.a build/release/libfathom_core.a -lopenblas -o "$out/emu"
 "$out/emu" "$@"
