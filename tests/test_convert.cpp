@@ -1,6 +1,7 @@
 // `fathom convert` (src/model/convert.h): a checkpoint rewritten as FP8 with DeepSeek's 128x128
 // block scales and back; the layout HF and DeepSeek expect, the logits it gives, shards, and
 // bad input.
+#include <algorithm>
 #include <filesystem>
 
 #include <gtest/gtest.h>
@@ -47,13 +48,20 @@ TEST(Convert, Fp8HasDeepSeeksLayoutAndCloseLogits) {
   ASSERT_TRUE(fs::exists(out + "/model.safetensors.index.json"));
   const SafetensorsSet set = SafetensorsSet::open_dir(out);
   // every linear weight F8_E4M3 with F32 scales of ceil(N/128) x ceil(K/128); the rest as published
-  const TensorInfo* q = set.find("model.layers.1.self_attn.q_b_proj.weight");
+  const TensorInfo* q = set.find("model.layers.1.self_attn.kv_b_proj.weight");
   ASSERT_NE(q, nullptr);
   EXPECT_EQ(q->dtype, DType::F8_E4M3);
-  const TensorInfo* sc = set.find("model.layers.1.self_attn.q_b_proj.weight_scale_inv");
+  const TensorInfo* sc = set.find("model.layers.1.self_attn.kv_b_proj.weight_scale_inv");
   ASSERT_NE(sc, nullptr);
   EXPECT_EQ(sc->dtype, DType::F32);
   EXPECT_EQ(sc->shape, (Shape{(q->shape[0] + 127) / 128, (q->shape[1] + 127) / 128}));
+  // ... except one whose dimension is over 128 and not a multiple of it (q_b_proj: 4 heads x 48 =
+  // 192 rows), which HF cannot load as FP8: BF16, named in modules_to_not_convert
+  const TensorInfo* qb = set.find("model.layers.1.self_attn.q_b_proj.weight");
+  ASSERT_NE(qb, nullptr);
+  EXPECT_EQ(qb->shape, (Shape{192, 96}));
+  EXPECT_EQ(qb->dtype, DType::BF16);
+  EXPECT_FALSE(set.contains("model.layers.1.self_attn.q_b_proj.weight_scale_inv"));
   EXPECT_EQ(set.find("model.layers.1.mlp.experts.3.down_proj.weight")->dtype, DType::F8_E4M3);
   EXPECT_EQ(set.find("model.embed_tokens.weight")->dtype, DType::BF16);
   EXPECT_EQ(set.find("lm_head.weight")->dtype, DType::BF16);
@@ -68,10 +76,16 @@ TEST(Convert, Fp8HasDeepSeeksLayoutAndCloseLogits) {
   const auto cfg = nlohmann::json::parse(read_file(out + "/config.json"));
   EXPECT_EQ(cfg["quantization_config"]["weight_block_size"], nlohmann::json::array({128, 128}));
   EXPECT_EQ(cfg["quantization_config"]["fmt"], "e4m3");
+  const auto& skipped = cfg["quantization_config"]["modules_to_not_convert"];
+  ASSERT_TRUE(skipped.is_array());
+  EXPECT_EQ(skipped.size(), 6u);  // q_b_proj of the 4 layers and of the MTP module, and the LM head
+  EXPECT_EQ(skipped[0], "lm_head");  // a list given replaces HF's default, which names it
+  for (int l = 0; l < 5; ++l)
+    EXPECT_NE(std::find(skipped.begin(), skipped.end(), cat("model.layers.", l, ".self_attn.q_b_proj")), skipped.end()) << l;
   // each weight as FP8 x its block's scale: e4m3 keeps 3 mantissa bits, so the weights move by
   // a few percent (RMS), no more
   const SafetensorsSet orig = SafetensorsSet::open_dir(src);
-  for (const std::string name : {"model.layers.1.self_attn.q_b_proj.weight", "model.layers.2.mlp.experts.5.up_proj.weight",
+  for (const std::string name : {"model.layers.1.self_attn.kv_b_proj.weight", "model.layers.2.mlp.experts.5.up_proj.weight",
                                  "model.layers.0.mlp.down_proj.weight", "model.layers.4.eh_proj.weight"}) {
     const Tensor w = to_f32(orig.tensor(name)), qw = set.tensor(name), s8 = set.tensor(name + "_scale_inv");
     const int64_t N = w.dim(0), K = w.dim(1), kb = s8.dim(1);
@@ -84,9 +98,9 @@ TEST(Convert, Fp8HasDeepSeeksLayoutAndCloseLogits) {
     EXPECT_GT(e, 1e-3) << name << " was not quantized";
   }
   // (2.65% each, measured.) Through a model the independent errors of its matmuls add up in
-  // quadrature: the dense fixture's 4 layers run ~28 FP8 matmuls, so ~√28 × 2.65% ≈ 14% is
-  // expected on its random-weight logits (0.147 measured); a MoE model's move more when tokens
-  // pick other experts.
+  // quadrature: the dense fixture's 4 layers run 24 FP8 matmuls (q_b_proj stays BF16), so
+  // ~√24 × 2.65% ≈ 13% is expected on its random-weight logits (0.146 measured); a MoE model's
+  // move more when tokens pick other experts.
   const std::string dense = tmp.file("dense-fp8");
   convert_checkpoint(test::fixture_dir("v3-dense"), dense, o);
   const double e = rel(logits(dense), logits(test::fixture_dir("v3-dense")));
@@ -98,8 +112,8 @@ TEST(Convert, Fp8HasDeepSeeksLayoutAndCloseLogits) {
   f.dtype = DType::F32;
   f.max_shard_bytes = 0;
   EXPECT_EQ(convert_checkpoint(out, back, f).shards, 1);
-  EXPECT_EQ(SafetensorsSet::open_dir(back).find("model.layers.1.self_attn.q_b_proj.weight")->dtype, DType::F32);
-  EXPECT_FALSE(SafetensorsSet::open_dir(back).contains("model.layers.1.self_attn.q_b_proj.weight_scale_inv"));
+  EXPECT_EQ(SafetensorsSet::open_dir(back).find("model.layers.1.self_attn.kv_b_proj.weight")->dtype, DType::F32);
+  EXPECT_FALSE(SafetensorsSet::open_dir(back).contains("model.layers.1.self_attn.kv_b_proj.weight_scale_inv"));
   EXPECT_FALSE(nlohmann::json::parse(read_file(back + "/config.json")).contains("quantization_config"));
   EXPECT_LT(rel(logits(back), logits(out)), 1e-6);
   // FP8 -> FP8 again keeps the same codes (every block's largest value maps to 448 both times)

@@ -2,6 +2,7 @@
 // FP8 layout in shards of at most 16 MiB under 48 MiB in all, every DeepSeek-V3 feature in its
 // config, and trained weights — its loss on text written for this test (so not in its corpus)
 // is far below a random model's, and its MTP module drafts the main model's greedy tokens.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -49,11 +50,24 @@ TEST(FathomMini, ShipsTheDeepSeekFp8Layout) {
   EXPECT_LT(total, uintmax_t(48) << 20);
   const SafetensorsSet set = SafetensorsSet::open_dir(kDir);
   EXPECT_EQ(set.names().size(), map.size());
+  const auto c = nlohmann::json::parse(read_file(kDir + "/config.json"));
+  std::set<std::string> not_converted;
+  for (const auto& m : c.at("quantization_config").value("modules_to_not_convert", nlohmann::json::array()))
+    not_converted.insert(m.get<std::string>());
   int fp8 = 0;
   for (const auto& [name, file] : map.items()) {
     ASSERT_TRUE(set.contains(name)) << name;
     EXPECT_EQ(fs::path(set.file_of(name)).filename().string(), file.get<std::string>()) << name;
     const TensorInfo* t = set.find(name);
+    // a projection HF cannot load as FP8 (a dimension over 128, not a multiple of it) is BF16 and
+    // named in modules_to_not_convert; every other projection is FP8
+    const bool proj = name.find("_proj.weight") != std::string::npos && name.find("_scale_inv") == std::string::npos;
+    if (proj) {
+      const bool hf_blocks = std::all_of(t->shape.begin(), t->shape.end(), [](int64_t d) { return d % 128 == 0 || d < 128; });
+      const std::string module = name.substr(0, name.size() - 7);
+      EXPECT_EQ(t->dtype, hf_blocks ? DType::F8_E4M3 : DType::BF16) << name;
+      EXPECT_EQ(not_converted.count(module), hf_blocks ? 0u : 1u) << name;
+    }
     if (t->dtype != DType::F8_E4M3) continue;
     ++fp8;
     // one F32 scale per 128x128 block of the FP8 matrix
@@ -64,8 +78,10 @@ TEST(FathomMini, ShipsTheDeepSeekFp8Layout) {
     EXPECT_EQ(s->shape, (Shape{(t->shape[0] + 127) / 128, (t->shape[1] + 127) / 128})) << name;
   }
   EXPECT_GT(fp8, 300);  // every projection and expert matrix (the embeddings, norms and gates stay wide)
-
-  const auto c = nlohmann::json::parse(read_file(kDir + "/config.json"));
+  // q_b_proj (576 x 128) of the 8 layers and the MTP module, and the LM head (BF16 like the
+  // embedding; a list given replaces HF's default, which names it)
+  EXPECT_EQ(not_converted.size(), 10u);
+  EXPECT_EQ(not_converted.count("lm_head"), 1u);
   EXPECT_EQ(c.at("model_type"), "deepseek_v3");
   EXPECT_GT(c.at("kv_lora_rank").get<int>(), 0);  // MLA
   EXPECT_GT(c.at("n_routed_experts").get<int>(), c.at("num_experts_per_tok").get<int>());

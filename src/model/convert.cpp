@@ -38,6 +38,12 @@ ConvertSummary convert_checkpoint(const std::string& in_dir, const std::string& 
   const bool fp8 = o.dtype == DType::F8_E4M3;
   const DType plain = fp8 ? DType::BF16 : o.dtype;  // what tensors other than linear weights become
   constexpr int64_t kBlock = 128;
+  // HF transformers takes a block's size from the weight's shape and its scale grid (dim / grid),
+  // so a dimension of more than one block that is not a multiple of 128 (fathom-mini's q_b_proj,
+  // 576 rows = 4.5 blocks) fails to load there. Such matrices stay BF16 and are named in
+  // quantization_config.modules_to_not_convert, which HF honours; fathom reads each tensor's dtype.
+  auto hf_blocks = [](int64_t d) { return d % kBlock == 0 || d < kBlock; };
+  nlohmann::json not_converted = nlohmann::json::array();
 
   // every tensor of the layout the source holds (optional MTP copies of the embedding and the
   // head may be absent: they are then shared, and stay absent)
@@ -57,7 +63,10 @@ ConvertSummary convert_checkpoint(const std::string& in_dir, const std::string& 
     if (s.role == TensorRole::Linear) {
       if (set.contains(s.name + "_scale_inv")) used.insert(s.name + "_scale_inv");
       const Tensor f = dequantize(loader.linear(s.name, s.shape[0], s.shape[1]));
-      if (fp8) {
+      if (fp8 && !(hf_blocks(s.shape[0]) && hf_blocks(s.shape[1]))) {
+        add(s.name, from_f32(f.f32(), s.shape, DType::BF16));
+        not_converted.push_back(s.name.substr(0, s.name.size() - std::string(".weight").size()));
+      } else if (fp8) {
         Tensor q, scale;
         quantize_fp8(f.f32(), s.shape[0], s.shape[1], kBlock, q, scale);
         add(s.name, q);
@@ -80,6 +89,11 @@ ConvertSummary convert_checkpoint(const std::string& in_dir, const std::string& 
   if (fp8)
     j["quantization_config"] = {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"},
                                 {"weight_block_size", {kBlock, kBlock}}};
+  if (fp8 && !not_converted.empty()) {
+    // a list given replaces HF's default one, which keeps the LM head out of FP8: name it too
+    not_converted.insert(not_converted.begin(), "lm_head");
+    j["quantization_config"]["modules_to_not_convert"] = not_converted;
+  }
   else
     j.erase("quantization_config");
   j["torch_dtype"] = o.dtype == DType::F32 ? "float32" : "bfloat16";

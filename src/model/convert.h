@@ -2,6 +2,8 @@
 // block scales in the published DeepSeek-V3 layout (every linear weight F8_E4M3 with its
 // `<name>_scale_inv`; embeddings, the LM head, the router and the norms BF16; the routing bias
 // F32; `quantization_config` in config.json), or plain BF16 / F32 (FP8 sources dequantized).
+// A linear weight with a dimension over 128 that is not a multiple of 128 stays BF16 and is listed
+// in quantization_config.modules_to_not_convert: HF transformers cannot load its scale grid.
 // Shards of at most a given size with model.safetensors.index.json, as HF writes them.
 #pragma once
 #include <cstddef>
