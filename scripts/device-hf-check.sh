@@ -4,13 +4,17 @@
 #
 # Here (fathom built: bash scripts/build.sh):
 #   bash scripts/device-hf-check.sh --prepare [MODEL_DIR]
-#     fathom's CPU reference for MODEL_DIR into the git-ignored device-hf-data/ (about 3 MB):
-#     the first 64 ids of a held-out text, their logits (`fathom logits`), a 24-token greedy
+#     fathom's CPU reference for MODEL_DIR into the git-ignored device-hf-data/ (about 2 MB):
+#     the first 48 ids of a held-out text, their logits (`fathom logits`), a 24-token greedy
 #     continuation of its first 24 ids (`fathom generate --input-ids`), and the text's ids.
+#     With device-test-data/deps.tar.xz present (bash scripts/device-test.sh --prepare), it is
+#     copied in too (5.9 MB) for the CPU-vs-CUDA check below.
 # There (PyTorch + transformers; carry ["device-hf-data"]; do not hide the shards for this call):
 #   bash scripts/device-hf-check.sh [MODEL_DIR]
 #     scripts/hf-load-check.py: transformers loads the checkpoint as FP8 and dequantized to F32,
-#     its logits and greedy tokens against fathom's, its tokenizer's ids against fathom's; a table
+#     its logits and greedy tokens against fathom's, its tokenizer's ids against fathom's; then,
+#     when the build dependencies came along, fathom itself built there: greedy generation of
+#     four prompts on the CPU and on the GPU (F32 activations on both), which must agree. A table
 #     last, non-zero exit when a check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +34,13 @@ TEXT
 import json, struct, sys
 d = sys.argv[1]
 ids = json.load(open(f"{d}/text-ids.json"))["ids"]
-assert len(ids) >= 64, f"the text gave {len(ids)} ids, fewer than 64"
+assert len(ids) >= 48, f"the text gave {len(ids)} ids, fewer than 48"
 def write_ids(path, row):
     body = struct.pack(f"<{len(row)}q", *row)
     head = json.dumps({"input_ids": {"dtype": "I64", "shape": [1, len(row)], "data_offsets": [0, len(body)]}}).encode()
     head += b" " * (-len(head) % 8)
     open(path, "wb").write(struct.pack("<Q", len(head)) + head + body)
-write_ids(f"{d}/input_ids.safetensors", ids[:64])
+write_ids(f"{d}/input_ids.safetensors", ids[:48])
 write_ids(f"{d}/prompt_ids.safetensors", ids[:24])
 PY
   "$F" logits --model "$model" --device cpu --input-ids "$data/input_ids.safetensors" --out "$data/logits.safetensors"
@@ -51,6 +55,7 @@ g = {"text": open(f"{d}/text.txt").read(), "text_ids": ids, "prompt": ids[:24],
 json.dump(g, open(f"{d}/greedy.json", "w"))
 PY
   rm -f "$data/text-ids.json" "$data/gen.json" "$data/prompt_ids.safetensors"
+  if [ -s device-test-data/deps.tar.xz ]; then cp device-test-data/deps.tar.xz "$data/"; fi
   echo "device-hf-check: $data prepared ($(du -sh "$data" | cut -f1)); carry [\"$data\"]"
   exit 0
 fi
@@ -60,4 +65,26 @@ for f in input_ids.safetensors logits.safetensors greedy.json; do
 done
 [ -s "$(ls "$model"/model-*.safetensors 2>/dev/null | head -1)" ] ||
   { echo "device-hf-check: $model has no weight shards (hidden by device-room.sh?)" >&2; exit 1; }
-timeout 500 python3 scripts/hf-load-check.py "$model" "$data"
+rc=0
+timeout 300 python3 scripts/hf-load-check.py "$model" "$data" >/tmp/hf-check.log 2>&1 || rc=1
+grep -v "UNEXPECTED\|Loading weights" /tmp/hf-check.log | tail -40
+if [ -s "$data/deps.tar.xz" ]; then
+  deps=/tmp/fathom-deps
+  if [ ! -d "$deps/lib" ]; then mkdir -p "$deps" && tar -C "$deps" -xJf "$data/deps.tar.xz"; fi
+  export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  cmake -S . -B build/device-hf -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=OFF \
+    -DFATHOM_DEPS_DIR="$deps" >/dev/null
+  cmake --build build/device-hf --target fathom >/dev/null
+  F=build/device-hf/fathom agree=0 n=0
+  for p in "The list type in Python" "To create a new branch in Git," "The Linux kernel" "What does str.split do?"; do
+    "$F" generate --model "$model" --device cpu --precision fp32 --temperature 0 --prompt "$p" --max-tokens 48 >/tmp/g-cpu.txt 2>/dev/null
+    "$F" generate --model "$model" --device cuda --precision fp32 --temperature 0 --prompt "$p" --max-tokens 48 >/tmp/g-cuda.txt 2>/dev/null
+    n=$((n + 1))
+    cmp -s /tmp/g-cpu.txt /tmp/g-cuda.txt && agree=$((agree + 1))
+    printf 'prompt: %s\n  cpu:  %s\n  cuda: %s\n' "$p" "$(cat /tmp/g-cpu.txt)" "$(cat /tmp/g-cuda.txt)"
+  done
+  [ "$agree" = "$n" ] || rc=1
+  sed -n '/^| check/,$p' /tmp/hf-check.log
+  echo "| fathom greedy, CPU = CUDA | $agree/$n | 48 tokens of each prompt, F32 activations | $([ "$agree" = "$n" ] && echo yes || echo NO) |"
+fi
+exit $rc
