@@ -14,8 +14,8 @@
 //
 // usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
-//   --attention-tiled / --attention-rows: the attention backward's tiled kernels or the simple
-//     warp-per-row ones (the default for now; cuda::set_attention_backward_tiled)
+//   --attention-tiled / --attention-rows: the attention backward's tiled kernels (the default) or
+//     the simple warp-per-row ones (cuda::set_attention_backward_tiled)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>

@@ -164,7 +164,7 @@ TEST_F(CudaBackward, Rope) {
 }
 
 // The attention backward's kernels (attention_backward.cu) against the CPU: the warp-per-row ones
-// (the default) or the tiled ones.
+// or the tiled ones (the default, restored after).
 void CudaBackward::check_attention(bool tiled) {
   for (const test::AttentionBackwardCase& c : test::kAttentionBackwardCases) {
     SCOPED_TRACE(cat(c.what, tiled ? " (tiled kernels)" : " (warp-per-row kernels)"));
@@ -194,7 +194,7 @@ void CudaBackward::check_attention(bool tiled) {
     EXPECT_LE(max_err(down(gdk), dk), 1e-4);
     EXPECT_LE(max_err(down(gdv), dv), 1e-4);
   }
-  cuda::set_attention_backward_tiled(false);
+  cuda::set_attention_backward_tiled(true);
 }
 
 TEST_F(CudaBackward, Attention) { check_attention(false); }

@@ -13,12 +13,11 @@
 //    online softmax and the output O (so D = dout·O needs no extra sweep), then dq. The key pass
 //    sweeps the queries of each head of its KV group once for dk and dv. Sequences and heads are
 //    grid dimensions, so one launch covers the whole batch.
-//  * rows (the default until the tiled kernels have passed on a GPU: their one device run,
-//    2026-11-30, hung — a shuffle skipped by a warp's rows past n_q, since fixed and checked in a
-//    CPU emulation of the kernels against the CPU reference, not yet on a GPU): a warp per (query, head) row and per
-//    (key, KV head), lanes over the dims, keys walked one at a time with a warp reduction per dot
-//    product — the first, simple version, and the tiled kernels' peer in tests and bench_train
-//    (set_attention_backward_tiled).
+//    The default: 2.1x the rows kernels' training step at fathom-mini's shape on an H200
+//    (bench/RESULTS.md, 2026-11-30). scripts/kernel-emu runs them on the CPU for debugging.
+//  * rows: a warp per (query, head) row and per (key, KV head), lanes over the dims, keys walked
+//    one at a time with a warp reduction per dot product — the first, simple version, and the
+//    tiled kernels' peer in tests and bench_train (set_attention_backward_tiled).
 //
 // tests/test_cuda_backward.cpp (CudaBackward.Attention) checks both against the CPU.
 #include <cmath>
@@ -386,7 +385,7 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_keys_tiled_ke
   store_cols(a.dv + row * p.v_token_stride + int64_t(g) * p.v_head_stride, dv, p.d_v, sub);
 }
 
-bool g_tiled = false;  // the tiled kernels become the default once they have passed on a GPU
+bool g_tiled = true;  // set_attention_backward_tiled(false): the warp-per-row kernels
 
 }  // namespace
 
