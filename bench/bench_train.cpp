@@ -14,8 +14,8 @@
 //
 // usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
-//   --attention-tiled / --attention-rows: the attention backward's tiled kernels (the default) or
-//     the simple warp-per-row ones (cuda::set_attention_backward_tiled)
+//   --attention-gemm / --attention-tiled / --attention-rows: force one of the attention backward's
+//     paths (cuda::set_attention_backward_path; by default the GEMM path while its scores fit)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -76,8 +76,9 @@ int run(int argc, char** argv) {
     else if (a == "--seq") seq = std::stoll(next());
     else if (a == "--steps") steps = std::stoll(next());
     else if (a == "--batch") batch = std::stoll(next());
-    else if (a == "--attention-rows") cuda::set_attention_backward_tiled(false);
-    else if (a == "--attention-tiled") cuda::set_attention_backward_tiled(true);
+    else if (a == "--attention-rows") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Rows);
+    else if (a == "--attention-tiled") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Tiled);
+    else if (a == "--attention-gemm") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Gemm);
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }

@@ -18,8 +18,8 @@
 #   bash scripts/device-train-mini.sh export          the last pretraining checkpoint as FP8 shards
 #        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
-#        fathom-mini's shape (bench_train: one window per pass, then 16, then 16 with the
-#        attention backward's tiled kernels, after their test; each under a time limit)
+#        fathom-mini's shape and of the ~0.5B MoE at T = 2,048 (bench_train; the attention
+#        backward's tiled kernels against the default, after their tests; each under a time limit)
 #   bash scripts/device-train-mini.sh profile         build, test, and the GPU time per kernel of that
 #        batched step (ncu; scripts/ncu-kernel-table.py)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
@@ -121,15 +121,19 @@ PY
     # the training step of fathom-mini's shape (random weights): one window per pass against the
     # batch of 16 in one pass, as fathom train runs it (bench_train; tokens/s and MFU)
     build_and_test
-    # the tiled attention backward has not passed on a GPU yet: its test alone, under a time limit
-    echo "device-train-mini: CudaBackward.AttentionTiled ($SECONDS s)"
-    timeout 120 build/device-mini/fathom_tests --gtest_brief=1 --gtest_filter='CudaBackward.AttentionTiled' ||
-      echo "device-train-mini: CudaBackward.AttentionTiled failed or timed out (exit $?)"
-    for args in "--batch 1" "--batch 16" "--batch 16 --attention-tiled"; do
+    echo "device-train-mini: CudaBackward.Attention* ($SECONDS s)"
+    timeout 120 build/device-mini/fathom_tests --gtest_brief=1 --gtest_filter='CudaBackward.Attention*' ||
+      echo "device-train-mini: CudaBackward.Attention* failed or timed out (exit $?)"
+    # fathom-mini's shape, then the issue's ~0.5B MoE at T = 2,048 (bench_train's default config),
+    # the attention backward's tiled kernels against the default (its GEMM path at these sizes)
+    for args in "--config configs/fathom-mini/config.json --seq 512 --batch 1" \
+        "--config configs/fathom-mini/config.json --seq 512 --batch 16 --attention-tiled" \
+        "--config configs/fathom-mini/config.json --seq 512 --batch 16" "--seq 2048 --attention-tiled" "--seq 2048"; do
       echo "bench_train $args ($SECONDS s):"
+      run=$((${run:-0} + 1))
       # shellcheck disable=SC2086
-      timeout 120 build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 $args --steps 3 \
-        --dir /tmp/bench-mini | grep -E "^\| (GPU|whole)" || echo "  failed or timed out"
+      timeout 150 build/device-mini/bench_train $args --steps 3 --dir "/tmp/bench-mini-$run" | grep -E "^\| (GPU|whole)" ||
+        echo "  failed or timed out"
     done ;;
   profile)
     # GPU time per kernel of fathom-mini's batched step (ncu; the machine has no nsys): the first

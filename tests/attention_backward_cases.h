@@ -1,5 +1,5 @@
 // The shapes the attention backward's GPU kernels are checked on, against the CPU: by
-// CudaBackward.Attention / AttentionTiled (tests/test_cuda_backward.cpp) on the GPU, and by the CPU
+// CudaBackward.Attention / AttentionTiled / AttentionGemm (tests/test_cuda_backward.cpp) on the GPU, and by the CPU
 // emulation of the tiled kernels (scripts/kernel-emu) without one. Ragged tiles, several stacked
 // sequences, GQA, queries after a prefix, non-causal, the widest heads, one token.
 #pragma once

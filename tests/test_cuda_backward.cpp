@@ -56,7 +56,7 @@ class CudaBackward : public testing::Test {
     return gpu_->upload(t);
   }
   Tensor up(const Tensor& host) { return gpu_->upload(host); }
-  void check_attention(bool tiled);
+  void check_attention(cuda::AttentionBackwardPath path, const char* name, bool one_head_at_a_time = false);
   Tensor down(const Tensor& dev) {
     Tensor h = Tensor::empty(dev.shape(), dev.dtype());
     gpu_->download(h.data(), dev);
@@ -163,12 +163,14 @@ TEST_F(CudaBackward, Rope) {
   }
 }
 
-// The attention backward's kernels (attention_backward.cu) against the CPU: the warp-per-row ones
-// or the tiled ones (the default, restored after).
-void CudaBackward::check_attention(bool tiled) {
+// The attention backward's kernel sets (attention_backward.cu, attention_backward_gemm.cu) against
+// the CPU, each forced in turn; the automatic choice is restored after.
+void CudaBackward::check_attention(cuda::AttentionBackwardPath path, const char* name, bool one_head_at_a_time) {
   for (const test::AttentionBackwardCase& c : test::kAttentionBackwardCases) {
-    SCOPED_TRACE(cat(c.what, tiled ? " (tiled kernels)" : " (warp-per-row kernels)"));
-    cuda::set_attention_backward_tiled(tiled);
+    SCOPED_TRACE(cat(c.what, " (", name, ")"));
+    cuda::set_attention_backward_path(path);
+    // the GEMM path's scratch room for exactly one KV head's two score matrices: chunks of one head
+    if (one_head_at_a_time) cuda::set_attention_gemm_scratch_limit(2 * c.n_q * c.n_kv * int64_t(sizeof(float)));
     // padded strides, as the model's (token, head) layouts are
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, k_hs = c.dqk, k_ts = c.hkv * k_hs + 1;
     const int64_t v_hs = c.dv, v_ts = c.hkv * v_hs + 2, o_hs = c.dv, o_ts = c.hq * o_hs;
@@ -194,13 +196,16 @@ void CudaBackward::check_attention(bool tiled) {
     EXPECT_LE(max_err(down(gdk), dk), 1e-4);
     EXPECT_LE(max_err(down(gdv), dv), 1e-4);
   }
-  cuda::set_attention_backward_tiled(true);
+  cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Auto);
+  cuda::set_attention_gemm_scratch_limit(cuda::kAttentionGemmScratchDefault);
 }
 
-TEST_F(CudaBackward, Attention) { check_attention(false); }
-// Its own test so that a device run can take it apart (scripts/device-train-mini.sh bench runs it
-// under a time limit): the tiled kernels have not yet run on a GPU.
-TEST_F(CudaBackward, AttentionTiled) { check_attention(true); }
+TEST_F(CudaBackward, Attention) { check_attention(cuda::AttentionBackwardPath::Rows, "warp-per-row kernels"); }
+TEST_F(CudaBackward, AttentionTiled) { check_attention(cuda::AttentionBackwardPath::Tiled, "tiled kernels"); }
+TEST_F(CudaBackward, AttentionGemm) {
+  check_attention(cuda::AttentionBackwardPath::Gemm, "GEMM path");
+  check_attention(cuda::AttentionBackwardPath::Gemm, "GEMM path, one KV head at a time", true);
+}
 
 TEST_F(CudaBackward, MoeGate) {
   for (bool sigmoid : {true, false}) {

@@ -3,23 +3,25 @@
 // training batch): sequence b's queries, outputs and their gradients start at row b·n_q, its keys
 // and values at row b·n_kv, its log-sum-exps at b·n_q·n_q_heads.
 //
-// Two kernels, both recomputing the probabilities instead of storing them (FlashAttention's idea),
-// both deterministic (no atomics): every gradient row is summed by one thread in a fixed order.
+// Three ways, chosen by set_attention_backward_path (Auto by default: the GEMM path when one head's
+// scores fit its scratch, else the tiled kernels), all deterministic (no atomics):
 //
-//  * tiled, FlashAttention-2's shape on CUDA cores: a block of 256 threads owns a
+//  * GEMM (attention_backward_gemm.cu): the scores materialized per sequence and head, the five
+//    products as cuBLAS SGEMMs. Memory for speed; the default while T is a few thousand.
+//  * tiled, FlashAttention-2's shape on CUDA cores, recomputing the probabilities instead of
+//    storing them: a block of 256 threads owns a
 //    tile of 32 queries (row pass) or 32 keys (key pass) of one head and walks the other side in
 //    tiles of 32 staged through shared memory; each thread owns 4 entries of the 32×32 score tile
 //    and 1/8 of the columns of its row's gradient. The row pass sweeps the keys twice: first the
 //    online softmax and the output O (so D = dout·O needs no extra sweep), then dq. The key pass
 //    sweeps the queries of each head of its KV group once for dk and dv. Sequences and heads are
-//    grid dimensions, so one launch covers the whole batch.
-//    The default: 2.1x the rows kernels' training step at fathom-mini's shape on an H200
-//    (bench/RESULTS.md, 2026-11-30). scripts/kernel-emu runs them on the CPU for debugging.
+//    grid dimensions, so one launch covers the whole batch. 2.1x the rows kernels' training step
+//    at fathom-mini's shape on an H200 (bench/RESULTS.md, 2026-11-30); scripts/kernel-emu runs
+//    them on the CPU for debugging.
 //  * rows: a warp per (query, head) row and per (key, KV head), lanes over the dims, keys walked
-//    one at a time with a warp reduction per dot product — the first, simple version, and the
-//    tiled kernels' peer in tests and bench_train (set_attention_backward_tiled).
+//    one at a time with a warp reduction per dot product — the first, simple version.
 //
-// tests/test_cuda_backward.cpp (CudaBackward.Attention) checks both against the CPU.
+// tests/test_cuda_backward.cpp (CudaBackward.Attention*) checks each against the CPU.
 #include <cmath>
 
 #include "core/error.h"
@@ -385,11 +387,11 @@ __global__ void __launch_bounds__(kTileThreads) attention_backward_keys_tiled_ke
   store_cols(a.dv + row * p.v_token_stride + int64_t(g) * p.v_head_stride, dv, p.d_v, sub);
 }
 
-bool g_tiled = true;  // set_attention_backward_tiled(false): the warp-per-row kernels
+AttentionBackwardPath g_path = AttentionBackwardPath::Auto;
 
 }  // namespace
 
-void set_attention_backward_tiled(bool enabled) { g_tiled = enabled; }
+void set_attention_backward_path(AttentionBackwardPath path) { g_path = path; }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, int64_t n_seq,
                         Stream stream) {
@@ -402,12 +404,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   FATHOM_CHECK(n_seq >= 1 && n_seq < 65536 && p.n_q_heads < 65536, "attention_backward: ", n_seq, " sequences of ",
                p.n_q_heads, " heads (at most 65535 of each).");
   FATHOM_ASSERT(dq && dk && dv && dout && p.q && p.k && p.v, "attention_backward with a null pointer");
+  if (g_path == AttentionBackwardPath::Gemm || (g_path == AttentionBackwardPath::Auto && attention_backward_gemm_fits(p))) {
+    attention_backward_gemm(dq, dk, dv, dout, p, n_seq, stream);
+    return;
+  }
   const int64_t rows = p.n_q * p.n_q_heads, keys = p.n_kv * p.n_kv_heads;
   StreamScratch stats(size_t(std::max<int64_t>(rows * n_seq, 1)) * 2 * sizeof(float), as_cuda(stream),
                       "attention_backward");
   float* lse = stats.as<float>();
   float* delta = lse + rows * n_seq;
-  if (g_tiled) {
+  if (g_path != AttentionBackwardPath::Rows) {
     // More than 48 KiB of shared memory from head dims of ~96 up: allowed up to the widest heads'
     // need, on each call (the setting is per device, and the same value every time).
     AttentionParams widest;

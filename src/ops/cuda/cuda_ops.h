@@ -210,9 +210,19 @@ void moe_gate_backward(float* dlogits, const float* dweights, const float* logit
 // n_seq sequences of equal length stacked row after row (attention_backward.cu).
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p, int64_t n_seq,
                         Stream stream);
-// The tiled kernels, or the simple warp-per-row ones (the default until the tiled ones have passed
-// on a GPU), their peer in tests and bench_train.
-void set_attention_backward_tiled(bool enabled);
+// Which kernels attention_backward runs: Auto (the default) takes the GEMM path when two score
+// matrices of one head fit in its scratch limit, else the tiled kernels; the others force one
+// set, for tests and bench_train (a forced GEMM path that does not fit is an error).
+enum class AttentionBackwardPath { Auto, Gemm, Tiled, Rows };
+void set_attention_backward_path(AttentionBackwardPath path);
+// The GEMM path (attention_backward_gemm.cu): scores materialized, the products as cuBLAS SGEMMs,
+// as many KV heads at a time as fit in the scratch limit (kAttentionGemmScratchDefault, 512 MiB; tests lower it to run one head
+// at a time).
+constexpr int64_t kAttentionGemmScratchDefault = int64_t(512) << 20;
+void set_attention_gemm_scratch_limit(int64_t bytes);
+bool attention_backward_gemm_fits(const AttentionParams& p);
+void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
+                             int64_t n_seq, Stream stream);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
 // The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula);
