@@ -14,6 +14,8 @@
 //
 // usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
+//   --bf16: bf16 mixed precision (Ops::set_bf16_matmuls: the matrix products on tensor cores from
+//     bf16-rounded inputs, F32 accumulation and storage), as "precision": "bf16" trains
 //   --attention-gemm / --attention-tiled / --attention-rows: force one of the attention backward's
 //     paths (cuda::set_attention_backward_path; by default the GEMM path while its scores fit)
 #include <chrono>
@@ -66,6 +68,7 @@ int run(int argc, char** argv) {
   std::string config = std::string(FATHOM_SOURCE_DIR) + "/bench/configs/v3-0.5b-train.json";
   std::string dir = "/tmp/fathom-bench-train";
   int64_t seq = 2048, steps = 2, batch = 1;
+  bool bf16 = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -79,6 +82,7 @@ int run(int argc, char** argv) {
     else if (a == "--attention-rows") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Rows);
     else if (a == "--attention-tiled") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Tiled);
     else if (a == "--attention-gemm") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Gemm);
+    else if (a == "--bf16") bf16 = true;
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }
@@ -95,6 +99,7 @@ int run(int argc, char** argv) {
   auto model = train::GradModel::load(dir);
   const ModelConfig& c = model->config();
   model->use_backend(make_cuda_ops(0));
+  model->backend().set_bf16_matmuls(bf16);
   model->set_balance_alpha(1e-4f);
   train::AdamW opt;
   model->add_to(opt);
@@ -133,7 +138,8 @@ int run(int argc, char** argv) {
   const double tps_pass = double(batch * seq) / pass_s, tps_step = double(batch * seq) / step_s;
   const double mfu_pass = tps_pass * flops_per_token / peak, mfu_step = tps_step * flops_per_token / peak;
   std::printf("\n| measure | seconds | tokens/s | MFU (vs %.0f TFLOP/s) |\n|---|---|---|---|\n", peak / 1e12);
-  std::printf("| GPU passes (forward + backward, F32) | %.3f | %.0f | %.3f%% |\n", pass_s, tps_pass, 100 * mfu_pass);
+  std::printf("| GPU passes (forward + backward, %s) | %.3f | %.0f | %.3f%% |\n",
+              bf16 ? "bf16 matmuls" : "F32", pass_s, tps_pass, 100 * mfu_pass);
   std::printf("| whole step (+ the norm, clipping and AdamW on the GPU) | %.3f | %.0f | %.3f%% |\n", step_s, tps_step,
               100 * mfu_step);
   std::printf("| target | | | 35%% |\n");

@@ -18,10 +18,11 @@
 #   bash scripts/device-train-mini.sh export          the last pretraining checkpoint as FP8 shards
 #        into $OUT, for a later session's `start MINUTES DIR`
 #   bash scripts/device-train-mini.sh bench           build, test, and time the training step of
-#        fathom-mini's shape and of the ~0.5B MoE at T = 2,048 (bench_train; the attention
-#        backward's tiled kernels against the default, after their tests; each under a time limit)
-#   bash scripts/device-train-mini.sh profile         build, test, and the GPU time per kernel of that
-#        batched step (ncu; scripts/ncu-kernel-table.py)
+#        fathom-mini's shape and of the ~0.5B MoE at T = 2,048 (bench_train), each in F32 and in
+#        bf16 mixed precision, each under a time limit
+#   bash scripts/device-train-mini.sh profile [LAUNCHES [ARGS...]]   (build and test unless built)
+#        the GPU time per kernel of that batched step or of bench_train ARGS (ncu;
+#        scripts/ncu-kernel-table.py)
 #   bash scripts/device-train-mini.sh sft             the supervised stage (scripts/make-sft-data.py:
 #        600 chat examples answered from the docs), 60 steps (about two epochs) from the last
 #        checkpoint: the first run's 150 steps at 3e-4 overfitted them (bench/RESULTS.md)
@@ -64,7 +65,7 @@ build_and_test() {
   cmake --build build/device-mini --target fathom fathom_tests bench_train >/dev/null
   echo "device-train-mini: built in $SECONDS s"
   timeout 300 build/device-mini/fathom_tests --gtest_brief=1 \
-    --gtest_filter='CudaOps.Matmul*:CudaBackward.Attention:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu:Trainer.AGpuRunResumesWithItsOptimizerState'
+    --gtest_filter='CudaOps.Matmul*:CudaBackward.Attention*:CudaBackward.Bf16Matmuls:CudaBackward.Matmul:CudaBackward.OptimizerPasses:Trainer.TrainsOnTheGpu*:Trainer.AGpuRunResumesWithItsOptimizerState'
 }
 case "$stage" in
   start)
@@ -121,14 +122,10 @@ PY
     # the training step of fathom-mini's shape (random weights): one window per pass against the
     # batch of 16 in one pass, as fathom train runs it (bench_train; tokens/s and MFU)
     build_and_test
-    echo "device-train-mini: CudaBackward.Attention* ($SECONDS s)"
-    timeout 120 build/device-mini/fathom_tests --gtest_brief=1 --gtest_filter='CudaBackward.Attention*' ||
-      echo "device-train-mini: CudaBackward.Attention* failed or timed out (exit $?)"
     # fathom-mini's shape, then the issue's ~0.5B MoE at T = 2,048 (bench_train's default config),
-    # the attention backward's tiled kernels against the default (its GEMM path at these sizes)
-    for args in "--config configs/fathom-mini/config.json --seq 512 --batch 1" \
-        "--config configs/fathom-mini/config.json --seq 512 --batch 16 --attention-tiled" \
-        "--config configs/fathom-mini/config.json --seq 512 --batch 16" "--seq 2048 --attention-tiled" "--seq 2048"; do
+    # each in F32 and in bf16 mixed precision
+    for args in "--config configs/fathom-mini/config.json --seq 512 --batch 16" \
+        "--config configs/fathom-mini/config.json --seq 512 --batch 16 --bf16" "--seq 2048" "--seq 2048 --bf16"; do
       echo "bench_train $args ($SECONDS s):"
       run=$((${run:-0} + 1))
       # shellcheck disable=SC2086
@@ -136,14 +133,20 @@ PY
         echo "  failed or timed out"
     done ;;
   profile)
-    # GPU time per kernel of fathom-mini's batched step (ncu; the machine has no nsys): the first
-    # 3,000 launches of bench_train --batch 16, about one step after the warm-up
-    build_and_test
+    # GPU time per kernel (ncu; the machine has no nsys) of the first LAUNCHES kernels of
+    # bench_train ARGS --steps 1 (its warm-up step, then the measured one): by default fathom-mini's
+    # batched step, 3,000 launches (about one step); the 0.5B at T = 2,048 needs ~9,000.
+    #   device-train-mini.sh profile [LAUNCHES [bench_train args...]]
+    launches=${2:-3000}
+    shift $(($# < 2 ? $# : 2))
+    args=("$@")
+    [ ${#args[@]} -gt 0 ] || args=(--config configs/fathom-mini/config.json --seq 512 --batch 16)
+    [ -x build/device-mini/bench_train ] || build_and_test
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-    timeout 300 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --launch-count 3000 \
-      build/device-mini/bench_train --config configs/fathom-mini/config.json --seq 512 --batch 16 --steps 1 \
-      --dir /tmp/bench-mini >/tmp/ncu.csv 2>/tmp/ncu.err || { tail -5 /tmp/ncu.err; exit 1; }
-    python3 scripts/ncu-kernel-table.py /tmp/ncu.csv --top 20 ;;
+    timeout 400 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --launch-count "$launches" \
+      build/device-mini/bench_train "${args[@]}" --steps 1 --dir /tmp/bench-profile >/tmp/ncu.csv 2>/tmp/ncu.err ||
+      { tail -5 /tmp/ncu.err; exit 1; }
+    python3 scripts/ncu-kernel-table.py /tmp/ncu.csv --top 24 ;;
   export)
     # the last pretraining checkpoint as FP8 in 16 MiB shards (41.6 MiB; BF16 would be 65.5 MiB,
     # more than one call brings back or carries in beside the working tree), for `start MINUTES

@@ -132,6 +132,52 @@ TEST_F(CudaBackward, Matmul) {
   }
 }
 
+// Mixed precision (Ops::set_bf16_matmuls): the same products with bf16-rounded inputs on tensor
+// cores. Against the CPU's F32: relative error of bf16's order (8 bits of mantissa: ~2e-3 per
+// input, averaged down over K) — above what F32 gives, which shows the mode took effect, and
+// within 2e-2. Then off again: F32 exactly as before.
+TEST_F(CudaBackward, Bf16Matmuls) {
+  const int64_t M = 130, N = 96, K = 257;
+  const Tensor x = randn({M, K}), w = randn({N, K}, 1.0f / std::sqrt(float(K))), dout = randn({M, N});
+  LinearWeight lw;
+  lw.weight = w;
+  Tensor out = Tensor::empty({M, N}), dx = Tensor::empty({M, K}), dw = Tensor::zeros({N, K});
+  cpu_->matmul(out, x, lw);
+  cpu_->matmul_backward(dx, dw, dout, x, w);
+  LinearWeight glw;
+  glw.weight = up(w);
+  auto rel = [](const Tensor& a, const Tensor& b) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < b.numel(); ++i) {
+      const double d = double(a.f32()[i]) - b.f32()[i];
+      num += d * d;
+      den += double(b.f32()[i]) * b.f32()[i];
+    }
+    return std::sqrt(num / den);
+  };
+  for (bool bf16 : {true, false}) {
+    SCOPED_TRACE(bf16 ? "bf16 matmuls" : "F32 matmuls");
+    ASSERT_TRUE(gpu_->set_bf16_matmuls(bf16));
+    Tensor gout = poison({M, N}), gdx = poison({M, K}), gdw = up(Tensor::zeros({N, K}));
+    Tensor gx = up(x);
+    gpu_->matmul(gout, gx, glw);
+    gpu_->matmul_backward(gdx, gdw, up(dout), gx, glw.weight);
+    for (const auto& [got, want, what] :
+         {std::tuple{down(gout), out, "out"}, std::tuple{down(gdx), dx, "dx"}, std::tuple{down(gdw), dw, "dw"}}) {
+      const double e = rel(got, want);
+      if (bf16) {
+        EXPECT_GT(e, 1e-4) << what << ": as exact as F32, so not bf16";
+        EXPECT_LT(e, 2e-2) << what;
+      } else {
+        EXPECT_LT(e, 1e-5) << what;
+      }
+    }
+  }
+  // the CPU backend only does F32
+  EXPECT_FALSE(cpu_->set_bf16_matmuls(true));
+  EXPECT_TRUE(cpu_->set_bf16_matmuls(false));
+}
+
 TEST_F(CudaBackward, SiluMul) {
   for (int64_t n : {1, 1000, 4097}) {
     const Tensor g = randn({n}, 3.0f), u = randn({n}), dout = randn({n});

@@ -338,6 +338,13 @@ class Ops {
   // Every byte of t set to zero.
   virtual void zero(Tensor& t) = 0;
 
+  // ---- mixed precision (training). On: the matrix products of F32 tensors (matmul with F32
+  // weights, matmul_backward, attention_backward) run on tensor cores from inputs rounded to bf16
+  // (or to TF32, which is more precise, where the library picks it), accumulating in F32; weights, activations, gradients and the optimizer stay F32 in
+  // memory. Off (the default): true F32 products. Returns whether the backend did as asked: the
+  // CPU backend only computes in F32. (CUDA: process-wide, every CUDA backend of the process.)
+  virtual bool set_bf16_matmuls(bool enabled) { return !enabled; }
+
   // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
   // and capture_end ops are recorded, not run; they may not synchronize or read host memory
   // other than pinned buffers from pinned_host(). Backends without graphs return false from

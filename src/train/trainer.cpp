@@ -79,6 +79,12 @@ TrainConfig load_train_config(const std::string& path) {
   }
   FATHOM_CHECK(c.device == "cpu" || c.device == "cuda" || c.device == "auto", "training config '", path,
                "': device must be cpu, cuda or auto, not \"", c.device, "\".");
+  if (j.contains("precision")) {
+    FATHOM_CHECK(j["precision"].is_string(), "training config '", path, "': \"precision\" must be \"fp32\" or \"bf16\".");
+    c.precision = j["precision"].get<std::string>();
+  }
+  FATHOM_CHECK(c.precision == "fp32" || c.precision == "bf16", "training config '", path,
+               "': precision must be fp32 or bf16, not \"", c.precision, "\".");
   if (j.contains("lanes")) {
     FATHOM_CHECK(j["lanes"].is_boolean(), "training config '", path, "': \"lanes\" must be true or false.");
     c.lanes = j["lanes"].get<bool>();
@@ -140,6 +146,16 @@ TrainResult train(const TrainConfig& cfg, bool resume) {
                  " at ", i, " is outside the model's vocabulary of ", V, " (another tokenizer?).");
   const bool on_gpu = cfg.device == "cuda" || (cfg.device == "auto" && cuda_available());
   if (on_gpu) model->use_backend(make_cuda_ops(0));  // throws a clear error without CUDA or a GPU
+  FATHOM_CHECK(model->backend().set_bf16_matmuls(cfg.precision == "bf16"), "training config: precision bf16 needs "
+               "the CUDA backend (\"device\": \"cuda\"); the CPU trains in fp32.");
+  // the setting is the process's (CUDA): put it back when this run ends, however it ends
+  struct Bf16Off {
+    Ops& ops;
+    bool on;
+    ~Bf16Off() {
+      if (on) ops.set_bf16_matmuls(false);
+    }
+  } bf16_off{model->backend(), cfg.precision == "bf16"};
   model->set_balance_alpha(cfg.balance_alpha);
   model->set_recompute(cfg.recompute);
   model->set_capacity_factor(cfg.capacity_factor);

@@ -25,7 +25,7 @@
 //    "adamw": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
 //    "clip": 1.0, "checkpoint_every": 0, "eval_every": 0, "eval_batches": 2, "bias_update": 0.001,
 //    "balance_alpha": 1e-4, "mtp_lambda": 0.3, "mtp_lambda_later": 0.1, "mtp_lambda_switch": 0,
-//    "recompute": false, "capacity_factor": 0, "device": "cpu", "lanes": true}
+//    "recompute": false, "capacity_factor": 0, "device": "cpu", "precision": "fp32", "lanes": true}
 // Relative paths are taken from the config file's directory.
 #pragma once
 
@@ -60,6 +60,10 @@ struct TrainConfig {
   // is present). On CUDA the whole step stays there, AdamW included (AdamW::use_backend), and the
   // gradients' scatter-adds use atomics: runs are not bit-reproducible there yet.
   std::string device = "cpu";
+  // "fp32" (the default) or "bf16": on CUDA, bf16 mixed precision — the matrix products on
+  // tensor cores from bf16-rounded inputs with F32 accumulation, everything in memory (weights,
+  // activations, gradients, AdamW's state) F32 (Ops::set_bf16_matmuls). The CPU trains in fp32.
+  std::string precision = "fp32";
   bool recompute = false;        // activation recomputation (GradModel::set_recompute)
   float capacity_factor = 0.0f;  // expert capacity (0: no dropping; GradModel::set_capacity_factor)
   int64_t stop_at = 0;           // end this run after that step, checkpointed (0: run to `steps`)

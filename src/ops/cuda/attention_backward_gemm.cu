@@ -3,7 +3,8 @@
 //
 // FlashAttention never writes the n_q × n_kv probabilities to memory; this path does, one
 // sequence and a few heads at a time, so that the five products of the backward run as cuBLAS
-// SGEMMs (F32, no TF32) instead of CUDA-core loops. For query head h of KV head g, with scale s:
+// GEMMs (gemm_f32: F32, or bf16 tensor cores in mixed-precision training) instead of CUDA-core
+// loops. For query head h of KV head g, with scale s:
 //
 //   P  = softmax(s · Q_h K_gᵀ)    (causal rows cut at key q_pos0 + t; masked entries 0)
 //   dV_g += Pᵀ dO_h               dP = dO_h V_gᵀ
@@ -79,13 +80,11 @@ __global__ void softmax_grad_rows_kernel(float* dp, const float* p, int64_t n_ro
   for (int64_t i = lane; i < n_kv; i += 32) g[i] = pr[i] * (g[i] - d);
 }
 
-// One strided-batched SGEMM in cuBLAS's column-major terms: C (m × n) = α op(A) op(B) + β C.
-void sgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha,
+// One strided-batched GEMM in cuBLAS's column-major terms: C (m × n) = α op(A) op(B) + β C.
+void sgemm(cudaStream_t s, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, int64_t sa, const float* b, int64_t ldb, int64_t sb, float beta, float* c,
            int64_t ldc, int64_t sc, int64_t batch) {
-  check_cublas(cublasSgemmStridedBatched(h, ta, tb, int(m), int(n), int(k), &alpha, a, int(lda), sa, b, int(ldb), sb,
-                                         &beta, c, int(ldc), sc, int(batch)),
-               "attention_backward (cublasSgemmStridedBatched)");
+  gemm_f32(ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch, s, "attention_backward (GEMM)");
 }
 
 int64_t g_scratch_limit = kAttentionGemmScratchDefault;
@@ -106,8 +105,6 @@ void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout,
   // All row-major (token, head, dim) buffers seen by cuBLAS (column-major) as their transposes:
   // Q_h is Qᵀ, a d_qk × n_q matrix with leading dimension q_token_stride, and so on.
   const cudaStream_t cs = as_cuda(stream);
-  cublasHandle_t h = cublas_handle();
-  check_cublas(cublasSetStream(h, cs), "attention_backward (cublasSetStream)");
   const int64_t r = p.n_q_heads / p.n_kv_heads;
   const int64_t per_head = p.n_q * p.n_kv;  // floats of one score matrix
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p.n_kv_heads, g_scratch_limit / (2 * per_head * 4)));
@@ -134,7 +131,7 @@ void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout,
         const float* oh = o + h0 * p.out_head_stride;
         const float first = j == 0 ? 0.0f : 1.0f;
         // Sᵀ (n_kv × n_q) = K_g Q_hᵀ, scaled
-        sgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, p.n_kv, p.n_q, p.d_qk, s, kg, p.k_token_stride, p.k_head_stride, qh,
+        sgemm(cs, CUBLAS_OP_T, CUBLAS_OP_N, p.n_kv, p.n_q, p.d_qk, s, kg, p.k_token_stride, p.k_head_stride, qh,
               p.q_token_stride, r * p.q_head_stride, 0.0f, P, p.n_kv, per_head, nb);
         const int64_t rows = nb * p.n_q;
         const int warps = 8;
@@ -142,19 +139,19 @@ void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout,
                       p.q_pos0, p.causal);
         check_launch("attention_backward (softmax)");
         // dV_gᵀ (d_v × n_kv) += dO_hᵀ P
-        sgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, p.d_v, p.n_kv, p.n_q, 1.0f, oh, p.out_token_stride, r * p.out_head_stride, P,
+        sgemm(cs, CUBLAS_OP_N, CUBLAS_OP_T, p.d_v, p.n_kv, p.n_q, 1.0f, oh, p.out_token_stride, r * p.out_head_stride, P,
               p.n_kv, per_head, first, gv + g0 * p.v_head_stride, p.v_token_stride, p.v_head_stride, nb);
         // dPᵀ (n_kv × n_q) = V_g dO_hᵀ
-        sgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, p.n_kv, p.n_q, p.d_v, 1.0f, vg, p.v_token_stride, p.v_head_stride, oh,
+        sgemm(cs, CUBLAS_OP_T, CUBLAS_OP_N, p.n_kv, p.n_q, p.d_v, 1.0f, vg, p.v_token_stride, p.v_head_stride, oh,
               p.out_token_stride, r * p.out_head_stride, 0.0f, dP, p.n_kv, per_head, nb);
         launch_kernel(softmax_grad_rows_kernel, warp_row_blocks(rows, warps), warps * 32, 0, cs, dP,
                       static_cast<const float*>(P), rows, p.n_kv);
         check_launch("attention_backward (softmax gradient)");
         // dQ_hᵀ (d_qk × n_q) = s K_gᵀ dSᵀ
-        sgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, p.d_qk, p.n_q, p.n_kv, s, kg, p.k_token_stride, p.k_head_stride, dP, p.n_kv,
+        sgemm(cs, CUBLAS_OP_N, CUBLAS_OP_N, p.d_qk, p.n_q, p.n_kv, s, kg, p.k_token_stride, p.k_head_stride, dP, p.n_kv,
               per_head, 0.0f, gq + h0 * p.q_head_stride, p.q_token_stride, r * p.q_head_stride, nb);
         // dK_gᵀ (d_qk × n_kv) += s Q_hᵀ dS
-        sgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, p.d_qk, p.n_kv, p.n_q, s, qh, p.q_token_stride, r * p.q_head_stride, dP,
+        sgemm(cs, CUBLAS_OP_N, CUBLAS_OP_T, p.d_qk, p.n_kv, p.n_q, s, qh, p.q_token_stride, r * p.q_head_stride, dP,
               p.n_kv, per_head, first, gk + g0 * p.k_head_stride, p.k_token_stride, p.k_head_stride, nb);
       }
     }

@@ -4,9 +4,7 @@
 //
 // These are the correct first versions: the linear layer's two products go to cuBLAS (SGEMM, no
 // TF32), the rest are plain kernels. Attention's backward is in attention_backward.cu.
-#include <cublas_v2.h>
 
-#include <mutex>
 
 #include "core/error.h"
 #include "ops/cuda/cublas_util.cuh"
@@ -219,25 +217,6 @@ __global__ void row_dot_kernel(float* __restrict__ out, const float* __restrict_
 
 }  // namespace
 
-// One cuBLAS handle per device, created on first use; each call sets the stream.
-cublasHandle_t cublas_handle() {
-  static std::mutex mu;
-  static cublasHandle_t handles[64] = {};
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  FATHOM_CHECK(dev >= 0 && dev < 64, "cuBLAS: device ", dev, " is out of range.");
-  if (!handles[dev]) {
-    const cublasStatus_t s = cublasCreate(&handles[dev]);
-    FATHOM_CHECK(s == CUBLAS_STATUS_SUCCESS, "cuBLAS could not start (cublasCreate: status ", int(s), ").");
-    cublasSetMathMode(handles[dev], CUBLAS_PEDANTIC_MATH);  // true F32 products, no TF32
-  }
-  return handles[dev];
-}
-void check_cublas(cublasStatus_t s, const char* what) {
-  FATHOM_CHECK(s == CUBLAS_STATUS_SUCCESS, what, " failed (cuBLAS status ", int(s), ").");
-}
-
 void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t T, int64_t H, int64_t V,
                         Stream stream) {
   if (T == 0 || H == 0) return;
@@ -308,19 +287,12 @@ void matmul_backward(float* dx, float* dw, const float* dout, const float* x, co
   if (M == 0 || N == 0 || K == 0) return;
   FATHOM_CHECK(M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && K < (int64_t(1) << 31),
                "matmul_backward: dims ", M, " x ", N, " x ", K, " exceed cuBLAS's int range.");
-  cublasHandle_t h = cublas_handle();
-  check_cublas(cublasSetStream(h, as_cuda(stream)), "cublasSetStream");
-  const float one = 1.0f, zero = 0.0f;
+  const cudaStream_t s = as_cuda(stream);
   // Row-major A (r × c) is column-major Aᵀ (c × r) with leading dimension c.
-  if (dx) {  // dx (M, K) = dout (M, N) · W (N, K)   <=>   dxᵀ (K, M) = Wᵀ (K, N) · doutᵀ (N, M)
-    check_cublas(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, int(K), int(M), int(N), &one, w, int(K), dout, int(N), &zero,
-                             dx, int(K)),
-                 "matmul_backward (dx)");
-  }
+  if (dx)  // dx (M, K) = dout (M, N) · W (N, K)   <=>   dxᵀ (K, M) = Wᵀ (K, N) · doutᵀ (N, M)
+    gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, 1.0f, w, K, 0, dout, N, 0, 0.0f, dx, K, 0, 1, s, "matmul_backward (dx)");
   // dw (N, K) += doutᵀ (N, M) · x (M, K)   <=>   dwᵀ (K, N) += xᵀ (K, M) · dout (M, N)
-  check_cublas(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, int(K), int(N), int(M), &one, x, int(K), dout, int(N), &one, dw,
-                           int(K)),
-               "matmul_backward (dw)");
+  gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, 1.0f, x, K, 0, dout, N, 0, 1.0f, dw, K, 0, 1, s, "matmul_backward (dw)");
 }
 
 }  // namespace fathom::cuda

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "ops/cuda/cublas_util.cuh"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/ops.h"
@@ -522,6 +523,11 @@ class CudaOps final : public Ops {
     use();
     on_gpu(t, "zero", "the tensor");
     if (t.nbytes()) check(cudaMemsetAsync(t.data(), 0, t.nbytes(), ctx_->stream), "zero");
+  }
+
+  bool set_bf16_matmuls(bool enabled) override {
+    cuda::set_bf16_gemms(enabled);
+    return true;
   }
 
   void mul_rows(Tensor& x, const Tensor& s) override {

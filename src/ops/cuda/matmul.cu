@@ -6,7 +6,8 @@
 //   with 16-byte loads (gemv.cuh), R = 4 weight rows per 128-thread block (1 when N is too
 //   small to fill the GPU with 4-row blocks), all M rows of x reused from L1 for each converted
 //   weight vector.
-// - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS SGEMM (run_sgemm), true F32.
+// - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
+//   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
 // - M > 8 (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
@@ -226,18 +227,14 @@ void run_gemv(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& sid
   launch_gemv<D, 8>(ps, n, s, side);
 }
 
-// F32 weights and many rows (training's forward passes, fp32 prefill): cuBLAS SGEMM, true F32
+// F32 weights and many rows (training's forward passes, fp32 prefill): cuBLAS (gemm_f32), true F32
 // products as the SIMT GEMM's but at the library's rate. Row-major out (M, N) = x (M, K) · Wᵀ is,
 // column-major, outᵀ (N, M) = W_cm(K, N)ᵀ · x_cmᵀ(K, M), every leading dimension as stored.
 constexpr int64_t kCublasMinRows = 64;
 void run_sgemm(const MatmulParams& p, cudaStream_t s) {
-  cublasHandle_t h = cublas_handle();
-  check_cublas(cublasSetStream(h, s), "cublasSetStream");
-  const float one = 1.f, beta = p.accumulate ? 1.f : 0.f;
-  check_cublas(cublasSgemmStridedBatched(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.N), int(p.M), int(p.K), &one,
-                                         static_cast<const float*>(p.w), int(p.K), p.w_batch_stride, p.x, int(p.ldx),
-                                         p.x_batch_stride, &beta, p.out, int(p.ldo), p.out_batch_stride, p.batch),
-               "matmul (cublasSgemmStridedBatched)");
+  gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, p.N, p.M, p.K, 1.0f, static_cast<const float*>(p.w), p.K, p.w_batch_stride, p.x,
+           p.ldx, p.x_batch_stride, p.accumulate ? 1.0f : 0.0f, p.out, p.ldo, p.out_batch_stride, p.batch, s,
+           "matmul (cuBLAS GEMM)");
 }
 
 template <DType D>
