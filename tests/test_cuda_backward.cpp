@@ -209,7 +209,7 @@ TEST_F(CudaBackward, Rope) {
   }
 }
 
-// The attention backward's kernel sets (attention_backward.cu, attention_backward_gemm.cu) against
+// The attention backward's kernel sets (attention_backward.cu, attention_gemm.cu) against
 // the CPU, each forced in turn; the automatic choice is restored after.
 void CudaBackward::check_attention(cuda::AttentionBackwardPath path, const char* name, bool one_head_at_a_time) {
   for (const test::AttentionBackwardCase& c : test::kAttentionBackwardCases) {

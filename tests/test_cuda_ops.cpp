@@ -610,6 +610,9 @@ TEST_F(CudaOps, Attention) {
       {"odd dims bf16 paged", 9, 200, 191, 4, 2, 33, 17, true, DType::BF16, 16, false, 1},
       {"no keys", 3, 0, 0, 4, 2, 64, 64, true, DType::F32, 0, false, 0},
       {"more queries than keys visible", 130, 130, 0, 4, 2, 24, 16, true, DType::F32, 0, false, 0},
+      // F32 with 64 queries or more: the GEMM path (attention_gemm.cu) — after a prefix, not causal
+      {"GEMM path: prefill after a prefix, GQA", 80, 200, 120, 4, 2, 48, 32, true, DType::F32, 0, false, 0},
+      {"GEMM path: not causal, padded", 64, 90, 0, 3, 3, 40, 24, false, DType::F32, 0, false, 2},
       {"graph decode: kv_len on the device", 1, 1000, 999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0, 3000},
       {"graph decode: kv_len, MHA", 1, 77, 76, 4, 4, 64, 64, true, DType::F32, 0, false, 0, 100},
       // the BF16 latent shape runs on tensor cores (attention_mla.cu)
@@ -619,8 +622,12 @@ TEST_F(CudaOps, Attention) {
       {"MLA latent: long context", 1, 20000, 19999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0},
       {"MLA latent: 2 KV heads, not causal", 3, 97, 0, 4, 2, 576, 512, false, DType::BF16, 0, true, 0},
   };
+  // twice: the F32 self-attentions of 64 queries or more on the GEMM path (attention_gemm.cu),
+  // then all of them at the default threshold (1,024 queries), so on the kernels
+  for (int64_t gemm_from : {int64_t(64), cuda::kAttentionGemmForwardMinQueries})
   for (const AttnCase& c : cases) {
-    SCOPED_TRACE(c.what);
+    cuda::set_attention_gemm_forward_min_queries(gemm_from);
+    SCOPED_TRACE(cat(c.what, gemm_from == 64 ? " (GEMM path from 64 queries)" : ""));
     // q (n_q, hq, dqk) with a token-stride pad; out (n_q, hq, dv) likewise
     const int64_t q_hs = c.dqk, q_ts = c.hq * q_hs + 3, o_hs = c.dv, o_ts = c.hq * o_hs + 2;
     Tensor q = randn({std::max<int64_t>(1, c.n_q * q_ts)});

@@ -6,7 +6,7 @@
 // Three ways, chosen by set_attention_backward_path (Auto by default: the GEMM path when one head's
 // scores fit its scratch, else the tiled kernels), all deterministic (no atomics):
 //
-//  * GEMM (attention_backward_gemm.cu): the scores materialized per sequence and head, the five
+//  * GEMM (attention_gemm.cu): the scores materialized per sequence and head, the five
 //    products as cuBLAS SGEMMs. Memory for speed; the default while T is a few thousand.
 //  * tiled, FlashAttention-2's shape on CUDA cores, recomputing the probabilities instead of
 //    storing them: a block of 256 threads owns a

@@ -1,6 +1,6 @@
 // The CUDA backend's cuBLAS handle (one per device, created on first use) and the F32 GEMM every
 // cuBLAS product of the backend goes through (cublas_util.cu): the training backward
-// (backward.cu, attention_backward_gemm.cu) and the F32 GEMM of large matmuls (matmul.cu).
+// (backward.cu, attention_gemm.cu) and the F32 GEMM of large matmuls (matmul.cu).
 #pragma once
 #include <cstdint>
 

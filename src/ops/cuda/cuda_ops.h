@@ -215,12 +215,20 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 // set, for tests and bench_train (a forced GEMM path that does not fit is an error).
 enum class AttentionBackwardPath { Auto, Gemm, Tiled, Rows };
 void set_attention_backward_path(AttentionBackwardPath path);
-// The GEMM path (attention_backward_gemm.cu): scores materialized, the products as cuBLAS SGEMMs,
+// The GEMM path (attention_gemm.cu): scores materialized, the products as cuBLAS SGEMMs,
 // as many KV heads at a time as fit in the scratch limit (kAttentionGemmScratchDefault, 512 MiB; tests lower it to run one head
 // at a time).
 constexpr int64_t kAttentionGemmScratchDefault = int64_t(512) << 20;
 void set_attention_gemm_scratch_limit(int64_t bytes);
 bool attention_backward_gemm_fits(const AttentionParams& p);
+// The forward on the same path, which attention() takes when attention_gemm_forward_takes(p):
+// F32 keys and values in their own buffers (no block table, no device key count), at least
+// kAttentionGemmForwardMinQueries queries (below, at 512, it measured slower than the kernel;
+// tests lower it), one head's scores within the scratch limit.
+constexpr int64_t kAttentionGemmForwardMinQueries = 1024;
+void set_attention_gemm_forward_min_queries(int64_t n);
+bool attention_gemm_forward_takes(const AttentionParams& p);
+void attention_forward_gemm(const AttentionParams& p, Stream stream);
 void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
                              int64_t n_seq, Stream stream);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);

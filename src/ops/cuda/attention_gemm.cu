@@ -1,5 +1,7 @@
-// Attention's backward as batched GEMMs over a materialized score matrix (one of the kernel sets
-// behind cuda::attention_backward; see attention_backward.cu for the others and the contract).
+// Attention as batched GEMMs over a materialized score matrix, forward (cuda::attention takes it
+// for a long F32 self-attention: training's forward, F32 prefill) and backward (one of the kernel
+// sets behind cuda::attention_backward; see attention_backward.cu for the others and the
+// contract). The forward is S, the softmax, then O_h = P V_g.
 //
 // FlashAttention never writes the n_q × n_kv probabilities to memory; this path does, one
 // sequence and a few heads at a time, so that the five products of the backward run as cuBLAS
@@ -88,10 +90,12 @@ void sgemm(cudaStream_t s, cublasOperation_t ta, cublasOperation_t tb, int64_t m
 }
 
 int64_t g_scratch_limit = kAttentionGemmScratchDefault;
+int64_t g_forward_min_queries = kAttentionGemmForwardMinQueries;
 
 }  // namespace
 
 void set_attention_gemm_scratch_limit(int64_t bytes) { g_scratch_limit = bytes; }
+void set_attention_gemm_forward_min_queries(int64_t n) { g_forward_min_queries = n; }
 
 bool attention_backward_gemm_fits(const AttentionParams& p) {
   return 2 * p.n_q * p.n_kv * int64_t(sizeof(float)) <= g_scratch_limit;
@@ -154,6 +158,50 @@ void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout,
         sgemm(cs, CUBLAS_OP_N, CUBLAS_OP_T, p.d_qk, p.n_kv, p.n_q, s, qh, p.q_token_stride, r * p.q_head_stride, dP,
               p.n_kv, per_head, first, gk + g0 * p.k_head_stride, p.k_token_stride, p.k_head_stride, nb);
       }
+    }
+  }
+}
+
+}  // namespace fathom::cuda
+
+namespace fathom::cuda {
+
+bool attention_gemm_forward_takes(const AttentionParams& p) {
+  // F32 keys and values of their own (not MLA's latent cache, not a paged one), a long block of
+  // queries (fewer are the fused kernel's), one head's scores within the limit
+  return p.kv_dtype == DType::F32 && !p.block_table && !p.kv_len && p.k != p.v && p.n_q >= g_forward_min_queries &&
+         p.n_q * p.n_kv * int64_t(sizeof(float)) <= g_scratch_limit;
+}
+
+void attention_forward_gemm(const AttentionParams& p, Stream stream) {
+  FATHOM_CHECK(attention_gemm_forward_takes(p), "attention (GEMM path): not an F32 self-attention of ", p.n_q,
+               " x ", p.n_kv, " that fits the scratch limit of ", g_scratch_limit, " bytes");
+  if (p.n_kv == 0) return;
+  const cudaStream_t cs = as_cuda(stream);
+  const int64_t r = p.n_q_heads / p.n_kv_heads;
+  const int64_t per_head = p.n_q * p.n_kv;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p.n_kv_heads, g_scratch_limit / (per_head * 4)));
+  StreamScratch scratch(size_t(chunk * per_head) * sizeof(float), cs, "attention (scores)");
+  float* P = scratch.as<float>();
+  const float* k = static_cast<const float*>(p.k);
+  const float* v = static_cast<const float*>(p.v);
+  for (int64_t g0 = 0; g0 < p.n_kv_heads; g0 += chunk) {
+    const int64_t nb = std::min<int64_t>(chunk, p.n_kv_heads - g0);
+    const float* kg = k + g0 * p.k_head_stride;
+    const float* vg = v + g0 * p.v_head_stride;
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t h0 = g0 * r + j;
+      // Sᵀ (n_kv × n_q) = s K_g Q_hᵀ, then P by rows
+      sgemm(cs, CUBLAS_OP_T, CUBLAS_OP_N, p.n_kv, p.n_q, p.d_qk, p.scale, kg, p.k_token_stride, p.k_head_stride,
+            p.q + h0 * p.q_head_stride, p.q_token_stride, r * p.q_head_stride, 0.0f, P, p.n_kv, per_head, nb);
+      const int64_t rows = nb * p.n_q;
+      const int warps = 8;
+      launch_kernel(softmax_rows_kernel, warp_row_blocks(rows, warps), warps * 32, 0, cs, P, rows, p.n_q, p.n_kv,
+                    p.q_pos0, p.causal);
+      check_launch("attention (softmax)");
+      // O_hᵀ (d_v × n_q) = V_gᵀ Pᵀ
+      sgemm(cs, CUBLAS_OP_N, CUBLAS_OP_N, p.d_v, p.n_q, p.n_kv, 1.0f, vg, p.v_token_stride, p.v_head_stride, P, p.n_kv,
+            per_head, 0.0f, p.out + h0 * p.out_head_stride, p.out_token_stride, r * p.out_head_stride, nb);
     }
   }
 }
