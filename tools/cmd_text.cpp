@@ -64,7 +64,7 @@ void apply_generation_config(const CLI::App* cmd, const std::string& model_dir, 
     throw Error(cat(path.string(), " is not valid JSON: ", e.what()));
   }
   FATHOM_CHECK(g.is_object(), path.string(), " must hold a JSON object");
-  auto given = [&](const char* option) { return cmd->get_option(option)->count() > 0; };
+  auto given = [&](const char* option) { return cmd && cmd->get_option(option)->count() > 0; };
   auto number = [&](const char* key, double& into, const char* option) {
     if (!g.contains(key) || g[key].is_null() || given(option)) return;
     FATHOM_CHECK(g[key].is_number(), path.string(), ": \"", key, "\" must be a number, not ", g[key].dump());

@@ -43,5 +43,6 @@ Command add_train_plot(CLI::App& app);
 Command add_tokenizer(CLI::App& app);
 Command add_convert(CLI::App& app);
 Command add_eval(CLI::App& app);
+Command add_serve(CLI::App& app);
 
 }  // namespace fathom::cli

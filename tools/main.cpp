@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   add(fathom::cli::add_tokenizer);
   add(fathom::cli::add_convert);
   add(fathom::cli::add_eval);
+  add(fathom::cli::add_serve);
   // CLI11 reports a mistyped subcommand (or an option before any subcommand) as "A
   // subcommand is required"; name what was given instead.
   if (argc > 1 && argv[1][0] == '-' && std::string(argv[1]) != "-h" && std::string(argv[1]) != "--help") {

@@ -28,6 +28,7 @@ GenerateOptions to_generate_options(const SamplingArgs& a);  // validated: fatho
 // The sampling defaults of the model's generation_config.json (HF's file, when the model directory
 // has one) for the options `cmd` was not given: repetition_penalty always; temperature (1 when
 // absent), top_p, top_k and min_p when its do_sample is true. A malformed file is a fathom::Error.
+// cmd null: no option counts as given (fathom serve: the defaults of every request).
 void apply_generation_config(const CLI::App* cmd, const std::string& model_dir, SamplingArgs& a);
 
 // The tokenizer of a model directory, or the one given with --tokenizer (a directory or a

@@ -1,0 +1,292 @@
+// The serving engine's scheduler (see engine.h).
+#include "serve/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/error.h"
+#include "engine/stop.h"
+
+namespace fathom::serve {
+
+using Clock = std::chrono::steady_clock;
+
+static double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// A request inside the engine: its handle, cache, sampler and streaming state.
+struct Engine::Running {
+  std::shared_ptr<RequestHandle> handle;
+  RequestParams params;
+  Clock::time_point submitted;
+  std::optional<KvCache> cache;
+  std::optional<Sampler> sampler;
+  std::optional<StopMatcher> stops;
+  std::optional<StreamDecoder> detok;
+  int64_t max_new = 0;
+  int32_t pending = -1;  // the sampled token the next decode step feeds the model
+  bool first = true;
+};
+
+bool RequestHandle::next(TokenEvent& event, bool& got_event, bool& done, int timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  got_event = false;
+  done = false;
+  if (!cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return !events_.empty() || finished_; }))
+    return false;
+  if (!events_.empty()) {
+    event = std::move(events_.front());
+    events_.pop_front();
+    got_event = true;
+  }
+  done = finished_ && events_.empty();
+  return true;
+}
+
+RequestResult RequestHandle::wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return finished_; });
+  events_.clear();
+  return result_;
+}
+
+Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
+    : model_(model), tok_(tokenizer), opt_(options) {
+  FATHOM_CHECK(opt_.max_batch >= 1 && opt_.max_batch <= 1024, "engine: max_batch ", opt_.max_batch,
+               " is out of range (1 to 1024)");
+  FATHOM_CHECK(opt_.max_queue >= 0 && opt_.max_queue <= 1000000, "engine: max_queue ", opt_.max_queue,
+               " is out of range (0 to 1000000)");
+  for (int64_t id : model.config().eos_token_ids) eos_.push_back(int32_t(id));
+  if (auto e = tokenizer.eos_id()) eos_.push_back(*e);
+  std::sort(eos_.begin(), eos_.end());
+  eos_.erase(std::unique(eos_.begin(), eos_.end()), eos_.end());
+  vocab_ = model.config().vocab_size;
+  max_pos_ = model.config().max_position_embeddings;
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::shared_ptr<RequestHandle> Engine::submit(RequestParams params) {
+  params.options.validate();
+  FATHOM_CHECK(!params.prompt.empty(), "the prompt is empty (no tokens)");
+  model_.check_ids(params.prompt, "prompt");
+  const int64_t n = int64_t(params.prompt.size());
+  FATHOM_CHECK(n < max_pos_, "the prompt has ", n, " tokens, which leaves no room in the model's context of ",
+               max_pos_, " tokens");
+  FATHOM_CHECK(params.top_logprobs >= -1 && params.top_logprobs <= 20, "top_logprobs ", params.top_logprobs,
+               " is out of range (0 to 20)");
+  auto r = std::make_unique<Running>();
+  r->handle = std::make_shared<RequestHandle>();
+  r->params = std::move(params);
+  r->submitted = Clock::now();
+  r->max_new = std::min<int64_t>(r->params.options.max_tokens, max_pos_ - n);
+  r->handle->result_.prompt_tokens = n;
+  auto h = r->handle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FATHOM_CHECK(!stop_, "the engine is shutting down");
+    if (int64_t(waiting_.size()) >= opt_.max_queue)
+      throw EngineBusy(cat("the server is busy: ", waiting_.size(), " requests are already waiting (the limit is ",
+                           opt_.max_queue, "); retry later"));
+    waiting_.push_back(std::move(r));
+    ++stats_.waiting;
+  }
+  cv_.notify_all();
+  return h;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Engine::finish(Running& r, const std::string& reason, const std::string& error) {
+  if (reason != "cancelled" && reason != "error" && r.stops && r.detok && !r.stops->stopped()) {
+    // what the stream decoder and the stop matcher still held back
+    std::string tail = r.stops->push(r.detok->flush());
+    if (!r.stops->stopped()) tail += r.stops->flush();
+    if (!tail.empty()) {
+      std::lock_guard<std::mutex> lock(r.handle->mu_);
+      r.handle->result_.text += tail;
+      TokenEvent e;
+      e.id = -1;  // no token: text released at the end
+      e.text = std::move(tail);
+      r.handle->events_.push_back(std::move(e));
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(r.handle->mu_);
+    r.handle->result_.finish_reason = reason;
+    r.handle->result_.error = error;
+    r.handle->finished_ = true;
+  }
+  r.handle->cv_.notify_all();
+  r.cache.reset();  // the KV cache's memory goes back now, not when the handle dies
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.requests_finished;
+}
+
+bool Engine::take_token(Running& r, int32_t id, const float* logits) {
+  RequestHandle& h = *r.handle;
+  if (r.first) {
+    r.first = false;
+    std::lock_guard<std::mutex> lock(h.mu_);
+    h.result_.ttft_seconds = seconds_since(r.submitted);
+  }
+  if (!r.params.options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), id)) {
+    finish(r, "stop");
+    return false;
+  }
+  TokenEvent e;
+  e.id = id;
+  if (r.params.top_logprobs >= 0 && logits) e.logprobs = r.sampler->last_logprobs(id, r.params.top_logprobs);
+  e.text = r.stops->push(r.detok->push(id));
+  {
+    std::lock_guard<std::mutex> lock(h.mu_);
+    h.result_.ids.push_back(id);
+    h.result_.text += e.text;
+    h.events_.push_back(std::move(e));
+  }
+  h.cv_.notify_all();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.tokens_generated;
+  }
+  if (r.stops->stopped()) {
+    finish(r, "stop");
+    return false;
+  }
+  if (int64_t(h.result_.ids.size()) >= r.max_new) {
+    finish(r, "length");
+    return false;
+  }
+  r.pending = id;
+  return true;
+}
+
+void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std::unique_ptr<Running>>& fresh) {
+  // Prefill every newcomer in one ragged forward_batch; each returns its last token's logits.
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<KvCache*> caches;
+  std::vector<Running*> ok;
+  for (auto& r : fresh) {
+    try {
+      const int64_t n = int64_t(r->params.prompt.size());
+      r->cache.emplace(model_.new_cache(n + r->max_new));
+      r->sampler.emplace(r->params.options.sampling);
+      r->stops.emplace(r->params.options.stop);
+      r->detok.emplace(tok_, /*skip_special=*/true);
+      {
+        std::lock_guard<std::mutex> lock(r->handle->mu_);
+        r->handle->result_.queue_seconds = seconds_since(r->submitted);
+      }
+      prompts.push_back(r->params.prompt);
+      caches.push_back(&*r->cache);
+      ok.push_back(r.get());
+    } catch (const std::exception& e) {
+      finish(*r, "error", e.what());
+    }
+  }
+  if (!ok.empty()) {
+    try {
+      const Tensor logits = model_.forward_batch(prompts, caches);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const auto& p : prompts) stats_.prompt_tokens += int64_t(p.size());
+      }
+      for (size_t b = 0; b < ok.size(); ++b) {
+        Running& r = *ok[b];
+        const float* row = logits.ptr<float>() + int64_t(b) * vocab_;
+        if (r.handle->cancelled()) {
+          finish(r, "cancelled");
+          continue;
+        }
+        const int32_t id = r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
+        take_token(r, id, row);
+      }
+    } catch (const std::exception& e) {
+      for (Running* r : ok) finish(*r, "error", e.what());
+    }
+  }
+  for (auto& r : fresh)
+    if (!r->handle->finished_) batch.push_back(std::move(r));
+  fresh.clear();
+}
+
+void Engine::publish(const std::vector<std::unique_ptr<Running>>& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.running = int64_t(batch.size());
+  stats_.kv_tokens = 0;
+  for (const auto& r : batch) stats_.kv_tokens += r->cache ? r->cache->capacity() : 0;
+}
+
+void Engine::loop() {
+  std::vector<std::unique_ptr<Running>> batch, fresh;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !waiting_.empty() || !batch.empty(); });
+      if (stop_) break;
+      while (!waiting_.empty() && int(batch.size() + fresh.size()) < opt_.max_batch) {
+        fresh.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      stats_.waiting = int64_t(waiting_.size());
+    }
+    // cancelled while waiting: never prefilled
+    for (auto& r : fresh)
+      if (r->handle->cancelled()) finish(*r, "cancelled");
+    fresh.erase(std::remove_if(fresh.begin(), fresh.end(), [](const auto& r) { return r->handle->finished_; }),
+                fresh.end());
+    if (!fresh.empty()) admit(batch, fresh);
+    for (auto& r : batch)
+      if (r->handle->cancelled()) finish(*r, "cancelled");
+    batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
+                batch.end());
+    publish(batch);
+    if (batch.empty()) continue;
+    // one decode step for the whole batch
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<KvCache*> caches;
+    for (auto& r : batch) {
+      tokens.push_back({r->pending});
+      caches.push_back(&*r->cache);
+    }
+    try {
+      const Tensor logits = model_.forward_batch(tokens, caches);
+      for (size_t b = 0; b < batch.size(); ++b) {
+        Running& r = *batch[b];
+        const float* row = logits.ptr<float>() + int64_t(b) * vocab_;
+        const int32_t id = r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
+        take_token(r, id, row);
+      }
+    } catch (const std::exception& e) {
+      for (auto& r : batch) finish(*r, "error", e.what());
+    }
+    batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
+                batch.end());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.steps;
+    }
+    publish(batch);
+  }
+  // shutting down: whatever is left ends "cancelled"
+  for (auto& r : batch) finish(*r, "cancelled");
+  for (auto& r : fresh) finish(*r, "cancelled");
+  std::deque<std::unique_ptr<Running>> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(waiting_);
+  }
+  for (auto& r : left) finish(*r, "cancelled");
+}
+
+}  // namespace fathom::serve

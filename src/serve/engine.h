@@ -1,0 +1,145 @@
+// The serving engine: continuous batching of generation requests over one model.
+//
+// Requests arrive from any thread (submit) and wait in a bounded queue; one scheduler thread
+// owns the model. Each iteration it admits waiting requests while the batch has room (their
+// prompts prefilled together in one ragged forward_batch), then runs ONE decode step for every
+// running request together (forward_batch: the projections, MoE and LM head over all rows at
+// once, attention per sequence over its own KV cache), samples each row with that request's own
+// parameters, and streams the new text. A request leaves the batch the step it finishes (EOS, a
+// stop string, max_tokens, the context's end) or is cancelled, and the next waiting one takes its
+// place at the next iteration: requests join and leave between steps, never waiting for the
+// slowest one of a fixed batch.
+//
+// Each request has its own KV cache sized for prompt + max_tokens when it is admitted and freed
+// when it finishes. Not yet here (the serving issue's later steps): a paged latent cache with a
+// block manager, prefix caching, preemption, chunked prefill mixed with decode, and MTP
+// speculative decoding.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "engine/generator.h"
+#include "engine/sampler.h"
+#include "fathom/model.h"
+#include "fathom/tokenizer.h"
+
+namespace fathom::serve {
+
+struct EngineOptions {
+  int max_batch = 8;    // requests decoded together at most
+  int max_queue = 64;   // requests waiting beyond the batch; more: EngineBusy (HTTP 429)
+};
+
+// What a request asks for.
+struct RequestParams {
+  std::vector<int32_t> prompt;  // token ids, non-empty, within the vocabulary
+  GenerateOptions options;      // sampling, max_tokens, stop strings, ignore_eos
+  int top_logprobs = -1;        // -1: no logprobs; 0..20: the chosen token's and this many alternatives
+};
+
+// One generated token, as the scheduler streams it.
+struct TokenEvent {
+  int32_t id = 0;
+  std::string text;                       // the text this token released (may be empty: a partial
+                                          // UTF-8 character or a possible stop string held back)
+  std::optional<LogprobResult> logprobs;  // when asked for
+};
+
+struct RequestResult {
+  std::vector<int32_t> ids;  // generated tokens (EOS not included)
+  std::string text;          // all the text released, up to a stop string
+  std::string finish_reason; // "stop", "length", "cancelled", or "error"
+  std::string error;         // with "error": what went wrong
+  int64_t prompt_tokens = 0;
+  double queue_seconds = 0;  // submit -> admitted
+  double ttft_seconds = 0;   // submit -> first token
+};
+
+// A submitted request, as its submitter sees it: events to take in order, then the result.
+class RequestHandle {
+ public:
+  // Waits up to timeout_ms for the next event or the end; returns false on timeout. `event` is
+  // filled when one was waiting; `done` turns true once the result is final and every event has
+  // been taken.
+  bool next(TokenEvent& event, bool& got_event, bool& done, int timeout_ms);
+  // Blocks until the request has finished; the events are dropped.
+  RequestResult wait();
+  const RequestResult& result() const { return result_; }  // final once done
+  // Asks the scheduler to stop this request at its next step ("cancelled"); safe from any thread.
+  void cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  friend class Engine;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<TokenEvent> events_;
+  bool finished_ = false;
+  RequestResult result_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// The queue is full: the caller should answer 429 (and may retry later).
+struct EngineBusy : Error {
+  using Error::Error;
+};
+
+struct EngineStats {
+  int64_t waiting = 0, running = 0;
+  int64_t requests_finished = 0, tokens_generated = 0, prompt_tokens = 0, steps = 0;
+  int64_t kv_tokens = 0;  // KV-cache positions held by running requests (their caches' capacity)
+};
+
+class Engine {
+ public:
+  Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options = {});
+  ~Engine();  // stops the scheduler; requests still waiting or running end "cancelled"
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Validates the request (fathom::Error naming what is wrong: empty prompt, an id out of the
+  // vocabulary, a prompt that leaves no room in the context, bad sampling options) and queues it.
+  // Throws EngineBusy when max_queue requests are already waiting.
+  std::shared_ptr<RequestHandle> submit(RequestParams params);
+
+  EngineStats stats() const;
+  const Model& model() const { return model_; }
+  const Tokenizer& tokenizer() const { return tok_; }
+  // Tokens that end a sequence (the model's eos ids and the tokenizer's).
+  const std::vector<int32_t>& eos_ids() const { return eos_; }
+
+ private:
+  struct Running;
+  void loop();
+  void admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std::unique_ptr<Running>>& fresh);
+  // Applies a sampled token to r; returns false when r has finished.
+  bool take_token(Running& r, int32_t id, const float* logits);
+  void finish(Running& r, const std::string& reason, const std::string& error = "");
+  // running and kv_tokens of stats_ from the batch as it is now
+  void publish(const std::vector<std::unique_ptr<Running>>& batch);
+
+  Model& model_;
+  const Tokenizer& tok_;
+  EngineOptions opt_;
+  std::vector<int32_t> eos_;
+  int64_t vocab_ = 0, max_pos_ = 0;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Running>> waiting_;
+  bool stop_ = false;
+  EngineStats stats_;
+  std::thread thread_;
+};
+
+}  // namespace fathom::serve
