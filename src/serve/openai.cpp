@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "engine/reasoning.h"
+#include "serve/web_page.h"
 #include "tokenizer/chat_template.h"
 
 namespace fathom::serve {
@@ -133,6 +134,10 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
   const Tokenizer& tok = engine_.tokenizer();
   auto send_json = [&](int status, const json& body) { w.send(status, "application/json", body.dump()); };
   try {
+    if (req.path == "/" || req.path == "/index.html") {
+      if (req.method != "GET" && req.method != "HEAD") fail(405, "/ takes GET");
+      return w.send(200, "text/html; charset=utf-8", chat_page_html());
+    }
     if (req.path == "/health") {
       if (req.method != "GET") fail(405, "/health takes GET");
       return send_json(200, {{"status", "ok"}});
@@ -196,6 +201,7 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
     GenerateOptions& o = job.params.options;
     const char* max_key = chat && f.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
     o.max_tokens = f.integer(max_key, opt_.default_max_tokens, 1, opt_.max_tokens_limit);
+    o.ignore_eos = f.boolean("ignore_eos", false);  // vLLM's extension: keep going after EOS
     o.sampling = opt_.defaults;
     o.sampling.temperature = float(f.number("temperature", opt_.defaults.temperature, 0.0, 2.0));
     o.sampling.top_p = float(f.number("top_p", opt_.defaults.top_p, 0.0, 1.0));

@@ -3,13 +3,14 @@
 //   POST /v1/chat/completions   messages -> the model's chat template -> generation
 //   POST /v1/completions        prompt (a string, or token ids) -> generation
 //   GET  /v1/models             the one model served
+//   GET  /                      the web chat page (web_page.h)
 //   GET  /health                {"status": "ok"}
 //   GET  /metrics               Prometheus text: queue depth, running requests, KV positions held,
 //                               tokens and requests counted
 //
 // Both generation endpoints take model, max_tokens (max_completion_tokens for chat), temperature,
 // top_p, n, stop, seed, presence_penalty, frequency_penalty, logprobs (+ top_logprobs for chat),
-// and, as vLLM does, top_k, min_p and repetition_penalty;
+// and, as vLLM does, top_k, min_p, repetition_penalty and ignore_eos;
 // stream (Server-Sent Events, "data: [DONE]" last; stream_options.include_usage), and return
 // usage. For a model whose chat template opens a reasoning block (DeepSeek-R1's "<think>"), chat
 // answers carry the reasoning as message.reasoning_content (delta.reasoning_content when
