@@ -109,6 +109,42 @@ TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
   EXPECT_GT(engine.stats().steps, 0);
 }
 
+// Prompts prefilled a few tokens per step beside others' decoding (chunked prefill), and a KV
+// budget that lets one request run at a time: the same tokens as each prompt alone, nothing stuck.
+TEST_F(Serve, ChunkedPrefillAndAKvBudgetKeepTheTokens) {
+  std::vector<std::vector<int32_t>> alone;
+  for (const char* p : kPrompts) {
+    Generator g(*model_, *tok_);
+    GenerateOptions o;
+    o.max_tokens = 10;
+    o.sampling.temperature = 0.0f;
+    o.ignore_eos = true;
+    alone.push_back(g.generate(tok_->encode(p, true), o).ids);
+  }
+  for (int64_t budget : {int64_t(0), int64_t(40)}) {
+    SCOPED_TRACE(budget ? "a KV budget of 40 positions: one request at a time" : "no KV budget");
+    EngineOptions eo;
+    eo.max_batch = 4;
+    eo.prefill_chunk = 3;
+    eo.max_kv_tokens = budget;
+    Engine engine(*model_, *tok_, eo);
+    std::vector<std::shared_ptr<RequestHandle>> hs;
+    for (const char* p : kPrompts) {
+      RequestParams rp = greedy(p, 10);
+      rp.options.ignore_eos = true;
+      hs.push_back(engine.submit(rp));
+    }
+    for (size_t i = 0; i < hs.size(); ++i) EXPECT_EQ(hs[i]->wait().ids, alone[i]) << kPrompts[i];
+    EXPECT_GT(engine.stats().steps, 6);  // prompts of 4+ tokens took more than one step each
+    EXPECT_TRUE(drains(engine));
+  }
+  // a request larger than the whole budget still runs (alone)
+  EngineOptions eo;
+  eo.max_kv_tokens = 5;
+  Engine engine(*model_, *tok_, eo);
+  EXPECT_EQ(engine.submit(greedy("The Linux kernel", 8))->wait().ids.size(), 8u);
+}
+
 TEST_F(Serve, StopStringsAndLengthEndRequests) {
   Engine engine(*model_, *tok_);
   // the greedy continuation, then a stop string taken from inside it

@@ -26,7 +26,7 @@ Command add_serve(CLI::App& app) {
     ModelArgs model;
     std::string tokenizer, host = "127.0.0.1", api_key, name;
     int port = 8080, max_batch = 8, max_queue = 64;
-    int64_t max_tokens = 4096;
+    int64_t max_tokens = 4096, prefill_chunk = 512, max_kv_tokens = 0;
     double max_body_mb = 1.0;
   };
   auto a = std::make_shared<Args>();
@@ -41,6 +41,11 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--max-batch", a->max_batch, "requests decoded together at most")->check(CLI::Range(1, 1024));
   cmd->add_option("--max-queue", a->max_queue, "requests waiting beyond the batch; more get HTTP 429")
       ->check(CLI::Range(0, 1000000));
+  cmd->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens prefilled per step beside the decoding ones")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  cmd->add_option("--max-kv-tokens", a->max_kv_tokens,
+                  "KV-cache positions the running requests may reserve together (0: no limit); more wait")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
   cmd->add_option("--max-tokens-limit", a->max_tokens, "the largest max_tokens a request may ask for")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
   cmd->add_option("--max-body-mb", a->max_body_mb, "the largest request body, in MiB (more: HTTP 413)")
@@ -54,6 +59,8 @@ Command add_serve(CLI::App& app) {
     serve::EngineOptions eo;
     eo.max_batch = a->max_batch;
     eo.max_queue = a->max_queue;
+    eo.prefill_chunk = a->prefill_chunk;
+    eo.max_kv_tokens = a->max_kv_tokens;
     serve::Engine engine(*model, *tok, eo);
     serve::ApiOptions ao;
     ao.model_name = !a->name.empty() ? a->name : std::filesystem::path(a->model.dir).lexically_normal().filename().string();

@@ -23,7 +23,8 @@ struct Engine::Running {
   std::optional<StopMatcher> stops;
   std::optional<StreamDecoder> detok;
   int64_t max_new = 0;
-  int32_t pending = -1;  // the sampled token the next decode step feeds the model
+  int32_t pending = -1;   // the sampled token the next decode step feeds the model
+  int64_t prefilled = 0;  // prompt tokens in the cache so far (chunked prefill)
   bool first = true;
 };
 
@@ -53,6 +54,8 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
     : model_(model), tok_(tokenizer), opt_(options) {
   FATHOM_CHECK(opt_.max_batch >= 1 && opt_.max_batch <= 1024, "engine: max_batch ", opt_.max_batch,
                " is out of range (1 to 1024)");
+  FATHOM_CHECK(opt_.prefill_chunk >= 1, "engine: prefill_chunk ", opt_.prefill_chunk, " must be at least 1");
+  FATHOM_CHECK(opt_.max_kv_tokens >= 0, "engine: max_kv_tokens ", opt_.max_kv_tokens, " must not be negative");
   FATHOM_CHECK(opt_.max_queue >= 0 && opt_.max_queue <= 1000000, "engine: max_queue ", opt_.max_queue,
                " is out of range (0 to 1000000)");
   for (int64_t id : model.config().eos_token_ids) eos_.push_back(int32_t(id));
@@ -172,10 +175,8 @@ bool Engine::take_token(Running& r, int32_t id, const float* logits) {
 }
 
 void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std::unique_ptr<Running>>& fresh) {
-  // Prefill every newcomer in one ragged forward_batch; each returns its last token's logits.
-  std::vector<std::vector<int32_t>> prompts;
-  std::vector<KvCache*> caches;
-  std::vector<Running*> ok;
+  // A newcomer gets its cache, sampler and stream state now; its prompt is prefilled by the
+  // steps that follow, a chunk at a time beside the others' decoding (loop()).
   for (auto& r : fresh) {
     try {
       const int64_t n = int64_t(r->params.prompt.size());
@@ -187,36 +188,11 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
         std::lock_guard<std::mutex> lock(r->handle->mu_);
         r->handle->result_.queue_seconds = seconds_since(r->submitted);
       }
-      prompts.push_back(r->params.prompt);
-      caches.push_back(&*r->cache);
-      ok.push_back(r.get());
+      batch.push_back(std::move(r));
     } catch (const std::exception& e) {
       finish(*r, "error", e.what());
     }
   }
-  if (!ok.empty()) {
-    try {
-      const Tensor logits = model_.forward_batch(prompts, caches);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        for (const auto& p : prompts) stats_.prompt_tokens += int64_t(p.size());
-      }
-      for (size_t b = 0; b < ok.size(); ++b) {
-        Running& r = *ok[b];
-        const float* row = logits.ptr<float>() + int64_t(b) * vocab_;
-        if (r.handle->cancelled()) {
-          finish(r, "cancelled");
-          continue;
-        }
-        const int32_t id = r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
-        take_token(r, id, row);
-      }
-    } catch (const std::exception& e) {
-      for (Running* r : ok) finish(*r, "error", e.what());
-    }
-  }
-  for (auto& r : fresh)
-    if (!r->handle->finished_) batch.push_back(std::move(r));
   fresh.clear();
 }
 
@@ -234,7 +210,14 @@ void Engine::loop() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !waiting_.empty() || !batch.empty(); });
       if (stop_) break;
+      // admission: a place in the batch, and room in the KV budget for prompt + max_tokens
+      int64_t held = 0;
+      for (const auto& r : batch) held += r->cache ? r->cache->capacity() : 0;
       while (!waiting_.empty() && int(batch.size() + fresh.size()) < opt_.max_batch) {
+        const Running& w = *waiting_.front();
+        const int64_t need = int64_t(w.params.prompt.size()) + w.max_new;
+        if (opt_.max_kv_tokens > 0 && held + need > opt_.max_kv_tokens && !(batch.empty() && fresh.empty())) break;
+        held += need;
         fresh.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
@@ -252,23 +235,46 @@ void Engine::loop() {
                 batch.end());
     publish(batch);
     if (batch.empty()) continue;
-    // one decode step for the whole batch
+    // One step: every decoding request feeds its pending token; prefilling requests feed their
+    // next prompt chunk, within prefill_chunk prompt tokens per step in all (the oldest first, and
+    // at least one chunk per step), so a long prompt never stalls the others for more than a
+    // chunk's worth of work. One ragged forward_batch runs them all.
     std::vector<std::vector<int32_t>> tokens;
     std::vector<KvCache*> caches;
+    std::vector<Running*> rows;
+    int64_t budget = opt_.prefill_chunk;
     for (auto& r : batch) {
-      tokens.push_back({r->pending});
+      const int64_t n = int64_t(r->params.prompt.size());
+      if (r->prefilled < n) {
+        if (budget <= 0) continue;
+        const int64_t take = std::min(n - r->prefilled, budget);
+        budget -= take;
+        tokens.emplace_back(r->params.prompt.begin() + r->prefilled, r->params.prompt.begin() + r->prefilled + take);
+      } else {
+        tokens.push_back({r->pending});
+      }
       caches.push_back(&*r->cache);
+      rows.push_back(r.get());
     }
     try {
       const Tensor logits = model_.forward_batch(tokens, caches);
-      for (size_t b = 0; b < batch.size(); ++b) {
-        Running& r = *batch[b];
+      int64_t prompt_tokens = 0;
+      for (size_t b = 0; b < rows.size(); ++b) {
+        Running& r = *rows[b];
+        const int64_t n = int64_t(r.params.prompt.size());
+        if (r.prefilled < n) {
+          r.prefilled += int64_t(tokens[b].size());
+          prompt_tokens += int64_t(tokens[b].size());
+          if (r.prefilled < n) continue;  // more of the prompt next step; these logits are not needed
+        }
         const float* row = logits.ptr<float>() + int64_t(b) * vocab_;
         const int32_t id = r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
         take_token(r, id, row);
       }
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prompt_tokens += prompt_tokens;
     } catch (const std::exception& e) {
-      for (auto& r : batch) finish(*r, "error", e.what());
+      for (Running* r : rows) finish(*r, "error", e.what());
     }
     batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
                 batch.end());

@@ -1,19 +1,20 @@
 // The serving engine: continuous batching of generation requests over one model.
 //
 // Requests arrive from any thread (submit) and wait in a bounded queue; one scheduler thread
-// owns the model. Each iteration it admits waiting requests while the batch has room (their
-// prompts prefilled together in one ragged forward_batch), then runs ONE decode step for every
-// running request together (forward_batch: the projections, MoE and LM head over all rows at
-// once, attention per sequence over its own KV cache), samples each row with that request's own
-// parameters, and streams the new text. A request leaves the batch the step it finishes (EOS, a
+// owns the model. Each iteration it admits waiting requests while the batch has room (and the KV
+// budget allows), then runs ONE step for every running request together — one ragged
+// forward_batch in which decoding requests feed their last token and newcomers the next chunk of
+// their prompt (chunked prefill, up to prefill_chunk prompt tokens per step): the projections,
+// MoE and LM head over all rows at once, attention per sequence over its own KV cache. It samples
+// each decoding row (and each prompt that just finished prefilling) with that request's own
+// parameters and streams the new text. A request leaves the batch the step it finishes (EOS, a
 // stop string, max_tokens, the context's end) or is cancelled, and the next waiting one takes its
 // place at the next iteration: requests join and leave between steps, never waiting for the
 // slowest one of a fixed batch.
 //
 // Each request has its own KV cache sized for prompt + max_tokens when it is admitted and freed
 // when it finishes. Not yet here (the serving issue's later steps): a paged latent cache with a
-// block manager, prefix caching, preemption, chunked prefill mixed with decode, and MTP
-// speculative decoding.
+// block manager, prefix caching, preemption, and MTP speculative decoding.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -38,6 +39,13 @@ namespace fathom::serve {
 struct EngineOptions {
   int max_batch = 8;    // requests decoded together at most
   int max_queue = 64;   // requests waiting beyond the batch; more: EngineBusy (HTTP 429)
+  // Prompt tokens prefilled per step, in all: a long prompt is prefilled a chunk per step beside
+  // the running requests' decoding instead of stalling them for its whole length.
+  int64_t prefill_chunk = 512;
+  // KV-cache positions the running requests may hold together (each reserves prompt + max_tokens
+  // when admitted); a request that would exceed it waits in the queue until others finish.
+  // 0: no limit beyond max_batch. A request larger than the whole budget still runs, alone.
+  int64_t max_kv_tokens = 0;
 };
 
 // What a request asks for.
