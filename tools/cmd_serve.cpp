@@ -26,6 +26,7 @@ Command add_serve(CLI::App& app) {
     ModelArgs model;
     std::string tokenizer, host = "127.0.0.1", api_key, name;
     int port = 8080, max_batch = 8, max_queue = 64;
+    bool speculative = false;
     int64_t max_tokens = 4096, prefill_chunk = 512, max_kv_tokens = 0;
     double max_body_mb = 1.0;
   };
@@ -46,6 +47,9 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--max-kv-tokens", a->max_kv_tokens,
                   "KV-cache positions the running requests may reserve together (0: no limit); more wait")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+  cmd->add_flag("--speculative", a->speculative,
+                "MTP self-speculative decoding: the model's MTP module drafts a token, the next step verifies it "
+                "(the output stays plain decoding's)");
   cmd->add_option("--max-tokens-limit", a->max_tokens, "the largest max_tokens a request may ask for")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
   cmd->add_option("--max-body-mb", a->max_body_mb, "the largest request body, in MiB (more: HTTP 413)")
@@ -61,6 +65,9 @@ Command add_serve(CLI::App& app) {
     eo.max_queue = a->max_queue;
     eo.prefill_chunk = a->prefill_chunk;
     eo.max_kv_tokens = a->max_kv_tokens;
+    eo.speculative = a->speculative;
+    FATHOM_CHECK(!a->speculative || model->has_mtp(), "--speculative: model ", a->model.dir,
+                 " has no MTP module (num_nextn_predict_layers is 0)");
     serve::Engine engine(*model, *tok, eo);
     serve::ApiOptions ao;
     ao.model_name = !a->name.empty() ? a->name : std::filesystem::path(a->model.dir).lexically_normal().filename().string();

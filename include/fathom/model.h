@@ -98,6 +98,27 @@ class Model {
   // sequence over its own cache. Returns the logits of each sequence's last token (B, vocab).
   Tensor forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches);
 
+  // forward_batch that keeps, for sequence b, its last want[b] rows (1 <= want[b] <= its token
+  // count): their logits (sum of want, vocab) and final-normed hidden states (sum of want,
+  // hidden) — the MTP module's input — in sequence order, on the host. The head is forward()'s
+  // (the final norm, then the LM head). Speculative decoding verifies drafts with it.
+  struct BatchRows {
+    Tensor logits, hidden;
+  };
+  BatchRows forward_batch_rows(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                               const std::vector<int64_t>& want);
+
+  // A KV cache for MTP module `depth`'s own attention layer, for mtp_step.
+  KvCache new_mtp_cache(int64_t capacity, int depth = 0) const;
+  // MTP module `depth` incrementally (the drafting half of speculative decoding): sequence b
+  // appends next_ids[b].size() positions to *mtp_caches[b], position i combining its row of `h`
+  // (the main model's final-normed hidden state there, rows in sequence order, host F32) with
+  // the embedding of next_ids[b][i], the token that followed it. Returns each sequence's last
+  // position's logits (B, vocab): the prediction of the token after that one. Over a whole
+  // sequence at once it computes what mtp_logits does.
+  Tensor mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const Tensor& h,
+                  const std::vector<KvCache*>& mtp_caches, int depth = 0);
+
   // One greedy decoding step for several sequences: appends tokens[b] (one each) to *caches[b]
   // and returns each sequence's argmax next token. On CUDA the step is a CUDA graph captured on
   // first use and replayed after (captured again when the batch or a cache's storage changes);
@@ -130,6 +151,10 @@ class Model {
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                    const std::vector<SampleRow>* rows, const char* what);
   void init_backend(const ModelOptions& options);
+  // The layers of a batched step (forward_batch, forward_batch_rows): returns the residual
+  // stream on the device, sequence b's rows from starts[b]; the caches advance.
+  Tensor batch_layers(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                      std::vector<int64_t>& starts);
   // cos/sin (T, rope/2) for these positions, on the backend's device.
   void rope_tables(const std::vector<int64_t>& positions, Tensor& cos, Tensor& sin) const;
   // Every cache is of the model's MLA mode and none repeats (for the batched steps).

@@ -412,25 +412,59 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   return out;
 }
 
+// The layers of a batched step: every sequence's tokens after its cache, in one residual stream
+// (sequence b's rows start at starts[b]); the caches advance.
+static void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what) {
+  FATHOM_CHECK(!tokens.empty() && tokens.size() == n_caches, what, ": ", tokens.size(), " token lists for ", n_caches,
+               " caches");
+  for (size_t b = 0; b < tokens.size(); ++b)
+    FATHOM_CHECK(!tokens[b].empty(), what, ": sequence ", b, " has no tokens");
+}
+
 Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches) {
-  FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), "forward_batch: ", tokens.size(), " token lists for ",
-               caches.size(), " caches");
+  check_batch(tokens, caches.size(), "forward_batch");
+  std::vector<int64_t> starts;
+  Tensor x = batch_layers(tokens, caches, starts);
+  const ModelConfig& c = w_->config;
+  Ops& ops = *ops_;
+  const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
+  // the last row of every sequence through the final norm and the LM head
+  Tensor last = ops.empty({B, D});
+  for (int64_t b = 0; b < B; ++b) {
+    CopyParams cp;
+    cp.out = last.f32() + b * D;
+    cp.in = x.f32() + (starts[size_t(b)] + int64_t(tokens[size_t(b)].size()) - 1) * D;
+    cp.n_tokens = 1;
+    cp.cols = int(D);
+    ops.copy(cp);
+  }
+  Tensor logits = ops.empty({B, c.vocab_size});
+  ops.matmul_batch({{logits.f32(), last.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
+  Tensor host = Tensor::empty({B, c.vocab_size});
+  ops.download(host.data(), logits);
+  return host;
+}
+
+Tensor Model::batch_layers(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                           std::vector<int64_t>& starts) {
   check_caches(caches, "forward_batch");
   const ModelConfig& c = w_->config;
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
   std::vector<int32_t> ids;
   std::vector<int64_t> positions;
-  std::vector<int64_t> last_rows;
+  starts.clear();
   for (int64_t b = 0; b < B; ++b) {
     check_ids(tokens[size_t(b)], cat("tokens of sequence ", b));
+    FATHOM_CHECK(caches[size_t(b)]->n_layers() == c.num_hidden_layers, "forward_batch: cache ", b, " has ",
+                 caches[size_t(b)]->n_layers(), " layers, the model ", c.num_hidden_layers);
     KvCache& kc = *caches[size_t(b)];
     kc.reserve(int64_t(tokens[size_t(b)].size()));
+    starts.push_back(int64_t(ids.size()));
     for (size_t i = 0; i < tokens[size_t(b)].size(); ++i) {
       ids.push_back(tokens[size_t(b)][i]);
       positions.push_back(kc.length() + int64_t(i));
     }
-    last_rows.push_back(int64_t(ids.size()) - 1);
   }
   const int64_t T = int64_t(ids.size());
   Tensor cos, sin;
@@ -441,27 +475,131 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   ops.embedding(x, ids_d, w_->embed_tokens);
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    int64_t t0 = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = int64_t(tokens[size_t(b)].size());
-      seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), t0, n};
-      t0 += n;
-    }
+    for (int64_t b = 0; b < B; ++b)
+      seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), starts[size_t(b)],
+                         int64_t(tokens[size_t(b)].size())};
     decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
   }
   for (int64_t b = 0; b < B; ++b) caches[size_t(b)]->advance(int64_t(tokens[size_t(b)].size()));
-  // the last row of every sequence through the final norm and the LM head
+  return x;
+}
+
+Model::BatchRows Model::forward_batch_rows(const std::vector<std::vector<int32_t>>& tokens,
+                                           const std::vector<KvCache*>& caches, const std::vector<int64_t>& want) {
+  check_batch(tokens, caches.size(), "forward_batch_rows");
+  FATHOM_CHECK(want.size() == tokens.size(), "forward_batch_rows: ", want.size(), " row counts for ", tokens.size(),
+               " sequences");
+  int64_t R = 0;
+  for (size_t b = 0; b < want.size(); ++b) {
+    FATHOM_CHECK(want[b] >= 1 && want[b] <= int64_t(tokens[b].size()), "forward_batch_rows: sequence ", b, " wants ",
+                 want[b], " rows of its ", tokens[b].size(), " tokens");
+    R += want[b];
+  }
+  std::vector<int64_t> starts;
+  Tensor x = batch_layers(tokens, caches, starts);
+  const ModelConfig& c = w_->config;
+  Ops& ops = *ops_;
+  const int64_t D = c.hidden_size;
+  Tensor rows = ops.empty({R, D});
+  int64_t r = 0;
+  for (size_t b = 0; b < tokens.size(); ++b) {
+    CopyParams cp;
+    cp.out = rows.f32() + r * D;
+    cp.out_token_stride = D;
+    cp.in = x.f32() + (starts[b] + int64_t(tokens[b].size()) - want[b]) * D;
+    cp.in_token_stride = D;
+    cp.n_tokens = want[b];
+    cp.cols = int(D);
+    ops.copy(cp);
+    r += want[b];
+  }
+  Tensor normed = ops.empty({R, D});
+  ops.rmsnorm(normed, rows, w_->norm, float(c.rms_norm_eps));
+  Tensor logits = ops.empty({R, c.vocab_size});
+  ops.matmul(logits, normed, w_->lm_head);
+  BatchRows out;
+  out.logits = Tensor::empty({R, c.vocab_size});
+  ops.download(out.logits.data(), logits);
+  out.hidden = Tensor::empty({R, D});
+  ops.download(out.hidden.data(), normed);
+  return out;
+}
+
+KvCache Model::new_mtp_cache(int64_t capacity, int depth) const {
+  FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
+               " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
+  if (capacity <= 0) capacity = std::min<int64_t>(256, max_cache_tokens_);
+  return KvCache(*ops_, w_->config, 1, options_.mla_mode, capacity, kv_dtype(), max_cache_tokens_);
+}
+
+Tensor Model::mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const Tensor& h,
+                       const std::vector<KvCache*>& mtp_caches, int depth) {
+  const ModelConfig& c = w_->config;
+  FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
+               " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
+  check_batch(next_ids, mtp_caches.size(), "mtp_step");
+  check_caches(mtp_caches, "mtp_step");
+  const int64_t B = int64_t(next_ids.size()), D = c.hidden_size;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> positions, starts;
+  for (int64_t b = 0; b < B; ++b) {
+    check_ids(next_ids[size_t(b)], cat("next ids of sequence ", b));
+    KvCache& kc = *mtp_caches[size_t(b)];
+    FATHOM_CHECK(kc.n_layers() == 1, "mtp_step: cache ", b, " is not an MTP cache (new_mtp_cache)");
+    kc.reserve(int64_t(next_ids[size_t(b)].size()));
+    starts.push_back(int64_t(ids.size()));
+    for (size_t i = 0; i < next_ids[size_t(b)].size(); ++i) {
+      ids.push_back(next_ids[size_t(b)][i]);
+      positions.push_back(kc.length() + int64_t(i));
+    }
+  }
+  const int64_t T = int64_t(ids.size());
+  FATHOM_CHECK(h.device() == Device::CPU && h.dtype() == DType::F32 && h.dim(0) == T && h.dim(1) == D,
+               "mtp_step: hidden states ", shape_str(h.shape()), " for ", T, " positions of width ", D,
+               " (host F32 expected)");
+  const MtpWeights& m = w_->mtp[size_t(depth)];
+  Ops& ops = *ops_;
+  const float eps = float(c.rms_norm_eps);
+  Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
+  Tensor h_d = ops.upload(h);
+  Tensor e = ops.empty({T, D}), hn = ops.empty({T, D});
+  ops.embedding(e, ids_d, m.embed_tokens);
+  ops.rmsnorm(e, e, m.enorm, eps);
+  ops.rmsnorm(hn, h_d, m.hnorm, eps);
+  Tensor cat_eh = ops.empty({T, 2 * D});  // [enorm(emb(next)) ; hnorm(h)], as mtp_logits
+  for (int half = 0; half < 2; ++half) {
+    CopyParams cp;
+    cp.out = cat_eh.f32() + half * D;
+    cp.out_token_stride = 2 * D;
+    cp.in = (half ? hn : e).f32();
+    cp.in_token_stride = D;
+    cp.n_tokens = T;
+    cp.cols = int(D);
+    ops.copy(cp);
+  }
+  Tensor x = ops.empty({T, D});
+  ops.matmul(x, cat_eh, m.eh_proj);
+  Tensor cos, sin;
+  rope_tables(positions, cos, sin);
+  std::vector<SeqSlice> seqs;
+  for (int64_t b = 0; b < B; ++b)
+    seqs.push_back({&mtp_caches[size_t(b)]->layer(0), mtp_caches[size_t(b)]->length(), starts[size_t(b)],
+                    int64_t(next_ids[size_t(b)].size())});
+  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, seqs, RopeTables{&cos, &sin});
+  for (int64_t b = 0; b < B; ++b) mtp_caches[size_t(b)]->advance(int64_t(next_ids[size_t(b)].size()));
   Tensor last = ops.empty({B, D});
   for (int64_t b = 0; b < B; ++b) {
     CopyParams cp;
     cp.out = last.f32() + b * D;
-    cp.in = x.f32() + last_rows[size_t(b)] * D;
+    cp.in = x.f32() + (starts[size_t(b)] + int64_t(next_ids[size_t(b)].size()) - 1) * D;
     cp.n_tokens = 1;
     cp.cols = int(D);
     ops.copy(cp);
   }
+  Tensor normed = ops.empty({B, D});
+  ops.rmsnorm(normed, last, m.shared_head_norm, eps);
   Tensor logits = ops.empty({B, c.vocab_size});
-  ops.matmul_batch({{logits.f32(), last.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
+  ops.matmul(logits, normed, m.shared_head);
   Tensor host = Tensor::empty({B, c.vocab_size});
   ops.download(host.data(), logits);
   return host;

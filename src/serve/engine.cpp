@@ -26,6 +26,11 @@ struct Engine::Running {
   int32_t pending = -1;   // the sampled token the next decode step feeds the model
   int64_t prefilled = 0;  // prompt tokens in the cache so far (chunked prefill)
   bool first = true;
+  // MTP self-speculative decoding: the MTP module's own KV cache, and its guess of the token
+  // after `pending` (-1: none yet), which the next step verifies.
+  bool spec = false;
+  std::optional<KvCache> mtp_cache;
+  int32_t draft = -1;
 };
 
 bool RequestHandle::next(TokenEvent& event, bool& got_event, bool& done, int timeout_ms) {
@@ -180,7 +185,9 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
   for (auto& r : fresh) {
     try {
       const int64_t n = int64_t(r->params.prompt.size());
-      r->cache.emplace(model_.new_cache(n + r->max_new));
+      r->cache.emplace(model_.new_cache(n + r->max_new + 1));  // + 1: a draft verified past the end
+      r->spec = opt_.speculative && model_.has_mtp();
+      if (r->spec) r->mtp_cache.emplace(model_.new_mtp_cache(n + r->max_new + 1));
       r->sampler.emplace(r->params.options.sampling);
       r->stops.emplace(r->params.options.stop);
       r->detok.emplace(tok_, /*skip_special=*/true);
@@ -194,6 +201,99 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
     }
   }
   fresh.clear();
+}
+
+void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vector<int32_t>>& tokens,
+                  const std::vector<KvCache*>& caches, const std::vector<int64_t>& want) {
+  bool any_spec = false;
+  for (const Running* r : rows) any_spec = any_spec || r->spec;
+  Model::BatchRows out;
+  if (any_spec) {
+    out = model_.forward_batch_rows(tokens, caches, want);
+  } else {
+    out.logits = model_.forward_batch(tokens, caches);  // want is 1 everywhere: the last rows
+  }
+  const int64_t D = model_.config().hidden_size;
+  int64_t prompt_tokens = 0, drafts = 0, accepted = 0;
+  // what the MTP module takes next, per drafting request: the tokens that followed the positions
+  // just run, and those positions' hidden states
+  std::vector<std::vector<int32_t>> mtp_next;
+  std::vector<KvCache*> mtp_caches;
+  std::vector<Running*> mtp_rows;
+  std::vector<float> mtp_h;
+  auto feed_mtp = [&](Running& r, std::vector<int32_t> next, int64_t row0) {
+    if (r.handle->finished_ || next.empty()) return;
+    const float* h = out.hidden.ptr<float>() + row0 * D;
+    mtp_h.insert(mtp_h.end(), h, h + int64_t(next.size()) * D);
+    mtp_next.push_back(std::move(next));
+    mtp_caches.push_back(&*r.mtp_cache);
+    mtp_rows.push_back(&r);
+  };
+  int64_t row0 = 0;  // the first returned row of sequence b
+  for (size_t b = 0; b < rows.size(); row0 += want[b], ++b) {
+    Running& r = *rows[b];
+    const int64_t n = int64_t(r.params.prompt.size());
+    auto logits_row = [&](int64_t i) { return out.logits.ptr<float>() + (row0 + i) * vocab_; };
+    if (r.prefilled < n) {
+      const int64_t s0 = r.prefilled, k = int64_t(tokens[b].size());
+      r.prefilled += k;
+      prompt_tokens += k;
+      std::vector<int32_t> next(r.params.prompt.begin() + s0 + 1, r.params.prompt.begin() + std::min(s0 + k + 1, n));
+      if (r.prefilled < n) {  // more of the prompt next step
+        if (r.spec) feed_mtp(r, std::move(next), row0);
+        continue;
+      }
+      const float* row = logits_row(want[b] - 1);
+      take_token(r, r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids), row);
+      if (r.spec && !r.handle->finished_) {
+        next.push_back(r.pending);  // the last prompt position's next token: the one just sampled
+        feed_mtp(r, std::move(next), row0);
+      }
+      continue;
+    }
+    if (tokens[b].size() == 1) {  // plain decoding
+      const float* row = logits_row(0);
+      take_token(r, r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids), row);
+      if (r.spec) feed_mtp(r, {r.pending}, row0);
+      continue;
+    }
+    // Verifying the draft d = tokens[b][1]: the main model's token at the pending position is
+    // drawn as plain decoding would (the sampler's next number); if it is d, d stands and the
+    // logits after d give one more token in the same step. Drawn this way — accept exactly when
+    // the draw equals the draft — the output is the plain decoder's, token for token and, for
+    // temperature > 0, in distribution (the draft is accepted with probability p(d), else the
+    // token is a draw from p without d: rejection sampling against a one-hot draft).
+    const int32_t d = tokens[b][1];
+    ++drafts;
+    const float* row0p = logits_row(0);
+    const int32_t a = r.sampler->sample(row0p, vocab_, r.params.prompt, r.handle->result_.ids);
+    if (a == d) {
+      ++accepted;
+      if (!take_token(r, d, row0p)) continue;
+      const float* row1 = logits_row(1);
+      take_token(r, r.sampler->sample(row1, vocab_, r.params.prompt, r.handle->result_.ids), row1);
+      feed_mtp(r, {d, r.pending}, row0);
+    } else {
+      r.cache->truncate(r.cache->length() - 1);  // the draft's position goes
+      if (!take_token(r, a, row0p)) continue;
+      feed_mtp(r, {r.pending}, row0);
+    }
+  }
+  for (Running* r : rows) r->draft = -1;
+  if (!mtp_rows.empty()) {
+    const Tensor h = Tensor::view(mtp_h.data(), {int64_t(mtp_h.size()) / D, D}, DType::F32, nullptr);
+    const Tensor draft_logits = model_.mtp_step(mtp_next, h, mtp_caches);
+    for (size_t i = 0; i < mtp_rows.size(); ++i) {
+      Running& r = *mtp_rows[i];
+      if (r.prefilled < int64_t(r.params.prompt.size()) || r.handle->finished_) continue;
+      const float* row = draft_logits.ptr<float>() + int64_t(i) * vocab_;
+      r.draft = int32_t(std::max_element(row, row + vocab_) - row);  // the MTP module's greedy guess
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.prompt_tokens += prompt_tokens;
+  stats_.spec_drafts += drafts;
+  stats_.spec_accepted += accepted;
 }
 
 void Engine::publish(const std::vector<std::unique_ptr<Running>>& batch) {
@@ -235,13 +335,14 @@ void Engine::loop() {
                 batch.end());
     publish(batch);
     if (batch.empty()) continue;
-    // One step: every decoding request feeds its pending token; prefilling requests feed their
-    // next prompt chunk, within prefill_chunk prompt tokens per step in all (the oldest first, and
-    // at least one chunk per step), so a long prompt never stalls the others for more than a
-    // chunk's worth of work. One ragged forward_batch runs them all.
+    // One step: every decoding request feeds its pending token (and its draft, when it has one);
+    // prefilling requests feed their next prompt chunk, within prefill_chunk prompt tokens per
+    // step in all (the oldest first, and at least one chunk per step), so a long prompt never
+    // stalls the others for more than a chunk's worth of work. One ragged forward pass runs them.
     std::vector<std::vector<int32_t>> tokens;
     std::vector<KvCache*> caches;
     std::vector<Running*> rows;
+    std::vector<int64_t> want;  // rows of each sequence whose logits (and hidden states) come back
     int64_t budget = opt_.prefill_chunk;
     for (auto& r : batch) {
       const int64_t n = int64_t(r->params.prompt.size());
@@ -250,29 +351,19 @@ void Engine::loop() {
         const int64_t take = std::min(n - r->prefilled, budget);
         budget -= take;
         tokens.emplace_back(r->params.prompt.begin() + r->prefilled, r->params.prompt.begin() + r->prefilled + take);
+        want.push_back(r->spec ? take : 1);  // the MTP module needs every position's hidden state
+      } else if (r->draft >= 0) {
+        tokens.push_back({r->pending, r->draft});
+        want.push_back(2);
       } else {
         tokens.push_back({r->pending});
+        want.push_back(1);
       }
       caches.push_back(&*r->cache);
       rows.push_back(r.get());
     }
     try {
-      const Tensor logits = model_.forward_batch(tokens, caches);
-      int64_t prompt_tokens = 0;
-      for (size_t b = 0; b < rows.size(); ++b) {
-        Running& r = *rows[b];
-        const int64_t n = int64_t(r.params.prompt.size());
-        if (r.prefilled < n) {
-          r.prefilled += int64_t(tokens[b].size());
-          prompt_tokens += int64_t(tokens[b].size());
-          if (r.prefilled < n) continue;  // more of the prompt next step; these logits are not needed
-        }
-        const float* row = logits.ptr<float>() + int64_t(b) * vocab_;
-        const int32_t id = r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
-        take_token(r, id, row);
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.prompt_tokens += prompt_tokens;
+      step(rows, tokens, caches, want);
     } catch (const std::exception& e) {
       for (Running* r : rows) finish(*r, "error", e.what());
     }

@@ -13,8 +13,10 @@
 // slowest one of a fixed batch.
 //
 // Each request has its own KV cache sized for prompt + max_tokens when it is admitted and freed
-// when it finishes. Not yet here (the serving issue's later steps): a paged latent cache with a
-// block manager, prefix caching, preemption, and MTP speculative decoding.
+// when it finishes. With `speculative`, the model's MTP module drafts a token ahead for every
+// request and the main model verifies it in the next step (Engine::step). Not yet here (the
+// serving issue's later steps): a paged latent cache with a block manager, prefix caching,
+// preemption.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -46,6 +48,10 @@ struct EngineOptions {
   // when admitted); a request that would exceed it waits in the queue until others finish.
   // 0: no limit beyond max_batch. A request larger than the whole budget still runs, alone.
   int64_t max_kv_tokens = 0;
+  // MTP self-speculative decoding, when the model has an MTP module: each step the module drafts
+  // the token after the next, and the next step verifies it alongside (accepted: two tokens for
+  // one step of the main model). The output is what plain decoding gives (see Engine::step).
+  bool speculative = false;
 };
 
 // What a request asks for.
@@ -106,6 +112,7 @@ struct EngineStats {
   int64_t waiting = 0, running = 0;
   int64_t requests_finished = 0, tokens_generated = 0, prompt_tokens = 0, steps = 0;
   int64_t kv_tokens = 0;  // KV-cache positions held by running requests (their caches' capacity)
+  int64_t spec_drafts = 0, spec_accepted = 0;  // MTP drafts verified, and accepted
 };
 
 class Engine {
@@ -133,6 +140,11 @@ class Engine {
   // Applies a sampled token to r; returns false when r has finished.
   bool take_token(Running& r, int32_t id, const float* logits);
   void finish(Running& r, const std::string& reason, const std::string& error = "");
+  // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
+  // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
+  // for the next step.
+  void step(const std::vector<Running*>& rows, const std::vector<std::vector<int32_t>>& tokens,
+            const std::vector<KvCache*>& caches, const std::vector<int64_t>& want);
   // running and kv_tokens of stats_ from the batch as it is now
   void publish(const std::vector<std::unique_ptr<Running>>& batch);
 

@@ -156,6 +156,8 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
       metric("fathom_generated_tokens_total", "counter", "Tokens generated.", s.tokens_generated);
       metric("fathom_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens);
       metric("fathom_decode_steps_total", "counter", "Batched decode steps run.", s.steps);
+      metric("fathom_spec_drafts_total", "counter", "MTP drafts verified (speculative decoding).", s.spec_drafts);
+      metric("fathom_spec_accepted_total", "counter", "MTP drafts accepted.", s.spec_accepted);
       return w.send(200, "text/plain; version=0.0.4", m);
     }
     const bool v1 = req.path.rfind("/v1/", 0) == 0;

@@ -6,7 +6,7 @@
 //   GET  /                      the web chat page (web_page.h)
 //   GET  /health                {"status": "ok"}
 //   GET  /metrics               Prometheus text: queue depth, running requests, KV positions held,
-//                               tokens and requests counted
+//                               tokens and requests counted, MTP drafts verified and accepted
 //
 // Both generation endpoints take model, max_tokens (max_completion_tokens for chat), temperature,
 // top_p, n, stop, seed, presence_penalty, frequency_penalty, logprobs (+ top_logprobs for chat),
