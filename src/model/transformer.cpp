@@ -412,9 +412,7 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   return out;
 }
 
-// The layers of a batched step: every sequence's tokens after its cache, in one residual stream
-// (sequence b's rows start at starts[b]); the caches advance.
-static void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what) {
+void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what) {
   FATHOM_CHECK(!tokens.empty() && tokens.size() == n_caches, what, ": ", tokens.size(), " token lists for ", n_caches,
                " caches");
   for (size_t b = 0; b < tokens.size(); ++b)
@@ -523,86 +521,6 @@ Model::BatchRows Model::forward_batch_rows(const std::vector<std::vector<int32_t
   out.hidden = Tensor::empty({R, D});
   ops.download(out.hidden.data(), normed);
   return out;
-}
-
-KvCache Model::new_mtp_cache(int64_t capacity, int depth) const {
-  FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
-               " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
-  if (capacity <= 0) capacity = std::min<int64_t>(256, max_cache_tokens_);
-  return KvCache(*ops_, w_->config, 1, options_.mla_mode, capacity, kv_dtype(), max_cache_tokens_);
-}
-
-Tensor Model::mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const Tensor& h,
-                       const std::vector<KvCache*>& mtp_caches, int depth) {
-  const ModelConfig& c = w_->config;
-  FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
-               " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
-  check_batch(next_ids, mtp_caches.size(), "mtp_step");
-  check_caches(mtp_caches, "mtp_step");
-  const int64_t B = int64_t(next_ids.size()), D = c.hidden_size;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> positions, starts;
-  for (int64_t b = 0; b < B; ++b) {
-    check_ids(next_ids[size_t(b)], cat("next ids of sequence ", b));
-    KvCache& kc = *mtp_caches[size_t(b)];
-    FATHOM_CHECK(kc.n_layers() == 1, "mtp_step: cache ", b, " is not an MTP cache (new_mtp_cache)");
-    kc.reserve(int64_t(next_ids[size_t(b)].size()));
-    starts.push_back(int64_t(ids.size()));
-    for (size_t i = 0; i < next_ids[size_t(b)].size(); ++i) {
-      ids.push_back(next_ids[size_t(b)][i]);
-      positions.push_back(kc.length() + int64_t(i));
-    }
-  }
-  const int64_t T = int64_t(ids.size());
-  FATHOM_CHECK(h.device() == Device::CPU && h.dtype() == DType::F32 && h.dim(0) == T && h.dim(1) == D,
-               "mtp_step: hidden states ", shape_str(h.shape()), " for ", T, " positions of width ", D,
-               " (host F32 expected)");
-  const MtpWeights& m = w_->mtp[size_t(depth)];
-  Ops& ops = *ops_;
-  const float eps = float(c.rms_norm_eps);
-  Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
-  Tensor h_d = ops.upload(h);
-  Tensor e = ops.empty({T, D}), hn = ops.empty({T, D});
-  ops.embedding(e, ids_d, m.embed_tokens);
-  ops.rmsnorm(e, e, m.enorm, eps);
-  ops.rmsnorm(hn, h_d, m.hnorm, eps);
-  Tensor cat_eh = ops.empty({T, 2 * D});  // [enorm(emb(next)) ; hnorm(h)], as mtp_logits
-  for (int half = 0; half < 2; ++half) {
-    CopyParams cp;
-    cp.out = cat_eh.f32() + half * D;
-    cp.out_token_stride = 2 * D;
-    cp.in = (half ? hn : e).f32();
-    cp.in_token_stride = D;
-    cp.n_tokens = T;
-    cp.cols = int(D);
-    ops.copy(cp);
-  }
-  Tensor x = ops.empty({T, D});
-  ops.matmul(x, cat_eh, m.eh_proj);
-  Tensor cos, sin;
-  rope_tables(positions, cos, sin);
-  std::vector<SeqSlice> seqs;
-  for (int64_t b = 0; b < B; ++b)
-    seqs.push_back({&mtp_caches[size_t(b)]->layer(0), mtp_caches[size_t(b)]->length(), starts[size_t(b)],
-                    int64_t(next_ids[size_t(b)].size())});
-  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, seqs, RopeTables{&cos, &sin});
-  for (int64_t b = 0; b < B; ++b) mtp_caches[size_t(b)]->advance(int64_t(next_ids[size_t(b)].size()));
-  Tensor last = ops.empty({B, D});
-  for (int64_t b = 0; b < B; ++b) {
-    CopyParams cp;
-    cp.out = last.f32() + b * D;
-    cp.in = x.f32() + (starts[size_t(b)] + int64_t(next_ids[size_t(b)].size()) - 1) * D;
-    cp.n_tokens = 1;
-    cp.cols = int(D);
-    ops.copy(cp);
-  }
-  Tensor normed = ops.empty({B, D});
-  ops.rmsnorm(normed, last, m.shared_head_norm, eps);
-  Tensor logits = ops.empty({B, c.vocab_size});
-  ops.matmul(logits, normed, m.shared_head);
-  Tensor host = Tensor::empty({B, c.vocab_size});
-  ops.download(host.data(), logits);
-  return host;
 }
 
 // The decode step a CUDA graph replays: its inputs (token ids, positions, key counts) sit in
@@ -741,61 +659,6 @@ std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, cons
   for (KvCache* kc : caches) kc->advance(1);
   const int32_t* next = g->next_host.ptr<int32_t>();
   return std::vector<int32_t>(next, next + B);
-}
-
-Tensor Model::mtp_logits(const std::vector<int32_t>& ids, const Tensor& h, int depth, Tensor* mtp_hidden) {
-  const ModelConfig& c = w_->config;
-  FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
-               " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
-  check_ids(ids, "input ids");
-  const int64_t T = int64_t(ids.size()), D = c.hidden_size;
-  const int64_t n = T - 1 - depth;  // positions that have a next token for this depth
-  FATHOM_CHECK(n >= 1, "MTP depth ", depth + 1, " needs at least ", depth + 2, " input tokens, got ", T);
-  FATHOM_CHECK(h.dim(0) >= n && h.dim(1) == D, "MTP input hidden states have shape ", shape_str(h.shape()));
-  const MtpWeights& m = w_->mtp[size_t(depth)];
-  Ops& ops = *ops_;
-  const float eps = float(c.rms_norm_eps);
-
-  std::vector<int32_t> next(ids.begin() + 1 + depth, ids.end());  // the token after each position
-  Tensor next_d = ops.upload(Tensor::view(next.data(), {n}, DType::I32, nullptr));
-  Tensor h_host = h.slice_rows(0, n);
-  FATHOM_CHECK(h_host.device() == Device::CPU && h.dtype() == DType::F32, "MTP input hidden states must be F32 host memory");
-  Tensor h_d = ops.upload(h_host);
-  Tensor e = ops.empty({n, D}), hn = ops.empty({n, D});
-  ops.embedding(e, next_d, m.embed_tokens);
-  ops.rmsnorm(e, e, m.enorm, eps);
-  ops.rmsnorm(hn, h_d, m.hnorm, eps);
-  Tensor cat_eh = ops.empty({n, 2 * D});  // [enorm(emb(t[i+1])) ; hnorm(h[i])]
-  for (int half = 0; half < 2; ++half) {
-    CopyParams cp;
-    cp.out = cat_eh.f32() + half * D;
-    cp.out_token_stride = 2 * D;
-    cp.in = (half ? hn : e).f32();
-    cp.in_token_stride = D;
-    cp.n_tokens = n;
-    cp.cols = int(D);
-    ops.copy(cp);
-  }
-  Tensor x = ops.empty({n, D});
-  ops.matmul(x, cat_eh, m.eh_proj);
-
-  std::vector<int64_t> positions(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = i;
-  Tensor cos, sin;
-  rope_tables(positions, cos, sin);
-  KvCache cache(ops, c, 1, options_.mla_mode, n, kv_dtype());
-  decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, {{&cache.layer(0), 0, 0, n}}, RopeTables{&cos, &sin});
-  Tensor normed = ops.empty({n, D});  // after shared_head.norm
-  ops.rmsnorm(normed, x, m.shared_head_norm, eps);
-  if (mtp_hidden) {
-    *mtp_hidden = Tensor::empty({n, D});
-    ops.download(mtp_hidden->data(), x);
-  }
-  Tensor logits = ops.empty({n, c.vocab_size});
-  ops.matmul(logits, normed, m.shared_head);
-  Tensor host_logits = Tensor::empty({n, c.vocab_size});
-  ops.download(host_logits.data(), logits);
-  return host_logits;
 }
 
 std::vector<int32_t> Model::generate_greedy(const std::vector<int32_t>& prompt, int64_t n_new) {

@@ -1,5 +1,6 @@
 // The weights of a whole DeepSeek model and the decoder layer they make up.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -51,5 +52,9 @@ struct ModelWeights {
 void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelConfig& c, MlaMode mode, Tensor& x,
                            const std::vector<SeqSlice>& seqs, const RopeTables& rope,
                            ExpertChoices* choices = nullptr);
+
+// The batched steps' arguments (Model::forward_batch, forward_batch_rows, mtp_step): one non-empty
+// token list per cache; a fathom::Error naming `what` otherwise.
+void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what);
 
 }  // namespace fathom

@@ -20,6 +20,8 @@
 #include <system_error>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 
 namespace fathom::serve {
@@ -148,29 +150,6 @@ void lingering_drain(int fd, int max_ms) {
   }
 }
 
-void append_json_string(std::string& out, std::string_view s) {
-  out += '"';
-  for (char ch : s) {
-    auto c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20 || c == 0x7f) {
-          char esc[8];
-          std::snprintf(esc, sizeof esc, "\\u%04x", unsigned(c));
-          out += esc;
-        } else {
-          out += ch;  // UTF-8 bytes pass through as they are
-        }
-    }
-  }
-  out += '"';
-}
-
 // Parses a decimal Content-Length element; values too large for size_t saturate to SIZE_MAX
 // (they are numeric, just over any limit: 413, not 400). False when it is not all digits.
 bool parse_length(std::string_view s, size_t& out) {
@@ -243,12 +222,10 @@ const char* http_reason_phrase(int status) {
 }
 
 std::string default_http_error_body(int status, const std::string& message) {
-  std::string out = "{\"error\":{\"message\":";
-  append_json_string(out, message);
-  out += ",\"type\":";
-  out += status >= 500 ? "\"server_error\"" : "\"invalid_request_error\"";
-  out += ",\"code\":" + std::to_string(status) + "}}";
-  return out;
+  // error_handler_t::replace: a message with invalid UTF-8 still makes valid JSON
+  const nlohmann::json body = {
+      {"error", {{"message", message}, {"type", status >= 500 ? "server_error" : "invalid_request_error"}, {"code", status}}}};
+  return body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 // ---------------------------------------------------------------------------------------------
