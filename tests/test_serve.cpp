@@ -71,6 +71,10 @@ class Serve : public testing::Test {
   }
   static Model* model_;
   static Tokenizer* tok_;
+
+ public:
+  static Model* model() { return model_; }
+  static Tokenizer* tokenizer() { return tok_; }
 };
 Model* Serve::model_ = nullptr;
 Tokenizer* Serve::tok_ = nullptr;
@@ -78,17 +82,23 @@ Tokenizer* Serve::tok_ = nullptr;
 const char* kPrompts[] = {"The list type in Python", "To create a new branch in Git,", "The Linux kernel",
                           "A dictionary maps keys", "The tar command", "In Python, a generator"};
 
-TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
-  // each prompt alone, through the plain one-sequence generator
-  std::vector<std::vector<int32_t>> alone;
+// Each of kPrompts alone, greedy for n tokens past any EOS, through the plain one-sequence
+// generator: what the engine must give each of them in a batch.
+std::vector<std::vector<int32_t>> alone_greedy(int64_t n) {
+  std::vector<std::vector<int32_t>> out;
   for (const char* p : kPrompts) {
-    Generator g(*model_, *tok_);
+    Generator g(*Serve::model(), *Serve::tokenizer());
     GenerateOptions o;
-    o.max_tokens = 16;
+    o.max_tokens = n;
     o.sampling.temperature = 0.0f;
     o.ignore_eos = true;
-    alone.push_back(g.generate(tok_->encode(p, true), o).ids);
+    out.push_back(g.generate(Serve::tokenizer()->encode(p, true), o).ids);
   }
+  return out;
+}
+
+TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
+  const std::vector<std::vector<int32_t>> alone = alone_greedy(16);
   // all together: 6 requests, batches of 4, so two join later as others leave
   Engine engine(*model_, *tok_, EngineOptions{4, 16});
   std::vector<std::shared_ptr<RequestHandle>> hs;
@@ -112,15 +122,7 @@ TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
 // Prompts prefilled a few tokens per step beside others' decoding (chunked prefill), and a KV
 // budget that lets one request run at a time: the same tokens as each prompt alone, nothing stuck.
 TEST_F(Serve, ChunkedPrefillAndAKvBudgetKeepTheTokens) {
-  std::vector<std::vector<int32_t>> alone;
-  for (const char* p : kPrompts) {
-    Generator g(*model_, *tok_);
-    GenerateOptions o;
-    o.max_tokens = 10;
-    o.sampling.temperature = 0.0f;
-    o.ignore_eos = true;
-    alone.push_back(g.generate(tok_->encode(p, true), o).ids);
-  }
+  const std::vector<std::vector<int32_t>> alone = alone_greedy(10);
   for (int64_t budget : {int64_t(0), int64_t(40)}) {
     SCOPED_TRACE(budget ? "a KV budget of 40 positions: one request at a time" : "no KV budget");
     EngineOptions eo;

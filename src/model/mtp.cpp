@@ -120,15 +120,7 @@ Tensor Model::mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const 
                     int64_t(next_ids[size_t(b)].size())});
   decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, seqs, RopeTables{&cos, &sin});
   for (int64_t b = 0; b < B; ++b) mtp_caches[size_t(b)]->advance(int64_t(next_ids[size_t(b)].size()));
-  Tensor last = ops.empty({B, D});
-  for (int64_t b = 0; b < B; ++b) {
-    CopyParams cp;
-    cp.out = last.f32() + b * D;
-    cp.in = x.f32() + (starts[size_t(b)] + int64_t(next_ids[size_t(b)].size()) - 1) * D;
-    cp.n_tokens = 1;
-    cp.cols = int(D);
-    ops.copy(cp);
-  }
+  Tensor last = gather_last_rows(ops, x, starts, next_ids, {}, D);
   Tensor normed = ops.empty({B, D});
   ops.rmsnorm(normed, last, m.shared_head_norm, eps);
   Tensor logits = ops.empty({B, c.vocab_size});

@@ -412,6 +412,27 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
   return out;
 }
 
+Tensor gather_last_rows(Ops& ops, const Tensor& x, const std::vector<int64_t>& starts,
+                        const std::vector<std::vector<int32_t>>& lens, const std::vector<int64_t>& want, int64_t D) {
+  int64_t R = 0;
+  for (size_t b = 0; b < lens.size(); ++b) R += want.empty() ? 1 : want[b];
+  Tensor rows = ops.empty({R, D});
+  int64_t r = 0;
+  for (size_t b = 0; b < lens.size(); ++b) {
+    const int64_t n = want.empty() ? 1 : want[b];
+    CopyParams cp;
+    cp.out = rows.f32() + r * D;
+    cp.out_token_stride = D;
+    cp.in = x.f32() + (starts[b] + int64_t(lens[b].size()) - n) * D;
+    cp.in_token_stride = D;
+    cp.n_tokens = n;
+    cp.cols = int(D);
+    ops.copy(cp);
+    r += n;
+  }
+  return rows;
+}
+
 void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what) {
   FATHOM_CHECK(!tokens.empty() && tokens.size() == n_caches, what, ": ", tokens.size(), " token lists for ", n_caches,
                " caches");
@@ -427,15 +448,7 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
   // the last row of every sequence through the final norm and the LM head
-  Tensor last = ops.empty({B, D});
-  for (int64_t b = 0; b < B; ++b) {
-    CopyParams cp;
-    cp.out = last.f32() + b * D;
-    cp.in = x.f32() + (starts[size_t(b)] + int64_t(tokens[size_t(b)].size()) - 1) * D;
-    cp.n_tokens = 1;
-    cp.cols = int(D);
-    ops.copy(cp);
-  }
+  Tensor last = gather_last_rows(ops, x, starts, tokens, {}, D);
   Tensor logits = ops.empty({B, c.vocab_size});
   ops.matmul_batch({{logits.f32(), last.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
   Tensor host = Tensor::empty({B, c.vocab_size});
@@ -498,19 +511,7 @@ Model::BatchRows Model::forward_batch_rows(const std::vector<std::vector<int32_t
   const ModelConfig& c = w_->config;
   Ops& ops = *ops_;
   const int64_t D = c.hidden_size;
-  Tensor rows = ops.empty({R, D});
-  int64_t r = 0;
-  for (size_t b = 0; b < tokens.size(); ++b) {
-    CopyParams cp;
-    cp.out = rows.f32() + r * D;
-    cp.out_token_stride = D;
-    cp.in = x.f32() + (starts[b] + int64_t(tokens[b].size()) - want[b]) * D;
-    cp.in_token_stride = D;
-    cp.n_tokens = want[b];
-    cp.cols = int(D);
-    ops.copy(cp);
-    r += want[b];
-  }
+  Tensor rows = gather_last_rows(ops, x, starts, tokens, want, D);
   Tensor normed = ops.empty({R, D});
   ops.rmsnorm(normed, rows, w_->norm, float(c.rms_norm_eps));
   Tensor logits = ops.empty({R, c.vocab_size});

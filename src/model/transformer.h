@@ -53,6 +53,12 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
                            const std::vector<SeqSlice>& seqs, const RopeTables& rope,
                            ExpertChoices* choices = nullptr);
 
+// The last want[b] rows of sequence b of a batched step's residual stream x (its rows from
+// starts[b], lens[b] of them), all sequences' in order: a new (sum of want, D) device tensor. An
+// empty `want` takes one row (the last) of each.
+Tensor gather_last_rows(Ops& ops, const Tensor& x, const std::vector<int64_t>& starts,
+                        const std::vector<std::vector<int32_t>>& lens, const std::vector<int64_t>& want, int64_t D);
+
 // The batched steps' arguments (Model::forward_batch, forward_batch_rows, mtp_step): one non-empty
 // token list per cache; a fathom::Error naming `what` otherwise.
 void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what);

@@ -114,19 +114,25 @@ std::string api_error_body(int status, const std::string& message, const std::st
 
 OpenAiApi::OpenAiApi(Engine& engine, ApiOptions options) : engine_(engine), opt_(std::move(options)) {
   const Tokenizer& tok = engine_.tokenizer();
-  if (!tok.config().chat_template.empty()) {
-    try {  // a template whose generation prompt opens "<think>": the answer starts inside reasoning
-      ChatTemplateOptions o;
-      o.bos_token = tok.config().bos_token;
-      o.eos_token = tok.config().eos_token;
-      o.add_generation_prompt = true;
-      std::string p = ChatTemplate::parse(tok.config().chat_template, "chat_template")
-                          .render(ojson::array({{{"role", "user"}, {"content", "x"}}}), o);
-      while (!p.empty() && (p.back() == '\n' || p.back() == ' ')) p.pop_back();
-      reasoning_model_ = p.size() >= 7 && p.compare(p.size() - 7, 7, "<think>") == 0;
-    } catch (const std::exception&) {
-      reasoning_model_ = false;  // a template that cannot render a user turn fails per request
-    }
+  if (tok.config().chat_template.empty()) {
+    template_error_ = "this model's tokenizer has no chat template: use /v1/completions";
+    return;
+  }
+  template_options_.bos_token = tok.config().bos_token;
+  template_options_.eos_token = tok.config().eos_token;
+  template_options_.add_generation_prompt = true;
+  try {
+    template_ = std::make_shared<const ChatTemplate>(ChatTemplate::parse(tok.config().chat_template, "chat_template"));
+  } catch (const Error& e) {
+    template_error_ = cat("the chat template could not render these messages: ", e.what());
+    return;
+  }
+  try {  // a template whose generation prompt opens "<think>": the answer starts inside reasoning
+    std::string p = template_->render(ojson::array({{{"role", "user"}, {"content", "x"}}}), template_options_);
+    while (!p.empty() && (p.back() == '\n' || p.back() == ' ')) p.pop_back();
+    reasoning_model_ = p.size() >= 7 && p.compare(p.size() - 7, 7, "<think>") == 0;
+  } catch (const std::exception&) {
+    reasoning_model_ = false;  // a template that cannot render a user turn fails per request
   }
 }
 
@@ -277,14 +283,10 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
         }
         conv.push_back({{"role", role == "developer" ? "system" : role}, {"content", content}});
       }
-      if (tok.config().chat_template.empty()) fail(400, "this model's tokenizer has no chat template: use /v1/completions");
-      ChatTemplateOptions co;
-      co.bos_token = tok.config().bos_token;
-      co.eos_token = tok.config().eos_token;
-      co.add_generation_prompt = true;
+      if (!template_) fail(400, template_error_, tok.config().chat_template.empty() ? "" : "messages");
       std::string text;
       try {
-        text = ChatTemplate::parse(tok.config().chat_template, "chat_template").render(conv, co);
+        text = template_->render(conv, template_options_);
       } catch (const Error& e) {
         fail(400, cat("the chat template could not render these messages: ", e.what()), "messages");
       }

@@ -23,10 +23,12 @@
 // cancels its request at once (its KV cache is freed at the engine's next step).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "serve/engine.h"
 #include "serve/http.h"
+#include "tokenizer/chat_template.h"
 
 namespace fathom::serve {
 
@@ -51,6 +53,11 @@ class OpenAiApi {
   Engine& engine_;
   ApiOptions opt_;
   bool reasoning_model_ = false;  // the chat template ends its generation prompt inside "<think>"
+  // The tokenizer's chat template, parsed once here (rendered by every chat request, from any
+  // thread: rendering is const); null when there is none or it does not parse (template_error_).
+  std::shared_ptr<const ChatTemplate> template_;
+  ChatTemplateOptions template_options_;
+  std::string template_error_;
 };
 
 // The JSON body of an OpenAI-style error.
