@@ -109,6 +109,26 @@ TEST(Speculative, TheOutputIsPlainDecodingsOnTheFixture) {
   EXPECT_GT(st.spec_drafts, 20);  // every decode step after the first verified a draft
 }
 
+// A request that fills the context to its last position: its cache (and, drafting, the MTP's)
+// fits the context exactly, and the last steps decode without a draft; the same tokens either way.
+TEST(Speculative, ARequestThatFillsTheContextEndsAtItsLength) {
+  auto m = load(test::fixture_dir("v3-tiny-mtp"));
+  auto tok = Tokenizer::load(std::string(FATHOM_SHARED_DATA) + "/deepseek-v3-tokenizer");
+  std::mt19937 rng(9);
+  RequestParams p;
+  p.prompt = random_ids(rng, 10, m->config().vocab_size);
+  const int64_t ctx = m->config().max_position_embeddings;
+  p.options.max_tokens = ctx - 10;
+  p.options.sampling.temperature = 0.0f;
+  p.options.ignore_eos = true;
+  EngineStats st;
+  const auto [plain, spec] = both(*m, *tok, {p}, &st);
+  EXPECT_EQ(plain[0].finish_reason, "length") << plain[0].error;
+  EXPECT_EQ(spec[0].finish_reason, "length") << spec[0].error;
+  EXPECT_EQ(int64_t(plain[0].ids.size()), ctx - 10);
+  EXPECT_EQ(spec[0].ids, plain[0].ids);
+}
+
 TEST(Speculative, TheOutputIsPlainDecodingsOnFathomMini) {
   const std::string dir = std::string(FATHOM_SOURCE_DIR) + "/models/fathom-mini";
   auto m = load(dir);

@@ -185,9 +185,12 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
   for (auto& r : fresh) {
     try {
       const int64_t n = int64_t(r->params.prompt.size());
-      r->cache.emplace(model_.new_cache(n + r->max_new + 1));  // + 1: a draft verified past the end
       r->spec = opt_.speculative && model_.has_mtp();
-      if (r->spec) r->mtp_cache.emplace(model_.new_mtp_cache(n + r->max_new + 1));
+      // + 1 when drafting: a draft verified past the last token, room the context may not have
+      // (then the last steps decode plainly: loop() feeds a draft only while it fits)
+      const int64_t need = n + r->max_new + (r->spec && n + r->max_new < max_pos_ ? 1 : 0);
+      r->cache.emplace(model_.new_cache(need));
+      if (r->spec) r->mtp_cache.emplace(model_.new_mtp_cache(need));
       r->sampler.emplace(r->params.options.sampling);
       r->stops.emplace(r->params.options.stop);
       r->detok.emplace(tok_, /*skip_special=*/true);
@@ -352,7 +355,7 @@ void Engine::loop() {
         budget -= take;
         tokens.emplace_back(r->params.prompt.begin() + r->prefilled, r->params.prompt.begin() + r->prefilled + take);
         want.push_back(r->spec ? take : 1);  // the MTP module needs every position's hidden state
-      } else if (r->draft >= 0) {
+      } else if (r->draft >= 0 && r->cache->length() + 2 <= r->cache->capacity()) {
         tokens.push_back({r->pending, r->draft});
         want.push_back(2);
       } else {
