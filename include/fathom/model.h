@@ -16,6 +16,7 @@ namespace fathom {
 
 class Ops;
 class WeightLoader;
+class KvBlockPool;
 struct SampleRow;  // ops/ops.h
 struct ModelWeights;
 
@@ -90,6 +91,12 @@ class Model {
   // A cache for `capacity` tokens (0: a small start that grows); throws when capacity exceeds
   // max_cache_tokens().
   KvCache new_cache(int64_t capacity = 0) const;
+  // A pool of KV blocks (tokens / block_size of them) for paged caches, KvCache(pool): the
+  // serving engine's shared cache. On CUDA it must fit kv_budget_tokens().
+  std::shared_ptr<KvBlockPool> new_block_pool(int64_t tokens, int block_size) const;
+  // KV-cache tokens the GPU memory budget leaves room for after the weights and a work-space
+  // reserve, for all sequences together; 0 on the CPU (host memory is not budgeted).
+  int64_t kv_budget_tokens() const { return kv_budget_tokens_; }
   // Runs `ids` (all within the vocabulary) after what `cache` holds and appends them to it.
   ForwardOutput forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& request = {});
 
@@ -169,7 +176,7 @@ class Model {
   ModelOptions options_;
   DeviceKind device_ = DeviceKind::Cpu;
   Precision precision_ = Precision::Fp32;
-  int64_t max_cache_tokens_ = 0, gpu_weight_bytes_ = 0;
+  int64_t max_cache_tokens_ = 0, gpu_weight_bytes_ = 0, kv_budget_tokens_ = 0;
   std::unique_ptr<Ops> ops_;
   std::unique_ptr<ModelWeights> w_;
   std::unique_ptr<DecodeGraph> graph_;

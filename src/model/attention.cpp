@@ -122,7 +122,10 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   rq.interleaved = c.rope_interleave;
 
   Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
-  for (const SeqSlice& sl : seqs) FATHOM_ASSERT(!sl.pos_device || sl.n == 1, "device positions serve one token per sequence");
+  for (const SeqSlice& sl : seqs) {
+    FATHOM_ASSERT(!sl.pos_device || sl.n == 1, "device positions serve one token per sequence");
+    FATHOM_ASSERT(!sl.block_table == !sl.rows && !(sl.pos_device && sl.rows), "a paged slice has a block table and rows");
+  }
   // Each sequence appends its tokens to its own cache and attends over it.
   auto attention_params = [&](const SeqSlice& sl) {
     AttentionParams ap;
@@ -130,6 +133,8 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     ap.n_kv = sl.len_device ? sl.capacity : sl.pos0 + sl.n;  // keys after appending (or their bound)
     ap.q_pos0 = sl.pos0;
     ap.kv_len = sl.len_device;
+    ap.block_table = sl.block_table;
+    ap.block_size = sl.block_size;
     ap.n_q_heads = H;
     ap.scale = float(c.softmax_scale());
     ap.causal = true;
@@ -157,13 +162,15 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       LayerKvCache& layer = *sl.cache;
       const DType kd = layer.k.dtype();
       const float* kvb_t = kvb.f32() + sl.t0 * bts;
-      const int64_t p0 = sl.pos_device ? 0 : sl.pos0;  // else the row comes from pos_device
+      // the rows come from pos_device (graphs) or rows (paged) when set, else they start at pos0
+      const int32_t* index = sl.pos_device ? sl.pos_device : sl.rows;
+      const int64_t p0 = index ? 0 : sl.pos0;
       copy_rows(ops, row_ptr(layer.k, p0 * kts), kts, kd, kvb_t, bts, sl.n, nope, H, dqk, nope + dv,
-                sl.pos_device);  // k_nope
+                index);  // k_nope
       copy_rows(ops, row_ptr(layer.k, p0 * kts + nope), kts, kd, kv.f32() + sl.t0 * (R + rd) + R, R + rd, sl.n, rd, H,
-                dqk, 0, sl.pos_device);  // k_pe, shared
+                dqk, 0, index);  // k_pe, shared
       copy_rows(ops, row_ptr(layer.v, p0 * vts), vts, kd, kvb_t + nope, bts, sl.n, dv, H, dv, nope + dv,
-                sl.pos_device);  // v
+                index);  // v
       AttentionParams ap = attention_params(sl);
       ap.kv_dtype = kd;
       ap.q = q.f32() + sl.t0 * int64_t(H) * dqk;
@@ -205,7 +212,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       app.out = sl.cache->latent.data();
       app.out_dtype = sl.cache->latent.dtype();
       app.pos0 = sl.pos0;
-      app.out_token_index = sl.pos_device;  // when set, the row comes from it
+      app.out_token_index = sl.pos_device ? sl.pos_device : sl.rows;  // when set, the rows come from it
       app.kv = kv.f32() + sl.t0 * (R + rd);
       app.kv_token_stride = R + rd;
       app.n_tokens = sl.n;

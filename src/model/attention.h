@@ -52,13 +52,17 @@ struct RopeTables {
 // positions pos0 .. pos0 + n - 1 of the sequence whose cache (this layer's) is `cache`.
 // In a step replayed from a CUDA graph the positions are device data: then pos_device[0] is
 // pos0 and len_device[0] the key count after appending (pos0 + n), and `capacity` (the cache's
-// rows) bounds the work.
+// rows) bounds the work. A paged cache (model/kv_pool.h) gives its block table and the storage
+// row of each new token (device memory, see KvPaging); a contiguous one leaves them null.
 struct SeqSlice {
   LayerKvCache* cache = nullptr;
   int64_t pos0 = 0, t0 = 0, n = 0;
   const int32_t* pos_device = nullptr;
   const int32_t* len_device = nullptr;
   int64_t capacity = 0;
+  const int32_t* block_table = nullptr;  // paged: (blocks) the cache's block table
+  int block_size = 0;
+  const int32_t* rows = nullptr;  // paged: (n) where the new tokens are written
 };
 
 // out (T, hidden) = MLA(norm(x)) for x (T, hidden) holding the tokens of one or more

@@ -114,10 +114,12 @@ Tensor Model::mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const 
   Tensor x = mtp_input(ops, m, c, ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr)), ops.upload(h));
   Tensor cos, sin;
   rope_tables(positions, cos, sin);
+  std::vector<int64_t> n_new;
+  for (const auto& t : next_ids) n_new.push_back(int64_t(t.size()));
+  const KvPaging paging(ops, mtp_caches, n_new);
   std::vector<SeqSlice> seqs;
   for (int64_t b = 0; b < B; ++b)
-    seqs.push_back({&mtp_caches[size_t(b)]->layer(0), mtp_caches[size_t(b)]->length(), starts[size_t(b)],
-                    int64_t(next_ids[size_t(b)].size())});
+    seqs.push_back(cache_slice(*mtp_caches[size_t(b)], 0, paging, size_t(b), starts[size_t(b)], n_new[size_t(b)]));
   decoder_layer_forward(ops, m.layer, c, options_.mla_mode, x, seqs, RopeTables{&cos, &sin});
   for (int64_t b = 0; b < B; ++b) mtp_caches[size_t(b)]->advance(int64_t(next_ids[size_t(b)].size()));
   Tensor last = gather_last_rows(ops, x, starts, next_ids, {}, D);

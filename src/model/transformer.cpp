@@ -1,5 +1,6 @@
 // Loading a checkpoint and running the decoder stack.
 #include "model/transformer.h"
+#include "model/kv_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -268,7 +269,8 @@ void Model::place_weights() {
     // work space for activations: 10% of what remains, at least 256 MiB
     const int64_t left = budget - total;
     const int64_t reserve = std::max<int64_t>(left / 10, int64_t(256) << 20);
-    max_cache_tokens_ = std::min<int64_t>((left - reserve) / kv_token_bytes, c.max_position_embeddings);
+    kv_budget_tokens_ = (left - reserve) / kv_token_bytes;
+    max_cache_tokens_ = std::min<int64_t>(kv_budget_tokens_, c.max_position_embeddings);
     FATHOM_CHECK(max_cache_tokens_ >= 1, "the GPU memory budget leaves no room for the KV cache: ", budget / gib,
                  " GiB budget, ", total / gib, " GiB of weights, ", reserve / gib,
                  " GiB work space; one token needs ", kv_token_bytes, " bytes; raise --gpu-memory");
@@ -323,6 +325,20 @@ void Model::check_caches(const std::vector<KvCache*>& caches, const char* what) 
 
 const ModelConfig& Model::config() const { return w_->config; }
 bool Model::has_mtp() const { return !w_->mtp.empty(); }
+
+std::shared_ptr<KvBlockPool> Model::new_block_pool(int64_t tokens, int block_size) const {
+  FATHOM_CHECK(block_size >= 1 && block_size <= 4096, "KV block size ", block_size, " is out of range (1 to 4096)");
+  FATHOM_CHECK(tokens >= block_size, "a KV cache of ", tokens, " tokens is smaller than one block of ", block_size);
+  const int64_t token_bytes =
+      KvCache::bytes_per_token_per_layer(w_->config, options_.mla_mode, int64_t(dtype_size(kv_dtype()))) *
+      w_->config.num_hidden_layers;
+  if (kv_budget_tokens_ > 0)
+    FATHOM_CHECK(tokens <= kv_budget_tokens_, "a KV cache of ", tokens, " tokens (", tokens * token_bytes / 1048576,
+                 " MiB) does not fit the GPU memory budget, which leaves room for ", kv_budget_tokens_,
+                 " tokens; lower the KV cache size or raise --gpu-memory");
+  return std::make_shared<KvBlockPool>(*ops_, w_->config, w_->config.num_hidden_layers, options_.mla_mode, kv_dtype(),
+                                       block_size, tokens / block_size);
+}
 
 KvCache Model::new_cache(int64_t capacity) const {
   if (capacity <= 0) capacity = std::min<int64_t>(256, max_cache_tokens_);
@@ -388,14 +404,15 @@ ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, co
     out.hidden_states.push_back(h);
   };
   if (req.hidden_states) snapshot(x);
+  const KvPaging paging(ops, {&cache}, {T});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     ExpertChoices* ch = nullptr;
     if (req.expert_choices) {
       out.expert_choices.emplace_back();
       ch = &out.expert_choices.back();
     }
-    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {{&cache.layer(l), pos0, 0, T}}, rope,
-                          ch);
+    decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, {cache_slice(cache, l, paging, 0, 0, T)},
+                          rope, ch);
     if (req.hidden_states && l + 1 < c.num_hidden_layers) snapshot(x);
   }
   cache.advance(T);
@@ -431,6 +448,18 @@ Tensor gather_last_rows(Ops& ops, const Tensor& x, const std::vector<int64_t>& s
     r += n;
   }
   return rows;
+}
+
+SeqSlice cache_slice(KvCache& cache, int layer, const KvPaging& paging, size_t b, int64_t t0, int64_t n) {
+  SeqSlice s;
+  s.cache = &cache.layer(layer);
+  s.pos0 = cache.length();
+  s.t0 = t0;
+  s.n = n;
+  s.block_table = paging.block_table(b);
+  s.block_size = cache.block_size();
+  s.rows = paging.rows(b);
+  return s;
 }
 
 void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what) {
@@ -484,11 +513,13 @@ Tensor Model::batch_layers(const std::vector<std::vector<int32_t>>& tokens, cons
   Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
   Tensor x = ops.empty({T, D});
   ops.embedding(x, ids_d, w_->embed_tokens);
+  std::vector<int64_t> n_new;
+  for (const auto& t : tokens) n_new.push_back(int64_t(t.size()));
+  const KvPaging paging(ops, caches, n_new);
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     for (int64_t b = 0; b < B; ++b)
-      seqs[size_t(b)] = {&caches[size_t(b)]->layer(l), caches[size_t(b)]->length(), starts[size_t(b)],
-                         int64_t(tokens[size_t(b)].size())};
+      seqs[size_t(b)] = cache_slice(*caches[size_t(b)], l, paging, size_t(b), starts[size_t(b)], n_new[size_t(b)]);
     decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
   }
   for (int64_t b = 0; b < B; ++b) caches[size_t(b)]->advance(int64_t(tokens[size_t(b)].size()));
@@ -608,6 +639,8 @@ std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, cons
   check_caches(caches, what);
   for (int64_t b = 0; b < B; ++b) {
     KvCache& kc = *caches[size_t(b)];
+    FATHOM_CHECK(!kc.paged(), what, ": cache ", b, " is paged; the graph-replayed decode step takes contiguous caches "
+                 "(step paged ones with forward_batch)");
     kc.reserve(1);
     for (const void* p : kc.storage()) storage.push_back(p);
     capacity.push_back(kc.capacity());

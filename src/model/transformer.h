@@ -59,6 +59,11 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
 Tensor gather_last_rows(Ops& ops, const Tensor& x, const std::vector<int64_t>& starts,
                         const std::vector<std::vector<int32_t>>& lens, const std::vector<int64_t>& want, int64_t D);
 
+// Layer `layer`'s slice of a step for a cache: rows [t0, t0 + n) of the activations, appended at
+// the cache's length, through its block table when it is paged (paging: the step's KvPaging,
+// b: the cache's index in it).
+SeqSlice cache_slice(KvCache& cache, int layer, const KvPaging& paging, size_t b, int64_t t0, int64_t n);
+
 // The batched steps' arguments (Model::forward_batch, forward_batch_rows, mtp_step): one non-empty
 // token list per cache; a fathom::Error naming `what` otherwise.
 void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_caches, const char* what);
