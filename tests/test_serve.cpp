@@ -140,11 +140,129 @@ TEST_F(Serve, ChunkedPrefillAndAKvBudgetKeepTheTokens) {
     EXPECT_GT(engine.stats().steps, 6);  // prompts of 4+ tokens took more than one step each
     EXPECT_TRUE(drains(engine));
   }
-  // a request larger than the whole budget still runs (alone)
+}
+
+// A KV cache too small for every request at once (blocks of 4 tokens, 8 blocks; each request
+// grows to 5 or 6 blocks): the scheduler preempts the newest request when a step lacks blocks;
+// re-admitted, it recomputes its tokens and goes on — every request gets its tokens alone.
+TEST_F(Serve, PreemptionLosesNoRequestAndChangesNoToken) {
+  const std::vector<std::vector<int32_t>> alone = alone_greedy(16);
+  for (bool prefix : {true, false}) {
+    SCOPED_TRACE(prefix ? "prefix caching" : "no prefix caching");
+    EngineOptions eo;
+    eo.max_batch = 4;
+    eo.kv_block_size = 4;
+    eo.max_kv_tokens = 32;
+    eo.prefix_caching = prefix;
+    Engine engine(*model_, *tok_, eo);
+    std::vector<std::shared_ptr<RequestHandle>> hs;
+    for (const char* p : kPrompts) {
+      RequestParams rp = greedy(p, 16);
+      rp.options.ignore_eos = true;
+      hs.push_back(engine.submit(rp));
+    }
+    for (size_t i = 0; i < hs.size(); ++i) {
+      const RequestResult r = hs[i]->wait();
+      EXPECT_EQ(r.finish_reason, "length") << kPrompts[i];
+      EXPECT_EQ(r.ids, alone[i]) << kPrompts[i];
+    }
+    EXPECT_GT(engine.stats().preemptions, 0);
+    EXPECT_EQ(engine.stats().kv_capacity, 32);
+    EXPECT_TRUE(drains(engine));
+  }
+}
+
+// A request that outgrows the whole KV cache alone ends with "length" where the cache ends; a
+// prompt longer than the cache is refused when submitted.
+TEST_F(Serve, ARequestOutgrowingTheWholeCacheEndsThere) {
   EngineOptions eo;
-  eo.max_kv_tokens = 5;
+  eo.kv_block_size = 8;
+  eo.max_kv_tokens = 13;  // rounded up to 2 blocks: 16 tokens
   Engine engine(*model_, *tok_, eo);
-  EXPECT_EQ(engine.submit(greedy("The Linux kernel", 8))->wait().ids.size(), 8u);
+  EXPECT_EQ(engine.stats().kv_capacity, 16);
+  RequestParams p = greedy("The Linux kernel", 40);
+  p.options.ignore_eos = true;
+  const RequestResult r = engine.submit(p)->wait();
+  EXPECT_EQ(r.finish_reason, "length");
+  // the prompt's positions and every generated token but the last fill the 16 positions
+  EXPECT_EQ(int64_t(r.ids.size()), 16 - r.prompt_tokens + 1);
+  RequestParams big = greedy("x", 4);
+  big.prompt.assign(17, big.prompt[0]);
+  try {
+    engine.submit(big);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("KV cache holds 16 tokens"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(drains(engine));
+}
+
+// A prompt sent again (with another ending) reuses the blocks the first request published: the
+// hit is counted and the tokens are those of an engine without prefix caching.
+TEST_F(Serve, PrefixCacheReusesAnEarlierPromptsBlocks) {
+  const std::string shared =
+      "The Linux kernel is the core of the operating system. It manages memory, processes and devices, and";
+  RequestParams a = greedy(shared + " it", 12), b = greedy(shared + " the", 12);
+  a.options.ignore_eos = b.options.ignore_eos = true;
+  EngineOptions off;
+  off.prefix_caching = false;
+  std::vector<int32_t> want_b;
+  {
+    Engine plain(*model_, *tok_, off);
+    want_b = plain.submit(b)->wait().ids;
+    EXPECT_EQ(plain.stats().prefix_hit_tokens, 0);
+  }
+  EngineOptions on;
+  on.kv_block_size = 8;
+  Engine engine(*model_, *tok_, on);
+  engine.submit(a)->wait();
+  ASSERT_TRUE(drains(engine));  // the stats after the last step
+  const EngineStats before = engine.stats();
+  EXPECT_EQ(before.prefix_hit_tokens, 0);
+  EXPECT_GT(before.kv_cached_tokens, 0);  // a's published blocks, kept after it finished
+  EXPECT_EQ(engine.submit(b)->wait().ids, want_b);
+  ASSERT_TRUE(drains(engine));
+  const EngineStats after = engine.stats();
+  const int64_t common = int64_t(tok_->encode(shared, true).size()) - 1;  // the last token may merge
+  EXPECT_GE(after.prefix_hit_tokens, common / 8 * 8 - 8);
+  EXPECT_GT(after.prefix_hit_tokens, 0);
+  // only the tokens that missed were run
+  EXPECT_EQ(after.prompt_tokens - before.prompt_tokens, int64_t(b.prompt.size()) - after.prefix_hit_tokens);
+  EXPECT_TRUE(drains(engine));
+}
+
+// The same prompt from several requests at once (the n choices of one API request) is prefilled
+// once: the others wait for it and fork its cache, then each draws its own tokens — those it gets
+// alone — writing into its own copy of the shared last block.
+TEST_F(Serve, SharedPromptsArePrefilledOnce) {
+  auto request = [&](uint64_t seed) {
+    RequestParams p = greedy("In Python, a generator is a function that", 10);
+    p.options.ignore_eos = true;
+    p.options.sampling.temperature = 0.8f;
+    p.options.sampling.seed = seed;
+    p.options.sampling.has_seed = true;
+    return p;
+  };
+  std::vector<std::vector<int32_t>> alone;
+  for (uint64_t seed : {1, 2, 3, 4}) {
+    Engine e(*model_, *tok_);
+    alone.push_back(e.submit(request(seed))->wait().ids);
+  }
+  EngineOptions eo;
+  eo.prefill_chunk = 1;  // a prefill of several steps: the others are admitted while it runs
+  eo.kv_block_size = 4;
+  Engine engine(*model_, *tok_, eo);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (uint64_t seed : {1, 2, 3, 4}) hs.push_back(engine.submit(request(seed)));
+  for (size_t i = 0; i < hs.size(); ++i) EXPECT_EQ(hs[i]->wait().ids, alone[i]) << "seed " << i + 1;
+  ASSERT_TRUE(drains(engine));
+  const EngineStats s = engine.stats();
+  const int64_t n = int64_t(request(1).prompt.size());
+  EXPECT_EQ(s.forked_prompts, 3);
+  EXPECT_EQ(s.prompt_tokens, n);  // once, not four times
+  if (n % 4 != 0) {
+    EXPECT_EQ(s.cow_copies, 3);  // the partly filled last block, copied by three of its four writers
+  }
 }
 
 TEST_F(Serve, StopStringsAndLengthEndRequests) {
@@ -325,7 +443,21 @@ TEST_F(ServeHttp, ModelsHealthAndMetrics) {
   ASSERT_EQ(r.status, 200);
   EXPECT_NE(r.body.find("fathom_requests_running 0"), std::string::npos);
   EXPECT_NE(r.body.find("# TYPE fathom_generated_tokens_total counter"), std::string::npos);
+  EXPECT_NE(r.body.find("fathom_time_to_first_token_seconds_count 0"), std::string::npos);
   EXPECT_EQ(http(port_, "GET", "/nowhere").status, 404);
+  // one request of 5 tokens: one time to first token, 4 inter-token gaps, in the histograms
+  const Reply c = post("/v1/completions", {{"model", "fathom-mini"}, {"prompt", "The tar command"}, {"max_tokens", 5},
+                                           {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(c.status, 200) << c.body;
+  r = http(port_, "GET", "/metrics");
+  EXPECT_NE(r.body.find("# TYPE fathom_time_to_first_token_seconds histogram"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1\n"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_time_to_first_token_seconds_count 1\n"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_inter_token_latency_seconds_bucket{le=\"+Inf\"} 4\n"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_inter_token_latency_seconds_count 4\n"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_generated_tokens_total 5\n"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_kv_cache_capacity_tokens "), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("fathom_prefix_cache_hit_tokens_total "), std::string::npos) << r.body;
 }
 
 TEST_F(ServeHttp, ChatCompletionStreamedAndNot) {

@@ -26,7 +26,8 @@ Command add_serve(CLI::App& app) {
     ModelArgs model;
     std::string tokenizer, host = "127.0.0.1", api_key, name;
     int port = 8080, max_batch = 8, max_queue = 64;
-    bool speculative = false;
+    bool speculative = false, no_prefix_caching = false;
+    int kv_block_size = 16;
     int64_t max_tokens = 4096, prefill_chunk = 512, max_kv_tokens = 0;
     double max_body_mb = 1.0;
   };
@@ -45,8 +46,12 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens prefilled per step beside the decoding ones")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   cmd->add_option("--max-kv-tokens", a->max_kv_tokens,
-                  "KV-cache positions the running requests may reserve together (0: no limit); more wait")
+                  "the paged KV cache's size in tokens, for all requests together (0: on a GPU what --gpu-memory "
+                  "leaves, on the CPU --max-batch full contexts up to 1 GiB)")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+  cmd->add_option("--kv-block-size", a->kv_block_size, "tokens per KV-cache block")->check(CLI::Range(1, 4096));
+  cmd->add_flag("--no-prefix-caching", a->no_prefix_caching,
+                "recompute every prompt instead of reusing cached blocks of earlier prompts");
   cmd->add_flag("--speculative", a->speculative,
                 "MTP self-speculative decoding: the model's MTP module drafts a token, the next step verifies it "
                 "(the output stays plain decoding's)");
@@ -65,6 +70,8 @@ Command add_serve(CLI::App& app) {
     eo.max_queue = a->max_queue;
     eo.prefill_chunk = a->prefill_chunk;
     eo.max_kv_tokens = a->max_kv_tokens;
+    eo.kv_block_size = a->kv_block_size;
+    eo.prefix_caching = !a->no_prefix_caching;
     eo.speculative = a->speculative;
     FATHOM_CHECK(!a->speculative || model->has_mtp(), "--speculative: model ", a->model.dir,
                  " has no MTP module (num_nextn_predict_layers is 0)");
@@ -97,6 +104,9 @@ Command add_serve(CLI::App& app) {
     std::signal(SIGTERM, on_signal);
     std::printf("fathom serve: model '%s' on http://%s:%d (OpenAI API under /v1; %s)\n", ao.model_name.c_str(),
                 a->host.c_str(), server.port(), ao.api_key.empty() ? "no API key" : "API key required");
+    std::printf("fathom serve: KV cache of %lld tokens in blocks of %d (%s), batches of up to %d on %s\n",
+                static_cast<long long>(engine.stats().kv_capacity), a->kv_block_size,
+                a->no_prefix_caching ? "no prefix caching" : "prefix caching", a->max_batch, model->backend_name());
     std::fflush(stdout);
     while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     std::printf("fathom serve: stopping\n");

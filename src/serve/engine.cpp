@@ -18,20 +18,37 @@ struct Engine::Running {
   std::shared_ptr<RequestHandle> handle;
   RequestParams params;
   Clock::time_point submitted;
-  std::optional<KvCache> cache;
+  // The sequence so far: the prompt, then every generated token (the last one, `pending`, not yet
+  // in the cache). The cache holds its first cache->length() tokens.
+  std::vector<int32_t> context;
+  std::optional<KvCache> cache;  // paged, from the engine's pool
   std::optional<Sampler> sampler;
   std::optional<StopMatcher> stops;
   std::optional<StreamDecoder> detok;
   int64_t max_new = 0;
   int32_t pending = -1;   // the sampled token the next decode step feeds the model
-  int64_t prefilled = 0;  // prompt tokens in the cache so far (chunked prefill)
+  // Prefill: context[0, prefill_end) go into the cache, a chunk per step; `prefilled` are in. A
+  // fresh request prefills its prompt; a preempted one its prompt and every generated token.
+  int64_t prefilled = 0, prefill_end = 0;
+  bool prefilling() const { return prefilled < prefill_end; }
+  // Shared prompts: the request whose prefill this one waits for, to fork its cache (null: none).
+  Running* leader = nullptr;
   bool first = true;
+  Clock::time_point last_token;  // when the previous token was streamed
   // MTP self-speculative decoding: the MTP module's own KV cache, and its guess of the token
   // after `pending` (-1: none yet), which the next step verifies.
   bool spec = false;
   std::optional<KvCache> mtp_cache;
   int32_t draft = -1;
 };
+
+void LatencyHistogram::observe(double seconds) {
+  size_t i = 0;
+  while (i + 1 < kBuckets && seconds > kBounds[i]) ++i;
+  ++counts[i];
+  ++count;
+  sum += seconds;
+}
 
 bool RequestHandle::next(TokenEvent& event, bool& got_event, bool& done, int timeout_ms) {
   std::unique_lock<std::mutex> lock(mu_);
@@ -69,6 +86,24 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   eos_.erase(std::unique(eos_.begin(), eos_.end()), eos_.end());
   vocab_ = model.config().vocab_size;
   max_pos_ = model.config().max_position_embeddings;
+  const int bs = opt_.kv_block_size;
+  FATHOM_CHECK(bs >= 1 && bs <= 4096, "engine: kv_block_size ", bs, " is out of range (1 to 4096)");
+  int64_t tokens = opt_.max_kv_tokens;
+  if (tokens == 0) {
+    if (model.kv_budget_tokens() > 0) {
+      tokens = model.kv_budget_tokens();
+    } else {  // host memory: max_batch full contexts, at most 1 GiB
+      const int64_t token_bytes = KvCache::bytes_per_token_per_layer(model.config(), model.options().mla_mode, 4) *
+                                  model.config().num_hidden_layers;
+      tokens = std::min<int64_t>(int64_t(opt_.max_batch) * max_pos_, (int64_t(1) << 30) / token_bytes);
+    }
+    tokens = std::max<int64_t>(tokens / bs * bs, bs);
+  }
+  tokens = (tokens + bs - 1) / bs * bs;  // whole blocks
+  pool_ = model.new_block_pool(tokens, bs);
+  kv_tokens_total_ = tokens;
+  stats_.kv_capacity = tokens;
+  rate_mark_ = Clock::now();
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -88,6 +123,8 @@ std::shared_ptr<RequestHandle> Engine::submit(RequestParams params) {
   const int64_t n = int64_t(params.prompt.size());
   FATHOM_CHECK(n < max_pos_, "the prompt has ", n, " tokens, which leaves no room in the model's context of ",
                max_pos_, " tokens");
+  FATHOM_CHECK(n <= kv_tokens_total_, "the prompt has ", n, " tokens but the server's KV cache holds ",
+               kv_tokens_total_, " tokens in all");
   FATHOM_CHECK(params.top_logprobs >= -1 && params.top_logprobs <= 20, "top_logprobs ", params.top_logprobs,
                " is out of range (0 to 20)");
   auto r = std::make_unique<Running>();
@@ -95,6 +132,8 @@ std::shared_ptr<RequestHandle> Engine::submit(RequestParams params) {
   r->params = std::move(params);
   r->submitted = Clock::now();
   r->max_new = std::min<int64_t>(r->params.options.max_tokens, max_pos_ - n);
+  r->context = r->params.prompt;
+  r->prefill_end = n;
   r->handle->result_.prompt_tokens = n;
   auto h = r->handle;
   {
@@ -136,13 +175,21 @@ void Engine::finish(Running& r, const std::string& reason, const std::string& er
     r.handle->finished_ = true;
   }
   r.handle->cv_.notify_all();
-  r.cache.reset();  // the KV cache's memory goes back now, not when the handle dies
+  r.cache.reset();  // the KV cache's blocks go back now, not when the handle dies
+  r.mtp_cache.reset();
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.requests_finished;
 }
 
 bool Engine::take_token(Running& r, int32_t id, const float* logits) {
   RequestHandle& h = *r.handle;
+  const Clock::time_point now = Clock::now();
+  {
+    const double latency = std::chrono::duration<double>(now - (r.first ? r.submitted : r.last_token)).count();
+    std::lock_guard<std::mutex> lock(mu_);
+    (r.first ? stats_.ttft : stats_.inter_token).observe(latency);
+  }
+  r.last_token = now;
   if (r.first) {
     r.first = false;
     std::lock_guard<std::mutex> lock(h.mu_);
@@ -162,6 +209,7 @@ bool Engine::take_token(Running& r, int32_t id, const float* logits) {
     h.result_.text += e.text;
     h.events_.push_back(std::move(e));
   }
+  r.context.push_back(id);
   h.cv_.notify_all();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -181,20 +229,36 @@ bool Engine::take_token(Running& r, int32_t id, const float* logits) {
 
 void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std::unique_ptr<Running>>& fresh) {
   // A newcomer gets its cache, sampler and stream state now; its prompt is prefilled by the
-  // steps that follow, a chunk at a time beside the others' decoding (loop()).
+  // steps that follow, a chunk at a time beside the others' decoding (loop()). A preempted
+  // request comes back with its state and recomputes its cache the same way.
   for (auto& r : fresh) {
     try {
-      const int64_t n = int64_t(r->params.prompt.size());
+      const bool resumed = bool(r->sampler);
       r->spec = opt_.speculative && model_.has_mtp();
-      // + 1 when drafting: a draft verified past the last token, room the context may not have
-      // (then the last steps decode plainly: loop() feeds a draft only while it fits)
-      const int64_t need = n + r->max_new + (r->spec && n + r->max_new < max_pos_ ? 1 : 0);
-      r->cache.emplace(model_.new_cache(need));
-      if (r->spec) r->mtp_cache.emplace(model_.new_mtp_cache(need));
-      r->sampler.emplace(r->params.options.sampling);
-      r->stops.emplace(r->params.options.stop);
-      r->detok.emplace(tok_, /*skip_special=*/true);
-      {
+      r->cache.emplace(pool_);
+      r->prefilled = 0;
+      r->draft = -1;
+      // the same sequence as one being prefilled (not MTP drafting, whose module needs its own
+      // cache's positions too): wait for it, then fork its cache (Engine::step)
+      if (!r->spec)
+        for (auto& o : batch)
+          if (!o->leader && !o->spec && o->prefilling() && o->prefill_end == r->prefill_end &&
+              o->context == r->context) {
+            r->leader = o.get();
+            break;
+          }
+      if (r->spec) {
+        r->mtp_cache.emplace(model_.new_mtp_cache(0));
+      } else if (opt_.prefix_caching && !r->leader) {
+        // published blocks of this sequence's start, leaving at least its last token to run
+        // (its logits give the next token). Not with MTP drafting: the MTP module's own cache
+        // needs every position's hidden state.
+        r->prefilled = r->cache->attach_prefix(r->context, r->prefill_end - 1);
+      }
+      if (!resumed) {
+        r->sampler.emplace(r->params.options.sampling);
+        r->stops.emplace(r->params.options.stop);
+        r->detok.emplace(tok_, /*skip_special=*/true);
         std::lock_guard<std::mutex> lock(r->handle->mu_);
         r->handle->result_.queue_seconds = seconds_since(r->submitted);
       }
@@ -206,8 +270,88 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
   fresh.clear();
 }
 
-void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vector<int32_t>>& tokens,
-                  const std::vector<KvCache*>& caches, const std::vector<int64_t>& want) {
+void Engine::preempt(std::unique_ptr<Running> r) {
+  r->cache.reset();
+  r->mtp_cache.reset();
+  r->draft = -1;
+  r->leader = nullptr;
+  // recompute everything the cache held, and the pending token: prefilling it gives the logits
+  // its decoding step would have
+  r->prefilled = 0;
+  r->prefill_end = int64_t(r->context.size());
+  std::lock_guard<std::mutex> lock(mu_);
+  waiting_.push_front(std::move(r));
+  ++stats_.preemptions;
+  stats_.waiting = int64_t(waiting_.size());
+}
+
+void Engine::plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Running*>& rows,
+                  std::vector<std::vector<int32_t>>& tokens, std::vector<KvCache*>& caches,
+                  std::vector<int64_t>& want) {
+  for (;;) {
+    // Every decoding request feeds its pending token (and its draft, when it has one); prefilling
+    // requests feed their next prompt chunk, within prefill_chunk tokens per step in all (the
+    // oldest first, at least one chunk per step), so a long prompt never stalls the others for
+    // more than a chunk's worth of work. Requests waiting for a shared prompt feed nothing.
+    rows.clear();
+    tokens.clear();
+    caches.clear();
+    want.clear();
+    int64_t budget = opt_.prefill_chunk, blocks = 0;
+    for (auto& r : batch) {
+      if (r->leader) continue;
+      if (r->prefilling()) {
+        if (budget <= 0) continue;
+        const int64_t take = std::min(r->prefill_end - r->prefilled, budget);
+        budget -= take;
+        tokens.emplace_back(r->context.begin() + r->prefilled, r->context.begin() + r->prefilled + take);
+        want.push_back(r->spec ? take : 1);  // the MTP module needs every position's hidden state
+      } else if (r->draft >= 0 && r->cache->length() + 2 <= max_pos_) {
+        tokens.push_back({r->pending, r->draft});
+        want.push_back(2);
+      } else {
+        tokens.push_back({r->pending});
+        want.push_back(1);
+      }
+      blocks += r->cache->blocks_needed(int64_t(tokens.back().size()));
+      caches.push_back(&*r->cache);
+      rows.push_back(r.get());
+    }
+    if (blocks <= pool_->free_blocks()) return;
+    // Not enough blocks: the request admitted last gives its own back and waits again. Alone, a
+    // request that still does not fit has outgrown the whole cache: it ends there.
+    size_t victim = batch.size();
+    for (size_t i = batch.size(); i-- > 0;)
+      if (!batch[i]->leader) {
+        victim = i;
+        break;
+      }
+    FATHOM_ASSERT(victim < batch.size(), "a step without rows cannot lack blocks");
+    bool alone = true;
+    for (size_t i = 0; i < batch.size(); ++i) alone = alone && (i == victim || batch[i]->leader);
+    for (auto& o : batch)
+      if (o->leader == batch[victim].get()) o->leader = nullptr;  // they prefill on their own
+    if (alone) {
+      Running& v = *batch[victim];
+      if (v.prefilling())
+        finish(v, "error", cat("the sequence of ", v.prefill_end, " tokens does not fit the KV cache of ",
+                               kv_tokens_total_, " tokens"));
+      else
+        finish(v, "length");
+    } else {
+      preempt(std::move(batch[victim]));
+    }
+    batch.erase(batch.begin() + int64_t(victim));
+    if (batch.empty()) {
+      rows.clear();
+      return;
+    }
+  }
+}
+
+void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
+                  const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                  const std::vector<int64_t>& want) {
   bool any_spec = false;
   for (const Running* r : rows) any_spec = any_spec || r->spec;
   Model::BatchRows out;
@@ -217,7 +361,7 @@ void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vect
     out.logits = model_.forward_batch(tokens, caches);  // want is 1 everywhere: the last rows
   }
   const int64_t D = model_.config().hidden_size;
-  int64_t prompt_tokens = 0, drafts = 0, accepted = 0;
+  int64_t prompt_tokens = 0, drafts = 0, accepted = 0, forked = 0;
   // what the MTP module takes next, per drafting request: the tokens that followed the positions
   // just run, and those positions' hidden states
   std::vector<std::vector<int32_t>> mtp_next;
@@ -232,22 +376,34 @@ void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vect
     mtp_caches.push_back(&*r.mtp_cache);
     mtp_rows.push_back(&r);
   };
+  auto sample = [&](Running& r, const float* row) {
+    return r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids);
+  };
   int64_t row0 = 0;  // the first returned row of sequence b
   for (size_t b = 0; b < rows.size(); row0 += want[b], ++b) {
     Running& r = *rows[b];
-    const int64_t n = int64_t(r.params.prompt.size());
     auto logits_row = [&](int64_t i) { return out.logits.ptr<float>() + (row0 + i) * vocab_; };
-    if (r.prefilled < n) {
-      const int64_t s0 = r.prefilled, k = int64_t(tokens[b].size());
+    if (r.prefilling()) {
+      const int64_t s0 = r.prefilled, k = int64_t(tokens[b].size()), n = r.prefill_end;
       r.prefilled += k;
       prompt_tokens += k;
-      std::vector<int32_t> next(r.params.prompt.begin() + s0 + 1, r.params.prompt.begin() + std::min(s0 + k + 1, n));
-      if (r.prefilled < n) {  // more of the prompt next step
+      std::vector<int32_t> next(r.context.begin() + s0 + 1, r.context.begin() + std::min(s0 + k + 1, n));
+      if (r.prefilling()) {  // more of the prompt next step
         if (r.spec) feed_mtp(r, std::move(next), row0);
         continue;
       }
       const float* row = logits_row(want[b] - 1);
-      take_token(r, r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids), row);
+      // requests waiting for this prompt fork its cache now, before this one's token (which may
+      // finish it), and draw their own first token from the same logits
+      for (const auto& f : batch)
+        if (f->leader == &r) {
+          f->leader = nullptr;
+          f->cache.emplace(r.cache->fork());
+          f->prefilled = f->prefill_end;
+          ++forked;
+          take_token(*f, sample(*f, row), row);
+        }
+      take_token(r, sample(r, row), row);
       if (r.spec && !r.handle->finished_) {
         next.push_back(r.pending);  // the last prompt position's next token: the one just sampled
         feed_mtp(r, std::move(next), row0);
@@ -256,7 +412,7 @@ void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vect
     }
     if (tokens[b].size() == 1) {  // plain decoding
       const float* row = logits_row(0);
-      take_token(r, r.sampler->sample(row, vocab_, r.params.prompt, r.handle->result_.ids), row);
+      take_token(r, sample(r, row), row);
       if (r.spec) feed_mtp(r, {r.pending}, row0);
       continue;
     }
@@ -269,12 +425,12 @@ void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vect
     const int32_t d = tokens[b][1];
     ++drafts;
     const float* row0p = logits_row(0);
-    const int32_t a = r.sampler->sample(row0p, vocab_, r.params.prompt, r.handle->result_.ids);
+    const int32_t a = sample(r, row0p);
     if (a == d) {
       ++accepted;
       if (!take_token(r, d, row0p)) continue;
       const float* row1 = logits_row(1);
-      take_token(r, r.sampler->sample(row1, vocab_, r.params.prompt, r.handle->result_.ids), row1);
+      take_token(r, sample(r, row1), row1);
       feed_mtp(r, {d, r.pending}, row0);
     } else {
       r.cache->truncate(r.cache->length() - 1);  // the draft's position goes
@@ -288,22 +444,47 @@ void Engine::step(const std::vector<Running*>& rows, const std::vector<std::vect
     const Tensor draft_logits = model_.mtp_step(mtp_next, h, mtp_caches);
     for (size_t i = 0; i < mtp_rows.size(); ++i) {
       Running& r = *mtp_rows[i];
-      if (r.prefilled < int64_t(r.params.prompt.size()) || r.handle->finished_) continue;
+      if (r.prefilling() || r.handle->finished_) continue;
       const float* row = draft_logits.ptr<float>() + int64_t(i) * vocab_;
       r.draft = int32_t(std::max_element(row, row + vocab_) - row);  // the MTP module's greedy guess
     }
   }
+  // blocks now full of known tokens go to the prefix cache
+  if (opt_.prefix_caching)
+    for (const auto& r : batch)
+      if (r->cache && !r->handle->finished_) r->cache->publish(r->context);
   std::lock_guard<std::mutex> lock(mu_);
   stats_.prompt_tokens += prompt_tokens;
   stats_.spec_drafts += drafts;
   stats_.spec_accepted += accepted;
+  stats_.forked_prompts += forked;
+}
+
+void Engine::drop_finished(std::vector<std::unique_ptr<Running>>& batch) {
+  // a request whose leader is gone (finished, cancelled) prefills its prompt itself
+  for (auto& r : batch)
+    if (r->leader && (r->leader->handle->finished_ || r->handle->finished_)) r->leader = nullptr;
+  batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
+              batch.end());
 }
 
 void Engine::publish(const std::vector<std::unique_ptr<Running>>& batch) {
   std::lock_guard<std::mutex> lock(mu_);
   stats_.running = int64_t(batch.size());
-  stats_.kv_tokens = 0;
-  for (const auto& r : batch) stats_.kv_tokens += r->cache ? r->cache->capacity() : 0;
+  const int64_t bs = pool_->block_size();
+  stats_.kv_tokens = pool_->used_blocks() * bs;
+  stats_.kv_cached_tokens = pool_->cached_blocks() * bs;
+  const KvPoolStats& ps = pool_->stats();
+  stats_.prefix_query_tokens = ps.prefix_query_tokens;
+  stats_.prefix_hit_tokens = ps.prefix_hit_tokens;
+  stats_.cow_copies = ps.cow_copies;
+  const Clock::time_point now = Clock::now();
+  const double dt = std::chrono::duration<double>(now - rate_mark_).count();
+  if (dt >= 1.0) {
+    stats_.tokens_per_second = double(stats_.tokens_generated - rate_tokens_) / dt;
+    rate_mark_ = now;
+    rate_tokens_ = stats_.tokens_generated;
+  }
 }
 
 void Engine::loop() {
@@ -313,14 +494,15 @@ void Engine::loop() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !waiting_.empty() || !batch.empty(); });
       if (stop_) break;
-      // admission: a place in the batch, and room in the KV budget for prompt + max_tokens
-      int64_t held = 0;
-      for (const auto& r : batch) held += r->cache ? r->cache->capacity() : 0;
+      // Admission: a place in the batch, and free blocks for the prompt (not counting prefix
+      // hits) beyond one block of headroom per running request; the first request always.
+      int64_t free = pool_->free_blocks() - int64_t(batch.size());
+      const int64_t bs = pool_->block_size();
       while (!waiting_.empty() && int(batch.size() + fresh.size()) < opt_.max_batch) {
         const Running& w = *waiting_.front();
-        const int64_t need = int64_t(w.params.prompt.size()) + w.max_new;
-        if (opt_.max_kv_tokens > 0 && held + need > opt_.max_kv_tokens && !(batch.empty() && fresh.empty())) break;
-        held += need;
+        const int64_t need = (w.prefill_end + bs - 1) / bs;
+        if (need > free && !(batch.empty() && fresh.empty())) break;
+        free -= need;
         fresh.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
@@ -334,44 +516,22 @@ void Engine::loop() {
     if (!fresh.empty()) admit(batch, fresh);
     for (auto& r : batch)
       if (r->handle->cancelled()) finish(*r, "cancelled");
-    batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
-                batch.end());
+    drop_finished(batch);
     publish(batch);
     if (batch.empty()) continue;
-    // One step: every decoding request feeds its pending token (and its draft, when it has one);
-    // prefilling requests feed their next prompt chunk, within prefill_chunk prompt tokens per
-    // step in all (the oldest first, and at least one chunk per step), so a long prompt never
-    // stalls the others for more than a chunk's worth of work. One ragged forward pass runs them.
     std::vector<std::vector<int32_t>> tokens;
     std::vector<KvCache*> caches;
     std::vector<Running*> rows;
     std::vector<int64_t> want;  // rows of each sequence whose logits (and hidden states) come back
-    int64_t budget = opt_.prefill_chunk;
-    for (auto& r : batch) {
-      const int64_t n = int64_t(r->params.prompt.size());
-      if (r->prefilled < n) {
-        if (budget <= 0) continue;
-        const int64_t take = std::min(n - r->prefilled, budget);
-        budget -= take;
-        tokens.emplace_back(r->params.prompt.begin() + r->prefilled, r->params.prompt.begin() + r->prefilled + take);
-        want.push_back(r->spec ? take : 1);  // the MTP module needs every position's hidden state
-      } else if (r->draft >= 0 && r->cache->length() + 2 <= r->cache->capacity()) {
-        tokens.push_back({r->pending, r->draft});
-        want.push_back(2);
-      } else {
-        tokens.push_back({r->pending});
-        want.push_back(1);
+    plan(batch, rows, tokens, caches, want);
+    if (!rows.empty()) {
+      try {
+        step(batch, rows, tokens, caches, want);
+      } catch (const std::exception& e) {
+        for (Running* r : rows) finish(*r, "error", e.what());
       }
-      caches.push_back(&*r->cache);
-      rows.push_back(r.get());
     }
-    try {
-      step(rows, tokens, caches, want);
-    } catch (const std::exception& e) {
-      for (Running* r : rows) finish(*r, "error", e.what());
-    }
-    batch.erase(std::remove_if(batch.begin(), batch.end(), [](const auto& r) { return r->handle->finished_; }),
-                batch.end());
+    drop_finished(batch);
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.steps;

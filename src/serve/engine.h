@@ -12,17 +12,28 @@
 // place at the next iteration: requests join and leave between steps, never waiting for the
 // slowest one of a fixed batch.
 //
-// Each request has its own KV cache sized for prompt + max_tokens when it is admitted and freed
-// when it finishes. With `speculative`, the model's MTP module drafts a token ahead for every
-// request and the main model verifies it in the next step (Engine::step). Not yet here (the
-// serving issue's later steps): a paged latent cache with a block manager, prefix caching,
-// preemption.
+// The KV cache is paged (model/kv_pool.h): one pool of blocks of kv_block_size tokens shared by
+// every request, taken a block at a time as a sequence grows. On top of it:
+// - prefix caching: blocks full of known tokens are published; a newcomer whose prompt starts
+//   with published blocks takes them and prefills only the rest (the hit rate is in stats).
+// - shared prompts: a newcomer with the same prompt as one admitted with it (the `n` choices of
+//   one API request, or two clients at once) waits for that prompt's prefill and then forks its
+//   cache — the prompt is computed once, and each writes its own tokens into copies of the
+//   shared last block (copy-on-write).
+// - preemption: when a step needs more blocks than are free, the request admitted last gives its
+//   blocks back and returns to the front of the queue; re-admitted, it recomputes its prompt and
+//   the tokens it had generated (from the prefix cache when its blocks are still there) and goes
+//   on where it stopped. No request is lost and its output is what it would have been.
+// With `speculative`, the model's MTP module drafts a token ahead for every request and the main
+// model verifies it in the next step (Engine::step).
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -35,6 +46,7 @@
 #include "engine/sampler.h"
 #include "fathom/model.h"
 #include "fathom/tokenizer.h"
+#include "model/kv_pool.h"
 
 namespace fathom::serve {
 
@@ -44,10 +56,13 @@ struct EngineOptions {
   // Prompt tokens prefilled per step, in all: a long prompt is prefilled a chunk per step beside
   // the running requests' decoding instead of stalling them for its whole length.
   int64_t prefill_chunk = 512;
-  // KV-cache positions the running requests may hold together (each reserves prompt + max_tokens
-  // when admitted); a request that would exceed it waits in the queue until others finish.
-  // 0: no limit beyond max_batch. A request larger than the whole budget still runs, alone.
+  // The KV cache's size in tokens, rounded up to whole blocks: what all requests hold together.
+  // 0: on CUDA all the GPU memory budget leaves for it (Model::kv_budget_tokens), on the CPU
+  // max_batch full contexts, at most 1 GiB. A prompt longer than the whole cache is refused; a
+  // request that outgrows it alone ends with "length".
   int64_t max_kv_tokens = 0;
+  int kv_block_size = 16;      // tokens per KV block
+  bool prefix_caching = true;  // reuse published prompt blocks across requests
   // MTP self-speculative decoding, when the model has an MTP module: each step the module drafts
   // the token after the next, and the next step verifies it alongside (accepted: two tokens for
   // one step of the main model). The output is what plain decoding gives (see Engine::step).
@@ -108,11 +123,32 @@ struct EngineBusy : Error {
   using Error::Error;
 };
 
+// A latency histogram in Prometheus's form: counts[i] observations <= kBounds[i] seconds
+// (cumulative when written out), the last bucket +Inf.
+struct LatencyHistogram {
+  static constexpr double kBounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
+  static constexpr size_t kBuckets = std::size(kBounds) + 1;
+  int64_t counts[kBuckets] = {};
+  int64_t count = 0;
+  double sum = 0;
+  void observe(double seconds);
+};
+
 struct EngineStats {
   int64_t waiting = 0, running = 0;
-  int64_t requests_finished = 0, tokens_generated = 0, prompt_tokens = 0, steps = 0;
-  int64_t kv_tokens = 0;  // KV-cache positions held by running requests (their caches' capacity)
+  int64_t requests_finished = 0, tokens_generated = 0, steps = 0;
+  int64_t prompt_tokens = 0;  // prompt (and recomputed) tokens run through the model
+  int64_t kv_tokens = 0;      // KV-cache positions held by requests (their blocks, in tokens)
+  int64_t kv_capacity = 0;    // the KV cache's size, in tokens
+  int64_t kv_cached_tokens = 0;  // published blocks nobody holds (kept for prefix hits), in tokens
+  int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0;  // prompt tokens looked up / found cached
+  int64_t forked_prompts = 0;  // requests that took another's prefilled prompt (shared prompts)
+  int64_t cow_copies = 0;      // shared blocks copied before a write
+  int64_t preemptions = 0;     // requests sent back to the queue for lack of blocks
   int64_t spec_drafts = 0, spec_accepted = 0;  // MTP drafts verified, and accepted
+  double tokens_per_second = 0;  // generated, over the last second or more of work
+  LatencyHistogram ttft;         // submit -> first token, per request
+  LatencyHistogram inter_token;  // between a request's consecutive tokens
 };
 
 class Engine {
@@ -140,12 +176,20 @@ class Engine {
   // Applies a sampled token to r; returns false when r has finished.
   bool take_token(Running& r, int32_t id, const float* logits);
   void finish(Running& r, const std::string& reason, const std::string& error = "");
+  // Gives r's blocks back and puts it at the front of the queue, to recompute later.
+  void preempt(std::unique_ptr<Running> r);
+  // The next step's plan; preempts (newest first) until the pool has the blocks it needs.
+  void plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Running*>& rows,
+            std::vector<std::vector<int32_t>>& tokens, std::vector<KvCache*>& caches, std::vector<int64_t>& want);
   // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
   // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
   // for the next step.
-  void step(const std::vector<Running*>& rows, const std::vector<std::vector<int32_t>>& tokens,
-            const std::vector<KvCache*>& caches, const std::vector<int64_t>& want);
-  // running and kv_tokens of stats_ from the batch as it is now
+  void step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
+            const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+            const std::vector<int64_t>& want);
+  // Removes finished requests from the batch (and releases those that waited for them).
+  void drop_finished(std::vector<std::unique_ptr<Running>>& batch);
+  // running and the KV-cache figures of stats_ as they are now
   void publish(const std::vector<std::unique_ptr<Running>>& batch);
 
   Model& model_;
@@ -153,6 +197,10 @@ class Engine {
   EngineOptions opt_;
   std::vector<int32_t> eos_;
   int64_t vocab_ = 0, max_pos_ = 0;
+  std::shared_ptr<KvBlockPool> pool_;  // the paged KV cache (the scheduler thread's)
+  std::chrono::steady_clock::time_point rate_mark_;  // tokens_per_second: when it was last measured
+  int64_t rate_tokens_ = 0;                           // and tokens_generated then
+  int64_t kv_tokens_total_ = 0;        // its size in tokens
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

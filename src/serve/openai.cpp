@@ -157,13 +157,42 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
       };
       metric("fathom_requests_waiting", "gauge", "Requests waiting for a place in the batch.", s.waiting);
       metric("fathom_requests_running", "gauge", "Requests in the running batch.", s.running);
-      metric("fathom_kv_cache_tokens", "gauge", "KV-cache positions held by running requests.", s.kv_tokens);
+      metric("fathom_kv_cache_tokens", "gauge", "KV-cache positions held by requests (their blocks).", s.kv_tokens);
+      metric("fathom_kv_cache_capacity_tokens", "gauge", "KV-cache size in positions.", s.kv_capacity);
+      metric("fathom_kv_cache_cached_tokens", "gauge", "Positions of published blocks nobody holds (prefix cache).",
+             s.kv_cached_tokens);
+      metric("fathom_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+             s.prefix_query_tokens);
+      metric("fathom_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.",
+             s.prefix_hit_tokens);
+      metric("fathom_forked_prompts_total", "counter", "Requests that forked another's prefilled prompt.",
+             s.forked_prompts);
+      metric("fathom_kv_cow_copies_total", "counter", "Shared KV blocks copied before a write.", s.cow_copies);
+      metric("fathom_preemptions_total", "counter", "Requests sent back to the queue for lack of KV blocks.",
+             s.preemptions);
       metric("fathom_requests_finished_total", "counter", "Requests finished, in any way.", s.requests_finished);
       metric("fathom_generated_tokens_total", "counter", "Tokens generated.", s.tokens_generated);
       metric("fathom_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens);
       metric("fathom_decode_steps_total", "counter", "Batched decode steps run.", s.steps);
       metric("fathom_spec_drafts_total", "counter", "MTP drafts verified (speculative decoding).", s.spec_drafts);
       metric("fathom_spec_accepted_total", "counter", "MTP drafts accepted.", s.spec_accepted);
+      m += cat("# HELP fathom_generation_tokens_per_second Tokens generated per second, over the last second or more.\n",
+               "# TYPE fathom_generation_tokens_per_second gauge\nfathom_generation_tokens_per_second ",
+               s.tokens_per_second, "\n");
+      auto histogram = [&](const char* name, const char* help, const LatencyHistogram& h) {
+        m += cat("# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
+        int64_t cum = 0;
+        for (size_t i = 0; i < LatencyHistogram::kBuckets; ++i) {
+          cum += h.counts[i];
+          m += cat(name, "_bucket{le=\"",
+                   i + 1 < LatencyHistogram::kBuckets ? cat(LatencyHistogram::kBounds[i]) : std::string("+Inf"),
+                   "\"} ", cum, "\n");
+        }
+        m += cat(name, "_sum ", h.sum, "\n", name, "_count ", h.count, "\n");
+      };
+      histogram("fathom_time_to_first_token_seconds", "Seconds from a request's arrival to its first token.", s.ttft);
+      histogram("fathom_inter_token_latency_seconds", "Seconds between a request's consecutive tokens.",
+                s.inter_token);
       return w.send(200, "text/plain; version=0.0.4", m);
     }
     const bool v1 = req.path.rfind("/v1/", 0) == 0;
