@@ -12,9 +12,12 @@
 #include "core/error.h"
 #include "core/random_fill.h"
 #include "fathom/model.h"
+#include "fathom/tokenizer.h"
 #include "model/config.h"
+#include "model/kv_pool.h"
 #include "ops/cpu/sample.h"
 #include "ops/ops.h"
+#include "serve/engine.h"
 #include "test_util.h"
 
 using namespace fathom;
@@ -221,6 +224,50 @@ void expect_decode_sample_equals_forward(DeviceKind dev) {
 
 TEST(RandomModel, DecodeSampleEqualsForwardBatch) { expect_decode_sample_equals_forward(DeviceKind::Cpu); }
 
+// Paged caches (blocks of 5 and 16 tokens from one pool) against contiguous caches on the same
+// backend: a ragged prefill in two chunks, a fork that copies its shared last block on write, a
+// prefix taken from the pool's published blocks, then decode steps.
+void expect_paged_equals_contiguous(DeviceKind dev, MlaMode mode, Precision precision) {
+  ModelOptions o;
+  o.device = dev;
+  o.mla_mode = mode;
+  o.precision = precision;
+  auto m = Model::random(small_v3(), o, DType::F32, 21);
+  const int64_t V = 1000;
+  const double tol = precision == Precision::Bf16 ? 1e-3 : 1e-5;
+  const std::vector<int32_t> a = some_ids(37, V), b = some_ids(12, V - 7);
+  for (int bs : {5, 16}) {
+    SCOPED_TRACE(std::string(mla_mode_name(mode)) + ", block size " + std::to_string(bs));
+    auto pool = m->new_block_pool(40 * bs, bs);
+    KvCache pa(pool), pb(pool);
+    KvCache ca = m->new_cache(), cb = m->new_cache();
+    auto both = [&](const std::vector<std::vector<int32_t>>& t, std::vector<KvCache*> paged,
+                    std::vector<KvCache*> contiguous) {
+      Tensor x = m->forward_batch(t, paged), y = m->forward_batch(t, contiguous);
+      ASSERT_LE(rel_err(x.f32(), y.f32(), size_t(y.numel())), tol);
+    };
+    both({{a.begin(), a.begin() + 20}, {b.begin(), b.begin() + 5}}, {&pa, &pb}, {&ca, &cb});
+    both({{a.begin() + 20, a.end()}, {b.begin() + 5, b.end()}}, {&pa, &pb}, {&ca, &cb});
+    pa.publish(a);
+    KvCache pf = pa.fork(), cf = ca.fork();  // shares a's blocks, copies the last on write
+    KvCache pp(pool);                        // a's first 30 tokens from the prefix cache
+    ASSERT_EQ(pp.attach_prefix(a, 30), 30 / bs * bs);
+    KvCache cp = m->new_cache();
+    m->forward_batch({{a.begin(), a.begin() + pp.length()}}, {&cp});
+    both({{a.begin() + pp.length(), a.begin() + 33}}, {&pp}, {&cp});
+    for (int step = 0; step < 4; ++step) {
+      const int32_t t = int32_t(100 + 37 * step);
+      both({{t}, {t + 1}, {t + 2}, {t + 3}}, {&pa, &pb, &pf, &pp}, {&ca, &cb, &cf, &cp});
+    }
+    ASSERT_GE(pool->stats().cow_copies, 1);
+  }
+}
+
+TEST(RandomModel, PagedCachesEqualContiguousCaches) {
+  expect_paged_equals_contiguous(DeviceKind::Cpu, MlaMode::Absorbed, Precision::Fp32);
+  expect_paged_equals_contiguous(DeviceKind::Cpu, MlaMode::Naive, Precision::Fp32);
+}
+
 class CudaModel : public testing::Test {
  protected:
   void SetUp() override {
@@ -254,6 +301,47 @@ TEST_F(CudaModel, RandomModelMatchesTheCpu) {
 }
 
 TEST_F(CudaModel, BatchedDecodeEqualsSingleSequences) { expect_batch_equals_single(DeviceKind::Cuda); }
+
+TEST_F(CudaModel, PagedCachesEqualContiguousCaches) {
+  for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Naive})
+    for (Precision p : {Precision::Fp32, Precision::Bf16}) expect_paged_equals_contiguous(DeviceKind::Cuda, mode, p);
+}
+
+// The serving engine on the GPU (fp32) gives fathom-mini's greedy tokens of the CPU engine, with
+// a cache small enough to preempt, prefix caching and a shared prompt.
+TEST_F(CudaModel, ServingEngineMatchesTheCpu) {
+  const std::string dir = std::string(FATHOM_SOURCE_DIR) + "/models/fathom-mini";
+  auto tok = Tokenizer::load(dir);
+  const std::vector<std::string> prompts = {"The list type in Python", "To create a new branch in Git,",
+                                            "The Linux kernel", "The list type in Python", "A dictionary maps keys"};
+  auto run = [&](DeviceKind dev) {
+    ModelOptions o;
+    o.device = dev;
+    o.precision = Precision::Fp32;
+    auto m = Model::load(dir, o);
+    serve::EngineOptions eo;
+    eo.max_batch = 4;
+    eo.kv_block_size = 4;
+    eo.max_kv_tokens = 48;
+    serve::Engine engine(*m, *tok, eo);
+    std::vector<std::shared_ptr<serve::RequestHandle>> hs;
+    for (const auto& p : prompts) {
+      serve::RequestParams r;
+      r.prompt = tok->encode(p, true);
+      r.options.max_tokens = 16;
+      r.options.sampling.temperature = 0;
+      r.options.ignore_eos = true;
+      hs.push_back(engine.submit(r));
+    }
+    std::vector<std::vector<int32_t>> out;
+    for (auto& h : hs) out.push_back(h->wait().ids);
+    return std::make_pair(out, engine.stats());
+  };
+  const auto [cpu, cpu_stats] = run(DeviceKind::Cpu);
+  const auto [gpu, gpu_stats] = run(DeviceKind::Cuda);
+  EXPECT_EQ(gpu, cpu);
+  EXPECT_GT(gpu_stats.preemptions, 0);
+}
 
 TEST_F(CudaModel, GraphDecodeEqualsEagerDecode) {
   expect_decode_greedy_equals_forward(DeviceKind::Cuda, MlaMode::Absorbed);

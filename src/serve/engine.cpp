@@ -91,7 +91,11 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   int64_t tokens = opt_.max_kv_tokens;
   if (tokens == 0) {
     if (model.kv_budget_tokens() > 0) {
+      // the GPU budget; with MTP drafting, a share kept for the MTP module's own (one-layer,
+      // contiguous) caches
       tokens = model.kv_budget_tokens();
+      if (opt_.speculative && model.has_mtp())
+        tokens = tokens * model.config().num_hidden_layers / (model.config().num_hidden_layers + 1);
     } else {  // host memory: max_batch full contexts, at most 1 GiB
       const int64_t token_bytes = KvCache::bytes_per_token_per_layer(model.config(), model.options().mla_mode, 4) *
                                   model.config().num_hidden_layers;
