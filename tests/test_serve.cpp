@@ -502,7 +502,7 @@ TEST_F(ServeHttp, ChatCompletionStreamedAndNot) {
     if (!c["finish_reason"].is_null()) finish = c["finish_reason"];
   }
   EXPECT_EQ(streamed, text);
-  EXPECT_EQ(finish, j["choices"][0]["finish_reason"]);
+  EXPECT_EQ(finish, j["choices"][0]["finish_reason"].get<std::string>());
 }
 
 TEST_F(ServeHttp, CompletionsWithNStopAndLogprobs) {
