@@ -70,7 +70,11 @@ build/device-serve/fathom_tests --gtest_filter='CudaModel.*:RandomModel.*:-CudaM
   >/tmp/device-serve-tests.log 2>&1
 trc=$?
 set -e
-grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|actual" /tmp/device-serve-tests.log | head -30
+grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|actual" /tmp/device-serve-tests.log | head -30 || true
+if [ "$trc" != 0 ]; then
+  echo "device-serve: the GPU tests exited $trc; the end of their log:"
+  tail -n 25 /tmp/device-serve-tests.log
+fi
 t2=$(date +%s)
 bench=build/device-serve/bench_serve_engine
 tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
