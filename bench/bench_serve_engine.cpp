@@ -266,12 +266,14 @@ int main(int argc, char** argv) {
     std::printf("\n%-11s %-6s %-5s %6s %12s %12s %12s %7s %9s %9s\n", "model", "dtype", "mtp", "conc", "output tok/s",
                 "decode tok/s", "roofline", "ratio", "TTFT p50", "accepted");
     for (const Result& r : results) {
-      std::printf("%-11s %-6s %-5s %6ld %12.1f %12.1f", name.c_str(), config.empty() ? "stored" : dtype.c_str(),
-                  speculative ? "yes" : "no", long(r.concurrency), r.output_tps, r.decode_tps);
-      if (r.roofline > 0)
-        std::printf(" %12.0f %6.1f%%", r.roofline, 100 * r.decode_tps / r.roofline);
+      std::printf("%-11s %-6s %-5s %6ld %12.1f", name.c_str(), config.empty() ? "stored" : dtype.c_str(),
+                  speculative ? "yes" : "no", long(r.concurrency), r.output_tps);
+      if (r.decode_tps <= 0) {  // no moment when all were decoding: see --gen
+        std::printf(" %12s %12.0f %7s", "-", r.roofline, "-");
+      } else if (r.roofline > 0)
+        std::printf(" %12.1f %12.0f %6.1f%%", r.decode_tps, r.roofline, 100 * r.decode_tps / r.roofline);
       else
-        std::printf(" %12s %7s", "-", "-");
+        std::printf(" %12.1f %12s %7s", r.decode_tps, "-", "-");
       std::printf(" %8.3fs", r.ttft_p50);
       if (r.accepted >= 0)
         std::printf(" %8.1f%%\n", 100 * r.accepted);

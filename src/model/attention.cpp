@@ -225,11 +225,22 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       app.interleaved = c.rope_interleave;
       return app;
     };
-    // One sequence (batch-1 decode, a prompt): its append rides with W_UK and the q_pe RoPE
-    // (independent of both), which the CUDA backend runs in one launch.
+    // One append for every sequence's tokens when they can share it: one sequence (batch-1
+    // decode, a prompt), or paged sequences of one pool whose rows (KvPaging) and activations
+    // follow each other — a batched step. It rides with W_UK and the q_pe RoPE (independent of
+    // both), which the CUDA backend runs in one launch.
+    bool one_append = seqs.size() == 1;
+    if (!one_append && seqs[0].rows && seqs[0].t0 == 0) {
+      one_append = true;
+      for (size_t b = 1; b < seqs.size() && one_append; ++b)
+        one_append = seqs[b].rows == seqs[b - 1].rows + seqs[b - 1].n && seqs[b].t0 == seqs[b - 1].t0 + seqs[b - 1].n &&
+                     seqs[b].cache->latent.data() == seqs[0].cache->latent.data();
+      one_append = one_append && seqs.back().t0 + seqs.back().n == T;
+    }
     MlaAppendParams app0;
-    if (seqs.size() == 1) {
+    if (one_append) {
       app0 = append_params(seqs[0]);
+      app0.n_tokens = T;
       uk.also_append = &app0;
     }
     ops.matmul_per_head(uk, w.w_uk_t);
@@ -237,7 +248,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     for (const SeqSlice& sl : seqs) {
       LayerKvCache& layer = *sl.cache;
       const DType ld = layer.latent.dtype();
-      if (seqs.size() > 1) ops.mla_cache_append(append_params(sl));
+      if (!one_append) ops.mla_cache_append(append_params(sl));
       AttentionParams ap = attention_params(sl);
       ap.q = qabs.f32() + sl.t0 * int64_t(H) * (R + rd);
       ap.q_token_stride = int64_t(H) * (R + rd);

@@ -221,18 +221,19 @@ std::vector<const void*> KvCache::storage() const {
 
 KvPaging::KvPaging(Ops& ops, const std::vector<KvCache*>& caches, const std::vector<int64_t>& n_new) {
   FATHOM_ASSERT(caches.size() == n_new.size(), "KvPaging: ", caches.size(), " caches, ", n_new.size(), " counts");
+  // every paged cache's rows first, in sequence order (consecutive sequences' rows follow each
+  // other: one append can write a whole step's tokens), then their block tables
   for (size_t b = 0; b < caches.size(); ++b) {
     const KvCache& kc = *caches[b];
-    if (!kc.paged()) {
-      table_at_.push_back(-1);
-      rows_at_.push_back(-1);
-      continue;
-    }
+    rows_at_.push_back(kc.paged() ? int64_t(host_.size()) : -1);
+    if (!kc.paged()) continue;
     FATHOM_ASSERT(kc.length() + n_new[b] <= kc.capacity(), "KvPaging: cache ", b, " was not reserved");
-    table_at_.push_back(int64_t(host_.size()));
-    host_.insert(host_.end(), kc.block_table().begin(), kc.block_table().end());
-    rows_at_.push_back(int64_t(host_.size()));
     for (int64_t i = 0; i < n_new[b]; ++i) host_.push_back(int32_t(kc.row(kc.length() + i)));
+  }
+  for (size_t b = 0; b < caches.size(); ++b) {
+    const KvCache& kc = *caches[b];
+    table_at_.push_back(kc.paged() ? int64_t(host_.size()) : -1);
+    if (kc.paged()) host_.insert(host_.end(), kc.block_table().begin(), kc.block_table().end());
   }
   if (!host_.empty()) dev_ = ops.upload(Tensor::view(host_.data(), {int64_t(host_.size())}, DType::I32, nullptr));
 }

@@ -283,6 +283,22 @@ void Model::place_weights() {
       t = it->second;
     } else if (t.device() == ops.device() && placed_dtype(t, convertible) == t.dtype()) {
       done[t.data()] = t;  // made in place
+    } else if (t.device() != Device::CPU) {
+      // made on the device (random weights) in F32: rounded to BF16 there, by the copy op
+      FATHOM_ASSERT(t.dtype() == DType::F32 && t.numel() > 0, "a device weight of ", dtype_name(t.dtype()),
+                    " to round to ", dtype_name(placed_dtype(t, convertible)));
+      const void* key = t.data();
+      Tensor placed = ops.empty(t.shape(), placed_dtype(t, convertible));
+      CopyParams cp;
+      cp.out = placed.data();
+      cp.out_dtype = placed.dtype();
+      cp.in = t.f32();
+      cp.cols = int(t.shape().back());
+      cp.n_tokens = t.numel() / cp.cols;
+      cp.out_token_stride = cp.in_token_stride = cp.cols;
+      ops.copy(cp);
+      done[key] = placed;
+      t = placed;
     } else {
       const void* key = t.data();
       const DType to = placed_dtype(t, convertible);
