@@ -18,7 +18,7 @@
 #   bash scripts/device-serve.sh --hide     (and --restore after)
 # Then there (carry ["device-serve-data"]):
 #   bash scripts/device-serve.sh [--quick]
-# --quick: bf16 only, 1 and 32 concurrent, no fathom-mini run.
+# --quick: bf16 only, 1, 8 and 32 concurrent, no fathom-mini run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-serve-data
@@ -88,7 +88,7 @@ run() {  # name, arguments...
   logs+=("/tmp/serve-$name.log")
 }
 if [ "$quick" = 1 ]; then
-  run v3-bf16 --config v3-4.9b --dtype bf16 --tokenizer "$tok" --concurrency 1,32
+  run v3-bf16 --config v3-4.9b --dtype bf16 --tokenizer "$tok" --concurrency 1,8,32
 else
   # 128 requests take longer to prefill than 64 tokens to decode: 256 tokens each there, so that
   # all of them decode together for a while (the decode tok/s window)

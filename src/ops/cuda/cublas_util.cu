@@ -55,4 +55,21 @@ void gemm_f32(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, 
                what);
 }
 
+void gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha, const void* a,
+               int64_t lda, int64_t sa, const void* b, int64_t ldb, int64_t sb, float beta, float* c, int64_t ldc,
+               int64_t sc, int64_t batch, cudaStream_t stream, const char* what) {
+  constexpr int64_t kMax = (int64_t(1) << 31) - 1;
+  FATHOM_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax && batch <= kMax, what,
+               ": GEMM dims ", m, " x ", n, " x ", k, " (leading dims ", lda, ", ", ldb, ", ", ldc, ", batch ", batch,
+               ") exceed cuBLAS's int range.");
+  if (m == 0 || n == 0 || batch == 0) return;
+  cublasHandle_t h = cublas_handle();
+  check_cublas(cublasSetStream(h, stream), "cublasSetStream");
+  check_cublas(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  check_cublas(cublasGemmStridedBatchedEx(h, ta, tb, int(m), int(n), int(k), &alpha, a, CUDA_R_16BF, int(lda), sa, b,
+                                          CUDA_R_16BF, int(ldb), sb, &beta, c, CUDA_R_32F, int(ldc), sc, int(batch),
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               what);
+}
+
 }  // namespace fathom::cuda

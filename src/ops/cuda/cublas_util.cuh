@@ -27,4 +27,11 @@ void gemm_f32(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, 
               int64_t lda, int64_t sa, const float* b, int64_t ldb, int64_t sb, float beta, float* c, int64_t ldc,
               int64_t sc, int64_t batch, cudaStream_t stream, const char* what);
 
+// The same with A and B BF16 in memory and C F32: true products of the bf16 values, F32
+// accumulation (CUBLAS_COMPUTE_32F). The batched-decode matmul (matmul.cu) feeds it x split into
+// bf16 high and low parts, which keeps its products at fp32 grade.
+void gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha, const void* a,
+               int64_t lda, int64_t sa, const void* b, int64_t ldb, int64_t sb, float beta, float* c, int64_t ldc,
+               int64_t sc, int64_t batch, cudaStream_t stream, const char* what);
+
 }  // namespace fathom::cuda

@@ -8,11 +8,15 @@
 //   weight vector.
 // - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
 //   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
-// - 8 < M <= 64 (batched decode): the GEMV over 8-row chunks, the weight from L2 after the first.
+// - 8 < M <= 64 (batched decode): BF16 weights in one cuBLAS GEMM over x split into bf16 hi/lo
+//   parts (run_bf16_split); other dtypes the GEMV over 8-row chunks, the weight from L2 after the
+//   first.
 // - M > 64 (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
 // A batch dimension (gridDim.y / gridDim.z) with strides serves matmul_per_head.
+#include <cuda_bf16.h>
+
 #include <algorithm>
 #include <optional>
 
@@ -251,6 +255,66 @@ void run_gemm(const MatmulParams& p, cudaStream_t s) {
   launch_gemm<D, 128, 128>(p, s);
 }
 
+// ---- BF16 weights, 9 to 64 rows (batched decode): one cuBLAS GEMM on the tensor cores over x
+// split into bf16 parts, x = hi + lo (the remainder to ~2^-16 of x): the 2M rows [hi; lo] of
+// each batch entry against W in one product (W read once), then out (+)= C[hi rows] + C[lo rows].
+// The products are those of the fp32 x to ~1e-5, as the CPU reference computes them.
+__global__ void split_rows_kernel(__nv_bfloat16* __restrict__ x2, const float* __restrict__ x, int64_t M, int64_t K,
+                                  int64_t ldx, int64_t x_batch_stride) {
+  pdl_wait();
+  const int64_t b = blockIdx.y, n = M * K;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / K, k = i % K;
+    const float v = x[b * x_batch_stride + m * ldx + k];
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    x2[b * 2 * n + i] = hi;
+    x2[b * 2 * n + n + i] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+}
+
+__global__ void combine_halves_kernel(float* __restrict__ out, const float* __restrict__ c2, int64_t M, int64_t N,
+                                      int64_t ldo, int64_t out_batch_stride, bool accumulate) {
+  pdl_wait();
+  const int64_t b = blockIdx.y, n = M * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, j = i % N;
+    const float v = c2[b * 2 * n + i] + c2[b * 2 * n + n + i];
+    float& o = out[b * out_batch_stride + m * ldo + j];
+    o = accumulate ? o + v : v;
+  }
+}
+
+void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
+  const int64_t n_x = p.M * p.K, n_c = p.M * p.N;
+  StreamScratch x2(size_t(2 * n_x * p.batch) * sizeof(__nv_bfloat16), s, "matmul (bf16 split of x)");
+  StreamScratch c2(size_t(2 * n_c * p.batch) * sizeof(float), s, "matmul (bf16 split products)");
+  const unsigned threads = 256;
+  launch_kernel(split_rows_kernel, dim3(unsigned(std::min<int64_t>(ceil_div(n_x, threads), 1024)), unsigned(p.batch)),
+                threads, 0, s, x2.as<__nv_bfloat16>(), p.x, p.M, p.K, p.ldx, p.x_batch_stride);
+  check_launch("matmul (split_rows_kernel)");
+  // row-major C2 (2M, N) = X2 (2M, K) · Wᵀ is, column-major, C2ᵀ (N, 2M) = W_cm(K, N)ᵀ · X2_cm(K, 2M)
+  gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, p.N, 2 * p.M, p.K, 1.0f, p.w, p.K, p.w_batch_stride, x2.as<__nv_bfloat16>(), p.K,
+            2 * n_x, 0.0f, c2.as<float>(), p.N, 2 * n_c, p.batch, s, "matmul (cuBLAS bf16 GEMM)");
+  launch_kernel(combine_halves_kernel, dim3(unsigned(std::min<int64_t>(ceil_div(n_c, threads), 1024)), unsigned(p.batch)),
+                threads, 0, s, p.out, c2.as<float>(), p.M, p.N, p.ldo, p.out_batch_stride, p.accumulate);
+  check_launch("matmul (combine_halves_kernel)");
+}
+
+// Whether s is recording a CUDA graph: the decode graph keeps its 9-to-64-row BF16 matmuls in
+// GEMVs rather than put library calls (and their work space) inside the graph.
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(s, &st), "cudaStreamIsCapturing");
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Whether p runs as a GEMV (one launch, or 8-row chunks), which applies an input norm itself.
+bool gemv_path(const MatmulParams& p, cudaStream_t s) {
+  if (p.M <= 8) return true;
+  if (p.M > kGemvChunkRows || (p.w_dtype == DType::BF16 && !capturing(s))) return false;
+  return !(p.w_dtype == DType::F32 && p.M >= kCublasMinRows);
+}
+
 // The matmul, with the side ops in its launch when it is a GEMV (and true), else false. Up to
 // kGemvChunkRows rows (batched decode: one row per sequence) it is still a GEMV, run over chunks
 // of 8 rows one after the other: the first chunk streams the weight from memory, the next ones
@@ -262,7 +326,11 @@ bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
     run_gemv<D>(&p, 1, s, side);
     return true;
   }
-  if (p.M <= kGemvChunkRows && !(D == DType::F32 && p.M >= kCublasMinRows)) {
+  if (D == DType::BF16 && p.M <= kGemvChunkRows && !capturing(s)) {
+    run_bf16_split(p, s);
+    return false;
+  }
+  if (gemv_path(p, s)) {
     for (int64_t r = 0; r < p.M; r += 8) {
       MatmulParams c = p;
       c.M = std::min<int64_t>(8, p.M - r);
@@ -312,7 +380,7 @@ void matmul(const MatmulParams& p_in, Stream stream, const GemvSide& side_in) {
   // The tiled GEMM has no norm prologue: there the rows are normalised into a work space first
   // (prefill, where one more pass over the activations is small beside the GEMM).
   std::optional<StreamScratch> normed;
-  if (p.norm && p.M > kGemvChunkRows && p.K > 0) {
+  if (p.norm && !gemv_path(p, s) && p.K > 0) {
     normed.emplace(size_t(p.M * p.K) * sizeof(float), s, "matmul (input norm)");
     FATHOM_ASSERT(p.ldx == p.K, "matmul: an input norm over strided rows");
     rmsnorm(normed->as<float>(), p.x, p.norm, p.M, p.K, p.eps, stream);
