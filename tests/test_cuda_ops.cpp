@@ -694,6 +694,68 @@ TEST_F(CudaOps, Attention) {
   }
 }
 
+// Several sequences' attentions in one call (Ops::attention_batch, a batched decode step): the
+// latent shape over one paged BF16 cache — the sequences' pages interleaved in the pool, key
+// counts from 1 to 3,000 (one block, several chunks merged), a sequence of 2 queries (a verified
+// draft) — against the CPU's attention of each; then a batch the latent kernel does not take
+// (F32 keys), run one call each.
+TEST_F(CudaOps, AttentionBatch) {
+  const int H = 16, dqk = 576, dv = 512, bs = 64;
+  const std::vector<std::pair<int64_t, int64_t>> seqs = {{1, 1}, {1, 77}, {2, 300}, {1, 3000}, {1, 64}, {1, 1029}};
+  for (DType kv : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(dtype_name(kv));
+    int64_t blocks = 0;
+    for (const auto& [n_q, n_kv] : seqs) blocks += (n_kv + bs - 1) / bs;
+    std::vector<int32_t> order(static_cast<size_t>(blocks + 3));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng_);  // every sequence's pages anywhere in the pool
+    const int64_t rows = int64_t(order.size()) * bs;
+    Tensor k = randn({rows * dqk});
+    Tensor k_dev_host = k;
+    if (kv == DType::BF16) {
+      k_dev_host = from_f32(k.f32(), k.shape(), DType::BF16);
+      k = to_f32(k_dev_host);
+    }
+    Tensor dk = up(k_dev_host);
+    std::vector<Tensor> qs, wants, gots, tables, dtables, dqs;
+    std::vector<AttentionParams> cpu_ps, gpu_ps;
+    size_t next = 0;
+    for (const auto& [n_q, n_kv] : seqs) {
+      const int64_t nb = (n_kv + bs - 1) / bs;
+      Tensor table = Tensor::empty({nb}, DType::I32);
+      for (int64_t b = 0; b < nb; ++b) table.ptr<int32_t>()[b] = order[next++];
+      tables.push_back(table);
+      qs.push_back(randn({n_q * H * dqk}));
+      wants.push_back(host_poison({n_q * H * dv}));
+      AttentionParams p;
+      p.q_token_stride = H * dqk, p.q_head_stride = dqk;
+      p.k_token_stride = dqk, p.k_head_stride = 0, p.v_token_stride = dqk, p.v_head_stride = 0;
+      p.block_size = bs;
+      p.out_token_stride = H * dv, p.out_head_stride = dv;
+      p.n_q = n_q, p.n_kv = n_kv, p.q_pos0 = n_kv - n_q;
+      p.n_q_heads = H, p.n_kv_heads = 1, p.d_qk = dqk, p.d_v = dv;
+      p.scale = 1.0f / std::sqrt(float(dqk));
+      p.causal = true;
+      AttentionParams c = p;
+      c.q = qs.back().f32(), c.k = k.f32(), c.v = k.f32(), c.kv_dtype = DType::F32;
+      c.block_table = tables.back().ptr<int32_t>(), c.out = wants.back().f32();
+      cpu_ps.push_back(c);
+      dqs.push_back(up(qs.back()));
+      dtables.push_back(up(table));
+      gots.push_back(gpu_poison({n_q * H * dv}));
+      AttentionParams g = p;
+      g.q = dqs.back().f32(), g.k = dk.data(), g.v = dk.data(), g.kv_dtype = kv;
+      g.block_table = dtables.back().ptr<int32_t>(), g.out = gots.back().f32();
+      gpu_ps.push_back(g);
+    }
+    cpu_->attention_batch(cpu_ps);
+    gpu_->attention_batch(gpu_ps);
+    for (size_t i = 0; i < seqs.size(); ++i)
+      EXPECT_LT(max_err(down(gots[i]), wants[i]), 1e-4) << "sequence " << i << ": " << seqs[i].first << " queries, "
+                                                        << seqs[i].second << " keys";
+  }
+}
+
 // ---- MoE
 
 // Whether every pair of values differs by more than rounding could blur (relative 2e-6).

@@ -245,6 +245,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
     }
     ops.matmul_per_head(uk, w.w_uk_t);
     Tensor lat_out = ops.empty({T, H, R});  // attention output in latent space
+    std::vector<AttentionParams> aps;  // every sequence's, run together after the appends
     for (const SeqSlice& sl : seqs) {
       LayerKvCache& layer = *sl.cache;
       const DType ld = layer.latent.dtype();
@@ -266,8 +267,9 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       ap.out = lat_out.f32() + sl.t0 * int64_t(H) * R;
       ap.out_token_stride = int64_t(H) * R;
       ap.out_head_stride = R;
-      ops.attention(ap);
+      aps.push_back(ap);
     }
+    ops.attention_batch(aps);
     // back to value space per head: attn[:, h] = lat_out[:, h] · W_UV[h]ᵀ
     HeadMatmulParams uv;
     uv.x = lat_out.f32();

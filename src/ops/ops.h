@@ -265,6 +265,11 @@ class Ops {
   virtual void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
                            float attention_factor) = 0;
   virtual void attention(const AttentionParams& p) = 0;
+  // Independent attentions (the sequences of a batched step, each over its own cache), as
+  // attention() on each; the CUDA backend runs a decode step's latent ones in one launch.
+  virtual void attention_batch(const std::vector<AttentionParams>& ps) {
+    for (const AttentionParams& p : ps) attention(p);
+  }
   // w (H, N, K): one unquantized weight per head.
   virtual void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) = 0;
   // out (M, N) = silu(gate) * up; out may alias gate.

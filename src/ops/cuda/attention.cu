@@ -23,6 +23,7 @@
 #include <atomic>
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/attention_mla.cuh"
@@ -52,6 +53,10 @@ struct AttnLaunch {
   float* part_ml = nullptr;  // (n_chunks, n_q, n_q_heads, 2): running max and sum
   bool v_from_k = false;     // V rows are the first d_v columns of the K rows
   bool vec_k = false, vec_v = false;  // 16-byte loads of K / V rows
+  // The merge of a batched latent launch: block x merges pair merge_items[x].y of sequence
+  // merge_items[x].x, whose own fields (n_q, out, n_chunks, the partials) come from seqs.
+  const MlaSeq* seqs = nullptr;
+  const int2* merge_items = nullptr;
 };
 
 template <typename T> struct KvType;
@@ -292,9 +297,20 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
   __shared__ float wts[kMaxChunks];
   __shared__ float red[kMergeWarps];
   __shared__ float4 sums[kMergeWarps][kMergeDims / 4];
+  int64_t pair = blockIdx.x;
+  if (a.merge_items) {  // batched: this block's sequence and (query, head) pair
+    const int2 it = a.merge_items[blockIdx.x];
+    const MlaSeq& sq = a.seqs[it.x];
+    a.p.n_q = sq.n_q;
+    a.p.out = sq.out;
+    a.n_chunks = sq.n_chunks;
+    a.part_o = sq.part_o;
+    a.part_ml = sq.part_ml;
+    pair = it.y;
+  }
   const AttentionParams& p = a.p;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t pair = blockIdx.x, R = p.n_q * p.n_q_heads;
+  const int64_t R = p.n_q * p.n_q_heads;
   const int n = a.n_chunks;
   float mx = -INFINITY;
   for (int c = tid; c < n; c += kMergeThreads) mx = fmaxf(mx, a.part_ml[2 * (c * R + pair)]);
@@ -359,8 +375,8 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
     if (d0 + e < p.d_v) out[e] = r[e];
 }
 
-void launch_merge(const AttnLaunch& m, cudaStream_t s) {
-  const dim3 grid(unsigned(m.p.n_q * m.p.n_q_heads), unsigned(ceil_div(m.p.d_v, kMergeDims)));
+void launch_merge(const AttnLaunch& m, cudaStream_t s, int64_t n_items = 0) {
+  const dim3 grid(unsigned(m.merge_items ? n_items : m.p.n_q * m.p.n_q_heads), unsigned(ceil_div(m.p.d_v, kMergeDims)));
   launch_kernel(attention_merge_kernel, grid, kMergeThreads, 0, s, m);
   check_launch("attention_merge_kernel");
 }
@@ -456,6 +472,84 @@ void attention_latent(const AttentionParams& p, cudaStream_t s) {
   launch_merge(m, s);
 }
 
+// Whether s is recording a CUDA graph (the batched launch uploads its descriptors from the host,
+// which a replayed graph would not redo).
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(s, &st), "cudaStreamIsCapturing");
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Every sequence of a step in one latent launch (and one merge): what attention_latent does per
+// sequence, with each block's (sequence, row tile, key chunk) from a table. The keys of each
+// sequence are split so that all sequences' blocks together about fill the GPU.
+void attention_latent_batch(const std::vector<AttentionParams>& ps, cudaStream_t s) {
+  const AttentionParams& p0 = ps[0];
+  MlaLaunch a;
+  a.p = p0;
+  a.group = p0.n_q_heads / p0.n_kv_heads;
+  a.vec_q = true;
+  int64_t tiles = 0;
+  for (const AttentionParams& p : ps) {
+    a.vec_q = a.vec_q && aligned16(p.q) && p.q_token_stride % 4 == 0 && p.q_head_stride % 4 == 0;
+    FATHOM_CHECK(p.n_q * a.group < (int64_t(1) << 31) && p.n_kv < (int64_t(1) << 31), "attention: ", p.n_q,
+                 " queries x ", a.group, " heads or ", p.n_kv, " keys is too many for one launch.");
+    tiles += ceil_div(p.n_q * a.group, kMlaRows);
+  }
+  std::vector<MlaSeq> seqs(ps.size());
+  std::vector<int4> items;
+  std::vector<int2> merge_items;
+  size_t part_floats = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const AttentionParams& p = ps[i];
+    MlaSeq& q = seqs[i];
+    q.q = p.q, q.out = p.out, q.block_table = p.block_table;
+    q.n_q = p.n_q, q.n_kv = p.n_kv, q.q_pos0 = p.q_pos0;
+    q.rows = p.n_q * a.group;
+    const int64_t row_tiles = ceil_div(q.rows, kMlaRows);
+    const KeySplit split = split_keys(p, kMlaKeys, tiles * p0.n_kv_heads, sm_count());
+    q.chunk = split.chunk;
+    q.n_chunks = split.n_chunks;
+    for (int64_t t = 0; t < row_tiles; ++t)
+      for (int c = 0; c < q.n_chunks; ++c) items.push_back(make_int4(int(i), int(t), c, 0));
+    if (q.n_chunks > 1) {
+      for (int64_t pair = 0; pair < p.n_q * p.n_q_heads; ++pair) merge_items.push_back(make_int2(int(i), int(pair)));
+      part_floats += partial_bytes(p, q.n_chunks) / sizeof(float);
+    }
+  }
+  FATHOM_CHECK(items.size() < (size_t(1) << 31) && merge_items.size() < (size_t(1) << 31),
+               "attention: a batch of ", items.size(), " blocks is too many for one launch.");
+  StreamScratch work(std::max<size_t>(part_floats, 1) * sizeof(float), s, "attention (batched partials)");
+  float* at = work.as<float>();
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (seqs[i].n_chunks == 1) continue;
+    seqs[i].part_o = at;
+    seqs[i].part_ml = partial_ml(ps[i], seqs[i].n_chunks, at);
+    at += partial_bytes(ps[i], seqs[i].n_chunks) / sizeof(float);
+  }
+  // the descriptors, copied in stream order (the copy of pageable memory is staged before the
+  // call returns, so the vectors may go)
+  const size_t b_seqs = (seqs.size() * sizeof(MlaSeq) + 15) / 16 * 16, b_items = items.size() * sizeof(int4),
+               b_merge = merge_items.size() * sizeof(int2);
+  StreamScratch desc(b_seqs + b_items + b_merge, s, "attention (batched descriptors)");
+  char* d = desc.as<char>();
+  check(cudaMemcpyAsync(d, seqs.data(), seqs.size() * sizeof(MlaSeq), cudaMemcpyHostToDevice, s),
+        "attention (descriptors)");
+  check(cudaMemcpyAsync(d + b_seqs, items.data(), b_items, cudaMemcpyHostToDevice, s), "attention (descriptors)");
+  if (b_merge)
+    check(cudaMemcpyAsync(d + b_seqs + b_items, merge_items.data(), b_merge, cudaMemcpyHostToDevice, s),
+          "attention (descriptors)");
+  a.seqs = reinterpret_cast<const MlaSeq*>(d);
+  a.items = reinterpret_cast<const int4*>(d + b_seqs);
+  mla_attention(a, s, int64_t(items.size()));
+  if (merge_items.empty()) return;
+  AttnLaunch m;
+  m.p = p0;
+  m.seqs = a.seqs;
+  m.merge_items = reinterpret_cast<const int2*>(d + b_seqs + b_items);
+  launch_merge(m, s, int64_t(merge_items.size()));
+}
+
 }  // namespace
 
 void attention_setup() {
@@ -540,6 +634,33 @@ void attention(const AttentionParams& p, Stream stream) {
   if (bf16) launch_ndv<uint16_t>(a, grid, smem, s);
   else launch_ndv<float>(a, grid, smem, s);
   launch_merge(a, s);
+}
+
+void attention_batch(const std::vector<AttentionParams>& ps, Stream stream) {
+  const cudaStream_t s = as_cuda(stream);
+  // One launch when every sequence has the latent shape over one cache with the same layout (a
+  // decode step of absorbed MLA), its keys counted on the host, and no graph is being recorded;
+  // else one call per sequence.
+  bool together = ps.size() > 1 && g_latent_attention && !capturing(s);
+  for (size_t i = 0; together && i < ps.size(); ++i) {
+    const AttentionParams& p = ps[i];
+    const AttentionParams& f = ps[0];
+    together = mla_supported(p) && !p.kv_len && p.n_q > 0 && p.k == f.k && p.k_token_stride == f.k_token_stride &&
+               p.k_head_stride == f.k_head_stride && p.q_token_stride == f.q_token_stride &&
+               p.q_head_stride == f.q_head_stride && p.out_token_stride == f.out_token_stride &&
+               p.out_head_stride == f.out_head_stride && p.n_q_heads == f.n_q_heads && p.n_kv_heads == f.n_kv_heads &&
+               p.scale == f.scale && p.causal == f.causal && p.block_size == f.block_size &&
+               (p.block_table != nullptr) == (f.block_table != nullptr) && p.q_pos0 >= 0;
+  }
+  if (!together) {
+    for (const AttentionParams& p : ps) attention(p, stream);
+    return;
+  }
+  for (const AttentionParams& p : ps)
+    FATHOM_CHECK(p.n_q_heads % p.n_kv_heads == 0 && p.n_kv_heads <= 65535 && (!p.block_table || p.block_size > 0) &&
+                     p.q && p.out,
+                 "attention_batch: a sequence's heads, block size or pointers are invalid");
+  attention_latent_batch(ps, s);
 }
 
 }  // namespace fathom::cuda

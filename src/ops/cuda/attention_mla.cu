@@ -145,9 +145,17 @@ __device__ inline void prefetch_chunk(const MlaLaunch& a, int g, int c) {
   }
 }
 
+// grid (ceil(rows / 16), n_kv_heads, n_chunks), or batched (items, n_kv_heads, 1).
 template <int STAGES>
 __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
-  if (threadIdx.x == 0) prefetch_chunk(a, blockIdx.y, blockIdx.z);
+  int tile_x = blockIdx.x, c = blockIdx.z;
+  if (a.items) {  // batched: this block's sequence, row tile and key chunk
+    const int4 it = a.items[blockIdx.x];
+    take_seq(a, a.seqs[it.x]);
+    tile_x = it.y;
+    c = it.z;
+  }
+  if (threadIdx.x == 0) prefetch_chunk(a, blockIdx.y, c);
   pdl_wait();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using S = MlaSmem<STAGES>;
@@ -162,8 +170,8 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   const AttentionParams& p = a.p;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4;  // the MMA fragment's row group and column pair
-  const int g = blockIdx.y, c = blockIdx.z;
-  const int64_t row0 = int64_t(blockIdx.x) * kMlaRows;
+  const int g = blockIdx.y;
+  const int64_t row0 = int64_t(tile_x) * kMlaRows;
   const uint16_t* kbase = static_cast<const uint16_t*>(p.k);
 
   const int64_t n_kv = p.kv_len ? min(int64_t(*p.kv_len), p.n_kv) : p.n_kv;
@@ -440,9 +448,10 @@ bool mla_supported(const AttentionParams& p) {
   return MlaSmem<1>::bytes + kRowSmem <= size_t(smem_optin());
 }
 
-void mla_attention(const MlaLaunch& a, cudaStream_t stream) {
+void mla_attention(const MlaLaunch& a, cudaStream_t stream, int64_t n_items) {
   mla_setup();
-  const dim3 grid(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
+  const dim3 grid = a.items ? dim3(unsigned(n_items), unsigned(a.p.n_kv_heads), 1u)
+                            : dim3(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
   if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin())) {
     launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);
   } else {

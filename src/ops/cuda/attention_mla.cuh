@@ -16,6 +16,19 @@ namespace fathom::cuda {
 // attention.cu's merge kernel, which combines them. (A merge by the last block to finish,
 // behind a fence and an atomic counter, measured slower than that second kernel: 12.9 against
 // 10.3 us a call at 196 keys, 16.6 against 11.0 at 1,024.)
+// Batched launches (attention_batch: a decode step's sequences in one launch) give each
+// sequence its own fields of MlaLaunch / AttentionParams here, and each block its (sequence,
+// row tile, key chunk) in `items`; the rest of MlaLaunch is common to all of them.
+struct MlaSeq {
+  const float* q = nullptr;
+  float* out = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t n_q = 0, n_kv = 0, q_pos0 = 0, rows = 0, chunk = 0;
+  int n_chunks = 1;
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+};
+
 struct MlaLaunch {
   AttentionParams p;
   int group = 1;     // query heads per KV head
@@ -25,7 +38,24 @@ struct MlaLaunch {
   float* part_o = nullptr;
   float* part_ml = nullptr;
   bool vec_q = false;  // Q rows 16-byte aligned: float4 loads
+  const MlaSeq* seqs = nullptr;  // batched: the sequences (device memory)
+  const int4* items = nullptr;   // batched: block x's (sequence, row tile, chunk) (device memory)
 };
+
+// A sequence's fields of s set into a (the batched kernels' first step).
+__device__ inline void take_seq(MlaLaunch& a, const MlaSeq& s) {
+  a.p.q = s.q;
+  a.p.out = s.out;
+  a.p.block_table = s.block_table;
+  a.p.n_q = s.n_q;
+  a.p.n_kv = s.n_kv;
+  a.p.q_pos0 = s.q_pos0;
+  a.rows = s.rows;
+  a.chunk = s.chunk;
+  a.n_chunks = s.n_chunks;
+  a.part_o = s.part_o;
+  a.part_ml = s.part_ml;
+}
 
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
 constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
@@ -39,7 +69,7 @@ int smem_optin();
 // Whether p has the latent shape the kernel is built for (BF16, d_qk 576, d_v 512, V the
 // prefix of K, 16-byte aligned rows) and the device has the shared memory it needs.
 bool mla_supported(const AttentionParams& p);
-// Launches the kernel (no merge).
-void mla_attention(const MlaLaunch& a, cudaStream_t stream);
+// Launches the kernel (no merge); batched (a.items set): n_items blocks per KV head.
+void mla_attention(const MlaLaunch& a, cudaStream_t stream, int64_t n_items = 0);
 
 }  // namespace fathom::cuda

@@ -352,6 +352,11 @@ class CudaOps final : public Ops {
     for (int r = 0; r < cuda::repeats(cuda::kRepeatAttention); ++r) cuda::attention(p, ctx_->stream);
   }
 
+  void attention_batch(const std::vector<AttentionParams>& ps) override {
+    use();
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatAttention); ++r) cuda::attention_batch(ps, ctx_->stream);
+  }
+
   void rope_tables(Tensor& cos, Tensor& sin, const Tensor& positions, const Tensor& inv_freq,
                    float attention_factor) override {
     use();

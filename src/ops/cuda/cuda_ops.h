@@ -21,6 +21,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 #include <string>
 
 #include "core/dtype.h"
@@ -136,6 +137,9 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream);
 // leave SMs idle (decode), the keys are split over blocks and a second kernel merges the partial
 // softmax results; the work space comes from the stream-ordered pool (cudaMallocAsync).
 void attention(const AttentionParams& p, Stream stream);
+// Several independent attentions (Ops::attention_batch): the latent ones of a decode step in one
+// launch and one merge, others one call each.
+void attention_batch(const std::vector<AttentionParams>& ps, Stream stream);
 // Whether attention() may use the tensor-core latent kernel (default true); benchmarks turn it
 // off to time the general kernel on the same shape.
 void set_latent_attention(bool enabled);
