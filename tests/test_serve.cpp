@@ -400,8 +400,10 @@ std::vector<json> sse_events(const std::string& body, bool* done) {
 
 class ServeHttp : public Serve {
  protected:
-  void start(const std::string& api_key = "", const SamplingParams& defaults = {}) {
-    engine_ = std::make_unique<Engine>(*model_, *tok_, EngineOptions{4, 8});
+  void start(const std::string& api_key = "", const SamplingParams& defaults = {}, bool speculative = false) {
+    EngineOptions eo{4, 8};
+    eo.speculative = speculative;
+    engine_ = std::make_unique<Engine>(*model_, *tok_, eo);
     ApiOptions ao;
     ao.model_name = "fathom-mini";
     ao.api_key = api_key;
@@ -458,6 +460,24 @@ TEST_F(ServeHttp, ModelsHealthAndMetrics) {
   EXPECT_NE(r.body.find("fathom_generated_tokens_total 5\n"), std::string::npos) << r.body;
   EXPECT_NE(r.body.find("fathom_kv_cache_capacity_tokens "), std::string::npos) << r.body;
   EXPECT_NE(r.body.find("fathom_prefix_cache_hit_tokens_total "), std::string::npos) << r.body;
+}
+
+// With MTP drafting, /metrics reports the drafts, the acceptance rate and the tokens a verifying
+// request gets per step, consistent with the engine's counts.
+TEST_F(ServeHttp, MetricsReportSpeculativeDecoding) {
+  start("", {}, /*speculative=*/true);
+  const Reply c = post("/v1/completions", {{"model", "fathom-mini"}, {"prompt", "The Linux kernel"}, {"max_tokens", 24},
+                                           {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(c.status, 200) << c.body;
+  ASSERT_TRUE(drains(*engine_));
+  const EngineStats st = engine_->stats();
+  ASSERT_GT(st.spec_drafts, 0);
+  const Reply r = http(port_, "GET", "/metrics");
+  EXPECT_NE(r.body.find(cat("fathom_spec_drafts_total ", st.spec_drafts, "\n")), std::string::npos) << r.body;
+  const double rate = double(st.spec_accepted) / double(st.spec_drafts);
+  EXPECT_NE(r.body.find(cat("fathom_spec_acceptance_rate ", rate, "\n")), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find(cat("fathom_spec_tokens_per_step ", 1.0 + rate, "\n")), std::string::npos) << r.body;
+  EXPECT_GT(rate, 0.3);  // fathom-mini's trained module: most greedy drafts stand
 }
 
 TEST_F(ServeHttp, ChatCompletionStreamedAndNot) {

@@ -176,6 +176,13 @@ void OpenAiApi::handle(const HttpRequest& req, HttpResponseWriter& w) {
       metric("fathom_decode_steps_total", "counter", "Batched decode steps run.", s.steps);
       metric("fathom_spec_drafts_total", "counter", "MTP drafts verified (speculative decoding).", s.spec_drafts);
       metric("fathom_spec_accepted_total", "counter", "MTP drafts accepted.", s.spec_accepted);
+      if (s.spec_drafts > 0) {
+        const double rate = double(s.spec_accepted) / double(s.spec_drafts);
+        m += cat("# HELP fathom_spec_acceptance_rate MTP drafts accepted / verified.\n",
+                 "# TYPE fathom_spec_acceptance_rate gauge\nfathom_spec_acceptance_rate ", rate, "\n",
+                 "# HELP fathom_spec_tokens_per_step Tokens a verifying request gets per step of the main model.\n",
+                 "# TYPE fathom_spec_tokens_per_step gauge\nfathom_spec_tokens_per_step ", 1.0 + rate, "\n");
+      }
       m += cat("# HELP fathom_generation_tokens_per_second Tokens generated per second, over the last second or more.\n",
                "# TYPE fathom_generation_tokens_per_second gauge\nfathom_generation_tokens_per_second ",
                s.tokens_per_second, "\n");
