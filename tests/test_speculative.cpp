@@ -3,7 +3,9 @@
 // EngineOptions::speculative, whose output must be plain decoding's — on the v3-tiny-mtp fixture
 // (random weights: drafts mostly rejected) and on fathom-mini (a trained MTP module: most drafts
 // accepted), greedy and seeded sampling.
+#include <chrono>
 #include <random>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -161,6 +163,139 @@ TEST(Speculative, TheOutputIsPlainDecodingsOnFathomMini) {
   RecordProperty("acceptance", std::to_string(rate));
   std::printf("fathom-mini MTP drafts accepted: %lld of %lld (%.1f%%): %.2f tokens per verifying step of a request\n",
               (long long)st.spec_accepted, (long long)st.spec_drafts, 100.0 * rate, 1.0 + rate);
+}
+
+// Drafting requests on the paged cache: the MTP module's blocks are published, forked and
+// preempted with the main ones. The drafts themselves are the check — a wrong MTP cache would
+// change them, so the acceptance counts (not only the tokens, which verification keeps right
+// anyway) must be those of requests that computed everything themselves.
+class SpeculativePaged : public testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = std::string(FATHOM_SOURCE_DIR) + "/models/fathom-mini";
+    model_ = load(dir_).release();
+    tok_ = Tokenizer::load(dir_).release();
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete tok_;
+  }
+  static RequestParams request(const std::string& text, int64_t n, uint64_t seed = 0) {
+    RequestParams p;
+    p.prompt = tok_->encode(text, true);
+    p.options.max_tokens = n;
+    p.options.ignore_eos = true;
+    p.options.sampling.temperature = 0.0f;
+    if (seed) {
+      p.options.sampling.temperature = 0.8f;
+      p.options.sampling.seed = seed;
+      p.options.sampling.has_seed = true;
+    }
+    return p;
+  }
+  // Waits (up to 10 s) until the engine runs nothing: its counts are then those of every step.
+  static void idle(const Engine& e) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while ((e.stats().running > 0 || e.stats().waiting > 0) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  static inline std::string dir_;
+  static inline Model* model_ = nullptr;
+  static inline Tokenizer* tok_ = nullptr;
+};
+
+// B shares A's first 16 tokens (4 blocks) and differs from token 16 on: its main cache could take
+// 4 blocks, but the MTP module's 4th block holds position 15 combined with A's token 16, so both
+// caches take 3 blocks and recompute from position 12.
+TEST_F(SpeculativePaged, APrefixHitKeepsTheDrafts) {
+  const std::vector<int32_t> x = tok_->encode("The Linux kernel is the core of the operating system. It manages the "
+                                              "memory of every process, schedules them on the processors",
+                                              true),
+                             y = tok_->encode("A dictionary maps keys to values and a list keeps them in order", true);
+  ASSERT_GE(x.size(), 22u);
+  ASSERT_GE(y.size(), 8u);
+  RequestParams a = request("", 24), b = request("", 24);
+  a.prompt.assign(x.begin(), x.begin() + 22);
+  b.prompt.assign(x.begin(), x.begin() + 16);
+  b.prompt.insert(b.prompt.end(), y.begin() + 1, y.begin() + 7);
+  auto run = [&](bool prefix, EngineStats* st) {
+    EngineOptions o;
+    o.speculative = true;
+    o.prefix_caching = prefix;
+    o.kv_block_size = 4;
+    Engine e(*model_, *tok_, o);
+    e.submit(a)->wait();
+    idle(e);
+    const EngineStats before = e.stats();
+    const RequestResult r = e.submit(b)->wait();
+    idle(e);
+    *st = e.stats();
+    st->spec_drafts -= before.spec_drafts;  // b's alone
+    st->spec_accepted -= before.spec_accepted;
+    return r.ids;
+  };
+  EngineStats with, without;
+  const std::vector<int32_t> hit = run(true, &with), miss = run(false, &without);
+  EXPECT_EQ(hit, miss);
+  EXPECT_EQ(with.prefix_hit_tokens, 12);  // the blocks both caches have
+  EXPECT_EQ(without.prefix_hit_tokens, 0);
+  EXPECT_EQ(with.spec_drafts, without.spec_drafts);
+  EXPECT_EQ(with.spec_accepted, without.spec_accepted);
+  EXPECT_GT(with.spec_accepted, 0);
+}
+
+TEST_F(SpeculativePaged, SharedPromptsForkTheMtpCacheToo) {
+  const std::vector<uint64_t> seeds = {0, 3, 4, 5};  // greedy, then three seeded samplers
+  const std::string text = "In Python, a generator is a function that";
+  int64_t alone_drafts = 0, alone_accepted = 0;
+  std::vector<std::vector<int32_t>> alone;
+  for (uint64_t seed : seeds) {
+    EngineOptions o;
+    o.speculative = true;
+    Engine e(*model_, *tok_, o);
+    alone.push_back(e.submit(request(text, 16, seed))->wait().ids);
+    idle(e);
+    alone_drafts += e.stats().spec_drafts;
+    alone_accepted += e.stats().spec_accepted;
+  }
+  EngineOptions o;
+  o.speculative = true;
+  o.prefill_chunk = 1;  // the prompt takes several steps: the others join as followers
+  o.kv_block_size = 4;
+  Engine e(*model_, *tok_, o);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (uint64_t seed : seeds) hs.push_back(e.submit(request(text, 16, seed)));
+  for (size_t i = 0; i < hs.size(); ++i) EXPECT_EQ(hs[i]->wait().ids, alone[i]) << "seed " << seeds[i];
+  idle(e);
+  const EngineStats st = e.stats();
+  EXPECT_EQ(st.forked_prompts, 3);
+  EXPECT_EQ(st.spec_drafts, alone_drafts);
+  EXPECT_EQ(st.spec_accepted, alone_accepted);
+}
+
+TEST_F(SpeculativePaged, PreemptedDraftingRequestsGiveTheirTokens) {
+  const char* prompts[] = {"The list type in Python", "To create a new branch in Git,", "The Linux kernel",
+                           "A dictionary maps keys to values"};
+  std::vector<std::vector<int32_t>> plain;
+  {
+    Engine e(*model_, *tok_);
+    for (const char* p : prompts) plain.push_back(e.submit(request(p, 20))->wait().ids);
+  }
+  EngineOptions o;
+  o.speculative = true;
+  o.max_batch = 4;
+  o.kv_block_size = 4;
+  o.max_kv_tokens = 48;  // four requests of ~28 positions each cannot all fit: preemptions
+  Engine e(*model_, *tok_, o);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (const char* p : prompts) hs.push_back(e.submit(request(p, 20)));
+  for (size_t i = 0; i < hs.size(); ++i) {
+    const RequestResult r = hs[i]->wait();
+    EXPECT_EQ(r.finish_reason, "length") << r.error;
+    EXPECT_EQ(r.ids, plain[i]) << prompts[i];
+  }
+  EXPECT_GT(e.stats().preemptions, 0);
+  EXPECT_GT(e.stats().spec_accepted, 0);
 }
 
 }  // namespace

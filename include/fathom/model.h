@@ -92,8 +92,9 @@ class Model {
   // max_cache_tokens().
   KvCache new_cache(int64_t capacity = 0) const;
   // A pool of KV blocks (tokens / block_size of them) for paged caches, KvCache(pool): the
-  // serving engine's shared cache. On CUDA it must fit kv_budget_tokens().
-  std::shared_ptr<KvBlockPool> new_block_pool(int64_t tokens, int block_size) const;
+  // serving engine's shared cache. On CUDA it must fit kv_budget_tokens(). mtp: blocks of the
+  // MTP module's one layer (paged MTP caches for mtp_step).
+  std::shared_ptr<KvBlockPool> new_block_pool(int64_t tokens, int block_size, bool mtp = false) const;
   // KV-cache tokens the GPU memory budget leaves room for after the weights and a work-space
   // reserve, for all sequences together; 0 on the CPU (host memory is not budgeted).
   int64_t kv_budget_tokens() const { return kv_budget_tokens_; }

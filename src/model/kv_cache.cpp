@@ -118,13 +118,14 @@ KvCache KvCache::fork() const {
   return f;
 }
 
-int64_t KvCache::attach_prefix(const std::vector<int32_t>& tokens, int64_t limit) {
+int64_t KvCache::attach_prefix(const std::vector<int32_t>& tokens, int64_t limit, uint64_t root, int64_t shift) {
   FATHOM_CHECK(pool_ && length_ == 0 && blocks_.empty(), "attach_prefix needs an empty paged cache");
+  FATHOM_CHECK(shift >= 0, "attach_prefix: negative shift ", shift);
   const int64_t bs = pool_->block_size();
-  limit = std::min<int64_t>(limit, int64_t(tokens.size()));
-  uint64_t parent = 0;
+  limit = std::min<int64_t>(limit, int64_t(tokens.size()) - shift);
+  uint64_t parent = root;
   while (int64_t(blocks_.size() + 1) * bs <= limit) {
-    const int32_t b = pool_->find(parent, tokens.data() + int64_t(blocks_.size()) * bs);
+    const int32_t b = pool_->find(parent, tokens.data() + shift + int64_t(blocks_.size()) * bs);
     if (b < 0) break;
     blocks_.push_back(b);
     parent = pool_->key(b);
@@ -135,15 +136,15 @@ int64_t KvCache::attach_prefix(const std::vector<int32_t>& tokens, int64_t limit
   return length_;
 }
 
-void KvCache::publish(const std::vector<int32_t>& tokens) {
+void KvCache::publish(const std::vector<int32_t>& tokens, uint64_t root, int64_t shift) {
   if (!pool_) return;
   const int64_t bs = pool_->block_size();
-  const int64_t full = std::min<int64_t>(length_, int64_t(tokens.size())) / bs;
+  const int64_t full = std::min<int64_t>(length_, int64_t(tokens.size()) - shift) / bs;
   for (; n_published_ < full; ++n_published_) {
     const int32_t b = blocks_[size_t(n_published_)];
     if (pool_->published(b)) continue;  // a shared block its other holder published
-    const uint64_t parent = n_published_ == 0 ? 0 : pool_->key(blocks_[size_t(n_published_ - 1)]);
-    pool_->publish(b, parent, tokens.data() + n_published_ * bs);
+    const uint64_t parent = n_published_ == 0 ? root : pool_->key(blocks_[size_t(n_published_ - 1)]);
+    pool_->publish(b, parent, tokens.data() + shift + n_published_ * bs);
   }
 }
 

@@ -90,11 +90,15 @@ class KvCache {
   // Prefix caching (paged, empty cache): takes the pool's published blocks that hold tokens
   // [0, k * block_size) of `tokens`, for the largest k with k * block_size <= limit, and
   // returns how many tokens they hold (the cache's new length). Counted in the pool's stats.
-  int64_t attach_prefix(const std::vector<int32_t>& tokens, int64_t limit);
-  // Publishes every block full of the first min(length(), tokens.size()) positions, whose
-  // tokens are `tokens` (the sequence from its start), for later prefix hits (paged; a no-op
-  // for a contiguous cache).
-  void publish(const std::vector<int32_t>& tokens);
+  // `root` keys what precedes the first block (0: nothing) and `shift` says that position p's
+  // content is keyed by tokens[p + shift]: the MTP module's cache, whose position p combines
+  // the token after it, keys its blocks by the sequence shifted by one, rooted in its first
+  // token (mtp_prefix_root).
+  int64_t attach_prefix(const std::vector<int32_t>& tokens, int64_t limit, uint64_t root = 0, int64_t shift = 0);
+  // Publishes every block full of the first min(length(), tokens.size() - shift) positions,
+  // keyed as attach_prefix looks them up, for later prefix hits (paged; a no-op for a
+  // contiguous cache).
+  void publish(const std::vector<int32_t>& tokens, uint64_t root = 0, int64_t shift = 0);
 
   // Bytes one token occupies in one layer's cache, for elements of `elem_bytes` bytes.
   static int64_t bytes_per_token_per_layer(const ModelConfig& c, MlaMode mode, int64_t elem_bytes);
@@ -115,6 +119,10 @@ class KvCache {
   std::vector<int32_t> blocks_;        // paged: the block table
   int64_t n_published_ = 0;            // paged: leading blocks published (or taken from the prefix cache)
 };
+
+// The root key of an MTP cache's prefix chain (attach_prefix, publish with shift 1): its blocks
+// depend on the sequence's first token too. Above every block key a pool hands out.
+inline uint64_t mtp_prefix_root(int32_t first_token) { return (uint64_t(1) << 63) | uint32_t(first_token); }
 
 // The paging arrays of a batched step, in device memory: for each paged cache, its block table
 // and the storage rows its new tokens are written to. Build after reserving, before advancing.

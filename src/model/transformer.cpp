@@ -342,18 +342,21 @@ void Model::check_caches(const std::vector<KvCache*>& caches, const char* what) 
 const ModelConfig& Model::config() const { return w_->config; }
 bool Model::has_mtp() const { return !w_->mtp.empty(); }
 
-std::shared_ptr<KvBlockPool> Model::new_block_pool(int64_t tokens, int block_size) const {
+std::shared_ptr<KvBlockPool> Model::new_block_pool(int64_t tokens, int block_size, bool mtp) const {
   FATHOM_CHECK(block_size >= 1 && block_size <= 4096, "KV block size ", block_size, " is out of range (1 to 4096)");
   FATHOM_CHECK(tokens >= block_size, "a KV cache of ", tokens, " tokens is smaller than one block of ", block_size);
+  FATHOM_CHECK(!mtp || has_mtp(), "model ", dir_, " has no MTP module for an MTP block pool");
+  const int layers = mtp ? 1 : w_->config.num_hidden_layers;
   const int64_t token_bytes =
-      KvCache::bytes_per_token_per_layer(w_->config, options_.mla_mode, int64_t(dtype_size(kv_dtype()))) *
-      w_->config.num_hidden_layers;
+      KvCache::bytes_per_token_per_layer(w_->config, options_.mla_mode, int64_t(dtype_size(kv_dtype()))) * layers;
+  // the budget is counted in tokens of the whole model's layers
+  const int64_t budget = kv_budget_tokens_ * (w_->config.num_hidden_layers / layers);
   if (kv_budget_tokens_ > 0)
-    FATHOM_CHECK(tokens <= kv_budget_tokens_, "a KV cache of ", tokens, " tokens (", tokens * token_bytes / 1048576,
-                 " MiB) does not fit the GPU memory budget, which leaves room for ", kv_budget_tokens_,
+    FATHOM_CHECK(tokens <= budget, "a KV cache of ", tokens, " tokens (", tokens * token_bytes / 1048576,
+                 " MiB) does not fit the GPU memory budget, which leaves room for ", budget,
                  " tokens; lower the KV cache size or raise --gpu-memory");
-  return std::make_shared<KvBlockPool>(*ops_, w_->config, w_->config.num_hidden_layers, options_.mla_mode, kv_dtype(),
-                                       block_size, tokens / block_size);
+  return std::make_shared<KvBlockPool>(*ops_, w_->config, layers, options_.mla_mode, kv_dtype(), block_size,
+                                       tokens / block_size);
 }
 
 KvCache Model::new_cache(int64_t capacity) const {

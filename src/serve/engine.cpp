@@ -105,6 +105,9 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   }
   tokens = (tokens + bs - 1) / bs * bs;  // whole blocks
   pool_ = model.new_block_pool(tokens, bs);
+  // MTP drafting: the module's one-layer caches are paged too, as many positions as the main
+  // cache's (their length follows the main cache's)
+  if (opt_.speculative && model.has_mtp()) mtp_pool_ = model.new_block_pool(tokens, bs, /*mtp=*/true);
   kv_tokens_total_ = tokens;
   stats_.kv_capacity = tokens;
   rate_mark_ = Clock::now();
@@ -242,22 +245,29 @@ void Engine::admit(std::vector<std::unique_ptr<Running>>& batch, std::vector<std
       r->cache.emplace(pool_);
       r->prefilled = 0;
       r->draft = -1;
-      // the same sequence as one being prefilled (not MTP drafting, whose module needs its own
-      // cache's positions too): wait for it, then fork its cache (Engine::step)
-      if (!r->spec)
-        for (auto& o : batch)
-          if (!o->leader && !o->spec && o->prefilling() && o->prefill_end == r->prefill_end &&
-              o->context == r->context) {
-            r->leader = o.get();
-            break;
-          }
-      if (r->spec) {
-        r->mtp_cache.emplace(model_.new_mtp_cache(0));
-      } else if (opt_.prefix_caching && !r->leader) {
+      if (r->spec) r->mtp_cache.emplace(mtp_pool_);
+      // the same sequence as one being prefilled: wait for it, then fork its cache (Engine::step)
+      for (auto& o : batch)
+        if (!o->leader && o->prefilling() && o->prefill_end == r->prefill_end && o->context == r->context) {
+          r->leader = o.get();
+          break;
+        }
+      if (opt_.prefix_caching && !r->leader) {
         // published blocks of this sequence's start, leaving at least its last token to run
-        // (its logits give the next token). Not with MTP drafting: the MTP module's own cache
-        // needs every position's hidden state.
-        r->prefilled = r->cache->attach_prefix(r->context, r->prefill_end - 1);
+        // (its logits give the next token)
+        const int64_t hit = r->cache->attach_prefix(r->context, r->prefill_end - 1);
+        r->prefilled = hit;
+        if (r->spec) {
+          // and the MTP module's blocks of the same positions (keyed by the sequence shifted by
+          // one: position p combines token p + 1); both caches start where both have the blocks
+          const int64_t mtp_hit =
+              r->mtp_cache->attach_prefix(r->context, hit, mtp_prefix_root(r->context[0]), /*shift=*/1);
+          if (mtp_hit < hit) {
+            r->cache->truncate(mtp_hit);
+            pool_->count_lookup(0, mtp_hit - hit);  // recomputed after all
+            r->prefilled = mtp_hit;
+          }
+        }
       }
       if (!resumed) {
         r->sampler.emplace(r->params.options.sampling);
@@ -301,7 +311,7 @@ void Engine::plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Runn
     tokens.clear();
     caches.clear();
     want.clear();
-    int64_t budget = opt_.prefill_chunk, blocks = 0;
+    int64_t budget = opt_.prefill_chunk, blocks = 0, mtp_blocks = 0;
     for (auto& r : batch) {
       if (r->leader) continue;
       if (r->prefilling()) {
@@ -310,6 +320,9 @@ void Engine::plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Runn
         budget -= take;
         tokens.emplace_back(r->context.begin() + r->prefilled, r->context.begin() + r->prefilled + take);
         want.push_back(r->spec ? take : 1);  // the MTP module needs every position's hidden state
+        if (r->spec && r->prefilled + take == r->prefill_end)
+          for (const auto& f : batch)  // a follower forks r's MTP cache and writes this chunk into it
+            if (f->leader == r.get()) mtp_blocks += r->mtp_cache->blocks_needed(take) + 1;
       } else if (r->draft >= 0 && r->cache->length() + 2 <= max_pos_) {
         tokens.push_back({r->pending, r->draft});
         want.push_back(2);
@@ -318,10 +331,12 @@ void Engine::plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Runn
         want.push_back(1);
       }
       blocks += r->cache->blocks_needed(int64_t(tokens.back().size()));
+      // the MTP module takes as many positions as the step feeds (or fewer: a rejected draft)
+      if (r->spec) mtp_blocks += r->mtp_cache->blocks_needed(int64_t(tokens.back().size()));
       caches.push_back(&*r->cache);
       rows.push_back(r.get());
     }
-    if (blocks <= pool_->free_blocks()) return;
+    if (blocks <= pool_->free_blocks() && (!mtp_pool_ || mtp_blocks <= mtp_pool_->free_blocks())) return;
     // Not enough blocks: the request admitted last gives its own back and waits again. Alone, a
     // request that still does not fit has outgrown the whole cache: it ends there.
     size_t victim = batch.size();
@@ -406,6 +421,16 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
           f->prefilled = f->prefill_end;
           ++forked;
           take_token(*f, sample(*f, row), row);
+          if (f->spec) {
+            // the MTP positions before this chunk are r's; the chunk's it computes itself, its
+            // last one combining its own first token
+            f->mtp_cache.emplace(r.mtp_cache->fork());
+            if (!f->handle->finished_) {
+              std::vector<int32_t> own = next;
+              own.push_back(f->pending);
+              feed_mtp(*f, std::move(own), row0);
+            }
+          }
         }
       take_token(r, sample(r, row), row);
       if (r.spec && !r.handle->finished_) {
@@ -453,10 +478,14 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
       r.draft = int32_t(std::max_element(row, row + vocab_) - row);  // the MTP module's greedy guess
     }
   }
-  // blocks now full of known tokens go to the prefix cache
+  // blocks now full of known tokens go to the prefix cache (the MTP module's keyed by the
+  // sequence shifted by one)
   if (opt_.prefix_caching)
-    for (const auto& r : batch)
-      if (r->cache && !r->handle->finished_) r->cache->publish(r->context);
+    for (const auto& r : batch) {
+      if (r->handle->finished_) continue;
+      if (r->cache) r->cache->publish(r->context);
+      if (r->mtp_cache) r->mtp_cache->publish(r->context, mtp_prefix_root(r->context[0]), /*shift=*/1);
+    }
   std::lock_guard<std::mutex> lock(mu_);
   stats_.prompt_tokens += prompt_tokens;
   stats_.spec_drafts += drafts;

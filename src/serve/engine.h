@@ -25,7 +25,9 @@
 //   the tokens it had generated (from the prefix cache when its blocks are still there) and goes
 //   on where it stopped. No request is lost and its output is what it would have been.
 // With `speculative`, the model's MTP module drafts a token ahead for every request and the main
-// model verifies it in the next step (Engine::step).
+// model verifies it in the next step (Engine::step). The module's own one-layer caches are paged
+// in a pool of their own, published and forked alongside the main ones, so drafting requests
+// take prefix hits and share prompts too.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -198,6 +200,7 @@ class Engine {
   std::vector<int32_t> eos_;
   int64_t vocab_ = 0, max_pos_ = 0;
   std::shared_ptr<KvBlockPool> pool_;  // the paged KV cache (the scheduler thread's)
+  std::shared_ptr<KvBlockPool> mtp_pool_;  // with MTP drafting: the MTP module's paged caches
   std::chrono::steady_clock::time_point rate_mark_;  // tokens_per_second: when it was last measured
   int64_t rate_tokens_ = 0;                           // and tokens_generated then
   int64_t kv_tokens_total_ = 0;        // its size in tokens
