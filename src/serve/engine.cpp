@@ -95,7 +95,7 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
       // contiguous) caches
       tokens = model.kv_budget_tokens();
       if (opt_.speculative && model.has_mtp())
-        tokens = tokens * model.config().num_hidden_layers / (model.config().num_hidden_layers + 1);
+        tokens = (tokens - 1) * model.config().num_hidden_layers / (model.config().num_hidden_layers + 1);
     } else {  // host memory: max_batch full contexts, at most 1 GiB
       const int64_t token_bytes = KvCache::bytes_per_token_per_layer(model.config(), model.options().mla_mode, 4) *
                                   model.config().num_hidden_layers;
@@ -104,6 +104,13 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
     tokens = std::max<int64_t>(tokens / bs * bs, bs);
   }
   tokens = (tokens + bs - 1) / bs * bs;  // whole blocks
+  if (opt_.speculative && model.has_mtp() && model.kv_budget_tokens() > 0) {
+    const int64_t L = model.config().num_hidden_layers;
+    FATHOM_CHECK(tokens + (tokens + L - 1) / L <= model.kv_budget_tokens(), "a KV cache of ", tokens,
+                 " tokens and the MTP module's caches of as many positions (one layer) need room for ",
+                 tokens + (tokens + L - 1) / L, " tokens, but the GPU memory budget leaves ", model.kv_budget_tokens(),
+                 "; lower --max-kv-tokens or raise --gpu-memory");
+  }
   pool_ = model.new_block_pool(tokens, bs);
   // MTP drafting: the module's one-layer caches are paged too, as many positions as the main
   // cache's (their length follows the main cache's)
