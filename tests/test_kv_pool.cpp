@@ -1,6 +1,8 @@
 // The paged KV cache (src/model/kv_pool.h, KvCache's paged mode): the block manager's
 // accounting, and the model run over paged caches — in odd block sizes, forked with
 // copy-on-write, started from the prefix cache — giving the logits of a contiguous cache.
+#include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -8,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "fathom/model.h"
+#include "model/config.h"
 #include "model/kv_pool.h"
 #include "ops/ops.h"
 #include "test_util.h"
@@ -250,6 +253,102 @@ TEST(KvPool, ABlockRewrittenIsNoLongerPublished) {
   EXPECT_TRUE(pool->published(a.block_table()[0]));
   KvCache b(pool);
   EXPECT_EQ(b.attach_prefix(p, 8), 4);  // only the first block still holds p's tokens
+}
+
+// The block manager under random use, without a model: caches are created (taking prefix hits),
+// appended to, forked, truncated, published and dropped in random order on a pool too small for
+// all of them. Every position written holds a value derived from the tokens up to it, so any
+// block handed to the wrong sequence, overwritten while shared or attached under a stale key
+// shows up as a wrong value; reference counts and free counts are checked after every operation.
+TEST(KvPool, RandomOperationsKeepEveryCachesContent) {
+  auto ops = make_cpu_ops();
+  const ModelConfig c = load_config(test::fixture_dir("v3-tiny") + "/config.json");
+  const int bs = 4;
+  auto pool = std::make_shared<KvBlockPool>(*ops, c, 1, MlaMode::Absorbed, DType::F32, bs, 16);
+  const int64_t width = c.kv_lora_rank + c.qk_rope_head_dim;
+  float* storage = pool->layer(0).latent.f32();
+  // the value position p of a sequence holds: its tokens up to p, hashed
+  auto value = [](const std::vector<int32_t>& t, int64_t p) {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t i = 0; i <= p; ++i) h = (h ^ uint64_t(t[size_t(i)] + 1)) * 1099511628211ull;
+    return float(h >> 40);  // 24 bits: exact in a float
+  };
+  struct Seq {
+    KvCache cache;
+    std::vector<int32_t> tokens;  // the tokens whose values the cache holds (tokens.size() == length)
+  };
+  std::vector<std::unique_ptr<Seq>> seqs;
+  std::mt19937 rng(123);
+  auto pick = [&](int n) { return std::uniform_int_distribution<int>(0, n - 1)(rng); };
+  auto append = [&](Seq& s, int64_t n) {
+    std::vector<int32_t> more;
+    for (int64_t i = 0; i < n; ++i) more.push_back(pick(2));  // 2 token values: prefixes repeat
+    try {
+      s.cache.reserve(n);
+    } catch (const KvCacheFull&) {
+      return;  // nothing changed (checked below)
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      s.tokens.push_back(more[size_t(i)]);
+      storage[s.cache.row(s.cache.length()) * width] = value(s.tokens, int64_t(s.tokens.size()) - 1);
+      s.cache.advance(1);
+    }
+  };
+  int hits = 0, copies = 0, full = 0;
+  for (int step = 0; step < 3000; ++step) {
+    const int op = pick(6);
+    if (op == 0 && seqs.size() < 6) {  // a new sequence, from the prefix cache where it can
+      auto s = std::make_unique<Seq>(Seq{KvCache(pool), {}});
+      std::vector<int32_t> want;
+      for (int i = 0; i < 12; ++i) want.push_back(pick(2));
+      const int64_t hit = s->cache.attach_prefix(want, int64_t(want.size()) - 1);
+      hits += hit > 0;
+      s->tokens.assign(want.begin(), want.begin() + hit);
+      seqs.push_back(std::move(s));
+    } else if (seqs.empty()) {
+      continue;
+    } else {
+      Seq& s = *seqs[size_t(pick(int(seqs.size())))];
+      if (op == 1 || op == 2) {
+        const int64_t before = pool->stats().cow_copies, cap = s.cache.capacity();
+        const int64_t free_before = pool->free_blocks(), len = s.cache.length();
+        const int64_t n = 1 + pick(6);
+        append(s, n);
+        if (s.cache.length() == len) {  // full: nothing moved
+          ++full;
+          EXPECT_EQ(s.cache.capacity(), cap);
+          EXPECT_EQ(pool->free_blocks(), free_before);
+        }
+        copies += pool->stats().cow_copies > before;
+      } else if (op == 3 && seqs.size() < 6) {
+        seqs.push_back(std::make_unique<Seq>(Seq{s.cache.fork(), s.tokens}));
+      } else if (op == 4) {
+        const int64_t n = pick(int(s.tokens.size()) + 1);
+        s.cache.truncate(n);
+        s.tokens.resize(size_t(n));
+      } else {
+        s.cache.publish(s.tokens);
+        if (pick(2) == 0) seqs.erase(seqs.begin() + pick(int(seqs.size())));
+      }
+    }
+    // invariants: every held block counted, counts add up, every position holds its value
+    std::map<int32_t, int> held;
+    for (const auto& q : seqs)
+      for (int32_t b : q->cache.block_table()) ++held[b];
+    for (const auto& [b, n] : held) ASSERT_EQ(pool->refs(b), n) << "step " << step << " block " << b;
+    ASSERT_EQ(pool->used_blocks(), int64_t(held.size())) << "step " << step;
+    ASSERT_EQ(pool->free_blocks() + pool->used_blocks(), pool->n_blocks());
+    for (const auto& q : seqs) {
+      ASSERT_EQ(q->cache.length(), int64_t(q->tokens.size()));
+      for (int64_t pos = 0; pos < q->cache.length(); ++pos)
+        ASSERT_EQ(storage[q->cache.row(pos) * width], value(q->tokens, pos)) << "step " << step << " position " << pos;
+    }
+  }
+  EXPECT_GT(hits, 10);    // the prefix cache was used ...
+  EXPECT_GT(copies, 10);  // ... shared blocks were copied before writes ...
+  EXPECT_GT(full, 10);    // ... and the pool ran out now and then
+  seqs.clear();
+  EXPECT_EQ(pool->used_blocks(), 0);
 }
 
 }  // namespace
