@@ -2,10 +2,11 @@
 //
 // Requests arrive from any thread (submit) and wait in a bounded queue; one scheduler thread
 // owns the model. Each iteration it admits waiting requests while the batch has room (and the KV
-// budget allows), then runs ONE step for every running request together — one ragged
-// forward_batch in which decoding requests feed their last token and newcomers the next chunk of
-// their prompt (chunked prefill, up to prefill_chunk prompt tokens per step): the projections,
-// MoE and LM head over all rows at once, attention per sequence over its own KV cache. It samples
+// cache has blocks for their prompts), then runs ONE step for every running request together —
+// one ragged forward_batch in which decoding requests feed their last token and newcomers the
+// next chunk of their prompt (chunked prefill, up to prefill_chunk prompt tokens per step): the
+// projections, MoE and LM head over all rows at once, attention per sequence over its own blocks
+// (Ops::attention_batch: one launch on the GPU). It samples
 // each decoding row (and each prompt that just finished prefilling) with that request's own
 // parameters and streams the new text. A request leaves the batch the step it finishes (EOS, a
 // stop string, max_tokens, the context's end) or is cancelled, and the next waiting one takes its
