@@ -60,6 +60,7 @@ targets=(
   "fuzz_tokenizer tokenizer 4096"
   "fuzz_tokenizer_json tokenizer_json 16384"
   "fuzz_chat_template chat_template 16384"
+  "fuzz_http_request http_request 8192"
 )
 only="${FATHOM_FUZZ_TARGETS:-}"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}"

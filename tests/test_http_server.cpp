@@ -787,5 +787,45 @@ TEST(HttpServer, BadOptionsAreErrors) {
   EXPECT_THROW({ HttpServer s(HttpServerOptions{}, HttpHandler{}); }, fathom::Error);
 }
 
+// The request-head parser on its own (the socket tests above go through it too; the fuzz target
+// fuzz/fuzz_http_request.cpp checks the same properties on random input).
+TEST(HttpServer, RequestHeadParsing) {
+  HttpRequest r;
+  bool keep_alive = false, expect = false;
+  size_t length = 0;
+  std::string message;
+  ASSERT_EQ(parse_request_head("POST /v1/completions?stream=1 HTTP/1.1\r\nContent-Length: 12, 12\r\n"
+                               "X-Thing:  a value\t\r\nExpect: 100-continue",
+                               1024, r, keep_alive, length, expect, message),
+            0)
+      << message;
+  EXPECT_EQ(r.method, "POST");
+  EXPECT_EQ(r.path, "/v1/completions");
+  EXPECT_EQ(r.query, "stream=1");
+  EXPECT_EQ(r.header("x-thing"), "a value");
+  EXPECT_EQ(length, 12u);
+  EXPECT_TRUE(keep_alive);
+  EXPECT_TRUE(expect);
+  ASSERT_EQ(parse_request_head("GET / HTTP/1.0", 1024, r, keep_alive, length, expect, message), 0);
+  EXPECT_FALSE(keep_alive);  // HTTP/1.0 closes unless asked
+  EXPECT_TRUE(r.headers.empty());  // nothing left from the request before
+  const std::pair<const char*, int> bad[] = {
+      {"GET  / HTTP/1.1", 400},                                   // two spaces
+      {"GET / HTTP/2.0", 505},                                    // another version
+      {"GET nopath HTTP/1.1", 400},                               // not a path
+      {"GET / HTTP/1.1\r\n folded: x", 400},                    // obsolete line folding
+      {"GET / HTTP/1.1\r\nBad Name: x", 400},                   // a space in the name
+      {"POST / HTTP/1.1", 411},                                   // no length
+      {"POST / HTTP/1.1\r\nContent-Length: 5, 6", 400},         // conflicting lengths
+      {"POST / HTTP/1.1\r\nContent-Length: 2048", 413},         // over the limit
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked", 501},   // not supported
+      {"GET / HTTP/1.1\r\nX: a\x01b", 400},                    // a control character
+  };
+  for (const auto& [head, status] : bad) {
+    EXPECT_EQ(parse_request_head(head, 1024, r, keep_alive, length, expect, message), status) << head;
+    EXPECT_FALSE(message.empty()) << head;
+  }
+}
+
 }  // namespace
 }  // namespace fathom::serve

@@ -531,6 +531,125 @@ void HttpServer::send_error(int fd, int status, const std::string& message) {
   w.send(status, options_.error_content_type, error_body(status, message));
 }
 
+int parse_request_head(std::string_view block, size_t max_body_bytes, HttpRequest& req, bool& keep_alive,
+                       size_t& length, bool& expect_continue, std::string& message) {
+  req = HttpRequest();
+  // The request line: method SP request-target SP HTTP-version, single spaces.
+  size_t eol = block.find("\r\n");
+  std::string_view line = block.substr(0, eol);
+  size_t sp1 = line.find(' ');
+  size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos) {
+    message = "malformed request line (expected 'METHOD /target HTTP/1.1')";
+    return 400;
+  }
+  std::string_view method = line.substr(0, sp1), target = line.substr(sp1 + 1, sp2 - sp1 - 1),
+                   version = line.substr(sp2 + 1);
+  if (version.size() != 8 || version.substr(0, 5) != "HTTP/" || version[6] != '.' ||
+      !(version[5] >= '0' && version[5] <= '9') || !(version[7] >= '0' && version[7] <= '9')) {
+    message = "malformed HTTP version in the request line";
+    return 400;
+  }
+  if (version != "HTTP/1.1" && version != "HTTP/1.0") {
+    message = "HTTP version " + std::string(version.substr(5)) + " is not supported (use HTTP/1.1)";
+    return 505;
+  }
+  if (!is_token(method)) {
+    message = "malformed method in the request line";
+    return 400;
+  }
+  bool target_ok = !target.empty() && target[0] == '/';
+  for (char ch : target) {
+    auto c = static_cast<unsigned char>(ch);
+    if (c <= 0x20 || c >= 0x7f || c == '#') target_ok = false;
+  }
+  if (!target_ok) {
+    message = "the request target must be a path starting with '/' (printable ASCII, no fragment)";
+    return 400;
+  }
+  req.method = std::string(method);
+  req.target = std::string(target);
+  req.version = std::string(version);
+  size_t q = target.find('?');
+  req.path = std::string(target.substr(0, q));
+  req.query = q == std::string_view::npos ? std::string() : std::string(target.substr(q + 1));
+
+  // Header fields: "name: value", the name a token right before the colon.
+  std::string_view rest = eol == std::string_view::npos ? std::string_view() : block.substr(eol + 2);
+  while (!rest.empty()) {
+    size_t end = rest.find("\r\n");
+    std::string_view field = rest.substr(0, end);
+    rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 2);
+    if (!field.empty() && (field[0] == ' ' || field[0] == '\t')) {
+      message = "obsolete line folding in a request header is not accepted";
+      return 400;
+    }
+    size_t colon = field.find(':');
+    std::string_view name = field.substr(0, colon);
+    if (colon == std::string_view::npos || !is_token(name)) {
+      message = "malformed request header line (expected 'Name: value', no space before the colon)";
+      return 400;
+    }
+    std::string_view value = trim_ows(field.substr(colon + 1));
+    if (!is_field_value(value)) {
+      message = "request header '" + std::string(name) + "' holds a control character";
+      return 400;
+    }
+    req.headers.emplace_back(lower(name), std::string(value));
+  }
+
+  // Framing. Only Content-Length: one way to delimit a body leaves no room for disagreement
+  //    between this server and a proxy in front of it about where a request ends.
+  bool has_length = false;
+  length = 0;
+  expect_continue = false;
+  bool connection_close = false, connection_keep_alive = false;
+  for (const auto& [name, value] : req.headers) {
+    if (name == "transfer-encoding") {
+      message = "Transfer-Encoding in a request is not supported; send the body with Content-Length";
+      return 501;
+    }
+    if (name == "content-length") {
+      // Several fields, or a list in one, are allowed only when every element is the same number.
+      std::string_view list = value;
+      for (;;) {
+        size_t comma = list.find(',');
+        size_t n = 0;
+        if (!parse_length(trim_ows(list.substr(0, comma)), n)) {
+          message = "Content-Length '" + value + "' is not a non-negative decimal number";
+          return 400;
+        }
+        if (has_length && n != length) {
+          message = "conflicting Content-Length values";
+          return 400;
+        }
+        has_length = true;
+        length = n;
+        if (comma == std::string_view::npos) break;
+        list.remove_prefix(comma + 1);
+      }
+    }
+    if (name == "connection") {
+      connection_close = connection_close || has_token(value, "close");
+      connection_keep_alive = connection_keep_alive || has_token(value, "keep-alive");
+    }
+    if (name == "expect" && has_token(value, "100-continue")) expect_continue = true;
+  }
+  bool http11 = req.version == "HTTP/1.1";
+  keep_alive = http11 ? !connection_close : (connection_keep_alive && !connection_close);
+  if (!has_length && (req.method == "POST" || req.method == "PUT" || req.method == "PATCH")) {
+    message = req.method + " needs a Content-Length header";
+    return 411;
+  }
+  if (length > max_body_bytes) {
+    message = "the request body of " + (length == SIZE_MAX ? std::string("an enormous size") : std::to_string(length)) +
+              " bytes exceeds the limit of " + std::to_string(max_body_bytes) + " bytes";
+    return 413;
+  }
+
+  return 0;
+}
+
 int HttpServer::read_request(int fd, std::string& buf, HttpRequest& req, bool& keep_alive, std::string& message) {
   const size_t max_header = options_.max_header_bytes;
   const auto timeout = std::chrono::milliseconds(options_.idle_timeout_ms);
@@ -573,123 +692,16 @@ int HttpServer::read_request(int fd, std::string& buf, HttpRequest& req, bool& k
     return 431;
   }
 
-  // 2. The request line: method SP request-target SP HTTP-version, single spaces.
+  // 2.-4. The request line, the header fields and the framing they set.
   std::string_view block(buf.data(), header_end - 2);  // each line ends with CRLF
-  size_t eol = block.find("\r\n");
-  std::string_view line = block.substr(0, eol);
-  size_t sp1 = line.find(' ');
-  size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
-  if (sp2 == std::string_view::npos || line.find(' ', sp2 + 1) != std::string_view::npos) {
-    message = "malformed request line (expected 'METHOD /target HTTP/1.1')";
-    return 400;
-  }
-  std::string_view method = line.substr(0, sp1), target = line.substr(sp1 + 1, sp2 - sp1 - 1),
-                   version = line.substr(sp2 + 1);
-  if (version.size() != 8 || version.substr(0, 5) != "HTTP/" || version[6] != '.' ||
-      !(version[5] >= '0' && version[5] <= '9') || !(version[7] >= '0' && version[7] <= '9')) {
-    message = "malformed HTTP version in the request line";
-    return 400;
-  }
-  if (version != "HTTP/1.1" && version != "HTTP/1.0") {
-    message = "HTTP version " + std::string(version.substr(5)) + " is not supported (use HTTP/1.1)";
-    return 505;
-  }
-  if (!is_token(method)) {
-    message = "malformed method in the request line";
-    return 400;
-  }
-  bool target_ok = !target.empty() && target[0] == '/';
-  for (char ch : target) {
-    auto c = static_cast<unsigned char>(ch);
-    if (c <= 0x20 || c >= 0x7f || c == '#') target_ok = false;
-  }
-  if (!target_ok) {
-    message = "the request target must be a path starting with '/' (printable ASCII, no fragment)";
-    return 400;
-  }
-  req.method = std::string(method);
-  req.target = std::string(target);
-  req.version = std::string(version);
-  size_t q = target.find('?');
-  req.path = std::string(target.substr(0, q));
-  req.query = q == std::string_view::npos ? std::string() : std::string(target.substr(q + 1));
-
-  // 3. Header fields: "name: value", the name a token right before the colon.
-  std::string_view rest = eol == std::string_view::npos ? std::string_view() : block.substr(eol + 2);
-  while (!rest.empty()) {
-    size_t end = rest.find("\r\n");
-    std::string_view field = rest.substr(0, end);
-    rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 2);
-    if (!field.empty() && (field[0] == ' ' || field[0] == '\t')) {
-      message = "obsolete line folding in a request header is not accepted";
-      return 400;
-    }
-    size_t colon = field.find(':');
-    std::string_view name = field.substr(0, colon);
-    if (colon == std::string_view::npos || !is_token(name)) {
-      message = "malformed request header line (expected 'Name: value', no space before the colon)";
-      return 400;
-    }
-    std::string_view value = trim_ows(field.substr(colon + 1));
-    if (!is_field_value(value)) {
-      message = "request header '" + std::string(name) + "' holds a control character";
-      return 400;
-    }
-    req.headers.emplace_back(lower(name), std::string(value));
-  }
-
-  // 4. Framing. Only Content-Length: one way to delimit a body leaves no room for disagreement
-  //    between this server and a proxy in front of it about where a request ends.
-  bool has_length = false;
   size_t length = 0;
   bool expect_continue = false;
-  bool connection_close = false, connection_keep_alive = false;
-  for (const auto& [name, value] : req.headers) {
-    if (name == "transfer-encoding") {
-      message = "Transfer-Encoding in a request is not supported; send the body with Content-Length";
-      return 501;
-    }
-    if (name == "content-length") {
-      // Several fields, or a list in one, are allowed only when every element is the same number.
-      std::string_view list = value;
-      for (;;) {
-        size_t comma = list.find(',');
-        size_t n = 0;
-        if (!parse_length(trim_ows(list.substr(0, comma)), n)) {
-          message = "Content-Length '" + value + "' is not a non-negative decimal number";
-          return 400;
-        }
-        if (has_length && n != length) {
-          message = "conflicting Content-Length values";
-          return 400;
-        }
-        has_length = true;
-        length = n;
-        if (comma == std::string_view::npos) break;
-        list.remove_prefix(comma + 1);
-      }
-    }
-    if (name == "connection") {
-      connection_close = connection_close || has_token(value, "close");
-      connection_keep_alive = connection_keep_alive || has_token(value, "keep-alive");
-    }
-    if (name == "expect" && has_token(value, "100-continue")) expect_continue = true;
-  }
-  bool http11 = req.version == "HTTP/1.1";
-  keep_alive = http11 ? !connection_close : (connection_keep_alive && !connection_close);
-  if (!has_length && (req.method == "POST" || req.method == "PUT" || req.method == "PATCH")) {
-    message = req.method + " needs a Content-Length header";
-    return 411;
-  }
-  if (length > options_.max_body_bytes) {
-    message = "the request body of " + (length == SIZE_MAX ? std::string("an enormous size") : std::to_string(length)) +
-              " bytes exceeds the limit of " + std::to_string(options_.max_body_bytes) + " bytes";
-    return 413;
-  }
+  if (int status = parse_request_head(block, options_.max_body_bytes, req, keep_alive, length, expect_continue, message))
+    return status;
 
   // 5. The body. A client that sent "Expect: 100-continue" waits for our go-ahead (curl does so
   //    for bodies over 1 KiB), which it gets only now that the length has passed the checks.
-  if (expect_continue && http11 && buf.size() - header_end < length) {
+  if (expect_continue && req.version == "HTTP/1.1" && buf.size() - header_end < length) {
     HttpResponseWriter w(fd, true, false, true);
     if (!w.send_all("HTTP/1.1 100 Continue\r\n\r\n")) return -1;
   }

@@ -120,6 +120,14 @@ struct HttpServerOptions {
 // The default error body described above.
 std::string default_http_error_body(int status, const std::string& message);
 
+// The request line and header fields of one request: `block` is everything before the blank
+// line that ends them, each line ended by CRLF except the last. Fills request (method, target,
+// path, query, version, headers; no body), keep_alive, the body's Content-Length and whether the
+// client waits for "100 Continue". Returns 0, or the HTTP status of what is wrong (400, 411,
+// 413, 501, 505) with a message. Pure: the server's reader and the fuzz target call it.
+int parse_request_head(std::string_view block, size_t max_body_bytes, HttpRequest& request, bool& keep_alive,
+                       size_t& length, bool& expect_continue, std::string& message);
+
 class HttpServer {
  public:
   // The handler is called from the connection threads, so concurrently for concurrent
