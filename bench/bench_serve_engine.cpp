@@ -19,7 +19,9 @@
 //
 // usage: bench_serve_engine (--config NAME | --model DIR) [--dtype bf16|fp8] [--device cuda|cpu]
 //          [--tokenizer PATH] [--concurrency 1,8,32,128] [--prompt 1024] [--gen 64]
-//          [--speculative] [--mtp] [--text FILE] [--prefill-chunk 2048]
+//          [--speculative] [--mtp] [--text FILE] [--prefill-chunk 2048] [--repeat]
+// --repeat (CUDA): the last concurrency again with each kind of op (matmuls, attention, routing,
+// experts) launched twice; the decode step's added milliseconds are what that kind costs in it.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -41,6 +43,7 @@
 #include "serve/engine.h"
 #ifdef FATHOM_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
+#include "ops/cuda/cuda_ops.h"
 #endif
 
 using namespace fathom;
@@ -77,7 +80,7 @@ int main(int argc, char** argv) {
   std::string config, model_dir, dtype = "bf16", device = "cuda", tokenizer, text;
   std::string conc = "1,8,32,128";
   int64_t n_prompt = 1024, n_gen = 64, chunk = 2048;
-  bool speculative = false, mtp = false;
+  bool speculative = false, mtp = false, repeat = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -99,10 +102,11 @@ int main(int argc, char** argv) {
     else if (a == "--text") text = next();
     else if (a == "--speculative") speculative = true;
     else if (a == "--mtp") mtp = true;
+    else if (a == "--repeat") repeat = true;
     else {
       std::fprintf(stderr, "usage: bench_serve_engine (--config NAME | --model DIR) [--dtype bf16|fp8] "
                            "[--device cuda|cpu] [--tokenizer PATH] [--concurrency 1,8,32,128] [--prompt N] [--gen N] "
-                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N]\n");
+                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N] [--repeat]\n");
       return 2;
     }
   }
@@ -173,7 +177,7 @@ int main(int argc, char** argv) {
     const int n_moe = std::max(0, c.num_hidden_layers - c.first_k_dense_replace);
     const double kv_row = double(c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_hidden_layers;  // bf16 latent
     std::vector<Result> results;
-    for (int64_t C : split_ints(conc)) {
+    auto measure = [&](int64_t C) {
       FATHOM_CHECK(C >= 1 && C <= 1024, "concurrency ", C, " is out of range (1 to 1024)");
       serve::EngineOptions eo;
       eo.max_batch = int(C);
@@ -255,8 +259,32 @@ int main(int argc, char** argv) {
                   res.ttft_p50,
                   res.accepted >= 0 ? (", accepted " + std::to_string(int(100 * res.accepted + 0.5)) + "%").c_str() : "");
       std::fflush(stdout);
-      results.push_back(res);
+      return res;
+    };
+    for (int64_t C : split_ints(conc)) results.push_back(measure(C));
+#ifdef FATHOM_HAVE_CUDA
+    // --repeat: the last concurrency again with each kind of op launched twice (the second launch
+    // redoing the first's work): the decode step's added time is what that kind costs in it
+    struct Added {
+      const char* kind;
+      double ms;
+    };
+    std::vector<Added> added;
+    if (repeat && cuda && !results.empty()) {
+      const Result base = results.back();
+      const std::pair<const char*, int> kinds[] = {{"matmuls", cuda::kRepeatGemv},
+                                                   {"attention", cuda::kRepeatAttention},
+                                                   {"routing", cuda::kRepeatGate},
+                                                   {"experts", cuda::kRepeatExperts}};
+      for (const auto& [kind, mask] : kinds) {
+        cuda::set_repeat(mask);
+        const Result r = measure(base.concurrency);
+        cuda::set_repeat(0);
+        if (r.decode_tps > 0 && base.decode_tps > 0)
+          added.push_back({kind, 1e3 * double(base.concurrency) * (1 / r.decode_tps - 1 / base.decode_tps)});
+      }
     }
+#endif
     std::string name = config;
     if (name.empty()) {
       name = model_dir;
@@ -280,6 +308,14 @@ int main(int argc, char** argv) {
       else
         std::printf(" %9s\n", "-");
     }
+#ifdef FATHOM_HAVE_CUDA
+    if (!added.empty()) {
+      const Result& base = results.back();
+      std::printf("\n%s at %ld concurrent: a decode step takes %.2f ms; each kind of op twice adds\n", name.c_str(),
+                  long(base.concurrency), 1e3 * double(base.concurrency) / base.decode_tps);
+      for (const Added& a : added) std::printf("  %-10s %+8.2f ms\n", a.kind, a.ms);
+    }
+#endif
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_serve_engine: %s\n", e.what());

@@ -19,6 +19,8 @@
 # Then there (carry ["device-serve-data"]):
 #   bash scripts/device-serve.sh [--quick]
 # --quick: bf16 only, 1, 8 and 32 concurrent, no fathom-mini run.
+# --repeat: bf16 at 32 concurrent, then again with each kind of op twice: what each costs in a
+#           decode step (bench_serve_engine --repeat), without a profiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-serve-data
@@ -47,6 +49,7 @@ case "${1:-}" in
 esac
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
+[ "${1:-}" = "--repeat" ] && quick=2
 for f in deps.tar.xz shared.tar.xz; do
   [ -s "$data/$f" ] || { echo "device-serve: $data/$f is missing: run 'bash scripts/device-serve.sh --prepare' here and carry $data" >&2; exit 1; }
 done
@@ -89,6 +92,9 @@ run() {  # name, arguments...
 }
 if [ "$quick" = 1 ]; then
   run v3-bf16 --config v3-4.9b --dtype bf16 --tokenizer "$tok" --concurrency 1,8,32
+elif [ "$quick" = 2 ]; then
+  run v3-bf16-repeat --config v3-4.9b --dtype bf16 --tokenizer "$tok" --concurrency 32 --repeat
+  sed -n '/each kind of op twice/,$p' /tmp/serve-v3-bf16-repeat.log
 else
   # 128 requests take longer to prefill than 64 tokens to decode: 256 tokens each there, so that
   # all of them decode together for a while (the decode tok/s window)
