@@ -97,6 +97,20 @@ std::vector<std::vector<int32_t>> alone_greedy(int64_t n) {
   return out;
 }
 
+// Every one of kPrompts, greedy for n tokens past any EOS, submitted to the engine at once.
+std::vector<std::shared_ptr<RequestHandle>> submit_all(Engine& engine, int64_t n) {
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (const char* p : kPrompts) {
+    RequestParams rp;
+    rp.prompt = Serve::tokenizer()->encode(p, true);
+    rp.options.max_tokens = n;
+    rp.options.sampling.temperature = 0.0f;
+    rp.options.ignore_eos = true;
+    hs.push_back(engine.submit(rp));
+  }
+  return hs;
+}
+
 TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
   const std::vector<std::vector<int32_t>> alone = alone_greedy(16);
   // all together: 6 requests, batches of 4, so two join later as others leave
@@ -119,23 +133,19 @@ TEST_F(Serve, ConcurrentRequestsGetTheirSequentialTokens) {
   EXPECT_GT(engine.stats().steps, 0);
 }
 
-// Prompts prefilled a few tokens per step beside others' decoding (chunked prefill), and a KV
-// budget that lets one request run at a time: the same tokens as each prompt alone, nothing stuck.
+// Prompts prefilled a few tokens per step beside others' decoding (chunked prefill), with the
+// default KV cache and with one of 40 positions (3 blocks of 16, so requests wait for blocks):
+// the same tokens as each prompt alone, nothing stuck.
 TEST_F(Serve, ChunkedPrefillAndAKvBudgetKeepTheTokens) {
   const std::vector<std::vector<int32_t>> alone = alone_greedy(10);
   for (int64_t budget : {int64_t(0), int64_t(40)}) {
-    SCOPED_TRACE(budget ? "a KV budget of 40 positions: one request at a time" : "no KV budget");
+    SCOPED_TRACE(budget ? "a KV cache of 40 positions" : "the default KV cache");
     EngineOptions eo;
     eo.max_batch = 4;
     eo.prefill_chunk = 3;
     eo.max_kv_tokens = budget;
     Engine engine(*model_, *tok_, eo);
-    std::vector<std::shared_ptr<RequestHandle>> hs;
-    for (const char* p : kPrompts) {
-      RequestParams rp = greedy(p, 10);
-      rp.options.ignore_eos = true;
-      hs.push_back(engine.submit(rp));
-    }
+    const std::vector<std::shared_ptr<RequestHandle>> hs = submit_all(engine, 10);
     for (size_t i = 0; i < hs.size(); ++i) EXPECT_EQ(hs[i]->wait().ids, alone[i]) << kPrompts[i];
     EXPECT_GT(engine.stats().steps, 6);  // prompts of 4+ tokens took more than one step each
     EXPECT_TRUE(drains(engine));
@@ -155,12 +165,7 @@ TEST_F(Serve, PreemptionLosesNoRequestAndChangesNoToken) {
     eo.max_kv_tokens = 32;
     eo.prefix_caching = prefix;
     Engine engine(*model_, *tok_, eo);
-    std::vector<std::shared_ptr<RequestHandle>> hs;
-    for (const char* p : kPrompts) {
-      RequestParams rp = greedy(p, 16);
-      rp.options.ignore_eos = true;
-      hs.push_back(engine.submit(rp));
-    }
+    const std::vector<std::shared_ptr<RequestHandle>> hs = submit_all(engine, 16);
     for (size_t i = 0; i < hs.size(); ++i) {
       const RequestResult r = hs[i]->wait();
       EXPECT_EQ(r.finish_reason, "length") << kPrompts[i];
