@@ -167,6 +167,15 @@ class Model {
   void rope_tables(const std::vector<int64_t>& positions, Tensor& cos, Tensor& sin) const;
   // Every cache is of the model's MLA mode and none repeats (for the batched steps).
   void check_caches(const std::vector<KvCache*>& caches, const char* what) const;
+  // The rows of a batched step (batch_layers, mtp_step): sequence b's tokens after what caches[b]
+  // (of `layers` layers) holds, room reserved there; every sequence's ids and positions in order,
+  // where each starts and how many it adds. A fathom::Error naming `what` for bad ids or caches.
+  struct StagedBatch {
+    std::vector<int32_t> ids;
+    std::vector<int64_t> positions, starts, n_new;
+  };
+  StagedBatch stage_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                          int layers, const char* what) const;
   void build(const WeightLoader& loader);
   void place_weights();
   // F32, or BF16 for bf16 precision on CUDA

@@ -89,33 +89,20 @@ Tensor Model::mtp_step(const std::vector<std::vector<int32_t>>& next_ids, const 
   FATHOM_CHECK(depth >= 0 && depth < int(w_->mtp.size()), "model ", dir_, " has ", w_->mtp.size(),
                " MTP module(s) (num_nextn_predict_layers); module ", depth, " was requested");
   check_batch(next_ids, mtp_caches.size(), "mtp_step");
-  check_caches(mtp_caches, "mtp_step");
   const int64_t B = int64_t(next_ids.size()), D = c.hidden_size;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> positions, starts;
-  for (int64_t b = 0; b < B; ++b) {
-    check_ids(next_ids[size_t(b)], cat("next ids of sequence ", b));
-    KvCache& kc = *mtp_caches[size_t(b)];
-    FATHOM_CHECK(kc.n_layers() == 1, "mtp_step: cache ", b, " is not an MTP cache (new_mtp_cache)");
-    kc.reserve(int64_t(next_ids[size_t(b)].size()));
-    starts.push_back(int64_t(ids.size()));
-    for (size_t i = 0; i < next_ids[size_t(b)].size(); ++i) {
-      ids.push_back(next_ids[size_t(b)][i]);
-      positions.push_back(kc.length() + int64_t(i));
-    }
-  }
-  const int64_t T = int64_t(ids.size());
+  StagedBatch sb = stage_batch(next_ids, mtp_caches, 1, "mtp_step");
+  const std::vector<int64_t>& starts = sb.starts;
+  const std::vector<int64_t>& n_new = sb.n_new;
+  const int64_t T = int64_t(sb.ids.size());
   FATHOM_CHECK(h.device() == Device::CPU && h.dtype() == DType::F32 && h.dim(0) == T && h.dim(1) == D,
                "mtp_step: hidden states ", shape_str(h.shape()), " for ", T, " positions of width ", D,
                " (host F32 expected)");
   const MtpWeights& m = w_->mtp[size_t(depth)];
   Ops& ops = *ops_;
   const float eps = float(c.rms_norm_eps);
-  Tensor x = mtp_input(ops, m, c, ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr)), ops.upload(h));
+  Tensor x = mtp_input(ops, m, c, ops.upload(Tensor::view(sb.ids.data(), {T}, DType::I32, nullptr)), ops.upload(h));
   Tensor cos, sin;
-  rope_tables(positions, cos, sin);
-  std::vector<int64_t> n_new;
-  for (const auto& t : next_ids) n_new.push_back(int64_t(t.size()));
+  rope_tables(sb.positions, cos, sin);
   const KvPaging paging(ops, mtp_caches, n_new);
   std::vector<SeqSlice> seqs;
   for (int64_t b = 0; b < B; ++b)

@@ -504,36 +504,41 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   return host;
 }
 
+Model::StagedBatch Model::stage_batch(const std::vector<std::vector<int32_t>>& tokens,
+                                     const std::vector<KvCache*>& caches, int layers, const char* what) const {
+  check_caches(caches, what);
+  StagedBatch sb;
+  for (size_t b = 0; b < tokens.size(); ++b) {
+    check_ids(tokens[b], cat(what, ": tokens of sequence ", b));
+    KvCache& kc = *caches[b];
+    FATHOM_CHECK(kc.n_layers() == layers, what, ": cache ", b, " has ", kc.n_layers(), " layers, not ", layers,
+                 layers == 1 ? " (an MTP cache: new_mtp_cache)" : " (the model's)");
+    kc.reserve(int64_t(tokens[b].size()));
+    sb.starts.push_back(int64_t(sb.ids.size()));
+    sb.n_new.push_back(int64_t(tokens[b].size()));
+    for (size_t i = 0; i < tokens[b].size(); ++i) {
+      sb.ids.push_back(tokens[b][i]);
+      sb.positions.push_back(kc.length() + int64_t(i));
+    }
+  }
+  return sb;
+}
+
 Tensor Model::batch_layers(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
                            std::vector<int64_t>& starts) {
-  check_caches(caches, "forward_batch");
   const ModelConfig& c = w_->config;
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size()), D = c.hidden_size;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> positions;
-  starts.clear();
-  for (int64_t b = 0; b < B; ++b) {
-    check_ids(tokens[size_t(b)], cat("tokens of sequence ", b));
-    FATHOM_CHECK(caches[size_t(b)]->n_layers() == c.num_hidden_layers, "forward_batch: cache ", b, " has ",
-                 caches[size_t(b)]->n_layers(), " layers, the model ", c.num_hidden_layers);
-    KvCache& kc = *caches[size_t(b)];
-    kc.reserve(int64_t(tokens[size_t(b)].size()));
-    starts.push_back(int64_t(ids.size()));
-    for (size_t i = 0; i < tokens[size_t(b)].size(); ++i) {
-      ids.push_back(tokens[size_t(b)][i]);
-      positions.push_back(kc.length() + int64_t(i));
-    }
-  }
-  const int64_t T = int64_t(ids.size());
+  StagedBatch sb = stage_batch(tokens, caches, c.num_hidden_layers, "forward_batch");
+  starts = sb.starts;
+  const std::vector<int64_t>& n_new = sb.n_new;
+  const int64_t T = int64_t(sb.ids.size());
   Tensor cos, sin;
-  rope_tables(positions, cos, sin);
+  rope_tables(sb.positions, cos, sin);
   RopeTables rope{&cos, &sin};
-  Tensor ids_d = ops.upload(Tensor::view(ids.data(), {T}, DType::I32, nullptr));
+  Tensor ids_d = ops.upload(Tensor::view(sb.ids.data(), {T}, DType::I32, nullptr));
   Tensor x = ops.empty({T, D});
   ops.embedding(x, ids_d, w_->embed_tokens);
-  std::vector<int64_t> n_new;
-  for (const auto& t : tokens) n_new.push_back(int64_t(t.size()));
   const KvPaging paging(ops, caches, n_new);
   std::vector<SeqSlice> seqs(static_cast<size_t>(B));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
