@@ -17,6 +17,9 @@
 #include "model/kv_pool.h"
 #include "ops/cpu/sample.h"
 #include "ops/ops.h"
+#ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/cuda_ops.h"
+#endif
 #include "serve/engine.h"
 #include "test_util.h"
 
@@ -275,8 +278,15 @@ class CudaModel : public testing::Test {
   }
 };
 
-// The same random weights on both backends (fp32 precision: F32 weights), prefill then decode.
+// The same random weights on both backends (fp32 precision: F32 weights), prefill then decode;
+// the decode steps with the SIMT and with the tensor-core GEMV (mma_gemv.cuh).
 TEST_F(CudaModel, RandomModelMatchesTheCpu) {
+#ifdef FATHOM_HAVE_CUDA
+  const bool before = cuda::tensor_core_gemv();
+  for (bool tensor_cores : {false, true}) {
+    cuda::set_tensor_core_gemv(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+#endif
   for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3})
     for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Naive}) {
       ModelOptions o;
@@ -298,6 +308,10 @@ TEST_F(CudaModel, RandomModelMatchesTheCpu) {
             << "decode step " << step << " " << dtype_name(dt) << " " << mla_mode_name(mode);
       }
     }
+#ifdef FATHOM_HAVE_CUDA
+  }
+  cuda::set_tensor_core_gemv(before);
+#endif
 }
 
 TEST_F(CudaModel, BatchedDecodeEqualsSingleSequences) { expect_batch_equals_single(DeviceKind::Cuda); }

@@ -374,64 +374,87 @@ TEST_F(CudaOps, Rope) {
 
 // ---- matmul
 
+// Sets the GEMV kind (cuda::set_tensor_core_gemv) for a scope; the previous one after it.
+class TensorCoreGemv {
+ public:
+  explicit TensorCoreGemv(bool on) : before_(cuda::tensor_core_gemv()) { cuda::set_tensor_core_gemv(on); }
+  ~TensorCoreGemv() { cuda::set_tensor_core_gemv(before_); }
+  TensorCoreGemv(const TensorCoreGemv&) = delete;
+  TensorCoreGemv& operator=(const TensorCoreGemv&) = delete;
+
+ private:
+  bool before_;
+};
+
 TEST_F(CudaOps, MatmulEveryDtypeAndShape) {
-  struct Case { int64_t N, K, block; };
-  // odd sizes (scalar paths), aligned sizes (vector paths), FP8 edge blocks and block edges
-  // that are not multiples of 16 or 8
-  for (Case c : {Case{19, 33, 128}, Case{256, 512, 128}, Case{300, 200, 128}, Case{130, 1000, 128}, Case{64, 96, 24},
-                 Case{21, 45, 5}, Case{1000, 2048, 128}}) {
-    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
-      if (c.block != 128 && dt != DType::F8_E4M3) continue;
-      LinearWeight w = random_weight(c.N, c.K, dt, c.block), dw = up(w);
-      for (int64_t M : {1, 2, 5, 8, 9, 64, 130}) {
-        Tensor x = randn({M, c.K});
-        Tensor want = Tensor::empty({M, c.N});
-        cpu_->matmul(want, x, w);
-        Tensor dx = up(x), got = gpu_poison({M, c.N});
-        gpu_->matmul(got, dx, dw);
-        EXPECT_LT(max_err(down(got), want), 1e-4)
-            << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K << " block " << c.block;
+  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
+    const TensorCoreGemv mode(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+    struct Case { int64_t N, K, block; };
+    // odd sizes (scalar paths), aligned sizes (vector paths), FP8 edge blocks and block edges
+    // that are not multiples of 16 or 8
+    // the tensor-core GEMV (mma_gemv.cuh) takes K % 16 == 0 (and FP8 blocks of whole 128-column
+    // units; 16-bit weights from K = 1024 on): a last unit of 16 columns (144, 1040), FP8 blocks of
+    // 256, x staged in two chunks (2048 at M 8)
+    for (Case c : {Case{19, 33, 128}, Case{256, 512, 128}, Case{300, 200, 128}, Case{130, 1000, 128}, Case{64, 96, 24},
+                   Case{21, 45, 5}, Case{1000, 2048, 128}, Case{77, 144, 128}, Case{200, 400, 256}, Case{45, 1040, 128}}) {
+      for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+        if (c.block != 128 && dt != DType::F8_E4M3) continue;
+        LinearWeight w = random_weight(c.N, c.K, dt, c.block), dw = up(w);
+        for (int64_t M : {1, 2, 5, 8, 9, 64, 130}) {
+          Tensor x = randn({M, c.K});
+          Tensor want = Tensor::empty({M, c.N});
+          cpu_->matmul(want, x, w);
+          Tensor dx = up(x), got = gpu_poison({M, c.N});
+          gpu_->matmul(got, dx, dw);
+          EXPECT_LT(max_err(down(got), want), 1e-4)
+              << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K << " block " << c.block;
+        }
       }
     }
   }
 }
 
 TEST_F(CudaOps, MatmulBatch) {
-  LinearWeight a = random_weight(576, 256, DType::BF16), b = random_weight(300, 256, DType::F8_E4M3),
-               c = random_weight(77, 40, DType::F32);
-  LinearWeight da = up(a), db = up(b), dc = up(c);
-  for (int64_t M : {1, 3, 20}) {
-    Tensor x = randn({M, 256}), x2 = randn({M, 40});
-    Tensor wa = Tensor::empty({M, 576}), wb = Tensor::empty({M, 300}), wc = Tensor::empty({M, 77});
-    cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a}, {wb.f32(), x.f32(), M, &b}, {wc.f32(), x2.f32(), M, &c}});
-    Tensor dx = up(x), dx2 = up(x2);
-    Tensor ga = gpu_poison({M, 576}), gb = gpu_poison({M, 300}), gc = gpu_poison({M, 77});
-    gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da}, {gb.f32(), dx.f32(), M, &db}, {gc.f32(), dx2.f32(), M, &dc}});
-    EXPECT_LT(max_err(down(ga), wa), 1e-4) << "M " << M;
-    EXPECT_LT(max_err(down(gb), wb), 1e-4) << "M " << M;
-    EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
-  }
-  // runs of one dtype and M share a launch (q_a and kv_a of MLA), up to four jobs per launch
-  for (DType dt : {DType::BF16, DType::F8_E4M3}) {
-    std::vector<LinearWeight> host, dev;
-    for (int64_t n : {768, 576, 33, 130, 1}) host.push_back(random_weight(n, 256, dt));
-    for (const LinearWeight& w : host) dev.push_back(up(w));
-    for (int64_t M : {1, 5}) {
-      Tensor x = randn({M, 256}), dx = up(x);
-      std::vector<Tensor> want, got;
-      std::vector<MatmulJob> cj, gj;
-      for (size_t i = 0; i < host.size(); ++i) {
-        want.push_back(Tensor::empty({M, host[i].out_features()}));
-        got.push_back(gpu_poison({M, host[i].out_features()}));
+  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
+    const TensorCoreGemv mode(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+    LinearWeight a = random_weight(576, 256, DType::BF16), b = random_weight(300, 256, DType::F8_E4M3),
+                 c = random_weight(77, 40, DType::F32);
+    LinearWeight da = up(a), db = up(b), dc = up(c);
+    for (int64_t M : {1, 3, 20}) {
+      Tensor x = randn({M, 256}), x2 = randn({M, 40});
+      Tensor wa = Tensor::empty({M, 576}), wb = Tensor::empty({M, 300}), wc = Tensor::empty({M, 77});
+      cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a}, {wb.f32(), x.f32(), M, &b}, {wc.f32(), x2.f32(), M, &c}});
+      Tensor dx = up(x), dx2 = up(x2);
+      Tensor ga = gpu_poison({M, 576}), gb = gpu_poison({M, 300}), gc = gpu_poison({M, 77});
+      gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da}, {gb.f32(), dx.f32(), M, &db}, {gc.f32(), dx2.f32(), M, &dc}});
+      EXPECT_LT(max_err(down(ga), wa), 1e-4) << "M " << M;
+      EXPECT_LT(max_err(down(gb), wb), 1e-4) << "M " << M;
+      EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
+    }
+    // runs of one dtype and M share a launch (q_a and kv_a of MLA), up to four jobs per launch
+    for (DType dt : {DType::BF16, DType::F8_E4M3}) {
+      std::vector<LinearWeight> host, dev;
+      for (int64_t n : {768, 576, 33, 130, 1}) host.push_back(random_weight(n, 256, dt));
+      for (const LinearWeight& w : host) dev.push_back(up(w));
+      for (int64_t M : {1, 5}) {
+        Tensor x = randn({M, 256}), dx = up(x);
+        std::vector<Tensor> want, got;
+        std::vector<MatmulJob> cj, gj;
+        for (size_t i = 0; i < host.size(); ++i) {
+          want.push_back(Tensor::empty({M, host[i].out_features()}));
+          got.push_back(gpu_poison({M, host[i].out_features()}));
+        }
+        for (size_t i = 0; i < host.size(); ++i) {
+          cj.push_back({want[i].f32(), x.f32(), M, &host[i]});
+          gj.push_back({got[i].f32(), dx.f32(), M, &dev[i]});
+        }
+        cpu_->matmul_batch(cj);
+        gpu_->matmul_batch(gj);
+        for (size_t i = 0; i < host.size(); ++i)
+          EXPECT_LT(max_err(down(got[i]), want[i]), 1e-4) << dtype_name(dt) << " M " << M << " job " << i;
       }
-      for (size_t i = 0; i < host.size(); ++i) {
-        cj.push_back({want[i].f32(), x.f32(), M, &host[i]});
-        gj.push_back({got[i].f32(), dx.f32(), M, &dev[i]});
-      }
-      cpu_->matmul_batch(cj);
-      gpu_->matmul_batch(gj);
-      for (size_t i = 0; i < host.size(); ++i)
-        EXPECT_LT(max_err(down(got[i]), want[i]), 1e-4) << dtype_name(dt) << " M " << M << " job " << i;
     }
   }
 }
@@ -439,32 +462,36 @@ TEST_F(CudaOps, MatmulBatch) {
 // matmul_batch jobs that normalise their input (InputNorm: the norm inside the GEMV, or a
 // normalised copy before the GEMM) and accumulate into out, against the CPU's same jobs.
 TEST_F(CudaOps, MatmulInputNormAndAccumulate) {
-  struct Case { int64_t N, K; };
-  for (Case c : {Case{576, 256}, Case{33, 45}, Case{2048, 2048}, Case{300, 7}}) {
-    for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
-      LinearWeight a = random_weight(c.N, c.K, dt), b = random_weight(c.N / 2 + 1, c.K, dt);
-      LinearWeight da = up(a), db = up(b);
-      Tensor g = randn({c.K}), dg = up(g);
-      for (int64_t M : {1, 3, 8, 20, 70}) {  // 70: F32 goes to cuBLAS (beta 1 when accumulating)
-        Tensor x = randn({M, c.K}, 3.0f), base = randn({M, c.N});
-        Tensor wa = Tensor::empty({M, c.N}), wb = Tensor::empty({M, c.N / 2 + 1}), wc = Tensor::empty({M, c.N});
-        std::copy(base.f32(), base.f32() + base.numel(), wc.f32());
-        cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}},
-                            {wb.f32(), x.f32(), M, &b, InputNorm{&g, 1e-6f}},
-                            {wc.f32(), x.f32(), M, &a, {}, /*accumulate=*/true}});
-        Tensor dx = up(x), ga = gpu_poison({M, c.N}), gb = gpu_poison({M, c.N / 2 + 1}), gc = up(base);
-        gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}},
-                            {gb.f32(), dx.f32(), M, &db, InputNorm{&dg, 1e-6f}},
-                            {gc.f32(), dx.f32(), M, &da, {}, /*accumulate=*/true}});
-        EXPECT_LT(max_err(down(ga), wa), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
-        EXPECT_LT(max_err(down(gb), wb), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
-        EXPECT_LT(max_err(down(gc), wc), 1e-4) << "accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
-        // both at once: a projection into the residual stream from a normalised input
-        Tensor wd = Tensor::empty({M, c.N}), gd = up(base);
-        std::copy(base.f32(), base.f32() + base.numel(), wd.f32());
-        cpu_->matmul_batch({{wd.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}, true}});
-        gpu_->matmul_batch({{gd.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}, true}});
-        EXPECT_LT(max_err(down(gd), wd), 1e-4) << "norm + accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
+  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
+    const TensorCoreGemv mode(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+    struct Case { int64_t N, K; };
+    for (Case c : {Case{576, 256}, Case{33, 45}, Case{2048, 2048}, Case{300, 7}}) {
+      for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
+        LinearWeight a = random_weight(c.N, c.K, dt), b = random_weight(c.N / 2 + 1, c.K, dt);
+        LinearWeight da = up(a), db = up(b);
+        Tensor g = randn({c.K}), dg = up(g);
+        for (int64_t M : {1, 3, 8, 20, 70}) {  // 70: F32 goes to cuBLAS (beta 1 when accumulating)
+          Tensor x = randn({M, c.K}, 3.0f), base = randn({M, c.N});
+          Tensor wa = Tensor::empty({M, c.N}), wb = Tensor::empty({M, c.N / 2 + 1}), wc = Tensor::empty({M, c.N});
+          std::copy(base.f32(), base.f32() + base.numel(), wc.f32());
+          cpu_->matmul_batch({{wa.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}},
+                              {wb.f32(), x.f32(), M, &b, InputNorm{&g, 1e-6f}},
+                              {wc.f32(), x.f32(), M, &a, {}, /*accumulate=*/true}});
+          Tensor dx = up(x), ga = gpu_poison({M, c.N}), gb = gpu_poison({M, c.N / 2 + 1}), gc = up(base);
+          gpu_->matmul_batch({{ga.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}},
+                              {gb.f32(), dx.f32(), M, &db, InputNorm{&dg, 1e-6f}},
+                              {gc.f32(), dx.f32(), M, &da, {}, /*accumulate=*/true}});
+          EXPECT_LT(max_err(down(ga), wa), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
+          EXPECT_LT(max_err(down(gb), wb), 1e-4) << "norm " << dtype_name(dt) << " M " << M << " N " << c.N << " K " << c.K;
+          EXPECT_LT(max_err(down(gc), wc), 1e-4) << "accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
+          // both at once: a projection into the residual stream from a normalised input
+          Tensor wd = Tensor::empty({M, c.N}), gd = up(base);
+          std::copy(base.f32(), base.f32() + base.numel(), wd.f32());
+          cpu_->matmul_batch({{wd.f32(), x.f32(), M, &a, InputNorm{&g, 1e-6f}, true}});
+          gpu_->matmul_batch({{gd.f32(), dx.f32(), M, &da, InputNorm{&dg, 1e-6f}, true}});
+          EXPECT_LT(max_err(down(gd), wd), 1e-4) << "norm + accumulate " << dtype_name(dt) << " M " << M << " N " << c.N;
+        }
       }
     }
   }
@@ -833,59 +860,65 @@ TEST_F(CudaOps, MoeGateChoosesTheSameExperts) {
 }
 
 TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
-  struct Case { int E, K; int64_t D, I, block; };
-  for (Case c : {Case{8, 3, 256, 136, 128}, Case{6, 2, 33, 19, 128}, Case{4, 4, 512, 256, 128}, Case{5, 2, 64, 48, 16},
-                 Case{3, 2, 40, 24, 7}}) {
-    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
-      if (c.block != 128 && dt != DType::F8_E4M3) continue;
-      std::vector<LinearWeight> host(static_cast<size_t>(3 * c.E)), dev(host.size());
-      ExpertSet cpu_set, gpu_set;
-      for (int e = 0; e < c.E; ++e) {
-        for (int i = 0; i < 3; ++i) {
-          const size_t j = size_t(3 * e + i);
-          host[j] = i < 2 ? random_weight(c.I, c.D, dt, c.block) : random_weight(c.D, c.I, dt, c.block);
-          dev[j] = up(host[j]);
+  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
+    const TensorCoreGemv mode(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+    struct Case { int E, K; int64_t D, I, block; };
+    // {16, 4, 256, 128}: 33 tokens take the grouped path's small tiles (8 rows), on the tensor cores
+    // (mma_gemv.cuh) as do 1 and 5 tokens there and in {4, 4, 512, 256} (the shared expert in pieces)
+    for (Case c : {Case{8, 3, 256, 136, 128}, Case{6, 2, 33, 19, 128}, Case{4, 4, 512, 256, 128}, Case{5, 2, 64, 48, 16},
+                   Case{3, 2, 40, 24, 7}, Case{16, 4, 256, 128, 128}}) {
+      for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+        if (c.block != 128 && dt != DType::F8_E4M3) continue;
+        std::vector<LinearWeight> host(static_cast<size_t>(3 * c.E)), dev(host.size());
+        ExpertSet cpu_set, gpu_set;
+        for (int e = 0; e < c.E; ++e) {
+          for (int i = 0; i < 3; ++i) {
+            const size_t j = size_t(3 * e + i);
+            host[j] = i < 2 ? random_weight(c.I, c.D, dt, c.block) : random_weight(c.D, c.I, dt, c.block);
+            dev[j] = up(host[j]);
+          }
+          cpu_set.experts.push_back({&host[size_t(3 * e)], &host[size_t(3 * e + 1)], &host[size_t(3 * e + 2)]});
+          gpu_set.experts.push_back({&dev[size_t(3 * e)], &dev[size_t(3 * e + 1)], &dev[size_t(3 * e + 2)]});
         }
-        cpu_set.experts.push_back({&host[size_t(3 * e)], &host[size_t(3 * e + 1)], &host[size_t(3 * e + 2)]});
-        gpu_set.experts.push_back({&dev[size_t(3 * e)], &dev[size_t(3 * e + 1)], &dev[size_t(3 * e + 2)]});
-      }
-      cpu_->prepare_experts(cpu_set);
-      gpu_->prepare_experts(gpu_set);
-      // a shared expert of twice the intermediate size (as DeepSeek's 2 shared experts are)
-      LinearWeight hs[3] = {random_weight(2 * c.I, c.D, dt, c.block), random_weight(2 * c.I, c.D, dt, c.block),
-                            random_weight(c.D, 2 * c.I, dt, c.block)};
-      LinearWeight ds[3] = {up(hs[0]), up(hs[1]), up(hs[2])};
-      ExpertSet cpu_shared, gpu_shared;
-      cpu_shared.experts.push_back({&hs[0], &hs[1], &hs[2]});
-      gpu_shared.experts.push_back({&ds[0], &ds[1], &ds[2]});
-      cpu_->prepare_experts(cpu_shared);
-      gpu_->prepare_experts(gpu_shared);
-      // 1 and 5 tokens take the gather path, 33 and 130 the grouped one (several tiles per expert)
-      for (int64_t T : {1, 5, 33, 130}) {
-        Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
-        Tensor ids = Tensor::empty({T, c.K}, DType::I32);
-        for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token
-          std::vector<int> order(static_cast<size_t>(c.E));
-          std::iota(order.begin(), order.end(), 0);
-          std::shuffle(order.begin(), order.end(), rng_);
-          for (int k = 0; k < c.K; ++k) ids.ptr<int32_t>()[t * c.K + k] = order[size_t(k)];
+        cpu_->prepare_experts(cpu_set);
+        gpu_->prepare_experts(gpu_set);
+        // a shared expert of twice the intermediate size (as DeepSeek's 2 shared experts are)
+        LinearWeight hs[3] = {random_weight(2 * c.I, c.D, dt, c.block), random_weight(2 * c.I, c.D, dt, c.block),
+                              random_weight(c.D, 2 * c.I, dt, c.block)};
+        LinearWeight ds[3] = {up(hs[0]), up(hs[1]), up(hs[2])};
+        ExpertSet cpu_shared, gpu_shared;
+        cpu_shared.experts.push_back({&hs[0], &hs[1], &hs[2]});
+        gpu_shared.experts.push_back({&ds[0], &ds[1], &ds[2]});
+        cpu_->prepare_experts(cpu_shared);
+        gpu_->prepare_experts(gpu_shared);
+        // 1 and 5 tokens take the gather path, 33 and 130 the grouped one (several tiles per expert)
+        for (int64_t T : {1, 5, 33, 130}) {
+          Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
+          Tensor ids = Tensor::empty({T, c.K}, DType::I32);
+          for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token
+            std::vector<int> order(static_cast<size_t>(c.E));
+            std::iota(order.begin(), order.end(), 0);
+            std::shuffle(order.begin(), order.end(), rng_);
+            for (int k = 0; k < c.K; ++k) ids.ptr<int32_t>()[t * c.K + k] = order[size_t(k)];
+          }
+          for (bool with_shared : {false, true}) {
+            Tensor want = Tensor::empty({T, c.D});
+            cpu_->moe_experts(want, x, weights, ids, cpu_set, with_shared ? &cpu_shared : nullptr);
+            Tensor dx = up(x), dwts = up(weights), dids = up(ids), got = gpu_poison({T, c.D});
+            gpu_->moe_experts(got, dx, dwts, dids, gpu_set, with_shared ? &gpu_shared : nullptr);
+            EXPECT_LT(max_err(down(got), want), 1e-4) << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D
+                                                      << " I " << c.I << " T " << T << (with_shared ? " + shared" : "");
+          }
+          // as the decoder layer calls it: x += experts(rmsnorm(x)), out being x itself
+          Tensor g = randn({c.D}), dg = up(g), want = Tensor::empty({T, c.D});
+          std::copy(x.f32(), x.f32() + x.numel(), want.f32());
+          cpu_->moe_experts(want, want, weights, ids, cpu_set, &cpu_shared, true, InputNorm{&g, 1e-6f});
+          Tensor dx = up(x), dwts = up(weights), dids = up(ids);
+          gpu_->moe_experts(dx, dx, dwts, dids, gpu_set, &gpu_shared, true, InputNorm{&dg, 1e-6f});
+          EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " E " << c.E
+                                                   << " D " << c.D << " I " << c.I << " T " << T;
         }
-        for (bool with_shared : {false, true}) {
-          Tensor want = Tensor::empty({T, c.D});
-          cpu_->moe_experts(want, x, weights, ids, cpu_set, with_shared ? &cpu_shared : nullptr);
-          Tensor dx = up(x), dwts = up(weights), dids = up(ids), got = gpu_poison({T, c.D});
-          gpu_->moe_experts(got, dx, dwts, dids, gpu_set, with_shared ? &gpu_shared : nullptr);
-          EXPECT_LT(max_err(down(got), want), 1e-4) << dtype_name(dt) << " E " << c.E << " K " << c.K << " D " << c.D
-                                                    << " I " << c.I << " T " << T << (with_shared ? " + shared" : "");
-        }
-        // as the decoder layer calls it: x += experts(rmsnorm(x)), out being x itself
-        Tensor g = randn({c.D}), dg = up(g), want = Tensor::empty({T, c.D});
-        std::copy(x.f32(), x.f32() + x.numel(), want.f32());
-        cpu_->moe_experts(want, want, weights, ids, cpu_set, &cpu_shared, true, InputNorm{&g, 1e-6f});
-        Tensor dx = up(x), dwts = up(weights), dids = up(ids);
-        gpu_->moe_experts(dx, dx, dwts, dids, gpu_set, &gpu_shared, true, InputNorm{&dg, 1e-6f});
-        EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " E " << c.E
-                                                 << " D " << c.D << " I " << c.I << " T " << T;
       }
     }
   }
@@ -893,37 +926,41 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
 
 // The dense SwiGLU (shared experts, dense MLP) through the expert kernels: out = or += .
 TEST_F(CudaOps, SwigluMatchesTheCpu) {
-  struct Case { int64_t D, I, block; };
-  for (Case c : {Case{256, 512, 128}, Case{33, 19, 128}, Case{2048, 1024, 128}, Case{40, 24, 7}}) {
-    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
-      if (c.block != 128 && dt != DType::F8_E4M3) continue;
-      LinearWeight hg = random_weight(c.I, c.D, dt, c.block), hu = random_weight(c.I, c.D, dt, c.block),
-                   hd = random_weight(c.D, c.I, dt, c.block);
-      LinearWeight dg = up(hg), du = up(hu), dd = up(hd);
-      ExpertSet cpu_set, gpu_set;
-      cpu_set.experts.push_back({&hg, &hu, &hd});
-      gpu_set.experts.push_back({&dg, &du, &dd});
-      cpu_->prepare_experts(cpu_set);
-      gpu_->prepare_experts(gpu_set);
-      for (int64_t T : {1, 3, 8}) {
-        for (bool acc : {false, true}) {
-          Tensor x = randn({T, c.D}), base = randn({T, c.D});
-          Tensor want = Tensor::empty({T, c.D});
-          std::copy(base.f32(), base.f32() + base.numel(), want.f32());
-          cpu_->swiglu(want, x, cpu_set, acc);
-          Tensor dx = up(x), got = acc ? up(base) : gpu_poison({T, c.D});
-          gpu_->swiglu(got, dx, gpu_set, acc);
-          EXPECT_LT(max_err(down(got), want), 1e-4)
-              << dtype_name(dt) << " D " << c.D << " I " << c.I << " T " << T << (acc ? " accumulate" : "");
+  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
+    const TensorCoreGemv mode(tensor_cores);
+    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+    struct Case { int64_t D, I, block; };
+    for (Case c : {Case{256, 512, 128}, Case{33, 19, 128}, Case{2048, 1024, 128}, Case{40, 24, 7}}) {
+      for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
+        if (c.block != 128 && dt != DType::F8_E4M3) continue;
+        LinearWeight hg = random_weight(c.I, c.D, dt, c.block), hu = random_weight(c.I, c.D, dt, c.block),
+                     hd = random_weight(c.D, c.I, dt, c.block);
+        LinearWeight dg = up(hg), du = up(hu), dd = up(hd);
+        ExpertSet cpu_set, gpu_set;
+        cpu_set.experts.push_back({&hg, &hu, &hd});
+        gpu_set.experts.push_back({&dg, &du, &dd});
+        cpu_->prepare_experts(cpu_set);
+        gpu_->prepare_experts(gpu_set);
+        for (int64_t T : {1, 3, 8}) {
+          for (bool acc : {false, true}) {
+            Tensor x = randn({T, c.D}), base = randn({T, c.D});
+            Tensor want = Tensor::empty({T, c.D});
+            std::copy(base.f32(), base.f32() + base.numel(), want.f32());
+            cpu_->swiglu(want, x, cpu_set, acc);
+            Tensor dx = up(x), got = acc ? up(base) : gpu_poison({T, c.D});
+            gpu_->swiglu(got, dx, gpu_set, acc);
+            EXPECT_LT(max_err(down(got), want), 1e-4)
+                << dtype_name(dt) << " D " << c.D << " I " << c.I << " T " << T << (acc ? " accumulate" : "");
+          }
+          // the dense MLP as the decoder layer calls it: x += swiglu(rmsnorm(x)), out being x
+          Tensor x = randn({T, c.D}), nw = randn({c.D}), dnw = up(nw), want = Tensor::empty({T, c.D});
+          std::copy(x.f32(), x.f32() + x.numel(), want.f32());
+          cpu_->swiglu(want, want, cpu_set, true, InputNorm{&nw, 1e-6f});
+          Tensor dx = up(x);
+          gpu_->swiglu(dx, dx, gpu_set, true, InputNorm{&dnw, 1e-6f});
+          EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " D " << c.D
+                                                   << " T " << T;
         }
-        // the dense MLP as the decoder layer calls it: x += swiglu(rmsnorm(x)), out being x
-        Tensor x = randn({T, c.D}), nw = randn({c.D}), dnw = up(nw), want = Tensor::empty({T, c.D});
-        std::copy(x.f32(), x.f32() + x.numel(), want.f32());
-        cpu_->swiglu(want, want, cpu_set, true, InputNorm{&nw, 1e-6f});
-        Tensor dx = up(x);
-        gpu_->swiglu(dx, dx, gpu_set, true, InputNorm{&dnw, 1e-6f});
-        EXPECT_LT(max_err(down(dx), want), 1e-4) << "norm + accumulate into x, " << dtype_name(dt) << " D " << c.D
-                                                 << " T " << T;
       }
     }
   }

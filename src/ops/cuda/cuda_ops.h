@@ -53,6 +53,13 @@ enum RepeatKind : int { kRepeatGemv = 1, kRepeatAttention = 2, kRepeatGate = 4, 
 void set_repeat(int mask);
 int repeats(RepeatKind kind);  // 2 when kind is in the mask, else 1
 
+// The tensor-core GEMV (mma_gemv.cuh) for the memory-bound matmuls and experts of decode (M <= 8
+// rows, and the grouped experts' 8-row tiles), 16-bit and FP8 weights: off by default until it
+// is verified and measured on the H200 (then the default flips); FATHOM_GEMV=mma turns it on at
+// start, tests and benchmarks switch it per run.
+void set_tensor_core_gemv(bool on);
+bool tensor_core_gemv();
+
 // ---- elementwise.cu
 
 // out (T, H) f32 = table[ids[t]] converted from `dtype` (F32, BF16, F16); ids (T) I32.

@@ -26,6 +26,7 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/mma_gemv.cuh"
 #include "ops/cuda/small_ops.cuh"
 
 namespace fathom::cuda {
@@ -115,6 +116,53 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
   }
 }
 
+// The GEMV on the tensor cores (mma_gemv.cuh): 16 weight rows per block of kMmaThreads, all M
+// rows of x staged once per block. grid (Σ ceil(N / 16) + side blocks, batch); dynamic shared
+// memory mma_smem_bytes(chunk, M).
+template <DType D, bool NORM>
+__global__ void __launch_bounds__(kMmaThreads) mma_gemv_kernel(const __grid_constant__ GemvJobs jobs, int chunk,
+                                                               int M) {
+  constexpr int E = ElemSize<D>::value;
+  if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
+    if (blockIdx.y == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
+    return;
+  }
+  int j = 0;
+  while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
+  const MatmulParams& p = jobs.job[j];
+  const int b = blockIdx.y;
+  const int64_t n0 = (int64_t(blockIdx.x) - (j ? jobs.block_end[j - 1] : 0)) * 16;
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
+  if (threadIdx.x == 0) prefetch_l2(w + n0 * p.K * E, uint64_t(min(int64_t(16), p.N - n0) * p.K * E));
+  pdl_wait();
+  FATHOM_MMA_SHARED(sh, chunk, M);
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  const int64_t kb = ceil_div(p.K, p.block);
+  if (n0 + g < p.N) {
+    rows.a = w + (n0 + g) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (n0 + g) / p.block * kb;
+  }
+  if (n0 + g + 8 < p.N) {
+    rows.b = w + (n0 + g + 8) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (n0 + g + 8) / p.block * kb;
+  }
+  const float* x = p.x + b * p.x_batch_stride;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, NORM>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int m) { return x + m * p.ldx; }, M, p.K,
+      p.block, chunk, p.norm, jobs.vec[j]);
+  mma_block_reduce<NORM>(acc, sh);
+  float* out = p.out + b * p.out_batch_stride;
+  const int i = threadIdx.x, r = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 16 * kMmaMaxRows && m < M && n0 + r < p.N) {
+    float v = sh.red[i];
+    if constexpr (NORM) v *= norm_scale(sh.ss[m], p.K, p.eps);
+    float* o = out + m * p.ldo + n0 + r;
+    *o = p.accumulate ? *o + v : v;
+  }
+}
+
 // ---- tiled GEMM (M > 8)
 
 // grid (ceil(N / BN), ceil(M / BM), batch), block kTileThreads.
@@ -186,8 +234,39 @@ SideJobs side_jobs(const GemvSide& side) {
   return sj;
 }
 
+// Whether matmuls (M <= 8) take the tensor-core GEMV: 16-bit or FP8 weights of whole, aligned
+// 16-byte pieces, and K of at least a unit per warp for 16-bit weights (the per-head W_UK, K 128,
+// would leave seven of a block's eight warps idle; the SIMT GEMV streams 16-bit weights well,
+// while its FP8 decode is bound by instructions, so FP8 takes the tensor cores at any K).
+template <DType D>
+bool mma_gemv_takes(const MatmulParams* ps, int n) {
+  if (!mma_gemv_on()) return false;
+  constexpr int E = ElemSize<D>::value;
+  for (int i = 0; i < n; ++i)
+    if (!mma_gemv_fits(D, ps[i].K, ps[i].block) || !aligned16(ps[i].w) || ps[i].w_batch_stride * E % 16 != 0 ||
+        (D != DType::F8_E4M3 && ps[i].K < kMmaWarps * kMmaUnit))
+      return false;
+  return true;
+}
+
+template <DType D, bool NORM>
+void launch_mma_gemv(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& side) {
+  GemvJobs jobs = gemv_jobs<D, 16>(ps, n);
+  jobs.side = side;
+  int64_t K = 0;
+  for (int i = 0; i < n; ++i) K = std::max(K, ps[i].K);
+  const int M = int(ps[0].M), chunk = mma_chunk(K, M);
+  const int64_t side_blocks = int64_t(side.rope_blocks) + side.append_blocks;
+  launch_kernel(mma_gemv_kernel<D, NORM>, dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)),
+                kMmaThreads, mma_smem_bytes(chunk, M), s, jobs, chunk, M);
+  check_launch("matmul (mma_gemv_kernel)");
+}
+
 template <DType D, int MP, bool NORM>
 void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s, const SideJobs& side) {
+  if constexpr (D != DType::F32) {
+    if (mma_gemv_takes<D>(ps, n)) return launch_mma_gemv<D, NORM>(ps, n, s, side);
+  }
   int64_t rows = 0;
   for (int i = 0; i < n; ++i) rows += ps[i].N * ps[i].batch;
   const int64_t side_blocks = int64_t(side.rope_blocks) + side.append_blocks;

@@ -25,6 +25,7 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/mma_gemv.cuh"
 #include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
@@ -284,8 +285,155 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
     }
 }
 
+// The tensor-core forms of the two kernels (mma_gemv.cuh). Gate and up: grid of 8-row units
+// (gate_up_unit<8>), a block's 16 rows the unit's 8 gate rows and 8 up rows, x the pair's token.
+template <DType D, bool NORM>
+__global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
+                                                                        int chunk, bool vec_x) {
+  constexpr int E = ElemSize<D>::value;
+  const GateUpUnit unit = gate_up_unit<8>(p, blockIdx.x);
+  const HiddenRow hr = hidden_row(p, unit.pair);
+  const int64_t n0 = unit.n0;
+  if ((!p.experts || hr.shared) && threadIdx.x < 2) {
+    const ExpertPointers& sp = hr.shared ? p.shared : p.table[0];
+    const uint8_t* base = static_cast<const uint8_t*>(threadIdx.x == 0 ? sp.gate : sp.up);
+    prefetch_l2(base + n0 * p.hidden * E, uint64_t(min(int64_t(8), hr.inter - n0) * p.hidden * E));
+  }
+  pdl_wait();
+  FATHOM_MMA_SHARED(sh, chunk, 1);
+  float* hp = h + hr.offset;
+  const int e = hr.shared ? 0 : p.experts ? p.experts[unit.pair] : 0;
+  if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
+    if (threadIdx.x < 8 && n0 + threadIdx.x < hr.inter) hp[n0 + threadIdx.x] = 0.f;
+    return;
+  }
+  const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  if (n0 + g < hr.inter) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
+    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
+    if (D == DType::F8_E4M3) {
+      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
+      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
+    }
+  }
+  const float* x = p.x + hr.t * p.hidden;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, NORM>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int) { return x; }, 1, p.hidden, p.block,
+      chunk, p.norm, vec_x);
+  mma_block_reduce<NORM>(acc, sh);
+  const int r = threadIdx.x;
+  if (r < 8 && n0 + r < hr.inter) {
+    const float sc = NORM ? norm_scale(sh.ss[0], p.hidden, p.eps) : 1.f;
+    const float gv = sh.red[r * kMmaMaxRows] * sc, uv = sh.red[(r + 8) * kMmaMaxRows] * sc;
+    hp[n0 + r] = gv / (1.f + expf(-gv)) * uv;
+  }
+}
+
+// Down: grid (ceil(hidden / 16), T). A block's jobs are the token's slots, each the 16 down rows
+// of its expert on its own h row (x row j for slot j), the shared expert split into pieces of
+// inter columns; the slots' sums are weighted and added in slot order (deterministic).
+template <DType D>
+__global__ void __launch_bounds__(kMmaThreads) mma_expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
+                                                                     int chunk) {
+  constexpr int E = ElemSize<D>::value;
+  const int64_t t = blockIdx.y, n0 = int64_t(blockIdx.x) * 16;
+  const int64_t n_rows = min(int64_t(16), p.hidden - n0);
+  if (threadIdx.x < p.top_k) {  // as expert_down_kernel: the slots' rows into L2 before the wait
+    const int e = p.experts ? p.experts[t * p.top_k + threadIdx.x] : 0;
+    if (e >= 0 && e < p.n_experts)
+      prefetch_l2(static_cast<const uint8_t*>(p.table[e].down) + n0 * p.inter * E, uint64_t(n_rows * p.inter * E));
+  } else if (p.has_shared && threadIdx.x == 32) {
+    prefetch_l2(static_cast<const uint8_t*>(p.shared.down) + n0 * p.shared_inter * E,
+                uint64_t(n_rows * p.shared_inter * E));
+  }
+  pdl_wait();
+  const int pieces = p.has_shared ? int(p.shared_inter / p.inter) : 0;
+  const int jobs = p.top_k + pieces;
+  FATHOM_MMA_SHARED(sh, chunk, jobs);
+  const int g = (threadIdx.x % 32) / 4;
+  const int64_t kb_routed = ceil_div(p.inter, p.block), kb_shared = ceil_div(p.shared_inter, p.block);
+  auto rows_of = [&](int j) {
+    MmaRows r;
+    const bool shared = j >= p.top_k;
+    const int e = shared ? 0 : p.experts ? p.experts[t * p.top_k + j] : 0;
+    if (!shared && (e < 0 || e >= p.n_experts)) return r;  // an invalid id: zeros
+    const ExpertPointers& ep = shared ? p.shared : p.table[e];
+    const int64_t K = shared ? p.shared_inter : p.inter, kb = shared ? kb_shared : kb_routed;
+    const int64_t col = shared ? (j - p.top_k) * p.inter : 0;  // the piece's first column
+    const uint8_t* w = static_cast<const uint8_t*>(ep.down);
+    if (n0 + g < p.hidden) {
+      r.a = w + ((n0 + g) * K + col) * E;
+      if (D == DType::F8_E4M3) r.sa = ep.down_scale + (n0 + g) / p.block * kb + col / p.block;
+    }
+    if (n0 + g + 8 < p.hidden) {
+      r.b = w + ((n0 + g + 8) * K + col) * E;
+      if (D == DType::F8_E4M3) r.sb = ep.down_scale + (n0 + g + 8) / p.block * kb + col / p.block;
+    }
+    return r;
+  };
+  auto xrow = [&](int j) {
+    if (j < p.top_k) return h + hidden_row(p, t * p.top_k + j).offset;
+    return h + hidden_row(p, p.n_tokens * p.top_k + t).offset + (j - p.top_k) * p.inter;
+  };
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(acc, sh, rows_of, [](int j) { return j; }, jobs, xrow, jobs, p.inter, p.block, chunk,
+                             nullptr, p.inter % 4 == 0);
+  mma_block_reduce<false>(acc, sh);
+  const int r = threadIdx.x;
+  if (r < 16 && n0 + r < p.hidden) {
+    float v = 0.f;
+    for (int j = 0; j < jobs; ++j) {
+      const float wt = j < p.top_k && p.weights ? p.weights[t * p.top_k + j] : 1.f;
+      v += wt * sh.red[r * kMmaMaxRows + j];
+    }
+    float* o = p.out + t * p.hidden + n0 + r;
+    *o = p.accumulate ? *o + v : v;
+  }
+}
+
+// Whether the tensor-core kernels take p: 16-bit or FP8 weights of whole aligned 16-byte pieces,
+// and a token's slots (the shared expert in pieces of inter columns) no more than the MMA's 8 x
+// rows.
+template <DType D>
+bool mma_experts_take(const MoeExpertsParams& p) {
+  if (!mma_gemv_on() || !p.aligned16) return false;
+  if (!mma_gemv_fits(D, p.hidden, p.block) || !mma_gemv_fits(D, p.inter, p.block)) return false;
+  if (!p.has_shared) return p.top_k <= kMmaMaxRows;
+  const bool whole = p.shared_inter % p.inter == 0 && (D != DType::F8_E4M3 || p.inter % p.block == 0);
+  return whole && p.top_k + p.shared_inter / p.inter <= kMmaMaxRows;
+}
+
+template <DType D>
+void run_mma_experts(const MoeExpertsParams& p, cudaStream_t s) {
+  const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
+  StreamScratch h(size_t(routed * p.inter + shared * p.shared_inter) * sizeof(float), s, "moe_experts");
+  const int64_t units = routed * ceil_div(p.inter, 8) + shared * ceil_div(p.shared_inter, 8);
+  FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of 8 rows exceed one launch.");
+  const int c_up = mma_chunk(p.hidden, 1);
+  const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0;
+  if (p.norm)
+    launch_kernel(mma_expert_gate_up_kernel<D, true>, unsigned(units), kMmaThreads, mma_smem_bytes(c_up, 1), s, p,
+                  h.as<float>(), c_up, vec_x);
+  else
+    launch_kernel(mma_expert_gate_up_kernel<D, false>, unsigned(units), kMmaThreads, mma_smem_bytes(c_up, 1), s, p,
+                  h.as<float>(), c_up, vec_x);
+  check_launch("moe_experts (mma_expert_gate_up_kernel)");
+  const int jobs = p.top_k + (p.has_shared ? int(p.shared_inter / p.inter) : 0);
+  const int c_down = mma_chunk(p.inter, jobs);
+  launch_kernel(mma_expert_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16)), unsigned(p.n_tokens)), kMmaThreads,
+                mma_smem_bytes(c_down, jobs), s, p, h.as<float>(), c_down);
+  check_launch("moe_experts (mma_expert_down_kernel)");
+}
+
 template <DType D>
 void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
+  if constexpr (D != DType::F32) {
+    if (mma_experts_take<D>(p)) return run_mma_experts<D>(p, s);
+  }
   constexpr int E = ElemSize<D>::value;
   const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
   StreamScratch h(size_t(routed * p.inter + shared * p.shared_inter) * sizeof(float), s, "moe_experts");

@@ -21,6 +21,7 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
 #include "ops/cuda/gemv.cuh"
+#include "ops/cuda/mma_gemv.cuh"
 #include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
@@ -204,6 +205,77 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
+// The tensor-core forms of the two small kernels (mma_gemv.cuh), taken when the weights fit it:
+// grid (ceil(inter / 8), max_tiles): a block's 16 rows are gate rows n0..n0+7 and up rows
+// n0..n0+7, so that each thread's C fragment holds a gate value and its up value side by side.
+template <DType D>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, int chunk, bool vec_x) {
+  constexpr int E = ElemSize<D>::value;
+  pdl_wait();
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * 8;
+  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  if (n0 + g < p.inter) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
+    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
+    if (D == DType::F8_E4M3) {
+      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
+      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
+    }
+  }
+  const int32_t* token = r.token_of_row + begin;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
+      [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden, p.block, chunk, nullptr, vec_x);
+  mma_block_reduce<false>(acc, sh);
+  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 8 * kMmaMaxRows && m < M && n0 + n < p.inter) {
+    const float gv = sh.red[n * kMmaMaxRows + m], uv = sh.red[(n + 8) * kMmaMaxRows + m];
+    h[(begin + m) * p.inter + n0 + n] = gv / (1.f + expf(-gv)) * uv;
+  }
+}
+
+// grid (ceil(hidden / 16), max_tiles).
+template <DType D>
+__global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams p, Routing r,
+                                                               const float* __restrict__ h, float* __restrict__ y,
+                                                               int chunk) {
+  constexpr int E = ElemSize<D>::value;
+  pdl_wait();
+  const int tile = blockIdx.y;
+  if (tile >= *r.n_tiles) return;
+  FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * 16;
+  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
+  const int g = (threadIdx.x % 32) / 4;
+  const int64_t kb = ceil_div(p.inter, p.block);
+  MmaRows rows;
+  if (n0 + g < p.hidden) {
+    rows.a = static_cast<const uint8_t*>(ep.down) + (n0 + g) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (n0 + g) / p.block * kb;
+  }
+  if (n0 + g + 8 < p.hidden) {
+    rows.b = static_cast<const uint8_t*>(ep.down) + (n0 + g + 8) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (n0 + g + 8) / p.block * kb;
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
+      [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block, chunk, nullptr, p.inter % 4 == 0);
+  mma_block_reduce<false>(acc, sh);
+  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 16 * kMmaMaxRows && m < M && n0 + n < p.hidden) y[(begin + m) * p.hidden + n0 + n] = sh.red[i];
+}
+
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
 __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ y) {
   pdl_wait();
@@ -217,6 +289,20 @@ __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* _
     }
     p.out[t * p.hidden + d] = acc;
   }
+}
+
+template <DType D>
+void run_mma_small(const MoeExpertsParams& p, const Routing& r, float* h, float* y, int64_t max_tiles, bool vec_x,
+                   cudaStream_t s) {
+  const int c_up = mma_chunk(p.hidden, kMmaMaxRows), c_down = mma_chunk(p.inter, kMmaMaxRows);
+  launch_kernel(mma_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, 8)), unsigned(max_tiles)), kMmaThreads,
+                mma_smem_bytes(c_up, kMmaMaxRows), s, p, r, h, c_up, vec_x);
+  check_launch("moe_experts (mma_gate_up_kernel)");
+  launch_kernel(mma_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16)), unsigned(max_tiles)), kMmaThreads,
+                mma_smem_bytes(c_down, kMmaMaxRows), s, p, r, h, y, c_down);
+  check_launch("moe_experts (mma_down_kernel)");
+  launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y);
+  check_launch("moe_experts (moe_combine_kernel)");
 }
 
 template <DType D>
@@ -246,6 +332,11 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
 
   launch_kernel(moe_route_kernel, 1, 1024, 0, s, p, r, tile_rows);
   check_launch("moe_experts (moe_route_kernel)");
+  if constexpr (D != DType::F32) {
+    if (small && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
+        mma_gemv_on())
+      return run_mma_small<D>(p, r, h.as<float>(), y.as<float>(), max_tiles, vec_x, s);
+  }
   if (small) {
     const bool fp8_gemv = D != DType::F8_E4M3 || p.block % 16 == 0;
     const bool vec_x16 = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && p.hidden % 4 == 0 && fp8_gemv;

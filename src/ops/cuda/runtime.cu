@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -67,6 +68,21 @@ StreamScratch::StreamScratch(size_t bytes, cudaStream_t stream, const char* what
 StreamScratch::~StreamScratch() {
   if (ptr_) cudaFreeAsync(ptr_, stream_);
 }
+
+namespace {
+std::atomic<int> g_tensor_core_gemv{-1};  // -1: not yet read from FATHOM_GEMV
+}
+void set_tensor_core_gemv(bool on) { g_tensor_core_gemv.store(on ? 1 : 0); }
+bool tensor_core_gemv() {
+  int v = g_tensor_core_gemv.load();
+  if (v < 0) {
+    const char* e = std::getenv("FATHOM_GEMV");
+    v = e && std::string(e) == "mma" ? 1 : 0;
+    g_tensor_core_gemv.store(v);
+  }
+  return v == 1;
+}
+bool mma_gemv_on() { return tensor_core_gemv(); }
 
 bool pdl_enabled() {
   static int cached[64];  // per device: 0 unknown, 1 off, 2 on

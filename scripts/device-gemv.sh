@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The tensor-core GEMV (src/ops/cuda/mma_gemv.cuh) against the SIMT one (gemv.cuh) on the GPU
+# machine, in one command (carry ["device-serve-data"], made here by
+# `bash scripts/device-serve.sh --prepare`; hide the training-reference gradients first with
+# `bash scripts/device-serve.sh --hide`, `--restore` after): builds fathom_tests,
+# bench_cuda_decode and bench_serve_engine, runs the GPU op and model tests, then in the same run
+# and on the same machine
+#   - bench_cuda_decode (v3-4.9b, bf16 and FP8, batch 1/8/32) with FATHOM_GEMV=simt and with the
+#     default (tensor cores),
+#   - bench_serve_engine at 32 concurrent requests (bf16 and FP8) likewise,
+# and prints the table last (also $OUT/device-gemv.txt when OUT is set).
+#
+#   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat]
+#   bash scripts/device-gemv.sh --pack   (here) builds the three programs in build/devbin for any
+#        x86-64 and sm_90a and packs them into the git-ignored device-bin/; carried there
+#        (carry ["device-serve-data", "device-bin"]) they are used instead of a build on the GPU
+#        machine, whose file system makes a full build take longer than one call may run.
+# --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=device-serve-data
+if [ "${1:-}" = "--pack" ]; then
+  cmake -S . -B build/devbin -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON -DFATHOM_NATIVE=OFF \
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-serve/shared/data >/dev/null
+  ninja -C build/devbin fathom_tests bench_cuda_decode bench_serve_engine >/dev/null
+  rm -rf device-bin && mkdir -p device-bin
+  tar -C build/devbin -cf - fathom_tests bench_cuda_decode bench_serve_engine | xz -T0 -6 >device-bin/bin.tar.xz
+  echo "device-gemv: packed ($(du -sh device-bin | cut -f1)); carry [\"device-serve-data\", \"device-bin\"]"
+  exit 0
+fi
+tests=1 bench=1 repeat=()
+for a in "$@"; do
+  case "$a" in
+    --no-tests) tests=0 ;;
+    --no-bench) bench=0 ;;
+    --repeat) repeat=(--repeat) ;;
+    *) echo "device-gemv: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+for f in deps.tar.xz shared.tar.xz; do
+  [ -s "$data/$f" ] || { echo "device-gemv: $data/$f is missing: run 'bash scripts/device-serve.sh --prepare' here and carry $data" >&2; exit 1; }
+done
+deps=/tmp/fathom-deps
+rm -rf "$deps" /tmp/fathom-serve && mkdir -p "$deps" /tmp/fathom-serve
+tar -C "$deps" -xJf "$data/deps.tar.xz"
+tar -C /tmp/fathom-serve -xJf "$data/shared.tar.xz"
+export LD_LIBRARY_PATH="$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+shared=/tmp/fathom-serve/shared/data
+echo "device-gemv: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
+t0=$(date +%s)
+bin=build/device-serve
+if [ -s device-bin/bin.tar.xz ]; then
+  bin=/tmp/fathom-bin
+  rm -rf "$bin" && mkdir -p "$bin" && tar -C "$bin" -xJf device-bin/bin.tar.xz
+  echo "device-gemv: the programs packed here (device-bin/)"
+else
+  targets=(bench_cuda_decode bench_serve_engine)
+  [ "$tests" = 1 ] && targets+=(fathom_tests)
+  cmake -S . -B build/device-serve -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON \
+    -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR="$shared" >/dev/null
+  cmake --build build/device-serve --target "${targets[@]}" 2>&1 | grep -E "warning:|error:|FAILED" || true
+  cmake --build build/device-serve --target "${targets[@]}" >/dev/null
+fi
+t1=$(date +%s)
+trc="not run"
+if [ "$tests" = 1 ]; then
+  set +e
+  "$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
+    >/tmp/device-gemv-tests.log 2>&1
+  trc=$?
+  set -e
+  grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|actual" /tmp/device-gemv-tests.log | head -30 || true
+  [ "$trc" = 0 ] || { echo "device-gemv: the GPU tests exited $trc; the end of their log:"; tail -n 25 /tmp/device-gemv-tests.log; }
+fi
+t2=$(date +%s)
+tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
+modes="simt mma"
+[ "$bench" = 1 ] || modes=""
+for mode in $modes; do
+  env=()
+  [ "$mode" = simt ] && env=(FATHOM_GEMV=simt)
+  echo "== bench_cuda_decode ($mode)"
+  env "${env[@]}" timeout 300 "$bin"/bench_cuda_decode --models v3-4.9b --dtypes bf16,fp8 --batches 1,8,32 \
+    "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"
+  cat "/tmp/gemv-decode-$mode.log"
+  for dt in bf16 fp8; do
+    echo "== bench_serve_engine $dt 32 ($mode)"
+    env "${env[@]}" timeout 300 "$bin"/bench_serve_engine --config v3-4.9b --dtype "$dt" --tokenizer "$tok" \
+      --concurrency 32 >"/tmp/gemv-serve-$dt-$mode.log" 2>&1 || echo "device-gemv: bench_serve_engine ($dt, $mode) failed"
+    cat "/tmp/gemv-serve-$dt-$mode.log"
+  done
+done
+{
+  echo
+  echo "## device-gemv $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  echo "build $((t1 - t0)) s; GPU tests rc $trc in $((t2 - t1)) s: $(grep -hE '^\[  PASSED|^\[  FAILED' /tmp/device-gemv-tests.log 2>/dev/null | tr '\n' ' ')"
+  grep -h "copy bandwidth" /tmp/gemv-decode-mma.log | head -1 || true
+  for mode in $modes; do
+    echo "### GEMV: $mode"
+    sed -n '/^model  /,$p' "/tmp/gemv-decode-$mode.log" | grep -v "copy bandwidth" || true
+    for dt in bf16 fp8; do sed -n '/^model  /,$p' "/tmp/gemv-serve-$dt-$mode.log" | tail -n +2 || true; done
+  done
+} | tee "${OUT:-/tmp}/device-gemv.txt"
+[ "$trc" = 0 ] || [ "$trc" = "not run" ]
