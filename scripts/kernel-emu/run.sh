@@ -4,14 +4,25 @@
 # case (or CASE, 0-based) with a TIMEOUT_S watchdog per block (default 20). About a minute on
 # 2 cores once the release build's libraries are built; not part of CI. Prints one line per case and "ALL OK" when all match the CPU.
 #   bash scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]]
+#   bash scripts/kernel-emu/run.sh mma [TIMEOUT_S]
+# runs the tensor-core GEMV core (src/ops/cuda/mma_gemv.cuh, included as it is) in
+# mma_gemv_emu.cpp instead: mma.sync emulated lane by lane, results against a double reference.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ "${1:-}" = "mma" ]; then
+  shift
+  out=${TMPDIR:-/tmp}/fathom-kernel-emu
+  mkdir -p "$out"
+  g++ -O2 -std=c++20 -pthread -Isrc -Iinclude scripts/kernel-emu/mma_gemv_emu.cpp build/release/libfathom_core.a \
+    -o "$out/mma_emu"
+  exec "$out/mma_emu" "$@"
+fi
 src=src/ops/cuda/attention_backward.cu
 out=${TMPDIR:-/tmp}/fathom-kernel-emu
 mkdir -p "$out"
 # the shared definitions (kMaxD .. visible_keys), then the tiled section up to its switch
 awk '/^constexpr int kMaxD = 256/{on=1} on{print} /^__device__ inline int64_t visible_keys/{vk=1} vk && /^}/{exit}' "$src" >"$out/kernels.inc"
-awk '/^\/\/ ---- the tiled kernels/{on=1} /^bool g_tiled/{on=0} on' "$src" |
+awk '/^\/\/ ---- the tiled kernels/{on=1} /^AttentionBackwardPath g_path/{on=0} on' "$src" |
   sed 's|^  extern __shared__ float sm\[\];|  float* sm = emu_sm;|' >>"$out/kernels.inc"
 grep -q 'float\* sm = emu_sm;' "$out/kernels.inc" || { echo "kernel-emu: could not cut the kernels out of $src" >&2; exit 1; }
 # the CPU reference is src/ops/cpu/backward.cpp itself, from the release build's libraries

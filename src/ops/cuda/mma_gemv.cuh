@@ -23,10 +23,12 @@
 // x staged a chunk of columns at a time. A block may run several jobs (weights) whose rows
 // share the tile, each on one x row (the expert slots of a token: moe.cu) or all of them.
 #pragma once
+#ifndef FATHOM_KERNEL_EMU  // scripts/kernel-emu/mma_gemv_emu.cpp runs this file on the CPU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "ops/cuda/device_util.cuh"
+#endif
 
 namespace fathom::cuda {
 
@@ -58,6 +60,7 @@ inline size_t mma_smem_bytes(int chunk, int M) {
   return size_t(M) * (2 * (chunk + 8) * 2 + chunk / kMmaUnit * 4);
 }
 
+#ifndef FATHOM_KERNEL_EMU  // the emulator brings its own (warp-collective) versions
 __device__ inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                  uint32_t b1, bool bf16) {
   if (bf16)
@@ -87,6 +90,7 @@ __device__ inline uint32_t e4m3x2_to_f16x2(uint32_t v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 #endif
 }
+#endif
 
 // One thread's rows of a job: row g and row g + 8 of the tile (bytes; null past the weight's
 // end: zeros) and, for FP8, their rows of scale_inv.

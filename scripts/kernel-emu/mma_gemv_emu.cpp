@@ -1,0 +1,298 @@
+// CPU emulation of the tensor-core GEMV core (src/ops/cuda/mma_gemv.cuh, included as it is) for
+// checking it without a GPU: blocks of 256 std::threads (emu_runtime.h: barriers that report a
+// hang or threads meeting at different call sites, shuffles), mma.sync m16n8k16 emulated as the
+// warp-collective it is (each lane hands in its A/B fragment registers; each lane's C fragment is
+// computed from all 32 lanes' registers by the PTX fragment layout), cvt.rn.f16x2.e4m3x2 by the
+// e4m3 and f16 conversions of src/core/dtype.h. Two kernels drive the core as the CUDA kernels do:
+// a dense one (mma_gemv_kernel's use: one job, all x rows, optional RMSNorm) and one of column
+// jobs (mma_expert_down_kernel's use: each job its own weight on its own x row, weighted sums).
+// Results are compared with a double-precision reference on the dequantized weights, BF16, F16
+// and FP8 (every code but NaN, subnormals included, random block scales), shapes with a partial
+// last unit, two staging chunks, x rows of very different magnitudes.
+// Build and run: bash scripts/kernel-emu/run.sh mma [TIMEOUT_S]
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "core/dtype.h"
+#include "emu_runtime.h"
+
+// ---- CUDA spellings and the device helpers mma_gemv.cuh uses
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __syncthreads() ::emu::syncthreads(__LINE__)
+#define __shfl_xor_sync(mask, v, off) ::emu::shfl_xor(__LINE__, mask, v, off)
+#define FATHOM_KERNEL_EMU 1
+
+struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
+inline float __ldg(const float* p) { return *p; }
+inline float4 __ldg(const float4* p) { return *p; }
+inline uint32_t __float_as_uint(float f) { return fathom::bits_from_f32(f); }
+inline float __uint_as_float(uint32_t u) { return fathom::f32_from_bits(u); }
+struct __nv_bfloat16 { uint16_t x; };
+struct __half { uint16_t x; };
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {fathom::f32_to_bf16(f)}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return fathom::bf16_to_f32(h.x); }
+inline __half __float2half_rn(float f) { return {fathom::f32_to_f16(f)}; }
+inline float __half2float(__half h) { return fathom::f16_to_f32(h.x); }
+
+namespace fathom::cuda {
+using emu::threadIdx;
+using emu::blockIdx;
+using std::max;
+using std::min;
+constexpr unsigned kFullMask = 0xffffffffu;
+template <DType D> struct ElemSize;
+template <> struct ElemSize<DType::F32> { static constexpr int value = 4; };
+template <> struct ElemSize<DType::BF16> { static constexpr int value = 2; };
+template <> struct ElemSize<DType::F16> { static constexpr int value = 2; };
+template <> struct ElemSize<DType::F8_E4M3> { static constexpr int value = 1; };
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint4 load16_stream(const uint8_t* p) {
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+inline float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+inline float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = std::fmax(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+bool mma_gemv_on() { return true; }
+inline float norm_scale(float sumsq, int64_t K, float eps) { return 1.0f / std::sqrt(sumsq / float(K) + eps); }
+
+// One 16-bit value of a packed register: half h (0 low, 1 high).
+inline float part16(uint32_t r, int h, bool bf16) {
+  const uint16_t v = uint16_t(h ? r >> 16 : r);
+  return bf16 ? bf16_to_f32(v) : f16_to_f32(v);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane of the warp hands in its registers;
+// lane (g, tig) holds a0..a7 = A[g][2tig..+1], A[g+8][2tig..+1], A[g][2tig+8..+9], A[g+8][2tig+8..+9]
+// (registers a0..a3 two values each), b0..b3 = B[2tig..+1][g], B[2tig+8..+9][g] (registers b0, b1),
+// c = C[g][2tig..+1], C[g+8][2tig..+1].
+void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
+               bool bf16) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  auto& slot = emu::tl_block->xslot[w];
+  emu::syncwarp(__LINE__);
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  std::memcpy(slot[lane], mine, sizeof mine);
+  emu::syncwarp(__LINE__);
+  auto A = [&](int r, int k) {
+    const int l = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return part16(slot[l][reg], k % 2, bf16);
+  };
+  auto B = [&](int k, int n) {
+    const int l = n * 4 + (k % 8) / 2, reg = 4 + (k >= 8 ? 1 : 0);
+    return part16(slot[l][reg], k % 2, bf16);
+  };
+  double d[4] = {c[0], c[1], c[2], c[3]};
+  for (int k = 0; k < 16; ++k) {
+    d[0] += double(A(g, k)) * B(k, 2 * tig);
+    d[1] += double(A(g, k)) * B(k, 2 * tig + 1);
+    d[2] += double(A(g + 8, k)) * B(k, 2 * tig);
+    d[3] += double(A(g + 8, k)) * B(k, 2 * tig + 1);
+  }
+  for (int i = 0; i < 4; ++i) c[i] = float(d[i]);
+}
+
+// cvt.rn.f16x2.e4m3x2: the low byte to the low half.
+uint32_t e4m3x2_to_f16x2(uint32_t v) {
+  const uint16_t lo = f32_to_f16(fp8e4m3_to_f32(uint8_t(v))), hi = f32_to_f16(fp8e4m3_to_f32(uint8_t(v >> 8)));
+  return uint32_t(lo) | uint32_t(hi) << 16;
+}
+}  // namespace fathom::cuda
+
+#include "ops/cuda/mma_gemv.cuh"
+
+namespace {
+using namespace fathom;
+using namespace fathom::cuda;
+
+// A weight (N, K) in D with its dequantized values (FP8: times the block scale).
+struct Weight {
+  DType d;
+  int64_t N, K, block;
+  std::vector<uint8_t> bytes;
+  std::vector<float> scale;  // FP8: (ceil(N/block), ceil(K/block))
+  std::vector<double> deq;
+};
+Weight make_weight(DType d, int64_t N, int64_t K, int64_t block, std::mt19937& rng) {
+  Weight w{d, N, K, block, {}, {}, std::vector<double>(size_t(N * K))};
+  const int E = d == DType::F8_E4M3 ? 1 : 2;
+  w.bytes.resize(size_t(N * K * E));
+  std::normal_distribution<float> nd(0.f, 1.f / std::sqrt(float(K)));
+  std::uniform_int_distribution<int> code(0, 255);
+  std::uniform_real_distribution<float> sd(0.001f, 0.01f);
+  if (d == DType::F8_E4M3) {
+    w.scale.resize(size_t(ceil_div(N, block) * ceil_div(K, block)));
+    for (float& s : w.scale) s = sd(rng);
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const size_t i = size_t(n * K + k);
+      if (d == DType::F8_E4M3) {
+        uint8_t c;
+        do c = uint8_t(code(rng)); while ((c & 0x7f) == 0x7f);  // every code but NaN
+        w.bytes[i] = c;
+        w.deq[i] = double(fp8e4m3_to_f32(c)) * w.scale[size_t((n / block) * ceil_div(K, block) + k / block)];
+      } else {
+        const float v = nd(rng);
+        const uint16_t b = d == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+        std::memcpy(&w.bytes[i * 2], &b, 2);
+        w.deq[i] = d == DType::BF16 ? bf16_to_f32(b) : f16_to_f32(b);
+      }
+    }
+  return w;
+}
+MmaRows rows_of(const Weight& w, int64_t n0) {
+  const int E = w.d == DType::F8_E4M3 ? 1 : 2, g = int(threadIdx.x % 32) / 4;
+  const int64_t kb = ceil_div(w.K, w.block);
+  MmaRows r;
+  if (n0 + g < w.N) {
+    r.a = w.bytes.data() + (n0 + g) * w.K * E;
+    if (w.d == DType::F8_E4M3) r.sa = w.scale.data() + (n0 + g) / w.block * kb;
+  }
+  if (n0 + g + 8 < w.N) {
+    r.b = w.bytes.data() + (n0 + g + 8) * w.K * E;
+    if (w.d == DType::F8_E4M3) r.sb = w.scale.data() + (n0 + g + 8) / w.block * kb;
+  }
+  return r;
+}
+// The block's shared state over the emulated shared memory.
+MmaShared shared_of(int chunk, int M) {
+  uint8_t* base = reinterpret_cast<uint8_t*>(emu::emu_sm);
+  const size_t dyn = mma_smem_bytes(chunk, M);
+  return MmaShared{reinterpret_cast<uint16_t*>(base), reinterpret_cast<float*>(base + size_t(M) * 2 * (chunk + 8) * 2),
+                   reinterpret_cast<float*>(base + dyn), reinterpret_cast<float*>(base + dyn) + kMmaWarps * kMmaMaxRows};
+}
+size_t smem_of(int chunk, int M) { return mma_smem_bytes(chunk, M) + 4 * (kMmaWarps * kMmaMaxRows * 17); }
+
+double rel(double got, double want) { return std::fabs(got - want) / (std::fabs(want) + 1.0); }
+
+// Dense: out (M, N) = x (M, K) · Wᵀ, with NORM the rows of x RMS-normalised times g first.
+template <DType D, bool NORM>
+double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng) {
+  const Weight w = make_weight(D, N, K, block, rng);
+  std::vector<float> x(static_cast<size_t>(M * K)), g(static_cast<size_t>(K)), out(static_cast<size_t>(M * N), NAN);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int m = 0; m < M; ++m) {
+    const float mag = std::pow(10.f, float(m % 5) * 2.f - 4.f);  // rows of 1e-4 .. 1e4
+    for (int64_t k = 0; k < K; ++k) x[size_t(m * K + k)] = nd(rng) * mag;
+  }
+  for (float& v : g) v = nd(rng);
+  const int chunk = mma_chunk(K, M);
+  emu::run_grid("dense", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, M), [&] {
+    const MmaShared sh = shared_of(chunk, M);
+    const int64_t n0 = int64_t(blockIdx.x) * 16;
+    const MmaRows r = rows_of(w, n0);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_rows_product<D, NORM>(
+        acc, sh, [&](int) { return r; }, [](int) { return -1; }, 1, [&](int m) { return x.data() + m * K; }, M, K,
+        block, chunk, NORM ? g.data() : nullptr, true);
+    mma_block_reduce<NORM>(acc, sh);
+    const int i = threadIdx.x, row = i / kMmaMaxRows, m = i % kMmaMaxRows;
+    if (i < 16 * kMmaMaxRows && m < M && n0 + row < N) {
+      float v = sh.red[i];
+      if constexpr (NORM) v *= norm_scale(sh.ss[m], K, 1e-6f);
+      out[size_t(m * N + n0 + row)] = v;
+    }
+  });
+  double worst = 0;
+  for (int m = 0; m < M; ++m) {
+    double ss = 0, scale = 1;
+    for (int64_t k = 0; k < K; ++k) ss += double(x[size_t(m * K + k)]) * x[size_t(m * K + k)];
+    if (NORM) scale = 1.0 / std::sqrt(ss / double(K) + 1e-6);
+    double mag = 0;  // errors relative to the row's size, as the op tests' bound is for unit rows
+    std::vector<double> want(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k)
+        s += w.deq[size_t(n * K + k)] * x[size_t(m * K + k)] * (NORM ? double(g[size_t(k)]) : 1.0);
+      want[size_t(n)] = s * scale;
+      mag = std::max(mag, std::fabs(want[size_t(n)]));
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const double got = out[size_t(m * N + n)];
+      worst = std::max(worst, std::isnan(got) ? INFINITY : rel(got / mag, want[size_t(n)] / mag));
+    }
+  }
+  return worst;
+}
+
+// Column jobs: out (N) = Σ_j wt_j · (W_j · x_j) over J jobs, each its own weight and x row.
+template <DType D>
+double run_jobs(int64_t N, int64_t K, int J, int64_t block, std::mt19937& rng) {
+  std::vector<Weight> ws;
+  for (int j = 0; j < J; ++j) ws.push_back(make_weight(D, N, K, block, rng));
+  std::vector<float> x(static_cast<size_t>(J * K)), wt(static_cast<size_t>(J)), out(static_cast<size_t>(N), NAN);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.1f, 1.f);
+  for (float& v : x) v = nd(rng);
+  for (float& v : wt) v = ud(rng);
+  const int chunk = mma_chunk(K, J);
+  emu::run_grid("jobs", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, J), [&] {
+    const MmaShared sh = shared_of(chunk, J);
+    const int64_t n0 = int64_t(blockIdx.x) * 16;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_rows_product<D, false>(
+        acc, sh, [&](int j) { return rows_of(ws[size_t(j)], n0); }, [](int j) { return j; }, J,
+        [&](int j) { return x.data() + j * K; }, J, K, block, chunk, nullptr, true);
+    mma_block_reduce<false>(acc, sh);
+    const int r = threadIdx.x;
+    if (r < 16 && n0 + r < N) {
+      float v = 0.f;
+      for (int j = 0; j < J; ++j) v += wt[size_t(j)] * sh.red[r * kMmaMaxRows + j];
+      out[size_t(n0 + r)] = v;
+    }
+  });
+  double worst = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    double want = 0;
+    for (int j = 0; j < J; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += ws[size_t(j)].deq[size_t(n * K + k)] * x[size_t(j * K + k)];
+      want += wt[size_t(j)] * s;
+    }
+    worst = std::max(worst, std::isnan(out[size_t(n)]) ? INFINITY : rel(out[size_t(n)], want));
+  }
+  return worst;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1) emu::g_timeout_s = std::atof(argv[1]);
+  std::mt19937 rng(2026);
+  bool all_ok = true;
+  auto report = [&](const char* what, double err) {
+    const bool ok = err <= 1e-4 && !emu::g_problem;
+    all_ok &= ok;
+    std::printf("%-52s %s  max rel err %.3g\n", what, ok ? "OK  " : "FAIL", err);
+    std::fflush(stdout);
+  };
+  report("bf16  N 40 K 1040 M 1 (last unit of 16 columns)", run_dense<DType::BF16, false>(40, 1040, 1, 128, rng));
+  report("bf16  N 33 K 2048 M 8 norm (two chunks)", run_dense<DType::BF16, true>(33, 2048, 8, 128, rng));
+  report("f16   N 20 K 272 M 5", run_dense<DType::F16, false>(20, 272, 5, 128, rng));
+  report("fp8   N 40 K 144 M 1", run_dense<DType::F8_E4M3, false>(40, 144, 1, 128, rng));
+  report("fp8   N 45 K 512 M 3 norm", run_dense<DType::F8_E4M3, true>(45, 512, 3, 128, rng));
+  report("fp8   N 20 K 400 M 5 block 256", run_dense<DType::F8_E4M3, false>(20, 400, 5, 256, rng));
+  report("fp8   N 17 K 1280 M 8 (two chunks)", run_dense<DType::F8_E4M3, false>(17, 1280, 8, 128, rng));
+  report("fp8   N 24 K 64 M 2 norm (K below a unit)", run_dense<DType::F8_E4M3, true>(24, 64, 2, 128, rng));
+  report("jobs bf16 N 40 K 256 J 8", run_jobs<DType::BF16>(40, 256, 8, 128, rng));
+  report("jobs fp8  N 20 K 384 J 5", run_jobs<DType::F8_E4M3>(20, 384, 5, 128, rng));
+  std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");
+  return all_ok ? 0 : 1;
+}
