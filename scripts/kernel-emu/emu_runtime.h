@@ -48,6 +48,7 @@ void dump_where(const char* why) {
 }
 
 struct Barrier {
+  Barrier(int threads, const char* what) : n(threads), name(what) {}
   int n;
   const char* name;
   std::mutex m;

@@ -9,7 +9,7 @@
 // Results are compared with a double-precision reference on the dequantized weights, BF16, F16
 // and FP8 (every code but NaN, subnormals included, random block scales), shapes with a partial
 // last unit, two staging chunks, x rows of very different magnitudes.
-// Build and run: bash scripts/kernel-emu/run.sh mma [TIMEOUT_S]
+// Build and run: bash scripts/kernel-emu/run.sh mma [TIMEOUT_S [SEED]]; ctest runs it as KernelEmu.MmaGemv.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -275,7 +275,10 @@ double run_jobs(int64_t N, int64_t K, int J, int64_t block, std::mt19937& rng) {
 
 int main(int argc, char** argv) {
   if (argc > 1) emu::g_timeout_s = std::atof(argv[1]);
-  std::mt19937 rng(2026);
+  // fresh inputs each run; the seed is printed so that a failure can be repeated
+  const unsigned seed = argc > 2 ? unsigned(std::strtoul(argv[2], nullptr, 10)) : std::random_device{}();
+  std::printf("mma_gemv_emu: seed %u (rerun with: TIMEOUT_S %u)\n", seed, seed);
+  std::mt19937 rng(seed);
   bool all_ok = true;
   auto report = [&](const char* what, double err) {
     const bool ok = err <= 1e-4 && !emu::g_problem;
