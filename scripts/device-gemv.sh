@@ -5,29 +5,18 @@
 # `bash scripts/device-serve.sh --hide`, `--restore` after): builds fathom_tests,
 # bench_cuda_decode and bench_serve_engine, runs the GPU op and model tests, then in the same run
 # and on the same machine
-#   - bench_cuda_decode (v3-4.9b, bf16 and FP8, batch 1/8/32) with FATHOM_GEMV=simt and with the
-#     default (tensor cores),
+#   - bench_cuda_decode (v3-4.9b, bf16 and FP8, batch 1/8/32) with FATHOM_GEMV=simt and with
+#     FATHOM_GEMV=mma (tensor cores),
 #   - bench_serve_engine at 32 concurrent requests (bf16 and FP8) likewise,
 # and prints the table last (also $OUT/device-gemv.txt when OUT is set).
 #
 #   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat]
-#   bash scripts/device-gemv.sh --pack   (here) builds the three programs in build/devbin for any
-#        x86-64 and sm_90a and packs them into the git-ignored device-bin/; carried there
-#        (carry ["device-serve-data", "device-bin"]) they are used instead of a build on the GPU
-#        machine, whose file system makes a full build take longer than one call may run.
+# With device-bin/ carried (made here by `bash scripts/device-pack.sh`) its programs are used
+# instead of a build there.
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=device-serve-data
-if [ "${1:-}" = "--pack" ]; then
-  cmake -S . -B build/devbin -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON -DFATHOM_NATIVE=OFF \
-    -DCMAKE_CUDA_ARCHITECTURES=90a -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-serve/shared/data >/dev/null
-  ninja -C build/devbin fathom_tests bench_cuda_decode bench_serve_engine >/dev/null
-  rm -rf device-bin && mkdir -p device-bin
-  tar -C build/devbin -cf - fathom_tests bench_cuda_decode bench_serve_engine | xz -T0 -6 >device-bin/bin.tar.xz
-  echo "device-gemv: packed ($(du -sh device-bin | cut -f1)); carry [\"device-serve-data\", \"device-bin\"]"
-  exit 0
-fi
 tests=1 bench=1 repeat=()
 for a in "$@"; do
   case "$a" in
@@ -65,9 +54,11 @@ t1=$(date +%s)
 trc="not run"
 if [ "$tests" = 1 ]; then
   set +e
-  "$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
+  # a time limit, so that a hung kernel leaves the benchmarks their time and shows where it hung
+  timeout 240 "$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
     >/tmp/device-gemv-tests.log 2>&1
   trc=$?
+  [ "$trc" != 124 ] || { echo "device-gemv: the GPU tests did not finish in 240 s; they were at:"; grep -E "^\[ RUN" /tmp/device-gemv-tests.log | tail -2; }
   set -e
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|actual" /tmp/device-gemv-tests.log | head -30 || true
   [ "$trc" = 0 ] || { echo "device-gemv: the GPU tests exited $trc; the end of their log:"; tail -n 25 /tmp/device-gemv-tests.log; }
@@ -77,8 +68,7 @@ tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
 modes="simt mma"
 [ "$bench" = 1 ] || modes=""
 for mode in $modes; do
-  env=()
-  [ "$mode" = simt ] && env=(FATHOM_GEMV=simt)
+  env=(FATHOM_GEMV="$mode")
   echo "== bench_cuda_decode ($mode)"
   env "${env[@]}" timeout 300 "$bin"/bench_cuda_decode --models v3-4.9b --dtypes bf16,fp8 --batches 1,8,32 \
     "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"

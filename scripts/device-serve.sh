@@ -16,7 +16,8 @@
 # v3-tiny config the random test models start from). The working tree travels too, with
 # fathom-mini's weights; to stay under 64 MiB hide the training-reference gradients first:
 #   bash scripts/device-serve.sh --hide     (and --restore after)
-# Then there (carry ["device-serve-data"]):
+# Then there (carry ["device-serve-data"], and "device-bin" to use programs built here by
+# scripts/device-pack.sh instead of building there):
 #   bash scripts/device-serve.sh [--quick]
 # --quick: bf16 only, 1, 8 and 32 concurrent, no fathom-mini run.
 # --repeat: bf16 at 32 concurrent, then again with each kind of op twice: what each costs in a
@@ -59,17 +60,24 @@ deps=/tmp/fathom-deps
 rm -rf "$deps" /tmp/fathom-serve && mkdir -p "$deps" /tmp/fathom-serve
 tar -C "$deps" -xJf "$data/deps.tar.xz"
 tar -C /tmp/fathom-serve -xJf "$data/shared.tar.xz"
-export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 shared=/tmp/fathom-serve/shared/data
 echo "device-serve: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
 t0=$(date +%s)
-cmake -S . -B build/device-serve -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON \
-  -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR="$shared" >/dev/null
-cmake --build build/device-serve --target fathom_tests bench_serve_engine 2>&1 | grep -E "warning|error|FAILED" || true
-cmake --build build/device-serve --target fathom_tests bench_serve_engine >/dev/null
+bin=build/device-serve
+if [ -s device-bin/bin.tar.xz ]; then  # programs built here by scripts/device-pack.sh
+  bin=/tmp/fathom-bin
+  rm -rf "$bin" && mkdir -p "$bin" && tar -C "$bin" -xJf device-bin/bin.tar.xz
+  echo "device-serve: the programs packed here (device-bin/)"
+else
+  cmake -S . -B build/device-serve -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON \
+    -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR="$shared" >/dev/null
+  cmake --build build/device-serve --target fathom_tests bench_serve_engine 2>&1 | grep -E "warning:|error:|FAILED" || true
+  cmake --build build/device-serve --target fathom_tests bench_serve_engine >/dev/null
+fi
 t1=$(date +%s)
 set +e
-build/device-serve/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
+"$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
   >/tmp/device-serve-tests.log 2>&1
 trc=$?
 set -e
@@ -79,7 +87,7 @@ if [ "$trc" != 0 ]; then
   tail -n 25 /tmp/device-serve-tests.log
 fi
 t2=$(date +%s)
-bench=build/device-serve/bench_serve_engine
+bench="$bin"/bench_serve_engine
 tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
 logs=()
 run() {  # name, arguments...
