@@ -6,7 +6,10 @@
 // e4m3 and f16 conversions of src/core/dtype.h. Two kernels drive the core as the CUDA kernels do:
 // a dense one (mma_gemv_kernel's use: one job, all x rows, optional RMSNorm) and one of column
 // jobs (mma_expert_down_kernel's use: each job its own weight on its own x row, weighted sums).
-// Results are compared with a double-precision reference on the dequantized weights, BF16, F16
+// The kernels' own bodies (src/ops/cuda/mma_kernels.cuh) run too: the dense GEMV, the per-token
+// experts (gate+up units, down over a token's slots with the shared expert in pieces, an invalid
+// expert id) and the grouped experts' 8-row tiles (routing done on the host as the route kernel
+// does). Results are compared with a double-precision reference on the dequantized weights, BF16, F16
 // and FP8 (every code but NaN, subnormals included, random block scales), shapes with a partial
 // last unit, two staging chunks, x rows of very different magnitudes.
 // Build and run: bash scripts/kernel-emu/run.sh mma [TIMEOUT_S [SEED]]; ctest runs it as KernelEmu.MmaGemv.
@@ -117,6 +120,7 @@ uint32_t e4m3x2_to_f16x2(uint32_t v) {
 }  // namespace fathom::cuda
 
 #include "ops/cuda/mma_gemv.cuh"
+#include "ops/cuda/mma_kernels.cuh"
 
 namespace {
 using namespace fathom;
@@ -136,7 +140,8 @@ Weight make_weight(DType d, int64_t N, int64_t K, int64_t block, std::mt19937& r
   w.bytes.resize(size_t(N * K * E));
   std::normal_distribution<float> nd(0.f, 1.f / std::sqrt(float(K)));
   std::uniform_int_distribution<int> code(0, 255);
-  std::uniform_real_distribution<float> sd(0.001f, 0.01f);
+  // random codes have an rms of ~130: scales that make the weights ~1/sqrt(K), as real ones are
+  std::uniform_real_distribution<float> sd(0.5f / (130.f * std::sqrt(float(K))), 1.5f / (130.f * std::sqrt(float(K))));
   if (d == DType::F8_E4M3) {
     w.scale.resize(size_t(ceil_div(N, block) * ceil_div(K, block)));
     for (float& s : w.scale) s = sd(rng);
@@ -184,33 +189,27 @@ size_t smem_of(int chunk, int M) { return mma_smem_bytes(chunk, M); }
 
 double rel(double got, double want) { return std::fabs(got - want) / (std::fabs(want) + 1.0); }
 
-// Dense: out (M, N) = x (M, K) · Wᵀ, with NORM the rows of x RMS-normalised times g first.
+// Dense (matmul.cu's mma_gemv_kernel body, mma_dense_block): out (M, N) (+)= x (M, K) · Wᵀ, with
+// NORM the rows of x RMS-normalised times g first.
 template <DType D, bool NORM>
-double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng) {
+double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, bool accumulate = false) {
   const Weight w = make_weight(D, N, K, block, rng);
-  std::vector<float> x(static_cast<size_t>(M * K)), g(static_cast<size_t>(K)), out(static_cast<size_t>(M * N), NAN);
+  std::vector<float> x(static_cast<size_t>(M * K)), g(static_cast<size_t>(K)), out(static_cast<size_t>(M * N));
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int m = 0; m < M; ++m) {
     const float mag = std::pow(10.f, float(m % 5) * 2.f - 4.f);  // rows of 1e-4 .. 1e4
     for (int64_t k = 0; k < K; ++k) x[size_t(m * K + k)] = nd(rng) * mag;
   }
   for (float& v : g) v = nd(rng);
+  for (float& v : out) v = accumulate ? nd(rng) : NAN;
+  const std::vector<float> base = out;
+  MatmulParams p;
+  p.out = out.data(), p.ldo = N, p.x = x.data(), p.ldx = K, p.w = w.bytes.data(), p.w_dtype = D;
+  p.scale_inv = w.scale.data(), p.block = block, p.M = M, p.N = N, p.K = K, p.accumulate = accumulate;
+  if (NORM) p.norm = g.data(), p.eps = 1e-6f;
   const int chunk = mma_chunk(K, M);
   emu::run_grid("dense", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, M), [&] {
-    const MmaShared sh = shared_of(chunk, M);
-    const int64_t n0 = int64_t(blockIdx.x) * 16;
-    const MmaRows r = rows_of(w, n0);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    mma_rows_product<D, NORM>(
-        acc, sh, [&](int) { return r; }, [](int) { return -1; }, 1, [&](int m) { return x.data() + m * K; }, M, K,
-        block, chunk, NORM ? g.data() : nullptr, true);
-    mma_block_reduce<NORM>(acc, sh);
-    const int i = threadIdx.x, row = i / kMmaMaxRows, m = i % kMmaMaxRows;
-    if (i < 16 * kMmaMaxRows && m < M && n0 + row < N) {
-      float v = sh.red[i];
-      if constexpr (NORM) v *= norm_scale(sh.ss[m], K, 1e-6f);
-      out[size_t(m * N + n0 + row)] = v;
-    }
+    mma_dense_block<D, NORM>(p, w.bytes.data(), 0, int64_t(blockIdx.x) * 16, M, chunk, true, shared_of(chunk, M));
   });
   double worst = 0;
   for (int m = 0; m < M; ++m) {
@@ -228,7 +227,156 @@ double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng) 
     }
     for (int64_t n = 0; n < N; ++n) {
       const double got = out[size_t(m * N + n)];
-      worst = std::max(worst, std::isnan(got) ? INFINITY : rel(got / mag, want[size_t(n)] / mag));
+      // out = base + v: against base + want as the op tests compare (the sum's rounding is base's)
+      const double e = accumulate ? rel(got, base[size_t(m * N + n)] + want[size_t(n)])
+                                  : rel(got / mag, want[size_t(n)] / mag);
+      worst = std::max(worst, std::isnan(got) ? INFINITY : e);
+    }
+  }
+  return worst;
+}
+
+// An expert set of E experts (gate, up: (I, H); down: (H, I)) and a shared expert of width SI.
+struct Experts {
+  std::vector<Weight> gate, up, down;
+  Weight sg, su, sd;
+  std::vector<ExpertPointers> table;
+  ExpertPointers shared;
+};
+Experts make_experts(DType d, int E, int64_t H, int64_t I, int64_t SI, int64_t block, std::mt19937& rng) {
+  Experts x;
+  for (int e = 0; e < E; ++e) {
+    x.gate.push_back(make_weight(d, I, H, block, rng));
+    x.up.push_back(make_weight(d, I, H, block, rng));
+    x.down.push_back(make_weight(d, H, I, block, rng));
+  }
+  x.sg = make_weight(d, SI, H, block, rng), x.su = make_weight(d, SI, H, block, rng), x.sd = make_weight(d, H, SI, block, rng);
+  auto ptrs = [](const Weight& g, const Weight& u, const Weight& dn) {
+    return ExpertPointers{g.bytes.data(), u.bytes.data(), dn.bytes.data(), g.scale.data(), u.scale.data(), dn.scale.data()};
+  };
+  for (int e = 0; e < E; ++e) x.table.push_back(ptrs(x.gate[size_t(e)], x.up[size_t(e)], x.down[size_t(e)]));
+  x.shared = ptrs(x.sg, x.su, x.sd);
+  return x;
+}
+// One expert's SwiGLU of x in double.
+std::vector<double> swiglu_ref(const Weight& g, const Weight& u, const Weight& d, const std::vector<double>& x) {
+  const int64_t H = g.K, I = g.N;
+  std::vector<double> h(static_cast<size_t>(I)), y(static_cast<size_t>(H), 0.0);
+  for (int64_t i = 0; i < I; ++i) {
+    double a = 0, b = 0;
+    for (int64_t k = 0; k < H; ++k) a += g.deq[size_t(i * H + k)] * x[size_t(k)], b += u.deq[size_t(i * H + k)] * x[size_t(k)];
+    h[size_t(i)] = a / (1.0 + std::exp(-a)) * b;
+  }
+  for (int64_t n = 0; n < H; ++n)
+    for (int64_t i = 0; i < I; ++i) y[size_t(n)] += d.deq[size_t(n * I + i)] * h[size_t(i)];
+  return y;
+}
+
+// The routed experts (and the shared one) of T tokens, top_k each, as moe.cu's per-token path
+// (mma_expert_gate_up_block over every unit, then mma_expert_down_block) or, grouped, as
+// moe_grouped.cu's small-tile path (pairs sorted by expert into tiles of up to 8 rows on the host,
+// as moe_route_kernel does on the device; mma_grouped_gate_up_block, mma_grouped_down_block; the
+// combine on the host). Slot 1 of token 0 has an invalid expert id in the per-token path.
+template <DType D, bool NORM>
+double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block, bool grouped, std::mt19937& rng) {
+  const int64_t SI = 2 * I;
+  const Experts ex = make_experts(D, E, H, I, SI, block, rng);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.1f, 1.f);
+  std::vector<float> x(static_cast<size_t>(T * H)), g(static_cast<size_t>(H)), wts(static_cast<size_t>(T * top_k));
+  std::vector<int32_t> ids(static_cast<size_t>(T * top_k));
+  for (float& v : x) v = nd(rng);
+  for (float& v : g) v = nd(rng);
+  for (float& v : wts) v = ud(rng);
+  for (int t = 0; t < T; ++t) {
+    std::vector<int> order(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) order[size_t(e)] = e;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int k = 0; k < top_k; ++k) ids[size_t(t * top_k + k)] = order[size_t(k)];
+  }
+  if (!grouped) ids[1] = -1;
+  std::vector<float> out(static_cast<size_t>(T * H), NAN);
+  MoeExpertsParams p;
+  p.out = out.data(), p.x = x.data(), p.weights = wts.data(), p.experts = ids.data(), p.table = ex.table.data();
+  p.n_tokens = T, p.hidden = H, p.inter = I, p.block = block, p.n_experts = E, p.top_k = top_k, p.dtype = D;
+  p.aligned16 = true;
+  if (!grouped) {
+    p.has_shared = true, p.shared = ex.shared, p.shared_inter = SI;
+    if (NORM) p.norm = g.data(), p.eps = 1e-6f;
+    const int64_t routed = int64_t(T) * top_k;
+    std::vector<float> h(static_cast<size_t>(routed * I + T * SI), NAN);
+    const int64_t units = routed * ceil_div(I, 8) + T * ceil_div(SI, 8);
+    const int c_up = mma_chunk(H, 1);
+    emu::run_grid("expert_gate_up", {unsigned(units), 1, 1}, smem_of(c_up, 1), [&] {
+      mma_expert_gate_up_block<D, NORM>(p, h.data(), gate_up_unit<8>(p, blockIdx.x), c_up, true, shared_of(c_up, 1));
+    });
+    const int jobs = top_k + int(SI / I), c_down = mma_chunk(I, jobs);
+    emu::run_grid("expert_down", {unsigned(ceil_div(H, 16)), unsigned(T), 1}, smem_of(c_down, jobs), [&] {
+      mma_expert_down_block<D>(p, h.data(), blockIdx.y, int64_t(blockIdx.x) * 16, c_down, shared_of(c_down, jobs));
+    });
+  } else {
+    // routing as moe_route_kernel: rows sorted by expert, tiles of up to 8 rows of one expert
+    const int64_t pairs = int64_t(T) * top_k;
+    std::vector<int32_t> token_of_row(static_cast<size_t>(pairs)), row_of_pair(static_cast<size_t>(pairs));
+    std::vector<int32_t> tile_expert, tile_begin, tile_end;
+    int row = 0;
+    for (int e = 0; e < E; ++e) {
+      const int first = row;
+      for (int64_t i = 0; i < pairs; ++i)
+        if (ids[size_t(i)] == e) token_of_row[size_t(row)] = int32_t(i / top_k), row_of_pair[size_t(i)] = row++;
+      for (int b = first; b < row; b += 8) tile_expert.push_back(e), tile_begin.push_back(b), tile_end.push_back(row);
+    }
+    int32_t n_tiles = int32_t(tile_expert.size());
+    const ExpertRouting r{token_of_row.data(), row_of_pair.data(), tile_expert.data(), tile_begin.data(),
+                          tile_end.data(), &n_tiles};
+    std::vector<float> xn = x;  // the grouped path takes x normalised beforehand (rmsnorm)
+    if (NORM)
+      for (int t = 0; t < T; ++t) {
+        double ss = 0;
+        for (int64_t k = 0; k < H; ++k) ss += double(x[size_t(t * H + k)]) * x[size_t(t * H + k)];
+        const double sc = 1.0 / std::sqrt(ss / double(H) + 1e-6);
+        for (int64_t k = 0; k < H; ++k) xn[size_t(t * H + k)] = float(x[size_t(t * H + k)] * sc * g[size_t(k)]);
+      }
+    p.x = xn.data();
+    std::vector<float> h(static_cast<size_t>(pairs * I), NAN), y(static_cast<size_t>(pairs * H), NAN);
+    const int c_up = mma_chunk(H, kMmaMaxRows), c_down = mma_chunk(I, kMmaMaxRows);
+    emu::run_grid("grouped_gate_up", {unsigned(ceil_div(I, 8)), unsigned(n_tiles), 1}, smem_of(c_up, kMmaMaxRows), [&] {
+      mma_grouped_gate_up_block<D>(p, r, h.data(), blockIdx.y, int64_t(blockIdx.x) * 8, c_up, true,
+                                   shared_of(c_up, kMmaMaxRows));
+    });
+    emu::run_grid("grouped_down", {unsigned(ceil_div(H, 16)), unsigned(n_tiles), 1}, smem_of(c_down, kMmaMaxRows), [&] {
+      mma_grouped_down_block<D>(p, r, h.data(), y.data(), blockIdx.y, int64_t(blockIdx.x) * 16, c_down,
+                                shared_of(c_down, kMmaMaxRows));
+    });
+    for (int t = 0; t < T; ++t)  // moe_combine_kernel
+      for (int64_t d = 0; d < H; ++d) {
+        float acc = 0.f;
+        for (int k = 0; k < top_k; ++k)
+          acc += wts[size_t(t * top_k + k)] * y[size_t(int64_t(row_of_pair[size_t(t * top_k + k)]) * H + d)];
+        out[size_t(t * H + d)] = acc;
+      }
+  }
+  double worst = 0;
+  for (int t = 0; t < T; ++t) {
+    std::vector<double> xt(static_cast<size_t>(H));
+    double ss = 0;
+    for (int64_t k = 0; k < H; ++k) ss += double(x[size_t(t * H + k)]) * x[size_t(t * H + k)];
+    const double sc = NORM ? 1.0 / std::sqrt(ss / double(H) + 1e-6) : 1.0;
+    for (int64_t k = 0; k < H; ++k) xt[size_t(k)] = x[size_t(t * H + k)] * (NORM ? sc * g[size_t(k)] : 1.0);
+    std::vector<double> want(static_cast<size_t>(H), 0.0);
+    for (int k = 0; k < top_k; ++k) {
+      const int e = ids[size_t(t * top_k + k)];
+      if (e < 0) continue;
+      const auto y = swiglu_ref(ex.gate[size_t(e)], ex.up[size_t(e)], ex.down[size_t(e)], xt);
+      for (int64_t d = 0; d < H; ++d) want[size_t(d)] += wts[size_t(t * top_k + k)] * y[size_t(d)];
+    }
+    if (!grouped) {
+      const auto y = swiglu_ref(ex.sg, ex.su, ex.sd, xt);
+      for (int64_t d = 0; d < H; ++d) want[size_t(d)] += y[size_t(d)];
+    }
+    for (int64_t d = 0; d < H; ++d) {
+      const double got = out[size_t(t * H + d)];
+      worst = std::max(worst, std::isnan(got) ? INFINITY : rel(got, want[size_t(d)]));
     }
   }
   return worst;
@@ -295,8 +443,15 @@ int main(int argc, char** argv) {
   report("fp8   N 20 K 400 M 5 block 256", run_dense<DType::F8_E4M3, false>(20, 400, 5, 256, rng));
   report("fp8   N 17 K 1280 M 8 (two chunks)", run_dense<DType::F8_E4M3, false>(17, 1280, 8, 128, rng));
   report("fp8   N 24 K 64 M 2 norm (K below a unit)", run_dense<DType::F8_E4M3, true>(24, 64, 2, 128, rng));
+  report("bf16  N 45 K 1040 M 3 accumulate", run_dense<DType::BF16, false>(45, 1040, 3, 128, rng, true));
+  report("fp8   N 30 K 256 M 4 norm accumulate", run_dense<DType::F8_E4M3, true>(30, 256, 4, 128, rng, true));
   report("jobs bf16 N 40 K 256 J 8", run_jobs<DType::BF16>(40, 256, 8, 128, rng));
   report("jobs fp8  N 20 K 384 J 5", run_jobs<DType::F8_E4M3>(20, 384, 5, 128, rng));
+  report("experts bf16 T 2 top 3 of 5, H 256 I 128 + shared, norm", run_experts<DType::BF16, true>(2, 5, 3, 256, 128, 128, false, rng));
+  report("experts fp8  T 3 top 2 of 6, H 384 I 128 + shared", run_experts<DType::F8_E4M3, false>(3, 6, 2, 384, 128, 128, false, rng));
+  report("experts f16  T 1 top 4 of 4, H 256 I 256 + shared, norm", run_experts<DType::F16, true>(1, 4, 4, 256, 256, 128, false, rng));
+  report("grouped bf16 T 20 top 3 of 4 (tiles of 8), H 256 I 128", run_experts<DType::BF16, false>(20, 4, 3, 256, 128, 128, true, rng));
+  report("grouped fp8  T 12 top 2 of 3, H 256 I 256, norm", run_experts<DType::F8_E4M3, true>(12, 3, 2, 256, 256, 128, true, rng));
   std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");
   return all_ok ? 0 : 1;
 }

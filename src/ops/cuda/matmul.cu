@@ -26,7 +26,7 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
 #include "ops/cuda/gemv.cuh"
-#include "ops/cuda/mma_gemv.cuh"
+#include "ops/cuda/mma_kernels.cuh"
 #include "ops/cuda/small_ops.cuh"
 
 namespace fathom::cuda {
@@ -136,31 +136,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_gemv_kernel(const __grid_cons
   if (threadIdx.x == 0) prefetch_l2(w + n0 * p.K * E, uint64_t(min(int64_t(16), p.N - n0) * p.K * E));
   pdl_wait();
   FATHOM_MMA_SHARED(sh, chunk, M);
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  const int64_t kb = ceil_div(p.K, p.block);
-  if (n0 + g < p.N) {
-    rows.a = w + (n0 + g) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (n0 + g) / p.block * kb;
-  }
-  if (n0 + g + 8 < p.N) {
-    rows.b = w + (n0 + g + 8) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (n0 + g + 8) / p.block * kb;
-  }
-  const float* x = p.x + b * p.x_batch_stride;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, NORM>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int m) { return x + m * p.ldx; }, M, p.K,
-      p.block, chunk, p.norm, jobs.vec[j]);
-  mma_block_reduce<NORM>(acc, sh);
-  float* out = p.out + b * p.out_batch_stride;
-  const int i = threadIdx.x, r = i / kMmaMaxRows, m = i % kMmaMaxRows;
-  if (i < 16 * kMmaMaxRows && m < M && n0 + r < p.N) {
-    float v = sh.red[i];
-    if constexpr (NORM) v *= norm_scale(sh.ss[m], p.K, p.eps);
-    float* o = out + m * p.ldo + n0 + r;
-    *o = p.accumulate ? *o + v : v;
-  }
+  mma_dense_block<D, NORM>(p, w, b, n0, M, chunk, jobs.vec[j], sh);
 }
 
 // ---- tiled GEMM (M > 8)

@@ -25,7 +25,7 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemv.cuh"
-#include "ops/cuda/mma_gemv.cuh"
+#include "ops/cuda/mma_kernels.cuh"
 #include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
@@ -143,37 +143,6 @@ __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict
   }
 }
 
-// The rows of h: the routed (token, slot) pairs (pairs, inter), then with has_shared one row
-// per token for the shared expert (T, shared_inter).
-struct HiddenRow {
-  int64_t t, inter, offset;  // token, row length, offset of the row in h
-  bool shared;
-};
-__device__ inline HiddenRow hidden_row(const MoeExpertsParams& p, int64_t pair) {
-  const int64_t routed = p.n_tokens * p.top_k;
-  if (pair < routed) return {pair / p.top_k, p.inter, pair * p.inter, false};
-  return {pair - routed, p.shared_inter, routed * p.inter + (pair - routed) * p.shared_inter, true};
-}
-
-// The block's h row and its rows n0 .. n0+R-1: the grid is one flat list of R-row units, the
-// shared expert's first (its weights are known before the router finishes, so their blocks
-// start streaming first), then every routed pair's. No block is idle, whatever the two row
-// lengths.
-struct GateUpUnit {
-  int64_t pair, n0;
-};
-template <int R>
-__device__ inline GateUpUnit gate_up_unit(const MoeExpertsParams& p, int64_t b) {
-  const int64_t routed = p.n_tokens * p.top_k;
-  if (p.has_shared) {
-    const int64_t per = ceil_div(p.shared_inter, R);
-    if (b < p.n_tokens * per) return {routed + b / per, b % per * R};
-    b -= p.n_tokens * per;
-  }
-  const int64_t per = ceil_div(p.inter, R);
-  return {b / per, b % per * R};
-}
-
 // grid (T * top_k * ceil(inter / R) (+ T * ceil(shared_inter / R) with has_shared)), block
 // kExpertThreads. h as in HiddenRow. NORM: x normalised on the fly (p.norm, gemv_accumulate).
 template <DType D, int R, bool NORM>
@@ -285,7 +254,7 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
     }
 }
 
-// The tensor-core forms of the two kernels (mma_gemv.cuh). Gate and up: grid of 8-row units
+// The tensor-core forms of the two kernels (bodies in mma_kernels.cuh). Gate and up: grid of 8-row units
 // (gate_up_unit<8>), a block's 16 rows the unit's 8 gate rows and 8 up rows, x the pair's token.
 template <DType D, bool NORM>
 __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpertsParams p, float* __restrict__ h,
@@ -301,36 +270,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpe
   }
   pdl_wait();
   FATHOM_MMA_SHARED(sh, chunk, 1);
-  float* hp = h + hr.offset;
-  const int e = hr.shared ? 0 : p.experts ? p.experts[unit.pair] : 0;
-  if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
-    if (threadIdx.x < 8 && n0 + threadIdx.x < hr.inter) hp[n0 + threadIdx.x] = 0.f;
-    return;
-  }
-  const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  if (n0 + g < hr.inter) {
-    const int64_t kb = ceil_div(p.hidden, p.block);
-    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
-    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
-    if (D == DType::F8_E4M3) {
-      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
-      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
-    }
-  }
-  const float* x = p.x + hr.t * p.hidden;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, NORM>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int) { return x; }, 1, p.hidden, p.block,
-      chunk, p.norm, vec_x);
-  mma_block_reduce<NORM>(acc, sh);
-  const int r = threadIdx.x;
-  if (r < 8 && n0 + r < hr.inter) {
-    const float sc = NORM ? norm_scale(sh.ss[0], p.hidden, p.eps) : 1.f;
-    const float gv = sh.red[r * kMmaMaxRows] * sc, uv = sh.red[(r + 8) * kMmaMaxRows] * sc;
-    hp[n0 + r] = gv / (1.f + expf(-gv)) * uv;
-  }
+  mma_expert_gate_up_block<D, NORM>(p, h, unit, chunk, vec_x, sh);
 }
 
 // Down: grid (ceil(hidden / 16), T). A block's jobs are the token's slots, each the 16 down rows
@@ -351,48 +291,9 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_down_kernel(MoeExperts
                 uint64_t(n_rows * p.shared_inter * E));
   }
   pdl_wait();
-  const int pieces = p.has_shared ? int(p.shared_inter / p.inter) : 0;
-  const int jobs = p.top_k + pieces;
+  const int jobs = p.top_k + (p.has_shared ? int(p.shared_inter / p.inter) : 0);
   FATHOM_MMA_SHARED(sh, chunk, jobs);
-  const int g = (threadIdx.x % 32) / 4;
-  const int64_t kb_routed = ceil_div(p.inter, p.block), kb_shared = ceil_div(p.shared_inter, p.block);
-  auto rows_of = [&](int j) {
-    MmaRows r;
-    const bool shared = j >= p.top_k;
-    const int e = shared ? 0 : p.experts ? p.experts[t * p.top_k + j] : 0;
-    if (!shared && (e < 0 || e >= p.n_experts)) return r;  // an invalid id: zeros
-    const ExpertPointers& ep = shared ? p.shared : p.table[e];
-    const int64_t K = shared ? p.shared_inter : p.inter, kb = shared ? kb_shared : kb_routed;
-    const int64_t col = shared ? (j - p.top_k) * p.inter : 0;  // the piece's first column
-    const uint8_t* w = static_cast<const uint8_t*>(ep.down);
-    if (n0 + g < p.hidden) {
-      r.a = w + ((n0 + g) * K + col) * E;
-      if (D == DType::F8_E4M3) r.sa = ep.down_scale + (n0 + g) / p.block * kb + col / p.block;
-    }
-    if (n0 + g + 8 < p.hidden) {
-      r.b = w + ((n0 + g + 8) * K + col) * E;
-      if (D == DType::F8_E4M3) r.sb = ep.down_scale + (n0 + g + 8) / p.block * kb + col / p.block;
-    }
-    return r;
-  };
-  auto xrow = [&](int j) {
-    if (j < p.top_k) return h + hidden_row(p, t * p.top_k + j).offset;
-    return h + hidden_row(p, p.n_tokens * p.top_k + t).offset + (j - p.top_k) * p.inter;
-  };
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, false>(acc, sh, rows_of, [](int j) { return j; }, jobs, xrow, jobs, p.inter, p.block, chunk,
-                             nullptr, p.inter % 4 == 0);
-  mma_block_reduce<false>(acc, sh);
-  const int r = threadIdx.x;
-  if (r < 16 && n0 + r < p.hidden) {
-    float v = 0.f;
-    for (int j = 0; j < jobs; ++j) {
-      const float wt = j < p.top_k && p.weights ? p.weights[t * p.top_k + j] : 1.f;
-      v += wt * sh.red[r * kMmaMaxRows + j];
-    }
-    float* o = p.out + t * p.hidden + n0 + r;
-    *o = p.accumulate ? *o + v : v;
-  }
+  mma_expert_down_block<D>(p, h, t, n0, chunk, sh);
 }
 
 // Whether the tensor-core kernels take p: 16-bit or FP8 weights of whole aligned 16-byte pieces,

@@ -21,11 +21,13 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/gemm_tile.cuh"
 #include "ops/cuda/gemv.cuh"
-#include "ops/cuda/mma_gemv.cuh"
+#include "ops/cuda/mma_kernels.cuh"
 #include "ops/cuda/moe_grouped.cuh"
 
 namespace fathom::cuda {
 namespace {
+
+using Routing = ExpertRouting;
 
 constexpr int kBM = 64, kBN = 64;  // expert GEMM tiles
 constexpr int kMaxExperts = 1024;
@@ -37,14 +39,6 @@ constexpr int kSmallRows = 8;      // rows (tokens) per tile of the GEMV-style k
 constexpr int kSmallR = 2;         // weight rows per block
 constexpr int kSmallThreads = 128;
 
-struct Routing {
-  int32_t* token_of_row;  // (pairs): token of each sorted row
-  int32_t* row_of_pair;   // (pairs): sorted row of each pair; -1 for an invalid expert id
-  int32_t* tile_expert;   // (max_tiles)
-  int32_t* tile_begin;    // (max_tiles): first sorted row of the tile
-  int32_t* tile_end;      // (max_tiles): end of the expert's rows
-  int32_t* n_tiles;       // (1)
-};
 
 // grid (1), block 1024. Tiles of at most tile_rows rows of one expert.
 __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
@@ -205,42 +199,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
-// The tensor-core forms of the two small kernels (mma_gemv.cuh), taken when the weights fit it:
-// grid (ceil(inter / 8), max_tiles): a block's 16 rows are gate rows n0..n0+7 and up rows
-// n0..n0+7, so that each thread's C fragment holds a gate value and its up value side by side.
+// The tensor-core forms of the two small kernels (bodies in mma_kernels.cuh), taken when the
+// weights fit it. grid (ceil(inter / 8), max_tiles).
 template <DType D>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, int chunk, bool vec_x) {
-  constexpr int E = ElemSize<D>::value;
   pdl_wait();
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  const ExpertPointers ep = p.table[r.tile_expert[tile]];
-  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * 8;
-  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  if (n0 + g < p.inter) {
-    const int64_t kb = ceil_div(p.hidden, p.block);
-    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
-    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
-    if (D == DType::F8_E4M3) {
-      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
-      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
-    }
-  }
-  const int32_t* token = r.token_of_row + begin;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, false>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
-      [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden, p.block, chunk, nullptr, vec_x);
-  mma_block_reduce<false>(acc, sh);
-  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
-  if (i < 8 * kMmaMaxRows && m < M && n0 + n < p.inter) {
-    const float gv = sh.red[n * kMmaMaxRows + m], uv = sh.red[(n + 8) * kMmaMaxRows + m];
-    h[(begin + m) * p.inter + n0 + n] = gv / (1.f + expf(-gv)) * uv;
-  }
+  mma_grouped_gate_up_block<D>(p, r, h, tile, int64_t(blockIdx.x) * 8, chunk, vec_x, sh);
 }
 
 // grid (ceil(hidden / 16), max_tiles).
@@ -248,32 +216,11 @@ template <DType D>
 __global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams p, Routing r,
                                                                const float* __restrict__ h, float* __restrict__ y,
                                                                int chunk) {
-  constexpr int E = ElemSize<D>::value;
   pdl_wait();
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  const ExpertPointers ep = p.table[r.tile_expert[tile]];
-  const int64_t begin = r.tile_begin[tile], n0 = int64_t(blockIdx.x) * 16;
-  const int M = int(min(int64_t(kSmallRows), r.tile_end[tile] - begin));
-  const int g = (threadIdx.x % 32) / 4;
-  const int64_t kb = ceil_div(p.inter, p.block);
-  MmaRows rows;
-  if (n0 + g < p.hidden) {
-    rows.a = static_cast<const uint8_t*>(ep.down) + (n0 + g) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (n0 + g) / p.block * kb;
-  }
-  if (n0 + g + 8 < p.hidden) {
-    rows.b = static_cast<const uint8_t*>(ep.down) + (n0 + g + 8) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (n0 + g + 8) / p.block * kb;
-  }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, false>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
-      [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block, chunk, nullptr, p.inter % 4 == 0);
-  mma_block_reduce<false>(acc, sh);
-  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
-  if (i < 16 * kMmaMaxRows && m < M && n0 + n < p.hidden) y[(begin + m) * p.hidden + n0 + n] = sh.red[i];
+  mma_grouped_down_block<D>(p, r, h, y, tile, int64_t(blockIdx.x) * 16, chunk, sh);
 }
 
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].

@@ -1,0 +1,246 @@
+// The kernels built on the tensor-core GEMV core (mma_gemv.cuh), as the work of one block: the
+// .cu files wrap each in a __global__ kernel (grid, programmatic-launch wait, L2 prefetches,
+// shared memory), and scripts/kernel-emu/mma_gemv_emu.cpp runs the same bodies on the CPU
+// against a double reference (the KernelEmu.MmaGemv test). Also the row bookkeeping the expert
+// kernels share (hidden_row, gate_up_unit; the grouped path's ExpertRouting).
+#pragma once
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/mma_gemv.cuh"
+#ifndef FATHOM_KERNEL_EMU
+#include "ops/cuda/gemv.cuh"  // norm_scale
+#endif
+
+namespace fathom::cuda {
+
+// The rows of h: the routed (token, slot) pairs (pairs, inter), then with has_shared one row
+// per token for the shared expert (T, shared_inter).
+struct HiddenRow {
+  int64_t t, inter, offset;  // token, row length, offset of the row in h
+  bool shared;
+};
+__device__ inline HiddenRow hidden_row(const MoeExpertsParams& p, int64_t pair) {
+  const int64_t routed = p.n_tokens * p.top_k;
+  if (pair < routed) return {pair / p.top_k, p.inter, pair * p.inter, false};
+  return {pair - routed, p.shared_inter, routed * p.inter + (pair - routed) * p.shared_inter, true};
+}
+
+// The block's h row and its rows n0 .. n0+R-1: the grid is one flat list of R-row units, the
+// shared expert's first (its weights are known before the router finishes, so their blocks
+// start streaming first), then every routed pair's. No block is idle, whatever the two row
+// lengths.
+struct GateUpUnit {
+  int64_t pair, n0;
+};
+template <int R>
+__device__ inline GateUpUnit gate_up_unit(const MoeExpertsParams& p, int64_t b) {
+  const int64_t routed = p.n_tokens * p.top_k;
+  if (p.has_shared) {
+    const int64_t per = ceil_div(p.shared_inter, R);
+    if (b < p.n_tokens * per) return {routed + b / per, b % per * R};
+    b -= p.n_tokens * per;
+  }
+  const int64_t per = ceil_div(p.inter, R);
+  return {b / per, b % per * R};
+}
+
+// The grouped path's routing (moe_grouped.cu's moe_route_kernel writes it): pairs sorted by expert
+// into rows, tiles of one expert's rows.
+struct ExpertRouting {
+  int32_t* token_of_row;  // (pairs): token of each sorted row
+  int32_t* row_of_pair;   // (pairs): sorted row of each pair; -1 for an invalid expert id
+  int32_t* tile_expert;   // (max_tiles)
+  int32_t* tile_begin;    // (max_tiles): first sorted row of the tile
+  int32_t* tile_end;      // (max_tiles): end of the expert's rows
+  int32_t* n_tiles;       // (1)
+};
+
+// The dense GEMV (matmul.cu's mma_gemv_kernel): output rows n0 .. n0+15 of batch entry b of p,
+// all M rows of x; w is the batch entry's weight.
+template <DType D, bool NORM>
+__device__ inline void mma_dense_block(const MatmulParams& p, const uint8_t* w, int b, int64_t n0, int M, int chunk,
+                                       bool vec_x, const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  const int64_t kb = ceil_div(p.K, p.block);
+  if (n0 + g < p.N) {
+    rows.a = w + (n0 + g) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (n0 + g) / p.block * kb;
+  }
+  if (n0 + g + 8 < p.N) {
+    rows.b = w + (n0 + g + 8) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (n0 + g + 8) / p.block * kb;
+  }
+  const float* x = p.x + b * p.x_batch_stride;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, NORM>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int m) { return x + m * p.ldx; }, M, p.K,
+      p.block, chunk, p.norm, vec_x);
+  mma_block_reduce<NORM>(acc, sh);
+  float* out = p.out + b * p.out_batch_stride;
+  const int i = threadIdx.x, r = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 16 * kMmaMaxRows && m < M && n0 + r < p.N) {
+    float v = sh.red[i];
+    if constexpr (NORM) v *= norm_scale(sh.ss[m], p.K, p.eps);
+    float* o = out + m * p.ldo + n0 + r;
+    *o = p.accumulate ? *o + v : v;
+  }
+}
+
+// The per-token experts' gate and up (moe.cu's mma_expert_gate_up_kernel): the block of 8-row
+// unit `unit` (gate_up_unit<8>), its 16 rows the unit's 8 gate rows and 8 up rows, x the pair's
+// token; h[pair][n0 + r] = silu(gate) * up.
+template <DType D, bool NORM>
+__device__ inline void mma_expert_gate_up_block(const MoeExpertsParams& p, float* __restrict__ h, GateUpUnit unit,
+                                                int chunk, bool vec_x, const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const HiddenRow hr = hidden_row(p, unit.pair);
+  const int64_t n0 = unit.n0;
+  float* hp = h + hr.offset;
+  const int e = hr.shared ? 0 : p.experts ? p.experts[unit.pair] : 0;
+  if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
+    if (threadIdx.x < 8 && n0 + threadIdx.x < hr.inter) hp[n0 + threadIdx.x] = 0.f;
+    return;
+  }
+  const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  if (n0 + g < hr.inter) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
+    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
+    if (D == DType::F8_E4M3) {
+      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
+      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
+    }
+  }
+  const float* x = p.x + hr.t * p.hidden;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, NORM>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int) { return x; }, 1, p.hidden, p.block,
+      chunk, p.norm, vec_x);
+  mma_block_reduce<NORM>(acc, sh);
+  const int r = threadIdx.x;
+  if (r < 8 && n0 + r < hr.inter) {
+    const float sc = NORM ? norm_scale(sh.ss[0], p.hidden, p.eps) : 1.f;
+    const float gv = sh.red[r * kMmaMaxRows] * sc, uv = sh.red[(r + 8) * kMmaMaxRows] * sc;
+    hp[n0 + r] = gv / (1.f + expf(-gv)) * uv;
+  }
+}
+
+// The per-token experts' down (moe.cu's mma_expert_down_kernel): rows n0 .. n0+15 of token t's
+// output. The block's jobs are the token's slots, each the 16 down rows of its expert on its own
+// h row (x row j for slot j), the shared expert split into pieces of inter columns; the slots'
+// sums are weighted and added in slot order (deterministic).
+template <DType D>
+__device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const float* __restrict__ h, int64_t t,
+                                             int64_t n0, int chunk, const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const int pieces = p.has_shared ? int(p.shared_inter / p.inter) : 0;
+  const int jobs = p.top_k + pieces;
+  const int g = (threadIdx.x % 32) / 4;
+  const int64_t kb_routed = ceil_div(p.inter, p.block), kb_shared = ceil_div(p.shared_inter, p.block);
+  auto rows_of = [&](int j) {
+    MmaRows r;
+    const bool shared = j >= p.top_k;
+    const int e = shared ? 0 : p.experts ? p.experts[t * p.top_k + j] : 0;
+    if (!shared && (e < 0 || e >= p.n_experts)) return r;  // an invalid id: zeros
+    const ExpertPointers& ep = shared ? p.shared : p.table[e];
+    const int64_t K = shared ? p.shared_inter : p.inter, kb = shared ? kb_shared : kb_routed;
+    const int64_t col = shared ? (j - p.top_k) * p.inter : 0;  // the piece's first column
+    const uint8_t* w = static_cast<const uint8_t*>(ep.down);
+    if (n0 + g < p.hidden) {
+      r.a = w + ((n0 + g) * K + col) * E;
+      if (D == DType::F8_E4M3) r.sa = ep.down_scale + (n0 + g) / p.block * kb + col / p.block;
+    }
+    if (n0 + g + 8 < p.hidden) {
+      r.b = w + ((n0 + g + 8) * K + col) * E;
+      if (D == DType::F8_E4M3) r.sb = ep.down_scale + (n0 + g + 8) / p.block * kb + col / p.block;
+    }
+    return r;
+  };
+  auto xrow = [&](int j) {
+    if (j < p.top_k) return h + hidden_row(p, t * p.top_k + j).offset;
+    return h + hidden_row(p, p.n_tokens * p.top_k + t).offset + (j - p.top_k) * p.inter;
+  };
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(acc, sh, rows_of, [](int j) { return j; }, jobs, xrow, jobs, p.inter, p.block, chunk,
+                             nullptr, p.inter % 4 == 0);
+  mma_block_reduce<false>(acc, sh);
+  const int r = threadIdx.x;
+  if (r < 16 && n0 + r < p.hidden) {
+    float v = 0.f;
+    for (int j = 0; j < jobs; ++j) {
+      const float wt = j < p.top_k && p.weights ? p.weights[t * p.top_k + j] : 1.f;
+      v += wt * sh.red[r * kMmaMaxRows + j];
+    }
+    float* o = p.out + t * p.hidden + n0 + r;
+    *o = p.accumulate ? *o + v : v;
+  }
+}
+
+// The grouped experts' gate and up over one tile of at most 8 rows of one expert (moe_grouped.cu's
+// mma_gate_up_kernel): the block's 16 rows are gate rows n0..n0+7 and up rows n0..n0+7, so that
+// each thread's C fragment holds a gate value and its up value side by side.
+template <DType D>
+__device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, const ExpertRouting& r, float* __restrict__ h,
+                                                 int tile, int64_t n0, int chunk, bool vec_x, const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile];
+  const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  if (n0 + g < p.inter) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
+    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
+    if (D == DType::F8_E4M3) {
+      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
+      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
+    }
+  }
+  const int32_t* token = r.token_of_row + begin;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
+      [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden, p.block, chunk, nullptr, vec_x);
+  mma_block_reduce<false>(acc, sh);
+  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 8 * kMmaMaxRows && m < M && n0 + n < p.inter) {
+    const float gv = sh.red[n * kMmaMaxRows + m], uv = sh.red[(n + 8) * kMmaMaxRows + m];
+    h[(begin + m) * p.inter + n0 + n] = gv / (1.f + expf(-gv)) * uv;
+  }
+}
+
+// The grouped experts' down over one tile (moe_grouped.cu's mma_down_kernel): y rows of the tile,
+// columns n0 .. n0+15.
+template <DType D>
+__device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const ExpertRouting& r,
+                                              const float* __restrict__ h, float* __restrict__ y, int tile, int64_t n0,
+                                              int chunk, const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const ExpertPointers ep = p.table[r.tile_expert[tile]];
+  const int64_t begin = r.tile_begin[tile];
+  const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
+  const int g = (threadIdx.x % 32) / 4;
+  const int64_t kb = ceil_div(p.inter, p.block);
+  MmaRows rows;
+  if (n0 + g < p.hidden) {
+    rows.a = static_cast<const uint8_t*>(ep.down) + (n0 + g) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (n0 + g) / p.block * kb;
+  }
+  if (n0 + g + 8 < p.hidden) {
+    rows.b = static_cast<const uint8_t*>(ep.down) + (n0 + g + 8) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (n0 + g + 8) / p.block * kb;
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_rows_product<D, false>(
+      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
+      [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block, chunk, nullptr, p.inter % 4 == 0);
+  mma_block_reduce<false>(acc, sh);
+  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
+  if (i < 16 * kMmaMaxRows && m < M && n0 + n < p.hidden) y[(begin + m) * p.hidden + n0 + n] = sh.red[i];
+}
+
+}  // namespace fathom::cuda
