@@ -124,48 +124,69 @@ float shfl_xor(int line, unsigned mask, float v, int off) {
   return r;
 }
 
-// Runs fn() on every thread of every block of grid, blocks one after another, shared memory
-// (smem_bytes) filled with NaN bytes before each block (reads of unwritten shared memory show).
+// Runs fn() on every thread of every block of grid, blocks one after another on one set of
+// kThreads workers (made once per call), shared memory (smem_bytes, exactly) filled with NaN
+// bytes before each block (reads of unwritten shared memory show).
 inline void run_grid(const char* name, Dim3 grid, size_t smem_bytes, const std::function<void()>& fn) {
   g_kernel = name;
-  std::vector<float> smem(std::max<size_t>(1, (smem_bytes + sizeof(float) - 1) / sizeof(float)));  // exact: a sanitizer sees overruns
+  std::vector<float> smem(std::max<size_t>(1, (smem_bytes + sizeof(float) - 1) / sizeof(float)));
+  std::mutex m;
+  std::condition_variable start_cv, done_cv;
+  uint64_t generation = 0;  // block number + 1 being run; workers run each generation once
+  bool finished = false;
+  int done = 0;
+  BlockState* bs = nullptr;
+  Dim3 block{};
+  std::vector<std::thread> ts;
+  ts.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      uint64_t seen = 0;
+      for (;;) {
+        {
+          std::unique_lock lk(m);
+          start_cv.wait(lk, [&] { return finished || generation != seen; });
+          if (finished) return;
+          seen = generation;
+        }
+        threadIdx = {unsigned(t), 0, 0};
+        blockIdx = block;
+        emu_sm = smem.data();
+        tl_block = bs;
+        fn();
+        where[t] = -1;
+        bs->block.thread_exit();
+        bs->warp[t / 32].thread_exit();
+        std::lock_guard lk(m);
+        ++done;
+        done_cv.notify_all();
+      }
+    });
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        g_block = {x, y, z};
+        std::unique_lock lk(m);
+        g_block = block = {x, y, z};
         std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());  // uninitialised
-        auto* bs = new BlockState;
-        for (auto& w : where) w = 0;
-        std::mutex dm;
-        std::condition_variable dcv;
-        int done = 0;
-        std::vector<std::thread> ts;
-        ts.reserve(kThreads);
-        for (int t = 0; t < kThreads; ++t)
-          ts.emplace_back([&, t] {
-            threadIdx = {unsigned(t), 0, 0};
-            blockIdx = {x, y, z};
-            emu_sm = smem.data();
-            tl_block = bs;
-            fn();
-            where[t] = -1;
-            bs->block.thread_exit();
-            bs->warp[t / 32].thread_exit();
-            std::lock_guard lk(dm);
-            ++done;
-            dcv.notify_all();
-          });
-        {
-          std::unique_lock lk(dm);
-          if (!dcv.wait_for(lk, std::chrono::duration<double>(g_timeout_s * 2), [&] { return done == kThreads; })) {
-            lk.unlock();
-            dump_where("HANG (block watchdog)");
-            std::fflush(stderr);
-            std::_Exit(3);
-          }
-        }
-        for (auto& t : ts) t.join();
         delete bs;
+        bs = new BlockState;
+        for (auto& w : where) w = 0;
+        done = 0;
+        ++generation;
+        start_cv.notify_all();
+        if (!done_cv.wait_for(lk, std::chrono::duration<double>(g_timeout_s * 2), [&] { return done == kThreads; })) {
+          lk.unlock();
+          dump_where("HANG (block watchdog)");
+          std::fflush(stderr);
+          std::_Exit(3);
+        }
       }
+  {
+    std::lock_guard lk(m);
+    finished = true;
+    start_cv.notify_all();
+  }
+  for (auto& t : ts) t.join();
+  delete bs;
 }
 }  // namespace emu
