@@ -16,7 +16,6 @@
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=device-serve-data
 tests=1 bench=1 repeat=()
 for a in "$@"; do
   case "$a" in
@@ -26,30 +25,12 @@ for a in "$@"; do
     *) echo "device-gemv: unknown argument $a" >&2; exit 2 ;;
   esac
 done
-for f in deps.tar.xz shared.tar.xz; do
-  [ -s "$data/$f" ] || { echo "device-gemv: $data/$f is missing: run 'bash scripts/device-serve.sh --prepare' here and carry $data" >&2; exit 1; }
-done
-deps=/tmp/fathom-deps
-rm -rf "$deps" /tmp/fathom-serve && mkdir -p "$deps" /tmp/fathom-serve
-tar -C "$deps" -xJf "$data/deps.tar.xz"
-tar -C /tmp/fathom-serve -xJf "$data/shared.tar.xz"
-export LD_LIBRARY_PATH="$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-shared=/tmp/fathom-serve/shared/data
-echo "device-gemv: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
+source scripts/device-serve-env.sh
+serve_env device-gemv
 t0=$(date +%s)
-bin=build/device-serve
-if [ -s device-bin/bin.tar.xz ]; then
-  bin=/tmp/fathom-bin
-  rm -rf "$bin" && mkdir -p "$bin" && tar -C "$bin" -xJf device-bin/bin.tar.xz
-  echo "device-gemv: the programs packed here (device-bin/)"
-else
-  targets=(bench_cuda_decode bench_serve_engine)
-  [ "$tests" = 1 ] && targets+=(fathom_tests)
-  cmake -S . -B build/device-serve -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON \
-    -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR="$shared" >/dev/null
-  cmake --build build/device-serve --target "${targets[@]}" 2>&1 | grep -E "warning:|error:|FAILED" || true
-  cmake --build build/device-serve --target "${targets[@]}" >/dev/null
-fi
+targets=(bench_cuda_decode bench_serve_engine)
+[ "$tests" = 1 ] && targets+=(fathom_tests)
+serve_programs device-gemv "${targets[@]}"
 t1=$(date +%s)
 trc="not run"
 if [ "$tests" = 1 ]; then
@@ -84,7 +65,7 @@ done
   echo
   echo "## device-gemv $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   echo "build $((t1 - t0)) s; GPU tests rc $trc in $((t2 - t1)) s: $(grep -hE '^\[  PASSED|^\[  FAILED' /tmp/device-gemv-tests.log 2>/dev/null | tr '\n' ' ')"
-  grep -h "copy bandwidth" /tmp/gemv-decode-mma.log | head -1 || true
+  grep -h "copy bandwidth" /tmp/gemv-decode-mma.log 2>/dev/null | head -1 || true
   for mode in $modes; do
     echo "### GEMV: $mode"
     sed -n '/^model  /,$p' "/tmp/gemv-decode-$mode.log" | grep -v "copy bandwidth" || true

@@ -51,30 +51,12 @@ esac
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 [ "${1:-}" = "--repeat" ] && quick=2
-for f in deps.tar.xz shared.tar.xz; do
-  [ -s "$data/$f" ] || { echo "device-serve: $data/$f is missing: run 'bash scripts/device-serve.sh --prepare' here and carry $data" >&2; exit 1; }
-done
+source scripts/device-serve-env.sh
+serve_env device-serve
 [ -s models/fathom-mini/model-00001-of-00003.safetensors ] ||
   { echo "device-serve: fathom-mini's weights did not travel (run 'bash scripts/device-room.sh restore' here)" >&2; exit 1; }
-deps=/tmp/fathom-deps
-rm -rf "$deps" /tmp/fathom-serve && mkdir -p "$deps" /tmp/fathom-serve
-tar -C "$deps" -xJf "$data/deps.tar.xz"
-tar -C /tmp/fathom-serve -xJf "$data/shared.tar.xz"
-export LD_LIBRARY_PATH="$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-shared=/tmp/fathom-serve/shared/data
-echo "device-serve: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
 t0=$(date +%s)
-bin=build/device-serve
-if [ -s device-bin/bin.tar.xz ]; then  # programs built here by scripts/device-pack.sh
-  bin=/tmp/fathom-bin
-  rm -rf "$bin" && mkdir -p "$bin" && tar -C "$bin" -xJf device-bin/bin.tar.xz
-  echo "device-serve: the programs packed here (device-bin/)"
-else
-  cmake -S . -B build/device-serve -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON \
-    -DFATHOM_DEPS_DIR="$deps" -DFATHOM_SHARED_DATA_DIR="$shared" >/dev/null
-  cmake --build build/device-serve --target fathom_tests bench_serve_engine 2>&1 | grep -E "warning:|error:|FAILED" || true
-  cmake --build build/device-serve --target fathom_tests bench_serve_engine >/dev/null
-fi
+serve_programs device-serve fathom_tests bench_serve_engine
 t1=$(date +%s)
 set +e
 "$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \

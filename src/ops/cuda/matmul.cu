@@ -67,13 +67,20 @@ __device__ inline void run_side(const SideJobs& s, int64_t b) {
     mla_append_row<false>(s.append, b);
 }
 
-// grid (Σ ceil(N / R) + side blocks, batch), block kGemvThreads.
-template <DType D, int MP, int R, bool NORM>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvJobs jobs) {
+// A GEMV block's job, batch entry, first row and the entry's weight; j = -1 for a side op's block
+// (which this call has run). The block's R rows are contiguous and no earlier kernel writes them:
+// thread 0 asks L2 for them before the caller's programmatic-launch wait.
+struct GemvBlock {
+  int j, b;
+  int64_t n0;
+  const uint8_t* w;
+};
+template <DType D, int R>
+__device__ inline GemvBlock gemv_block(const GemvJobs& jobs) {
   constexpr int E = ElemSize<D>::value;
   if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
     if (blockIdx.y == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
-    return;
+    return {-1, 0, 0, nullptr};
   }
   int j = 0;
   while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
@@ -81,8 +88,19 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
   const int b = blockIdx.y;
   const int64_t n0 = (int64_t(blockIdx.x) - (j ? jobs.block_end[j - 1] : 0)) * R;
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
-  // the block's rows are contiguous and no earlier kernel writes them: into L2 before the wait
   if (threadIdx.x == 0) prefetch_l2(w + n0 * p.K * E, uint64_t(min(int64_t(R), p.N - n0) * p.K * E));
+  return {j, b, n0, w};
+}
+
+// grid (Σ ceil(N / R) + side blocks, batch), block kGemvThreads.
+template <DType D, int MP, int R, bool NORM>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvJobs jobs) {
+  const GemvBlock blk = gemv_block<D, R>(jobs);
+  if (blk.j < 0) return;
+  const int j = blk.j, b = blk.b;
+  const int64_t n0 = blk.n0;
+  const MatmulParams& p = jobs.job[j];
+  const uint8_t* w = blk.w;
   pdl_wait();
   __shared__ float scratch[kGemvThreads / 32 * R * MP];
   __shared__ float result[R * MP];
@@ -122,21 +140,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constan
 template <DType D, bool NORM>
 __global__ void __launch_bounds__(kMmaThreads) mma_gemv_kernel(const __grid_constant__ GemvJobs jobs, int chunk,
                                                                int M) {
-  constexpr int E = ElemSize<D>::value;
-  if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
-    if (blockIdx.y == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
-    return;
-  }
-  int j = 0;
-  while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
-  const MatmulParams& p = jobs.job[j];
-  const int b = blockIdx.y;
-  const int64_t n0 = (int64_t(blockIdx.x) - (j ? jobs.block_end[j - 1] : 0)) * 16;
-  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
-  if (threadIdx.x == 0) prefetch_l2(w + n0 * p.K * E, uint64_t(min(int64_t(16), p.N - n0) * p.K * E));
+  const GemvBlock blk = gemv_block<D, 16>(jobs);
+  if (blk.j < 0) return;
   pdl_wait();
   FATHOM_MMA_SHARED(sh, chunk, M);
-  mma_dense_block<D, NORM>(p, w, b, n0, M, chunk, jobs.vec[j], sh);
+  mma_dense_block<D, NORM>(jobs.job[blk.j], blk.w, blk.b, blk.n0, M, chunk, jobs.vec[blk.j], sh);
 }
 
 // ---- tiled GEMM (M > 8)

@@ -54,6 +54,26 @@ struct ExpertRouting {
   int32_t* n_tiles;       // (1)
 };
 
+// A gate-and-up tile's rows for this thread: gate row n0 + g as tile row g and up row n0 + g as
+// tile row g + 8 (none past inter), so that each C fragment holds a gate value beside its up value.
+template <DType D>
+__device__ inline MmaRows gate_up_tile_rows(const ExpertPointers& ep, int64_t n0, int64_t inter,
+                                            const MoeExpertsParams& p) {
+  constexpr int E = ElemSize<D>::value;
+  const int g = (threadIdx.x % 32) / 4;
+  MmaRows rows;
+  if (n0 + g < inter) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
+    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
+    if (D == DType::F8_E4M3) {
+      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
+      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
+    }
+  }
+  return rows;
+}
+
 // The dense GEMV (matmul.cu's mma_gemv_kernel): output rows n0 .. n0+15 of batch entry b of p,
 // all M rows of x; w is the batch entry's weight.
 template <DType D, bool NORM>
@@ -93,7 +113,6 @@ __device__ inline void mma_dense_block(const MatmulParams& p, const uint8_t* w, 
 template <DType D, bool NORM>
 __device__ inline void mma_expert_gate_up_block(const MoeExpertsParams& p, float* __restrict__ h, GateUpUnit unit,
                                                 int chunk, bool vec_x, const MmaShared& sh) {
-  constexpr int E = ElemSize<D>::value;
   const HiddenRow hr = hidden_row(p, unit.pair);
   const int64_t n0 = unit.n0;
   float* hp = h + hr.offset;
@@ -102,18 +121,7 @@ __device__ inline void mma_expert_gate_up_block(const MoeExpertsParams& p, float
     if (threadIdx.x < 8 && n0 + threadIdx.x < hr.inter) hp[n0 + threadIdx.x] = 0.f;
     return;
   }
-  const ExpertPointers ep = hr.shared ? p.shared : p.table[e];
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  if (n0 + g < hr.inter) {
-    const int64_t kb = ceil_div(p.hidden, p.block);
-    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
-    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
-    if (D == DType::F8_E4M3) {
-      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
-      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
-    }
-  }
+  const MmaRows rows = gate_up_tile_rows<D>(hr.shared ? p.shared : p.table[e], n0, hr.inter, p);
   const float* x = p.x + hr.t * p.hidden;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   mma_rows_product<D, NORM>(
@@ -185,21 +193,9 @@ __device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const fl
 template <DType D>
 __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, const ExpertRouting& r, float* __restrict__ h,
                                                  int tile, int64_t n0, int chunk, bool vec_x, const MmaShared& sh) {
-  constexpr int E = ElemSize<D>::value;
-  const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile];
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  if (n0 + g < p.inter) {
-    const int64_t kb = ceil_div(p.hidden, p.block);
-    rows.a = static_cast<const uint8_t*>(ep.gate) + (n0 + g) * p.hidden * E;
-    rows.b = static_cast<const uint8_t*>(ep.up) + (n0 + g) * p.hidden * E;
-    if (D == DType::F8_E4M3) {
-      rows.sa = ep.gate_scale + (n0 + g) / p.block * kb;
-      rows.sb = ep.up_scale + (n0 + g) / p.block * kb;
-    }
-  }
+  const MmaRows rows = gate_up_tile_rows<D>(p.table[r.tile_expert[tile]], n0, p.inter, p);
   const int32_t* token = r.token_of_row + begin;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   mma_rows_product<D, false>(

@@ -187,6 +187,21 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
   }
 }
 
+// Token t's down rows n0 .. n0+n_rows-1 of each slot's expert (and the shared expert's) into L2,
+// one thread per slot, before the caller's programmatic-launch wait.
+template <DType D>
+__device__ inline void prefetch_down_rows(const MoeExpertsParams& p, int64_t t, int64_t n0, int64_t n_rows) {
+  constexpr int E = ElemSize<D>::value;
+  if (threadIdx.x < p.top_k) {
+    const int e = p.experts ? p.experts[t * p.top_k + threadIdx.x] : 0;
+    if (e >= 0 && e < p.n_experts)
+      prefetch_l2(static_cast<const uint8_t*>(p.table[e].down) + n0 * p.inter * E, uint64_t(n_rows * p.inter * E));
+  } else if (p.has_shared && threadIdx.x == 32) {
+    prefetch_l2(static_cast<const uint8_t*>(p.shared.down) + n0 * p.shared_inter * E,
+                uint64_t(n_rows * p.shared_inter * E));
+  }
+}
+
 // grid (ceil(hidden / R), T), block kDownThreads. vec: 16-byte loads of the routed down rows;
 // vec_shared: of the shared expert's. The warps are dealt out by work: a routed slot is one unit
 // (inter columns), the shared expert ceil(shared_inter / inter) units, and with no more units
@@ -197,7 +212,6 @@ __global__ void __launch_bounds__(kExpertThreads) expert_gate_up_kernel(MoeExper
 template <DType D, int R>
 __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
                                                                     bool vec, bool vec_shared) {
-  constexpr int E = ElemSize<D>::value;
   const int64_t t = blockIdx.y;
   const int64_t n0 = int64_t(blockIdx.x) * R;
   const int64_t n_rows = min(int64_t(R), p.hidden - n0);
@@ -205,15 +219,7 @@ __global__ void __launch_bounds__(kDownThreads) expert_down_kernel(MoeExpertsPar
   // moe_gate, which finished before expert_gate_up_kernel (the kernel this one waits for) got
   // past its own wait and let this one launch, so they are final here. Even if they were not,
   // a prefetch only warms the cache: the weights used are read after the wait.
-  if (threadIdx.x < p.top_k) {
-    const int64_t pair = t * p.top_k + threadIdx.x;
-    const int e = p.experts ? p.experts[pair] : 0;
-    if (e >= 0 && e < p.n_experts)
-      prefetch_l2(static_cast<const uint8_t*>(p.table[e].down) + n0 * p.inter * E, uint64_t(n_rows * p.inter * E));
-  } else if (p.has_shared && threadIdx.x == 32) {
-    prefetch_l2(static_cast<const uint8_t*>(p.shared.down) + n0 * p.shared_inter * E,
-                uint64_t(n_rows * p.shared_inter * E));
-  }
+  prefetch_down_rows<D>(p, t, n0, n_rows);
   pdl_wait();
   __shared__ float scratch[kDownThreads / 32 * R];
   __shared__ float result[R];
@@ -279,17 +285,9 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpe
 template <DType D>
 __global__ void __launch_bounds__(kMmaThreads) mma_expert_down_kernel(MoeExpertsParams p, const float* __restrict__ h,
                                                                      int chunk) {
-  constexpr int E = ElemSize<D>::value;
   const int64_t t = blockIdx.y, n0 = int64_t(blockIdx.x) * 16;
   const int64_t n_rows = min(int64_t(16), p.hidden - n0);
-  if (threadIdx.x < p.top_k) {  // as expert_down_kernel: the slots' rows into L2 before the wait
-    const int e = p.experts ? p.experts[t * p.top_k + threadIdx.x] : 0;
-    if (e >= 0 && e < p.n_experts)
-      prefetch_l2(static_cast<const uint8_t*>(p.table[e].down) + n0 * p.inter * E, uint64_t(n_rows * p.inter * E));
-  } else if (p.has_shared && threadIdx.x == 32) {
-    prefetch_l2(static_cast<const uint8_t*>(p.shared.down) + n0 * p.shared_inter * E,
-                uint64_t(n_rows * p.shared_inter * E));
-  }
+  prefetch_down_rows<D>(p, t, n0, n_rows);
   pdl_wait();
   const int jobs = p.top_k + (p.has_shared ? int(p.shared_inter / p.inter) : 0);
   FATHOM_MMA_SHARED(sh, chunk, jobs);
