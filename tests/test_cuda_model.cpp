@@ -163,8 +163,9 @@ TEST(RandomModel, DecodeGreedyEqualsForwardBatch) {
 
 // The graph-replayed sampling step (Ops::sample on the device) against select_token on the logits
 // of eager forward_batch, one mix of temperature / top-k / top-p / min-p per sequence; every
-// fourth step is a greedy one on the same caches (the step graph is captured again for it). Both
-// sides get the same tokens. The logits of the two paths may differ by rounding on the GPU, so a
+// fourth step is a greedy one on the same caches (the step graph is captured again for it). So is
+// forward_batch_sample (the serving engine's decode steps) on a third set of caches. All sides get
+// the same tokens. The logits of the two paths may differ by rounding on the GPU, so a
 // token may differ where moving u by 1e-4 changes select_token's choice, once at most.
 void expect_decode_sample_equals_forward(DeviceKind dev) {
   ModelOptions o;
@@ -175,15 +176,17 @@ void expect_decode_sample_equals_forward(DeviceKind dev) {
   std::vector<SampleRow> rows = {{0.7f, 0, 1.0f, 0.0f, 0.0}, {1.0f, 20, 0.9f, 0.0f, 0.0},
                                  {0.0f, 0, 1.0f, 0.0f, 0.0}, {1.3f, 0, 0.8f, 0.05f, 0.0}};
   const size_t B = rows.size();
-  std::vector<KvCache> a, b;
+  std::vector<KvCache> a, b, c;
   for (size_t i = 0; i < B; ++i) {
     a.push_back(m->new_cache(4));  // small: grows during the test
     b.push_back(m->new_cache(4));
+    c.push_back(m->new_cache(4));
   }
-  std::vector<KvCache*> pa, pb;
+  std::vector<KvCache*> pa, pb, pc;
   for (size_t i = 0; i < B; ++i) {
     pa.push_back(&a[i]);
     pb.push_back(&b[i]);
+    pc.push_back(&c[i]);
   }
   std::vector<std::vector<int32_t>> prompts;
   for (size_t i = 0; i < B; ++i) prompts.push_back(some_ids(3 + int(i), 1000 - int(i)));
@@ -195,6 +198,7 @@ void expect_decode_sample_equals_forward(DeviceKind dev) {
   std::mt19937_64 rng(5);
   Tensor la = m->forward_batch(prompts, pa);
   m->forward_batch(prompts, pb);
+  m->forward_batch(prompts, pc);
   std::vector<int32_t> tokens;
   for (size_t i = 0; i < B; ++i) tokens.push_back(choose(la, i, rows[i]));
   int forgiven = 0;
@@ -205,24 +209,38 @@ void expect_decode_sample_equals_forward(DeviceKind dev) {
     for (int32_t t : tokens) next.push_back({t});
     Tensor l = m->forward_batch(next, pa);
     std::vector<int32_t> got = greedy ? m->decode_greedy(tokens, pb) : m->decode_sample(tokens, pb, rows);
+    std::vector<SampleRow> step_rows = rows;
+    if (greedy)
+      for (SampleRow& r : step_rows) r.temperature = 0.0f;
+    const std::vector<int32_t> got_fbs = m->forward_batch_sample(next, pc, step_rows);
     for (size_t i = 0; i < B; ++i) {
-      SampleRow r = rows[i];
-      if (greedy) r.temperature = 0.0f;
+      const SampleRow r = step_rows[i];
       const int32_t want = choose(l, i, r);
-      if (got[i] != want) {
+      for (int32_t g : {got[i], got_fbs[i]}) {
+        if (g == want) continue;
         SampleRow lo = r, hi = r;
         lo.u = std::max(0.0, r.u - 1e-4);
         hi.u = std::min(std::nextafter(1.0, 0.0), r.u + 1e-4);
         EXPECT_TRUE(!greedy && choose(l, i, lo) != choose(l, i, hi))
-            << "step " << step << " sequence " << i << ": " << got[i] << " instead of " << want << " on "
+            << "step " << step << " sequence " << i << ": " << g << " instead of " << want << " on "
             << device_kind_name(dev);
         ++forgiven;
       }
       tokens[i] = want;
     }
   }
-  EXPECT_LE(forgiven, dev == DeviceKind::Cpu ? 0 : 1) << "on " << device_kind_name(dev);
+  EXPECT_LE(forgiven, dev == DeviceKind::Cpu ? 0 : 2) << "on " << device_kind_name(dev);
   for (size_t i = 0; i < B; ++i) EXPECT_EQ(b[i].length(), a[i].length());
+  for (size_t i = 0; i < B; ++i) EXPECT_EQ(c[i].length(), a[i].length());
+  // a row out of range is an error before anything runs
+  std::vector<SampleRow> bad = rows;
+  bad[1].u = 1.0;
+  std::vector<std::vector<int32_t>> next;
+  for (int32_t t : tokens) next.push_back({t});
+  EXPECT_THROW(m->forward_batch_sample(next, pc, bad), Error);
+  bad.pop_back();
+  EXPECT_THROW(m->forward_batch_sample(next, pc, bad), Error);
+  for (size_t i = 0; i < B; ++i) EXPECT_EQ(c[i].length(), a[i].length());
 }
 
 TEST(RandomModel, DecodeSampleEqualsForwardBatch) { expect_decode_sample_equals_forward(DeviceKind::Cpu); }

@@ -270,6 +270,33 @@ TEST_F(Serve, SharedPromptsArePrefilledOnce) {
   }
 }
 
+// Decode steps whose requests want only tokens sample where the logits are
+// (Model::forward_batch_sample); a request asking for logprobs keeps the logits on the host and
+// its sampler. The same seeded request gives the same tokens either way.
+TEST_F(Serve, SamplingWhereTheLogitsAreEqualsTheHostSampler) {
+  auto request = [&](uint64_t seed, int top_logprobs) {
+    RequestParams p = greedy("In Python, a generator is a function that", 12);
+    p.options.ignore_eos = true;
+    p.options.sampling.temperature = 0.9f;
+    p.options.sampling.top_k = 40;
+    p.options.sampling.top_p = 0.95f;
+    p.options.sampling.seed = seed;
+    p.options.sampling.has_seed = true;
+    p.top_logprobs = top_logprobs;
+    return p;
+  };
+  for (uint64_t seed : {7, 8}) {
+    Engine on_device(*model_, *tok_), on_host(*model_, *tok_);
+    const std::vector<int32_t> a = on_device.submit(request(seed, -1))->wait().ids;
+    const std::vector<int32_t> b = on_host.submit(request(seed, 0))->wait().ids;
+    EXPECT_EQ(a, b) << "seed " << seed;
+    ASSERT_TRUE(drains(on_device));
+    ASSERT_TRUE(drains(on_host));
+    EXPECT_EQ(on_device.stats().device_sampled, int64_t(a.size()) - 1);  // all but the prefill's token
+    EXPECT_EQ(on_host.stats().device_sampled, 0);
+  }
+}
+
 TEST_F(Serve, StopStringsAndLengthEndRequests) {
   Engine engine(*model_, *tok_);
   // the greedy continuation, then a stop string taken from inside it

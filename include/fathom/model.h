@@ -105,6 +105,12 @@ class Model {
   // *caches[b]. The projections, MoE and LM head run over all rows together; attention runs per
   // sequence over its own cache. Returns the logits of each sequence's last token (B, vocab).
   Tensor forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches);
+  // forward_batch whose next tokens are chosen where the logits are (Ops::sample: on the GPU for
+  // CUDA) by rows[b] (temperature, top-k, top-p, min-p, u; no penalties), only the B ids coming
+  // back — the serving engine's decode steps when no request asks for logprobs or penalties.
+  // Throws fathom::Error for a row out of range (as decode_sample).
+  std::vector<int32_t> forward_batch_sample(const std::vector<std::vector<int32_t>>& tokens,
+                                            const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows);
 
   // forward_batch that keeps, for sequence b, its last want[b] rows (1 <= want[b] <= its token
   // count): their logits (sum of want, vocab) and final-normed hidden states (sum of want,
@@ -159,6 +165,11 @@ class Model {
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                    const std::vector<SampleRow>* rows, const char* what);
   void init_backend(const ModelOptions& options);
+  // forward_batch's logits (B, vocab) on the backend's device.
+  Tensor batch_logits(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                      const char* what);
+  // Every row's parameters in range, else a fathom::Error naming `what` and the row.
+  static void check_sample_rows(const std::vector<SampleRow>& rows, const char* what);
   // The layers of a batched step (forward_batch, forward_batch_rows): returns the residual
   // stream on the device, sequence b's rows from starts[b]; the caches advance.
   Tensor batch_layers(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,

@@ -488,8 +488,9 @@ void check_batch(const std::vector<std::vector<int32_t>>& tokens, size_t n_cache
     FATHOM_CHECK(!tokens[b].empty(), what, ": sequence ", b, " has no tokens");
 }
 
-Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches) {
-  check_batch(tokens, caches.size(), "forward_batch");
+Tensor Model::batch_logits(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
+                           const char* what) {
+  check_batch(tokens, caches.size(), what);
   std::vector<int64_t> starts;
   Tensor x = batch_layers(tokens, caches, starts);
   const ModelConfig& c = w_->config;
@@ -499,9 +500,33 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
   Tensor last = gather_last_rows(ops, x, starts, tokens, {}, D);
   Tensor logits = ops.empty({B, c.vocab_size});
   ops.matmul_batch({{logits.f32(), last.f32(), B, &w_->lm_head, InputNorm{&w_->norm, float(c.rms_norm_eps)}}});
-  Tensor host = Tensor::empty({B, c.vocab_size});
-  ops.download(host.data(), logits);
+  return logits;
+}
+
+Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches) {
+  Tensor logits = batch_logits(tokens, caches, "forward_batch");
+  Tensor host = Tensor::empty(logits.shape());
+  ops_->download(host.data(), logits);
   return host;
+}
+
+std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<int32_t>>& tokens,
+                                                 const std::vector<KvCache*>& caches,
+                                                 const std::vector<SampleRow>& rows) {
+  FATHOM_CHECK(rows.size() == tokens.size(), "forward_batch_sample: ", rows.size(), " sampling rows for ",
+               tokens.size(), " sequences");
+  check_sample_rows(rows, "forward_batch_sample");
+  Ops& ops = *ops_;
+  const Tensor logits = batch_logits(tokens, caches, "forward_batch_sample");
+  const int64_t B = int64_t(tokens.size());
+  Tensor params_host = Tensor::empty({B * int64_t(sizeof(SampleRow))}, DType::U8);
+  std::memcpy(params_host.data(), rows.data(), size_t(B) * sizeof(SampleRow));
+  const Tensor params = ops.upload(params_host);
+  Tensor ids = ops.empty({B}, DType::I32);
+  ops.sample(ids, logits, params);
+  std::vector<int32_t> out(static_cast<size_t>(B));
+  ops.download(out.data(), ids);
+  return out;
 }
 
 Model::StagedBatch Model::stage_batch(const std::vector<std::vector<int32_t>>& tokens,
@@ -640,15 +665,19 @@ std::vector<int32_t> Model::decode_sample(const std::vector<int32_t>& tokens, co
                                           const std::vector<SampleRow>& rows) {
   FATHOM_CHECK(rows.size() == tokens.size(), "decode_sample: ", rows.size(), " sampling rows for ", tokens.size(),
                " tokens");
+  check_sample_rows(rows, "decode_sample");
+  return decode_step(tokens, caches, &rows, "decode_sample");
+}
+
+void Model::check_sample_rows(const std::vector<SampleRow>& rows, const char* what) {
   for (size_t b = 0; b < rows.size(); ++b) {
     const SampleRow& r = rows[b];
     FATHOM_CHECK(std::isfinite(r.temperature) && r.temperature >= 0.0f && r.top_k >= 0 && r.top_p > 0.0f &&
                      r.top_p <= 1.0f && r.min_p >= 0.0f && r.min_p <= 1.0f && r.u >= 0.0 && r.u < 1.0,
-                 "decode_sample: row ", b, " has temperature ", r.temperature, ", top_k ", r.top_k, ", top_p ",
-                 r.top_p, ", min_p ", r.min_p, ", u ", r.u,
+                 what, ": row ", b, " has temperature ", r.temperature, ", top_k ", r.top_k, ", top_p ", r.top_p,
+                 ", min_p ", r.min_p, ", u ", r.u,
                  "; expected temperature >= 0, top_k >= 0, top_p in (0, 1], min_p in [0, 1], u in [0, 1)");
   }
-  return decode_step(tokens, caches, &rows, "decode_sample");
 }
 
 std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,

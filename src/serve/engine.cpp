@@ -195,6 +195,12 @@ void Engine::finish(Running& r, const std::string& reason, const std::string& er
   ++stats_.requests_finished;
 }
 
+bool Engine::device_samples(const Running& r) {
+  const SamplingParams& p = r.sampler->params();
+  return r.params.top_logprobs < 0 && p.repetition_penalty == 1.0f && p.presence_penalty == 0.0f &&
+         p.frequency_penalty == 0.0f;
+}
+
 bool Engine::take_token(Running& r, int32_t id, const float* logits) {
   RequestHandle& h = *r.handle;
   const Clock::time_point now = Clock::now();
@@ -380,9 +386,19 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
                   const std::vector<int64_t>& want) {
   bool any_spec = false;
   for (const Running* r : rows) any_spec = any_spec || r->spec;
+  // A step of plain decoding whose requests need nothing of the logits but the token (no
+  // penalties, no logprobs) samples where the logits are (on the GPU for CUDA): B ids come back
+  // instead of B rows of logits, and each sampler's next_row() draws the number sample() would.
+  bool on_device = !any_spec;
+  for (const Running* r : rows) on_device = on_device && !r->prefilling() && device_samples(*r);
+  std::vector<int32_t> device_ids;
   Model::BatchRows out;
   if (any_spec) {
     out = model_.forward_batch_rows(tokens, caches, want);
+  } else if (on_device) {
+    std::vector<SampleRow> srows;
+    for (Running* r : rows) srows.push_back(r->sampler->next_row());
+    device_ids = model_.forward_batch_sample(tokens, caches, srows);
   } else {
     out.logits = model_.forward_batch(tokens, caches);  // want is 1 everywhere: the last rows
   }
@@ -447,6 +463,10 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
       continue;
     }
     if (tokens[b].size() == 1) {  // plain decoding
+      if (on_device) {
+        take_token(r, device_ids[b], nullptr);
+        continue;
+      }
       const float* row = logits_row(0);
       take_token(r, sample(r, row), row);
       if (r.spec) feed_mtp(r, {r.pending}, row0);
@@ -497,6 +517,7 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
   stats_.prompt_tokens += prompt_tokens;
   stats_.spec_drafts += drafts;
   stats_.spec_accepted += accepted;
+  if (on_device) stats_.device_sampled += int64_t(rows.size());
   stats_.forked_prompts += forked;
 }
 

@@ -149,6 +149,7 @@ struct EngineStats {
   int64_t cow_copies = 0;      // shared blocks copied before a write
   int64_t preemptions = 0;     // requests sent back to the queue for lack of blocks
   int64_t spec_drafts = 0, spec_accepted = 0;  // MTP drafts verified, and accepted
+  int64_t device_sampled = 0;  // tokens chosen where the logits are (Model::forward_batch_sample)
   double tokens_per_second = 0;  // generated, over the last second or more of work
   LatencyHistogram ttft;         // submit -> first token, per request
   LatencyHistogram inter_token;  // between a request's consecutive tokens
@@ -187,6 +188,9 @@ class Engine {
   // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
   // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
   // for the next step.
+  // Whether r's next token can be chosen by Ops::sample where the logits are: no penalties, no
+  // logprobs (those need the row of logits on the host).
+  static bool device_samples(const Running& r);
   void step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
             const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
             const std::vector<int64_t>& want);
