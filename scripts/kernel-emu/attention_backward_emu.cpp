@@ -4,7 +4,8 @@
 // site (a hang is reported with where the threads wait); shared memory starts as NaN; outputs are
 // compared with the CPU reference (cpu::attention_backward, built in) on the cases of
 // CudaBackward.Attention (tests/attention_backward_cases.h). It found the skipped shuffle that
-// hung the kernels on the H200 (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]].
+// hung the kernels on the H200 (2026-11-30). Build and run with scripts/kernel-emu/run.sh [TIMEOUT_S [CASE]];
+// ctest runs it as KernelEmu.AttentionBackward (CMake cuts the kernels out at build time).
 #include <algorithm>
 #include <atomic>
 #include <chrono>

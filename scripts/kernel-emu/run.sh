@@ -20,11 +20,7 @@ fi
 src=src/ops/cuda/attention_backward.cu
 out=${TMPDIR:-/tmp}/fathom-kernel-emu
 mkdir -p "$out"
-# the shared definitions (kMaxD .. visible_keys), then the tiled section up to its switch
-awk '/^constexpr int kMaxD = 256/{on=1} on{print} /^__device__ inline int64_t visible_keys/{vk=1} vk && /^}/{exit}' "$src" >"$out/kernels.inc"
-awk '/^\/\/ ---- the tiled kernels/{on=1} /^AttentionBackwardPath g_path/{on=0} on' "$src" |
-  sed 's|^  extern __shared__ float sm\[\];|  float* sm = emu_sm;|' >>"$out/kernels.inc"
-grep -q 'float\* sm = emu_sm;' "$out/kernels.inc" || { echo "kernel-emu: could not cut the kernels out of $src" >&2; exit 1; }
+bash scripts/kernel-emu/cut-attention-backward.sh "$src" "$out/kernels.inc"
 # the CPU reference is src/ops/cpu/backward.cpp itself, from the release build's libraries
 # (scripts/build.sh; CUDA or not, the CPU ops are the same)
 bash scripts/build.sh --target fathom_ops fathom_core >/dev/null
