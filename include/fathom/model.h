@@ -168,8 +168,9 @@ class Model {
   // forward_batch's logits (B, vocab) on the backend's device.
   Tensor batch_logits(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
                       const char* what);
-  // Every row's parameters in range, else a fathom::Error naming `what` and the row.
-  static void check_sample_rows(const std::vector<SampleRow>& rows, const char* what);
+  // One row for each of n sequences, every row's parameters in range, else a fathom::Error
+  // naming `what` (and the row).
+  static void check_sample_rows(const std::vector<SampleRow>& rows, size_t n, const char* what);
   // The layers of a batched step (forward_batch, forward_batch_rows): returns the residual
   // stream on the device, sequence b's rows from starts[b]; the caches advance.
   Tensor batch_layers(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,

@@ -513,9 +513,7 @@ Tensor Model::forward_batch(const std::vector<std::vector<int32_t>>& tokens, con
 std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<int32_t>>& tokens,
                                                  const std::vector<KvCache*>& caches,
                                                  const std::vector<SampleRow>& rows) {
-  FATHOM_CHECK(rows.size() == tokens.size(), "forward_batch_sample: ", rows.size(), " sampling rows for ",
-               tokens.size(), " sequences");
-  check_sample_rows(rows, "forward_batch_sample");
+  check_sample_rows(rows, tokens.size(), "forward_batch_sample");
   Ops& ops = *ops_;
   const Tensor logits = batch_logits(tokens, caches, "forward_batch_sample");
   const int64_t B = int64_t(tokens.size());
@@ -663,13 +661,12 @@ std::vector<int32_t> Model::decode_greedy(const std::vector<int32_t>& tokens, co
 
 std::vector<int32_t> Model::decode_sample(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                           const std::vector<SampleRow>& rows) {
-  FATHOM_CHECK(rows.size() == tokens.size(), "decode_sample: ", rows.size(), " sampling rows for ", tokens.size(),
-               " tokens");
-  check_sample_rows(rows, "decode_sample");
+  check_sample_rows(rows, tokens.size(), "decode_sample");
   return decode_step(tokens, caches, &rows, "decode_sample");
 }
 
-void Model::check_sample_rows(const std::vector<SampleRow>& rows, const char* what) {
+void Model::check_sample_rows(const std::vector<SampleRow>& rows, size_t n, const char* what) {
+  FATHOM_CHECK(rows.size() == n, what, ": ", rows.size(), " sampling rows for ", n, " sequences");
   for (size_t b = 0; b < rows.size(); ++b) {
     const SampleRow& r = rows[b];
     FATHOM_CHECK(std::isfinite(r.temperature) && r.temperature >= 0.0f && r.top_k >= 0 && r.top_p > 0.0f &&

@@ -185,12 +185,12 @@ class Engine {
   // The next step's plan; preempts (newest first) until the pool has the blocks it needs.
   void plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Running*>& rows,
             std::vector<std::vector<int32_t>>& tokens, std::vector<KvCache*>& caches, std::vector<int64_t>& want);
-  // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
-  // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
-  // for the next step.
   // Whether r's next token can be chosen by Ops::sample where the logits are: no penalties, no
   // logprobs (those need the row of logits on the host).
   static bool device_samples(const Running& r);
+  // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
+  // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
+  // for the next step.
   void step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
             const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
             const std::vector<int64_t>& want);

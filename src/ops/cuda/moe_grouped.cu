@@ -39,7 +39,6 @@ constexpr int kSmallRows = 8;      // rows (tokens) per tile of the GEMV-style k
 constexpr int kSmallR = 2;         // weight rows per block
 constexpr int kSmallThreads = 128;
 
-
 // grid (1), block 1024. Tiles of at most tile_rows rows of one expert.
 __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
   pdl_wait();
