@@ -10,15 +10,18 @@
 #   - bench_serve_engine at 32 concurrent requests (bf16 and FP8) likewise,
 # and prints the table last (also $OUT/device-gemv.txt when OUT is set).
 #
-#   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat]
+#   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat] [--modes=auto,simt,mma]
 # With device-bin/ carried (made here by `bash scripts/device-pack.sh`) its programs are used
 # instead of a build there.
-# --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step).
+# --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step) and
+# bench_serve_engine --repeat (the same at 32 requests).
+# --modes: the FATHOM_GEMV values to run (default simt,mma; auto is what runs when it is unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 bench=1 repeat=()
+tests=1 bench=1 repeat=() modes="simt mma"
 for a in "$@"; do
   case "$a" in
+    --modes=*) modes=$(echo "${a#--modes=}" | tr , ' ') ;;
     --no-tests) tests=0 ;;
     --no-bench) bench=0 ;;
     --repeat) repeat=(--repeat) ;;
@@ -46,7 +49,6 @@ if [ "$tests" = 1 ]; then
 fi
 t2=$(date +%s)
 tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
-modes="simt mma"
 [ "$bench" = 1 ] || modes=""
 for mode in $modes; do
   env=(FATHOM_GEMV="$mode")
@@ -57,7 +59,7 @@ for mode in $modes; do
   for dt in bf16 fp8; do
     echo "== bench_serve_engine $dt 32 ($mode)"
     env "${env[@]}" timeout 300 "$bin"/bench_serve_engine --config v3-4.9b --dtype "$dt" --tokenizer "$tok" \
-      --concurrency 32 >"/tmp/gemv-serve-$dt-$mode.log" 2>&1 || echo "device-gemv: bench_serve_engine ($dt, $mode) failed"
+      --concurrency 32 "${repeat[@]}" >"/tmp/gemv-serve-$dt-$mode.log" 2>&1 || echo "device-gemv: bench_serve_engine ($dt, $mode) failed"
     cat "/tmp/gemv-serve-$dt-$mode.log"
   done
 done

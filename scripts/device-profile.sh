@@ -1,40 +1,72 @@
 #!/usr/bin/env bash
-# Where a decode step's time goes, on the GPU machine (carry ["device-test-data"]): builds
-# bench_cuda_decode, runs `ncu` on the timed decode steps of one model/dtype/batch (the bench
-# marks them with cudaProfilerStart/Stop) and prints the kernel time per kernel name, summed,
-# with its share of the step. L2 is not flushed between kernels (--cache-control none).
+# Where a decode step's time goes, on the GPU machine, in one command: runs `ncu` on the timed
+# decode steps of bench_cuda_decode (the bench marks them with cudaProfilerStart/Stop) for each
+# case given and prints, per kernel name, the calls and kernel time per step, its share, and the
+# DRAM bandwidth it reached (bytes read + written ÷ its time). Kernels run serialized under ncu
+# and L2 is not flushed between them (--cache-control none), so the sum is the step's kernel time
+# without launch gaps or overlap.
 #
-#   bash scripts/device-profile.sh [MODEL] [DTYPE] [BATCH] [STEPS]   (default v3-4.9b bf16 1 2)
+#   bash scripts/device-profile.sh [--detail REGEX] [CASE...]   CASE = MODEL:DTYPE:BATCH:GEMV[:STEPS]
+#   default: v3-4.9b:bf16:1:simt v3-4.9b:bf16:32:simt v3-4.9b:bf16:32:mma
+# --detail REGEX: instead, ncu's launch, occupancy, throughput and warp-stall sections for the
+# first timed launch of each kernel whose name matches REGEX (for why a kernel is slow).
+# GEMV is simt or mma (FATHOM_GEMV, the tensor-core GEMV). Carry ["device-serve-data",
+# "device-bin"] (scripts/device-pack.sh; without device-bin the bench is built there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:-v3-4.9b} dtype=${2:-bf16} batch=${3:-1} steps=${4:-2}
-data=device-test-data
-deps=/tmp/fathom-deps
-if [ ! -d "$deps/lib" ]; then
-  mkdir -p "$deps" && tar -C "$deps" -xJf "$data/deps.tar.xz"
-fi
-export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cmake -S . -B build/device-bench -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_TESTS=OFF -DFATHOM_BENCH=ON \
-  -DFATHOM_DEPS_DIR="$deps" >/dev/null
-cmake --build build/device-bench --target bench_cuda_decode >/dev/null
-csv=${OUT:-/tmp}/profile-$model-$dtype-b$batch.csv
-ncu --profile-from-start off --cache-control none --clock-control none --metrics gpu__time_duration.sum --csv \
-  build/device-bench/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
-  --prefill 64 >"$csv" 2>/dev/null || true
-python3 - "$csv" "$steps" <<'PY'
+detail=""
+if [ "${1:-}" = --detail ]; then detail=$2; shift 2; fi
+cases=("$@")
+[ ${#cases[@]} -gt 0 ] || cases=(v3-4.9b:bf16:1:simt v3-4.9b:bf16:32:simt v3-4.9b:bf16:32:mma)
+source scripts/device-serve-env.sh
+serve_env device-profile
+serve_programs device-profile bench_cuda_decode
+out=${OUT:-/tmp}
+for c in "${cases[@]}"; do
+  IFS=: read -r model dtype batch gemv steps <<<"$c"
+  steps=${steps:-2}
+  [ -n "$gemv" ] || { echo "device-profile: case $c is not MODEL:DTYPE:BATCH:GEMV[:STEPS]" >&2; exit 2; }
+  if [ -n "$detail" ]; then
+    rep=$out/detail-$model-$dtype-b$batch-$gemv.txt
+    FATHOM_GEMV=$gemv ncu --profile-from-start off --cache-control none --clock-control none \
+      --section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats -k "regex:$detail" --launch-count 4 \
+      "$bin"/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
+      --prefill 64 >"$rep" 2>&1 || { echo "device-profile: ncu failed for $c:"; tail -5 "$rep"; continue; }
+    echo
+    echo "### $c: $detail"
+    grep -E "^  [a-zA-Z_:<>, ]+\(|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|DRAM Throughput|Memory Throughput|Duration|Dynamic Shared|Waves Per SM|Grid Size|Block Size|Stall|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per|stalled" "$rep" \
+      | sed -E 's/ {2,}/ /g' | head -120
+    continue
+  fi
+  csv=$out/profile-$model-$dtype-b$batch-$gemv.csv
+  FATHOM_GEMV=$gemv ncu --profile-from-start off --cache-control none --clock-control none \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv \
+    "$bin"/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
+    --prefill 64 >"$csv" 2>"$csv.err" || { echo "device-profile: ncu failed for $c:"; tail -5 "$csv.err"; continue; }
+  echo
+  echo "### $c"
+  python3 - "$csv" "$steps" <<'PY'
 import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-head = rows[0]
-ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
-tot = collections.Counter(); cnt = collections.Counter()
-for r in rows[1:]:
-    v = float(r[vi].replace(",", ""))
-    v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[r[ui]]  # -> microseconds
-    name = r[ki].split("(")[0].split("<")[0].replace("fathom::cuda::", "").replace("(anonymous namespace)::", "")
-    tot[name] += v; cnt[name] += 1
-steps = int(sys.argv[2]); all_us = sum(tot.values())
-print(f"kernels per step {sum(cnt.values()) / steps:.0f}, kernel time per step {all_us / steps:.0f} us")
-print(f"{'kernel':48s} {'calls/step':>10s} {'us/step':>9s} {'share':>6s}")
-for k, v in tot.most_common():
-    print(f"{k[:48]:48s} {cnt[k] / steps:10.0f} {v / steps:9.1f} {100 * v / all_us:5.1f}%")
+lines = open(sys.argv[1], encoding="utf-8", errors="replace").read().splitlines()
+start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
+if start is None:
+    sys.exit("no ncu CSV header: " + " | ".join(lines[-3:]))
+scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+         "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+us = collections.Counter(); by = collections.Counter(); ids = collections.defaultdict(set)
+for r in csv.DictReader(lines[start:]):
+    name = r["Kernel Name"].split("(")[0].split("<")[0].replace("fathom::cuda::", "").replace("(anonymous namespace)::", "")
+    v = float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
+    ids[name].add(r["ID"])
+    if r["Metric Name"] == "gpu__time_duration.sum": us[name] += v
+    else: by[name] += v
+steps = int(sys.argv[2]); tot = sum(us.values()); calls = sum(len(s) for s in ids.values())
+print(f"kernels per step {calls / steps:.0f}, kernel time per step {tot / steps:.0f} us, "
+      f"DRAM {sum(by.values()) / steps / 1e6:.0f} MB per step")
+print(f"| kernel | calls/step | us/step | share | us/call | GB/s |\n|---|---|---|---|---|---|")
+for k, v in us.most_common(14):
+    n = len(ids[k])
+    print(f"| {k[:44]} | {n / steps:.0f} | {v / steps:.1f} | {100 * v / tot:.1f}% | {v / n:.1f} | {by[k] / v / 1e3:.0f} |")
 PY
+done

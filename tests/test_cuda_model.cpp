@@ -300,9 +300,9 @@ class CudaModel : public testing::Test {
 // the decode steps with the SIMT and with the tensor-core GEMV (mma_gemv.cuh).
 TEST_F(CudaModel, RandomModelMatchesTheCpu) {
 #ifdef FATHOM_HAVE_CUDA
-  const bool before = cuda::tensor_core_gemv();
+  const cuda::GemvKind before = cuda::gemv_kind();
   for (bool tensor_cores : {false, true}) {
-    cuda::set_tensor_core_gemv(tensor_cores);
+    cuda::set_gemv_kind(tensor_cores ? cuda::GemvKind::TensorCores : cuda::GemvKind::Simt);
     SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
 #endif
   for (DType dt : {DType::F32, DType::BF16, DType::F8_E4M3})
@@ -328,7 +328,7 @@ TEST_F(CudaModel, RandomModelMatchesTheCpu) {
     }
 #ifdef FATHOM_HAVE_CUDA
   }
-  cuda::set_tensor_core_gemv(before);
+  cuda::set_gemv_kind(before);
 #endif
 }
 

@@ -374,16 +374,19 @@ TEST_F(CudaOps, Rope) {
 
 // ---- matmul
 
-// Sets the GEMV kind (cuda::set_tensor_core_gemv) for a scope; the previous one after it.
+// Sets the GEMV kind (cuda::set_gemv_kind: the SIMT or the tensor-core kernels everywhere they
+// fit) for a scope; the previous one after it.
 class TensorCoreGemv {
  public:
-  explicit TensorCoreGemv(bool on) : before_(cuda::tensor_core_gemv()) { cuda::set_tensor_core_gemv(on); }
-  ~TensorCoreGemv() { cuda::set_tensor_core_gemv(before_); }
+  explicit TensorCoreGemv(bool on) : before_(cuda::gemv_kind()) {
+    cuda::set_gemv_kind(on ? cuda::GemvKind::TensorCores : cuda::GemvKind::Simt);
+  }
+  ~TensorCoreGemv() { cuda::set_gemv_kind(before_); }
   TensorCoreGemv(const TensorCoreGemv&) = delete;
   TensorCoreGemv& operator=(const TensorCoreGemv&) = delete;
 
  private:
-  bool before_;
+  cuda::GemvKind before_;
 };
 
 TEST_F(CudaOps, MatmulEveryDtypeAndShape) {

@@ -73,7 +73,6 @@ inline float warp_max(float v) {
   for (int off = 16; off > 0; off >>= 1) v = std::fmax(v, __shfl_xor_sync(kFullMask, v, off));
   return v;
 }
-bool mma_gemv_on() { return true; }
 inline float norm_scale(float sumsq, int64_t K, float eps) { return 1.0f / std::sqrt(sumsq / float(K) + eps); }
 
 // One 16-bit value of a packed register: half h (0 low, 1 high).
@@ -278,7 +277,8 @@ std::vector<double> swiglu_ref(const Weight& g, const Weight& u, const Weight& d
 // as moe_route_kernel does on the device; mma_grouped_gate_up_block, mma_grouped_down_block; the
 // combine on the host). Slot 1 of token 0 has an invalid expert id in the per-token path.
 template <DType D, bool NORM>
-double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block, bool grouped, std::mt19937& rng) {
+double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block, bool grouped, std::mt19937& rng,
+                   int64_t stage_bytes = kMmaSmemBytes) {
   const int64_t SI = 2 * I;
   const Experts ex = make_experts(D, E, H, I, SI, block, rng);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -339,15 +339,18 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
       }
     p.x = xn.data();
     std::vector<float> h(static_cast<size_t>(pairs * I), NAN), y(static_cast<size_t>(pairs * H), NAN);
-    const int c_up = mma_chunk(H, kMmaMaxRows), c_down = mma_chunk(I, kMmaMaxRows);
-    emu::run_grid("grouped_gate_up", {unsigned(ceil_div(I, 8)), unsigned(n_tiles), 1}, smem_of(c_up, kMmaMaxRows), [&] {
-      mma_grouped_gate_up_block<D>(p, r, h.data(), blockIdx.y, int64_t(blockIdx.x) * 8, c_up, true,
-                                   shared_of(c_up, kMmaMaxRows));
-    });
-    emu::run_grid("grouped_down", {unsigned(ceil_div(H, 16)), unsigned(n_tiles), 1}, smem_of(c_down, kMmaMaxRows), [&] {
-      mma_grouped_down_block<D>(p, r, h.data(), y.data(), blockIdx.y, int64_t(blockIdx.x) * 16, c_down,
-                                shared_of(c_down, kMmaMaxRows));
-    });
+    // warp tiles: a block takes 8 rows (gate_up) or 16 (down) per warp
+    const int c_up = mma_chunk(H, kMmaMaxRows, stage_bytes), c_down = mma_chunk(I, kMmaMaxRows, stage_bytes);
+    emu::run_grid("grouped_gate_up", {unsigned(ceil_div(I, 8 * kMmaWarps)), unsigned(n_tiles), 1},
+                  smem_of(c_up, kMmaMaxRows), [&] {
+                    mma_grouped_gate_up_block<D>(p, r, h.data(), blockIdx.y, int64_t(blockIdx.x) * 8 * kMmaWarps, c_up,
+                                                 true, shared_of(c_up, kMmaMaxRows));
+                  });
+    emu::run_grid("grouped_down", {unsigned(ceil_div(H, 16 * kMmaWarps)), unsigned(n_tiles), 1},
+                  smem_of(c_down, kMmaMaxRows), [&] {
+                    mma_grouped_down_block<D>(p, r, h.data(), y.data(), blockIdx.y, int64_t(blockIdx.x) * 16 * kMmaWarps,
+                                              c_down, shared_of(c_down, kMmaMaxRows));
+                  });
     for (int t = 0; t < T; ++t)  // moe_combine_kernel
       for (int64_t d = 0; d < H; ++d) {
         float acc = 0.f;
@@ -457,6 +460,9 @@ int main(int argc, char** argv) {
   report("experts f16  T 2 top 3 of 3, H 128 I 64 + shared, norm", run_experts<DType::F16, true>(2, 3, 3, 128, 64, 128, false, rng));
   report("grouped bf16 T 12 top 2 of 2 (two tiles each), H 128 I 64", run_experts<DType::BF16, false>(12, 2, 2, 128, 64, 128, true, rng));
   report("grouped fp8  T 10 top 2 of 3, H 128 I 128, norm", run_experts<DType::F8_E4M3, true>(10, 3, 2, 128, 128, 128, true, rng));
+  report("grouped bf16 T 12 top 2 of 3, H 208 I 80 (idle warps)", run_experts<DType::BF16, false>(12, 3, 2, 208, 80, 128, true, rng));
+  report("grouped fp8  T 9 top 2 of 3, H 384 I 256, x staged a unit at a time",
+         run_experts<DType::F8_E4M3, false>(9, 3, 2, 384, 256, 128, true, rng, 8 * 532));
   std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");
   return all_ok ? 0 : 1;
 }

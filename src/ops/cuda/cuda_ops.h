@@ -53,12 +53,15 @@ enum RepeatKind : int { kRepeatGemv = 1, kRepeatAttention = 2, kRepeatGate = 4, 
 void set_repeat(int mask);
 int repeats(RepeatKind kind);  // 2 when kind is in the mask, else 1
 
-// The tensor-core GEMV (mma_gemv.cuh) for the memory-bound matmuls and experts of decode (M <= 8
-// rows, and the grouped experts' 8-row tiles), 16-bit and FP8 weights: off by default until it
-// is verified and measured on the H200 (then the default flips); FATHOM_GEMV=mma turns it on at
-// start, tests and benchmarks switch it per run.
-void set_tensor_core_gemv(bool on);
-bool tensor_core_gemv();
+// Which kernels stream the weights of decode's memory-bound matmuls and experts (M <= 8 rows,
+// and the grouped experts' 8-row tiles) for 16-bit and FP8 weights: the SIMT GEMV (gemv.cuh), the
+// tensor-core one (mma_gemv.cuh), or Auto, the default — each where it measured faster on the
+// H200 (bench/RESULTS.md, 2026-11-30): tensor cores for the grouped experts of batched decode,
+// SIMT for the dense GEMVs and a token's experts. FATHOM_GEMV=auto|simt|mma sets it at start;
+// tests and benchmarks switch it per run.
+enum class GemvKind { Simt, TensorCores, Auto };
+void set_gemv_kind(GemvKind k);
+GemvKind gemv_kind();
 
 // ---- elementwise.cu
 

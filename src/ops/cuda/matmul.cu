@@ -224,7 +224,7 @@ SideJobs side_jobs(const GemvSide& side) {
 // while its FP8 decode is bound by instructions, so FP8 takes the tensor cores at any K).
 template <DType D>
 bool mma_gemv_takes(const MatmulParams* ps, int n) {
-  if (!mma_gemv_on()) return false;
+  if (!mma_gemv_on(MmaSite::Dense)) return false;
   constexpr int E = ElemSize<D>::value;
   for (int i = 0; i < n; ++i)
     if (!mma_gemv_fits(D, ps[i].K, ps[i].block) || !aligned16(ps[i].w) || ps[i].w_batch_stride * E % 16 != 0 ||

@@ -45,12 +45,14 @@ inline bool mma_gemv_fits(DType d, int64_t K, int64_t block) {
   if (K % 16 != 0 || K <= 0) return false;
   return d != DType::F8_E4M3 || (block > 0 && block % kMmaUnit == 0);
 }
-// Whether the kernels take the tensor-core path where it fits (set_tensor_core_gemv in
-// cuda_ops.h; FATHOM_GEMV=mma|simt at start).
-bool mma_gemv_on();
-// Columns of x staged at once for M rows (a multiple of kMmaUnit).
-inline int mma_chunk(int64_t K, int M) {
-  const int64_t fit = kMmaSmemBytes / (M * (4 * (kMmaUnit + 4) + 4)) * kMmaUnit;
+// Whether the kernels at a site take the tensor-core path where it fits (set_gemv_kind in
+// cuda_ops.h; FATHOM_GEMV=auto|simt|mma at start).
+enum class MmaSite { Dense, TokenExperts, GroupedExperts };
+bool mma_gemv_on(MmaSite site);
+// Columns of x staged at once for M rows (a multiple of kMmaUnit) in at most `bytes` of shared
+// memory.
+inline int mma_chunk(int64_t K, int M, int64_t bytes = kMmaSmemBytes) {
+  const int64_t fit = bytes / (M * (4 * (kMmaUnit + 4) + 4)) * kMmaUnit;
   const int64_t k = ceil_div(K, kMmaUnit) * kMmaUnit;
   return int(k < fit ? k : fit);
 }
@@ -297,6 +299,54 @@ __device__ inline void mma_rows_product(float (&acc)[4], const MmaShared& sh, Jo
       cur = nxt;
       rows = nrows;
       item = next;
+    }
+  }
+}
+
+// The warp-tile form of the product: each warp computes its own 16-row tile (rows: this thread's
+// rows of it) over all of K, the block's x rows staged once for all of its warps, and no sum
+// across warps — acc is the warp's result. Where mma_rows_product splits K over the warps and
+// so pays a staging of x and a block reduction for every 16 rows, a block here carries kMmaWarps
+// tiles for one staging: the form for weights streamed by many blocks (the grouped experts of
+// batched decode, whose K-split blocks kept DRAM at ~43% of its bandwidth on the H200). Each
+// warp keeps the next unit's weights (and FP8 scales) in flight while it multiplies the current
+// one. A warp whose rows are all past the weight's end skips the products but not the barriers.
+template <DType D, class XRow>
+__device__ inline void mma_warp_tile_product(float (&acc)[4], const MmaShared& sh, const MmaRows& rows, XRow xrow,
+                                             int M, int64_t K, int64_t block, int chunk, bool vec_x) {
+  const bool active = rows.a || rows.b;
+  const int64_t k_units = ceil_div(K, kMmaUnit);
+  const int chunk_units = chunk / kMmaUnit;
+  auto scales = [&](int64_t kc, float& wsa, float& wsb) {
+    wsa = wsb = 1.f;
+    if constexpr (D == DType::F8_E4M3) {
+      wsa = rows.sa ? __ldg(rows.sa + kc / block) : 0.f;
+      wsb = rows.sb ? __ldg(rows.sb + kc / block) : 0.f;
+    }
+  };
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int units = int(min(int64_t(chunk_units), k_units - k0 / kMmaUnit));
+    MmaUnitW<D> cur;
+    float wsa = 1.f, wsb = 1.f;
+    if (active) {
+      mma_load_unit<D>(cur, rows, k0, K);
+      scales(k0, wsa, wsb);
+    }
+    __syncthreads();  // the previous chunk's x is no longer read
+    mma_stage_x<D, false>(sh, xrow, M, k0, chunk, K, nullptr, vec_x);
+    __syncthreads();
+    if (!active) continue;
+    for (int u = 0; u < units; ++u) {
+      MmaUnitW<D> nxt;
+      float nsa = 1.f, nsb = 1.f;
+      if (u + 1 < units) {
+        const int64_t kc = k0 + int64_t(u + 1) * kMmaUnit;
+        mma_load_unit<D>(nxt, rows, kc, K);
+        scales(kc, nsa, nsb);
+      }
+      mma_unit<D>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
+      cur = nxt;
+      wsa = nsa, wsb = nsb;
     }
   }
 }

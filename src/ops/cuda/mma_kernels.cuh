@@ -188,29 +188,31 @@ __device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const fl
 }
 
 // The grouped experts' gate and up over one tile of at most 8 rows of one expert (moe_grouped.cu's
-// mma_gate_up_kernel): the block's 16 rows are gate rows n0..n0+7 and up rows n0..n0+7, so that
-// each thread's C fragment holds a gate value and its up value side by side.
+// mma_gate_up_kernel), in warp tiles (mma_warp_tile_product): the block takes inter rows n0 ..
+// n0 + 8 * kMmaWarps - 1, warp w the 8 from n0 + 8w as its 16 tile rows — those 8 gate rows, then
+// the same 8 up rows — so that each thread's C fragment holds a gate value beside its up value.
 template <DType D>
 __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, const ExpertRouting& r, float* __restrict__ h,
                                                  int tile, int64_t n0, int chunk, bool vec_x, const MmaShared& sh) {
   const int64_t begin = r.tile_begin[tile];
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
-  const MmaRows rows = gate_up_tile_rows<D>(p.table[r.tile_expert[tile]], n0, p.inter, p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  const int64_t w0 = n0 + int64_t(warp) * 8;
+  const MmaRows rows = gate_up_tile_rows<D>(p.table[r.tile_expert[tile]], w0, p.inter, p);
   const int32_t* token = r.token_of_row + begin;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, false>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
-      [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden, p.block, chunk, nullptr, vec_x);
-  mma_block_reduce<false>(acc, sh);
-  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
-  if (i < 8 * kMmaMaxRows && m < M && n0 + n < p.inter) {
-    const float gv = sh.red[n * kMmaMaxRows + m], uv = sh.red[(n + 8) * kMmaMaxRows + m];
-    h[(begin + m) * p.inter + n0 + n] = gv / (1.f + expf(-gv)) * uv;
+  mma_warp_tile_product<D>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden,
+                           p.block, chunk, vec_x);
+  // acc: gate of row w0 + g in [0], [1] and its up in [2], [3], for x rows 2 tig and 2 tig + 1
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int m = 2 * tig + j;
+    if (m < M && w0 + g < p.inter) h[(begin + m) * p.inter + w0 + g] = acc[j] / (1.f + expf(-acc[j])) * acc[2 + j];
   }
 }
 
-// The grouped experts' down over one tile (moe_grouped.cu's mma_down_kernel): y rows of the tile,
-// columns n0 .. n0+15.
+// The grouped experts' down over one tile (moe_grouped.cu's mma_down_kernel), in warp tiles: the
+// block takes output columns n0 .. n0 + 16 * kMmaWarps - 1, warp w the 16 from n0 + 16w.
 template <DType D>
 __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const ExpertRouting& r,
                                               const float* __restrict__ h, float* __restrict__ y, int tile, int64_t n0,
@@ -219,24 +221,29 @@ __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const E
   const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile];
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
-  const int g = (threadIdx.x % 32) / 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  const int64_t w0 = n0 + int64_t(warp) * 16;
   const int64_t kb = ceil_div(p.inter, p.block);
   MmaRows rows;
-  if (n0 + g < p.hidden) {
-    rows.a = static_cast<const uint8_t*>(ep.down) + (n0 + g) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (n0 + g) / p.block * kb;
+  if (w0 + g < p.hidden) {
+    rows.a = static_cast<const uint8_t*>(ep.down) + (w0 + g) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (w0 + g) / p.block * kb;
   }
-  if (n0 + g + 8 < p.hidden) {
-    rows.b = static_cast<const uint8_t*>(ep.down) + (n0 + g + 8) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (n0 + g + 8) / p.block * kb;
+  if (w0 + g + 8 < p.hidden) {
+    rows.b = static_cast<const uint8_t*>(ep.down) + (w0 + g + 8) * p.inter * E;
+    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (w0 + g + 8) / p.block * kb;
   }
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_rows_product<D, false>(
-      acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1,
-      [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block, chunk, nullptr, p.inter % 4 == 0);
-  mma_block_reduce<false>(acc, sh);
-  const int i = threadIdx.x, n = i / kMmaMaxRows, m = i % kMmaMaxRows;
-  if (i < 16 * kMmaMaxRows && m < M && n0 + n < p.hidden) y[(begin + m) * p.hidden + n0 + n] = sh.red[i];
+  mma_warp_tile_product<D>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block,
+                           chunk, p.inter % 4 == 0);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int m = 2 * tig + j;
+    if (m >= M) continue;
+    float* out = y + (begin + m) * p.hidden;
+    if (w0 + g < p.hidden) out[w0 + g] = acc[j];
+    if (w0 + g + 8 < p.hidden) out[w0 + g + 8] = acc[2 + j];
+  }
 }
 
 }  // namespace fathom::cuda

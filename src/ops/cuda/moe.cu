@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_down_kernel(MoeExperts
 // rows.
 template <DType D>
 bool mma_experts_take(const MoeExpertsParams& p) {
-  if (!mma_gemv_on() || !p.aligned16) return false;
+  if (!mma_gemv_on(MmaSite::TokenExperts) || !p.aligned16) return false;
   if (!mma_gemv_fits(D, p.hidden, p.block) || !mma_gemv_fits(D, p.inter, p.block)) return false;
   if (!p.has_shared) return p.top_k <= kMmaMaxRows;
   const bool whole = p.shared_inter % p.inter == 0 && (D != DType::F8_E4M3 || p.inter % p.block == 0);

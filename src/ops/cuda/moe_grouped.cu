@@ -15,6 +15,7 @@
 // A row's result depends only on its own x row and the weights, never on where the sort put it
 // (the atomics only assign positions), so results are deterministic.
 #include <algorithm>
+#include <mutex>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -198,8 +199,10 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
-// The tensor-core forms of the two small kernels (bodies in mma_kernels.cuh), taken when the
-// weights fit it. grid (ceil(inter / 8), max_tiles).
+// The tensor-core forms of the two small kernels (bodies in mma_kernels.cuh, warp tiles), taken
+// when the weights fit it: a block takes 8 warps' tiles of one expert tile's rows, x staged once
+// (up to kMmaTileSmem bytes of it). grid (ceil(inter / 64), max_tiles).
+constexpr int kMmaTileSmem = 96 * 1024;
 template <DType D>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, int chunk, bool vec_x) {
@@ -207,10 +210,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  mma_grouped_gate_up_block<D>(p, r, h, tile, int64_t(blockIdx.x) * 8, chunk, vec_x, sh);
+  mma_grouped_gate_up_block<D>(p, r, h, tile, int64_t(blockIdx.x) * 8 * kMmaWarps, chunk, vec_x, sh);
 }
 
-// grid (ceil(hidden / 16), max_tiles).
+// grid (ceil(hidden / 128), max_tiles).
 template <DType D>
 __global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams p, Routing r,
                                                                const float* __restrict__ h, float* __restrict__ y,
@@ -219,7 +222,24 @@ __global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams 
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  mma_grouped_down_block<D>(p, r, h, y, tile, int64_t(blockIdx.x) * 16, chunk, sh);
+  mma_grouped_down_block<D>(p, r, h, y, tile, int64_t(blockIdx.x) * 16 * kMmaWarps, chunk, sh);
+}
+
+// Lets the two kernels stage up to kMmaTileSmem bytes of x (above the 48 KB default), once per
+// device.
+template <DType D>
+void allow_mma_tile_smem() {
+  static std::once_flag done[64];
+  auto allow = [] {
+    check(cudaFuncSetAttribute(mma_gate_up_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaTileSmem),
+          "moe_experts (cudaFuncSetAttribute)");
+    check(cudaFuncSetAttribute(mma_down_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaTileSmem),
+          "moe_experts (cudaFuncSetAttribute)");
+  };
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= 0 && device < 64) std::call_once(done[device], allow);
+  else allow();
 }
 
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
@@ -240,11 +260,12 @@ __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* _
 template <DType D>
 void run_mma_small(const MoeExpertsParams& p, const Routing& r, float* h, float* y, int64_t max_tiles, bool vec_x,
                    cudaStream_t s) {
-  const int c_up = mma_chunk(p.hidden, kMmaMaxRows), c_down = mma_chunk(p.inter, kMmaMaxRows);
-  launch_kernel(mma_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, 8)), unsigned(max_tiles)), kMmaThreads,
-                mma_smem_bytes(c_up, kMmaMaxRows), s, p, r, h, c_up, vec_x);
+  allow_mma_tile_smem<D>();
+  const int c_up = mma_chunk(p.hidden, kMmaMaxRows, kMmaTileSmem), c_down = mma_chunk(p.inter, kMmaMaxRows, kMmaTileSmem);
+  launch_kernel(mma_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, 8 * kMmaWarps)), unsigned(max_tiles)),
+                kMmaThreads, mma_smem_bytes(c_up, kMmaMaxRows), s, p, r, h, c_up, vec_x);
   check_launch("moe_experts (mma_gate_up_kernel)");
-  launch_kernel(mma_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16)), unsigned(max_tiles)), kMmaThreads,
+  launch_kernel(mma_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16 * kMmaWarps)), unsigned(max_tiles)), kMmaThreads,
                 mma_smem_bytes(c_down, kMmaMaxRows), s, p, r, h, y, c_down);
   check_launch("moe_experts (mma_down_kernel)");
   launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y);
@@ -280,7 +301,7 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   check_launch("moe_experts (moe_route_kernel)");
   if constexpr (D != DType::F32) {
     if (small && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
-        mma_gemv_on())
+        mma_gemv_on(MmaSite::GroupedExperts))
       return run_mma_small<D>(p, r, h.as<float>(), y.as<float>(), max_tiles, vec_x, s);
   }
   if (small) {

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/mma_gemv.cuh"
 
 namespace fathom::cuda {
 
@@ -70,19 +71,25 @@ StreamScratch::~StreamScratch() {
 }
 
 namespace {
-std::atomic<int> g_tensor_core_gemv{-1};  // -1: not yet read from FATHOM_GEMV
+std::atomic<int> g_gemv_kind{-1};  // -1: not yet read from FATHOM_GEMV
 }
-void set_tensor_core_gemv(bool on) { g_tensor_core_gemv.store(on ? 1 : 0); }
-bool tensor_core_gemv() {
-  int v = g_tensor_core_gemv.load();
+void set_gemv_kind(GemvKind k) { g_gemv_kind.store(int(k)); }
+GemvKind gemv_kind() {
+  int v = g_gemv_kind.load();
   if (v < 0) {
     const char* e = std::getenv("FATHOM_GEMV");
-    v = e && std::string(e) == "mma" ? 1 : 0;
-    g_tensor_core_gemv.store(v);
+    const std::string s = e ? e : "auto";
+    FATHOM_CHECK(s == "auto" || s == "simt" || s == "mma", "FATHOM_GEMV is '", s,
+                 "'; expected auto (the default), simt or mma.");
+    v = int(s == "simt" ? GemvKind::Simt : s == "mma" ? GemvKind::TensorCores : GemvKind::Auto);
+    g_gemv_kind.store(v);
   }
-  return v == 1;
+  return GemvKind(v);
 }
-bool mma_gemv_on() { return tensor_core_gemv(); }
+bool mma_gemv_on(MmaSite site) {
+  const GemvKind k = gemv_kind();
+  return k == GemvKind::TensorCores || (k == GemvKind::Auto && site == MmaSite::GroupedExperts);
+}
 
 bool pdl_enabled() {
   static int cached[64];  // per device: 0 unknown, 1 off, 2 on
