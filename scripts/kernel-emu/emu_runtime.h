@@ -1,5 +1,5 @@
 // The CPU emulation of CUDA blocks shared by the kernel emulators in this folder: 256 std::threads
-// per block; __syncthreads, __syncwarp and __shfl_xor_sync as timed barriers that check that every
+// per block; __syncthreads, __syncwarp, __shfl_xor_sync and __any_sync as timed barriers that check that every
 // thread meets at the same call site (a hang is reported with where the threads wait); a warp's
 // exchange space for emulated warp-collective instructions (mma.sync in mma_gemv_emu.cpp).
 #pragma once
@@ -122,6 +122,16 @@ float shfl_xor(int line, unsigned mask, float v, int off) {
   syncwarp(line, mask);
   const float r = tl_block->slot[w][lane ^ off];
   return r;
+}
+
+bool any_sync(int line, unsigned mask, bool pred) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  syncwarp(line, mask);
+  tl_block->slot[w][lane] = pred ? 1.f : 0.f;
+  syncwarp(line, mask);
+  bool any = false;
+  for (int l = 0; l < 32; ++l) any = any || tl_block->slot[w][l] != 0.f;
+  return any;
 }
 
 // Runs fn() on every thread of every block of grid, blocks one after another on one set of

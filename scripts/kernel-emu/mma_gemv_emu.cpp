@@ -29,6 +29,7 @@
 #define __restrict__ __restrict
 #define __syncthreads() ::emu::syncthreads(__LINE__)
 #define __shfl_xor_sync(mask, v, off) ::emu::shfl_xor(__LINE__, mask, v, off)
+#define __any_sync(mask, pred) ::emu::any_sync(__LINE__, mask, pred)
 #define FATHOM_KERNEL_EMU 1
 
 struct uint4 { uint32_t x, y, z, w; };
@@ -190,8 +191,31 @@ double rel(double got, double want) { return std::fabs(got - want) / (std::fabs(
 
 // Dense (matmul.cu's mma_gemv_kernel body, mma_dense_block): out (M, N) (+)= x (M, K) · Wᵀ, with
 // NORM the rows of x RMS-normalised times g first.
+// skinny_slice > 0: instead matmul.cu's 9-to-64-row form (mma_skinny_kernel's body,
+// mma_skinny_block, in warp tiles) over slices of K of that many units, their partial sums added
+// up in slice order as skinny_reduce_kernel does (x staged at most stage_bytes at a time).
+template <DType D, int NT>
+void skinny_grid(const MatmulParams& p, int64_t slice, int64_t stage_bytes) {
+  const int slices = int(ceil_div(p.K, slice));
+  const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), int(p.M), stage_bytes);
+  std::vector<float> part(static_cast<size_t>(slices * p.M * p.N), NAN);
+  emu::run_grid("skinny", {unsigned(ceil_div(p.N, 16 * kMmaWarps)), unsigned(slices), 1}, smem_of(chunk, int(p.M)), [&] {
+    const int64_t k0 = int64_t(blockIdx.y) * slice;
+    mma_skinny_block<D, NT>(p, 0, int64_t(blockIdx.x) * 16 * kMmaWarps, int(p.M), k0, std::min(p.K, k0 + slice), chunk,
+                            true, part.data() + int64_t(blockIdx.y) * p.M * p.N, p.N, false,
+                            shared_of(chunk, int(p.M)));
+  });
+  for (int64_t i = 0; i < p.M * p.N; ++i) {
+    float v = 0.f;
+    for (int sl = 0; sl < slices; ++sl) v += part[size_t(sl * p.M * p.N + i)];
+    float& o = p.out[(i / p.N) * p.ldo + i % p.N];
+    o = p.accumulate ? o + v : v;
+  }
+}
+
 template <DType D, bool NORM>
-double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, bool accumulate = false) {
+double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, bool accumulate = false,
+                 int skinny_slice = 0, int64_t stage_bytes = kMmaSmemBytes) {
   const Weight w = make_weight(D, N, K, block, rng);
   std::vector<float> x(static_cast<size_t>(M * K)), g(static_cast<size_t>(K)), out(static_cast<size_t>(M * N));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -206,10 +230,20 @@ double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, 
   p.out = out.data(), p.ldo = N, p.x = x.data(), p.ldx = K, p.w = w.bytes.data(), p.w_dtype = D;
   p.scale_inv = w.scale.data(), p.block = block, p.M = M, p.N = N, p.K = K, p.accumulate = accumulate;
   if (NORM) p.norm = g.data(), p.eps = 1e-6f;
-  const int chunk = mma_chunk(K, M);
-  emu::run_grid("dense", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, M), [&] {
-    mma_dense_block<D, NORM>(p, w.bytes.data(), 0, int64_t(blockIdx.x) * 16, M, chunk, true, shared_of(chunk, M));
-  });
+  if (skinny_slice > 0) {
+    const int64_t slice = int64_t(skinny_slice) * kMmaUnit;
+    switch (ceil_div(M, 8)) {
+      case 1: skinny_grid<D, 1>(p, slice, stage_bytes); break;
+      case 2: skinny_grid<D, 2>(p, slice, stage_bytes); break;
+      case 3: skinny_grid<D, 3>(p, slice, stage_bytes); break;
+      default: skinny_grid<D, 4>(p, slice, stage_bytes);
+    }
+  } else {
+    const int chunk = mma_chunk(K, M);
+    emu::run_grid("dense", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, M), [&] {
+      mma_dense_block<D, NORM>(p, w.bytes.data(), 0, int64_t(blockIdx.x) * 16, M, chunk, true, shared_of(chunk, M));
+    });
+  }
   double worst = 0;
   for (int m = 0; m < M; ++m) {
     double ss = 0, scale = 1;
@@ -452,6 +486,11 @@ int main(int argc, char** argv) {
   report("fp8   N 24 K 64 M 2 norm (K below a unit)", run_dense<DType::F8_E4M3, true>(24, 64, 2, 128, rng));
   report("bf16  N 45 K 1040 M 3 accumulate", run_dense<DType::BF16, false>(45, 1040, 3, 128, rng, true));
   report("fp8   N 30 K 256 M 4 norm accumulate", run_dense<DType::F8_E4M3, true>(30, 256, 4, 128, rng, true));
+  report("skinny bf16 N 150 K 1040 M 32, slices of 3 units", run_dense<DType::BF16, false>(150, 1040, 32, 128, rng, false, 3));
+  report("skinny fp8  N 136 K 768 M 17 accumulate, one slice, x a unit at a time",
+         run_dense<DType::F8_E4M3, false>(136, 768, 17, 128, rng, true, 6, 17 * 532));
+  report("skinny f16  N 40 K 400 M 9, slices of 1 unit", run_dense<DType::F16, false>(40, 400, 9, 128, rng, false, 1));
+  report("skinny fp8  N 130 K 512 M 24 block 256, slices of 2", run_dense<DType::F8_E4M3, false>(130, 512, 24, 256, rng, false, 2));
   report("jobs bf16 N 40 K 256 J 8", run_jobs<DType::BF16>(40, 256, 8, 128, rng));
   report("jobs fp8  N 20 K 384 J 5", run_jobs<DType::F8_E4M3>(20, 384, 5, 128, rng));
   // sizes kept small: 256 emulated threads per block meet at every barrier (~50 ms a block here)

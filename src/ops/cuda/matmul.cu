@@ -8,8 +8,10 @@
 //   weight vector.
 // - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
 //   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
-// - 8 < M <= 64 (batched decode): BF16 weights in one cuBLAS GEMM over x split into bf16 hi/lo
-//   parts (run_bf16_split); other dtypes the GEMV over 8-row chunks, the weight from L2 after the
+// - 8 < M <= 64 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
+//   (run_skinny; mma_skinny_block), the weight read once per 32 rows; where that does not fit
+//   (or FATHOM_GEMV=simt), BF16 weights in one cuBLAS GEMM over x split into bf16 hi/lo parts
+//   (run_bf16_split) and other dtypes the GEMV over 8-row chunks, the weight from L2 after the
 //   first.
 // - M > 64 (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
@@ -18,6 +20,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 
 #include "core/error.h"
@@ -363,6 +366,107 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
   check_launch("matmul (combine_halves_kernel)");
 }
 
+// ---- 9 to 64 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes 128 weight
+// rows and up to 32 x rows over a slice of K; the slices (enough that the blocks fill the GPU
+// twice) write partial sums that skinny_reduce_kernel adds up in slice order (deterministic).
+// The weight is read once for 32 rows, in one launch (two for 33 to 64 rows), in or out of a
+// graph, for BF16, F16 and FP8 weights alike.
+constexpr int kSkinnyRows = 16 * kMmaWarps;  // weight rows per block
+constexpr int kSkinnyMaxM = 32;              // x rows per launch
+constexpr int kSkinnySmem = 96 * 1024;       // x staging
+
+template <DType D, int NT>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    mma_skinny_kernel(MatmulParams p, float* part, int64_t slice, int chunk, bool vec_x) {
+  pdl_wait();
+  const int b = int(blockIdx.z), sl = int(blockIdx.y);
+  const int64_t k_begin = sl * slice, k_end = min(p.K, k_begin + slice);
+  FATHOM_MMA_SHARED(sh, chunk, p.M);
+  if (gridDim.y == 1)
+    mma_skinny_block<D, NT>(p, b, int64_t(blockIdx.x) * kSkinnyRows, int(p.M), k_begin, k_end, chunk, vec_x,
+                            p.out + b * p.out_batch_stride, p.ldo, p.accumulate, sh);
+  else
+    mma_skinny_block<D, NT>(p, b, int64_t(blockIdx.x) * kSkinnyRows, int(p.M), k_begin, k_end, chunk, vec_x,
+                            part + (int64_t(sl) * p.batch + b) * p.M * p.N, p.N, false, sh);
+}
+
+// out (+)= the sum of the slices' partial sums, in slice order.
+__global__ void skinny_reduce_kernel(MatmulParams p, const float* __restrict__ part, int slices) {
+  pdl_wait();
+  const int64_t per = p.M * p.N, n = per * p.batch;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / per, m = (i % per) / p.N, c = i % p.N;
+    float v = 0.f;
+    for (int s = 0; s < slices; ++s) v += part[(int64_t(s) * p.batch + b) * per + m * p.N + c];
+    float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
+    o = p.accumulate ? o + v : v;
+  }
+}
+
+template <DType D>
+void allow_skinny_smem() {
+  static std::once_flag done[64];
+  auto allow = [] {
+    auto one = [](auto kernel) {
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkinnySmem),
+            "matmul (cudaFuncSetAttribute)");
+    };
+    one(mma_skinny_kernel<D, 1>);
+    one(mma_skinny_kernel<D, 2>);
+    one(mma_skinny_kernel<D, 3>);
+    one(mma_skinny_kernel<D, 4>);
+  };
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= 0 && device < 64) std::call_once(done[device], allow);
+  else allow();
+}
+
+// Whether the 9-to-64-row tensor-core matmul takes p (no input norm: matmul() normalises x
+// first for it).
+bool skinny_takes(const MatmulParams& p) {
+  if (p.M <= 8 || p.M > 2 * kSkinnyMaxM || !mma_gemv_on(MmaSite::Skinny)) return false;
+  if (!mma_gemv_fits(p.w_dtype, p.K, p.block)) return false;
+  const int64_t E = int64_t(dtype_size(p.w_dtype));
+  return aligned16(p.w) && p.w_batch_stride * E % 16 == 0;
+}
+
+template <DType D>
+void run_skinny(const MatmulParams& p_in, cudaStream_t s) {
+  allow_skinny_smem<D>();
+  for (int64_t r = 0; r < p_in.M; r += kSkinnyMaxM) {
+    MatmulParams p = p_in;
+    p.M = std::min<int64_t>(kSkinnyMaxM, p_in.M - r);
+    p.x = p_in.x + r * p_in.ldx;
+    p.out = p_in.out + r * p_in.ldo;
+    const int64_t row_blocks = ceil_div(p.N, kSkinnyRows) * p.batch, k_units = ceil_div(p.K, kMmaUnit);
+    const int64_t want = std::clamp<int64_t>(ceil_div(2 * int64_t(sm_count()), row_blocks), 1, k_units);
+    const int64_t slice_units = ceil_div(k_units, want);
+    const int slices = int(ceil_div(k_units, slice_units));
+    const int64_t slice = slice_units * kMmaUnit;
+    const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), int(p.M), kSkinnySmem);
+    const bool vec_x = aligned16(p.x) && p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0;
+    std::optional<StreamScratch> part;
+    if (slices > 1) part.emplace(size_t(slices * p.batch * p.M * p.N) * sizeof(float), s, "matmul (skinny partial sums)");
+    float* part_ptr = part ? part->as<float>() : nullptr;
+    const dim3 grid(unsigned(ceil_div(p.N, kSkinnyRows)), unsigned(slices), unsigned(p.batch));
+    const size_t smem = mma_smem_bytes(chunk, int(p.M));
+    switch (ceil_div(p.M, 8)) {
+      case 1: launch_kernel(mma_skinny_kernel<D, 1>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
+      case 2: launch_kernel(mma_skinny_kernel<D, 2>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
+      case 3: launch_kernel(mma_skinny_kernel<D, 3>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
+      default: launch_kernel(mma_skinny_kernel<D, 4>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x);
+    }
+    check_launch("matmul (mma_skinny_kernel)");
+    if (slices > 1) {
+      const int64_t n = p.M * p.N * p.batch;
+      launch_kernel(skinny_reduce_kernel, unsigned(std::min<int64_t>(ceil_div(n, 256), 1024)), 256, 0, s, p, part_ptr,
+                    slices);
+      check_launch("matmul (skinny_reduce_kernel)");
+    }
+  }
+}
+
 // Whether s is recording a CUDA graph: the decode graph keeps its 9-to-64-row BF16 matmuls in
 // GEMVs rather than put library calls (and their work space) inside the graph.
 bool capturing(cudaStream_t s) {
@@ -374,6 +478,7 @@ bool capturing(cudaStream_t s) {
 // Whether p runs as a GEMV (one launch, or 8-row chunks), which applies an input norm itself.
 bool gemv_path(const MatmulParams& p, cudaStream_t s) {
   if (p.M <= 8) return true;
+  if (skinny_takes(p)) return false;
   if (p.M > kGemvChunkRows || (p.w_dtype == DType::BF16 && !capturing(s))) return false;
   return !(p.w_dtype == DType::F32 && p.M >= kCublasMinRows);
 }
@@ -388,6 +493,12 @@ bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
   if (p.M <= 8) {
     run_gemv<D>(&p, 1, s, side);
     return true;
+  }
+  if constexpr (D != DType::F32) {
+    if (skinny_takes(p)) {
+      run_skinny<D>(p, s);
+      return false;
+    }
   }
   if (D == DType::BF16 && p.M <= kGemvChunkRows && !capturing(s)) {
     run_bf16_split(p, s);

@@ -47,7 +47,7 @@ inline bool mma_gemv_fits(DType d, int64_t K, int64_t block) {
 }
 // Whether the kernels at a site take the tensor-core path where it fits (set_gemv_kind in
 // cuda_ops.h; FATHOM_GEMV=auto|simt|mma at start).
-enum class MmaSite { Dense, TokenExperts, GroupedExperts };
+enum class MmaSite { Dense, TokenExperts, GroupedExperts, Skinny };
 bool mma_gemv_on(MmaSite site);
 // Columns of x staged at once for M rows (a multiple of kMmaUnit) in at most `bytes` of shared
 // memory.
@@ -303,19 +303,82 @@ __device__ inline void mma_rows_product(float (&acc)[4], const MmaShared& sh, Jo
   }
 }
 
+// acc[j] (x rows 8j .. 8j + 7) += the unit's products for all M x rows: the NT-tile form of
+// mma_unit, each A fragment converted once and used for every x tile.
+template <DType D, int NT>
+__device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int u,
+                                   int chunk, float wsa, float wsb) {
+  using T = MmaTraits<D>;
+  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4, stride = chunk + 8;
+  float part[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < T::kPieces; ++i) {
+    uint32_t a[T::V / 4][4];
+    const uint32_t* wa = &w.a[i].x;
+    const uint32_t* wb = &w.b[i].x;
+#pragma unroll
+    for (int s = 0; s < T::V / 4; ++s) {
+      if constexpr (D == DType::F8_E4M3) {
+        a[s][0] = e4m3x2_to_f16x2(wa[s]), a[s][1] = e4m3x2_to_f16x2(wb[s]);
+        a[s][2] = e4m3x2_to_f16x2(wa[s] >> 16), a[s][3] = e4m3x2_to_f16x2(wb[s] >> 16);
+      } else {
+        a[s][0] = wa[2 * s], a[s][1] = wb[2 * s], a[s][2] = wa[2 * s + 1], a[s][3] = wb[2 * s + 1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int row = 8 * j + g;
+      const bool feeds = row < M;
+      uint4 xh[T::V / 8], xl[T::V / 8];
+      const uint16_t* xs = sh.x + (row * 2) * stride + u * kMmaUnit + i * 4 * T::V + tig * T::V;
+#pragma unroll
+      for (int q = 0; q < T::V / 8; ++q) {
+        xh[q] = feeds ? *reinterpret_cast<const uint4*>(xs + 8 * q) : make_uint4(0, 0, 0, 0);
+        xl[q] = feeds ? *reinterpret_cast<const uint4*>(xs + stride + 8 * q) : make_uint4(0, 0, 0, 0);
+      }
+      const uint32_t* h = &xh[0].x;
+      const uint32_t* l = &xl[0].x;
+      float (&c)[4] = T::kBf16 ? acc[j] : part[j];
+#pragma unroll
+      for (int s = 0; s < T::V / 4; ++s) {
+        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], h[2 * s], h[2 * s + 1], T::kBf16);
+        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], l[2 * s], l[2 * s + 1], T::kBf16);
+      }
+    }
+  }
+  if constexpr (!T::kBf16) {
+    const int units = chunk / kMmaUnit;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int m0 = 8 * j + 2 * tig, m1 = m0 + 1;
+      const float x0 = m0 < M ? sh.xscale[m0 * units + u] : 0.f, x1 = m1 < M ? sh.xscale[m1 * units + u] : 0.f;
+      acc[j][0] += part[j][0] * (wsa * x0);
+      acc[j][1] += part[j][1] * (wsa * x1);
+      acc[j][2] += part[j][2] * (wsb * x0);
+      acc[j][3] += part[j][3] * (wsb * x1);
+    }
+  }
+}
+
 // The warp-tile form of the product: each warp computes its own 16-row tile (rows: this thread's
-// rows of it) over all of K, the block's x rows staged once for all of its warps, and no sum
-// across warps — acc is the warp's result. Where mma_rows_product splits K over the warps and
-// so pays a staging of x and a block reduction for every 16 rows, a block here carries kMmaWarps
-// tiles for one staging: the form for weights streamed by many blocks (the grouped experts of
-// batched decode, whose K-split blocks kept DRAM at ~43% of its bandwidth on the H200). Each
-// warp keeps the next unit's weights (and FP8 scales) in flight while it multiplies the current
-// one. A warp whose rows are all past the weight's end skips the products but not the barriers.
-template <DType D, class XRow>
-__device__ inline void mma_warp_tile_product(float (&acc)[4], const MmaShared& sh, const MmaRows& rows, XRow xrow,
-                                             int M, int64_t K, int64_t block, int chunk, bool vec_x) {
-  const bool active = rows.a || rows.b;
-  const int64_t k_units = ceil_div(K, kMmaUnit);
+// rows of it) against all M <= 8 NT x rows over columns [k_begin, k_end) (k_begin a multiple of
+// kMmaUnit), the block's x rows staged once for all of its warps, and no sum across warps —
+// acc[j] is the warp's result for x rows 8j .. 8j + 7. Where mma_rows_product splits K over the
+// warps and so pays a staging of x and a block reduction for every 16 rows, a block here carries
+// kMmaWarps tiles for one staging: the form for weights streamed by many blocks (the grouped
+// experts of batched decode, whose K-split blocks kept DRAM at ~43% of its bandwidth on the
+// H200) and for the 9-to-64-row matmuls (split over K across blocks instead). Each warp keeps
+// the next unit's weights (and FP8 scales) in flight while it multiplies the current one. A warp
+// whose rows are all past the weight's end skips the products but not the barriers.
+template <DType D, int NT, class XRow>
+__device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShared& sh, const MmaRows& rows, XRow xrow,
+                                             int M, int64_t k_begin, int64_t k_end, int64_t block, int chunk,
+                                             bool vec_x) {
+  // the MMAs are warp-wide: a warp with any row in the weight runs them all (lanes past its end
+  // hold zeros)
+  const bool active = __any_sync(0xffffffffu, rows.a != nullptr || rows.b != nullptr);
   const int chunk_units = chunk / kMmaUnit;
   auto scales = [&](int64_t kc, float& wsa, float& wsb) {
     wsa = wsb = 1.f;
@@ -324,16 +387,16 @@ __device__ inline void mma_warp_tile_product(float (&acc)[4], const MmaShared& s
       wsb = rows.sb ? __ldg(rows.sb + kc / block) : 0.f;
     }
   };
-  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-    const int units = int(min(int64_t(chunk_units), k_units - k0 / kMmaUnit));
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += chunk) {
+    const int units = int(min(int64_t(chunk_units), ceil_div(k_end - k0, kMmaUnit)));
     MmaUnitW<D> cur;
     float wsa = 1.f, wsb = 1.f;
     if (active) {
-      mma_load_unit<D>(cur, rows, k0, K);
+      mma_load_unit<D>(cur, rows, k0, k_end);
       scales(k0, wsa, wsb);
     }
     __syncthreads();  // the previous chunk's x is no longer read
-    mma_stage_x<D, false>(sh, xrow, M, k0, chunk, K, nullptr, vec_x);
+    mma_stage_x<D, false>(sh, xrow, M, k0, chunk, k_end, nullptr, vec_x);
     __syncthreads();
     if (!active) continue;
     for (int u = 0; u < units; ++u) {
@@ -341,10 +404,10 @@ __device__ inline void mma_warp_tile_product(float (&acc)[4], const MmaShared& s
       float nsa = 1.f, nsb = 1.f;
       if (u + 1 < units) {
         const int64_t kc = k0 + int64_t(u + 1) * kMmaUnit;
-        mma_load_unit<D>(nxt, rows, kc, K);
+        mma_load_unit<D>(nxt, rows, kc, k_end);
         scales(kc, nsa, nsb);
       }
-      mma_unit<D>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
+      mma_unit_nt<D, NT>(acc, cur, sh, M, u, chunk, wsa, wsb);
       cur = nxt;
       wsa = nsa, wsb = nsb;
     }

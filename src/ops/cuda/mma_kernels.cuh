@@ -200,14 +200,15 @@ __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, cons
   const int64_t w0 = n0 + int64_t(warp) * 8;
   const MmaRows rows = gate_up_tile_rows<D>(p.table[r.tile_expert[tile]], w0, p.inter, p);
   const int32_t* token = r.token_of_row + begin;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_warp_tile_product<D>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, p.hidden,
-                           p.block, chunk, vec_x);
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, 0,
+                              p.hidden, p.block, chunk, vec_x);
   // acc: gate of row w0 + g in [0], [1] and its up in [2], [3], for x rows 2 tig and 2 tig + 1
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int m = 2 * tig + j;
-    if (m < M && w0 + g < p.inter) h[(begin + m) * p.inter + w0 + g] = acc[j] / (1.f + expf(-acc[j])) * acc[2 + j];
+    const float gv = acc[0][j], uv = acc[0][2 + j];
+    if (m < M && w0 + g < p.inter) h[(begin + m) * p.inter + w0 + g] = gv / (1.f + expf(-gv)) * uv;
   }
 }
 
@@ -233,17 +234,57 @@ __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const E
     rows.b = static_cast<const uint8_t*>(ep.down) + (w0 + g + 8) * p.inter * E;
     if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (w0 + g + 8) / p.block * kb;
   }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_warp_tile_product<D>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, p.inter, p.block,
-                           chunk, p.inter % 4 == 0);
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, 0, p.inter,
+                              p.block, chunk, p.inter % 4 == 0);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int m = 2 * tig + j;
     if (m >= M) continue;
     float* out = y + (begin + m) * p.hidden;
-    if (w0 + g < p.hidden) out[w0 + g] = acc[j];
-    if (w0 + g + 8 < p.hidden) out[w0 + g + 8] = acc[2 + j];
+    if (w0 + g < p.hidden) out[w0 + g] = acc[0][j];
+    if (w0 + g + 8 < p.hidden) out[w0 + g + 8] = acc[0][2 + j];
   }
+}
+
+// The 9-to-64-row matmul (matmul.cu's mma_skinny_kernel): batch entry b of p, output rows n0 ..
+// n0 + 16 * kMmaWarps - 1 (warp w the 16 from n0 + 16w), x rows 0 .. M-1 (M <= 8 NT) over
+// columns [k_begin, k_end). The sums go to dst (row m, column n at dst[m * ld + n]) — added to
+// what is there when accumulate — or, for a slice of K, to the slice's partial sums.
+template <DType D, int NT>
+__device__ inline void mma_skinny_block(const MatmulParams& p, int b, int64_t n0, int M, int64_t k_begin,
+                                        int64_t k_end, int chunk, bool vec_x, float* dst, int64_t ld, bool accumulate,
+                                        const MmaShared& sh) {
+  constexpr int E = ElemSize<D>::value;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  const int64_t w0 = n0 + int64_t(warp) * 16;
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
+  const int64_t kb = ceil_div(p.K, p.block);
+  MmaRows rows;
+  if (w0 + g < p.N) {
+    rows.a = w + (w0 + g) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (w0 + g) / p.block * kb;
+  }
+  if (w0 + g + 8 < p.N) {
+    rows.b = w + (w0 + g + 8) * p.K * E;
+    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (w0 + g + 8) / p.block * kb;
+  }
+  const float* x = p.x + b * p.x_batch_stride;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  mma_warp_tile_product<D, NT>(acc, sh, rows, [&](int m) { return x + m * p.ldx; }, M, k_begin, k_end, p.block, chunk,
+                               vec_x);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int m = 8 * j + 2 * tig + q;
+      if (m >= M) continue;
+      float* o = dst + m * ld;
+      if (w0 + g < p.N) o[w0 + g] = accumulate ? o[w0 + g] + acc[j][q] : acc[j][q];
+      if (w0 + g + 8 < p.N) o[w0 + g + 8] = accumulate ? o[w0 + g + 8] + acc[j][2 + q] : acc[j][2 + q];
+    }
 }
 
 }  // namespace fathom::cuda

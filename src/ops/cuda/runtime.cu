@@ -88,7 +88,7 @@ GemvKind gemv_kind() {
 }
 bool mma_gemv_on(MmaSite site) {
   const GemvKind k = gemv_kind();
-  return k == GemvKind::TensorCores || (k == GemvKind::Auto && site == MmaSite::GroupedExperts);
+  return k == GemvKind::TensorCores || (k == GemvKind::Auto && (site == MmaSite::GroupedExperts || site == MmaSite::Skinny));
 }
 
 bool pdl_enabled() {
