@@ -366,41 +366,37 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
   check_launch("matmul (combine_halves_kernel)");
 }
 
-// ---- 9 to 64 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes 128 weight
-// rows and up to 32 x rows over a slice of K; the slices (enough that the blocks fill the GPU
-// twice) write partial sums that skinny_reduce_kernel adds up in slice order (deterministic).
-// The weight is read once for 32 rows, in one launch (two for 33 to 64 rows), in or out of a
-// graph, for BF16, F16 and FP8 weights alike.
-constexpr int kSkinnyRows = 16 * kMmaWarps;  // weight rows per block
-constexpr int kSkinnyMaxM = 32;              // x rows per launch
-constexpr int kSkinnySmem = 96 * 1024;       // x staging
+// ---- 9 to 64 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
+// kSkinnyRows weight rows and up to 32 x rows over a slice of K; the slices (enough that the
+// blocks fill the GPU twice) write partial sums that skinny_reduce_kernel adds up in slice order
+// (deterministic). The weight is read once for 32 rows (twice for 33 to 64), in or out of a
+// graph, for BF16, F16 and FP8 weights; an input norm is applied inside (its factor at the end).
+// (Adding the slices up in the last block of each row block instead, to save the second launch,
+// measured 3.5x slower on the H200: that one block's serial L2 reads became the kernel's tail.)
+constexpr int kSkinnyMaxM = 32;         // x rows per launch
+constexpr int kSkinnySmem = 96 * 1024;  // x staging
 
-template <DType D, int NT>
+template <DType D, int NT, bool NORM>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-    mma_skinny_kernel(MatmulParams p, float* part, int64_t slice, int chunk, bool vec_x) {
+    mma_skinny_kernel(MatmulParams p, SkinnySlices sl, int chunk, bool vec_x) {
   pdl_wait();
-  const int b = int(blockIdx.z), sl = int(blockIdx.y);
-  const int64_t k_begin = sl * slice, k_end = min(p.K, k_begin + slice);
   FATHOM_MMA_SHARED(sh, chunk, p.M);
-  if (gridDim.y == 1)
-    mma_skinny_block<D, NT>(p, b, int64_t(blockIdx.x) * kSkinnyRows, int(p.M), k_begin, k_end, chunk, vec_x,
-                            p.out + b * p.out_batch_stride, p.ldo, p.accumulate, sh);
-  else
-    mma_skinny_block<D, NT>(p, b, int64_t(blockIdx.x) * kSkinnyRows, int(p.M), k_begin, k_end, chunk, vec_x,
-                            part + (int64_t(sl) * p.batch + b) * p.M * p.N, p.N, false, sh);
+  mma_skinny_block<D, NT, NORM>(p, int(blockIdx.z), int(blockIdx.x), int(blockIdx.y), chunk, vec_x, sl, sh);
 }
 
-// out (+)= the sum of the slices' partial sums, in slice order.
-__global__ void skinny_reduce_kernel(MatmulParams p, const float* __restrict__ part, int slices) {
+template <bool NORM>
+__global__ void skinny_reduce_kernel(MatmulParams p, SkinnySlices sl) {
   pdl_wait();
-  const int64_t per = p.M * p.N, n = per * p.batch;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / per, m = (i % per) / p.N, c = i % p.N;
-    float v = 0.f;
-    for (int s = 0; s < slices; ++s) v += part[(int64_t(s) * p.batch + b) * per + m * p.N + c];
-    float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
-    o = p.accumulate ? o + v : v;
-  }
+  const int64_t n = p.M * p.N * p.batch;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    skinny_reduce_one<NORM>(p, sl, i);
+}
+
+template <DType D, int NT>
+void launch_skinny(const MatmulParams& p, const SkinnySlices& sl, dim3 grid, size_t smem, int chunk, bool vec_x,
+                   cudaStream_t s) {
+  if (p.norm) launch_kernel(mma_skinny_kernel<D, NT, true>, grid, kMmaThreads, smem, s, p, sl, chunk, vec_x);
+  else launch_kernel(mma_skinny_kernel<D, NT, false>, grid, kMmaThreads, smem, s, p, sl, chunk, vec_x);
 }
 
 template <DType D>
@@ -411,10 +407,10 @@ void allow_skinny_smem() {
       check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkinnySmem),
             "matmul (cudaFuncSetAttribute)");
     };
-    one(mma_skinny_kernel<D, 1>);
-    one(mma_skinny_kernel<D, 2>);
-    one(mma_skinny_kernel<D, 3>);
-    one(mma_skinny_kernel<D, 4>);
+    one(mma_skinny_kernel<D, 1, false>), one(mma_skinny_kernel<D, 2, false>);
+    one(mma_skinny_kernel<D, 3, false>), one(mma_skinny_kernel<D, 4, false>);
+    one(mma_skinny_kernel<D, 1, true>), one(mma_skinny_kernel<D, 2, true>);
+    one(mma_skinny_kernel<D, 3, true>), one(mma_skinny_kernel<D, 4, true>);
   };
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
@@ -422,8 +418,7 @@ void allow_skinny_smem() {
   else allow();
 }
 
-// Whether the 9-to-64-row tensor-core matmul takes p (no input norm: matmul() normalises x
-// first for it).
+// Whether the 9-to-64-row tensor-core matmul takes p.
 bool skinny_takes(const MatmulParams& p) {
   if (p.M <= 8 || p.M > 2 * kSkinnyMaxM || !mma_gemv_on(MmaSite::Skinny)) return false;
   if (!mma_gemv_fits(p.w_dtype, p.K, p.block)) return false;
@@ -439,29 +434,34 @@ void run_skinny(const MatmulParams& p_in, cudaStream_t s) {
     p.M = std::min<int64_t>(kSkinnyMaxM, p_in.M - r);
     p.x = p_in.x + r * p_in.ldx;
     p.out = p_in.out + r * p_in.ldo;
-    const int64_t row_blocks = ceil_div(p.N, kSkinnyRows) * p.batch, k_units = ceil_div(p.K, kMmaUnit);
-    const int64_t want = std::clamp<int64_t>(ceil_div(2 * int64_t(sm_count()), row_blocks), 1, k_units);
+    SkinnySlices sl;
+    const int64_t row_blocks = ceil_div(p.N, kSkinnyRows), k_units = ceil_div(p.K, kMmaUnit);
+    const int64_t want = std::clamp<int64_t>(ceil_div(2 * int64_t(sm_count()), row_blocks * p.batch), 1, k_units);
     const int64_t slice_units = ceil_div(k_units, want);
-    const int slices = int(ceil_div(k_units, slice_units));
-    const int64_t slice = slice_units * kMmaUnit;
-    const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), int(p.M), kSkinnySmem);
+    sl.slices = int(ceil_div(k_units, slice_units));
+    sl.slice = slice_units * kMmaUnit;
+    const int chunk = mma_chunk(std::min(sl.slice, k_units * kMmaUnit), int(p.M), kSkinnySmem);
     const bool vec_x = aligned16(p.x) && p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0;
     std::optional<StreamScratch> part;
-    if (slices > 1) part.emplace(size_t(slices * p.batch * p.M * p.N) * sizeof(float), s, "matmul (skinny partial sums)");
-    float* part_ptr = part ? part->as<float>() : nullptr;
-    const dim3 grid(unsigned(ceil_div(p.N, kSkinnyRows)), unsigned(slices), unsigned(p.batch));
+    if (sl.slices > 1) {
+      const size_t sums = size_t(sl.slices) * size_t(p.batch * p.M * p.N), squares = size_t(sl.slices * p.M);
+      part.emplace((sums + squares) * sizeof(float), s, "matmul (skinny partial sums)");
+      sl.part = part->as<float>();
+      sl.part_ss = sl.part + sums;
+    }
+    const dim3 grid(unsigned(row_blocks), unsigned(sl.slices), unsigned(p.batch));
     const size_t smem = mma_smem_bytes(chunk, int(p.M));
     switch (ceil_div(p.M, 8)) {
-      case 1: launch_kernel(mma_skinny_kernel<D, 1>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
-      case 2: launch_kernel(mma_skinny_kernel<D, 2>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
-      case 3: launch_kernel(mma_skinny_kernel<D, 3>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x); break;
-      default: launch_kernel(mma_skinny_kernel<D, 4>, grid, kMmaThreads, smem, s, p, part_ptr, slice, chunk, vec_x);
+      case 1: launch_skinny<D, 1>(p, sl, grid, smem, chunk, vec_x, s); break;
+      case 2: launch_skinny<D, 2>(p, sl, grid, smem, chunk, vec_x, s); break;
+      case 3: launch_skinny<D, 3>(p, sl, grid, smem, chunk, vec_x, s); break;
+      default: launch_skinny<D, 4>(p, sl, grid, smem, chunk, vec_x, s);
     }
     check_launch("matmul (mma_skinny_kernel)");
-    if (slices > 1) {
-      const int64_t n = p.M * p.N * p.batch;
-      launch_kernel(skinny_reduce_kernel, unsigned(std::min<int64_t>(ceil_div(n, 256), 1024)), 256, 0, s, p, part_ptr,
-                    slices);
+    if (sl.slices > 1) {
+      const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.M * p.N * p.batch, 256), 1024));
+      if (p.norm) launch_kernel(skinny_reduce_kernel<true>, blocks, 256, 0, s, p, sl);
+      else launch_kernel(skinny_reduce_kernel<false>, blocks, 256, 0, s, p, sl);
       check_launch("matmul (skinny_reduce_kernel)");
     }
   }
@@ -554,7 +554,7 @@ void matmul(const MatmulParams& p_in, Stream stream, const GemvSide& side_in) {
   // The tiled GEMM has no norm prologue: there the rows are normalised into a work space first
   // (prefill, where one more pass over the activations is small beside the GEMM).
   std::optional<StreamScratch> normed;
-  if (p.norm && !gemv_path(p, s) && p.K > 0) {
+  if (p.norm && !gemv_path(p, s) && !skinny_takes(p) && p.K > 0) {
     normed.emplace(size_t(p.M * p.K) * sizeof(float), s, "matmul (input norm)");
     FATHOM_ASSERT(p.ldx == p.K, "matmul: an input norm over strided rows");
     rmsnorm(normed->as<float>(), p.x, p.norm, p.M, p.K, p.eps, stream);

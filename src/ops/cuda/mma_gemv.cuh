@@ -36,6 +36,7 @@ constexpr int kMmaThreads = 256;
 constexpr int kMmaWarps = kMmaThreads / 32;
 constexpr int kMmaUnit = 128;         // columns per warp step (and per scaling of x)
 constexpr int kMmaMaxRows = 8;        // rows of x: the MMA's n
+constexpr int kMmaSsRows = 32;        // x rows whose sums of squares the staging keeps (NORM)
 constexpr int kMmaSmemBytes = 40960;  // x staging (dynamic shared memory, under the 48 KB default)
 
 // Whether the tensor-core path takes a weight of dtype d with K columns (16-byte aligned rows of
@@ -108,7 +109,7 @@ struct MmaRows {
 struct MmaShared {
   uint16_t* x;       // [row][part][chunk + 8]
   float* xscale;     // [row][chunk / kMmaUnit]: 2^-s of the row's unit (F16/FP8)
-  float* ss;         // [kMmaWarps][kMmaMaxRows]
+  float* ss;         // [kMmaWarps][kMmaSsRows]
   float* red;        // [kMmaWarps][16][kMmaMaxRows]
 };
 
@@ -149,7 +150,7 @@ __device__ inline void mma_stage_x(const MmaShared& sh, XRow xrow, int M, int64_
     }
     if constexpr (NORM) {  // every lane, in or out of K: the shuffles need the whole warp
       sq = warp_sum(sq);
-      if (lane == 0) sh.ss[warp * kMmaMaxRows + m] += sq;
+      if (lane == 0) sh.ss[warp * kMmaSsRows + m] += sq;
     }
     uint16_t hi[4], lo[4];
     if constexpr (MmaTraits<D>::kBf16) {
@@ -260,7 +261,7 @@ __device__ inline void mma_rows_product(float (&acc)[4], const MmaShared& sh, Jo
                                         XRow xrow, int M, int64_t K, int64_t block, int chunk,
                                         const float* __restrict__ g, bool vec_x) {
   const int warp = threadIdx.x / 32;
-  if (NORM && threadIdx.x < kMmaWarps * kMmaMaxRows) sh.ss[threadIdx.x] = 0.f;
+  if (NORM && threadIdx.x < kMmaWarps * kMmaSsRows) sh.ss[threadIdx.x] = 0.f;
   const int64_t k_units = ceil_div(K, kMmaUnit);
   const int chunk_units = chunk / kMmaUnit;
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
@@ -372,10 +373,14 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 // H200) and for the 9-to-64-row matmuls (split over K across blocks instead). Each warp keeps
 // the next unit's weights (and FP8 scales) in flight while it multiplies the current one. A warp
 // whose rows are all past the weight's end skips the products but not the barriers.
-template <DType D, int NT, class XRow>
+template <DType D, int NT, bool NORM = false, class XRow>
 __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShared& sh, const MmaRows& rows, XRow xrow,
                                              int M, int64_t k_begin, int64_t k_end, int64_t block, int chunk,
-                                             bool vec_x) {
+                                             bool vec_x, const float* __restrict__ g = nullptr) {
+  // NORM (M <= kMmaSsRows): x times g staged, and each warp's share of the rows' sums of squares
+  // over [k_begin, k_end) in sh.ss (the caller adds the warps' shares after a barrier)
+  if (NORM)
+    for (int i = threadIdx.x; i < kMmaWarps * kMmaSsRows; i += kMmaThreads) sh.ss[i] = 0.f;
   // the MMAs are warp-wide: a warp with any row in the weight runs them all (lanes past its end
   // hold zeros)
   const bool active = __any_sync(0xffffffffu, rows.a != nullptr || rows.b != nullptr);
@@ -396,7 +401,7 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
       scales(k0, wsa, wsb);
     }
     __syncthreads();  // the previous chunk's x is no longer read
-    mma_stage_x<D, false>(sh, xrow, M, k0, chunk, k_end, nullptr, vec_x);
+    mma_stage_x<D, NORM>(sh, xrow, M, k0, chunk, k_end, g, vec_x);
     __syncthreads();
     if (!active) continue;
     for (int u = 0; u < units; ++u) {
@@ -432,7 +437,7 @@ __device__ inline void mma_block_reduce(const float (&acc)[4], const MmaShared& 
     for (int w = 0; w < kMmaWarps; ++w) v += sh.red[w * 16 * kMmaMaxRows + threadIdx.x];
   }
   if (NORM && threadIdx.x < kMmaMaxRows) {
-    for (int w = 0; w < kMmaWarps; ++w) s += sh.ss[w * kMmaMaxRows + threadIdx.x];
+    for (int w = 0; w < kMmaWarps; ++w) s += sh.ss[w * kMmaSsRows + threadIdx.x];
   }
   __syncthreads();
   if (threadIdx.x < 16 * kMmaMaxRows) sh.red[threadIdx.x] = v;
@@ -443,7 +448,7 @@ __device__ inline void mma_block_reduce(const float (&acc)[4], const MmaShared& 
 // The shared state of a kernel over its dynamic shared memory (the x staging) and static arrays.
 #define FATHOM_MMA_SHARED(name, chunk, M)                                                      \
   extern __shared__ __align__(16) uint8_t fathom_mma_dyn[];                                    \
-  __shared__ float fathom_mma_ss[kMmaWarps * kMmaMaxRows];                                     \
+  __shared__ float fathom_mma_ss[kMmaWarps * kMmaSsRows];                                      \
   __shared__ float fathom_mma_red[kMmaWarps * 16 * kMmaMaxRows];                               \
   const MmaShared name{reinterpret_cast<uint16_t*>(fathom_mma_dyn),                            \
                        reinterpret_cast<float*>(fathom_mma_dyn + size_t(M) * 2 * ((chunk) + 8) * 2), \

@@ -247,17 +247,28 @@ __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const E
   }
 }
 
-// The 9-to-64-row matmul (matmul.cu's mma_skinny_kernel): batch entry b of p, output rows n0 ..
-// n0 + 16 * kMmaWarps - 1 (warp w the 16 from n0 + 16w), x rows 0 .. M-1 (M <= 8 NT) over
-// columns [k_begin, k_end). The sums go to dst (row m, column n at dst[m * ld + n]) — added to
-// what is there when accumulate — or, for a slice of K, to the slice's partial sums.
-template <DType D, int NT>
-__device__ inline void mma_skinny_block(const MatmulParams& p, int b, int64_t n0, int M, int64_t k_begin,
-                                        int64_t k_end, int chunk, bool vec_x, float* dst, int64_t ld, bool accumulate,
-                                        const MmaShared& sh) {
+// The 9-to-64-row matmul (matmul.cu's mma_skinny_kernel): weight rows in blocks of
+// kSkinnyRows (warp w the 16 from 16w), all M <= 8 NT x rows, K in slices across blocks. With
+// one slice a block writes out itself; else each block writes its partial sums (and the first row
+// block, NORM, the rows' sums of squares over its slice) for skinny_reduce_kernel, which adds the
+// slices up in slice order (deterministic). NORM: x's rows RMS-normalised (times p.norm) first —
+// the norm factor scales a row's products, so the sums are of x·g and the factor comes from the
+// summed squares at the end.
+constexpr int kSkinnyRows = 16 * kMmaWarps;
+struct SkinnySlices {
+  int slices = 1;
+  int64_t slice = 0;         // columns per slice (whole units)
+  float* part = nullptr;     // (slices, batch, M, N): each slice's sums
+  float* part_ss = nullptr;  // (slices, M): NORM, each slice's sums of squares of x's rows
+};
+template <DType D, int NT, bool NORM>
+__device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, int slice, int chunk, bool vec_x,
+                                        const SkinnySlices& sl, const MmaShared& sh) {
   constexpr int E = ElemSize<D>::value;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
-  const int64_t w0 = n0 + int64_t(warp) * 16;
+  const int M = int(p.M);
+  const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
+  const int64_t k_begin = int64_t(slice) * sl.slice, k_end = min(p.K, k_begin + sl.slice);
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
   const int64_t kb = ceil_div(p.K, p.block);
   MmaRows rows;
@@ -273,18 +284,52 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int64_t n0
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  mma_warp_tile_product<D, NT>(acc, sh, rows, [&](int m) { return x + m * p.ldx; }, M, k_begin, k_end, p.block, chunk,
-                               vec_x);
+  mma_warp_tile_product<D, NT, NORM>(acc, sh, rows, [&](int m) { return x + m * p.ldx; }, M, k_begin, k_end, p.block,
+                                     chunk, vec_x, p.norm);
+  float* const scale = sh.red;  // [kMmaSsRows]: the rows' squares over the slice, or norm factors
+  if constexpr (NORM) {
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float t = 0.f;
+      for (int q = 0; q < kMmaWarps; ++q) t += sh.ss[q * kMmaSsRows + threadIdx.x];
+      if (sl.slices == 1) t = norm_scale(t, p.K, p.eps);
+      else if (rb == 0) sl.part_ss[int64_t(slice) * M + threadIdx.x] = t;
+      scale[threadIdx.x] = t;
+    }
+    __syncthreads();
+  }
+  const bool whole = sl.slices == 1;
+  float* dst = whole ? p.out + b * p.out_batch_stride : sl.part + (int64_t(slice) * p.batch + b) * M * p.N;
+  const int64_t ld = whole ? p.ldo : p.N;
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int m = 8 * j + 2 * tig + q;
       if (m >= M) continue;
+      const float sc = NORM && whole ? scale[m] : 1.f;
+      const bool add = whole && p.accumulate;
       float* o = dst + m * ld;
-      if (w0 + g < p.N) o[w0 + g] = accumulate ? o[w0 + g] + acc[j][q] : acc[j][q];
-      if (w0 + g + 8 < p.N) o[w0 + g + 8] = accumulate ? o[w0 + g + 8] + acc[j][2 + q] : acc[j][2 + q];
+      if (w0 + g < p.N) o[w0 + g] = add ? o[w0 + g] + acc[j][q] * sc : acc[j][q] * sc;
+      if (w0 + g + 8 < p.N) o[w0 + g + 8] = add ? o[w0 + g + 8] + acc[j][2 + q] * sc : acc[j][2 + q] * sc;
     }
+}
+
+// skinny_reduce_kernel's element i of out (batch entry, row, column): the slices' sums in slice
+// order, times the row's norm factor (NORM).
+template <bool NORM>
+__device__ inline void skinny_reduce_one(const MatmulParams& p, const SkinnySlices& sl, int64_t i) {
+  const int64_t per = p.M * p.N;
+  const int64_t b = i / per, m = (i % per) / p.N, c = i % p.N;
+  float v = 0.f;
+  for (int s = 0; s < sl.slices; ++s) v += sl.part[(int64_t(s) * p.batch + b) * per + m * p.N + c];
+  if constexpr (NORM) {
+    float t = 0.f;
+    for (int s = 0; s < sl.slices; ++s) t += sl.part_ss[int64_t(s) * p.M + m];
+    v *= norm_scale(t, p.K, p.eps);
+  }
+  float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
+  o = p.accumulate ? o + v : v;
 }
 
 }  // namespace fathom::cuda
