@@ -202,6 +202,21 @@ __device__ inline void mma_load_unit(MmaUnitW<D>& w, const MmaRows& r, int64_t k
   }
 }
 
+// This thread's B values for piece i of unit u: x row `row` at the piece's columns, V values of
+// each 16-bit part (zeros when the thread does not feed a row).
+template <DType D>
+__device__ inline void mma_load_x(uint4 (&xh)[MmaTraits<D>::V / 8], uint4 (&xl)[MmaTraits<D>::V / 8],
+                                  const MmaShared& sh, int row, bool feeds, int u, int i, int chunk) {
+  using T = MmaTraits<D>;
+  const int tig = threadIdx.x % 4, stride = chunk + 8;
+  const uint16_t* xs = sh.x + (row * 2) * stride + u * kMmaUnit + i * 4 * T::V + tig * T::V;
+#pragma unroll
+  for (int q = 0; q < T::V / 8; ++q) {
+    xh[q] = feeds ? *reinterpret_cast<const uint4*>(xs + 8 * q) : make_uint4(0, 0, 0, 0);
+    xl[q] = feeds ? *reinterpret_cast<const uint4*>(xs + stride + 8 * q) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // acc (this thread's C fragment: rows g, g + 8 by x rows 2 tig, 2 tig + 1) += the unit's
 // products. col: the one x row this job multiplies, or -1 for all M. u: the unit within the
 // staged chunk; wsa/wsb: FP8 block scales of rows g and g + 8 (1 otherwise).
@@ -209,20 +224,14 @@ template <DType D>
 __device__ inline void mma_unit(float (&acc)[4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int col, int u,
                                 int chunk, float wsa, float wsb) {
   using T = MmaTraits<D>;
-  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4, stride = chunk + 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const bool feeds = col < 0 ? g < M : g == col;  // this thread supplies x row g
   float part[4] = {0.f, 0.f, 0.f, 0.f};
   float (&c)[4] = T::kBf16 ? acc : part;
 #pragma unroll
   for (int i = 0; i < T::kPieces; ++i) {
-    // x row g at the piece's columns: V values of each part
-    uint4 xh[T::V / 8], xl[T::V / 8];
-    const uint16_t* xs = sh.x + (g * 2) * stride + u * kMmaUnit + i * 4 * T::V + tig * T::V;
-#pragma unroll
-    for (int j = 0; j < T::V / 8; ++j) {
-      xh[j] = feeds ? *reinterpret_cast<const uint4*>(xs + 8 * j) : make_uint4(0, 0, 0, 0);
-      xl[j] = feeds ? *reinterpret_cast<const uint4*>(xs + stride + 8 * j) : make_uint4(0, 0, 0, 0);
-    }
+    uint4 xh[T::V / 8], xl[T::V / 8];  // x row g at the piece's columns
+    mma_load_x<D>(xh, xl, sh, g, feeds, u, i, chunk);
     const uint32_t* wa = &w.a[i].x;
     const uint32_t* wb = &w.b[i].x;
     const uint32_t* h = &xh[0].x;
@@ -310,7 +319,7 @@ template <DType D, int NT>
 __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int u,
                                    int chunk, float wsa, float wsb) {
   using T = MmaTraits<D>;
-  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4, stride = chunk + 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   float part[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
@@ -333,12 +342,7 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
       const int row = 8 * j + g;
       const bool feeds = row < M;
       uint4 xh[T::V / 8], xl[T::V / 8];
-      const uint16_t* xs = sh.x + (row * 2) * stride + u * kMmaUnit + i * 4 * T::V + tig * T::V;
-#pragma unroll
-      for (int q = 0; q < T::V / 8; ++q) {
-        xh[q] = feeds ? *reinterpret_cast<const uint4*>(xs + 8 * q) : make_uint4(0, 0, 0, 0);
-        xl[q] = feeds ? *reinterpret_cast<const uint4*>(xs + stride + 8 * q) : make_uint4(0, 0, 0, 0);
-      }
+      mma_load_x<D>(xh, xl, sh, row, feeds, u, i, chunk);
       const uint32_t* h = &xh[0].x;
       const uint32_t* l = &xl[0].x;
       float (&c)[4] = T::kBf16 ? acc[j] : part[j];

@@ -12,6 +12,26 @@
 
 namespace fathom::cuda {
 
+// This thread's rows of the 16-row tile from row r0 of an (N, K) weight w (bytes): rows r0 + g
+// and r0 + g + 8 (null past N) and, for FP8, their rows of the block scales.
+template <DType D>
+__device__ inline MmaRows weight_tile_rows(const uint8_t* w, const float* scale, int64_t r0, int64_t N, int64_t K,
+                                           int64_t block) {
+  constexpr int E = ElemSize<D>::value;
+  const int g = (threadIdx.x % 32) / 4;
+  const int64_t kb = ceil_div(K, block);
+  MmaRows rows;
+  if (r0 + g < N) {
+    rows.a = w + (r0 + g) * K * E;
+    if (D == DType::F8_E4M3) rows.sa = scale + (r0 + g) / block * kb;
+  }
+  if (r0 + g + 8 < N) {
+    rows.b = w + (r0 + g + 8) * K * E;
+    if (D == DType::F8_E4M3) rows.sb = scale + (r0 + g + 8) / block * kb;
+  }
+  return rows;
+}
+
 // The rows of h: the routed (token, slot) pairs (pairs, inter), then with has_shared one row
 // per token for the shared expert (T, shared_inter).
 struct HiddenRow {
@@ -79,18 +99,7 @@ __device__ inline MmaRows gate_up_tile_rows(const ExpertPointers& ep, int64_t n0
 template <DType D, bool NORM>
 __device__ inline void mma_dense_block(const MatmulParams& p, const uint8_t* w, int b, int64_t n0, int M, int chunk,
                                        bool vec_x, const MmaShared& sh) {
-  constexpr int E = ElemSize<D>::value;
-  const int g = (threadIdx.x % 32) / 4;
-  MmaRows rows;
-  const int64_t kb = ceil_div(p.K, p.block);
-  if (n0 + g < p.N) {
-    rows.a = w + (n0 + g) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (n0 + g) / p.block * kb;
-  }
-  if (n0 + g + 8 < p.N) {
-    rows.b = w + (n0 + g + 8) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (n0 + g + 8) / p.block * kb;
-  }
+  const MmaRows rows = weight_tile_rows<D>(w, p.scale_inv, n0, p.N, p.K, p.block);
   const float* x = p.x + b * p.x_batch_stride;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   mma_rows_product<D, NORM>(
@@ -218,22 +227,13 @@ template <DType D>
 __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const ExpertRouting& r,
                                               const float* __restrict__ h, float* __restrict__ y, int tile, int64_t n0,
                                               int chunk, const MmaShared& sh) {
-  constexpr int E = ElemSize<D>::value;
   const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile];
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int64_t w0 = n0 + int64_t(warp) * 16;
-  const int64_t kb = ceil_div(p.inter, p.block);
-  MmaRows rows;
-  if (w0 + g < p.hidden) {
-    rows.a = static_cast<const uint8_t*>(ep.down) + (w0 + g) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sa = ep.down_scale + (w0 + g) / p.block * kb;
-  }
-  if (w0 + g + 8 < p.hidden) {
-    rows.b = static_cast<const uint8_t*>(ep.down) + (w0 + g + 8) * p.inter * E;
-    if (D == DType::F8_E4M3) rows.sb = ep.down_scale + (w0 + g + 8) / p.block * kb;
-  }
+  const MmaRows rows =
+      weight_tile_rows<D>(static_cast<const uint8_t*>(ep.down), ep.down_scale, w0, p.hidden, p.inter, p.block);
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, 0, p.inter,
                               p.block, chunk, p.inter % 4 == 0);
@@ -270,16 +270,7 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, in
   const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
   const int64_t k_begin = int64_t(slice) * sl.slice, k_end = min(p.K, k_begin + sl.slice);
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
-  const int64_t kb = ceil_div(p.K, p.block);
-  MmaRows rows;
-  if (w0 + g < p.N) {
-    rows.a = w + (w0 + g) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sa = p.scale_inv + (w0 + g) / p.block * kb;
-  }
-  if (w0 + g + 8 < p.N) {
-    rows.b = w + (w0 + g + 8) * p.K * E;
-    if (D == DType::F8_E4M3) rows.sb = p.scale_inv + (w0 + g + 8) / p.block * kb;
-  }
+  const MmaRows rows = weight_tile_rows<D>(w, p.scale_inv, w0, p.N, p.K, p.block);
   const float* x = p.x + b * p.x_batch_stride;
   float acc[NT][4];
 #pragma unroll
