@@ -403,7 +403,6 @@ void allow_smem_all(int bytes) {
   allow_smem<4, T>(bytes);
 }
 
-constexpr int kMaxDevices = 64;
 std::once_flag g_setup_done[kMaxDevices];
 
 template <typename T>
@@ -553,15 +552,11 @@ void attention_latent_batch(const std::vector<AttentionParams>& ps, cudaStream_t
 }  // namespace
 
 void attention_setup() {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  auto setup = [] {
+  once_per_device(g_setup_done, [] {
     const int smem_max = smem_optin();  // also sets up the latent kernel
     allow_smem_all<float>(smem_max - kStaticSmem);
     allow_smem_all<uint16_t>(smem_max - kStaticSmem);
-  };
-  if (device >= 0 && device < kMaxDevices) std::call_once(g_setup_done[device], setup);
-  else setup();
+  });
 }
 
 namespace {

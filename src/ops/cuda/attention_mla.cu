@@ -413,7 +413,6 @@ void allow_smem(int smem_max) {
           "attention (cudaFuncSetAttribute)");
 }
 
-constexpr int kMaxDevices = 64;
 std::once_flag g_setup[kMaxDevices];
 int g_smem_optin[kMaxDevices];
 

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <utility>
 
 #include "ops/cuda/cuda_ops.h"
@@ -19,6 +20,24 @@ inline cudaStream_t as_cuda(Stream s) { return static_cast<cudaStream_t>(s); }
 int sm_count();
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Runs fn once for the current device (on a device past the table, every time).
+constexpr int kMaxDevices = 64;
+template <class F>
+void once_per_device(std::once_flag (&done)[kMaxDevices], F&& fn) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= 0 && device < kMaxDevices) std::call_once(done[device], fn);
+  else fn();
+}
+// Lets each kernel use up to `bytes` of dynamic shared memory (above the 48 KB default), once per
+// device.
+template <class... Kernels>
+void allow_dynamic_smem(std::once_flag (&done)[kMaxDevices], int bytes, const char* what, Kernels... kernels) {
+  once_per_device(done, [&] {
+    (check(cudaFuncSetAttribute(kernels, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what), ...);
+  });
+}
 
 // Whether kernels launch with programmatic dependent launch (PDL, Hopper and later, checked
 // at run time per device; FATHOM_NO_PDL=1 turns it off): the next kernel on the stream may be

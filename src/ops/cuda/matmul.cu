@@ -401,21 +401,11 @@ void launch_skinny(const MatmulParams& p, const SkinnySlices& sl, dim3 grid, siz
 
 template <DType D>
 void allow_skinny_smem() {
-  static std::once_flag done[64];
-  auto allow = [] {
-    auto one = [](auto kernel) {
-      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkinnySmem),
-            "matmul (cudaFuncSetAttribute)");
-    };
-    one(mma_skinny_kernel<D, 1, false>), one(mma_skinny_kernel<D, 2, false>);
-    one(mma_skinny_kernel<D, 3, false>), one(mma_skinny_kernel<D, 4, false>);
-    one(mma_skinny_kernel<D, 1, true>), one(mma_skinny_kernel<D, 2, true>);
-    one(mma_skinny_kernel<D, 3, true>), one(mma_skinny_kernel<D, 4, true>);
-  };
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= 0 && device < 64) std::call_once(done[device], allow);
-  else allow();
+  static std::once_flag done[kMaxDevices];
+  allow_dynamic_smem(done, kSkinnySmem, "matmul (cudaFuncSetAttribute)", mma_skinny_kernel<D, 1, false>,
+                     mma_skinny_kernel<D, 2, false>, mma_skinny_kernel<D, 3, false>, mma_skinny_kernel<D, 4, false>,
+                     mma_skinny_kernel<D, 1, true>, mma_skinny_kernel<D, 2, true>, mma_skinny_kernel<D, 3, true>,
+                     mma_skinny_kernel<D, 4, true>);
 }
 
 // Whether the 9-to-64-row tensor-core matmul takes p.

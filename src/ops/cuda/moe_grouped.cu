@@ -229,17 +229,9 @@ __global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams 
 // device.
 template <DType D>
 void allow_mma_tile_smem() {
-  static std::once_flag done[64];
-  auto allow = [] {
-    check(cudaFuncSetAttribute(mma_gate_up_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaTileSmem),
-          "moe_experts (cudaFuncSetAttribute)");
-    check(cudaFuncSetAttribute(mma_down_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaTileSmem),
-          "moe_experts (cudaFuncSetAttribute)");
-  };
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= 0 && device < 64) std::call_once(done[device], allow);
-  else allow();
+  static std::once_flag done[kMaxDevices];
+  allow_dynamic_smem(done, kMmaTileSmem, "moe_experts (cudaFuncSetAttribute)", mma_gate_up_kernel<D>,
+                     mma_down_kernel<D>);
 }
 
 // grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].

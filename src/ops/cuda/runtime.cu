@@ -42,7 +42,6 @@ MemoryInfo memory_info() {
 }
 
 int sm_count() {
-  constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices] = {};
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
