@@ -431,7 +431,7 @@ double run_jobs(int64_t N, int64_t K, int J, int64_t block, std::mt19937& rng) {
   emu::run_grid("jobs", {unsigned(ceil_div(N, 16)), 1, 1}, smem_of(chunk, J), [&] {
     const MmaShared sh = shared_of(chunk, J);
     const int64_t n0 = int64_t(blockIdx.x) * 16;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
     mma_rows_product<D, false>(
         acc, sh, [&](int j) { return rows_of(ws[size_t(j)], n0); }, [](int j) { return j; }, J,
         [&](int j) { return x.data() + j * K; }, J, K, block, chunk, nullptr, true);

@@ -217,107 +217,13 @@ __device__ inline void mma_load_x(uint4 (&xh)[MmaTraits<D>::V / 8], uint4 (&xl)[
   }
 }
 
-// acc (this thread's C fragment: rows g, g + 8 by x rows 2 tig, 2 tig + 1) += the unit's
-// products. col: the one x row this job multiplies, or -1 for all M. u: the unit within the
-// staged chunk; wsa/wsb: FP8 block scales of rows g and g + 8 (1 otherwise).
-template <DType D>
-__device__ inline void mma_unit(float (&acc)[4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int col, int u,
-                                int chunk, float wsa, float wsb) {
-  using T = MmaTraits<D>;
-  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
-  const bool feeds = col < 0 ? g < M : g == col;  // this thread supplies x row g
-  float part[4] = {0.f, 0.f, 0.f, 0.f};
-  float (&c)[4] = T::kBf16 ? acc : part;
-#pragma unroll
-  for (int i = 0; i < T::kPieces; ++i) {
-    uint4 xh[T::V / 8], xl[T::V / 8];  // x row g at the piece's columns
-    mma_load_x<D>(xh, xl, sh, g, feeds, u, i, chunk);
-    const uint32_t* wa = &w.a[i].x;
-    const uint32_t* wb = &w.b[i].x;
-    const uint32_t* h = &xh[0].x;
-    const uint32_t* l = &xl[0].x;
-#pragma unroll
-    for (int s = 0; s < T::V / 4; ++s) {  // k-steps of 16 (4 columns of this thread each)
-      uint32_t a0, a1, a2, a3;
-      if constexpr (D == DType::F8_E4M3) {
-        a0 = e4m3x2_to_f16x2(wa[s]), a1 = e4m3x2_to_f16x2(wb[s]);
-        a2 = e4m3x2_to_f16x2(wa[s] >> 16), a3 = e4m3x2_to_f16x2(wb[s] >> 16);
-      } else {
-        a0 = wa[2 * s], a1 = wb[2 * s], a2 = wa[2 * s + 1], a3 = wb[2 * s + 1];
-      }
-      mma_16816(c, a0, a1, a2, a3, h[2 * s], h[2 * s + 1], T::kBf16);
-      mma_16816(c, a0, a1, a2, a3, l[2 * s], l[2 * s + 1], T::kBf16);
-    }
-  }
-  if constexpr (!T::kBf16) {
-    const int units = chunk / kMmaUnit;
-    const int m0 = 2 * tig, m1 = 2 * tig + 1;
-    const bool on0 = col < 0 ? m0 < M : m0 == col, on1 = col < 0 ? m1 < M : m1 == col;
-    const float x0 = on0 ? sh.xscale[m0 * units + u] : 0.f, x1 = on1 ? sh.xscale[m1 * units + u] : 0.f;
-    acc[0] += part[0] * (wsa * x0);
-    acc[1] += part[1] * (wsa * x1);
-    acc[2] += part[2] * (wsb * x0);
-    acc[3] += part[3] * (wsb * x1);
-  }
-}
-
-// The block's product over all of K: jobs(j) gives job j's rows for this thread (n_jobs jobs;
-// job_col(j) its x row or -1), xrow(m) the x rows. acc: this thread's C fragment, summed over
-// the warp's units (the caller reduces the block with mma_block_reduce). The first unit's
-// weights are requested before x is staged, so the two latencies overlap.
-template <DType D, bool NORM, class Jobs, class JobCol, class XRow>
-__device__ inline void mma_rows_product(float (&acc)[4], const MmaShared& sh, Jobs jobs, JobCol job_col, int n_jobs,
-                                        XRow xrow, int M, int64_t K, int64_t block, int chunk,
-                                        const float* __restrict__ g, bool vec_x) {
-  const int warp = threadIdx.x / 32;
-  if (NORM && threadIdx.x < kMmaWarps * kMmaSsRows) sh.ss[threadIdx.x] = 0.f;
-  const int64_t k_units = ceil_div(K, kMmaUnit);
-  const int chunk_units = chunk / kMmaUnit;
-  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-    const int units = int(min(int64_t(chunk_units), k_units - k0 / kMmaUnit));
-    const int total = n_jobs * units;  // this chunk's (job, unit) items
-    auto scales = [&](const MmaRows& r, int64_t kc, float& wsa, float& wsb) {
-      wsa = wsb = 1.f;
-      if constexpr (D == DType::F8_E4M3) {
-        const int64_t kb = kc / block;
-        wsa = r.sa ? __ldg(r.sa + kb) : 0.f;
-        wsb = r.sb ? __ldg(r.sb + kb) : 0.f;
-      }
-    };
-    int item = warp;
-    MmaUnitW<D> cur;
-    MmaRows rows;
-    if (item < total) {
-      rows = jobs(item / units);
-      mma_load_unit<D>(cur, rows, k0 + int64_t(item % units) * kMmaUnit, K);
-    }
-    __syncthreads();  // the previous chunk's x is no longer read
-    mma_stage_x<D, NORM>(sh, xrow, M, k0, chunk, K, g, vec_x);
-    __syncthreads();
-    while (item < total) {
-      const int next = item + kMmaWarps;
-      MmaUnitW<D> nxt;
-      MmaRows nrows;
-      if (next < total) {
-        nrows = jobs(next / units);
-        mma_load_unit<D>(nxt, nrows, k0 + int64_t(next % units) * kMmaUnit, K);
-      }
-      float wsa, wsb;
-      const int u = item % units;
-      scales(rows, k0 + int64_t(u) * kMmaUnit, wsa, wsb);
-      mma_unit<D>(acc, cur, sh, M, job_col(item / units), u, chunk, wsa, wsb);
-      cur = nxt;
-      rows = nrows;
-      item = next;
-    }
-  }
-}
-
-// acc[j] (x rows 8j .. 8j + 7) += the unit's products for all M x rows: the NT-tile form of
-// mma_unit, each A fragment converted once and used for every x tile.
+// acc[j] (this thread's C fragment of x tile j: rows g, g + 8 by x rows 8j + 2 tig, 8j + 2 tig + 1)
+// += the unit's products, each A fragment converted once and used for every x tile. col: the
+// one x row this job multiplies (NT 1: a K-split block's column jobs), or -1 for all M. u: the
+// unit within the staged chunk; wsa/wsb: FP8 block scales of rows g and g + 8 (1 otherwise).
 template <DType D, int NT>
-__device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int u,
-                                   int chunk, float wsa, float wsb) {
+__device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, const MmaShared& sh, int M, int col,
+                                   int u, int chunk, float wsa, float wsb) {
   using T = MmaTraits<D>;
   const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   float part[NT][4];
@@ -340,7 +246,7 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int row = 8 * j + g;
-      const bool feeds = row < M;
+      const bool feeds = col < 0 ? row < M : row == col;  // this thread supplies x row `row`
       uint4 xh[T::V / 8], xl[T::V / 8];
       mma_load_x<D>(xh, xl, sh, row, feeds, u, i, chunk);
       const uint32_t* h = &xh[0].x;
@@ -358,11 +264,67 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int m0 = 8 * j + 2 * tig, m1 = m0 + 1;
-      const float x0 = m0 < M ? sh.xscale[m0 * units + u] : 0.f, x1 = m1 < M ? sh.xscale[m1 * units + u] : 0.f;
+      const bool on0 = col < 0 ? m0 < M : m0 == col, on1 = col < 0 ? m1 < M : m1 == col;
+      const float x0 = on0 ? sh.xscale[m0 * units + u] : 0.f, x1 = on1 ? sh.xscale[m1 * units + u] : 0.f;
       acc[j][0] += part[j][0] * (wsa * x0);
       acc[j][1] += part[j][1] * (wsa * x1);
       acc[j][2] += part[j][2] * (wsb * x0);
       acc[j][3] += part[j][3] * (wsb * x1);
+    }
+  }
+}
+
+// The FP8 block scales of this thread's two rows at column kc (0 for a row past the weight's end;
+// 1 for other dtypes).
+template <DType D>
+__device__ inline void mma_row_scales(const MmaRows& r, int64_t kc, int64_t block, float& wsa, float& wsb) {
+  wsa = wsb = 1.f;
+  if constexpr (D == DType::F8_E4M3) {
+    wsa = r.sa ? __ldg(r.sa + kc / block) : 0.f;
+    wsb = r.sb ? __ldg(r.sb + kc / block) : 0.f;
+  }
+}
+
+// The block's product over all of K: jobs(j) gives job j's rows for this thread (n_jobs jobs;
+// job_col(j) its x row or -1), xrow(m) the x rows. acc: this thread's C fragment, summed over
+// the warp's units (the caller reduces the block with mma_block_reduce). The first unit's
+// weights are requested before x is staged, so the two latencies overlap.
+template <DType D, bool NORM, class Jobs, class JobCol, class XRow>
+__device__ inline void mma_rows_product(float (&acc)[1][4], const MmaShared& sh, Jobs jobs, JobCol job_col, int n_jobs,
+                                        XRow xrow, int M, int64_t K, int64_t block, int chunk,
+                                        const float* __restrict__ g, bool vec_x) {
+  const int warp = threadIdx.x / 32;
+  if (NORM && threadIdx.x < kMmaWarps * kMmaSsRows) sh.ss[threadIdx.x] = 0.f;
+  const int64_t k_units = ceil_div(K, kMmaUnit);
+  const int chunk_units = chunk / kMmaUnit;
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int units = int(min(int64_t(chunk_units), k_units - k0 / kMmaUnit));
+    const int total = n_jobs * units;  // this chunk's (job, unit) items
+    int item = warp;
+    MmaUnitW<D> cur;
+    MmaRows rows;
+    if (item < total) {
+      rows = jobs(item / units);
+      mma_load_unit<D>(cur, rows, k0 + int64_t(item % units) * kMmaUnit, K);
+    }
+    __syncthreads();  // the previous chunk's x is no longer read
+    mma_stage_x<D, NORM>(sh, xrow, M, k0, chunk, K, g, vec_x);
+    __syncthreads();
+    while (item < total) {
+      const int next = item + kMmaWarps;
+      MmaUnitW<D> nxt;
+      MmaRows nrows;
+      if (next < total) {
+        nrows = jobs(next / units);
+        mma_load_unit<D>(nxt, nrows, k0 + int64_t(next % units) * kMmaUnit, K);
+      }
+      float wsa, wsb;
+      const int u = item % units;
+      mma_row_scales<D>(rows, k0 + int64_t(u) * kMmaUnit, block, wsa, wsb);
+      mma_unit_nt<D, 1>(acc, cur, sh, M, job_col(item / units), u, chunk, wsa, wsb);
+      cur = nxt;
+      rows = nrows;
+      item = next;
     }
   }
 }
@@ -389,20 +351,13 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
   // hold zeros)
   const bool active = __any_sync(0xffffffffu, rows.a != nullptr || rows.b != nullptr);
   const int chunk_units = chunk / kMmaUnit;
-  auto scales = [&](int64_t kc, float& wsa, float& wsb) {
-    wsa = wsb = 1.f;
-    if constexpr (D == DType::F8_E4M3) {
-      wsa = rows.sa ? __ldg(rows.sa + kc / block) : 0.f;
-      wsb = rows.sb ? __ldg(rows.sb + kc / block) : 0.f;
-    }
-  };
   for (int64_t k0 = k_begin; k0 < k_end; k0 += chunk) {
     const int units = int(min(int64_t(chunk_units), ceil_div(k_end - k0, kMmaUnit)));
     MmaUnitW<D> cur;
     float wsa = 1.f, wsb = 1.f;
     if (active) {
       mma_load_unit<D>(cur, rows, k0, k_end);
-      scales(k0, wsa, wsb);
+      mma_row_scales<D>(rows, k0, block, wsa, wsb);
     }
     __syncthreads();  // the previous chunk's x is no longer read
     mma_stage_x<D, NORM>(sh, xrow, M, k0, chunk, k_end, g, vec_x);
@@ -414,9 +369,9 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
       if (u + 1 < units) {
         const int64_t kc = k0 + int64_t(u + 1) * kMmaUnit;
         mma_load_unit<D>(nxt, rows, kc, k_end);
-        scales(kc, nsa, nsb);
+        mma_row_scales<D>(rows, kc, block, nsa, nsb);
       }
-      mma_unit_nt<D, NT>(acc, cur, sh, M, u, chunk, wsa, wsb);
+      mma_unit_nt<D, NT>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
       cur = nxt;
       wsa = nsa, wsb = nsb;
     }
@@ -427,14 +382,14 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
 // block's result for tile row r and x row m, and (NORM) sh.ss[m] the sum of squares of x row m.
 // Ends synchronized.
 template <bool NORM>
-__device__ inline void mma_block_reduce(const float (&acc)[4], const MmaShared& sh) {
+__device__ inline void mma_block_reduce(const float (&acc)[1][4], const MmaShared& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   float* mine = sh.red + warp * 16 * kMmaMaxRows;
   __syncthreads();
-  mine[g * kMmaMaxRows + 2 * tig] = acc[0];
-  mine[g * kMmaMaxRows + 2 * tig + 1] = acc[1];
-  mine[(g + 8) * kMmaMaxRows + 2 * tig] = acc[2];
-  mine[(g + 8) * kMmaMaxRows + 2 * tig + 1] = acc[3];
+  mine[g * kMmaMaxRows + 2 * tig] = acc[0][0];
+  mine[g * kMmaMaxRows + 2 * tig + 1] = acc[0][1];
+  mine[(g + 8) * kMmaMaxRows + 2 * tig] = acc[0][2];
+  mine[(g + 8) * kMmaMaxRows + 2 * tig + 1] = acc[0][3];
   __syncthreads();
   float v = 0.f, s = 0.f;
   if (threadIdx.x < 16 * kMmaMaxRows) {

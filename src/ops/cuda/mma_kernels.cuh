@@ -101,7 +101,7 @@ __device__ inline void mma_dense_block(const MatmulParams& p, const uint8_t* w, 
                                        bool vec_x, const MmaShared& sh) {
   const MmaRows rows = weight_tile_rows<D>(w, p.scale_inv, n0, p.N, p.K, p.block);
   const float* x = p.x + b * p.x_batch_stride;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_rows_product<D, NORM>(
       acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int m) { return x + m * p.ldx; }, M, p.K,
       p.block, chunk, p.norm, vec_x);
@@ -132,7 +132,7 @@ __device__ inline void mma_expert_gate_up_block(const MoeExpertsParams& p, float
   }
   const MmaRows rows = gate_up_tile_rows<D>(hr.shared ? p.shared : p.table[e], n0, hr.inter, p);
   const float* x = p.x + hr.t * p.hidden;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_rows_product<D, NORM>(
       acc, sh, [&](int) { return rows; }, [](int) { return -1; }, 1, [&](int) { return x; }, 1, p.hidden, p.block,
       chunk, p.norm, vec_x);
@@ -180,7 +180,7 @@ __device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const fl
     if (j < p.top_k) return h + hidden_row(p, t * p.top_k + j).offset;
     return h + hidden_row(p, p.n_tokens * p.top_k + t).offset + (j - p.top_k) * p.inter;
   };
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_rows_product<D, false>(acc, sh, rows_of, [](int j) { return j; }, jobs, xrow, jobs, p.inter, p.block, chunk,
                              nullptr, p.inter % 4 == 0);
   mma_block_reduce<false>(acc, sh);
@@ -280,7 +280,7 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, in
   float* const scale = sh.red;  // [kMmaSsRows]: the rows' squares over the slice, or norm factors
   if constexpr (NORM) {
     __syncthreads();
-    if (threadIdx.x < M) {
+    if (int(threadIdx.x) < M) {
       float t = 0.f;
       for (int q = 0; q < kMmaWarps; ++q) t += sh.ss[q * kMmaSsRows + threadIdx.x];
       if (sl.slices == 1) t = norm_scale(t, p.K, p.eps);
