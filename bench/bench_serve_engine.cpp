@@ -19,7 +19,9 @@
 //
 // usage: bench_serve_engine (--config NAME | --model DIR) [--dtype bf16|fp8] [--device cuda|cpu]
 //          [--tokenizer PATH] [--concurrency 1,8,32,128] [--prompt 1024] [--gen 64]
-//          [--speculative] [--mtp] [--text FILE] [--prefill-chunk 2048] [--repeat]
+//          [--speculative] [--mtp] [--text FILE] [--prefill-chunk 2048] [--repeat] [--graph on|off]
+// --graph off: the decode steps (one token per request) run eagerly instead of as a replayed
+// CUDA graph (Model::set_graph_steps), for a same-run comparison.
 // --repeat (CUDA): the last concurrency again with each kind of op (matmuls, attention, routing,
 // experts) launched twice; the decode step's added milliseconds are what that kind costs in it.
 #include <algorithm>
@@ -77,7 +79,7 @@ struct Result {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string config, model_dir, dtype = "bf16", device = "cuda", tokenizer, text;
+  std::string config, model_dir, dtype = "bf16", device = "cuda", tokenizer, text, graph = "on";
   std::string conc = "1,8,32,128";
   int64_t n_prompt = 1024, n_gen = 64, chunk = 2048;
   bool speculative = false, mtp = false, repeat = false;
@@ -103,10 +105,11 @@ int main(int argc, char** argv) {
     else if (a == "--speculative") speculative = true;
     else if (a == "--mtp") mtp = true;
     else if (a == "--repeat") repeat = true;
+    else if (a == "--graph") graph = next();
     else {
       std::fprintf(stderr, "usage: bench_serve_engine (--config NAME | --model DIR) [--dtype bf16|fp8] "
                            "[--device cuda|cpu] [--tokenizer PATH] [--concurrency 1,8,32,128] [--prompt N] [--gen N] "
-                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N] [--repeat]\n");
+                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N] [--repeat] [--graph on|off]\n");
       return 2;
     }
   }
@@ -114,6 +117,7 @@ int main(int argc, char** argv) {
     FATHOM_CHECK(config.empty() != model_dir.empty(), "give --config NAME or --model DIR");
     FATHOM_CHECK(dtype == "bf16" || dtype == "fp8", "--dtype takes bf16 or fp8, not ", dtype);
     FATHOM_CHECK(device == "cuda" || device == "cpu", "--device takes cuda or cpu, not ", device);
+    FATHOM_CHECK(graph == "on" || graph == "off", "--graph takes on or off, not ", graph);
     FATHOM_CHECK(n_prompt >= 1 && n_gen >= 2, "--prompt must be >= 1 and --gen >= 2");
     const bool cuda = device == "cuda";
     if (cuda) FATHOM_CHECK(cuda_available(), "no CUDA GPU on this machine (or a build without CUDA): use --device cpu");
@@ -133,6 +137,7 @@ int main(int argc, char** argv) {
       m = Model::load(model_dir, o);
       if (tokenizer.empty()) tokenizer = model_dir;
     }
+    m->set_graph_steps(graph == "on");  // off: the decode steps eagerly, as before graphs
     auto tok = Tokenizer::load(tokenizer);
     const ModelConfig& c = m->config();
     const ParamCounts pc = m->param_counts();

@@ -11,17 +11,21 @@
 # and prints the table last (also $OUT/device-gemv.txt when OUT is set).
 #
 #   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat] [--modes=auto,simt,mma]
+#                               [--serve-graphs=on,off]
 # With device-bin/ carried (made here by `bash scripts/device-pack.sh`) its programs are used
 # instead of a build there.
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step) and
 # bench_serve_engine --repeat (the same at 32 requests).
 # --modes: the FATHOM_GEMV values to run (default simt,mma; auto is what runs when it is unset).
+# --serve-graphs: bench_serve_engine with its decode steps as replayed CUDA graphs (on, the
+# default) and/or eagerly (off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 bench=1 repeat=() modes="simt mma"
+tests=1 bench=1 repeat=() modes="simt mma" graphs="on"
 for a in "$@"; do
   case "$a" in
     --modes=*) modes=$(echo "${a#--modes=}" | tr , ' ') ;;
+    --serve-graphs=*) graphs=$(echo "${a#--serve-graphs=}" | tr , ' ') ;;
     --no-tests) tests=0 ;;
     --no-bench) bench=0 ;;
     --repeat) repeat=(--repeat) ;;
@@ -57,10 +61,13 @@ for mode in $modes; do
     "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"
   cat "/tmp/gemv-decode-$mode.log"
   for dt in bf16 fp8; do
-    echo "== bench_serve_engine $dt 32 ($mode)"
-    env "${env[@]}" timeout 300 "$bin"/bench_serve_engine --config v3-4.9b --dtype "$dt" --tokenizer "$tok" \
-      --concurrency 32 "${repeat[@]}" >"/tmp/gemv-serve-$dt-$mode.log" 2>&1 || echo "device-gemv: bench_serve_engine ($dt, $mode) failed"
-    cat "/tmp/gemv-serve-$dt-$mode.log"
+    for gr in $graphs; do
+      echo "== bench_serve_engine $dt 32 ($mode, graph $gr)"
+      env "${env[@]}" timeout 300 "$bin"/bench_serve_engine --config v3-4.9b --dtype "$dt" --tokenizer "$tok" \
+        --concurrency 32 --graph "$gr" "${repeat[@]}" >"/tmp/gemv-serve-$dt-$mode-$gr.log" 2>&1 ||
+        echo "device-gemv: bench_serve_engine ($dt, $mode, graph $gr) failed"
+      cat "/tmp/gemv-serve-$dt-$mode-$gr.log"
+    done
   done
 done
 {
@@ -71,7 +78,11 @@ done
   for mode in $modes; do
     echo "### GEMV: $mode"
     sed -n '/^model  /,$p' "/tmp/gemv-decode-$mode.log" | grep -v "copy bandwidth" || true
-    for dt in bf16 fp8; do sed -n '/^model  /,$p' "/tmp/gemv-serve-$dt-$mode.log" | tail -n +2 || true; done
+    for dt in bf16 fp8; do
+      for gr in $graphs; do
+        echo "serve graph $gr: $(sed -n '/^model  /,$p' "/tmp/gemv-serve-$dt-$mode-$gr.log" | tail -n +2)" || true
+      done
+    done
   done
 } | tee "${OUT:-/tmp}/device-gemv.txt"
 [ "$trc" = 0 ] || [ "$trc" = "not run" ]

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -783,6 +784,85 @@ TEST_F(CudaOps, AttentionBatch) {
     for (size_t i = 0; i < seqs.size(); ++i)
       EXPECT_LT(max_err(down(gots[i]), wants[i]), 1e-4) << "sequence " << i << ": " << seqs[i].first << " queries, "
                                                         << seqs[i].second << " keys";
+  }
+}
+
+// The batch of a graph-replayed decode step (a uniform batch: attention_latent_uniform): every
+// sequence's query, output, block table row and key count a fixed stride from the first's, the
+// key counts read on the device, the grid sized for the tables' bound. Run eagerly, then
+// captured in a graph and replayed with other key counts (and other tables) copied in from
+// pinned memory — each time against the CPU's attention of each sequence.
+TEST_F(CudaOps, AttentionBatchUniform) {
+  const int H = 16, dqk = 576, dv = 512, bs = 16;
+  const int64_t B = 7, W = 256;  // table width: a bound of 4,096 keys per sequence
+  const int64_t pool_blocks = B * W / 2 + 5;
+  Tensor k_dev_host = from_f32(randn({pool_blocks * bs * dqk}).f32(), {pool_blocks * bs * dqk}, DType::BF16);
+  Tensor k = to_f32(k_dev_host), dk = up(k_dev_host);
+  Tensor q = randn({B * H * dqk}), dq = up(q);
+  // the inputs a replay reads: key counts, then the tables (B, W)
+  Tensor in_host = gpu_->pinned_host({B + B * W}, DType::I32), in_dev = gpu_->empty({B + B * W}, DType::I32);
+  Tensor got = gpu_poison({B * H * dv});
+  std::vector<AttentionParams> gpu_ps;
+  for (int64_t b = 0; b < B; ++b) {
+    AttentionParams p;
+    p.q = dq.f32() + b * H * dqk, p.q_token_stride = H * dqk, p.q_head_stride = dqk;
+    p.k = dk.data(), p.v = dk.data(), p.kv_dtype = DType::BF16;
+    p.k_token_stride = dqk, p.k_head_stride = 0, p.v_token_stride = dqk, p.v_head_stride = 0;
+    p.block_table = in_dev.ptr<int32_t>() + B + b * W, p.block_size = bs;
+    p.out = got.f32() + b * H * dv, p.out_token_stride = H * dv, p.out_head_stride = dv;
+    p.n_q = 1, p.n_kv = W * bs, p.kv_len = in_dev.ptr<int32_t>() + b;
+    p.n_q_heads = H, p.n_kv_heads = 1, p.d_qk = dqk, p.d_v = dv;
+    p.scale = 1.0f / std::sqrt(float(dqk));
+    p.causal = true;
+    gpu_ps.push_back(p);
+  }
+  // new key counts (1 to the bound) and tables: distinct pool blocks per sequence, shuffled
+  auto fill = [&](const std::vector<int32_t>& lens) {
+    std::vector<int32_t> order(static_cast<size_t>(pool_blocks));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng_);
+    int32_t* in = in_host.ptr<int32_t>();
+    size_t next = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      in[b] = lens[size_t(b)];
+      const int64_t used = (lens[size_t(b)] + bs - 1) / bs;
+      for (int64_t j = 0; j < W; ++j) in[B + b * W + j] = j < used ? order[next++] : 0;
+    }
+  };
+  auto check = [&](const char* what) {
+    const int32_t* in = in_host.ptr<int32_t>();
+    Tensor all = down(got);
+    for (int64_t b = 0; b < B; ++b) {
+      Tensor want = host_poison({H * dv});
+      Tensor table = Tensor::view(const_cast<int32_t*>(in + B + b * W), {W}, DType::I32, nullptr);
+      AttentionParams c = gpu_ps[size_t(b)];
+      c.q = q.f32() + b * H * dqk, c.k = k.f32(), c.v = k.f32(), c.kv_dtype = DType::F32;
+      c.block_table = table.ptr<int32_t>(), c.out = want.f32(), c.kv_len = in + b;
+      cpu_->attention(c);
+      Tensor row = Tensor::view(all.f32() + b * H * dv, {H * dv}, DType::F32, nullptr);
+      EXPECT_LT(max_err(row, want), 1e-4) << what << ": sequence " << b << ", " << in[b] << " keys";
+    }
+  };
+  const std::vector<std::vector<int32_t>> rounds = {
+      {1, 77, 300, 4096, 64, 1029, 2}, {2, 78, 301, 17, 65, 1030, 4000}, {4096, 1, 1, 1, 1, 1, 1}};
+  fill(rounds[0]);
+  gpu_->copy_from_host(in_dev, in_host);
+  gpu_->attention_batch(gpu_ps);
+  gpu_->synchronize();
+  check("eager");
+  ASSERT_TRUE(gpu_->capture_begin());
+  gpu_->copy_from_host(in_dev, in_host);
+  gpu_->attention_batch(gpu_ps);
+  std::shared_ptr<void> graph = gpu_->capture_end();
+  ASSERT_TRUE(graph);
+  Tensor poison = gpu_->pinned_host({B * H * dv}, DType::F32);  // NaN over got before each replay
+  std::fill(poison.f32(), poison.f32() + B * H * dv, std::numeric_limits<float>::quiet_NaN());
+  for (size_t r = 1; r < rounds.size(); ++r) {
+    fill(rounds[r]);
+    gpu_->copy_from_host(got, poison);
+    gpu_->replay(graph);
+    gpu_->synchronize();
+    check(r == 1 ? "replay 1" : "replay 2");
   }
 }
 

@@ -112,6 +112,11 @@ class Model {
   std::vector<int32_t> forward_batch_sample(const std::vector<std::vector<int32_t>>& tokens,
                                             const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows);
 
+  // On CUDA, forward_batch_sample runs a step of one token per sequence over paged caches of one
+  // pool (the serving engine's decode steps) as a replayed CUDA graph (decode_step); false runs
+  // those steps eagerly like any other (for comparisons and benchmarks).
+  void set_graph_steps(bool on) { graph_steps_ = on; }
+
   // forward_batch that keeps, for sequence b, its last want[b] rows (1 <= want[b] <= its token
   // count): their logits (sum of want, vocab) and final-normed hidden states (sum of want,
   // hidden) — the MTP module's input — in sequence order, on the host. The head is forward()'s
@@ -161,6 +166,9 @@ class Model {
   Model() = default;
   struct DecodeGraph;
   void decode_body(DecodeGraph& g);
+  // Whether decode_step takes these caches: all contiguous, or all paged from one pool (in
+  // absorbed MLA mode), and the model's.
+  bool graph_step_takes(const std::vector<KvCache*>& caches) const;
   // decode_greedy (rows null) and decode_sample: one step, replayed from the graph when it fits.
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                    const std::vector<SampleRow>* rows, const char* what);
@@ -201,7 +209,10 @@ class Model {
   int64_t max_cache_tokens_ = 0, gpu_weight_bytes_ = 0, kv_budget_tokens_ = 0;
   std::unique_ptr<Ops> ops_;
   std::unique_ptr<ModelWeights> w_;
-  std::unique_ptr<DecodeGraph> graph_;
+  // the decode steps' graphs, the most recently used first (decode_step)
+  static constexpr size_t kMaxDecodeGraphs = 8;
+  std::vector<std::unique_ptr<DecodeGraph>> graphs_;
+  bool graph_steps_ = true;
 };
 
 }  // namespace fathom

@@ -124,7 +124,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
   Tensor attn = ops.empty({T, H, dv});  // (T, H, v_head_dim)
   for (const SeqSlice& sl : seqs) {
     FATHOM_ASSERT(!sl.pos_device || sl.n == 1, "device positions serve one token per sequence");
-    FATHOM_ASSERT(!sl.block_table == !sl.rows && !(sl.pos_device && sl.rows), "a paged slice has a block table and rows");
+    FATHOM_ASSERT(!sl.block_table == !sl.rows, "a paged slice has a block table and rows");
   }
   // Each sequence appends its tokens to its own cache and attends over it.
   auto attention_params = [&](const SeqSlice& sl) {
@@ -162,8 +162,9 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       LayerKvCache& layer = *sl.cache;
       const DType kd = layer.k.dtype();
       const float* kvb_t = kvb.f32() + sl.t0 * bts;
-      // the rows come from pos_device (graphs) or rows (paged) when set, else they start at pos0
-      const int32_t* index = sl.pos_device ? sl.pos_device : sl.rows;
+      // the rows come from rows (paged) or pos_device (a graph's contiguous cache) when set, else
+      // they start at pos0
+      const int32_t* index = sl.rows ? sl.rows : sl.pos_device;
       const int64_t p0 = index ? 0 : sl.pos0;
       copy_rows(ops, row_ptr(layer.k, p0 * kts), kts, kd, kvb_t, bts, sl.n, nope, H, dqk, nope + dv,
                 index);  // k_nope
@@ -212,7 +213,7 @@ void mla_forward(Ops& ops, const MlaWeights& w, const ModelConfig& c, MlaMode mo
       app.out = sl.cache->latent.data();
       app.out_dtype = sl.cache->latent.dtype();
       app.pos0 = sl.pos0;
-      app.out_token_index = sl.pos_device ? sl.pos_device : sl.rows;  // when set, the rows come from it
+      app.out_token_index = sl.rows ? sl.rows : sl.pos_device;  // when set, the rows come from it
       app.kv = kv.f32() + sl.t0 * (R + rd);
       app.kv_token_stride = R + rd;
       app.n_tokens = sl.n;

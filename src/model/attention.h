@@ -53,7 +53,8 @@ struct RopeTables {
 // In a step replayed from a CUDA graph the positions are device data: then pos_device[0] is
 // pos0 and len_device[0] the key count after appending (pos0 + n), and `capacity` (the cache's
 // rows) bounds the work. A paged cache (model/kv_pool.h) gives its block table and the storage
-// row of each new token (device memory, see KvPaging); a contiguous one leaves them null.
+// row of each new token (device memory, see KvPaging; in a graph, buffers the replay fills); a
+// contiguous one leaves them null.
 struct SeqSlice {
   LayerKvCache* cache = nullptr;
   int64_t pos0 = 0, t0 = 0, n = 0;

@@ -128,7 +128,7 @@ void decoder_layer_forward(Ops& ops, const DecoderLayerWeights& w, const ModelCo
 }
 
 Model::~Model() {
-  graph_.reset();  // before the backend that owns its memory
+  graphs_.clear();  // before the backend that owns their memory
 }
 
 // The backend and precision an options struct asks for, resolved.
@@ -514,6 +514,15 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
                                                  const std::vector<KvCache*>& caches,
                                                  const std::vector<SampleRow>& rows) {
   check_sample_rows(rows, tokens.size(), "forward_batch_sample");
+  // one new token per sequence of paged caches on the GPU: the graph-replayed decode step
+  bool one_each = device_ == DeviceKind::Cuda && !tokens.empty() && tokens.size() == caches.size() &&
+                  graph_step_takes(caches) && caches[0]->paged() && graph_steps_;
+  for (const auto& t : tokens) one_each = one_each && t.size() == 1;
+  if (one_each) {
+    std::vector<int32_t> flat;
+    for (const auto& t : tokens) flat.push_back(t[0]);
+    return decode_step(flat, caches, &rows, "forward_batch_sample");
+  }
   Ops& ops = *ops_;
   const Tensor logits = batch_logits(tokens, caches, "forward_batch_sample");
   const int64_t B = int64_t(tokens.size());
@@ -602,16 +611,30 @@ Model::BatchRows Model::forward_batch_rows(const std::vector<std::vector<int32_t
   return out;
 }
 
-// The decode step a CUDA graph replays: its inputs (token ids, positions, key counts) sit in
-// device buffers filled from pinned host memory by the graph's first nodes, so nothing the host
-// knows at capture time changes between replays except what those buffers hold.
+// The decode step a CUDA graph replays: its inputs (token ids, positions, key counts; for paged
+// caches also each new token's storage row and the block tables) sit in device buffers filled
+// from pinned host memory by the graph's first nodes, so nothing the host knows at capture time
+// changes between replays except what those buffers hold.
+//
+// A graph over contiguous caches bakes in their storage and capacity (a reallocating reserve
+// means a new graph). One over paged caches of one pool bakes in only the pool's storage, B and
+// the width W of the block tables it reads: any B sequences of the pool whose tables fit W
+// blocks replay it — the serving engine's decode steps, whose requests come and go. W is a power
+// of two (from 16 blocks) at least the longest table, so the attention's grid, sized for W
+// blocks per sequence (the chunks past a sequence's keys exit at once), stays within twice the
+// work the longest context needs, and a graph lasts until some context doubles.
 struct Model::DecodeGraph {
   int64_t B = 0;
-  std::vector<KvCache*> caches;
-  std::vector<const void*> storage;  // every cache's layer storage at capture
-  std::vector<int64_t> capacity;
-  Tensor in_host, in_dev;    // (3, B) I32: ids, positions, key counts after appending
   bool sample = false;         // the next token by Ops::sample instead of the argmax
+  bool paged = false;
+  int64_t W = 0;               // paged: block-table width
+  int block_size = 0;          // paged
+  std::vector<KvCache*> caches;      // this step's (contiguous: also the capture's)
+  std::vector<const void*> storage;  // every cache's layer storage at capture (paged: the pool's)
+  std::vector<int64_t> capacity;     // contiguous: every cache's capacity at capture
+  // (B) I32 each: ids, positions, key counts after appending; paged: storage rows, then the
+  // (B, W) block tables
+  Tensor in_host, in_dev;
   Tensor rows_host, rows_dev;  // (B * sizeof(SampleRow)) U8: each row's sampling, when sampling
   Tensor next_dev, next_host;  // (B) I32: the token chosen for each row
   Tensor logits;               // (B, vocab) F32
@@ -625,8 +648,8 @@ void Model::decode_body(DecodeGraph& g) {
   ops.copy_from_host(g.in_dev, g.in_host);
   if (g.sample) ops.copy_from_host(g.rows_dev, g.rows_host);
   const int32_t* in = g.in_dev.ptr<int32_t>();
-  Tensor ids = g.in_dev.slice_rows(0, 1).reshape({B});
-  Tensor positions = g.in_dev.slice_rows(1, 2).reshape({B});
+  Tensor ids = g.in_dev.slice_rows(0, B).reshape({B});
+  Tensor positions = g.in_dev.slice_rows(B, 2 * B).reshape({B});
   const int64_t half = w_->rope_inv_freq.numel();
   Tensor cos = ops.empty({B, half}), sin = ops.empty({B, half});
   ops.rope_tables(cos, sin, positions, w_->rope_inv_freq, w_->rope->attention_factor());
@@ -637,12 +660,19 @@ void Model::decode_body(DecodeGraph& g) {
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) {
       SeqSlice& s = seqs[size_t(b)];
-      s.cache = &g.caches[size_t(b)]->layer(l);
+      s.cache = &g.caches[size_t(b)]->layer(l);  // paged: the pool's storage, the same for every cache
       s.t0 = b;
       s.n = 1;
       s.pos_device = in + B + b;
       s.len_device = in + 2 * B + b;
-      s.capacity = g.caches[size_t(b)]->capacity();
+      if (g.paged) {
+        s.capacity = g.W * g.block_size;
+        s.rows = in + 3 * B + b;
+        s.block_table = in + 4 * B + b * g.W;
+        s.block_size = g.block_size;
+      } else {
+        s.capacity = g.caches[size_t(b)]->capacity();
+      }
     }
     decoder_layer_forward(ops, w_->layers[size_t(l)], c, options_.mla_mode, x, seqs, rope);
   }
@@ -677,6 +707,15 @@ void Model::check_sample_rows(const std::vector<SampleRow>& rows, size_t n, cons
   }
 }
 
+bool Model::graph_step_takes(const std::vector<KvCache*>& caches) const {
+  if (caches.empty()) return false;
+  const KvBlockPool* pool = caches[0]->pool();
+  for (const KvCache* kc : caches)
+    if (kc->pool() != pool || kc->n_layers() != w_->config.num_hidden_layers) return false;
+  // a paged graph reads the block tables of the latent cache (the absorbed mode's)
+  return !pool || options_.mla_mode == MlaMode::Absorbed;
+}
+
 std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                         const std::vector<SampleRow>* rows, const char* what) {
   FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), what, ": ", tokens.size(), " tokens for ",
@@ -684,64 +723,95 @@ std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, cons
   check_ids(tokens, "decode tokens");
   Ops& ops = *ops_;
   const int64_t B = int64_t(tokens.size());
+  check_caches(caches, what);
+  FATHOM_CHECK(graph_step_takes(caches), what, ": the caches mix paged and contiguous ones, or pools, or are not "
+               "the model's (paged ones step together in absorbed MLA mode only; step others with forward_batch)");
+  const bool paged = caches[0]->paged();
   std::vector<const void*> storage;
   std::vector<int64_t> capacity;
-  check_caches(caches, what);
+  int64_t longest = 0;  // paged: the longest block table after reserving
   for (int64_t b = 0; b < B; ++b) {
     KvCache& kc = *caches[size_t(b)];
-    FATHOM_CHECK(!kc.paged(), what, ": cache ", b, " is paged; the graph-replayed decode step takes contiguous caches "
-                 "(step paged ones with forward_batch)");
     kc.reserve(1);
+    if (paged) {
+      longest = std::max<int64_t>(longest, int64_t(kc.block_table().size()));
+      continue;
+    }
     for (const void* p : kc.storage()) storage.push_back(p);
     capacity.push_back(kc.capacity());
   }
-  DecodeGraph* g = graph_.get();
+  int64_t W = 0;
+  if (paged) {
+    storage = caches[0]->storage();
+    W = 16;
+    while (W < longest) W *= 2;
+  }
   const bool sample = rows != nullptr;
-  if (!g || g->B != B || g->sample != sample || g->caches != caches || g->storage != storage ||
-      g->capacity != capacity) {
-    graph_.reset();  // the old graph first: its buffers go back to the pool
-    graph_ = std::make_unique<DecodeGraph>();
-    g = graph_.get();
-    g->B = B;
-    g->caches = caches;
-    g->storage = storage;
-    g->capacity = capacity;
-    g->in_host = ops.pinned_host({3, B}, DType::I32);
-    g->in_dev = ops.empty({3, B}, DType::I32);
-    g->sample = sample;
+  auto fits = [&](const DecodeGraph& g) {
+    if (g.B != B || g.sample != sample || g.paged != paged || g.storage != storage) return false;
+    return paged ? g.W == W : g.caches == caches && g.capacity == capacity;
+  };
+  // the graph for this step: the most recently used first; a new one replaces the least recent
+  auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const auto& g) { return fits(*g); });
+  if (it == graphs_.end()) {
+    if (graphs_.size() >= kMaxDecodeGraphs) graphs_.pop_back();  // its buffers go back to the pool first
+    auto fresh = std::make_unique<DecodeGraph>();
+    DecodeGraph& g = *fresh;
+    g.B = B;
+    g.sample = sample;
+    g.paged = paged;
+    g.W = W;
+    g.block_size = paged ? caches[0]->block_size() : 0;
+    g.caches = caches;
+    g.storage = storage;
+    g.capacity = capacity;
+    const int64_t n_in = paged ? B * (4 + W) : 3 * B;
+    g.in_host = ops.pinned_host({n_in}, DType::I32);
+    g.in_dev = ops.empty({n_in}, DType::I32);
     if (sample) {
-      g->rows_host = ops.pinned_host({B * int64_t(sizeof(SampleRow))}, DType::U8);
-      g->rows_dev = ops.empty({B * int64_t(sizeof(SampleRow))}, DType::U8);
+      g.rows_host = ops.pinned_host({B * int64_t(sizeof(SampleRow))}, DType::U8);
+      g.rows_dev = ops.empty({B * int64_t(sizeof(SampleRow))}, DType::U8);
     }
-    g->next_dev = ops.empty({B}, DType::I32);
-    g->next_host = ops.pinned_host({B}, DType::I32);
-    g->logits = ops.empty({B, w_->config.vocab_size});
+    g.next_dev = ops.empty({B}, DType::I32);
+    g.next_host = ops.pinned_host({B}, DType::I32);
+    g.logits = ops.empty({B, w_->config.vocab_size});
     if (ops.capture_begin()) {
       try {
-        decode_body(*g);
+        decode_body(g);
       } catch (...) {
         ops.capture_end();
-        graph_.reset();
         throw;
       }
-      g->graph = ops.capture_end();
+      g.graph = ops.capture_end();
     }
+    graphs_.insert(graphs_.begin(), std::move(fresh));
+  } else if (it != graphs_.begin()) {
+    std::rotate(graphs_.begin(), it, it + 1);
   }
-  int32_t* in = g->in_host.ptr<int32_t>();
+  DecodeGraph& g = *graphs_.front();
+  g.caches = caches;
+  int32_t* in = g.in_host.ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t pos = caches[size_t(b)]->length();
+    const KvCache& kc = *caches[size_t(b)];
+    const int64_t pos = kc.length();
     in[b] = tokens[size_t(b)];
     in[B + b] = int32_t(pos);
     in[2 * B + b] = int32_t(pos + 1);
+    if (!paged) continue;
+    in[3 * B + b] = int32_t(kc.row(pos));
+    const std::vector<int32_t>& table = kc.block_table();
+    int32_t* t = in + 4 * B + b * W;
+    std::copy(table.begin(), table.end(), t);
+    std::fill(t + table.size(), t + W, 0);  // past the keys: never read
   }
-  if (sample) std::memcpy(g->rows_host.data(), rows->data(), size_t(B) * sizeof(SampleRow));
-  if (g->graph)
-    ops.replay(g->graph);
+  if (sample) std::memcpy(g.rows_host.data(), rows->data(), size_t(B) * sizeof(SampleRow));
+  if (g.graph)
+    ops.replay(g.graph);
   else
-    decode_body(*g);
+    decode_body(g);
   ops.synchronize();
   for (KvCache* kc : caches) kc->advance(1);
-  const int32_t* next = g->next_host.ptr<int32_t>();
+  const int32_t* next = g.next_host.ptr<int32_t>();
   return std::vector<int32_t>(next, next + B);
 }
 

@@ -57,6 +57,9 @@ struct AttnLaunch {
   // merge_items[x].x, whose own fields (n_q, out, n_chunks, the partials) come from seqs.
   const MlaSeq* seqs = nullptr;
   const int2* merge_items = nullptr;
+  // The merge of a uniform latent batch (attention_mla.cuh): block x merges pair x % (n_q *
+  // n_q_heads) of sequence x / (n_q * n_q_heads), over the chunks its key count made run.
+  MlaUniform u;
 };
 
 template <typename T> struct KvType;
@@ -307,6 +310,13 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
     a.part_o = sq.part_o;
     a.part_ml = sq.part_ml;
     pair = it.y;
+  } else if (a.u.n_seqs) {
+    const int64_t pairs = a.p.n_q * a.p.n_q_heads, seq = pair / pairs;
+    pair %= pairs;
+    take_uniform_seq(a.p, a.part_o, a.part_ml, a.u, seq);
+    const int64_t keys = min(int64_t(*a.p.kv_len), a.p.n_kv);
+    const int64_t ran = (keys + a.chunk - 1) / a.chunk;  // chunk 0 ran even without keys
+    a.n_chunks = int(ran < 1 ? 1 : ran < a.n_chunks ? ran : a.n_chunks);
   }
   const AttentionParams& p = a.p;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -376,7 +386,9 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
 }
 
 void launch_merge(const AttnLaunch& m, cudaStream_t s, int64_t n_items = 0) {
-  const dim3 grid(unsigned(m.merge_items ? n_items : m.p.n_q * m.p.n_q_heads), unsigned(ceil_div(m.p.d_v, kMergeDims)));
+  const int64_t pairs = m.p.n_q * m.p.n_q_heads;
+  const dim3 grid(unsigned(m.merge_items ? n_items : m.u.n_seqs ? m.u.n_seqs * pairs : pairs),
+                  unsigned(ceil_div(m.p.d_v, kMergeDims)));
   launch_kernel(attention_merge_kernel, grid, kMergeThreads, 0, s, m);
   check_launch("attention_merge_kernel");
 }
@@ -549,6 +561,75 @@ void attention_latent_batch(const std::vector<AttentionParams>& ps, cudaStream_t
   launch_merge(m, s, int64_t(merge_items.size()));
 }
 
+// Whether ps is a uniform batch (MlaUniform): the latent shape, key counts on the device, the
+// same queries per sequence and key bound, and every pointer a fixed stride from the first's.
+bool uniform_batch(const std::vector<AttentionParams>& ps) {
+  if (ps.size() < 2) return false;
+  const AttentionParams& f = ps[0];
+  const int64_t dq = ps[1].q - f.q, dout = ps[1].out - f.out;
+  const int64_t dt = f.block_table && ps[1].block_table ? ps[1].block_table - f.block_table : 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const AttentionParams& p = ps[i];
+    const int64_t n = int64_t(i);
+    const bool fields = mla_supported(p) && p.kv_len && p.n_q > 0 && p.n_q == f.n_q && p.n_kv == f.n_kv &&
+                        p.k == f.k && p.k_token_stride == f.k_token_stride && p.k_head_stride == f.k_head_stride &&
+                        p.q_token_stride == f.q_token_stride && p.q_head_stride == f.q_head_stride &&
+                        p.out_token_stride == f.out_token_stride && p.out_head_stride == f.out_head_stride &&
+                        p.n_q_heads == f.n_q_heads && p.n_kv_heads == f.n_kv_heads && p.scale == f.scale &&
+                        p.causal == f.causal && p.block_size == f.block_size &&
+                        (p.block_table != nullptr) == (f.block_table != nullptr);
+    if (!fields || p.q != f.q + n * dq || p.out != f.out + n * dout || p.kv_len != f.kv_len + n ||
+        (p.block_table && p.block_table != f.block_table + n * dt))
+      return false;
+  }
+  return true;
+}
+
+// A uniform batch in one latent launch and one merge, the grid sized for every sequence's key
+// bound (the blocks past its key count exit), the keys split so that the bound's blocks fill
+// the GPU twice over: with the bound at most twice the longest context (the graph-replayed step
+// rounds it so), about the split attention_latent_batch would choose.
+void attention_latent_uniform(const std::vector<AttentionParams>& ps, cudaStream_t s) {
+  const AttentionParams& p0 = ps[0];
+  MlaLaunch a;
+  a.p = p0;
+  a.group = p0.n_q_heads / p0.n_kv_heads;
+  a.rows = p0.n_q * a.group;
+  a.vec_q = true;
+  for (const AttentionParams& p : ps)
+    a.vec_q = a.vec_q && aligned16(p.q) && p.q_token_stride % 4 == 0 && p.q_head_stride % 4 == 0;
+  const int64_t B = int64_t(ps.size()), row_tiles = ceil_div(a.rows, kMlaRows);
+  FATHOM_CHECK(a.rows < (int64_t(1) << 31) && p0.n_kv < (int64_t(1) << 31), "attention: ", p0.n_q, " queries x ",
+               a.group, " heads or ", p0.n_kv, " keys is too many for one launch.");
+  const KeySplit split = split_keys(p0, kMlaKeys, B * row_tiles * p0.n_kv_heads, 2 * int64_t(sm_count()));
+  a.chunk = split.chunk;
+  a.n_chunks = split.n_chunks;
+  MlaUniform& u = a.u;
+  u.n_seqs = int(B);
+  u.row_tiles = row_tiles;
+  u.q = ps[1].q - p0.q;
+  u.out = ps[1].out - p0.out;
+  u.table = p0.block_table ? ps[1].block_table - p0.block_table : 0;
+  const int64_t items = B * row_tiles * a.n_chunks;
+  FATHOM_CHECK(items < (int64_t(1) << 31), "attention: a batch of ", items, " blocks is too many for one launch.");
+  if (a.n_chunks == 1) return mla_attention(a, s, items);
+  const size_t per_seq = partial_bytes(p0, a.n_chunks) / sizeof(float);
+  StreamScratch work(size_t(B) * per_seq * sizeof(float), s, "attention (uniform batch partials)");
+  u.part_o = int64_t(a.n_chunks) * p0.n_q * p0.n_q_heads * p0.d_v;
+  u.part_ml = int64_t(a.n_chunks) * p0.n_q * p0.n_q_heads * 2;
+  a.part_o = work.as<float>();
+  a.part_ml = a.part_o + B * u.part_o;
+  mla_attention(a, s, items);
+  AttnLaunch m;
+  m.p = p0;
+  m.chunk = a.chunk;
+  m.n_chunks = a.n_chunks;
+  m.part_o = a.part_o;
+  m.part_ml = a.part_ml;
+  m.u = u;
+  launch_merge(m, s);
+}
+
 }  // namespace
 
 void attention_setup() {
@@ -635,7 +716,8 @@ void attention_batch(const std::vector<AttentionParams>& ps, Stream stream) {
   const cudaStream_t s = as_cuda(stream);
   // One launch when every sequence has the latent shape over one cache with the same layout (a
   // decode step of absorbed MLA), its keys counted on the host, and no graph is being recorded;
-  // else one call per sequence.
+  // or, with the keys counted on the device, a uniform batch (a graph-replayed step); else one
+  // call per sequence.
   bool together = ps.size() > 1 && g_latent_attention && !capturing(s);
   for (size_t i = 0; together && i < ps.size(); ++i) {
     const AttentionParams& p = ps[i];
@@ -648,6 +730,7 @@ void attention_batch(const std::vector<AttentionParams>& ps, Stream stream) {
                (p.block_table != nullptr) == (f.block_table != nullptr) && p.q_pos0 >= 0;
   }
   if (!together) {
+    if (g_latent_attention && uniform_batch(ps)) return attention_latent_uniform(ps, s);
     for (const AttentionParams& p : ps) attention(p, stream);
     return;
   }

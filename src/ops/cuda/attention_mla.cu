@@ -145,7 +145,8 @@ __device__ inline void prefetch_chunk(const MlaLaunch& a, int g, int c) {
   }
 }
 
-// grid (ceil(rows / 16), n_kv_heads, n_chunks), or batched (items, n_kv_heads, 1).
+// grid (ceil(rows / 16), n_kv_heads, n_chunks), or batched (items, n_kv_heads, 1), or a uniform
+// batch (n_chunks * n_seqs * row tiles, n_kv_heads, 1).
 template <int STAGES>
 __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   int tile_x = blockIdx.x, c = blockIdx.z;
@@ -154,6 +155,15 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
     take_seq(a, a.seqs[it.x]);
     tile_x = it.y;
     c = it.z;
+  } else if (a.u.n_seqs) {  // uniform batch: (chunk, sequence, row tile) from the block index
+    const int64_t per_chunk = int64_t(a.u.n_seqs) * a.u.row_tiles;
+    const int64_t r = blockIdx.x % per_chunk, seq = r / a.u.row_tiles;
+    c = int(blockIdx.x / per_chunk);
+    tile_x = int(r % a.u.row_tiles);
+    take_uniform_seq(a.p, a.part_o, a.part_ml, a.u, seq);
+    // the key count was copied in before the step's first kernel (see prefetch_chunk); chunk 0
+    // always runs (so that the grid waits on the kernel before it), the others only over keys
+    if (c > 0 && int64_t(c) * a.chunk >= min(int64_t(*a.p.kv_len), a.p.n_kv)) return;
   }
   if (threadIdx.x == 0) prefetch_chunk(a, blockIdx.y, c);
   pdl_wait();
@@ -449,7 +459,7 @@ bool mla_supported(const AttentionParams& p) {
 
 void mla_attention(const MlaLaunch& a, cudaStream_t stream, int64_t n_items) {
   mla_setup();
-  const dim3 grid = a.items ? dim3(unsigned(n_items), unsigned(a.p.n_kv_heads), 1u)
+  const dim3 grid = a.items || a.u.n_seqs ? dim3(unsigned(n_items), unsigned(a.p.n_kv_heads), 1u)
                             : dim3(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
   if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin())) {
     launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);

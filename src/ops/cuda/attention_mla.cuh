@@ -29,6 +29,21 @@ struct MlaSeq {
   float* part_ml = nullptr;
 };
 
+// A uniform batch (attention_batch for a graph-replayed decode step, whose key counts are read
+// on the device): n_seqs sequences with the same n_q, key bound p.n_kv and split, whose fields
+// step by fixed strides from a.p's — sequence i's q is p.q + i * q, out p.out + i * out, block
+// table p.block_table + i * table, key count p.kv_len[i], partials part_o + i * part_o (and
+// part_ml likewise) — so no descriptor table is built on the host (nothing a replay would have
+// to upload again). Block x is (chunk, sequence, row tile), chunk-major: the chunks past a
+// sequence's keys (the grid covers the bound) exit at once, and the merge takes only the chunks
+// that ran.
+struct MlaUniform {
+  int n_seqs = 0;  // 0: not a uniform batch
+  int64_t row_tiles = 0;
+  int64_t q = 0, out = 0, table = 0;  // strides between sequences, in elements
+  int64_t part_o = 0, part_ml = 0;    // floats of partials per sequence
+};
+
 struct MlaLaunch {
   AttentionParams p;
   int group = 1;     // query heads per KV head
@@ -40,6 +55,7 @@ struct MlaLaunch {
   bool vec_q = false;  // Q rows 16-byte aligned: float4 loads
   const MlaSeq* seqs = nullptr;  // batched: the sequences (device memory)
   const int4* items = nullptr;   // batched: block x's (sequence, row tile, chunk) (device memory)
+  MlaUniform u;                  // a uniform batch (items null)
 };
 
 // A sequence's fields of s set into a (the batched kernels' first step).
@@ -55,6 +71,17 @@ __device__ inline void take_seq(MlaLaunch& a, const MlaSeq& s) {
   a.n_chunks = s.n_chunks;
   a.part_o = s.part_o;
   a.part_ml = s.part_ml;
+}
+
+// Sequence `seq`'s fields of a uniform batch set into a.p and a's partials.
+__device__ inline void take_uniform_seq(AttentionParams& p, float*& part_o, float*& part_ml, const MlaUniform& u,
+                                        int64_t seq) {
+  p.q += seq * u.q;
+  p.out += seq * u.out;
+  if (p.block_table) p.block_table += seq * u.table;
+  p.kv_len += seq;
+  if (part_o) part_o += seq * u.part_o;
+  if (part_ml) part_ml += seq * u.part_ml;
 }
 
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
