@@ -9,7 +9,8 @@
 // top-k routed experts, the router, the LM head) and the latent cache of the context:
 //     roofline tokens/s = copy bandwidth / (active weight bytes + latent KV bytes per step).
 // Decode steps are Model::decode_greedy (a CUDA graph per step, argmax on the GPU) over B
-// sequences; batch 1 is also timed without the graph (forward_batch, host-launched ops, logits
+// sequences — batch 1 over a contiguous cache, larger batches over paged caches of one pool
+// (blocks of 16 tokens), as the serving engine keeps them; batch 1 is also timed without the graph (forward_batch, host-launched ops, logits
 // downloaded) to show what the graph saves, and with GPU sampling (temperature, top-k, top-p)
 // instead of the argmax. Prefill runs one prompt.
 //
@@ -140,13 +141,20 @@ int main(int argc, char** argv) {
         for (const std::string& bs : split(batches)) {
           const int64_t B = std::atol(bs.c_str());
           FATHOM_CHECK(B >= 1 && B <= 1024, "batch size ", bs, " is out of range");
+          const int64_t per_seq = n_prompt + n_decode + 4, block = 16;
           std::vector<KvCache> caches;
-          for (int64_t b = 0; b < B; ++b) caches.push_back(m->new_cache(n_prompt + n_decode + 4));
+          std::shared_ptr<KvBlockPool> pool;
+          if (B > 1) pool = m->new_block_pool(B * (per_seq + block), int(block));
+          for (int64_t b = 0; b < B; ++b) {
+            if (pool) caches.emplace_back(pool);
+            else caches.push_back(m->new_cache(per_seq));
+          }
           std::vector<KvCache*> ptrs;
           for (auto& k : caches) ptrs.push_back(&k);
           std::vector<std::vector<int32_t>> step;
           for (int64_t b = 0; b < B; ++b) step.push_back(prompt_ids(n_prompt, V, b + 2));
-          for (auto& k : caches) k.reserve(n_prompt + n_decode + 4);
+          if (!pool)
+            for (auto& k : caches) k.reserve(per_seq);
           Tensor logits = m->forward_batch(step, ptrs);  // the prompts (untimed)
           std::vector<int32_t> next;
           for (int64_t b = 0; b < B; ++b) next.push_back(argmax(logits.f32() + b * V, V));

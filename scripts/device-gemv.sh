@@ -16,7 +16,8 @@
 # instead of a build there.
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step) and
 # bench_serve_engine --repeat (the same at 32 requests).
-# --modes: the FATHOM_GEMV values to run (default simt,mma; auto is what runs when it is unset).
+# --modes: the FATHOM_GEMV values to run (default simt,mma; auto is what runs when it is unset),
+# each optionally with more environment settings after colons (auto:FATHOM_NO_PDL=1).
 # --serve-graphs: bench_serve_engine with its decode steps as replayed CUDA graphs (on, the
 # default) and/or eagerly (off).
 set -euo pipefail
@@ -55,7 +56,10 @@ t2=$(date +%s)
 tok="$shared/deepseek-v3-tokenizer/tokenizer.json"
 [ "$bench" = 1 ] || modes=""
 for mode in $modes; do
-  env=(FATHOM_GEMV="$mode")
+  # a mode may carry more settings after colons: auto:FATHOM_NO_PDL=1
+  IFS=: read -r -a parts <<<"$mode"
+  env=(FATHOM_GEMV="${parts[0]}" "${parts[@]:1}")
+  mode=$(echo "$mode" | tr ':=' '_-')
   echo "== bench_cuda_decode ($mode)"
   env "${env[@]}" timeout 300 "$bin"/bench_cuda_decode --models v3-4.9b --dtypes bf16,fp8 --batches 1,8,32 \
     "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"
@@ -74,8 +78,9 @@ done
   echo
   echo "## device-gemv $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   echo "build $((t1 - t0)) s; GPU tests rc $trc in $((t2 - t1)) s: $(grep -hE '^\[  PASSED|^\[  FAILED' /tmp/device-gemv-tests.log 2>/dev/null | tr '\n' ' ')"
-  grep -h "copy bandwidth" /tmp/gemv-decode-mma.log 2>/dev/null | head -1 || true
+  grep -h "copy bandwidth" /tmp/gemv-decode-*.log 2>/dev/null | head -1 || true
   for mode in $modes; do
+    mode=$(echo "$mode" | tr ':=' '_-')
     echo "### GEMV: $mode"
     sed -n '/^model  /,$p' "/tmp/gemv-decode-$mode.log" | grep -v "copy bandwidth" || true
     for dt in bf16 fp8; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, here, the programs a GPU-machine script runs, for any x86-64 (no -march=native) and
-# sm_90a only, and packs them into the git-ignored device-bin/ (bin.tar.xz, ~10 MB for the three
+# sm_90a only, and packs them into the git-ignored device-bin/ (bin.tar.xz, ~6 MB for the three
 # below). The device scripts (device-gemv.sh, device-serve.sh) use device-bin/ instead of
 # building there when it is carried — carry ["device-serve-data", "device-bin"] — because a full
 # build on the GPU machine's file system outran two 10-minute calls (2026-11-30). The reference
@@ -17,5 +17,5 @@ cmake -S . -B build/devbin -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON
   -DCMAKE_CUDA_ARCHITECTURES=90a -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-serve/shared/data >/dev/null
 ninja -C build/devbin "${targets[@]}" >/dev/null
 rm -rf device-bin && mkdir -p device-bin
-tar -C build/devbin -cf - "${targets[@]}" | xz -T0 -6 >device-bin/bin.tar.xz
+tar -C build/devbin -cf - "${targets[@]}" | xz -T0 -9 >device-bin/bin.tar.xz  # -9: a 64 MiB window sees the three programs' shared CUDA code
 echo "device-pack: ${targets[*]} packed ($(du -sh device-bin | cut -f1)) from commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests bench || echo ' + changes'); carry [\"device-serve-data\", \"device-bin\"]"

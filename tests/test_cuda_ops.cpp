@@ -438,12 +438,14 @@ TEST_F(CudaOps, MatmulBatch) {
       EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
     }
     // runs of one dtype and M share a launch (q_a and kv_a of MLA), up to four jobs per launch
-    for (DType dt : {DType::BF16, DType::F8_E4M3}) {
+    // (GEMVs, M <= 8) or two (the tensor cores' 9-to-64-row matmul: K 256 and 2048, sliced)
+    for (DType dt : {DType::BF16, DType::F8_E4M3})
+    for (int64_t K : {256, 2048}) {
       std::vector<LinearWeight> host, dev;
-      for (int64_t n : {768, 576, 33, 130, 1}) host.push_back(random_weight(n, 256, dt));
+      for (int64_t n : {768, 576, 33, 130, 1}) host.push_back(random_weight(n, K, dt));
       for (const LinearWeight& w : host) dev.push_back(up(w));
-      for (int64_t M : {1, 5}) {
-        Tensor x = randn({M, 256}), dx = up(x);
+      for (int64_t M : {1, 5, 20, 40}) {
+        Tensor x = randn({M, K}), dx = up(x);
         std::vector<Tensor> want, got;
         std::vector<MatmulJob> cj, gj;
         for (size_t i = 0; i < host.size(); ++i) {
@@ -457,7 +459,7 @@ TEST_F(CudaOps, MatmulBatch) {
         cpu_->matmul_batch(cj);
         gpu_->matmul_batch(gj);
         for (size_t i = 0; i < host.size(); ++i)
-          EXPECT_LT(max_err(down(got[i]), want[i]), 1e-4) << dtype_name(dt) << " M " << M << " job " << i;
+          EXPECT_LT(max_err(down(got[i]), want[i]), 1e-4) << dtype_name(dt) << " K " << K << " M " << M << " job " << i;
       }
     }
   }

@@ -371,32 +371,105 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
 // blocks fill the GPU twice) write partial sums that skinny_reduce_kernel adds up in slice order
 // (deterministic). The weight is read once for 32 rows (twice for 33 to 64), in or out of a
 // graph, for BF16, F16 and FP8 weights; an input norm is applied inside (its factor at the end).
+// Up to kMaxSkinnyJobs weights that read the same x (MLA's q_a and kv_a) share the two launches:
+// the blocks of the jobs one after the other along x, one slicing of K for all.
 // (Adding the slices up in the last block of each row block instead, to save the second launch,
-// measured 3.5x slower on the H200: that one block's serial L2 reads became the kernel's tail.)
+// measured 3.5x slower on the H200: that one block's serial L2 reads became the kernel's tail;
+// in a thread-block cluster of the row block's slices through distributed shared memory, 14.9
+// to 16.2 us per matmul against 10.1 + 4.3 for the two launches: bench/RESULTS.md, 2026-11-30.)
 constexpr int kSkinnyMaxM = 32;         // x rows per launch
 constexpr int kSkinnySmem = 96 * 1024;  // x staging
+constexpr int kMaxSkinnyJobs = 2;
 
-template <DType D, int NT, bool NORM>
-__global__ void __launch_bounds__(kMmaThreads, 2)
-    mma_skinny_kernel(MatmulParams p, SkinnySlices sl, int chunk, bool vec_x) {
-  pdl_wait();
-  FATHOM_MMA_SHARED(sh, chunk, p.M);
-  mma_skinny_block<D, NT, NORM>(p, int(blockIdx.z), int(blockIdx.x), int(blockIdx.y), chunk, vec_x, sl, sh);
+struct SkinnyJobs {
+  MatmulParams job[kMaxSkinnyJobs];
+  int64_t block_end[kMaxSkinnyJobs];  // job j's row blocks end (exclusive) at block_end[j]
+  int64_t out_end[kMaxSkinnyJobs];    // job j's M * N partial sums per slice end at out_end[j]
+  int n = 0;
+};
+
+// Block x's job and its row block there.
+__device__ inline int skinny_job(const SkinnyJobs& jobs, int64_t& rb) {
+  int j = 0;
+  while (j + 1 < jobs.n && int64_t(blockIdx.x) >= jobs.block_end[j]) ++j;
+  rb = int64_t(blockIdx.x) - (j ? jobs.block_end[j - 1] : 0);
+  return j;
 }
 
-template <bool NORM>
-__global__ void skinny_reduce_kernel(MatmulParams p, SkinnySlices sl) {
+// The block's weights — row block rb's rows over slice blockIdx.y of K, batch entry blockIdx.z —
+// into L2, one row segment per thread, before the kernel waits for the one before it (no kernel
+// writes weights): their memory latency passes while that one finishes.
+template <DType D>
+__device__ inline void skinny_prefetch(const MatmulParams& p, int64_t rb, const SkinnySlices& sl) {
+  constexpr int E = ElemSize<D>::value;
+  const int64_t n = rb * kSkinnyRows + threadIdx.x;
+  const int64_t k0 = int64_t(blockIdx.y) * sl.slice, k1 = min(p.K, k0 + sl.slice);
+  if (int(threadIdx.x) < kSkinnyRows && n < p.N && k1 > k0)
+    prefetch_l2(static_cast<const uint8_t*>(p.w) + (int64_t(blockIdx.z) * p.w_batch_stride + n * p.K + k0) * E,
+                uint64_t(k1 - k0) * E);
+}
+
+// grid (Σ row blocks, slices, batch), block kMmaThreads. sl.part: job j's sums from
+// slice * out_end[n-1] + (j ? out_end[j-1] : 0), (batch, M, N) each.
+template <DType D, int NT, bool NORM>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    mma_skinny_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl, int chunk, bool vec_x) {
+  int64_t rb = 0;
+  const int j = skinny_job(jobs, rb);
+  const MatmulParams& p = jobs.job[j];
+  skinny_prefetch<D>(p, rb, sl);
   pdl_wait();
-  const int64_t n = p.M * p.N * p.batch;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    skinny_reduce_one<NORM>(p, sl, i);
+  FATHOM_MMA_SHARED(sh, chunk, p.M);
+  SkinnySlices mine = sl;
+  if (sl.slices > 1) {
+    mine.part = sl.part + int64_t(blockIdx.y) * jobs.out_end[jobs.n - 1] * p.batch +
+                (j ? jobs.out_end[j - 1] : 0) * p.batch - int64_t(blockIdx.y) * p.batch * p.M * p.N;
+    if (j > 0) mine.part_ss = nullptr;  // the jobs share x: job 0 keeps the squares
+  }
+  mma_skinny_block<D, NT, NORM>(p, int(blockIdx.z), int(rb), int(blockIdx.y), chunk, vec_x, mine, sh);
+}
+
+// Element i of every job's output (the jobs one after the other): the slices' sums in slice
+// order, times the row's norm factor (NORM), as mma_skinny_block writes them with one slice.
+template <bool NORM>
+__global__ void skinny_reduce_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl) {
+  pdl_wait();
+  constexpr int kAhead = 8;  // slices whose loads are in flight together (each an L2 round trip)
+  const int64_t total = jobs.out_end[jobs.n - 1] * jobs.job[0].batch;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int j = 0;
+    while (j + 1 < jobs.n && i >= jobs.out_end[j] * jobs.job[0].batch) ++j;
+    const MatmulParams& p = jobs.job[j];
+    const int64_t per = p.M * p.N, local = i - (j ? jobs.out_end[j - 1] * p.batch : 0);
+    const int64_t b = local / per, m = (local % per) / p.N, c = local % p.N;
+    const float* src = sl.part + i;
+    const int64_t stride = total;  // one slice's sums of every job
+    float v = 0.f;
+    for (int s0 = 0; s0 < sl.slices; s0 += kAhead) {
+      float t[kAhead];
+#pragma unroll
+      for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < sl.slices ? __ldcg(src + int64_t(s0 + q) * stride) : 0.f;
+#pragma unroll
+      for (int q = 0; q < kAhead; ++q)
+        if (s0 + q < sl.slices) v += t[q];
+    }
+    if constexpr (NORM) {
+      float ss = 0.f;
+      for (int q = 0; q < sl.slices; ++q) ss += sl.part_ss[int64_t(q) * p.M + m];
+      v *= norm_scale(ss, p.K, p.eps);
+    }
+    float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
+    o = p.accumulate ? o + v : v;
+  }
 }
 
 template <DType D, int NT>
-void launch_skinny(const MatmulParams& p, const SkinnySlices& sl, dim3 grid, size_t smem, int chunk, bool vec_x,
+void launch_skinny(const SkinnyJobs& jobs, const SkinnySlices& sl, dim3 grid, size_t smem, int chunk, bool vec_x,
                    cudaStream_t s) {
-  if (p.norm) launch_kernel(mma_skinny_kernel<D, NT, true>, grid, kMmaThreads, smem, s, p, sl, chunk, vec_x);
-  else launch_kernel(mma_skinny_kernel<D, NT, false>, grid, kMmaThreads, smem, s, p, sl, chunk, vec_x);
+  if (jobs.job[0].norm)
+    launch_kernel(mma_skinny_kernel<D, NT, true>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
+  else
+    launch_kernel(mma_skinny_kernel<D, NT, false>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
 }
 
 template <DType D>
@@ -416,16 +489,36 @@ bool skinny_takes(const MatmulParams& p) {
   return aligned16(p.w) && p.w_batch_stride * E % 16 == 0;
 }
 
+// Whether skinny job q can share job p's launches: the same x rows (and norm), dtype and K.
+bool skinny_joins(const MatmulParams& p, const MatmulParams& q) {
+  return skinny_takes(q) && q.x == p.x && q.ldx == p.ldx && q.M == p.M && q.K == p.K && q.w_dtype == p.w_dtype &&
+         q.norm == p.norm && q.eps == p.eps && q.batch == 1 && p.batch == 1 && q.block == p.block;
+}
+
+// ps[0..n): skinny jobs (skinny_joins ps[0] for n > 1).
 template <DType D>
-void run_skinny(const MatmulParams& p_in, cudaStream_t s) {
+void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s) {
   allow_skinny_smem<D>();
-  for (int64_t r = 0; r < p_in.M; r += kSkinnyMaxM) {
-    MatmulParams p = p_in;
-    p.M = std::min<int64_t>(kSkinnyMaxM, p_in.M - r);
-    p.x = p_in.x + r * p_in.ldx;
-    p.out = p_in.out + r * p_in.ldo;
+  FATHOM_ASSERT(n >= 1 && n <= kMaxSkinnyJobs, "run_skinny: ", n, " jobs");
+  const MatmulParams& p0 = ps_in[0];
+  for (int64_t r = 0; r < p0.M; r += kSkinnyMaxM) {
+    SkinnyJobs jobs;
+    jobs.n = n;
+    int64_t row_blocks = 0, outs = 0;
+    for (int j = 0; j < n; ++j) {
+      MatmulParams& p = jobs.job[j];
+      p = ps_in[j];
+      p.M = std::min<int64_t>(kSkinnyMaxM, ps_in[j].M - r);
+      p.x = ps_in[j].x + r * ps_in[j].ldx;
+      p.out = ps_in[j].out + r * ps_in[j].ldo;
+      row_blocks += ceil_div(p.N, kSkinnyRows);
+      jobs.block_end[j] = row_blocks;
+      outs += p.M * p.N;
+      jobs.out_end[j] = outs;
+    }
+    const MatmulParams& p = jobs.job[0];
     SkinnySlices sl;
-    const int64_t row_blocks = ceil_div(p.N, kSkinnyRows), k_units = ceil_div(p.K, kMmaUnit);
+    const int64_t k_units = ceil_div(p.K, kMmaUnit);
     const int64_t want = std::clamp<int64_t>(ceil_div(2 * int64_t(sm_count()), row_blocks * p.batch), 1, k_units);
     const int64_t slice_units = ceil_div(k_units, want);
     sl.slices = int(ceil_div(k_units, slice_units));
@@ -434,7 +527,7 @@ void run_skinny(const MatmulParams& p_in, cudaStream_t s) {
     const bool vec_x = aligned16(p.x) && p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0;
     std::optional<StreamScratch> part;
     if (sl.slices > 1) {
-      const size_t sums = size_t(sl.slices) * size_t(p.batch * p.M * p.N), squares = size_t(sl.slices * p.M);
+      const size_t sums = size_t(sl.slices) * size_t(p.batch * outs), squares = size_t(sl.slices * p.M);
       part.emplace((sums + squares) * sizeof(float), s, "matmul (skinny partial sums)");
       sl.part = part->as<float>();
       sl.part_ss = sl.part + sums;
@@ -442,16 +535,16 @@ void run_skinny(const MatmulParams& p_in, cudaStream_t s) {
     const dim3 grid(unsigned(row_blocks), unsigned(sl.slices), unsigned(p.batch));
     const size_t smem = mma_smem_bytes(chunk, int(p.M));
     switch (ceil_div(p.M, 8)) {
-      case 1: launch_skinny<D, 1>(p, sl, grid, smem, chunk, vec_x, s); break;
-      case 2: launch_skinny<D, 2>(p, sl, grid, smem, chunk, vec_x, s); break;
-      case 3: launch_skinny<D, 3>(p, sl, grid, smem, chunk, vec_x, s); break;
-      default: launch_skinny<D, 4>(p, sl, grid, smem, chunk, vec_x, s);
+      case 1: launch_skinny<D, 1>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      case 2: launch_skinny<D, 2>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      case 3: launch_skinny<D, 3>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      default: launch_skinny<D, 4>(jobs, sl, grid, smem, chunk, vec_x, s);
     }
     check_launch("matmul (mma_skinny_kernel)");
     if (sl.slices > 1) {
-      const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.M * p.N * p.batch, 256), 1024));
-      if (p.norm) launch_kernel(skinny_reduce_kernel<true>, blocks, 256, 0, s, p, sl);
-      else launch_kernel(skinny_reduce_kernel<false>, blocks, 256, 0, s, p, sl);
+      const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(outs * p.batch, 256), 1024));
+      if (p.norm) launch_kernel(skinny_reduce_kernel<true>, blocks, 256, 0, s, jobs, sl);
+      else launch_kernel(skinny_reduce_kernel<false>, blocks, 256, 0, s, jobs, sl);
       check_launch("matmul (skinny_reduce_kernel)");
     }
   }
@@ -486,7 +579,7 @@ bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
   }
   if constexpr (D != DType::F32) {
     if (skinny_takes(p)) {
-      run_skinny<D>(p, s);
+      run_skinny<D>(&p, 1, s);
       return false;
     }
   }
@@ -575,6 +668,17 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
   const cudaStream_t s = as_cuda(stream);
   int i = 0;
   while (i < n) {
+    // two 9-to-64-row matmuls of the same x (MLA's q_a and kv_a) share the skinny launches
+    if (i + 1 < n && check_params(ps[i]) && check_params(ps[i + 1]) && skinny_takes(ps[i]) &&
+        skinny_joins(ps[i], ps[i + 1])) {
+      switch (ps[i].w_dtype) {
+        case DType::BF16: run_skinny<DType::BF16>(ps + i, 2, s); break;
+        case DType::F16: run_skinny<DType::F16>(ps + i, 2, s); break;
+        default: run_skinny<DType::F8_E4M3>(ps + i, 2, s); break;
+      }
+      i += 2;
+      continue;
+    }
     // a run of GEMVs that can share a launch: one dtype, the same M <= 8, K > 0, no batch
     auto joins = [&](const MatmulParams& p) {
       return p.M >= 1 && p.M <= 8 && p.N > 0 && p.K > 0 && p.batch == 1 && p.M == ps[i].M && p.w_dtype == ps[i].w_dtype &&

@@ -128,57 +128,74 @@ template <DType D, bool NORM, class XRow>
 __device__ inline void mma_stage_x(const MmaShared& sh, XRow xrow, int M, int64_t k0, int chunk, int64_t K,
                                    const float* __restrict__ g, bool vec) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int units = chunk / kMmaUnit, stride = chunk + 8;
-  for (int item = warp; item < M * units; item += kMmaWarps) {
-    const int m = item / units, u = item % units;
-    const int64_t k = k0 + int64_t(u) * kMmaUnit + lane * 4;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    float sq = 0.f;
-    if (k < K) {  // K % 16 == 0: four columns are all in or all out
-      const float* src = xrow(m) + k;
-      if (vec) {
-        const float4 f = __ldg(reinterpret_cast<const float4*>(src));
-        v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-      } else {
+  const int units = chunk / kMmaUnit, stride = chunk + 8, items = M * units;
+  // A warp's items kAhead at a time, their loads all issued before any is used: x was just
+  // written by the kernel before, so each load is an L2 round trip, and a chain of them per
+  // warp was most of a small matmul's time.
+  constexpr int kAhead = 4;
+  for (int base = warp; base < items; base += kMmaWarps * kAhead) {
+    float va[kAhead][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = __ldg(src + i);
+    for (int a = 0; a < kAhead; ++a) {
+      const int item = base + a * kMmaWarps;
+      const int m = item / units, u = item % units;
+      const int64_t k = k0 + int64_t(u) * kMmaUnit + lane * 4;
+      va[a][0] = va[a][1] = va[a][2] = va[a][3] = 0.f;
+      if (item < items && k < K) {  // K % 16 == 0: four columns are all in or all out
+        const float* src = xrow(m) + k;
+        if (vec) {
+          const float4 f = __ldg(reinterpret_cast<const float4*>(src));
+          va[a][0] = f.x, va[a][1] = f.y, va[a][2] = f.z, va[a][3] = f.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) va[a][i] = __ldg(src + i);
+        }
       }
+    }
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      const int item = base + a * kMmaWarps;
+      if (item >= items) break;  // the same for the whole warp
+      const int m = item / units, u = item % units;
+      const int64_t k = k0 + int64_t(u) * kMmaUnit + lane * 4;
+      float* v = va[a];
+      float sq = 0.f;
       if constexpr (NORM) {
+        if (k < K) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sq += v[i] * v[i], v[i] *= __ldg(g + k + i);
+          for (int i = 0; i < 4; ++i) sq += v[i] * v[i], v[i] *= __ldg(g + k + i);
+        }
+        sq = warp_sum(sq);  // every lane, in or out of K: the shuffles need the whole warp
+        if (lane == 0) sh.ss[warp * kMmaSsRows + m] += sq;
       }
-    }
-    if constexpr (NORM) {  // every lane, in or out of K: the shuffles need the whole warp
-      sq = warp_sum(sq);
-      if (lane == 0) sh.ss[warp * kMmaSsRows + m] += sq;
-    }
-    uint16_t hi[4], lo[4];
-    if constexpr (MmaTraits<D>::kBf16) {
+      uint16_t hi[4], lo[4];
+      if constexpr (MmaTraits<D>::kBf16) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const __nv_bfloat16 h = __float2bfloat16_rn(v[i]);
-        const __nv_bfloat16 l = __float2bfloat16_rn(v[i] - __bfloat162float(h));
-        hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
-      }
-    } else {
-      // scale by 2^s so that the unit's largest |x| lies in [2^14, 2^15): f16 keeps 11 + 11 bits
-      // of every value that is not ~2^-25 below it
-      const float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
-      const int e = int((__float_as_uint(amax) >> 23) & 0xff) - 127;
-      const int s = min(14 - e, 126);
-      const float scale = __uint_as_float(uint32_t(127 + s) << 23);
-      if (lane == 0) sh.xscale[m * units + u] = __uint_as_float(uint32_t(127 - s) << 23);
+        for (int i = 0; i < 4; ++i) {
+          const __nv_bfloat16 h = __float2bfloat16_rn(v[i]);
+          const __nv_bfloat16 l = __float2bfloat16_rn(v[i] - __bfloat162float(h));
+          hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
+        }
+      } else {
+        // scale by 2^s so that the unit's largest |x| lies in [2^14, 2^15): f16 keeps 11 + 11 bits
+        // of every value that is not ~2^-25 below it
+        const float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+        const int e = int((__float_as_uint(amax) >> 23) & 0xff) - 127;
+        const int s = min(14 - e, 126);
+        const float scale = __uint_as_float(uint32_t(127 + s) << 23);
+        if (lane == 0) sh.xscale[m * units + u] = __uint_as_float(uint32_t(127 - s) << 23);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float y = v[i] * scale;
-        const __half h = __float2half_rn(y);
-        const __half l = __float2half_rn(y - __half2float(h));
-        hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
+        for (int i = 0; i < 4; ++i) {
+          const float y = v[i] * scale;
+          const __half h = __float2half_rn(y);
+          const __half l = __float2half_rn(y - __half2float(h));
+          hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
+        }
       }
+      uint16_t* dst = sh.x + (m * 2) * stride + u * kMmaUnit + lane * 4;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(hi[0] | uint32_t(hi[1]) << 16, hi[2] | uint32_t(hi[3]) << 16);
+      *reinterpret_cast<uint2*>(dst + stride) = make_uint2(lo[0] | uint32_t(lo[1]) << 16, lo[2] | uint32_t(lo[3]) << 16);
     }
-    uint16_t* dst = sh.x + (m * 2) * stride + u * kMmaUnit + lane * 4;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(hi[0] | uint32_t(hi[1]) << 16, hi[2] | uint32_t(hi[3]) << 16);
-    *reinterpret_cast<uint2*>(dst + stride) = make_uint2(lo[0] | uint32_t(lo[1]) << 16, lo[2] | uint32_t(lo[3]) << 16);
   }
 }
 

@@ -261,31 +261,49 @@ struct SkinnySlices {
   float* part = nullptr;     // (slices, batch, M, N): each slice's sums
   float* part_ss = nullptr;  // (slices, M): NORM, each slice's sums of squares of x's rows
 };
+// The products of mma_skinny_block: acc, warp w's 16 rows of row block rb against the M x rows
+// over slice `slice` of K; NORM, the rows' squares over the slice summed into sh.red[m] (ends
+// synchronized).
 template <DType D, int NT, bool NORM>
-__device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, int slice, int chunk, bool vec_x,
-                                        const SkinnySlices& sl, const MmaShared& sh) {
+__device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParams& p, int b, int rb, int slice,
+                                          int chunk, bool vec_x, const SkinnySlices& sl, const MmaShared& sh) {
   constexpr int E = ElemSize<D>::value;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int M = int(p.M);
   const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
   const int64_t k_begin = int64_t(slice) * sl.slice, k_end = min(p.K, k_begin + sl.slice);
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
   const MmaRows rows = weight_tile_rows<D>(w, p.scale_inv, w0, p.N, p.K, p.block);
   const float* x = p.x + b * p.x_batch_stride;
-  float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   mma_warp_tile_product<D, NT, NORM>(acc, sh, rows, [&](int m) { return x + m * p.ldx; }, M, k_begin, k_end, p.block,
                                      chunk, vec_x, p.norm);
-  float* const scale = sh.red;  // [kMmaSsRows]: the rows' squares over the slice, or norm factors
   if constexpr (NORM) {
     __syncthreads();
     if (int(threadIdx.x) < M) {
       float t = 0.f;
       for (int q = 0; q < kMmaWarps; ++q) t += sh.ss[q * kMmaSsRows + threadIdx.x];
-      if (sl.slices == 1) t = norm_scale(t, p.K, p.eps);
-      else if (rb == 0) sl.part_ss[int64_t(slice) * M + threadIdx.x] = t;
-      scale[threadIdx.x] = t;
+      sh.red[threadIdx.x] = t;
+    }
+    __syncthreads();
+  }
+}
+
+template <DType D, int NT, bool NORM>
+__device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, int slice, int chunk, bool vec_x,
+                                        const SkinnySlices& sl, const MmaShared& sh) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  const int M = int(p.M);
+  const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
+  float acc[NT][4];
+  mma_skinny_product<D, NT, NORM>(acc, p, b, rb, slice, chunk, vec_x, sl, sh);
+  float* const scale = sh.red;  // [kMmaSsRows]: the rows' squares over the slice, then norm factors
+  if constexpr (NORM) {
+    if (int(threadIdx.x) < M) {
+      const float t = scale[threadIdx.x];
+      if (sl.slices > 1 && rb == 0 && sl.part_ss) sl.part_ss[int64_t(slice) * M + threadIdx.x] = t;
+      if (sl.slices == 1) scale[threadIdx.x] = norm_scale(t, p.K, p.eps);
     }
     __syncthreads();
   }
