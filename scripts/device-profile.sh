@@ -6,7 +6,7 @@
 # and L2 is not flushed between them (--cache-control none), so the sum is the step's kernel time
 # without launch gaps or overlap.
 #
-#   bash scripts/device-profile.sh [--detail REGEX] [CASE...]   CASE = MODEL:DTYPE:BATCH:GEMV[:STEPS]
+#   bash scripts/device-profile.sh [--detail REGEX] [CASE...]   CASE = MODEL:DTYPE:BATCH:GEMV[:STEPS[:PROMPT]]
 #   default: v3-4.9b:bf16:1:simt v3-4.9b:bf16:32:simt v3-4.9b:bf16:32:mma
 # --detail REGEX: instead, ncu's launch, occupancy, throughput and warp-stall sections for the
 # first timed launch of each kernel whose name matches REGEX (for why a kernel is slow).
@@ -23,8 +23,9 @@ serve_env device-profile
 serve_programs device-profile bench_cuda_decode
 out=${OUT:-/tmp}
 for c in "${cases[@]}"; do
-  IFS=: read -r model dtype batch gemv steps <<<"$c"
+  IFS=: read -r model dtype batch gemv steps prompt <<<"$c"
   steps=${steps:-2}
+  prompt=${prompt:-128}  # tokens of context before the timed steps (the serving bench's are 1,024)
   [ -n "$gemv" ] || { echo "device-profile: case $c is not MODEL:DTYPE:BATCH:GEMV[:STEPS]" >&2; exit 2; }
   if [ -n "$detail" ]; then
     rep=$out/detail-$model-$dtype-b$batch-$gemv.txt
@@ -32,7 +33,7 @@ for c in "${cases[@]}"; do
       --section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats -k "regex:$detail" --launch-count 4 \
       "$bin"/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
-      --prefill 64 >"$rep" 2>&1 || { echo "device-profile: ncu failed for $c:"; tail -5 "$rep"; continue; }
+      --prompt "$prompt" --prefill 64 >"$rep" 2>&1 || { echo "device-profile: ncu failed for $c:"; tail -5 "$rep"; continue; }
     echo
     echo "### $c: $detail"
     grep -E "^  [a-zA-Z_:<>, ]+\(|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|DRAM Throughput|Memory Throughput|Duration|Dynamic Shared|Waves Per SM|Grid Size|Block Size|Stall|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per|stalled" "$rep" \
@@ -43,7 +44,7 @@ for c in "${cases[@]}"; do
   FATHOM_GEMV=$gemv ncu --profile-from-start off --cache-control none --clock-control none \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv \
     "$bin"/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
-    --prefill 64 >"$csv" 2>"$csv.err" || { echo "device-profile: ncu failed for $c:"; tail -5 "$csv.err"; continue; }
+    --prompt "$prompt" --prefill 64 >"$csv" 2>"$csv.err" || { echo "device-profile: ncu failed for $c:"; tail -5 "$csv.err"; continue; }
   echo
   echo "### $c"
   python3 - "$csv" "$steps" <<'PY'

@@ -57,8 +57,7 @@ struct AttnLaunch {
   // merge_items[x].x, whose own fields (n_q, out, n_chunks, the partials) come from seqs.
   const MlaSeq* seqs = nullptr;
   const int2* merge_items = nullptr;
-  // The merge of a uniform latent batch (attention_mla.cuh): block x merges pair x % (n_q *
-  // n_q_heads) of sequence x / (n_q * n_q_heads), over the chunks its key count made run.
+  // The merge of a uniform latent batch (attention_mla.cuh): attention_merge_uniform_kernel.
   MlaUniform u;
 };
 
@@ -310,13 +309,6 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
     a.part_o = sq.part_o;
     a.part_ml = sq.part_ml;
     pair = it.y;
-  } else if (a.u.n_seqs) {
-    const int64_t pairs = a.p.n_q * a.p.n_q_heads, seq = pair / pairs;
-    pair %= pairs;
-    take_uniform_seq(a.p, a.part_o, a.part_ml, a.u, seq);
-    const int64_t keys = min(int64_t(*a.p.kv_len), a.p.n_kv);
-    const int64_t ran = (keys + a.chunk - 1) / a.chunk;  // chunk 0 ran even without keys
-    a.n_chunks = int(ran < 1 ? 1 : ran < a.n_chunks ? ran : a.n_chunks);
   }
   const AttentionParams& p = a.p;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -385,10 +377,60 @@ __global__ void __launch_bounds__(kMergeThreads) attention_merge_kernel(AttnLaun
     if (d0 + e < p.d_v) out[e] = r[e];
 }
 
+// The merge of a uniform latent batch (d_v = 512): one block of 128 threads per (sequence,
+// query-head pair), each thread 4 of the 512 dims over the chunks that ran, their loads in flight
+// together — a fifth of attention_merge_kernel's blocks, each reducing (max, sum) once instead of
+// once per 128 dims. A sequence whose keys fit in chunk 0 was written by the attention kernel.
+constexpr int kUniformMergeThreads = 128;
+__global__ void __launch_bounds__(kUniformMergeThreads) attention_merge_uniform_kernel(AttnLaunch a) {
+  pdl_wait();
+  const int64_t pairs = a.p.n_q * a.p.n_q_heads, seq = blockIdx.x / pairs, pair = blockIdx.x % pairs;
+  take_uniform_seq(a.p, a.part_o, a.part_ml, a.u, seq);
+  const AttentionParams& p = a.p;
+  const int64_t keys = min(int64_t(*p.kv_len), p.n_kv);
+  const int64_t ran = (keys + a.chunk - 1) / a.chunk;
+  if (ran <= 1) return;
+  const int n = int(ran < a.n_chunks ? ran : a.n_chunks);
+  float mx = -INFINITY;
+  for (int c = 0; c < n; ++c) mx = fmaxf(mx, __ldcg(a.part_ml + 2 * (c * pairs + pair)));
+  float den = 0.f;
+  for (int c = 0; c < n; ++c) {
+    const float m = __ldcg(a.part_ml + 2 * (c * pairs + pair));
+    den += (mx == -INFINITY ? 0.f : expf(m - mx)) * __ldcg(a.part_ml + 2 * (c * pairs + pair) + 1);
+  }
+  const int d = 4 * int(threadIdx.x);
+  if (d >= p.d_v) return;
+  constexpr int kAhead = 4;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int c0 = 0; c0 < n; c0 += kAhead) {
+    float4 v[kAhead];
+    float w[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int c = c0 + u;
+      v[u] = c < n ? __ldcg(reinterpret_cast<const float4*>(a.part_o + (c * pairs + pair) * p.d_v + d))
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float m = c < n ? __ldcg(a.part_ml + 2 * (c * pairs + pair)) : -INFINITY;
+      w[u] = m == -INFINITY ? 0.f : expf(m - mx);
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u)
+      acc.x += w[u] * v[u].x, acc.y += w[u] * v[u].y, acc.z += w[u] * v[u].z, acc.w += w[u] * v[u].w;
+  }
+  const float inv = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
+  const int64_t i = pair / p.n_q_heads;
+  const int h = int(pair % p.n_q_heads);
+  float* out = p.out + i * p.out_token_stride + int64_t(h) * p.out_head_stride + d;
+  *reinterpret_cast<float4*>(out) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+}
+
 void launch_merge(const AttnLaunch& m, cudaStream_t s, int64_t n_items = 0) {
-  const int64_t pairs = m.p.n_q * m.p.n_q_heads;
-  const dim3 grid(unsigned(m.merge_items ? n_items : m.u.n_seqs ? m.u.n_seqs * pairs : pairs),
-                  unsigned(ceil_div(m.p.d_v, kMergeDims)));
+  if (m.u.n_seqs) {
+    launch_kernel(attention_merge_uniform_kernel, unsigned(m.u.n_seqs * m.p.n_q * m.p.n_q_heads),
+                  kUniformMergeThreads, 0, s, m);
+    return check_launch("attention_merge_uniform_kernel");
+  }
+  const dim3 grid(unsigned(m.merge_items ? n_items : m.p.n_q * m.p.n_q_heads), unsigned(ceil_div(m.p.d_v, kMergeDims)));
   launch_kernel(attention_merge_kernel, grid, kMergeThreads, 0, s, m);
   check_launch("attention_merge_kernel");
 }
@@ -577,7 +619,9 @@ bool uniform_batch(const std::vector<AttentionParams>& ps) {
                         p.out_token_stride == f.out_token_stride && p.out_head_stride == f.out_head_stride &&
                         p.n_q_heads == f.n_q_heads && p.n_kv_heads == f.n_kv_heads && p.scale == f.scale &&
                         p.causal == f.causal && p.block_size == f.block_size &&
-                        (p.block_table != nullptr) == (f.block_table != nullptr);
+                        (p.block_table != nullptr) == (f.block_table != nullptr) && aligned16(p.out) &&
+                        p.out_token_stride % 4 == 0 && p.out_head_stride % 4 == 0 &&
+                        p.d_v <= 4 * kUniformMergeThreads;  // the merge's float4 per thread
     if (!fields || p.q != f.q + n * dq || p.out != f.out + n * dout || p.kv_len != f.kv_len + n ||
         (p.block_table && p.block_table != f.block_table + n * dt))
       return false;
@@ -587,8 +631,10 @@ bool uniform_batch(const std::vector<AttentionParams>& ps) {
 
 // A uniform batch in one latent launch and one merge, the grid sized for every sequence's key
 // bound (the blocks past its key count exit), the keys split so that the bound's blocks fill
-// the GPU twice over: with the bound at most twice the longest context (the graph-replayed step
-// rounds it so), about the split attention_latent_batch would choose.
+// the GPU twice over: with the bound less than twice the longest context (the graph-replayed
+// step rounds it so), the blocks that run fill it one to two times. (Once over — one wave of
+// longer chunks — measured slower: 45.5 against 36.4 us a layer at 1,152 keys x 32 sequences,
+// a block streaming its keys at ~11 GB/s, so more blocks beat fewer waves.)
 void attention_latent_uniform(const std::vector<AttentionParams>& ps, cudaStream_t s) {
   const AttentionParams& p0 = ps[0];
   MlaLaunch a;

@@ -383,13 +383,16 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   }
 
   // ---- results: o[i][e] is row gq + 8*(e/2), dim 64*warp + 8i + 2tq + e%2
+  // a uniform batch's sequence whose keys all fell in chunk 0 (this block): the output itself,
+  // and the merge leaves the sequence alone (it reads the same key count)
+  const bool alone = a.n_chunks == 1 || (a.u.n_seqs && n_kv <= a.chunk);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int rr = gq + 8 * r;
     if (row_out[rr] < 0) continue;
     float* dst;
     float mult = 1.f;
-    if (a.n_chunks == 1) {
+    if (alone) {
       dst = p.out + row_out[rr];
       mult = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: zeros, like the CPU
     } else {
