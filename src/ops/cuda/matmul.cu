@@ -8,12 +8,12 @@
 //   weight vector.
 // - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
 //   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
-// - 8 < M <= 64 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
+// - 8 < M <= 128 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
 //   (run_skinny; mma_skinny_block), the weight read once per 32 rows; where that does not fit
-//   (or FATHOM_GEMV=simt), BF16 weights in one cuBLAS GEMM over x split into bf16 hi/lo parts
-//   (run_bf16_split) and other dtypes the GEMV over 8-row chunks, the weight from L2 after the
-//   first.
-// - M > 64 (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
+//   (or FATHOM_GEMV=simt), up to 64 rows, BF16 weights in one cuBLAS GEMM over x split into
+//   bf16 hi/lo parts (run_bf16_split) and other dtypes the GEMV over 8-row chunks, the weight
+//   from L2 after the first.
+// - larger M (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
 // A batch dimension (gridDim.y / gridDim.z) with strides serves matmul_per_head.
@@ -378,6 +378,10 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
 // in a thread-block cluster of the row block's slices through distributed shared memory, 14.9
 // to 16.2 us per matmul against 10.1 + 4.3 for the two launches: bench/RESULTS.md, 2026-11-30.)
 constexpr int kSkinnyMaxM = 32;         // x rows per launch
+// Rows the skinny path takes, in launches of kSkinnyMaxM (a decode step of up to 128 requests):
+// reading the weight four times at 128 rows still beats the SIMT tiled GEMM by far (the serving
+// engine's 128-request steps took 33 ms there, against 4.7 ms for 32 requests).
+constexpr int64_t kSkinnyMaxRows = 4 * kSkinnyMaxM;
 constexpr int kSkinnySmem = 96 * 1024;  // x staging
 constexpr int kMaxSkinnyJobs = 2;
 
@@ -483,7 +487,7 @@ void allow_skinny_smem() {
 
 // Whether the 9-to-64-row tensor-core matmul takes p.
 bool skinny_takes(const MatmulParams& p) {
-  if (p.M <= 8 || p.M > 2 * kSkinnyMaxM || !mma_gemv_on(MmaSite::Skinny)) return false;
+  if (p.M <= 8 || p.M > kSkinnyMaxRows || !mma_gemv_on(MmaSite::Skinny)) return false;
   if (!mma_gemv_fits(p.w_dtype, p.K, p.block)) return false;
   const int64_t E = int64_t(dtype_size(p.w_dtype));
   return aligned16(p.w) && p.w_batch_stride * E % 16 == 0;
