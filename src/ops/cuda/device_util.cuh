@@ -162,16 +162,18 @@ __device__ inline void convert16(const uint4& v, float* out) {
 // conversion throughput, not by memory. The caller multiplies its sums by 2^120 (in two 2^60
 // steps, so that neither factor can overflow). The NaN codes 0x7F/0xFF read as ±480; checkpoints
 // never hold them (the quantizer saturates at ±448).
-__device__ inline void fp8x16_scaled_down(const uint4& v, float* out) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+__device__ inline void fp8x4_scaled_down(uint32_t w, float* out) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t top = b == 3 ? w[i] : w[i] << (24 - 8 * b);  // code b in bits 24..31
-      out[4 * i + b] = __uint_as_float((top & 0x80000000u) | ((top >> 4) & 0x07f00000u));
-    }
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t top = b == 3 ? w : w << (24 - 8 * b);  // code b in bits 24..31
+    out[b] = __uint_as_float((top & 0x80000000u) | ((top >> 4) & 0x07f00000u));
   }
+}
+__device__ inline void fp8x16_scaled_down(const uint4& v, float* out) {
+  fp8x4_scaled_down(v.x, out);
+  fp8x4_scaled_down(v.y, out + 4);
+  fp8x4_scaled_down(v.z, out + 8);
+  fp8x4_scaled_down(v.w, out + 12);
 }
 
 // 16 bytes of weights through the read-only path, streamed (evict-first: read once per pass).

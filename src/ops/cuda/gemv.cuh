@@ -82,16 +82,12 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
       s[r] = mult;
       if constexpr (D == DType::F8_E4M3) s[r] *= __ldg(rows[r].scale + kb) * 0x1p60f;  // see fp8x16_scaled_down
     }
-    float w[R][V];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if constexpr (D == DType::F8_E4M3) fp8x16_scaled_down(raw[r], w[r]);
-      else convert16<D>(raw[r], w[r]);
-    }
-#pragma unroll
-    for (int m = 0; m < MP; ++m) {
-      if (m >= M) break;
-      const float4* xv = reinterpret_cast<const float4*>(xrow[m] + k);
+    // One x row of FP8 weights (batch-1 decode): each 4 codes decoded where they are used, so that
+    // the R rows' 16 floats each never live in registers at once (128 of them at R 8: the expert
+    // gate/up kernel ran 4 blocks per SM instead of 9 for bf16). With more x rows a decoded
+    // weight serves each of them, so they are decoded once, up front.
+    if constexpr (D == DType::F8_E4M3 && MP == 1) {
+      const float4* xv = reinterpret_cast<const float4*>(xrow[0] + k);
       float dot[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
@@ -100,17 +96,50 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
         float4 xc = __ldg(xv + c);
         if constexpr (NORM) {
           const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
-          sumsq[m] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
+          sumsq[0] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
           xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          dot[r] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
+        for (int r = 0; r < R; ++r) {
+          const uint32_t word = c == 0 ? raw[r].x : c == 1 ? raw[r].y : c == 2 ? raw[r].z : raw[r].w;
+          float w4[4];
+          fp8x4_scaled_down(word, w4);
+          dot[r] += w4[0] * xc.x + w4[1] * xc.y + w4[2] * xc.z + w4[3] * xc.w;
+        }
       }
 #pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][0] += s[r] * (dot[r] * 0x1p60f);
+    } else {
+      float w[R][V];
+#pragma unroll
       for (int r = 0; r < R; ++r) {
-        if constexpr (D == DType::F8_E4M3) dot[r] *= 0x1p60f;
-        acc[r][m] += s[r] * dot[r];
+        if constexpr (D == DType::F8_E4M3) fp8x16_scaled_down(raw[r], w[r]);
+        else convert16<D>(raw[r], w[r]);
+      }
+#pragma unroll
+      for (int m = 0; m < MP; ++m) {
+        if (m >= M) break;
+        const float4* xv = reinterpret_cast<const float4*>(xrow[m] + k);
+        float dot[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) dot[r] = 0.f;
+#pragma unroll
+        for (int c = 0; c < V / 4; ++c) {
+          float4 xc = __ldg(xv + c);
+          if constexpr (NORM) {
+            const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
+            sumsq[m] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
+            xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            dot[r] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if constexpr (D == DType::F8_E4M3) dot[r] *= 0x1p60f;
+          acc[r][m] += s[r] * dot[r];
+        }
       }
     }
   }
