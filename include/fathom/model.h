@@ -170,8 +170,13 @@ class Model {
   // absorbed MLA mode), and the model's.
   bool graph_step_takes(const std::vector<KvCache*>& caches) const;
   // decode_greedy (rows null) and decode_sample: one step, replayed from the graph when it fits.
+  // wait_to_capture: a step whose (B, W, sampling) no kept graph fits is recorded only when the
+  // step before it missed with the same key; else it returns {} (having reserved the caches'
+  // room) and the caller runs the step eagerly — the serving engine's batch changes every step
+  // while requests finish one by one, and a capture per step would cost more than it saves.
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
-                                   const std::vector<SampleRow>* rows, const char* what);
+                                   const std::vector<SampleRow>* rows, const char* what,
+                                   bool wait_to_capture = false);
   void init_backend(const ModelOptions& options);
   // forward_batch's logits (B, vocab) on the backend's device.
   Tensor batch_logits(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
@@ -213,6 +218,7 @@ class Model {
   static constexpr size_t kMaxDecodeGraphs = 8;
   std::vector<std::unique_ptr<DecodeGraph>> graphs_;
   bool graph_steps_ = true;
+  std::vector<int64_t> last_graph_miss_;  // (B, W, sampling) of the last step no graph fitted
 };
 
 }  // namespace fathom

@@ -521,7 +521,8 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
   if (one_each) {
     std::vector<int32_t> flat;
     for (const auto& t : tokens) flat.push_back(t[0]);
-    return decode_step(flat, caches, &rows, "forward_batch_sample");
+    std::vector<int32_t> ids = decode_step(flat, caches, &rows, "forward_batch_sample", /*wait_to_capture=*/true);
+    if (!ids.empty()) return ids;  // else a batch seen for the first time: eagerly below
   }
   Ops& ops = *ops_;
   const Tensor logits = batch_logits(tokens, caches, "forward_batch_sample");
@@ -717,7 +718,7 @@ bool Model::graph_step_takes(const std::vector<KvCache*>& caches) const {
 }
 
 std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
-                                        const std::vector<SampleRow>* rows, const char* what) {
+                                        const std::vector<SampleRow>* rows, const char* what, bool wait_to_capture) {
   FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), what, ": ", tokens.size(), " tokens for ",
                caches.size(), " caches");
   check_ids(tokens, "decode tokens");
@@ -753,6 +754,13 @@ std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, cons
   };
   // the graph for this step: the most recently used first; a new one replaces the least recent
   auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const auto& g) { return fits(*g); });
+  if (it == graphs_.end() && wait_to_capture) {
+    const std::vector<int64_t> key = {B, W, sample ? 1 : 0, paged ? 1 : 0};
+    if (key != last_graph_miss_) {
+      last_graph_miss_ = key;
+      return {};
+    }
+  }
   if (it == graphs_.end()) {
     if (graphs_.size() >= kMaxDecodeGraphs) graphs_.pop_back();  // its buffers go back to the pool first
     auto fresh = std::make_unique<DecodeGraph>();
