@@ -163,7 +163,7 @@ class Model {
   void check_ids(const std::vector<int32_t>& ids, const std::string& what) const;
 
  private:
-  Model() = default;
+  Model();  // defined where DecodeGraph is complete (src/model/decode_graph.cpp), as ~Model
   struct DecodeGraph;
   void decode_body(DecodeGraph& g);
   // Whether decode_step takes these caches: all contiguous, or all paged from one pool (in

@@ -39,6 +39,7 @@ inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return
 inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 inline float __ldg(const float* p) { return *p; }
 inline float4 __ldg(const float4* p) { return *p; }
+inline float __ldcg(const float* p) { return *p; }
 inline uint32_t __float_as_uint(float f) { return fathom::bits_from_f32(f); }
 inline float __uint_as_float(uint32_t u) { return fathom::f32_from_bits(u); }
 struct __nv_bfloat16 { uint16_t x; };
@@ -206,7 +207,7 @@ void skinny_grid(const MatmulParams& p, int64_t slice, int64_t stage_bytes) {
     mma_skinny_block<D, NT, NORM>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, sl, shared_of(chunk, int(p.M)));
   });
   if (sl.slices > 1)  // skinny_reduce_kernel
-    for (int64_t i = 0; i < p.M * p.N; ++i) skinny_reduce_one<NORM>(p, sl, i);
+    for (int64_t i = 0; i < p.M * p.N; ++i) skinny_reduce_one<NORM>(p, sl, sl.part + i, p.M * p.N, i);
 }
 
 template <DType D, bool NORM>

@@ -50,6 +50,18 @@ struct GemvX {
   const int32_t* index = nullptr;
 };
 
+// Columns 4c .. 4c+3 of x row xr's piece at k; NORM: their squares added to *ss, and times g.
+template <bool NORM>
+__device__ inline float4 gemv_x4(const float* xr, int64_t k, int c, const float* __restrict__ g, float* ss) {
+  float4 xc = __ldg(reinterpret_cast<const float4*>(xr + k) + c);
+  if constexpr (NORM) {
+    const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
+    *ss += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
+    xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
+  }
+  return xc;
+}
+
 // acc[r][m] += mult * (this thread's share of) sum_k W_r[k] * x_m[k], for m < M <= MP.
 // All R 16-byte loads of a step are issued before any is used; each row's 16-element partial
 // dot product is scaled once (mult, and for FP8 the block's scale_inv), not every element.
@@ -87,18 +99,12 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
     // gate/up kernel ran 4 blocks per SM instead of 9 for bf16). With more x rows a decoded
     // weight serves each of them, so they are decoded once, up front.
     if constexpr (D == DType::F8_E4M3 && MP == 1) {
-      const float4* xv = reinterpret_cast<const float4*>(xrow[0] + k);
       float dot[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll
       for (int c = 0; c < V / 4; ++c) {
-        float4 xc = __ldg(xv + c);
-        if constexpr (NORM) {
-          const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
-          sumsq[0] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
-          xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
-        }
+        const float4 xc = gemv_x4<NORM>(xrow[0], k, c, g, sumsq);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const uint32_t word = c == 0 ? raw[r].x : c == 1 ? raw[r].y : c == 2 ? raw[r].z : raw[r].w;
@@ -119,18 +125,12 @@ __device__ inline void gemv_accumulate(float (&acc)[R][MP], const GemvRow (&rows
 #pragma unroll
       for (int m = 0; m < MP; ++m) {
         if (m >= M) break;
-        const float4* xv = reinterpret_cast<const float4*>(xrow[m] + k);
         float dot[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) dot[r] = 0.f;
 #pragma unroll
         for (int c = 0; c < V / 4; ++c) {
-          float4 xc = __ldg(xv + c);
-          if constexpr (NORM) {
-            const float4 gc = __ldg(reinterpret_cast<const float4*>(g + k) + c);
-            sumsq[m] += xc.x * xc.x + xc.y * xc.y + xc.z * xc.z + xc.w * xc.w;
-            xc.x *= gc.x, xc.y *= gc.y, xc.z *= gc.z, xc.w *= gc.w;
-          }
+          const float4 xc = gemv_x4<NORM>(xrow[m], k, c, g, NORM ? sumsq + m : nullptr);
 #pragma unroll
           for (int r = 0; r < R; ++r)
             dot[r] += w[r][4 * c] * xc.x + w[r][4 * c + 1] * xc.y + w[r][4 * c + 2] * xc.z + w[r][4 * c + 3] * xc.w;

@@ -438,32 +438,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 template <bool NORM>
 __global__ void skinny_reduce_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl) {
   pdl_wait();
-  constexpr int kAhead = 8;  // slices whose loads are in flight together (each an L2 round trip)
   const int64_t total = jobs.out_end[jobs.n - 1] * jobs.job[0].batch;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int j = 0;
     while (j + 1 < jobs.n && i >= jobs.out_end[j] * jobs.job[0].batch) ++j;
     const MatmulParams& p = jobs.job[j];
-    const int64_t per = p.M * p.N, local = i - (j ? jobs.out_end[j - 1] * p.batch : 0);
-    const int64_t b = local / per, m = (local % per) / p.N, c = local % p.N;
-    const float* src = sl.part + i;
-    const int64_t stride = total;  // one slice's sums of every job
-    float v = 0.f;
-    for (int s0 = 0; s0 < sl.slices; s0 += kAhead) {
-      float t[kAhead];
-#pragma unroll
-      for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < sl.slices ? __ldcg(src + int64_t(s0 + q) * stride) : 0.f;
-#pragma unroll
-      for (int q = 0; q < kAhead; ++q)
-        if (s0 + q < sl.slices) v += t[q];
-    }
-    if constexpr (NORM) {
-      float ss = 0.f;
-      for (int q = 0; q < sl.slices; ++q) ss += sl.part_ss[int64_t(q) * p.M + m];
-      v *= norm_scale(ss, p.K, p.eps);
-    }
-    float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
-    o = p.accumulate ? o + v : v;
+    skinny_reduce_one<NORM>(p, sl, sl.part + i, total, i - (j ? jobs.out_end[j - 1] * p.batch : 0));
   }
 }
 

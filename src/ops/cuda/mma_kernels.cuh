@@ -324,14 +324,24 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, in
     }
 }
 
-// skinny_reduce_kernel's element i of out (batch entry, row, column): the slices' sums in slice
-// order, times the row's norm factor (NORM).
+// skinny_reduce_kernel's element i of p's out (batch entry, row, column), whose slices' sums lie
+// at part[s * stride]: their sum in slice order, times the row's norm factor (NORM). The loads of
+// kAhead slices are in flight together (each an L2 round trip).
 template <bool NORM>
-__device__ inline void skinny_reduce_one(const MatmulParams& p, const SkinnySlices& sl, int64_t i) {
+__device__ inline void skinny_reduce_one(const MatmulParams& p, const SkinnySlices& sl, const float* part,
+                                         int64_t stride, int64_t i) {
+  constexpr int kAhead = 8;
   const int64_t per = p.M * p.N;
   const int64_t b = i / per, m = (i % per) / p.N, c = i % p.N;
   float v = 0.f;
-  for (int s = 0; s < sl.slices; ++s) v += sl.part[(int64_t(s) * p.batch + b) * per + m * p.N + c];
+  for (int s0 = 0; s0 < sl.slices; s0 += kAhead) {
+    float t[kAhead];
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < sl.slices ? __ldcg(part + int64_t(s0 + q) * stride) : 0.f;
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q)
+      if (s0 + q < sl.slices) v += t[q];
+  }
   if constexpr (NORM) {
     float t = 0.f;
     for (int s = 0; s < sl.slices; ++s) t += sl.part_ss[int64_t(s) * p.M + m];
