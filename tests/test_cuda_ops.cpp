@@ -438,7 +438,7 @@ TEST_F(CudaOps, MatmulBatch) {
       EXPECT_LT(max_err(down(gc), wc), 1e-4) << "M " << M;
     }
     // runs of one dtype and M share a launch (q_a and kv_a of MLA), up to four jobs per launch
-    // (GEMVs, M <= 8) or two (the tensor cores' 9-to-64-row matmul: K 256 and 2048, sliced)
+    // (GEMVs, M <= 8) or two (the tensor cores' 9-to-128-row matmul: K 256 and 2048, sliced)
     for (DType dt : {DType::BF16, DType::F8_E4M3})
     for (int64_t K : {256, 2048}) {
       std::vector<LinearWeight> host, dev;

@@ -192,7 +192,7 @@ double rel(double got, double want) { return std::fabs(got - want) / (std::fabs(
 
 // Dense (matmul.cu's mma_gemv_kernel body, mma_dense_block): out (M, N) (+)= x (M, K) · Wᵀ, with
 // NORM the rows of x RMS-normalised times g first.
-// skinny_slice > 0: instead matmul.cu's 9-to-64-row form (mma_skinny_kernel's body,
+// skinny_slice > 0: instead matmul.cu's 9-to-128-row form (mma_skinny_kernel's body,
 // mma_skinny_block, in warp tiles) over slices of K of that many units, their partial sums added
 // up in slice order as skinny_reduce_kernel does (x staged at most stage_bytes at a time).
 template <DType D, int NT, bool NORM>

@@ -366,10 +366,10 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
   check_launch("matmul (combine_halves_kernel)");
 }
 
-// ---- 9 to 64 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
+// ---- 9 to 128 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
 // kSkinnyRows weight rows and up to 32 x rows over a slice of K; the slices (enough that the
 // blocks fill the GPU twice) write partial sums that skinny_reduce_kernel adds up in slice order
-// (deterministic). The weight is read once for 32 rows (twice for 33 to 64), in or out of a
+// (deterministic). The weight is read once per 32 rows (up to kSkinnyMaxRows), in or out of a
 // graph, for BF16, F16 and FP8 weights; an input norm is applied inside (its factor at the end).
 // Up to kMaxSkinnyJobs weights that read the same x (MLA's q_a and kv_a) share the two launches:
 // the blocks of the jobs one after the other along x, one slicing of K for all.
@@ -465,7 +465,7 @@ void allow_skinny_smem() {
                      mma_skinny_kernel<D, 4, true>);
 }
 
-// Whether the 9-to-64-row tensor-core matmul takes p.
+// Whether the 9-to-128-row tensor-core matmul takes p.
 bool skinny_takes(const MatmulParams& p) {
   if (p.M <= 8 || p.M > kSkinnyMaxRows || !mma_gemv_on(MmaSite::Skinny)) return false;
   if (!mma_gemv_fits(p.w_dtype, p.K, p.block)) return false;
@@ -652,7 +652,7 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
   const cudaStream_t s = as_cuda(stream);
   int i = 0;
   while (i < n) {
-    // two 9-to-64-row matmuls of the same x (MLA's q_a and kv_a) share the skinny launches
+    // two 9-to-128-row matmuls of the same x (MLA's q_a and kv_a) share the skinny launches
     if (i + 1 < n && check_params(ps[i]) && check_params(ps[i + 1]) && skinny_takes(ps[i]) &&
         skinny_joins(ps[i], ps[i + 1])) {
       switch (ps[i].w_dtype) {
