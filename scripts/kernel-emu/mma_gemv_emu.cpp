@@ -200,11 +200,12 @@ void skinny_grid(const MatmulParams& p, int64_t slice, int64_t stage_bytes) {
   SkinnySlices sl;
   sl.slices = int(ceil_div(p.K, slice));
   sl.slice = slice;
-  const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), int(p.M), stage_bytes);
+  const int staged = 8 * NT;  // the skinny form stages whole tiles of x rows
+  const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), staged, stage_bytes);
   std::vector<float> part(static_cast<size_t>(sl.slices * p.M * p.N + sl.slices * p.M), NAN);
   sl.part = part.data(), sl.part_ss = part.data() + sl.slices * p.M * p.N;
-  emu::run_grid("skinny", {unsigned(ceil_div(p.N, kSkinnyRows)), unsigned(sl.slices), 1}, smem_of(chunk, int(p.M)), [&] {
-    mma_skinny_block<D, NT, NORM>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, sl, shared_of(chunk, int(p.M)));
+  emu::run_grid("skinny", {unsigned(ceil_div(p.N, kSkinnyRows)), unsigned(sl.slices), 1}, smem_of(chunk, staged), [&] {
+    mma_skinny_block<D, NT, NORM>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, sl, shared_of(chunk, staged));
   });
   if (sl.slices > 1)  // skinny_reduce_kernel
     for (int64_t i = 0; i < p.M * p.N; ++i) skinny_reduce_one<NORM>(p, sl, sl.part + i, p.M * p.N, i);
@@ -487,7 +488,7 @@ int main(int argc, char** argv) {
   report("fp8   N 30 K 256 M 4 norm accumulate", run_dense<DType::F8_E4M3, true>(30, 256, 4, 128, rng, true));
   report("skinny bf16 N 150 K 1040 M 32, slices of 3 units", run_dense<DType::BF16, false>(150, 1040, 32, 128, rng, false, 3));
   report("skinny fp8  N 136 K 768 M 17 accumulate, one slice, x a unit at a time",
-         run_dense<DType::F8_E4M3, false>(136, 768, 17, 128, rng, true, 6, 17 * 532));
+         run_dense<DType::F8_E4M3, false>(136, 768, 17, 128, rng, true, 6, 24 * 532));  // 24 rows staged
   report("skinny f16  N 40 K 400 M 9, slices of 1 unit", run_dense<DType::F16, false>(40, 400, 9, 128, rng, false, 1));
   report("skinny bf16 N 140 K 1024 M 32 norm, slices of 3", run_dense<DType::BF16, true>(140, 1024, 32, 128, rng, false, 3));
   report("skinny fp8  N 50 K 640 M 13 norm accumulate, one slice", run_dense<DType::F8_E4M3, true>(50, 640, 13, 128, rng, true, 5));

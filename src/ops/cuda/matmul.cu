@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const MatmulParams& p = jobs.job[j];
   skinny_prefetch<D>(p, rb, sl);
   pdl_wait();
-  FATHOM_MMA_SHARED(sh, chunk, p.M);
+  FATHOM_MMA_SHARED(sh, chunk, 8 * NT);  // every x row of the NT tiles staged, zeros past M
   SkinnySlices mine = sl;
   if (sl.slices > 1) {
     mine.part = sl.part + int64_t(blockIdx.y) * jobs.out_end[jobs.n - 1] * p.batch +
@@ -438,12 +438,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 template <bool NORM>
 __global__ void skinny_reduce_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl) {
   pdl_wait();
-  const int64_t total = jobs.out_end[jobs.n - 1] * jobs.job[0].batch;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int j = 0;
-    while (j + 1 < jobs.n && i >= jobs.out_end[j] * jobs.job[0].batch) ++j;
-    const MatmulParams& p = jobs.job[j];
-    skinny_reduce_one<NORM>(p, sl, sl.part + i, total, i - (j ? jobs.out_end[j - 1] * p.batch : 0));
+  const uint32_t end0 = uint32_t(jobs.out_end[0] * jobs.job[0].batch);
+  const uint32_t total = uint32_t(jobs.out_end[jobs.n - 1] * jobs.job[0].batch);
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    static_assert(kMaxSkinnyJobs == 2, "skinny_reduce_kernel picks one of two jobs");
+    // the job by constant indices: a parameter indexed by a run-time value is read through the
+    // constant cache one miss at a time
+    if (i < end0) skinny_reduce_one<NORM>(jobs.job[0], sl, sl.part + i, total, i);
+    else skinny_reduce_one<NORM>(jobs.job[1], sl, sl.part + i, total, i - end0);
   }
 }
 
@@ -507,7 +509,10 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s) {
     const int64_t slice_units = ceil_div(k_units, want);
     sl.slices = int(ceil_div(k_units, slice_units));
     sl.slice = slice_units * kMmaUnit;
-    const int chunk = mma_chunk(std::min(sl.slice, k_units * kMmaUnit), int(p.M), kSkinnySmem);
+    const int staged = 8 * int(ceil_div(p.M, 8));  // x rows staged: whole tiles of 8
+    const int chunk = mma_chunk(std::min(sl.slice, k_units * kMmaUnit), staged, kSkinnySmem);
+    FATHOM_ASSERT(chunk > 0, "run_skinny: no room to stage ", staged, " x rows");
+    FATHOM_ASSERT(outs * p.batch * 2 < (int64_t(1) << 32), "run_skinny: ", outs * p.batch, " outputs");
     const bool vec_x = aligned16(p.x) && p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0;
     std::optional<StreamScratch> part;
     if (sl.slices > 1) {
@@ -517,7 +522,7 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s) {
       sl.part_ss = sl.part + sums;
     }
     const dim3 grid(unsigned(row_blocks), unsigned(sl.slices), unsigned(p.batch));
-    const size_t smem = mma_smem_bytes(chunk, int(p.M));
+    const size_t smem = mma_smem_bytes(chunk, staged);
     switch (ceil_div(p.M, 8)) {
       case 1: launch_skinny<D, 1>(jobs, sl, grid, smem, chunk, vec_x, s); break;
       case 2: launch_skinny<D, 2>(jobs, sl, grid, smem, chunk, vec_x, s); break;

@@ -261,30 +261,222 @@ struct SkinnySlices {
   float* part = nullptr;     // (slices, batch, M, N): each slice's sums
   float* part_ss = nullptr;  // (slices, M): NORM, each slice's sums of squares of x's rows
 };
+// x for the skinny form: columns [k0, k0 + units * kMmaUnit) (zeros from k_end) of the 8 NT x
+// rows (zeros from M) staged as mma_stage_x does, but warp w takes rows w, w + 8, ... whole, so
+// no index is divided and NORM's squares of a row stay in one warp's registers (ss[j]: this
+// lane's share of row w + 8j, summed over the warp by the caller). The NT loads of a unit are in
+// flight together (x was just written by the kernel before: each is an L2 round trip).
+template <DType D, int NT, bool NORM>
+__device__ inline void skinny_stage_x(const MmaShared& sh, const MatmulParams& p, const float* x, int64_t k0,
+                                      int units, int chunk_units, int64_t k_end, bool vec, float (&ss)[NT]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int M = int(p.M), stride = chunk_units * kMmaUnit + 8;
+  for (int u = 0; u < units; ++u) {
+    const int64_t k = k0 + int64_t(u) * kMmaUnit + lane * 4;
+    const bool in = k < k_end;  // K % 16 == 0: four columns are all in or all out
+    float v[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int m = warp + 8 * j;
+      v[j][0] = v[j][1] = v[j][2] = v[j][3] = 0.f;
+      if (in && m < M) {
+        const float* src = x + m * p.ldx + k;
+        if (vec) {
+          const float4 f = __ldg(reinterpret_cast<const float4*>(src));
+          v[j][0] = f.x, v[j][1] = f.y, v[j][2] = f.z, v[j][3] = f.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) v[j][i] = __ldg(src + i);
+        }
+      }
+    }
+    float gk[4] = {1.f, 1.f, 1.f, 1.f};
+    if (NORM && in)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) gk[i] = __ldg(p.norm + k + i);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int m = warp + 8 * j;
+      if constexpr (NORM) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ss[j] += v[j][i] * v[j][i], v[j][i] *= gk[i];
+      }
+      uint16_t hi[4], lo[4];
+      if constexpr (MmaTraits<D>::kBf16) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __nv_bfloat16 h = __float2bfloat16_rn(v[j][i]);
+          const __nv_bfloat16 l = __float2bfloat16_rn(v[j][i] - __bfloat162float(h));
+          hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
+        }
+      } else {
+        // as mma_stage_x: the unit's largest |x| of the row scaled into [2^14, 2^15)
+        const float amax =
+            warp_max(fmaxf(fmaxf(fabsf(v[j][0]), fabsf(v[j][1])), fmaxf(fabsf(v[j][2]), fabsf(v[j][3]))));
+        const int e = int((__float_as_uint(amax) >> 23) & 0xff) - 127;
+        const int s = min(14 - e, 126);
+        const float scale = __uint_as_float(uint32_t(127 + s) << 23);
+        if (lane == 0) sh.xscale[m * chunk_units + u] = __uint_as_float(uint32_t(127 - s) << 23);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float y = v[j][i] * scale;
+          const __half h = __float2half_rn(y);
+          const __half l = __float2half_rn(y - __half2float(h));
+          hi[i] = *reinterpret_cast<const uint16_t*>(&h), lo[i] = *reinterpret_cast<const uint16_t*>(&l);
+        }
+      }
+      uint16_t* dst = sh.x + (m * 2) * stride + u * kMmaUnit + lane * 4;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(hi[0] | uint32_t(hi[1]) << 16, hi[2] | uint32_t(hi[3]) << 16);
+      *reinterpret_cast<uint2*>(dst + stride) = make_uint2(lo[0] | uint32_t(lo[1]) << 16, lo[2] | uint32_t(lo[3]) << 16);
+    }
+  }
+}
+
+// One unit of this thread's two weight rows (pa, pb: the rows' bytes from this thread's first
+// piece) at column kc: whole units without a bound check, the last partial one with.
+template <DType D>
+__device__ inline void skinny_load_unit(MmaUnitW<D>& w, const uint8_t* pa, const uint8_t* pb, int64_t kc,
+                                        int64_t k_end) {
+  using T = MmaTraits<D>;
+  const int64_t off = kc * T::E;
+  if (kc + kMmaUnit <= k_end) {
+#pragma unroll
+    for (int i = 0; i < T::kPieces; ++i) {
+      w.a[i] = load16_stream(pa + off + i * 64);
+      w.b[i] = load16_stream(pb + off + i * 64);
+    }
+  } else {
+    const int64_t left = (k_end - kc) * T::E - (threadIdx.x % 4) * 16;  // this thread's bytes left
+#pragma unroll
+    for (int i = 0; i < T::kPieces; ++i) {
+      const bool in = i * 64 < left;
+      w.a[i] = in ? load16_stream(pa + off + i * 64) : make_uint4(0, 0, 0, 0);
+      w.b[i] = in ? load16_stream(pb + off + i * 64) : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// acc[j] += one unit's products against the staged x rows 8j .. 8j + 7 (xs: this thread's x row
+// g and columns at unit 0 of the chunk; every x row is staged, zeros past M, so nothing is
+// predicated). F16/FP8: the unit's sums scaled by the weight rows' block scales (wsa, wsb) and
+// the x rows' staging scales (xsc: sh.xscale at the unit) in fp32.
+template <DType D, int NT>
+__device__ inline void skinny_unit(float (&acc)[NT][4], const MmaUnitW<D>& w, const uint16_t* xs, int stride,
+                                   const float* xsc, int chunk_units, float wsa, float wsb) {
+  using T = MmaTraits<D>;
+  float part[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < T::kPieces; ++i) {
+    uint32_t a[T::V / 4][4];
+    const uint32_t* wa = &w.a[i].x;
+    const uint32_t* wb = &w.b[i].x;
+#pragma unroll
+    for (int s = 0; s < T::V / 4; ++s) {
+      if constexpr (D == DType::F8_E4M3) {
+        a[s][0] = e4m3x2_to_f16x2(wa[s]), a[s][1] = e4m3x2_to_f16x2(wb[s]);
+        a[s][2] = e4m3x2_to_f16x2(wa[s] >> 16), a[s][3] = e4m3x2_to_f16x2(wb[s] >> 16);
+      } else {
+        a[s][0] = wa[2 * s], a[s][1] = wb[2 * s], a[s][2] = wa[2 * s + 1], a[s][3] = wb[2 * s + 1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint16_t* xr = xs + 16 * j * stride + i * 4 * T::V;  // x row 8j + g: two parts per row
+      uint4 xh[T::V / 8], xl[T::V / 8];
+#pragma unroll
+      for (int q = 0; q < T::V / 8; ++q) {
+        xh[q] = *reinterpret_cast<const uint4*>(xr + 8 * q);
+        xl[q] = *reinterpret_cast<const uint4*>(xr + stride + 8 * q);
+      }
+      const uint32_t* h = &xh[0].x;
+      const uint32_t* l = &xl[0].x;
+      float (&c)[4] = T::kBf16 ? acc[j] : part[j];
+#pragma unroll
+      for (int s = 0; s < T::V / 4; ++s) {
+        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], h[2 * s], h[2 * s + 1], T::kBf16);
+        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], l[2 * s], l[2 * s + 1], T::kBf16);
+      }
+    }
+  }
+  if constexpr (!T::kBf16) {
+    const int tig = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int m0 = 8 * j + 2 * tig;
+      const float x0 = xsc[m0 * chunk_units], x1 = xsc[(m0 + 1) * chunk_units];
+      acc[j][0] += part[j][0] * (wsa * x0);
+      acc[j][1] += part[j][1] * (wsa * x1);
+      acc[j][2] += part[j][2] * (wsb * x0);
+      acc[j][3] += part[j][3] * (wsb * x1);
+    }
+  }
+}
+
 // The products of mma_skinny_block: acc, warp w's 16 rows of row block rb against the M x rows
-// over slice `slice` of K; NORM, the rows' squares over the slice summed into sh.red[m] (ends
-// synchronized).
+// over slice `slice` of K, each warp streaming its rows one unit ahead of its MMAs; NORM, the
+// rows' squares over the slice in sh.red[m] (ends synchronized). Rows past N read row N - 1 (their
+// products are not written), so the loop has no bound checks but the last unit's.
 template <DType D, int NT, bool NORM>
 __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParams& p, int b, int rb, int slice,
                                           int chunk, bool vec_x, const SkinnySlices& sl, const MmaShared& sh) {
-  constexpr int E = ElemSize<D>::value;
-  const int warp = threadIdx.x / 32;
-  const int M = int(p.M);
+  using T = MmaTraits<D>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
   const int64_t k_begin = int64_t(slice) * sl.slice, k_end = min(p.K, k_begin + sl.slice);
-  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * E;
-  const MmaRows rows = weight_tile_rows<D>(w, p.scale_inv, w0, p.N, p.K, p.block);
+  const bool active = w0 < p.N;  // the whole warp alike
+  const int64_t ra = min(w0 + g, p.N - 1), rbw = min(w0 + g + 8, p.N - 1);
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + b * p.w_batch_stride * T::E;
+  const uint8_t* pa = w + ra * p.K * T::E + tig * 16;
+  const uint8_t* pb = w + rbw * p.K * T::E + tig * 16;
+  const float *sa = nullptr, *sb = nullptr;
+  int unit_per_scale = 1;
+  if constexpr (D == DType::F8_E4M3) {
+    const int64_t kb = ceil_div(p.K, p.block);
+    sa = p.scale_inv + ra / p.block * kb, sb = p.scale_inv + rbw / p.block * kb;
+    unit_per_scale = int(p.block / kMmaUnit);
+  }
+  const int chunk_units = chunk / kMmaUnit, stride = chunk + 8;
+  const uint16_t* xs = sh.x + (g * 2) * stride + tig * T::V;
   const float* x = p.x + b * p.x_batch_stride;
+  float ss[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  mma_warp_tile_product<D, NT, NORM>(acc, sh, rows, [&](int m) { return x + m * p.ldx; }, M, k_begin, k_end, p.block,
-                                     chunk, vec_x, p.norm);
-  if constexpr (NORM) {
+  for (int j = 0; j < NT; ++j) {
+    ss[j] = 0.f;
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += chunk) {
+    const int units = int(min(int64_t(chunk_units), ceil_div(k_end - k0, kMmaUnit)));
+    const int unit0 = int(k0 / kMmaUnit);  // k_begin and chunk are whole units
+    MmaUnitW<D> cur;
+    float wsa = 1.f, wsb = 1.f;
+    if (active) {
+      skinny_load_unit<D>(cur, pa, pb, k0, k_end);
+      if constexpr (D == DType::F8_E4M3) wsa = __ldg(sa + unit0 / unit_per_scale), wsb = __ldg(sb + unit0 / unit_per_scale);
+    }
+    __syncthreads();  // the previous chunk's x is no longer read
+    skinny_stage_x<D, NT, NORM>(sh, p, x, k0, units, chunk_units, k_end, vec_x, ss);
     __syncthreads();
-    if (int(threadIdx.x) < M) {
-      float t = 0.f;
-      for (int q = 0; q < kMmaWarps; ++q) t += sh.ss[q * kMmaSsRows + threadIdx.x];
-      sh.red[threadIdx.x] = t;
+    if (!active) continue;
+    for (int u = 0; u < units; ++u) {
+      MmaUnitW<D> nxt;
+      float nsa = 1.f, nsb = 1.f;
+      if (u + 1 < units) {
+        skinny_load_unit<D>(nxt, pa, pb, k0 + int64_t(u + 1) * kMmaUnit, k_end);
+        if constexpr (D == DType::F8_E4M3)
+          nsa = __ldg(sa + (unit0 + u + 1) / unit_per_scale), nsb = __ldg(sb + (unit0 + u + 1) / unit_per_scale);
+      }
+      skinny_unit<D, NT>(acc, cur, xs + u * kMmaUnit, stride, sh.xscale + u, chunk_units, wsa, wsb);
+      cur = nxt;
+      wsa = nsa, wsb = nsb;
+    }
+  }
+  if constexpr (NORM) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float t = warp_sum(ss[j]);
+      if (lane == 0 && warp + 8 * j < kMmaSsRows) sh.red[warp + 8 * j] = t;
     }
     __syncthreads();
   }
@@ -326,28 +518,30 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, in
 
 // skinny_reduce_kernel's element i of p's out (batch entry, row, column), whose slices' sums lie
 // at part[s * stride]: their sum in slice order, times the row's norm factor (NORM). The loads of
-// kAhead slices are in flight together (each an L2 round trip).
+// kAhead slices are in flight together (each an L2 round trip). Index arithmetic in 32 bits
+// (run_skinny checks that a launch's partial sums fit): 64-bit divisions are long instruction
+// sequences, and this kernel's time is its instruction chain.
 template <bool NORM>
 __device__ inline void skinny_reduce_one(const MatmulParams& p, const SkinnySlices& sl, const float* part,
-                                         int64_t stride, int64_t i) {
+                                         uint32_t stride, uint32_t i) {
   constexpr int kAhead = 8;
-  const int64_t per = p.M * p.N;
-  const int64_t b = i / per, m = (i % per) / p.N, c = i % p.N;
+  const uint32_t n = uint32_t(p.N), per = uint32_t(p.M) * n;
+  const uint32_t b = i / per, r = i - b * per, m = r / n, c = r - m * n;
   float v = 0.f;
   for (int s0 = 0; s0 < sl.slices; s0 += kAhead) {
     float t[kAhead];
 #pragma unroll
-    for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < sl.slices ? __ldcg(part + int64_t(s0 + q) * stride) : 0.f;
+    for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < sl.slices ? __ldcg(part + size_t(s0 + q) * stride) : 0.f;
 #pragma unroll
     for (int q = 0; q < kAhead; ++q)
       if (s0 + q < sl.slices) v += t[q];
   }
   if constexpr (NORM) {
     float t = 0.f;
-    for (int s = 0; s < sl.slices; ++s) t += sl.part_ss[int64_t(s) * p.M + m];
+    for (int s = 0; s < sl.slices; ++s) t += sl.part_ss[uint32_t(s) * uint32_t(p.M) + m];
     v *= norm_scale(t, p.K, p.eps);
   }
-  float& o = p.out[b * p.out_batch_stride + m * p.ldo + c];
+  float& o = p.out[b * p.out_batch_stride + int64_t(m) * p.ldo + c];
   o = p.accumulate ? o + v : v;
 }
 
