@@ -533,14 +533,15 @@ TEST_F(CudaOps, MatmulPerHead) {
 
 // W_UK with the q_pe RoPE and the latent-cache append in its launch (HeadMatmulParams'
 // also_rope / also_append, absorbed MLA's decode): the same results as the three separate CPU
-// ops, the GEMV path carrying them (T <= 8) and the tiled GEMM leaving them to their own kernels.
+// ops, the GEMV (T <= 8) and the skinny tensor-core matmul (BF16, 9 to 128 rows) carrying them,
+// other paths leaving them to their own kernels.
 TEST_F(CudaOps, MatmulPerHeadWithSideOps) {
   const int H = 16, nope = 128, rd = 64;
   const int64_t R = 512, dq = nope + rd, W = R + rd;
   for (DType dt : {DType::BF16, DType::F32}) {
     Tensor w32 = randn({H, R, nope}, 1.0f / std::sqrt(float(nope)));
     Tensor w = from_f32(w32.f32(), w32.shape(), dt), dw = up(w);
-    for (int64_t T : {1, 3, 9}) {
+    for (int64_t T : {1, 3, 9, 32}) {
       for (DType cache_dt : {DType::BF16, DType::F32}) {
         const bool interleaved = T % 2 == 1;
         Tensor q = randn({T, H, dq}), kv = randn({T, W}, 3.0f), g = randn({R});

@@ -308,8 +308,9 @@ std::vector<double> swiglu_ref(const Weight& g, const Weight& u, const Weight& d
 // The routed experts (and the shared one) of T tokens, top_k each, as moe.cu's per-token path
 // (mma_expert_gate_up_block over every unit, then mma_expert_down_block) or, grouped, as
 // moe_grouped.cu's small-tile path (pairs sorted by expert into tiles of up to 8 rows on the host,
-// as moe_route_kernel does on the device; mma_grouped_gate_up_block, mma_grouped_down_block; the
-// combine on the host). Slot 1 of token 0 has an invalid expert id in the per-token path.
+// as moe_route_kernel does on the device, the shared expert's pieces as tiles after them;
+// mma_grouped_gate_up_block, mma_grouped_down_block, moe_combine_one adding to a base). Slot 1 of
+// token 0 has an invalid expert id in the per-token path.
 template <DType D, bool NORM>
 double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block, bool grouped, std::mt19937& rng,
                    int64_t stage_bytes = kMmaSmemBytes) {
@@ -329,13 +330,16 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
     for (int k = 0; k < top_k; ++k) ids[size_t(t * top_k + k)] = order[size_t(k)];
   }
   if (!grouped) ids[1] = -1;
-  std::vector<float> out(static_cast<size_t>(T * H), NAN);
+  // grouped: out accumulates onto a base (the residual add in moe_combine_one)
+  std::vector<float> out(static_cast<size_t>(T * H), NAN), base(static_cast<size_t>(T * H), 0.f);
+  if (grouped)
+    for (size_t i = 0; i < out.size(); ++i) out[i] = base[i] = nd(rng);
   MoeExpertsParams p;
   p.out = out.data(), p.x = x.data(), p.weights = wts.data(), p.experts = ids.data(), p.table = ex.table.data();
   p.n_tokens = T, p.hidden = H, p.inter = I, p.block = block, p.n_experts = E, p.top_k = top_k, p.dtype = D;
   p.aligned16 = true;
+  p.has_shared = true, p.shared = ex.shared, p.shared_inter = SI;
   if (!grouped) {
-    p.has_shared = true, p.shared = ex.shared, p.shared_inter = SI;
     if (NORM) p.norm = g.data(), p.eps = 1e-6f;
     const int64_t routed = int64_t(T) * top_k;
     std::vector<float> h(static_cast<size_t>(routed * I + T * SI), NAN);
@@ -350,8 +354,9 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
     });
   } else {
     // routing as moe_route_kernel: rows sorted by expert, tiles of up to 8 rows of one expert
-    const int64_t pairs = int64_t(T) * top_k;
-    std::vector<int32_t> token_of_row(static_cast<size_t>(pairs)), row_of_pair(static_cast<size_t>(pairs));
+    // and the shared expert's SI / I pieces (pseudo-experts E + k) over all tokens after them
+    const int64_t pairs = int64_t(T) * top_k, pieces = SI / I, rows = pairs + pieces * T;
+    std::vector<int32_t> token_of_row(static_cast<size_t>(rows)), row_of_pair(static_cast<size_t>(pairs));
     std::vector<int32_t> tile_expert, tile_begin, tile_end;
     int row = 0;
     for (int e = 0; e < E; ++e) {
@@ -359,6 +364,12 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
       for (int64_t i = 0; i < pairs; ++i)
         if (ids[size_t(i)] == e) token_of_row[size_t(row)] = int32_t(i / top_k), row_of_pair[size_t(i)] = row++;
       for (int b = first; b < row; b += 8) tile_expert.push_back(e), tile_begin.push_back(b), tile_end.push_back(row);
+    }
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int32_t first = int32_t(pairs + k * T);
+      for (int b = 0; b < T; b += 8)
+        tile_expert.push_back(E + int32_t(k)), tile_begin.push_back(first + b), tile_end.push_back(first + T);
+      for (int t = 0; t < T; ++t) token_of_row[size_t(first + t)] = t;
     }
     int32_t n_tiles = int32_t(tile_expert.size());
     const ExpertRouting r{token_of_row.data(), row_of_pair.data(), tile_expert.data(), tile_begin.data(),
@@ -372,7 +383,7 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
         for (int64_t k = 0; k < H; ++k) xn[size_t(t * H + k)] = float(x[size_t(t * H + k)] * sc * g[size_t(k)]);
       }
     p.x = xn.data();
-    std::vector<float> h(static_cast<size_t>(pairs * I), NAN), y(static_cast<size_t>(pairs * H), NAN);
+    std::vector<float> h(static_cast<size_t>(rows * I), NAN), y(static_cast<size_t>(rows * H), NAN);
     // warp tiles: a block takes 8 rows (gate_up) or 16 (down) per warp
     const int c_up = mma_chunk(H, kMmaMaxRows, stage_bytes), c_down = mma_chunk(I, kMmaMaxRows, stage_bytes);
     emu::run_grid("grouped_gate_up", {unsigned(ceil_div(I, 8 * kMmaWarps)), unsigned(n_tiles), 1},
@@ -385,13 +396,13 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
                     mma_grouped_down_block<D>(p, r, h.data(), y.data(), blockIdx.y, int64_t(blockIdx.x) * 16 * kMmaWarps,
                                               c_down, shared_of(c_down, kMmaMaxRows));
                   });
-    for (int t = 0; t < T; ++t)  // moe_combine_kernel
-      for (int64_t d = 0; d < H; ++d) {
-        float acc = 0.f;
-        for (int k = 0; k < top_k; ++k)
-          acc += wts[size_t(t * top_k + k)] * y[size_t(int64_t(row_of_pair[size_t(t * top_k + k)]) * H + d)];
-        out[size_t(t * H + d)] = acc;
-      }
+    p.accumulate = true;
+    for (int t = 0; t < T; ++t) {  // moe_combine_kernel: four columns a thread (even tokens), or one
+      if (t % 2 == 0 && H % 4 == 0)
+        for (int64_t d = 0; d < H; d += 4) moe_combine_one<4>(p, r, y.data(), t, d);
+      else
+        for (int64_t d = 0; d < H; ++d) moe_combine_one<1>(p, r, y.data(), t, d);
+    }
   }
   double worst = 0;
   for (int t = 0; t < T; ++t) {
@@ -407,10 +418,8 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
       const auto y = swiglu_ref(ex.gate[size_t(e)], ex.up[size_t(e)], ex.down[size_t(e)], xt);
       for (int64_t d = 0; d < H; ++d) want[size_t(d)] += wts[size_t(t * top_k + k)] * y[size_t(d)];
     }
-    if (!grouped) {
-      const auto y = swiglu_ref(ex.sg, ex.su, ex.sd, xt);
-      for (int64_t d = 0; d < H; ++d) want[size_t(d)] += y[size_t(d)];
-    }
+    const auto ys = swiglu_ref(ex.sg, ex.su, ex.sd, xt);
+    for (int64_t d = 0; d < H; ++d) want[size_t(d)] += ys[size_t(d)] + base[size_t(t * H + d)];
     for (int64_t d = 0; d < H; ++d) {
       const double got = out[size_t(t * H + d)];
       worst = std::max(worst, std::isnan(got) ? INFINITY : rel(got, want[size_t(d)]));
@@ -499,8 +508,8 @@ int main(int argc, char** argv) {
   report("experts bf16 T 1 top 2 of 3, H 128 I 64 + shared, norm", run_experts<DType::BF16, true>(1, 3, 2, 128, 64, 128, false, rng));
   report("experts fp8  T 1 top 2 of 4, H 256 I 128 + shared", run_experts<DType::F8_E4M3, false>(1, 4, 2, 256, 128, 128, false, rng));
   report("experts f16  T 2 top 3 of 3, H 128 I 64 + shared, norm", run_experts<DType::F16, true>(2, 3, 3, 128, 64, 128, false, rng));
-  report("grouped bf16 T 12 top 2 of 2 (two tiles each), H 128 I 64", run_experts<DType::BF16, false>(12, 2, 2, 128, 64, 128, true, rng));
-  report("grouped fp8  T 10 top 2 of 3, H 128 I 128, norm", run_experts<DType::F8_E4M3, true>(10, 3, 2, 128, 128, 128, true, rng));
+  report("grouped bf16 T 12 top 2 of 2 (two tiles each), H 128 I 64 + shared", run_experts<DType::BF16, false>(12, 2, 2, 128, 64, 128, true, rng));
+  report("grouped fp8  T 10 top 2 of 3, H 128 I 128 + shared, norm", run_experts<DType::F8_E4M3, true>(10, 3, 2, 128, 128, 128, true, rng));
   report("grouped bf16 T 12 top 2 of 3, H 208 I 80 (idle warps)", run_experts<DType::BF16, false>(12, 3, 2, 208, 80, 128, true, rng));
   report("grouped fp8  T 9 top 2 of 3, H 384 I 256, x staged a unit at a time",
          run_experts<DType::F8_E4M3, false>(9, 3, 2, 384, 256, 128, true, rng, 8 * 532));

@@ -84,8 +84,10 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
     ops.download(choices->ids.data(), experts);
   }
   FATHOM_ASSERT(w.expert_set.experts.size() == size_t(E), "MoE layer used before prepare_moe");
-  // decode-sized batches run the shared experts in the routed experts' launches
-  const bool with_routed = w.has_shared && T <= kFusedSwiGluMaxTokens && !w.shared_experts.fused.experts.empty();
+  // decode-sized batches run the shared experts in the routed experts' launches (and batched
+  // decode too where the backend's routed kernels take them: CUDA's grouped small tiles)
+  const bool with_routed = w.has_shared && !w.shared_experts.fused.experts.empty() &&
+                           (T <= kFusedSwiGluMaxTokens || ops.moe_takes_shared(T, K, E));
   // Run apart (long inputs), the routed and the shared experts must both see x as it was before
   // either adds to out: the normalised rows (or, writing over x, a copy) are made once.
   const bool apart = w.has_shared && !with_routed;

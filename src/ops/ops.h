@@ -293,6 +293,13 @@ class Ops {
   // passes (gate and up together, then down) instead of five ops. For decode-sized T. norm and
   // aliasing as for moe_experts.
   virtual void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate, InputNorm norm = {}) = 0;
+  // Whether moe_experts of n_tokens tokens (top_k of n_experts each) runs its `shared` expert in
+  // the routed experts' launches beyond the decode-sized batches that swiglu's fused form is for
+  // (the model passes it to moe_experts then, instead of a separate SwiGLU).
+  virtual bool moe_takes_shared(int64_t n_tokens, int top_k, int n_experts) const {
+    (void)n_tokens, (void)top_k, (void)n_experts;
+    return false;
+  }
   // ids (B) I32 = the index of each row's largest logit (the first on ties); logits (B, V).
   virtual void argmax(Tensor& ids, const Tensor& logits) = 0;
   // ids (B) I32 = one token per row of logits (B, V) F32 (finite or -inf, one finite at least),

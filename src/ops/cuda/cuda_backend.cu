@@ -589,6 +589,10 @@ class CudaOps final : public Ops {
     for (int r = 0; r < cuda::repeats(cuda::kRepeatExperts); ++r) cuda::moe_experts(m, ctx_->stream);
   }
 
+  bool moe_takes_shared(int64_t n_tokens, int top_k, int n_experts) const override {
+    return cuda::moe_small_tiles(n_tokens, top_k, n_experts);
+  }
+
   void swiglu(Tensor& out, const Tensor& x, const ExpertSet& set, bool accumulate, InputNorm norm = {}) override {
     use();
     f32(out, "swiglu", "the output");

@@ -201,6 +201,9 @@ struct MoeExpertsParams {
   float eps = 0.f;
 };
 void moe_experts(const MoeExpertsParams& p, Stream stream);
+// Whether a batch of n_tokens (top_k of n_experts each) runs in the grouped small tiles, which
+// take a shared expert in the same launches (Ops::moe_takes_shared).
+bool moe_small_tiles(int64_t n_tokens, int top_k, int n_experts);
 
 // ---- sample.cu
 

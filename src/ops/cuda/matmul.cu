@@ -390,6 +390,7 @@ struct SkinnyJobs {
   int64_t block_end[kMaxSkinnyJobs];  // job j's row blocks end (exclusive) at block_end[j]
   int64_t out_end[kMaxSkinnyJobs];    // job j's M * N partial sums per slice end at out_end[j]
   int n = 0;
+  SideJobs side;  // side ops in blocks after the row blocks (slice 0, batch entry 0 only)
 };
 
 // Block x's job and its row block there.
@@ -418,6 +419,10 @@ __device__ inline void skinny_prefetch(const MatmulParams& p, int64_t rb, const 
 template <DType D, int NT, bool NORM>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     mma_skinny_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl, int chunk, bool vec_x) {
+  if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
+    if (blockIdx.y == 0 && blockIdx.z == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
+    return;
+  }
   int64_t rb = 0;
   const int j = skinny_job(jobs, rb);
   const MatmulParams& p = jobs.job[j];
@@ -481,15 +486,16 @@ bool skinny_joins(const MatmulParams& p, const MatmulParams& q) {
          q.norm == p.norm && q.eps == p.eps && q.batch == 1 && p.batch == 1 && q.block == p.block;
 }
 
-// ps[0..n): skinny jobs (skinny_joins ps[0] for n > 1).
+// ps[0..n): skinny jobs (skinny_joins ps[0] for n > 1); the side ops ride in the first launch.
 template <DType D>
-void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s) {
+void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s, const SideJobs& side = {}) {
   allow_skinny_smem<D>();
   FATHOM_ASSERT(n >= 1 && n <= kMaxSkinnyJobs, "run_skinny: ", n, " jobs");
   const MatmulParams& p0 = ps_in[0];
   for (int64_t r = 0; r < p0.M; r += kSkinnyMaxM) {
     SkinnyJobs jobs;
     jobs.n = n;
+    if (r == 0) jobs.side = side;
     int64_t row_blocks = 0, outs = 0;
     for (int j = 0; j < n; ++j) {
       MatmulParams& p = jobs.job[j];
@@ -521,7 +527,8 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s) {
       sl.part = part->as<float>();
       sl.part_ss = sl.part + sums;
     }
-    const dim3 grid(unsigned(row_blocks), unsigned(sl.slices), unsigned(p.batch));
+    const int64_t side_blocks = int64_t(jobs.side.rope_blocks) + jobs.side.append_blocks;
+    const dim3 grid(unsigned(row_blocks + side_blocks), unsigned(sl.slices), unsigned(p.batch));
     const size_t smem = mma_smem_bytes(chunk, staged);
     switch (ceil_div(p.M, 8)) {
       case 1: launch_skinny<D, 1>(jobs, sl, grid, smem, chunk, vec_x, s); break;
@@ -568,8 +575,8 @@ bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
   }
   if constexpr (D != DType::F32) {
     if (skinny_takes(p)) {
-      run_skinny<D>(&p, 1, s);
-      return false;
+      run_skinny<D>(&p, 1, s, side);
+      return true;
     }
   }
   if (D == DType::BF16 && p.M <= kGemvChunkRows && !capturing(s)) {

@@ -74,6 +74,98 @@ struct ExpertRouting {
   int32_t* n_tiles;       // (1)
 };
 
+// The grouped path's shared expert (MoeExpertsParams::has_shared there): shared_inter / inter
+// pieces of inter rows (gate, up) and inter columns (down), piece k a pseudo-expert
+// n_experts + k that every token uses with weight 1. Its rows of h and y follow every routed
+// pair's, piece-major in token order: row n_tokens * top_k + k * n_tokens + t.
+__device__ inline int64_t grouped_shared_row(const MoeExpertsParams& p, int64_t k, int64_t t) {
+  return p.n_tokens * p.top_k + k * p.n_tokens + t;
+}
+// Expert e's gate and up for a grouped tile: a routed expert's table entry, or shared piece
+// e - n_experts (rows k * inter on; FP8 scales of whole blocks, inter % block == 0).
+template <DType D>
+__device__ inline ExpertPointers grouped_gate_up_expert(const MoeExpertsParams& p, int e) {
+  if (e < p.n_experts) return p.table[e];
+  constexpr int E = ElemSize<D>::value;
+  const int64_t first = int64_t(e - p.n_experts) * p.inter;  // the piece's first row
+  ExpertPointers ep = p.shared;
+  ep.gate = static_cast<const uint8_t*>(ep.gate) + first * p.hidden * E;
+  ep.up = static_cast<const uint8_t*>(ep.up) + first * p.hidden * E;
+  if (D == DType::F8_E4M3) {
+    const int64_t kb = ceil_div(p.hidden, p.block);
+    ep.gate_scale += first / p.block * kb;
+    ep.up_scale += first / p.block * kb;
+  }
+  return ep;
+}
+// This thread's down rows for a grouped tile of expert e from output column w0: a routed
+// expert's (inter columns per row), or shared piece e - n_experts's columns of the shared down
+// weight (shared_inter per row).
+template <DType D>
+__device__ inline MmaRows grouped_down_rows(const MoeExpertsParams& p, int e, int64_t w0) {
+  if (e < p.n_experts) {
+    const ExpertPointers& ep = p.table[e];
+    return weight_tile_rows<D>(static_cast<const uint8_t*>(ep.down), ep.down_scale, w0, p.hidden, p.inter, p.block);
+  }
+  constexpr int E = ElemSize<D>::value;
+  const int64_t col = int64_t(e - p.n_experts) * p.inter;  // the piece's first column
+  MmaRows rows = weight_tile_rows<D>(static_cast<const uint8_t*>(p.shared.down), p.shared.down_scale, w0, p.hidden,
+                                     p.shared_inter, p.block);
+  if (rows.a) rows.a += col * E;
+  if (rows.b) rows.b += col * E;
+  if (D == DType::F8_E4M3) {
+    if (rows.sa) rows.sa += col / p.block;
+    if (rows.sb) rows.sb += col / p.block;
+  }
+  return rows;
+}
+// moe_combine_kernel's columns d .. d + V - 1 of token t (V 4: 16-byte aligned rows, float4s):
+// Σ_k weights[t, k] · y[row_of_pair[t, k]] in slot order, then the shared expert's pieces
+// (has_shared), added to out with accumulate. The loads of kAhead slots are in flight together.
+template <int V>
+__device__ inline void moe_combine_one(const MoeExpertsParams& p, const ExpertRouting& r, const float* y, int64_t t,
+                                       int64_t d) {
+  static_assert(V == 1 || V == 4, "columns one or four at a time");
+  constexpr int kAhead = 8;
+  auto load = [&](int64_t row, float (&v)[V]) {
+    if constexpr (V == 4) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(y + row * p.hidden + d));
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    } else {
+      v[0] = __ldg(y + row * p.hidden + d);
+    }
+  };
+  float acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0.f;
+  for (int k0 = 0; k0 < p.top_k; k0 += kAhead) {
+    float w[kAhead], v[kAhead][V];
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q) {
+      const int64_t pair = t * p.top_k + k0 + q;
+      const int row = k0 + q < p.top_k ? r.row_of_pair[pair] : -1;
+      w[q] = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[q][i] = 0.f;
+      if (row >= 0) w[q] = p.weights[pair], load(row, v[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q)
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += w[q] * v[q][i];
+  }
+  if (p.has_shared)
+    for (int64_t k = 0; k < p.shared_inter / p.inter; ++k) {
+      float v[V];
+      load(grouped_shared_row(p, k, t), v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += v[i];
+    }
+  float* o = p.out + t * p.hidden + d;
+#pragma unroll
+  for (int i = 0; i < V; ++i) o[i] = p.accumulate ? o[i] + acc[i] : acc[i];
+}
+
 // A gate-and-up tile's rows for this thread: gate row n0 + g as tile row g and up row n0 + g as
 // tile row g + 8 (none past inter), so that each C fragment holds a gate value beside its up value.
 template <DType D>
@@ -207,7 +299,7 @@ __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, cons
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int64_t w0 = n0 + int64_t(warp) * 8;
-  const MmaRows rows = gate_up_tile_rows<D>(p.table[r.tile_expert[tile]], w0, p.inter, p);
+  const MmaRows rows = gate_up_tile_rows<D>(grouped_gate_up_expert<D>(p, r.tile_expert[tile]), w0, p.inter, p);
   const int32_t* token = r.token_of_row + begin;
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, 0,
@@ -227,13 +319,11 @@ template <DType D>
 __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const ExpertRouting& r,
                                               const float* __restrict__ h, float* __restrict__ y, int tile, int64_t n0,
                                               int chunk, const MmaShared& sh) {
-  const ExpertPointers ep = p.table[r.tile_expert[tile]];
   const int64_t begin = r.tile_begin[tile];
   const int M = int(min(int64_t(kMmaMaxRows), r.tile_end[tile] - begin));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int64_t w0 = n0 + int64_t(warp) * 16;
-  const MmaRows rows =
-      weight_tile_rows<D>(static_cast<const uint8_t*>(ep.down), ep.down_scale, w0, p.hidden, p.inter, p.block);
+  const MmaRows rows = grouped_down_rows<D>(p, r.tile_expert[tile], w0);
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, 0, p.inter,
                               p.block, chunk, p.inter % 4 == 0);

@@ -362,13 +362,15 @@ void dispatch_experts(const MoeExpertsParams& p, cudaStream_t s) {
   }
 }
 
-// The routed experts by the grouped kernels, then the shared expert as a dense SwiGLU added to
-// their sum; p's x and out are plain (no norm, no accumulation, no aliasing).
+// The routed experts by the grouped kernels, with the shared expert in their launches where
+// they take it, else after them as a dense SwiGLU added to their sum; p's x is plain (no norm),
+// and out is not x when the shared expert runs apart (it reads x after the routed sum is written).
 void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
+  const bool joined = p.has_shared && moe_grouped_joins_shared(p);
   MoeExpertsParams routed = p;
-  routed.has_shared = false;
+  routed.has_shared = joined;
   moe_experts_grouped(routed, s);
-  if (!p.has_shared) return;
+  if (!p.has_shared || joined) return;
   MoeExpertsParams dense = p;
   dense.experts = nullptr;
   dense.weights = nullptr;
@@ -422,8 +424,9 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   // bandwidth; from a handful of tokens on, experts repeat and sorting by expert pays.
   const int64_t pairs = p.n_tokens * p.top_k;
   if (p.experts && pairs >= kGroupedMinPairs) {
-    // The grouped kernels take plain inputs and outputs: a normalised copy of x, and (when
-    // accumulating or writing over x) a separate sum, added or copied to out at the end.
+    // The grouped kernels take a plain input (a normalised copy of x) and add to out in their
+    // last kernel (x is read whole before); a shared expert run apart reads x after that, so
+    // when out is x it goes to a separate sum, added or copied to out at the end.
     const size_t bytes = size_t(p.n_tokens * p.hidden) * sizeof(float);
     MoeExpertsParams q = p;
     std::optional<StreamScratch> xn, y;
@@ -433,13 +436,13 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
       q.x = xn->as<float>();
       q.norm = nullptr;
     }
-    if (p.accumulate || p.out == p.x) {
+    if (q.has_shared && q.out == q.x && !moe_grouped_joins_shared(q)) {
       y.emplace(bytes, s, "moe_experts (sum)");
       q.out = y->as<float>();
       q.accumulate = false;
     }
     run_grouped(q, s);
-    if (p.accumulate) add(p.out, q.out, p.n_tokens * p.hidden, stream);
+    if (y && p.accumulate) add(p.out, q.out, p.n_tokens * p.hidden, stream);
     else if (y) check(cudaMemcpyAsync(p.out, q.out, bytes, cudaMemcpyDeviceToDevice, s), "moe_experts (copy)");
     return;
   }

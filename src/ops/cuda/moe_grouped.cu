@@ -40,7 +40,9 @@ constexpr int kSmallRows = 8;      // rows (tokens) per tile of the GEMV-style k
 constexpr int kSmallR = 2;         // weight rows per block
 constexpr int kSmallThreads = 128;
 
-// grid (1), block 1024. Tiles of at most tile_rows rows of one expert.
+// grid (1), block 1024. Tiles of at most tile_rows rows of one expert; with p.has_shared (the
+// tensor-core small tiles only) then the shared expert's pieces, each over all tokens
+// (grouped_shared_row in mma_kernels.cuh).
 __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
   pdl_wait();
   __shared__ int count[kMaxExperts], offset[kMaxExperts + 1], tile_offset[kMaxExperts + 1], cursor[kMaxExperts];
@@ -60,9 +62,22 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
       tiles += (count[e] + tile_rows - 1) / tile_rows;
     }
     offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
-    *r.n_tiles = tiles;
+    const int64_t pieces = p.has_shared ? p.shared_inter / p.inter : 0;
+    *r.n_tiles = tiles + int(pieces * ((p.n_tokens + tile_rows - 1) / tile_rows));
   }
   __syncthreads();
+  if (p.has_shared) {
+    const int per = int((p.n_tokens + tile_rows - 1) / tile_rows), first = tile_offset[p.n_experts];
+    const int64_t pieces = p.shared_inter / p.inter;
+    for (int64_t i = threadIdx.x; i < pieces * per; i += blockDim.x) {
+      const int64_t k = i / per, b = i % per;
+      r.tile_expert[first + i] = p.n_experts + int(k);
+      r.tile_begin[first + i] = int32_t(grouped_shared_row(p, k, b * tile_rows));
+      r.tile_end[first + i] = int32_t(grouped_shared_row(p, k, p.n_tokens));
+    }
+    for (int64_t i = threadIdx.x; i < pieces * p.n_tokens; i += blockDim.x)
+      r.token_of_row[grouped_shared_row(p, 0, 0) + i] = int32_t(i % p.n_tokens);
+  }
   for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x)
     for (int t = tile_offset[e]; t < tile_offset[e + 1]; ++t) {
       r.tile_expert[t] = e;
@@ -234,19 +249,23 @@ void allow_mma_tile_smem() {
                      mma_down_kernel<D>);
 }
 
-// grid (T), block 256: out[t] = Σ_k weights[t, k] · y[row_of_pair[t, k]].
+// grid (T, ceil(hidden / (V * 256))), block 256: out[t] (+)= Σ_k weights[t, k] · y[row_of_pair[t,
+// k]] (+ the shared expert's rows) — moe_combine_one, V columns per thread (4: float4 rows).
+template <int V>
 __global__ void moe_combine_kernel(MoeExpertsParams p, Routing r, const float* __restrict__ y) {
   pdl_wait();
-  const int64_t t = blockIdx.x;
-  for (int64_t d = threadIdx.x; d < p.hidden; d += blockDim.x) {
-    float acc = 0.f;
-    for (int k = 0; k < p.top_k; ++k) {
-      const int64_t pair = t * p.top_k + k;
-      const int row = r.row_of_pair[pair];
-      if (row >= 0) acc += p.weights[pair] * y[int64_t(row) * p.hidden + d];
-    }
-    p.out[t * p.hidden + d] = acc;
-  }
+  const int64_t d = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  if (d < p.hidden) moe_combine_one<V>(p, r, y, blockIdx.x, d);
+}
+
+void launch_combine(const MoeExpertsParams& p, const Routing& r, const float* y, cudaStream_t s) {
+  if (p.hidden % 4 == 0 && aligned16(p.out) && aligned16(y))
+    launch_kernel(moe_combine_kernel<4>, dim3(unsigned(p.n_tokens), unsigned(ceil_div(p.hidden, 4 * 256))), 256, 0, s,
+                  p, r, y);
+  else
+    launch_kernel(moe_combine_kernel<1>, dim3(unsigned(p.n_tokens), unsigned(ceil_div(p.hidden, 256))), 256, 0, s, p,
+                  r, y);
+  check_launch("moe_experts (moe_combine_kernel)");
 }
 
 template <DType D>
@@ -260,8 +279,34 @@ void run_mma_small(const MoeExpertsParams& p, const Routing& r, float* h, float*
   launch_kernel(mma_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16 * kMmaWarps)), unsigned(max_tiles)), kMmaThreads,
                 mma_smem_bytes(c_down, kMmaMaxRows), s, p, r, h, y, c_down);
   check_launch("moe_experts (mma_down_kernel)");
-  launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y);
-  check_launch("moe_experts (moe_combine_kernel)");
+  launch_combine(p, r, y, s);
+}
+
+// The most tiles a launch can see: every expert's partial tile besides the full ones, and the
+// shared expert's pieces over all tokens.
+int64_t grouped_max_tiles(const MoeExpertsParams& p, int tile_rows) {
+  const int64_t pairs = p.n_tokens * p.top_k;
+  const int64_t pieces = p.has_shared ? p.shared_inter / p.inter : 0;
+  return ceil_div(pairs, tile_rows) + std::min<int64_t>(p.n_experts, pairs) + pieces * ceil_div(p.n_tokens, tile_rows);
+}
+
+// Whether the tensor-core small tiles take p (decode batches: a few rows per expert).
+template <DType D>
+bool takes_mma_small(const MoeExpertsParams& p) {
+  if constexpr (D == DType::F32) {
+    return false;
+  } else {
+    const bool small = p.n_tokens * p.top_k < kTiledMinRowsPerExpert * p.n_experts;
+    return small && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
+           mma_gemv_on(MmaSite::GroupedExperts);
+  }
+}
+
+template <DType D>
+bool joins_shared(const MoeExpertsParams& p) {
+  if (!p.has_shared || !takes_mma_small<D>(p) || p.shared_inter % p.inter != 0) return false;
+  if (D == DType::F8_E4M3 && p.inter % p.block != 0) return false;
+  return grouped_max_tiles(p, kSmallRows) <= 65535;
 }
 
 template <DType D>
@@ -269,20 +314,22 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   constexpr int E = ElemSize<D>::value;
   const int64_t pairs = p.n_tokens * p.top_k;
   const bool small = pairs < kTiledMinRowsPerExpert * p.n_experts;
+  FATHOM_ASSERT(!p.has_shared || joins_shared<D>(p), "moe_experts_grouped: a shared expert outside the small tiles");
   const int tile_rows = small ? kSmallRows : kBM;
-  const int64_t max_tiles = ceil_div(pairs, tile_rows) + std::min<int64_t>(p.n_experts, pairs);
+  const int64_t max_tiles = grouped_max_tiles(p, tile_rows);
   FATHOM_CHECK(max_tiles <= 65535, "moe_experts: ", p.n_tokens, " tokens x ", p.top_k,
                " experts is too many for one grouped launch.");
-  StreamScratch index(size_t(2 * pairs + 3 * max_tiles + 1) * sizeof(int32_t), s, "moe_experts");
+  const int64_t rows = pairs + (p.has_shared ? p.shared_inter / p.inter * p.n_tokens : 0);  // rows of h and y
+  StreamScratch index(size_t(rows + pairs + 3 * max_tiles + 1) * sizeof(int32_t), s, "moe_experts");
   Routing r;
   r.token_of_row = index.as<int32_t>();
-  r.row_of_pair = r.token_of_row + pairs;
+  r.row_of_pair = r.token_of_row + rows;
   r.tile_expert = r.row_of_pair + pairs;
   r.tile_begin = r.tile_expert + max_tiles;
   r.tile_end = r.tile_begin + max_tiles;
   r.n_tiles = r.tile_end + max_tiles;
-  StreamScratch h(size_t(pairs * p.inter) * sizeof(float), s, "moe_experts");
-  StreamScratch y(size_t(pairs * p.hidden) * sizeof(float), s, "moe_experts");
+  StreamScratch h(size_t(rows * p.inter) * sizeof(float), s, "moe_experts");
+  StreamScratch y(size_t(rows * p.hidden) * sizeof(float), s, "moe_experts");
 
   const bool fp8_ok = D != DType::F8_E4M3 || p.block % 8 == 0;
   const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0, vec_h = p.inter % 4 == 0;
@@ -292,9 +339,7 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   launch_kernel(moe_route_kernel, 1, 1024, 0, s, p, r, tile_rows);
   check_launch("moe_experts (moe_route_kernel)");
   if constexpr (D != DType::F32) {
-    if (small && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
-        mma_gemv_on(MmaSite::GroupedExperts))
-      return run_mma_small<D>(p, r, h.as<float>(), y.as<float>(), max_tiles, vec_x, s);
+    if (takes_mma_small<D>(p)) return run_mma_small<D>(p, r, h.as<float>(), y.as<float>(), max_tiles, vec_x, s);
   }
   if (small) {
     const bool fp8_gemv = D != DType::F8_E4M3 || p.block % 16 == 0;
@@ -306,8 +351,7 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
     launch_kernel(small_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, kSmallR)), unsigned(max_tiles)), kSmallThreads,
                   0, s, p, r, h.as<float>(), y.as<float>(), vec_h16);
     check_launch("moe_experts (small_down_kernel)");
-    launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y.as<float>());
-    return check_launch("moe_experts (moe_combine_kernel)");
+    return launch_combine(p, r, y.as<float>(), s);
   }
   launch_kernel(grouped_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, kBN)), unsigned(max_tiles)), kTileThreads, 0, s, 
       p, r, h.as<float>(), vec_x, vec_up);
@@ -315,11 +359,23 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   launch_kernel(grouped_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, kBN)), unsigned(max_tiles)), kTileThreads, 0, s, 
       p, r, h.as<float>(), y.as<float>(), vec_h, vec_down);
   check_launch("moe_experts (grouped_down_kernel)");
-  launch_kernel(moe_combine_kernel, unsigned(p.n_tokens), 256, 0, s, p, r, y.as<float>());
-  check_launch("moe_experts (moe_combine_kernel)");
+  launch_combine(p, r, y.as<float>(), s);
 }
 
 }  // namespace
+
+bool moe_small_tiles(int64_t n_tokens, int top_k, int n_experts) {
+  return n_tokens * top_k < kTiledMinRowsPerExpert * n_experts;
+}
+
+bool moe_grouped_joins_shared(const MoeExpertsParams& p) {
+  switch (p.dtype) {
+    case DType::BF16: return joins_shared<DType::BF16>(p);
+    case DType::F16: return joins_shared<DType::F16>(p);
+    case DType::F8_E4M3: return joins_shared<DType::F8_E4M3>(p);
+    default: return false;
+  }
+}
 
 void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   FATHOM_CHECK(p.n_experts <= kMaxExperts, "moe_experts: ", p.n_experts, " experts; the grouped path handles up to ",

@@ -6,6 +6,9 @@
 #include "ops/cuda/cuda_ops.h"
 
 namespace fathom::cuda {
-// Same contract as moe_experts (cuda_ops.h); the caller has checked the parameters.
+// Same contract as moe_experts (cuda_ops.h); the caller has checked the parameters. A shared
+// expert (has_shared) only where moe_grouped_joins_shared(p): the tensor-core tiles of decode
+// batches take it as extra tiles in the same launches.
 void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t stream);
+bool moe_grouped_joins_shared(const MoeExpertsParams& p);
 }  // namespace fathom::cuda
