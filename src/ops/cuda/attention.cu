@@ -385,6 +385,7 @@ constexpr int kUniformMergeThreads = 128;
 __global__ void __launch_bounds__(kUniformMergeThreads) attention_merge_uniform_kernel(AttnLaunch a) {
   pdl_wait();
   const int64_t pairs = a.p.n_q * a.p.n_q_heads, seq = blockIdx.x / pairs, pair = blockIdx.x % pairs;
+  a.chunk = uniform_chunk(a.p.kv_len, a.p.n_kv, a.u, a.n_chunks, a.chunk);  // as the attention kernel chose it
   take_uniform_seq(a.p, a.part_o, a.part_ml, a.u, seq);
   const AttentionParams& p = a.p;
   const int64_t keys = min(int64_t(*p.kv_len), p.n_kv);
@@ -630,11 +631,11 @@ bool uniform_batch(const std::vector<AttentionParams>& ps) {
 }
 
 // A uniform batch in one latent launch and one merge, the grid sized for every sequence's key
-// bound (the blocks past its key count exit), the keys split so that the bound's blocks fill
-// the GPU twice over: with the bound less than twice the longest context (the graph-replayed
-// step rounds it so), the blocks that run fill it one to two times. (Once over — one wave of
-// longer chunks — measured slower: 45.5 against 36.4 us a layer at 1,152 keys x 32 sequences,
-// a block streaming its keys at ~11 GB/s, so more blocks beat fewer waves.)
+// bound (the blocks past its key count exit), with room for the bound split so that its blocks
+// would fill the GPU twice over; the kernels then cut the keys there are into one wave
+// (uniform_chunk). (Splitting the bound itself — the chunk fixed on the host — left 1.2 waves
+// of 4-tile blocks at 1,152 keys x 32 sequences, and one wave of the bound's chunks, 8 tiles a
+// block, measured slower still: 45.5 against 36.4 us a layer.)
 void attention_latent_uniform(const std::vector<AttentionParams>& ps, cudaStream_t s) {
   const AttentionParams& p0 = ps[0];
   MlaLaunch a;
@@ -656,6 +657,7 @@ void attention_latent_uniform(const std::vector<AttentionParams>& ps, cudaStream
   u.q = ps[1].q - p0.q;
   u.out = ps[1].out - p0.out;
   u.table = p0.block_table ? ps[1].block_table - p0.block_table : 0;
+  u.wave = int(std::max<int64_t>(1, sm_count() / p0.n_kv_heads));  // one block per SM (its shared memory)
   const int64_t items = B * row_tiles * a.n_chunks;
   FATHOM_CHECK(items < (int64_t(1) << 31), "attention: a batch of ", items, " blocks is too many for one launch.");
   if (a.n_chunks == 1) return mla_attention(a, s, items);

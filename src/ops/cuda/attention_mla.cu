@@ -156,6 +156,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
     tile_x = it.y;
     c = it.z;
   } else if (a.u.n_seqs) {  // uniform batch: (chunk, sequence, row tile) from the block index
+    a.chunk = uniform_chunk(a.p.kv_len, a.p.n_kv, a.u, a.n_chunks, a.chunk);
     const int64_t per_chunk = int64_t(a.u.n_seqs) * a.u.row_tiles;
     const int64_t r = blockIdx.x % per_chunk, seq = r / a.u.row_tiles;
     c = int(blockIdx.x / per_chunk);

@@ -42,6 +42,9 @@ struct MlaUniform {
   int64_t row_tiles = 0;
   int64_t q = 0, out = 0, table = 0;  // strides between sequences, in elements
   int64_t part_o = 0, part_ml = 0;    // floats of partials per sequence
+  // > 0: the blocks one wave holds (one per SM); the chunk is then chosen on the device for the
+  // keys there are (uniform_chunk), not for the bound the launch was sized for
+  int wave = 0;
 };
 
 struct MlaLaunch {
@@ -86,6 +89,24 @@ __device__ inline void take_uniform_seq(AttentionParams& p, float*& part_o, floa
 
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
 constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
+
+// A uniform batch's keys per chunk for this step (u.wave > 0; else `chunk`, the host's split of
+// the bound): the batch's longest key count cut into as many chunks per sequence as let all of
+// them run in one wave, at most n_chunks (the partials' room), in whole tiles. The launch is
+// sized (and a graph recorded) for the key bound, up to twice the keys a step has; splitting the
+// bound put 160 blocks of 4 tiles on 132 SMs at 32 x 1,152 keys — two waves, 8 tile times —
+// where 128 blocks of at most 5 tiles run in one. kv_len: the batch's key counts (sequence 0's
+// pointer); every thread of the calling warps takes part (a warp reduction).
+__device__ inline int64_t uniform_chunk(const int32_t* kv_len, int64_t n_kv, const MlaUniform& u, int n_chunks,
+                                        int64_t chunk) {
+  if (u.wave <= 0) return chunk;
+  int64_t longest = 0;
+  for (int i = int(threadIdx.x % 32); i < u.n_seqs; i += 32) longest = max(longest, min(int64_t(kv_len[i]), n_kv));
+  for (int off = 16; off > 0; off >>= 1) longest = max(longest, __shfl_xor_sync(0xffffffffu, longest, off));
+  const int64_t per = max(int64_t(1), min(int64_t(n_chunks), int64_t(u.wave) / (int64_t(u.n_seqs) * u.row_tiles)));
+  const int64_t tiles = max(int64_t(1), (longest + kMlaKeys - 1) / kMlaKeys);
+  return (tiles + per - 1) / per * kMlaKeys;
+}
 
 // Once per device (attention_setup() calls it, before any graph capture): the kernel's shared
 // memory attribute, and the device's opt-in shared memory per block, which smem_optin() returns

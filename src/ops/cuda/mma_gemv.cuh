@@ -389,7 +389,7 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
         mma_row_scales<D>(rows, kc, block, nsa, nsb);
       }
       mma_unit_nt<D, NT>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
-      cur = nxt;
+      if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
       wsa = nsa, wsb = nsb;
     }
   }

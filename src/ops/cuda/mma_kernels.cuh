@@ -558,7 +558,7 @@ __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParam
           nsa = __ldg(sa + (unit0 + u + 1) / unit_per_scale), nsb = __ldg(sb + (unit0 + u + 1) / unit_per_scale);
       }
       skinny_unit<D, NT>(acc, cur, xs + u * kMmaUnit, stride, sh.xscale + u, chunk_units, wsa, wsb);
-      cur = nxt;
+      if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
       wsa = nsa, wsb = nsb;
     }
   }
