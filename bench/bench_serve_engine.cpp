@@ -283,8 +283,10 @@ int main(int argc, char** argv) {
                                                    {"experts", cuda::kRepeatExperts}};
       for (const auto& [kind, mask] : kinds) {
         cuda::set_repeat(mask);
+        m->drop_graphs();  // graphs recorded before would replay the steps without the repeats
         const Result r = measure(base.concurrency);
         cuda::set_repeat(0);
+        m->drop_graphs();
         if (r.decode_tps > 0 && base.decode_tps > 0)
           added.push_back({kind, 1e3 * double(base.concurrency) * (1 / r.decode_tps - 1 / base.decode_tps)});
       }

@@ -116,6 +116,9 @@ class Model {
   // pool (the serving engine's decode steps) as a replayed CUDA graph (decode_step); false runs
   // those steps eagerly like any other (for comparisons and benchmarks).
   void set_graph_steps(bool on) { graph_steps_ = on; }
+  // Forgets the recorded decode graphs (the next steps record anew): after a change that a
+  // replayed graph would not see, such as cuda::set_repeat's.
+  void drop_graphs();
 
   // forward_batch that keeps, for sequence b, its last want[b] rows (1 <= want[b] <= its token
   // count): their logits (sum of want, vocab) and final-normed hidden states (sum of want,

@@ -47,6 +47,11 @@ Model::~Model() {
   graphs_.clear();  // before the backend that owns their memory
 }
 
+void Model::drop_graphs() {
+  graphs_.clear();
+  last_graph_miss_.clear();
+}
+
 void Model::decode_body(DecodeGraph& g) {
   const ModelConfig& c = w_->config;
   Ops& ops = *ops_;
