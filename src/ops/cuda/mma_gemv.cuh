@@ -234,6 +234,49 @@ __device__ inline void mma_load_x(uint4 (&xh)[MmaTraits<D>::V / 8], uint4 (&xl)[
   }
 }
 
+// Piece i of a unit's weights as the A fragments of its V / 4 k-steps (FP8: each code pair
+// converted to an f16 pair once, then used for every x tile).
+template <DType D>
+__device__ inline void mma_a_frags(uint32_t (&a)[MmaTraits<D>::V / 4][4], const MmaUnitW<D>& w, int i) {
+  const uint32_t* wa = &w.a[i].x;
+  const uint32_t* wb = &w.b[i].x;
+#pragma unroll
+  for (int s = 0; s < MmaTraits<D>::V / 4; ++s) {
+    if constexpr (D == DType::F8_E4M3) {
+      a[s][0] = e4m3x2_to_f16x2(wa[s]), a[s][1] = e4m3x2_to_f16x2(wb[s]);
+      a[s][2] = e4m3x2_to_f16x2(wa[s] >> 16), a[s][3] = e4m3x2_to_f16x2(wb[s] >> 16);
+    } else {
+      a[s][0] = wa[2 * s], a[s][1] = wb[2 * s], a[s][2] = wa[2 * s + 1], a[s][3] = wb[2 * s + 1];
+    }
+  }
+}
+
+// c += one piece's products: its A fragments against x's hi and lo parts (xh, xl: this thread's
+// B values of the piece's columns).
+template <DType D>
+__device__ inline void mma_piece(float (&c)[4], const uint32_t (&a)[MmaTraits<D>::V / 4][4],
+                                 const uint4 (&xh)[MmaTraits<D>::V / 8], const uint4 (&xl)[MmaTraits<D>::V / 8]) {
+  using T = MmaTraits<D>;
+  const uint32_t* h = &xh[0].x;
+  const uint32_t* l = &xl[0].x;
+#pragma unroll
+  for (int s = 0; s < T::V / 4; ++s) {
+    mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], h[2 * s], h[2 * s + 1], T::kBf16);
+    mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], l[2 * s], l[2 * s + 1], T::kBf16);
+  }
+}
+
+// F16/FP8: acc += a unit's sums (part) scaled in fp32 by the weight rows' block scales (wsa: row
+// g, wsb: row g + 8) and the x rows' staging scales (x0, x1: x rows 2 tig and 2 tig + 1 of the
+// tile) — the promotion of partial sums at 128-column granularity.
+__device__ inline void mma_add_scaled(float (&acc)[4], const float (&part)[4], float wsa, float wsb, float x0,
+                                      float x1) {
+  acc[0] += part[0] * (wsa * x0);
+  acc[1] += part[1] * (wsa * x1);
+  acc[2] += part[2] * (wsb * x0);
+  acc[3] += part[3] * (wsb * x1);
+}
+
 // acc[j] (this thread's C fragment of x tile j: rows g, g + 8 by x rows 8j + 2 tig, 8j + 2 tig + 1)
 // += the unit's products, each A fragment converted once and used for every x tile. col: the
 // one x row this job multiplies (NT 1: a K-split block's column jobs), or -1 for all M. u: the
@@ -249,31 +292,14 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 #pragma unroll
   for (int i = 0; i < T::kPieces; ++i) {
     uint32_t a[T::V / 4][4];
-    const uint32_t* wa = &w.a[i].x;
-    const uint32_t* wb = &w.b[i].x;
-#pragma unroll
-    for (int s = 0; s < T::V / 4; ++s) {
-      if constexpr (D == DType::F8_E4M3) {
-        a[s][0] = e4m3x2_to_f16x2(wa[s]), a[s][1] = e4m3x2_to_f16x2(wb[s]);
-        a[s][2] = e4m3x2_to_f16x2(wa[s] >> 16), a[s][3] = e4m3x2_to_f16x2(wb[s] >> 16);
-      } else {
-        a[s][0] = wa[2 * s], a[s][1] = wb[2 * s], a[s][2] = wa[2 * s + 1], a[s][3] = wb[2 * s + 1];
-      }
-    }
+    mma_a_frags<D>(a, w, i);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int row = 8 * j + g;
       const bool feeds = col < 0 ? row < M : row == col;  // this thread supplies x row `row`
       uint4 xh[T::V / 8], xl[T::V / 8];
       mma_load_x<D>(xh, xl, sh, row, feeds, u, i, chunk);
-      const uint32_t* h = &xh[0].x;
-      const uint32_t* l = &xl[0].x;
-      float (&c)[4] = T::kBf16 ? acc[j] : part[j];
-#pragma unroll
-      for (int s = 0; s < T::V / 4; ++s) {
-        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], h[2 * s], h[2 * s + 1], T::kBf16);
-        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], l[2 * s], l[2 * s + 1], T::kBf16);
-      }
+      mma_piece<D>(T::kBf16 ? acc[j] : part[j], a, xh, xl);
     }
   }
   if constexpr (!T::kBf16) {
@@ -282,11 +308,8 @@ __device__ inline void mma_unit_nt(float (&acc)[NT][4], const MmaUnitW<D>& w, co
     for (int j = 0; j < NT; ++j) {
       const int m0 = 8 * j + 2 * tig, m1 = m0 + 1;
       const bool on0 = col < 0 ? m0 < M : m0 == col, on1 = col < 0 ? m1 < M : m1 == col;
-      const float x0 = on0 ? sh.xscale[m0 * units + u] : 0.f, x1 = on1 ? sh.xscale[m1 * units + u] : 0.f;
-      acc[j][0] += part[j][0] * (wsa * x0);
-      acc[j][1] += part[j][1] * (wsa * x1);
-      acc[j][2] += part[j][2] * (wsb * x0);
-      acc[j][3] += part[j][3] * (wsb * x1);
+      mma_add_scaled(acc[j], part[j], wsa, wsb, on0 ? sh.xscale[m0 * units + u] : 0.f,
+                     on1 ? sh.xscale[m1 * units + u] : 0.f);
     }
   }
 }

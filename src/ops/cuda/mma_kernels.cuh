@@ -460,17 +460,7 @@ __device__ inline void skinny_unit(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 #pragma unroll
   for (int i = 0; i < T::kPieces; ++i) {
     uint32_t a[T::V / 4][4];
-    const uint32_t* wa = &w.a[i].x;
-    const uint32_t* wb = &w.b[i].x;
-#pragma unroll
-    for (int s = 0; s < T::V / 4; ++s) {
-      if constexpr (D == DType::F8_E4M3) {
-        a[s][0] = e4m3x2_to_f16x2(wa[s]), a[s][1] = e4m3x2_to_f16x2(wb[s]);
-        a[s][2] = e4m3x2_to_f16x2(wa[s] >> 16), a[s][3] = e4m3x2_to_f16x2(wb[s] >> 16);
-      } else {
-        a[s][0] = wa[2 * s], a[s][1] = wb[2 * s], a[s][2] = wa[2 * s + 1], a[s][3] = wb[2 * s + 1];
-      }
-    }
+    mma_a_frags<D>(a, w, i);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint16_t* xr = xs + 16 * j * stride + i * 4 * T::V;  // x row 8j + g: two parts per row
@@ -480,14 +470,7 @@ __device__ inline void skinny_unit(float (&acc)[NT][4], const MmaUnitW<D>& w, co
         xh[q] = *reinterpret_cast<const uint4*>(xr + 8 * q);
         xl[q] = *reinterpret_cast<const uint4*>(xr + stride + 8 * q);
       }
-      const uint32_t* h = &xh[0].x;
-      const uint32_t* l = &xl[0].x;
-      float (&c)[4] = T::kBf16 ? acc[j] : part[j];
-#pragma unroll
-      for (int s = 0; s < T::V / 4; ++s) {
-        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], h[2 * s], h[2 * s + 1], T::kBf16);
-        mma_16816(c, a[s][0], a[s][1], a[s][2], a[s][3], l[2 * s], l[2 * s + 1], T::kBf16);
-      }
+      mma_piece<D>(T::kBf16 ? acc[j] : part[j], a, xh, xl);
     }
   }
   if constexpr (!T::kBf16) {
@@ -495,11 +478,7 @@ __device__ inline void skinny_unit(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int m0 = 8 * j + 2 * tig;
-      const float x0 = xsc[m0 * chunk_units], x1 = xsc[(m0 + 1) * chunk_units];
-      acc[j][0] += part[j][0] * (wsa * x0);
-      acc[j][1] += part[j][1] * (wsa * x1);
-      acc[j][2] += part[j][2] * (wsb * x0);
-      acc[j][3] += part[j][3] * (wsb * x1);
+      mma_add_scaled(acc[j], part[j], wsa, wsb, xsc[m0 * chunk_units], xsc[(m0 + 1) * chunk_units]);
     }
   }
 }
