@@ -78,6 +78,9 @@ struct ExpertRouting {
 // pieces of inter rows (gate, up) and inter columns (down), piece k a pseudo-expert
 // n_experts + k that every token uses with weight 1. Its rows of h and y follow every routed
 // pair's, piece-major in token order: row n_tokens * top_k + k * n_tokens + t.
+__host__ __device__ inline int64_t shared_pieces(const MoeExpertsParams& p) {
+  return p.has_shared ? p.shared_inter / p.inter : 0;
+}
 __device__ inline int64_t grouped_shared_row(const MoeExpertsParams& p, int64_t k, int64_t t) {
   return p.n_tokens * p.top_k + k * p.n_tokens + t;
 }
@@ -154,13 +157,13 @@ __device__ inline void moe_combine_one(const MoeExpertsParams& p, const ExpertRo
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] += w[q] * v[q][i];
   }
-  if (p.has_shared)
-    for (int64_t k = 0; k < p.shared_inter / p.inter; ++k) {
-      float v[V];
-      load(grouped_shared_row(p, k, t), v);
+  const int64_t pieces = shared_pieces(p);  // the shared expert's (has_shared)
+  for (int64_t k = 0; k < pieces; ++k) {
+    float v[V];
+    load(grouped_shared_row(p, k, t), v);
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] += v[i];
-    }
+    for (int i = 0; i < V; ++i) acc[i] += v[i];
+  }
   float* o = p.out + t * p.hidden + d;
 #pragma unroll
   for (int i = 0; i < V; ++i) o[i] = p.accumulate ? o[i] + acc[i] : acc[i];
@@ -245,7 +248,7 @@ template <DType D>
 __device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const float* __restrict__ h, int64_t t,
                                              int64_t n0, int chunk, const MmaShared& sh) {
   constexpr int E = ElemSize<D>::value;
-  const int pieces = p.has_shared ? int(p.shared_inter / p.inter) : 0;
+  const int pieces = int(shared_pieces(p));
   const int jobs = p.top_k + pieces;
   const int g = (threadIdx.x % 32) / 4;
   const int64_t kb_routed = ceil_div(p.inter, p.block), kb_shared = ceil_div(p.shared_inter, p.block);

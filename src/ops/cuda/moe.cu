@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_down_kernel(MoeExperts
   const int64_t n_rows = min(int64_t(16), p.hidden - n0);
   prefetch_down_rows<D>(p, t, n0, n_rows);
   pdl_wait();
-  const int jobs = p.top_k + (p.has_shared ? int(p.shared_inter / p.inter) : 0);
+  const int jobs = p.top_k + int(shared_pieces(p));
   FATHOM_MMA_SHARED(sh, chunk, jobs);
   mma_expert_down_block<D>(p, h, t, n0, chunk, sh);
 }
@@ -321,7 +321,7 @@ void run_mma_experts(const MoeExpertsParams& p, cudaStream_t s) {
     launch_kernel(mma_expert_gate_up_kernel<D, false>, unsigned(units), kMmaThreads, mma_smem_bytes(c_up, 1), s, p,
                   h.as<float>(), c_up, vec_x);
   check_launch("moe_experts (mma_expert_gate_up_kernel)");
-  const int jobs = p.top_k + (p.has_shared ? int(p.shared_inter / p.inter) : 0);
+  const int jobs = p.top_k + int(shared_pieces(p));
   const int c_down = mma_chunk(p.inter, jobs);
   launch_kernel(mma_expert_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16)), unsigned(p.n_tokens)), kMmaThreads,
                 mma_smem_bytes(c_down, jobs), s, p, h.as<float>(), c_down);

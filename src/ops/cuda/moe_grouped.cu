@@ -62,13 +62,12 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
       tiles += (count[e] + tile_rows - 1) / tile_rows;
     }
     offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
-    const int64_t pieces = p.has_shared ? p.shared_inter / p.inter : 0;
-    *r.n_tiles = tiles + int(pieces * ((p.n_tokens + tile_rows - 1) / tile_rows));
+    *r.n_tiles = tiles + int(shared_pieces(p) * ((p.n_tokens + tile_rows - 1) / tile_rows));
   }
   __syncthreads();
   if (p.has_shared) {
     const int per = int((p.n_tokens + tile_rows - 1) / tile_rows), first = tile_offset[p.n_experts];
-    const int64_t pieces = p.shared_inter / p.inter;
+    const int64_t pieces = shared_pieces(p);
     for (int64_t i = threadIdx.x; i < pieces * per; i += blockDim.x) {
       const int64_t k = i / per, b = i % per;
       r.tile_expert[first + i] = p.n_experts + int(k);
@@ -286,8 +285,8 @@ void run_mma_small(const MoeExpertsParams& p, const Routing& r, float* h, float*
 // shared expert's pieces over all tokens.
 int64_t grouped_max_tiles(const MoeExpertsParams& p, int tile_rows) {
   const int64_t pairs = p.n_tokens * p.top_k;
-  const int64_t pieces = p.has_shared ? p.shared_inter / p.inter : 0;
-  return ceil_div(pairs, tile_rows) + std::min<int64_t>(p.n_experts, pairs) + pieces * ceil_div(p.n_tokens, tile_rows);
+  return ceil_div(pairs, tile_rows) + std::min<int64_t>(p.n_experts, pairs) +
+         shared_pieces(p) * ceil_div(p.n_tokens, tile_rows);
 }
 
 // Whether the tensor-core small tiles take p (decode batches: a few rows per expert).
@@ -296,8 +295,7 @@ bool takes_mma_small(const MoeExpertsParams& p) {
   if constexpr (D == DType::F32) {
     return false;
   } else {
-    const bool small = p.n_tokens * p.top_k < kTiledMinRowsPerExpert * p.n_experts;
-    return small && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
+    return moe_small_tiles(p.n_tokens, p.top_k, p.n_experts) && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) && mma_gemv_fits(D, p.inter, p.block) &&
            mma_gemv_on(MmaSite::GroupedExperts);
   }
 }
@@ -313,13 +311,13 @@ template <DType D>
 void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   constexpr int E = ElemSize<D>::value;
   const int64_t pairs = p.n_tokens * p.top_k;
-  const bool small = pairs < kTiledMinRowsPerExpert * p.n_experts;
+  const bool small = moe_small_tiles(p.n_tokens, p.top_k, p.n_experts);
   FATHOM_ASSERT(!p.has_shared || joins_shared<D>(p), "moe_experts_grouped: a shared expert outside the small tiles");
   const int tile_rows = small ? kSmallRows : kBM;
   const int64_t max_tiles = grouped_max_tiles(p, tile_rows);
   FATHOM_CHECK(max_tiles <= 65535, "moe_experts: ", p.n_tokens, " tokens x ", p.top_k,
                " experts is too many for one grouped launch.");
-  const int64_t rows = pairs + (p.has_shared ? p.shared_inter / p.inter * p.n_tokens : 0);  // rows of h and y
+  const int64_t rows = pairs + shared_pieces(p) * p.n_tokens;  // rows of h and y
   StreamScratch index(size_t(rows + pairs + 3 * max_tiles + 1) * sizeof(int32_t), s, "moe_experts");
   Routing r;
   r.token_of_row = index.as<int32_t>();
