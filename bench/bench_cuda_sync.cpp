@@ -6,7 +6,10 @@
 // device copy bandwidth of the same run; the "tiny" chain (64×64 stages) shows the cost of a
 // stage boundary alone.
 //
-// usage: bench_cuda_sync [--layers 12] [--reps 20]
+// --streams: instead, the expert kernels' weight-read pattern and variants of it
+// (src/ops/cuda/stream_bench.cu): GB/s of each against the copy bandwidth.
+//
+// usage: bench_cuda_sync [--layers 12] [--reps 20] [--streams]
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -21,17 +24,20 @@ using namespace fathom;
 
 int main(int argc, char** argv) {
   int layers = 12, reps = 20;
+  bool streams = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if ((a == "--layers" || a == "--reps") && i + 1 < argc) {
+    if (a == "--streams") {
+      streams = true;
+    } else if ((a == "--layers" || a == "--reps") && i + 1 < argc) {
       (a == "--layers" ? layers : reps) = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_sync [--layers N] [--reps N]\n");
+      std::fprintf(stderr, "usage: bench_cuda_sync [--layers N] [--reps N] [--streams]\n");
       return 2;
     }
   }
 #ifndef FATHOM_HAVE_CUDA
-  (void)layers, (void)reps;
+  (void)layers, (void)reps, (void)streams;
   std::fprintf(stderr, "bench_cuda_sync: this build has no CUDA backend (nvcc was not found at configure time)\n");
   return 1;
 #else
@@ -42,6 +48,14 @@ int main(int argc, char** argv) {
     }
     const double bw = cuda::copy_bandwidth(size_t(2) << 30, 5);
     std::printf("device copy bandwidth: %.3f TB/s\n\n", bw / 1e12);
+    if (streams) {
+      std::printf("%-58s %9s %9s %8s\n", "read pattern", "us", "TB/s", "of copy");
+      for (const auto& r : cuda::stream_pattern_bench(reps)) {
+        const double tbs = r.weight_bytes / r.seconds / 1e12;
+        std::printf("%-58s %9.1f %9.3f %7.1f%%\n", r.variant.c_str(), r.seconds * 1e6, tbs, 100 * tbs * 1e12 / bw);
+      }
+      return 0;
+    }
     std::printf("%-44s %6s %10s %10s %9s %8s\n", "variant", "stages", "us/chain", "us/stage", "TB/s", "of copy");
     for (bool tiny : {true, false}) {
       for (const auto& r : cuda::stage_chain_bench(layers, tiny, reps)) {

@@ -8,6 +8,8 @@
 #
 #   bash scripts/device-profile.sh [--detail REGEX] [CASE...]   CASE = MODEL:DTYPE:BATCH:GEMV[:STEPS[:PROMPT]]
 #   default: v3-4.9b:bf16:1:simt v3-4.9b:bf16:32:simt v3-4.9b:bf16:32:mma
+# --launches REGEX: also each launch of the first timed step whose kernel name matches REGEX
+# (grid, time, DRAM rate), in order — which matmul of the step a kernel's time belongs to.
 # --detail REGEX: instead, ncu's launch, occupancy, throughput and warp-stall sections for the
 # first timed launch of each kernel whose name matches REGEX (for why a kernel is slow).
 # GEMV is simt or mma (FATHOM_GEMV, the tensor-core GEMV). Carry ["device-serve-data",
@@ -15,7 +17,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 detail=""
-if [ "${1:-}" = --detail ]; then detail=$2; shift 2; fi
+launches=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --detail) detail=$2; shift 2 ;;
+    --launches) launches=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(v3-4.9b:bf16:1:simt v3-4.9b:bf16:32:simt v3-4.9b:bf16:32:mma)
 source scripts/device-serve-env.sh
@@ -47,8 +56,8 @@ for c in "${cases[@]}"; do
     --prompt "$prompt" --prefill 64 >"$csv" 2>"$csv.err" || { echo "device-profile: ncu failed for $c:"; tail -5 "$csv.err"; continue; }
   echo
   echo "### $c"
-  python3 - "$csv" "$steps" <<'PY'
-import csv, sys, collections
+  python3 - "$csv" "$steps" "$launches" <<'PY'
+import csv, sys, collections, re
 lines = open(sys.argv[1], encoding="utf-8", errors="replace").read().splitlines()
 start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
 if start is None:
@@ -56,12 +65,15 @@ if start is None:
 scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
          "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 us = collections.Counter(); by = collections.Counter(); ids = collections.defaultdict(set)
+per = collections.defaultdict(dict)  # launch ID -> name, grid, us, bytes
 for r in csv.DictReader(lines[start:]):
     name = r["Kernel Name"].split("(")[0].split("<")[0].replace("fathom::cuda::", "").replace("(anonymous namespace)::", "")
     v = float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
     ids[name].add(r["ID"])
-    if r["Metric Name"] == "gpu__time_duration.sum": us[name] += v
-    else: by[name] += v
+    L = per[int(r["ID"])]
+    L["name"] = name; L["grid"] = r.get("Grid Size", "?")
+    if r["Metric Name"] == "gpu__time_duration.sum": us[name] += v; L["us"] = v
+    else: by[name] += v; L["bytes"] = L.get("bytes", 0) + v
 steps = int(sys.argv[2]); tot = sum(us.values()); calls = sum(len(s) for s in ids.values())
 print(f"kernels per step {calls / steps:.0f}, kernel time per step {tot / steps:.0f} us, "
       f"DRAM {sum(by.values()) / steps / 1e6:.0f} MB per step")
@@ -69,5 +81,13 @@ print(f"| kernel | calls/step | us/step | share | us/call | GB/s |\n|---|---|---
 for k, v in us.most_common(14):
     n = len(ids[k])
     print(f"| {k[:44]} | {n / steps:.0f} | {v / steps:.1f} | {100 * v / tot:.1f}% | {v / n:.1f} | {by[k] / v / 1e3:.0f} |")
+if sys.argv[3]:
+    order = sorted(per)
+    first = order[: len(order) // steps]
+    print(f"\nlaunches of the first step matching {sys.argv[3]!r}: | # | kernel | grid | us | GB/s |")
+    for i, lid in enumerate(first):
+        L = per[lid]
+        if re.search(sys.argv[3], L["name"]):
+            print(f"| {i} | {L['name'][:40]} | {L['grid']} | {L.get('us', 0):.1f} | {L.get('bytes', 0) / max(L.get('us', 1e-9), 1e-9) / 1e3:.0f} |")
 PY
 done

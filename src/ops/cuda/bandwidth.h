@@ -31,4 +31,8 @@ struct StageBenchRow {
   int stages = 0;
 };
 std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps);
+// stream_bench.cu: 1 GiB read in the expert kernels' weight-tile pattern and variants of it
+// (steps in flight, bytes per row step, a tiled layout, cp.async rings). Seconds per read of
+// weight_bytes, best of `reps`.
+std::vector<StageBenchRow> stream_pattern_bench(int reps);
 }  // namespace fathom::cuda
