@@ -9,6 +9,7 @@
 //                     attention, moe_experts and swiglu (also normalising x and adding into it),
 //                     a captured and replayed graph of several ops
 //   ids equal, 1e-6   moe_gate (inputs without near-ties)
+//   ids equal, 1e-5   moe_route (norm, router and choice; rows whose choices are 1e-4 apart)
 //   ids equal         sample (bar at most one u within 1e-9 of a CDF boundary)
 // Skips — with the reason — when the build has no CUDA or the machine has no GPU (CI).
 #include <gtest/gtest.h>
@@ -871,16 +872,17 @@ TEST_F(CudaOps, AttentionBatchUniform) {
 
 // ---- MoE
 
-// Whether every pair of values differs by more than rounding could blur (relative 2e-6).
-bool separated(std::vector<double> v) {
+// Whether every pair of values differs by more than rounding could blur (relative rel).
+bool separated(std::vector<double> v, double rel) {
   std::sort(v.begin(), v.end());
   for (size_t i = 0; i + 1 < v.size(); ++i)
-    if (v[i + 1] - v[i] <= 2e-6 * std::max(std::fabs(v[i]), std::fabs(v[i + 1]))) return false;
+    if (v[i + 1] - v[i] <= rel * std::max(std::fabs(v[i]), std::fabs(v[i + 1]))) return false;
   return true;
 }
 // Router logits whose choice values and group ranks have no near-ties: float rounding in the
-// exponentials (CPU and GPU differ by an ulp) cannot change which experts win.
-bool well_separated(const float* l, const float* bias, const MoeGateParams& p) {
+// exponentials (CPU and GPU differ by an ulp) cannot change which experts win. rel: the
+// relative gap required (larger where the logits themselves are sums in different orders).
+bool well_separated(const float* l, const float* bias, const MoeGateParams& p, double rel = 2e-6) {
   const int E = p.n_experts;
   std::vector<double> choice(static_cast<size_t>(E));
   double mx = *std::max_element(l, l + E), sum = 0;
@@ -889,7 +891,7 @@ bool well_separated(const float* l, const float* bias, const MoeGateParams& p) {
     const double s = p.scoring == ScoringFunc::Sigmoid ? 1 / (1 + std::exp(-double(l[e]))) : std::exp(l[e] - mx) / sum;
     choice[size_t(e)] = s + (bias ? bias[e] : 0.0);
   }
-  if (!separated(choice)) return false;
+  if (!separated(choice, rel)) return false;
   if (p.n_group <= 1) return true;
   const int per = E / p.n_group;
   std::vector<double> groups;
@@ -898,7 +900,7 @@ bool well_separated(const float* l, const float* bias, const MoeGateParams& p) {
     std::sort(v.rbegin(), v.rend());
     groups.push_back(p.group_by_top2_sum && per >= 2 ? v[0] + v[1] : v[0]);
   }
-  return separated(groups);
+  return separated(groups, rel);
 }
 
 TEST_F(CudaOps, MoeGateChoosesTheSameExperts) {
@@ -943,6 +945,74 @@ TEST_F(CudaOps, MoeGateChoosesTheSameExperts) {
       EXPECT_LT(max_err(down(w_got), w_want), 1e-6) << "T " << T;
     }
   }
+}
+
+// moe_route: the one-kernel form (9 to 64 tokens: norm, router and choice per token, the
+// normalised rows left for the experts) and, outside that, the composition, against the CPU's
+// composition (a matmul with the input norm, moe_gate; rmsnorm for the rows). The logits are sums over the hidden size in different orders on the two sides, so
+// the tokens' rows are drawn until their choice values are 1e-4 apart (relative).
+TEST_F(CudaOps, MoeRouteMatchesTheCpu) {
+  struct Case { const char* what; ScoringFunc scoring; int E, top_k, n_group, topk_group; bool top2, norm, bias; int64_t D; };
+  const Case cases[] = {
+      {"v3-4.9b: sigmoid, 8 groups keep 4, bias", ScoringFunc::Sigmoid, 64, 6, 8, 4, true, true, true, 512},
+      {"V2-Lite: softmax, no groups", ScoringFunc::Softmax, 64, 6, 1, 1, true, false, false, 256},
+      {"odd: 7 experts, hidden 40 (no vector loads)", ScoringFunc::Sigmoid, 7, 3, 1, 1, true, true, true, 40},
+  };
+  for (const Case& c : cases)
+    for (DType dt : {DType::BF16, DType::F32})
+      for (bool with_norm : {true, false})
+        for (int64_t T : {1, 9, 33, 70}) {
+          SCOPED_TRACE(cat(c.what, ", ", dtype_name(dt), " router, ", with_norm ? "norm" : "no norm", ", T ", T));
+          MoeGateParams p;
+          p.scoring = c.scoring, p.n_experts = c.E, p.top_k = c.top_k, p.n_group = c.n_group;
+          p.topk_group = c.topk_group, p.group_by_top2_sum = c.top2, p.norm_topk_prob = c.norm;
+          p.routed_scaling_factor = 2.5f;
+          const int64_t D = c.D;
+          LinearWeight router = random_weight(c.E, D, dt);
+          std::vector<double> w(static_cast<size_t>(c.E * D));
+          for (size_t i = 0; i < w.size(); ++i)
+            w[i] = dt == DType::F32 ? router.weight.f32()[i] : bf16_to_f32(router.weight.ptr<uint16_t>()[i]);
+          Tensor g = uniform({D}, 0.5f, 1.5f), bias = Tensor::empty({c.E});
+          for (int e = 0; e < c.E; ++e) bias.f32()[e] = float(int(rng_() % 64) - 32) / 1024.0f;
+          const float eps = 1e-6f;
+          Tensor x = Tensor::empty({T, D});
+          for (int64_t t = 0; t < T; ++t) {
+            float* xr = x.f32() + t * D;
+            int tries = 0;
+            for (;; ++tries) {
+              ASSERT_LT(tries, 1000) << "could not draw a row without near-ties";
+              std::normal_distribution<float> nd(0.f, 3.f);
+              double ss = 0;
+              for (int64_t k = 0; k < D; ++k) xr[k] = nd(rng_), ss += double(xr[k]) * xr[k];
+              const double inv = with_norm ? 1 / std::sqrt(ss / double(D) + eps) : 1.0;
+              std::vector<float> l(static_cast<size_t>(c.E));
+              for (int e = 0; e < c.E; ++e) {
+                double a = 0;
+                for (int64_t k = 0; k < D; ++k)
+                  a += w[size_t(e * D + k)] * xr[k] * (with_norm ? inv * g.f32()[k] : 1.0);
+                l[size_t(e)] = float(a);
+              }
+              if (well_separated(l.data(), c.bias ? bias.f32() : nullptr, p, 1e-4)) break;
+            }
+          }
+          const InputNorm norm_cpu = with_norm ? InputNorm{&g, eps} : InputNorm{};
+          Tensor w_want = Tensor::empty({T, c.top_k}), e_want = Tensor::empty({T, c.top_k}, DType::I32), unused;
+          EXPECT_FALSE(cpu_->moe_route(w_want, e_want, &unused, x, router, norm_cpu, c.bias ? bias.f32() : nullptr, p));
+          Tensor dx = up(x), dg = up(g), db = up(bias);
+          const LinearWeight drouter = up(router);
+          const InputNorm norm_gpu = with_norm ? InputNorm{&dg, eps} : InputNorm{};
+          Tensor w_got = gpu_poison({T, c.top_k}), e_got = gpu_poison({T, c.top_k}, DType::I32);
+          Tensor xn_got;
+          const bool made = gpu_->moe_route(w_got, e_got, &xn_got, dx, drouter, norm_gpu, c.bias ? db.f32() : nullptr, p);
+          EXPECT_EQ(made, with_norm && T >= 9 && T <= 64);  // the one-kernel form, which makes the rows
+          EXPECT_TRUE(same_bytes(down(e_got), e_want));
+          EXPECT_LT(max_err(down(w_got), w_want), 1e-5);
+          if (made) {
+            Tensor xn_want = Tensor::empty({T, D});
+            cpu_->rmsnorm(xn_want, x, g, eps);
+            EXPECT_LT(max_err(down(xn_got), xn_want), 1e-5);
+          }
+        }
 }
 
 TEST_F(CudaOps, MoeExpertsMatchTheCpu) {

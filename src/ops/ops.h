@@ -279,6 +279,21 @@ class Ops {
   // weights (T, top_k) F32 and experts (T, top_k) I32 from router logits (T, n_experts) F32.
   virtual void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
                         const MoeGateParams& p) = 0;
+  // Routing as one op: logits = x · routerᵀ (x RMS-normalised by `norm` first, when given), then
+  // moe_gate's choice from them. xn (optional): set to the normalised rows ((T, D) F32) where
+  // the backend makes them on the way; returns whether it did (the experts then take xn
+  // without a norm, else x with it). This composition (a matmul with the input norm, then
+  // moe_gate) is the reference and makes none; the CUDA backend runs a decode step's tokens
+  // through one kernel that does.
+  virtual bool moe_route(Tensor& weights, Tensor& experts, Tensor* xn, const Tensor& x, const LinearWeight& router,
+                         InputNorm norm, const float* bias, const MoeGateParams& p) {
+    (void)xn;
+    const int64_t T = x.dim(0);
+    Tensor logits = empty({T, int64_t(p.n_experts)});
+    matmul_batch({{logits.f32(), x.f32(), T, &router, norm}});
+    moe_gate(weights, experts, logits, bias, p);
+    return false;
+  }
   // The routed experts of a MoE layer: out (T, D) = Σ_k weights[t, k] · SwiGLU_e(x[t]) with
   // e = experts[t, k]; x (T, D), weights (T, top_k) F32, experts (T, top_k) I32 from moe_gate.
   // shared (optional, one expert prepared like `set`, e.g. the shared experts): out += its

@@ -537,6 +537,33 @@ class CudaOps final : public Ops {
       cuda::moe_gate(weights.f32(), experts.ptr<int32_t>(), logits.f32(), bias, T, p, ctx_->stream);
   }
 
+  bool moe_route(Tensor& weights, Tensor& experts, Tensor* xn, const Tensor& x, const LinearWeight& router,
+                 InputNorm norm, const float* bias, const MoeGateParams& p) override {
+    use();
+    const int64_t D = router.in_features(), T = D > 0 ? x.numel() / D : 0;
+    // decode-sized batches and small routers in one kernel; the rest as a matmul and moe_gate
+    if (router.out_features() != p.n_experts || x.numel() != T * D ||
+        !cuda::moe_router_fits(T, D, router.weight.dtype(), p.n_experts))
+      return Ops::moe_route(weights, experts, xn, x, router, norm, bias, p);
+    f32(x, "moe_route", "the input");
+    f32(weights, "moe_route", "the routing weights");
+    on_gpu(experts, "moe_route", "the expert ids");
+    on_gpu(router.weight, "moe_route", "the router weight");
+    FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
+                  "moe_route: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ",
+                  T, " tokens, top ", p.top_k);
+    float* xn_out = nullptr;
+    if (xn && norm) {
+      *xn = empty({T, D}, DType::F32);
+      xn_out = xn->f32();
+    }
+    const float* g = norm ? input_norm(norm, D, "moe_route") : nullptr;
+    for (int r = 0; r < cuda::repeats(cuda::kRepeatGate); ++r)
+      cuda::moe_router_gate(weights.f32(), experts.ptr<int32_t>(), xn_out, x.f32(), router.weight.data(),
+                            router.weight.dtype(), g, norm.eps, T, D, bias, p, ctx_->stream);
+    return xn_out != nullptr;
+  }
+
   void moe_experts(Tensor& out, const Tensor& x, const Tensor& weights, const Tensor& experts,
                    const ExpertSet& set, const ExpertSet* shared = nullptr, bool accumulate = false, InputNorm norm = {}) override {
     use();

@@ -165,6 +165,14 @@ void attention_setup();
 void moe_gate(float* weights, int32_t* experts, const float* logits, const float* bias, int64_t n_tokens,
               const MoeGateParams& p, Stream stream);
 
+// Ops::moe_route in one kernel for decode-sized batches (moe_router_fits): per token, x's row
+// RMS-normalised (norm: the weight, or null for none; xn, optional: the normalised rows out),
+// the router's logits (router (n_experts, hidden) BF16 or F32), then moe_gate's choice.
+bool moe_router_fits(int64_t n_tokens, int64_t hidden, DType router, int n_experts);
+void moe_router_gate(float* weights, int32_t* experts, float* xn, const float* x, const void* router, DType router_dtype,
+                     const float* norm, float eps, int64_t n_tokens, int64_t hidden, const float* bias,
+                     const MoeGateParams& p, Stream stream);
+
 // One routed expert as the kernels see it (an array of these lives in device memory).
 struct ExpertPointers {
   const void* gate = nullptr;  // (inter, hidden)

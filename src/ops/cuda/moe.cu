@@ -27,6 +27,7 @@
 #include "ops/cuda/gemv.cuh"
 #include "ops/cuda/mma_kernels.cuh"
 #include "ops/cuda/moe_grouped.cuh"
+#include "ops/cuda/small_ops.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -40,6 +41,14 @@ constexpr int kDownThreads = 256;  // expert_down_kernel: 8 warps, one slot each
 // Measured on an H200 (v3-4.9b, bench/RESULTS.md): at batch 8 (48 pairs) the per-pair GEMVs are
 // still faster (1,420 against 1,195 tokens/s), at batch 32 the sorted path is (1,202 against 797).
 constexpr int64_t kGroupedMinPairs = 64;
+// moe_router_gate_kernel (one block per token, each reading the whole router from L2) takes
+// these many tokens and up to kRouterMaxBytes of router; longer inputs and larger routers
+// (DeepSeek-V3's 256 x 7168: 3.7 MB a block) run as a matmul and moe_gate, and so do up to 8
+// tokens, whose router is one GEMV launch with the norm inside (H200, v3-4.9b: the kernel takes
+// ~13 us a call at 1 token as at 32, against ~8 us for a 1-token GEMV and moe_gate, and ~20 us
+// for 32 tokens' norm, skinny matmul, slice sums and moe_gate).
+constexpr int64_t kRouterMinTokens = 9, kRouterMaxTokens = 64;
+constexpr int64_t kRouterMaxBytes = 512 * 1024;
 
 __device__ inline double block_sum_double(double v, double* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -64,18 +73,16 @@ __device__ inline float block_max(float v, float* scratch) {
   return m;
 }
 
-// grid (T), block round_up(n_experts, 32).
-__global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict__ experts,
-                                const float* __restrict__ logits, const float* __restrict__ bias, MoeGateParams p) {
-  pdl_wait();
+// Token t's choice by the block (blockDim >= n_experts): thread e holds expert e's logit l
+// (-inf past n_experts); writes weights[t] and experts[t].
+__device__ void gate_token(float* __restrict__ weights, int32_t* __restrict__ experts, float l,
+                           const float* __restrict__ bias, const MoeGateParams& p, int64_t t) {
   __shared__ float score[kMaxExperts], choice[kMaxExperts], group_score[kMaxExperts];
   __shared__ int selected[kMaxExperts];
   __shared__ bool keep[kMaxExperts];
   __shared__ double dscratch[32];
   __shared__ float fscratch[32];
   const int E = p.n_experts, K = p.top_k, e = threadIdx.x;
-  const int64_t t = blockIdx.x;
-  const float l = e < E ? logits[t * E + e] : -INFINITY;
 
   float sc = 0.f;
   if (p.scoring == ScoringFunc::Sigmoid) {
@@ -123,6 +130,7 @@ __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict
   if (e < E) {
     const float v = choice[e];
     int rank = 0;
+#pragma unroll 8
     for (int i = 0; i < E; ++i) rank += choice[i] > v || (choice[i] == v && i < e);
     if (rank < K) selected[rank] = e;
   }
@@ -141,6 +149,121 @@ __global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict
       w[k] *= p.routed_scaling_factor;
     }
   }
+}
+
+// grid (T), block round_up(n_experts, 32).
+__global__ void moe_gate_kernel(float* __restrict__ weights, int32_t* __restrict__ experts,
+                                const float* __restrict__ logits, const float* __restrict__ bias, MoeGateParams p) {
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  gate_token(weights, experts, threadIdx.x < p.n_experts ? logits[t * p.n_experts + threadIdx.x] : -INFINITY, bias, p,
+             t);
+}
+
+// moe_route for decode-sized batches, one block per token: the token's row RMS-normalised (g:
+// the norm weight, or null for none) in shared memory (and to xn when it is set), the router's
+// n_experts dot products with it — warp w takes experts w, w + warps, ..., its lanes eight
+// columns a 16-byte load (BF16) or four (F32) — then gate_token. The router's bytes are asked
+// of L2 before the wait (weights: no earlier kernel writes them), so the tokens' blocks, each
+// reading all of it, find it there. grid (T), block kRouterThreads, dynamic shared memory
+// hidden floats.
+constexpr int kRouterThreads = 512;
+template <DType W>
+__global__ void __launch_bounds__(kRouterThreads)
+    moe_router_gate_kernel(float* __restrict__ weights, int32_t* __restrict__ experts, float* __restrict__ xn,
+                           const float* __restrict__ x, const void* __restrict__ router, const float* __restrict__ g,
+                           float eps, int64_t D, const float* __restrict__ bias, MoeGateParams p, bool vec) {
+  constexpr int ES = ElemSize<W>::value;
+  const int E = p.n_experts, warps = int(blockDim.x / 32), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) prefetch_l2(router, uint64_t(E) * uint64_t(D) * ES);  // one bulk request
+  pdl_wait();
+  extern __shared__ __align__(16) float xs[];  // (D): the token's normalised row
+  __shared__ float logit[kMaxExperts];
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * D;
+  // (the loops unrolled so that their loads are in flight together: x was just written by the
+  // kernel before, each load an L2 round trip)
+  float ss = 0.f;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float v = xr[i];
+    xs[i] = v;
+    ss += v * v;
+  }
+  if (g) {
+    const float inv = block_rms_inverse(ss, D, eps);  // ends synchronized
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      const float v = xs[i] * inv * __ldg(g + i);  // as rmsnorm_kernel
+      xs[i] = v;
+      if (xn) xn[t * D + i] = v;
+    }
+  }
+  __syncthreads();
+  // two experts a warp at a time, the loads of kSteps column steps of both in flight together
+  // (an L2 round trip each time, not one per load)
+  constexpr int V = W == DType::BF16 ? 8 : 4;  // columns a 16-byte load
+  constexpr int kSteps = 8;
+  const int64_t step = 32 * V;
+  for (int e0 = warp; e0 < E; e0 += 2 * warps) {
+    const int e1 = e0 + warps;
+    const uint8_t* r0 = static_cast<const uint8_t*>(router) + int64_t(e0) * D * ES;
+    const uint8_t* r1 = static_cast<const uint8_t*>(router) + int64_t(min(e1, E - 1)) * D * ES;
+    float a0 = 0.f, a1 = 0.f;
+    if (vec) {
+      for (int64_t base = lane * V; base < D; base += kSteps * step) {
+        uint4 u0[kSteps], u1[kSteps];
+#pragma unroll
+        for (int j = 0; j < kSteps; ++j) {
+          const int64_t k = base + j * step;
+          const bool in = k < D;  // D % V == 0: a load is all in or all out
+          u0[j] = in ? __ldg(reinterpret_cast<const uint4*>(r0 + k * ES)) : make_uint4(0, 0, 0, 0);
+          u1[j] = in ? __ldg(reinterpret_cast<const uint4*>(r1 + k * ES)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < kSteps; ++j) {
+          const int64_t k = base + j * step;
+          if (k >= D) break;
+          float xv[V], w0[V], w1[V];
+#pragma unroll
+          for (int q = 0; q < V / 4; ++q) {
+            const float4 f = *reinterpret_cast<const float4*>(xs + k + 4 * q);
+            xv[4 * q] = f.x, xv[4 * q + 1] = f.y, xv[4 * q + 2] = f.z, xv[4 * q + 3] = f.w;
+          }
+          const uint32_t c0[4] = {u0[j].x, u0[j].y, u0[j].z, u0[j].w}, c1[4] = {u1[j].x, u1[j].y, u1[j].z, u1[j].w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if constexpr (W == DType::BF16) {
+              w0[2 * q] = __uint_as_float(c0[q] << 16), w0[2 * q + 1] = __uint_as_float(c0[q] & 0xffff0000u);
+              w1[2 * q] = __uint_as_float(c1[q] << 16), w1[2 * q + 1] = __uint_as_float(c1[q] & 0xffff0000u);
+            } else {
+              w0[q] = __uint_as_float(c0[q]), w1[q] = __uint_as_float(c1[q]);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < V; ++q) a0 = fmaf(w0[q], xv[q], a0), a1 = fmaf(w1[q], xv[q], a1);
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < D; k += 32) {
+        float w0, w1;
+        if constexpr (W == DType::BF16) {
+          w0 = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(r0)[k]);
+          w1 = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(r1)[k]);
+        } else {
+          w0 = __ldg(reinterpret_cast<const float*>(r0) + k), w1 = __ldg(reinterpret_cast<const float*>(r1) + k);
+        }
+        a0 = fmaf(w0, xs[k], a0), a1 = fmaf(w1, xs[k], a1);
+      }
+    }
+    a0 = warp_sum(a0), a1 = warp_sum(a1);
+    if (lane == 0) {
+      logit[e0] = a0;
+      if (e1 < E) logit[e1] = a1;
+    }
+  }
+  __syncthreads();
+  gate_token(weights, experts, int(threadIdx.x) < E ? logit[threadIdx.x] : -INFINITY, bias, p, t);
 }
 
 // grid (T * top_k * ceil(inter / R) (+ T * ceil(shared_inter / R) with has_shared)), block
@@ -400,6 +523,37 @@ void moe_gate(float* weights, int32_t* experts, const float* logits, const float
   const unsigned threads = unsigned((p.n_experts + 31) / 32 * 32);
   launch_kernel(moe_gate_kernel, unsigned(n_tokens), threads, 0, as_cuda(stream), weights, experts, logits, bias, p);
   check_launch("moe_gate");
+}
+
+bool moe_router_fits(int64_t n_tokens, int64_t hidden, DType router, int n_experts) {
+  const int64_t bytes = hidden * int64_t(n_experts) * (router == DType::BF16 ? 2 : 4);
+  return (router == DType::BF16 || router == DType::F32) && n_tokens >= kRouterMinTokens && n_tokens <= kRouterMaxTokens &&
+         n_experts <= kRouterThreads && hidden * int64_t(sizeof(float)) <= 24 * 1024 && bytes <= kRouterMaxBytes;
+}
+
+void moe_router_gate(float* weights, int32_t* experts, float* xn, const float* x, const void* router, DType router_dtype,
+                     const float* norm, float eps, int64_t n_tokens, int64_t hidden, const float* bias,
+                     const MoeGateParams& p, Stream stream) {
+  FATHOM_CHECK(moe_router_fits(n_tokens, hidden, router_dtype, p.n_experts), "moe_route: ", n_tokens, " tokens of ",
+               hidden, " with a ", dtype_name(router_dtype), " router of ", p.n_experts,
+               " experts do not fit the one-kernel form.");
+  FATHOM_CHECK(p.top_k > 0 && p.top_k <= p.n_experts, "moe_gate: top_k ", p.top_k, " must be between 1 and ",
+               p.n_experts, ".");
+  FATHOM_CHECK(p.n_group >= 1 && p.n_experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group,
+               "moe_gate: ", p.n_experts, " experts in ", p.n_group, " groups keeping ", p.topk_group,
+               " do not divide evenly.");
+  FATHOM_ASSERT(weights && experts && x && router, "moe_route with a null pointer");
+  const size_t smem = size_t(hidden) * sizeof(float);
+  if (router_dtype == DType::BF16) {
+    const bool vec = hidden % 8 == 0 && aligned16(router) && aligned16(x);
+    launch_kernel(moe_router_gate_kernel<DType::BF16>, unsigned(n_tokens), kRouterThreads, smem, as_cuda(stream),
+                  weights, experts, xn, x, router, norm, eps, hidden, bias, p, vec);
+  } else {
+    const bool vec = hidden % 4 == 0 && aligned16(router) && aligned16(x);
+    launch_kernel(moe_router_gate_kernel<DType::F32>, unsigned(n_tokens), kRouterThreads, smem, as_cuda(stream),
+                  weights, experts, xn, x, router, norm, eps, hidden, bias, p, vec);
+  }
+  check_launch("moe_route");
 }
 
 void moe_experts(const MoeExpertsParams& p, Stream stream) {
