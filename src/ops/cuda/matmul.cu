@@ -368,7 +368,7 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
 
 // ---- 9 to 128 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
 // kSkinnyRows weight rows and up to 32 x rows over a slice of K; the slices (enough that the
-// blocks fill the GPU twice) write partial sums that skinny_reduce_kernel adds up in slice order
+// blocks about fill the GPU once) write partial sums that skinny_reduce_kernel adds up in slice order
 // (deterministic). The weight is read once per 32 rows (up to kSkinnyMaxRows), in or out of a
 // graph, for BF16, F16 and FP8 weights; an input norm is applied inside (its factor at the end).
 // Up to kMaxSkinnyJobs weights that read the same x (MLA's q_a and kv_a) share the two launches:
@@ -511,7 +511,9 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s, const SideJobs
     const MatmulParams& p = jobs.job[0];
     SkinnySlices sl;
     const int64_t k_units = ceil_div(p.K, kMmaUnit);
-    const int64_t want = std::clamp<int64_t>(ceil_div(2 * int64_t(sm_count()), row_blocks * p.batch), 1, k_units);
+    // slices for about one block per SM (H200, the 32-request step: against two, +9 us in the
+    // matmuls and -33 us in the slice sums, which read half as many partial sums)
+    const int64_t want = std::clamp<int64_t>(ceil_div(int64_t(sm_count()), row_blocks * p.batch), 1, k_units);
     const int64_t slice_units = ceil_div(k_units, want);
     sl.slices = int(ceil_div(k_units, slice_units));
     sl.slice = slice_units * kMmaUnit;
