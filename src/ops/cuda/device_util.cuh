@@ -26,6 +26,20 @@ __device__ __forceinline__ void pdl_wait() {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// cp.async (sm_80 and later): 16 bytes from global to shared memory (dst: a shared-memory
+// address, smem_u32) through L2 only, zero-filled when !valid (src is then not read, but stays a
+// valid address); cp_async_commit groups the copies a thread issued so far, cp_async_wait<N>
+// returns once at most N of its groups are still in flight.
+__device__ inline uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ inline void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // Asks L2 to fetch [p, p + bytes) from memory, without waiting; called by one thread. Kernels
 // issue it for their weights before pdl_wait(), so that the weights stream in while the kernel
 // before them is still running and the reads after the wait hit L2. On sm_90 one bulk prefetch

@@ -506,10 +506,8 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   dispatch_experts(dense, s);
 }
 
-}  // namespace
-
-void moe_gate(float* weights, int32_t* experts, const float* logits, const float* bias, int64_t n_tokens,
-              const MoeGateParams& p, Stream stream) {
+// The gate's parameters as gate_token takes them.
+void check_gate(const MoeGateParams& p) {
   FATHOM_CHECK(p.n_experts > 0 && p.n_experts <= kMaxExperts, "moe_gate: ", p.n_experts,
                " experts; the CUDA router handles 1 to ", kMaxExperts, ".");
   FATHOM_CHECK(p.top_k > 0 && p.top_k <= p.n_experts, "moe_gate: top_k ", p.top_k, " must be between 1 and ",
@@ -517,6 +515,13 @@ void moe_gate(float* weights, int32_t* experts, const float* logits, const float
   FATHOM_CHECK(p.n_group >= 1 && p.n_experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group,
                "moe_gate: ", p.n_experts, " experts in ", p.n_group, " groups keeping ", p.topk_group,
                " do not divide evenly.");
+}
+
+}  // namespace
+
+void moe_gate(float* weights, int32_t* experts, const float* logits, const float* bias, int64_t n_tokens,
+              const MoeGateParams& p, Stream stream) {
+  check_gate(p);
   if (n_tokens == 0) return;
   FATHOM_CHECK(n_tokens < (int64_t(1) << 31), "moe_gate: ", n_tokens, " tokens is too many for one launch.");
   FATHOM_ASSERT(weights && experts && logits, "moe_gate with a null pointer");
@@ -537,11 +542,7 @@ void moe_router_gate(float* weights, int32_t* experts, float* xn, const float* x
   FATHOM_CHECK(moe_router_fits(n_tokens, hidden, router_dtype, p.n_experts), "moe_route: ", n_tokens, " tokens of ",
                hidden, " with a ", dtype_name(router_dtype), " router of ", p.n_experts,
                " experts do not fit the one-kernel form.");
-  FATHOM_CHECK(p.top_k > 0 && p.top_k <= p.n_experts, "moe_gate: top_k ", p.top_k, " must be between 1 and ",
-               p.n_experts, ".");
-  FATHOM_CHECK(p.n_group >= 1 && p.n_experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group,
-               "moe_gate: ", p.n_experts, " experts in ", p.n_group, " groups keeping ", p.topk_group,
-               " do not divide evenly.");
+  check_gate(p);
   FATHOM_ASSERT(weights && experts && x && router, "moe_route with a null pointer");
   const size_t smem = size_t(hidden) * sizeof(float);
   if (router_dtype == DType::BF16) {

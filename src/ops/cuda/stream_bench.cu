@@ -47,6 +47,13 @@ __device__ inline int64_t piece_offset(int s, int q, int lane) {
 
 __device__ inline uint32_t fold(const uint4& v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
+// This warp's t-th tile: the grid's warps take tiles round-robin.
+__device__ inline const uint8_t* warp_tile(const uint8_t* w, int t) {
+  const int64_t warp = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t warps = int64_t(gridDim.x) * kThreads / 32;
+  return w + (warp + t * warps) * kTileBytes;
+}
+
 // DEPTH steps of 2P pieces in registers: step s is used while steps s+1 .. s+DEPTH-1 are in
 // flight, then step s + DEPTH is requested into its buffer.
 template <int P, int DEPTH, bool TILED>
@@ -54,11 +61,9 @@ __global__ void __launch_bounds__(kThreads) stream_regs_kernel(const uint8_t* w,
   constexpr int steps = int(kRowBytes / (64 * P));
   static_assert(steps % DEPTH == 0, "whole rounds of DEPTH steps");
   const int lane = threadIdx.x % 32;
-  const int64_t warp = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int64_t warps = int64_t(gridDim.x) * kThreads / 32;
   uint32_t acc = 0;
   for (int t = 0; t < tiles_per_warp; ++t) {
-    const uint8_t* tile = w + (warp + t * warps) * kTileBytes;
+    const uint8_t* tile = warp_tile(w, t);
     uint4 buf[DEPTH][2 * P];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d)
@@ -79,16 +84,6 @@ __global__ void __launch_bounds__(kThreads) stream_regs_kernel(const uint8_t* w,
   sink[int64_t(blockIdx.x) * kThreads + threadIdx.x] = acc;
 }
 
-__device__ inline void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
 // A ring of DEPTH steps per thread in shared memory, filled by cp.async: step s is read back
 // (each thread its own pieces: no barrier) while steps s+1 .. s+DEPTH-1 are in flight.
 template <int P, int DEPTH, bool TILED>
@@ -96,16 +91,15 @@ __global__ void __launch_bounds__(kThreads) stream_async_kernel(const uint8_t* w
   constexpr int steps = int(kRowBytes / (64 * P));
   extern __shared__ __align__(16) uint4 ring[];  // [DEPTH][2P][kThreads]
   const int lane = threadIdx.x % 32;
-  const int64_t warp = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int64_t warps = int64_t(gridDim.x) * kThreads / 32;
   uint32_t acc = 0;
   for (int t = 0; t < tiles_per_warp; ++t) {
-    const uint8_t* tile = w + (warp + t * warps) * kTileBytes;
+    const uint8_t* tile = warp_tile(w, t);
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
 #pragma unroll
       for (int q = 0; q < 2 * P; ++q)
-        cp_async16(&ring[(d * 2 * P + q) * kThreads + threadIdx.x], tile + piece_offset<P, TILED>(d, q, lane));
+        cp_async16(smem_u32(&ring[(d * 2 * P + q) * kThreads + threadIdx.x]), tile + piece_offset<P, TILED>(d, q, lane),
+                   true);
       cp_async_commit();
     }
     for (int s = 0; s < steps; ++s) {
@@ -116,7 +110,8 @@ __global__ void __launch_bounds__(kThreads) stream_async_kernel(const uint8_t* w
       if (s + DEPTH < steps)
 #pragma unroll
         for (int q = 0; q < 2 * P; ++q)
-          cp_async16(&ring[(d * 2 * P + q) * kThreads + threadIdx.x], tile + piece_offset<P, TILED>(s + DEPTH, q, lane));
+          cp_async16(smem_u32(&ring[(d * 2 * P + q) * kThreads + threadIdx.x]),
+                     tile + piece_offset<P, TILED>(s + DEPTH, q, lane), true);
       cp_async_commit();  // (empty past the last step: the group count stays even)
     }
     cp_async_wait<0>();
