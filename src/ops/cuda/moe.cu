@@ -135,19 +135,21 @@ __device__ void gate_token(float* __restrict__ weights, int32_t* __restrict__ ex
     if (rank < K) selected[rank] = e;
   }
   __syncthreads();
-  if (e == 0) {
-    float* w = weights + t * K;
-    int32_t* idx = experts + t * K;
+  // the routing weights are the scores without bias; their sum in slot order (as the CPU), then
+  // each slot's quotient by its own thread (double divisions are long instruction sequences)
+  __shared__ double weight_sum;
+  if (e == 0 && p.norm_topk_prob) {
     double sum = 0.0;
-    for (int k = 0; k < K; ++k) {
-      idx[k] = selected[k];
-      w[k] = score[selected[k]];  // routing weight: the score without bias
-      sum += w[k];
-    }
-    for (int k = 0; k < K; ++k) {
-      if (p.norm_topk_prob) w[k] = float(w[k] / (sum + 1e-20));
-      w[k] *= p.routed_scaling_factor;
-    }
+    for (int k = 0; k < K; ++k) sum += score[selected[k]];
+    weight_sum = sum;
+  }
+  __syncthreads();
+  for (int k = e; k < K; k += blockDim.x) {
+    const int sel = selected[k];
+    float w = score[sel];
+    if (p.norm_topk_prob) w = float(double(w) / (weight_sum + 1e-20));
+    experts[t * K + k] = sel;
+    weights[t * K + k] = w * p.routed_scaling_factor;
   }
 }
 

@@ -54,15 +54,37 @@ __global__ void moe_route_kernel(MoeExpertsParams p, Routing r, int tile_rows) {
     if (e >= 0 && e < p.n_experts) atomicAdd(&count[e], 1);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int rows = 0, tiles = 0;
-    for (int e = 0; e < p.n_experts; ++e) {
-      offset[e] = rows, tile_offset[e] = tiles;
-      rows += count[e];
-      tiles += (count[e] + tile_rows - 1) / tile_rows;
+  {  // rows and tiles before each expert: exclusive sums over the experts, a scan across the block
+    // (blockDim 1024 >= kMaxExperts: thread e holds expert e)
+    __shared__ int warp_rows[32], warp_tiles[32];
+    const int e = threadIdx.x, lane = e % 32, warp = e / 32;
+    const int c = e < p.n_experts ? count[e] : 0;
+    int rows = c, tiles = (c + tile_rows - 1) / tile_rows;  // inclusive sums within the warp
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int a = __shfl_up_sync(kFullMask, rows, off), b = __shfl_up_sync(kFullMask, tiles, off);
+      if (lane >= off) rows += a, tiles += b;
     }
-    offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
-    *r.n_tiles = tiles + int(shared_pieces(p) * ((p.n_tokens + tile_rows - 1) / tile_rows));
+    if (lane == 31) warp_rows[warp] = rows, warp_tiles[warp] = tiles;
+    __syncthreads();
+    if (warp == 0) {  // the warps' totals, scanned the same way
+      int wr = lane < int(blockDim.x / 32) ? warp_rows[lane] : 0, wt = lane < int(blockDim.x / 32) ? warp_tiles[lane] : 0;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int a = __shfl_up_sync(kFullMask, wr, off), b = __shfl_up_sync(kFullMask, wt, off);
+        if (lane >= off) wr += a, wt += b;
+      }
+      warp_rows[lane] = wr, warp_tiles[lane] = wt;
+    }
+    __syncthreads();
+    if (warp > 0) rows += warp_rows[warp - 1], tiles += warp_tiles[warp - 1];
+    if (e < p.n_experts) {
+      offset[e] = rows - c, tile_offset[e] = tiles - (c + tile_rows - 1) / tile_rows;
+      if (e == p.n_experts - 1) {
+        offset[p.n_experts] = rows, tile_offset[p.n_experts] = tiles;
+        *r.n_tiles = tiles + int(shared_pieces(p) * ((p.n_tokens + tile_rows - 1) / tile_rows));
+      }
+    }
   }
   __syncthreads();
   if (p.has_shared) {
