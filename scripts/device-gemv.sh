@@ -11,7 +11,7 @@
 # and prints the table last (also $OUT/device-gemv.txt when OUT is set).
 #
 #   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat] [--modes=auto,simt,mma]
-#                               [--serve-graphs=on,off]
+#                               [--serve-graphs=on,off] [--fixtures]
 # With device-bin/ carried (made here by `bash scripts/device-pack.sh`) its programs are used
 # instead of a build there.
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step) and
@@ -20,9 +20,13 @@
 # each optionally with more environment settings after colons (auto:FATHOM_NO_PDL=1).
 # --serve-graphs: bench_serve_engine with its decode steps as replayed CUDA graphs (on, the
 # default) and/or eagerly (off).
+# --fixtures: the tests also run the CUDA cases of the reference fixtures (tests/test_fixtures.cpp)
+# from device-data/fixtures.tar.xz (made by `bash scripts/device-serve.sh --prepare`; carry
+# "device-data" too, and hide fathom-mini's shards first: `bash scripts/device-room.sh hide`; the
+# one GPU test that reads them, CudaModel.ServingEngineMatchesTheCpu, is left out then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 bench=1 repeat=() modes="simt mma" graphs="on"
+tests=1 bench=1 repeat=() modes="simt mma" graphs="on" fixtures=0
 for a in "$@"; do
   case "$a" in
     --modes=*) modes=$(echo "${a#--modes=}" | tr , ' ') ;;
@@ -30,6 +34,7 @@ for a in "$@"; do
     --no-tests) tests=0 ;;
     --no-bench) bench=0 ;;
     --repeat) repeat=(--repeat) ;;
+    --fixtures) fixtures=1 ;;
     *) echo "device-gemv: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -44,7 +49,14 @@ trc="not run"
 if [ "$tests" = 1 ]; then
   set +e
   # a time limit, so that a hung kernel leaves the benchmarks their time and shows where it hung
-  timeout 240 "$bin"/fathom_tests --gtest_filter='CudaOps.*:CudaModel.*:RandomModel.*:-CudaModel.MemoryBudgetErrors' \
+  filter='CudaOps.*:CudaModel.*:RandomModel.*'
+  if [ "$fixtures" = 1 ]; then
+    [ -s device-data/fixtures.tar.xz ] || { echo "device-gemv: --fixtures needs device-data/fixtures.tar.xz (scripts/device-serve.sh --prepare; carry device-data)" >&2; exit 1; }
+    tar -C /tmp/fathom-serve -xJf device-data/fixtures.tar.xz
+    filter="$filter:*Fixture*cuda*"
+    skip=":CudaModel.ServingEngineMatchesTheCpu"  # it reads fathom-mini, whose shards stay here then
+  fi
+  timeout 240 "$bin"/fathom_tests --gtest_filter="$filter:-CudaModel.MemoryBudgetErrors:*realdims*${skip:-}" \
     >/tmp/device-gemv-tests.log 2>&1
   trc=$?
   [ "$trc" != 124 ] || { echo "device-gemv: the GPU tests did not finish in 240 s; they were at:"; grep -E "^\[ RUN" /tmp/device-gemv-tests.log | tail -2; }

@@ -36,7 +36,12 @@ case "${1:-}" in
     cp ../shared/data/deepseek-v3-tokenizer/* "$data/shared/data/deepseek-v3-tokenizer/"
     tar -C "$data" -cf - shared | xz -T0 -9 > "$data/shared.tar.xz"
     rm -rf "$data/shared"
-    echo "device-serve: $data prepared ($(du -sh "$data" | cut -f1))"
+    # the reference fixtures the CUDA fixture cases read (device-gemv.sh --fixtures; ~26 MB: the
+    # real-dimension FP8 one stays here), in the git-ignored device-data/
+    mkdir -p device-data
+    tar -C .. -cf - shared/data/fixtures/v3-tiny shared/data/fixtures/v2-lite-tiny shared/data/fixtures/v3-tiny-fp8 \
+      shared/data/fixtures/v3-dense shared/data/fixtures/v3-tiny-mtp | xz -T0 -6 > device-data/fixtures.tar.xz
+    echo "device-serve: $data and device-data/fixtures.tar.xz prepared ($(du -sh "$data" | cut -f1), $(du -sh device-data/fixtures.tar.xz | cut -f1))"
     exit 0 ;;
   --hide)
     git diff --quiet HEAD -- "$grads" || { echo "device-serve: $grads has changes; commit first" >&2; exit 1; }
