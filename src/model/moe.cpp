@@ -73,12 +73,12 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
                  InputNorm norm, bool accumulate) {
   const int64_t T = x.dim(0);
   const int K = c.num_experts_per_tok, E = c.n_routed_experts;
-  Tensor weights = ops.empty({T, K}), experts = ops.empty({T, K}, DType::I32), x_for_experts = x;
-  // the router may leave the normalised rows for the experts (one norm for both)
-  Tensor xn;
+  Tensor weights = ops.empty({T, K}), experts = ops.empty({T, K}, DType::I32);
+  // the experts' input: x, or the normalised rows the router may leave (one norm for both)
+  Tensor xin = x, xn;
   if (ops.moe_route(weights, experts, norm ? &xn : nullptr, x, w.gate, norm,
                     w.e_score_correction_bias.defined() ? w.e_score_correction_bias.f32() : nullptr, w.gate_params)) {
-    x_for_experts = xn;
+    xin = xn;
     norm = {};
   }
   if (choices) {
@@ -94,7 +94,6 @@ void moe_forward(Ops& ops, const MoeWeights& w, const ModelConfig& c, Tensor& ou
   // Run apart (long inputs), the routed and the shared experts must both see x as it was before
   // either adds to out: the normalised rows (or, writing over x, a copy) are made once.
   const bool apart = w.has_shared && !with_routed;
-  Tensor xin = x_for_experts;
   if (apart && (norm || out.data() == xin.data())) {
     xin = ops.empty(x.shape());
     if (norm) {

@@ -521,18 +521,24 @@ class CudaOps final : public Ops {
     cuda::add(x.f32(), y.f32(), x.numel(), ctx_->stream);
   }
 
+  // moe_gate's outputs for T tokens: weights (T, top_k) F32 and experts (T, top_k) I32 on the GPU.
+  static void check_choices(const Tensor& weights, const Tensor& experts, int64_t T, const MoeGateParams& p,
+                            const char* op) {
+    f32(weights, op, "the routing weights");
+    on_gpu(experts, op, "the expert ids");
+    FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
+                  op, ": weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ", T,
+                  " tokens, top ", p.top_k);
+  }
+
   void moe_gate(Tensor& weights, Tensor& experts, const Tensor& logits, const float* bias,
                 const MoeGateParams& p) override {
     use();
-    f32(weights, "moe_gate", "the routing weights");
-    on_gpu(experts, "moe_gate", "the expert ids");
     f32(logits, "moe_gate", "the router logits");
     FATHOM_ASSERT(p.n_experts > 0 && logits.numel() % p.n_experts == 0, "moe_gate: logits ",
                   shape_str(logits.shape()), " for ", p.n_experts, " experts");
     const int64_t T = logits.numel() / p.n_experts;
-    FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
-                  "moe_gate: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ",
-                  T, " tokens, top ", p.top_k);
+    check_choices(weights, experts, T, p, "moe_gate");
     for (int r = 0; r < cuda::repeats(cuda::kRepeatGate); ++r)
       cuda::moe_gate(weights.f32(), experts.ptr<int32_t>(), logits.f32(), bias, T, p, ctx_->stream);
   }
@@ -546,12 +552,8 @@ class CudaOps final : public Ops {
         !cuda::moe_router_fits(T, D, router.weight.dtype(), p.n_experts))
       return Ops::moe_route(weights, experts, xn, x, router, norm, bias, p);
     f32(x, "moe_route", "the input");
-    f32(weights, "moe_route", "the routing weights");
-    on_gpu(experts, "moe_route", "the expert ids");
     on_gpu(router.weight, "moe_route", "the router weight");
-    FATHOM_ASSERT(experts.dtype() == DType::I32 && weights.numel() == T * p.top_k && experts.numel() == T * p.top_k,
-                  "moe_route: weights ", shape_str(weights.shape()), " experts ", shape_str(experts.shape()), " for ",
-                  T, " tokens, top ", p.top_k);
+    check_choices(weights, experts, T, p, "moe_route");
     float* xn_out = nullptr;
     if (xn && norm) {
       *xn = empty({T, D}, DType::F32);

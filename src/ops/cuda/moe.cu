@@ -546,16 +546,11 @@ void moe_router_gate(float* weights, int32_t* experts, float* xn, const float* x
                " experts do not fit the one-kernel form.");
   check_gate(p);
   FATHOM_ASSERT(weights && experts && x && router, "moe_route with a null pointer");
-  const size_t smem = size_t(hidden) * sizeof(float);
-  if (router_dtype == DType::BF16) {
-    const bool vec = hidden % 8 == 0 && aligned16(router) && aligned16(x);
-    launch_kernel(moe_router_gate_kernel<DType::BF16>, unsigned(n_tokens), kRouterThreads, smem, as_cuda(stream),
-                  weights, experts, xn, x, router, norm, eps, hidden, bias, p, vec);
-  } else {
-    const bool vec = hidden % 4 == 0 && aligned16(router) && aligned16(x);
-    launch_kernel(moe_router_gate_kernel<DType::F32>, unsigned(n_tokens), kRouterThreads, smem, as_cuda(stream),
-                  weights, experts, xn, x, router, norm, eps, hidden, bias, p, vec);
-  }
+  const bool bf16 = router_dtype == DType::BF16;
+  const bool vec = hidden % (bf16 ? 8 : 4) == 0 && aligned16(router) && aligned16(x);  // 16-byte loads of a row
+  launch_kernel(bf16 ? moe_router_gate_kernel<DType::BF16> : moe_router_gate_kernel<DType::F32>, unsigned(n_tokens),
+                kRouterThreads, size_t(hidden) * sizeof(float), as_cuda(stream), weights, experts, xn, x, router, norm,
+                eps, hidden, bias, p, vec);
   check_launch("moe_route");
 }
 
