@@ -13,6 +13,7 @@
 //   attention.cu    split-KV flash attention (GQA/MQA/absorbed MLA, causal, paged, BF16 KV)
 //   moe.cu          routing (moe_gate) and the routed experts (gather path)
 //   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
+//   fp8_gemm.cu     FP8 x FP8 block-scaled GEMM (DeepSeek-V3's recipe), 1x128 quantization
 //   sample.cu       token sampling: temperature, top-k, top-p, min-p, the draw (Ops::sample)
 //   backward.cu     the training passes' backward kernels
 //   optimizer.cu    AdamW and the gradient norm on the device (training)
@@ -31,6 +32,11 @@ namespace fathom::cuda {
 
 // A cudaStream_t, opaque here; nullptr is the legacy default stream.
 using Stream = void*;
+
+// Waits for all work queued on the current device, on every stream: for tests and benchmarks that
+// call the launchers below on the legacy stream (nullptr) beside an Ops backend, whose own stream
+// does not synchronize with it.
+void device_synchronize();
 
 // Number of usable CUDA devices; 0 when there is no driver or no GPU (never throws).
 int device_count();
@@ -212,6 +218,55 @@ void moe_experts(const MoeExpertsParams& p, Stream stream);
 // Whether a batch of n_tokens (top_k of n_experts each) runs in the grouped small tiles, which
 // take a shared expert in the same launches (Ops::moe_takes_shared).
 bool moe_small_tiles(int64_t n_tokens, int top_k, int n_experts);
+
+// ---- fp8_gemm.cu: DeepSeek-V3's FP8 GEMM recipe (the CPU reference and its statement:
+// src/ops/cpu/fp8_gemm.h; docs/fp8-gemm.md)
+
+// q (M, K) e4m3 codes and scales (M, ceil(K / 128)) F32 from x (M, K) F32, bit for bit the CPU's
+// quantize_1x128: per row and 128-wide tile s = max|x| / 448 (1 for an all-zero tile), q =
+// e4m3(x / s) rounded to nearest even. One warp per tile. A non-finite x gives NaN codes (the CPU
+// version refuses it; here it propagates into the product).
+void quantize_1x128(uint8_t* q, float* scales, const float* x, int64_t M, int64_t K, Stream stream);
+
+// The layouts of fp8_gemm's rows (DeepGEMM's three).
+enum class Fp8Layout {
+  Dense,       // A (M, K) against one B (N, K); out (M, N)
+  Contiguous,  // MoE prefill/training: A's rows sorted by expert, expert[m] the expert of row m, -1 a
+               // padding row (output 0); every 128-row tile of A holds one expert's rows (and padding):
+               // pad each expert's group to a multiple of 128. A row naming another expert than its
+               // tile's first row gets NaN. B (groups, N, K) stacked.
+  Masked,      // MoE decode: A (groups, M, K), group g's first count[g] rows are real; out (groups, M, N),
+               // rows past count[g] left as they are. B (groups, N, K) stacked.
+};
+// Which kernel: the Hopper one (wgmma on e4m3 from shared memory, TMA loads on mbarriers, a
+// producer warpgroup and two consumer warpgroups) needs an sm_90a device and K % 16 == 0; the
+// SIMT one runs anywhere (sm_80: A100) and is the GPU-side oracle. Auto takes wgmma where it can.
+enum class Fp8GemmKernel { Auto, Wgmma, Simt };
+struct Fp8GemmParams {
+  void* out = nullptr;  // (rows, N) with row stride ldo, BF16 or F32 (out_dtype)
+  DType out_dtype = DType::BF16;
+  int64_t ldo = 0;      // 0: N
+  bool accumulate = false;  // F32 only: out += product
+  const uint8_t* a = nullptr;   // (rows, K) e4m3, rows = M (Dense, Contiguous) or groups * M (Masked)
+  const float* a_scale = nullptr;  // (rows, ceil(K / 128)) F32: quantize_1x128's scales
+  const uint8_t* b = nullptr;   // (groups, N, K) e4m3
+  const float* b_scale = nullptr;  // (groups, ceil(N / 128), ceil(K / 128)) F32: 128x128 blocks
+  int64_t M = 0, N = 0, K = 0;
+  int groups = 1;
+  Fp8Layout layout = Fp8Layout::Dense;
+  const int32_t* expert = nullptr;  // Contiguous: (M) I32, device memory
+  const int32_t* count = nullptr;   // Masked: (groups) I32, device memory
+  // true (the recipe): each 128-wide K tile's sum leaves the tensor cores' accumulator and is
+  // scaled into an fp32 one. false, for contrast only: one accumulator over all of K, scaled at
+  // the end by the first tile's scales — the same product only when the scales do not vary along K.
+  bool promote = true;
+  Fp8GemmKernel kernel = Fp8GemmKernel::Auto;
+};
+// out = the recipe's product (fp8_gemm in ops/cpu/fp8_gemm.h) in the chosen layout.
+void fp8_gemm(const Fp8GemmParams& p, Stream stream);
+// Whether Auto takes the wgmma kernel on the current device (an sm_90a kernel image and a
+// compute capability 9.0 device).
+bool fp8_gemm_wgmma_available();
 
 // ---- sample.cu
 

@@ -90,6 +90,8 @@ bool mma_gemv_on(MmaSite site) {
   return k == GemvKind::TensorCores || (k == GemvKind::Auto && (site == MmaSite::GroupedExperts || site == MmaSite::Skinny));
 }
 
+void device_synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (or a kernel queued before it)"); }
+
 bool pdl_enabled() {
   static int cached[64];  // per device: 0 unknown, 1 off, 2 on
   int device = 0;

@@ -1,0 +1,154 @@
+// The FP8 block-scaled GEMM on the GPU (src/ops/cuda/fp8_gemm.cu): TFLOP/s of out (M, N) BF16 =
+// A (M, K) e4m3 (1x128 scales) · B (N, K)ᵀ e4m3 (128x128 scales) at the shapes of DeepSeek-V3's
+// projections (the FP8 issue's list) and 8192³, the grouped layouts at V3's expert shapes, and
+// the 1x128 activation quantization's bandwidth. Random codes and scales generated on the GPU.
+// The peer, PyTorch's blockwise scaled_mm on the same shapes, runs in the same device script
+// (bench/fp8_gemm_peer.py; scripts/device-fp8.sh joins the two into one table).
+//
+// usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--min-ms 200]
+// Prints one line per case: "fp8_gemm <case> M N K groups <TFLOP/s>".
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/ops.h"
+#ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/cuda_ops.h"
+#endif
+
+using namespace fathom;
+
+#ifdef FATHOM_HAVE_CUDA
+namespace {
+
+int64_t tiles(int64_t n) { return (n + 127) / 128; }
+
+struct Case {
+  std::string name;
+  int64_t M, N, K;
+  int groups = 1;
+  cuda::Fp8Layout layout = cuda::Fp8Layout::Dense;
+};
+
+// Seconds per call: calls repeated until min_ms of work after a warm-up.
+// (The launchers run on the legacy stream, the backend's fills on its own: device-wide waits.)
+template <class F>
+double seconds_per_call(F&& call, double min_ms) {
+  cuda::device_synchronize();
+  call();
+  cuda::device_synchronize();
+  int n = 1;
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) call();
+    cuda::device_synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s * 1e3 >= min_ms || n >= (1 << 20)) return s / n;
+    n *= 2;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cuda::Fp8GemmKernel kernel = cuda::Fp8GemmKernel::Auto;
+  bool quick = false;
+  double min_ms = 200;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--kernel" && i + 1 < argc) {
+      const std::string k = argv[++i];
+      if (k != "wgmma" && k != "simt") {
+        std::fprintf(stderr, "bench_fp8_gemm: --kernel is '%s'; expected wgmma or simt\n", k.c_str());
+        return 2;
+      }
+      kernel = k == "wgmma" ? cuda::Fp8GemmKernel::Wgmma : cuda::Fp8GemmKernel::Simt;
+    } else if (a == "--quick") {
+      quick = true;
+    } else if (a == "--min-ms" && i + 1 < argc) {
+      min_ms = std::atof(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--min-ms 200]\n");
+      return 2;
+    }
+  }
+  try {
+    if (cuda::device_count() == 0) {
+      std::printf("bench_fp8_gemm: no CUDA device; nothing measured\n");
+      return 0;
+    }
+    std::unique_ptr<Ops> ops = make_cuda_ops(0);
+    std::printf("# %s; wgmma kernel %s\n", cuda::device_name(0).c_str(),
+                cuda::fp8_gemm_wgmma_available() ? "available" : "NOT available (SIMT fallback)");
+    std::vector<Case> cases;
+    const std::vector<std::pair<int64_t, int64_t>> nk = {{2112, 7168}, {24576, 1536}, {32768, 512},
+                                                         {7168, 16384}, {4096, 7168}, {7168, 2048}};
+    for (const int64_t M : {int64_t(128), int64_t(4096)})
+      for (const auto& [N, K] : nk) cases.push_back({"dense", M, N, K});
+    cases.push_back({"dense", 8192, 8192, 8192});
+    // DeepSeek-V3's routed experts (gate and up fused: N 4096 of K 7168; down: N 7168 of K 2048),
+    // 8 experts: 512 rows each in the contiguous layout, 128 each in the masked one
+    for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{4096, 7168}, {7168, 2048}}) {
+      cases.push_back({"grouped-contiguous", 8 * 512, N, K, 8, cuda::Fp8Layout::Contiguous});
+      cases.push_back({"grouped-masked", 128, N, K, 8, cuda::Fp8Layout::Masked});
+    }
+    if (quick) cases = {cases[4], cases[10], cases[12]};
+
+    for (const Case& c : cases) {
+      const int64_t a_rows = c.layout == cuda::Fp8Layout::Masked ? c.groups * c.M : c.M;
+      Tensor a = ops->empty({a_rows, c.K}, DType::F8_E4M3), sa = ops->empty({a_rows, tiles(c.K)});
+      Tensor b = ops->empty({c.groups * c.N, c.K}, DType::F8_E4M3), sb = ops->empty({c.groups * tiles(c.N), tiles(c.K)});
+      Tensor out = ops->empty({a_rows, c.N}, DType::BF16);
+      ops->fill_random(a, 1, 200.f);
+      ops->fill_random(b, 2, 200.f);
+      ops->fill_random(sa, 3, 0.01f);
+      ops->fill_random(sb, 4, 0.01f);
+      Tensor ids;
+      cuda::Fp8GemmParams p;
+      p.out = out.data(), p.out_dtype = DType::BF16;
+      p.a = a.ptr<uint8_t>(), p.a_scale = sa.f32(), p.b = b.ptr<uint8_t>(), p.b_scale = sb.f32();
+      p.M = c.M, p.N = c.N, p.K = c.K, p.groups = c.groups, p.layout = c.layout, p.kernel = kernel;
+      if (c.layout == cuda::Fp8Layout::Contiguous) {
+        Tensor h = Tensor::empty({c.M}, DType::I32);
+        for (int64_t m = 0; m < c.M; ++m) h.ptr<int32_t>()[m] = int32_t(m / (c.M / c.groups));
+        ids = ops->upload(h);
+        p.expert = ids.ptr<int32_t>();
+      } else if (c.layout == cuda::Fp8Layout::Masked) {
+        Tensor h = Tensor::empty({c.groups}, DType::I32);
+        for (int g = 0; g < c.groups; ++g) h.ptr<int32_t>()[g] = int32_t(c.M);
+        ids = ops->upload(h);
+        p.count = ids.ptr<int32_t>();
+      }
+      const double s = seconds_per_call([&] { cuda::fp8_gemm(p, nullptr); }, min_ms);
+      const double flops = 2.0 * double(a_rows) * double(c.N) * double(c.K);
+      std::printf("fp8_gemm %s %lld %lld %lld %d %.1f\n", c.name.c_str(), (long long)c.M, (long long)c.N,
+                  (long long)c.K, c.groups, flops / s / 1e12);
+      std::fflush(stdout);
+    }
+    // the 1x128 activation quantization: bytes read and written per second
+    {
+      const int64_t M = 4096, K = 7168;
+      Tensor x = ops->empty({M, K}), q = ops->empty({M, K}, DType::F8_E4M3), s = ops->empty({M, tiles(K)});
+      ops->fill_random(x, 5, 4.f);
+      const double t = seconds_per_call(
+          [&] { cuda::quantize_1x128(q.ptr<uint8_t>(), s.f32(), x.f32(), M, K, nullptr); }, min_ms);
+      std::printf("quantize_1x128 %lld %lld %.1f GB/s\n", (long long)M, (long long)K,
+                  double(M * K * 5 + M * tiles(K) * 4) / t / 1e9);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_fp8_gemm: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+#else
+int main() {
+  std::printf("bench_fp8_gemm: built without CUDA; nothing measured\n");
+  return 0;
+}
+#endif

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The FP8 block-scaled GEMM (src/ops/cuda/fp8_gemm.cu) on the GPU machine, in one command: its
+# GPU tests (CudaFp8Gemm.*: against the CPU recipe, the contrast without promotion, the grouped
+# layouts, bad parameters), then bench_fp8_gemm and its peer, PyTorch's blockwise scaled_mm
+# (bench/fp8_gemm_peer.py), on the same shapes in the same run; prints the table last (also
+# $OUT/device-fp8.txt when OUT is set).
+#
+# Here first: `bash scripts/device-serve.sh --prepare` (device-serve-data/: the build
+# dependencies), `bash scripts/device-pack.sh fathom_tests bench_fp8_gemm` (device-bin/), and
+# hide the training-reference gradients (`bash scripts/device-serve.sh --hide`, `--restore`
+# after). Then there (carry ["device-serve-data", "device-bin"]):
+#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass]
+# --quick: three shapes (M 128 and 4096 of N 4096, K 7168; 8192³).
+# --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections).
+# --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=() tests=1 peer=1 ncu=0 sass=0
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=(--quick) ;;
+    --no-tests) tests=0 ;;
+    --no-peer) peer=0 ;;
+    --ncu) ncu=1 ;;
+    --sass) sass=1 ;;
+    *) echo "device-fp8: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+source scripts/device-serve-env.sh
+serve_env device-fp8
+serve_programs device-fp8 fathom_tests bench_fp8_gemm
+log=/tmp/device-fp8
+mkdir -p "$log"
+if [ "$sass" = 1 ]; then
+  /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_fp8_gemm 2>/dev/null | awk '/Function :/ {f=$3} /GMMA|UTMALDG|SYNCS/ {split($2,o,"."); n[f" "o[1]]++} END {for (k in n) print "sass", k, n[k]}' |
+    grep fp8_gemm || echo "sass: no tensor-core instructions found"
+fi
+trc="not run"
+if [ "$tests" = 1 ]; then
+  set +e
+  timeout 300 "$bin"/fathom_tests --gtest_filter='CudaFp8Gemm.*:Fp8Gemm.*' >"$log/tests.log" 2>&1
+  trc=$?
+  set -e
+  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | head -60
+fi
+timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
+if [ "$peer" = 1 ]; then
+  timeout 240 python3 bench/fp8_gemm_peer.py "${quick[@]}" | tee "$log/torch.txt" || echo "peer failed" >"$log/torch.txt"
+else
+  : >"$log/torch.txt"
+fi
+if [ "$ncu" = 1 ] && command -v ncu >/dev/null; then
+  timeout 200 ncu --kernel-name regex:fp8_gemm_wgmma --launch-count 1 --launch-skip 1 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy "$bin"/bench_fp8_gemm --quick --min-ms 1 2>&1 |
+    grep -E "fp8_gemm_wgmma|Duration|Throughput|Compute \(SM\)|Stall|Occupancy|Registers|Warp Cycles" | head -40
+fi
+python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" <<'EOF' | tee "${OUT:-/tmp}/device-fp8.txt"
+import sys
+fathom, torch = {}, {}
+for path, d, tag in ((sys.argv[1], fathom, "fp8_gemm"), (sys.argv[2], torch, "torch")):
+    for line in open(path):
+        f = line.split()
+        if len(f) >= 7 and f[0] == tag:
+            d[(f[1], f[2], f[3], f[4], f[5])] = f[6] if f[6] != "n/a" else "n/a " + " ".join(f[7:])[:40]
+print(f"\ndevice-fp8: GPU tests rc {sys.argv[3]}")
+print("| case | M | N | K | groups | fathom TFLOP/s | PyTorch blockwise TFLOP/s | ratio |")
+print("|---|---|---|---|---|---|---|---|")
+for k, v in fathom.items():
+    t = torch.get(k, "")
+    try:
+        r = f"{float(v) / float(t):.2f}x"
+    except ValueError:
+        r = ""
+    print(f"| {' | '.join(k)} | {v} | {t} | {r} |")
+for line in open(sys.argv[1]):
+    if line.startswith("quantize_1x128"):
+        print(line.strip())
+EOF

@@ -1,0 +1,515 @@
+// DeepSeek-V3's FP8 GEMM on the GPU: out (M, N) = A (M, K) · Bᵀ with A e4m3 in 1x128 tiles
+// (quantize_1x128 below) and B e4m3 in 128x128 blocks, each 128-wide K tile's sum promoted to an
+// fp32 accumulator in registers and scaled there. The CPU reference, and the recipe in words:
+// src/ops/cpu/fp8_gemm.h; docs/fp8-gemm.md.
+//
+// The Hopper kernel (fp8_gemm_wgmma_kernel, sm_90a), one 128 x 128 output tile per block of three
+// warpgroups:
+// - warpgroup 0 is the producer: one thread issues the TMA copies (cp.async.bulk.tensor) of each
+//   128 x 128-byte tile of A and of B into a ring of kStages shared-memory stages, 128-byte
+//   swizzled (the layout wgmma reads without bank conflicts); each copy completes on the stage's
+//   "full" mbarrier. It gives its registers to the consumers (setmaxnreg).
+// - warpgroups 1 and 2 are consumers, rows 0-63 and 64-127 of the tile: per K tile they wait on
+//   the stage's full barrier, issue four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory,
+//   wait for them, release the stage ("empty" barrier) and add the tile's sum times
+//   sa[row, t] * sb[n / 128, t] into their fp32 accumulators — the promotion. While one consumer
+//   promotes, the other's wgmmas keep the tensor cores busy.
+// - the epilogue converts the accumulators and stores them straight from registers.
+// The SIMT kernel (fp8_gemm_simt_kernel) computes the same tiles with CUDA cores: any GPU, any K.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FATHOM_SM90A 1
+#endif
+
+namespace fathom::cuda {
+namespace {
+
+constexpr int kTile = 128;  // the K extent of a scale, and the output tile's edge
+
+__host__ __device__ inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- 1x128 activation quantization
+
+__device__ inline uint8_t to_e4m3(float v) {
+  return uint8_t(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// One warp per (row, tile): lane l holds values 4l .. 4l+3 of the tile.
+__global__ void quantize_1x128_kernel(uint8_t* __restrict__ q, float* __restrict__ scales, const float* __restrict__ x,
+                                      int64_t M, int64_t K, int64_t Kt) {
+  pdl_wait();
+  const int64_t tile = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (tile >= M * Kt) return;
+  const int64_t m = tile / Kt, k0 = (tile % Kt) * kTile + 4 * lane;
+  const float* row = x + m * K;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (K % 4 == 0 && k0 + 4 <= K && reinterpret_cast<uintptr_t>(row + k0) % 16 == 0) {
+    const float4 f = *reinterpret_cast<const float4*>(row + k0);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+    for (int i = 0; i < 4; ++i)
+      if (k0 + i < K) v[i] = row[k0 + i];
+  }
+  float amax = 0.f;
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = warp_max(amax);
+  const float s = amax > 0.f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+  if (lane == 0) scales[tile] = s;  // (m, t) row-major is the tile index
+  for (int i = 0; i < 4; ++i)
+    if (k0 + i < K) q[m * K + k0 + i] = to_e4m3(__fdiv_rn(v[i], s));
+}
+
+// ---- what both GEMM kernels share: where a tile's rows live, by layout
+
+struct Fp8GemmArgs {
+  void* out;
+  int64_t ldo;
+  bool out_bf16, accumulate, promote;
+  int layout;  // Fp8Layout
+  const uint8_t* a;
+  const float* a_scale;
+  const uint8_t* b;
+  const float* b_scale;
+  int64_t M, N, K, Kt, NB;  // NB: scale blocks along N per group
+  const int32_t* expert;
+  const int32_t* count;
+};
+
+// A tile's group and rows: A/out rows [row0, row0 + rows_valid) of the group `g` (-1: a padding
+// tile of the contiguous layout) against B rows from g * N.
+struct TileRows {
+  int g;
+  int64_t row0;       // first A / out row of the tile
+  int64_t rows;       // rows of the tile that are real (<= 128)
+};
+__device__ inline TileRows tile_rows(const Fp8GemmArgs& p, int64_t m0, int z) {
+  TileRows t{0, m0, lmin(kTile, p.M - m0)};
+  if (p.layout == int(Fp8Layout::Masked)) {
+    t.g = z;
+    t.row0 = int64_t(z) * p.M + m0;
+    t.rows = lmin(kTile, int64_t(p.count[z]) - m0);
+  } else if (p.layout == int(Fp8Layout::Contiguous)) {
+    t.g = p.expert[m0];
+  }
+  return t;
+}
+
+// The value written for out row r (absolute) of a tile of group g: the product, or for the
+// contiguous layout 0 on a padding row and NaN on a row of another expert (a layout error).
+__device__ inline float row_value(const Fp8GemmArgs& p, int g, int64_t r, float v) {
+  if (p.layout != int(Fp8Layout::Contiguous)) return v;
+  const int e = p.expert[r];
+  return e == g ? v : e < 0 ? 0.0f : __int_as_float(0x7fc00000);
+}
+
+__device__ inline void store_pair(const Fp8GemmArgs& p, int64_t r, int64_t col, float v0, float v1) {
+  if (col >= p.N) return;
+  const bool two = col + 1 < p.N;
+  if (p.out_bf16) {
+    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + r * p.ldo + col;
+    if (two && (reinterpret_cast<uintptr_t>(o) % 4 == 0)) {
+      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+    } else {
+      o[0] = __float2bfloat16_rn(v0);
+      if (two) o[1] = __float2bfloat16_rn(v1);
+    }
+  } else {
+    float* o = static_cast<float*>(p.out) + r * p.ldo + col;
+    if (p.accumulate) v0 += o[0];
+    if (p.accumulate && two) v1 += o[1];
+    if (two && (reinterpret_cast<uintptr_t>(o) % 8 == 0)) {
+      *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+    } else {
+      o[0] = v0;
+      if (two) o[1] = v1;
+    }
+  }
+}
+
+// A padding tile (edge `edge`) of the contiguous layout: zeros (NaN on rows that name an expert).
+__device__ void write_padding_tile(const Fp8GemmArgs& p, int64_t m0, int64_t n0, int64_t edge, int tid, int threads) {
+  const int64_t rows = lmin(edge, p.M - m0), cols = lmin(edge, p.N - n0);
+  for (int64_t i = tid; i < rows * (cols + 1) / 2; i += threads) {
+    const int64_t r = m0 + i / ((cols + 1) / 2), c = n0 + 2 * (i % ((cols + 1) / 2));
+    store_pair(p, r, c, row_value(p, -1, r, 0.f), row_value(p, -1, r, 0.f));
+  }
+}
+
+// ---- the SIMT kernel: 64 x 64 tiles, 256 threads of 4 x 4 outputs, K staged 32 at a time as floats
+
+constexpr int kSimtTile = 64, kSimtK = 32;
+
+__global__ void __launch_bounds__(256) fp8_gemm_simt_kernel(const Fp8GemmArgs p) {
+  pdl_wait();
+  __shared__ float As[kSimtTile][kSimtK + 1], Bs[kSimtTile][kSimtK + 1];
+  const int tx = int(threadIdx.x % 16), ty = int(threadIdx.x / 16);
+  const int64_t n0 = int64_t(blockIdx.x) * kSimtTile, m0 = int64_t(blockIdx.y) * kSimtTile;
+  if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;
+  // the 128-row tile this 64-row tile belongs to names the group (contiguous layout)
+  TileRows t = tile_rows(p, m0 - m0 % kTile, int(blockIdx.z));
+  t.row0 += m0 % kTile;
+  t.rows = lmin(kSimtTile, t.rows - m0 % kTile);
+  if (t.rows <= 0) return;
+  if (t.g < 0) return write_padding_tile(p, m0, n0, kSimtTile, int(threadIdx.x), 256);
+  const uint8_t* b = p.b + int64_t(t.g) * p.N * p.K;
+  const float* sb = p.b_scale + (int64_t(t.g) * p.NB + n0 / kTile) * p.Kt;
+  float total[4][4] = {}, part[4][4] = {};
+  for (int64_t kt = 0; kt < p.Kt; ++kt) {
+    if (p.promote)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) part[i][j] = 0.f;
+    for (int64_t kc = kt * kTile; kc < lmin(p.K, (kt + 1) * kTile); kc += kSimtK) {
+      for (int i = int(threadIdx.x); i < kSimtTile * kSimtK; i += 256) {
+        const int r = i / kSimtK, k = i % kSimtK;
+        const int64_t kk = kc + k;
+        const bool kin = kk < p.K && kk < (kt + 1) * kTile;
+        As[r][k] = kin && r < t.rows ? fp8_to_f32(p.a[(t.row0 + r) * p.K + kk]) : 0.f;
+        Bs[r][k] = kin && n0 + r < p.N ? fp8_to_f32(b[(n0 + r) * p.K + kk]) : 0.f;
+      }
+      __syncthreads();
+      for (int k = 0; k < kSimtK; ++k)
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) part[i][j] += As[ty + 16 * i][k] * Bs[tx + 16 * j][k];
+      __syncthreads();
+    }
+    if (p.promote)
+      for (int i = 0; i < 4; ++i) {
+        const int r = ty + 16 * i;
+        const float sa = r < t.rows ? p.a_scale[(t.row0 + r) * p.Kt + kt] : 0.f;
+        for (int j = 0; j < 4; ++j) total[i][j] += part[i][j] * (sa * sb[kt]);
+      }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int r = ty + 16 * i;
+    if (r >= t.rows) continue;
+    const float s = p.promote ? 1.f : p.a_scale[(t.row0 + r) * p.Kt] * sb[0];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col >= p.N) continue;
+      const float v = row_value(p, t.g, t.row0 + r, p.promote ? total[i][j] : part[i][j] * s);
+      if (p.out_bf16) {
+        static_cast<__nv_bfloat16*>(p.out)[(t.row0 + r) * p.ldo + col] = __float2bfloat16_rn(v);
+      } else {
+        float& o = static_cast<float*>(p.out)[(t.row0 + r) * p.ldo + col];
+        o = p.accumulate ? o + v : v;
+      }
+    }
+  }
+}
+
+// ---- the Hopper kernel
+
+constexpr int kStages = 6;
+constexpr int kTileBytes = kTile * kTile;             // a 128 x 128 tile of e4m3: 16 KB
+constexpr int kStageBytes = 2 * kTileBytes;           // A and B
+constexpr int kWgmmaSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+constexpr int kWgmmaThreads = 384;
+
+#ifdef FATHOM_SM90A
+__device__ inline void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ inline void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Waits for the phase of the given parity to complete. A copy that never lands would hang the
+// GPU; after 10 s the kernel traps instead (a launch error at the next synchronization).
+__device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  uint64_t start = 0;
+  for (int spins = 0;; ++spins) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    if (done) return;
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (spins == 0) start = now;
+    else if (now - start > 10000000000ull) __trap();
+  }
+}
+// A 2-D tile [c0, c0 + box0) x [c1, c1 + box1) of the tensor map into shared memory, completing
+// on bar (elements outside the tensor arrive as zeros and count as bytes).
+__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// The shared-memory matrix descriptor of a K-major tile stored as TMA writes it with 128-byte
+// swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (the stride byte offset); the
+// leading byte offset is unused in this mode. The tile starts 1024-byte aligned; K steps of 32
+// e4m3 within the row advance the start address by 32 bytes.
+__device__ inline uint64_t sw128_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// d (64 x 128 f32 over the warpgroup: 64 registers a thread) (+)= A (64 x 32) · B (128 x 32)ᵀ,
+// both e4m3 in shared memory; scale_d = 0 overwrites d.
+__device__ inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+#endif
+
+__global__ void __launch_bounds__(kWgmmaThreads, 1)
+    fp8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                          const Fp8GemmArgs p) {
+#ifdef FATHOM_SM90A
+  pdl_wait();
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
+  const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages;
+  const int64_t n0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
+  if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;  // the whole block at once
+  const TileRows t = tile_rows(p, m0, int(blockIdx.z));
+  if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), kWgmmaThreads);
+  const int wg = int(threadIdx.x / 128);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + 8 * s, 1);   // the producer's arrive, plus the copies' bytes
+      mbar_init(empty + 8 * s, 8);  // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      const int b_row = int(int64_t(t.g) * p.N + n0);
+      for (int64_t kt = 0; kt < p.Kt; ++kt) {
+        const int s = int(kt % kStages);
+        mbar_wait(empty + 8 * s, uint32_t(((kt / kStages) & 1) ^ 1));  // the first round passes at once
+        const uint32_t a_dst = base + s * kStageBytes, b_dst = a_dst + kTileBytes;
+        mbar_expect_tx(full + 8 * s, kStageBytes);
+        tma_load_2d(a_dst, &map_a, int(kt * kTile), int(t.row0), full + 8 * s);
+        tma_load_2d(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int c = wg - 1;                         // rows 64c .. 64c + 63 of the tile
+  const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
+  const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's accumulator rows: r0 and r0 + 8
+  const bool in0 = r0 < t.rows, in1 = r0 + 8 < t.rows;
+  const float* sa0 = p.a_scale + (t.row0 + (in0 ? r0 : 0)) * p.Kt;
+  const float* sa1 = p.a_scale + (t.row0 + (in1 ? r0 + 8 : 0)) * p.Kt;
+  const float* sb = p.b_scale + (int64_t(t.g) * p.NB + n0 / kTile) * p.Kt;
+  float acc[64], total[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = total[i] = 0.f;
+  for (int64_t kt = 0; kt < p.Kt; ++kt) {
+    const int s = int(kt % kStages);
+    // the scales first: their loads are in flight while the tile lands and multiplies
+    const float b_s = __ldg(sb + kt);
+    const float s0 = in0 ? __ldg(sa0 + kt) * b_s : 0.f, s1 = in1 ? __ldg(sa1 + kt) * b_s : 0.f;
+    mbar_wait(full + 8 * s, uint32_t((kt / kStages) & 1));
+    const uint32_t a_tile = base + s * kStageBytes + c * (kTileBytes / 2), b_tile = base + s * kStageBytes + kTileBytes;
+    const uint64_t da = sw128_desc(a_tile), db = sw128_desc(b_tile);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < kTile / 32; ++k)  // 32 bytes of K a step: +2 in the descriptor's 16-byte units
+      wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, p.promote ? k : int(kt > 0 || k > 0));
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + 8 * s);
+    if (p.promote) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
+    }
+  }
+  if (!p.promote) {
+    const float b_s = sb[0], s0 = in0 ? sa0[0] * b_s : 0.f, s1 = in1 ? sa1[0] * b_s : 0.f;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) total[i] = acc[i] * ((i & 2) ? s1 : s0);
+  }
+  // accumulator layout of m64n128: register 4j + 2h + {0, 1} is row r0 + 8h, columns 8j + 2(lane % 4) + {0, 1}
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+    if (in0)
+      store_pair(p, t.row0 + r0, col, row_value(p, t.g, t.row0 + r0, total[4 * j]),
+                 row_value(p, t.g, t.row0 + r0, total[4 * j + 1]));
+    if (in1)
+      store_pair(p, t.row0 + r0 + 8, col, row_value(p, t.g, t.row0 + r0 + 8, total[4 * j + 2]),
+                 row_value(p, t.g, t.row0 + r0 + 8, total[4 * j + 3]));
+  }
+#else
+  (void)map_a, (void)map_b, (void)p;
+  __trap();  // never launched: fp8_gemm_wgmma_available() is false without an sm_90a image
+#endif
+}
+
+// Writes 1 when the kernel image has sm_90a's instructions.
+__global__ void sm90a_probe_kernel(int* flag) {
+#ifdef FATHOM_SM90A
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
+}
+
+// ---- host side
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q),
+          "fp8_gemm (cuTensorMapEncodeTiled)");
+    FATHOM_CHECK(q == cudaDriverEntryPointSuccess && f, "fp8_gemm: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The tensor map of a (rows, K) e4m3 matrix read as 128 x 128-byte boxes, 128-byte swizzled.
+CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, const char* what) {
+  CUtensorMap m{};
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(K)};
+  const cuuint32_t box[2] = {kTile, kTile};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(ptr), dims,
+                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of ", what, " (", rows, " x ", K,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
+std::once_flag g_wgmma_smem[kMaxDevices];
+
+}  // namespace
+
+bool fp8_gemm_wgmma_available() {
+  static int cached[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  if (cached[device] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    int flag = 0;
+    if (major == 9 && minor == 0) {
+      int* d = nullptr;
+      if (cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
+        sm90a_probe_kernel<<<1, 1>>>(d);
+        if (cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) flag = 0;
+        cudaFree(d);
+      }
+      cudaGetLastError();
+    }
+    cached[device] = flag == 1 ? 2 : 1;
+  }
+  return cached[device] == 2;
+}
+
+void quantize_1x128(uint8_t* q, float* scales, const float* x, int64_t M, int64_t K, Stream stream) {
+  FATHOM_CHECK(M >= 0 && K > 0, "quantize_1x128: ", M, " x ", K, " is not a matrix");
+  if (M == 0) return;
+  FATHOM_ASSERT(q && scales && x, "quantize_1x128 with a null pointer");
+  const int64_t Kt = ceil_div(K, kTile), warps = M * Kt;
+  FATHOM_CHECK(ceil_div(warps, 8) < (int64_t(1) << 31), "quantize_1x128: ", M, " x ", K, " is too large for one launch");
+  launch_kernel(quantize_1x128_kernel, dim3(unsigned(ceil_div(warps, 8))), 256, 0, as_cuda(stream), q, scales, x, M, K,
+                Kt);
+  check_launch("quantize_1x128_kernel");
+}
+
+void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
+  FATHOM_CHECK(p.out_dtype == DType::BF16 || p.out_dtype == DType::F32, "fp8_gemm: output dtype ",
+               dtype_name(p.out_dtype), " is not supported; expected BF16 or F32.");
+  FATHOM_CHECK(!p.accumulate || p.out_dtype == DType::F32, "fp8_gemm: accumulating needs an F32 output.");
+  FATHOM_CHECK(p.M >= 0 && p.N >= 0 && p.K > 0 && p.groups >= 1, "fp8_gemm: invalid shape M ", p.M, " N ", p.N,
+               " K ", p.K, " groups ", p.groups, ".");
+  const int64_t ldo = p.ldo ? p.ldo : p.N;
+  FATHOM_CHECK(ldo >= p.N, "fp8_gemm: output row stride ", ldo, " is below N = ", p.N, ".");
+  FATHOM_CHECK(p.layout == Fp8Layout::Masked || p.layout == Fp8Layout::Contiguous || p.groups == 1,
+               "fp8_gemm: a dense product has one weight, not ", p.groups, ".");
+  FATHOM_CHECK(p.layout != Fp8Layout::Contiguous || p.expert,
+               "fp8_gemm: the contiguous layout needs the rows' experts.");
+  FATHOM_CHECK(p.layout != Fp8Layout::Masked || p.count, "fp8_gemm: the masked layout needs the groups' row counts.");
+  const int64_t m_tiles = ceil_div(p.M, kSimtTile), a_rows = p.layout == Fp8Layout::Masked ? p.groups * p.M : p.M;
+  FATHOM_CHECK(ceil_div(p.N, kSimtTile) < (int64_t(1) << 31) && m_tiles <= 65535 && p.groups <= 65535 &&
+                   a_rows < (int64_t(1) << 31) && int64_t(p.groups) * p.N < (int64_t(1) << 31),
+               "fp8_gemm: M ", p.M, " N ", p.N, " groups ", p.groups, " exceed what one launch handles.");
+  if (p.M == 0 || p.N == 0) return;
+  FATHOM_ASSERT(p.out && p.a && p.a_scale && p.b && p.b_scale, "fp8_gemm with a null pointer");
+  const Fp8GemmArgs args{p.out,
+                         ldo,
+                         p.out_dtype == DType::BF16,
+                         p.accumulate,
+                         p.promote,
+                         int(p.layout),
+                         p.a,
+                         p.a_scale,
+                         p.b,
+                         p.b_scale,
+                         p.M,
+                         p.N,
+                         p.K,
+                         ceil_div(p.K, kTile),
+                         ceil_div(p.N, kTile),
+                         p.expert,
+                         p.count};
+  const unsigned gz = p.layout == Fp8Layout::Masked ? unsigned(p.groups) : 1u;
+  const cudaStream_t s = as_cuda(stream);
+  const bool wgmma_fits = p.K % 16 == 0 && aligned16(p.a) && aligned16(p.b) && fp8_gemm_wgmma_available();
+  FATHOM_CHECK(p.kernel != Fp8GemmKernel::Wgmma || wgmma_fits, "fp8_gemm: the wgmma kernel was asked for, but ",
+               fp8_gemm_wgmma_available() ? "K must be a multiple of 16 and A and B 16-byte aligned"
+                                          : "this device or build has no sm_90a kernel image");
+  if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
+    const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, "A");
+    const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, "B");
+    allow_dynamic_smem(g_wgmma_smem, kWgmmaSmem, "fp8_gemm (shared memory of the wgmma kernel)",
+                       fp8_gemm_wgmma_kernel);
+    launch_kernel(fp8_gemm_wgmma_kernel, dim3(unsigned(ceil_div(p.N, kTile)), unsigned(ceil_div(p.M, kTile)), gz),
+                  kWgmmaThreads, kWgmmaSmem, s, map_a, map_b, args);
+    check_launch("fp8_gemm_wgmma_kernel");
+    return;
+  }
+  launch_kernel(fp8_gemm_simt_kernel, dim3(unsigned(ceil_div(p.N, kSimtTile)), unsigned(m_tiles), gz), 256, 0, s,
+                args);
+  check_launch("fp8_gemm_simt_kernel");
+}
+
+}  // namespace fathom::cuda
