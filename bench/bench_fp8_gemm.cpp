@@ -5,7 +5,9 @@
 // The peer, PyTorch's blockwise scaled_mm on the same shapes, runs in the same device script
 // (bench/fp8_gemm_peer.py; scripts/device-fp8.sh joins the two into one table).
 //
-// usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--min-ms 200]
+// usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--min-ms 200]
+// --shape: that dense product alone (for a profiler). --no-promote: one tensor-core accumulator
+// over all of K (the contrast mode; what the promotion costs).
 // Prints one line per case: "fp8_gemm <case> M N K groups <TFLOP/s>".
 #include <chrono>
 #include <cstdio>
@@ -58,6 +60,8 @@ int main(int argc, char** argv) {
   cuda::Fp8GemmKernel kernel = cuda::Fp8GemmKernel::Auto;
   bool quick = false;
   double min_ms = 200;
+  int64_t only[3] = {0, 0, 0};
+  bool promote = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--kernel" && i + 1 < argc) {
@@ -67,12 +71,20 @@ int main(int argc, char** argv) {
         return 2;
       }
       kernel = k == "wgmma" ? cuda::Fp8GemmKernel::Wgmma : cuda::Fp8GemmKernel::Simt;
+    } else if (a == "--no-promote") {
+      promote = false;
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--shape" && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%ld,%ld,%ld", &only[0], &only[1], &only[2]) != 3 || only[0] <= 0 || only[1] <= 0 ||
+          only[2] <= 0) {
+        std::fprintf(stderr, "bench_fp8_gemm: --shape is '%s'; expected M,N,K (positive)\n", argv[i]);
+        return 2;
+      }
     } else if (a == "--min-ms" && i + 1 < argc) {
       min_ms = std::atof(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--min-ms 200]\n");
+      std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--no-promote] [--min-ms 200]\n");
       return 2;
     }
   }
@@ -97,6 +109,7 @@ int main(int argc, char** argv) {
       cases.push_back({"grouped-masked", 128, N, K, 8, cuda::Fp8Layout::Masked});
     }
     if (quick) cases = {cases[4], cases[10], cases[12]};
+    if (only[0]) cases = {Case{"dense", only[0], only[1], only[2]}};
 
     for (const Case& c : cases) {
       const int64_t a_rows = c.layout == cuda::Fp8Layout::Masked ? c.groups * c.M : c.M;
@@ -112,6 +125,7 @@ int main(int argc, char** argv) {
       p.out = out.data(), p.out_dtype = DType::BF16;
       p.a = a.ptr<uint8_t>(), p.a_scale = sa.f32(), p.b = b.ptr<uint8_t>(), p.b_scale = sb.f32();
       p.M = c.M, p.N = c.N, p.K = c.K, p.groups = c.groups, p.layout = c.layout, p.kernel = kernel;
+      p.promote = promote;
       if (c.layout == cuda::Fp8Layout::Contiguous) {
         Tensor h = Tensor::empty({c.M}, DType::I32);
         for (int64_t m = 0; m < c.M; ++m) h.ptr<int32_t>()[m] = int32_t(m / (c.M / c.groups));
@@ -130,7 +144,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
     // the 1x128 activation quantization: bytes read and written per second
-    {
+    if (!only[0]) {
       const int64_t M = 4096, K = 7168;
       Tensor x = ops->empty({M, K}), q = ops->empty({M, K}, DType::F8_E4M3), s = ops->empty({M, tiles(K)});
       ops->fill_random(x, 5, 4.f);

@@ -9,13 +9,14 @@
 # dependencies), `bash scripts/device-pack.sh fathom_tests bench_fp8_gemm` (device-bin/), and
 # hide the training-reference gradients (`bash scripts/device-serve.sh --hide`, `--restore`
 # after). Then there (carry ["device-serve-data", "device-bin"]):
-#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass]
+#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants]
 # --quick: three shapes (M 128 and 4096 of N 4096, K 7168; 8192³).
 # --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections).
+# --variants: the 8192³ and M = 4096 shapes with each tile and cluster shape (FATHOM_FP8_GEMM).
 # --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-quick=() tests=1 peer=1 ncu=0 sass=0
+quick=() tests=1 peer=1 ncu=0 sass=0 variants=0
 for a in "$@"; do
   case "$a" in
     --quick) quick=(--quick) ;;
@@ -23,6 +24,7 @@ for a in "$@"; do
     --no-peer) peer=0 ;;
     --ncu) ncu=1 ;;
     --sass) sass=1 ;;
+    --variants) variants=1 ;;
     *) echo "device-fp8: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -44,15 +46,25 @@ if [ "$tests" = 1 ]; then
   grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | head -60
 fi
 timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
+if [ "$variants" = 1 ]; then
+  for v in 1,1x1 1,2x1 2,1x1 2,2x1 2,2x2; do
+    for shape in 8192,8192,8192 4096,4096,7168 4096,7168,2048 4096,2112,7168; do
+      echo "tiles,clusters $v $(FATHOM_FP8_GEMM=$v "$bin"/bench_fp8_gemm --shape $shape | grep ^fp8_gemm)"
+    done
+  done
+fi
 if [ "$peer" = 1 ]; then
   timeout 240 python3 bench/fp8_gemm_peer.py "${quick[@]}" | tee "$log/torch.txt" || echo "peer failed" >"$log/torch.txt"
 else
   : >"$log/torch.txt"
 fi
-if [ "$ncu" = 1 ] && command -v ncu >/dev/null; then
-  timeout 200 ncu --kernel-name regex:fp8_gemm_wgmma --launch-count 1 --launch-skip 1 --section SpeedOfLight \
-    --section WarpStateStats --section Occupancy "$bin"/bench_fp8_gemm --quick --min-ms 1 2>&1 |
-    grep -E "fp8_gemm_wgmma|Duration|Throughput|Compute \(SM\)|Stall|Occupancy|Registers|Warp Cycles" | head -40
+ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -1 || true)
+[ "$ncu" = 1 ] && [ -z "$ncu_bin" ] && echo "device-fp8: ncu not found"
+if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
+  timeout 200 "$ncu_bin" --kernel-name regex:fp8_gemm_wgmma --launch-count 1 --launch-skip 1 --section SpeedOfLight \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,regex:l1tex__data_pipe_lsu_wavefronts_mem_shared.*sum\.pct.*,sm__cycles_elapsed.avg.per_second" \
+    "$bin"/bench_fp8_gemm --shape 8192,8192,8192 --min-ms 1 >"$log/ncu.txt" 2>&1
+  grep -vE "^ *-+ *$|^ *$" "$log/ncu.txt" | grep -vE "^fp8_gemm|^#" | awk '$NF != "0" && $NF != "0.00"' | head -90
 fi
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" <<'EOF' | tee "${OUT:-/tmp}/device-fp8.txt"
 import sys

@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -111,11 +112,14 @@ class CudaFp8Gemm : public testing::Test {
   std::vector<Fp8GemmKernel> kernels_;
 };
 
-// Activations quantized on the CPU, uploaded with the weight.
-struct Operands {
-  std::vector<uint8_t> qa;
-  std::vector<float> sa;
-  Tensor a, a_scale, b, b_scale;
+// FATHOM_FP8_GEMM (the wgmma kernel's tile rows and block clusters) for the scope ("": the
+// launcher's own choice).
+struct ShapeOverride {
+  explicit ShapeOverride(const char* c) {
+    if (*c) setenv("FATHOM_FP8_GEMM", c, 1);
+    else unsetenv("FATHOM_FP8_GEMM");
+  }
+  ~ShapeOverride() { unsetenv("FATHOM_FP8_GEMM"); }
 };
 
 TEST_F(CudaFp8Gemm, QuantizeMatchesTheCpuBitForBit) {
@@ -159,7 +163,10 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
     Tensor a = up(qa.data(), M * K, DType::F8_E4M3), as = up(sa.data(), M * tiles(K), DType::F32);
     Tensor b = gpu_->upload(w.weight), bs = gpu_->upload(w.scale_inv);
     for (const Fp8GemmKernel k : kernels_)
-      for (const DType od : {DType::F32, DType::BF16}) {
+      for (const DType od : {DType::F32, DType::BF16})
+        for (const char* shape : {"", "1,1x1", "1,2x1", "1,2x2", "2,1x1", "2,2x1", "2,2x2"}) {  // wgmma tiles, clusters
+        if (k == Fp8GemmKernel::Simt && *shape) continue;
+        ShapeOverride use(shape);
         Tensor out = poison(M * N, od);
         Fp8GemmParams p;
         p.out = out.data();
@@ -170,7 +177,8 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
         run(p);
         const std::vector<float> got = down(out);
         const double e = test::rel_err(got.data(), want.data(), want.size());
-        EXPECT_LE(e, bound(k, od)) << name(k) << " " << dtype_name(od) << " " << M << " x " << N << " x " << K;
+        EXPECT_LE(e, bound(k, od)) << name(k) << " " << dtype_name(od) << " " << M << " x " << N << " x " << K
+                                   << " FATHOM_FP8_GEMM " << shape;
         for (float v : got) ASSERT_TRUE(std::isfinite(v)) << name(k) << ": an unwritten or NaN output";
       }
     // out[:, :N] += product, rows N + 3 apart (the rest of each row untouched)

@@ -22,7 +22,9 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -212,11 +214,20 @@ __global__ void __launch_bounds__(256) fp8_gemm_simt_kernel(const Fp8GemmArgs p)
 
 // ---- the Hopper kernel
 
-constexpr int kStages = 6;
-constexpr int kTileBytes = kTile * kTile;             // a 128 x 128 tile of e4m3: 16 KB
-constexpr int kStageBytes = 2 * kTileBytes;           // A and B
-constexpr int kWgmmaSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
-constexpr int kWgmmaThreads = 384;
+// A block computes a (128 kWaves) x 128 tile: kWaves = 2 halves what each multiply-add costs in
+// bytes brought into shared memory (A 32 KB + B 16 KB a K tile for twice the work).
+constexpr int kTileBytes = kTile * kTile;  // a 128 x 128 tile of e4m3: 16 KB
+template <int kWaves>
+struct WgmmaShape {
+  static constexpr int kRows = kTile * kWaves;                  // the tile's rows
+  static constexpr int kStageBytes = (kWaves + 1) * kTileBytes;  // A and B
+  static constexpr int kStages = kWaves == 1 ? 6 : 4;            // a ring within 227 KB
+  static constexpr int kSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+};
+// Two warpgroups, no producer warp: a ninth warp would leave each thread 168 registers (3 warps on
+// one of the SM's four register files), not the ~230 a 256-row tile's 128 fp32 accumulators and 64
+// tensor-core ones need. Thread 0 issues the copies between its wgmmas instead.
+constexpr int kWgmmaThreads = 256;
 
 #ifdef FATHOM_SM90A
 __device__ inline void mbar_init(uint32_t bar, uint32_t count) {
@@ -256,6 +267,27 @@ __device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0,
       : "memory");
 }
 
+// The same copy delivered to the same shared-memory offset (and mbarrier offset) of every CTA of
+// the cluster in cta_mask: one L2 read feeds several blocks.
+__device__ inline void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
+                                             uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+// Arrives on the mbarrier at the same offset in CTA `rank` of the cluster (itself included).
+__device__ inline void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+// Every thread of the cluster's blocks: what each did to shared memory before is visible to all after.
+__device__ inline void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
 // The shared-memory matrix descriptor of a K-major tile stored as TMA writes it with 128-byte
 // swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (the stride byte offset); the
 // leading byte offset is unused in this mode. The tile starts 1024-byte aligned; K steps of 32
@@ -287,91 +319,174 @@ __device__ inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, ui
 }
 #endif
 
+#ifdef FATHOM_SM90A
+template <int N>
+__device__ inline void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// The promotion: the tile's sums, scaled by their rows' sa * sb, into the fp32 accumulators.
+__device__ inline void promote(float (&total)[64], const float (&acc)[64], float s0, float s1) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
+}
+#endif
+
+// Blocks come in clusters of kCN x kCM (tile columns x tile rows; 1 or 2 each). The blocks of a
+// cluster row share their A tile, those of a cluster column their B tile: each block loads its
+// 1/kCN part of A and 1/kCM part of B and the copy engine multicasts it into every block that
+// shares it, so each byte leaves L2 once per cluster instead of once per block. A stage may be
+// refilled only when every block of the cluster has consumed it: consumer warps arrive on the
+// "empty" barrier of each block. Clusters take their tiles in bands of 8 cluster rows, so that
+// the tiles in flight share A and B panels in L2 instead of sweeping all of B every wave.
+// Each consumer warpgroup computes kWaves slices of 64 rows, one after the other per K tile.
+template <int kCN, int kCM, int kWaves>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
     fp8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const Fp8GemmArgs p) {
 #ifdef FATHOM_SM90A
+  using Shape = WgmmaShape<kWaves>;
+  constexpr int kCluster = kCN * kCM, kStages = Shape::kStages, kStageBytes = Shape::kStageBytes;
+  constexpr int kATileBytes = Shape::kRows * kTile;
   pdl_wait();
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
   const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages;
-  const int64_t n0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
-  if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;  // the whole block at once
-  const TileRows t = tile_rows(p, m0, int(blockIdx.z));
+  // this block's place in its cluster, and the cluster's tile by the banded raster
+  const int x = int(blockIdx.x % kCN), y = int(blockIdx.y % kCM);
+  int64_t m_tile, n_tile;
+  {
+    constexpr int64_t kBand = 8;
+    const int64_t nt = gridDim.x / kCN, mt = gridDim.y / kCM;
+    const int64_t id = int64_t(blockIdx.y / kCM) * nt + blockIdx.x / kCN;
+    const int64_t first = id / (kBand * nt) * kBand, rows = lmin(mt - first, kBand), local = id % (kBand * nt);
+    m_tile = (first + local % rows) * kCM + y;
+    n_tile = (local / rows) * kCN + x;
+  }
+  const int64_t n0 = n_tile * kTile, m0 = m_tile * Shape::kRows;
+  // (a cluster's blocks share m0 along a row and all of z: those that leave here leave together;
+  // kCM > 1 and kWaves > 1 only for layouts other than the contiguous one)
+  if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;
+  TileRows t = tile_rows(p, m0, int(blockIdx.z));
+  if (kWaves > 1) t.rows = lmin(Shape::kRows, (p.layout == int(Fp8Layout::Masked) ? p.count[blockIdx.z] : p.M) - m0);
   if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), kWgmmaThreads);
-  const int wg = int(threadIdx.x / 128);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + 8 * s, 1);   // the producer's arrive, plus the copies' bytes
-      mbar_init(empty + 8 * s, 8);  // one arrive per consumer warp
+      mbar_init(full + 8 * s, 1);                // the producer's arrive, plus the copies' bytes
+      mbar_init(empty + 8 * s, 8 * kCluster);    // one arrive per consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if (kCluster > 1) cluster_sync();  // the barriers of every block exist before anyone copies or arrives
+  else __syncthreads();
 
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (threadIdx.x == 0) {
-      const int b_row = int(int64_t(t.g) * p.N + n0);
-      for (int64_t kt = 0; kt < p.Kt; ++kt) {
-        const int s = int(kt % kStages);
-        mbar_wait(empty + 8 * s, uint32_t(((kt / kStages) & 1) ^ 1));  // the first round passes at once
-        const uint32_t a_dst = base + s * kStageBytes, b_dst = a_dst + kTileBytes;
-        mbar_expect_tx(full + 8 * s, kStageBytes);
-        tma_load_2d(a_dst, &map_a, int(kt * kTile), int(t.row0), full + 8 * s);
-        tma_load_2d(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s);
+  // Thread 0 also produces: it fills the ring ahead of the warpgroups with the copies of K tiles
+  // (waiting until every block of the cluster has released the stage it refills).
+  constexpr int kARows = Shape::kRows / kCN, kBRows = kTile / kCM;
+  auto produce = [&](int64_t kt) {
+    const int a_row = int(t.row0 + x * kARows);
+    const int b_row = int(int64_t(t.g) * p.N + n0 + y * kBRows);
+    uint16_t a_mask = 0, b_mask = 0;  // the blocks of this cluster row / column
+    for (int i = 0; i < kCN; ++i) a_mask |= uint16_t(1u << (y * kCN + i));
+    for (int j = 0; j < kCM; ++j) b_mask |= uint16_t(1u << (x + j * kCN));
+    const int s = int(kt % kStages);
+    mbar_wait(empty + 8 * s, uint32_t(((kt / kStages) & 1) ^ 1));  // the first round passes at once
+    const uint32_t a_dst = base + s * kStageBytes + x * kARows * kTile;
+    const uint32_t b_dst = base + s * kStageBytes + kATileBytes + y * kBRows * kTile;
+    mbar_expect_tx(full + 8 * s, kStageBytes);  // all of A and B arrive, from this block and its peers
+    if (kCN > 1) tma_load_2d_multicast(a_dst, &map_a, int(kt * kTile), a_row, full + 8 * s, a_mask);
+    else tma_load_2d(a_dst, &map_a, int(kt * kTile), a_row, full + 8 * s);
+    if (kCM > 1) tma_load_2d_multicast(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s, b_mask);
+    else tma_load_2d(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s);
+  };
+  if (threadIdx.x == 0)
+    for (int64_t kt = 0; kt < lmin(kStages, p.Kt); ++kt) produce(kt);
+  {
+    const int c = int(threadIdx.x / 128);  // rows 64 kWaves c .. of the tile, in kWaves slices of 64
+    const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
+    // slice w: this thread's accumulator rows r[w] and r[w] + 8
+    int r[kWaves];
+    bool in0[kWaves], in1[kWaves];
+    const float* sa0[kWaves];
+    const float* sa1[kWaves];
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w) {
+      r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
+      in0[w] = r[w] < t.rows, in1[w] = r[w] + 8 < t.rows;
+      sa0[w] = p.a_scale + (t.row0 + (in0[w] ? r[w] : 0)) * p.Kt;
+      sa1[w] = p.a_scale + (t.row0 + (in1[w] ? r[w] + 8 : 0)) * p.Kt;
+    }
+    // (a block past N, there to load its part for its cluster, reads the last block's scales)
+    const float* sb = p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt;
+    // gives stage `st` back to the producers of the cluster (its wgmmas have completed)
+    auto release = [&](int st) {
+      __syncwarp();
+      if (kCluster > 1) {
+        if (lane < kCluster) mbar_arrive_cluster(empty + 8 * st, uint32_t(lane));  // lane r: block r's barrier
+      } else if (lane == 0) {
+        mbar_arrive(empty + 8 * st);
+      }
+    };
+    float acc[64], total[kWaves][64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      acc[i] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w) total[w][i] = 0.f;
+    }
+    for (int64_t kt = 0; kt < p.Kt; ++kt) {
+      const int s = int(kt % kStages);
+      // the scales first: their loads are in flight while the tile lands and multiplies
+      const float b_s = __ldg(sb + kt);
+      float s0[kWaves], s1[kWaves];
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w) {
+        s0[w] = in0[w] ? __ldg(sa0[w] + kt) : 0.f;
+        s1[w] = in1[w] ? __ldg(sa1[w] + kt) : 0.f;
+      }
+      mbar_wait(full + 8 * s, uint32_t((kt / kStages) & 1));
+      const uint64_t db = sw128_desc(base + s * kStageBytes + kATileBytes);
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w) {
+        const uint64_t da = sw128_desc(base + s * kStageBytes + (kWaves * c + w) * (kTileBytes / 2));
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < kTile / 32; ++k)  // 32 bytes of K a step: +2 in the descriptor's 16-byte units
+          wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, kWaves > 1 || p.promote ? k : int(kt > 0 || k > 0));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        // while these run: the stage the last K tile used (released by now, as a rule), refilled
+        if (w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < p.Kt) produce(kt - 1 + kStages);
+        __syncwarp();
+        if (kWaves == 1 && !p.promote) {  // the contrast: one accumulator over all of K
+          wgmma_wait<0>();
+          release(s);
+          continue;
+        }
+        wgmma_wait<0>();
+        if (w == kWaves - 1) release(s);
+        promote(total[w], acc, s0[w] * b_s, s1[w] * b_s);
       }
     }
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;                         // rows 64c .. 64c + 63 of the tile
-  const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
-  const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's accumulator rows: r0 and r0 + 8
-  const bool in0 = r0 < t.rows, in1 = r0 + 8 < t.rows;
-  const float* sa0 = p.a_scale + (t.row0 + (in0 ? r0 : 0)) * p.Kt;
-  const float* sa1 = p.a_scale + (t.row0 + (in1 ? r0 + 8 : 0)) * p.Kt;
-  const float* sb = p.b_scale + (int64_t(t.g) * p.NB + n0 / kTile) * p.Kt;
-  float acc[64], total[64];
+    if (kWaves == 1 && !p.promote) {  // scaled at the end by the first tile's scales
+      const float b_s = sb[0], u0 = in0[0] ? sa0[0][0] * b_s : 0.f, u1 = in1[0] ? sa1[0][0] * b_s : 0.f;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = total[i] = 0.f;
-  for (int64_t kt = 0; kt < p.Kt; ++kt) {
-    const int s = int(kt % kStages);
-    // the scales first: their loads are in flight while the tile lands and multiplies
-    const float b_s = __ldg(sb + kt);
-    const float s0 = in0 ? __ldg(sa0 + kt) * b_s : 0.f, s1 = in1 ? __ldg(sa1 + kt) * b_s : 0.f;
-    mbar_wait(full + 8 * s, uint32_t((kt / kStages) & 1));
-    const uint32_t a_tile = base + s * kStageBytes + c * (kTileBytes / 2), b_tile = base + s * kStageBytes + kTileBytes;
-    const uint64_t da = sw128_desc(a_tile), db = sw128_desc(b_tile);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int k = 0; k < kTile / 32; ++k)  // 32 bytes of K a step: +2 in the descriptor's 16-byte units
-      wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, p.promote ? k : int(kt > 0 || k > 0));
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty + 8 * s);
-    if (p.promote) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
+      for (int i = 0; i < 64; ++i) total[0][i] = acc[i] * ((i & 2) ? u1 : u0);
     }
-  }
-  if (!p.promote) {
-    const float b_s = sb[0], s0 = in0 ? sa0[0] * b_s : 0.f, s1 = in1 ? sa1[0] * b_s : 0.f;
+    // accumulator layout of m64n128: register 4j + 2h + {0, 1} is row r + 8h, columns 8j + 2(lane % 4) + {0, 1}
 #pragma unroll
-    for (int i = 0; i < 64; ++i) total[i] = acc[i] * ((i & 2) ? s1 : s0);
-  }
-  // accumulator layout of m64n128: register 4j + 2h + {0, 1} is row r0 + 8h, columns 8j + 2(lane % 4) + {0, 1}
+    for (int w = 0; w < kWaves; ++w)
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int64_t col = n0 + 8 * j + 2 * (lane % 4);
-    if (in0)
-      store_pair(p, t.row0 + r0, col, row_value(p, t.g, t.row0 + r0, total[4 * j]),
-                 row_value(p, t.g, t.row0 + r0, total[4 * j + 1]));
-    if (in1)
-      store_pair(p, t.row0 + r0 + 8, col, row_value(p, t.g, t.row0 + r0 + 8, total[4 * j + 2]),
-                 row_value(p, t.g, t.row0 + r0 + 8, total[4 * j + 3]));
+      for (int j = 0; j < 16; ++j) {
+        const int64_t col = n0 + 8 * j + 2 * (lane % 4), ra = t.row0 + r[w], rb = ra + 8;
+        if (in0[w])
+          store_pair(p, ra, col, row_value(p, t.g, ra, total[w][4 * j]), row_value(p, t.g, ra, total[w][4 * j + 1]));
+        if (in1[w])
+          store_pair(p, rb, col, row_value(p, t.g, rb, total[w][4 * j + 2]),
+                     row_value(p, t.g, rb, total[w][4 * j + 3]));
+      }
   }
+  // no block leaves while a peer may still arrive on its barriers
+  if (kCluster > 1) cluster_sync();
 #else
   (void)map_a, (void)map_b, (void)p;
   __trap();  // never launched: fp8_gemm_wgmma_available() is false without an sm_90a image
@@ -401,12 +516,12 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The tensor map of a (rows, K) e4m3 matrix read as 128 x 128-byte boxes, 128-byte swizzled.
-CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, const char* what) {
+// The tensor map of a (rows, K) e4m3 matrix read as box_rows x 128-byte boxes, 128-byte swizzled.
+CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_rows, const char* what) {
   CUtensorMap m{};
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(K)};
-  const cuuint32_t box[2] = {kTile, kTile};
+  const cuuint32_t box[2] = {kTile, box_rows};
   const cuuint32_t elem[2] = {1, 1};
   const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(ptr), dims,
                                           strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -498,12 +613,54 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
                fp8_gemm_wgmma_available() ? "K must be a multiple of 16 and A and B 16-byte aligned"
                                           : "this device or build has no sm_90a kernel image");
   if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
-    const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, "A");
-    const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, "B");
-    allow_dynamic_smem(g_wgmma_smem, kWgmmaSmem, "fp8_gemm (shared memory of the wgmma kernel)",
-                       fp8_gemm_wgmma_kernel);
-    launch_kernel(fp8_gemm_wgmma_kernel, dim3(unsigned(ceil_div(p.N, kTile)), unsigned(ceil_div(p.M, kTile)), gz),
-                  kWgmmaThreads, kWgmmaSmem, s, map_a, map_b, args);
+    // The defaults measured fastest on the H200 (bench/RESULTS.md): 256-row tiles where there are
+    // rows enough (not the contiguous layout, whose groups are padded to 128 rows), no clusters.
+    // FATHOM_FP8_GEMM=WAVES,CLUSTER (1 or 2; 1x1, 2x1 or 2x2) overrides them (benchmarks, tests).
+    // (the contrast without promotion: 128-row tiles)
+    int waves = p.layout != Fp8Layout::Contiguous && p.M > kTile && p.promote ? 2 : 1, cn = 1, cm = 1;
+    if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
+      const std::string c = v;
+      FATHOM_CHECK(c.size() == 5 && (c[0] == '1' || c[0] == '2') && c[1] == ',' &&
+                       (c.substr(2) == "1x1" || c.substr(2) == "2x1" || c.substr(2) == "2x2"),
+                   "FATHOM_FP8_GEMM is '", c, "'; expected WAVES,CLUSTER: 1 or 2, then 1x1, 2x1 or 2x2.");
+      waves = c[0] == '2' && p.layout != Fp8Layout::Contiguous && p.promote ? 2 : 1;
+      cn = c[2] == '2' ? 2 : 1;
+      cm = c[4] == '2' && p.layout == Fp8Layout::Dense ? 2 : 1;
+    }
+    const int rows = kTile * waves;
+    const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
+    const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
+    auto* kernel = waves == 2 ? (cn == 1 ? fp8_gemm_wgmma_kernel<1, 1, 2>
+                                 : cm == 1 ? fp8_gemm_wgmma_kernel<2, 1, 2>
+                                           : fp8_gemm_wgmma_kernel<2, 2, 2>)
+                              : (cn == 1 ? fp8_gemm_wgmma_kernel<1, 1, 1>
+                                 : cm == 1 ? fp8_gemm_wgmma_kernel<2, 1, 1>
+                                           : fp8_gemm_wgmma_kernel<2, 2, 1>);
+    const int smem = waves == 2 ? WgmmaShape<2>::kSmem : WgmmaShape<1>::kSmem;
+    allow_dynamic_smem(g_wgmma_smem, std::max(WgmmaShape<1>::kSmem, WgmmaShape<2>::kSmem),
+                       "fp8_gemm (shared memory of the wgmma kernel)", fp8_gemm_wgmma_kernel<1, 1, 1>,
+                       fp8_gemm_wgmma_kernel<2, 1, 1>, fp8_gemm_wgmma_kernel<2, 2, 1>,
+                       fp8_gemm_wgmma_kernel<1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 2>,
+                       fp8_gemm_wgmma_kernel<2, 2, 2>);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(ceil_div(ceil_div(p.N, kTile), cn) * cn),
+                          unsigned(ceil_div(ceil_div(p.M, rows), cm) * cm), gz);
+    config.blockDim = dim3(kWgmmaThreads);
+    config.dynamicSmemBytes = size_t(smem);
+    config.stream = s;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(cn);
+    attr[0].val.clusterDim.y = unsigned(cm);
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    if (pdl_enabled()) {
+      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[1].val.programmaticStreamSerializationAllowed = 1;
+      config.numAttrs = 2;
+    }
+    check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");
     check_launch("fp8_gemm_wgmma_kernel");
     return;
   }
