@@ -34,8 +34,11 @@ serve_programs device-fp8 fathom_tests bench_fp8_gemm
 log=/tmp/device-fp8
 mkdir -p "$log"
 if [ "$sass" = 1 ]; then
-  /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_fp8_gemm 2>/dev/null | awk '/Function :/ {f=$3} /GMMA|UTMALDG|SYNCS/ {split($2,o,"."); n[f" "o[1]]++} END {for (k in n) print "sass", k, n[k]}' |
-    grep fp8_gemm || echo "sass: no tensor-core instructions found"
+  /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_fp8_gemm 2>/dev/null >"$log/sass.txt" || true
+  awk '/Function :/ {f=$3} /GMMA|UTMALDG|SYNCS/ {split($2,o,"."); n[f" "o[1]]++} END {for (k in n) print "sass", k, n[k]}' \
+    "$log/sass.txt" | grep fp8_gemm || echo "sass: no tensor-core instructions found"
+  # the default kernel's machine code, for reading here
+  awk '/Function :/ {p = ($3 ~ /fp8_gemm_wgmma_kernelILi1ELi1ELi2E/)} p' "$log/sass.txt" >"${OUT:-/tmp}/fp8-gemm-sass.txt"
 fi
 trc="not run"
 if [ "$tests" = 1 ]; then
@@ -47,7 +50,7 @@ if [ "$tests" = 1 ]; then
 fi
 timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
 if [ "$variants" = 1 ]; then
-  for v in 1,1x1 1,2x1 2,1x1 2,2x1 2,2x2; do
+  for v in ${FP8_VARIANTS:-128,1x1 192,1x1 256,1x1 256,2x1}; do
     for shape in 8192,8192,8192 4096,4096,7168 4096,7168,2048 4096,2112,7168; do
       echo "tiles,clusters $v $(FATHOM_FP8_GEMM=$v "$bin"/bench_fp8_gemm --shape $shape | grep ^fp8_gemm)"
     done

@@ -164,7 +164,8 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
     Tensor b = gpu_->upload(w.weight), bs = gpu_->upload(w.scale_inv);
     for (const Fp8GemmKernel k : kernels_)
       for (const DType od : {DType::F32, DType::BF16})
-        for (const char* shape : {"", "1,1x1", "1,2x1", "1,2x2", "2,1x1", "2,2x1", "2,2x2"}) {  // wgmma tiles, clusters
+        for (const char* shape : {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1",
+                                  "256,2x2"}) {
         if (k == Fp8GemmKernel::Simt && *shape) continue;
         ShapeOverride use(shape);
         Tensor out = poison(M * N, od);

@@ -214,20 +214,22 @@ __global__ void __launch_bounds__(256) fp8_gemm_simt_kernel(const Fp8GemmArgs p)
 
 // ---- the Hopper kernel
 
-// A block computes a (128 kWaves) x 128 tile: kWaves = 2 halves what each multiply-add costs in
-// bytes brought into shared memory (A 32 KB + B 16 KB a K tile for twice the work).
+// A block of kWGs warpgroups computes a (64 kWGs kWaves) x 128 tile, each warpgroup kWaves slices
+// of 64 rows one after the other per K tile. Taller tiles bring fewer bytes into shared memory
+// per multiply-add (256 rows: A 32 KB + B 16 KB a K tile for twice a 128-row tile's work); a third
+// warpgroup gives the tensor cores a third stream of wgmmas instead.
 constexpr int kTileBytes = kTile * kTile;  // a 128 x 128 tile of e4m3: 16 KB
-template <int kWaves>
+template <int kWaves, int kWGs>
 struct WgmmaShape {
-  static constexpr int kRows = kTile * kWaves;                  // the tile's rows
-  static constexpr int kStageBytes = (kWaves + 1) * kTileBytes;  // A and B
-  static constexpr int kStages = kWaves == 1 ? 6 : 4;            // a ring within 227 KB
+  static constexpr int kThreads = 128 * kWGs;
+  static constexpr int kRows = 64 * kWGs * kWaves;                           // the tile's rows
+  static constexpr int kStageBytes = kRows * kTile + kTileBytes;            // A and B
+  static constexpr int kStages = (227 * 1024 - 2048) / kStageBytes > 6 ? 6 : (227 * 1024 - 2048) / kStageBytes;
   static constexpr int kSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 };
-// Two warpgroups, no producer warp: a ninth warp would leave each thread 168 registers (3 warps on
-// one of the SM's four register files), not the ~230 a 256-row tile's 128 fp32 accumulators and 64
-// tensor-core ones need. Thread 0 issues the copies between its wgmmas instead.
-constexpr int kWgmmaThreads = 256;
+// No producer warp: a ninth warp beside two warpgroups would leave each thread 168 registers (3
+// warps on one of the SM's four register files), not the ~240 a 256-row tile's 128 fp32
+// accumulators and 64 tensor-core ones need. Thread 0 issues the copies between its wgmmas instead.
 
 #ifdef FATHOM_SM90A
 __device__ inline void mbar_init(uint32_t bar, uint32_t count) {
@@ -340,12 +342,12 @@ __device__ inline void promote(float (&total)[64], const float (&acc)[64], float
 // "empty" barrier of each block. Clusters take their tiles in bands of 8 cluster rows, so that
 // the tiles in flight share A and B panels in L2 instead of sweeping all of B every wave.
 // Each consumer warpgroup computes kWaves slices of 64 rows, one after the other per K tile.
-template <int kCN, int kCM, int kWaves>
-__global__ void __launch_bounds__(kWgmmaThreads, 1)
+template <int kCN, int kCM, int kWaves, int kWGs>
+__global__ void __launch_bounds__(128 * kWGs, 1)
     fp8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const Fp8GemmArgs p) {
 #ifdef FATHOM_SM90A
-  using Shape = WgmmaShape<kWaves>;
+  using Shape = WgmmaShape<kWaves, kWGs>;
   constexpr int kCluster = kCN * kCM, kStages = Shape::kStages, kStageBytes = Shape::kStageBytes;
   constexpr int kATileBytes = Shape::kRows * kTile;
   pdl_wait();
@@ -368,12 +370,13 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   // kCM > 1 and kWaves > 1 only for layouts other than the contiguous one)
   if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;
   TileRows t = tile_rows(p, m0, int(blockIdx.z));
-  if (kWaves > 1) t.rows = lmin(Shape::kRows, (p.layout == int(Fp8Layout::Masked) ? p.count[blockIdx.z] : p.M) - m0);
-  if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), kWgmmaThreads);
+  if (Shape::kRows != kTile)
+    t.rows = lmin(Shape::kRows, (p.layout == int(Fp8Layout::Masked) ? p.count[blockIdx.z] : p.M) - m0);
+  if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), Shape::kThreads);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);                // the producer's arrive, plus the copies' bytes
-      mbar_init(empty + 8 * s, 8 * kCluster);    // one arrive per consumer warp of the cluster
+      mbar_init(empty + 8 * s, 4 * kWGs * kCluster);  // one arrive per consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -402,22 +405,28 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   if (threadIdx.x == 0)
     for (int64_t kt = 0; kt < lmin(kStages, p.Kt); ++kt) produce(kt);
   {
-    const int c = int(threadIdx.x / 128);  // rows 64 kWaves c .. of the tile, in kWaves slices of 64
+    // Values the same across a warp are made so visibly (__shfl_sync from lane 0), so that the
+    // compiler keeps them, and the wgmma descriptors made from them, in uniform registers: the
+    // loop between two batches of wgmmas is what keeps the tensor cores waiting.
+    const int c = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);  // rows 64 kWaves c .. of the tile
     const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
-    // slice w: this thread's accumulator rows r[w] and r[w] + 8
-    int r[kWaves];
-    bool in0[kWaves], in1[kWaves];
-    const float* sa0[kWaves];
-    const float* sa1[kWaves];
+    // slice w: this thread's accumulator rows r[w] and r[w] + 8, and the offsets of their scales
+    // (rows past the end read row 0's: their sums are never stored)
+    int r[kWaves], off0[kWaves], off1[kWaves];
+    const int Kt = int(p.Kt);
 #pragma unroll
     for (int w = 0; w < kWaves; ++w) {
       r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
-      in0[w] = r[w] < t.rows, in1[w] = r[w] + 8 < t.rows;
-      sa0[w] = p.a_scale + (t.row0 + (in0[w] ? r[w] : 0)) * p.Kt;
-      sa1[w] = p.a_scale + (t.row0 + (in1[w] ? r[w] + 8 : 0)) * p.Kt;
+      off0[w] = r[w] < t.rows ? r[w] * Kt : 0;
+      off1[w] = r[w] + 8 < t.rows ? (r[w] + 8) * Kt : 0;
     }
+    const float* sa = p.a_scale + t.row0 * p.Kt;
     // (a block past N, there to load its part for its cluster, reads the last block's scales)
     const float* sb = p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt;
+    // the descriptors' low words at stage 0 (the high word is the layout's constant)
+    const uint64_t desc0 = sw128_desc(base);
+    const uint32_t lo0 = __shfl_sync(kFullMask, uint32_t(desc0), 0);
+    const uint64_t hi = desc0 & 0xFFFFFFFF00000000ull;
     // gives stage `st` back to the producers of the cluster (its wgmmas have completed)
     auto release = [&](int st) {
       __syncwarp();
@@ -434,28 +443,30 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) total[w][i] = 0.f;
     }
-    for (int64_t kt = 0; kt < p.Kt; ++kt) {
-      const int s = int(kt % kStages);
+    int s = 0;
+    uint32_t phase = 0;
+    for (int kt = 0; kt < Kt; ++kt) {
       // the scales first: their loads are in flight while the tile lands and multiplies
       const float b_s = __ldg(sb + kt);
       float s0[kWaves], s1[kWaves];
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
-        s0[w] = in0[w] ? __ldg(sa0[w] + kt) : 0.f;
-        s1[w] = in1[w] ? __ldg(sa1[w] + kt) : 0.f;
+        s0[w] = __ldg(sa + off0[w] + kt);
+        s1[w] = __ldg(sa + off1[w] + kt);
       }
-      mbar_wait(full + 8 * s, uint32_t((kt / kStages) & 1));
-      const uint64_t db = sw128_desc(base + s * kStageBytes + kATileBytes);
+      mbar_wait(full + 8 * s, phase);
+      const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
+      const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
-        const uint64_t da = sw128_desc(base + s * kStageBytes + (kWaves * c + w) * (kTileBytes / 2));
+        const uint64_t da = hi | (stage_lo + uint32_t((kWaves * c + w) * (kTileBytes / 2)) / 16);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int k = 0; k < kTile / 32; ++k)  // 32 bytes of K a step: +2 in the descriptor's 16-byte units
           wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, kWaves > 1 || p.promote ? k : int(kt > 0 || k > 0));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         // while these run: the stage the last K tile used (released by now, as a rule), refilled
-        if (w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < p.Kt) produce(kt - 1 + kStages);
+        if (w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < Kt) produce(kt - 1 + kStages);
         __syncwarp();
         if (kWaves == 1 && !p.promote) {  // the contrast: one accumulator over all of K
           wgmma_wait<0>();
@@ -466,9 +477,13 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
         if (w == kWaves - 1) release(s);
         promote(total[w], acc, s0[w] * b_s, s1[w] * b_s);
       }
+      if (++s == kStages) s = 0, phase ^= 1;
     }
+    bool in0[kWaves], in1[kWaves];
+#pragma unroll
+    for (int w = 0; w < kWaves; ++w) in0[w] = r[w] < t.rows, in1[w] = r[w] + 8 < t.rows;
     if (kWaves == 1 && !p.promote) {  // scaled at the end by the first tile's scales
-      const float b_s = sb[0], u0 = in0[0] ? sa0[0][0] * b_s : 0.f, u1 = in1[0] ? sa1[0][0] * b_s : 0.f;
+      const float b_s = sb[0], u0 = sa[off0[0]] * b_s, u1 = sa[off1[0]] * b_s;
 #pragma unroll
       for (int i = 0; i < 64; ++i) total[0][i] = acc[i] * ((i & 2) ? u1 : u0);
     }
@@ -533,6 +548,24 @@ CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_r
 }
 
 std::once_flag g_wgmma_smem[kMaxDevices];
+
+// The tile height for a product: the one with the least estimated time, waves of blocks over the
+// SMs times a wave's time, from what each height reached on large products on the H200 (TFLOP/s:
+// 256 rows ~900, 192 ~800, 128 ~750; bench/RESULTS.md). 192 wins where 256-row tiles would leave a
+// last wave mostly empty (M 4096, N 2112). The contiguous layout takes 128 (its groups are padded
+// to 128 rows), and so does the unpromoted contrast.
+int fp8_tile_rows(const Fp8GemmParams& p) {
+  if (p.layout == Fp8Layout::Contiguous || !p.promote) return 128;
+  const int64_t sms = sm_count(), n_tiles = ceil_div(p.N, kTile) * (p.layout == Fp8Layout::Masked ? p.groups : 1);
+  int best = 128;
+  double best_time = 0;
+  for (const auto& [rows, rate] : {std::pair<int, double>{128, 750}, {192, 800}, {256, 900}}) {
+    const double waves = double(ceil_div(ceil_div(p.M, rows) * n_tiles, sms));
+    const double time = waves * rows / rate;
+    if (rows == 128 || time < best_time * 0.98) best = rows, best_time = time;
+  }
+  return best;
+}
 
 }  // namespace
 
@@ -613,39 +646,42 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
                fp8_gemm_wgmma_available() ? "K must be a multiple of 16 and A and B 16-byte aligned"
                                           : "this device or build has no sm_90a kernel image");
   if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
-    // The defaults measured fastest on the H200 (bench/RESULTS.md): 256-row tiles where there are
-    // rows enough (not the contiguous layout, whose groups are padded to 128 rows), no clusters.
-    // FATHOM_FP8_GEMM=WAVES,CLUSTER (1 or 2; 1x1, 2x1 or 2x2) overrides them (benchmarks, tests).
-    // (the contrast without promotion: 128-row tiles)
-    int waves = p.layout != Fp8Layout::Contiguous && p.M > kTile && p.promote ? 2 : 1, cn = 1, cm = 1;
+    // No clusters (measured no faster on the H200: bench/RESULTS.md), tile rows by fp8_tile_rows.
+    // FATHOM_FP8_GEMM=ROWS,CLUSTER overrides them (benchmarks, tests): 128, 192 or 256 (2
+    // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2.
+    int rows = fp8_tile_rows(p), cn = 1, cm = 1;
     if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
       const std::string c = v;
-      FATHOM_CHECK(c.size() == 5 && (c[0] == '1' || c[0] == '2') && c[1] == ',' &&
-                       (c.substr(2) == "1x1" || c.substr(2) == "2x1" || c.substr(2) == "2x2"),
-                   "FATHOM_FP8_GEMM is '", c, "'; expected WAVES,CLUSTER: 1 or 2, then 1x1, 2x1 or 2x2.");
-      waves = c[0] == '2' && p.layout != Fp8Layout::Contiguous && p.promote ? 2 : 1;
-      cn = c[2] == '2' ? 2 : 1;
-      cm = c[4] == '2' && p.layout == Fp8Layout::Dense ? 2 : 1;
+      const std::string r = c.substr(0, c.find(',')), cl = c.find(',') == std::string::npos ? "" : c.substr(r.size() + 1);
+      FATHOM_CHECK((r == "128" || r == "192" || r == "256") && (cl == "1x1" || cl == "2x1" || cl == "2x2"),
+                   "FATHOM_FP8_GEMM is '", c, "'; expected ROWS,CLUSTER: 128, 192 or 256, then 1x1, 2x1 or 2x2.");
+      rows = p.layout == Fp8Layout::Contiguous ? 128 : r == "192" ? 192 : r == "256" && p.promote ? 256 : 128;
+      cn = cl[0] == '2' ? 2 : 1;
+      cm = cl[2] == '2' && p.layout == Fp8Layout::Dense ? 2 : 1;
     }
-    const int rows = kTile * waves;
+    FATHOM_CHECK(p.promote || rows != 192, "fp8_gemm: the unpromoted contrast runs on 128-row tiles");
     const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
-    auto* kernel = waves == 2 ? (cn == 1 ? fp8_gemm_wgmma_kernel<1, 1, 2>
-                                 : cm == 1 ? fp8_gemm_wgmma_kernel<2, 1, 2>
-                                           : fp8_gemm_wgmma_kernel<2, 2, 2>)
-                              : (cn == 1 ? fp8_gemm_wgmma_kernel<1, 1, 1>
-                                 : cm == 1 ? fp8_gemm_wgmma_kernel<2, 1, 1>
-                                           : fp8_gemm_wgmma_kernel<2, 2, 1>);
-    const int smem = waves == 2 ? WgmmaShape<2>::kSmem : WgmmaShape<1>::kSmem;
-    allow_dynamic_smem(g_wgmma_smem, std::max(WgmmaShape<1>::kSmem, WgmmaShape<2>::kSmem),
-                       "fp8_gemm (shared memory of the wgmma kernel)", fp8_gemm_wgmma_kernel<1, 1, 1>,
-                       fp8_gemm_wgmma_kernel<2, 1, 1>, fp8_gemm_wgmma_kernel<2, 2, 1>,
-                       fp8_gemm_wgmma_kernel<1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 2>,
-                       fp8_gemm_wgmma_kernel<2, 2, 2>);
+    using Kernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs);
+    static const Kernel kernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
+        {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
+        {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
+        {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
+    const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
+    const Kernel kernel = kernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
+    const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
+    const int threads = ri == 1 ? 384 : 256;
+    once_per_device(g_wgmma_smem, [&] {
+      const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
+      for (const auto& by_rows : kernels)
+        for (const Kernel k : by_rows)
+          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                "fp8_gemm (shared memory of the wgmma kernel)");
+    });
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(unsigned(ceil_div(ceil_div(p.N, kTile), cn) * cn),
                           unsigned(ceil_div(ceil_div(p.M, rows), cm) * cm), gz);
-    config.blockDim = dim3(kWgmmaThreads);
+    config.blockDim = dim3(unsigned(threads));
     config.dynamicSmemBytes = size_t(smem);
     config.stream = s;
     cudaLaunchAttribute attr[2];
