@@ -16,6 +16,9 @@
 //
 // usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
 //                          [--decode 64] [--prefill 2048] [--batches 1,8,32] [--repeat]
+//                          [--fp8-prefill weight-only,fp8]
+// --fp8-prefill: FP8 models' prefill once per mode: weight-only FP8 (the default) and/or the
+// FP8 x FP8 product with activations quantized 1x128 (ModelOptions::fp8_activations).
 // --repeat: also the batch-1 step with each kind of op (the GEMVs, the attention, the routing,
 // the experts) launched twice, and the time that adds: what that kind costs inside the step.
 #include <algorithm>
@@ -71,6 +74,7 @@ struct Row {
 int main(int argc, char** argv) {
   std::string models = "v3-4.9b,v2-lite-16b", dtypes = "bf16,fp8", batches = "1,8,32";
   int64_t n_prompt = 128, n_decode = 64, n_prefill = 2048;
+  std::string fp8_prefill = "weight-only";
   bool repeat = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -87,6 +91,7 @@ int main(int argc, char** argv) {
     else if (a == "--prompt") n_prompt = std::atol(next().c_str());
     else if (a == "--decode") n_decode = std::atol(next().c_str());
     else if (a == "--prefill") n_prefill = std::atol(next().c_str());
+    else if (a == "--fp8-prefill") fp8_prefill = next();
     else if (a == "--repeat") repeat = true;
     else {
       std::fprintf(stderr, "usage: bench_cuda_decode [--models LIST] [--dtypes bf16,fp8] [--batches 1,8,32] "
@@ -126,18 +131,23 @@ int main(int argc, char** argv) {
                     since(t0), long(m->max_cache_tokens()));
         const int64_t V = c.vocab_size;
         const int64_t kv_row = (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_hidden_layers;  // bf16 latent bytes/token
-        {  // prefill
-          KvCache warm = m->new_cache(64);
+        // prefill (FP8 models: once per --fp8-prefill mode)
+        for (const std::string& mode : dt == "fp8" ? split(fp8_prefill) : std::vector<std::string>{"weight-only"}) {
+          FATHOM_CHECK(mode == "weight-only" || mode == "fp8", "--fp8-prefill takes weight-only and fp8, not ", mode);
+          m->set_fp8_activations(mode == "fp8");
+          KvCache warm = m->new_cache(256);
           ForwardRequest r;
           r.last_logits_only = true;
-          m->forward(prompt_ids(64, V, 0), warm, r);
+          m->forward(prompt_ids(256, V, 0), warm, r);
           KvCache cache = m->new_cache(n_prefill);
           t0 = Clock::now();
           m->forward(prompt_ids(n_prefill, V, 1), cache, r);
           const double s = since(t0);
-          rows.push_back({name, dt, "prefill " + std::to_string(n_prefill), n_prefill / s, 0});
-          std::printf("  prefill %ld tokens: %.3f s, %.0f tokens/s\n", long(n_prefill), s, n_prefill / s);
+          const std::string what = "prefill " + std::to_string(n_prefill) + (dt == "fp8" ? " " + mode : "");
+          rows.push_back({name, dt, what, n_prefill / s, 0});
+          std::printf("  %s tokens: %.3f s, %.0f tokens/s\n", what.c_str(), s, n_prefill / s);
         }
+        m->set_fp8_activations(false);
         for (const std::string& bs : split(batches)) {
           const int64_t B = std::atol(bs.c_str());
           FATHOM_CHECK(B >= 1 && B <= 1024, "batch size ", bs, " is out of range");

@@ -6,17 +6,19 @@
 # $OUT/device-fp8.txt when OUT is set).
 #
 # Here first: `bash scripts/device-serve.sh --prepare` (device-serve-data/: the build
-# dependencies), `bash scripts/device-pack.sh fathom_tests bench_fp8_gemm` (device-bin/), and
+# dependencies), `bash scripts/device-pack.sh fathom_tests bench_fp8_gemm bench_cuda_decode` (device-bin/), and
 # hide the training-reference gradients (`bash scripts/device-serve.sh --hide`, `--restore`
 # after). Then there (carry ["device-serve-data", "device-bin"]):
-#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants]
+#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants] [--prefill]
 # --quick: three shapes (M 128 and 4096 of N 4096, K 7168; 8192³).
 # --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections).
 # --variants: the 8192³ and M = 4096 shapes with each tile and cluster shape (FATHOM_FP8_GEMM).
+# --prefill: bench_cuda_decode's 2,048-token prefill of the 4.89B V3-shaped model in bf16 and in FP8,
+# weight-only and FP8 x FP8 (needs bench_cuda_decode in device-bin).
 # --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-quick=() tests=1 peer=1 ncu=0 sass=0 variants=0
+quick=() tests=1 peer=1 ncu=0 sass=0 variants=0 prefill=0
 for a in "$@"; do
   case "$a" in
     --quick) quick=(--quick) ;;
@@ -25,12 +27,13 @@ for a in "$@"; do
     --ncu) ncu=1 ;;
     --sass) sass=1 ;;
     --variants) variants=1 ;;
+    --prefill) prefill=1 ;;
     *) echo "device-fp8: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 source scripts/device-serve-env.sh
 serve_env device-fp8
-serve_programs device-fp8 fathom_tests bench_fp8_gemm
+serve_programs device-fp8 fathom_tests bench_fp8_gemm bench_cuda_decode
 log=/tmp/device-fp8
 mkdir -p "$log"
 if [ "$sass" = 1 ]; then
@@ -43,7 +46,7 @@ fi
 trc="not run"
 if [ "$tests" = 1 ]; then
   set +e
-  timeout 300 "$bin"/fathom_tests --gtest_filter='CudaFp8Gemm.*:Fp8Gemm.*' >"$log/tests.log" 2>&1
+  timeout 300 "$bin"/fathom_tests --gtest_filter="CudaFp8Gemm.*:Fp8Gemm.*:CudaOps.MatmulFp8*${FP8_TESTS:-}" >"$log/tests.log" 2>&1
   trc=$?
   set -e
   grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | head -60
@@ -55,6 +58,10 @@ if [ "$variants" = 1 ]; then
       echo "tiles,clusters $v $(FATHOM_FP8_GEMM=$v "$bin"/bench_fp8_gemm --shape $shape | grep ^fp8_gemm)"
     done
   done
+fi
+if [ "$prefill" = 1 ]; then  # FP8 prefill of the 4.89B V3-shaped model: weight-only vs FP8 x FP8
+  timeout 240 "$bin"/bench_cuda_decode --models v3-4.9b --dtypes bf16,fp8 --batches 1 --decode 8 --prefill 2048 \
+    --fp8-prefill weight-only,fp8 | grep -E "copy bandwidth|prefill" | tee "$log/prefill.txt"
 fi
 if [ "$peer" = 1 ]; then
   timeout 240 python3 bench/fp8_gemm_peer.py "${quick[@]}" | tee "$log/torch.txt" || echo "peer failed" >"$log/torch.txt"

@@ -6,6 +6,7 @@
 //   1e-6              rope_tables                                max |a-b| / (|b|+1)
 //   1e-5              rmsnorm, silu_mul, rope, mla_cache_append (F32; BF16 within one bf16 ulp)
 //   1e-4              matmul (every dtype; with input norm and accumulation), matmul_per_head,
+//   1e-3 (rel. L2)    matmul of FP8 weights over > 128 rows with set_fp8_activations (the recipe),
 //                     attention, moe_experts and swiglu (also normalising x and adding into it),
 //                     a captured and replayed graph of several ops
 //   ids equal, 1e-6   moe_gate (inputs without near-ties)
@@ -122,6 +123,16 @@ class CudaOps : public testing::Test {
       for (int h = 0; h < n_heads; ++h)
         std::memcpy(t.f32() + (i * n_heads + h) * cols, buf.f32() + i * ts + h * hs, sizeof(float) * size_t(cols));
     return t;
+  }
+  // Relative L2 error of F32 host tensors (NaN gives NaN, which fails every bound).
+  static double test_rel(const Tensor& got, const Tensor& want) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < want.numel(); ++i) {
+      const double d = double(got.f32()[i]) - want.f32()[i];
+      num += d * d;
+      den += double(want.f32()[i]) * want.f32()[i];
+    }
+    return std::sqrt(num / den);
   }
   static bool same_bytes(const Tensor& a, const Tensor& b) {
     return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
@@ -502,6 +513,48 @@ TEST_F(CudaOps, MatmulInputNormAndAccumulate) {
       }
     }
   }
+}
+
+// FP8 weights in prefill with Ops::set_fp8_activations on both backends: the CPU's recipe
+// (exact tile sums) and the GPU's FP8 x FP8 kernel agree to the tensor cores' accumulation
+// (relative L2 1e-3), with an input norm and accumulating into the output too; both differ from
+// the weight-only product by what quantizing the activations costs (a few percent), and 128 rows
+// or fewer stay weight-only (1e-4, as MatmulEveryDtypeAndShape).
+TEST_F(CudaOps, MatmulFp8ActivationsMatchTheCpu) {
+  ASSERT_TRUE(cpu_->set_fp8_activations(true));
+  ASSERT_TRUE(gpu_->set_fp8_activations(true));
+  struct Case { int64_t M, N, K; };
+  for (Case c : {Case{300, 200, 512}, Case{129, 256, 1536}, Case{128, 64, 256}, Case{513, 130, 208}}) {
+    const LinearWeight w = random_weight(c.N, c.K, DType::F8_E4M3), dw = up(w);
+    Tensor g = randn({c.K}), dg = up(g), x = randn({c.M, c.K}, 3.0f), base = randn({c.M, c.N}), dx = up(x);
+    Tensor want = Tensor::empty({c.M, c.N}), wn = Tensor::empty({c.M, c.N}), wacc = Tensor::empty({c.M, c.N});
+    std::copy(base.f32(), base.f32() + base.numel(), wacc.f32());
+    cpu_->matmul(want, x, w);
+    cpu_->matmul_batch({{wn.f32(), x.f32(), c.M, &w, InputNorm{&g, 1e-6f}}, {wacc.f32(), x.f32(), c.M, &w, {}, true}});
+    Tensor got = gpu_poison({c.M, c.N}), gn = gpu_poison({c.M, c.N}), gacc = up(base);
+    gpu_->matmul(got, dx, dw);
+    gpu_->matmul_batch({{gn.f32(), dx.f32(), c.M, &dw, InputNorm{&dg, 1e-6f}}, {gacc.f32(), dx.f32(), c.M, &dw, {}, true}});
+    const Tensor hg = down(got), hn = down(gn), hacc = down(gacc);
+    const bool recipe = c.M > kFp8ActivationRows;
+    const double bound = recipe ? 1e-3 : 1e-4;
+    auto rel = [](const Tensor& a, const Tensor& b) { return test_rel(a, b); };
+    EXPECT_LT(rel(hg, want), bound) << c.M << " x " << c.N << " x " << c.K;
+    EXPECT_LT(rel(hn, wn), bound) << "norm " << c.M << " x " << c.N << " x " << c.K;
+    EXPECT_LT(rel(hacc, wacc), bound) << "accumulate " << c.M << " x " << c.N << " x " << c.K;
+    // against weight-only FP8 (the CPU with the recipe off)
+    ASSERT_TRUE(cpu_->set_fp8_activations(false));
+    Tensor exact = Tensor::empty({c.M, c.N});
+    cpu_->matmul(exact, x, w);
+    ASSERT_TRUE(cpu_->set_fp8_activations(true));
+    const double q = rel(hg, exact);
+    if (recipe) {
+      EXPECT_GT(q, 1e-3) << "the activations were not quantized";
+      EXPECT_LT(q, 6e-2) << "quantizing the activations cost too much";
+    } else {
+      EXPECT_LT(q, 1e-4);
+    }
+  }
+  ASSERT_TRUE(gpu_->set_fp8_activations(false));
 }
 
 TEST_F(CudaOps, MatmulPerHead) {

@@ -13,6 +13,7 @@
 #include "model/random_init.h"
 #include "model/weights.h"
 #include "ops/cpu/fp8_gemm.h"
+#include "ops/ops.h"
 #include "test_util.h"
 
 namespace fathom {
@@ -203,6 +204,40 @@ TEST(Fp8Gemm, GroupedLayoutsTakeEachRowsExpert) {
   f32.name = "f32";
   f32.weight = Tensor::empty({N, K});
   EXPECT_THROW(fp8_gemm(out.data(), a.q.data(), a.s.data(), 1, f32), Error);
+}
+
+// The CPU backend with set_fp8_activations: a matmul of an FP8 weight over more than 128 rows is
+// the recipe (quantize_1x128, then fp8_gemm), bit for bit, also through matmul_batch; 128 rows or
+// fewer, and a backend with it off, give the weight-only product.
+TEST(Fp8Gemm, CpuBackendTakesTheRecipeWhenAsked) {
+  std::mt19937 rng(5);
+  const int64_t N = 96, K = 300;
+  const LinearWeight w = fp8_weight(randn(rng, N * K, 0.05f), N, K);
+  auto ops = make_cpu_ops();
+  for (const int64_t M : {int64_t(129), int64_t(128)}) {
+    const std::vector<float> x = randn(rng, M * K);
+    const Quantized a = quantize(x, M, K);
+    std::vector<float> recipe(size_t(M * N));
+    fp8_gemm(recipe.data(), a.q.data(), a.s.data(), M, w);
+    Tensor xt = Tensor::empty({M, K});
+    std::copy(x.begin(), x.end(), xt.f32());
+    Tensor off = Tensor::empty({M, N}), on = Tensor::empty({M, N}), batch = Tensor::empty({M, N});
+    ASSERT_TRUE(ops->set_fp8_activations(false));
+    ops->matmul(off, xt, w);
+    ASSERT_TRUE(ops->set_fp8_activations(true));
+    ops->matmul(on, xt, w);
+    ops->matmul_batch({{batch.f32(), xt.f32(), M, &w}});
+    const std::vector<float> von(on.f32(), on.f32() + M * N), voff(off.f32(), off.f32() + M * N),
+        vbatch(batch.f32(), batch.f32() + M * N);
+    if (M > kFp8ActivationRows) {
+      EXPECT_EQ(von, recipe);
+      EXPECT_EQ(vbatch, recipe);
+      EXPECT_GT(rel(von, voff), 1e-3);  // the activations' quantization shows
+    } else {
+      EXPECT_EQ(von, voff);
+    }
+  }
+  ASSERT_TRUE(ops->set_fp8_activations(false));
 }
 
 }  // namespace

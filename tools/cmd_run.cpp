@@ -35,6 +35,12 @@ void add_model_options(CLI::App* cmd, ModelArgs& a) {
                   "weights and KV cache: fp32 (as stored), bf16, or auto (bf16 on CUDA, fp32 on the CPU)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
       ->capture_default_str();
+  cmd->add_option("--fp8-gemm", a.fp8_gemm,
+                  "FP8 checkpoints in prefill: fp8 (activations quantized 1x128, FP8 x FP8 products as DeepSeek-V3 "
+                  "computes them), weight-only (weights dequantized inside the matmul, exact), or auto (fp8 on "
+                  "CUDA in bf16 precision, else weight-only)")
+      ->check(CLI::IsMember({"auto", "fp8", "weight-only"}))
+      ->capture_default_str();
   cmd->add_option("--gpu-memory", a.gpu_memory,
                   "GPU memory the model may use (e.g. 40G, 512M): weights, then the KV cache gets the rest; "
                   "default: all that is free");
@@ -71,6 +77,14 @@ std::unique_ptr<Model> open_model(const ModelArgs& a) {
   else if (a.device == "cuda") o.device = DeviceKind::Cuda;
   else throw Error(cat("--device must be auto, cpu or cuda, got '", a.device, "'"));
   o.precision = a.precision == "fp32" ? Precision::Fp32 : a.precision == "bf16" ? Precision::Bf16 : Precision::Auto;
+  // auto: FP8 x FP8 where the precision is already reduced (CUDA's bf16 default); the fp32
+  // precision keeps the exact weight-only product, as does the CPU, whose FP8 x FP8 product is the
+  // slow reference
+  const bool cuda = a.device == "cuda" || (a.device == "auto" && cuda_available());
+  o.fp8_activations = a.fp8_gemm == "fp8" || (a.fp8_gemm == "auto" && cuda && a.precision != "fp32" &&
+                                                !a.dequantize_fp8);
+  FATHOM_CHECK(!(a.fp8_gemm == "fp8" && a.dequantize_fp8), "--fp8-gemm fp8 and --dequantize-fp8 contradict: the "
+               "first multiplies FP8 weights, the second turns them into F32 at load");
   if (!a.gpu_memory.empty()) {
     o.gpu_memory = parse_size(a.gpu_memory, "--gpu-memory");
     FATHOM_CHECK(a.device != "cpu", "--gpu-memory applies to --device cuda, not to the CPU");

@@ -12,7 +12,7 @@
 
 namespace fathom::cli {
 
-// --model, --mla, --dequantize-fp8, --device, --precision, --gpu-memory: how a command opens
+// --model, --mla, --dequantize-fp8, --device, --precision, --gpu-memory, --fp8-gemm: how a command opens
 // a checkpoint. --device defaults to $FATHOM_DEVICE when set, else auto.
 struct ModelArgs {
   std::string dir;
@@ -21,6 +21,7 @@ struct ModelArgs {
   std::string device;
   std::string precision = "auto";
   std::string gpu_memory;
+  std::string fp8_gemm = "auto";
 };
 // "24G", "512M", "1.5GiB", "1000000" (bytes) -> bytes; throws fathom::Error naming `what`.
 int64_t parse_size(const std::string& text, const std::string& what);

@@ -40,6 +40,9 @@ struct ModelOptions {
   // work-space reserve. 0: all memory free on the device when loading starts.
   int64_t gpu_memory = 0;
   bool progress = true;  // a progress bar on stderr (when it is a terminal) while weights go to the GPU
+  // FP8 checkpoints: prefill's matmuls (more than 128 rows) quantize their activations 1x128 and
+  // multiply FP8 by FP8 (DeepSeek-V3's recipe, Ops::set_fp8_activations); false: weight-only FP8.
+  bool fp8_activations = false;
 };
 
 struct ParamCounts {
@@ -98,6 +101,9 @@ class Model {
   // KV-cache tokens the GPU memory budget leaves room for after the weights and a work-space
   // reserve, for all sequences together; 0 on the CPU (host memory is not budgeted).
   int64_t kv_budget_tokens() const { return kv_budget_tokens_; }
+  // Prefill's FP8 products from now on: the FP8 x FP8 recipe (true) or weight-only FP8
+  // (ModelOptions::fp8_activations).
+  void set_fp8_activations(bool enabled);
   // Runs `ids` (all within the vocabulary) after what `cache` holds and appends them to it.
   ForwardOutput forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& request = {});
 

@@ -132,9 +132,16 @@ void Model::init_backend(const ModelOptions& options) {
   options_ = options;
   device_ = options.device == DeviceKind::Auto ? (cuda_available() ? DeviceKind::Cuda : DeviceKind::Cpu) : options.device;
   ops_ = device_ == DeviceKind::Cuda ? make_cuda_ops(0) : make_cpu_ops();
+  set_fp8_activations(options.fp8_activations);
   precision_ = options.precision != Precision::Auto ? options.precision
                : device_ == DeviceKind::Cuda        ? Precision::Bf16
                                                     : Precision::Fp32;
+}
+
+void Model::set_fp8_activations(bool enabled) {
+  FATHOM_CHECK(ops_->set_fp8_activations(enabled), "the ", ops_->name(),
+               " backend cannot multiply FP8 activations by FP8 weights; use weight-only FP8");
+  options_.fp8_activations = enabled;
 }
 
 std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& options) {

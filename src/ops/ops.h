@@ -15,6 +15,9 @@
 
 namespace fathom {
 
+// Matmuls over more rows than this take the FP8 x FP8 product when asked (Ops::set_fp8_activations).
+constexpr int64_t kFp8ActivationRows = 128;
+
 // A linear layer's weight, y = x · Wᵀ, exactly as the checkpoint stores it.
 struct LinearWeight {
   std::string name;    // checkpoint tensor name, for error messages
@@ -371,6 +374,16 @@ class Ops {
   // memory. Off (the default): true F32 products. Returns whether the backend did as asked: the
   // CPU backend only computes in F32. (CUDA: process-wide, every CUDA backend of the process.)
   virtual bool set_bf16_matmuls(bool enabled) { return !enabled; }
+
+  // ---- FP8 x FP8 products (DeepSeek-V3's recipe, docs/fp8-gemm.md). On: a matmul with an FP8
+  // weight (128x128 blocks) over more than kFp8ActivationRows rows (prefill) quantizes its input
+  // rows in 1x128 tiles as it goes and multiplies e4m3 by e4m3, promoting every 128 of K into fp32
+  // (CPU: ops/cpu/fp8_gemm.h, the reference, slow; CUDA: fp8_gemm.cu, wgmma on Hopper). The
+  // activations' quantization costs a few percent of relative error per product. Off (the
+  // default): weight-only FP8, the weight dequantized inside the matmul, exact. Fewer rows
+  // (decode) stay weight-only: there the weight's bytes, not the multiplies, bound the time.
+  // Returns whether the backend did as asked. Per backend.
+  virtual bool set_fp8_activations(bool enabled) { return !enabled; }
 
   // ---- graphs: a decode step recorded once and replayed (CUDA graphs). Between capture_begin
   // and capture_end ops are recorded, not run; they may not synchronize or read host memory

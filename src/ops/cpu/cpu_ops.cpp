@@ -11,6 +11,7 @@
 #include "core/thread_pool.h"
 #include "ops/cpu/attention.h"
 #include "ops/cpu/backward.h"
+#include "ops/cpu/fp8_gemm.h"
 #include "ops/cpu/matmul.h"
 #include "ops/cpu/sample.h"
 #include "ops/cpu/vec.h"
@@ -139,7 +140,26 @@ class CpuOps final : public Ops {
     const int64_t K = w.in_features(), N = w.out_features(), M = x.numel() / K;  // x (M, K), out (M, N)
     FATHOM_ASSERT(x.numel() == M * K && out.numel() == M * N, "matmul ", w.name, ": x ", shape_str(x.shape()), " out ",
                   shape_str(out.shape()), " weight ", shape_str(w.weight.shape()));
-    cpu::matmul(out.f32(), x.f32(), M, w, pool_);
+    product(out.f32(), x.f32(), M, w);
+  }
+
+  bool set_fp8_activations(bool enabled) override {
+    fp8_activations_ = enabled;
+    return true;
+  }
+
+  // out (M, N) = x (M, K) · Wᵀ: the FP8 x FP8 recipe when asked for and the product qualifies,
+  // else the matmul with W dequantized as it is read.
+  void product(float* out, const float* x, int64_t M, const LinearWeight& w) {
+    if (fp8_activations_ && w.quantized() && w.block == kFp8Tile && M > kFp8ActivationRows) {
+      const int64_t K = w.in_features();
+      std::vector<uint8_t> q(size_t(M * K));
+      std::vector<float> scales(size_t(M * ((K + kFp8Tile - 1) / kFp8Tile)));
+      quantize_1x128(q.data(), scales.data(), x, M, K);
+      fp8_gemm(out, q.data(), scales.data(), M, w);
+      return;
+    }
+    cpu::matmul(out, x, M, w, pool_);
   }
 
   void matmul_batch(const std::vector<MatmulJob>& in_jobs) override {
@@ -199,7 +219,7 @@ class CpuOps final : public Ops {
     std::vector<Slice> slices;
     for (const MatmulJob& j : jobs) {
       if (j.M != 1) {
-        if (j.M > 0) cpu::matmul(j.out, j.x, j.M, *j.w, pool_);
+        if (j.M > 0) product(j.out, j.x, j.M, *j.w);
         continue;
       }
       const int64_t N = j.w->out_features();
@@ -543,6 +563,7 @@ class CpuOps final : public Ops {
   }
 
   ThreadPool& pool_;
+  bool fp8_activations_ = false;  // set_fp8_activations
   ThreadPool serial_{1};  // runs inline: for kernels called from inside a parallel region
 };
 

@@ -449,6 +449,11 @@ class CudaOps final : public Ops {
     if (t.nbytes()) check(cudaMemsetAsync(t.data(), 0, t.nbytes(), ctx_->stream), "zero");
   }
 
+  bool set_fp8_activations(bool enabled) override {
+    fp8_activations_ = enabled;
+    return true;
+  }
+
   bool set_bf16_matmuls(bool enabled) override {
     cuda::set_bf16_gemms(enabled);
     return true;
@@ -768,10 +773,12 @@ class CudaOps final : public Ops {
     p.M = M;
     p.N = N;
     p.K = K;
+    p.fp8_activations = fp8_activations_ && w.quantized();
     return p;
   }
 
   std::shared_ptr<CudaContext> ctx_;
+  bool fp8_activations_ = false;  // set_fp8_activations
   PinnedStaging staging_;
 };
 

@@ -130,6 +130,10 @@ struct MatmulParams {
   const float* norm = nullptr;
   float eps = 0.f;
   bool accumulate = false;  // out += instead of out =
+  // FP8 weight (128 blocks), more than kFp8ActivationRows rows, rows contiguous, no batch: x
+  // quantized 1x128 into a work space and the FP8 x FP8 product (fp8_gemm) instead of W
+  // dequantized in the tiled GEMM (Ops::set_fp8_activations).
+  bool fp8_activations = false;
 };
 // Small ops a GEMV launch may run in spare blocks of its grid, one kernel boundary less each
 // (the q_pe RoPE and the latent-cache append ride in MLA's W_UK launch when decoding). They must

@@ -670,7 +670,8 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
     const Kernel kernel = kernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
-    const int threads = ri == 1 ? 384 : 256;
+    const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
+                                                                  : WgmmaShape<2, 2>::kThreads;
     once_per_device(g_wgmma_smem, [&] {
       const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
       for (const auto& by_rows : kernels)

@@ -599,6 +599,32 @@ bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
   return false;
 }
 
+// Prefill with FP8 weights, when asked (MatmulParams::fp8_activations): x quantized 1x128 into a
+// stream-ordered work space, then the FP8 x FP8 product promoted every 128 of K (fp8_gemm.cu).
+bool fp8_activations_take(const MatmulParams& p) {
+  return p.fp8_activations && p.w_dtype == DType::F8_E4M3 && p.block == 128 && p.batch == 1 &&
+         p.M > kFp8ActivationRows && p.ldx == p.K && !p.norm;
+}
+void run_fp8_activations(const MatmulParams& p, cudaStream_t s) {
+  const int64_t Kt = ceil_div(p.K, 128);
+  StreamScratch q(size_t(p.M * p.K), s, "matmul (FP8 activations)");
+  StreamScratch scales(size_t(p.M * Kt) * sizeof(float), s, "matmul (FP8 activation scales)");
+  quantize_1x128(q.as<uint8_t>(), scales.as<float>(), p.x, p.M, p.K, s);
+  Fp8GemmParams g;
+  g.out = p.out;
+  g.out_dtype = DType::F32;
+  g.ldo = p.ldo;
+  g.accumulate = p.accumulate;
+  g.a = q.as<uint8_t>();
+  g.a_scale = scales.as<float>();
+  g.b = static_cast<const uint8_t*>(p.w);
+  g.b_scale = p.scale_inv;
+  g.M = p.M;
+  g.N = p.N;
+  g.K = p.K;
+  fp8_gemm(g, s);
+}
+
 // The checks every matmul passes; false when there is nothing to compute.
 bool check_params(const MatmulParams& p) {
   const DType d = p.w_dtype;
@@ -649,6 +675,10 @@ void matmul(const MatmulParams& p_in, Stream stream, const GemvSide& side_in) {
       launch_kernel(zero_rows_kernel, dim3(unsigned(p.M), unsigned(p.batch)), 256, 0, s, p);
       check_launch("matmul (zero_rows_kernel)");
     }
+    return side_apart();
+  }
+  if (fp8_activations_take(p)) {
+    run_fp8_activations(p, s);
     return side_apart();
   }
   const SideJobs sj = has_side ? side_jobs(side) : SideJobs{};
