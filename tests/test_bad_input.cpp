@@ -586,7 +586,13 @@ TEST(BadInputCli, UsageErrors) {
                              "sideways"},
                         Case{{"generate", "--model", fixture_dir(kTiny), "--input-ids", good_ids(), "--out", out,
                               "--max-new-tokens", "many"},
-                             "many"}}) {
+                             "many"},
+                        Case{{"logits", "--model", fixture_dir(kTiny), "--input-ids", good_ids(), "--out", out,
+                              "--fp8-gemm", "fp4"},
+                             "fp4"},
+                        Case{{"logits", "--model", fixture_dir(kTiny), "--input-ids", good_ids(), "--out", out,
+                              "--fp8-gemm", "fp8", "--dequantize-fp8"},
+                             "--dequantize-fp8"}}) {
     CliRun r = run_fathom(k.args, tmp);
     SCOPED_TRACE(r.command);
     // usage errors too: exit 2 and one line naming what was wrong

@@ -242,8 +242,8 @@ enum class Fp8Layout {
   Masked,      // MoE decode: A (groups, M, K), group g's first count[g] rows are real; out (groups, M, N),
                // rows past count[g] left as they are. B (groups, N, K) stacked.
 };
-// Which kernel: the Hopper one (wgmma on e4m3 from shared memory, TMA loads on mbarriers, a
-// producer warpgroup and two consumer warpgroups) needs an sm_90a device and K % 16 == 0; the
+// Which kernel: the Hopper one (wgmma on e4m3 from shared memory, TMA loads on mbarriers, two or
+// three warpgroups a block) needs an sm_90a device and K % 16 == 0; the
 // SIMT one runs anywhere (sm_80: A100) and is the GPU-side oracle. Auto takes wgmma where it can.
 enum class Fp8GemmKernel { Auto, Wgmma, Simt };
 struct Fp8GemmParams {

@@ -3,17 +3,17 @@
 // fp32 accumulator in registers and scaled there. The CPU reference, and the recipe in words:
 // src/ops/cpu/fp8_gemm.h; docs/fp8-gemm.md.
 //
-// The Hopper kernel (fp8_gemm_wgmma_kernel, sm_90a), one 128 x 128 output tile per block of three
-// warpgroups:
-// - warpgroup 0 is the producer: one thread issues the TMA copies (cp.async.bulk.tensor) of each
-//   128 x 128-byte tile of A and of B into a ring of kStages shared-memory stages, 128-byte
-//   swizzled (the layout wgmma reads without bank conflicts); each copy completes on the stage's
-//   "full" mbarrier. It gives its registers to the consumers (setmaxnreg).
-// - warpgroups 1 and 2 are consumers, rows 0-63 and 64-127 of the tile: per K tile they wait on
-//   the stage's full barrier, issue four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory,
-//   wait for them, release the stage ("empty" barrier) and add the tile's sum times
-//   sa[row, t] * sb[n / 128, t] into their fp32 accumulators — the promotion. While one consumer
-//   promotes, the other's wgmmas keep the tensor cores busy.
+// The Hopper kernel (fp8_gemm_wgmma_kernel, sm_90a), one (128 | 192 | 256) x 128 output tile per
+// block of two or three warpgroups:
+// - thread 0 issues the TMA copies (cp.async.bulk.tensor) of each 128-byte-wide K tile of A and
+//   of B into a ring of shared-memory stages, 128-byte swizzled (the layout wgmma reads without
+//   bank conflicts); each copy completes on the stage's "full" mbarrier. It does so between its
+//   own wgmmas: a separate producer warp would cap every thread at 168 registers.
+// - each warpgroup owns 64-row slices of the tile: per K tile it waits on the stage's full
+//   barrier, issues four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory per slice,
+//   waits for them, and adds the slice's sums times sa[row, t] * sb[n / 128, t] into its fp32
+//   accumulators — the promotion; after the last slice it releases the stage ("empty" barrier).
+//   While one warpgroup promotes, the other's wgmmas keep the tensor cores busy.
 // - the epilogue converts the accumulators and stores them straight from registers.
 // The SIMT kernel (fp8_gemm_simt_kernel) computes the same tiles with CUDA cores: any GPU, any K.
 #include <cuda.h>

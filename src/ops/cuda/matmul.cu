@@ -13,6 +13,8 @@
 //   (or FATHOM_GEMV=simt), up to 64 rows, BF16 weights in one cuBLAS GEMM over x split into
 //   bf16 hi/lo parts (run_bf16_split) and other dtypes the GEMV over 8-row chunks, the weight
 //   from L2 after the first.
+// - FP8 weights over more than 128 rows when the backend was asked (set_fp8_activations): x
+//   quantized 1x128 and the FP8 x FP8 GEMM (fp8_gemm.cu; run_fp8_activations).
 // - larger M (prefill): gemm_kernel, a tiled SIMT GEMM (gemm_tile.cuh): BM x BN output tiles
 //   (32x64, 64x64 or 128x128 by M), 256 threads each owning a (BM/16) x (BN/16) register tile,
 //   W dequantized to fp32 while its tiles are staged in shared memory.
