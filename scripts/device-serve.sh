@@ -45,10 +45,14 @@ case "${1:-}" in
     exit 0 ;;
   --hide)
     git diff --quiet HEAD -- "$grads" || { echo "device-serve: $grads has changes; commit first" >&2; exit 1; }
+    # skip-worktree: while hidden, `git add -A` / `commit -a` do not record the file as deleted
+    # (that happened twice before)
+    git update-index --skip-worktree "$grads"
     rm -f "$grads"
     echo "device-serve: $grads hidden ('--restore' brings it back)"
     exit 0 ;;
   --restore)
+    git update-index --no-skip-worktree "$grads"
     git checkout -- "$grads"
     echo "device-serve: $grads restored"
     exit 0 ;;
