@@ -53,8 +53,8 @@ if [ "$tests" = 1 ]; then
 fi
 timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
 if [ "$variants" = 1 ]; then
-  for v in ${FP8_VARIANTS:-128,1x1 192,1x1 256,1x1 256,2x1}; do
-    for shape in 8192,8192,8192 4096,4096,7168 4096,7168,2048 4096,2112,7168; do
+  for v in ${FP8_VARIANTS:-128,1x1,grid 128,1x1,persistent 256,1x1,grid 256,1x1,persistent}; do
+    for shape in 8192,8192,8192 4096,4096,7168 4096,7168,2048 4096,2112,7168 4096,32768,512; do
       echo "tiles,clusters $v $(FATHOM_FP8_GEMM=$v "$bin"/bench_fp8_gemm --shape $shape | grep ^fp8_gemm)"
     done
   done

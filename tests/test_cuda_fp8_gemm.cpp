@@ -112,7 +112,7 @@ class CudaFp8Gemm : public testing::Test {
   std::vector<Fp8GemmKernel> kernels_;
 };
 
-// FATHOM_FP8_GEMM (the wgmma kernel's tile rows and block clusters) for the scope ("": the
+// FATHOM_FP8_GEMM (the wgmma kernel's tile rows, block clusters, grid or persistent) for the scope ("": the
 // launcher's own choice).
 struct ShapeOverride {
   explicit ShapeOverride(const char* c) {
@@ -151,8 +151,9 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
   struct Shape3 {
     int64_t M, N, K;
   };
+  // (1100 x 4000: more tiles than SMs, so that the persistent kernel's blocks take several)
   for (const Shape3 sh : {Shape3{1, 64, 128}, Shape3{77, 200, 512}, Shape3{130, 2112 / 8, 7168}, Shape3{300, 130, 208},
-                          Shape3{256, 384, 1536}}) {
+                          Shape3{256, 384, 1536}, Shape3{1100, 4000, 256}}) {
     const auto [M, N, K] = sh;
     const LinearWeight w = weight(N, K);
     const std::vector<float> x = randn(M * K);
@@ -165,7 +166,7 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
     for (const Fp8GemmKernel k : kernels_)
       for (const DType od : {DType::F32, DType::BF16})
         for (const char* shape : {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1",
-                                  "256,2x2"}) {
+                                  "256,2x2", "128,1x1,persistent", "192,1x1,persistent", "256,1x1,persistent"}) {
         if (k == Fp8GemmKernel::Simt && *shape) continue;
         ShapeOverride use(shape);
         Tensor out = poison(M * N, od);
