@@ -15,7 +15,8 @@
 //   accumulators — the promotion; after the last slice it releases the stage ("empty" barrier).
 //   While one warpgroup promotes, the other's wgmmas keep the tensor cores busy.
 // - the epilogue converts the accumulators and stores them straight from registers.
-// The SIMT kernel (fp8_gemm_simt_kernel) computes the same tiles with CUDA cores: any GPU, any K.
+// The SIMT kernel and the 1x128 quantization: fp8_gemm_simt.cu; what both kernels share about a
+// tile's rows and its stores: fp8_gemm.cuh.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -31,6 +32,7 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/fp8_gemm.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FATHOM_SM90A 1
@@ -38,180 +40,6 @@
 
 namespace fathom::cuda {
 namespace {
-
-constexpr int kTile = 128;  // the K extent of a scale, and the output tile's edge
-
-__host__ __device__ inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// ---- 1x128 activation quantization
-
-__device__ inline uint8_t to_e4m3(float v) {
-  return uint8_t(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
-}
-
-// One warp per (row, tile): lane l holds values 4l .. 4l+3 of the tile.
-__global__ void quantize_1x128_kernel(uint8_t* __restrict__ q, float* __restrict__ scales, const float* __restrict__ x,
-                                      int64_t M, int64_t K, int64_t Kt) {
-  pdl_wait();
-  const int64_t tile = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = int(threadIdx.x % 32);
-  if (tile >= M * Kt) return;
-  const int64_t m = tile / Kt, k0 = (tile % Kt) * kTile + 4 * lane;
-  const float* row = x + m * K;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  if (K % 4 == 0 && k0 + 4 <= K && reinterpret_cast<uintptr_t>(row + k0) % 16 == 0) {
-    const float4 f = *reinterpret_cast<const float4*>(row + k0);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-  } else {
-    for (int i = 0; i < 4; ++i)
-      if (k0 + i < K) v[i] = row[k0 + i];
-  }
-  float amax = 0.f;
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-  amax = warp_max(amax);
-  const float s = amax > 0.f ? __fdiv_rn(amax, 448.0f) : 1.0f;
-  if (lane == 0) scales[tile] = s;  // (m, t) row-major is the tile index
-  for (int i = 0; i < 4; ++i)
-    if (k0 + i < K) q[m * K + k0 + i] = to_e4m3(__fdiv_rn(v[i], s));
-}
-
-// ---- what both GEMM kernels share: where a tile's rows live, by layout
-
-struct Fp8GemmArgs {
-  void* out;
-  int64_t ldo;
-  bool out_bf16, accumulate, promote;
-  int layout;  // Fp8Layout
-  const uint8_t* a;
-  const float* a_scale;
-  const uint8_t* b;
-  const float* b_scale;
-  int64_t M, N, K, Kt, NB;  // NB: scale blocks along N per group
-  const int32_t* expert;
-  const int32_t* count;
-};
-
-// A tile's group and rows: A/out rows [row0, row0 + rows_valid) of the group `g` (-1: a padding
-// tile of the contiguous layout) against B rows from g * N.
-struct TileRows {
-  int g;
-  int64_t row0;       // first A / out row of the tile
-  int64_t rows;       // rows of the tile that are real (<= 128)
-};
-__device__ inline TileRows tile_rows(const Fp8GemmArgs& p, int64_t m0, int z) {
-  TileRows t{0, m0, lmin(kTile, p.M - m0)};
-  if (p.layout == int(Fp8Layout::Masked)) {
-    t.g = z;
-    t.row0 = int64_t(z) * p.M + m0;
-    t.rows = lmin(kTile, int64_t(p.count[z]) - m0);
-  } else if (p.layout == int(Fp8Layout::Contiguous)) {
-    t.g = p.expert[m0];
-  }
-  return t;
-}
-
-// The value written for out row r (absolute) of a tile of group g: the product, or for the
-// contiguous layout 0 on a padding row and NaN on a row of another expert (a layout error).
-__device__ inline float row_value(const Fp8GemmArgs& p, int g, int64_t r, float v) {
-  if (p.layout != int(Fp8Layout::Contiguous)) return v;
-  const int e = p.expert[r];
-  return e == g ? v : e < 0 ? 0.0f : __int_as_float(0x7fc00000);
-}
-
-__device__ inline void store_pair(const Fp8GemmArgs& p, int64_t r, int64_t col, float v0, float v1) {
-  if (col >= p.N) return;
-  const bool two = col + 1 < p.N;
-  if (p.out_bf16) {
-    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + r * p.ldo + col;
-    if (two && (reinterpret_cast<uintptr_t>(o) % 4 == 0)) {
-      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
-    } else {
-      o[0] = __float2bfloat16_rn(v0);
-      if (two) o[1] = __float2bfloat16_rn(v1);
-    }
-  } else {
-    float* o = static_cast<float*>(p.out) + r * p.ldo + col;
-    if (p.accumulate) v0 += o[0];
-    if (p.accumulate && two) v1 += o[1];
-    if (two && (reinterpret_cast<uintptr_t>(o) % 8 == 0)) {
-      *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-    } else {
-      o[0] = v0;
-      if (two) o[1] = v1;
-    }
-  }
-}
-
-// A padding tile (edge `edge`) of the contiguous layout: zeros (NaN on rows that name an expert).
-__device__ void write_padding_tile(const Fp8GemmArgs& p, int64_t m0, int64_t n0, int64_t edge, int tid, int threads) {
-  const int64_t rows = lmin(edge, p.M - m0), cols = lmin(edge, p.N - n0);
-  for (int64_t i = tid; i < rows * (cols + 1) / 2; i += threads) {
-    const int64_t r = m0 + i / ((cols + 1) / 2), c = n0 + 2 * (i % ((cols + 1) / 2));
-    store_pair(p, r, c, row_value(p, -1, r, 0.f), row_value(p, -1, r, 0.f));
-  }
-}
-
-// ---- the SIMT kernel: 64 x 64 tiles, 256 threads of 4 x 4 outputs, K staged 32 at a time as floats
-
-constexpr int kSimtTile = 64, kSimtK = 32;
-
-__global__ void __launch_bounds__(256) fp8_gemm_simt_kernel(const Fp8GemmArgs p) {
-  pdl_wait();
-  __shared__ float As[kSimtTile][kSimtK + 1], Bs[kSimtTile][kSimtK + 1];
-  const int tx = int(threadIdx.x % 16), ty = int(threadIdx.x / 16);
-  const int64_t n0 = int64_t(blockIdx.x) * kSimtTile, m0 = int64_t(blockIdx.y) * kSimtTile;
-  if (p.layout == int(Fp8Layout::Masked) && m0 >= p.count[blockIdx.z]) return;
-  // the 128-row tile this 64-row tile belongs to names the group (contiguous layout)
-  TileRows t = tile_rows(p, m0 - m0 % kTile, int(blockIdx.z));
-  t.row0 += m0 % kTile;
-  t.rows = lmin(kSimtTile, t.rows - m0 % kTile);
-  if (t.rows <= 0) return;
-  if (t.g < 0) return write_padding_tile(p, m0, n0, kSimtTile, int(threadIdx.x), 256);
-  const uint8_t* b = p.b + int64_t(t.g) * p.N * p.K;
-  const float* sb = p.b_scale + (int64_t(t.g) * p.NB + n0 / kTile) * p.Kt;
-  float total[4][4] = {}, part[4][4] = {};
-  for (int64_t kt = 0; kt < p.Kt; ++kt) {
-    if (p.promote)
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) part[i][j] = 0.f;
-    for (int64_t kc = kt * kTile; kc < lmin(p.K, (kt + 1) * kTile); kc += kSimtK) {
-      for (int i = int(threadIdx.x); i < kSimtTile * kSimtK; i += 256) {
-        const int r = i / kSimtK, k = i % kSimtK;
-        const int64_t kk = kc + k;
-        const bool kin = kk < p.K && kk < (kt + 1) * kTile;
-        As[r][k] = kin && r < t.rows ? fp8_to_f32(p.a[(t.row0 + r) * p.K + kk]) : 0.f;
-        Bs[r][k] = kin && n0 + r < p.N ? fp8_to_f32(b[(n0 + r) * p.K + kk]) : 0.f;
-      }
-      __syncthreads();
-      for (int k = 0; k < kSimtK; ++k)
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) part[i][j] += As[ty + 16 * i][k] * Bs[tx + 16 * j][k];
-      __syncthreads();
-    }
-    if (p.promote)
-      for (int i = 0; i < 4; ++i) {
-        const int r = ty + 16 * i;
-        const float sa = r < t.rows ? p.a_scale[(t.row0 + r) * p.Kt + kt] : 0.f;
-        for (int j = 0; j < 4; ++j) total[i][j] += part[i][j] * (sa * sb[kt]);
-      }
-  }
-  for (int i = 0; i < 4; ++i) {
-    const int r = ty + 16 * i;
-    if (r >= t.rows) continue;
-    const float s = p.promote ? 1.f : p.a_scale[(t.row0 + r) * p.Kt] * sb[0];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t col = n0 + tx + 16 * j;
-      if (col >= p.N) continue;
-      const float v = row_value(p, t.g, t.row0 + r, p.promote ? total[i][j] : part[i][j] * s);
-      if (p.out_bf16) {
-        static_cast<__nv_bfloat16*>(p.out)[(t.row0 + r) * p.ldo + col] = __float2bfloat16_rn(v);
-      } else {
-        float& o = static_cast<float*>(p.out)[(t.row0 + r) * p.ldo + col];
-        o = p.accumulate ? o + v : v;
-      }
-    }
-  }
-}
 
 // ---- the Hopper kernel
 
@@ -333,6 +161,51 @@ __device__ inline void promote(float (&total)[64], const float (&acc)[64], float
 #pragma unroll
   for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
 }
+
+// K tile kt's scales for this thread's rows (sa + off: each row's scales) and the B block.
+template <int kWaves>
+__device__ __forceinline__ void load_scales(const float* sa, const float* sb, const int (&off0)[kWaves],
+                                            const int (&off1)[kWaves], int kt, float& b_s, float (&s0)[kWaves],
+                                            float (&s1)[kWaves]) {
+  b_s = __ldg(sb + kt);
+#pragma unroll
+  for (int w = 0; w < kWaves; ++w) {
+    s0[w] = __ldg(sa + off0[w] + kt);
+    s1[w] = __ldg(sa + off1[w] + kt);
+  }
+}
+
+// One slice's wgmmas of a stage: A rows 64 slice .. of the stage's A tile against its B tile (both
+// given by the stage's descriptor low word; hi: the layout's high word), into acc (overwritten
+// first when fresh). 32 bytes of K a step: +2 in the descriptor's 16-byte units.
+template <int kATileBytes>
+__device__ __forceinline__ void issue_slice(float (&acc)[64], uint64_t hi, uint32_t stage_lo, int slice, bool fresh) {
+  const uint64_t da = hi | (stage_lo + uint32_t(slice * (kTileBytes / 2)) / 16);
+  const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int k = 0; k < kTile / 32; ++k) wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, fresh && k == 0 ? 0 : 1);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// The tile's fp32 sums to out: slice w's rows r[w] and r[w] + 8 (of the tile's first `rows`,
+// from row0) and columns n0 + 8j + 2(lane % 4) + {0, 1} — the m64n128 accumulator layout, register
+// 4j + 2h + {0, 1} holding row r + 8h.
+// kDense: the dense layout for certain (no rows to check against their expert).
+template <bool kDense, int kWaves>
+__device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (&total)[kWaves][64],
+                                             const int (&r)[kWaves], int64_t rows, int64_t row0, int64_t n0, int g,
+                                             int lane) {
+  auto value = [&](int64_t row, float v) { return kDense ? v : row_value(p, g, row, v); };
+#pragma unroll
+  for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int64_t col = n0 + 8 * j + 2 * (lane % 4), ra = row0 + r[w], rb = ra + 8;
+      if (r[w] < rows) store_pair(p, ra, col, value(ra, total[w][4 * j]), value(ra, total[w][4 * j + 1]));
+      if (r[w] + 8 < rows) store_pair(p, rb, col, value(rb, total[w][4 * j + 2]), value(rb, total[w][4 * j + 3]));
+    }
+}
 #endif
 
 // Blocks come in clusters of kCN x kCM (tile columns x tile rows; 1 or 2 each). The blocks of a
@@ -448,24 +321,14 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     uint32_t phase = 0;
     for (int kt = 0; kt < Kt; ++kt) {
       // the scales first: their loads are in flight while the tile lands and multiplies
-      const float b_s = __ldg(sb + kt);
-      float s0[kWaves], s1[kWaves];
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        s0[w] = __ldg(sa + off0[w] + kt);
-        s1[w] = __ldg(sa + off1[w] + kt);
-      }
+      float b_s, s0[kWaves], s1[kWaves];
+      load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
       mbar_wait(full + 8 * s, phase);
       const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
-      const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
-        const uint64_t da = hi | (stage_lo + uint32_t((kWaves * c + w) * (kTileBytes / 2)) / 16);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int k = 0; k < kTile / 32; ++k)  // 32 bytes of K a step: +2 in the descriptor's 16-byte units
-          wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, kWaves > 1 || p.promote ? k : int(kt > 0 || k > 0));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        // (the contrast sums all of K in acc: fresh only at the first tile)
+        issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, kWaves > 1 || p.promote || kt == 0);
         // while these run: the stage the last K tile used (released by now, as a rule), refilled
         if (w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < Kt) produce(kt - 1 + kStages);
         __syncwarp();
@@ -480,26 +343,12 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
       }
       if (++s == kStages) s = 0, phase ^= 1;
     }
-    bool in0[kWaves], in1[kWaves];
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) in0[w] = r[w] < t.rows, in1[w] = r[w] + 8 < t.rows;
     if (kWaves == 1 && !p.promote) {  // scaled at the end by the first tile's scales
       const float b_s = sb[0], u0 = sa[off0[0]] * b_s, u1 = sa[off1[0]] * b_s;
 #pragma unroll
       for (int i = 0; i < 64; ++i) total[0][i] = acc[i] * ((i & 2) ? u1 : u0);
     }
-    // accumulator layout of m64n128: register 4j + 2h + {0, 1} is row r + 8h, columns 8j + 2(lane % 4) + {0, 1}
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t col = n0 + 8 * j + 2 * (lane % 4), ra = t.row0 + r[w], rb = ra + 8;
-        if (in0[w])
-          store_pair(p, ra, col, row_value(p, t.g, ra, total[w][4 * j]), row_value(p, t.g, ra, total[w][4 * j + 1]));
-        if (in1[w])
-          store_pair(p, rb, col, row_value(p, t.g, rb, total[w][4 * j + 2]),
-                     row_value(p, t.g, rb, total[w][4 * j + 3]));
-      }
+    store_slices<false>(p, total, r, t.rows, t.row0, n0, t.g, lane);
   }
   // no block leaves while a peer may still arrive on its barriers
   if (kCluster > 1) cluster_sync();
@@ -595,23 +444,13 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
       for (int w = 0; w < kWaves; ++w) total[w][i] = 0.f;
     }
     for (int kt = 0; kt < Kt; ++kt, ++g) {
-      const float b_s = __ldg(sb + kt);
-      float s0[kWaves], s1[kWaves];
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        s0[w] = __ldg(sa + off0[w] + kt);
-        s1[w] = __ldg(sa + off1[w] + kt);
-      }
+      float b_s, s0[kWaves], s1[kWaves];
+      load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
       mbar_wait(full + 8 * s, phase);
       const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
-      const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
-        const uint64_t da = hi | (stage_lo + uint32_t((kWaves * c + w) * (kTileBytes / 2)) / 16);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int k = 0; k < kTile / 32; ++k) wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, k);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, true);
         // the stage the last K tile used, refilled — with the next output tile's copies near the end
         if (w == kWaves - 1 && threadIdx.x == 0 && g >= 1 && g - 1 + kStages < steps) produce();  // K tile g - 1 + kStages
         __syncwarp();
@@ -624,14 +463,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
       }
       if (++s == kStages) s = 0, phase ^= 1;
     }
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
-        const int64_t col = n0 + 8 * jj + 2 * (lane % 4), ra = m0 + r[w], rb = ra + 8;
-        if (r[w] < rows) store_pair(p, ra, col, total[w][4 * jj], total[w][4 * jj + 1]);
-        if (r[w] + 8 < rows) store_pair(p, rb, col, total[w][4 * jj + 2], total[w][4 * jj + 3]);
-      }
+    store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
   }
 #else
   (void)map_a, (void)map_b, (void)p, (void)m_tiles, (void)n_tiles;
@@ -723,17 +555,6 @@ bool fp8_gemm_wgmma_available() {
   return cached[device] == 2;
 }
 
-void quantize_1x128(uint8_t* q, float* scales, const float* x, int64_t M, int64_t K, Stream stream) {
-  FATHOM_CHECK(M >= 0 && K > 0, "quantize_1x128: ", M, " x ", K, " is not a matrix");
-  if (M == 0) return;
-  FATHOM_ASSERT(q && scales && x, "quantize_1x128 with a null pointer");
-  const int64_t Kt = ceil_div(K, kTile), warps = M * Kt;
-  FATHOM_CHECK(ceil_div(warps, 8) < (int64_t(1) << 31), "quantize_1x128: ", M, " x ", K, " is too large for one launch");
-  launch_kernel(quantize_1x128_kernel, dim3(unsigned(ceil_div(warps, 8))), 256, 0, as_cuda(stream), q, scales, x, M, K,
-                Kt);
-  check_launch("quantize_1x128_kernel");
-}
-
 void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
   FATHOM_CHECK(p.out_dtype == DType::BF16 || p.out_dtype == DType::F32, "fp8_gemm: output dtype ",
                dtype_name(p.out_dtype), " is not supported; expected BF16 or F32.");
@@ -747,8 +568,8 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
   FATHOM_CHECK(p.layout != Fp8Layout::Contiguous || p.expert,
                "fp8_gemm: the contiguous layout needs the rows' experts.");
   FATHOM_CHECK(p.layout != Fp8Layout::Masked || p.count, "fp8_gemm: the masked layout needs the groups' row counts.");
-  const int64_t m_tiles = ceil_div(p.M, kSimtTile), a_rows = p.layout == Fp8Layout::Masked ? p.groups * p.M : p.M;
-  FATHOM_CHECK(ceil_div(p.N, kSimtTile) < (int64_t(1) << 31) && m_tiles <= 65535 && p.groups <= 65535 &&
+  const int64_t a_rows = p.layout == Fp8Layout::Masked ? p.groups * p.M : p.M;
+  FATHOM_CHECK(ceil_div(p.N, kSimtTile) < (int64_t(1) << 31) && ceil_div(p.M, kSimtTile) <= 65535 && p.groups <= 65535 &&
                    a_rows < (int64_t(1) << 31) && int64_t(p.groups) * p.N < (int64_t(1) << 31),
                "fp8_gemm: M ", p.M, " N ", p.N, " groups ", p.groups, " exceed what one launch handles.");
   if (p.M == 0 || p.N == 0) return;
@@ -860,9 +681,7 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     check_launch("fp8_gemm_wgmma_kernel");
     return;
   }
-  launch_kernel(fp8_gemm_simt_kernel, dim3(unsigned(ceil_div(p.N, kSimtTile)), unsigned(m_tiles), gz), 256, 0, s,
-                args);
-  check_launch("fp8_gemm_simt_kernel");
+  launch_fp8_gemm_simt(args, gz, s);
 }
 
 }  // namespace fathom::cuda
