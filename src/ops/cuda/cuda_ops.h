@@ -13,7 +13,8 @@
 //   attention.cu    split-KV flash attention (GQA/MQA/absorbed MLA, causal, paged, BF16 KV)
 //   moe.cu          routing (moe_gate) and the routed experts (gather path)
 //   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
-//   fp8_gemm.cu     FP8 x FP8 block-scaled GEMM (DeepSeek-V3's recipe), 1x128 quantization
+//   fp8_gemm.cu     FP8 x FP8 block-scaled GEMM (DeepSeek-V3's recipe) on Hopper (wgmma, TMA)
+//   fp8_gemm_simt.cu  its SIMT kernel for other GPUs, the 1x128 activation quantization
 //   sample.cu       token sampling: temperature, top-k, top-p, min-p, the draw (Ops::sample)
 //   backward.cu     the training passes' backward kernels
 //   optimizer.cu    AdamW and the gradient norm on the device (training)
