@@ -69,6 +69,7 @@ class CudaOps final : public Ops {
  public:
   explicit CudaOps(int device) : ctx_(std::make_shared<CudaContext>(device)) {
     cuda::attention_setup();  // kernel attributes now, never inside a graph capture
+    cuda::fp8_gemm_setup();
   }
   const char* name() const override { return "cuda"; }
   Device device() const override { return Device::CUDA; }

@@ -270,8 +270,12 @@ struct Fp8GemmParams {
 // out = the recipe's product (fp8_gemm in ops/cpu/fp8_gemm.h) in the chosen layout.
 void fp8_gemm(const Fp8GemmParams& p, Stream stream);
 // Whether Auto takes the wgmma kernel on the current device (an sm_90a kernel image and a
-// compute capability 9.0 device).
+// compute capability 9.0 device). The first call runs a probe kernel and synchronizes: make it
+// (fp8_gemm_setup) before any graph capture.
 bool fp8_gemm_wgmma_available();
+// The probe and the wgmma kernels' shared-memory limits, for the current device, outside any
+// graph capture (CudaOps does it when made).
+void fp8_gemm_setup();
 
 // ---- sample.cu
 

@@ -510,7 +510,30 @@ CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_r
   return m;
 }
 
-std::once_flag g_wgmma_smem[kMaxDevices], g_persistent_smem[kMaxDevices];
+using GridKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs);
+const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
+    {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
+    {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
+    {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
+using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
+const PersistentKernel kPersistentKernels[3] = {fp8_gemm_wgmma_persistent_kernel<1, 2>,
+                                                fp8_gemm_wgmma_persistent_kernel<1, 3>,
+                                                fp8_gemm_wgmma_persistent_kernel<2, 2>};
+
+// Every wgmma kernel may use its shared-memory ring, once per device.
+std::once_flag g_wgmma_smem[kMaxDevices];
+void allow_wgmma_smem() {
+  once_per_device(g_wgmma_smem, [] {
+    const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
+    for (const auto& by_rows : kGridKernels)
+      for (const GridKernel k : by_rows)
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+              "fp8_gemm (shared memory of the wgmma kernel)");
+    for (const PersistentKernel k : kPersistentKernels)
+      check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+            "fp8_gemm (shared memory of the persistent wgmma kernel)");
+  });
+}
 
 // The tile height for a product: the one with the least estimated time, waves of blocks over the
 // SMs times a wave's time, from what each height reached on large products on the H200 (TFLOP/s:
@@ -541,18 +564,25 @@ bool fp8_gemm_wgmma_available() {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     int flag = 0;
+    bool clean = true;  // the probe ran (not refused, e.g. inside a graph capture): its answer is kept
     if (major == 9 && minor == 0) {
       int* d = nullptr;
-      if (cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
+      clean = cudaMalloc(&d, sizeof(int)) == cudaSuccess;
+      if (clean) {
         sm90a_probe_kernel<<<1, 1>>>(d);
-        if (cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) flag = 0;
+        clean = cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
         cudaFree(d);
       }
       cudaGetLastError();
     }
+    if (!clean) return false;
     cached[device] = flag == 1 ? 2 : 1;
   }
   return cached[device] == 2;
+}
+
+void fp8_gemm_setup() {
+  if (fp8_gemm_wgmma_available()) allow_wgmma_smem();
 }
 
 void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
@@ -624,37 +654,16 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     FATHOM_CHECK(p.promote || rows != 192, "fp8_gemm: the unpromoted contrast runs on 128-row tiles");
     const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
-    using Kernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs);
-    static const Kernel kernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
-        {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
-        {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
-        {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
-    const Kernel kernel = kernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
+    const GridKernel kernel = kGridKernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
-    once_per_device(g_wgmma_smem, [&] {
-      const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
-      for (const auto& by_rows : kernels)
-        for (const Kernel k : by_rows)
-          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                "fp8_gemm (shared memory of the wgmma kernel)");
-    });
+    allow_wgmma_smem();
     if (persistent) {
-      using PKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
-      static const PKernel pkernels[3] = {fp8_gemm_wgmma_persistent_kernel<1, 2>,
-                                          fp8_gemm_wgmma_persistent_kernel<1, 3>,
-                                          fp8_gemm_wgmma_persistent_kernel<2, 2>};
-      once_per_device(g_persistent_smem, [&] {
-        const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
-        for (const PKernel k : pkernels)
-          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                "fp8_gemm (shared memory of the persistent wgmma kernel)");
-      });
       const int64_t m_tiles = ceil_div(p.M, rows), n_tiles = ceil_div(p.N, kTile);
       const int64_t blocks = std::min<int64_t>(m_tiles * n_tiles, sm_count());
-      launch_kernel(pkernels[ri], dim3(unsigned(blocks)), unsigned(threads), size_t(smem), s, map_a, map_b, args,
+      launch_kernel(kPersistentKernels[ri], dim3(unsigned(blocks)), unsigned(threads), size_t(smem), s, map_a, map_b, args,
                     m_tiles, n_tiles);
       check_launch("fp8_gemm_wgmma_persistent_kernel");
       return;
