@@ -162,6 +162,20 @@ __device__ inline void promote(float (&total)[64], const float (&acc)[64], float
   for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
 }
 
+// Warpgroup c's slice w: this thread's accumulator rows r[w] and r[w] + 8 of the tile, and the
+// offsets of their scales among the tile's (rows at or past `rows` read row 0's: their sums are
+// never stored).
+template <int kWaves>
+__device__ __forceinline__ void slice_rows(int c, int warp, int lane, int64_t rows, int Kt, int (&r)[kWaves],
+                                           int (&off0)[kWaves], int (&off1)[kWaves]) {
+#pragma unroll
+  for (int w = 0; w < kWaves; ++w) {
+    r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
+    off0[w] = r[w] < rows ? r[w] * Kt : 0;
+    off1[w] = r[w] + 8 < rows ? (r[w] + 8) * Kt : 0;
+  }
+}
+
 // K tile kt's scales for this thread's rows (sa + off: each row's scales) and the B block.
 template <int kWaves>
 __device__ __forceinline__ void load_scales(const float* sa, const float* sb, const int (&off0)[kWaves],
@@ -284,16 +298,9 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     // loop between two batches of wgmmas is what keeps the tensor cores waiting.
     const int c = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);  // rows 64 kWaves c .. of the tile
     const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
-    // slice w: this thread's accumulator rows r[w] and r[w] + 8, and the offsets of their scales
-    // (rows past the end read row 0's: their sums are never stored)
     int r[kWaves], off0[kWaves], off1[kWaves];
     const int Kt = int(p.Kt);
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-      r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
-      off0[w] = r[w] < t.rows ? r[w] * Kt : 0;
-      off1[w] = r[w] + 8 < t.rows ? (r[w] + 8) * Kt : 0;
-    }
+    slice_rows(c, warp, lane, t.rows, Kt, r, off0, off1);
     const float* sa = p.a_scale + t.row0 * p.Kt;
     // (a block past N, there to load its part for its cluster, reads the last block's scales)
     const float* sb = p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt;
@@ -428,12 +435,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     tile_of(j, m0, n0);
     const int64_t rows = lmin(kRows, p.M - m0);
     int r[kWaves], off0[kWaves], off1[kWaves];
-#pragma unroll
-    for (int w = 0; w < kWaves; ++w) {
-      r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
-      off0[w] = r[w] < rows ? r[w] * Kt : 0;
-      off1[w] = r[w] + 8 < rows ? (r[w] + 8) * Kt : 0;
-    }
+    slice_rows(c, warp, lane, rows, Kt, r, off0, off1);
     const float* sa = p.a_scale + m0 * p.Kt;
     const float* sb = p.b_scale + (n0 / kTile) * p.Kt;
     float acc[64], total[kWaves][64];
