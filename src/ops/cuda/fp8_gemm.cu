@@ -33,10 +33,7 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/fp8_gemm.cuh"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FATHOM_SM90A 1
-#endif
+#include "ops/cuda/hopper.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -61,72 +58,6 @@ struct WgmmaShape {
 // accumulators and 64 tensor-core ones need. Thread 0 issues the copies between its wgmmas instead.
 
 #ifdef FATHOM_SM90A
-__device__ inline void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ inline void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ inline void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Waits for the phase of the given parity to complete. A copy that never lands would hang the
-// GPU; after 10 s the kernel traps instead (a launch error at the next synchronization).
-__device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  uint64_t start = 0;
-  for (int spins = 0;; ++spins) {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    if (done) return;
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (spins == 0) start = now;
-    else if (now - start > 10000000000ull) __trap();
-  }
-}
-// A 2-D tile [c0, c0 + box0) x [c1, c1 + box1) of the tensor map into shared memory, completing
-// on bar (elements outside the tensor arrive as zeros and count as bytes).
-__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-
-// The same copy delivered to the same shared-memory offset (and mbarrier offset) of every CTA of
-// the cluster in cta_mask: one L2 read feeds several blocks.
-__device__ inline void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
-                                             uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
-      "%3}], [%4], %5;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
-      : "memory");
-}
-// Arrives on the mbarrier at the same offset in CTA `rank` of the cluster (itself included).
-__device__ inline void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-// Every thread of the cluster's blocks: what each did to shared memory before is visible to all after.
-__device__ inline void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// The shared-memory matrix descriptor of a K-major tile stored as TMA writes it with 128-byte
-// swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (the stride byte offset); the
-// leading byte offset is unused in this mode. The tile starts 1024-byte aligned; K steps of 32
-// e4m3 within the row advance the start address by 32 bytes.
-__device__ inline uint64_t sw128_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
 // d (64 x 128 f32 over the warpgroup: 64 registers a thread) (+)= A (64 x 32) · B (128 x 32)ᵀ,
 // both e4m3 in shared memory; scale_d = 0 overwrites d.
 __device__ inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -151,11 +82,6 @@ __device__ inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, ui
 #endif
 
 #ifdef FATHOM_SM90A
-template <int N>
-__device__ inline void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
 // The promotion: the tile's sums, scaled by their rows' sa * sb, into the fp32 accumulators.
 __device__ inline void promote(float (&total)[64], const float (&acc)[64], float s0, float s1) {
 #pragma unroll
@@ -473,28 +399,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
 #endif
 }
 
-// Writes 1 when the kernel image has sm_90a's instructions.
-__global__ void sm90a_probe_kernel(int* flag) {
-#ifdef FATHOM_SM90A
-  *flag = 1;
-#else
-  *flag = 0;
-#endif
-}
-
 // ---- host side
-
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q),
-          "fp8_gemm (cuTensorMapEncodeTiled)");
-    FATHOM_CHECK(q == cudaDriverEntryPointSuccess && f, "fp8_gemm: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
 
 // The tensor map of a (rows, K) e4m3 matrix read as box_rows x 128-byte boxes, 128-byte swizzled.
 CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_rows, const char* what) {
@@ -557,31 +462,7 @@ int fp8_tile_rows(const Fp8GemmParams& p) {
 
 }  // namespace
 
-bool fp8_gemm_wgmma_available() {
-  static int cached[kMaxDevices];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
-  if (cached[device] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    int flag = 0;
-    bool clean = true;  // the probe ran (not refused, e.g. inside a graph capture): its answer is kept
-    if (major == 9 && minor == 0) {
-      int* d = nullptr;
-      clean = cudaMalloc(&d, sizeof(int)) == cudaSuccess;
-      if (clean) {
-        sm90a_probe_kernel<<<1, 1>>>(d);
-        clean = cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-        cudaFree(d);
-      }
-      cudaGetLastError();
-    }
-    if (!clean) return false;
-    cached[device] = flag == 1 ? 2 : 1;
-  }
-  return cached[device] == 2;
-}
+bool fp8_gemm_wgmma_available() { return sm90a_available(); }
 
 void fp8_gemm_setup() {
   if (fp8_gemm_wgmma_available()) allow_wgmma_smem();
