@@ -15,6 +15,8 @@
 //   moe_grouped.cu  the routed experts for large batches (sorted by expert, tiled GEMMs)
 //   fp8_gemm.cu     FP8 x FP8 block-scaled GEMM (DeepSeek-V3's recipe) on Hopper (wgmma, TMA)
 //   fp8_gemm_simt.cu  its SIMT kernel for other GPUs, the 1x128 activation quantization
+//   flash_attention.cu  bf16 flash attention of packed variable-length batches (FA3 on Hopper)
+//   hopper.cu       the sm_90a probe and TMA tensor maps (hopper.cuh: mbarriers, TMA, wgmma)
 //   sample.cu       token sampling: temperature, top-k, top-p, min-p, the draw (Ops::sample)
 //   backward.cu     the training passes' backward kernels
 //   optimizer.cu    AdamW and the gradient norm on the device (training)
@@ -27,6 +29,7 @@
 #include <string>
 
 #include "core/dtype.h"
+#include "ops/flash_attention.h"
 #include "ops/ops.h"
 
 namespace fathom::cuda {
@@ -167,6 +170,20 @@ void set_latent_attention(bool enabled);
 // Once per device: lets the attention kernels use the device's shared memory. attention() calls
 // it itself; call it before capturing a graph, where attribute changes do not belong.
 void attention_setup();
+
+// ---- flash_attention.cu
+
+// FlashAttentionParams (src/ops/flash_attention.h) on the device: out (bf16) and lse of packed
+// variable-length sequences, causal or not, GQA/MQA. Auto takes the Hopper kernel (wgmma, TMA)
+// when flash_wgmma_refusal(p) is null, else the SIMT fallback (any GPU, any head dims <= 256);
+// Wgmma insists (an error saying why it cannot), Simt forces the fallback.
+enum class FlashKernel { Auto, Wgmma, Simt };
+void flash_attention_forward(const FlashAttentionParams& p, Stream stream, FlashKernel kernel = FlashKernel::Auto);
+// Why the Hopper kernel cannot take p, or null: head dims (64, 64), (128, 128) or (192, 128);
+// 16-byte aligned tensors and strides; an sm_90a device and build.
+const char* flash_wgmma_refusal(const FlashAttentionParams& p);
+// Once per device, before any graph capture: the sm_90a probe and the kernels' shared memory.
+void flash_attention_setup();
 
 // ---- moe.cu
 

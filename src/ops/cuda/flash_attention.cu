@@ -1,0 +1,458 @@
+// Flash attention on the GPU (arguments and masking rules: src/ops/flash_attention.h; the CPU
+// reference: src/ops/cpu/flash_attention.cpp; the ideas step by step: docs/flash-attention.md).
+//
+// Attention never materializes the (queries x keys) score matrix: a block keeps a tile of queries
+// in on-chip memory and streams the keys and values past it, tile after tile, folding each tile's
+// scores into a running row maximum m, a running denominator l and an unnormalized output O
+// (online softmax: when m grows, l and O are rescaled by exp(m_old - m_new)); the output is O / l
+// and the log-sum-exp m + log l is kept for the backward, which recomputes the scores instead of
+// storing them (FlashAttention 1). The work is split over query tiles as well as heads and
+// sequences, and the rescaling happens once per key tile, not per key (FlashAttention 2).
+//
+// The Hopper kernel (flash_fwd_wgmma_kernel, sm_90a) does this with Hopper's own machinery
+// (FlashAttention 3): a block of two warpgroups owns 128 queries (64 each) of one head;
+// - thread 0 issues TMA bulk tensor copies (cp.async.bulk.tensor) of the query tile once and of
+//   each 128-key tile of K and V into a ring of shared-memory stages, 128-byte swizzled, each copy
+//   completing on its stage's mbarrier; a stage is refilled when both warpgroups released it;
+// - S = Q Kᵀ is a chain of wgmma m64n128k16 with both operands in shared memory; the softmax runs
+//   on S in registers; P is converted to bf16 in registers, where wgmma's A operand may live, and
+//   O += P V is a chain of wgmma with V read transposed (N-major) from shared memory — no copy
+//   of P or V anywhere;
+// - while one warpgroup computes its softmax the other's wgmmas keep the tensor cores busy.
+// The SIMT kernel (flash_fwd_simt_kernel) is the fallback for GPUs without an sm_90a image.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/hopper.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+// What the kernels read besides the tensor maps.
+struct FlashArgs {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  float* lse;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int64_t q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, o_ts, o_hs;
+  int64_t total_q, total_k;
+  int n_heads, group, d_qk, d_v;
+  float scale, scale_log2;  // scale · log2(e): the kernels use exp2
+  int causal;
+};
+
+// A sequence's place: its first query and key rows, lengths (clamped to the totals).
+struct SeqSpan {
+  int64_t q0, k0;
+  int lq, lk;
+};
+__device__ inline SeqSpan seq_span(const FlashArgs& a, int b) {
+  SeqSpan s;
+  s.q0 = a.cu_q[b];
+  s.k0 = a.cu_k[b];
+  s.lq = int(max(int64_t(0), min(int64_t(a.cu_q[b + 1]), a.total_q) - s.q0));
+  s.lk = int(max(int64_t(0), min(int64_t(a.cu_k[b + 1]), a.total_k) - s.k0));
+  return s;
+}
+
+// ---- the Hopper kernel
+
+constexpr int kBlockM = 128, kBlockN = 128;  // queries of a block (two warpgroups of 64), keys of a tile
+constexpr int kChunk = 64;                   // bf16 columns in one 128-byte swizzled box
+
+template <int kDqk, int kDv>
+struct FlashShape {
+  static constexpr int kQBytes = kBlockM * kDqk * 2;
+  static constexpr int kKBytes = kBlockN * kDqk * 2;
+  static constexpr int kVBytes = kBlockN * kDv * 2;
+  static constexpr int kFit = (227 * 1024 - 2048 - kQBytes) / (kKBytes + kVBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kQBytes + kStages * (kKBytes + kVBytes) + 1024 + 256;  // + alignment, barriers
+  static_assert(kStages >= 2, "two stages of K and V must fit");
+};
+
+#ifdef FATHOM_SM90A
+constexpr int kChunkBytes = 128 * 128;  // a 128-row box of one 64-column chunk: 16 KB
+
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d (64 x 128 f32, 64 registers a thread) (+)= A (64 x 16) · B (128 x 16)ᵀ, both bf16 K-major in
+// shared memory; scale_d = 0 overwrites d.
+__device__ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// d (64 x 128 f32) (+)= A (64 x 16 bf16: this thread's fragment in a[4]) · B (16 x 128 bf16 in shared
+// memory, N-major: the transposed operand); scale_d = 0 overwrites d.
+__device__ inline void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+// d (64 x 64 f32) (+)= A (64 x 16 bf16: this thread's fragment in a[4]) · B (16 x 64 bf16 in shared
+// memory, N-major: the transposed operand); scale_d = 0 overwrites d.
+__device__ inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+// The key tiles block m_block of a sequence reads: all of them, or under the causal mask those up
+// to its last query's diagonal.
+__device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_block) {
+  int n = (s.lk + kBlockN - 1) / kBlockN;
+  if (a.causal) {
+    const int last_key = min(m_block * kBlockM + kBlockM - 1, s.lq - 1) + s.lk - s.lq;
+    n = last_key < 0 ? 0 : min(n, last_key / kBlockN + 1);
+  }
+  return n;
+}
+
+// O (+)= P V for one key tile: P from the scores' registers, converted to bf16 fragments of
+// wgmma's A operand (the m64nNk16 accumulator layout of 16 keys is the A layout of k16), V's 16
+// keys a step, 2 KB of the N-major tile.
+template <int kDv>
+__device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const float (&p)[64], uint64_t dv0) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint32_t pa[4] = {pack_bf16(p[8 * kk], p[8 * kk + 1]), pack_bf16(p[8 * kk + 2], p[8 * kk + 3]),
+                            pack_bf16(p[8 * kk + 4], p[8 * kk + 5]), pack_bf16(p[8 * kk + 6], p[8 * kk + 7])};
+    if constexpr (kDv == 128) wgmma_rs_m64n128k16_tb(o, pa, dv0 + kk * (2048 >> 4), 1);
+    else wgmma_rs_m64n64k16_tb(o, pa, dv0 + kk * (2048 >> 4), 1);
+  }
+}
+#endif
+
+template <int kDqk, int kDv>
+__global__ void __launch_bounds__(256, 1)
+    flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = FlashShape<kDqk, kDv>;
+  constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kVChunks = kDv / kChunk;
+  pdl_wait();
+  const int h = int(blockIdx.x), b = int(blockIdx.z);
+  const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
+  const SeqSpan s = seq_span(a, b);
+  if (m_block * kBlockM >= s.lq) return;
+  const int n_tiles = key_tiles(a, s, m_block), kvh = h / a.group;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned
+  const uint32_t sk = sq + Shape::kQBytes, sv = sk + kStages * Shape::kKBytes;
+  const uint32_t q_full = sv + kStages * Shape::kVBytes, k_full = q_full + 8, v_full = k_full + 8 * kStages;
+  const uint32_t k_empty = v_full + 8 * kStages, v_empty = k_empty + 8 * kStages;
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(k_full + 8 * i, 1);
+      mbar_init(v_full + 8 * i, 1);
+      mbar_init(k_empty + 8 * i, 8);  // one arrive per warp of both warpgroups
+      mbar_init(v_empty + 8 * i, 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  // Thread 0 produces: loop step `it` reads key tile n_tiles - 1 - it (the masked tiles first);
+  // a stage is refilled once all eight warps released it.
+  auto key_row = [&](int it) { return int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN); };
+  auto produce_k = [&](int it) {
+    const int st = it % kStages;
+    mbar_wait(k_empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));  // the first round passes at once
+    mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
+#pragma unroll
+    for (int c = 0; c < kQChunks; ++c)
+      tma_load_3d(sk + st * Shape::kKBytes + c * kChunkBytes, &map_k, c * kChunk, kvh, key_row(it), k_full + 8 * st);
+  };
+  auto produce_v = [&](int it) {
+    const int st = it % kStages;
+    mbar_wait(v_empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+    mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
+#pragma unroll
+    for (int c = 0; c < kVChunks; ++c)
+      tma_load_3d(sv + st * Shape::kVBytes + c * kChunkBytes, &map_v, c * kChunk, kvh, key_row(it), v_full + 8 * st);
+  };
+  if (tid == 0) {
+    mbar_expect_tx(q_full, Shape::kQBytes);
+#pragma unroll
+    for (int c = 0; c < kQChunks; ++c)
+      tma_load_3d(sq + c * kChunkBytes, &map_q, c * kChunk, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+    for (int it = 0; it < min(kStages, n_tiles); ++it) produce_k(it), produce_v(it);
+  }
+
+  // Warpgroup wg owns queries 64 wg .. of the block; this thread rows r0 and r0 + 8 of the
+  // sequence, and in each 8-key group of a tile the keys 2 (lane % 4) + {0, 1}.
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0);
+  const int warp = (tid % 128) / 32, lane = tid % 32;
+  const int r0 = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4, diag = s.lk - s.lq;
+  float o[kDv / 2];
+#pragma unroll
+  for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const uint64_t dq0 = sw128_desc(sq + wg * 64 * 128);
+  mbar_wait(q_full, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it % kStages, j = n_tiles - 1 - it;
+    const uint32_t ph = uint32_t((it / kStages) & 1);
+    // S = Q Kᵀ: 64 x 128 scores in 64 registers a thread
+    float sc[64];
+    mbar_wait(k_full + 8 * st, ph);
+    {
+      const uint64_t dk0 = sw128_desc(sk + st * Shape::kKBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < kQChunks; ++c)
+#pragma unroll
+        for (int kk = 0; kk < kChunk / 16; ++kk)
+          wgmma_ss_m64n128k16(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
+                              (c | kk) != 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(k_empty + 8 * st);
+    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_k(it - 1 + kStages);
+    // keys past the sequence or, causally, past a row's diagonal score -inf
+    if ((j + 1) * kBlockN > s.lk || (a.causal && (j + 1) * kBlockN - 1 > m_block * kBlockM + diag)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        const int key = j * kBlockN + 8 * (i / 4) + 2 * (lane % 4) + (i & 1), row = r0 + 8 * ((i >> 1) & 1);
+        if (key >= s.lk || (a.causal && key > row + diag)) sc[i] = -INFINITY;
+      }
+    }
+    // online softmax: the rows' new maxima (over the quad that shares a row), the old sums and
+    // outputs rescaled by exp(m_old - m_new), p = exp(scale (s - m)) summed per thread
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
+    float ms[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+      ms[r] = mx[r] == -INFINITY ? 0.f : mx[r] * a.scale_log2;  // a row with no key yet stays at zero
+      const float corr = fast_exp2(m[r] * a.scale_log2 - ms[r]);
+      m[r] = mx[r];
+      l[r] *= corr;
+#pragma unroll
+      for (int i = 0; i < kDv / 8; ++i) o[4 * i + 2 * r] *= corr, o[4 * i + 2 * r + 1] *= corr;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i >> 1) & 1;
+      sc[i] = fast_exp2(fmaf(sc[i], a.scale_log2, -ms[r]));
+      l[r] += sc[i];
+    }
+    // O += P V
+    mbar_wait(v_full + 8 * st, ph);
+    wgmma_fence();
+    pv_product<kDv>(o, sc, sw128_desc_mn(sv + st * Shape::kVBytes, kChunkBytes));
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(v_empty + 8 * st);
+    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_v(it - 1 + kStages);
+  }
+
+  // out = O / l in bf16, and the log-sum-exp scale m + ln l
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+    const int row = r0 + 8 * r;
+    if (row >= s.lq) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    uint16_t* out = a.out + (s.q0 + row) * a.o_ts + int64_t(h) * a.o_hs + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i)
+      *reinterpret_cast<uint32_t*>(out + 8 * i) = pack_bf16(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    if (a.lse && lane % 4 == 0)
+      a.lse[int64_t(h) * a.total_q + s.q0 + row] = l[r] > 0.f ? m[r] * a.scale + logf(l[r]) : -INFINITY;
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)a;
+  __trap();  // never launched: sm90a_available() is false without an sm_90a image
+#endif
+}
+
+// ---- the fallback: one warp per (query, head), the keys one at a time with the online softmax;
+// each lane holds dims lane + 32 i of q and of the output (kPer of them).
+template <int kPer>
+__global__ void __launch_bounds__(128) flash_fwd_simt_kernel(const FlashArgs a) {
+  pdl_wait();
+  const int h = int(blockIdx.y), b = int(blockIdx.z);
+  const SeqSpan s = seq_span(a, b);
+  const int row = int(blockIdx.x) * 4 + int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
+  if (row >= s.lq) return;
+  const int kvh = h / a.group;
+  const uint16_t* q = a.q + (s.q0 + row) * a.q_ts + int64_t(h) * a.q_hs;
+  float qv[kPer], o[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    qv[i] = d < a.d_qk ? bf16_bits_to_f32(q[d]) : 0.f;
+    o[i] = 0.f;
+  }
+  const int n = a.causal ? max(0, min(s.lk, row + s.lk - s.lq + 1)) : s.lk;
+  float m = -INFINITY, l = 0.f;  // m in log2 units
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* k = a.k + (s.k0 + j) * a.k_ts + int64_t(kvh) * a.k_hs;
+    const uint16_t* v = a.v + (s.k0 + j) * a.v_ts + int64_t(kvh) * a.v_hs;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < a.d_qk) dot += qv[i] * bf16_bits_to_f32(k[lane + 32 * i]);
+    const float sj = warp_sum(dot) * a.scale_log2, m_new = fmaxf(m, sj);
+    const float corr = exp2f(m - m_new), p = exp2f(sj - m_new);
+    l = l * corr + p;
+    m = m_new;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < a.d_v) o[i] = o[i] * corr + p * bf16_bits_to_f32(v[lane + 32 * i]);
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  uint16_t* out = a.out + (s.q0 + row) * a.o_ts + int64_t(h) * a.o_hs;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    if (lane + 32 * i < a.d_v) out[lane + 32 * i] = f32_to_bf16_bits(o[i] * inv);
+  if (a.lse && lane == 0) a.lse[int64_t(h) * a.total_q + s.q0 + row] = l > 0.f ? m * 0.69314718f + logf(l) : -INFINITY;
+}
+
+// ---- host side
+
+// The tensor map of a (tokens, heads, d) bf16 tensor read as box_rows x 64-column boxes of one
+// head, 128-byte swizzled.
+CUtensorMap head_map(const uint16_t* ptr, int d, int heads, int64_t tokens, int64_t head_stride, int64_t token_stride,
+                     uint32_t box_rows, const char* what) {
+  CUtensorMap m{};
+  const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(tokens)};
+  const cuuint64_t strides[2] = {cuuint64_t(head_stride) * 2, cuuint64_t(token_stride) * 2};
+  const cuuint32_t box[3] = {uint32_t(kChunk), 1, box_rows};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(ptr), dims,
+                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "flash_attention: the tensor map of ", what, " (", tokens, " x ", heads, " x ", d,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
+using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
+struct WgmmaVariant {
+  int d_qk, d_v, smem;
+  WgmmaKernel kernel;
+};
+const WgmmaVariant kWgmmaVariants[] = {
+    {64, 64, FlashShape<64, 64>::kSmem, flash_fwd_wgmma_kernel<64, 64>},
+    {128, 128, FlashShape<128, 128>::kSmem, flash_fwd_wgmma_kernel<128, 128>},
+    {192, 128, FlashShape<192, 128>::kSmem, flash_fwd_wgmma_kernel<192, 128>},
+};
+
+std::once_flag g_flash_smem[kMaxDevices];
+void allow_flash_smem() {
+  once_per_device(g_flash_smem, [] {
+    for (const WgmmaVariant& v : kWgmmaVariants)
+      check(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
+            "flash_attention (shared memory of the wgmma kernel)");
+  });
+}
+
+const WgmmaVariant* wgmma_variant(const FlashAttentionParams& p) {
+  for (const WgmmaVariant& v : kWgmmaVariants)
+    if (v.d_qk == p.d_qk && v.d_v == p.d_v) return &v;
+  return nullptr;
+}
+
+}  // namespace
+
+void flash_attention_setup() {
+  if (sm90a_available()) allow_flash_smem();
+}
+
+// Why the wgmma kernel cannot take p (null when it can).
+const char* flash_wgmma_refusal(const FlashAttentionParams& p) {
+  if (!wgmma_variant(p)) return "head dims (qk, v) must be (64, 64), (128, 128) or (192, 128)";
+  const bool aligned = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out);
+  const bool strides = p.q_token_stride % 8 == 0 && p.q_head_stride % 8 == 0 && p.k_token_stride % 8 == 0 &&
+                       p.k_head_stride % 8 == 0 && p.v_token_stride % 8 == 0 && p.v_head_stride % 8 == 0 &&
+                       p.out_token_stride % 2 == 0 && p.out_head_stride % 2 == 0;
+  if (!aligned || !strides) return "q, k, v and out must be 16-byte aligned with strides of whole 16-byte units";
+  if (p.total_k == 0) return "there are no keys";
+  if (ceil_div(p.max_seqlen_q, kBlockM) > 65535) return "max_seqlen_q exceeds the grid";
+  if (!sm90a_available()) return "the device has no sm_90a kernels (an H100/H200 and an sm_90a build are needed)";
+  return nullptr;
+}
+
+void flash_attention_forward(const FlashAttentionParams& p, Stream stream, FlashKernel kernel) {
+  check_flash_attention(p, false, "flash_attention_forward");
+  FATHOM_CHECK(p.batch <= 65535 && p.n_heads <= 65535, "flash_attention_forward: batch ", p.batch, " or heads ",
+               p.n_heads, " exceed the grid (65535).");
+  if (p.total_q == 0 || p.max_seqlen_q == 0) return;
+  const char* refusal = kernel == FlashKernel::Simt ? "" : flash_wgmma_refusal(p);
+  FATHOM_CHECK(kernel != FlashKernel::Wgmma || !refusal, "flash_attention_forward: the wgmma kernel was asked for but ",
+               refusal, ".");
+  FlashArgs a{};
+  a.q = p.q, a.k = p.k, a.v = p.v, a.out = p.out, a.lse = p.lse, a.cu_q = p.cu_seqlens_q, a.cu_k = p.cu_seqlens_k;
+  a.q_ts = p.q_token_stride, a.q_hs = p.q_head_stride, a.k_ts = p.k_token_stride, a.k_hs = p.k_head_stride;
+  a.v_ts = p.v_token_stride, a.v_hs = p.v_head_stride, a.o_ts = p.out_token_stride, a.o_hs = p.out_head_stride;
+  a.total_q = p.total_q, a.total_k = p.total_k, a.n_heads = p.n_heads, a.group = p.n_heads / p.n_kv_heads;
+  a.d_qk = p.d_qk, a.d_v = p.d_v, a.scale = p.scale, a.scale_log2 = p.scale * 1.4426950408889634f;
+  a.causal = p.causal ? 1 : 0;
+  const cudaStream_t s = as_cuda(stream);
+  if (!refusal) {
+    allow_flash_smem();
+    const WgmmaVariant& v = *wgmma_variant(p);
+    const CUtensorMap mq = head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kBlockM, "q");
+    const CUtensorMap mk =
+        head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
+    const CUtensorMap mv = head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
+    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kBlockM)), unsigned(p.batch));
+    launch_kernel(v.kernel, grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
+    check_launch("flash_fwd_wgmma_kernel");
+    return;
+  }
+  const dim3 grid(unsigned(ceil_div(p.max_seqlen_q, 4)), unsigned(p.n_heads), unsigned(p.batch));
+  const int per = int(ceil_div(std::max(p.d_qk, p.d_v), 32));
+  auto launch = [&](auto k) { launch_kernel(k, grid, dim3(128), 0, s, a); };
+  if (per <= 2) launch(flash_fwd_simt_kernel<2>);
+  else if (per <= 4) launch(flash_fwd_simt_kernel<4>);
+  else launch(flash_fwd_simt_kernel<8>);
+  check_launch("flash_fwd_simt_kernel");
+}
+
+}  // namespace fathom::cuda

@@ -1,0 +1,238 @@
+// Flash attention on the GPU (src/ops/cuda/flash_attention.cu) against the CPU reference
+// (src/ops/cpu/flash_attention.cpp: scores and softmax in double), on fresh random inputs each
+// run (the seed is printed with a failure), for each kernel (SIMT; wgmma on an sm_90a device):
+//   out (bf16)  |gpu - ref| <= 1e-2 + 1e-2 |ref| per element: the output's own bf16 rounding
+//               (2^-9 relative) and, in the wgmma kernel, P rounded to bf16 before P V
+//   lse (fp32)  |gpu - ref| <= 1e-3: scores are exact products of bf16 values summed in fp32
+// over packed ragged batches (lengths 1, 17, 128, 130, 300 and more: tails of every tile size),
+// causal and not, self-attention and chunked prefill (more keys than queries), GQA and MQA, head
+// dims 64/64, 128/128, 192/128 and an odd one (SIMT only), strided layouts. Outputs start as NaN
+// (0xFF bytes): an unwritten element fails, and a NaN never passes a bound. Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/tensor.h"
+#include "core/thread_pool.h"
+#include "ops/cpu/flash_attention.h"
+#include "ops/ops.h"
+
+#ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/cuda_ops.h"
+#endif
+
+namespace fathom {
+namespace {
+
+#ifndef FATHOM_HAVE_CUDA
+
+TEST(CudaFlashAttention, Skipped) { GTEST_SKIP() << "built without CUDA (nvcc was not found at configure time)"; }
+
+#else
+
+using cuda::FlashKernel;
+
+// One packed batch: lengths per sequence, heads, dims, and the layout's extra row padding.
+struct Case {
+  std::vector<int> lq, lk;
+  int heads, kv_heads, d_qk, d_v;
+  bool causal;
+  int pad = 0;  // extra elements per token row of q, k, v and out (strided layouts)
+};
+
+class CudaFlashAttention : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine: flash attention tests skipped";
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    trace_ = std::make_unique<testing::ScopedTrace>(__FILE__, __LINE__, cat("random seed ", seed_));
+    gpu_ = make_cuda_ops(0);
+    cuda::flash_attention_setup();
+  }
+  void TearDown() override { trace_.reset(); }
+
+  std::vector<uint16_t> randn_bf16(int64_t n, float sd) {
+    std::normal_distribution<float> d(0.f, sd);
+    std::vector<uint16_t> v(static_cast<size_t>(n));
+    for (auto& x : v) x = f32_to_bf16(d(rng_));
+    return v;
+  }
+  Tensor up(const void* p, int64_t bytes) {
+    Tensor t = Tensor::empty({bytes}, DType::U8);
+    std::memcpy(t.data(), p, size_t(bytes));
+    return gpu_->upload(t);
+  }
+  Tensor poison(int64_t bytes) {
+    Tensor t = Tensor::empty({bytes}, DType::U8);
+    std::memset(t.data(), 0xFF, size_t(bytes));
+    return gpu_->upload(t);
+  }
+  template <typename T>
+  std::vector<T> down(const Tensor& t, int64_t n) {
+    std::vector<T> v(static_cast<size_t>(n));
+    Tensor h = Tensor::empty(t.shape(), t.dtype());
+    gpu_->download(h.data(), t);
+    std::memcpy(v.data(), h.data(), v.size() * sizeof(T));
+    return v;
+  }
+
+  // Runs the case on the CPU and with `kernel` on the GPU; returns the worst error ratios
+  // (error / bound) of out and lse, failing the test past 1.
+  void check(const Case& c, FlashKernel kernel, float scale_mul = 1.0f) {
+    const int B = int(c.lq.size());
+    std::vector<int32_t> cu_q{0}, cu_k{0};
+    int max_q = 0, max_k = 0;
+    for (int b = 0; b < B; ++b) {
+      cu_q.push_back(cu_q.back() + c.lq[size_t(b)]);
+      cu_k.push_back(cu_k.back() + c.lk[size_t(b)]);
+      max_q = std::max(max_q, c.lq[size_t(b)]);
+      max_k = std::max(max_k, c.lk[size_t(b)]);
+    }
+    const int64_t tq = cu_q.back(), tk = cu_k.back();
+    FlashAttentionParams p;
+    p.batch = B, p.total_q = tq, p.total_k = tk, p.max_seqlen_q = max_q, p.max_seqlen_k = max_k;
+    p.n_heads = c.heads, p.n_kv_heads = c.kv_heads, p.d_qk = c.d_qk, p.d_v = c.d_v, p.causal = c.causal;
+    p.scale = scale_mul / std::sqrt(float(c.d_qk));
+    p.q_head_stride = p.k_head_stride = c.d_qk, p.v_head_stride = p.out_head_stride = c.d_v;
+    p.q_token_stride = int64_t(c.heads) * c.d_qk + c.pad, p.k_token_stride = int64_t(c.kv_heads) * c.d_qk + c.pad;
+    p.v_token_stride = int64_t(c.kv_heads) * c.d_v + c.pad, p.out_token_stride = int64_t(c.heads) * c.d_v + c.pad;
+    const std::vector<uint16_t> q = randn_bf16(tq * p.q_token_stride, 1.0f), k = randn_bf16(tk * p.k_token_stride, 1.0f),
+                                v = randn_bf16(tk * p.v_token_stride, 1.0f);
+    // the reference
+    std::vector<uint16_t> out_cpu(size_t(tq * p.out_token_stride));
+    std::vector<float> ref(size_t(tq * c.heads * c.d_v)), lse_ref(size_t(tq * c.heads));
+    {
+      FlashAttentionParams r = p;
+      r.q = q.data(), r.k = k.data(), r.v = v.data(), r.out = out_cpu.data(), r.lse = lse_ref.data();
+      r.cu_seqlens_q = cu_q.data(), r.cu_seqlens_k = cu_k.data();
+      cpu::flash_attention_forward(r, pool_, ref.data());
+    }
+    // the GPU
+    const Tensor dq = up(q.data(), int64_t(q.size()) * 2), dk = up(k.data(), int64_t(k.size()) * 2),
+                 dv = up(v.data(), int64_t(v.size()) * 2), dcq = up(cu_q.data(), int64_t(cu_q.size()) * 4),
+                 dck = up(cu_k.data(), int64_t(cu_k.size()) * 4);
+    Tensor dout = poison(tq * p.out_token_stride * 2), dlse = poison(tq * c.heads * 4);
+    FlashAttentionParams g = p;
+    g.q = static_cast<const uint16_t*>(dq.data()), g.k = static_cast<const uint16_t*>(dk.data());
+    g.v = static_cast<const uint16_t*>(dv.data()), g.out = static_cast<uint16_t*>(dout.data());
+    g.lse = static_cast<float*>(dlse.data());
+    g.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), g.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
+    cuda::device_synchronize();
+    cuda::flash_attention_forward(g, nullptr, kernel);
+    cuda::device_synchronize();
+    const std::vector<uint16_t> out = down<uint16_t>(dout, tq * p.out_token_stride);
+    const std::vector<float> lse = down<float>(dlse, tq * c.heads);
+    double worst_out = 0, worst_lse = 0;
+    int64_t bad = 0;
+    for (int64_t t = 0; t < tq; ++t)
+      for (int h = 0; h < c.heads; ++h) {
+        const float lr = lse_ref[size_t(h * tq + t)], lg = lse[size_t(h * tq + t)];
+        const double el = std::isinf(lr) ? (lg == lr ? 0.0 : 1e9) : std::fabs(double(lg) - lr) / 1e-3;
+        if (!(el <= 1.0) && bad++ < 5) ADD_FAILURE() << "lse of token " << t << " head " << h << ": " << lg << " vs " << lr;
+        worst_lse = std::max(worst_lse, std::isnan(el) ? 1e9 : el);
+        for (int d = 0; d < c.d_v; ++d) {
+          const float r = ref[size_t((t * c.heads + h) * c.d_v + d)];
+          const float o = bf16_to_f32(out[size_t(t * p.out_token_stride + h * p.out_head_stride + d)]);
+          const double e = std::fabs(double(o) - r) / (1e-2 + 1e-2 * std::fabs(r));
+          if (!(e <= 1.0) && bad++ < 5)
+            ADD_FAILURE() << "out of token " << t << " head " << h << " dim " << d << ": " << o << " vs " << r;
+          worst_out = std::max(worst_out, std::isnan(e) ? 1e9 : e);
+        }
+      }
+    std::printf("  %s qk %d v %d heads %d/%d %s pad %d: worst out %.3f, lse %.3f of the bound\n",
+                kernel == FlashKernel::Wgmma ? "wgmma" : "simt ", c.d_qk, c.d_v, c.heads, c.kv_heads,
+                c.causal ? "causal" : "full  ", c.pad, worst_out, worst_lse);
+  }
+  std::vector<FlashKernel> kernels(const Case& c) {
+    std::vector<FlashKernel> ks{FlashKernel::Simt};
+    FlashAttentionParams p;
+    p.d_qk = c.d_qk, p.d_v = c.d_v, p.total_k = 1;
+    const char* why = cuda::flash_wgmma_refusal(p);  // (null pointers are aligned)
+    if (!why) ks.push_back(FlashKernel::Wgmma);
+    else if (!warned_++) std::printf("  the wgmma kernel is not tested: %s\n", why);
+    return ks;
+  }
+
+  uint32_t seed_ = 0;
+  std::mt19937 rng_;
+  std::unique_ptr<testing::ScopedTrace> trace_;
+  std::unique_ptr<Ops> gpu_;
+  ThreadPool pool_{4};
+  int warned_ = 0;
+};
+
+TEST_F(CudaFlashAttention, RaggedSelfAttentionMatchesTheCpu) {
+  for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}})
+    for (const bool causal : {true, false}) {
+      const Case c{{1, 17, 128, 130, 300, 255}, {1, 17, 128, 130, 300, 255}, 4, 4, dqk, dv, causal};
+      for (const FlashKernel k : kernels(c)) check(c, k);
+    }
+}
+
+TEST_F(CudaFlashAttention, ChunkedPrefillGqaAndMqa) {
+  // more keys than queries (a chunk after a cached prefix: the causal diagonal moves right), and
+  // fewer keys than queries (the first queries see nothing: zero output, lse -inf)
+  for (const int kv : {2, 1}) {
+    const Case c{{64, 129, 200, 7}, {300, 129, 460, 3}, 4, kv, 128, 128, true};
+    for (const FlashKernel k : kernels(c)) check(c, k);
+    const Case m{{192, 100}, {320, 40}, 6, kv, 192, 128, true};
+    for (const FlashKernel k : kernels(m)) check(m, k);
+  }
+}
+
+TEST_F(CudaFlashAttention, LongSequencesAndPeakedScores) {
+  // many key tiles (the ring of stages wraps several times), scores sharp enough that a key
+  // wrongly masked or let through moves the output
+  const Case c{{1000, 777}, {1000, 777}, 2, 1, 128, 128, true};
+  for (const FlashKernel k : kernels(c)) check(c, k, 4.0f);
+  const Case d{{1100}, {1100}, 2, 2, 64, 64, false};
+  for (const FlashKernel k : kernels(d)) check(d, k, 4.0f);
+}
+
+TEST_F(CudaFlashAttention, StridedLayouts) {
+  // rows padded by 8 elements (16 bytes: still TMA-able) as when q, k and v sit in one buffer
+  const Case c{{130, 61}, {130, 61}, 4, 2, 128, 128, true, 8};
+  for (const FlashKernel k : kernels(c)) check(c, k);
+  const Case odd{{33, 5}, {33, 9}, 3, 1, 40, 24, true, 3};  // odd dims and strides: SIMT only
+  check(odd, FlashKernel::Simt);
+}
+
+TEST_F(CudaFlashAttention, BadArgumentsAreErrors) {
+  FlashAttentionParams p;
+  std::vector<int32_t> cu{0, 4};
+  const Tensor dcu = up(cu.data(), 8), buf = poison(4 * 4 * 128 * 2);
+  p.q = p.k = p.v = static_cast<const uint16_t*>(buf.data());
+  p.out = static_cast<uint16_t*>(const_cast<void*>(buf.data()));
+  p.cu_seqlens_q = p.cu_seqlens_k = static_cast<const int32_t*>(dcu.data());
+  p.batch = 1, p.total_q = p.total_k = 4, p.max_seqlen_q = p.max_seqlen_k = 4;
+  p.n_heads = 4, p.n_kv_heads = 3, p.d_qk = p.d_v = 128;
+  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = 128;
+  p.q_token_stride = p.k_token_stride = p.v_token_stride = p.out_token_stride = 512;
+  auto message = [&](FlashKernel k) {
+    try {
+      cuda::flash_attention_forward(p, nullptr, k);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message(FlashKernel::Auto).find("cannot share 3 key/value heads"), std::string::npos);
+  p.n_kv_heads = 4, p.d_v = 96;
+  EXPECT_NE(message(FlashKernel::Wgmma).find("head dims (qk, v) must be"), std::string::npos);
+  p.d_v = 128, p.q_token_stride = 100;
+  EXPECT_NE(message(FlashKernel::Auto).find("q strides"), std::string::npos);
+  p.q_token_stride = 512, p.scale = -1.0f;
+  EXPECT_NE(message(FlashKernel::Auto).find("softmax scale"), std::string::npos);
+}
+
+#endif
+
+}  // namespace
+}  // namespace fathom
