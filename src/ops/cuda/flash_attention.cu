@@ -143,15 +143,20 @@ __device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_bloc
 
 // O (+)= P V for one key tile: P from the scores' registers, converted to bf16 fragments of
 // wgmma's A operand (the m64nNk16 accumulator layout of 16 keys is the A layout of k16), V's 16
-// keys a step, 2 KB of the N-major tile.
+// keys a step, 2 KB of the N-major tile. All fragments are written before the fence that orders
+// them before the wgmmas which read them.
 template <int kDv>
 __device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const float (&p)[64], uint64_t dv0) {
+  uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+    for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(p[8 * kk + 2 * x], p[8 * kk + 2 * x + 1]);
+  wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    const uint32_t pa[4] = {pack_bf16(p[8 * kk], p[8 * kk + 1]), pack_bf16(p[8 * kk + 2], p[8 * kk + 3]),
-                            pack_bf16(p[8 * kk + 4], p[8 * kk + 5]), pack_bf16(p[8 * kk + 6], p[8 * kk + 7])};
-    if constexpr (kDv == 128) wgmma_rs_m64n128k16_tb(o, pa, dv0 + kk * (2048 >> 4), 1);
-    else wgmma_rs_m64n64k16_tb(o, pa, dv0 + kk * (2048 >> 4), 1);
+    if constexpr (kDv == 128) wgmma_rs_m64n128k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
+    else wgmma_rs_m64n64k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
   }
 }
 #endif
@@ -279,7 +284,6 @@ __global__ void __launch_bounds__(256, 1)
     }
     // O += P V
     mbar_wait(v_full + 8 * st, ph);
-    wgmma_fence();
     pv_product<kDv>(o, sc, sw128_desc_mn(sv + st * Shape::kVBytes, kChunkBytes));
     wgmma_commit();
     wgmma_wait<0>();

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Flash attention (src/ops/cuda/flash_attention.cu) on the GPU machine, in one command: its GPU
+# tests (CudaFlashAttention.*: the kernels against the CPU reference on ragged, causal, GQA, strided
+# batches; FlashAttentionCpu.*), then bench_flash_attention and its peers, PyTorch's
+# scaled_dot_product_attention with the cuDNN and FlashAttention backends (bench/attention_peer.py),
+# on the same shapes in the same run; prints the table last (also $OUT/device-attention.txt).
+#
+# Here first: `bash scripts/device-serve.sh --prepare` (device-serve-data/), `bash scripts/device-pack.sh
+# fathom_tests bench_flash_attention` (device-bin/), and hide the training-reference gradients
+# (`bash scripts/device-serve.sh --hide`, `--restore` after). Then there (carry ["device-serve-data", "device-bin"]):
+#   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize]
+# --full: non-causal as well. --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+# --sanitize: compute-sanitizer memcheck and racecheck on the GPU tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests=1 peer=1 full=() ncu=0 sanitize=0
+for a in "$@"; do
+  case "$a" in
+    --no-tests) tests=0 ;;
+    --no-peer) peer=0 ;;
+    --full) full=(--full) ;;
+    --ncu) ncu=1 ;;
+    --sanitize) sanitize=1 ;;
+    *) echo "device-attention: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+source scripts/device-serve-env.sh
+serve_env device-attention
+serve_programs device-attention fathom_tests bench_flash_attention
+log=/tmp/device-attention
+mkdir -p "$log"
+trc="not run"
+filter="CudaFlashAttention.*:FlashAttentionCpu.*${ATTN_TESTS:-}"
+if [ "$tests" = 1 ]; then
+  set +e
+  timeout 300 "$bin"/fathom_tests --gtest_filter="$filter" >"$log/tests.log" 2>&1
+  trc=$?
+  set -e
+  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|worst|Failure|Expected|Which is|vs|wgmma|seed" "$log/tests.log" | head -80
+fi
+src="not run"
+if [ "$sanitize" = 1 ]; then
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1 || true)
+  src=""
+  for tool in memcheck racecheck; do
+    set +e
+    timeout 300 "$cs" --tool $tool --error-exitcode 9 "$bin"/fathom_tests \
+      --gtest_filter="CudaFlashAttention.RaggedSelf*:CudaFlashAttention.ChunkedPrefill*" >"$log/$tool.log" 2>&1
+    rc=$?
+    set -e
+    src="$src $tool rc $rc"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race" "$log/$tool.log" | head -8
+  done
+fi
+timeout 300 "$bin"/bench_flash_attention "${full[@]}" | tee "$log/fathom.txt"
+if [ "$peer" = 1 ]; then
+  timeout 300 python3 bench/attention_peer.py "${full[@]}" | tee "$log/torch.txt" || echo "peer failed" >>"$log/torch.txt"
+else
+  : >"$log/torch.txt"
+fi
+ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -1 || true)
+if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
+  timeout 200 "$ncu_bin" --kernel-name regex:flash_fwd_wgmma --launch-count 1 --launch-skip 1 --section SpeedOfLight \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second" \
+    "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/ncu.txt" 2>&1
+  grep -vE "^ *-+ *$|^ *$" "$log/ncu.txt" | grep -vE "^fathom|^#" | awk '$NF != "0" && $NF != "0.00"' | head -60
+fi
+python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" "$src" <<'PY' | tee "${OUT:-/tmp}/device-attention.txt"
+import sys
+fathom, peers = {}, {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) >= 9 and f[0] == "fathom":
+        fathom[(f[1], f[2]) + tuple(f[3:8])] = f[8]
+for line in open(sys.argv[2]):
+    f = line.split()
+    if len(f) >= 9 and f[0] in ("cudnn", "flash"):
+        peers[(f[0], f[1], f[2]) + tuple(f[3:8])] = f[8] if f[8] != "n/a" else "n/a"
+print(f"\ndevice-attention: GPU tests rc {sys.argv[3]}; sanitizers: {sys.argv[4]}")
+print("| pass | mask | B | H | S | Dqk | Dv | fathom TFLOP/s | cuDNN | FA (torch) | fathom / cuDNN |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+keys = list(fathom) + [k[1:] for k in peers if k[0] == "cudnn" and k[1:] not in fathom]
+for k in keys:
+    v, c, fa = fathom.get(k, ""), peers.get(("cudnn",) + k, ""), peers.get(("flash",) + k, "")
+    try:
+        r = f"{float(v) / float(c):.2f}x"
+    except ValueError:
+        r = ""
+    print(f"| {' | '.join(k)} | {v} | {c} | {fa} | {r} |")
+PY
