@@ -8,12 +8,15 @@
 # Here first: `bash scripts/device-serve.sh --prepare` (device-serve-data/), `bash scripts/device-pack.sh
 # fathom_tests bench_flash_attention` (device-bin/), and hide the training-reference gradients
 # (`bash scripts/device-serve.sh --hide`, `--restore` after). Then there (carry ["device-serve-data", "device-bin"]):
-#   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize]
-# --full: non-causal as well. --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
-# --sanitize: compute-sanitizer memcheck and racecheck on the GPU tests.
+#   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--schedules]
+# --full: non-causal as well. --schedules: the forward with each schedule of the wgmma kernel
+# (FATHOM_FLASH_SCHEDULE 0 serial, 1 pipelined, 2 pipelined + ping-pong; the tests too). --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+# --sanitize: compute-sanitizer memcheck and racecheck on the GPU tests. --profile: the default wgmma
+# kernel's machine code and an ncu source-level profile (stall samples per SASS instruction) at
+# (4, 16, 4096, 128) into $OUT (fa-sass.txt, fa-source.csv), with the scheduler and warp-state tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 peer=1 full=() ncu=0 sanitize=0
+tests=1 peer=1 full=() ncu=0 sanitize=0 schedules=0 profile=0
 for a in "$@"; do
   case "$a" in
     --no-tests) tests=0 ;;
@@ -21,6 +24,8 @@ for a in "$@"; do
     --full) full=(--full) ;;
     --ncu) ncu=1 ;;
     --sanitize) sanitize=1 ;;
+    --schedules) schedules=1 ;;
+    --profile) profile=1 ;;
     *) echo "device-attention: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +58,15 @@ if [ "$sanitize" = 1 ]; then
   done
 fi
 timeout 300 "$bin"/bench_flash_attention "${full[@]}" | tee "$log/fathom.txt"
+if [ "$schedules" = 1 ]; then
+  for sched in 0 1; do
+    if [ "$tests" = 1 ]; then
+      echo "schedule $sched tests: $(FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/fathom_tests \
+        --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"
+    fi
+    FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/bench_flash_attention --min-ms 100 | sed "s/^/schedule $sched /"
+  done
+fi
 if [ "$peer" = 1 ]; then
   timeout 300 python3 bench/attention_peer.py "${full[@]}" | tee "$log/torch.txt" || echo "peer failed" >>"$log/torch.txt"
 else
@@ -64,6 +78,18 @@ if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second" \
     "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/ncu.txt" 2>&1
   grep -vE "^ *-+ *$|^ *$" "$log/ncu.txt" | grep -vE "^fathom|^#" | awk '$NF != "0" && $NF != "0.00"' | head -60
+fi
+if [ "$profile" = 1 ] && [ -n "$ncu_bin" ]; then
+  /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_flash_attention 2>/dev/null |
+    awk '/Function :/ {p = ($3 ~ /flash_fwd_wgmma_kernelILi128ELi128ELi2E/)} p' >"${OUT:-/tmp}/fa-sass.txt" || true
+  for sched in ${ATTN_PROFILE_SCHEDULES:-0 2}; do
+    echo "== ncu, schedule $sched"
+    FATHOM_FLASH_SCHEDULE=$sched timeout 200 "$ncu_bin" --kernel-name regex:flash_fwd_wgmma --launch-count 1 --launch-skip 1 \
+      --section WarpStateStats --section SchedulerStats --section SourceCounters \
+      --metrics "sm__pipe_tensor_op_hmma_type_hmma_hgmma_qgmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active" \
+      "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/prof$sched.txt" 2>&1 || true
+    grep -vE "^ *-+ *$|^ *$" "$log/prof$sched.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^ +[a-z]" | head -45
+  done
 fi
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" "$src" <<'PY' | tee "${OUT:-/tmp}/device-attention.txt"
 import sys

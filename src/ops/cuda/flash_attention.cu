@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -141,27 +142,105 @@ __device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_bloc
   return n;
 }
 
-// O (+)= P V for one key tile: P from the scores' registers, converted to bf16 fragments of
-// wgmma's A operand (the m64nNk16 accumulator layout of 16 keys is the A layout of k16), V's 16
-// keys a step, 2 KB of the N-major tile. All fragments are written before the fence that orders
-// them before the wgmmas which read them.
-template <int kDv>
-__device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const float (&p)[64], uint64_t dv0) {
-  uint32_t pa[kBlockN / 16][4];
+// S = Q Kᵀ for one key tile, 64 x 128 scores in 64 registers a thread: wgmma m64n128k16 from
+// shared memory, 16 dims (32 bytes of the swizzled rows) a step, one 64-dim chunk after the other.
+template <int kQChunks>
+__device__ __forceinline__ void qk_product(float (&sc)[64], uint64_t dq0, uint64_t dk0) {
+#pragma unroll
+  for (int c = 0; c < kQChunks; ++c)
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk)
+      wgmma_ss_m64n128k16(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
+                          (c | kk) != 0);
+}
+
+// P in bf16 as wgmma's A fragments: the m64nNk16 accumulator layout of 16 keys is the A layout of
+// k16, so the registers convert in place, pairs (2x, 2x + 1) of each 8.
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBlockN / 16][4], const float (&p)[64]) {
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk)
 #pragma unroll
     for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(p[8 * kk + 2 * x], p[8 * kk + 2 * x + 1]);
-  wgmma_fence();
+}
+
+// O (+)= P V for one key tile, V's 16 keys a step (2 KB of the N-major tile). The fragments must
+// have been written before the last wgmma fence.
+template <int kDv>
+__device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const uint32_t (&pa)[kBlockN / 16][4], uint64_t dv0) {
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
     if constexpr (kDv == 128) wgmma_rs_m64n128k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
     else wgmma_rs_m64n64k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
   }
 }
+
+// The online softmax of key tile j's scores (in place: scores in, p = exp(scale (s - m_new)) out):
+// with kMask, keys past the sequence or, causally, past a row's diagonal score -inf first (by
+// selects, not branches: the compiler waits for every running wgmma before a branch it cannot
+// prove uniform, which would end the overlap); each row's new maximum over the quad of lanes that
+// shares it; l rescaled and p summed per thread (the quad's sums are added at the end). corr:
+// exp(scale (m_old - m_new)) per row, for O.
+struct RowState {
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+};
+template <bool kMask>
+__device__ __forceinline__ void softmax_tile(float (&sc)[64], RowState& st, float (&corr)[2], const FlashArgs& a,
+                                             const SeqSpan& s, int j, int r0, int lane) {
+  if constexpr (kMask) {
+    const int diag = s.lk - s.lq, k0 = j * kBlockN + 2 * (lane % 4);
+    const int end[2] = {min(s.lk, a.causal ? r0 + diag + 1 : s.lk), min(s.lk, a.causal ? r0 + 8 + diag + 1 : s.lk)};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = k0 + 8 * (i / 4) + (i & 1) < end[(i >> 1) & 1] ? sc[i] : -INFINITY;
+  }
+  float mx[2] = {st.m[0], st.m[1]}, ms[2];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+    ms[r] = mx[r] == -INFINITY ? 0.f : mx[r] * a.scale_log2;  // a row with no key yet stays at zero
+    corr[r] = fast_exp2(st.m[r] * a.scale_log2 - ms[r]);
+    st.m[r] = mx[r];
+    st.l[r] *= corr[r];
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    const int r = (i >> 1) & 1;
+    sc[i] = fast_exp2(fmaf(sc[i], a.scale_log2, -ms[r]));
+    st.l[r] += sc[i];
+  }
+}
+
+// The key tiles (of n, from the last) that need the mask: past the sequence's end or, causally,
+// reaching past the diagonal of the block's first query.
+__device__ inline int masked_tiles(const FlashArgs& a, const SeqSpan& s, int m_block, int n) {
+  int masked = 0;
+  for (int j = n - 1; j >= 0; --j, ++masked)
+    if (!((j + 1) * kBlockN > s.lk || (a.causal && (j + 1) * kBlockN - 1 > m_block * kBlockM + s.lk - s.lq))) break;
+  return masked;
+}
+
+template <int kDv>
+__device__ __forceinline__ void rescale(float (&o)[kDv / 2], const float (&corr)[2]) {
+#pragma unroll
+  for (int i = 0; i < kDv / 8; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) o[4 * i + 2 * r] *= corr[r], o[4 * i + 2 * r + 1] *= corr[r];
+}
+
+// The two warpgroups take turns issuing their wgmmas (FlashAttention 3's ping-pong): warpgroup wg
+// waits on named barrier 1 + wg, issues, then lets the other go — so that one's softmax runs while
+// the other's products occupy the tensor cores, instead of both softmaxes at once.
+__device__ __forceinline__ void turn_wait(int wg) { asm volatile("bar.sync %0, 256;" ::"r"(1 + wg) : "memory"); }
+__device__ __forceinline__ void turn_pass(int wg) { asm volatile("bar.arrive %0, 256;" ::"r"(2 - wg) : "memory"); }
 #endif
 
-template <int kDqk, int kDv>
+// kSched: 0 the steps of a tile one after the other (S, softmax, P V; the two warpgroups overlap
+// only as the warp schedulers interleave them); 1 software-pipelined within each warpgroup (tile
+// it's S = Q Kᵀ and tile it-1's P V issued together, the softmax of tile it running while that
+// P V is on the tensor cores); 2 the same with the two warpgroups' wgmmas in turns (ping-pong).
+template <int kDqk, int kDv, int kSched>
 __global__ void __launch_bounds__(256, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
@@ -185,15 +264,15 @@ __global__ void __launch_bounds__(256, 1)
     for (int i = 0; i < kStages; ++i) {
       mbar_init(k_full + 8 * i, 1);
       mbar_init(v_full + 8 * i, 1);
-      mbar_init(k_empty + 8 * i, 8);  // one arrive per warp of both warpgroups
-      mbar_init(v_empty + 8 * i, 8);
+      mbar_init(k_empty + 8 * i, 256);  // every consumer thread arrives (no divergent path near wgmmas)
+      mbar_init(v_empty + 8 * i, 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
   // Thread 0 produces: loop step `it` reads key tile n_tiles - 1 - it (the masked tiles first);
-  // a stage is refilled once all eight warps released it.
+  // a stage is refilled once all 256 consumer threads released it.
   auto key_row = [&](int it) { return int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN); };
   auto produce_k = [&](int it) {
     const int st = it % kStages;
@@ -223,89 +302,138 @@ __global__ void __launch_bounds__(256, 1)
   // sequence, and in each 8-key group of a tile the keys 2 (lane % 4) + {0, 1}.
   const int wg = __shfl_sync(kFullMask, tid / 128, 0);
   const int warp = (tid % 128) / 32, lane = tid % 32;
-  const int r0 = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4, diag = s.lk - s.lq;
+  const int r0 = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4;
   float o[kDv / 2];
 #pragma unroll
   for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  RowState rs;
+  float sc[64], corr[2];
+  uint32_t pa[kBlockN / 16][4];
   const uint64_t dq0 = sw128_desc(sq + wg * 64 * 128);
+  auto dk = [&](int it) { return sw128_desc(sk + (it % kStages) * Shape::kKBytes); };
+  auto dv = [&](int it) { return sw128_desc_mn(sv + (it % kStages) * Shape::kVBytes, kChunkBytes); };
+  auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
+  auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+  // (fence_regs: see hopper.cuh — accumulators read only after their wait, the softmax done
+  // before the wait for the P V that runs beside it, fragments and O written before the fence)
+  auto fence_state = [&] {
+    fence_regs(rs.m), fence_regs(rs.l), fence_regs(corr);
+  };
   mbar_wait(q_full, 0);
-  for (int it = 0; it < n_tiles; ++it) {
-    const int st = it % kStages, j = n_tiles - 1 - it;
-    const uint32_t ph = uint32_t((it / kStages) & 1);
-    // S = Q Kᵀ: 64 x 128 scores in 64 registers a thread
-    float sc[64];
-    mbar_wait(k_full + 8 * st, ph);
-    {
-      const uint64_t dk0 = sw128_desc(sk + st * Shape::kKBytes);
+  const int n_masked = masked_tiles(a, s, m_block, n_tiles);
+  if (kSched == 0) {
+    auto step = [&](int it, auto masked) {
+      mbar_wait(k_full + 8 * (it % kStages), phase(it));
       wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < kQChunks; ++c)
-#pragma unroll
-        for (int kk = 0; kk < kChunk / 16; ++kk)
-          wgmma_ss_m64n128k16(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
-                              (c | kk) != 0);
+      qk_product<kQChunks>(sc, dq0, dk(it));
       wgmma_commit();
       wgmma_wait<0>();
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(k_empty + 8 * st);
-    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_k(it - 1 + kStages);
-    // keys past the sequence or, causally, past a row's diagonal score -inf
-    if ((j + 1) * kBlockN > s.lk || (a.causal && (j + 1) * kBlockN - 1 > m_block * kBlockM + diag)) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        const int key = j * kBlockN + 8 * (i / 4) + 2 * (lane % 4) + (i & 1), row = r0 + 8 * ((i >> 1) & 1);
-        if (key >= s.lk || (a.causal && key > row + diag)) sc[i] = -INFINITY;
+      fence_regs(sc);
+      release(k_empty, it);
+      if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_k(it - 1 + kStages);
+      softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
+      rescale<kDv>(o, corr);
+      pack_p(pa, sc);
+      mbar_wait(v_full + 8 * (it % kStages), phase(it));
+      fence_regs(o), fence_regs(pa);
+      wgmma_fence();
+      pv_product<kDv>(o, pa, dv(it));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(v_empty, it);
+      if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_v(it - 1 + kStages);
+    };
+    int it = 0;
+    for (; it < n_masked; ++it) step(it, std::true_type{});
+    for (; it < n_tiles; ++it) step(it, std::false_type{});
+  } else if (n_tiles > 0) {
+    constexpr bool kTurns = kSched == 2;
+    if (kTurns && wg == 1) turn_pass(wg);  // warpgroup 0 issues first
+    // the first tile's scores and softmax
+    mbar_wait(k_full, 0);
+    if (kTurns) turn_wait(wg);
+    wgmma_fence();
+    qk_product<kQChunks>(sc, dq0, dk(0));
+    wgmma_commit();
+    if (kTurns) turn_pass(wg);
+    wgmma_wait<0>();
+    fence_regs(sc);
+    release(k_empty, 0);
+    softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
+    pack_p(pa, sc);
+    // P of tile it lives in pa (it even) or pb (odd): the next tile's P is packed while the last
+    // one's P V still reads its fragments, which a single set would forbid (the compiler would
+    // wait for that P V before the softmax that feeds the packing).
+    uint32_t pb[kBlockN / 16][4];
+    auto step = [&](int it, auto masked, uint32_t(&p_in)[kBlockN / 16][4], uint32_t(&p_out)[kBlockN / 16][4]) {
+      // tile it's scores and tile it-1's P V, issued together
+      mbar_wait(k_full + 8 * (it % kStages), phase(it));
+      mbar_wait(v_full + 8 * ((it - 1) % kStages), phase(it - 1));
+      if (kTurns) turn_wait(wg);
+      fence_regs(o), fence_regs(p_in);
+      wgmma_fence();
+      qk_product<kQChunks>(sc, dq0, dk(it));
+      wgmma_commit();
+      pv_product<kDv>(o, p_in, dv(it - 1));
+      wgmma_commit();
+      if (kTurns) turn_pass(wg);
+      wgmma_wait<1>();  // the scores are in
+      fence_regs(sc);
+      release(k_empty, it);
+      softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
+      pack_p(p_out, sc);
+      fence_regs(p_out), fence_state();
+      wgmma_wait<0>();  // P V is in: O may be rescaled
+      fence_regs(o);
+      release(v_empty, it - 1);
+      // (thread 0's copies only here, with no wgmma in flight: a divergent path beside running
+      // wgmmas makes the compiler serialize them)
+      if (tid == 0 && it - 1 + kStages < n_tiles) produce_k(it - 1 + kStages);
+      if (tid == 0 && it >= 2 && it - 2 + kStages < n_tiles) produce_v(it - 2 + kStages);
+      rescale<kDv>(o, corr);
+    };
+    for (int it = 1; it < n_tiles; ++it) {
+      if (it & 1) {
+        if (it < n_masked) step(it, std::true_type{}, pa, pb);
+        else step(it, std::false_type{}, pa, pb);
+      } else {
+        if (it < n_masked) step(it, std::true_type{}, pb, pa);
+        else step(it, std::false_type{}, pb, pa);
       }
     }
-    // online softmax: the rows' new maxima (over the quad that shares a row), the old sums and
-    // outputs rescaled by exp(m_old - m_new), p = exp(scale (s - m)) summed per thread
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
-    float ms[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-      ms[r] = mx[r] == -INFINITY ? 0.f : mx[r] * a.scale_log2;  // a row with no key yet stays at zero
-      const float corr = fast_exp2(m[r] * a.scale_log2 - ms[r]);
-      m[r] = mx[r];
-      l[r] *= corr;
-#pragma unroll
-      for (int i = 0; i < kDv / 8; ++i) o[4 * i + 2 * r] *= corr, o[4 * i + 2 * r + 1] *= corr;
-    }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      const int r = (i >> 1) & 1;
-      sc[i] = fast_exp2(fmaf(sc[i], a.scale_log2, -ms[r]));
-      l[r] += sc[i];
-    }
-    // O += P V
-    mbar_wait(v_full + 8 * st, ph);
-    pv_product<kDv>(o, sc, sw128_desc_mn(sv + st * Shape::kVBytes, kChunkBytes));
-    wgmma_commit();
-    wgmma_wait<0>();
-    __syncwarp();
-    if (lane == 0) mbar_arrive(v_empty + 8 * st);
-    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce_v(it - 1 + kStages);
+    // the last tile's P V
+    auto last = [&](uint32_t(&p_last)[kBlockN / 16][4]) {
+      mbar_wait(v_full + 8 * ((n_tiles - 1) % kStages), phase(n_tiles - 1));
+      if (kTurns) turn_wait(wg);
+      fence_regs(o), fence_regs(p_last);
+      wgmma_fence();
+      pv_product<kDv>(o, p_last, dv(n_tiles - 1));
+      wgmma_commit();
+      if (kTurns) turn_pass(wg);
+      wgmma_wait<0>();
+      fence_regs(o);
+    };
+    if ((n_tiles - 1) & 1) last(pb);
+    else last(pa);
+    release(v_empty, n_tiles - 1);
+    if (kTurns && wg == 0) turn_wait(wg);  // the pass warpgroup 1 made last
   }
 
   // out = O / l in bf16, and the log-sum-exp scale m + ln l
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 1);
+    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 2);
     const int row = r0 + 8 * r;
     if (row >= s.lq) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const float inv = rs.l[r] > 0.f ? 1.f / rs.l[r] : 0.f;
     uint16_t* out = a.out + (s.q0 + row) * a.o_ts + int64_t(h) * a.o_hs + 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < kDv / 8; ++i)
       *reinterpret_cast<uint32_t*>(out + 8 * i) = pack_bf16(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
     if (a.lse && lane % 4 == 0)
-      a.lse[int64_t(h) * a.total_q + s.q0 + row] = l[r] > 0.f ? m[r] * a.scale + logf(l[r]) : -INFINITY;
+      a.lse[int64_t(h) * a.total_q + s.q0 + row] = rs.l[r] > 0.f ? rs.m[r] * a.scale + logf(rs.l[r]) : -INFINITY;
   }
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)a;
@@ -379,20 +507,32 @@ CUtensorMap head_map(const uint16_t* ptr, int d, int heads, int64_t tokens, int6
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
 struct WgmmaVariant {
   int d_qk, d_v, smem;
-  WgmmaKernel kernel;
+  WgmmaKernel kernel[3];  // by schedule: serial, pipelined, pipelined with turns
 };
 const WgmmaVariant kWgmmaVariants[] = {
-    {64, 64, FlashShape<64, 64>::kSmem, flash_fwd_wgmma_kernel<64, 64>},
-    {128, 128, FlashShape<128, 128>::kSmem, flash_fwd_wgmma_kernel<128, 128>},
-    {192, 128, FlashShape<192, 128>::kSmem, flash_fwd_wgmma_kernel<192, 128>},
+    {64, 64, FlashShape<64, 64>::kSmem,
+     {flash_fwd_wgmma_kernel<64, 64, 0>, flash_fwd_wgmma_kernel<64, 64, 1>, flash_fwd_wgmma_kernel<64, 64, 2>}},
+    {128, 128, FlashShape<128, 128>::kSmem,
+     {flash_fwd_wgmma_kernel<128, 128, 0>, flash_fwd_wgmma_kernel<128, 128, 1>, flash_fwd_wgmma_kernel<128, 128, 2>}},
+    {192, 128, FlashShape<192, 128>::kSmem,
+     {flash_fwd_wgmma_kernel<192, 128, 0>, flash_fwd_wgmma_kernel<192, 128, 1>, flash_fwd_wgmma_kernel<192, 128, 2>}},
 };
+
+// The schedule of the wgmma kernel: FATHOM_FLASH_SCHEDULE=0|1|2 (benchmarks, to measure each
+// step of docs/flash-attention.md), else 0, the fastest measured (bench/RESULTS.md).
+int flash_schedule() {
+  const char* e = std::getenv("FATHOM_FLASH_SCHEDULE");
+  if (e && (!std::strcmp(e, "0") || !std::strcmp(e, "1") || !std::strcmp(e, "2"))) return *e - '0';
+  return 0;
+}
 
 std::once_flag g_flash_smem[kMaxDevices];
 void allow_flash_smem() {
   once_per_device(g_flash_smem, [] {
     for (const WgmmaVariant& v : kWgmmaVariants)
-      check(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
-            "flash_attention (shared memory of the wgmma kernel)");
+      for (const WgmmaKernel k : v.kernel)
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
+              "flash_attention (shared memory of the wgmma kernel)");
   });
 }
 
@@ -446,7 +586,7 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
         head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
     const CUtensorMap mv = head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
     const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kBlockM)), unsigned(p.batch));
-    launch_kernel(v.kernel, grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
+    launch_kernel(v.kernel[flash_schedule()], grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }

@@ -109,6 +109,22 @@ __device__ inline uint64_t sw128_desc_mn(uint32_t addr, uint32_t lbo) {
 
 __device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Pins registers at this point of the program: the compiler orders plain register arithmetic
+// freely around the wgmma asm statements (they carry no dependence on registers that a running
+// wgmma reads or writes), so accumulators are fenced after a wait (read no earlier) and values
+// meant to be computed while wgmmas run are fenced before the wait (computed no later).
+template <int N>
+__device__ inline void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N, int M>
+__device__ inline void fence_regs(uint32_t (&r)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
 // Returns once at most N of this warpgroup's committed wgmma groups are still running.
 template <int N>
 __device__ inline void wgmma_wait() {
