@@ -5,8 +5,8 @@ part of fathom.
 
 usage: python3 bench/attention_peer.py [--full] [--shape B,H,S,Dqk,Dv]
 Prints one line per case: "<backend> <fwd|fwdbwd> <causal|full> B H S Dqk Dv <TFLOP/s>"
-(or "... n/a <reason>"). FLOPs: 2·S²·(Dqk + Dv) per (batch, head) forward, 2.5× that forward +
-backward (FlashAttention's convention), halved when causal.
+(or "... n/a <reason>"). FLOPs: 2·S²·(Dqk + Dv) per (batch, head) forward, 3.5× that forward +
+backward, halved when causal.
 """
 import sys
 
@@ -63,7 +63,7 @@ def main():
                                     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                                     torch.autograd.grad(o, (q, k, v), do)
                             s = seconds_per_call(fn)
-                        total = flops * (2.5 if mode == "fwdbwd" else 1.0)
+                        total = flops * (3.5 if mode == "fwdbwd" else 1.0)
                         print(f"{name} {mode} {tag} {B} {H} {S} {dqk} {dv} {total / s / 1e12:.1f}", flush=True)
                     except Exception as e:  # a shape the backend refuses is reported, not fatal
                         msg = str(e).splitlines()[0][:140] if str(e) else type(e).__name__

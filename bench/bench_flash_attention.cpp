@@ -1,14 +1,16 @@
-// Flash attention on the GPU (src/ops/cuda/flash_attention.cu): TFLOP/s of the causal forward at
+// Flash attention on the GPU (src/ops/cuda/flash_attention.cu, flash_attention_backward.cu): TFLOP/s
+// of the causal forward and of forward + backward at
 // the FlashAttention issue's shapes (B, H, S, D) = (4, 16, 4096, 128), (1, 16, 16384, 128),
 // (8, 16, 2048, 64), (4, 16, 4096, 192/128), bf16 q/k/v generated on the GPU, packed as varlen
 // batches of equal lengths. FLOPs counted as FlashAttention's benchmarks count them: 2·S²·(d_qk
-// + d_v) per (batch, head), halved when causal. The peers, PyTorch's scaled_dot_product_attention
+// + d_v) per (batch, head) for the forward, 3.5 times that for forward + backward (the backward's
+// five products), halved when causal. The peers, PyTorch's scaled_dot_product_attention
 // with the cuDNN and FlashAttention backends on the same shapes, run in the same device script
 // (bench/attention_peer.py; scripts/device-attention.sh joins the lines into one table).
 //
-// usage: bench_flash_attention [--kernel wgmma|simt] [--shape B,H,S,Dqk,Dv] [--full] [--min-ms 200]
-// --full: non-causal as well. Prints one line per case:
-//   "fathom fwd <causal|full> B H S Dqk Dv <TFLOP/s>"
+// usage: bench_flash_attention [--kernel wgmma|simt] [--shape B,H,S,Dqk,Dv] [--full] [--fwd] [--min-ms 200]
+// --full: non-causal as well; --fwd: the forward alone. Prints one line per case:
+//   "fathom <fwd|fwdbwd> <causal|full> B H S Dqk Dv <TFLOP/s>"
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -53,7 +55,7 @@ double seconds_per_call(F&& call, double min_ms) {
 int main(int argc, char** argv) {
   cuda::FlashKernel kernel = cuda::FlashKernel::Auto;
   double min_ms = 200;
-  bool full = false;
+  bool full = false, fwd_only = false;
   std::vector<BenchShape> shapes = {{4, 16, 4096, 128, 128}, {1, 16, 16384, 128, 128}, {8, 16, 2048, 64, 64},
                                {4, 16, 4096, 192, 128}};
   for (int i = 1; i < argc; ++i) {
@@ -75,11 +77,13 @@ int main(int argc, char** argv) {
       shapes = {s};
     } else if (a == "--full") {
       full = true;
+    } else if (a == "--fwd") {
+      fwd_only = true;
     } else if (a == "--min-ms" && i + 1 < argc) {
       min_ms = std::atof(argv[++i]);
     } else {
       std::fprintf(stderr,
-                   "usage: bench_flash_attention [--kernel wgmma|simt] [--shape B,H,S,Dqk,Dv] [--full] [--min-ms 200]\n");
+                   "usage: bench_flash_attention [--kernel wgmma|simt] [--shape B,H,S,Dqk,Dv] [--full] [--fwd] [--min-ms 200]\n");
       return 2;
     }
   }
@@ -95,6 +99,12 @@ int main(int argc, char** argv) {
       Tensor q = ops->empty({T, sh.H, sh.dqk}, DType::BF16), k = ops->empty({T, sh.H, sh.dqk}, DType::BF16);
       Tensor v = ops->empty({T, sh.H, sh.dv}, DType::BF16), out = ops->empty({T, sh.H, sh.dv}, DType::BF16);
       Tensor lse = ops->empty({sh.H, T});
+      Tensor dout = ops->empty({T, sh.H, sh.dv}, DType::BF16), dq = ops->empty({T, sh.H, sh.dqk});
+      Tensor dk = ops->empty({T, sh.H, sh.dqk}), dv = ops->empty({T, sh.H, sh.dv});
+      ops->fill_random(dout, 4, 1.f);
+      FlashAttentionGrads g;
+      g.dout = dout.ptr<uint16_t>(), g.dout_token_stride = int64_t(sh.H) * sh.dv, g.dout_head_stride = sh.dv;
+      g.dq = dq.f32(), g.dk = dk.f32(), g.dv = dv.f32();
       ops->fill_random(q, 1, 1.f);
       ops->fill_random(k, 2, 1.f);
       ops->fill_random(v, 3, 1.f);
@@ -117,6 +127,16 @@ int main(int argc, char** argv) {
         const double flops = 2.0 * sh.B * sh.H * double(sh.S) * sh.S * (sh.dqk + sh.dv) / (causal ? 2 : 1);
         std::printf("fathom fwd %s %d %d %d %d %d %.1f\n", causal ? "causal" : "full", sh.B, sh.H, sh.S, sh.dqk, sh.dv,
                     flops / s / 1e12);
+        std::fflush(stdout);
+        if (fwd_only) continue;
+        const double s2 = seconds_per_call(
+            [&] {
+              cuda::flash_attention_forward(p, nullptr, kernel);
+              cuda::flash_attention_backward(p, g, nullptr, kernel);
+            },
+            min_ms);
+        std::printf("fathom fwdbwd %s %d %d %d %d %d %.1f\n", causal ? "causal" : "full", sh.B, sh.H, sh.S, sh.dqk,
+                    sh.dv, 3.5 * flops / s2 / 1e12);
         std::fflush(stdout);
       }
     }

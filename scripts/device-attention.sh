@@ -64,7 +64,7 @@ if [ "$schedules" = 1 ]; then
       echo "schedule $sched tests: $(FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/fathom_tests \
         --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"
     fi
-    FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/bench_flash_attention --min-ms 100 | sed "s/^/schedule $sched /"
+    FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/schedule $sched /"
   done
 fi
 if [ "$peer" = 1 ]; then
@@ -88,7 +88,7 @@ if [ "$profile" = 1 ] && [ -n "$ncu_bin" ]; then
       --section WarpStateStats --section SchedulerStats --section SourceCounters \
       --metrics "sm__pipe_tensor_op_hmma_type_hmma_hgmma_qgmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active" \
       "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/prof$sched.txt" 2>&1 || true
-    grep -vE "^ *-+ *$|^ *$" "$log/prof$sched.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^ +[a-z]" | head -45
+    grep -vE "^ *-+ *$|^ *$" "$log/prof$sched.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^          " | head -45
   done
 fi
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" "$src" <<'PY' | tee "${OUT:-/tmp}/device-attention.txt"

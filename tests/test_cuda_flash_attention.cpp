@@ -8,6 +8,9 @@
 // causal and not, self-attention and chunked prefill (more keys than queries), GQA and MQA, head
 // dims 64/64, 128/128, 192/128 and an odd one (SIMT only), strided layouts. Outputs start as NaN
 // (0xFF bytes): an unwritten element fails, and a NaN never passes a bound. Skips without a GPU.
+// The backward (dq, dk, dv from the GPU forward's out and lse) against cpu::flash_attention_backward:
+//   |gpu - ref| <= 1e-2 max|ref| + 2e-2 |ref| per element of each gradient: P and dS enter the
+//   tensor-core products rounded to bf16 (2^-9 relative), D = Σ dout · out uses the bf16 output
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -150,6 +153,78 @@ class CudaFlashAttention : public testing::Test {
                 kernel == FlashKernel::Wgmma ? "wgmma" : "simt ", c.d_qk, c.d_v, c.heads, c.kv_heads,
                 c.causal ? "causal" : "full  ", c.pad, worst_out, worst_lse);
   }
+  // The backward on the case (after the GPU forward with the same kernel), against the CPU's.
+  void check_backward(const Case& c, FlashKernel kernel) {
+    const int B = int(c.lq.size());
+    std::vector<int32_t> cu_q{0}, cu_k{0};
+    int max_q = 0, max_k = 0;
+    for (int b = 0; b < B; ++b) {
+      cu_q.push_back(cu_q.back() + c.lq[size_t(b)]);
+      cu_k.push_back(cu_k.back() + c.lk[size_t(b)]);
+      max_q = std::max(max_q, c.lq[size_t(b)]);
+      max_k = std::max(max_k, c.lk[size_t(b)]);
+    }
+    const int64_t tq = cu_q.back(), tk = cu_k.back();
+    FlashAttentionParams p;
+    p.batch = B, p.total_q = tq, p.total_k = tk, p.max_seqlen_q = max_q, p.max_seqlen_k = max_k;
+    p.n_heads = c.heads, p.n_kv_heads = c.kv_heads, p.d_qk = c.d_qk, p.d_v = c.d_v, p.causal = c.causal;
+    p.scale = 1.0f / std::sqrt(float(c.d_qk));
+    p.q_head_stride = p.k_head_stride = c.d_qk, p.v_head_stride = p.out_head_stride = c.d_v;
+    p.q_token_stride = int64_t(c.heads) * c.d_qk + c.pad, p.k_token_stride = int64_t(c.kv_heads) * c.d_qk + c.pad;
+    p.v_token_stride = int64_t(c.kv_heads) * c.d_v + c.pad, p.out_token_stride = int64_t(c.heads) * c.d_v + c.pad;
+    const std::vector<uint16_t> q = randn_bf16(tq * p.q_token_stride, 1.0f), k = randn_bf16(tk * p.k_token_stride, 1.0f),
+                                v = randn_bf16(tk * p.v_token_stride, 1.0f),
+                                dout = randn_bf16(tq * p.out_token_stride, 1.0f);
+    const int64_t nq = tq * c.heads * c.d_qk, nk = tk * c.kv_heads * c.d_qk, nv = tk * c.kv_heads * c.d_v;
+    std::vector<float> rq(static_cast<size_t>(nq)), rk(static_cast<size_t>(nk)), rv(static_cast<size_t>(nv));
+    {
+      std::vector<uint16_t> out(size_t(tq * p.out_token_stride));
+      FlashAttentionParams r = p;
+      r.q = q.data(), r.k = k.data(), r.v = v.data(), r.out = out.data();
+      r.cu_seqlens_q = cu_q.data(), r.cu_seqlens_k = cu_k.data();
+      FlashAttentionGrads rg;
+      rg.dout = dout.data(), rg.dout_token_stride = p.out_token_stride, rg.dout_head_stride = p.out_head_stride;
+      rg.dq = rq.data(), rg.dk = rk.data(), rg.dv = rv.data();
+      cpu::flash_attention_backward(r, rg, pool_);
+    }
+    const Tensor dq = up(q.data(), int64_t(q.size()) * 2), dk = up(k.data(), int64_t(k.size()) * 2),
+                 dv = up(v.data(), int64_t(v.size()) * 2), ddo = up(dout.data(), int64_t(dout.size()) * 2),
+                 dcq = up(cu_q.data(), int64_t(cu_q.size()) * 4), dck = up(cu_k.data(), int64_t(cu_k.size()) * 4);
+    Tensor dout_gpu = poison(tq * p.out_token_stride * 2), dlse = poison(tq * c.heads * 4);
+    Tensor gq = poison(nq * 4), gk = poison(nk * 4), gv = poison(nv * 4);
+    FlashAttentionParams g = p;
+    g.q = static_cast<const uint16_t*>(dq.data()), g.k = static_cast<const uint16_t*>(dk.data());
+    g.v = static_cast<const uint16_t*>(dv.data()), g.out = static_cast<uint16_t*>(dout_gpu.data());
+    g.lse = static_cast<float*>(dlse.data());
+    g.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), g.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
+    FlashAttentionGrads gg;
+    gg.dout = static_cast<const uint16_t*>(ddo.data());
+    gg.dout_token_stride = p.out_token_stride, gg.dout_head_stride = p.out_head_stride;
+    gg.dq = static_cast<float*>(gq.data()), gg.dk = static_cast<float*>(gk.data()), gg.dv = static_cast<float*>(gv.data());
+    cuda::device_synchronize();
+    cuda::flash_attention_forward(g, nullptr, kernel);
+    cuda::flash_attention_backward(g, gg, nullptr, kernel);
+    cuda::device_synchronize();
+    double worst[3] = {0, 0, 0};
+    const char* names[3] = {"dq", "dk", "dv"};
+    const std::vector<float>* refs[3] = {&rq, &rk, &rv};
+    const Tensor* got[3] = {&gq, &gk, &gv};
+    for (int x = 0; x < 3; ++x) {
+      const std::vector<float>& ref = *refs[x];
+      const std::vector<float> gpu = down<float>(*got[x], int64_t(ref.size()));
+      double mx = 0;
+      for (float r : ref) mx = std::max(mx, double(std::fabs(r)));
+      int bad = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        const double e = std::fabs(double(gpu[i]) - ref[i]) / (1e-2 * mx + 2e-2 * std::fabs(ref[i]) + 1e-12);
+        if (!(e <= 1.0) && bad++ < 5) ADD_FAILURE() << names[x] << "[" << i << "]: " << gpu[i] << " vs " << ref[i];
+        worst[x] = std::max(worst[x], std::isnan(e) ? 1e9 : e);
+      }
+    }
+    std::printf("  backward %s qk %d v %d heads %d/%d %s pad %d: worst dq %.3f, dk %.3f, dv %.3f of the bound\n",
+                kernel == FlashKernel::Wgmma ? "wgmma" : "simt ", c.d_qk, c.d_v, c.heads, c.kv_heads,
+                c.causal ? "causal" : "full  ", c.pad, worst[0], worst[1], worst[2]);
+  }
   std::vector<FlashKernel> kernels(const Case& c) {
     std::vector<FlashKernel> ks{FlashKernel::Simt};
     FlashAttentionParams p;
@@ -202,6 +277,19 @@ TEST_F(CudaFlashAttention, StridedLayouts) {
   for (const FlashKernel k : kernels(c)) check(c, k);
   const Case odd{{33, 5}, {33, 9}, 3, 1, 40, 24, true, 3};  // odd dims and strides: SIMT only
   check(odd, FlashKernel::Simt);
+}
+
+TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
+  for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}})
+    for (const bool causal : {true, false}) {
+      const Case c{{1, 17, 130, 300}, {1, 17, 130, 300}, 4, 2, dqk, dv, causal};
+      for (const FlashKernel k : kernels(c)) check_backward(c, k);
+    }
+  // chunked prefill (more keys than queries, and fewer: queries that see nothing), MQA, padding
+  const Case m{{64, 200, 7}, {300, 460, 3}, 4, 1, 128, 128, true, 8};
+  for (const FlashKernel k : kernels(m)) check_backward(m, k);
+  const Case odd{{33, 5}, {33, 9}, 3, 1, 40, 24, true, 3};
+  check_backward(odd, FlashKernel::Simt);
 }
 
 TEST_F(CudaFlashAttention, BadArgumentsAreErrors) {

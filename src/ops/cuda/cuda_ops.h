@@ -184,6 +184,11 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
 const char* flash_wgmma_refusal(const FlashAttentionParams& p);
 // Once per device, before any graph capture: the sm_90a probe and the kernels' shared memory.
 void flash_attention_setup();
+// (flash_attention_backward.cu) dq, dk, dv (FlashAttentionGrads: fp32, contiguous, overwritten)
+// from dout and the forward's out and lse (p.out, p.lse); deterministic (no atomics). The Hopper
+// kernels under the same conditions as the forward's, else the SIMT ones.
+void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentionGrads& g, Stream stream,
+                              FlashKernel kernel = FlashKernel::Auto);
 
 // ---- moe.cu
 

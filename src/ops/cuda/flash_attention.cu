@@ -33,45 +33,15 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/flash_attention.cuh"
 #include "ops/cuda/hopper.cuh"
 
 namespace fathom::cuda {
 namespace {
 
-// What the kernels read besides the tensor maps.
-struct FlashArgs {
-  const uint16_t* q;
-  const uint16_t* k;
-  const uint16_t* v;
-  uint16_t* out;
-  float* lse;
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  int64_t q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, o_ts, o_hs;
-  int64_t total_q, total_k;
-  int n_heads, group, d_qk, d_v;
-  float scale, scale_log2;  // scale · log2(e): the kernels use exp2
-  int causal;
-};
-
-// A sequence's place: its first query and key rows, lengths (clamped to the totals).
-struct SeqSpan {
-  int64_t q0, k0;
-  int lq, lk;
-};
-__device__ inline SeqSpan seq_span(const FlashArgs& a, int b) {
-  SeqSpan s;
-  s.q0 = a.cu_q[b];
-  s.k0 = a.cu_k[b];
-  s.lq = int(max(int64_t(0), min(int64_t(a.cu_q[b + 1]), a.total_q) - s.q0));
-  s.lk = int(max(int64_t(0), min(int64_t(a.cu_k[b + 1]), a.total_k) - s.k0));
-  return s;
-}
-
 // ---- the Hopper kernel
 
 constexpr int kBlockM = 128, kBlockN = 128;  // queries of a block (two warpgroups of 64), keys of a tile
-constexpr int kChunk = 64;                   // bf16 columns in one 128-byte swizzled box
 
 template <int kDqk, int kDv>
 struct FlashShape {
@@ -86,50 +56,6 @@ struct FlashShape {
 
 #ifdef FATHOM_SM90A
 constexpr int kChunkBytes = 128 * 128;  // a 128-row box of one 64-column chunk: 16 KB
-
-__device__ inline float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// d (64 x 128 f32, 64 registers a thread) (+)= A (64 x 16) · B (128 x 16)ᵀ, both bf16 K-major in
-// shared memory; scale_d = 0 overwrites d.
-__device__ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// d (64 x 128 f32) (+)= A (64 x 16 bf16: this thread's fragment in a[4]) · B (16 x 128 bf16 in shared
-// memory, N-major: the transposed operand); scale_d = 0 overwrites d.
-__device__ inline void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-// d (64 x 64 f32) (+)= A (64 x 16 bf16: this thread's fragment in a[4]) · B (16 x 64 bf16 in shared
-// memory, N-major: the transposed operand); scale_d = 0 overwrites d.
-__device__ inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
 
 // The key tiles block m_block of a sequence reads: all of them, or under the causal mask those up
 // to its last query's diagonal.
@@ -150,7 +76,7 @@ __device__ __forceinline__ void qk_product(float (&sc)[64], uint64_t dq0, uint64
   for (int c = 0; c < kQChunks; ++c)
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk)
-      wgmma_ss_m64n128k16(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
+      wgmma_ss<128>(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
                           (c | kk) != 0);
 }
 
@@ -169,8 +95,7 @@ template <int kDv>
 __device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const uint32_t (&pa)[kBlockN / 16][4], uint64_t dv0) {
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    if constexpr (kDv == 128) wgmma_rs_m64n128k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
-    else wgmma_rs_m64n64k16_tb(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
+    wgmma_rs_tb<kDv>(o, pa[kk], dv0 + kk * (2048 >> 4), 1);
   }
 }
 
@@ -486,24 +411,6 @@ __global__ void __launch_bounds__(128) flash_fwd_simt_kernel(const FlashArgs a) 
 
 // ---- host side
 
-// The tensor map of a (tokens, heads, d) bf16 tensor read as box_rows x 64-column boxes of one
-// head, 128-byte swizzled.
-CUtensorMap head_map(const uint16_t* ptr, int d, int heads, int64_t tokens, int64_t head_stride, int64_t token_stride,
-                     uint32_t box_rows, const char* what) {
-  CUtensorMap m{};
-  const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(tokens)};
-  const cuuint64_t strides[2] = {cuuint64_t(head_stride) * 2, cuuint64_t(token_stride) * 2};
-  const cuuint32_t box[3] = {uint32_t(kChunk), 1, box_rows};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(ptr), dims,
-                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  FATHOM_CHECK(r == CUDA_SUCCESS, "flash_attention: the tensor map of ", what, " (", tokens, " x ", heads, " x ", d,
-               ") was refused (CUresult ", int(r), ")");
-  return m;
-}
-
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
 struct WgmmaVariant {
   int d_qk, d_v, smem;
@@ -544,6 +451,24 @@ const WgmmaVariant* wgmma_variant(const FlashAttentionParams& p) {
 
 }  // namespace
 
+// The tensor map of a (tokens, heads, d) bf16 tensor read as box_rows x 64-column boxes of one
+// head, 128-byte swizzled.
+CUtensorMap flash_head_map(const uint16_t* ptr, int d, int heads, int64_t tokens, int64_t head_stride, int64_t token_stride,
+                     uint32_t box_rows, const char* what) {
+  CUtensorMap m{};
+  const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(tokens)};
+  const cuuint64_t strides[2] = {cuuint64_t(head_stride) * 2, cuuint64_t(token_stride) * 2};
+  const cuuint32_t box[3] = {uint32_t(kChunk), 1, box_rows};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(ptr), dims,
+                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "flash_attention: the tensor map of ", what, " (", tokens, " x ", heads, " x ", d,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
 void flash_attention_setup() {
   if (sm90a_available()) allow_flash_smem();
 }
@@ -581,10 +506,10 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
   if (!refusal) {
     allow_flash_smem();
     const WgmmaVariant& v = *wgmma_variant(p);
-    const CUtensorMap mq = head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kBlockM, "q");
+    const CUtensorMap mq = flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kBlockM, "q");
     const CUtensorMap mk =
-        head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
-    const CUtensorMap mv = head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
+        flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
+    const CUtensorMap mv = flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
     const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kBlockM)), unsigned(p.batch));
     launch_kernel(v.kernel[flash_schedule()], grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");

@@ -1,0 +1,544 @@
+// Flash attention's backward on the GPU (the arguments: src/ops/flash_attention.h; the CPU
+// reference: cpu::flash_attention_backward; the ideas: docs/flash-attention.md). Nothing of the
+// forward is kept but its output and log-sum-exp: the scores are recomputed tile by tile, and
+// P = exp(scale·s - lse) needs no softmax pass (FlashAttention 1's recomputation). With
+// D = rowsum(dout ∘ out) (flash_bwd_delta_kernel), dS = P ∘ (dP - D) where dP = dout Vᵀ, and
+//   dV = Pᵀ dout,   dK = scale · dSᵀ Q,   dQ = scale · dS K.
+// Two Hopper kernels split the work so that every gradient has one owner and no atomics are
+// needed — the result is deterministic, run after run:
+// - flash_bwd_dkdv_wgmma_kernel: a block owns 128 keys of one KV head (64 per warpgroup) and
+//   sweeps the query tiles of every query head that reads them: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ
+//   (wgmma from shared memory), Pᵀ and dSᵀ in registers, then dV += Pᵀ dout and dK += dSᵀ Q with
+//   Pᵀ and dSᵀ as register A operands and dout, Q read N-major — the forward's P V trick twice.
+// - flash_bwd_dq_wgmma_kernel: a block owns 128 queries of one head (64 per warpgroup) and sweeps
+//   the key tiles: S = Q Kᵀ, dP = dout Vᵀ, dS, then dQ += dS K (K N-major).
+// The two recompute S and dP each (7 products in all instead of 5), the price of no atomics.
+// Q/dout or K/V tiles stream through a ring of shared-memory stages filled by TMA from thread 0,
+// as in the forward. SIMT kernels (one warp per row) are the fallback for other GPUs and shapes.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <type_traits>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.cuh"
+#include "ops/cuda/cuda_ops.h"
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/flash_attention.cuh"
+#include "ops/cuda/hopper.cuh"
+
+namespace fathom::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head).
+__global__ void flash_bwd_delta_kernel(const FlashArgs a) {
+  pdl_wait();
+  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (w >= a.total_q * a.n_heads) return;
+  const int64_t t = w / a.n_heads;
+  const int h = int(w % a.n_heads);
+  const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
+  const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
+  float acc = 0.f;
+  for (int i = lane; i < a.d_v; i += 32) acc += bf16_bits_to_f32(o[i]) * bf16_bits_to_f32(d[i]);
+  acc = warp_sum(acc);
+  if (lane == 0) const_cast<float*>(a.delta)[int64_t(h) * a.total_q + t] = acc;
+}
+
+// ---- the Hopper kernels
+
+constexpr int kRows = 128;   // a block's keys (dK dV) or queries (dQ): two warpgroups of 64
+constexpr int kKeyTile = 64;  // keys of a tile in the dQ kernel
+
+template <int kD, int kDv, int kQT>
+struct DkdvShape {
+  static constexpr int kKBytes = kRows * kD * 2, kVBytes = kRows * kDv * 2;
+  static constexpr int kQTBytes = kQT * kD * 2, kDoBytes = kQT * kDv * 2;
+  static constexpr int kFit = (227 * 1024 - 2048 - kKBytes - kVBytes) / (kQTBytes + kDoBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kKBytes + kVBytes + kStages * (kQTBytes + kDoBytes) + 1024 + 256;
+  static_assert(kStages >= 2, "two stages of Q and dout must fit");
+};
+template <int kD, int kDv>
+struct DqShape {
+  static constexpr int kQBytes = kRows * kD * 2, kDoBytes = kRows * kDv * 2;
+  static constexpr int kKBytes = kKeyTile * kD * 2, kVBytes = kKeyTile * kDv * 2;
+  static constexpr int kFit = (227 * 1024 - 2048 - kQBytes - kDoBytes) / (kKBytes + kVBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kQBytes + kDoBytes + kStages * (kKBytes + kVBytes) + 1024 + 256;
+  static_assert(kStages >= 2, "two stages of K and V must fit");
+};
+
+#ifdef FATHOM_SM90A
+// P (or dS) in bf16 as wgmma A fragments, 16 columns a k-step (see the forward's pack_p).
+template <int kN>
+__device__ __forceinline__ void pack_frags(uint32_t (&f)[kN / 16][4], const float (&x)[kN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[kk][j] = pack_bf16(x[8 * kk + 2 * j], x[8 * kk + 2 * j + 1]);
+}
+// acc (64 x kN) (+)= A (64 x kK, shared memory, K-major, 64-column chunks kAChunk bytes apart) ·
+// B (kN x kK, K-major, chunks kBChunk bytes apart)ᵀ
+template <int kN, int kK, int kAChunk, int kBChunk>
+__device__ __forceinline__ void ss_product(float (&acc)[kN / 2], uint64_t da, uint64_t db) {
+#pragma unroll
+  for (int c = 0; c < kK / kChunk; ++c)
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk)
+      wgmma_ss<kN>(acc, da + c * (kAChunk >> 4) + 2 * kk, db + c * (kBChunk >> 4) + 2 * kk, (c | kk) != 0);
+}
+// acc (64 x kN) += F (64 x kK, fragments) · B (kK x kN, shared memory, N-major: 16 rows 2 KB)
+template <int kN, int kK>
+__device__ __forceinline__ void rs_product(float (&acc)[kN / 2], const uint32_t (&f)[kK / 16][4], uint64_t db) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) wgmma_rs_tb<kN>(acc, f[kk], db + kk * (2048 >> 4), 1);
+}
+#endif
+
+// dK, dV of 128 keys (blockIdx.y) of KV head blockIdx.x in sequence blockIdx.z; query tiles of kQT.
+template <int kD, int kDv, int kQT>
+__global__ void __launch_bounds__(256, 1)
+    flash_bwd_dkdv_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                                const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                                const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = DkdvShape<kD, kDv, kQT>;
+  constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
+  const SeqSpan s = seq_span(a, b);
+  if (kb * kRows >= s.lk) return;
+  const int diag = s.lk - s.lq;
+  // the query tiles: from the first that sees the block's first key (causal) to the last
+  const int n_qt = (s.lq + kQT - 1) / kQT;
+  const int first_q = a.causal ? max(0, kb * kRows - diag) : 0;
+  const int i0 = first_q >= s.lq ? n_qt : first_q / kQT, per_head = n_qt - i0, n_it = a.group * per_head;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sk = (smem_u32(smem_raw) + 1023u) & ~1023u, sv = sk + Shape::kKBytes;
+  const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
+  const uint32_t kv_full = sdo + kStages * Shape::kDoBytes, full = kv_full + 8, empty = full + 8 * kStages;
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto produce = [&](int it) {
+    const int st = it % kStages, h = kvh * a.group + it / per_head, row = int(s.q0 + int64_t(i0 + it % per_head) * kQT);
+    mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+    mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kChunk; ++c)
+      tma_load_3d(sq + st * Shape::kQTBytes + c * kQT * 128, &map_q, c * kChunk, h, row, full + 8 * st);
+#pragma unroll
+    for (int c = 0; c < kDv / kChunk; ++c)
+      tma_load_3d(sdo + st * Shape::kDoBytes + c * kQT * 128, &map_do, c * kChunk, h, row, full + 8 * st);
+  };
+  if (tid == 0) {
+    const int key_row = int(s.k0 + int64_t(kb) * kRows);
+    mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kChunk; ++c) tma_load_3d(sk + c * kRows * 128, &map_k, c * kChunk, kvh, key_row, kv_full);
+#pragma unroll
+    for (int c = 0; c < kDv / kChunk; ++c) tma_load_3d(sv + c * kRows * 128, &map_v, c * kChunk, kvh, key_row, kv_full);
+    for (int it = 0; it < min(kStages, n_it); ++it) produce(it);
+  }
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
+  const int key0 = kb * kRows + wg * 64 + warp * 16 + lane / 4;  // this thread's keys key0, key0 + 8
+  float dk[kD / 2], dv[kDv / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kDv / 2; ++i) dv[i] = 0.f;
+  const uint64_t dk0 = sw128_desc(sk + wg * 64 * 128), dv0 = sw128_desc(sv + wg * 64 * 128);
+  mbar_wait(kv_full, 0);
+  for (int it = 0; it < n_it; ++it) {
+    const int st = it % kStages, h = kvh * a.group + it / per_head, qt = (i0 + it % per_head) * kQT;
+    mbar_wait(full + 8 * st, uint32_t((it / kStages) & 1));
+    const uint32_t q_st = sq + st * Shape::kQTBytes, do_st = sdo + st * Shape::kDoBytes;
+    float sc[kQT / 2], dp[kQT / 2];
+    wgmma_fence();
+    ss_product<kQT, kD, kRows * 128, kQT * 128>(sc, dk0, sw128_desc(q_st));    // Sᵀ = K Qᵀ
+    ss_product<kQT, kDv, kRows * 128, kQT * 128>(dp, dv0, sw128_desc(do_st));  // dPᵀ = V doutᵀ
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sc), fence_regs(dp);
+    // Pᵀ and dSᵀ: this thread's columns are queries qt + 8 n + 2 (lane % 4) + {0, 1}
+#pragma unroll
+    for (int n = 0; n < kQT / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = qt + 8 * n + 2 * (lane % 4) + e;
+        const bool in = q < s.lq;
+        const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? q : 0);
+        const float lse2 = in ? a.lse[at] * kLog2e : 0.f, delta = in ? a.delta[at] : 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = key0 + 8 * r, x = 4 * n + 2 * r + e;
+          const bool ok = in && key < s.lk && (!a.causal || key <= q + diag);
+          const float p = ok ? fast_exp2(fmaf(sc[x], a.scale_log2, -lse2)) : 0.f;
+          sc[x] = p;
+          dp[x] = p * (dp[x] - delta);
+        }
+      }
+    uint32_t pf[kQT / 16][4], dsf[kQT / 16][4];
+    pack_frags<kQT>(pf, sc);
+    pack_frags<kQT>(dsf, dp);
+    fence_regs(dk), fence_regs(dv), fence_regs(pf), fence_regs(dsf);
+    wgmma_fence();
+    rs_product<kDv, kQT>(dv, pf, sw128_desc_mn(do_st, kQT * 128));  // dV += Pᵀ dout
+    rs_product<kD, kQT>(dk, dsf, sw128_desc_mn(q_st, kQT * 128));   // dK += dSᵀ Q
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dk), fence_regs(dv);
+    mbar_arrive(empty + 8 * st);
+    if (tid == 0 && it - 1 + kStages < n_it && it >= 1) produce(it - 1 + kStages);
+  }
+  // the keys' gradients: dK with the scale of the scores, rows key0 and key0 + 8
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key >= s.lk) continue;
+    const int64_t row = (s.k0 + key) * int64_t(a.n_heads / a.group) + kvh;
+    float* gk = a.dk + row * kD + 2 * (lane % 4);
+    float* gv = a.dv + row * kDv + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(gk + 8 * i) = make_float2(dk[4 * i + 2 * r] * a.scale, dk[4 * i + 2 * r + 1] * a.scale);
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
+  __trap();
+#endif
+}
+
+// dQ of 128 queries (blockIdx.y, longest first) of head blockIdx.x in sequence blockIdx.z.
+template <int kD, int kDv>
+__global__ void __launch_bounds__(256, 1)
+    flash_bwd_dq_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                              const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                              const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = DqShape<kD, kDv>;
+  constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
+  const SeqSpan s = seq_span(a, b);
+  if (m_block * kRows >= s.lq) return;
+  const int diag = s.lk - s.lq, kvh = h / a.group;
+  int n_tiles = (s.lk + kKeyTile - 1) / kKeyTile;
+  if (a.causal) {
+    const int last_key = min(m_block * kRows + kRows - 1, s.lq - 1) + diag;
+    n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / kKeyTile + 1);
+  }
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sdo = sq + Shape::kQBytes;
+  const uint32_t sk = sdo + Shape::kDoBytes, sv = sk + kStages * Shape::kKBytes;
+  const uint32_t q_full = sv + kStages * Shape::kVBytes, full = q_full + 8, empty = full + 8 * kStages;
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto produce = [&](int it) {
+    const int st = it % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
+    mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+    mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kChunk; ++c)
+      tma_load_3d(sk + st * Shape::kKBytes + c * kKeyTile * 128, &map_k, c * kChunk, kvh, row, full + 8 * st);
+#pragma unroll
+    for (int c = 0; c < kDv / kChunk; ++c)
+      tma_load_3d(sv + st * Shape::kVBytes + c * kKeyTile * 128, &map_v, c * kChunk, kvh, row, full + 8 * st);
+  };
+  if (tid == 0) {
+    const int row = int(s.q0 + int64_t(m_block) * kRows);
+    mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kChunk; ++c) tma_load_3d(sq + c * kRows * 128, &map_q, c * kChunk, h, row, q_full);
+#pragma unroll
+    for (int c = 0; c < kDv / kChunk; ++c) tma_load_3d(sdo + c * kRows * 128, &map_do, c * kChunk, h, row, q_full);
+    for (int it = 0; it < min(kStages, n_tiles); ++it) produce(it);
+  }
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
+  const int r0 = m_block * kRows + wg * 64 + warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = r0 + 8 * r < s.lq;
+    const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? r0 + 8 * r : 0);
+    lse2[r] = in ? a.lse[at] * kLog2e : 0.f;
+    delta[r] = in ? a.delta[at] : 0.f;
+  }
+  float dq[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
+  const uint64_t dq0 = sw128_desc(sq + wg * 64 * 128), ddo0 = sw128_desc(sdo + wg * 64 * 128);
+  mbar_wait(q_full, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it % kStages, j = n_tiles - 1 - it;
+    mbar_wait(full + 8 * st, uint32_t((it / kStages) & 1));
+    const uint32_t k_st = sk + st * Shape::kKBytes, v_st = sv + st * Shape::kVBytes;
+    float sc[kKeyTile / 2], dp[kKeyTile / 2];
+    wgmma_fence();
+    ss_product<kKeyTile, kD, kRows * 128, kKeyTile * 128>(sc, dq0, sw128_desc(k_st));     // S = Q Kᵀ
+    ss_product<kKeyTile, kDv, kRows * 128, kKeyTile * 128>(dp, ddo0, sw128_desc(v_st));  // dP = dout Vᵀ
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sc), fence_regs(dp);
+#pragma unroll
+    for (int x = 0; x < kKeyTile / 2; ++x) {
+      const int r = (x >> 1) & 1, key = j * kKeyTile + 8 * (x / 4) + 2 * (lane % 4) + (x & 1), row = r0 + 8 * r;
+      const bool ok = key < s.lk && (!a.causal || key <= row + diag);
+      const float p = ok ? fast_exp2(fmaf(sc[x], a.scale_log2, -lse2[r])) : 0.f;
+      dp[x] = p * (dp[x] - delta[r]);
+    }
+    uint32_t dsf[kKeyTile / 16][4];
+    pack_frags<kKeyTile>(dsf, dp);
+    fence_regs(dq), fence_regs(dsf);
+    wgmma_fence();
+    rs_product<kD, kKeyTile>(dq, dsf, sw128_desc_mn(k_st, kKeyTile * 128));  // dQ += dS K
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    mbar_arrive(empty + 8 * st);
+    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce(it - 1 + kStages);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r;
+    if (row >= s.lq) continue;
+    float* g = a.dq + ((s.q0 + row) * a.n_heads + h) * int64_t(kD) + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
+  __trap();
+#endif
+}
+
+// ---- the fallback: one warp per row, lanes over the dims (kPer each)
+
+template <int kPer>
+__global__ void __launch_bounds__(128) flash_bwd_dq_simt_kernel(const FlashArgs a) {
+  pdl_wait();
+  const int h = int(blockIdx.y), b = int(blockIdx.z);
+  const SeqSpan s = seq_span(a, b);
+  const int row = int(blockIdx.x) * 4 + int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
+  if (row >= s.lq) return;
+  const int kvh = h / a.group;
+  const int64_t t = s.q0 + row, at = int64_t(h) * a.total_q + t;
+  const uint16_t* q = a.q + t * a.q_ts + int64_t(h) * a.q_hs;
+  const uint16_t* dout = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
+  float qv[kPer], dov[kPer], acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    qv[i] = d < a.d_qk ? bf16_bits_to_f32(q[d]) : 0.f;
+    dov[i] = d < a.d_v ? bf16_bits_to_f32(dout[d]) : 0.f;
+    acc[i] = 0.f;
+  }
+  const float lse2 = a.lse[at] * kLog2e, delta = a.delta[at];
+  const int n = a.causal ? max(0, min(s.lk, row + s.lk - s.lq + 1)) : s.lk;
+  for (int j = 0; j < n; ++j) {
+    const uint16_t* k = a.k + (s.k0 + j) * a.k_ts + int64_t(kvh) * a.k_hs;
+    const uint16_t* v = a.v + (s.k0 + j) * a.v_ts + int64_t(kvh) * a.v_hs;
+    float sd = 0.f, pd = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      if (d < a.d_qk) sd += qv[i] * bf16_bits_to_f32(k[d]);
+      if (d < a.d_v) pd += dov[i] * bf16_bits_to_f32(v[d]);
+    }
+    const float p = exp2f(warp_sum(sd) * a.scale_log2 - lse2), ds = p * (warp_sum(pd) - delta);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < a.d_qk) acc[i] += ds * bf16_bits_to_f32(k[lane + 32 * i]);
+  }
+  float* g = a.dq + (t * a.n_heads + h) * int64_t(a.d_qk);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    if (lane + 32 * i < a.d_qk) g[lane + 32 * i] = acc[i] * a.scale;
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArgs a) {
+  pdl_wait();
+  const int kvh = int(blockIdx.y), b = int(blockIdx.z), n_kv = a.n_heads / a.group;
+  const SeqSpan s = seq_span(a, b);
+  const int key = int(blockIdx.x) * 4 + int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
+  if (key >= s.lk) return;
+  const int64_t t = s.k0 + key;
+  const uint16_t* k = a.k + t * a.k_ts + int64_t(kvh) * a.k_hs;
+  const uint16_t* v = a.v + t * a.v_ts + int64_t(kvh) * a.v_hs;
+  float kv[kPer], vv[kPer], gk[kPer], gv[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    kv[i] = d < a.d_qk ? bf16_bits_to_f32(k[d]) : 0.f;
+    vv[i] = d < a.d_v ? bf16_bits_to_f32(v[d]) : 0.f;
+    gk[i] = gv[i] = 0.f;
+  }
+  const int first = a.causal ? max(0, key - (s.lk - s.lq)) : 0;
+  for (int h = kvh * a.group; h < (kvh + 1) * a.group; ++h)
+    for (int i = first; i < s.lq; ++i) {
+      const int64_t tq = s.q0 + i, at = int64_t(h) * a.total_q + tq;
+      const uint16_t* q = a.q + tq * a.q_ts + int64_t(h) * a.q_hs;
+      const uint16_t* dout = a.dout + tq * a.do_ts + int64_t(h) * a.do_hs;
+      float sd = 0.f, pd = 0.f;
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) {
+        const int d = lane + 32 * x;
+        if (d < a.d_qk) sd += kv[x] * bf16_bits_to_f32(q[d]);
+        if (d < a.d_v) pd += vv[x] * bf16_bits_to_f32(dout[d]);
+      }
+      const float p = exp2f(warp_sum(sd) * a.scale_log2 - a.lse[at] * kLog2e), ds = p * (warp_sum(pd) - a.delta[at]);
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) {
+        const int d = lane + 32 * x;
+        if (d < a.d_qk) gk[x] += ds * bf16_bits_to_f32(q[d]);
+        if (d < a.d_v) gv[x] += p * bf16_bits_to_f32(dout[d]);
+      }
+    }
+  const int64_t row = t * n_kv + kvh;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    if (d < a.d_qk) a.dk[row * a.d_qk + d] = gk[i] * a.scale;
+    if (d < a.d_v) a.dv[row * a.d_v + d] = gv[i];
+  }
+}
+
+// ---- host side
+
+using BwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
+struct BwdVariant {
+  int d_qk, d_v, qt, dkdv_smem, dq_smem;
+  BwdKernel dkdv, dq;
+};
+const BwdVariant kBwdVariants[] = {
+    {64, 64, 64, DkdvShape<64, 64, 64>::kSmem, DqShape<64, 64>::kSmem, flash_bwd_dkdv_wgmma_kernel<64, 64, 64>,
+     flash_bwd_dq_wgmma_kernel<64, 64>},
+    {128, 128, 64, DkdvShape<128, 128, 64>::kSmem, DqShape<128, 128>::kSmem, flash_bwd_dkdv_wgmma_kernel<128, 128, 64>,
+     flash_bwd_dq_wgmma_kernel<128, 128>},
+    {192, 128, 32, DkdvShape<192, 128, 32>::kSmem, DqShape<192, 128>::kSmem, flash_bwd_dkdv_wgmma_kernel<192, 128, 32>,
+     flash_bwd_dq_wgmma_kernel<192, 128>},
+};
+std::once_flag g_bwd_smem[kMaxDevices];
+void allow_bwd_smem() {
+  once_per_device(g_bwd_smem, [] {
+    for (const BwdVariant& v : kBwdVariants) {
+      check(cudaFuncSetAttribute(v.dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_smem),
+            "flash_attention_backward (shared memory of the dK dV kernel)");
+      check(cudaFuncSetAttribute(v.dq, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
+            "flash_attention_backward (shared memory of the dQ kernel)");
+    }
+  });
+}
+
+}  // namespace
+
+void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentionGrads& g, Stream stream,
+                              FlashKernel kernel) {
+  check_flash_attention(p, false, "flash_attention_backward");
+  FATHOM_CHECK(p.lse && g.dout && g.dq && g.dk && g.dv,
+               "flash_attention_backward: the forward's lse, dout, dq, dk and dv must be given.");
+  FATHOM_CHECK(g.dout_head_stride >= p.d_v && g.dout_token_stride >= g.dout_head_stride * (p.n_heads - 1) + p.d_v,
+               "flash_attention_backward: dout strides (token ", g.dout_token_stride, ", head ", g.dout_head_stride,
+               ") overlap its ", p.n_heads, " heads of ", p.d_v, ".");
+  FATHOM_CHECK(p.batch <= 65535 && p.n_heads <= 65535, "flash_attention_backward: batch ", p.batch, " or heads ",
+               p.n_heads, " exceed the grid (65535).");
+  if (p.total_q == 0 && p.total_k == 0) return;
+  const char* refusal = kernel == FlashKernel::Simt ? "" : flash_wgmma_refusal(p);
+  if (!refusal && !(aligned16(g.dout) && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0))
+    refusal = "dout must be 16-byte aligned with strides of whole 16-byte units";
+  if (!refusal && ceil_div(p.max_seqlen_k, kRows) > 65535) refusal = "max_seqlen_k exceeds the grid";
+  FATHOM_CHECK(kernel != FlashKernel::Wgmma || !refusal,
+               "flash_attention_backward: the wgmma kernels were asked for but ", refusal, ".");
+  const cudaStream_t cs = as_cuda(stream);
+  FlashArgs a{};
+  a.q = p.q, a.k = p.k, a.v = p.v, a.out = p.out, a.lse = p.lse, a.cu_q = p.cu_seqlens_q, a.cu_k = p.cu_seqlens_k;
+  a.q_ts = p.q_token_stride, a.q_hs = p.q_head_stride, a.k_ts = p.k_token_stride, a.k_hs = p.k_head_stride;
+  a.v_ts = p.v_token_stride, a.v_hs = p.v_head_stride, a.o_ts = p.out_token_stride, a.o_hs = p.out_head_stride;
+  a.total_q = p.total_q, a.total_k = p.total_k, a.n_heads = p.n_heads, a.group = p.n_heads / p.n_kv_heads;
+  a.d_qk = p.d_qk, a.d_v = p.d_v, a.scale = p.scale, a.scale_log2 = p.scale * kLog2e, a.causal = p.causal ? 1 : 0;
+  a.dout = g.dout, a.do_ts = g.dout_token_stride, a.do_hs = g.dout_head_stride;
+  a.dq = g.dq, a.dk = g.dk, a.dv = g.dv;
+  float* delta = nullptr;
+  const int64_t rows = std::max<int64_t>(1, p.total_q * p.n_heads);
+  check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows) * sizeof(float), cs),
+        "flash_attention_backward (work space)");
+  a.delta = delta;
+  try {
+    if (p.total_q > 0) {
+      launch_kernel(flash_bwd_delta_kernel, dim3(unsigned(ceil_div(p.total_q * p.n_heads, 8))), dim3(256), 0, cs, a);
+      check_launch("flash_bwd_delta_kernel");
+    }
+    if (!refusal) {
+      allow_bwd_smem();
+      const BwdVariant* v = nullptr;
+      for (const BwdVariant& x : kBwdVariants)
+        if (x.d_qk == p.d_qk && x.d_v == p.d_v) v = &x;
+      const CUtensorMap mk =
+          flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kRows, "k");
+      const CUtensorMap mv =
+          flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kRows, "v");
+      if (p.total_q > 0) {
+        // dK dV: Q and dout in tiles of v->qt rows; K and V whole blocks of 128
+        const CUtensorMap mq =
+            flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v->qt), "q");
+        const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
+                                               g.dout_token_stride, uint32_t(v->qt), "dout");
+        launch_kernel(v->dkdv, dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
+                      dim3(256), size_t(v->dkdv_smem), cs, mq, mk, mv, mdo, a);
+        check_launch("flash_bwd_dkdv_wgmma_kernel");
+        // dQ: Q and dout whole blocks of 128; K and V in tiles of 64
+        const CUtensorMap mq2 =
+            flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kRows, "q");
+        const CUtensorMap mdo2 = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
+                                                g.dout_token_stride, kRows, "dout");
+        const CUtensorMap mk2 =
+            flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
+        const CUtensorMap mv2 =
+            flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
+        launch_kernel(v->dq, dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
+                      dim3(256), size_t(v->dq_smem), cs, mq2, mk2, mv2, mdo2, a);
+        check_launch("flash_bwd_dq_wgmma_kernel");
+      }
+    } else {
+      const int per = int(ceil_div(std::max(p.d_qk, p.d_v), 32));
+      auto launch = [&](auto dq_kernel, auto dkdv_kernel) {
+        if (p.max_seqlen_q > 0)
+          launch_kernel(dq_kernel, dim3(unsigned(ceil_div(p.max_seqlen_q, 4)), unsigned(p.n_heads), unsigned(p.batch)),
+                        dim3(128), 0, cs, a);
+        if (p.max_seqlen_k > 0)
+          launch_kernel(dkdv_kernel,
+                        dim3(unsigned(ceil_div(p.max_seqlen_k, 4)), unsigned(p.n_kv_heads), unsigned(p.batch)),
+                        dim3(128), 0, cs, a);
+      };
+      if (per <= 2) launch(flash_bwd_dq_simt_kernel<2>, flash_bwd_dkdv_simt_kernel<2>);
+      else if (per <= 4) launch(flash_bwd_dq_simt_kernel<4>, flash_bwd_dkdv_simt_kernel<4>);
+      else launch(flash_bwd_dq_simt_kernel<8>, flash_bwd_dkdv_simt_kernel<8>);
+      check_launch("flash_bwd_simt_kernels");
+    }
+  } catch (...) {
+    cudaFreeAsync(delta, cs);
+    throw;
+  }
+  check(cudaFreeAsync(delta, cs), "flash_attention_backward (work space)");
+}
+
+}  // namespace fathom::cuda
