@@ -16,9 +16,11 @@
 //
 // usage: bench_cuda_decode [--models v3-4.9b,v2-lite-16b] [--dtypes bf16,fp8] [--prompt 128]
 //                          [--decode 64] [--prefill 2048] [--batches 1,8,32] [--repeat]
-//                          [--fp8-prefill weight-only,fp8]
+//                          [--fp8-prefill weight-only,fp8] [--mla absorbed|naive]
 // --fp8-prefill: FP8 models' prefill once per mode: weight-only FP8 (the default) and/or the
 // FP8 x FP8 product with activations quantized 1x128 (ModelOptions::fp8_activations).
+// --mla naive: the per-head K/V cache and attention (ModelOptions::mla_mode), whose bf16 prefill
+// runs on the flash attention kernel on Hopper (FATHOM_FLASH_PREFILL=0: on the general kernel).
 // --repeat: also the batch-1 step with each kind of op (the GEMVs, the attention, the routing,
 // the experts) launched twice, and the time that adds: what that kind costs inside the step.
 #include <algorithm>
@@ -74,7 +76,7 @@ struct Row {
 int main(int argc, char** argv) {
   std::string models = "v3-4.9b,v2-lite-16b", dtypes = "bf16,fp8", batches = "1,8,32";
   int64_t n_prompt = 128, n_decode = 64, n_prefill = 2048;
-  std::string fp8_prefill = "weight-only";
+  std::string fp8_prefill = "weight-only", mla = "absorbed";
   bool repeat = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -92,10 +94,11 @@ int main(int argc, char** argv) {
     else if (a == "--decode") n_decode = std::atol(next().c_str());
     else if (a == "--prefill") n_prefill = std::atol(next().c_str());
     else if (a == "--fp8-prefill") fp8_prefill = next();
+    else if (a == "--mla") mla = next();
     else if (a == "--repeat") repeat = true;
     else {
       std::fprintf(stderr, "usage: bench_cuda_decode [--models LIST] [--dtypes bf16,fp8] [--batches 1,8,32] "
-                           "[--prompt N] [--decode N] [--prefill N]\n");
+                           "[--prompt N] [--decode N] [--prefill N] [--fp8-prefill LIST] [--mla absorbed|naive]\n");
       return 2;
     }
   }
@@ -120,7 +123,8 @@ int main(int argc, char** argv) {
         ModelOptions o;
         o.device = DeviceKind::Cuda;
         o.precision = Precision::Bf16;
-        o.mla_mode = MlaMode::Absorbed;
+        FATHOM_CHECK(mla == "absorbed" || mla == "naive", "--mla takes absorbed or naive, not ", mla);
+        o.mla_mode = mla == "naive" ? MlaMode::Naive : MlaMode::Absorbed;
         o.progress = false;
         auto t0 = Clock::now();
         auto m = Model::random(c, o, dt == "fp8" ? DType::F8_E4M3 : DType::BF16, 1234);

@@ -11,12 +11,19 @@
 #   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--schedules]
 # --full: non-causal as well. --schedules: the forward with each schedule of the wgmma kernel
 # (FATHOM_FLASH_SCHEDULE 0 serial, 1 pipelined, 2 pipelined + ping-pong; the tests too). --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+# --prefill: bench_cuda_decode's 2,048-token bf16 prefill of the 4.89B V3-shaped model with the
+# naive (per-head) MLA cache, on the flash kernel and off it (FATHOM_FLASH_PREFILL=0), and with
+# the absorbed (latent) cache for reference (needs bench_cuda_decode in device-bin).
+# --fixtures: the tests also run the CUDA cases of the reference fixtures (tests/test_fixtures.cpp)
+# from device-data/fixtures.tar.xz (scripts/device-serve.sh --prepare; carry "device-data" too
+# after `bash scripts/device-room.sh hide`; CudaModel.ServingEngineMatchesTheCpu reads the hidden
+# fathom-mini and is left out then).
 # --sanitize: compute-sanitizer memcheck and racecheck on the GPU tests. --profile: the default wgmma
 # kernel's machine code and an ncu source-level profile (stall samples per SASS instruction) at
 # (4, 16, 4096, 128) into $OUT (fa-sass.txt, fa-source.csv), with the scheduler and warp-state tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 peer=1 full=() ncu=0 sanitize=0 schedules=0 profile=0
+tests=1 peer=1 full=() ncu=0 sanitize=0 schedules=0 profile=0 prefill=0 fixtures=0
 for a in "$@"; do
   case "$a" in
     --no-tests) tests=0 ;;
@@ -26,22 +33,29 @@ for a in "$@"; do
     --sanitize) sanitize=1 ;;
     --schedules) schedules=1 ;;
     --profile) profile=1 ;;
+    --prefill) prefill=1 ;;
+    --fixtures) fixtures=1 ;;
     *) echo "device-attention: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 source scripts/device-serve-env.sh
 serve_env device-attention
-serve_programs device-attention fathom_tests bench_flash_attention
+serve_programs device-attention fathom_tests bench_flash_attention bench_cuda_decode
 log=/tmp/device-attention
 mkdir -p "$log"
 trc="not run"
 filter="CudaFlashAttention.*:FlashAttentionCpu.*${ATTN_TESTS:-}"
+if [ "$fixtures" = 1 ]; then
+  [ -s device-data/fixtures.tar.xz ] || { echo "device-attention: --fixtures needs device-data/fixtures.tar.xz (carry device-data)" >&2; exit 1; }
+  tar -C /tmp/fathom-serve -xJf device-data/fixtures.tar.xz
+  filter="$filter:CudaModel.*:*_cuda_*-CudaModel.ServingEngineMatchesTheCpu"
+fi
 if [ "$tests" = 1 ]; then
   set +e
   timeout 300 "$bin"/fathom_tests --gtest_filter="$filter" >"$log/tests.log" 2>&1
   trc=$?
   set -e
-  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|worst|Failure|Expected|Which is|vs|wgmma|seed" "$log/tests.log" | head -80
+  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|worst|Failure|Expected|Which is|vs|wgmma|seed|exception" "$log/tests.log" | head -80 || true
 fi
 src="not run"
 if [ "$sanitize" = 1 ]; then
@@ -54,7 +68,7 @@ if [ "$sanitize" = 1 ]; then
     rc=$?
     set -e
     src="$src $tool rc $rc"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race" "$log/$tool.log" | head -8
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|rror" "$log/$tool.log" | head -8 || true
   done
 fi
 timeout 300 "$bin"/bench_flash_attention "${full[@]}" | tee "$log/fathom.txt"
@@ -65,6 +79,13 @@ if [ "$schedules" = 1 ]; then
         --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"
     fi
     FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/schedule $sched /"
+  done
+fi
+if [ "$prefill" = 1 ]; then
+  for run in "naive 1" "naive 0" "absorbed 1"; do
+    set -- $run
+    echo "prefill, mla $1, flash prefill $2: $(FATHOM_FLASH_PREFILL=$2 timeout 200 "$bin"/bench_cuda_decode --models v3-4.9b \
+      --dtypes bf16 --batches 1 --decode 8 --prefill 2048 --mla $1 | grep -E 'prefill 2048 tokens' | tr -s ' ')"
   done
 fi
 if [ "$peer" = 1 ]; then

@@ -8,6 +8,9 @@
 // causal and not, self-attention and chunked prefill (more keys than queries), GQA and MQA, head
 // dims 64/64, 128/128, 192/128 and an odd one (SIMT only), strided layouts. Outputs start as NaN
 // (0xFF bytes): an unwritten element fails, and a NaN never passes a bound. Skips without a GPU.
+// The model's attention op (cuda::attention) hands bf16 prefills to the flash kernel: checked
+// against cpu::attention on a chunk after a cached prefix, contiguous and paged keys, with the
+// bounds of the output above.
 // The backward (dq, dk, dv from the GPU forward's out and lse) against cpu::flash_attention_backward:
 //   |gpu - ref| <= 1e-2 max|ref| + 2e-2 |ref| per element of each gradient: P and dS enter the
 //   tensor-core products rounded to bf16 (2^-9 relative), D = Σ dout · out uses the bf16 output
@@ -23,6 +26,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "core/thread_pool.h"
+#include "ops/cpu/attention.h"
 #include "ops/cpu/flash_attention.h"
 #include "ops/ops.h"
 
@@ -290,6 +294,61 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
   for (const FlashKernel k : kernels(m)) check_backward(m, k);
   const Case odd{{33, 5}, {33, 9}, 3, 1, 40, 24, true, 3};
   check_backward(odd, FlashKernel::Simt);
+}
+
+TEST_F(CudaFlashAttention, ModelPrefillTakesTheFlashKernel) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{192, 128}, {128, 128}})
+    for (const bool paged : {false, true}) {
+      const int H = 4, bs = 16;
+      const int64_t n_q = 200, q_pos0 = 56, n_kv = q_pos0 + n_q, blocks = (n_kv + bs - 1) / bs;
+      std::vector<float> q(size_t(n_q * H * dqk)), out(size_t(n_q * H * dv));
+      for (auto& x : q) x = nd(rng_);
+      std::vector<uint16_t> k(size_t(blocks * bs * H * dqk)), v(size_t(blocks * bs * H * dv));
+      for (auto& x : k) x = f32_to_bf16(nd(rng_));
+      for (auto& x : v) x = f32_to_bf16(nd(rng_));
+      std::vector<int32_t> table(static_cast<size_t>(blocks));
+      for (int64_t b = 0; b < blocks; ++b) table[size_t(b)] = int32_t((b * 7 + 3) % blocks);  // a permutation
+      AttentionParams p;
+      p.q_token_stride = int64_t(H) * dqk, p.q_head_stride = dqk;
+      p.k_token_stride = int64_t(H) * dqk, p.k_head_stride = dqk;
+      p.v_token_stride = int64_t(H) * dv, p.v_head_stride = dv;
+      p.out_token_stride = int64_t(H) * dv, p.out_head_stride = dv;
+      p.kv_dtype = DType::BF16, p.block_size = paged ? bs : 0;
+      p.n_q = n_q, p.n_kv = n_kv, p.q_pos0 = q_pos0, p.n_q_heads = H, p.n_kv_heads = H, p.d_qk = dqk, p.d_v = dv;
+      p.scale = 1.0f / std::sqrt(float(dqk)), p.causal = true;
+      if (!cuda::flash_prefill_takes(p)) {
+        std::printf("  the model's attention stays off the flash kernel here (no sm_90a device)\n");
+        return;
+      }
+      // (the CPU's attention reads F32 keys: the same bf16 values widened)
+      std::vector<float> kf(k.size()), vf(v.size());
+      for (size_t i = 0; i < k.size(); ++i) kf[i] = bf16_to_f32(k[i]);
+      for (size_t i = 0; i < v.size(); ++i) vf[i] = bf16_to_f32(v[i]);
+      AttentionParams c = p;
+      c.kv_dtype = DType::F32;
+      c.q = q.data(), c.k = kf.data(), c.v = vf.data(), c.out = out.data(), c.block_table = paged ? table.data() : nullptr;
+      cpu::attention(c, pool_);
+      const Tensor gq = up(q.data(), int64_t(q.size()) * 4), gk = up(k.data(), int64_t(k.size()) * 2),
+                   gv = up(v.data(), int64_t(v.size()) * 2), gt = up(table.data(), int64_t(table.size()) * 4);
+      Tensor go = poison(int64_t(out.size()) * 4);
+      AttentionParams g = p;
+      g.q = static_cast<const float*>(gq.data()), g.k = gk.data(), g.v = gv.data();
+      g.out = static_cast<float*>(go.data()), g.block_table = paged ? static_cast<const int32_t*>(gt.data()) : nullptr;
+      cuda::device_synchronize();
+      cuda::attention(g, nullptr);
+      cuda::device_synchronize();
+      const std::vector<float> got = down<float>(go, int64_t(out.size()));
+      double worst = 0;
+      int bad = 0;
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double e = std::fabs(double(got[i]) - out[i]) / (1e-2 + 1e-2 * std::fabs(out[i]));
+        if (!(e <= 1.0) && bad++ < 5) ADD_FAILURE() << "out[" << i << "] " << got[i] << " vs " << out[i];
+        worst = std::max(worst, std::isnan(e) ? 1e9 : e);
+      }
+      std::printf("  model attention, qk %d v %d %s: worst %.3f of the bound\n", dqk, dv, paged ? "paged " : "contiguous",
+                  worst);
+    }
 }
 
 TEST_F(CudaFlashAttention, BadArgumentsAreErrors) {

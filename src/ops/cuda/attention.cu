@@ -710,6 +710,7 @@ void attention(const AttentionParams& p, Stream stream) {
   FATHOM_ASSERT(p.q && p.k && p.v && p.out, "attention with a null pointer");
   const cudaStream_t s = as_cuda(stream);
   if (g_latent_attention && mla_supported(p)) return attention_latent(p, s);
+  if (flash_prefill_takes(p)) return attention_flash(p, stream);
   // a long F32 self-attention (training's forward, F32 prefill): the scores materialized and the
   // two products as cuBLAS GEMMs (attention_gemm.cu) beat this kernel's CUDA-core loops
   if (attention_gemm_forward_takes(p)) return attention_forward_gemm(p, stream);

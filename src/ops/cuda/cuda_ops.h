@@ -170,6 +170,15 @@ void set_latent_attention(bool enabled);
 // Once per device: lets the attention kernels use the device's shared memory. attention() calls
 // it itself; call it before capturing a graph, where attribute changes do not belong.
 void attention_setup();
+// (attention_flash.cu) attention() hands a prefill in bf16 precision — BF16 keys and values (the
+// bf16 KV cache), at least kFlashPrefillMinQueries queries, no device key count, head dims the
+// Hopper flash kernel takes, an sm_90a device — to that kernel (flash_prefill_takes), converting
+// the F32 queries and gathering the keys to bf16 first. set_flash_prefill(false) (or
+// FATHOM_FLASH_PREFILL=0) keeps such calls on the kernels below, for comparisons.
+constexpr int64_t kFlashPrefillMinQueries = 128;
+void set_flash_prefill(bool enabled);
+bool flash_prefill_takes(const AttentionParams& p);
+void attention_flash(const AttentionParams& p, Stream stream);
 
 // ---- flash_attention.cu
 
