@@ -10,7 +10,9 @@
 # (`bash scripts/device-serve.sh --hide`, `--restore` after). Then there (carry ["device-serve-data", "device-bin"]):
 #   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--schedules]
 # --full: non-causal as well. --schedules: the forward with each schedule of the wgmma kernel
-# (FATHOM_FLASH_SCHEDULE 0 serial, 1 pipelined, 2 pipelined + ping-pong; the tests too). --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+# (FATHOM_FLASH_SCHEDULE 0 serial with two warpgroups, 1 pipelined, 2 pipelined + ping-pong; the
+# default, 3, is the serial one with three warpgroups;
+# ATTN_SCHEDULES picks; the tests too). --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
 # --prefill: bench_cuda_decode's 2,048-token bf16 prefill of the 4.89B V3-shaped model with the
 # naive (per-head) MLA cache, on the flash kernel and off it (FATHOM_FLASH_PREFILL=0), and with
 # the absorbed (latent) cache for reference (needs bench_cuda_decode in device-bin).
@@ -73,7 +75,7 @@ if [ "$sanitize" = 1 ]; then
 fi
 timeout 300 "$bin"/bench_flash_attention "${full[@]}" | tee "$log/fathom.txt"
 if [ "$schedules" = 1 ]; then
-  for sched in 0 1; do
+  for sched in ${ATTN_SCHEDULES:-0 1 2}; do
     if [ "$tests" = 1 ]; then
       echo "schedule $sched tests: $(FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/fathom_tests \
         --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"

@@ -41,10 +41,11 @@ namespace {
 
 // ---- the Hopper kernel
 
-constexpr int kBlockM = 128, kBlockN = 128;  // queries of a block (two warpgroups of 64), keys of a tile
+constexpr int kBlockN = 128;  // keys of a tile; a block's queries: 64 per warpgroup, kWGs of them
 
-template <int kDqk, int kDv>
+template <int kDqk, int kDv, int kWGs>
 struct FlashShape {
+  static constexpr int kBlockM = 64 * kWGs;
   static constexpr int kQBytes = kBlockM * kDqk * 2;
   static constexpr int kKBytes = kBlockN * kDqk * 2;
   static constexpr int kVBytes = kBlockN * kDv * 2;
@@ -59,7 +60,7 @@ constexpr int kChunkBytes = 128 * 128;  // a 128-row box of one 64-column chunk:
 
 // The key tiles block m_block of a sequence reads: all of them, or under the causal mask those up
 // to its last query's diagonal.
-__device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_block) {
+__device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_block, int kBlockM) {
   int n = (s.lk + kBlockN - 1) / kBlockN;
   if (a.causal) {
     const int last_key = min(m_block * kBlockM + kBlockM - 1, s.lq - 1) + s.lk - s.lq;
@@ -70,13 +71,13 @@ __device__ inline int key_tiles(const FlashArgs& a, const SeqSpan& s, int m_bloc
 
 // S = Q Kᵀ for one key tile, 64 x 128 scores in 64 registers a thread: wgmma m64n128k16 from
 // shared memory, 16 dims (32 bytes of the swizzled rows) a step, one 64-dim chunk after the other.
-template <int kQChunks>
+template <int kQChunks, int kQChunkBytes>
 __device__ __forceinline__ void qk_product(float (&sc)[64], uint64_t dq0, uint64_t dk0) {
 #pragma unroll
   for (int c = 0; c < kQChunks; ++c)
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk)
-      wgmma_ss<128>(sc, dq0 + c * (kChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
+      wgmma_ss<128>(sc, dq0 + c * (kQChunkBytes >> 4) + 2 * kk, dk0 + c * (kChunkBytes >> 4) + 2 * kk,
                           (c | kk) != 0);
 }
 
@@ -139,7 +140,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[64], RowState& st, floa
 
 // The key tiles (of n, from the last) that need the mask: past the sequence's end or, causally,
 // reaching past the diagonal of the block's first query.
-__device__ inline int masked_tiles(const FlashArgs& a, const SeqSpan& s, int m_block, int n) {
+__device__ inline int masked_tiles(const FlashArgs& a, const SeqSpan& s, int m_block, int n, int kBlockM) {
   int masked = 0;
   for (int j = n - 1; j >= 0; --j, ++masked)
     if (!((j + 1) * kBlockN > s.lk || (a.causal && (j + 1) * kBlockN - 1 > m_block * kBlockM + s.lk - s.lq))) break;
@@ -165,19 +166,21 @@ __device__ __forceinline__ void turn_pass(int wg) { asm volatile("bar.arrive %0,
 // only as the warp schedulers interleave them); 1 software-pipelined within each warpgroup (tile
 // it's S = Q Kᵀ and tile it-1's P V issued together, the softmax of tile it running while that
 // P V is on the tensor cores); 2 the same with the two warpgroups' wgmmas in turns (ping-pong).
-template <int kDqk, int kDv, int kSched>
-__global__ void __launch_bounds__(256, 1)
+template <int kDqk, int kDv, int kSched, int kWGs>
+__global__ void __launch_bounds__(128 * kWGs, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
 #ifdef FATHOM_SM90A
-  using Shape = FlashShape<kDqk, kDv>;
+  using Shape = FlashShape<kDqk, kDv, kWGs>;
   constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kVChunks = kDv / kChunk;
+  constexpr int kBlockM = Shape::kBlockM, kThreads = 128 * kWGs;
+  static_assert(kWGs == 2 || kSched == 0, "the pipelined schedules pair two warpgroups");
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
   const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
   const SeqSpan s = seq_span(a, b);
   if (m_block * kBlockM >= s.lq) return;
-  const int n_tiles = key_tiles(a, s, m_block), kvh = h / a.group;
+  const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned
   const uint32_t sk = sq + Shape::kQBytes, sv = sk + kStages * Shape::kKBytes;
@@ -189,15 +192,15 @@ __global__ void __launch_bounds__(256, 1)
     for (int i = 0; i < kStages; ++i) {
       mbar_init(k_full + 8 * i, 1);
       mbar_init(v_full + 8 * i, 1);
-      mbar_init(k_empty + 8 * i, 256);  // every consumer thread arrives (no divergent path near wgmmas)
-      mbar_init(v_empty + 8 * i, 256);
+      mbar_init(k_empty + 8 * i, kThreads);  // every consumer thread arrives (no divergent path near wgmmas)
+      mbar_init(v_empty + 8 * i, kThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
   // Thread 0 produces: loop step `it` reads key tile n_tiles - 1 - it (the masked tiles first);
-  // a stage is refilled once all 256 consumer threads released it.
+  // a stage is refilled once all consumer threads released it.
   auto key_row = [&](int it) { return int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN); };
   auto produce_k = [&](int it) {
     const int st = it % kStages;
@@ -219,7 +222,7 @@ __global__ void __launch_bounds__(256, 1)
     mbar_expect_tx(q_full, Shape::kQBytes);
 #pragma unroll
     for (int c = 0; c < kQChunks; ++c)
-      tma_load_3d(sq + c * kChunkBytes, &map_q, c * kChunk, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+      tma_load_3d(sq + c * kBlockM * 128, &map_q, c * kChunk, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
     for (int it = 0; it < min(kStages, n_tiles); ++it) produce_k(it), produce_v(it);
   }
 
@@ -245,12 +248,12 @@ __global__ void __launch_bounds__(256, 1)
     fence_regs(rs.m), fence_regs(rs.l), fence_regs(corr);
   };
   mbar_wait(q_full, 0);
-  const int n_masked = masked_tiles(a, s, m_block, n_tiles);
+  const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
   if (kSched == 0) {
     auto step = [&](int it, auto masked) {
       mbar_wait(k_full + 8 * (it % kStages), phase(it));
       wgmma_fence();
-      qk_product<kQChunks>(sc, dq0, dk(it));
+      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(sc);
@@ -279,7 +282,7 @@ __global__ void __launch_bounds__(256, 1)
     mbar_wait(k_full, 0);
     if (kTurns) turn_wait(wg);
     wgmma_fence();
-    qk_product<kQChunks>(sc, dq0, dk(0));
+    qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(0));
     wgmma_commit();
     if (kTurns) turn_pass(wg);
     wgmma_wait<0>();
@@ -298,7 +301,7 @@ __global__ void __launch_bounds__(256, 1)
       if (kTurns) turn_wait(wg);
       fence_regs(o), fence_regs(p_in);
       wgmma_fence();
-      qk_product<kQChunks>(sc, dq0, dk(it));
+      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
       wgmma_commit();
       pv_product<kDv>(o, p_in, dv(it - 1));
       wgmma_commit();
@@ -412,34 +415,46 @@ __global__ void __launch_bounds__(128) flash_fwd_simt_kernel(const FlashArgs a) 
 // ---- host side
 
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
+// By head dims: the three schedules with two warpgroups, and the serial one with three (192
+// queries a block, where its stages fit: not for qk 192).
 struct WgmmaVariant {
-  int d_qk, d_v, smem;
-  WgmmaKernel kernel[3];  // by schedule: serial, pipelined, pipelined with turns
+  int d_qk, d_v, smem, smem3;
+  WgmmaKernel kernel[3], kernel3;
 };
 const WgmmaVariant kWgmmaVariants[] = {
-    {64, 64, FlashShape<64, 64>::kSmem,
-     {flash_fwd_wgmma_kernel<64, 64, 0>, flash_fwd_wgmma_kernel<64, 64, 1>, flash_fwd_wgmma_kernel<64, 64, 2>}},
-    {128, 128, FlashShape<128, 128>::kSmem,
-     {flash_fwd_wgmma_kernel<128, 128, 0>, flash_fwd_wgmma_kernel<128, 128, 1>, flash_fwd_wgmma_kernel<128, 128, 2>}},
-    {192, 128, FlashShape<192, 128>::kSmem,
-     {flash_fwd_wgmma_kernel<192, 128, 0>, flash_fwd_wgmma_kernel<192, 128, 1>, flash_fwd_wgmma_kernel<192, 128, 2>}},
+    {64, 64, FlashShape<64, 64, 2>::kSmem, FlashShape<64, 64, 3>::kSmem,
+     {flash_fwd_wgmma_kernel<64, 64, 0, 2>, flash_fwd_wgmma_kernel<64, 64, 1, 2>, flash_fwd_wgmma_kernel<64, 64, 2, 2>},
+     flash_fwd_wgmma_kernel<64, 64, 0, 3>},
+    {128, 128, FlashShape<128, 128, 2>::kSmem, FlashShape<128, 128, 3>::kSmem,
+     {flash_fwd_wgmma_kernel<128, 128, 0, 2>, flash_fwd_wgmma_kernel<128, 128, 1, 2>,
+      flash_fwd_wgmma_kernel<128, 128, 2, 2>},
+     flash_fwd_wgmma_kernel<128, 128, 0, 3>},
+    {192, 128, FlashShape<192, 128, 2>::kSmem, 0,
+     {flash_fwd_wgmma_kernel<192, 128, 0, 2>, flash_fwd_wgmma_kernel<192, 128, 1, 2>,
+      flash_fwd_wgmma_kernel<192, 128, 2, 2>},
+     nullptr},
 };
 
-// The schedule of the wgmma kernel: FATHOM_FLASH_SCHEDULE=0|1|2 (benchmarks, to measure each
-// step of docs/flash-attention.md), else 0, the fastest measured (bench/RESULTS.md).
+// The schedule of the wgmma kernel: FATHOM_FLASH_SCHEDULE=0|1|2 (two warpgroups) or 3 (the
+// serial one with three; qk 192 takes two) — benchmarks, to measure each step of
+// docs/flash-attention.md — else 3, the fastest measured (bench/RESULTS.md).
 int flash_schedule() {
   const char* e = std::getenv("FATHOM_FLASH_SCHEDULE");
-  if (e && (!std::strcmp(e, "0") || !std::strcmp(e, "1") || !std::strcmp(e, "2"))) return *e - '0';
-  return 0;
+  if (e && e[0] >= '0' && e[0] <= '3' && !e[1]) return e[0] - '0';
+  return 3;
 }
 
 std::once_flag g_flash_smem[kMaxDevices];
 void allow_flash_smem() {
   once_per_device(g_flash_smem, [] {
     for (const WgmmaVariant& v : kWgmmaVariants)
-      for (const WgmmaKernel k : v.kernel)
+      for (const WgmmaKernel k : v.kernel) {
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
               "flash_attention (shared memory of the wgmma kernel)");
+        if (v.kernel3)
+          check(cudaFuncSetAttribute(v.kernel3, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem3),
+                "flash_attention (shared memory of the wgmma kernel)");
+      }
   });
 }
 
@@ -482,7 +497,7 @@ const char* flash_wgmma_refusal(const FlashAttentionParams& p) {
                        p.out_token_stride % 2 == 0 && p.out_head_stride % 2 == 0;
   if (!aligned || !strides) return "q, k, v and out must be 16-byte aligned with strides of whole 16-byte units";
   if (p.total_k == 0) return "there are no keys";
-  if (ceil_div(p.max_seqlen_q, kBlockM) > 65535) return "max_seqlen_q exceeds the grid";
+  if (ceil_div(p.max_seqlen_q, 128) > 65535) return "max_seqlen_q exceeds the grid";
   if (!sm90a_available()) return "the device has no sm_90a kernels (an H100/H200 and an sm_90a build are needed)";
   return nullptr;
 }
@@ -506,12 +521,17 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
   if (!refusal) {
     allow_flash_smem();
     const WgmmaVariant& v = *wgmma_variant(p);
-    const CUtensorMap mq = flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kBlockM, "q");
+    const int sched = flash_schedule();
+    const bool three = sched == 3 && v.kernel3;
+    const int block_m = three ? 192 : 128;
+    const CUtensorMap mq =
+        flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(block_m), "q");
     const CUtensorMap mk =
         flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
     const CUtensorMap mv = flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
-    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kBlockM)), unsigned(p.batch));
-    launch_kernel(v.kernel[flash_schedule()], grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
+    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, block_m)), unsigned(p.batch));
+    if (three) launch_kernel(v.kernel3, grid, dim3(384), size_t(v.smem3), s, mq, mk, mv, a);
+    else launch_kernel(v.kernel[sched == 3 ? 0 : sched], grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }
