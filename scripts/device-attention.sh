@@ -6,13 +6,14 @@
 # on the same shapes in the same run; prints the table last (also $OUT/device-attention.txt).
 #
 # Here first: `bash scripts/device-serve.sh --prepare` (device-serve-data/), `bash scripts/device-pack.sh
-# fathom_tests bench_flash_attention` (device-bin/), and hide the training-reference gradients
+# fathom_tests bench_flash_attention bench_cuda_decode` (device-bin/), and hide the training-reference gradients
 # (`bash scripts/device-serve.sh --hide`, `--restore` after). Then there (carry ["device-serve-data", "device-bin"]):
-#   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--schedules]
-# --full: non-causal as well. --schedules: the forward with each schedule of the wgmma kernel
-# (FATHOM_FLASH_SCHEDULE 0 serial with two warpgroups, 1 pipelined, 2 pipelined + ping-pong; the
-# default, 3, is the serial one with three warpgroups;
-# ATTN_SCHEDULES picks; the tests too). --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+#   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--warpgroups]
+#                                    [--profile] [--prefill] [--fixtures]
+# --full: non-causal as well. --warpgroups: the forward (and the tests) with blocks of two
+# warpgroups too (FATHOM_FLASH_WARPGROUPS=2; the default takes three where it can), and the SIMT
+# fallback against the wgmma kernel at (1, 16, 2048, 128).
+# --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
 # --prefill: bench_cuda_decode's 2,048-token bf16 prefill of the 4.89B V3-shaped model with the
 # naive (per-head) MLA cache, on the flash kernel and off it (FATHOM_FLASH_PREFILL=0), and with
 # the absorbed (latent) cache for reference (needs bench_cuda_decode in device-bin).
@@ -21,11 +22,11 @@
 # after `bash scripts/device-room.sh hide`; CudaModel.ServingEngineMatchesTheCpu reads the hidden
 # fathom-mini and is left out then).
 # --sanitize: compute-sanitizer memcheck and racecheck on the GPU tests. --profile: the default wgmma
-# kernel's machine code and an ncu source-level profile (stall samples per SASS instruction) at
-# (4, 16, 4096, 128) into $OUT (fa-sass.txt, fa-source.csv), with the scheduler and warp-state tables.
+# kernel's machine code (into $OUT/fa-sass.txt) and ncu's scheduler, warp-state and tensor-pipe
+# figures at (4, 16, 4096, 128) (ATTN_PROFILE_WARPGROUPS="2 3" for both block shapes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 peer=1 full=() ncu=0 sanitize=0 schedules=0 profile=0 prefill=0 fixtures=0
+tests=1 peer=1 full=() ncu=0 sanitize=0 warpgroups=0 profile=0 prefill=0 fixtures=0
 for a in "$@"; do
   case "$a" in
     --no-tests) tests=0 ;;
@@ -33,7 +34,7 @@ for a in "$@"; do
     --full) full=(--full) ;;
     --ncu) ncu=1 ;;
     --sanitize) sanitize=1 ;;
-    --schedules) schedules=1 ;;
+    --warpgroups) warpgroups=1 ;;
     --profile) profile=1 ;;
     --prefill) prefill=1 ;;
     --fixtures) fixtures=1 ;;
@@ -74,13 +75,14 @@ if [ "$sanitize" = 1 ]; then
   done
 fi
 timeout 300 "$bin"/bench_flash_attention "${full[@]}" | tee "$log/fathom.txt"
-if [ "$schedules" = 1 ]; then
-  for sched in ${ATTN_SCHEDULES:-0 1 2}; do
-    if [ "$tests" = 1 ]; then
-      echo "schedule $sched tests: $(FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/fathom_tests \
-        --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"
-    fi
-    FATHOM_FLASH_SCHEDULE=$sched timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/schedule $sched /"
+if [ "$warpgroups" = 1 ]; then
+  if [ "$tests" = 1 ]; then
+    echo "two warpgroups, tests: $(FATHOM_FLASH_WARPGROUPS=2 timeout 120 "$bin"/fathom_tests \
+      --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) ' | tr '\n' ' ')"
+  fi
+  FATHOM_FLASH_WARPGROUPS=2 timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/two warpgroups: /"
+  for k in simt wgmma; do  # the SIMT fallback (FlashAttention 1's loop) on a smaller shape
+    timeout 120 "$bin"/bench_flash_attention --kernel $k --fwd --shape 1,16,2048,128,128 --min-ms 50 | sed "s/^/$k: /"
   done
 fi
 if [ "$prefill" = 1 ]; then
@@ -104,14 +106,14 @@ if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
 fi
 if [ "$profile" = 1 ] && [ -n "$ncu_bin" ]; then
   /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_flash_attention 2>/dev/null |
-    awk '/Function :/ {p = ($3 ~ /flash_fwd_wgmma_kernelILi128ELi128ELi2E/)} p' >"${OUT:-/tmp}/fa-sass.txt" || true
-  for sched in ${ATTN_PROFILE_SCHEDULES:-0 2}; do
-    echo "== ncu, schedule $sched"
-    FATHOM_FLASH_SCHEDULE=$sched timeout 200 "$ncu_bin" --kernel-name regex:flash_fwd_wgmma --launch-count 1 --launch-skip 1 \
+    awk '/Function :/ {p = ($3 ~ /flash_fwd_wgmma_kernelILi128ELi128ELi3E/)} p' >"${OUT:-/tmp}/fa-sass.txt" || true
+  for wgs in ${ATTN_PROFILE_WARPGROUPS:-3}; do
+    echo "== ncu, $wgs warpgroups"
+    FATHOM_FLASH_WARPGROUPS=$wgs timeout 200 "$ncu_bin" --kernel-name regex:flash_fwd_wgmma --launch-count 1 --launch-skip 1 \
       --section WarpStateStats --section SchedulerStats --section SourceCounters \
       --metrics "sm__pipe_tensor_op_hmma_type_hmma_hgmma_qgmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active" \
-      "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/prof$sched.txt" 2>&1 || true
-    grep -vE "^ *-+ *$|^ *$" "$log/prof$sched.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^          " | head -45
+      "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --fwd --min-ms 1 >"$log/prof$wgs.txt" 2>&1 || true
+    grep -vE "^ *-+ *$|^ *$" "$log/prof$wgs.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^          " | head -45
   done
 fi
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" "$src" <<'PY' | tee "${OUT:-/tmp}/device-attention.txt"

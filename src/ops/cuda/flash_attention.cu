@@ -155,18 +155,14 @@ __device__ __forceinline__ void rescale(float (&o)[kDv / 2], const float (&corr)
     for (int r = 0; r < 2; ++r) o[4 * i + 2 * r] *= corr[r], o[4 * i + 2 * r + 1] *= corr[r];
 }
 
-// The two warpgroups take turns issuing their wgmmas (FlashAttention 3's ping-pong): warpgroup wg
-// waits on named barrier 1 + wg, issues, then lets the other go — so that one's softmax runs while
-// the other's products occupy the tensor cores, instead of both softmaxes at once.
-__device__ __forceinline__ void turn_wait(int wg) { asm volatile("bar.sync %0, 256;" ::"r"(1 + wg) : "memory"); }
-__device__ __forceinline__ void turn_pass(int wg) { asm volatile("bar.arrive %0, 256;" ::"r"(2 - wg) : "memory"); }
 #endif
 
-// kSched: 0 the steps of a tile one after the other (S, softmax, P V; the two warpgroups overlap
-// only as the warp schedulers interleave them); 1 software-pipelined within each warpgroup (tile
-// it's S = Q Kᵀ and tile it-1's P V issued together, the softmax of tile it running while that
-// P V is on the tensor cores); 2 the same with the two warpgroups' wgmmas in turns (ping-pong).
-template <int kDqk, int kDv, int kSched, int kWGs>
+// One tile's steps one after the other within a warpgroup — S = Q Kᵀ, the softmax, O += P V —
+// while the block's other warpgroups, interleaved by the warp schedulers, keep the tensor cores
+// busy: two or three warpgroups (128 or 192 queries). (FlashAttention 3's software pipelining
+// within a warpgroup and its ping-pong between two were tried and measured slower here:
+// docs/flash-attention.md.)
+template <int kDqk, int kDv, int kWGs>
 __global__ void __launch_bounds__(128 * kWGs, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
@@ -174,7 +170,6 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
   using Shape = FlashShape<kDqk, kDv, kWGs>;
   constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kVChunks = kDv / kChunk;
   constexpr int kBlockM = Shape::kBlockM, kThreads = 128 * kWGs;
-  static_assert(kWGs == 2 || kSched == 0, "the pipelined schedules pair two warpgroups");
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
   const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
@@ -242,14 +237,12 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
   auto dv = [&](int it) { return sw128_desc_mn(sv + (it % kStages) * Shape::kVBytes, kChunkBytes); };
   auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
   auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * (it % kStages)); };
-  // (fence_regs: see hopper.cuh — accumulators read only after their wait, the softmax done
-  // before the wait for the P V that runs beside it, fragments and O written before the fence)
-  auto fence_state = [&] {
-    fence_regs(rs.m), fence_regs(rs.l), fence_regs(corr);
-  };
+  // (fence_regs: see hopper.cuh — accumulators read only after their wait, fragments and O
+  // written before the fence)
+
   mbar_wait(q_full, 0);
   const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
-  if (kSched == 0) {
+  {
     auto step = [&](int it, auto masked) {
       mbar_wait(k_full + 8 * (it % kStages), phase(it));
       wgmma_fence();
@@ -275,77 +268,6 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     int it = 0;
     for (; it < n_masked; ++it) step(it, std::true_type{});
     for (; it < n_tiles; ++it) step(it, std::false_type{});
-  } else if (n_tiles > 0) {
-    constexpr bool kTurns = kSched == 2;
-    if (kTurns && wg == 1) turn_pass(wg);  // warpgroup 0 issues first
-    // the first tile's scores and softmax
-    mbar_wait(k_full, 0);
-    if (kTurns) turn_wait(wg);
-    wgmma_fence();
-    qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(0));
-    wgmma_commit();
-    if (kTurns) turn_pass(wg);
-    wgmma_wait<0>();
-    fence_regs(sc);
-    release(k_empty, 0);
-    softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
-    pack_p(pa, sc);
-    // P of tile it lives in pa (it even) or pb (odd): the next tile's P is packed while the last
-    // one's P V still reads its fragments, which a single set would forbid (the compiler would
-    // wait for that P V before the softmax that feeds the packing).
-    uint32_t pb[kBlockN / 16][4];
-    auto step = [&](int it, auto masked, uint32_t(&p_in)[kBlockN / 16][4], uint32_t(&p_out)[kBlockN / 16][4]) {
-      // tile it's scores and tile it-1's P V, issued together
-      mbar_wait(k_full + 8 * (it % kStages), phase(it));
-      mbar_wait(v_full + 8 * ((it - 1) % kStages), phase(it - 1));
-      if (kTurns) turn_wait(wg);
-      fence_regs(o), fence_regs(p_in);
-      wgmma_fence();
-      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
-      wgmma_commit();
-      pv_product<kDv>(o, p_in, dv(it - 1));
-      wgmma_commit();
-      if (kTurns) turn_pass(wg);
-      wgmma_wait<1>();  // the scores are in
-      fence_regs(sc);
-      release(k_empty, it);
-      softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
-      pack_p(p_out, sc);
-      fence_regs(p_out), fence_state();
-      wgmma_wait<0>();  // P V is in: O may be rescaled
-      fence_regs(o);
-      release(v_empty, it - 1);
-      // (thread 0's copies only here, with no wgmma in flight: a divergent path beside running
-      // wgmmas makes the compiler serialize them)
-      if (tid == 0 && it - 1 + kStages < n_tiles) produce_k(it - 1 + kStages);
-      if (tid == 0 && it >= 2 && it - 2 + kStages < n_tiles) produce_v(it - 2 + kStages);
-      rescale<kDv>(o, corr);
-    };
-    for (int it = 1; it < n_tiles; ++it) {
-      if (it & 1) {
-        if (it < n_masked) step(it, std::true_type{}, pa, pb);
-        else step(it, std::false_type{}, pa, pb);
-      } else {
-        if (it < n_masked) step(it, std::true_type{}, pb, pa);
-        else step(it, std::false_type{}, pb, pa);
-      }
-    }
-    // the last tile's P V
-    auto last = [&](uint32_t(&p_last)[kBlockN / 16][4]) {
-      mbar_wait(v_full + 8 * ((n_tiles - 1) % kStages), phase(n_tiles - 1));
-      if (kTurns) turn_wait(wg);
-      fence_regs(o), fence_regs(p_last);
-      wgmma_fence();
-      pv_product<kDv>(o, p_last, dv(n_tiles - 1));
-      wgmma_commit();
-      if (kTurns) turn_pass(wg);
-      wgmma_wait<0>();
-      fence_regs(o);
-    };
-    if ((n_tiles - 1) & 1) last(pb);
-    else last(pa);
-    release(v_empty, n_tiles - 1);
-    if (kTurns && wg == 0) turn_wait(wg);  // the pass warpgroup 1 made last
   }
 
   // out = O / l in bf16, and the log-sum-exp scale m + ln l
@@ -415,46 +337,37 @@ __global__ void __launch_bounds__(128) flash_fwd_simt_kernel(const FlashArgs a) 
 // ---- host side
 
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
-// By head dims: the three schedules with two warpgroups, and the serial one with three (192
-// queries a block, where its stages fit: not for qk 192).
+// By head dims: blocks of two warpgroups, and of three where their stages fit (not for qk 192).
 struct WgmmaVariant {
-  int d_qk, d_v, smem, smem3;
-  WgmmaKernel kernel[3], kernel3;
+  int d_qk, d_v, smem2, smem3;
+  WgmmaKernel kernel2, kernel3;
 };
 const WgmmaVariant kWgmmaVariants[] = {
-    {64, 64, FlashShape<64, 64, 2>::kSmem, FlashShape<64, 64, 3>::kSmem,
-     {flash_fwd_wgmma_kernel<64, 64, 0, 2>, flash_fwd_wgmma_kernel<64, 64, 1, 2>, flash_fwd_wgmma_kernel<64, 64, 2, 2>},
-     flash_fwd_wgmma_kernel<64, 64, 0, 3>},
-    {128, 128, FlashShape<128, 128, 2>::kSmem, FlashShape<128, 128, 3>::kSmem,
-     {flash_fwd_wgmma_kernel<128, 128, 0, 2>, flash_fwd_wgmma_kernel<128, 128, 1, 2>,
-      flash_fwd_wgmma_kernel<128, 128, 2, 2>},
-     flash_fwd_wgmma_kernel<128, 128, 0, 3>},
-    {192, 128, FlashShape<192, 128, 2>::kSmem, 0,
-     {flash_fwd_wgmma_kernel<192, 128, 0, 2>, flash_fwd_wgmma_kernel<192, 128, 1, 2>,
-      flash_fwd_wgmma_kernel<192, 128, 2, 2>},
-     nullptr},
+    {64, 64, FlashShape<64, 64, 2>::kSmem, FlashShape<64, 64, 3>::kSmem, flash_fwd_wgmma_kernel<64, 64, 2>,
+     flash_fwd_wgmma_kernel<64, 64, 3>},
+    {128, 128, FlashShape<128, 128, 2>::kSmem, FlashShape<128, 128, 3>::kSmem, flash_fwd_wgmma_kernel<128, 128, 2>,
+     flash_fwd_wgmma_kernel<128, 128, 3>},
+    {192, 128, FlashShape<192, 128, 2>::kSmem, 0, flash_fwd_wgmma_kernel<192, 128, 2>, nullptr},
 };
 
-// The schedule of the wgmma kernel: FATHOM_FLASH_SCHEDULE=0|1|2 (two warpgroups) or 3 (the
-// serial one with three; qk 192 takes two) — benchmarks, to measure each step of
-// docs/flash-attention.md — else 3, the fastest measured (bench/RESULTS.md).
-int flash_schedule() {
-  const char* e = std::getenv("FATHOM_FLASH_SCHEDULE");
-  if (e && e[0] >= '0' && e[0] <= '3' && !e[1]) return e[0] - '0';
-  return 3;
+// Warpgroups a block: FATHOM_FLASH_WARPGROUPS=2 or 3 (benchmarks), else 3 where the head dims
+// allow it (the faster, bench/RESULTS.md).
+int flash_warpgroups() {
+  const char* e = std::getenv("FATHOM_FLASH_WARPGROUPS");
+  return e && !std::strcmp(e, "2") ? 2 : 3;
 }
 
 std::once_flag g_flash_smem[kMaxDevices];
 void allow_flash_smem() {
   once_per_device(g_flash_smem, [] {
     for (const WgmmaVariant& v : kWgmmaVariants)
-      for (const WgmmaKernel k : v.kernel) {
-        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
+    {
+      check(cudaFuncSetAttribute(v.kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem2),
+            "flash_attention (shared memory of the wgmma kernel)");
+      if (v.kernel3)
+        check(cudaFuncSetAttribute(v.kernel3, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem3),
               "flash_attention (shared memory of the wgmma kernel)");
-        if (v.kernel3)
-          check(cudaFuncSetAttribute(v.kernel3, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem3),
-                "flash_attention (shared memory of the wgmma kernel)");
-      }
+    }
   });
 }
 
@@ -521,8 +434,7 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
   if (!refusal) {
     allow_flash_smem();
     const WgmmaVariant& v = *wgmma_variant(p);
-    const int sched = flash_schedule();
-    const bool three = sched == 3 && v.kernel3;
+    const bool three = flash_warpgroups() == 3 && v.kernel3;
     const int block_m = three ? 192 : 128;
     const CUtensorMap mq =
         flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(block_m), "q");
@@ -531,7 +443,7 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
     const CUtensorMap mv = flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
     const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, block_m)), unsigned(p.batch));
     if (three) launch_kernel(v.kernel3, grid, dim3(384), size_t(v.smem3), s, mq, mk, mv, a);
-    else launch_kernel(v.kernel[sched == 3 ? 0 : sched], grid, dim3(256), size_t(v.smem), s, mq, mk, mv, a);
+    else launch_kernel(v.kernel2, grid, dim3(256), size_t(v.smem2), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }
