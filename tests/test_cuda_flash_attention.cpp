@@ -294,6 +294,9 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
   for (const FlashKernel k : kernels(m)) check_backward(m, k);
   const Case odd{{33, 5}, {33, 9}, 3, 1, 40, 24, true, 3};
   check_backward(odd, FlashKernel::Simt);
+  // a sequence with keys but no queries: its keys' gradients are zero, and still written
+  const Case none{{0, 40}, {9, 40}, 2, 1, 64, 64, false};
+  for (const FlashKernel k : kernels(none)) check_backward(none, k);
 }
 
 TEST_F(CudaFlashAttention, ModelPrefillTakesTheFlashKernel) {

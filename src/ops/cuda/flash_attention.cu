@@ -10,15 +10,16 @@
 // sequences, and the rescaling happens once per key tile, not per key (FlashAttention 2).
 //
 // The Hopper kernel (flash_fwd_wgmma_kernel, sm_90a) does this with Hopper's own machinery
-// (FlashAttention 3): a block of two warpgroups owns 128 queries (64 each) of one head;
+// (FlashAttention 3's units): a block of two or three warpgroups owns 128 or 192 queries (64
+// each) of one head;
 // - thread 0 issues TMA bulk tensor copies (cp.async.bulk.tensor) of the query tile once and of
 //   each 128-key tile of K and V into a ring of shared-memory stages, 128-byte swizzled, each copy
-//   completing on its stage's mbarrier; a stage is refilled when both warpgroups released it;
+//   completing on its stage's mbarrier; a stage is refilled when every warpgroup released it;
 // - S = Q Kᵀ is a chain of wgmma m64n128k16 with both operands in shared memory; the softmax runs
 //   on S in registers; P is converted to bf16 in registers, where wgmma's A operand may live, and
 //   O += P V is a chain of wgmma with V read transposed (N-major) from shared memory — no copy
 //   of P or V anywhere;
-// - while one warpgroup computes its softmax the other's wgmmas keep the tensor cores busy.
+// - while one warpgroup computes its softmax the others' wgmmas keep the tensor cores busy.
 // The SIMT kernel (flash_fwd_simt_kernel) is the fallback for GPUs without an sm_90a image.
 #include <cuda_bf16.h>
 

@@ -461,14 +461,19 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
                ") overlap its ", p.n_heads, " heads of ", p.d_v, ".");
   FATHOM_CHECK(p.batch <= 65535 && p.n_heads <= 65535, "flash_attention_backward: batch ", p.batch, " or heads ",
                p.n_heads, " exceed the grid (65535).");
-  if (p.total_q == 0 && p.total_k == 0) return;
+  const cudaStream_t cs = as_cuda(stream);
+  if (p.total_q == 0) {  // no query: the keys' gradients are zero (and there is no dq)
+    const size_t keys = size_t(p.total_k * p.n_kv_heads);
+    check(cudaMemsetAsync(g.dk, 0, keys * size_t(p.d_qk) * sizeof(float), cs), "flash_attention_backward (dk)");
+    check(cudaMemsetAsync(g.dv, 0, keys * size_t(p.d_v) * sizeof(float), cs), "flash_attention_backward (dv)");
+    return;
+  }
   const char* refusal = kernel == FlashKernel::Simt ? "" : flash_wgmma_refusal(p);
   if (!refusal && !(aligned16(g.dout) && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0))
     refusal = "dout must be 16-byte aligned with strides of whole 16-byte units";
   if (!refusal && ceil_div(p.max_seqlen_k, kRows) > 65535) refusal = "max_seqlen_k exceeds the grid";
   FATHOM_CHECK(kernel != FlashKernel::Wgmma || !refusal,
                "flash_attention_backward: the wgmma kernels were asked for but ", refusal, ".");
-  const cudaStream_t cs = as_cuda(stream);
   FlashArgs a{};
   a.q = p.q, a.k = p.k, a.v = p.v, a.out = p.out, a.lse = p.lse, a.cu_q = p.cu_seqlens_q, a.cu_k = p.cu_seqlens_k;
   a.q_ts = p.q_token_stride, a.q_hs = p.q_head_stride, a.k_ts = p.k_token_stride, a.k_hs = p.k_head_stride;
@@ -483,7 +488,7 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
         "flash_attention_backward (work space)");
   a.delta = delta;
   try {
-    if (p.total_q > 0) {
+    {
       launch_kernel(flash_bwd_delta_kernel, dim3(unsigned(ceil_div(p.total_q * p.n_heads, 8))), dim3(256), 0, cs, a);
       check_launch("flash_bwd_delta_kernel");
     }
@@ -496,7 +501,7 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
           flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kRows, "k");
       const CUtensorMap mv =
           flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kRows, "v");
-      if (p.total_q > 0) {
+      {
         // dK dV: Q and dout in tiles of v->qt rows; K and V whole blocks of 128
         const CUtensorMap mq =
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v->qt), "q");
