@@ -299,6 +299,45 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
   for (const FlashKernel k : kernels(none)) check_backward(none, k);
 }
 
+// The backward has no atomics (every gradient has one owner): two runs on the same inputs give
+// the same bits.
+TEST_F(CudaFlashAttention, BackwardRepeatsBitForBit) {
+  // two runs on the same inputs (check_backward draws fresh ones each call)
+  const int64_t T = 300, H = 4, G = 2, D = 128;
+  std::vector<int32_t> cu{0, int32_t(T)};
+  const std::vector<uint16_t> q = randn_bf16(T * H * D, 1.f), k = randn_bf16(T * G * D, 1.f),
+                              v = randn_bf16(T * G * D, 1.f), dout = randn_bf16(T * H * D, 1.f);
+  const Tensor gq = up(q.data(), int64_t(q.size()) * 2), gk = up(k.data(), int64_t(k.size()) * 2),
+               gv = up(v.data(), int64_t(v.size()) * 2), gdo = up(dout.data(), int64_t(dout.size()) * 2),
+               gcu = up(cu.data(), 8);
+  Tensor go = poison(T * H * D * 2), glse = poison(T * H * 4), dq = poison(T * H * D * 4), dk = poison(T * G * D * 4),
+         dv = poison(T * G * D * 4);
+  FlashAttentionParams p;
+  p.q = static_cast<const uint16_t*>(gq.data()), p.k = static_cast<const uint16_t*>(gk.data());
+  p.v = static_cast<const uint16_t*>(gv.data()), p.out = static_cast<uint16_t*>(go.data());
+  p.lse = static_cast<float*>(glse.data());
+  p.q_token_stride = H * D, p.q_head_stride = D, p.k_token_stride = G * D, p.k_head_stride = D;
+  p.v_token_stride = G * D, p.v_head_stride = D, p.out_token_stride = H * D, p.out_head_stride = D;
+  p.cu_seqlens_q = p.cu_seqlens_k = static_cast<const int32_t*>(gcu.data());
+  p.batch = 1, p.total_q = p.total_k = T, p.max_seqlen_q = p.max_seqlen_k = int(T);
+  p.n_heads = int(H), p.n_kv_heads = int(G), p.d_qk = p.d_v = int(D), p.scale = 0.088f, p.causal = true;
+  FlashAttentionGrads g;
+  g.dout = static_cast<const uint16_t*>(gdo.data()), g.dout_token_stride = H * D, g.dout_head_stride = D;
+  g.dq = static_cast<float*>(dq.data()), g.dk = static_cast<float*>(dk.data()), g.dv = static_cast<float*>(dv.data());
+  std::vector<uint32_t> bits[2];
+  for (int run = 0; run < 2; ++run) {
+    cuda::device_synchronize();
+    cuda::flash_attention_forward(p, nullptr);
+    cuda::flash_attention_backward(p, g, nullptr);
+    cuda::device_synchronize();
+    for (const Tensor* t : {&dq, &dk, &dv}) {
+      const std::vector<uint32_t> b = down<uint32_t>(*t, t->numel() / 4);
+      bits[run].insert(bits[run].end(), b.begin(), b.end());
+    }
+  }
+  EXPECT_EQ(bits[0], bits[1]) << "two runs of the deterministic backward differ";
+}
+
 TEST_F(CudaFlashAttention, ModelPrefillTakesTheFlashKernel) {
   std::normal_distribution<float> nd(0.f, 1.f);
   for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{192, 128}, {128, 128}})
