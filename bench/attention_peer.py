@@ -14,25 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from peer_timing import seconds_per_call
+
 SHAPES = [(4, 16, 4096, 128, 128), (1, 16, 16384, 128, 128), (8, 16, 2048, 64, 64), (4, 16, 4096, 192, 128)]
 BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
-
-
-def seconds_per_call(fn, min_ms=200.0):
-    fn()
-    torch.cuda.synchronize()
-    n = 1
-    while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-        if ms >= min_ms or n >= (1 << 16):
-            return ms / 1e3 / n
-        n *= 2
 
 
 def main():

@@ -11,7 +11,6 @@
 // usage: bench_flash_attention [--kernel wgmma|simt] [--shape B,H,S,Dqk,Dv] [--full] [--fwd] [--min-ms 200]
 // --full: non-causal as well; --fwd: the forward alone. Prints one line per case:
 //   "fathom <fwd|fwdbwd> <causal|full> B H S Dqk Dv <TFLOP/s>"
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +22,7 @@
 #include "ops/ops.h"
 #ifdef FATHOM_HAVE_CUDA
 #include "ops/cuda/cuda_ops.h"
+#include "cuda_timing.h"
 #endif
 
 using namespace fathom;
@@ -33,22 +33,6 @@ namespace {
 struct BenchShape {
   int B, H, S, dqk, dv;
 };
-
-template <class F>
-double seconds_per_call(F&& call, double min_ms) {
-  cuda::device_synchronize();
-  call();
-  cuda::device_synchronize();
-  int n = 1;
-  for (;;) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) call();
-    cuda::device_synchronize();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s * 1e3 >= min_ms || n >= (1 << 20)) return s / n;
-    n *= 2;
-  }
-}
 
 }  // namespace
 
@@ -123,13 +107,13 @@ int main(int argc, char** argv) {
       for (const bool causal : {true, false}) {
         if (!causal && !full) continue;
         p.causal = causal;
-        const double s = seconds_per_call([&] { cuda::flash_attention_forward(p, nullptr, kernel); }, min_ms);
+        const double s = bench::seconds_per_call([&] { cuda::flash_attention_forward(p, nullptr, kernel); }, min_ms);
         const double flops = 2.0 * sh.B * sh.H * double(sh.S) * sh.S * (sh.dqk + sh.dv) / (causal ? 2 : 1);
         std::printf("fathom fwd %s %d %d %d %d %d %.1f\n", causal ? "causal" : "full", sh.B, sh.H, sh.S, sh.dqk, sh.dv,
                     flops / s / 1e12);
         std::fflush(stdout);
         if (fwd_only) continue;
-        const double s2 = seconds_per_call(
+        const double s2 = bench::seconds_per_call(
             [&] {
               cuda::flash_attention_forward(p, nullptr, kernel);
               cuda::flash_attention_backward(p, g, nullptr, kernel);

@@ -9,7 +9,6 @@
 // --shape: that dense product alone (for a profiler). --no-promote: one tensor-core accumulator
 // over all of K (the contrast mode; what the promotion costs).
 // Prints one line per case: "fp8_gemm <case> M N K groups <TFLOP/s>".
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +19,7 @@
 #include "ops/ops.h"
 #ifdef FATHOM_HAVE_CUDA
 #include "ops/cuda/cuda_ops.h"
+#include "cuda_timing.h"
 #endif
 
 using namespace fathom;
@@ -35,24 +35,6 @@ struct Case {
   int groups = 1;
   cuda::Fp8Layout layout = cuda::Fp8Layout::Dense;
 };
-
-// Seconds per call: calls repeated until min_ms of work after a warm-up.
-// (The launchers run on the legacy stream, the backend's fills on its own: device-wide waits.)
-template <class F>
-double seconds_per_call(F&& call, double min_ms) {
-  cuda::device_synchronize();
-  call();
-  cuda::device_synchronize();
-  int n = 1;
-  for (;;) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) call();
-    cuda::device_synchronize();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s * 1e3 >= min_ms || n >= (1 << 20)) return s / n;
-    n *= 2;
-  }
-}
 
 }  // namespace
 
@@ -137,7 +119,7 @@ int main(int argc, char** argv) {
         ids = ops->upload(h);
         p.count = ids.ptr<int32_t>();
       }
-      const double s = seconds_per_call([&] { cuda::fp8_gemm(p, nullptr); }, min_ms);
+      const double s = bench::seconds_per_call([&] { cuda::fp8_gemm(p, nullptr); }, min_ms);
       const double flops = 2.0 * double(a_rows) * double(c.N) * double(c.K);
       std::printf("fp8_gemm %s %lld %lld %lld %d %.1f\n", c.name.c_str(), (long long)c.M, (long long)c.N,
                   (long long)c.K, c.groups, flops / s / 1e12);
@@ -148,7 +130,7 @@ int main(int argc, char** argv) {
       const int64_t M = 4096, K = 7168;
       Tensor x = ops->empty({M, K}), q = ops->empty({M, K}, DType::F8_E4M3), s = ops->empty({M, tiles(K)});
       ops->fill_random(x, 5, 4.f);
-      const double t = seconds_per_call(
+      const double t = bench::seconds_per_call(
           [&] { cuda::quantize_1x128(q.ptr<uint8_t>(), s.f32(), x.f32(), M, K, nullptr); }, min_ms);
       std::printf("quantize_1x128 %lld %lld %.1f GB/s\n", (long long)M, (long long)K,
                   double(M * K * 5 + M * tiles(K) * 4) / t / 1e9);

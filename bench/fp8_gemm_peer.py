@@ -9,29 +9,14 @@ import sys
 
 import torch
 
+from peer_timing import seconds_per_call
+
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
 def cases(quick):
     out = [(M, N, K) for M in (128, 4096) for (N, K) in SHAPES_NK] + [(8192, 8192, 8192)]
     return [out[4], out[10], out[12]] if quick else out
-
-
-def seconds_per_call(fn, min_ms=200.0):
-    fn()
-    torch.cuda.synchronize()
-    n = 1
-    while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-        if ms >= min_ms or n >= (1 << 20):
-            return ms / 1e3 / n
-        n *= 2
 
 
 def blockwise_call(M, N, K):

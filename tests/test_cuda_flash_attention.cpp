@@ -90,26 +90,32 @@ class CudaFlashAttention : public testing::Test {
     return v;
   }
 
-  // Runs the case on the CPU and with `kernel` on the GPU; returns the worst error ratios
-  // (error / bound) of out and lse, failing the test past 1.
-  void check(const Case& c, FlashKernel kernel, float scale_mul = 1.0f) {
-    const int B = int(c.lq.size());
-    std::vector<int32_t> cu_q{0}, cu_k{0};
-    int max_q = 0, max_k = 0;
-    for (int b = 0; b < B; ++b) {
-      cu_q.push_back(cu_q.back() + c.lq[size_t(b)]);
-      cu_k.push_back(cu_k.back() + c.lk[size_t(b)]);
-      max_q = std::max(max_q, c.lq[size_t(b)]);
-      max_k = std::max(max_k, c.lk[size_t(b)]);
-    }
-    const int64_t tq = cu_q.back(), tk = cu_k.back();
+  // The case's shapes and strides (pointers unset), its sequence table in cu_q / cu_k.
+  static FlashAttentionParams layout(const Case& c, float scale_mul, std::vector<int32_t>& cu_q,
+                                     std::vector<int32_t>& cu_k) {
     FlashAttentionParams p;
-    p.batch = B, p.total_q = tq, p.total_k = tk, p.max_seqlen_q = max_q, p.max_seqlen_k = max_k;
+    cu_q = {0}, cu_k = {0};
+    for (size_t b = 0; b < c.lq.size(); ++b) {
+      cu_q.push_back(cu_q.back() + c.lq[b]);
+      cu_k.push_back(cu_k.back() + c.lk[b]);
+      p.max_seqlen_q = std::max(p.max_seqlen_q, c.lq[b]);
+      p.max_seqlen_k = std::max(p.max_seqlen_k, c.lk[b]);
+    }
+    p.batch = int(c.lq.size()), p.total_q = cu_q.back(), p.total_k = cu_k.back();
     p.n_heads = c.heads, p.n_kv_heads = c.kv_heads, p.d_qk = c.d_qk, p.d_v = c.d_v, p.causal = c.causal;
     p.scale = scale_mul / std::sqrt(float(c.d_qk));
     p.q_head_stride = p.k_head_stride = c.d_qk, p.v_head_stride = p.out_head_stride = c.d_v;
     p.q_token_stride = int64_t(c.heads) * c.d_qk + c.pad, p.k_token_stride = int64_t(c.kv_heads) * c.d_qk + c.pad;
     p.v_token_stride = int64_t(c.kv_heads) * c.d_v + c.pad, p.out_token_stride = int64_t(c.heads) * c.d_v + c.pad;
+    return p;
+  }
+
+  // Runs the case on the CPU and with `kernel` on the GPU; returns the worst error ratios
+  // (error / bound) of out and lse, failing the test past 1.
+  void check(const Case& c, FlashKernel kernel, float scale_mul = 1.0f) {
+    std::vector<int32_t> cu_q, cu_k;
+    const FlashAttentionParams p = layout(c, scale_mul, cu_q, cu_k);
+    const int64_t tq = p.total_q, tk = p.total_k;
     const std::vector<uint16_t> q = randn_bf16(tq * p.q_token_stride, 1.0f), k = randn_bf16(tk * p.k_token_stride, 1.0f),
                                 v = randn_bf16(tk * p.v_token_stride, 1.0f);
     // the reference
@@ -159,23 +165,9 @@ class CudaFlashAttention : public testing::Test {
   }
   // The backward on the case (after the GPU forward with the same kernel), against the CPU's.
   void check_backward(const Case& c, FlashKernel kernel) {
-    const int B = int(c.lq.size());
-    std::vector<int32_t> cu_q{0}, cu_k{0};
-    int max_q = 0, max_k = 0;
-    for (int b = 0; b < B; ++b) {
-      cu_q.push_back(cu_q.back() + c.lq[size_t(b)]);
-      cu_k.push_back(cu_k.back() + c.lk[size_t(b)]);
-      max_q = std::max(max_q, c.lq[size_t(b)]);
-      max_k = std::max(max_k, c.lk[size_t(b)]);
-    }
-    const int64_t tq = cu_q.back(), tk = cu_k.back();
-    FlashAttentionParams p;
-    p.batch = B, p.total_q = tq, p.total_k = tk, p.max_seqlen_q = max_q, p.max_seqlen_k = max_k;
-    p.n_heads = c.heads, p.n_kv_heads = c.kv_heads, p.d_qk = c.d_qk, p.d_v = c.d_v, p.causal = c.causal;
-    p.scale = 1.0f / std::sqrt(float(c.d_qk));
-    p.q_head_stride = p.k_head_stride = c.d_qk, p.v_head_stride = p.out_head_stride = c.d_v;
-    p.q_token_stride = int64_t(c.heads) * c.d_qk + c.pad, p.k_token_stride = int64_t(c.kv_heads) * c.d_qk + c.pad;
-    p.v_token_stride = int64_t(c.kv_heads) * c.d_v + c.pad, p.out_token_stride = int64_t(c.heads) * c.d_v + c.pad;
+    std::vector<int32_t> cu_q, cu_k;
+    const FlashAttentionParams p = layout(c, 1.0f, cu_q, cu_k);
+    const int64_t tq = p.total_q, tk = p.total_k;
     const std::vector<uint16_t> q = randn_bf16(tq * p.q_token_stride, 1.0f), k = randn_bf16(tk * p.k_token_stride, 1.0f),
                                 v = randn_bf16(tk * p.v_token_stride, 1.0f),
                                 dout = randn_bf16(tq * p.out_token_stride, 1.0f);
