@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
                            const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
 #ifdef FATHOM_SM90A
   using Shape = FlashShape<kDqk, kDv, kWGs>;
-  constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kVChunks = kDv / kChunk;
+  constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk;
   constexpr int kBlockM = Shape::kBlockM, kThreads = 128 * kWGs;
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
@@ -202,23 +202,17 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     const int st = it % kStages;
     mbar_wait(k_empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));  // the first round passes at once
     mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
-#pragma unroll
-    for (int c = 0; c < kQChunks; ++c)
-      tma_load_3d(sk + st * Shape::kKBytes + c * kChunkBytes, &map_k, c * kChunk, kvh, key_row(it), k_full + 8 * st);
+    load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, key_row(it), k_full + 8 * st);
   };
   auto produce_v = [&](int it) {
     const int st = it % kStages;
     mbar_wait(v_empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
     mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
-#pragma unroll
-    for (int c = 0; c < kVChunks; ++c)
-      tma_load_3d(sv + st * Shape::kVBytes + c * kChunkBytes, &map_v, c * kChunk, kvh, key_row(it), v_full + 8 * st);
+    load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, key_row(it), v_full + 8 * st);
   };
   if (tid == 0) {
     mbar_expect_tx(q_full, Shape::kQBytes);
-#pragma unroll
-    for (int c = 0; c < kQChunks; ++c)
-      tma_load_3d(sq + c * kBlockM * 128, &map_q, c * kChunk, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+    load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
     for (int it = 0; it < min(kStages, n_tiles); ++it) produce_k(it), produce_v(it);
   }
 

@@ -62,6 +62,15 @@ __device__ inline float fast_exp2(float x) {
   return y;
 }
 
+// Rows [row, row + kBoxRows) of one head of a (tokens, heads, kCols) bf16 tensor map into shared
+// memory at dst: kCols / 64 boxes of kBoxRows rows x 128 bytes, 128-byte swizzled, one after the
+// other, each completing on bar (whose expected bytes the caller set).
+template <int kCols, int kBoxRows>
+__device__ __forceinline__ void load_head_rows(uint32_t dst, const CUtensorMap* map, int head, int row, uint32_t bar) {
+#pragma unroll
+  for (int c = 0; c < kCols / kChunk; ++c) tma_load_3d(dst + c * kBoxRows * 128, map, c * kChunk, head, row, bar);
+}
+
 __device__ inline uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);

@@ -134,20 +134,14 @@ __global__ void __launch_bounds__(256, 1)
     const int st = it % kStages, h = kvh * a.group + it / per_head, row = int(s.q0 + int64_t(i0 + it % per_head) * kQT);
     mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
     mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kChunk; ++c)
-      tma_load_3d(sq + st * Shape::kQTBytes + c * kQT * 128, &map_q, c * kChunk, h, row, full + 8 * st);
-#pragma unroll
-    for (int c = 0; c < kDv / kChunk; ++c)
-      tma_load_3d(sdo + st * Shape::kDoBytes + c * kQT * 128, &map_do, c * kChunk, h, row, full + 8 * st);
+    load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
+    load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
   };
   if (tid == 0) {
     const int key_row = int(s.k0 + int64_t(kb) * kRows);
     mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kChunk; ++c) tma_load_3d(sk + c * kRows * 128, &map_k, c * kChunk, kvh, key_row, kv_full);
-#pragma unroll
-    for (int c = 0; c < kDv / kChunk; ++c) tma_load_3d(sv + c * kRows * 128, &map_v, c * kChunk, kvh, key_row, kv_full);
+    load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
+    load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
     for (int it = 0; it < min(kStages, n_it); ++it) produce(it);
   }
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
@@ -255,20 +249,14 @@ __global__ void __launch_bounds__(256, 1)
     const int st = it % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
     mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
     mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kChunk; ++c)
-      tma_load_3d(sk + st * Shape::kKBytes + c * kKeyTile * 128, &map_k, c * kChunk, kvh, row, full + 8 * st);
-#pragma unroll
-    for (int c = 0; c < kDv / kChunk; ++c)
-      tma_load_3d(sv + st * Shape::kVBytes + c * kKeyTile * 128, &map_v, c * kChunk, kvh, row, full + 8 * st);
+    load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, &map_k, kvh, row, full + 8 * st);
+    load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, &map_v, kvh, row, full + 8 * st);
   };
   if (tid == 0) {
     const int row = int(s.q0 + int64_t(m_block) * kRows);
     mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kChunk; ++c) tma_load_3d(sq + c * kRows * 128, &map_q, c * kChunk, h, row, q_full);
-#pragma unroll
-    for (int c = 0; c < kDv / kChunk; ++c) tma_load_3d(sdo + c * kRows * 128, &map_do, c * kChunk, h, row, q_full);
+    load_head_rows<kD, kRows>(sq, &map_q, h, row, q_full);
+    load_head_rows<kDv, kRows>(sdo, &map_do, h, row, q_full);
     for (int it = 0; it < min(kStages, n_tiles); ++it) produce(it);
   }
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
