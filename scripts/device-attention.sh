@@ -9,11 +9,14 @@
 # fathom_tests bench_flash_attention bench_cuda_decode` (device-bin/), and hide the training-reference gradients
 # (`bash scripts/device-serve.sh --hide`, `--restore` after). Then there (carry ["device-serve-data", "device-bin"]):
 #   bash scripts/device-attention.sh [--no-tests] [--no-peer] [--full] [--ncu] [--sanitize] [--warpgroups]
-#                                    [--profile] [--prefill] [--fixtures]
+#                                    [--schedules] [--kernels] [--profile] [--prefill] [--fixtures]
 # --full: non-causal as well. --warpgroups: the forward (and the tests) with blocks of two
 # warpgroups too (FATHOM_FLASH_WARPGROUPS=2; the default takes three where it can), and the SIMT
-# fallback against the wgmma kernel at (1, 16, 2048, 128).
-# --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128).
+# fallback against the wgmma kernel at (1, 16, 2048, 128). --schedules: the forward (and the
+# tests) with each schedule of FATHOM_FLASH_SCHEDULE (ATTN_SCHEDULES="..." to choose), and the
+# forward + backward with each form of FATHOM_FLASH_BACKWARD (ATTN_BACKWARDS="...").
+# --ncu: an ncu profile of the wgmma kernel at (4, 16, 4096, 128). --kernels: ncu's time of each
+# kernel of the forward and the backward there (ATTN_KERNEL_SHAPES="B,H,S,Dqk,Dv ..." for others).
 # --prefill: bench_cuda_decode's 2,048-token bf16 prefill of the 4.89B V3-shaped model with the
 # naive (per-head) MLA cache, on the flash kernel and off it (FATHOM_FLASH_PREFILL=0), and with
 # the absorbed (latent) cache for reference (needs bench_cuda_decode in device-bin).
@@ -26,7 +29,7 @@
 # figures at (4, 16, 4096, 128) (ATTN_PROFILE_WARPGROUPS="2 3" for both block shapes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 peer=1 full=() ncu=0 sanitize=0 warpgroups=0 profile=0 prefill=0 fixtures=0
+tests=1 peer=1 full=() ncu=0 sanitize=0 warpgroups=0 schedules=0 kernels=0 profile=0 prefill=0 fixtures=0
 for a in "$@"; do
   case "$a" in
     --no-tests) tests=0 ;;
@@ -35,6 +38,8 @@ for a in "$@"; do
     --ncu) ncu=1 ;;
     --sanitize) sanitize=1 ;;
     --warpgroups) warpgroups=1 ;;
+    --schedules) schedules=1 ;;
+    --kernels) kernels=1 ;;
     --profile) profile=1 ;;
     --prefill) prefill=1 ;;
     --fixtures) fixtures=1 ;;
@@ -85,6 +90,18 @@ if [ "$warpgroups" = 1 ]; then
     timeout 120 "$bin"/bench_flash_attention --kernel $k --fwd --shape 1,16,2048,128,128 --min-ms 50 | sed "s/^/$k: /"
   done
 fi
+if [ "$schedules" = 1 ]; then
+  for sch in ${ATTN_SCHEDULES:-serial3 serial2 ws pingpong ws3 pingpong3}; do
+    if [ "$tests" = 1 ]; then
+      echo "$sch, tests: $(FATHOM_FLASH_SCHEDULE=$sch timeout 120 "$bin"/fathom_tests \
+        --gtest_filter='CudaFlashAttention.*' 2>&1 | grep -E '^\[  (PASSED|FAILED) |^\[  FAILED' | tr '\n' ' ')"
+    fi
+    FATHOM_FLASH_SCHEDULE=$sch timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/$sch: /"
+  done
+  for form in ${ATTN_BACKWARDS:-serial ws ws-pipe}; do
+    FATHOM_FLASH_BACKWARD=$form timeout 120 "$bin"/bench_flash_attention --min-ms 100 | grep fwdbwd | sed "s/^/backward $form: /"
+  done
+fi
 if [ "$prefill" = 1 ]; then
   for run in "naive 1" "naive 0" "absorbed 1"; do
     set -- $run
@@ -103,6 +120,14 @@ if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second" \
     "$bin"/bench_flash_attention --shape 4,16,4096,128,128 --min-ms 1 >"$log/ncu.txt" 2>&1
   grep -vE "^ *-+ *$|^ *$" "$log/ncu.txt" | grep -vE "^fathom|^#" | awk '$NF != "0" && $NF != "0.00"' | head -60
+fi
+if [ "$kernels" = 1 ] && [ -n "$ncu_bin" ]; then  # each kernel's time in forward + backward
+  for shape in ${ATTN_KERNEL_SHAPES:-4,16,4096,128,128}; do
+    echo "== kernel times (us), $shape"
+    timeout 200 "$ncu_bin" --metrics gpu__time_duration.sum --launch-count 40 --print-summary per-kernel \
+      "$bin"/bench_flash_attention --shape "$shape" --min-ms 1 >"$log/kernels.txt" 2>&1 || true
+    grep -E "flash_|gpu__time_duration" "$log/kernels.txt" | sed -E 's/\(CUtensorMap_st.*//; s/^ +//' | head -24
+  done
 fi
 if [ "$profile" = 1 ] && [ -n "$ncu_bin" ]; then
   /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_flash_attention 2>/dev/null |

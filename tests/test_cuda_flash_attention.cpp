@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -258,6 +259,25 @@ TEST_F(CudaFlashAttention, ChunkedPrefillGqaAndMqa) {
   }
 }
 
+// Every forward schedule (flash_attention.cu: the serial kernel with 2 or 3 warpgroups, the
+// warp-specialized pipelined one with 2 or 3 consumers, with and without ping-pong), chosen by
+// FATHOM_FLASH_SCHEDULE; a name a head-dim pair lacks falls back to its default. Includes blocks
+// whose queries all see no key (300 causal queries after 20 keys).
+TEST_F(CudaFlashAttention, EveryForwardScheduleMatchesTheCpu) {
+  for (const char* schedule : {"serial2", "serial3", "ws", "pingpong", "ws3", "pingpong3"}) {
+    SCOPED_TRACE(schedule);
+    ::setenv("FATHOM_FLASH_SCHEDULE", schedule, 1);
+    for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}}) {
+      const Case c{{1, 130, 300, 255}, {1, 130, 300, 255}, 4, 2, dqk, dv, true};
+      const Case f{{17, 300}, {17, 300}, 2, 1, dqk, dv, false};
+      const Case blind{{300, 64}, {20, 200}, 2, 2, dqk, dv, true};
+      for (const Case* x : {&c, &f, &blind})
+        if (kernels(*x).size() > 1) check(*x, FlashKernel::Wgmma);
+    }
+  }
+  ::unsetenv("FATHOM_FLASH_SCHEDULE");
+}
+
 TEST_F(CudaFlashAttention, LongSequencesAndPeakedScores) {
   // many key tiles (the ring of stages wraps several times), scores sharp enough that a key
   // wrongly masked or let through moves the output
@@ -289,6 +309,23 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
   // a sequence with keys but no queries: its keys' gradients are zero, and still written
   const Case none{{0, 40}, {9, 40}, 2, 1, 64, 64, false};
   for (const FlashKernel k : kernels(none)) check_backward(none, k);
+}
+
+// Every backward form (flash_attention_backward.cu: the serial kernels, the warp-specialized ones
+// with and without the dK dV kernel's pipelining), chosen by FATHOM_FLASH_BACKWARD.
+TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
+  for (const char* form : {"serial", "ws", "ws-pipe"}) {
+    SCOPED_TRACE(form);
+    ::setenv("FATHOM_FLASH_BACKWARD", form, 1);
+    for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}}) {
+      const Case c{{1, 130, 300}, {1, 130, 300}, 4, 2, dqk, dv, true};
+      const Case m{{64, 200, 7}, {300, 460, 3}, 4, 1, dqk, dv, true, 8};
+      const Case f{{17, 260}, {17, 260}, 2, 2, dqk, dv, false};
+      for (const Case* x : {&c, &m, &f})
+        if (kernels(*x).size() > 1) check_backward(*x, FlashKernel::Wgmma);
+    }
+  }
+  ::unsetenv("FATHOM_FLASH_BACKWARD");
 }
 
 // The backward has no atomics (every gradient has one owner): two runs on the same inputs give

@@ -9,17 +9,20 @@
 // storing them (FlashAttention 1). The work is split over query tiles as well as heads and
 // sequences, and the rescaling happens once per key tile, not per key (FlashAttention 2).
 //
-// The Hopper kernel (flash_fwd_wgmma_kernel, sm_90a) does this with Hopper's own machinery
-// (FlashAttention 3's units): a block of two or three warpgroups owns 128 or 192 queries (64
-// each) of one head;
-// - thread 0 issues TMA bulk tensor copies (cp.async.bulk.tensor) of the query tile once and of
-//   each 128-key tile of K and V into a ring of shared-memory stages, 128-byte swizzled, each copy
-//   completing on its stage's mbarrier; a stage is refilled when every warpgroup released it;
-// - S = Q Kᵀ is a chain of wgmma m64n128k16 with both operands in shared memory; the softmax runs
-//   on S in registers; P is converted to bf16 in registers, where wgmma's A operand may live, and
-//   O += P V is a chain of wgmma with V read transposed (N-major) from shared memory — no copy
-//   of P or V anywhere;
-// - while one warpgroup computes its softmax the others' wgmmas keep the tensor cores busy.
+// Two Hopper kernels (sm_90a) do this with Hopper's own machinery (FlashAttention 3's units):
+// - flash_fwd_wgmma_kernel, the serial form: a block of two or three warpgroups owns 128 or 192
+//   queries (64 each) of one head; thread 0 issues TMA bulk tensor copies (cp.async.bulk.tensor)
+//   of the query tile once and of each 128-key tile of K and V into a ring of shared-memory
+//   stages, 128-byte swizzled, each copy completing on its stage's mbarrier; S = Q Kᵀ is a chain
+//   of wgmma m64n128k16 with both operands in shared memory; the softmax runs on S in registers;
+//   P is converted to bf16 in registers, where wgmma's A operand may live, and O += P V is a
+//   chain of wgmma with V read transposed (N-major) from shared memory — no copy of P or V
+//   anywhere; while one warpgroup computes its softmax the others' wgmmas keep the tensor cores
+//   busy.
+// - flash_fwd_ws_kernel, warp-specialized and pipelined (the default): a producer warpgroup that
+//   only copies (setmaxnreg gives its registers to the consumers), and consumers that overlap
+//   each tile's softmax with the previous tile's P V, optionally taking turns (ping-pong).
+// Which one runs for which head dims: fwd_variants() (measured in bench/RESULTS.md).
 // The SIMT kernel (flash_fwd_simt_kernel) is the fallback for GPUs without an sm_90a image.
 #include <cuda_bf16.h>
 
@@ -29,6 +32,7 @@
 #include <cstring>
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -156,13 +160,31 @@ __device__ __forceinline__ void rescale(float (&o)[kDv / 2], const float (&corr)
     for (int r = 0; r < 2; ++r) o[4 * i + 2 * r] *= corr[r], o[4 * i + 2 * r + 1] *= corr[r];
 }
 
+// out = O / l in bf16 (a thread's rows r0 and r0 + 8), and the log-sum-exp scale · m + ln l.
+template <int kDv>
+__device__ __forceinline__ void store_output(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
+                                             const float (&o)[kDv / 2], RowState& rs) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 1);
+    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 2);
+    const int row = r0 + 8 * r;
+    if (row >= s.lq) continue;
+    const float inv = rs.l[r] > 0.f ? 1.f / rs.l[r] : 0.f;
+    uint16_t* out = a.out + (s.q0 + row) * a.o_ts + int64_t(h) * a.o_hs + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i)
+      *reinterpret_cast<uint32_t*>(out + 8 * i) = pack_bf16(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    if (a.lse && lane % 4 == 0)
+      a.lse[int64_t(h) * a.total_q + s.q0 + row] = rs.l[r] > 0.f ? rs.m[r] * a.scale + logf(rs.l[r]) : -INFINITY;
+  }
+}
+
 #endif
 
 // One tile's steps one after the other within a warpgroup — S = Q Kᵀ, the softmax, O += P V —
 // while the block's other warpgroups, interleaved by the warp schedulers, keep the tensor cores
-// busy: two or three warpgroups (128 or 192 queries). (FlashAttention 3's software pipelining
-// within a warpgroup and its ping-pong between two were tried and measured slower here:
-// docs/flash-attention.md.)
+// busy: two or three warpgroups (128 or 192 queries).
 template <int kDqk, int kDv, int kWGs>
 __global__ void __launch_bounds__(128 * kWGs, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
@@ -265,24 +287,168 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     for (; it < n_tiles; ++it) step(it, std::false_type{});
   }
 
-  // out = O / l in bf16, and the log-sum-exp scale m + ln l
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 1);
-    rs.l[r] += __shfl_xor_sync(kFullMask, rs.l[r], 2);
-    const int row = r0 + 8 * r;
-    if (row >= s.lq) continue;
-    const float inv = rs.l[r] > 0.f ? 1.f / rs.l[r] : 0.f;
-    uint16_t* out = a.out + (s.q0 + row) * a.o_ts + int64_t(h) * a.o_hs + 2 * (lane % 4);
-#pragma unroll
-    for (int i = 0; i < kDv / 8; ++i)
-      *reinterpret_cast<uint32_t*>(out + 8 * i) = pack_bf16(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-    if (a.lse && lane % 4 == 0)
-      a.lse[int64_t(h) * a.total_q + s.q0 + row] = rs.l[r] > 0.f ? rs.m[r] * a.scale + logf(rs.l[r]) : -INFINITY;
-  }
+  store_output<kDv>(a, s, h, r0, lane, o, rs);
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)a;
   __trap();  // never launched: sm90a_available() is false without an sm_90a image
+#endif
+}
+
+// FlashAttention 3's full form: warp specialization and the softmax overlapped with the tensor
+// cores inside a warpgroup. A block of three warpgroups owns 128 queries: warpgroup 0 is the
+// producer — it gives most of its registers back (setmaxnreg 24) and one thread issues the TMA
+// copies of Q and of every K/V tile, waiting only on the ring's empty barriers, so no consumer ever
+// waits for a copy to be issued; warpgroups 1 and 2 consume 64 queries each with 240 registers
+// (setmaxnreg), enough for two score tiles' worth of state. Each consumer runs the key tiles
+// software-pipelined:
+//   issue S(j) = Q K(j)ᵀ; rescale O by tile j-1's correction; issue O += P(j-1) V(j-1);
+//   wait for S(j) only; softmax of S(j) while P(j-1) V(j-1) still runs; wait for it; P(j) = bf16.
+// O is rescaled one tile late — between the two issues, where no wgmma writes it — so the softmax
+// touches only S(j)'s registers and the row state, and never has to wait for the P·V product.
+// With kPingPong the two consumers also take turns issuing their products (named barriers): one
+// warpgroup's softmax runs while the other's wgmmas hold the tensor cores.
+template <int kDqk, int kDv, int kC, bool kPingPong>
+__global__ void __launch_bounds__(128 * (kC + 1), 1)
+    flash_fwd_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                        const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = FlashShape<kDqk, kDv, kC>;
+  constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kBlockM = Shape::kBlockM;
+  constexpr int kConsumers = 128 * kC;
+  // registers: 168 x 384 = 24 x 128 + 240 x 256; 128 x 512 >= 24 x 128 + 160 x 384
+  constexpr int kConsumerRegs = kC == 2 ? 240 : 160;
+  pdl_wait();
+  const int h = int(blockIdx.x), b = int(blockIdx.z);
+  const int m_block = int(gridDim.y - 1 - blockIdx.y);
+  const SeqSpan s = seq_span(a, b);
+  if (m_block * kBlockM >= s.lq) return;
+  const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sk = sq + Shape::kQBytes, sv = sk + kStages * Shape::kKBytes;
+  const uint32_t q_full = sv + kStages * Shape::kVBytes, k_full = q_full + 8, v_full = k_full + 8 * kStages;
+  const uint32_t k_empty = v_full + 8 * kStages, v_empty = k_empty + 8 * kStages;
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(k_full + 8 * i, 1);
+      mbar_init(v_full + 8 * i, 1);
+      mbar_init(k_empty + 8 * i, kConsumers);
+      mbar_init(v_empty + 8 * i, kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0);
+  auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
+  if (wg == 0) {
+    // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first).
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      mbar_expect_tx(q_full, Shape::kQBytes);
+      load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+      for (int it = 0; it < n_tiles; ++it) {
+        const int st = it % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
+        mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
+        mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
+        load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
+        mbar_wait(v_empty + 8 * st, phase(it) ^ 1);
+        mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
+        load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
+      }
+    }
+  } else {
+    setmaxnreg_inc<kConsumerRegs>();
+    const int cw = wg - 1;  // this consumer's 64 queries of the block
+    const int warp = (tid % 128) / 32, lane = tid % 32;
+    const int r0 = m_block * kBlockM + cw * 64 + warp * 16 + lane / 4;
+    float o[kDv / 2];
+#pragma unroll
+    for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
+    RowState rs;
+    float sc[64], corr[2] = {1.f, 1.f};
+    uint32_t pa[kBlockN / 16][4];
+    const uint64_t dq0 = sw128_desc(sq + cw * 64 * 128);
+    auto dk = [&](int it) { return sw128_desc(sk + (it % kStages) * Shape::kKBytes); };
+    auto dv = [&](int it) { return sw128_desc_mn(sv + (it % kStages) * Shape::kVBytes, kChunkBytes); };
+    auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+    // ping-pong: consumer cw issues after bar 1 + cw and then lets the next one go (round
+    // robin); the last consumer lets consumer 0 go first, and skips its last arrival so that the
+    // barriers end balanced. (256: the 128 threads waiting and the 128 arriving.)
+    auto my_turn = [&] {
+      if constexpr (kPingPong) named_bar_sync(1 + cw, 256);
+    };
+    auto your_turn = [&](bool last) {
+      if constexpr (kPingPong)
+        if (!(last && cw == kC - 1)) named_bar_arrive(1 + (cw + 1) % kC, 256);
+    };
+    const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
+    mbar_wait(q_full, 0);
+    if (n_tiles > 0) {  // (none: causal queries before every key; O = 0, lse = -inf)
+    if constexpr (kPingPong)
+      if (cw == kC - 1) named_bar_arrive(1, 256);
+
+    // the first tile: S(0) and its softmax alone
+    mbar_wait(k_full, 0);
+    my_turn();
+    wgmma_fence();
+    qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(0));
+    wgmma_commit();
+    your_turn(false);
+    wgmma_wait<0>();
+    fence_regs(sc);
+    release(k_empty, 0);
+    if (n_masked > 0) softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
+    else softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
+    pack_p(pa, sc);
+
+    auto step = [&](int it, auto masked) {
+      mbar_wait(k_full + 8 * (it % kStages), phase(it));
+      mbar_wait(v_full + 8 * ((it - 1) % kStages), phase(it - 1));
+      my_turn();
+      fence_regs(pa);
+      wgmma_fence();
+      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
+      wgmma_commit();
+      rescale<kDv>(o, corr);
+      fence_regs(o);
+      wgmma_fence();
+      pv_product<kDv>(o, pa, dv(it - 1));
+      wgmma_commit();
+      your_turn(false);
+      wgmma_wait<1>();
+      fence_regs(sc);
+      release(k_empty, it);
+      softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
+      fence_regs(sc);
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(v_empty, it - 1);
+      pack_p(pa, sc);
+    };
+    int it = 1;
+    for (; it < n_masked; ++it) step(it, std::true_type{});
+    for (; it < n_tiles; ++it) step(it, std::false_type{});
+
+    // the last tile's P·V
+    mbar_wait(v_full + 8 * ((n_tiles - 1) % kStages), phase(n_tiles - 1));
+    my_turn();
+    rescale<kDv>(o, corr);
+    fence_regs(o), fence_regs(pa);
+    wgmma_fence();
+    pv_product<kDv>(o, pa, dv(n_tiles - 1));
+    wgmma_commit();
+    your_turn(true);
+    wgmma_wait<0>();
+    fence_regs(o);
+    release(v_empty, n_tiles - 1);
+    }
+    store_output<kDv>(a, s, h, r0, lane, o, rs);
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)a;
+  __trap();
 #endif
 }
 
@@ -332,44 +498,69 @@ __global__ void __launch_bounds__(128) flash_fwd_simt_kernel(const FlashArgs a) 
 // ---- host side
 
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
-// By head dims: blocks of two warpgroups, and of three where their stages fit (not for qk 192).
-struct WgmmaVariant {
-  int d_qk, d_v, smem2, smem3;
-  WgmmaKernel kernel2, kernel3;
+// The forward kernels by head dims and schedule (FATHOM_FLASH_SCHEDULE picks one, for benchmarks):
+//   serial2, serial3 — flash_fwd_wgmma_kernel, two or three warpgroups (128 / 192 queries);
+//   ws, ws3 — flash_fwd_ws_kernel, a producer and two or three pipelined consumers;
+//   pingpong, pingpong3 — the same with the consumers taking turns at the tensor cores.
+// The default for each head dims is the fastest measured on the H200 (bench/RESULTS.md).
+struct FwdVariant {
+  int d_qk, d_v;
+  const char* schedule;
+  WgmmaKernel kernel;
+  int smem, threads, block_m;
+  bool is_default;
 };
-const WgmmaVariant kWgmmaVariants[] = {
-    {64, 64, FlashShape<64, 64, 2>::kSmem, FlashShape<64, 64, 3>::kSmem, flash_fwd_wgmma_kernel<64, 64, 2>,
-     flash_fwd_wgmma_kernel<64, 64, 3>},
-    {128, 128, FlashShape<128, 128, 2>::kSmem, FlashShape<128, 128, 3>::kSmem, flash_fwd_wgmma_kernel<128, 128, 2>,
-     flash_fwd_wgmma_kernel<128, 128, 3>},
-    {192, 128, FlashShape<192, 128, 2>::kSmem, 0, flash_fwd_wgmma_kernel<192, 128, 2>, nullptr},
-};
-
-// Warpgroups a block: FATHOM_FLASH_WARPGROUPS=2 or 3 (benchmarks), else 3 where the head dims
-// allow it (the faster, bench/RESULTS.md).
-int flash_warpgroups() {
-  const char* e = std::getenv("FATHOM_FLASH_WARPGROUPS");
-  return e && !std::strcmp(e, "2") ? 2 : 3;
+template <int kDqk, int kDv, int kWGs>
+FwdVariant serial(const char* name, bool is_default) {
+  return {kDqk, kDv, name, flash_fwd_wgmma_kernel<kDqk, kDv, kWGs>, FlashShape<kDqk, kDv, kWGs>::kSmem, 128 * kWGs,
+          64 * kWGs, is_default};
+}
+template <int kDqk, int kDv, int kC, bool kPP>
+FwdVariant ws(const char* name, bool is_default) {
+  return {kDqk, kDv, name, flash_fwd_ws_kernel<kDqk, kDv, kC, kPP>, FlashShape<kDqk, kDv, kC>::kSmem,
+          128 * (kC + 1), 64 * kC, is_default};
+}
+const std::vector<FwdVariant>& fwd_variants() {
+  static const std::vector<FwdVariant> v = {
+      serial<64, 64, 2>("serial2", false),
+      serial<64, 64, 3>("serial3", false),
+      ws<64, 64, 2, false>("ws", false),
+      ws<64, 64, 2, true>("pingpong", false),
+      ws<64, 64, 3, false>("ws3", false),
+      ws<64, 64, 3, true>("pingpong3", true),
+      serial<128, 128, 2>("serial2", false),
+      serial<128, 128, 3>("serial3", false),
+      ws<128, 128, 2, false>("ws", true),
+      ws<128, 128, 2, true>("pingpong", false),
+      serial<192, 128, 2>("serial2", false),
+      ws<192, 128, 2, false>("ws", true),
+      ws<192, 128, 2, true>("pingpong", false),
+  };
+  return v;
 }
 
 std::once_flag g_flash_smem[kMaxDevices];
 void allow_flash_smem() {
   once_per_device(g_flash_smem, [] {
-    for (const WgmmaVariant& v : kWgmmaVariants)
-    {
-      check(cudaFuncSetAttribute(v.kernel2, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem2),
-            "flash_attention (shared memory of the wgmma kernel)");
-      if (v.kernel3)
-        check(cudaFuncSetAttribute(v.kernel3, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem3),
-              "flash_attention (shared memory of the wgmma kernel)");
-    }
+    for (const FwdVariant& v : fwd_variants())
+      check(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
+            "flash_attention (shared memory of the forward kernels)");
   });
 }
 
-const WgmmaVariant* wgmma_variant(const FlashAttentionParams& p) {
-  for (const WgmmaVariant& v : kWgmmaVariants)
-    if (v.d_qk == p.d_qk && v.d_v == p.d_v) return &v;
-  return nullptr;
+// The kernel for p's head dims: the schedule FATHOM_FLASH_SCHEDULE names (FATHOM_FLASH_WARPGROUPS=2:
+// serial2) where it exists for them, else the default; null for other head dims.
+const FwdVariant* wgmma_variant(const FlashAttentionParams& p) {
+  const char* e = std::getenv("FATHOM_FLASH_SCHEDULE");
+  const char* w = std::getenv("FATHOM_FLASH_WARPGROUPS");
+  const char* want = e ? e : w && !std::strcmp(w, "2") ? "serial2" : nullptr;
+  const FwdVariant* found = nullptr;
+  for (const FwdVariant& v : fwd_variants())
+    if (v.d_qk == p.d_qk && v.d_v == p.d_v) {
+      if (want && !std::strcmp(v.schedule, want)) return &v;
+      if (v.is_default) found = &v;
+    }
+  return found;
 }
 
 }  // namespace
@@ -428,17 +619,14 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
   const cudaStream_t s = as_cuda(stream);
   if (!refusal) {
     allow_flash_smem();
-    const WgmmaVariant& v = *wgmma_variant(p);
-    const bool three = flash_warpgroups() == 3 && v.kernel3;
-    const int block_m = three ? 192 : 128;
+    const FwdVariant& v = *wgmma_variant(p);
     const CUtensorMap mq =
-        flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(block_m), "q");
+        flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v.block_m), "q");
     const CUtensorMap mk =
         flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
     const CUtensorMap mv = flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
-    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, block_m)), unsigned(p.batch));
-    if (three) launch_kernel(v.kernel3, grid, dim3(384), size_t(v.smem3), s, mq, mk, mv, a);
-    else launch_kernel(v.kernel2, grid, dim3(256), size_t(v.smem2), s, mq, mk, mv, a);
+    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, v.block_m)), unsigned(p.batch));
+    launch_kernel(v.kernel, grid, dim3(unsigned(v.threads)), size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <type_traits>
 
@@ -98,6 +100,38 @@ template <int kN, int kK>
 __device__ __forceinline__ void rs_product(float (&acc)[kN / 2], const uint32_t (&f)[kK / 16][4], uint64_t db) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) wgmma_rs_tb<kN>(acc, f[kk], db + kk * (2048 >> 4), 1);
+}
+// The keys' gradients of a thread (rows key0 and key0 + 8): dK with the scale of the scores.
+template <int kD, int kDv>
+__device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpan& s, int kvh, int key0, int lane,
+                                                const float (&dk)[kD / 2], const float (&dv)[kDv / 2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key >= s.lk) continue;
+    const int64_t row = (s.k0 + key) * int64_t(a.n_heads / a.group) + kvh;
+    float* gk = a.dk + row * kD + 2 * (lane % 4);
+    float* gv = a.dv + row * kDv + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(gk + 8 * i) = make_float2(dk[4 * i + 2 * r] * a.scale, dk[4 * i + 2 * r + 1] * a.scale);
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
+  }
+}
+// The queries' gradient of a thread (rows r0 and r0 + 8), with the scale of the scores.
+template <int kD>
+__device__ __forceinline__ void store_query_grads(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
+                                                  const float (&dq)[kD / 2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r;
+    if (row >= s.lq) continue;
+    float* g = a.dq + ((s.q0 + row) * a.n_heads + h) * int64_t(kD) + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
+  }
 }
 #endif
 
@@ -195,20 +229,7 @@ __global__ void __launch_bounds__(256, 1)
     mbar_arrive(empty + 8 * st);
     if (tid == 0 && it - 1 + kStages < n_it && it >= 1) produce(it - 1 + kStages);
   }
-  // the keys' gradients: dK with the scale of the scores, rows key0 and key0 + 8
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key >= s.lk) continue;
-    const int64_t row = (s.k0 + key) * int64_t(a.n_heads / a.group) + kvh;
-    float* gk = a.dk + row * kD + 2 * (lane % 4);
-    float* gv = a.dv + row * kDv + 2 * (lane % 4);
-#pragma unroll
-    for (int i = 0; i < kD / 8; ++i)
-      *reinterpret_cast<float2*>(gk + 8 * i) = make_float2(dk[4 * i + 2 * r] * a.scale, dk[4 * i + 2 * r + 1] * a.scale);
-#pragma unroll
-    for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
-  }
+  store_key_grads<kD, kDv>(a, s, kvh, key0, lane, dk, dv);
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
   __trap();
@@ -303,14 +324,316 @@ __global__ void __launch_bounds__(256, 1)
     mbar_arrive(empty + 8 * st);
     if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce(it - 1 + kStages);
   }
+  store_query_grads<kD>(a, s, h, r0, lane, dq);
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
+  __trap();
+#endif
+}
+
+// ---- the warp-specialized, pipelined forms (the default on Hopper; FATHOM_FLASH_BACKWARD=serial
+// brings back the kernels above). A block of three warpgroups: warpgroup 0 produces — thread 0
+// issues the TMA copies, and (dK dV) warp 1 writes each query tile's log-sum-exp (·log2 e; +inf
+// past the sequence, so that those queries' P is 0 without a test) and D into the stage beside it
+// — with its registers given to the two consumers (setmaxnreg 24 / 240). Each consumer runs the
+// tiles as the forward does (FlashAttention 3's order): issue tile j's S and dP, issue tile j-1's
+// gradient products, wait for S and dP only, compute P and dS of tile j while the tensor cores
+// still multiply tile j-1, then wait for them and convert P and dS to bf16 fragments. No
+// consumer ever waits on a branch of its own between a wgmma's issue and its wait.
+
+template <int kD, int kDv, int kQT>
+struct DkdvWsShape {
+  static constexpr int kKBytes = kRows * kD * 2, kVBytes = kRows * kDv * 2;
+  static constexpr int kQTBytes = kQT * kD * 2, kDoBytes = kQT * kDv * 2, kStatBytes = kQT * 8;
+  static constexpr int kFit = (227 * 1024 - 2048 - kKBytes - kVBytes) / (kQTBytes + kDoBytes + kStatBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kKBytes + kVBytes + kStages * (kQTBytes + kDoBytes + kStatBytes) + 1024 + 256;
+  static_assert(kStages >= 2, "two stages of Q and dout must fit");
+};
+
+template <int kD, int kDv, int kQT, bool kPipe>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                             const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = DkdvWsShape<kD, kDv, kQT>;
+  constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
+  const SeqSpan s = seq_span(a, b);
+  if (kb * kRows >= s.lk) return;
+  const int diag = s.lk - s.lq;
+  const int n_qt = (s.lq + kQT - 1) / kQT;
+  const int first_q = a.causal ? max(0, kb * kRows - diag) : 0;
+  const int i0 = first_q >= s.lq ? n_qt : first_q / kQT, per_head = n_qt - i0, n_it = a.group * per_head;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sk = (smem_u32(smem_raw) + 1023u) & ~1023u, sv = sk + Shape::kKBytes;
+  const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
+  const uint32_t sstat = sdo + kStages * Shape::kDoBytes;  // per stage: lse·log2 e [kQT], D [kQT]
+  const uint32_t kv_full = sstat + kStages * Shape::kStatBytes, full = kv_full + 8, empty = full + 8 * kStages;
+  float* stat = reinterpret_cast<float*>(smem_raw + (sstat - smem_u32(smem_raw)));
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 2), mbar_init(empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
+  auto head_of = [&](int it) { return kvh * a.group + it / per_head; };
+  auto tile_of = [&](int it) { return (i0 + it % per_head) * kQT; };
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      const int key_row = int(s.k0 + int64_t(kb) * kRows);
+      mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
+      load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
+      load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
+      for (int it = 0; it < n_it; ++it) {
+        const int st = it % kStages, row = int(s.q0 + tile_of(it));
+        mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+        mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes);
+        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, head_of(it), row, full + 8 * st);
+        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, head_of(it), row, full + 8 * st);
+      }
+    } else if (tid / 32 == 1) {
+      for (int it = 0; it < n_it; ++it) {
+        const int st = it % kStages, qt = tile_of(it);
+        mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+        for (int j = lane; j < kQT; j += 32) {
+          const int q = qt + j;
+          const int64_t at = int64_t(head_of(it)) * a.total_q + s.q0 + q;
+          stat[st * 2 * kQT + j] = q < s.lq ? a.lse[at] * kLog2e : INFINITY;
+          stat[st * 2 * kQT + kQT + j] = q < s.lq ? a.delta[at] : 0.f;
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(full + 8 * st);
+      }
+    }
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, warp = (tid % 128) / 32;
+    const int key0 = kb * kRows + cw * 64 + warp * 16 + lane / 4;  // this thread's keys key0, key0 + 8
+    float dk[kD / 2], dv[kDv / 2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r0 + 8 * r;
-    if (row >= s.lq) continue;
-    float* g = a.dq + ((s.q0 + row) * a.n_heads + h) * int64_t(kD) + 2 * (lane % 4);
+    for (int i = 0; i < kD / 2; ++i) dk[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kD / 8; ++i)
-      *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
+    for (int i = 0; i < kDv / 2; ++i) dv[i] = 0.f;
+    const uint64_t dk0 = sw128_desc(sk + cw * 64 * 128), dv0 = sw128_desc(sv + cw * 64 * 128);
+    float sc[kQT / 2], dp[kQT / 2];
+    uint32_t pf[kQT / 16][4], dsf[kQT / 16][4];
+    auto full_wait = [&](int it) { mbar_wait(full + 8 * (it % kStages), uint32_t((it / kStages) & 1)); };
+    auto sdp = [&](int it) {  // Sᵀ = K Qᵀ, dPᵀ = V doutᵀ
+      const int st = it % kStages;
+      wgmma_fence();
+      ss_product<kQT, kD, kRows * 128, kQT * 128>(sc, dk0, sw128_desc(sq + st * Shape::kQTBytes));
+      ss_product<kQT, kDv, kRows * 128, kQT * 128>(dp, dv0, sw128_desc(sdo + st * Shape::kDoBytes));
+      wgmma_commit();
+    };
+    auto grads = [&](int it) {  // dV += Pᵀ dout, dK += dSᵀ Q
+      const int st = it % kStages;
+      wgmma_fence();
+      rs_product<kDv, kQT>(dv, pf, sw128_desc_mn(sdo + st * Shape::kDoBytes, kQT * 128));
+      rs_product<kD, kQT>(dk, dsf, sw128_desc_mn(sq + st * Shape::kQTBytes, kQT * 128));
+      wgmma_commit();
+    };
+    // Pᵀ and dSᵀ in place: this thread's columns are queries qt + 8 n + 2 (lane % 4) + {0, 1}; a key
+    // is masked (causal) when key - q > diag, tested against a bound that is huge off the diagonal.
+    auto pds = [&](int it) {
+      const int st = it % kStages, qt = tile_of(it);
+      const bool masked = a.causal && kb * kRows + kRows - 1 > qt + diag;
+      const int bound = masked ? qt + diag : 1 << 30;
+      const float* lse2 = stat + st * 2 * kQT + 2 * (lane % 4);
+#pragma unroll
+      for (int n = 0; n < kQT / 8; ++n) {
+        const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * n);
+        const float2 dl = *reinterpret_cast<const float2*>(lse2 + kQT + 8 * n);
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int x = 4 * n + 2 * r + e;
+            const float p = fast_exp2(fmaf(sc[x], a.scale_log2, -(e ? l2.y : l2.x)));
+            const bool ok = key0 + 8 * r - (8 * n + 2 * (lane % 4) + e) <= bound;
+            sc[x] = ok ? p : 0.f;
+            dp[x] = sc[x] * (dp[x] - (e ? dl.y : dl.x));
+          }
+      }
+    };
+    auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+    mbar_wait(kv_full, 0);
+    if (n_it > 0) {
+      full_wait(0);
+      sdp(0);
+      wgmma_wait<0>();
+      fence_regs(sc), fence_regs(dp);
+      pds(0);
+      pack_frags<kQT>(pf, sc);
+      pack_frags<kQT>(dsf, dp);
+      for (int it = 1; it < n_it; ++it) {
+        full_wait(it);
+        fence_regs(pf), fence_regs(dsf);
+        if constexpr (!kPipe) {  // tile it-1's products first, then tile it's (fewer registers live)
+          grads(it - 1);
+          wgmma_wait<0>();
+          fence_regs(dk), fence_regs(dv);
+          release(it - 1);
+          sdp(it);
+          wgmma_wait<0>();
+          fence_regs(sc), fence_regs(dp);
+          pds(it);
+          pack_frags<kQT>(pf, sc);
+          pack_frags<kQT>(dsf, dp);
+          continue;
+        }
+        sdp(it);
+        grads(it - 1);
+        wgmma_wait<1>();
+        fence_regs(sc), fence_regs(dp);
+        pds(it);
+        fence_regs(sc), fence_regs(dp);
+        wgmma_wait<0>();
+        fence_regs(dk), fence_regs(dv);
+        release(it - 1);
+        pack_frags<kQT>(pf, sc);
+        pack_frags<kQT>(dsf, dp);
+      }
+      fence_regs(pf), fence_regs(dsf);
+      grads(n_it - 1);
+      wgmma_wait<0>();
+      fence_regs(dk), fence_regs(dv);
+      release(n_it - 1);
+    }
+    store_key_grads<kD, kDv>(a, s, kvh, key0, lane, dk, dv);
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
+  __trap();
+#endif
+}
+
+template <int kD, int kDv>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                           const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  using Shape = DqShape<kD, kDv>;
+  constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
+  const SeqSpan s = seq_span(a, b);
+  if (m_block * kRows >= s.lq) return;
+  const int diag = s.lk - s.lq, kvh = h / a.group;
+  int n_tiles = (s.lk + kKeyTile - 1) / kKeyTile;
+  if (a.causal) {
+    const int last_key = min(m_block * kRows + kRows - 1, s.lq - 1) + diag;
+    n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / kKeyTile + 1);
+  }
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sdo = sq + Shape::kQBytes;
+  const uint32_t sk = sdo + Shape::kDoBytes, sv = sk + kStages * Shape::kKBytes;
+  const uint32_t q_full = sv + kStages * Shape::kVBytes, full = q_full + 8, empty = full + 8 * kStages;
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      const int row = int(s.q0 + int64_t(m_block) * kRows);
+      mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
+      load_head_rows<kD, kRows>(sq, &map_q, h, row, q_full);
+      load_head_rows<kDv, kRows>(sdo, &map_do, h, row, q_full);
+      for (int it = 0; it < n_tiles; ++it) {
+        const int st = it % kStages, key_row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
+        mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+        mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
+        load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, &map_k, kvh, key_row, full + 8 * st);
+        load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, &map_v, kvh, key_row, full + 8 * st);
+      }
+    }
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, warp = (tid % 128) / 32;
+    const int r0 = m_block * kRows + cw * 64 + warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool in = r0 + 8 * r < s.lq;
+      const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? r0 + 8 * r : 0);
+      lse2[r] = in ? a.lse[at] * kLog2e : 0.f;
+      delta[r] = in ? a.delta[at] : 0.f;
+    }
+    float dq[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
+    const uint64_t dq0 = sw128_desc(sq + cw * 64 * 128), ddo0 = sw128_desc(sdo + cw * 64 * 128);
+    float sc[kKeyTile / 2], dp[kKeyTile / 2];
+    uint32_t dsf[kKeyTile / 16][4];
+    auto full_wait = [&](int it) { mbar_wait(full + 8 * (it % kStages), uint32_t((it / kStages) & 1)); };
+    auto sdp = [&](int it) {  // S = Q Kᵀ, dP = dout Vᵀ
+      const int st = it % kStages;
+      wgmma_fence();
+      ss_product<kKeyTile, kD, kRows * 128, kKeyTile * 128>(sc, dq0, sw128_desc(sk + st * Shape::kKBytes));
+      ss_product<kKeyTile, kDv, kRows * 128, kKeyTile * 128>(dp, ddo0, sw128_desc(sv + st * Shape::kVBytes));
+      wgmma_commit();
+    };
+    auto grad = [&](int it) {  // dQ += dS K
+      wgmma_fence();
+      rs_product<kD, kKeyTile>(dq, dsf, sw128_desc_mn(sk + (it % kStages) * Shape::kKBytes, kKeyTile * 128));
+      wgmma_commit();
+    };
+    // dS in place of dP: a key counts when it is in the sequence and, causally, not past the
+    // row's diagonal (key - row <= diag; the bound is huge for a full tile).
+    auto ds = [&](int it) {
+      const int j = n_tiles - 1 - it, k0 = j * kKeyTile + 2 * (lane % 4);
+      const bool full_tile = (j + 1) * kKeyTile <= s.lk &&
+                             (!a.causal || (j + 1) * kKeyTile - 1 <= m_block * kRows + diag);
+      const int end = full_tile ? 1 << 30 : s.lk, bound = full_tile || !a.causal ? 1 << 30 : diag;
+#pragma unroll
+      for (int x = 0; x < kKeyTile / 2; ++x) {
+        const int r = (x >> 1) & 1, key = k0 + 8 * (x / 4) + (x & 1);
+        const bool ok = key < end && key - (r0 + 8 * r) <= bound;
+        const float p = fast_exp2(fmaf(sc[x], a.scale_log2, -lse2[r]));
+        dp[x] = ok ? p * (dp[x] - delta[r]) : 0.f;
+      }
+    };
+    auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+    mbar_wait(q_full, 0);
+    if (n_tiles > 0) {
+      full_wait(0);
+      sdp(0);
+      wgmma_wait<0>();
+      fence_regs(sc), fence_regs(dp);
+      ds(0);
+      pack_frags<kKeyTile>(dsf, dp);
+      for (int it = 1; it < n_tiles; ++it) {
+        full_wait(it);
+        fence_regs(dsf);
+        sdp(it);
+        grad(it - 1);
+        wgmma_wait<1>();
+        fence_regs(sc), fence_regs(dp);
+        ds(it);
+        fence_regs(dp);
+        wgmma_wait<0>();
+        fence_regs(dq);
+        release(it - 1);
+        pack_frags<kKeyTile>(dsf, dp);
+      }
+      fence_regs(dsf);
+      grad(n_tiles - 1);
+      wgmma_wait<0>();
+      fence_regs(dq);
+      release(n_tiles - 1);
+    }
+    store_query_grads<kD>(a, s, h, r0, lane, dq);
   }
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
@@ -413,18 +736,40 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 // ---- host side
 
 using BwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
+// By head dims: the serial kernels (256 threads) and the warp-specialized ones (384); which runs:
+// FATHOM_FLASH_BACKWARD (below), by default the warp-specialized ones (bench/RESULTS.md).
 struct BwdVariant {
-  int d_qk, d_v, qt, dkdv_smem, dq_smem;
-  BwdKernel dkdv, dq;
+  int d_qk, d_v, qt, dkdv_smem, dq_smem, dkdv_ws_smem;
+  BwdKernel dkdv, dq, dkdv_ws, dq_ws, dkdv_ws_serial;
 };
-const BwdVariant kBwdVariants[] = {
-    {64, 64, 64, DkdvShape<64, 64, 64>::kSmem, DqShape<64, 64>::kSmem, flash_bwd_dkdv_wgmma_kernel<64, 64, 64>,
-     flash_bwd_dq_wgmma_kernel<64, 64>},
-    {128, 128, 64, DkdvShape<128, 128, 64>::kSmem, DqShape<128, 128>::kSmem, flash_bwd_dkdv_wgmma_kernel<128, 128, 64>,
-     flash_bwd_dq_wgmma_kernel<128, 128>},
-    {192, 128, 32, DkdvShape<192, 128, 32>::kSmem, DqShape<192, 128>::kSmem, flash_bwd_dkdv_wgmma_kernel<192, 128, 32>,
-     flash_bwd_dq_wgmma_kernel<192, 128>},
-};
+template <int kD, int kDv, int kQT>
+constexpr BwdVariant bwd_variant_of() {
+  return {kD,
+          kDv,
+          kQT,
+          DkdvShape<kD, kDv, kQT>::kSmem,
+          DqShape<kD, kDv>::kSmem,
+          DkdvWsShape<kD, kDv, kQT>::kSmem,
+          flash_bwd_dkdv_wgmma_kernel<kD, kDv, kQT>,
+          flash_bwd_dq_wgmma_kernel<kD, kDv>,
+          flash_bwd_dkdv_ws_kernel<kD, kDv, kQT, true>,
+          flash_bwd_dq_ws_kernel<kD, kDv>,
+          flash_bwd_dkdv_ws_kernel<kD, kDv, kQT, false>};
+}
+const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 64>(),
+                                   bwd_variant_of<192, 128, 32>()};
+// FATHOM_FLASH_BACKWARD: serial — the 256-thread kernels; ws-pipe — the warp-specialized kernels
+// with the dK dV kernel pipelined too (it spills at qk 128 and 192: slower on the H200);
+// otherwise (ws) the warp-specialized kernels, the dK dV one taking its tiles in order.
+bool bwd_warp_specialized() {
+  const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
+  return !(e && !std::strcmp(e, "serial"));
+}
+bool bwd_dkdv_pipelined() {
+  const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
+  return e && !std::strcmp(e, "ws-pipe");
+}
+
 std::once_flag g_bwd_smem[kMaxDevices];
 void allow_bwd_smem() {
   once_per_device(g_bwd_smem, [] {
@@ -432,6 +777,11 @@ void allow_bwd_smem() {
       check(cudaFuncSetAttribute(v.dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_smem),
             "flash_attention_backward (shared memory of the dK dV kernel)");
       check(cudaFuncSetAttribute(v.dq, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
+            "flash_attention_backward (shared memory of the dQ kernel)");
+      for (BwdKernel k : {v.dkdv_ws, v.dkdv_ws_serial})
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_ws_smem),
+              "flash_attention_backward (shared memory of the dK dV kernel)");
+      check(cudaFuncSetAttribute(v.dq_ws, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
             "flash_attention_backward (shared memory of the dQ kernel)");
     }
   });
@@ -495,8 +845,10 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v->qt), "q");
         const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
                                                g.dout_token_stride, uint32_t(v->qt), "dout");
-        launch_kernel(v->dkdv, dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
-                      dim3(256), size_t(v->dkdv_smem), cs, mq, mk, mv, mdo, a);
+        const bool ws = bwd_warp_specialized();
+        launch_kernel(ws ? (bwd_dkdv_pipelined() ? v->dkdv_ws : v->dkdv_ws_serial) : v->dkdv,
+                      dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
+                      dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : v->dkdv_smem), cs, mq, mk, mv, mdo, a);
         check_launch("flash_bwd_dkdv_wgmma_kernel");
         // dQ: Q and dout whole blocks of 128; K and V in tiles of 64
         const CUtensorMap mq2 =
@@ -507,8 +859,9 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
         const CUtensorMap mv2 =
             flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
-        launch_kernel(v->dq, dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
-                      dim3(256), size_t(v->dq_smem), cs, mq2, mk2, mv2, mdo2, a);
+        launch_kernel(ws ? v->dq_ws : v->dq,
+                      dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
+                      dim3(ws ? 384 : 256), size_t(v->dq_smem), cs, mq2, mk2, mv2, mdo2, a);
         check_launch("flash_bwd_dq_wgmma_kernel");
       }
     } else {

@@ -35,7 +35,9 @@ __device__ inline void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 // Waits for the phase of the given parity to complete. A copy that never lands would hang the
-// GPU; after 10 s the kernel traps instead (a launch error at the next synchronization).
+// GPU; after 10 s the kernel stops with an illegal-address fault instead (a launch error at the
+// next synchronization). Not __trap(): ptxas then ignores setmaxnreg's larger register budget in
+// the code around it (a warp-specialized consumer spilled at the entry cap with it).
 __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   uint64_t start = 0;
@@ -49,7 +51,7 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
     uint64_t now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     if (spins == 0) start = now;
-    else if (now - start > 10000000000ull) __trap();
+    else if (now - start > 10000000000ull) *reinterpret_cast<volatile int*>(uintptr_t(8)) = 1;
   }
 }
 // A 2-D tile [c0, c0 + box0) x [c1, c1 + box1) of the tensor map into shared memory, completing
@@ -124,6 +126,24 @@ __device__ inline void fence_regs(uint32_t (&r)[N][M]) {
   for (int i = 0; i < N; ++i)
 #pragma unroll
     for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+// Warp specialization: a warpgroup gives registers back (dec) or takes them (inc), all its threads
+// at once; the counts of a block must balance (e.g. a producer 24, two consumers 240 out of 3 x 168).
+template <int N>
+__device__ inline void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ inline void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// Named barriers (id 1-15; 0 is __syncthreads) over `threads` threads: sync waits for the phase,
+// arrive only counts this warp in.
+__device__ inline void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ inline void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 // Returns once at most N of this warpgroup's committed wgmma groups are still running.
 template <int N>
