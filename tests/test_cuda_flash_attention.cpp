@@ -311,10 +311,11 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
   for (const FlashKernel k : kernels(none)) check_backward(none, k);
 }
 
-// Every backward form (flash_attention_backward.cu: the serial kernels, the warp-specialized ones
-// with and without the dK dV kernel's pipelining), chosen by FATHOM_FLASH_BACKWARD.
+// Every backward form (flash_attention_backward.cu: the serial kernels; the warp-specialized ones
+// with the dK dV kernel taking its tiles in order; with the dQ kernel reading Q and dout from
+// shared memory; the default, pipelined), chosen by FATHOM_FLASH_BACKWARD.
 TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
-  for (const char* form : {"serial", "ws", "ws-pipe"}) {
+  for (const char* form : {"serial", "ws-serial", "ws-ss", "ws"}) {
     SCOPED_TRACE(form);
     ::setenv("FATHOM_FLASH_BACKWARD", form, 1);
     for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}}) {

@@ -166,7 +166,8 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
     for (const Fp8GemmKernel k : kernels_)
       for (const DType od : {DType::F32, DType::BF16})
         for (const char* shape : {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1",
-                                  "256,2x2", "128,1x1,persistent", "192,1x1,persistent", "256,1x1,persistent"}) {
+                                  "256,2x2", "128,1x1,persistent", "192,1x1,persistent", "256,1x1,persistent",
+                                  "128,1x1,producer", "256,1x1,producer"}) {
         if (k == Fp8GemmKernel::Simt && *shape) continue;
         ShapeOverride use(shape);
         Tensor out = poison(M * N, od);

@@ -6,15 +6,17 @@
 //   dV = Pᵀ dout,   dK = scale · dSᵀ Q,   dQ = scale · dS K.
 // Two Hopper kernels split the work so that every gradient has one owner and no atomics are
 // needed — the result is deterministic, run after run:
-// - flash_bwd_dkdv_wgmma_kernel: a block owns 128 keys of one KV head (64 per warpgroup) and
-//   sweeps the query tiles of every query head that reads them: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ
-//   (wgmma from shared memory), Pᵀ and dSᵀ in registers, then dV += Pᵀ dout and dK += dSᵀ Q with
-//   Pᵀ and dSᵀ as register A operands and dout, Q read N-major — the forward's P V trick twice.
-// - flash_bwd_dq_wgmma_kernel: a block owns 128 queries of one head (64 per warpgroup) and sweeps
-//   the key tiles: S = Q Kᵀ, dP = dout Vᵀ, dS, then dQ += dS K (K N-major).
+// - dK dV: a block owns 128 keys of one KV head (64 per consumer warpgroup) and sweeps the query
+//   tiles of every query head that reads them: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ (wgmma from shared
+//   memory), Pᵀ and dSᵀ in registers, then dV += Pᵀ dout and dK += dSᵀ Q with Pᵀ and dSᵀ as
+//   register A operands and dout, Q read N-major — the forward's P V trick twice.
+// - dQ: a block owns 128 queries of one head (64 per consumer warpgroup) and sweeps the key tiles:
+//   S = Q Kᵀ, dP = dout Vᵀ, dS, then dQ += dS K (K N-major).
 // The two recompute S and dP each (7 products in all instead of 5), the price of no atomics.
-// Q/dout or K/V tiles stream through a ring of shared-memory stages filled by TMA from thread 0,
-// as in the forward. SIMT kernels (one warp per row) are the fallback for other GPUs and shapes.
+// Each comes in two forms: flash_bwd_*_wgmma_kernel (two warpgroups, thread 0 issuing the TMA
+// copies between its products, each tile's steps in order) and flash_bwd_*_ws_kernel (a producer
+// warpgroup and two pipelined consumers: see the comment above them; the default). SIMT kernels
+// (one warp per row) are the fallback for other GPUs and shapes.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -36,20 +38,37 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head).
+// D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head); or, when rows are whole
+// 16-byte units (kVec), 8 lanes per (token, head) with 16-byte loads.
+template <bool kVec>
 __global__ void flash_bwd_delta_kernel(const FlashArgs a) {
   pdl_wait();
-  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = int(threadIdx.x % 32);
-  if (w >= a.total_q * a.n_heads) return;
-  const int64_t t = w / a.n_heads;
-  const int h = int(w % a.n_heads);
+  constexpr int kLanes = kVec ? 8 : 32;
+  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = int(threadIdx.x % kLanes);
+  const bool in = w < a.total_q * a.n_heads;  // (every lane reaches the shuffles)
+  const int64_t t = in ? w / a.n_heads : 0;
+  const int h = in ? int(w % a.n_heads) : 0;
   const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
   const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
   float acc = 0.f;
-  for (int i = lane; i < a.d_v; i += 32) acc += bf16_bits_to_f32(o[i]) * bf16_bits_to_f32(d[i]);
-  acc = warp_sum(acc);
-  if (lane == 0) const_cast<float*>(a.delta)[int64_t(h) * a.total_q + t] = acc;
+  if (in) {
+    if constexpr (kVec) {
+      for (int i = 8 * lane; i < a.d_v; i += 64) {
+        const uint4 x = *reinterpret_cast<const uint4*>(o + i), y = *reinterpret_cast<const uint4*>(d + i);
+        const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          acc += bf16_bits_to_f32(xs[j] & 0xFFFFu) * bf16_bits_to_f32(ys[j] & 0xFFFFu) +
+                 bf16_bits_to_f32(xs[j] >> 16) * bf16_bits_to_f32(ys[j] >> 16);
+      }
+    } else {
+      for (int i = lane; i < a.d_v; i += 32) acc += bf16_bits_to_f32(o[i]) * bf16_bits_to_f32(d[i]);
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+  if (in && lane == 0) const_cast<float*>(a.delta)[int64_t(h) * a.total_q + t] = acc;
 }
 
 // ---- the Hopper kernels
@@ -426,9 +445,13 @@ __global__ void __launch_bounds__(384, 1)
     auto full_wait = [&](int it) { mbar_wait(full + 8 * (it % kStages), uint32_t((it / kStages) & 1)); };
     auto sdp = [&](int it) {  // Sᵀ = K Qᵀ, dPᵀ = V doutᵀ
       const int st = it % kStages;
+      // (the loop-invariant descriptors made opaque here: hoisted out of the loop, each k-step's
+      // 64-bit descriptor would hold two registers for the whole loop)
+      uint64_t ka = dk0, va = dv0;
+      asm volatile("" : "+l"(ka), "+l"(va));
       wgmma_fence();
-      ss_product<kQT, kD, kRows * 128, kQT * 128>(sc, dk0, sw128_desc(sq + st * Shape::kQTBytes));
-      ss_product<kQT, kDv, kRows * 128, kQT * 128>(dp, dv0, sw128_desc(sdo + st * Shape::kDoBytes));
+      ss_product<kQT, kD, kRows * 128, kQT * 128>(sc, ka, sw128_desc(sq + st * Shape::kQTBytes));
+      ss_product<kQT, kDv, kRows * 128, kQT * 128>(dp, va, sw128_desc(sdo + st * Shape::kDoBytes));
       wgmma_commit();
     };
     auto grads = [&](int it) {  // dV += Pᵀ dout, dK += dSᵀ Q
@@ -459,6 +482,7 @@ __global__ void __launch_bounds__(384, 1)
             sc[x] = ok ? p : 0.f;
             dp[x] = sc[x] * (dp[x] - (e ? dl.y : dl.x));
           }
+        if constexpr (kPipe) asm volatile("" ::: "memory");  // (the next loads no earlier: registers)
       }
     };
     auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
@@ -513,7 +537,10 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-template <int kD, int kDv>
+// kRegA: Q and dout of the warpgroup's 64 rows held as wgmma A fragments in registers (loaded
+// once), so that S and dP read only K and V from shared memory (qk 64 and 128; at 192 they do not
+// fit beside dQ).
+template <int kD, int kDv, bool kRegA>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
@@ -577,11 +604,22 @@ __global__ void __launch_bounds__(384, 1)
     float sc[kKeyTile / 2], dp[kKeyTile / 2];
     uint32_t dsf[kKeyTile / 16][4];
     auto full_wait = [&](int it) { mbar_wait(full + 8 * (it % kStages), uint32_t((it / kStages) & 1)); };
+    uint32_t qf[kRegA ? kD / 16 : 1][4], dof[kRegA ? kDv / 16 : 1][4];
     auto sdp = [&](int it) {  // S = Q Kᵀ, dP = dout Vᵀ
       const int st = it % kStages;
       wgmma_fence();
-      ss_product<kKeyTile, kD, kRows * 128, kKeyTile * 128>(sc, dq0, sw128_desc(sk + st * Shape::kKBytes));
-      ss_product<kKeyTile, kDv, kRows * 128, kKeyTile * 128>(dp, ddo0, sw128_desc(sv + st * Shape::kVBytes));
+      if constexpr (kRegA) {
+        const uint64_t kd = sw128_desc(sk + st * Shape::kKBytes), vd = sw128_desc(sv + st * Shape::kVBytes);
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+          wgmma_rs_kb<kKeyTile>(sc, qf[kk], kd + (kk / 4) * ((kKeyTile * 128) >> 4) + 2 * (kk % 4), kk != 0);
+#pragma unroll
+        for (int kk = 0; kk < kDv / 16; ++kk)
+          wgmma_rs_kb<kKeyTile>(dp, dof[kk], vd + (kk / 4) * ((kKeyTile * 128) >> 4) + 2 * (kk % 4), kk != 0);
+      } else {
+        ss_product<kKeyTile, kD, kRows * 128, kKeyTile * 128>(sc, dq0, sw128_desc(sk + st * Shape::kKBytes));
+        ss_product<kKeyTile, kDv, kRows * 128, kKeyTile * 128>(dp, ddo0, sw128_desc(sv + st * Shape::kVBytes));
+      }
       wgmma_commit();
     };
     auto grad = [&](int it) {  // dQ += dS K
@@ -606,6 +644,10 @@ __global__ void __launch_bounds__(384, 1)
     };
     auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
     mbar_wait(q_full, 0);
+    if constexpr (kRegA) {
+      load_a_frags<kD>(qf, sq, kRows * 128, cw * 64 + warp * 16, lane);
+      load_a_frags<kDv>(dof, sdo, kRows * 128, cw * 64 + warp * 16, lane);
+    }
     if (n_tiles > 0) {
       full_wait(0);
       sdp(0);
@@ -736,38 +778,37 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 // ---- host side
 
 using BwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
-// By head dims: the serial kernels (256 threads) and the warp-specialized ones (384); which runs:
-// FATHOM_FLASH_BACKWARD (below), by default the warp-specialized ones (bench/RESULTS.md).
+// By head dims: the serial kernels (256 threads; dK dV query tiles of qt) and the warp-specialized
+// ones (384; tiles of qt_ws: 48 at qk 128, where 64 spills in the pipelined kernel). Which run:
+// FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-specialized dK dV
+// kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading Q and dout from
+// shared memory; otherwise (ws, the default: the fastest on the H200, bench/RESULTS.md) the
+// warp-specialized, pipelined kernels with Q and dout in registers in the dQ kernel (qk <= 128).
 struct BwdVariant {
-  int d_qk, d_v, qt, dkdv_smem, dq_smem, dkdv_ws_smem;
-  BwdKernel dkdv, dq, dkdv_ws, dq_ws, dkdv_ws_serial;
+  int d_qk, d_v, qt, qt_ws, dkdv_smem, dq_smem, dkdv_ws_smem;
+  BwdKernel dkdv, dq, dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
 };
-template <int kD, int kDv, int kQT>
+template <int kD, int kDv, int kQT, int kQTWs>
 constexpr BwdVariant bwd_variant_of() {
   return {kD,
           kDv,
           kQT,
+          kQTWs,
           DkdvShape<kD, kDv, kQT>::kSmem,
           DqShape<kD, kDv>::kSmem,
-          DkdvWsShape<kD, kDv, kQT>::kSmem,
+          DkdvWsShape<kD, kDv, kQTWs>::kSmem,
           flash_bwd_dkdv_wgmma_kernel<kD, kDv, kQT>,
           flash_bwd_dq_wgmma_kernel<kD, kDv>,
-          flash_bwd_dkdv_ws_kernel<kD, kDv, kQT, true>,
-          flash_bwd_dq_ws_kernel<kD, kDv>,
-          flash_bwd_dkdv_ws_kernel<kD, kDv, kQT, false>};
+          flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, true>,
+          flash_bwd_dq_ws_kernel<kD, kDv, (kD <= 128)>,
+          flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, false>,
+          flash_bwd_dq_ws_kernel<kD, kDv, false>};
 }
-const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 64>(),
-                                   bwd_variant_of<192, 128, 32>()};
-// FATHOM_FLASH_BACKWARD: serial — the 256-thread kernels; ws-pipe — the warp-specialized kernels
-// with the dK dV kernel pipelined too (it spills at qk 128 and 192: slower on the H200);
-// otherwise (ws) the warp-specialized kernels, the dK dV one taking its tiles in order.
-bool bwd_warp_specialized() {
+const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64, 64>(), bwd_variant_of<128, 128, 64, 48>(),
+                                   bwd_variant_of<192, 128, 32, 32>()};
+bool bwd_form(const char* name) {
   const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
-  return !(e && !std::strcmp(e, "serial"));
-}
-bool bwd_dkdv_pipelined() {
-  const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
-  return e && !std::strcmp(e, "ws-pipe");
+  return e && !std::strcmp(e, name);
 }
 
 std::once_flag g_bwd_smem[kMaxDevices];
@@ -781,8 +822,9 @@ void allow_bwd_smem() {
       for (BwdKernel k : {v.dkdv_ws, v.dkdv_ws_serial})
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_ws_smem),
               "flash_attention_backward (shared memory of the dK dV kernel)");
-      check(cudaFuncSetAttribute(v.dq_ws, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
-            "flash_attention_backward (shared memory of the dQ kernel)");
+      for (BwdKernel k : {v.dq_ws, v.dq_ws_ss})
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
+              "flash_attention_backward (shared memory of the dQ kernel)");
     }
   });
 }
@@ -827,7 +869,11 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
   a.delta = delta;
   try {
     {
-      launch_kernel(flash_bwd_delta_kernel, dim3(unsigned(ceil_div(p.total_q * p.n_heads, 8))), dim3(256), 0, cs, a);
+      const bool vec = p.d_v % 8 == 0 && aligned16(p.out) && aligned16(g.dout) && p.out_token_stride % 8 == 0 &&
+                       p.out_head_stride % 8 == 0 && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0;
+      const int64_t rows_per_block = vec ? 32 : 8;
+      launch_kernel(vec ? flash_bwd_delta_kernel<true> : flash_bwd_delta_kernel<false>,
+                    dim3(unsigned(ceil_div(p.total_q * p.n_heads, rows_per_block))), dim3(256), 0, cs, a);
       check_launch("flash_bwd_delta_kernel");
     }
     if (!refusal) {
@@ -840,13 +886,14 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
       const CUtensorMap mv =
           flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kRows, "v");
       {
-        // dK dV: Q and dout in tiles of v->qt rows; K and V whole blocks of 128
+        // dK dV: Q and dout in tiles of qt rows; K and V whole blocks of 128
+        const bool ws = !bwd_form("serial");
+        const int qt = ws ? v->qt_ws : v->qt;
         const CUtensorMap mq =
-            flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v->qt), "q");
+            flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(qt), "q");
         const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
-                                               g.dout_token_stride, uint32_t(v->qt), "dout");
-        const bool ws = bwd_warp_specialized();
-        launch_kernel(ws ? (bwd_dkdv_pipelined() ? v->dkdv_ws : v->dkdv_ws_serial) : v->dkdv,
+                                               g.dout_token_stride, uint32_t(qt), "dout");
+        launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : v->dkdv,
                       dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
                       dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : v->dkdv_smem), cs, mq, mk, mv, mdo, a);
         check_launch("flash_bwd_dkdv_wgmma_kernel");
@@ -859,7 +906,7 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
         const CUtensorMap mv2 =
             flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
-        launch_kernel(ws ? v->dq_ws : v->dq,
+        launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : v->dq,
                       dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
                       dim3(ws ? 384 : 256), size_t(v->dq_smem), cs, mq2, mk2, mv2, mdo2, a);
         check_launch("flash_bwd_dq_wgmma_kernel");

@@ -5,10 +5,11 @@
 //
 // The Hopper kernel (fp8_gemm_wgmma_kernel, sm_90a), one (128 | 192 | 256) x 128 output tile per
 // block of two or three warpgroups:
-// - thread 0 issues the TMA copies (cp.async.bulk.tensor) of each 128-byte-wide K tile of A and
+// - one thread issues the TMA copies (cp.async.bulk.tensor) of each 128-byte-wide K tile of A and
 //   of B into a ring of shared-memory stages, 128-byte swizzled (the layout wgmma reads without
-//   bank conflicts); each copy completes on the stage's "full" mbarrier. It does so between its
-//   own wgmmas: a separate producer warp would cap every thread at 168 registers.
+//   bank conflicts); each copy completes on the stage's "full" mbarrier. With 256-row tiles that
+//   thread is a producer warpgroup of its own, whose registers setmaxnreg gives to the consumers
+//   (24 / 240: their 192 accumulators fit); otherwise thread 0 issues them between its wgmmas.
 // - each warpgroup owns 64-row slices of the tile: per K tile it waits on the stage's full
 //   barrier, issues four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory per slice,
 //   waits for them, and adds the slice's sums times sa[row, t] * sb[n / 128, t] into its fp32
@@ -53,9 +54,9 @@ struct WgmmaShape {
   static constexpr int kStages = (227 * 1024 - 2048) / kStageBytes > 6 ? 6 : (227 * 1024 - 2048) / kStageBytes;
   static constexpr int kSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 };
-// No producer warp: a ninth warp beside two warpgroups would leave each thread 168 registers (3
-// warps on one of the SM's four register files), not the ~240 a 256-row tile's 128 fp32
-// accumulators and 64 tensor-core ones need. Thread 0 issues the copies between its wgmmas instead.
+// A producer warpgroup beside two consumers leaves 168 registers a thread at the kernel's entry,
+// not the ~240 a 256-row tile's 128 fp32 accumulators and 64 tensor-core ones need: setmaxnreg
+// moves them (kProducer below). Without it, thread 0 issues the copies between its wgmmas.
 
 #ifdef FATHOM_SM90A
 // d (64 x 128 f32 over the warpgroup: 64 registers a thread) (+)= A (64 x 32) · B (128 x 32)ᵀ,
@@ -156,8 +157,11 @@ __device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (
 // "empty" barrier of each block. Clusters take their tiles in bands of 8 cluster rows, so that
 // the tiles in flight share A and B panels in L2 instead of sweeping all of B every wave.
 // Each consumer warpgroup computes kWaves slices of 64 rows, one after the other per K tile.
-template <int kCN, int kCM, int kWaves, int kWGs>
-__global__ void __launch_bounds__(128 * kWGs, 1)
+// kProducer (1x1 clusters only): a fourth warpgroup before the consumers issues every copy (one
+// thread), its registers given to the consumers by setmaxnreg (24 / 240), so that no consumer
+// branches to produce between its wgmmas.
+template <int kCN, int kCM, int kWaves, int kWGs, bool kProducer = false>
+__global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
     fp8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const Fp8GemmArgs p) {
 #ifdef FATHOM_SM90A
@@ -186,7 +190,8 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
   TileRows t = tile_rows(p, m0, int(blockIdx.z));
   if (Shape::kRows != kTile)
     t.rows = lmin(Shape::kRows, (p.layout == int(Fp8Layout::Masked) ? p.count[blockIdx.z] : p.M) - m0);
-  if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), Shape::kThreads);
+  static_assert(!kProducer || kCN * kCM == 1, "a producer warpgroup only without clusters");
+  if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), int(blockDim.x));
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);                // the producer's arrive, plus the copies' bytes
@@ -216,13 +221,13 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
     if (kCM > 1) tma_load_2d_multicast(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s, b_mask);
     else tma_load_2d(b_dst, &map_b, int(kt * kTile), b_row, full + 8 * s);
   };
-  if (threadIdx.x == 0)
+  if (!kProducer && threadIdx.x == 0)
     for (int64_t kt = 0; kt < lmin(kStages, p.Kt); ++kt) produce(kt);
-  {
-    // Values the same across a warp are made so visibly (__shfl_sync from lane 0), so that the
-    // compiler keeps them, and the wgmma descriptors made from them, in uniform registers: the
-    // loop between two batches of wgmmas is what keeps the tensor cores waiting.
-    const int c = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);  // rows 64 kWaves c .. of the tile
+  // Values the same across a warp are made so visibly (__shfl_sync from lane 0), so that the
+  // compiler keeps them, and the wgmma descriptors made from them, in uniform registers: the
+  // loop between two batches of wgmmas is what keeps the tensor cores waiting.
+  // c: the consumer warpgroup, rows 64 kWaves c .. of the tile.
+  auto consume = [&](const int c) {
     const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
     int r[kWaves], off0[kWaves], off1[kWaves];
     const int Kt = int(p.Kt);
@@ -263,7 +268,8 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
         // (the contrast sums all of K in acc: fresh only at the first tile)
         issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, kWaves > 1 || p.promote || kt == 0);
         // while these run: the stage the last K tile used (released by now, as a rule), refilled
-        if (w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < Kt) produce(kt - 1 + kStages);
+        if (!kProducer && w == kWaves - 1 && threadIdx.x == 0 && kt >= 1 && kt - 1 + kStages < Kt)
+          produce(kt - 1 + kStages);
         __syncwarp();
         if (kWaves == 1 && !p.promote) {  // the contrast: one accumulator over all of K
           wgmma_wait<0>();
@@ -282,6 +288,19 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
       for (int i = 0; i < 64; ++i) total[0][i] = acc[i] * ((i & 2) ? u1 : u0);
     }
     store_slices<false>(p, total, r, t.rows, t.row0, n0, t.g, lane);
+  };
+  const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
+  if constexpr (kProducer) {
+    if (wg == 0) {
+      setmaxnreg_dec<24>();
+      if (threadIdx.x == 0)
+        for (int64_t kt = 0; kt < p.Kt; ++kt) produce(kt);
+    } else {
+      setmaxnreg_inc<240>();
+      consume(wg - 1);
+    }
+  } else {
+    consume(wg);
   }
   // no block leaves while a peer may still arrive on its barriers
   if (kCluster > 1) cluster_sync();
@@ -422,6 +441,8 @@ const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
     {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
     {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
+const GridKernel kProducerKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true>, nullptr,
+                                        fp8_gemm_wgmma_kernel<1, 1, 2, 2, true>};  // [rows 128, -, 256]
 using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
 const PersistentKernel kPersistentKernels[3] = {fp8_gemm_wgmma_persistent_kernel<1, 2>,
                                                 fp8_gemm_wgmma_persistent_kernel<1, 3>,
@@ -434,6 +455,10 @@ void allow_wgmma_smem() {
     const int most = std::max({WgmmaShape<1, 2>::kSmem, WgmmaShape<1, 3>::kSmem, WgmmaShape<2, 2>::kSmem});
     for (const auto& by_rows : kGridKernels)
       for (const GridKernel k : by_rows)
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+              "fp8_gemm (shared memory of the wgmma kernel)");
+    for (const GridKernel k : kProducerKernels)
+      if (k)
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
               "fp8_gemm (shared memory of the wgmma kernel)");
     for (const PersistentKernel k : kPersistentKernels)
@@ -512,23 +537,29 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
                                           : "this device or build has no sm_90a kernel image");
   if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
     // No clusters (measured no faster on the H200: bench/RESULTS.md), tile rows by fp8_tile_rows.
-    // FATHOM_FP8_GEMM=ROWS,CLUSTER overrides them (benchmarks, tests): 128, 192 or 256 (2
-    // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2.
+    // FATHOM_FP8_GEMM=ROWS,CLUSTER[,FORM] overrides them (benchmarks, tests): 128, 192 or 256 (2
+    // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2; ",producer" adds the
+    // producer warpgroup (kProducer).
     int rows = fp8_tile_rows(p), cn = 1, cm = 1;
     // persistent (dense) where K is short: a tile's few K tiles do not hide filling the pipeline
     // (K 512: 363 -> 433 TFLOP/s); with many K tiles the grid of tiles measured faster (8192³:
     // 920 vs 858)
     bool persistent = p.layout == Fp8Layout::Dense && p.promote && ceil_div(p.K, kTile) <= 12;
+    // 256-row tiles with a producer warpgroup (8192³: 908 -> 942 TFLOP/s; M 4096 N 4096 K 7168:
+    // 900 -> 954 on the H200, bench/RESULTS.md)
+    int producer = -1;  // -1: by the tile rows (256); 0: none (",grid"); 1: asked for (",producer")
     if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
       std::string c = v, form;
-      for (const char* f : {",grid", ",persistent"})
+      for (const char* f : {",grid", ",persistent", ",producer"})
         if (c.size() > std::strlen(f) && c.compare(c.size() - std::strlen(f), std::strlen(f), f) == 0)
           form = f + 1, c.resize(c.size() - std::strlen(f));
       const std::string r = c.substr(0, c.find(',')), cl = c.find(',') == std::string::npos ? "" : c.substr(r.size() + 1);
       FATHOM_CHECK((r == "128" || r == "192" || r == "256") && (cl == "1x1" || cl == "2x1" || cl == "2x2"),
-                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent]: 128, 192 or 256, then 1x1, "
-                   "2x1 or 2x2, then a block per tile or the persistent dense kernel.");
+                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent|,producer]: 128, 192 or 256, "
+                   "then 1x1, 2x1 or 2x2, then a block per tile, the persistent dense kernel or a block per tile with "
+                   "a producer warpgroup (128 or 256 rows, 1x1).");
       if (!form.empty()) persistent = form == "persistent" && p.layout == Fp8Layout::Dense && p.promote;
+      producer = form == "producer" ? 1 : form == "grid" ? 0 : -1;
       persistent = persistent && cl == "1x1";
       rows = p.layout == Fp8Layout::Contiguous ? 128 : r == "192" ? 192 : r == "256" && p.promote ? 256 : 128;
       cn = cl[0] == '2' ? 2 : 1;
@@ -538,7 +569,8 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
-    const GridKernel kernel = kGridKernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
+    const bool with_producer = !persistent && cn == 1 && cm == 1 && ri != 1 && (producer == 1 || (producer < 0 && ri == 2));
+    const GridKernel kernel = with_producer ? kProducerKernels[ri] : kGridKernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
@@ -554,7 +586,7 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(unsigned(ceil_div(ceil_div(p.N, kTile), cn) * cn),
                           unsigned(ceil_div(ceil_div(p.M, rows), cm) * cm), gz);
-    config.blockDim = dim3(unsigned(threads));
+    config.blockDim = dim3(unsigned(threads + (with_producer ? 128 : 0)));
     config.dynamicSmemBytes = size_t(smem);
     config.stream = s;
     cudaLaunchAttribute attr[2];
