@@ -72,7 +72,7 @@ if [ "$sanitize" = 1 ]; then
   for tool in memcheck racecheck; do
     set +e
     timeout 300 "$cs" --tool $tool --error-exitcode 9 "$bin"/fathom_tests \
-      --gtest_filter="CudaFlashAttention.RaggedSelf*:CudaFlashAttention.ChunkedPrefill*" >"$log/$tool.log" 2>&1
+      --gtest_filter="CudaFlashAttention.RaggedSelf*:CudaFlashAttention.ChunkedPrefill*:CudaFlashAttention.BackwardMatchesTheCpu" >"$log/$tool.log" 2>&1
     rc=$?
     set -e
     src="$src $tool rc $rc"
@@ -141,6 +141,7 @@ if [ "$profile" = 1 ] && [ -n "$ncu_bin" ]; then
     grep -vE "^ *-+ *$|^ *$" "$log/prof$wgs.txt" | grep -vE "^fathom|^#|==PROF==|OPT|^          " | head -45
   done
 fi
+[ -n "${OUT:-}" ] && cp "$log"/*.log "$log"/*.txt "$OUT"/ 2>/dev/null || true  # the logs come back too
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" "$src" <<'PY' | tee "${OUT:-/tmp}/device-attention.txt"
 import sys
 fathom, peers = {}, {}

@@ -317,24 +317,28 @@ TEST_F(CudaFp8Gemm, GroupedLayoutsMatchTheCpu) {
   fp8_gemm_grouped_masked(wm.data(), qm.data(), sm.data(), max_m, experts, count.data());
   Tensor am = up(qm.data(), E * max_m * K, DType::F8_E4M3), asm_ = up(sm.data(), E * max_m * Kt, DType::F32);
   Tensor cnt = up(count.data(), E, DType::I32);
-  for (const Fp8GemmKernel k : kernels_) {
-    Tensor out = poison(E * max_m * N, DType::F32);
-    Fp8GemmParams p;
-    p.out = out.data(), p.out_dtype = DType::F32;
-    p.a = am.ptr<uint8_t>(), p.a_scale = asm_.f32(), p.b = b.ptr<uint8_t>(), p.b_scale = bs.f32();
-    p.M = max_m, p.N = N, p.K = K, p.groups = int(E), p.layout = Fp8Layout::Masked, p.count = cnt.ptr<int32_t>();
-    p.kernel = k;
-    run(p);
-    std::vector<float> got = down(out);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t r = count[size_t(e)]; r < max_m; ++r)
-        for (int64_t n = 0; n < N; ++n) {
-          const size_t i = size_t((e * max_m + r) * N + n);
-          ASSERT_TRUE(std::isnan(got[i])) << name(k) << ": expert " << e << " row " << r << " past its count was written";
-          got[i] = 0.f;
-        }
-    EXPECT_LE(test::rel_err(got.data(), wm.data(), wm.size()), bound(k, DType::F32)) << name(k) << " masked";
-  }
+  for (const Fp8GemmKernel k : kernels_)
+    for (const char* shape : {"", "128,1x1,producer", "256,1x1,producer", "256,1x1,grid"}) {
+      if (k == Fp8GemmKernel::Simt && *shape) continue;
+      ShapeOverride use(shape);
+      Tensor out = poison(E * max_m * N, DType::F32);
+      Fp8GemmParams p;
+      p.out = out.data(), p.out_dtype = DType::F32;
+      p.a = am.ptr<uint8_t>(), p.a_scale = asm_.f32(), p.b = b.ptr<uint8_t>(), p.b_scale = bs.f32();
+      p.M = max_m, p.N = N, p.K = K, p.groups = int(E), p.layout = Fp8Layout::Masked, p.count = cnt.ptr<int32_t>();
+      p.kernel = k;
+      run(p);
+      std::vector<float> got = down(out);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t r = count[size_t(e)]; r < max_m; ++r)
+          for (int64_t n = 0; n < N; ++n) {
+            const size_t i = size_t((e * max_m + r) * N + n);
+            ASSERT_TRUE(std::isnan(got[i])) << name(k) << ": expert " << e << " row " << r << " past its count was written";
+            got[i] = 0.f;
+          }
+      EXPECT_LE(test::rel_err(got.data(), wm.data(), wm.size()), bound(k, DType::F32))
+          << name(k) << " masked, FATHOM_FP8_GEMM " << shape;
+    }
 }
 
 TEST_F(CudaFp8Gemm, BadParametersAreErrors) {

@@ -29,6 +29,11 @@ struct FlashArgs {
   const uint16_t* dout;
   int64_t do_ts, do_hs;
   const float* delta;
+  // the dK dV kernel's per-query statistics (flash_bwd_stats_kernel): lse · log2 e, then D, each
+  // n_heads rows of stats_stride floats, a sequence's queries from stats_start(b) (16-byte
+  // aligned) followed by 64 entries of +inf and 0
+  const float* stats;
+  int64_t stats_stride;
   float* dq;
   float* dk;
   float* dv;
@@ -47,6 +52,10 @@ __device__ inline SeqSpan seq_span(const FlashArgs& a, int b) {
   s.lk = int(max(int64_t(0), min(int64_t(a.cu_k[b + 1]), a.total_k) - s.k0));
   return s;
 }
+
+// Where sequence b's queries start in the statistics rows: 68 entries a sequence apart (its queries,
+// then at least 64 of padding), rounded to 4 floats so that every tile of 16k queries is aligned.
+__host__ __device__ inline int64_t stats_start(int64_t q0, int b) { return (q0 + 68 * int64_t(b) + 3) & ~int64_t(3); }
 
 constexpr int kChunk = 64;  // bf16 columns in one 128-byte swizzled box
 

@@ -71,6 +71,20 @@ __global__ void flash_bwd_delta_kernel(const FlashArgs a) {
   if (in && lane == 0) const_cast<float*>(a.delta)[int64_t(h) * a.total_q + t] = acc;
 }
 
+// The dK dV kernel's statistics rows (FlashArgs::stats): for each head and sequence, query q's
+// lse · log2 e and D, and for the 64 places after the last query +inf and 0 — a query tile past
+// the sequence's end then gives P = exp2(s - inf) = 0 with no test. One thread per place.
+__global__ void flash_bwd_stats_kernel(const FlashArgs a, float* stats) {
+  pdl_wait();
+  const int h = int(blockIdx.y), b = int(blockIdx.z);
+  const SeqSpan s = seq_span(a, b);
+  const int q = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (q >= s.lq + 64) return;
+  const int64_t at = stats_start(s.q0, b) + q, src = int64_t(h) * a.total_q + s.q0 + q;
+  stats[int64_t(h) * a.stats_stride + at] = q < s.lq ? a.lse[src] * kLog2e : INFINITY;
+  stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = q < s.lq ? a.delta[src] : 0.f;
+}
+
 // ---- the Hopper kernels
 
 constexpr int kRows = 128;   // a block's keys (dK dV) or queries (dQ): two warpgroups of 64
@@ -352,9 +366,10 @@ __global__ void __launch_bounds__(256, 1)
 
 // ---- the warp-specialized, pipelined forms (the default on Hopper; FATHOM_FLASH_BACKWARD=serial
 // brings back the kernels above). A block of three warpgroups: warpgroup 0 produces — thread 0
-// issues the TMA copies, and (dK dV) warp 1 writes each query tile's log-sum-exp (·log2 e; +inf
-// past the sequence, so that those queries' P is 0 without a test) and D into the stage beside it
-// — with its registers given to the two consumers (setmaxnreg 24 / 240). Each consumer runs the
+// issues the TMA copies, for dK dV also each query tile's log-sum-exp (·log2 e; +inf past the
+// sequence, so that those queries' P is 0 without a test) and D, by bulk copies from the rows
+// flash_bwd_stats_kernel laid out — with its registers given to the two consumers (setmaxnreg
+// 24 / 240). Each consumer runs the
 // tiles as the forward does (FlashAttention 3's order): issue tile j's S and dP, issue tile j-1's
 // gradient products, wait for S and dP only, compute P and dS of tile j while the tensor cores
 // still multiply tile j-1, then wait for them and convert P and dS to bf16 fragments. No
@@ -391,11 +406,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
   const uint32_t sstat = sdo + kStages * Shape::kDoBytes;  // per stage: lse·log2 e [kQT], D [kQT]
   const uint32_t kv_full = sstat + kStages * Shape::kStatBytes, full = kv_full + 8, empty = full + 8 * kStages;
-  float* stat = reinterpret_cast<float*>(smem_raw + (sstat - smem_u32(smem_raw)));
+  const float* stat = reinterpret_cast<const float*>(smem_raw + (sstat - smem_u32(smem_raw)));
   const int tid = int(threadIdx.x);
   if (tid == 0) {
     mbar_init(kv_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 2), mbar_init(empty + 8 * i, 256);
+    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -409,25 +424,17 @@ __global__ void __launch_bounds__(384, 1)
       mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
       load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
       load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
+      const int64_t stats0 = stats_start(s.q0, b);
       for (int it = 0; it < n_it; ++it) {
-        const int st = it % kStages, row = int(s.q0 + tile_of(it));
+        const int st = it % kStages, h = head_of(it), qt = tile_of(it), row = int(s.q0 + qt);
         mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
-        mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes);
-        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, head_of(it), row, full + 8 * st);
-        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, head_of(it), row, full + 8 * st);
-      }
-    } else if (tid / 32 == 1) {
-      for (int it = 0; it < n_it; ++it) {
-        const int st = it % kStages, qt = tile_of(it);
-        mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
-        for (int j = lane; j < kQT; j += 32) {
-          const int q = qt + j;
-          const int64_t at = int64_t(head_of(it)) * a.total_q + s.q0 + q;
-          stat[st * 2 * kQT + j] = q < s.lq ? a.lse[at] * kLog2e : INFINITY;
-          stat[st * 2 * kQT + kQT + j] = q < s.lq ? a.delta[at] : 0.f;
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(full + 8 * st);
+        mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes + Shape::kStatBytes);
+        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
+        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
+        const float* lse2 = a.stats + int64_t(h) * a.stats_stride + stats0 + qt;
+        const uint32_t dst = sstat + st * Shape::kStatBytes;
+        bulk_load(dst, lse2, kQT * 4, full + 8 * st);
+        bulk_load(dst + kQT * 4, lse2 + int64_t(a.n_heads) * a.stats_stride, kQT * 4, full + 8 * st);
       }
     }
   } else {
@@ -864,9 +871,14 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
   a.dq = g.dq, a.dk = g.dk, a.dv = g.dv;
   float* delta = nullptr;
   const int64_t rows = std::max<int64_t>(1, p.total_q * p.n_heads);
-  check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows) * sizeof(float), cs),
+  // (+ the warp-specialized dK dV kernel's statistics rows: 2 n_heads rows of stats_stride)
+  a.stats_stride = (stats_start(p.total_q, p.batch) + 64 + 3) & ~int64_t(3);
+  const int64_t stats_floats = 2 * int64_t(p.n_heads) * a.stats_stride;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows + 4 + stats_floats) * sizeof(float), cs),
         "flash_attention_backward (work space)");
   a.delta = delta;
+  float* stats = delta + ((rows + 3) & ~int64_t(3));  // 16-byte aligned
+  a.stats = stats;
   try {
     {
       const bool vec = p.d_v % 8 == 0 && aligned16(p.out) && aligned16(g.dout) && p.out_token_stride % 8 == 0 &&
@@ -875,6 +887,12 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
       launch_kernel(vec ? flash_bwd_delta_kernel<true> : flash_bwd_delta_kernel<false>,
                     dim3(unsigned(ceil_div(p.total_q * p.n_heads, rows_per_block))), dim3(256), 0, cs, a);
       check_launch("flash_bwd_delta_kernel");
+    }
+    if (!refusal && !bwd_form("serial")) {
+      launch_kernel(flash_bwd_stats_kernel, dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 128)), unsigned(p.n_heads),
+                                                 unsigned(p.batch)),
+                    dim3(128), 0, cs, a, stats);
+      check_launch("flash_bwd_stats_kernel");
     }
     if (!refusal) {
       allow_bwd_smem();

@@ -64,6 +64,14 @@ __device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0,
       : "memory");
 }
 
+// `bytes` contiguous bytes from global memory into shared memory by the copy engine (no tensor
+// map), completing on bar; src, dst and bytes multiples of 16.
+__device__ inline void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
 // The same copy delivered to the same shared-memory offset (and mbarrier offset) of every CTA of
 // the cluster in cta_mask: one L2 read feeds several blocks.
 __device__ inline void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
