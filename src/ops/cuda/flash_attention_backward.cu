@@ -13,10 +13,11 @@
 // - dQ: a block owns 128 queries of one head (64 per consumer warpgroup) and sweeps the key tiles:
 //   S = Q Kᵀ, dP = dout Vᵀ, dS, then dQ += dS K (K N-major).
 // The two recompute S and dP each (7 products in all instead of 5), the price of no atomics.
-// Each comes in two forms: flash_bwd_*_wgmma_kernel (two warpgroups, thread 0 issuing the TMA
-// copies between its products, each tile's steps in order) and flash_bwd_*_ws_kernel (a producer
-// warpgroup and two pipelined consumers: see the comment above them; the default). SIMT kernels
-// (one warp per row) are the fallback for other GPUs and shapes.
+// Each comes in two forms: flash_bwd_*_ws_kernel here (a producer warpgroup and two pipelined
+// consumers: see the comment above them; the default) and flash_bwd_*_wgmma_kernel in
+// flash_attention_backward_serial.cu (two warpgroups, thread 0 issuing the TMA copies between its
+// products, each tile's steps in order). What they share: flash_attention_backward.cuh. SIMT
+// kernels (one warp per row) are the fallback for other GPUs and shapes.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -31,12 +32,11 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/flash_attention.cuh"
+#include "ops/cuda/flash_attention_backward.cuh"
 #include "ops/cuda/hopper.cuh"
 
 namespace fathom::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 // D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head); or, when rows are whole
 // 16-byte units (kVec), 8 lanes per (token, head) with 16-byte loads.
@@ -85,285 +85,6 @@ __global__ void flash_bwd_stats_kernel(const FlashArgs a, float* stats) {
   stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = q < s.lq ? a.delta[src] : 0.f;
 }
 
-// ---- the Hopper kernels
-
-constexpr int kRows = 128;   // a block's keys (dK dV) or queries (dQ): two warpgroups of 64
-constexpr int kKeyTile = 64;  // keys of a tile in the dQ kernel
-
-template <int kD, int kDv, int kQT>
-struct DkdvShape {
-  static constexpr int kKBytes = kRows * kD * 2, kVBytes = kRows * kDv * 2;
-  static constexpr int kQTBytes = kQT * kD * 2, kDoBytes = kQT * kDv * 2;
-  static constexpr int kFit = (227 * 1024 - 2048 - kKBytes - kVBytes) / (kQTBytes + kDoBytes);
-  static constexpr int kStages = kFit > 4 ? 4 : kFit;
-  static constexpr int kSmem = kKBytes + kVBytes + kStages * (kQTBytes + kDoBytes) + 1024 + 256;
-  static_assert(kStages >= 2, "two stages of Q and dout must fit");
-};
-template <int kD, int kDv>
-struct DqShape {
-  static constexpr int kQBytes = kRows * kD * 2, kDoBytes = kRows * kDv * 2;
-  static constexpr int kKBytes = kKeyTile * kD * 2, kVBytes = kKeyTile * kDv * 2;
-  static constexpr int kFit = (227 * 1024 - 2048 - kQBytes - kDoBytes) / (kKBytes + kVBytes);
-  static constexpr int kStages = kFit > 4 ? 4 : kFit;
-  static constexpr int kSmem = kQBytes + kDoBytes + kStages * (kKBytes + kVBytes) + 1024 + 256;
-  static_assert(kStages >= 2, "two stages of K and V must fit");
-};
-
-#ifdef FATHOM_SM90A
-// P (or dS) in bf16 as wgmma A fragments, 16 columns a k-step (see the forward's pack_p).
-template <int kN>
-__device__ __forceinline__ void pack_frags(uint32_t (&f)[kN / 16][4], const float (&x)[kN / 2]) {
-#pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) f[kk][j] = pack_bf16(x[8 * kk + 2 * j], x[8 * kk + 2 * j + 1]);
-}
-// acc (64 x kN) (+)= A (64 x kK, shared memory, K-major, 64-column chunks kAChunk bytes apart) ·
-// B (kN x kK, K-major, chunks kBChunk bytes apart)ᵀ
-template <int kN, int kK, int kAChunk, int kBChunk>
-__device__ __forceinline__ void ss_product(float (&acc)[kN / 2], uint64_t da, uint64_t db) {
-#pragma unroll
-  for (int c = 0; c < kK / kChunk; ++c)
-#pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk)
-      wgmma_ss<kN>(acc, da + c * (kAChunk >> 4) + 2 * kk, db + c * (kBChunk >> 4) + 2 * kk, (c | kk) != 0);
-}
-// acc (64 x kN) += F (64 x kK, fragments) · B (kK x kN, shared memory, N-major: 16 rows 2 KB)
-template <int kN, int kK>
-__device__ __forceinline__ void rs_product(float (&acc)[kN / 2], const uint32_t (&f)[kK / 16][4], uint64_t db) {
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) wgmma_rs_tb<kN>(acc, f[kk], db + kk * (2048 >> 4), 1);
-}
-// The keys' gradients of a thread (rows key0 and key0 + 8): dK with the scale of the scores.
-template <int kD, int kDv>
-__device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpan& s, int kvh, int key0, int lane,
-                                                const float (&dk)[kD / 2], const float (&dv)[kDv / 2]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key >= s.lk) continue;
-    const int64_t row = (s.k0 + key) * int64_t(a.n_heads / a.group) + kvh;
-    float* gk = a.dk + row * kD + 2 * (lane % 4);
-    float* gv = a.dv + row * kDv + 2 * (lane % 4);
-#pragma unroll
-    for (int i = 0; i < kD / 8; ++i)
-      *reinterpret_cast<float2*>(gk + 8 * i) = make_float2(dk[4 * i + 2 * r] * a.scale, dk[4 * i + 2 * r + 1] * a.scale);
-#pragma unroll
-    for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
-  }
-}
-// The queries' gradient of a thread (rows r0 and r0 + 8), with the scale of the scores.
-template <int kD>
-__device__ __forceinline__ void store_query_grads(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
-                                                  const float (&dq)[kD / 2]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r0 + 8 * r;
-    if (row >= s.lq) continue;
-    float* g = a.dq + ((s.q0 + row) * a.n_heads + h) * int64_t(kD) + 2 * (lane % 4);
-#pragma unroll
-    for (int i = 0; i < kD / 8; ++i)
-      *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
-  }
-}
-#endif
-
-// dK, dV of 128 keys (blockIdx.y) of KV head blockIdx.x in sequence blockIdx.z; query tiles of kQT.
-template <int kD, int kDv, int kQT>
-__global__ void __launch_bounds__(256, 1)
-    flash_bwd_dkdv_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                                const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                                const FlashArgs a) {
-#ifdef FATHOM_SM90A
-  using Shape = DkdvShape<kD, kDv, kQT>;
-  constexpr int kStages = Shape::kStages;
-  pdl_wait();
-  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
-  const SeqSpan s = seq_span(a, b);
-  if (kb * kRows >= s.lk) return;
-  const int diag = s.lk - s.lq;
-  // the query tiles: from the first that sees the block's first key (causal) to the last
-  const int n_qt = (s.lq + kQT - 1) / kQT;
-  const int first_q = a.causal ? max(0, kb * kRows - diag) : 0;
-  const int i0 = first_q >= s.lq ? n_qt : first_q / kQT, per_head = n_qt - i0, n_it = a.group * per_head;
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t sk = (smem_u32(smem_raw) + 1023u) & ~1023u, sv = sk + Shape::kKBytes;
-  const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
-  const uint32_t kv_full = sdo + kStages * Shape::kDoBytes, full = kv_full + 8, empty = full + 8 * kStages;
-  const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-  auto produce = [&](int it) {
-    const int st = it % kStages, h = kvh * a.group + it / per_head, row = int(s.q0 + int64_t(i0 + it % per_head) * kQT);
-    mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
-    mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes);
-    load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
-    load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
-  };
-  if (tid == 0) {
-    const int key_row = int(s.k0 + int64_t(kb) * kRows);
-    mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-    load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
-    load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
-    for (int it = 0; it < min(kStages, n_it); ++it) produce(it);
-  }
-  const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
-  const int key0 = kb * kRows + wg * 64 + warp * 16 + lane / 4;  // this thread's keys key0, key0 + 8
-  float dk[kD / 2], dv[kDv / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < kDv / 2; ++i) dv[i] = 0.f;
-  const uint64_t dk0 = sw128_desc(sk + wg * 64 * 128), dv0 = sw128_desc(sv + wg * 64 * 128);
-  mbar_wait(kv_full, 0);
-  for (int it = 0; it < n_it; ++it) {
-    const int st = it % kStages, h = kvh * a.group + it / per_head, qt = (i0 + it % per_head) * kQT;
-    mbar_wait(full + 8 * st, uint32_t((it / kStages) & 1));
-    const uint32_t q_st = sq + st * Shape::kQTBytes, do_st = sdo + st * Shape::kDoBytes;
-    float sc[kQT / 2], dp[kQT / 2];
-    wgmma_fence();
-    ss_product<kQT, kD, kRows * 128, kQT * 128>(sc, dk0, sw128_desc(q_st));    // Sᵀ = K Qᵀ
-    ss_product<kQT, kDv, kRows * 128, kQT * 128>(dp, dv0, sw128_desc(do_st));  // dPᵀ = V doutᵀ
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sc), fence_regs(dp);
-    // Pᵀ and dSᵀ: this thread's columns are queries qt + 8 n + 2 (lane % 4) + {0, 1}
-#pragma unroll
-    for (int n = 0; n < kQT / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int q = qt + 8 * n + 2 * (lane % 4) + e;
-        const bool in = q < s.lq;
-        const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? q : 0);
-        const float lse2 = in ? a.lse[at] * kLog2e : 0.f, delta = in ? a.delta[at] : 0.f;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int key = key0 + 8 * r, x = 4 * n + 2 * r + e;
-          const bool ok = in && key < s.lk && (!a.causal || key <= q + diag);
-          const float p = ok ? fast_exp2(fmaf(sc[x], a.scale_log2, -lse2)) : 0.f;
-          sc[x] = p;
-          dp[x] = p * (dp[x] - delta);
-        }
-      }
-    uint32_t pf[kQT / 16][4], dsf[kQT / 16][4];
-    pack_frags<kQT>(pf, sc);
-    pack_frags<kQT>(dsf, dp);
-    fence_regs(dk), fence_regs(dv), fence_regs(pf), fence_regs(dsf);
-    wgmma_fence();
-    rs_product<kDv, kQT>(dv, pf, sw128_desc_mn(do_st, kQT * 128));  // dV += Pᵀ dout
-    rs_product<kD, kQT>(dk, dsf, sw128_desc_mn(q_st, kQT * 128));   // dK += dSᵀ Q
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(dk), fence_regs(dv);
-    mbar_arrive(empty + 8 * st);
-    if (tid == 0 && it - 1 + kStages < n_it && it >= 1) produce(it - 1 + kStages);
-  }
-  store_key_grads<kD, kDv>(a, s, kvh, key0, lane, dk, dv);
-#else
-  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
-  __trap();
-#endif
-}
-
-// dQ of 128 queries (blockIdx.y, longest first) of head blockIdx.x in sequence blockIdx.z.
-template <int kD, int kDv>
-__global__ void __launch_bounds__(256, 1)
-    flash_bwd_dq_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                              const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                              const FlashArgs a) {
-#ifdef FATHOM_SM90A
-  using Shape = DqShape<kD, kDv>;
-  constexpr int kStages = Shape::kStages;
-  pdl_wait();
-  const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
-  const SeqSpan s = seq_span(a, b);
-  if (m_block * kRows >= s.lq) return;
-  const int diag = s.lk - s.lq, kvh = h / a.group;
-  int n_tiles = (s.lk + kKeyTile - 1) / kKeyTile;
-  if (a.causal) {
-    const int last_key = min(m_block * kRows + kRows - 1, s.lq - 1) + diag;
-    n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / kKeyTile + 1);
-  }
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sdo = sq + Shape::kQBytes;
-  const uint32_t sk = sdo + Shape::kDoBytes, sv = sk + kStages * Shape::kKBytes;
-  const uint32_t q_full = sv + kStages * Shape::kVBytes, full = q_full + 8, empty = full + 8 * kStages;
-  const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(q_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-  auto produce = [&](int it) {
-    const int st = it % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
-    mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
-    mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
-    load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, &map_k, kvh, row, full + 8 * st);
-    load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, &map_v, kvh, row, full + 8 * st);
-  };
-  if (tid == 0) {
-    const int row = int(s.q0 + int64_t(m_block) * kRows);
-    mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
-    load_head_rows<kD, kRows>(sq, &map_q, h, row, q_full);
-    load_head_rows<kDv, kRows>(sdo, &map_do, h, row, q_full);
-    for (int it = 0; it < min(kStages, n_tiles); ++it) produce(it);
-  }
-  const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
-  const int r0 = m_block * kRows + wg * 64 + warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8
-  float lse2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool in = r0 + 8 * r < s.lq;
-    const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? r0 + 8 * r : 0);
-    lse2[r] = in ? a.lse[at] * kLog2e : 0.f;
-    delta[r] = in ? a.delta[at] : 0.f;
-  }
-  float dq[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
-  const uint64_t dq0 = sw128_desc(sq + wg * 64 * 128), ddo0 = sw128_desc(sdo + wg * 64 * 128);
-  mbar_wait(q_full, 0);
-  for (int it = 0; it < n_tiles; ++it) {
-    const int st = it % kStages, j = n_tiles - 1 - it;
-    mbar_wait(full + 8 * st, uint32_t((it / kStages) & 1));
-    const uint32_t k_st = sk + st * Shape::kKBytes, v_st = sv + st * Shape::kVBytes;
-    float sc[kKeyTile / 2], dp[kKeyTile / 2];
-    wgmma_fence();
-    ss_product<kKeyTile, kD, kRows * 128, kKeyTile * 128>(sc, dq0, sw128_desc(k_st));     // S = Q Kᵀ
-    ss_product<kKeyTile, kDv, kRows * 128, kKeyTile * 128>(dp, ddo0, sw128_desc(v_st));  // dP = dout Vᵀ
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sc), fence_regs(dp);
-#pragma unroll
-    for (int x = 0; x < kKeyTile / 2; ++x) {
-      const int r = (x >> 1) & 1, key = j * kKeyTile + 8 * (x / 4) + 2 * (lane % 4) + (x & 1), row = r0 + 8 * r;
-      const bool ok = key < s.lk && (!a.causal || key <= row + diag);
-      const float p = ok ? fast_exp2(fmaf(sc[x], a.scale_log2, -lse2[r])) : 0.f;
-      dp[x] = p * (dp[x] - delta[r]);
-    }
-    uint32_t dsf[kKeyTile / 16][4];
-    pack_frags<kKeyTile>(dsf, dp);
-    fence_regs(dq), fence_regs(dsf);
-    wgmma_fence();
-    rs_product<kD, kKeyTile>(dq, dsf, sw128_desc_mn(k_st, kKeyTile * 128));  // dQ += dS K
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(dq);
-    mbar_arrive(empty + 8 * st);
-    if (tid == 0 && it >= 1 && it - 1 + kStages < n_tiles) produce(it - 1 + kStages);
-  }
-  store_query_grads<kD>(a, s, h, r0, lane, dq);
-#else
-  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
-  __trap();
-#endif
-}
-
 // ---- the warp-specialized, pipelined forms (the default on Hopper; FATHOM_FLASH_BACKWARD=serial
 // brings back the kernels above). A block of three warpgroups: warpgroup 0 produces — thread 0
 // issues the TMA copies, for dK dV also each query tile's log-sum-exp (·log2 e; +inf past the
@@ -398,9 +119,8 @@ __global__ void __launch_bounds__(384, 1)
   const SeqSpan s = seq_span(a, b);
   if (kb * kRows >= s.lk) return;
   const int diag = s.lk - s.lq;
-  const int n_qt = (s.lq + kQT - 1) / kQT;
-  const int first_q = a.causal ? max(0, kb * kRows - diag) : 0;
-  const int i0 = first_q >= s.lq ? n_qt : first_q / kQT, per_head = n_qt - i0, n_it = a.group * per_head;
+  const QueryTiles tiles = dkdv_query_tiles<kQT>(a, s, kb);
+  const int i0 = tiles.i0, per_head = tiles.per_head, n_it = tiles.n_it;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sk = (smem_u32(smem_raw) + 1023u) & ~1023u, sv = sk + Shape::kKBytes;
   const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
@@ -559,12 +279,7 @@ __global__ void __launch_bounds__(384, 1)
   const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
   const SeqSpan s = seq_span(a, b);
   if (m_block * kRows >= s.lq) return;
-  const int diag = s.lk - s.lq, kvh = h / a.group;
-  int n_tiles = (s.lk + kKeyTile - 1) / kKeyTile;
-  if (a.causal) {
-    const int last_key = min(m_block * kRows + kRows - 1, s.lq - 1) + diag;
-    n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / kKeyTile + 1);
-  }
+  const int diag = s.lk - s.lq, kvh = h / a.group, n_tiles = dq_key_tiles(a, s, m_block);
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sdo = sq + Shape::kQBytes;
   const uint32_t sk = sdo + Shape::kDoBytes, sv = sk + kStages * Shape::kKBytes;
@@ -784,35 +499,31 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 
 // ---- host side
 
-using BwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
-// By head dims: the serial kernels (256 threads; dK dV query tiles of qt) and the warp-specialized
-// ones (384; tiles of qt_ws: 48 at qk 128, where 64 spills in the pipelined kernel). Which run:
-// FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-specialized dK dV
-// kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading Q and dout from
-// shared memory; otherwise (ws, the default: the fastest on the H200, bench/RESULTS.md) the
-// warp-specialized, pipelined kernels with Q and dout in registers in the dQ kernel (qk <= 128).
+// By head dims: the warp-specialized kernels (384 threads; dK dV query tiles of qt_ws: 48 at
+// qk 128, where 64 spills in the pipelined kernel) — the serial ones: flash_bwd_serial_kernels.
+// Which run: FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-
+// specialized dK dV kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading
+// Q and dout from shared memory; otherwise (ws, the default: the fastest on the H200,
+// bench/RESULTS.md) the warp-specialized, pipelined kernels with Q and dout in registers in the dQ
+// kernel (qk <= 128).
 struct BwdVariant {
-  int d_qk, d_v, qt, qt_ws, dkdv_smem, dq_smem, dkdv_ws_smem;
-  BwdKernel dkdv, dq, dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
+  int d_qk, d_v, qt_ws, dq_smem, dkdv_ws_smem;
+  BwdKernel dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
 };
-template <int kD, int kDv, int kQT, int kQTWs>
+template <int kD, int kDv, int kQTWs>
 constexpr BwdVariant bwd_variant_of() {
   return {kD,
           kDv,
-          kQT,
           kQTWs,
-          DkdvShape<kD, kDv, kQT>::kSmem,
           DqShape<kD, kDv>::kSmem,
           DkdvWsShape<kD, kDv, kQTWs>::kSmem,
-          flash_bwd_dkdv_wgmma_kernel<kD, kDv, kQT>,
-          flash_bwd_dq_wgmma_kernel<kD, kDv>,
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, true>,
           flash_bwd_dq_ws_kernel<kD, kDv, (kD <= 128)>,
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, false>,
           flash_bwd_dq_ws_kernel<kD, kDv, false>};
 }
-const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64, 64>(), bwd_variant_of<128, 128, 64, 48>(),
-                                   bwd_variant_of<192, 128, 32, 32>()};
+const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 48>(),
+                                   bwd_variant_of<192, 128, 32>()};
 bool bwd_form(const char* name) {
   const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
   return e && !std::strcmp(e, name);
@@ -822,9 +533,10 @@ std::once_flag g_bwd_smem[kMaxDevices];
 void allow_bwd_smem() {
   once_per_device(g_bwd_smem, [] {
     for (const BwdVariant& v : kBwdVariants) {
-      check(cudaFuncSetAttribute(v.dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_smem),
+      const SerialBwdKernels serial = flash_bwd_serial_kernels(v.d_qk, v.d_v);
+      check(cudaFuncSetAttribute(serial.dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, serial.dkdv_smem),
             "flash_attention_backward (shared memory of the dK dV kernel)");
-      check(cudaFuncSetAttribute(v.dq, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
+      check(cudaFuncSetAttribute(serial.dq, cudaFuncAttributeMaxDynamicSharedMemorySize, serial.dq_smem),
             "flash_attention_backward (shared memory of the dQ kernel)");
       for (BwdKernel k : {v.dkdv_ws, v.dkdv_ws_serial})
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dkdv_ws_smem),
@@ -906,14 +618,15 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
       {
         // dK dV: Q and dout in tiles of qt rows; K and V whole blocks of 128
         const bool ws = !bwd_form("serial");
-        const int qt = ws ? v->qt_ws : v->qt;
+        const SerialBwdKernels serial = flash_bwd_serial_kernels(p.d_qk, p.d_v);
+        const int qt = ws ? v->qt_ws : serial.qt;
         const CUtensorMap mq =
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(qt), "q");
         const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
                                                g.dout_token_stride, uint32_t(qt), "dout");
-        launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : v->dkdv,
+        launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : serial.dkdv,
                       dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
-                      dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : v->dkdv_smem), cs, mq, mk, mv, mdo, a);
+                      dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : serial.dkdv_smem), cs, mq, mk, mv, mdo, a);
         check_launch("flash_bwd_dkdv_wgmma_kernel");
         // dQ: Q and dout whole blocks of 128; K and V in tiles of 64
         const CUtensorMap mq2 =
@@ -924,9 +637,9 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
         const CUtensorMap mv2 =
             flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
-        launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : v->dq,
+        launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : serial.dq,
                       dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
-                      dim3(ws ? 384 : 256), size_t(v->dq_smem), cs, mq2, mk2, mv2, mdo2, a);
+                      dim3(ws ? 384 : 256), size_t(ws ? v->dq_smem : serial.dq_smem), cs, mq2, mk2, mv2, mdo2, a);
         check_launch("flash_bwd_dq_wgmma_kernel");
       }
     } else {

@@ -1,0 +1,129 @@
+// What the flash attention backward's Hopper kernels share (flash_attention_backward.cu: the
+// warp-specialized kernels and the host side; flash_attention_backward_serial.cu: the serial
+// kernels): block shapes, the wgmma product chains, the gradient stores, the tile ranges.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "ops/cuda/flash_attention.cuh"
+
+namespace fathom::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+constexpr int kRows = 128;   // a block's keys (dK dV) or queries (dQ): two warpgroups of 64
+constexpr int kKeyTile = 64;  // keys of a tile in the dQ kernel
+
+template <int kD, int kDv, int kQT>
+struct DkdvShape {
+  static constexpr int kKBytes = kRows * kD * 2, kVBytes = kRows * kDv * 2;
+  static constexpr int kQTBytes = kQT * kD * 2, kDoBytes = kQT * kDv * 2;
+  static constexpr int kFit = (227 * 1024 - 2048 - kKBytes - kVBytes) / (kQTBytes + kDoBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kKBytes + kVBytes + kStages * (kQTBytes + kDoBytes) + 1024 + 256;
+  static_assert(kStages >= 2, "two stages of Q and dout must fit");
+};
+template <int kD, int kDv>
+struct DqShape {
+  static constexpr int kQBytes = kRows * kD * 2, kDoBytes = kRows * kDv * 2;
+  static constexpr int kKBytes = kKeyTile * kD * 2, kVBytes = kKeyTile * kDv * 2;
+  static constexpr int kFit = (227 * 1024 - 2048 - kQBytes - kDoBytes) / (kKBytes + kVBytes);
+  static constexpr int kStages = kFit > 4 ? 4 : kFit;
+  static constexpr int kSmem = kQBytes + kDoBytes + kStages * (kKBytes + kVBytes) + 1024 + 256;
+  static_assert(kStages >= 2, "two stages of K and V must fit");
+};
+
+#ifdef FATHOM_SM90A
+// P (or dS) in bf16 as wgmma A fragments, 16 columns a k-step (see the forward's pack_p).
+template <int kN>
+__device__ __forceinline__ void pack_frags(uint32_t (&f)[kN / 16][4], const float (&x)[kN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[kk][j] = pack_bf16(x[8 * kk + 2 * j], x[8 * kk + 2 * j + 1]);
+}
+// acc (64 x kN) (+)= A (64 x kK, shared memory, K-major, 64-column chunks kAChunk bytes apart) ·
+// B (kN x kK, K-major, chunks kBChunk bytes apart)ᵀ
+template <int kN, int kK, int kAChunk, int kBChunk>
+__device__ __forceinline__ void ss_product(float (&acc)[kN / 2], uint64_t da, uint64_t db) {
+#pragma unroll
+  for (int c = 0; c < kK / kChunk; ++c)
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk)
+      wgmma_ss<kN>(acc, da + c * (kAChunk >> 4) + 2 * kk, db + c * (kBChunk >> 4) + 2 * kk, (c | kk) != 0);
+}
+// acc (64 x kN) += F (64 x kK, fragments) · B (kK x kN, shared memory, N-major: 16 rows 2 KB)
+template <int kN, int kK>
+__device__ __forceinline__ void rs_product(float (&acc)[kN / 2], const uint32_t (&f)[kK / 16][4], uint64_t db) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) wgmma_rs_tb<kN>(acc, f[kk], db + kk * (2048 >> 4), 1);
+}
+// The keys' gradients of a thread (rows key0 and key0 + 8): dK with the scale of the scores.
+template <int kD, int kDv>
+__device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpan& s, int kvh, int key0, int lane,
+                                                const float (&dk)[kD / 2], const float (&dv)[kDv / 2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key >= s.lk) continue;
+    const int64_t row = (s.k0 + key) * int64_t(a.n_heads / a.group) + kvh;
+    float* gk = a.dk + row * kD + 2 * (lane % 4);
+    float* gv = a.dv + row * kDv + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(gk + 8 * i) = make_float2(dk[4 * i + 2 * r] * a.scale, dk[4 * i + 2 * r + 1] * a.scale);
+#pragma unroll
+    for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
+  }
+}
+// The queries' gradient of a thread (rows r0 and r0 + 8), with the scale of the scores.
+template <int kD>
+__device__ __forceinline__ void store_query_grads(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
+                                                  const float (&dq)[kD / 2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r;
+    if (row >= s.lq) continue;
+    float* g = a.dq + ((s.q0 + row) * a.n_heads + h) * int64_t(kD) + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i)
+      *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
+  }
+}
+#endif
+
+// The query tiles (of kQT) a dK dV block of 128 keys (block kb) sweeps for each query head: from
+// the first that sees the block's first key (causal) to the sequence's last; n_it over the group.
+struct QueryTiles {
+  int i0, per_head, n_it;
+};
+template <int kQT>
+__device__ inline QueryTiles dkdv_query_tiles(const FlashArgs& a, const SeqSpan& s, int kb) {
+  const int diag = s.lk - s.lq, n_qt = (s.lq + kQT - 1) / kQT;
+  const int first_q = a.causal ? max(0, kb * kRows - diag) : 0;
+  const int i0 = first_q >= s.lq ? n_qt : first_q / kQT, per_head = n_qt - i0;
+  return {i0, per_head, a.group * per_head};
+}
+// The key tiles (of kKeyTile) a dQ block of 128 queries (block m_block) sweeps: all, or causally
+// those up to its last query's diagonal.
+__device__ inline int dq_key_tiles(const FlashArgs& a, const SeqSpan& s, int m_block) {
+  int n = (s.lk + kKeyTile - 1) / kKeyTile;
+  if (a.causal) {
+    const int last_key = min(m_block * kRows + kRows - 1, s.lq - 1) + s.lk - s.lq;
+    n = last_key < 0 ? 0 : min(n, last_key / kKeyTile + 1);
+  }
+  return n;
+}
+
+// The serial kernels (flash_attention_backward_serial.cu) for head dims (d_qk, d_v) and query tiles
+// of qt in the dK dV kernel — (64, 64, 64), (128, 128, 64), (192, 128, 32) — null otherwise; their
+// dynamic shared memory, once raised, in *_smem.
+using BwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const FlashArgs);
+struct SerialBwdKernels {
+  BwdKernel dkdv = nullptr, dq = nullptr;
+  int dkdv_smem = 0, dq_smem = 0, qt = 0;
+};
+SerialBwdKernels flash_bwd_serial_kernels(int d_qk, int d_v);
+
+}  // namespace fathom::cuda
