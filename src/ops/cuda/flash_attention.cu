@@ -160,6 +160,33 @@ __device__ __forceinline__ void rescale(float (&o)[kDv / 2], const float (&corr)
     for (int r = 0; r < 2; ++r) o[4 * i + 2 * r] *= corr[r], o[4 * i + 2 * r + 1] *= corr[r];
 }
 
+// The forward's shared memory: the query tile, the rings of K and V stages (128-byte swizzled:
+// 1024-byte aligned), and their mbarriers — full: one arrival and the copies' bytes; empty: one
+// arrival per consumer thread — which thread 0 initializes (the caller syncs the block after).
+struct FwdSmem {
+  uint32_t sq, sk, sv, q_full, k_full, v_full, k_empty, v_empty;
+};
+template <class Shape>
+__device__ inline FwdSmem fwd_smem(uint8_t* raw, int consumers) {
+  constexpr int kStages = Shape::kStages;
+  FwdSmem m;
+  m.sq = (smem_u32(raw) + 1023u) & ~1023u;
+  m.sk = m.sq + Shape::kQBytes, m.sv = m.sk + kStages * Shape::kKBytes;
+  m.q_full = m.sv + kStages * Shape::kVBytes, m.k_full = m.q_full + 8, m.v_full = m.k_full + 8 * kStages;
+  m.k_empty = m.v_full + 8 * kStages, m.v_empty = m.k_empty + 8 * kStages;
+  if (threadIdx.x == 0) {
+    mbar_init(m.q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(m.k_full + 8 * i, 1);
+      mbar_init(m.v_full + 8 * i, 1);
+      mbar_init(m.k_empty + 8 * i, uint32_t(consumers));
+      mbar_init(m.v_empty + 8 * i, uint32_t(consumers));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  return m;
+}
+
 // out = O / l in bf16 (a thread's rows r0 and r0 + 8), and the log-sum-exp scale · m + ln l.
 template <int kDv>
 __device__ __forceinline__ void store_output(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
@@ -200,21 +227,11 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
   if (m_block * kBlockM >= s.lq) return;
   const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned
-  const uint32_t sk = sq + Shape::kQBytes, sv = sk + kStages * Shape::kKBytes;
-  const uint32_t q_full = sv + kStages * Shape::kVBytes, k_full = q_full + 8, v_full = k_full + 8 * kStages;
-  const uint32_t k_empty = v_full + 8 * kStages, v_empty = k_empty + 8 * kStages;
+  // every consumer thread arrives on the empty barriers (no divergent path near wgmmas)
+  const FwdSmem m = fwd_smem<Shape>(smem_raw, kThreads);
+  const uint32_t sq = m.sq, sk = m.sk, sv = m.sv, q_full = m.q_full, k_full = m.k_full, v_full = m.v_full;
+  const uint32_t k_empty = m.k_empty, v_empty = m.v_empty;
   const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(q_full, 1);
-    for (int i = 0; i < kStages; ++i) {
-      mbar_init(k_full + 8 * i, 1);
-      mbar_init(v_full + 8 * i, 1);
-      mbar_init(k_empty + 8 * i, kThreads);  // every consumer thread arrives (no divergent path near wgmmas)
-      mbar_init(v_empty + 8 * i, kThreads);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
   __syncthreads();
 
   // Thread 0 produces: loop step `it` reads key tile n_tiles - 1 - it (the masked tiles first);
@@ -324,21 +341,10 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   if (m_block * kBlockM >= s.lq) return;
   const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sk = sq + Shape::kQBytes, sv = sk + kStages * Shape::kKBytes;
-  const uint32_t q_full = sv + kStages * Shape::kVBytes, k_full = q_full + 8, v_full = k_full + 8 * kStages;
-  const uint32_t k_empty = v_full + 8 * kStages, v_empty = k_empty + 8 * kStages;
+  const FwdSmem m = fwd_smem<Shape>(smem_raw, kConsumers);
+  const uint32_t sq = m.sq, sk = m.sk, sv = m.sv, q_full = m.q_full, k_full = m.k_full, v_full = m.v_full;
+  const uint32_t k_empty = m.k_empty, v_empty = m.v_empty;
   const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(q_full, 1);
-    for (int i = 0; i < kStages; ++i) {
-      mbar_init(k_full + 8 * i, 1);
-      mbar_init(v_full + 8 * i, 1);
-      mbar_init(k_empty + 8 * i, kConsumers);
-      mbar_init(v_empty + 8 * i, kConsumers);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0);
   auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
