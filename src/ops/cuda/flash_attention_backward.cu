@@ -281,15 +281,9 @@ __global__ void __launch_bounds__(384, 1)
   if (m_block * kRows >= s.lq) return;
   const int diag = s.lk - s.lq, kvh = h / a.group, n_tiles = dq_key_tiles(a, s, m_block);
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sdo = sq + Shape::kQBytes;
-  const uint32_t sk = sdo + Shape::kDoBytes, sv = sk + kStages * Shape::kKBytes;
-  const uint32_t q_full = sv + kStages * Shape::kVBytes, full = q_full + 8, empty = full + 8 * kStages;
+  const DqSmem m = dq_smem<Shape>(smem_raw);
+  const uint32_t sq = m.sq, sdo = m.sdo, sk = m.sk, sv = m.sv, q_full = m.q_full, full = m.full, empty = m.empty;
   const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(q_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
   if (wg == 0) {

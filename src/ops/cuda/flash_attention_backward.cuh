@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "ops/cuda/flash_attention.cuh"
+#include "ops/cuda/hopper.cuh"
 
 namespace fathom::cuda {
 
@@ -90,6 +91,30 @@ __device__ __forceinline__ void store_query_grads(const FlashArgs& a, const SeqS
     for (int i = 0; i < kD / 8; ++i)
       *reinterpret_cast<float2*>(g + 8 * i) = make_float2(dq[4 * i + 2 * r] * a.scale, dq[4 * i + 2 * r + 1] * a.scale);
   }
+}
+#endif
+
+#ifdef FATHOM_SM90A
+// The dQ kernels' shared memory: Q and dout of the block's 128 queries, the ring of K and V
+// stages (128-byte swizzled: 1024-byte aligned), and the mbarriers — q_full and full: one arrival
+// and the copies' bytes; empty: one arrival per consumer thread (256) — which thread 0
+// initializes (the caller syncs the block after).
+struct DqSmem {
+  uint32_t sq, sdo, sk, sv, q_full, full, empty;
+};
+template <class Shape>
+__device__ inline DqSmem dq_smem(uint8_t* raw) {
+  constexpr int kStages = Shape::kStages;
+  DqSmem m;
+  m.sq = (smem_u32(raw) + 1023u) & ~1023u, m.sdo = m.sq + Shape::kQBytes;
+  m.sk = m.sdo + Shape::kDoBytes, m.sv = m.sk + kStages * Shape::kKBytes;
+  m.q_full = m.sv + kStages * Shape::kVBytes, m.full = m.q_full + 8, m.empty = m.full + 8 * kStages;
+  if (threadIdx.x == 0) {
+    mbar_init(m.q_full, 1);
+    for (int i = 0; i < kStages; ++i) mbar_init(m.full + 8 * i, 1), mbar_init(m.empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  return m;
 }
 #endif
 
