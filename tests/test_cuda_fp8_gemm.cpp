@@ -167,7 +167,8 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
       for (const DType od : {DType::F32, DType::BF16})
         for (const char* shape : {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1",
                                   "256,2x2", "128,1x1,persistent", "192,1x1,persistent", "256,1x1,persistent",
-                                  "128,1x1,producer", "256,1x1,producer"}) {
+                                  "128,1x1,producer", "256,1x1,producer", "128,2x1,producer", "256,2x1,producer",
+                                  "256,2x2,producer", "128,1x1,twoacc", "128,2x1,twoacc"}) {
         if (k == Fp8GemmKernel::Simt && *shape) continue;
         ShapeOverride use(shape);
         Tensor out = poison(M * N, od);
@@ -318,7 +319,7 @@ TEST_F(CudaFp8Gemm, GroupedLayoutsMatchTheCpu) {
   Tensor am = up(qm.data(), E * max_m * K, DType::F8_E4M3), asm_ = up(sm.data(), E * max_m * Kt, DType::F32);
   Tensor cnt = up(count.data(), E, DType::I32);
   for (const Fp8GemmKernel k : kernels_)
-    for (const char* shape : {"", "128,1x1,producer", "256,1x1,producer", "256,1x1,grid"}) {
+    for (const char* shape : {"", "128,1x1,producer", "256,1x1,producer", "256,1x1,grid", "128,1x1,twoacc"}) {
       if (k == Fp8GemmKernel::Simt && *shape) continue;
       ShapeOverride use(shape);
       Tensor out = poison(E * max_m * N, DType::F32);

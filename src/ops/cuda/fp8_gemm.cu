@@ -157,10 +157,13 @@ __device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (
 // "empty" barrier of each block. Clusters take their tiles in bands of 8 cluster rows, so that
 // the tiles in flight share A and B panels in L2 instead of sweeping all of B every wave.
 // Each consumer warpgroup computes kWaves slices of 64 rows, one after the other per K tile.
-// kProducer (1x1 clusters only): a fourth warpgroup before the consumers issues every copy (one
-// thread), its registers given to the consumers by setmaxnreg (24 / 240), so that no consumer
-// branches to produce between its wgmmas.
-template <int kCN, int kCM, int kWaves, int kWGs, bool kProducer = false>
+// kProducer: a third warpgroup before the consumers issues every copy (one thread), its
+// registers given to the consumers by setmaxnreg (24 / 240), so that no consumer branches to
+// produce between its wgmmas.
+// kTwoAcc (with kProducer, one slice a warpgroup): two tensor-core accumulators, so that K tile
+// kt + 1's wgmmas are issued before K tile kt's sums are promoted — the tensor cores work on
+// while the warpgroup promotes (192 of its 240 registers hold accumulators).
+template <int kCN, int kCM, int kWaves, int kWGs, bool kProducer = false, bool kTwoAcc = false>
 __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
     fp8_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const Fp8GemmArgs p) {
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   TileRows t = tile_rows(p, m0, int(blockIdx.z));
   if (Shape::kRows != kTile)
     t.rows = lmin(Shape::kRows, (p.layout == int(Fp8Layout::Masked) ? p.count[blockIdx.z] : p.M) - m0);
-  static_assert(!kProducer || kCN * kCM == 1, "a producer warpgroup only without clusters");
+  static_assert(!kTwoAcc || (kProducer && kWaves == 1), "two accumulators: a producer warpgroup, one slice each");
   if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), int(blockDim.x));
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -257,6 +260,48 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
     }
     int s = 0;
     uint32_t phase = 0;
+    if constexpr (kTwoAcc) {
+      // K tile kt's sums in acc (even kt) or acc2 (odd kt); each step issues kt + 1 before it
+      // waits for kt (wgmma_wait<1>: all but the latest batch done), then promotes kt
+      float acc2[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc2[i] = 0.f;
+      auto issue = [&](float(&a)[64], int kt) {
+        const int st = kt % kStages;
+        mbar_wait(full + 8 * st, uint32_t((kt / kStages) & 1));
+        issue_slice<kATileBytes>(a, hi, lo0 + uint32_t(st) * (kStageBytes >> 4), c, true);
+      };
+      // after wgmma_wait: K tile kt's sums in a, promoted (its stage released first)
+      auto finish = [&](const float(&a)[64], int kt) {
+        float b_s, s0[1], s1[1];
+        load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
+        release(kt % kStages);
+        promote(total[0], a, s0[0] * b_s, s1[0] * b_s);
+      };
+      // straight-line waits (a wait in a divergent path makes ptxas serialize the wgmmas)
+      issue(acc, 0);
+      int kt = 0;
+      for (; kt + 2 < Kt; kt += 2) {
+        issue(acc2, kt + 1);
+        wgmma_wait<1>();
+        finish(acc, kt);
+        issue(acc, kt + 2);
+        wgmma_wait<1>();
+        finish(acc2, kt + 1);
+      }
+      if (kt + 1 < Kt) {
+        issue(acc2, kt + 1);
+        wgmma_wait<1>();
+        finish(acc, kt);
+        wgmma_wait<0>();
+        finish(acc2, kt + 1);
+      } else {
+        wgmma_wait<0>();
+        finish(acc, kt);
+      }
+      store_slices<false>(p, total, r, t.rows, t.row0, n0, t.g, lane);
+      return;
+    } else {
     for (int kt = 0; kt < Kt; ++kt) {
       // the scales first: their loads are in flight while the tile lands and multiplies
       float b_s, s0[kWaves], s1[kWaves];
@@ -288,6 +333,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
       for (int i = 0; i < 64; ++i) total[0][i] = acc[i] * ((i & 2) ? u1 : u0);
     }
     store_slices<false>(p, total, r, t.rows, t.row0, n0, t.g, lane);
+    }
   };
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
   if constexpr (kProducer) {
@@ -441,8 +487,16 @@ const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
     {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
     {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
-const GridKernel kProducerKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true>, nullptr,
-                                        fp8_gemm_wgmma_kernel<1, 1, 2, 2, true>};  // [rows 128, -, 256]
+const GridKernel kProducerKernels[3][3] = {  // [rows 128, -, 256][cluster 1x1, 2x1, 2x2]
+    {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 1, 2, true>,
+     fp8_gemm_wgmma_kernel<2, 2, 1, 2, true>},
+    {nullptr, nullptr, nullptr},
+    {fp8_gemm_wgmma_kernel<1, 1, 2, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 2, 2, true>,
+     fp8_gemm_wgmma_kernel<2, 2, 2, 2, true>}};
+// 128-row tiles, a producer warpgroup and two accumulators a consumer (kTwoAcc)
+const GridKernel kTwoAccKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true, true>,
+                                      fp8_gemm_wgmma_kernel<2, 1, 1, 2, true, true>,
+                                      fp8_gemm_wgmma_kernel<2, 2, 1, 2, true, true>};
 using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
 const PersistentKernel kPersistentKernels[3] = {fp8_gemm_wgmma_persistent_kernel<1, 2>,
                                                 fp8_gemm_wgmma_persistent_kernel<1, 3>,
@@ -457,10 +511,14 @@ void allow_wgmma_smem() {
       for (const GridKernel k : by_rows)
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
               "fp8_gemm (shared memory of the wgmma kernel)");
-    for (const GridKernel k : kProducerKernels)
-      if (k)
-        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-              "fp8_gemm (shared memory of the wgmma kernel)");
+    for (const auto& by_rows : kProducerKernels)
+      for (const GridKernel k : by_rows)
+        if (k)
+          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                "fp8_gemm (shared memory of the wgmma kernel)");
+    for (const GridKernel k : kTwoAccKernels)
+      check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+            "fp8_gemm (shared memory of the wgmma kernel)");
     for (const PersistentKernel k : kPersistentKernels)
       check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
             "fp8_gemm (shared memory of the persistent wgmma kernel)");
@@ -547,19 +605,19 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     bool persistent = p.layout == Fp8Layout::Dense && p.promote && ceil_div(p.K, kTile) <= 12;
     // 256-row tiles with a producer warpgroup (8192³: 908 -> 942 TFLOP/s; M 4096 N 4096 K 7168:
     // 900 -> 954 on the H200, bench/RESULTS.md)
-    int producer = -1;  // -1: by the tile rows (256); 0: none (",grid"); 1: asked for (",producer")
+    int producer = -1;  // -1: by the tile rows (256); 0: none (",grid"); 1: asked for (",producer"); 2: ",twoacc"
     if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
       std::string c = v, form;
-      for (const char* f : {",grid", ",persistent", ",producer"})
+      for (const char* f : {",grid", ",persistent", ",producer", ",twoacc"})
         if (c.size() > std::strlen(f) && c.compare(c.size() - std::strlen(f), std::strlen(f), f) == 0)
           form = f + 1, c.resize(c.size() - std::strlen(f));
       const std::string r = c.substr(0, c.find(',')), cl = c.find(',') == std::string::npos ? "" : c.substr(r.size() + 1);
       FATHOM_CHECK((r == "128" || r == "192" || r == "256") && (cl == "1x1" || cl == "2x1" || cl == "2x2"),
-                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent|,producer]: 128, 192 or 256, "
-                   "then 1x1, 2x1 or 2x2, then a block per tile, the persistent dense kernel or a block per tile with "
-                   "a producer warpgroup (128 or 256 rows, 1x1).");
+                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent|,producer|,twoacc]: 128, 192 "
+                   "or 256, then 1x1, 2x1 or 2x2, then a block per tile, the persistent dense kernel, a block per tile "
+                   "with a producer warpgroup (128 or 256 rows) or that with two accumulators (128 rows).");
       if (!form.empty()) persistent = form == "persistent" && p.layout == Fp8Layout::Dense && p.promote;
-      producer = form == "producer" ? 1 : form == "grid" ? 0 : -1;
+      producer = form == "producer" ? 1 : form == "twoacc" ? 2 : form == "grid" ? 0 : -1;
       persistent = persistent && cl == "1x1";
       rows = p.layout == Fp8Layout::Contiguous ? 128 : r == "192" ? 192 : r == "256" && p.promote ? 256 : 128;
       cn = cl[0] == '2' ? 2 : 1;
@@ -569,8 +627,10 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
-    const bool with_producer = !persistent && cn == 1 && cm == 1 && ri != 1 && (producer == 1 || (producer < 0 && ri == 2));
-    const GridKernel kernel = with_producer ? kProducerKernels[ri] : kGridKernels[ri][cn == 1 ? 0 : cm == 1 ? 1 : 2];
+    const int ci = cn == 1 ? 0 : cm == 1 ? 1 : 2;
+    const bool with_producer = !persistent && ri != 1 && (producer >= 1 || (producer < 0 && ri == 2 && ci == 0));
+    const bool two_acc = with_producer && producer == 2 && ri == 0 && p.promote;
+    const GridKernel kernel = two_acc ? kTwoAccKernels[ci] : with_producer ? kProducerKernels[ri][ci] : kGridKernels[ri][ci];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
