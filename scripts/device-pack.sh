@@ -15,7 +15,11 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(fathom_tests bench_cuda_decode bench_serve_engine)
 cmake -S . -B build/devbin -G Ninja -DCMAKE_BUILD_TYPE=Release -DFATHOM_BENCH=ON -DFATHOM_TESTS=ON -DFATHOM_NATIVE=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90a -DFATHOM_SHARED_DATA_DIR=/tmp/fathom-serve/shared/data >/dev/null
-ninja -C build/devbin "${targets[@]}" >/dev/null
+ninja -C build/devbin "${targets[@]}" >/tmp/device-pack-ninja.log 2>&1 || {
+  grep -E "error|FAILED" /tmp/device-pack-ninja.log | head -20 >&2
+  echo "device-pack: the build failed (log: /tmp/device-pack-ninja.log); nothing packed" >&2
+  exit 1
+}
 rm -rf device-bin && mkdir -p device-bin
 tar -C build/devbin -cf - "${targets[@]}" | xz -T0 -9 >device-bin/bin.tar.xz  # -9: a 64 MiB window sees the three programs' shared CUDA code
 echo "device-pack: ${targets[*]} packed ($(du -sh device-bin | cut -f1)) from commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests bench || echo ' + changes'); carry [\"device-serve-data\", \"device-bin\"]"

@@ -1069,14 +1069,20 @@ TEST_F(CudaOps, MoeRouteMatchesTheCpu) {
 }
 
 TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
-  for (bool tensor_cores : {false, true}) {  // the SIMT and the tensor-core GEMV (mma_gemv.cuh)
-    const TensorCoreGemv mode(tensor_cores);
-    SCOPED_TRACE(tensor_cores ? "tensor-core GEMV" : "SIMT GEMV");
+  // the SIMT and the tensor-core GEMV (mma_gemv.cuh), the latter with each form of the grouped
+  // small tiles (cuda::GroupedForm)
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool tensor_cores = mode > 0;
+    const TensorCoreGemv gemv(tensor_cores);
+    cuda::set_grouped_form(mode == 2 ? cuda::GroupedForm::Ahead : cuda::GroupedForm::ThreeBlocks);
+    SCOPED_TRACE(!tensor_cores ? "SIMT GEMV" : mode == 1 ? "tensor-core GEMV, grouped three blocks a SM"
+                                                          : "tensor-core GEMV, grouped next unit ahead");
     struct Case { int E, K; int64_t D, I, block; };
     // {16, 4, 256, 128}: 33 tokens take the grouped path's small tiles (8 rows), on the tensor cores
-    // (mma_gemv.cuh) as do 1 and 5 tokens there and in {4, 4, 512, 256} (the shared expert in pieces)
+    // (mma_gemv.cuh) as do 1 and 5 tokens there and in {4, 4, 512, 256} (the shared expert in pieces);
+    // {12, 4, 1536, 136}: hidden 1,536, staged in two chunks of x by the three-block form
     for (Case c : {Case{8, 3, 256, 136, 128}, Case{6, 2, 33, 19, 128}, Case{4, 4, 512, 256, 128}, Case{5, 2, 64, 48, 16},
-                   Case{3, 2, 40, 24, 7}, Case{16, 4, 256, 128, 128}}) {
+                   Case{3, 2, 40, 24, 7}, Case{16, 4, 256, 128, 128}, Case{12, 4, 1536, 136, 128}}) {
       for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
         if (c.block != 128 && dt != DType::F8_E4M3) continue;
         std::vector<LinearWeight> host(static_cast<size_t>(3 * c.E)), dev(host.size());
@@ -1131,6 +1137,7 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
       }
     }
   }
+  cuda::set_grouped_form(cuda::GroupedForm::Auto);
 }
 
 // The dense SwiGLU (shared experts, dense MLP) through the expert kernels: out = or += .

@@ -72,6 +72,12 @@ int repeats(RepeatKind kind);  // 2 when kind is in the mask, else 1
 enum class GemvKind { Simt, TensorCores, Auto };
 void set_gemv_kind(GemvKind k);
 GemvKind gemv_kind();
+// The grouped experts' tensor-core small tiles (moe_grouped.cu, batched decode): ThreeBlocks —
+// each warp one weight unit in flight, three blocks a SM — or Ahead — the next unit in flight
+// too, two blocks a SM (measured slower on the H200: bench/RESULTS.md). Auto (the default)
+// takes FATHOM_GROUPED_FORM=3x1|ahead, else ThreeBlocks. Tests and benchmarks switch it per run.
+enum class GroupedForm { Auto, Ahead, ThreeBlocks };
+void set_grouped_form(GroupedForm f);
 
 // ---- elementwise.cu
 

@@ -379,7 +379,8 @@ __device__ inline void mma_rows_product(float (&acc)[1][4], const MmaShared& sh,
 // H200) and for the 9-to-128-row matmuls (split over K across blocks instead). Each warp keeps
 // the next unit's weights (and FP8 scales) in flight while it multiplies the current one. A warp
 // whose rows are all past the weight's end skips the products but not the barriers.
-template <DType D, int NT, bool NORM = false, class XRow>
+// kAhead = false: one unit at a time (fewer registers, for more blocks a SM).
+template <DType D, int NT, bool NORM = false, bool kAhead = true, class XRow>
 __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShared& sh, const MmaRows& rows, XRow xrow,
                                              int M, int64_t k_begin, int64_t k_end, int64_t block, int chunk,
                                              bool vec_x, const float* __restrict__ g = nullptr) {
@@ -404,16 +405,25 @@ __device__ inline void mma_warp_tile_product(float (&acc)[NT][4], const MmaShare
     __syncthreads();
     if (!active) continue;
     for (int u = 0; u < units; ++u) {
-      MmaUnitW<D> nxt;
-      float nsa = 1.f, nsb = 1.f;
-      if (u + 1 < units) {
-        const int64_t kc = k0 + int64_t(u + 1) * kMmaUnit;
-        mma_load_unit<D>(nxt, rows, kc, k_end);
-        mma_row_scales<D>(rows, kc, block, nsa, nsb);
+      if constexpr (kAhead) {
+        MmaUnitW<D> nxt;
+        float nsa = 1.f, nsb = 1.f;
+        if (u + 1 < units) {
+          const int64_t kc = k0 + int64_t(u + 1) * kMmaUnit;
+          mma_load_unit<D>(nxt, rows, kc, k_end);
+          mma_row_scales<D>(rows, kc, block, nsa, nsb);
+        }
+        mma_unit_nt<D, NT>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
+        if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
+        wsa = nsa, wsb = nsb;
+      } else {
+        if (u > 0) {
+          const int64_t kc = k0 + int64_t(u) * kMmaUnit;
+          mma_load_unit<D>(cur, rows, kc, k_end);
+          mma_row_scales<D>(rows, kc, block, wsa, wsb);
+        }
+        mma_unit_nt<D, NT>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
       }
-      mma_unit_nt<D, NT>(acc, cur, sh, M, -1, u, chunk, wsa, wsb);
-      if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
-      wsa = nsa, wsb = nsb;
     }
   }
 }

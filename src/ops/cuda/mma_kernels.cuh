@@ -295,7 +295,7 @@ __device__ inline void mma_expert_down_block(const MoeExpertsParams& p, const fl
 // mma_gate_up_kernel), in warp tiles (mma_warp_tile_product): the block takes inter rows n0 ..
 // n0 + 8 * kMmaWarps - 1, warp w the 8 from n0 + 8w as its 16 tile rows — those 8 gate rows, then
 // the same 8 up rows — so that each thread's C fragment holds a gate value beside its up value.
-template <DType D>
+template <DType D, bool kAhead = true>
 __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, const ExpertRouting& r, float* __restrict__ h,
                                                  int tile, int64_t n0, int chunk, bool vec_x, const MmaShared& sh) {
   const int64_t begin = r.tile_begin[tile];
@@ -305,7 +305,7 @@ __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, cons
   const MmaRows rows = gate_up_tile_rows<D>(grouped_gate_up_expert<D>(p, r.tile_expert[tile]), w0, p.inter, p);
   const int32_t* token = r.token_of_row + begin;
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, 0,
+  mma_warp_tile_product<D, 1, false, kAhead>(acc, sh, rows, [&](int m) { return p.x + int64_t(token[m]) * p.hidden; }, M, 0,
                               p.hidden, p.block, chunk, vec_x);
   // acc: gate of row w0 + g in [0], [1] and its up in [2], [3], for x rows 2 tig and 2 tig + 1
 #pragma unroll
@@ -318,7 +318,7 @@ __device__ inline void mma_grouped_gate_up_block(const MoeExpertsParams& p, cons
 
 // The grouped experts' down over one tile (moe_grouped.cu's mma_down_kernel), in warp tiles: the
 // block takes output columns n0 .. n0 + 16 * kMmaWarps - 1, warp w the 16 from n0 + 16w.
-template <DType D>
+template <DType D, bool kAhead = true>
 __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const ExpertRouting& r,
                                               const float* __restrict__ h, float* __restrict__ y, int tile, int64_t n0,
                                               int chunk, const MmaShared& sh) {
@@ -328,7 +328,7 @@ __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const E
   const int64_t w0 = n0 + int64_t(warp) * 16;
   const MmaRows rows = grouped_down_rows<D>(p, r.tile_expert[tile], w0);
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  mma_warp_tile_product<D, 1>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, 0, p.inter,
+  mma_warp_tile_product<D, 1, false, kAhead>(acc, sh, rows, [&](int m) { return h + (begin + m) * p.inter; }, M, 0, p.inter,
                               p.block, chunk, p.inter % 4 == 0);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {

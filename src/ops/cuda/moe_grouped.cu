@@ -15,7 +15,10 @@
 // A row's result depends only on its own x row and the weights, never on where the sort put it
 // (the atomics only assign positions), so results are deterministic.
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
@@ -239,26 +242,33 @@ __global__ void __launch_bounds__(kSmallThreads)
 // when the weights fit it: a block takes 8 warps' tiles of one expert tile's rows, x staged once
 // (up to kMmaTileSmem bytes of it). grid (ceil(inter / 64), max_tiles).
 constexpr int kMmaTileSmem = 96 * 1024;
-template <DType D>
-__global__ void __launch_bounds__(kMmaThreads)
+// Two forms (GroupedForm in cuda_ops.h): kBlocks, the blocks a SM the registers are budgeted
+// for; kAhead, each warp keeps its next unit's weights in flight. The default, three blocks a SM
+// with one unit a warp (77-80 registers) and x staged in chunks of 1,024 columns, streams the
+// weights at ~87% of the copy bandwidth on the H200 where two blocks with two units a warp
+// (121 registers) reached ~80%: the read pattern needs more warps, not more bytes a warp
+// (bench_cuda_sync --streams, bench/RESULTS.md).
+constexpr int64_t kThreeBlockSmem = 36 * 1024;  // mma_chunk's budget: 1,024 columns of 8 rows
+template <DType D, int kBlocks, bool kAhead>
+__global__ void __launch_bounds__(kMmaThreads, kBlocks)
     mma_gate_up_kernel(MoeExpertsParams p, Routing r, float* __restrict__ h, int chunk, bool vec_x) {
   pdl_wait();
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  mma_grouped_gate_up_block<D>(p, r, h, tile, int64_t(blockIdx.x) * 8 * kMmaWarps, chunk, vec_x, sh);
+  mma_grouped_gate_up_block<D, kAhead>(p, r, h, tile, int64_t(blockIdx.x) * 8 * kMmaWarps, chunk, vec_x, sh);
 }
 
 // grid (ceil(hidden / 128), max_tiles).
-template <DType D>
-__global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams p, Routing r,
-                                                               const float* __restrict__ h, float* __restrict__ y,
-                                                               int chunk) {
+template <DType D, int kBlocks, bool kAhead>
+__global__ void __launch_bounds__(kMmaThreads, kBlocks) mma_down_kernel(MoeExpertsParams p, Routing r,
+                                                                        const float* __restrict__ h,
+                                                                        float* __restrict__ y, int chunk) {
   pdl_wait();
   const int tile = blockIdx.y;
   if (tile >= *r.n_tiles) return;
   FATHOM_MMA_SHARED(sh, chunk, kMmaMaxRows);
-  mma_grouped_down_block<D>(p, r, h, y, tile, int64_t(blockIdx.x) * 16 * kMmaWarps, chunk, sh);
+  mma_grouped_down_block<D, kAhead>(p, r, h, y, tile, int64_t(blockIdx.x) * 16 * kMmaWarps, chunk, sh);
 }
 
 // Lets the two kernels stage up to kMmaTileSmem bytes of x (above the 48 KB default), once per
@@ -266,8 +276,25 @@ __global__ void __launch_bounds__(kMmaThreads) mma_down_kernel(MoeExpertsParams 
 template <DType D>
 void allow_mma_tile_smem() {
   static std::once_flag done[kMaxDevices];
-  allow_dynamic_smem(done, kMmaTileSmem, "moe_experts (cudaFuncSetAttribute)", mma_gate_up_kernel<D>,
-                     mma_down_kernel<D>);
+  allow_dynamic_smem(done, kMmaTileSmem, "moe_experts (cudaFuncSetAttribute)", mma_gate_up_kernel<D, 2, true>,
+                     mma_down_kernel<D, 2, true>, mma_gate_up_kernel<D, 3, false>, mma_down_kernel<D, 3, false>);
+}
+
+std::atomic<int> g_grouped_form{int(GroupedForm::Auto)};
+
+// The form the grouped kernels run in: set_grouped_form's, else FATHOM_GROUPED_FORM=ahead|3x1
+// (read once), else ThreeBlocks.
+GroupedForm grouped_form() {
+  const auto set = GroupedForm(g_grouped_form.load(std::memory_order_relaxed));
+  if (set != GroupedForm::Auto) return set;
+  static const GroupedForm from_env = [] {
+    const char* v = std::getenv("FATHOM_GROUPED_FORM");
+    if (!v || !*v) return GroupedForm::ThreeBlocks;
+    FATHOM_CHECK(std::string(v) == "ahead" || std::string(v) == "3x1", "FATHOM_GROUPED_FORM is '", v,
+                 "'; expected ahead or 3x1.");
+    return std::string(v) == "ahead" ? GroupedForm::Ahead : GroupedForm::ThreeBlocks;
+  }();
+  return from_env;
 }
 
 // grid (T, ceil(hidden / (V * 256))), block 256: out[t] (+)= Σ_k weights[t, k] · y[row_of_pair[t,
@@ -293,11 +320,16 @@ template <DType D>
 void run_mma_small(const MoeExpertsParams& p, const Routing& r, float* h, float* y, int64_t max_tiles, bool vec_x,
                    cudaStream_t s) {
   allow_mma_tile_smem<D>();
-  const int c_up = mma_chunk(p.hidden, kMmaMaxRows, kMmaTileSmem), c_down = mma_chunk(p.inter, kMmaMaxRows, kMmaTileSmem);
-  launch_kernel(mma_gate_up_kernel<D>, dim3(unsigned(ceil_div(p.inter, 8 * kMmaWarps)), unsigned(max_tiles)),
+  const bool three = grouped_form() == GroupedForm::ThreeBlocks;
+  // three blocks a SM: x staged in chunks of at most 1,024 columns (33 KB with 8 rows)
+  const int64_t budget = three ? kThreeBlockSmem : kMmaTileSmem;
+  const int c_up = mma_chunk(p.hidden, kMmaMaxRows, budget), c_down = mma_chunk(p.inter, kMmaMaxRows, budget);
+  const auto gate_up = three ? mma_gate_up_kernel<D, 3, false> : mma_gate_up_kernel<D, 2, true>;
+  const auto down = three ? mma_down_kernel<D, 3, false> : mma_down_kernel<D, 2, true>;
+  launch_kernel(gate_up, dim3(unsigned(ceil_div(p.inter, 8 * kMmaWarps)), unsigned(max_tiles)),
                 kMmaThreads, mma_smem_bytes(c_up, kMmaMaxRows), s, p, r, h, c_up, vec_x);
   check_launch("moe_experts (mma_gate_up_kernel)");
-  launch_kernel(mma_down_kernel<D>, dim3(unsigned(ceil_div(p.hidden, 16 * kMmaWarps)), unsigned(max_tiles)), kMmaThreads,
+  launch_kernel(down, dim3(unsigned(ceil_div(p.hidden, 16 * kMmaWarps)), unsigned(max_tiles)), kMmaThreads,
                 mma_smem_bytes(c_down, kMmaMaxRows), s, p, r, h, y, c_down);
   check_launch("moe_experts (mma_down_kernel)");
   launch_combine(p, r, y, s);
@@ -383,6 +415,8 @@ void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
 }
 
 }  // namespace
+
+void set_grouped_form(GroupedForm f) { g_grouped_form.store(int(f), std::memory_order_relaxed); }
 
 bool moe_small_tiles(int64_t n_tokens, int top_k, int n_experts) {
   return n_tokens * top_k < kTiledMinRowsPerExpert * n_experts;
