@@ -313,7 +313,7 @@ std::vector<double> swiglu_ref(const Weight& g, const Weight& u, const Weight& d
 // token 0 has an invalid expert id in the per-token path.
 template <DType D, bool NORM>
 double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block, bool grouped, std::mt19937& rng,
-                   int64_t stage_bytes = kMmaSmemBytes) {
+                   int64_t stage_bytes = kMmaSmemBytes, bool ahead = true) {
   const int64_t SI = 2 * I;
   const Experts ex = make_experts(D, E, H, I, SI, block, rng);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -388,13 +388,24 @@ double run_experts(int T, int E, int top_k, int64_t H, int64_t I, int64_t block,
     const int c_up = mma_chunk(H, kMmaMaxRows, stage_bytes), c_down = mma_chunk(I, kMmaMaxRows, stage_bytes);
     emu::run_grid("grouped_gate_up", {unsigned(ceil_div(I, 8 * kMmaWarps)), unsigned(n_tiles), 1},
                   smem_of(c_up, kMmaMaxRows), [&] {
-                    mma_grouped_gate_up_block<D>(p, r, h.data(), blockIdx.y, int64_t(blockIdx.x) * 8 * kMmaWarps, c_up,
-                                                 true, shared_of(c_up, kMmaMaxRows));
+                    const int64_t n0 = int64_t(blockIdx.x) * 8 * kMmaWarps;
+                    // the three-block form (one unit a warp at a time) or the next unit ahead
+                    if (ahead)
+                      mma_grouped_gate_up_block<D, true>(p, r, h.data(), blockIdx.y, n0, c_up, true,
+                                                         shared_of(c_up, kMmaMaxRows));
+                    else
+                      mma_grouped_gate_up_block<D, false>(p, r, h.data(), blockIdx.y, n0, c_up, true,
+                                                          shared_of(c_up, kMmaMaxRows));
                   });
     emu::run_grid("grouped_down", {unsigned(ceil_div(H, 16 * kMmaWarps)), unsigned(n_tiles), 1},
                   smem_of(c_down, kMmaMaxRows), [&] {
-                    mma_grouped_down_block<D>(p, r, h.data(), y.data(), blockIdx.y, int64_t(blockIdx.x) * 16 * kMmaWarps,
-                                              c_down, shared_of(c_down, kMmaMaxRows));
+                    const int64_t n0 = int64_t(blockIdx.x) * 16 * kMmaWarps;
+                    if (ahead)
+                      mma_grouped_down_block<D, true>(p, r, h.data(), y.data(), blockIdx.y, n0, c_down,
+                                                      shared_of(c_down, kMmaMaxRows));
+                    else
+                      mma_grouped_down_block<D, false>(p, r, h.data(), y.data(), blockIdx.y, n0, c_down,
+                                                       shared_of(c_down, kMmaMaxRows));
                   });
     p.accumulate = true;
     for (int t = 0; t < T; ++t) {  // moe_combine_kernel: four columns a thread (even tokens), or one
@@ -513,6 +524,11 @@ int main(int argc, char** argv) {
   report("grouped bf16 T 12 top 2 of 3, H 208 I 80 (idle warps)", run_experts<DType::BF16, false>(12, 3, 2, 208, 80, 128, true, rng));
   report("grouped fp8  T 9 top 2 of 3, H 384 I 256, x staged a unit at a time",
          run_experts<DType::F8_E4M3, false>(9, 3, 2, 384, 256, 128, true, rng, 8 * 532));
+  // the three-block form of moe_grouped.cu (one weight unit a warp at a time), x in chunks
+  report("grouped bf16 T 12 top 2 of 3, H 384 I 256, one unit at a time, x in chunks of 2 units",
+         run_experts<DType::BF16, false>(12, 3, 2, 384, 256, 128, true, rng, 2 * 8 * 532, false));
+  report("grouped fp8  T 10 top 2 of 3, H 256 I 128 + norm, one unit at a time",
+         run_experts<DType::F8_E4M3, true>(10, 3, 2, 256, 128, 128, true, rng, kMmaSmemBytes, false));
   std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");
   return all_ok ? 0 : 1;
 }
