@@ -263,13 +263,14 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   for (int t = 0; t < n_tiles; ++t) {
     const int64_t j0 = k_begin + int64_t(t) * kMlaKeys;
     const uint16_t* tile = k_tiles + (STAGES == 2 ? (t & 1) : 0) * (kMlaKeys * kKs);
-    if (STAGES == 2 && t + 1 < n_tiles) {
+    cp_async_wait<0>();  // this tile's copies (the only ones in flight)
+    // the tile (and, the first time, Q) is in shared memory, and with two stages every warp is
+    // done with the last tile — its keys, P and the reductions — so this one barrier also frees
+    // the other stage for the next tile's copies (one barrier a tile fewer than a barrier at the
+    // end of each tile and another here)
+    __syncthreads();
+    if (STAGES == 2 && t + 1 < n_tiles)
       load_tile(k_tiles + ((t + 1) & 1) * (kMlaKeys * kKs), kbase, p, g, j0 + kMlaKeys, k_end);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // the tile (and, the first time, Q) is in shared memory
 
     // ---- S = Q Kᵀ for keys 8*warp .. +7 of the tile; the hi and lo products accumulate apart
     // (two dependency chains of 36 MMAs instead of one of 72)
@@ -369,8 +370,10 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
         mma_bf16(o[2 * np + 1], pl, b[2], b[3]);
       }
     }
-    __syncthreads();  // every warp is done with this tile, P and the reductions
-    if (STAGES == 1 && t + 1 < n_tiles) load_tile(k_tiles, kbase, p, g, j0 + kMlaKeys, k_end);
+    if (STAGES == 1) {
+      __syncthreads();  // every warp is done with this tile, P and the reductions
+      if (t + 1 < n_tiles) load_tile(k_tiles, kbase, p, g, j0 + kMlaKeys, k_end);
+    }
   }
 
   // ---- results: o[i][e] is row gq + 8*(e/2), dim 64*warp + 8i + 2tq + e%2
