@@ -18,6 +18,7 @@
 #include <random>
 
 #include "core/dtype.h"
+#include "emu_mma.h"
 #include "emu_runtime.h"
 
 // ---- CUDA spellings and the device helpers mma_gemv.cuh uses
@@ -77,41 +78,7 @@ inline float warp_max(float v) {
 }
 inline float norm_scale(float sumsq, int64_t K, float eps) { return 1.0f / std::sqrt(sumsq / float(K) + eps); }
 
-// One 16-bit value of a packed register: half h (0 low, 1 high).
-inline float part16(uint32_t r, int h, bool bf16) {
-  const uint16_t v = uint16_t(h ? r >> 16 : r);
-  return bf16 ? bf16_to_f32(v) : f16_to_f32(v);
-}
-
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane of the warp hands in its registers;
-// lane (g, tig) holds a0..a7 = A[g][2tig..+1], A[g+8][2tig..+1], A[g][2tig+8..+9], A[g+8][2tig+8..+9]
-// (registers a0..a3 two values each), b0..b3 = B[2tig..+1][g], B[2tig+8..+9][g] (registers b0, b1),
-// c = C[g][2tig..+1], C[g+8][2tig..+1].
-void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1,
-               bool bf16) {
-  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
-  auto& slot = emu::tl_block->xslot[w];
-  emu::syncwarp(__LINE__);
-  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
-  std::memcpy(slot[lane], mine, sizeof mine);
-  emu::syncwarp(__LINE__);
-  auto A = [&](int r, int k) {
-    const int l = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return part16(slot[l][reg], k % 2, bf16);
-  };
-  auto B = [&](int k, int n) {
-    const int l = n * 4 + (k % 8) / 2, reg = 4 + (k >= 8 ? 1 : 0);
-    return part16(slot[l][reg], k % 2, bf16);
-  };
-  double d[4] = {c[0], c[1], c[2], c[3]};
-  for (int k = 0; k < 16; ++k) {
-    d[0] += double(A(g, k)) * B(k, 2 * tig);
-    d[1] += double(A(g, k)) * B(k, 2 * tig + 1);
-    d[2] += double(A(g + 8, k)) * B(k, 2 * tig);
-    d[3] += double(A(g + 8, k)) * B(k, 2 * tig + 1);
-  }
-  for (int i = 0; i < 4; ++i) c[i] = float(d[i]);
-}
+using emu::mma_16816;  // emu_mma.h
 
 // cvt.rn.f16x2.e4m3x2: the low byte to the low half.
 uint32_t e4m3x2_to_f16x2(uint32_t v) {

@@ -7,8 +7,20 @@
 #   bash scripts/kernel-emu/run.sh mma [TIMEOUT_S]
 # runs the tensor-core GEMV core (src/ops/cuda/mma_gemv.cuh, included as it is) in
 # mma_gemv_emu.cpp instead: mma.sync emulated lane by lane, results against a double reference.
+#   bash scripts/kernel-emu/run.sh mla [TIMEOUT_S [SEED]]
+# runs the absorbed-MLA decode kernel (src/ops/cuda/attention_mla.cu) in mla_attention_emu.cpp:
+# ldmatrix and mma.sync emulated lane by lane, results against cpu::attention.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ "${1:-}" = "mla" ]; then
+  shift
+  out=${TMPDIR:-/tmp}/fathom-kernel-emu
+  mkdir -p "$out"
+  bash scripts/build.sh --target fathom_ops fathom_core >/dev/null
+  g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -Isrc -Iinclude scripts/kernel-emu/mla_attention_emu.cpp \
+    build/release/libfathom_ops.a build/release/libfathom_core.a -lopenblas -o "$out/mla_emu"
+  exec "$out/mla_emu" "$@"
+fi
 if [ "${1:-}" = "mma" ]; then
   shift
   out=${TMPDIR:-/tmp}/fathom-kernel-emu

@@ -21,14 +21,21 @@
 // each split into a BF16 high part and a BF16 remainder (x = hi + lo to ~2^-17 relative) and
 // both parts are multiplied, with fp32 accumulation: twice the tensor-core work, still far
 // below the memory time, and the result matches fp32 arithmetic on the BF16 cache.
+//
+// FATHOM_KERNEL_EMU: the kernel alone, for scripts/kernel-emu/mla_attention_emu.cpp (which runs
+// it on the CPU with its own versions of the device helpers and the warp-collective
+// instructions; CI runs it as KernelEmu.MlaAttention, so the kernel is checked without a GPU);
+// the host code and the inline assembly are left out then.
+#ifndef FATHOM_KERNEL_EMU
 #include <cuda_bf16.h>
 
 #include <mutex>
 
 #include "core/error.h"
-#include "ops/cuda/attention_mla.cuh"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/device_util.cuh"
+#endif
+#include "ops/cuda/attention_mla.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -55,6 +62,7 @@ struct MlaSmem {
 };
 
 
+#ifndef FATHOM_KERNEL_EMU
 __device__ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -73,6 +81,7 @@ __device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // hi = bf16(x), lo = bf16(x - hi), two values packed low-first.
 __device__ inline void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
@@ -158,7 +167,11 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   }
   if (threadIdx.x == 0) prefetch_chunk(a, blockIdx.y, c);
   pdl_wait();
+#ifdef FATHOM_KERNEL_EMU
+  unsigned char* smem_raw = emu_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   using S = MlaSmem<STAGES>;
   uint16_t* q_hi = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* q_lo = reinterpret_cast<uint16_t*>(smem_raw + S::q);
@@ -403,6 +416,7 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   }
 }
 
+#ifndef FATHOM_KERNEL_EMU
 int query_smem_optin(int device) {
   int smem_max = 0;
   check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
@@ -429,8 +443,10 @@ int current_device() {
   return device;
 }
 
+#endif  // FATHOM_KERNEL_EMU
 }  // namespace
 
+#ifndef FATHOM_KERNEL_EMU
 void mla_setup() {
   const int device = current_device();
   if (device < 0 || device >= kMaxDevices) return allow_smem(query_smem_optin(device));
@@ -465,5 +481,7 @@ void mla_attention(const MlaLaunch& a, cudaStream_t stream, int64_t n_items) {
   }
   check_launch("mla_attention_kernel");
 }
+
+#endif  // FATHOM_KERNEL_EMU
 
 }  // namespace fathom::cuda

@@ -2,7 +2,9 @@
 // for the shape DeepSeek models decode with: one shared latent row [c_kv (512) | k_pe (64)] per
 // key in a BF16 cache, the value being its first 512 columns.
 #pragma once
+#ifndef FATHOM_KERNEL_EMU  // (the kernel emulator brings its own cudaStream_t)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
