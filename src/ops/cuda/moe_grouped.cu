@@ -245,7 +245,7 @@ constexpr int kMmaTileSmem = 96 * 1024;
 // Two forms (GroupedForm in cuda_ops.h): kBlocks, the blocks a SM the registers are budgeted
 // for; kAhead, each warp keeps its next unit's weights in flight. The default, three blocks a SM
 // with one unit a warp (77-80 registers) and x staged in chunks of 1,024 columns, streams the
-// weights at ~87% of the copy bandwidth on the H200 where two blocks with two units a warp
+// weights at 85-89% of the copy bandwidth on the H200 where two blocks with two units a warp
 // (121 registers) reached ~80%: the read pattern needs more warps, not more bytes a warp
 // (bench_cuda_sync --streams, bench/RESULTS.md).
 constexpr int64_t kThreeBlockSmem = 36 * 1024;  // mma_chunk's budget: 1,024 columns of 8 rows
