@@ -306,13 +306,7 @@ __global__ void __launch_bounds__(384, 1)
     const int cw = wg - 1, warp = (tid % 128) / 32;
     const int r0 = m_block * kRows + cw * 64 + warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8
     float lse2[2], delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool in = r0 + 8 * r < s.lq;
-      const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? r0 + 8 * r : 0);
-      lse2[r] = in ? a.lse[at] * kLog2e : 0.f;
-      delta[r] = in ? a.delta[at] : 0.f;
-    }
+    query_row_stats(a, s, h, r0, lse2, delta);
     float dq[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;

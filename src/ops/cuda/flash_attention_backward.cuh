@@ -78,6 +78,18 @@ __device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpa
     for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
   }
 }
+// The dQ kernels' per-row statistics of a thread's rows r0 and r0 + 8: the forward's
+// log-sum-exp times log2 e and D = rowsum(dout ∘ out) (zeros past the sequence).
+__device__ __forceinline__ void query_row_stats(const FlashArgs& a, const SeqSpan& s, int h, int r0, float (&lse2)[2],
+                                                float (&delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = r0 + 8 * r < s.lq;
+    const int64_t at = int64_t(h) * a.total_q + s.q0 + (in ? r0 + 8 * r : 0);
+    lse2[r] = in ? a.lse[at] * kLog2e : 0.f;
+    delta[r] = in ? a.delta[at] : 0.f;
+  }
+}
 // The queries' gradient of a thread (rows r0 and r0 + 8), with the scale of the scores.
 template <int kD>
 __device__ __forceinline__ void store_query_grads(const FlashArgs& a, const SeqSpan& s, int h, int r0, int lane,
