@@ -300,7 +300,6 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
         finish(acc, kt);
       }
       store_slices<false>(p, total, r, t.rows, t.row0, n0, t.g, lane);
-      return;
     } else {
     for (int kt = 0; kt < Kt; ++kt) {
       // the scales first: their loads are in flight while the tile lands and multiplies
