@@ -557,6 +557,81 @@ TEST_F(CudaOps, MatmulFp8ActivationsMatchTheCpu) {
   ASSERT_TRUE(gpu_->set_fp8_activations(false));
 }
 
+// The skinny tensor-core matmul (9 to 128 rows) in each form (cuda::SkinnyForm: two blocks a
+// SM with two weight units in flight a warp, or three with one) and with its slices of K added up
+// by a kernel after it or by the last block of each row block inside it (cuda::SkinnySums):
+// every combination against the CPU, and the two ways of adding up the same bits. Shapes of the
+// 32-request decode step (q_a + kv_a sharing x, an input norm, W_UV-like per-head batches, a
+// dense down projection, accumulating into the residual), odd ones, and the same launch again
+// (the arrival counts left at zero for the next launch).
+TEST_F(CudaOps, SkinnyMatmulForms) {
+  const TensorCoreGemv mode(true);
+  struct Form { cuda::SkinnyForm form; const char* name; };
+  struct Case { int64_t N, K; bool norm, accumulate; };
+  for (DType dt : {DType::BF16, DType::F8_E4M3, DType::F16}) {
+    for (Case c : {Case{2112, 2048, true, false}, Case{3072, 768, false, false}, Case{2048, 8192, false, true},
+                   Case{300, 1040, true, true}, Case{4000, 2048, true, false}}) {
+      LinearWeight w = random_weight(c.N, c.K, dt), b = random_weight(c.N / 3 + 5, c.K, dt);
+      LinearWeight dw = up(w), db = up(b);
+      Tensor g = randn({c.K}), dg = up(g);
+      for (int64_t M : {9, 32, 40, 100}) {
+        Tensor x = randn({M, c.K}, 2.0f), base = randn({M, c.N});
+        const InputNorm norm = c.norm ? InputNorm{&g, 1e-6f} : InputNorm{};
+        const InputNorm dnorm = c.norm ? InputNorm{&dg, 1e-6f} : InputNorm{};
+        Tensor want = Tensor::empty({M, c.N}), want_b = Tensor::empty({M, c.N / 3 + 5});
+        if (c.accumulate) std::copy(base.f32(), base.f32() + base.numel(), want.f32());
+        cpu_->matmul_batch({{want.f32(), x.f32(), M, &w, norm, c.accumulate}, {want_b.f32(), x.f32(), M, &b, norm}});
+        Tensor dx = up(x);
+        for (Form f : {Form{cuda::SkinnyForm::Ahead, "ahead"}, Form{cuda::SkinnyForm::ThreeBlocks, "3x1"},
+                       Form{cuda::SkinnyForm::ThreeBlocksLarge, "3x1-large"}}) {
+          cuda::set_skinny_form(f.form);
+          Tensor by_kernel, by_kernel_b;
+          for (cuda::SkinnySums sums : {cuda::SkinnySums::Kernel, cuda::SkinnySums::Inline, cuda::SkinnySums::Inline}) {
+            cuda::set_skinny_sums(sums);
+            const char* how = sums == cuda::SkinnySums::Kernel ? "kernel" : "inline";
+            Tensor got = c.accumulate ? up(base) : gpu_poison({M, c.N}), got_b = gpu_poison({M, c.N / 3 + 5});
+            gpu_->matmul_batch({{got.f32(), dx.f32(), M, &dw, dnorm, c.accumulate}, {got_b.f32(), dx.f32(), M, &db, dnorm}});
+            Tensor h = down(got), hb = down(got_b);
+            EXPECT_LT(max_err(h, want), 1e-4) << dtype_name(dt) << " " << f.name << " sums " << how << " M " << M
+                                              << " N " << c.N << " K " << c.K;
+            EXPECT_LT(max_err(hb, want_b), 1e-4) << dtype_name(dt) << " " << f.name << " sums " << how << " M " << M
+                                                 << " second job, K " << c.K;
+            if (!by_kernel.defined()) {
+              by_kernel = h, by_kernel_b = hb;
+            } else {  // the same slices, added up in the same order: the same bits
+              EXPECT_EQ(0, std::memcmp(h.data(), by_kernel.data(), h.nbytes()))
+                  << dtype_name(dt) << " " << f.name << " M " << M << " N " << c.N << " K " << c.K;
+              EXPECT_EQ(0, std::memcmp(hb.data(), by_kernel_b.data(), hb.nbytes()))
+                  << dtype_name(dt) << " " << f.name << " M " << M << " second job, K " << c.K;
+            }
+          }
+        }
+      }
+    }
+  }
+  // per-head weights (a batch of launches' row blocks: W_UV's shape) with the sums inline
+  for (cuda::SkinnyForm form : {cuda::SkinnyForm::Ahead, cuda::SkinnyForm::ThreeBlocks}) {
+    cuda::set_skinny_form(form);
+    cuda::set_skinny_sums(cuda::SkinnySums::Inline);
+    const int H = 16;
+    const int64_t N = 128, K = 512, T = 32;
+    Tensor w32 = randn({H, N, K}, 1.0f / std::sqrt(float(K)));
+    Tensor w = from_f32(w32.f32(), w32.shape(), DType::BF16), dw = up(w);
+    Tensor x = randn({T * H * K}), want = host_poison({T * H * N});
+    HeadMatmulParams p;
+    p.out_token_stride = H * N, p.out_head_stride = N, p.x_token_stride = H * K, p.x_head_stride = K;
+    p.n_tokens = T;
+    p.out = want.f32(), p.x = x.f32();
+    cpu_->matmul_per_head(p, w);
+    Tensor dx = up(x), got = gpu_poison({T * H * N});
+    p.out = got.f32(), p.x = dx.f32();
+    gpu_->matmul_per_head(p, dw);
+    EXPECT_LT(max_err(down(got), want), 1e-4) << (form == cuda::SkinnyForm::Ahead ? "ahead" : "3x1") << " per head";
+  }
+  cuda::set_skinny_form(cuda::SkinnyForm::Auto);
+  cuda::set_skinny_sums(cuda::SkinnySums::Auto);
+}
+
 TEST_F(CudaOps, MatmulPerHead) {
   struct Case { int H; int64_t N, K, x_pad, out_pad; };
   // MLA absorption shapes (q_nope -> latent, latent -> v), odd ones, unaligned strides
