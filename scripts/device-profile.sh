@@ -12,16 +12,20 @@
 # (grid, time, DRAM rate), in order — which matmul of the step a kernel's time belongs to.
 # --detail REGEX: instead, ncu's launch, occupancy, throughput and warp-stall sections for the
 # first timed launch of each kernel whose name matches REGEX (for why a kernel is slow).
+# --skip N,N2,...: with --detail, the launches of REGEX after skipping N (each N in turn; the
+# order --launches prints) instead of the first ones — e.g. the LM head among the matmuls.
 # GEMV is simt or mma (FATHOM_GEMV, the tensor-core GEMV). Carry ["device-serve-data",
 # "device-bin"] (scripts/device-pack.sh; without device-bin the bench is built there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 detail=""
 launches=""
+skips=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --detail) detail=$2; shift 2 ;;
     --launches) launches=$2; shift 2 ;;
+    --skip) skips=$(echo "$2" | tr , " "); shift 2 ;;
     *) break ;;
   esac
 done
@@ -37,17 +41,35 @@ for c in "${cases[@]}"; do
   prompt=${prompt:-128}  # tokens of context before the timed steps (the serving bench's are 1,024)
   [ -n "$gemv" ] || { echo "device-profile: case $c is not MODEL:DTYPE:BATCH:GEMV[:STEPS]" >&2; exit 2; }
   if [ -n "$detail" ]; then
-    rep=$out/detail-$model-$dtype-b$batch-$gemv.txt
+   for skip in ${skips:-none}; do
+    rep=$out/detail-$model-$dtype-b$batch-$gemv-$skip.txt
+    which=(--launch-count 4)
+    [ "$skip" = none ] || which=(--launch-skip "$skip" --launch-count 1)
     FATHOM_GEMV=$gemv ncu --profile-from-start off --cache-control none --clock-control none \
       --section LaunchStats --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section SchedulerStats -k "regex:$detail" --launch-count 4 \
+      --section WarpStateStats --section SchedulerStats -k "regex:$detail" "${which[@]}" \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,smsp__inst_executed_op_shared_ld.sum,smsp__inst_executed_op_global_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum" \
       "$bin"/bench_cuda_decode --models "$model" --dtypes "$dtype" --batches "$batch" --decode "$steps" \
       --prompt "$prompt" --prefill 64 >"$rep" 2>&1 || { echo "device-profile: ncu failed for $c:"; tail -5 "$rep"; continue; }
     echo
-    echo "### $c: $detail"
+    echo "### $c: $detail (skip $skip)"
+    python3 - "$rep" <<'PY'
+import re, sys
+stalls = []
+for line in open(sys.argv[1]):
+    m = re.match(r"\s+smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+\S*\s+([\d.,]+)", line)
+    if m and float(m.group(2).replace(",", "")) >= 0.05:
+        stalls.append((float(m.group(2).replace(",", "")), m.group(1)))
+    m = re.match(r"\s+(smsp__inst_executed\S*|l1tex__data_bank\S*)\s+\S*\s+([\d.,]+)", line)
+    if m:
+        print(" ", m.group(1), m.group(2))
+if stalls:
+    print("  stalls per issued instruction:", ", ".join(f"{n} {v:.2f}" for v, n in sorted(stalls, reverse=True)))
+PY
     grep -E "^  [a-zA-Z_:<>, ]+\(|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|DRAM Throughput|Memory Throughput|Duration|Dynamic Shared|Waves Per SM|Grid Size|Block Size|Stall|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per|stalled" "$rep" \
       | sed -E 's/ {2,}/ /g' | head -120
-    continue
+   done
+   continue
   fi
   csv=$out/profile-$model-$dtype-b$batch-$gemv.csv
   FATHOM_GEMV=$gemv ncu --profile-from-start off --cache-control none --clock-control none \

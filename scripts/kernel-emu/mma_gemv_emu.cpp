@@ -41,13 +41,6 @@ inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 inline float __ldg(const float* p) { return *p; }
 inline float4 __ldg(const float4* p) { return *p; }
 inline float __ldcg(const float* p) { return *p; }
-// the emulated blocks run one after the other: an arrival count needs no atomicity here
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned old = *p;
-  *p = old + v;
-  return old;
-}
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t __float_as_uint(float f) { return fathom::bits_from_f32(f); }
 inline float __uint_as_float(uint32_t u) { return fathom::f32_from_bits(u); }
 struct __nv_bfloat16 { uint16_t x; };
@@ -60,7 +53,6 @@ inline float __half2float(__half h) { return fathom::f16_to_f32(h.x); }
 namespace fathom::cuda {
 using emu::threadIdx;
 using emu::blockIdx;
-using emu::blockDim;
 using std::max;
 using std::min;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -158,7 +150,7 @@ MmaRows rows_of(const Weight& w, int64_t n0) {
 std::vector<float> g_ss(kMmaWarps * kMmaSsRows), g_red(kMmaWarps * 16 * kMmaMaxRows);
 MmaShared shared_of(int chunk, int M) {
   uint8_t* base = reinterpret_cast<uint8_t*>(emu::emu_sm);
-  return MmaShared{reinterpret_cast<uint16_t*>(base), reinterpret_cast<float*>(base + size_t(M) * 2 * (chunk + 8) * 2),
+  return MmaShared{reinterpret_cast<uint16_t*>(base), reinterpret_cast<float*>(base + size_t(M) * 2 * (chunk + kMmaPad) * 2),
                    g_ss.data(), g_red.data()};
 }
 size_t smem_of(int chunk, int M) { return mma_smem_bytes(chunk, M); }
@@ -169,46 +161,26 @@ double rel(double got, double want) { return std::fabs(got - want) / (std::fabs(
 // NORM the rows of x RMS-normalised times g first.
 // skinny_slice > 0: instead matmul.cu's 9-to-128-row form (mma_skinny_kernel's body,
 // mma_skinny_block, in warp tiles) over slices of K of that many units, their partial sums added
-// up in slice order as skinny_reduce_kernel does (x staged at most stage_bytes at a time) or, with
-// inline_sums, by each row block's last block (skinny_arrive, the arrival counts checked to be
-// zero again after the grid). ahead: each warp's next weight unit in flight too (the two-block
-// form); else one unit at a time (the three-block form).
+// up in slice order as skinny_reduce_kernel does (x staged at most stage_bytes at a time).
 template <DType D, int NT, bool NORM>
-void skinny_grid(const MatmulParams& p, int64_t slice, int64_t stage_bytes, bool ahead, bool inline_sums) {
+void skinny_grid(const MatmulParams& p, int64_t slice, int64_t stage_bytes) {
   SkinnySlices sl;
   sl.slices = int(ceil_div(p.K, slice));
   sl.slice = slice;
   const int staged = 8 * NT;  // the skinny form stages whole tiles of x rows
   const int chunk = mma_chunk(std::min(slice, ceil_div(p.K, kMmaUnit) * kMmaUnit), staged, stage_bytes);
-  const int64_t row_blocks = ceil_div(p.N, kSkinnyRows);
-  std::vector<float> part(static_cast<size_t>(sl.slices * p.M * p.N + sl.slices * p.M * row_blocks), NAN);
-  std::vector<unsigned> counters(static_cast<size_t>(row_blocks), 0u);
+  std::vector<float> part(static_cast<size_t>(sl.slices * p.M * p.N + sl.slices * p.M), NAN);
   sl.part = part.data(), sl.part_ss = part.data() + sl.slices * p.M * p.N;
-  const bool arrive = inline_sums && sl.slices > 1;
-  if (arrive) sl.counters = counters.data();
-  emu::run_grid("skinny", {unsigned(row_blocks), unsigned(sl.slices), 1}, smem_of(chunk, staged), [&] {
-    const MmaShared sh = shared_of(chunk, staged);
-    SkinnySlices mine = sl;  // as mma_skinny_kernel sets it for a one-job launch
-    if (arrive) mine.part_ss = sl.part_ss + int64_t(blockIdx.x) * sl.slices * p.M;
-    if (ahead)
-      mma_skinny_block<D, NT, NORM, true>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, mine, sh);
-    else
-      mma_skinny_block<D, NT, NORM, false>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, mine, sh);
-    if (arrive) skinny_arrive<NORM>(p, 0, blockIdx.x, sl.counters + blockIdx.x, sl.slices, sl.part, p.M * p.N, mine.part_ss, sh);
+  emu::run_grid("skinny", {unsigned(ceil_div(p.N, kSkinnyRows)), unsigned(sl.slices), 1}, smem_of(chunk, staged), [&] {
+    mma_skinny_block<D, NT, NORM>(p, 0, int(blockIdx.x), int(blockIdx.y), chunk, true, sl, shared_of(chunk, staged));
   });
-  if (sl.slices > 1 && !arrive)  // skinny_reduce_kernel
+  if (sl.slices > 1)  // skinny_reduce_kernel
     for (int64_t i = 0; i < p.M * p.N; ++i) skinny_reduce_one<NORM>(p, sl, sl.part + i, p.M * p.N, i);
-  for (unsigned c : counters)
-    if (c != 0) {
-      std::printf("skinny: an arrival count left at %u\n", c);
-      emu::g_problem = true;
-    }
 }
 
 template <DType D, bool NORM>
 double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, bool accumulate = false,
-                 int skinny_slice = 0, int64_t stage_bytes = kMmaSmemBytes, bool ahead = true,
-                 bool inline_sums = false) {
+                 int skinny_slice = 0, int64_t stage_bytes = kMmaSmemBytes) {
   const Weight w = make_weight(D, N, K, block, rng);
   std::vector<float> x(static_cast<size_t>(M * K)), g(static_cast<size_t>(K)), out(static_cast<size_t>(M * N));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -226,10 +198,10 @@ double run_dense(int64_t N, int64_t K, int M, int64_t block, std::mt19937& rng, 
   if (skinny_slice > 0) {
     const int64_t slice = int64_t(skinny_slice) * kMmaUnit;
     switch (ceil_div(M, 8)) {
-      case 1: skinny_grid<D, 1, NORM>(p, slice, stage_bytes, ahead, inline_sums); break;
-      case 2: skinny_grid<D, 2, NORM>(p, slice, stage_bytes, ahead, inline_sums); break;
-      case 3: skinny_grid<D, 3, NORM>(p, slice, stage_bytes, ahead, inline_sums); break;
-      default: skinny_grid<D, 4, NORM>(p, slice, stage_bytes, ahead, inline_sums);
+      case 1: skinny_grid<D, 1, NORM>(p, slice, stage_bytes); break;
+      case 2: skinny_grid<D, 2, NORM>(p, slice, stage_bytes); break;
+      case 3: skinny_grid<D, 3, NORM>(p, slice, stage_bytes); break;
+      default: skinny_grid<D, 4, NORM>(p, slice, stage_bytes);
     }
   } else {
     const int chunk = mma_chunk(K, M);
@@ -503,21 +475,11 @@ int main(int argc, char** argv) {
   report("fp8   N 30 K 256 M 4 norm accumulate", run_dense<DType::F8_E4M3, true>(30, 256, 4, 128, rng, true));
   report("skinny bf16 N 150 K 1040 M 32, slices of 3 units", run_dense<DType::BF16, false>(150, 1040, 32, 128, rng, false, 3));
   report("skinny fp8  N 136 K 768 M 17 accumulate, one slice, x a unit at a time",
-         run_dense<DType::F8_E4M3, false>(136, 768, 17, 128, rng, true, 6, 24 * 532));  // 24 rows staged
+         run_dense<DType::F8_E4M3, false>(136, 768, 17, 128, rng, true, 6, int64_t(mma_smem_bytes(kMmaUnit, 24))));  // 24 rows staged
   report("skinny f16  N 40 K 400 M 9, slices of 1 unit", run_dense<DType::F16, false>(40, 400, 9, 128, rng, false, 1));
   report("skinny bf16 N 140 K 1024 M 32 norm, slices of 3", run_dense<DType::BF16, true>(140, 1024, 32, 128, rng, false, 3));
   report("skinny fp8  N 50 K 640 M 13 norm accumulate, one slice", run_dense<DType::F8_E4M3, true>(50, 640, 13, 128, rng, true, 5));
   report("skinny fp8  N 130 K 512 M 24 block 256, slices of 2", run_dense<DType::F8_E4M3, false>(130, 512, 24, 256, rng, false, 2));
-  // the three-block form (one weight unit a warp at a time), and the slices added up by each row
-  // block's last block inside the launch
-  report("skinny bf16 N 150 K 1040 M 32, slices of 3, one unit at a time, sums inline",
-         run_dense<DType::BF16, false>(150, 1040, 32, 128, rng, false, 3, kMmaSmemBytes, false, true));
-  report("skinny bf16 N 140 K 1024 M 20 norm accumulate, slices of 2, sums inline",
-         run_dense<DType::BF16, true>(140, 1024, 20, 128, rng, true, 2, kMmaSmemBytes, true, true));
-  report("skinny fp8  N 130 K 640 M 24 norm, slices of 2, one unit at a time, sums inline",
-         run_dense<DType::F8_E4M3, true>(130, 640, 24, 128, rng, false, 2, 24 * 532, false, true));
-  report("skinny f16  N 40 K 400 M 9, one slice, one unit at a time",
-         run_dense<DType::F16, false>(40, 400, 9, 128, rng, false, 4, kMmaSmemBytes, false, true));
   report("jobs bf16 N 40 K 256 J 8", run_jobs<DType::BF16>(40, 256, 8, 128, rng));
   report("jobs fp8  N 20 K 384 J 5", run_jobs<DType::F8_E4M3>(20, 384, 5, 128, rng));
   // sizes kept small: 256 emulated threads per block meet at every barrier (~50 ms a block here)
@@ -528,10 +490,10 @@ int main(int argc, char** argv) {
   report("grouped fp8  T 10 top 2 of 3, H 128 I 128 + shared, norm", run_experts<DType::F8_E4M3, true>(10, 3, 2, 128, 128, 128, true, rng));
   report("grouped bf16 T 12 top 2 of 3, H 208 I 80 (idle warps)", run_experts<DType::BF16, false>(12, 3, 2, 208, 80, 128, true, rng));
   report("grouped fp8  T 9 top 2 of 3, H 384 I 256, x staged a unit at a time",
-         run_experts<DType::F8_E4M3, false>(9, 3, 2, 384, 256, 128, true, rng, 8 * 532));
+         run_experts<DType::F8_E4M3, false>(9, 3, 2, 384, 256, 128, true, rng, int64_t(mma_smem_bytes(kMmaUnit, 8))));
   // the three-block form of moe_grouped.cu (one weight unit a warp at a time), x in chunks
   report("grouped bf16 T 12 top 2 of 3, H 384 I 256, one unit at a time, x in chunks of 2 units",
-         run_experts<DType::BF16, false>(12, 3, 2, 384, 256, 128, true, rng, 2 * 8 * 532, false));
+         run_experts<DType::BF16, false>(12, 3, 2, 384, 256, 128, true, rng, int64_t(mma_smem_bytes(2 * kMmaUnit, 8)), false));
   report("grouped fp8  T 10 top 2 of 3, H 256 I 128 + norm, one unit at a time",
          run_experts<DType::F8_E4M3, true>(10, 3, 2, 256, 128, 128, true, rng, kMmaSmemBytes, false));
   std::printf(all_ok ? "ALL OK\n" : "SOME FAILED\n");

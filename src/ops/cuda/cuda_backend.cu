@@ -663,7 +663,6 @@ class CudaOps final : public Ops {
 
   bool capture_begin() override {
     use();
-    cuda::prepare_capture(ctx_->stream);  // what the kernels keep per stream, made before recording
     // thread-local: this thread may not make calls that would synchronize while it records
     check(cudaStreamBeginCapture(ctx_->stream, cudaStreamCaptureModeThreadLocal), "capture_begin");
     return true;

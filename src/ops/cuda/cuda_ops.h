@@ -78,22 +78,6 @@ GemvKind gemv_kind();
 // takes FATHOM_GROUPED_FORM=3x1|ahead, else ThreeBlocks. Tests and benchmarks switch it per run.
 enum class GroupedForm { Auto, Ahead, ThreeBlocks };
 void set_grouped_form(GroupedForm f);
-// The skinny matmuls' tensor-core form (matmul.cu, 9 to 128 rows): Ahead — two blocks a SM,
-// each warp its next weight unit in flight too, slices of K for about one block a SM — or
-// ThreeBlocks — one unit a warp, three blocks a SM and slices for three — or ThreeBlocksLarge,
-// three only for launches of at least half a block a SM before slicing (the LM head, a dense
-// MLP). Auto takes FATHOM_SKINNY_FORM=ahead|3x1|3x1-large, else Ahead. SkinnySums: the slices'
-// partial sums added up by a kernel after the matmul (Kernel) or by the last block of each row
-// block inside it (Inline); Auto takes FATHOM_SKINNY_SUMS=kernel|inline, else Kernel. The
-// results are the same bits either way.
-enum class SkinnyForm { Auto, Ahead, ThreeBlocks, ThreeBlocksLarge };
-void set_skinny_form(SkinnyForm f);
-enum class SkinnySums { Auto, Kernel, Inline };
-void set_skinny_sums(SkinnySums s);
-// Makes what the kernels keep per stream (the skinny matmuls' arrival counts) for `stream`,
-// which is about to record a graph: it cannot be made while recording (the matmuls fall back to
-// adding their slices up in a kernel of their own then).
-void prepare_capture(Stream stream);
 
 // ---- elementwise.cu
 

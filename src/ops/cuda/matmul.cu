@@ -22,13 +22,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <mutex>
 #include <optional>
-#include <string>
-#include <tuple>
-#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/cublas_util.cuh"
@@ -390,9 +385,6 @@ constexpr int kSkinnyMaxM = 32;         // x rows per launch
 // engine's 128-request steps took 33 ms there, against 4.7 ms for 32 requests).
 constexpr int64_t kSkinnyMaxRows = 4 * kSkinnyMaxM;
 constexpr int kSkinnySmem = 96 * 1024;  // x staging
-// x staging in the three-blocks-a-SM form (SkinnyForm): 512 columns of 32 rows, so that three
-// blocks (with their 5 KB of static shared memory) fit a SM's 228 KB.
-constexpr int kSkinnyThreeSmem = 68 * 1024;
 constexpr int kMaxSkinnyJobs = 2;
 
 struct SkinnyJobs {
@@ -425,12 +417,9 @@ __device__ inline void skinny_prefetch(const MatmulParams& p, int64_t rb, const 
 }
 
 // grid (Σ row blocks, slices, batch), block kMmaThreads. sl.part: job j's sums from
-// slice * out_end[n-1] + (j ? out_end[j-1] : 0), (batch, M, N) each. Two forms (SkinnyForm in
-// cuda_ops.h): kThree, three blocks a SM with one weight unit in flight a warp; else two blocks a
-// SM with the next unit in flight too. With sl.counters the last block of a row block to finish
-// adds the slices up (skinny_arrive); else skinny_reduce_kernel does after the launch.
-template <DType D, int NT, bool NORM, bool kThree>
-__global__ void __launch_bounds__(kMmaThreads, kThree ? 3 : 2)
+// slice * out_end[n-1] + (j ? out_end[j-1] : 0), (batch, M, N) each.
+template <DType D, int NT, bool NORM>
+__global__ void __launch_bounds__(kMmaThreads, 2)
     mma_skinny_kernel(const __grid_constant__ SkinnyJobs jobs, SkinnySlices sl, int chunk, bool vec_x) {
   if (int64_t(blockIdx.x) >= jobs.block_end[jobs.n - 1]) {  // a side op's block
     if (blockIdx.y == 0 && blockIdx.z == 0) run_side(jobs.side, int64_t(blockIdx.x) - jobs.block_end[jobs.n - 1]);
@@ -443,19 +432,12 @@ __global__ void __launch_bounds__(kMmaThreads, kThree ? 3 : 2)
   pdl_wait();
   FATHOM_MMA_SHARED(sh, chunk, 8 * NT);  // every x row of the NT tiles staged, zeros past M
   SkinnySlices mine = sl;
-  const int64_t stride = jobs.out_end[jobs.n - 1] * p.batch;  // from one slice's sums to the next
-  const int64_t job_at = (j ? jobs.out_end[j - 1] : 0) * p.batch;
   if (sl.slices > 1) {
-    mine.part = sl.part + int64_t(blockIdx.y) * stride + job_at - int64_t(blockIdx.y) * p.batch * p.M * p.N;
-    if (sl.counters)  // each row block its own squares: its last block adds them up
-      mine.part_ss = sl.part_ss + int64_t(blockIdx.x) * sl.slices * p.M;
-    else if (j > 0)
-      mine.part_ss = nullptr;  // the jobs share x: job 0 keeps the squares
+    mine.part = sl.part + int64_t(blockIdx.y) * jobs.out_end[jobs.n - 1] * p.batch +
+                (j ? jobs.out_end[j - 1] : 0) * p.batch - int64_t(blockIdx.y) * p.batch * p.M * p.N;
+    if (j > 0) mine.part_ss = nullptr;  // the jobs share x: job 0 keeps the squares
   }
-  mma_skinny_block<D, NT, NORM, !kThree>(p, int(blockIdx.z), int(rb), int(blockIdx.y), chunk, vec_x, mine, sh);
-  if (sl.slices > 1 && sl.counters)
-    skinny_arrive<NORM>(p, int(blockIdx.z), rb, sl.counters + int64_t(blockIdx.z) * jobs.block_end[jobs.n - 1] + blockIdx.x,
-                        sl.slices, sl.part + job_at + int64_t(blockIdx.z) * p.M * p.N, stride, mine.part_ss, sh);
+  mma_skinny_block<D, NT, NORM>(p, int(blockIdx.z), int(rb), int(blockIdx.y), chunk, vec_x, mine, sh);
 }
 
 // Element i of every job's output (the jobs one after the other): the slices' sums in slice
@@ -474,83 +456,22 @@ __global__ void skinny_reduce_kernel(const __grid_constant__ SkinnyJobs jobs, Sk
   }
 }
 
-template <DType D, int NT, bool kThree>
+template <DType D, int NT>
 void launch_skinny(const SkinnyJobs& jobs, const SkinnySlices& sl, dim3 grid, size_t smem, int chunk, bool vec_x,
                    cudaStream_t s) {
   if (jobs.job[0].norm)
-    launch_kernel(mma_skinny_kernel<D, NT, true, kThree>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
+    launch_kernel(mma_skinny_kernel<D, NT, true>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
   else
-    launch_kernel(mma_skinny_kernel<D, NT, false, kThree>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
-}
-template <DType D, int NT>
-void launch_skinny(bool three, const SkinnyJobs& jobs, const SkinnySlices& sl, dim3 grid, size_t smem, int chunk,
-                   bool vec_x, cudaStream_t s) {
-  if (three) launch_skinny<D, NT, true>(jobs, sl, grid, smem, chunk, vec_x, s);
-  else launch_skinny<D, NT, false>(jobs, sl, grid, smem, chunk, vec_x, s);
+    launch_kernel(mma_skinny_kernel<D, NT, false>, grid, kMmaThreads, smem, s, jobs, sl, chunk, vec_x);
 }
 
-template <DType D, bool kThree>
+template <DType D>
 void allow_skinny_smem() {
   static std::once_flag done[kMaxDevices];
-  allow_dynamic_smem(done, kThree ? kSkinnyThreeSmem : kSkinnySmem, "matmul (cudaFuncSetAttribute)",
-                     mma_skinny_kernel<D, 1, false, kThree>, mma_skinny_kernel<D, 2, false, kThree>,
-                     mma_skinny_kernel<D, 3, false, kThree>, mma_skinny_kernel<D, 4, false, kThree>,
-                     mma_skinny_kernel<D, 1, true, kThree>, mma_skinny_kernel<D, 2, true, kThree>,
-                     mma_skinny_kernel<D, 3, true, kThree>, mma_skinny_kernel<D, 4, true, kThree>);
-}
-
-std::atomic<int> g_skinny_form{int(SkinnyForm::Auto)}, g_skinny_sums{int(SkinnySums::Auto)};
-
-// The form and the slices' sums of the skinny matmuls: set_skinny_form's / set_skinny_sums's,
-// else FATHOM_SKINNY_FORM=ahead|3x1|3x1-large and FATHOM_SKINNY_SUMS=kernel|inline (read once),
-// else the defaults.
-SkinnyForm skinny_form() {
-  const auto set = SkinnyForm(g_skinny_form.load(std::memory_order_relaxed));
-  if (set != SkinnyForm::Auto) return set;
-  static const SkinnyForm from_env = [] {
-    const char* v = std::getenv("FATHOM_SKINNY_FORM");
-    const std::string f = v && *v ? v : "ahead";
-    FATHOM_CHECK(f == "ahead" || f == "3x1" || f == "3x1-large", "FATHOM_SKINNY_FORM is '", f,
-                 "'; expected ahead, 3x1 or 3x1-large.");
-    return f == "3x1" ? SkinnyForm::ThreeBlocks : f == "3x1-large" ? SkinnyForm::ThreeBlocksLarge : SkinnyForm::Ahead;
-  }();
-  return from_env;
-}
-SkinnySums skinny_sums() {
-  const auto set = SkinnySums(g_skinny_sums.load(std::memory_order_relaxed));
-  if (set != SkinnySums::Auto) return set;
-  static const SkinnySums from_env = [] {
-    const char* v = std::getenv("FATHOM_SKINNY_SUMS");
-    const std::string f = v && *v ? v : "kernel";
-    FATHOM_CHECK(f == "kernel" || f == "inline", "FATHOM_SKINNY_SUMS is '", f, "'; expected kernel or inline.");
-    return f == "inline" ? SkinnySums::Inline : SkinnySums::Kernel;
-  }();
-  return from_env;
-}
-
-// The arrival counters of the skinny matmuls that add their slices up in their own launch
-// (skinny_arrive), one set a stream and device: the launches of one stream run one after the
-// other (a launch touches them only after its programmatic wait, when the launch before it has
-// finished), and each leaves them zero. Made on a stream's first such matmul, outside a graph
-// capture (cudaMalloc is not a stream operation); nullptr when they cannot be (capturing, or
-// more than kSliceCounters row blocks): the caller adds the slices up in a kernel of its own.
-constexpr int64_t kSliceCounters = 1 << 16;
-bool capturing(cudaStream_t s);
-unsigned* slice_counters(cudaStream_t s, int64_t need) {
-  if (need > kSliceCounters) return nullptr;
-  static std::mutex mu;
-  static std::vector<std::tuple<int, cudaStream_t, unsigned*>> made;
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  std::lock_guard lock(mu);
-  for (const auto& [d, st, c] : made)
-    if (d == device && st == s) return c;
-  if (capturing(s)) return nullptr;
-  unsigned* c = nullptr;
-  check(cudaMalloc(&c, kSliceCounters * sizeof(unsigned)), "matmul (slice counters, cudaMalloc)");
-  check(cudaMemsetAsync(c, 0, kSliceCounters * sizeof(unsigned), s), "matmul (slice counters, cudaMemsetAsync)");
-  made.emplace_back(device, s, c);
-  return c;
+  allow_dynamic_smem(done, kSkinnySmem, "matmul (cudaFuncSetAttribute)", mma_skinny_kernel<D, 1, false>,
+                     mma_skinny_kernel<D, 2, false>, mma_skinny_kernel<D, 3, false>, mma_skinny_kernel<D, 4, false>,
+                     mma_skinny_kernel<D, 1, true>, mma_skinny_kernel<D, 2, true>, mma_skinny_kernel<D, 3, true>,
+                     mma_skinny_kernel<D, 4, true>);
 }
 
 // Whether the 9-to-128-row tensor-core matmul takes p.
@@ -570,9 +491,7 @@ bool skinny_joins(const MatmulParams& p, const MatmulParams& q) {
 // ps[0..n): skinny jobs (skinny_joins ps[0] for n > 1); the side ops ride in the first launch.
 template <DType D>
 void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s, const SideJobs& side = {}) {
-  allow_skinny_smem<D, false>();
-  allow_skinny_smem<D, true>();
-  const SkinnyForm form = skinny_form();
+  allow_skinny_smem<D>();
   FATHOM_ASSERT(n >= 1 && n <= kMaxSkinnyJobs, "run_skinny: ", n, " jobs");
   const MatmulParams& p0 = ps_in[0];
   for (int64_t r = 0; r < p0.M; r += kSkinnyMaxM) {
@@ -594,27 +513,20 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s, const SideJobs
     const MatmulParams& p = jobs.job[0];
     SkinnySlices sl;
     const int64_t k_units = ceil_div(p.K, kMmaUnit);
-    const bool three = form == SkinnyForm::ThreeBlocks ||
-                       (form == SkinnyForm::ThreeBlocksLarge && 2 * row_blocks * p.batch >= sm_count());
     // slices for about one block per SM (H200, the 32-request step: against two, +9 us in the
-    // matmuls and -33 us in the slice sums, which read half as many partial sums), three in the
-    // three-block form
-    const int64_t want =
-        std::clamp<int64_t>(ceil_div(int64_t(sm_count()) * (three ? 3 : 1), row_blocks * p.batch), 1, k_units);
+    // matmuls and -33 us in the slice sums, which read half as many partial sums)
+    const int64_t want = std::clamp<int64_t>(ceil_div(int64_t(sm_count()), row_blocks * p.batch), 1, k_units);
     const int64_t slice_units = ceil_div(k_units, want);
     sl.slices = int(ceil_div(k_units, slice_units));
     sl.slice = slice_units * kMmaUnit;
     const int staged = 8 * int(ceil_div(p.M, 8));  // x rows staged: whole tiles of 8
-    const int chunk =
-        mma_chunk(std::min(sl.slice, k_units * kMmaUnit), staged, three ? kSkinnyThreeSmem : kSkinnySmem);
+    const int chunk = mma_chunk(std::min(sl.slice, k_units * kMmaUnit), staged, kSkinnySmem);
     FATHOM_ASSERT(chunk > 0, "run_skinny: no room to stage ", staged, " x rows");
     FATHOM_ASSERT(outs * p.batch * 2 < (int64_t(1) << 32), "run_skinny: ", outs * p.batch, " outputs");
     const bool vec_x = aligned16(p.x) && p.ldx % 4 == 0 && p.x_batch_stride % 4 == 0;
     std::optional<StreamScratch> part;
     if (sl.slices > 1) {
-      if (skinny_sums() == SkinnySums::Inline) sl.counters = slice_counters(s, row_blocks * p.batch);
-      const size_t sums = size_t(sl.slices) * size_t(p.batch * outs);
-      const size_t squares = size_t(sl.slices * p.M) * size_t(sl.counters ? row_blocks : 1);
+      const size_t sums = size_t(sl.slices) * size_t(p.batch * outs), squares = size_t(sl.slices * p.M);
       part.emplace((sums + squares) * sizeof(float), s, "matmul (skinny partial sums)");
       sl.part = part->as<float>();
       sl.part_ss = sl.part + sums;
@@ -623,13 +535,13 @@ void run_skinny(const MatmulParams* ps_in, int n, cudaStream_t s, const SideJobs
     const dim3 grid(unsigned(row_blocks + side_blocks), unsigned(sl.slices), unsigned(p.batch));
     const size_t smem = mma_smem_bytes(chunk, staged);
     switch (ceil_div(p.M, 8)) {
-      case 1: launch_skinny<D, 1>(three, jobs, sl, grid, smem, chunk, vec_x, s); break;
-      case 2: launch_skinny<D, 2>(three, jobs, sl, grid, smem, chunk, vec_x, s); break;
-      case 3: launch_skinny<D, 3>(three, jobs, sl, grid, smem, chunk, vec_x, s); break;
-      default: launch_skinny<D, 4>(three, jobs, sl, grid, smem, chunk, vec_x, s);
+      case 1: launch_skinny<D, 1>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      case 2: launch_skinny<D, 2>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      case 3: launch_skinny<D, 3>(jobs, sl, grid, smem, chunk, vec_x, s); break;
+      default: launch_skinny<D, 4>(jobs, sl, grid, smem, chunk, vec_x, s);
     }
     check_launch("matmul (mma_skinny_kernel)");
-    if (sl.slices > 1 && !sl.counters) {
+    if (sl.slices > 1) {
       const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(outs * p.batch, 256), 1024));
       if (p.norm) launch_kernel(skinny_reduce_kernel<true>, blocks, 256, 0, s, jobs, sl);
       else launch_kernel(skinny_reduce_kernel<false>, blocks, 256, 0, s, jobs, sl);
@@ -781,14 +693,6 @@ void matmul(const MatmulParams& p_in, Stream stream, const GemvSide& side_in) {
   }
   if (!carried) side_apart();
 }
-
-void prepare_capture(Stream stream) {
-  const cudaStream_t s = as_cuda(stream);
-  if (!capturing(s)) slice_counters(s, 1);
-}
-
-void set_skinny_form(SkinnyForm f) { g_skinny_form.store(int(f), std::memory_order_relaxed); }
-void set_skinny_sums(SkinnySums f) { g_skinny_sums.store(int(f), std::memory_order_relaxed); }
 
 void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
   const cudaStream_t s = as_cuda(stream);

@@ -38,6 +38,12 @@ constexpr int kMmaUnit = 128;         // columns per warp step (and per scaling 
 constexpr int kMmaMaxRows = 8;        // rows of x: the MMA's n
 constexpr int kMmaSsRows = 32;        // x rows whose sums of squares the staging keeps (NORM)
 constexpr int kMmaSmemBytes = 40960;  // x staging (dynamic shared memory, under the 48 KB default)
+// Columns each staged row of x is padded by: a fragment load's rows g and g + 1 (each with its
+// two parts) then start 64 bytes apart modulo 128, so the eight lanes of a 128-bit load phase
+// (rows g, g + 1; tig 0-3) hit 32 different banks with 16-bit weights, where a pad of 8 put the
+// two rows 32 bytes apart and every load took twice its wavefronts (ncu, the skinny matmuls:
+// 4 bank conflicts a load). Rows stay 16-byte aligned.
+constexpr int kMmaPad = 16;
 
 // Whether the tensor-core path takes a weight of dtype d with K columns (16-byte aligned rows of
 // whole 16-byte pieces; FP8 scale blocks whole 128-column units).
@@ -52,15 +58,18 @@ enum class MmaSite { Dense, TokenExperts, GroupedExperts, Skinny };
 bool mma_gemv_on(MmaSite site);
 // Columns of x staged at once for M rows (a multiple of kMmaUnit) in at most `bytes` of shared
 // memory.
+// Dynamic shared memory of a launch: the two 16-bit parts of M rows of chunk columns (each row
+// padded by kMmaPad columns) and one scale per row and unit.
+inline size_t mma_smem_bytes(int chunk, int M) {
+  return size_t(M) * (2 * (chunk + kMmaPad) * 2 + chunk / kMmaUnit * 4);
+}
+// Columns of x staged at once for M rows (a multiple of kMmaUnit; 0 when not even one unit fits)
+// in at most `bytes` of shared memory: mma_smem_bytes(chunk, M) <= bytes.
 inline int mma_chunk(int64_t K, int M, int64_t bytes = kMmaSmemBytes) {
-  const int64_t fit = bytes / (M * (4 * (kMmaUnit + 4) + 4)) * kMmaUnit;
+  const int64_t per_row = bytes / M - 4 * kMmaPad;  // what the units of a row may take
+  const int64_t fit = per_row > 0 ? per_row / (4 * kMmaUnit + 4) * kMmaUnit : 0;
   const int64_t k = ceil_div(K, kMmaUnit) * kMmaUnit;
   return int(k < fit ? k : fit);
-}
-// Dynamic shared memory of a launch: the two 16-bit parts of M rows of chunk columns (each row
-// padded by 16 bytes) and one scale per row and unit.
-inline size_t mma_smem_bytes(int chunk, int M) {
-  return size_t(M) * (2 * (chunk + 8) * 2 + chunk / kMmaUnit * 4);
 }
 
 #ifndef FATHOM_KERNEL_EMU  // the emulator brings its own (warp-collective) versions
@@ -107,7 +116,7 @@ struct MmaRows {
 // The block's shared state: the staged x parts and scales (dynamic), the warps' sums of squares
 // (NORM) and the reduction space.
 struct MmaShared {
-  uint16_t* x;       // [row][part][chunk + 8]
+  uint16_t* x;       // [row][part][chunk + kMmaPad]
   float* xscale;     // [row][chunk / kMmaUnit]: 2^-s of the row's unit (F16/FP8)
   float* ss;         // [kMmaWarps][kMmaSsRows]
   float* red;        // [kMmaWarps][16][kMmaMaxRows]
@@ -128,7 +137,7 @@ template <DType D, bool NORM, class XRow>
 __device__ inline void mma_stage_x(const MmaShared& sh, XRow xrow, int M, int64_t k0, int chunk, int64_t K,
                                    const float* __restrict__ g, bool vec) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int units = chunk / kMmaUnit, stride = chunk + 8, items = M * units;
+  const int units = chunk / kMmaUnit, stride = chunk + kMmaPad, items = M * units;
   // A warp's items kAhead at a time, their loads all issued before any is used: x was just
   // written by the kernel before, so each load is an L2 round trip, and a chain of them per
   // warp was most of a small matmul's time.
@@ -225,7 +234,7 @@ template <DType D>
 __device__ inline void mma_load_x(uint4 (&xh)[MmaTraits<D>::V / 8], uint4 (&xl)[MmaTraits<D>::V / 8],
                                   const MmaShared& sh, int row, bool feeds, int u, int i, int chunk) {
   using T = MmaTraits<D>;
-  const int tig = threadIdx.x % 4, stride = chunk + 8;
+  const int tig = threadIdx.x % 4, stride = chunk + kMmaPad;
   const uint16_t* xs = sh.x + (row * 2) * stride + u * kMmaUnit + i * 4 * T::V + tig * T::V;
 #pragma unroll
   for (int q = 0; q < T::V / 8; ++q) {
@@ -460,7 +469,7 @@ __device__ inline void mma_block_reduce(const float (&acc)[1][4], const MmaShare
   __shared__ float fathom_mma_ss[kMmaWarps * kMmaSsRows];                                      \
   __shared__ float fathom_mma_red[kMmaWarps * 16 * kMmaMaxRows];                               \
   const MmaShared name{reinterpret_cast<uint16_t*>(fathom_mma_dyn),                            \
-                       reinterpret_cast<float*>(fathom_mma_dyn + size_t(M) * 2 * ((chunk) + 8) * 2), \
+                       reinterpret_cast<float*>(fathom_mma_dyn + size_t(M) * 2 * ((chunk) + kMmaPad) * 2), \
                        fathom_mma_ss, fathom_mma_red}
 
 }  // namespace fathom::cuda

@@ -353,10 +353,6 @@ struct SkinnySlices {
   int64_t slice = 0;         // columns per slice (whole units)
   float* part = nullptr;     // (slices, batch, M, N): each slice's sums
   float* part_ss = nullptr;  // (slices, M): NORM, each slice's sums of squares of x's rows
-  // Set when the slices are added up in the matmul's own launch (skinny_arrive): the launch's
-  // arrival counters, one a row block and batch entry, zero before the launch and after it.
-  // part_ss is then (row block, slices, M): every row block keeps its own squares.
-  unsigned* counters = nullptr;
 };
 // x for the skinny form: columns [k0, k0 + units * kMmaUnit) (zeros from k_end) of the 8 NT x
 // rows (zeros from M) staged as mma_stage_x does, but warp w takes rows w, w + 8, ... whole, so
@@ -367,7 +363,7 @@ template <DType D, int NT, bool NORM>
 __device__ inline void skinny_stage_x(const MmaShared& sh, const MatmulParams& p, const float* x, int64_t k0,
                                       int units, int chunk_units, int64_t k_end, bool vec, float (&ss)[NT]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int M = int(p.M), stride = chunk_units * kMmaUnit + 8;
+  const int M = int(p.M), stride = chunk_units * kMmaUnit + kMmaPad;
   for (int u = 0; u < units; ++u) {
     const int64_t k = k0 + int64_t(u) * kMmaUnit + lane * 4;
     const bool in = k < k_end;  // K % 16 == 0: four columns are all in or all out
@@ -494,7 +490,7 @@ __device__ inline void skinny_unit(float (&acc)[NT][4], const MmaUnitW<D>& w, co
 // over slice `slice` of K, each warp streaming its rows one unit ahead of its MMAs; NORM, the
 // rows' squares over the slice in sh.red[m] (ends synchronized). Rows past N read row N - 1 (their
 // products are not written), so the loop has no bound checks but the last unit's.
-template <DType D, int NT, bool NORM, bool kAhead>
+template <DType D, int NT, bool NORM>
 __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParams& p, int b, int rb, int slice,
                                           int chunk, bool vec_x, const SkinnySlices& sl, const MmaShared& sh) {
   using T = MmaTraits<D>;
@@ -513,7 +509,7 @@ __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParam
     sa = p.scale_inv + ra / p.block * kb, sb = p.scale_inv + rbw / p.block * kb;
     unit_per_scale = int(p.block / kMmaUnit);
   }
-  const int chunk_units = chunk / kMmaUnit, stride = chunk + 8;
+  const int chunk_units = chunk / kMmaUnit, stride = chunk + kMmaPad;
   const uint16_t* xs = sh.x + (g * 2) * stride + tig * T::V;
   const float* x = p.x + b * p.x_batch_stride;
   float ss[NT];
@@ -536,25 +532,16 @@ __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParam
     __syncthreads();
     if (!active) continue;
     for (int u = 0; u < units; ++u) {
-      if constexpr (kAhead) {
-        MmaUnitW<D> nxt;
-        float nsa = 1.f, nsb = 1.f;
-        if (u + 1 < units) {
-          skinny_load_unit<D>(nxt, pa, pb, k0 + int64_t(u + 1) * kMmaUnit, k_end);
-          if constexpr (D == DType::F8_E4M3)
-            nsa = __ldg(sa + (unit0 + u + 1) / unit_per_scale), nsb = __ldg(sb + (unit0 + u + 1) / unit_per_scale);
-        }
-        skinny_unit<D, NT>(acc, cur, xs + u * kMmaUnit, stride, sh.xscale + u, chunk_units, wsa, wsb);
-        if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
-        wsa = nsa, wsb = nsb;
-      } else {  // one unit in flight: the next one's loads after this one's MMAs
-        skinny_unit<D, NT>(acc, cur, xs + u * kMmaUnit, stride, sh.xscale + u, chunk_units, wsa, wsb);
-        if (u + 1 < units) {
-          skinny_load_unit<D>(cur, pa, pb, k0 + int64_t(u + 1) * kMmaUnit, k_end);
-          if constexpr (D == DType::F8_E4M3)
-            wsa = __ldg(sa + (unit0 + u + 1) / unit_per_scale), wsb = __ldg(sb + (unit0 + u + 1) / unit_per_scale);
-        }
+      MmaUnitW<D> nxt;
+      float nsa = 1.f, nsb = 1.f;
+      if (u + 1 < units) {
+        skinny_load_unit<D>(nxt, pa, pb, k0 + int64_t(u + 1) * kMmaUnit, k_end);
+        if constexpr (D == DType::F8_E4M3)
+          nsa = __ldg(sa + (unit0 + u + 1) / unit_per_scale), nsb = __ldg(sb + (unit0 + u + 1) / unit_per_scale);
       }
+      skinny_unit<D, NT>(acc, cur, xs + u * kMmaUnit, stride, sh.xscale + u, chunk_units, wsa, wsb);
+      if (u + 1 < units) cur = nxt;  // (the last unit has no next one)
+      wsa = nsa, wsb = nsb;
     }
   }
   if constexpr (NORM) {
@@ -567,19 +554,19 @@ __device__ inline void mma_skinny_product(float (&acc)[NT][4], const MatmulParam
   }
 }
 
-template <DType D, int NT, bool NORM, bool kAhead = true>
+template <DType D, int NT, bool NORM>
 __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, int slice, int chunk, bool vec_x,
                                         const SkinnySlices& sl, const MmaShared& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int M = int(p.M);
   const int64_t w0 = int64_t(rb) * kSkinnyRows + int64_t(warp) * 16;
   float acc[NT][4];
-  mma_skinny_product<D, NT, NORM, kAhead>(acc, p, b, rb, slice, chunk, vec_x, sl, sh);
+  mma_skinny_product<D, NT, NORM>(acc, p, b, rb, slice, chunk, vec_x, sl, sh);
   float* const scale = sh.red;  // [kMmaSsRows]: the rows' squares over the slice, then norm factors
   if constexpr (NORM) {
     if (int(threadIdx.x) < M) {
       const float t = scale[threadIdx.x];
-      if (sl.slices > 1 && (rb == 0 || sl.counters) && sl.part_ss) sl.part_ss[int64_t(slice) * M + threadIdx.x] = t;
+      if (sl.slices > 1 && rb == 0 && sl.part_ss) sl.part_ss[int64_t(slice) * M + threadIdx.x] = t;
       if (sl.slices == 1) scale[threadIdx.x] = norm_scale(t, p.K, p.eps);
     }
     __syncthreads();
@@ -599,58 +586,6 @@ __device__ inline void mma_skinny_block(const MatmulParams& p, int b, int rb, in
       if (w0 + g < p.N) o[w0 + g] = add ? o[w0 + g] + acc[j][q] * sc : acc[j][q] * sc;
       if (w0 + g + 8 < p.N) o[w0 + g + 8] = add ? o[w0 + g + 8] + acc[j][2 + q] * sc : acc[j][2 + q] * sc;
     }
-}
-
-// The slices' sums added up inside the matmul's own launch (SkinnySlices::counters), instead of
-// by skinny_reduce_kernel after it: every block of row block rb (batch entry b) has written its
-// slice's partial sums; each counts its arrival (one atomic a row block), and the last to arrive
-// adds the row block's slices up — in slice order, as skinny_reduce_kernel does, so the result
-// does not depend on which block came last — times the rows' norm factors (NORM), and zeroes the
-// count for the next launch. part: the job's sums of slice 0 for batch entry b; stride: from one
-// slice's sums to the next; ss: NORM, the row block's squares (slices, M). sh.red is scratch
-// here (the block's products are written).
-template <bool NORM>
-__device__ inline void skinny_arrive(const MatmulParams& p, int b, int64_t rb, unsigned* counter, int slices,
-                                     const float* part, int64_t stride, const float* ss, const MmaShared& sh) {
-  int* const last = reinterpret_cast<int*>(sh.red + kMmaSsRows);
-  __threadfence();  // this block's sums are visible everywhere before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    *last = atomicAdd(counter, 1u) == unsigned(slices - 1);
-    if (*last) *counter = 0;  // every slice has arrived
-  }
-  __syncthreads();
-  if (!*last) return;
-  __threadfence();  // the other blocks' sums, seen through their counted arrivals
-  const int M = int(p.M);
-  const int64_t n0 = rb * kSkinnyRows;
-  const int rows = int(min(int64_t(kSkinnyRows), p.N - n0));
-  float* const factor = sh.red;  // [M]: the rows' norm factors
-  if constexpr (NORM) {
-    if (int(threadIdx.x) < M) {
-      float t = 0.f;
-      for (int s = 0; s < slices; ++s) t += __ldcg(ss + s * M + threadIdx.x);
-      factor[threadIdx.x] = norm_scale(t, p.K, p.eps);
-    }
-    __syncthreads();
-  }
-  constexpr int kAhead = 8;
-  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
-    const int m = e / rows, c = e - m * rows;  // neighbouring threads, neighbouring columns
-    const float* src = part + int64_t(m) * p.N + n0 + c;
-    float v = 0.f;
-    for (int s0 = 0; s0 < slices; s0 += kAhead) {
-      float t[kAhead];
-#pragma unroll
-      for (int q = 0; q < kAhead; ++q) t[q] = s0 + q < slices ? __ldcg(src + (s0 + q) * stride) : 0.f;
-#pragma unroll
-      for (int q = 0; q < kAhead; ++q)
-        if (s0 + q < slices) v += t[q];
-    }
-    if constexpr (NORM) v *= factor[m];
-    float& o = p.out[b * p.out_batch_stride + int64_t(m) * p.ldo + n0 + c];
-    o = p.accumulate ? o + v : v;
-  }
 }
 
 // skinny_reduce_kernel's element i of p's out (batch entry, row, column), whose slices' sums lie
