@@ -22,6 +22,9 @@
 //          [--speculative] [--mtp] [--text FILE] [--prefill-chunk 2048] [--repeat] [--graph on|off]
 // --graph off: the decode steps (one token per request) run eagerly instead of as a replayed
 // CUDA graph (Model::set_graph_steps), for a same-run comparison.
+// "host": the scheduler's time a step of plain decoding (every request one token, sampled on the
+// device) outside the model's calls — planning, detokenizing, stop strings, handing the tokens
+// to the requests (EngineStats::decode_*).
 // --repeat (CUDA): the last concurrency again with each kind of op (matmuls, attention, routing,
 // experts) launched twice; the decode step's added milliseconds are what that kind costs in it.
 #include <algorithm>
@@ -74,6 +77,7 @@ double expert_bytes(const ModelConfig& c, bool fp8) {
 struct Result {
   int64_t concurrency = 0;
   double output_tps = 0, decode_tps = 0, roofline = 0, ttft_p50 = 0, accepted = -1;
+  double host_us = 0, model_us = 0;  // the scheduler's time a plain decode step outside / in the model's calls
 };
 
 }  // namespace
@@ -247,6 +251,13 @@ int main(int argc, char** argv) {
       res.decode_tps = first_done > all_started ? double(in_window) / seconds(all_started, first_done) : 0;
       res.ttft_p50 = ttft[ttft.size() / 2];
       const serve::EngineStats s1 = engine.stats();
+      if (s1.decode_steps > s0.decode_steps)
+        res.model_us = 1e6 * (s1.decode_model_seconds - s0.decode_model_seconds) / double(s1.decode_steps - s0.decode_steps);
+      if (s1.decode_steps > s0.decode_steps)
+        res.host_us = 1e6 *
+                      ((s1.decode_step_seconds - s0.decode_step_seconds) -
+                       (s1.decode_model_seconds - s0.decode_model_seconds)) /
+                      double(s1.decode_steps - s0.decode_steps);
       if (speculative && s1.spec_drafts > s0.spec_drafts)
         res.accepted = double(s1.spec_accepted - s0.spec_accepted) / double(s1.spec_drafts - s0.spec_drafts);
       if (bw > 0) {
@@ -256,13 +267,15 @@ int main(int argc, char** argv) {
                              double(C) * double(n_prompt + n_gen / 2) * kv_row;
         res.roofline = double(C) * bw / bytes;
       }
-      std::printf("  %4ld concurrent: output %.1f tok/s, decode %.1f tok/s%s, TTFT p50 %.3f s%s\n", long(C),
+      std::printf("  %4ld concurrent: output %.1f tok/s, decode %.1f tok/s%s, TTFT p50 %.3f s%s; a decode step %.0f us in the model, %.0f on the host\n",
+                  long(C),
                   res.output_tps, res.decode_tps,
                   res.roofline > 0 ? (" (" + std::to_string(int(100 * res.decode_tps / res.roofline + 0.5)) +
                                       "% of roofline " + std::to_string(int64_t(res.roofline)) + ")").c_str()
                                    : "",
                   res.ttft_p50,
-                  res.accepted >= 0 ? (", accepted " + std::to_string(int(100 * res.accepted + 0.5)) + "%").c_str() : "");
+                  res.accepted >= 0 ? (", accepted " + std::to_string(int(100 * res.accepted + 0.5)) + "%").c_str() : "",
+                  res.model_us, res.host_us);
       std::fflush(stdout);
       return res;
     };

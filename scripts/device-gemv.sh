@@ -11,7 +11,7 @@
 # and prints the table last (also $OUT/device-gemv.txt when OUT is set).
 #
 #   bash scripts/device-gemv.sh [--no-tests] [--no-bench] [--repeat] [--modes=auto,simt,mma]
-#                               [--serve-graphs=on,off] [--fixtures]
+#                               [--serve-graphs=on,off] [--fixtures] [--decode-prompt=N]
 # With device-bin/ carried (made here by `bash scripts/device-pack.sh`) its programs are used
 # instead of a build there.
 # --repeat: bench_cuda_decode --repeat (what each kind of op costs in the batch-1 step) and
@@ -20,13 +20,15 @@
 # each optionally with more environment settings after colons (auto:FATHOM_NO_PDL=1).
 # --serve-graphs: bench_serve_engine with its decode steps as replayed CUDA graphs (on, the
 # default) and/or eagerly (off).
+# --decode-prompt: bench_cuda_decode's tokens of context before its timed steps (its default,
+# 128, when not given; the serving bench's sequences hold 1,024 to 1,088).
 # --fixtures: the tests also run the CUDA cases of the reference fixtures (tests/test_fixtures.cpp)
 # from device-data/fixtures.tar.xz (made by `bash scripts/device-serve.sh --prepare`; carry
 # "device-data" too, and hide fathom-mini's shards first: `bash scripts/device-room.sh hide`; the
 # one GPU test that reads them, CudaModel.ServingEngineMatchesTheCpu, is left out then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=1 bench=1 repeat=() modes="simt mma" graphs="on" fixtures=0
+tests=1 bench=1 repeat=() modes="simt mma" graphs="on" fixtures=0 decode_prompt=()
 for a in "$@"; do
   case "$a" in
     --modes=*) modes=$(echo "${a#--modes=}" | tr , ' ') ;;
@@ -35,6 +37,7 @@ for a in "$@"; do
     --no-bench) bench=0 ;;
     --repeat) repeat=(--repeat) ;;
     --fixtures) fixtures=1 ;;
+    --decode-prompt=*) decode_prompt=(--prompt "${a#--decode-prompt=}") ;;
     *) echo "device-gemv: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -74,7 +77,7 @@ for mode in $modes; do
   mode=$(echo "$mode" | tr ':=' '_-')
   echo "== bench_cuda_decode ($mode)"
   env "${env[@]}" timeout 300 "$bin"/bench_cuda_decode --models v3-4.9b --dtypes bf16,fp8 --batches 1,8,32 \
-    "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"
+    "${decode_prompt[@]}" "${repeat[@]}" >"/tmp/gemv-decode-$mode.log" 2>&1 || echo "device-gemv: bench_cuda_decode ($mode) failed"
   cat "/tmp/gemv-decode-$mode.log"
   for dt in bf16 fp8; do
     for gr in $graphs; do

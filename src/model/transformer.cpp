@@ -524,7 +524,12 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
   if (one_each) {
     std::vector<int32_t> flat;
     for (const auto& t : tokens) flat.push_back(t[0]);
-    std::vector<int32_t> ids = decode_step(flat, caches, &rows, "forward_batch_sample", /*wait_to_capture=*/true);
+    // every row greedy (temperature 0: Ops::sample's answer is the first largest logit, whatever
+    // the rest of the row says): the argmax step, without the sampling kernels and their work space
+    bool greedy = true;
+    for (const SampleRow& r : rows) greedy = greedy && r.temperature == 0.0f;
+    std::vector<int32_t> ids =
+        decode_step(flat, caches, greedy ? nullptr : &rows, "forward_batch_sample", /*wait_to_capture=*/true);
     if (!ids.empty()) return ids;  // else a batch seen for the first time: eagerly below
   }
   Ops& ops = *ops_;

@@ -118,6 +118,7 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   kv_tokens_total_ = tokens;
   stats_.kv_capacity = tokens;
   rate_mark_ = Clock::now();
+  waker_ = std::thread([this] { wake_loop(); });
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -128,6 +129,36 @@ Engine::~Engine() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(wake_mu_);
+    wake_stop_ = true;
+  }
+  wake_cv_.notify_all();
+  if (waker_.joinable()) waker_.join();
+}
+
+void Engine::hand_over_wakes() {
+  if (to_wake_.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(wake_mu_);
+    waking_.insert(waking_.end(), to_wake_.begin(), to_wake_.end());
+  }
+  to_wake_.clear();
+  wake_cv_.notify_one();
+}
+
+void Engine::wake_loop() {
+  std::vector<std::shared_ptr<RequestHandle>> now;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(wake_mu_);
+      wake_cv_.wait(lock, [&] { return wake_stop_ || !waking_.empty(); });
+      if (waking_.empty()) return;  // stopping, and every hand-over done
+      now.swap(waking_);
+    }
+    for (const auto& h : now) h->cv_.notify_all();
+    now.clear();
+  }
 }
 
 std::shared_ptr<RequestHandle> Engine::submit(RequestParams params) {
@@ -230,7 +261,7 @@ bool Engine::take_token(Running& r, int32_t id, const float* logits) {
     h.events_.push_back(std::move(e));
   }
   r.context.push_back(id);
-  h.cv_.notify_all();
+  if (to_wake_.empty() || to_wake_.back() != r.handle) to_wake_.push_back(r.handle);  // after the step
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.tokens_generated;
@@ -381,7 +412,7 @@ void Engine::plan(std::vector<std::unique_ptr<Running>>& batch, std::vector<Runn
   }
 }
 
-void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
+bool Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
                   const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
                   const std::vector<int64_t>& want) {
   bool any_spec = false;
@@ -393,15 +424,18 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
   for (const Running* r : rows) on_device = on_device && !r->prefilling() && device_samples(*r);
   std::vector<int32_t> device_ids;
   Model::BatchRows out;
+  std::vector<SampleRow> srows;
+  if (on_device)
+    for (Running* r : rows) srows.push_back(r->sampler->next_row());
+  const Clock::time_point model_start = Clock::now();
   if (any_spec) {
     out = model_.forward_batch_rows(tokens, caches, want);
   } else if (on_device) {
-    std::vector<SampleRow> srows;
-    for (Running* r : rows) srows.push_back(r->sampler->next_row());
     device_ids = model_.forward_batch_sample(tokens, caches, srows);
   } else {
     out.logits = model_.forward_batch(tokens, caches);  // want is 1 everywhere: the last rows
   }
+  double model_s = std::chrono::duration<double>(Clock::now() - model_start).count();
   const int64_t D = model_.config().hidden_size;
   int64_t prompt_tokens = 0, drafts = 0, accepted = 0, forked = 0;
   // what the MTP module takes next, per drafting request: the tokens that followed the positions
@@ -497,7 +531,9 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
   for (Running* r : rows) r->draft = -1;
   if (!mtp_rows.empty()) {
     const Tensor h = Tensor::view(mtp_h.data(), {int64_t(mtp_h.size()) / D, D}, DType::F32, nullptr);
+    const Clock::time_point mtp_start = Clock::now();
     const Tensor draft_logits = model_.mtp_step(mtp_next, h, mtp_caches);
+    model_s += std::chrono::duration<double>(Clock::now() - mtp_start).count();
     for (size_t i = 0; i < mtp_rows.size(); ++i) {
       Running& r = *mtp_rows[i];
       if (r.prefilling() || r.handle->finished_) continue;
@@ -519,6 +555,8 @@ void Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
   stats_.spec_accepted += accepted;
   if (on_device) stats_.device_sampled += int64_t(rows.size());
   stats_.forked_prompts += forked;
+  if (on_device) stats_.decode_model_seconds += model_s;
+  return on_device;
 }
 
 void Engine::drop_finished(std::vector<std::unique_ptr<Running>>& batch) {
@@ -551,10 +589,12 @@ void Engine::publish(const std::vector<std::unique_ptr<Running>>& batch) {
 void Engine::loop() {
   std::vector<std::unique_ptr<Running>> batch, fresh;
   for (;;) {
+    Clock::time_point busy;  // from here (work to do) to the end of the step
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !waiting_.empty() || !batch.empty(); });
       if (stop_) break;
+      busy = Clock::now();
       // Admission: a place in the batch, and free blocks for the prompt (not counting prefix
       // hits) beyond one block of headroom per running request; the first request always.
       int64_t free = pool_->free_blocks() - int64_t(batch.size());
@@ -585,19 +625,25 @@ void Engine::loop() {
     std::vector<Running*> rows;
     std::vector<int64_t> want;  // rows of each sequence whose logits (and hidden states) come back
     plan(batch, rows, tokens, caches, want);
+    bool plain = false;  // a step of plain decoding, sampled on the device
     if (!rows.empty()) {
       try {
-        step(batch, rows, tokens, caches, want);
+        plain = step(batch, rows, tokens, caches, want);
       } catch (const std::exception& e) {
         for (Running* r : rows) finish(*r, "error", e.what());
       }
+      hand_over_wakes();  // the requests that got tokens (a separate thread makes the calls)
     }
     drop_finished(batch);
+    publish(batch);
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.steps;
+      if (plain) {
+        ++stats_.decode_steps;
+        stats_.decode_step_seconds += std::chrono::duration<double>(Clock::now() - busy).count();
+      }
     }
-    publish(batch);
   }
   // shutting down: whatever is left ends "cancelled"
   for (auto& r : batch) finish(*r, "cancelled");

@@ -150,6 +150,11 @@ struct EngineStats {
   int64_t preemptions = 0;     // requests sent back to the queue for lack of blocks
   int64_t spec_drafts = 0, spec_accepted = 0;  // MTP drafts verified, and accepted
   int64_t device_sampled = 0;  // tokens chosen where the logits are (Model::forward_batch_sample)
+  // Steps of plain decoding (every row one token, sampled on the device) and the scheduler's time
+  // in them: inside the model's calls, and all of it from the moment it had work (the rest is the
+  // host's own: planning, detokenizing, stop strings, handing tokens to the requests).
+  int64_t decode_steps = 0;
+  double decode_model_seconds = 0, decode_step_seconds = 0;
   double tokens_per_second = 0;  // generated, over the last second or more of work
   LatencyHistogram ttft;         // submit -> first token, per request
   LatencyHistogram inter_token;  // between a request's consecutive tokens
@@ -190,14 +195,19 @@ class Engine {
   static bool device_samples(const Running& r);
   // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
   // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
-  // for the next step.
-  void step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
+  // for the next step. True when it was a step of plain decoding sampled on the device.
+  bool step(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows,
             const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
             const std::vector<int64_t>& want);
   // Removes finished requests from the batch (and releases those that waited for them).
   void drop_finished(std::vector<std::unique_ptr<Running>>& batch);
   // running and the KV-cache figures of stats_ as they are now
   void publish(const std::vector<std::unique_ptr<Running>>& batch);
+  // The requests that got tokens this step are woken by waker_ (wake_loop), handed over once a
+  // step (hand_over_wakes), so the scheduler does not make a wake-up call a token before it can
+  // start the next step (finish() still wakes a request itself).
+  void hand_over_wakes();
+  void wake_loop();
 
   Model& model_;
   const Tokenizer& tok_;
@@ -216,6 +226,13 @@ class Engine {
   bool stop_ = false;
   EngineStats stats_;
   std::thread thread_;
+
+  std::vector<std::shared_ptr<RequestHandle>> to_wake_;  // the scheduler's: woken after this step
+  std::mutex wake_mu_;
+  std::condition_variable wake_cv_;
+  std::vector<std::shared_ptr<RequestHandle>> waking_;  // handed to waker_ (under wake_mu_)
+  bool wake_stop_ = false;
+  std::thread waker_;
 };
 
 }  // namespace fathom::serve
