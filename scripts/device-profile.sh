@@ -67,7 +67,7 @@ if stalls:
     print("  stalls per issued instruction:", ", ".join(f"{n} {v:.2f}" for v, n in sorted(stalls, reverse=True)))
 PY
     grep -E "^  [a-zA-Z_:<>, ]+\(|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|DRAM Throughput|Memory Throughput|Duration|Dynamic Shared|Waves Per SM|Grid Size|Block Size|Stall|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per|stalled" "$rep" \
-      | sed -E 's/ {2,}/ /g' | head -120
+      | grep -v "smsp__average_warps_issue_stalled" | sed -E 's/ {2,}/ /g' | head -120  # (summed up above)
    done
    continue
   fi

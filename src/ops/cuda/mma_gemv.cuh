@@ -56,8 +56,6 @@ inline bool mma_gemv_fits(DType d, int64_t K, int64_t block) {
 // cuda_ops.h; FATHOM_GEMV=auto|simt|mma at start).
 enum class MmaSite { Dense, TokenExperts, GroupedExperts, Skinny };
 bool mma_gemv_on(MmaSite site);
-// Columns of x staged at once for M rows (a multiple of kMmaUnit) in at most `bytes` of shared
-// memory.
 // Dynamic shared memory of a launch: the two 16-bit parts of M rows of chunk columns (each row
 // padded by kMmaPad columns) and one scale per row and unit.
 inline size_t mma_smem_bytes(int chunk, int M) {
