@@ -118,6 +118,16 @@ class Model {
   std::vector<int32_t> forward_batch_sample(const std::vector<std::vector<int32_t>>& tokens,
                                             const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows);
 
+  // The serving engine's chained decode steps: decode_launch starts forward_batch_sample's step
+  // for one token a sequence (tokens[b] after *caches[b]) and, where that step is a recorded
+  // CUDA graph, returns while the device runs it, so the host can hand out the previous step's
+  // tokens meanwhile; elsewhere (the CPU, a shape seen for the first time) it runs the step
+  // before returning. decode_wait ends it — the caches advance — and returns the ids. Nothing else
+  // may run on the model in between (a fathom::Error says so).
+  void decode_launch(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                     const std::vector<SampleRow>& rows);
+  std::vector<int32_t> decode_wait();
+
   // On CUDA, forward_batch_sample runs a step of one token per sequence over paged caches of one
   // pool (the serving engine's decode steps) as a replayed CUDA graph (decode_step); false runs
   // those steps eagerly like any other (for comparisons and benchmarks).
@@ -183,9 +193,15 @@ class Model {
   // step before it missed with the same key; else it returns {} (having reserved the caches'
   // room) and the caller runs the step eagerly — the serving engine's batch changes every step
   // while requests finish one by one, and a capture per step would cost more than it saves.
+  // launch_only: the step is left running (launched_graph_) for decode_wait.
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                    const std::vector<SampleRow>* rows, const char* what,
-                                   bool wait_to_capture = false);
+                                   bool wait_to_capture = false, bool launch_only = false);
+  // forward_batch_sample's step without a graph: the logits, then Ops::sample over them.
+  std::vector<int32_t> sample_eagerly(const std::vector<std::vector<int32_t>>& tokens,
+                                      const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows);
+  // decode_step's end: the caches advance, g's chosen tokens come back.
+  std::vector<int32_t> decode_finish(DecodeGraph& g, const std::vector<KvCache*>& caches);
   void init_backend(const ModelOptions& options);
   // forward_batch's logits (B, vocab) on the backend's device.
   Tensor batch_logits(const std::vector<std::vector<int32_t>>& tokens, const std::vector<KvCache*>& caches,
@@ -228,6 +244,12 @@ class Model {
   std::vector<std::unique_ptr<DecodeGraph>> graphs_;
   bool graph_steps_ = true;
   std::vector<int64_t> last_graph_miss_;  // (B, W, sampling) of the last step no graph fitted
+  // decode_launch's step: running from a graph (launched_graph_, its caches), or run already
+  // (its ids); launched_ until decode_wait
+  bool launched_ = false;
+  DecodeGraph* launched_graph_ = nullptr;
+  std::vector<KvCache*> launched_caches_;
+  std::vector<int32_t> launched_ids_;
 };
 
 }  // namespace fathom

@@ -128,7 +128,9 @@ bool Model::graph_step_takes(const std::vector<KvCache*>& caches) const {
 }
 
 std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
-                                        const std::vector<SampleRow>* rows, const char* what, bool wait_to_capture) {
+                                        const std::vector<SampleRow>* rows, const char* what, bool wait_to_capture,
+                                        bool launch_only) {
+  FATHOM_CHECK(!launched_, what, ": a step launched by decode_launch was not waited for (decode_wait)");
   FATHOM_CHECK(!tokens.empty() && tokens.size() == caches.size(), what, ": ", tokens.size(), " tokens for ",
                caches.size(), " caches");
   check_ids(tokens, "decode tokens");
@@ -227,10 +229,51 @@ std::vector<int32_t> Model::decode_step(const std::vector<int32_t>& tokens, cons
     ops.replay(g.graph);
   else
     decode_body(g);
-  ops.synchronize();
+  if (launch_only) {
+    launched_graph_ = &g;
+    launched_caches_ = caches;
+    return {};
+  }
+  return decode_finish(g, caches);
+}
+
+std::vector<int32_t> Model::decode_finish(DecodeGraph& g, const std::vector<KvCache*>& caches) {
+  ops_->synchronize();
   for (KvCache* kc : caches) kc->advance(1);
   const int32_t* next = g.next_host.ptr<int32_t>();
-  return std::vector<int32_t>(next, next + B);
+  return std::vector<int32_t>(next, next + g.B);
+}
+
+void Model::decode_launch(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
+                          const std::vector<SampleRow>& rows) {
+  FATHOM_CHECK(!launched_, "decode_launch: the step launched before was not waited for (decode_wait)");
+  check_sample_rows(rows, tokens.size(), "decode_launch");
+  launched_graph_ = nullptr;
+  launched_ids_.clear();
+  std::vector<std::vector<int32_t>> one(tokens.size());
+  for (size_t b = 0; b < tokens.size(); ++b) one[b] = {tokens[b]};
+  // forward_batch_sample's graph step, left running; without one (the CPU, a shape seen for the
+  // first time) its eager step, run now
+  if (device_ == DeviceKind::Cuda && !tokens.empty() && tokens.size() == caches.size() && graph_step_takes(caches) &&
+      caches[0]->paged() && graph_steps_) {
+    bool greedy = true;  // as forward_batch_sample: every row greedy takes the argmax
+    for (const SampleRow& r : rows) greedy = greedy && r.temperature == 0.0f;
+    decode_step(tokens, caches, greedy ? nullptr : &rows, "decode_launch", /*wait_to_capture=*/true,
+                /*launch_only=*/true);
+    if (!launched_graph_) launched_ids_ = sample_eagerly(one, caches, rows);
+  } else {
+    launched_ids_ = forward_batch_sample(one, caches, rows);
+  }
+  launched_ = true;
+}
+
+std::vector<int32_t> Model::decode_wait() {
+  FATHOM_CHECK(launched_, "decode_wait: no step was launched (decode_launch)");
+  launched_ = false;
+  if (!launched_graph_) return std::move(launched_ids_);
+  DecodeGraph& g = *launched_graph_;
+  launched_graph_ = nullptr;
+  return decode_finish(g, launched_caches_);
 }
 
 }  // namespace fathom

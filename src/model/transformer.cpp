@@ -402,6 +402,7 @@ void Model::check_ids(const std::vector<int32_t>& ids, const std::string& what) 
 }
 
 ForwardOutput Model::forward(const std::vector<int32_t>& ids, KvCache& cache, const ForwardRequest& req) {
+  FATHOM_CHECK(!launched_, "forward: a step launched by decode_launch was not waited for (decode_wait)");
   check_ids(ids, "input ids");
   FATHOM_CHECK(cache.mode() == options_.mla_mode, "KV cache was made for MLA mode ", mla_mode_name(cache.mode()),
                " but the model runs ", mla_mode_name(options_.mla_mode));
@@ -532,6 +533,11 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
         decode_step(flat, caches, greedy ? nullptr : &rows, "forward_batch_sample", /*wait_to_capture=*/true);
     if (!ids.empty()) return ids;  // else a batch seen for the first time: eagerly below
   }
+  return sample_eagerly(tokens, caches, rows);
+}
+
+std::vector<int32_t> Model::sample_eagerly(const std::vector<std::vector<int32_t>>& tokens,
+                                           const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows) {
   Ops& ops = *ops_;
   const Tensor logits = batch_logits(tokens, caches, "forward_batch_sample");
   const int64_t B = int64_t(tokens.size());
@@ -547,6 +553,7 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
 
 Model::StagedBatch Model::stage_batch(const std::vector<std::vector<int32_t>>& tokens,
                                      const std::vector<KvCache*>& caches, int layers, const char* what) const {
+  FATHOM_CHECK(!launched_, what, ": a step launched by decode_launch was not waited for (decode_wait)");
   check_caches(caches, what);
   StagedBatch sb;
   for (size_t b = 0; b < tokens.size(); ++b) {

@@ -220,8 +220,11 @@ void Engine::finish(Running& r, const std::string& reason, const std::string& er
     r.handle->finished_ = true;
   }
   r.handle->cv_.notify_all();
-  r.cache.reset();  // the KV cache's blocks go back now, not when the handle dies
-  r.mtp_cache.reset();
+  if (!chaining_) {  // the KV cache's blocks go back now, not when the handle dies (a chained step
+    // still running on the cache: when drop_finished drops the request)
+    r.cache.reset();
+    r.mtp_cache.reset();
+  }
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.requests_finished;
 }
@@ -559,6 +562,90 @@ bool Engine::step(const std::vector<std::unique_ptr<Running>>& batch, const std:
   return on_device;
 }
 
+bool Engine::chainable(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows) {
+  if (rows.empty() || rows.size() != batch.size()) return false;
+  for (const Running* r : rows)
+    if (r->spec || r->prefilling() || r->leader || !r->cache || r->handle->finished_ || r->handle->cancelled() ||
+        !device_samples(*r))
+      return false;
+  if (pool_->free_blocks() < int64_t(rows.size())) return false;  // a new block for each, at most
+  std::lock_guard<std::mutex> lock(mu_);
+  return waiting_.empty() && !stop_;
+}
+
+// A chain of plain decoding steps (Engine::chainable held for rows, every request of the batch
+// with its pending token): step k + 1 is launched (Model::decode_launch: its tokens are step k's,
+// its room the next position of each cache) before step k's tokens are handed out — detokenized,
+// matched against stop strings, given to the requests — so that work runs beside the device's.
+// The chain stops (no launch after a step) when chainable fails or a request ends at that step
+// by EOS or length; a request a stop string ends while the next step runs has that step's token
+// dropped (its cache stays until drop_finished: chaining_).
+void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows) {
+  std::vector<KvCache*> caches;
+  std::vector<int32_t> next;
+  for (Running* r : rows) caches.push_back(&*r->cache), next.push_back(r->pending);
+  auto sample_rows = [&] {
+    std::vector<SampleRow> s;
+    for (Running* r : rows) s.push_back(r->sampler->next_row());
+    return s;
+  };
+  auto ends_here = [&](const Running& r, int32_t id) {  // take_token would finish r with id
+    return (!r.params.options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), id)) ||
+           int64_t(r.handle->result_.ids.size()) + 1 >= r.max_new;
+  };
+  // chaining_ for this call, and no step left running on the caches, whatever leaves it (an
+  // error: the caller finishes the requests, which frees their caches)
+  struct Chaining {
+    Engine& e;
+    bool launched = false;
+    explicit Chaining(Engine& en) : e(en) { e.chaining_ = true; }
+    ~Chaining() {
+      if (launched) try {
+          e.model_.decode_wait();
+        } catch (...) {  // the error that brought us here is the one to report
+        }
+      e.chaining_ = false;
+    }
+  } chaining(*this);
+  double model_s = 0;
+  Clock::time_point step_start = Clock::now(), t = step_start;
+  model_.decode_launch(next, caches, sample_rows());
+  chaining.launched = true;
+  model_s += seconds_since(t);
+  for (bool more = true; more;) {
+    t = Clock::now();
+    chaining.launched = false;
+    const std::vector<int32_t> ids = model_.decode_wait();
+    model_s += seconds_since(t);
+    more = chainable(batch, rows);
+    for (size_t b = 0; b < rows.size() && more; ++b) more = !ends_here(*rows[b], ids[b]);
+    if (more) {
+      t = Clock::now();
+      model_.decode_launch(ids, caches, sample_rows());
+      chaining.launched = true;
+      model_s += seconds_since(t);
+    }
+    for (size_t b = 0; b < rows.size(); ++b)
+      if (!rows[b]->handle->finished_) take_token(*rows[b], ids[b], nullptr);  // (ended: dropped)
+    hand_over_wakes();
+    if (opt_.prefix_caching)
+      for (Running* r : rows)
+        if (!r->handle->finished_) r->cache->publish(r->context);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.steps;
+      ++stats_.decode_steps;
+      stats_.device_sampled += int64_t(rows.size());
+      stats_.decode_model_seconds += model_s;
+      const Clock::time_point now = Clock::now();
+      stats_.decode_step_seconds += std::chrono::duration<double>(now - step_start).count();
+      step_start = now;
+    }
+    model_s = 0;
+    publish(batch);
+  }
+}
+
 void Engine::drop_finished(std::vector<std::unique_ptr<Running>>& batch) {
   // a request whose leader is gone (finished, cancelled) prefills its prompt itself
   for (auto& r : batch)
@@ -625,10 +712,17 @@ void Engine::loop() {
     std::vector<Running*> rows;
     std::vector<int64_t> want;  // rows of each sequence whose logits (and hidden states) come back
     plan(batch, rows, tokens, caches, want);
-    bool plain = false;  // a step of plain decoding, sampled on the device
+    bool plain = false, chained = false;  // a step of plain decoding sampled on the device; a chain of them
     if (!rows.empty()) {
       try {
-        plain = step(batch, rows, tokens, caches, want);
+        bool one_each = true;
+        for (const auto& t : tokens) one_each = one_each && t.size() == 1;
+        if (one_each && chainable(batch, rows)) {
+          chained = true;
+          decode_chain(batch, rows);  // counts its own steps
+        } else {
+          plain = step(batch, rows, tokens, caches, want);
+        }
       } catch (const std::exception& e) {
         for (Running* r : rows) finish(*r, "error", e.what());
       }
@@ -636,7 +730,7 @@ void Engine::loop() {
     }
     drop_finished(batch);
     publish(batch);
-    {
+    if (!chained) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.steps;
       if (plain) {

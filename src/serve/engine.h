@@ -203,6 +203,13 @@ class Engine {
   void drop_finished(std::vector<std::unique_ptr<Running>>& batch);
   // running and the KV-cache figures of stats_ as they are now
   void publish(const std::vector<std::unique_ptr<Running>>& batch);
+  // Steps of plain decoding chained through Model::decode_launch / decode_wait: each step is
+  // launched as soon as the one before it is back, and the host hands that one's tokens out
+  // while the device runs it (engine.cpp). chainable: whether rows (all of the batch) may start
+  // such a chain, or go on with it — no request waiting, cancelled, finished, prefilling,
+  // drafting or sampled on the host, and room in the pool for every next token.
+  bool chainable(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows);
+  void decode_chain(const std::vector<std::unique_ptr<Running>>& batch, const std::vector<Running*>& rows);
   // The requests that got tokens this step are woken by waker_ (wake_loop), handed over once a
   // step (hand_over_wakes), so the scheduler does not make a wake-up call a token before it can
   // start the next step (finish() still wakes a request itself).
@@ -227,6 +234,7 @@ class Engine {
   EngineStats stats_;
   std::thread thread_;
 
+  bool chaining_ = false;  // a chained step may be running: finish() leaves caches to drop_finished
   std::vector<std::shared_ptr<RequestHandle>> to_wake_;  // the scheduler's: woken after this step
   std::mutex wake_mu_;
   std::condition_variable wake_cv_;
