@@ -314,6 +314,47 @@ TEST_F(Serve, StopStringsAndLengthEndRequests) {
   EXPECT_LT(cut.ids.size(), full.ids.size());
 }
 
+// Decoding steps chained (Engine::decode_chain: the next step runs while the host hands out the
+// tokens of the one before): a request that a stop string ends mid-chain stops where the string
+// starts, the token its cache got in the step running then is dropped, and the others get every
+// token they get alone; the blocks all come back.
+TEST_F(Serve, ChainedStepsStopOneRequestAndKeepTheOthers) {
+  const std::vector<std::vector<int32_t>> alone = alone_greedy(20);
+  Engine first(*model_, *tok_);
+  RequestParams p = greedy(kPrompts[0], 20);
+  p.options.ignore_eos = true;
+  const RequestResult full = first.submit(p)->wait();
+  ASSERT_EQ(full.ids, alone[0]);
+  ASSERT_GT(full.text.size(), 12u);
+  const std::string stop = full.text.substr(full.text.size() / 2, 3);
+
+  Engine engine(*model_, *tok_);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (size_t i = 0; i < std::size(kPrompts); ++i) {
+    RequestParams q = greedy(kPrompts[i], 20);
+    q.options.ignore_eos = true;
+    if (i == 0) q.options.stop = {stop};
+    hs.push_back(engine.submit(q));
+  }
+  const RequestResult cut = hs[0]->wait();
+  EXPECT_EQ(cut.finish_reason, "stop");
+  EXPECT_EQ(cut.text, full.text.substr(0, full.text.find(stop)));
+  // its tokens: the greedy ones up to the first whose text completes the stop string, no more
+  size_t n = 1;
+  while (n < full.ids.size() &&
+         tok_->decode(std::vector<int32_t>(full.ids.begin(), full.ids.begin() + int64_t(n)), true).find(stop) ==
+             std::string::npos)
+    ++n;
+  EXPECT_EQ(cut.ids, std::vector<int32_t>(full.ids.begin(), full.ids.begin() + int64_t(n)));
+  for (size_t i = 1; i < hs.size(); ++i) {
+    const RequestResult r = hs[i]->wait();
+    EXPECT_EQ(r.finish_reason, "length") << kPrompts[i];
+    EXPECT_EQ(r.ids, alone[i]) << kPrompts[i];
+  }
+  EXPECT_TRUE(drains(engine)) << "kv_tokens " << engine.stats().kv_tokens;
+  EXPECT_GT(engine.stats().chained_steps, 0);
+}
+
 TEST_F(Serve, CancellingFreesTheCache) {
   Engine engine(*model_, *tok_, EngineOptions{2, 4});
   RequestParams p = greedy("The Linux kernel", 3000);

@@ -154,6 +154,7 @@ struct EngineStats {
   // in them: inside the model's calls, and all of it from the moment it had work (the rest is the
   // host's own: planning, detokenizing, stop strings, handing tokens to the requests).
   int64_t decode_steps = 0;
+  int64_t chained_steps = 0;  // of those, launched before the step before them was handed out
   double decode_model_seconds = 0, decode_step_seconds = 0;
   double tokens_per_second = 0;  // generated, over the last second or more of work
   LatencyHistogram ttft;         // submit -> first token, per request
