@@ -197,6 +197,13 @@ class Model {
   std::vector<int32_t> decode_step(const std::vector<int32_t>& tokens, const std::vector<KvCache*>& caches,
                                    const std::vector<SampleRow>* rows, const char* what,
                                    bool wait_to_capture = false, bool launch_only = false);
+  // forward_batch_sample's step as a replayed decode graph (decode_step) where it is one — one
+  // token a sequence of paged caches on CUDA, graph steps on — its ids; {} where it is not, for a
+  // batch seen for the first time (the caller runs the step eagerly), or with launch_only (the
+  // step left running: launched_graph_).
+  std::vector<int32_t> graph_sample_step(const std::vector<std::vector<int32_t>>& tokens,
+                                         const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows,
+                                         const char* what, bool launch_only);
   // forward_batch_sample's step without a graph: the logits, then Ops::sample over them.
   std::vector<int32_t> sample_eagerly(const std::vector<std::vector<int32_t>>& tokens,
                                       const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows);

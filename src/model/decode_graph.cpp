@@ -254,16 +254,8 @@ void Model::decode_launch(const std::vector<int32_t>& tokens, const std::vector<
   for (size_t b = 0; b < tokens.size(); ++b) one[b] = {tokens[b]};
   // forward_batch_sample's graph step, left running; without one (the CPU, a shape seen for the
   // first time) its eager step, run now
-  if (device_ == DeviceKind::Cuda && !tokens.empty() && tokens.size() == caches.size() && graph_step_takes(caches) &&
-      caches[0]->paged() && graph_steps_) {
-    bool greedy = true;  // as forward_batch_sample: every row greedy takes the argmax
-    for (const SampleRow& r : rows) greedy = greedy && r.temperature == 0.0f;
-    decode_step(tokens, caches, greedy ? nullptr : &rows, "decode_launch", /*wait_to_capture=*/true,
-                /*launch_only=*/true);
-    if (!launched_graph_) launched_ids_ = sample_eagerly(one, caches, rows);
-  } else {
-    launched_ids_ = forward_batch_sample(one, caches, rows);
-  }
+  graph_sample_step(one, caches, rows, "decode_launch", /*launch_only=*/true);
+  if (!launched_graph_) launched_ids_ = sample_eagerly(one, caches, rows);
   launched_ = true;
 }
 

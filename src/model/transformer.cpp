@@ -518,22 +518,27 @@ std::vector<int32_t> Model::forward_batch_sample(const std::vector<std::vector<i
                                                  const std::vector<KvCache*>& caches,
                                                  const std::vector<SampleRow>& rows) {
   check_sample_rows(rows, tokens.size(), "forward_batch_sample");
+  std::vector<int32_t> ids = graph_sample_step(tokens, caches, rows, "forward_batch_sample", /*launch_only=*/false);
+  if (!ids.empty()) return ids;
+  return sample_eagerly(tokens, caches, rows);
+}
+
+std::vector<int32_t> Model::graph_sample_step(const std::vector<std::vector<int32_t>>& tokens,
+                                              const std::vector<KvCache*>& caches, const std::vector<SampleRow>& rows,
+                                              const char* what, bool launch_only) {
   // one new token per sequence of paged caches on the GPU: the graph-replayed decode step
   bool one_each = device_ == DeviceKind::Cuda && !tokens.empty() && tokens.size() == caches.size() &&
                   graph_step_takes(caches) && caches[0]->paged() && graph_steps_;
   for (const auto& t : tokens) one_each = one_each && t.size() == 1;
-  if (one_each) {
-    std::vector<int32_t> flat;
-    for (const auto& t : tokens) flat.push_back(t[0]);
-    // every row greedy (temperature 0: Ops::sample's answer is the first largest logit, whatever
-    // the rest of the row says): the argmax step, without the sampling kernels and their work space
-    bool greedy = true;
-    for (const SampleRow& r : rows) greedy = greedy && r.temperature == 0.0f;
-    std::vector<int32_t> ids =
-        decode_step(flat, caches, greedy ? nullptr : &rows, "forward_batch_sample", /*wait_to_capture=*/true);
-    if (!ids.empty()) return ids;  // else a batch seen for the first time: eagerly below
-  }
-  return sample_eagerly(tokens, caches, rows);
+  if (!one_each) return {};
+  std::vector<int32_t> flat;
+  for (const auto& t : tokens) flat.push_back(t[0]);
+  // every row greedy (temperature 0: Ops::sample's answer is the first largest logit, whatever
+  // the rest of the row says): the argmax step, without the sampling kernels and their work space
+  bool greedy = true;
+  for (const SampleRow& r : rows) greedy = greedy && r.temperature == 0.0f;
+  // {} for a batch seen for the first time (the caller runs it eagerly) or a step left running
+  return decode_step(flat, caches, greedy ? nullptr : &rows, what, /*wait_to_capture=*/true, launch_only);
 }
 
 std::vector<int32_t> Model::sample_eagerly(const std::vector<std::vector<int32_t>>& tokens,

@@ -625,7 +625,6 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
       chaining.launched = true;
       model_s += seconds_since(t);
     }
-    const bool next_chained = more;
     for (size_t b = 0; b < rows.size(); ++b)
       if (!rows[b]->handle->finished_) take_token(*rows[b], ids[b], nullptr);  // (ended: dropped)
     hand_over_wakes();
@@ -636,7 +635,7 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.steps;
       ++stats_.decode_steps;
-      stats_.chained_steps += next_chained;
+      stats_.chained_steps += more;  // the next step was launched before these tokens went out
       stats_.device_sampled += int64_t(rows.size());
       stats_.decode_model_seconds += model_s;
       const Clock::time_point now = Clock::now();
