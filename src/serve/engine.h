@@ -11,7 +11,9 @@
 // parameters and streams the new text. A request leaves the batch the step it finishes (EOS, a
 // stop string, max_tokens, the context's end) or is cancelled, and the next waiting one takes its
 // place at the next iteration: requests join and leave between steps, never waiting for the
-// slowest one of a fixed batch.
+// slowest one of a fixed batch. While every running request only decodes (nobody waiting, no
+// prompt left, sampled on the device), the steps are chained (Engine::decode_chain): the next
+// one runs on the device while the host hands out the tokens of the one before.
 //
 // The KV cache is paged (model/kv_pool.h): one pool of blocks of kv_block_size tokens shared by
 // every request, taken a block at a time as a sequence grows. On top of it:
