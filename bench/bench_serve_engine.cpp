@@ -251,13 +251,12 @@ int main(int argc, char** argv) {
       res.decode_tps = first_done > all_started ? double(in_window) / seconds(all_started, first_done) : 0;
       res.ttft_p50 = ttft[ttft.size() / 2];
       const serve::EngineStats s1 = engine.stats();
-      if (s1.decode_steps > s0.decode_steps)
-        res.model_us = 1e6 * (s1.decode_model_seconds - s0.decode_model_seconds) / double(s1.decode_steps - s0.decode_steps);
-      if (s1.decode_steps > s0.decode_steps)
-        res.host_us = 1e6 *
-                      ((s1.decode_step_seconds - s0.decode_step_seconds) -
-                       (s1.decode_model_seconds - s0.decode_model_seconds)) /
-                      double(s1.decode_steps - s0.decode_steps);
+      if (s1.decode_steps > s0.decode_steps) {
+        const double steps = double(s1.decode_steps - s0.decode_steps);
+        const double model = s1.decode_model_seconds - s0.decode_model_seconds;
+        res.model_us = 1e6 * model / steps;
+        res.host_us = 1e6 * ((s1.decode_step_seconds - s0.decode_step_seconds) - model) / steps;
+      }
       if (speculative && s1.spec_drafts > s0.spec_drafts)
         res.accepted = double(s1.spec_accepted - s0.spec_accepted) / double(s1.spec_drafts - s0.spec_drafts);
       if (bw > 0) {

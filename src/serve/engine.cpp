@@ -235,6 +235,10 @@ bool Engine::device_samples(const Running& r) {
          p.frequency_penalty == 0.0f;
 }
 
+bool Engine::ends_by_eos(const Running& r, int32_t id) const {
+  return !r.params.options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), id);
+}
+
 bool Engine::take_token(Running& r, int32_t id, const float* logits) {
   RequestHandle& h = *r.handle;
   const Clock::time_point now = Clock::now();
@@ -249,7 +253,7 @@ bool Engine::take_token(Running& r, int32_t id, const float* logits) {
     std::lock_guard<std::mutex> lock(h.mu_);
     h.result_.ttft_seconds = seconds_since(r.submitted);
   }
-  if (!r.params.options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), id)) {
+  if (ends_by_eos(r, id)) {
     finish(r, "stop");
     return false;
   }
@@ -590,8 +594,7 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
     return s;
   };
   auto ends_here = [&](const Running& r, int32_t id) {  // take_token would finish r with id
-    return (!r.params.options.ignore_eos && std::binary_search(eos_.begin(), eos_.end(), id)) ||
-           int64_t(r.handle->result_.ids.size()) + 1 >= r.max_new;
+    return ends_by_eos(r, id) || int64_t(r.handle->result_.ids.size()) + 1 >= r.max_new;
   };
   // chaining_ for this call, and no step left running on the caches, whatever leaves it (an
   // error: the caller finishes the requests, which frees their caches)

@@ -196,6 +196,8 @@ class Engine {
   // Whether r's next token can be chosen by Ops::sample where the logits are: no penalties, no
   // logprobs (those need the row of logits on the host).
   static bool device_samples(const Running& r);
+  // Whether id ends r as an end-of-sequence token (take_token's first check).
+  bool ends_by_eos(const Running& r, int32_t id) const;
   // One forward step over these rows (tokens[b] for rows[b]: a prompt chunk, a pending token, or
   // a pending token and its draft), then the sampling, the draft verification and the MTP drafts
   // for the next step. True when it was a step of plain decoding sampled on the device.
