@@ -5,8 +5,15 @@
 // Each run submits C requests at once, each a different prompt of --prompt tokens and
 // --gen greedy tokens (EOS ignored), through one Engine with max_batch C. Reported:
 //   output tok/s     all generated tokens / (first submit -> last finish): prefill included
-//   decode tok/s     tokens generated while all C requests were decoding (from the moment the
-//                    last one got its first token until the first one finished) / that time
+//   decode tok/s     the pace while all C requests were decoding (from the moment the last one
+//                    got its first token until the first one finished): C tokens a step over
+//                    the time between the steps' tokens coming back (the engine's step records,
+//                    EngineOptions::trace_steps), or — with no such steps (MTP drafting) — the
+//                    tokens the readers got in that window over its length. (The readers' count
+//                    is also printed: it misses most of the window's last step, whose tokens
+//                    reach the other readers after the first one to finish: ~1 step in 47.)
+//                    Before the clock a warm-up runs a step of the measured shape, so that its
+//                    CUDA graph is recorded once, as a running server would have it (--cold: not)
 //   roofline tok/s   (CUDA) C / (bytes one decode step of the batch must read / copy bandwidth):
 //                    every non-expert weight once, the routed experts the batch touches
 //                    (E·(1 − (1 − k/E)^C) per MoE layer, routing taken as uniform), and every
@@ -78,6 +85,12 @@ struct Result {
   int64_t concurrency = 0;
   double output_tps = 0, decode_tps = 0, roofline = 0, ttft_p50 = 0, accepted = -1;
   double host_us = 0, model_us = 0;  // the scheduler's time a plain decode step outside / in the model's calls
+  // the window's chained steps (EngineOptions::trace_steps): how many, the time between their
+  // tokens coming back, and in it the decode_launch call, the decode_wait call, and the time from
+  // the step before coming back to this one's launch
+  int64_t window_steps = 0;
+  double period_us = 0, launch_us = 0, wait_us = 0, gap_us = 0;
+  double readers_tps = 0;  // decode tok/s by the readers' clocks (tokens counted as they arrived)
 };
 
 }  // namespace
@@ -86,7 +99,7 @@ int main(int argc, char** argv) {
   std::string config, model_dir, dtype = "bf16", device = "cuda", tokenizer, text, graph = "on";
   std::string conc = "1,8,32,128";
   int64_t n_prompt = 1024, n_gen = 64, chunk = 2048;
-  bool speculative = false, mtp = false, repeat = false;
+  bool speculative = false, mtp = false, repeat = false, cold = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -109,11 +122,12 @@ int main(int argc, char** argv) {
     else if (a == "--speculative") speculative = true;
     else if (a == "--mtp") mtp = true;
     else if (a == "--repeat") repeat = true;
+    else if (a == "--cold") cold = true;
     else if (a == "--graph") graph = next();
     else {
       std::fprintf(stderr, "usage: bench_serve_engine (--config NAME | --model DIR) [--dtype bf16|fp8] "
                            "[--device cuda|cpu] [--tokenizer PATH] [--concurrency 1,8,32,128] [--prompt N] [--gen N] "
-                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N] [--repeat] [--graph on|off]\n");
+                           "[--speculative] [--mtp] [--text FILE] [--prefill-chunk N] [--repeat] [--graph on|off] [--cold]\n");
       return 2;
     }
   }
@@ -194,6 +208,7 @@ int main(int argc, char** argv) {
       eo.prefill_chunk = chunk;
       eo.speculative = speculative;
       eo.prefix_caching = false;  // every prompt differs; nothing to hit
+      eo.trace_steps = 100000;      // the chained steps' times, for the window's breakdown
       serve::Engine engine(*m, *tok, eo);
       {  // warm-up: one short request (first launches, cuBLAS handles, graph-free paths)
         serve::RequestParams w;
@@ -204,7 +219,31 @@ int main(int argc, char** argv) {
         w.options.ignore_eos = true;
         engine.submit(w)->wait();
       }
+      if (!cold) {
+        // warm-up: a decode step of the measured shape — C requests, the longest context of the
+        // window (its block-table width) — so that the step's CUDA graph is recorded before the
+        // clock: once per batch size and table width in a server's life (~3 ms at 32 requests of
+        // v3-4.9b, first a step run eagerly), that recording otherwise fell in the window
+        std::vector<std::shared_ptr<serve::RequestHandle>> ws;
+        for (int64_t i = 0; i < C; ++i) {
+          serve::RequestParams w;
+          w.prompt = prompt(2000 + C + i);
+          if (i == 0) {
+            const std::vector<int32_t> more = prompt(3000 + C);
+            w.prompt.insert(w.prompt.end(), more.begin(), more.end());
+            w.prompt.resize(size_t(n_prompt + n_gen - 4));
+          } else {
+            w.prompt.resize(16);
+          }
+          w.options.max_tokens = 4;
+          w.options.sampling.temperature = 0;
+          w.options.ignore_eos = true;
+          ws.push_back(engine.submit(w));
+        }
+        for (auto& w : ws) w->wait();
+      }
       const serve::EngineStats s0 = engine.stats();
+      const size_t trace0 = engine.step_trace().size();
       std::vector<std::shared_ptr<serve::RequestHandle>> hs;
       std::vector<std::vector<Clock::time_point>> stamps(static_cast<size_t>(C));
       const auto start = Clock::now();
@@ -248,7 +287,8 @@ int main(int argc, char** argv) {
       Result res;
       res.concurrency = C;
       res.output_tps = double(total) / seconds(start, end);
-      res.decode_tps = first_done > all_started ? double(in_window) / seconds(all_started, first_done) : 0;
+      res.readers_tps = first_done > all_started ? double(in_window) / seconds(all_started, first_done) : 0;
+      res.decode_tps = res.readers_tps;
       res.ttft_p50 = ttft[ttft.size() / 2];
       const serve::EngineStats s1 = engine.stats();
       if (s1.decode_steps > s0.decode_steps) {
@@ -256,6 +296,24 @@ int main(int argc, char** argv) {
         const double model = s1.decode_model_seconds - s0.decode_model_seconds;
         res.model_us = 1e6 * model / steps;
         res.host_us = 1e6 * ((s1.decode_step_seconds - s0.decode_step_seconds) - model) / steps;
+      }
+      {  // the chained decode steps whose tokens came back inside the window (all C requests in them)
+        const std::vector<serve::StepRecord> tr = engine.step_trace();
+        double period = 0, launch = 0, wait = 0, gap = 0;
+        int64_t n = 0;
+        for (size_t i = trace0 + 1; i < tr.size(); ++i) {
+          const serve::StepRecord &a = tr[i - 1], &b = tr[i];
+          if (b.batch != C || a.batch != C || a.back <= all_started || b.back > first_done) continue;
+          period += seconds(a.back, b.back), launch += b.launch_seconds, wait += b.wait_seconds;
+          gap += seconds(a.back, b.launched);
+          ++n;
+        }
+        if (n > 0) {
+          res.window_steps = n;
+          res.period_us = 1e6 * period / double(n), res.launch_us = 1e6 * launch / double(n);
+          res.wait_us = 1e6 * wait / double(n), res.gap_us = 1e6 * gap / double(n);
+          res.decode_tps = double(C) * double(n) / period;
+        }
       }
       if (speculative && s1.spec_drafts > s0.spec_drafts)
         res.accepted = double(s1.spec_accepted - s0.spec_accepted) / double(s1.spec_drafts - s0.spec_drafts);
@@ -275,6 +333,10 @@ int main(int argc, char** argv) {
                   res.ttft_p50,
                   res.accepted >= 0 ? (", accepted " + std::to_string(int(100 * res.accepted + 0.5)) + "%").c_str() : "",
                   res.model_us, res.host_us);
+      if (res.window_steps > 0)
+        std::printf("        the window's %ld decode steps: one every %.0f us (the readers' clocks: %.1f tok/s); a "
+                    "step's launch call %.0f us, %.0f us after the step before came back; its wait call %.0f us\n",
+                    long(res.window_steps), res.period_us, res.readers_tps, res.launch_us, res.gap_us, res.wait_us);
       std::fflush(stdout);
       return res;
     };

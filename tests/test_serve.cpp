@@ -355,6 +355,37 @@ TEST_F(Serve, ChainedStepsStopOneRequestAndKeepTheOthers) {
   EXPECT_GT(engine.stats().chained_steps, 0);
 }
 
+TEST_F(Serve, StepTraceKeepsTheLastChainedSteps) {
+  EngineOptions o;
+  o.trace_steps = 5;
+  Engine engine(*model_, *tok_, o);
+  RequestParams p = greedy(kPrompts[0], 12);
+  p.options.ignore_eos = true;
+  ASSERT_EQ(engine.submit(p)->wait().ids.size(), 12u);
+  // 11 chained decode steps after the prompt's step (the scheduler counts the last one just after
+  // handing out its token); the last 5 kept, oldest first
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (engine.stats().decode_steps < 11 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(engine.stats().decode_steps, 11);
+  const std::vector<StepRecord> tr = engine.step_trace();
+  ASSERT_EQ(tr.size(), 5u);
+  for (size_t i = 0; i < tr.size(); ++i) {
+    EXPECT_EQ(tr[i].batch, 1);
+    EXPECT_GE(tr[i].back, tr[i].launched);
+    EXPECT_GE(tr[i].launch_seconds, 0.0);
+    EXPECT_GE(tr[i].wait_seconds, 0.0);
+    if (i > 0) {
+      EXPECT_GE(tr[i].launched, tr[i - 1].back) << "step " << i << " launched before the one before came back";
+    }
+  }
+  Engine quiet(*model_, *tok_);  // trace_steps 0: no records
+  ASSERT_EQ(quiet.submit(p)->wait().ids.size(), 12u);
+  EXPECT_TRUE(quiet.step_trace().empty());
+  o.trace_steps = -1;
+  EXPECT_THROW(Engine(*model_, *tok_, o), Error);
+}
+
 TEST_F(Serve, CancellingFreesTheCache) {
   Engine engine(*model_, *tok_, EngineOptions{2, 4});
   RequestParams p = greedy("The Linux kernel", 3000);

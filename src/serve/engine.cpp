@@ -80,6 +80,8 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   FATHOM_CHECK(opt_.max_kv_tokens >= 0, "engine: max_kv_tokens ", opt_.max_kv_tokens, " must not be negative");
   FATHOM_CHECK(opt_.max_queue >= 0 && opt_.max_queue <= 1000000, "engine: max_queue ", opt_.max_queue,
                " is out of range (0 to 1000000)");
+  FATHOM_CHECK(opt_.trace_steps >= 0 && opt_.trace_steps <= 1000000, "engine: trace_steps ", opt_.trace_steps,
+               " is out of range (0 to 1000000)");
   for (int64_t id : model.config().eos_token_ids) eos_.push_back(int32_t(id));
   if (auto e = tokenizer.eos_id()) eos_.push_back(*e);
   std::sort(eos_.begin(), eos_.end());
@@ -197,6 +199,11 @@ std::shared_ptr<RequestHandle> Engine::submit(RequestParams params) {
 EngineStats Engine::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
+}
+
+std::vector<StepRecord> Engine::step_trace() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::vector<StepRecord>(trace_.begin(), trace_.end());
 }
 
 void Engine::finish(Running& r, const std::string& reason, const std::string& error) {
@@ -612,21 +619,31 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
   } chaining(*this);
   double model_s = 0;
   Clock::time_point step_start = Clock::now(), t = step_start;
+  StepRecord rec, next_rec;  // this step's and, once launched, the next one's
+  rec.launched = t;
+  rec.batch = int32_t(rows.size());
   model_.decode_launch(next, caches, sample_rows());
   chaining.launched = true;
-  model_s += seconds_since(t);
+  rec.launch_seconds = seconds_since(t);
+  model_s += rec.launch_seconds;
   for (bool more = true; more;) {
     t = Clock::now();
     chaining.launched = false;
     const std::vector<int32_t> ids = model_.decode_wait();
-    model_s += seconds_since(t);
+    rec.back = Clock::now();
+    rec.wait_seconds = std::chrono::duration<double>(rec.back - t).count();
+    model_s += rec.wait_seconds;
     more = chainable(batch, rows);
     for (size_t b = 0; b < rows.size() && more; ++b) more = !ends_here(*rows[b], ids[b]);
     if (more) {
       t = Clock::now();
+      next_rec = StepRecord{};
+      next_rec.launched = t;
+      next_rec.batch = int32_t(rows.size());
       model_.decode_launch(ids, caches, sample_rows());
       chaining.launched = true;
-      model_s += seconds_since(t);
+      next_rec.launch_seconds = seconds_since(t);
+      model_s += next_rec.launch_seconds;
     }
     for (size_t b = 0; b < rows.size(); ++b)
       if (!rows[b]->handle->finished_) take_token(*rows[b], ids[b], nullptr);  // (ended: dropped)
@@ -644,7 +661,12 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
       const Clock::time_point now = Clock::now();
       stats_.decode_step_seconds += std::chrono::duration<double>(now - step_start).count();
       step_start = now;
+      if (opt_.trace_steps > 0) {
+        if (int64_t(trace_.size()) >= opt_.trace_steps) trace_.pop_front();
+        trace_.push_back(rec);
+      }
     }
+    rec = next_rec;
     model_s = 0;
     publish(batch);
   }

@@ -72,6 +72,10 @@ struct EngineOptions {
   // the token after the next, and the next step verifies it alongside (accepted: two tokens for
   // one step of the main model). The output is what plain decoding gives (see Engine::step).
   bool speculative = false;
+  // Keep a record of each chained decode step (Engine::step_trace), at most this many (the
+  // oldest dropped): what a benchmark needs to split a step's time between the model's calls and
+  // the host's. 0: none.
+  int64_t trace_steps = 0;
 };
 
 // What a request asks for.
@@ -163,6 +167,15 @@ struct EngineStats {
   LatencyHistogram inter_token;  // between a request's consecutive tokens
 };
 
+// One chained decode step as the scheduler saw it (EngineOptions::trace_steps).
+struct StepRecord {
+  std::chrono::steady_clock::time_point launched;  // its decode_launch call began
+  std::chrono::steady_clock::time_point back;      // its tokens were back (decode_wait returned)
+  double launch_seconds = 0;  // the decode_launch call (preparing the inputs, launching)
+  double wait_seconds = 0;    // the decode_wait call
+  int32_t batch = 0;          // requests in the step
+};
+
 class Engine {
  public:
   Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options = {});
@@ -176,6 +189,8 @@ class Engine {
   std::shared_ptr<RequestHandle> submit(RequestParams params);
 
   EngineStats stats() const;
+  // The last EngineOptions::trace_steps chained decode steps, oldest first.
+  std::vector<StepRecord> step_trace() const;
   const Model& model() const { return model_; }
   const Tokenizer& tokenizer() const { return tok_; }
   // Tokens that end a sequence (the model's eos ids and the tokenizer's).
@@ -237,6 +252,7 @@ class Engine {
   std::deque<std::unique_ptr<Running>> waiting_;
   bool stop_ = false;
   EngineStats stats_;
+  std::deque<StepRecord> trace_;  // (under mu_) EngineOptions::trace_steps
   std::thread thread_;
 
   bool chaining_ = false;  // a chained step may be running: finish() leaves caches to drop_finished
