@@ -66,8 +66,9 @@ int repeats(RepeatKind kind);  // 2 when kind is in the mask, else 1
 // Which kernels stream the weights of decode's memory-bound matmuls and experts (M <= 8 rows,
 // and the grouped experts' 8-row tiles) for 16-bit and FP8 weights: the SIMT GEMV (gemv.cuh), the
 // tensor-core one (mma_gemv.cuh), or Auto, the default — each where it measured faster on the
-// H200 (bench/RESULTS.md, 2026-11-30): tensor cores for the grouped experts of batched decode,
-// SIMT for the dense GEMVs and a token's experts. FATHOM_GEMV=auto|simt|mma sets it at start;
+// H200 (bench/RESULTS.md, 2026-11-30 and 2026-12-01): tensor cores for the grouped experts of
+// two tokens and more and for the dense matmuls of 3 rows and more (FP8 weights: 2), SIMT for
+// one token's experts and the dense GEMVs below those rows. FATHOM_GEMV=auto|simt|mma sets it at start;
 // tests and benchmarks switch it per run.
 enum class GemvKind { Simt, TensorCores, Auto };
 void set_gemv_kind(GemvKind k);

@@ -2,13 +2,15 @@
 // with block scales), fp32 accumulation; the CUDA counterpart of src/ops/cpu/matmul.cpp.
 //
 // The regimes, chosen by M (and the weight dtype):
-// - M <= 8 (decode, small batches): memory bound. gemv_kernel streams every weight byte once
+// - M below skinny_min_rows (1-2 rows of 16-bit weights, 1 of FP8), or M <= 8 where the
+//   tensor cores do not take the weight (F32, odd K, FATHOM_GEMV=simt) (decode, small batches):
+//   memory bound. gemv_kernel streams every weight byte once
 //   with 16-byte loads (gemv.cuh), R = 4 weight rows per 128-thread block (1 when N is too
 //   small to fill the GPU with 4-row blocks), all M rows of x reused from L1 for each converted
 //   weight vector.
 // - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
 //   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
-// - 8 < M <= 128 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
+// - skinny_min_rows <= M <= 128 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
 //   (run_skinny; mma_skinny_block), the weight read once per 32 rows; where that does not fit
 //   (or FATHOM_GEMV=simt), up to 64 rows, BF16 weights in one cuBLAS GEMM over x split into
 //   bf16 hi/lo parts (run_bf16_split) and other dtypes the GEMV over 8-row chunks, the weight
@@ -368,7 +370,7 @@ void run_bf16_split(const MatmulParams& p, cudaStream_t s) {
   check_launch("matmul (combine_halves_kernel)");
 }
 
-// ---- 9 to 128 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
+// ---- skinny_min_rows to 128 rows on the tensor cores in warp tiles (mma_skinny_block): a block takes
 // kSkinnyRows weight rows and up to 32 x rows over a slice of K; the slices (enough that the
 // blocks about fill the GPU once) write partial sums that skinny_reduce_kernel adds up in slice order
 // (deterministic). The weight is read once per 32 rows (up to kSkinnyMaxRows), in or out of a
@@ -474,9 +476,16 @@ void allow_skinny_smem() {
                      mma_skinny_kernel<D, 4, true>);
 }
 
-// Whether the 9-to-128-row tensor-core matmul takes p.
+// The fewest rows the skinny matmul takes, by weight dtype: below them the SIMT GEMV (gemv.cuh),
+// whose fixed cost is lower, wins. Measured on the H200 (bench_cuda_decode, v3-4.9b, every dense
+// matmul of the decode step one way or the other): 16-bit weights 1,362-1,373 against
+// 1,398-1,404 tok/s at 2 rows, 1,799-1,821 against 1,726-1,734 at 3; FP8, whose SIMT GEMV is bound
+// by decoding its codes, 1,477-1,491 against 1,386-1,388 at 2 and 941 against 1,007 at 1.
+inline int64_t skinny_min_rows(DType w) { return w == DType::F8_E4M3 ? 2 : 3; }
+
+// Whether the tensor-core matmul in warp tiles takes p (from skinny_min_rows to 128 rows).
 bool skinny_takes(const MatmulParams& p) {
-  if (p.M <= 8 || p.M > kSkinnyMaxRows || !mma_gemv_on(MmaSite::Skinny)) return false;
+  if (p.M < skinny_min_rows(p.w_dtype) || p.M > kSkinnyMaxRows || !mma_gemv_on(MmaSite::Skinny)) return false;
   if (!mma_gemv_fits(p.w_dtype, p.K, p.block)) return false;
   const int64_t E = int64_t(dtype_size(p.w_dtype));
   return aligned16(p.w) && p.w_batch_stride * E % 16 == 0;
@@ -560,8 +569,8 @@ bool capturing(cudaStream_t s) {
 
 // Whether p runs as a GEMV (one launch, or 8-row chunks), which applies an input norm itself.
 bool gemv_path(const MatmulParams& p, cudaStream_t s) {
-  if (p.M <= 8) return true;
   if (skinny_takes(p)) return false;
+  if (p.M <= 8) return true;
   if (p.M > kGemvChunkRows || (p.w_dtype == DType::BF16 && !capturing(s))) return false;
   return !(p.w_dtype == DType::F32 && p.M >= kCublasMinRows);
 }
@@ -573,7 +582,7 @@ bool gemv_path(const MatmulParams& p, cudaStream_t s) {
 // bandwidth (a 32-row step of the 4.9B model spent 12.7 of its 30 ms in it).
 template <DType D>
 bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
-  if (p.M <= 8) {
+  if (p.M <= 8 && (D == DType::F32 || !skinny_takes(p))) {
     run_gemv<D>(&p, 1, s, side);
     return true;
   }
@@ -712,7 +721,7 @@ void matmul_batch(const MatmulParams* ps, int n, Stream stream) {
     // a run of GEMVs that can share a launch: one dtype, the same M <= 8, K > 0, no batch
     auto joins = [&](const MatmulParams& p) {
       return p.M >= 1 && p.M <= 8 && p.N > 0 && p.K > 0 && p.batch == 1 && p.M == ps[i].M && p.w_dtype == ps[i].w_dtype &&
-             (p.norm != nullptr) == (ps[i].norm != nullptr);
+             (p.norm != nullptr) == (ps[i].norm != nullptr) && !skinny_takes(p);
     };
     int j = i;
     if (check_params(ps[i]) && joins(ps[i])) {

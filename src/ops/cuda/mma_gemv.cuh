@@ -383,7 +383,7 @@ __device__ inline void mma_rows_product(float (&acc)[1][4], const MmaShared& sh,
 // warps and so pays a staging of x and a block reduction for every 16 rows, a block here carries
 // kMmaWarps tiles for one staging: the form for weights streamed by many blocks (the grouped
 // experts of batched decode, whose K-split blocks kept DRAM at ~43% of its bandwidth on the
-// H200) and for the 9-to-128-row matmuls (split over K across blocks instead). Each warp keeps
+// H200) and for the 3-to-128-row matmuls (FP8: 2) (split over K across blocks instead). Each warp keeps
 // the next unit's weights (and FP8 scales) in flight while it multiplies the current one. A warp
 // whose rows are all past the weight's end skips the products but not the barriers.
 // kAhead = false: one unit at a time (fewer registers, for more blocks a SM).

@@ -37,9 +37,14 @@ constexpr int kExpertThreads = 128;
 constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
 constexpr int kDownThreads = 256;  // expert_down_kernel: 8 warps, one slot each
 // From this many (token, slot) pairs (a batch of ~11 tokens at top-6), moe_grouped.cu sorts
-// them by expert so that each expert's weights are read once per tile, not once per pair.
-// Measured on an H200 (v3-4.9b, bench/RESULTS.md): at batch 8 (48 pairs) the per-pair GEMVs are
-// still faster (1,420 against 1,195 tokens/s), at batch 32 the sorted path is (1,202 against 797).
+// them by expert so that each expert's weights are read once per tile, not once per pair — and
+// from two tokens on where its tensor-core tiles take the experts (moe_grouped_on_tensor_cores):
+// one token's experts stay with the per-pair GEMVs. Measured on an H200 (v3-4.9b, whole decode
+// steps, bench/RESULTS.md): the tensor-core tiles against the per-pair GEMVs, bf16 1,399 / 2,029
+// / 2,793 against 1,387 / 1,861 / 2,300 tok/s at batch 2 / 4 / 8, FP8 1,385 / 2,122 / 2,816
+// against 1,329 / 1,711 / 2,051; at batch 1 897 against 1,019 (bf16), 903 against 1,011 (FP8).
+// (The SIMT grouped kernels, in the 2026-11-29 measurement: at batch 8 the per-pair GEMVs were
+// faster, 1,420 against 1,195 tokens/s; at batch 32 the sorted path was, 1,202 against 797.)
 constexpr int64_t kGroupedMinPairs = 64;
 // moe_router_gate_kernel (one block per token, each reading the whole router from L2) takes
 // these many tokens and up to kRouterMaxBytes of router; longer inputs and larger routers
@@ -572,10 +577,11 @@ void moe_experts(const MoeExpertsParams& p, Stream stream) {
   FATHOM_ASSERT(!p.has_shared || (p.experts && p.shared_table && p.shared_inter > 0),
                 "moe_experts: a shared expert joins routed ones");
   const cudaStream_t s = as_cuda(stream);
-  // A few tokens touch mostly distinct experts, which the per-pair GEMVs stream at full
-  // bandwidth; from a handful of tokens on, experts repeat and sorting by expert pays.
+  // One token's experts are distinct, and the per-pair GEMVs have the lowest fixed cost; from
+  // two tokens on the grouped tensor-core tiles stream each expert once at a higher pace (and
+  // from a handful of tokens experts repeat, so sorting by expert pays for the SIMT tiles too).
   const int64_t pairs = p.n_tokens * p.top_k;
-  if (p.experts && pairs >= kGroupedMinPairs) {
+  if (p.experts && (pairs >= kGroupedMinPairs || (p.n_tokens >= 2 && moe_grouped_on_tensor_cores(p)))) {
     // The grouped kernels take a plain input (a normalised copy of x) and add to out in their
     // last kernel (x is read whole before); a shared expert run apart reads x after that, so
     // when out is x it goes to a separate sum, added or copied to out at the end.

@@ -422,6 +422,15 @@ bool moe_small_tiles(int64_t n_tokens, int top_k, int n_experts) {
   return n_tokens * top_k < kTiledMinRowsPerExpert * n_experts;
 }
 
+bool moe_grouped_on_tensor_cores(const MoeExpertsParams& p) {
+  switch (p.dtype) {
+    case DType::BF16: return takes_mma_small<DType::BF16>(p);
+    case DType::F16: return takes_mma_small<DType::F16>(p);
+    case DType::F8_E4M3: return takes_mma_small<DType::F8_E4M3>(p);
+    default: return false;
+  }
+}
+
 bool moe_grouped_joins_shared(const MoeExpertsParams& p) {
   switch (p.dtype) {
     case DType::BF16: return joins_shared<DType::BF16>(p);

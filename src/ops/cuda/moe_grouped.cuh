@@ -11,4 +11,6 @@ namespace fathom::cuda {
 // batches take it as extra tiles in the same launches.
 void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t stream);
 bool moe_grouped_joins_shared(const MoeExpertsParams& p);
+// Whether the grouped path would run p's experts on its tensor-core small tiles (decode batches).
+bool moe_grouped_on_tensor_cores(const MoeExpertsParams& p);
 }  // namespace fathom::cuda
