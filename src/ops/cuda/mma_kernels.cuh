@@ -340,7 +340,7 @@ __device__ inline void mma_grouped_down_block(const MoeExpertsParams& p, const E
   }
 }
 
-// The 9-to-128-row matmul (matmul.cu's mma_skinny_kernel): weight rows in blocks of
+// The 3-to-128-row matmul (FP8: 2; matmul.cu's mma_skinny_kernel): weight rows in blocks of
 // kSkinnyRows (warp w the 16 from 16w), all M <= 8 NT x rows, K in slices across blocks. With
 // one slice a block writes out itself; else each block writes its partial sums (and the first row
 // block, NORM, the rows' sums of squares over its slice) for skinny_reduce_kernel, which adds the
