@@ -480,12 +480,18 @@ int main(int argc, char** argv) {
   report("skinny bf16 N 140 K 1024 M 32 norm, slices of 3", run_dense<DType::BF16, true>(140, 1024, 32, 128, rng, false, 3));
   report("skinny fp8  N 50 K 640 M 13 norm accumulate, one slice", run_dense<DType::F8_E4M3, true>(50, 640, 13, 128, rng, true, 5));
   report("skinny fp8  N 130 K 512 M 24 block 256, slices of 2", run_dense<DType::F8_E4M3, false>(130, 512, 24, 256, rng, false, 2));
+  // the few-row batches the skinny form takes since skinny_min_rows (FP8 from 2 rows, 16-bit from 3)
+  report("skinny fp8  N 70 K 640 M 2, slices of 2", run_dense<DType::F8_E4M3, false>(70, 640, 2, 128, rng, false, 2));
+  report("skinny bf16 N 150 K 512 M 3 norm, one slice", run_dense<DType::BF16, true>(150, 512, 3, 128, rng, false, 4));
+  report("skinny f16  N 33 K 272 M 8 accumulate, slices of 1", run_dense<DType::F16, false>(33, 272, 8, 128, rng, true, 1));
   report("jobs bf16 N 40 K 256 J 8", run_jobs<DType::BF16>(40, 256, 8, 128, rng));
   report("jobs fp8  N 20 K 384 J 5", run_jobs<DType::F8_E4M3>(20, 384, 5, 128, rng));
   // sizes kept small: 256 emulated threads per block meet at every barrier (~50 ms a block here)
   report("experts bf16 T 1 top 2 of 3, H 128 I 64 + shared, norm", run_experts<DType::BF16, true>(1, 3, 2, 128, 64, 128, false, rng));
   report("experts fp8  T 1 top 2 of 4, H 256 I 128 + shared", run_experts<DType::F8_E4M3, false>(1, 4, 2, 256, 128, 128, false, rng));
   report("experts f16  T 2 top 3 of 3, H 128 I 64 + shared, norm", run_experts<DType::F16, true>(2, 3, 3, 128, 64, 128, false, rng));
+  // two tokens: the fewest the grouped tiles take since moe.cu's policy (one row a tile)
+  report("grouped fp8  T 2 top 3 of 5, H 128 I 128 + shared, norm", run_experts<DType::F8_E4M3, true>(2, 5, 3, 128, 128, 128, true, rng));
   report("grouped bf16 T 12 top 2 of 2 (two tiles each), H 128 I 64 + shared", run_experts<DType::BF16, false>(12, 2, 2, 128, 64, 128, true, rng));
   report("grouped fp8  T 10 top 2 of 3, H 128 I 128 + shared, norm", run_experts<DType::F8_E4M3, true>(10, 3, 2, 128, 128, 128, true, rng));
   report("grouped bf16 T 12 top 2 of 3, H 208 I 80 (idle warps)", run_experts<DType::BF16, false>(12, 3, 2, 208, 80, 128, true, rng));
