@@ -618,16 +618,21 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
     }
   } chaining(*this);
   double model_s = 0;
-  Clock::time_point step_start = Clock::now(), t = step_start;
-  StepRecord rec, next_rec;  // this step's and, once launched, the next one's
-  rec.launched = t;
-  rec.batch = int32_t(rows.size());
-  model_.decode_launch(next, caches, sample_rows());
-  chaining.launched = true;
-  rec.launch_seconds = seconds_since(t);
-  model_s += rec.launch_seconds;
+  // launches the step of these tokens; its record (EngineOptions::trace_steps) so far
+  auto launch = [&](const std::vector<int32_t>& tokens) {
+    StepRecord r;
+    r.launched = Clock::now();
+    r.batch = int32_t(rows.size());
+    model_.decode_launch(tokens, caches, sample_rows());
+    chaining.launched = true;
+    r.launch_seconds = seconds_since(r.launched);
+    model_s += r.launch_seconds;
+    return r;
+  };
+  Clock::time_point step_start = Clock::now();
+  StepRecord rec = launch(next), next_rec;  // this step's record and, once launched, the next one's
   for (bool more = true; more;) {
-    t = Clock::now();
+    const Clock::time_point t = Clock::now();
     chaining.launched = false;
     const std::vector<int32_t> ids = model_.decode_wait();
     rec.back = Clock::now();
@@ -635,16 +640,7 @@ void Engine::decode_chain(const std::vector<std::unique_ptr<Running>>& batch, co
     model_s += rec.wait_seconds;
     more = chainable(batch, rows);
     for (size_t b = 0; b < rows.size() && more; ++b) more = !ends_here(*rows[b], ids[b]);
-    if (more) {
-      t = Clock::now();
-      next_rec = StepRecord{};
-      next_rec.launched = t;
-      next_rec.batch = int32_t(rows.size());
-      model_.decode_launch(ids, caches, sample_rows());
-      chaining.launched = true;
-      next_rec.launch_seconds = seconds_since(t);
-      model_s += next_rec.launch_seconds;
-    }
+    if (more) next_rec = launch(ids);
     for (size_t b = 0; b < rows.size(); ++b)
       if (!rows[b]->handle->finished_) take_token(*rows[b], ids[b], nullptr);  // (ended: dropped)
     hand_over_wakes();
