@@ -228,12 +228,12 @@ int main(int argc, char** argv) {
         for (int64_t i = 0; i < C; ++i) {
           serve::RequestParams w;
           w.prompt = prompt(2000 + C + i);
-          if (i == 0) {
+          if (i == 0) {  // as long as the window's last steps' contexts, less its 4 tokens
             const std::vector<int32_t> more = prompt(3000 + C);
             w.prompt.insert(w.prompt.end(), more.begin(), more.end());
-            w.prompt.resize(size_t(n_prompt + n_gen - 4));
+            w.prompt.resize(size_t(std::max<int64_t>(n_prompt, n_prompt + n_gen - 4)));
           } else {
-            w.prompt.resize(16);
+            w.prompt.resize(size_t(std::min<int64_t>(16, n_prompt)));
           }
           w.options.max_tokens = 4;
           w.options.sampling.temperature = 0;

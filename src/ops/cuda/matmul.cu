@@ -582,7 +582,7 @@ bool gemv_path(const MatmulParams& p, cudaStream_t s) {
 // bandwidth (a 32-row step of the 4.9B model spent 12.7 of its 30 ms in it).
 template <DType D>
 bool run(const MatmulParams& p, cudaStream_t s, const SideJobs& side) {
-  if (p.M <= 8 && (D == DType::F32 || !skinny_takes(p))) {
+  if (p.M <= 8 && !skinny_takes(p)) {  // (never F32 weights: mma_gemv_fits)
     run_gemv<D>(&p, 1, s, side);
     return true;
   }
