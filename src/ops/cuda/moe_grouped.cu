@@ -355,18 +355,11 @@ bool takes_mma_small(const MoeExpertsParams& p) {
 }
 
 template <DType D>
-bool joins_shared(const MoeExpertsParams& p) {
-  if (!p.has_shared || !takes_mma_small<D>(p) || p.shared_inter % p.inter != 0) return false;
-  if (D == DType::F8_E4M3 && p.inter % p.block != 0) return false;
-  return grouped_max_tiles(p, kSmallRows) <= 65535;
-}
-
-template <DType D>
 void run_grouped(const MoeExpertsParams& p, cudaStream_t s) {
   constexpr int E = ElemSize<D>::value;
   const int64_t pairs = p.n_tokens * p.top_k;
   const bool small = moe_small_tiles(p.n_tokens, p.top_k, p.n_experts);
-  FATHOM_ASSERT(!p.has_shared || joins_shared<D>(p), "moe_experts_grouped: a shared expert outside the small tiles");
+  FATHOM_ASSERT(!p.has_shared || moe_grouped_joins_shared(p), "moe_experts_grouped: a shared expert outside the small tiles");
   const int tile_rows = small ? kSmallRows : kBM;
   const int64_t max_tiles = grouped_max_tiles(p, tile_rows);
   FATHOM_CHECK(max_tiles <= 65535, "moe_experts: ", p.n_tokens, " tokens x ", p.top_k,
@@ -432,12 +425,9 @@ bool moe_grouped_on_tensor_cores(const MoeExpertsParams& p) {
 }
 
 bool moe_grouped_joins_shared(const MoeExpertsParams& p) {
-  switch (p.dtype) {
-    case DType::BF16: return joins_shared<DType::BF16>(p);
-    case DType::F16: return joins_shared<DType::F16>(p);
-    case DType::F8_E4M3: return joins_shared<DType::F8_E4M3>(p);
-    default: return false;
-  }
+  if (!p.has_shared || !moe_grouped_on_tensor_cores(p) || p.shared_inter % p.inter != 0) return false;
+  if (p.dtype == DType::F8_E4M3 && p.inter % p.block != 0) return false;
+  return grouped_max_tiles(p, kSmallRows) <= 65535;
 }
 
 void moe_experts_grouped(const MoeExpertsParams& p, cudaStream_t s) {
