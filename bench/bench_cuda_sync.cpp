@@ -9,7 +9,9 @@
 // --streams: instead, the expert kernels' weight-read pattern and variants of it
 // (src/ops/cuda/stream_bench.cu): GB/s of each against the copy bandwidth.
 //
-// usage: bench_cuda_sync [--layers 12] [--reps 20] [--streams]
+// --quick: only the kernel-per-stage chain and the staged variants (d).
+//
+// usage: bench_cuda_sync [--layers 12] [--reps 20] [--streams] [--quick]
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -24,20 +26,22 @@ using namespace fathom;
 
 int main(int argc, char** argv) {
   int layers = 12, reps = 20;
-  bool streams = false;
+  bool streams = false, quick = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--streams") {
       streams = true;
+    } else if (a == "--quick") {
+      quick = true;
     } else if ((a == "--layers" || a == "--reps") && i + 1 < argc) {
       (a == "--layers" ? layers : reps) = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_sync [--layers N] [--reps N] [--streams]\n");
+      std::fprintf(stderr, "usage: bench_cuda_sync [--layers N] [--reps N] [--streams] [--quick]\n");
       return 2;
     }
   }
 #ifndef FATHOM_HAVE_CUDA
-  (void)layers, (void)reps, (void)streams;
+  (void)layers, (void)reps, (void)streams, (void)quick;
   std::fprintf(stderr, "bench_cuda_sync: this build has no CUDA backend (nvcc was not found at configure time)\n");
   return 1;
 #else
@@ -56,11 +60,14 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
-    std::printf("%-44s %6s %10s %10s %9s %8s\n", "variant", "stages", "us/chain", "us/stage", "TB/s", "of copy");
-    for (bool tiny : {true, false}) {
-      for (const auto& r : cuda::stage_chain_bench(layers, tiny, reps)) {
+    std::printf("%-50s %6s %10s %10s %9s %8s\n", "variant", "stages", "us/chain", "us/stage", "TB/s", "of copy");
+    for (int kind : {0, 1, 2}) {  // tiny, the attention side alone (--quick), whole layers
+      if (kind == 1 && !quick) continue;
+      const bool tiny = kind == 0;
+      const char* tag = kind == 0 ? "tiny: " : kind == 1 ? "attention side: " : "";
+      for (const auto& r : cuda::stage_chain_bench(layers, tiny, reps, quick, kind == 1)) {
         const double tbs = r.weight_bytes / r.seconds / 1e12;
-        std::printf("%-44s %6d %10.1f %10.2f %9.3f %7.1f%%\n", ((tiny ? "tiny: " : "") + r.variant).c_str(), r.stages,
+        std::printf("%-50s %6d %10.1f %10.2f %9.3f %7.1f%%\n", (tag + r.variant).c_str(), r.stages,
                     r.seconds * 1e6, r.seconds * 1e6 / r.stages, tbs, 100 * tbs * 1e12 / bw);
       }
     }

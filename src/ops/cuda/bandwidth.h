@@ -30,7 +30,7 @@ struct StageBenchRow {
   double weight_bytes = 0;
   int stages = 0;
 };
-std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps);
+std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps, bool quick = false, bool small = false);
 // stream_bench.cu: 1 GiB read in the expert kernels' weight-tile pattern and variants of it
 // (steps in flight, bytes per row step, a tiled layout, cp.async rings). Seconds per read of
 // weight_bytes, best of `reps`.
