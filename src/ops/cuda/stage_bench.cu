@@ -10,8 +10,9 @@
 // the stage's rows that the copy engine brings into a ring of shared-memory slots — the first
 // slots asked for before the programmatic-launch wait, so that a stage's weights stream in
 // while the stage before it computes — and the dot products read from shared memory, and (e) as
-// (d) with the weights held in registers instead (bench/RESULTS.md: (a) wins). (a)–(c) use the decode GEMV's inner loop (gemv.cuh), so the differences are the
-// kernel boundaries and the look-ahead. See bench/bench_cuda_sync.cpp.
+// (d) with the weights held in registers instead (bench/RESULTS.md: (a) wins). (a)–(c) use the
+// decode GEMV's inner loop (gemv.cuh), so the differences are the kernel boundaries and the
+// look-ahead. See bench/bench_cuda_sync.cpp.
 #include <cuda_runtime.h>
 
 #include <algorithm>
