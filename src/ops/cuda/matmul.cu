@@ -5,9 +5,9 @@
 // - M below skinny_min_rows (1-2 rows of 16-bit weights, 1 of FP8), or M <= 8 where the
 //   tensor cores do not take the weight (F32, odd K, FATHOM_GEMV=simt) (decode, small batches):
 //   memory bound. gemv_kernel streams every weight byte once
-//   with 16-byte loads (gemv.cuh), R = 4 weight rows per 128-thread block (1 when N is too
-//   small to fill the GPU with 4-row blocks), all M rows of x reused from L1 for each converted
-//   weight vector.
+//   with 16-byte loads (gemv.cuh), R = 4 weight rows per 128-thread block (fewer when N is too
+//   small to fill the GPU with 4-row blocks: launch_gemv_norm), all M rows of x reused from L1
+//   for each converted weight vector.
 // - M >= 64 with F32 weights (training, fp32 prefill): cuBLAS (run_sgemm), true F32, or bf16
 //   tensor cores when training asked for them (gemm_f32 in cublas_util.cuh).
 // - skinny_min_rows <= M <= 128 (batched decode): 16-bit and FP8 weights on the tensor cores in warp tiles
@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <optional>
 
@@ -261,11 +262,30 @@ void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s, const SideJ
   int64_t rows = 0;
   for (int i = 0; i < n; ++i) rows += ps[i].N * ps[i].batch;
   const int64_t side_blocks = int64_t(side.rope_blocks) + side.append_blocks;
-  // Four rows per block while that still gives every SM several blocks; else one.
-  if (ceil_div(rows, 4) >= 8 * sm_count()) {
+  // Rows per block (R): four while that still gives every SM eight blocks; below that, one — or,
+  // for one x row (batch-1 decode), two of 16-bit weights and always four of FP8, whose rows are
+  // half the bytes: measured on an H200 (v3-4.9b batch-1 decode, bench/RESULTS.md), R = 1 / 2 /
+  // 4 for the 1,344- to 3,072-row projections gave bf16 1,007–1,019 / 1,047–1,048 / 1,026–1,041
+  // tokens/s and FP8 993–996 / 1,028–1,032 / 1,092–1,095. FATHOM_GEMV_ROWS=1|2|4 forces one.
+  static const int forced = [] {
+    const char* e = std::getenv("FATHOM_GEMV_ROWS");
+    const int r = e ? std::atoi(e) : 0;
+    return r == 1 || r == 2 || r == 4 ? r : 0;
+  }();
+  const bool many = ceil_div(rows, 4) >= 8 * sm_count();
+  int R = many ? 4 : 1;
+  if (MP == 1 && D == DType::F8_E4M3) R = 4;
+  else if (MP == 1 && (D == DType::BF16 || D == DType::F16) && !many) R = 2;
+  if (forced) R = forced;
+  if (R == 4) {
     GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
     jobs.side = side;
     launch_kernel(gemv_kernel<D, MP, 4, NORM>,
+                  dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
+  } else if (R == 2) {
+    GemvJobs jobs = gemv_jobs<D, 2>(ps, n);
+    jobs.side = side;
+    launch_kernel(gemv_kernel<D, MP, 2, NORM>,
                   dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
   } else {
     GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
