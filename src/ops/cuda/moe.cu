@@ -19,6 +19,8 @@
 // on the device, each expert's weights read once per tile; the shared expert then runs as a
 // dense SwiGLU).
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <optional>
 
 #include "core/error.h"
@@ -34,7 +36,13 @@ namespace {
 
 constexpr int kMaxExperts = 1024;
 constexpr int kExpertThreads = 128;
-constexpr int kExpertRows = 4;  // weight rows per block (gate + up: 2 x 4)
+// Weight rows per block of the per-pair expert kernels (gate + up: 2 x R): 8 for 16-bit weights,
+// 4 for FP8 and F32. Measured on an H200 (v3-4.9b batch-1 decode, two runs each, bench/RESULTS.md):
+// bf16 1,047–1,062 tokens/s at 4 and 4 (gate+up, down), 1,081–1,082 at 8 and 4, 1,082–1,086 at 4
+// and 8, 1,109–1,115 at 8 and 8; FP8 1,089–1,098 at 4 and 4, 984–985 at 8 and 8 (its decode
+// where it is used holds more registers a row).
+template <DType D>
+constexpr int kExpertRows = D == DType::BF16 || D == DType::F16 ? 8 : 4;
 constexpr int kDownThreads = 256;  // expert_down_kernel: 8 warps, one slot each
 // From this many (token, slot) pairs (a batch of ~11 tokens at top-6), moe_grouped.cu sorts
 // them by expert so that each expert's weights are read once per tile, not once per pair — and
@@ -470,17 +478,39 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   const bool vec_up = p.aligned16 && p.hidden * E % 16 == 0 && aligned16(p.x) && aligned16(p.norm) && fp8_ok;
   const bool vec_down = p.aligned16 && p.inter * E % 16 == 0 && fp8_ok;
   const bool vec_shared = p.aligned16 && p.shared_inter * E % 16 == 0 && fp8_ok;
-  constexpr int R = kExpertRows;
-  const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
-  FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
-  if (p.norm)
-    launch_kernel(expert_gate_up_kernel<D, R, true>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
-  else
-    launch_kernel(expert_gate_up_kernel<D, R, false>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
-  check_launch("moe_experts (expert_gate_up_kernel)");
-  launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kDownThreads, 0,
-                s, p, h.as<float>(), vec_down, vec_shared);
-  check_launch("moe_experts (expert_down_kernel)");
+  // FATHOM_EXPERT_ROWS=2|4|8 (gate+up) and FATHOM_EXPERT_DOWN_ROWS=2|4|8: rows a block, for
+  // measurements (default kExpertRows<D>)
+  auto rows_from = [](const char* name) {
+    const char* e = std::getenv(name);
+    const int r = e ? std::atoi(e) : 0;
+    return r == 2 || r == 4 || r == 8 ? r : kExpertRows<D>;
+  };
+  static const int forced_up = rows_from("FATHOM_EXPERT_ROWS"), forced_down = rows_from("FATHOM_EXPERT_DOWN_ROWS");
+  auto gate_up = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
+    FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
+    if (p.norm)
+      launch_kernel(expert_gate_up_kernel<D, R, true>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+    else
+      launch_kernel(expert_gate_up_kernel<D, R, false>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+    check_launch("moe_experts (expert_gate_up_kernel)");
+  };
+  auto down = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    launch_kernel(expert_down_kernel<D, R>, dim3(unsigned(ceil_div(p.hidden, R)), unsigned(p.n_tokens)), kDownThreads,
+                  0, s, p, h.as<float>(), vec_down, vec_shared);
+    check_launch("moe_experts (expert_down_kernel)");
+  };
+  using R2 = std::integral_constant<int, 2>;
+  using R4 = std::integral_constant<int, 4>;
+  using R8 = std::integral_constant<int, 8>;
+  if (forced_up == 2) gate_up(R2{});
+  else if (forced_up == 8) gate_up(R8{});
+  else gate_up(R4{});
+  if (forced_down == 2) down(R2{});
+  else if (forced_down == 8) down(R8{});
+  else down(R4{});
 }
 
 void dispatch_experts(const MoeExpertsParams& p, cudaStream_t s) {
