@@ -485,15 +485,14 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
     const int r = e ? std::atoi(e) : 0;
     return r == 2 || r == 4 || r == 8 ? r : kExpertRows<D>;
   };
-  static const int forced_up = rows_from("FATHOM_EXPERT_ROWS"), forced_down = rows_from("FATHOM_EXPERT_DOWN_ROWS");
+  static const int up_rows = rows_from("FATHOM_EXPERT_ROWS");
+  static const int down_rows = rows_from("FATHOM_EXPERT_DOWN_ROWS");
   auto gate_up = [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
     FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
-    if (p.norm)
-      launch_kernel(expert_gate_up_kernel<D, R, true>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
-    else
-      launch_kernel(expert_gate_up_kernel<D, R, false>, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
+    auto* kernel = p.norm ? expert_gate_up_kernel<D, R, true> : expert_gate_up_kernel<D, R, false>;
+    launch_kernel(kernel, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
     check_launch("moe_experts (expert_gate_up_kernel)");
   };
   auto down = [&](auto rows) {
@@ -505,11 +504,11 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   using R2 = std::integral_constant<int, 2>;
   using R4 = std::integral_constant<int, 4>;
   using R8 = std::integral_constant<int, 8>;
-  if (forced_up == 2) gate_up(R2{});
-  else if (forced_up == 8) gate_up(R8{});
+  if (up_rows == 2) gate_up(R2{});
+  else if (up_rows == 8) gate_up(R8{});
   else gate_up(R4{});
-  if (forced_down == 2) down(R2{});
-  else if (forced_down == 8) down(R8{});
+  if (down_rows == 2) down(R2{});
+  else if (down_rows == 8) down(R8{});
   else down(R4{});
 }
 

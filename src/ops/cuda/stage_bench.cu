@@ -389,68 +389,62 @@ std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps, bo
         worst = std::max(worst, double(std::abs(a[j] - b[j])) / (std::abs(a[j]) + 1e-3));
         worst_reg = std::max(worst_reg, double(std::abs(a[j] - c[j])) / (std::abs(a[j]) + 1e-3));
       }
-      FATHOM_CHECK(worst < 1e-4, "stage benchmark: the staged kernel's stage 0 differs from the chain kernel's by ", worst);
-      FATHOM_CHECK(worst_reg < 1e-4, "stage benchmark: the register kernel's stage 0 differs from the chain kernel's by ",
-                   worst_reg);
+      FATHOM_CHECK(worst < 1e-4, "stage benchmark: the staged kernel's stage 0 differs from the chain kernel's by ",
+                   worst);
+      FATHOM_CHECK(worst_reg < 1e-4,
+                   "stage benchmark: the register kernel's stage 0 differs from the chain kernel's by ", worst_reg);
       ok(cudaMemset(act, 0, 2 * max_n * sizeof(float)), "cudaMemset");
     }
   }
-  if (quick) {
-    ok(cudaStreamSynchronize(st), "cudaStreamSynchronize");
-    cudaStreamDestroy(st);
-    cudaFree(w);
-    cudaFree(act);
-    cudaFree(dev);
-    cudaFree(counter);
-    return rows;
-  }
-  unsigned* progress = nullptr;
-  ok(cudaMalloc(&progress, sizeof(unsigned)), "cudaMalloc");
-  cudaStream_t side;
-  ok(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "cudaStreamCreate");
-  cudaEvent_t fork, join;
-  ok(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "cudaEventCreate");
-  ok(cudaEventCreateWithFlags(&join, cudaEventDisableTiming), "cudaEventCreate");
-  for (int pb : {8, 16, 32, 64})
-  for (int look : {1, 2}) {
-    run(cat("chain + ", pb, "-SM prefetcher, look-ahead ", look), [&] {
-      ok(cudaMemsetAsync(progress, 0, sizeof(unsigned), st), "cudaMemsetAsync");
-      ok(cudaEventRecord(fork, st), "cudaEventRecord");
-      ok(cudaStreamWaitEvent(side, fork, 0), "cudaStreamWaitEvent");
-      prefetcher_kernel<<<pb, 32, 0, side>>>(dev, n, progress, look);
-      for (int i = 0; i < n; ++i) {
-        const int units = (host[size_t(i)].N + kRows - 1) / kRows;
-        launch_kernel(chain_kernel_marked, dim3(unsigned(units)), dim3(kThreads), 0, st,
-                      static_cast<const Stage*>(dev), i, progress);
-      }
-      ok(cudaEventRecord(join, side), "cudaEventRecord");
-      ok(cudaStreamWaitEvent(st, join, 0), "cudaStreamWaitEvent");
-    });
-  }
-  cudaEventDestroy(fork);
-  cudaEventDestroy(join);
-  cudaStreamDestroy(side);
-  cudaFree(progress);
-  int per_sm = 0;
-  ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, kThreads, 0), "occupancy");
-  for (int bps : {1, 2, 4, 8}) {
-    if (bps > per_sm) break;
-    for (int look : {0, 1, 2}) {
-      const unsigned grid = unsigned(sm_count() * bps);
-      run(cat("persistent, ", bps, " blocks/SM, look-ahead ", look), [&] {
-        ok(cudaMemsetAsync(counter, 0, sizeof(unsigned), st), "cudaMemsetAsync");
-        cudaLaunchConfig_t c{};
-        c.gridDim = dim3(grid);
-        c.blockDim = dim3(kThreads);
-        c.stream = st;
-        cudaLaunchAttribute a[1];
-        a[0].id = cudaLaunchAttributeCooperative;  // every block resident at once
-        a[0].val.cooperative = 1;
-        c.attrs = a;
-        c.numAttrs = 1;
-        ok(cudaLaunchKernelEx(&c, persistent_kernel, static_cast<const Stage*>(dev), n, counter, look),
-           "cudaLaunchKernelEx (cooperative)");
+  if (!quick) {  // (b) and (c)
+    unsigned* progress = nullptr;
+    ok(cudaMalloc(&progress, sizeof(unsigned)), "cudaMalloc");
+    cudaStream_t side;
+    ok(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "cudaStreamCreate");
+    cudaEvent_t fork, join;
+    ok(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "cudaEventCreate");
+    ok(cudaEventCreateWithFlags(&join, cudaEventDisableTiming), "cudaEventCreate");
+    for (int pb : {8, 16, 32, 64})
+    for (int look : {1, 2}) {
+      run(cat("chain + ", pb, "-SM prefetcher, look-ahead ", look), [&] {
+        ok(cudaMemsetAsync(progress, 0, sizeof(unsigned), st), "cudaMemsetAsync");
+        ok(cudaEventRecord(fork, st), "cudaEventRecord");
+        ok(cudaStreamWaitEvent(side, fork, 0), "cudaStreamWaitEvent");
+        prefetcher_kernel<<<pb, 32, 0, side>>>(dev, n, progress, look);
+        for (int i = 0; i < n; ++i) {
+          const int units = (host[size_t(i)].N + kRows - 1) / kRows;
+          launch_kernel(chain_kernel_marked, dim3(unsigned(units)), dim3(kThreads), 0, st,
+                        static_cast<const Stage*>(dev), i, progress);
+        }
+        ok(cudaEventRecord(join, side), "cudaEventRecord");
+        ok(cudaStreamWaitEvent(st, join, 0), "cudaStreamWaitEvent");
       });
+    }
+    cudaEventDestroy(fork);
+    cudaEventDestroy(join);
+    cudaStreamDestroy(side);
+    cudaFree(progress);
+    int per_sm = 0;
+    ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, kThreads, 0), "occupancy");
+    for (int bps : {1, 2, 4, 8}) {
+      if (bps > per_sm) break;
+      for (int look : {0, 1, 2}) {
+        const unsigned grid = unsigned(sm_count() * bps);
+        run(cat("persistent, ", bps, " blocks/SM, look-ahead ", look), [&] {
+          ok(cudaMemsetAsync(counter, 0, sizeof(unsigned), st), "cudaMemsetAsync");
+          cudaLaunchConfig_t c{};
+          c.gridDim = dim3(grid);
+          c.blockDim = dim3(kThreads);
+          c.stream = st;
+          cudaLaunchAttribute a[1];
+          a[0].id = cudaLaunchAttributeCooperative;  // every block resident at once
+          a[0].val.cooperative = 1;
+          c.attrs = a;
+          c.numAttrs = 1;
+          ok(cudaLaunchKernelEx(&c, persistent_kernel, static_cast<const Stage*>(dev), n, counter, look),
+             "cudaLaunchKernelEx (cooperative)");
+        });
+      }
     }
   }
   ok(cudaStreamSynchronize(st), "cudaStreamSynchronize");
