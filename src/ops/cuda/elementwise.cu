@@ -116,7 +116,7 @@ __global__ void rope_tables_kernel(float* __restrict__ cos_out, float* __restric
   }
 }
 
-// grid (B), block 256: the running best of each thread, then a shuffle and shared-memory
+// grid (B), block 1024: the running best of each thread, then a shuffle and shared-memory
 // reduction; a larger value wins, an equal one only with a lower index.
 __global__ void argmax_kernel(int32_t* __restrict__ ids, const float* __restrict__ logits, int64_t V) {
   pdl_wait();
