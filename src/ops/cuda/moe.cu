@@ -20,8 +20,8 @@
 // dense SwiGLU).
 #include <algorithm>
 #include <cstdlib>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
