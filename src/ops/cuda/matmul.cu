@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/cublas_util.cuh"
@@ -277,22 +278,16 @@ void launch_gemv_norm(const MatmulParams* ps, int n, cudaStream_t s, const SideJ
   if (MP == 1 && D == DType::F8_E4M3) R = 4;
   else if (MP == 1 && (D == DType::BF16 || D == DType::F16) && !many) R = 2;
   if (forced) R = forced;
-  if (R == 4) {
-    GemvJobs jobs = gemv_jobs<D, 4>(ps, n);
+  auto launch = [&](auto rows) {
+    constexpr int kR = decltype(rows)::value;
+    GemvJobs jobs = gemv_jobs<D, kR>(ps, n);
     jobs.side = side;
-    launch_kernel(gemv_kernel<D, MP, 4, NORM>,
+    launch_kernel(gemv_kernel<D, MP, kR, NORM>,
                   dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
-  } else if (R == 2) {
-    GemvJobs jobs = gemv_jobs<D, 2>(ps, n);
-    jobs.side = side;
-    launch_kernel(gemv_kernel<D, MP, 2, NORM>,
-                  dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
-  } else {
-    GemvJobs jobs = gemv_jobs<D, 1>(ps, n);
-    jobs.side = side;
-    launch_kernel(gemv_kernel<D, MP, 1, NORM>,
-                  dim3(unsigned(jobs.block_end[n - 1] + side_blocks), unsigned(ps[0].batch)), kGemvThreads, 0, s, jobs);
-  }
+  };
+  if (R == 4) launch(std::integral_constant<int, 4>{});
+  else if (R == 2) launch(std::integral_constant<int, 2>{});
+  else launch(std::integral_constant<int, 1>{});
   check_launch("matmul (gemv_kernel)");
 }
 

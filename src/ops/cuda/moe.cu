@@ -501,15 +501,13 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
                   0, s, p, h.as<float>(), vec_down, vec_shared);
     check_launch("moe_experts (expert_down_kernel)");
   };
-  using R2 = std::integral_constant<int, 2>;
-  using R4 = std::integral_constant<int, 4>;
-  using R8 = std::integral_constant<int, 8>;
-  if (up_rows == 2) gate_up(R2{});
-  else if (up_rows == 8) gate_up(R8{});
-  else gate_up(R4{});
-  if (down_rows == 2) down(R2{});
-  else if (down_rows == 8) down(R8{});
-  else down(R4{});
+  auto with_rows = [](int r, auto&& launch) {  // r (2, 4 or 8) as a compile-time constant
+    if (r == 2) launch(std::integral_constant<int, 2>{});
+    else if (r == 8) launch(std::integral_constant<int, 8>{});
+    else launch(std::integral_constant<int, 4>{});
+  };
+  with_rows(up_rows, gate_up);
+  with_rows(down_rows, down);
 }
 
 void dispatch_experts(const MoeExpertsParams& p, cudaStream_t s) {
