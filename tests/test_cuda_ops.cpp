@@ -709,6 +709,9 @@ TEST_F(CudaOps, Attention) {
       {"MLA latent: prefill, several tiles per block", 150, 150, 0, 16, 1, 576, 512, true, DType::BF16, 0, true, 0},
       {"MLA latent: long context", 1, 20000, 19999, 16, 1, 576, 512, true, DType::BF16, 64, true, 0},
       {"MLA latent: 2 KV heads, not causal", 3, 97, 0, 4, 2, 576, 512, false, DType::BF16, 0, true, 0},
+      // 2 to 8 key chunks merge inside a thread-block cluster on Hopper (MlaLaunch::cluster_merge):
+      // three row tiles of five chunks each, the last chunk partial, causal limits inside it
+      {"MLA latent: 3 row tiles x 5 chunks, paged", 3, 300, 297, 16, 1, 576, 512, true, DType::BF16, 16, true, 0},
   };
   // twice: the F32 self-attentions of 64 queries or more on the GEMM path (attention_gemm.cu),
   // then all of them at the default threshold (1,024 queries), so on the kernels

@@ -16,7 +16,10 @@
 // A decode call is short (a few tiles per block), so the block's fixed work counts as much as
 // the tiles: eight warps share it, and each thread computes a key row's (or a query row's)
 // address once and then issues its copies back to back. With the keys split over several
-// blocks, attention.cu's merge kernel combines their partial results.
+// blocks, attention.cu's merge kernel combines their partial results — or, on Hopper with 2 to 8
+// chunks (a short context decoding alone), the blocks of a row tile run as one thread-block
+// cluster and combine them through distributed shared memory before they exit
+// (merge_in_cluster): one launch less a layer.
 // Precision: the CPU reference computes in fp32, and so must this kernel (1e-4). Q and P are
 // each split into a BF16 high part and a BF16 remainder (x = hi + lo to ~2^-17 relative) and
 // both parts are multiplied, with fp32 accumulation: twice the tensor-core work, still far
@@ -29,6 +32,8 @@
 #ifndef FATHOM_KERNEL_EMU
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "core/error.h"
@@ -143,6 +148,82 @@ __device__ inline void prefetch_chunk(const MlaLaunch& a, int g, int c) {
     j = end;
   }
 }
+
+#if !defined(FATHOM_KERNEL_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// MlaLaunch::cluster_merge: the block's unnormalised output o (rows gq, gq + 8; dims 64 warp + 8i +
+// 2tq + {0, 1}) and its rows' (max, sum) go to its own shared memory (`buf`, the key tiles' space,
+// free by now); after a cluster barrier, block `rank` of the n combines dims [rank * per, ...) of
+// every row from all n blocks' buffers (ld.shared::cluster) with the weights exp(m_c - M) / L, as
+// the merge kernel would, and writes them out; a second barrier keeps each buffer alive until
+// every peer has read it.
+constexpr int kPo = kDv + 4;  // a row of the staged output, padded (float4-aligned rows)
+__device__ inline void merge_in_cluster(const MlaLaunch& a, const float (&o)[kDvPerWarp / 8][4], const float (&m)[2],
+                                        const float (&l)[2], const int64_t* row_out, float* buf) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
+  float* po = buf;                         // (16, kPo)
+  float* pml = buf + kMlaRows * kPo;       // (16, 2)
+  __shared__ float wts[kMlaRows][kMlaClusterMax];
+  __syncthreads();  // every warp is done with the last key tile
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int rr = gq + 8 * r;
+#pragma unroll
+    for (int i = 0; i < kDvPerWarp / 8; ++i) {
+      const int d = kDvPerWarp * warp + 8 * i + 2 * tq;
+      *reinterpret_cast<float2*>(po + rr * kPo + d) = make_float2(o[i][2 * r], o[i][2 * r + 1]);
+    }
+    if (warp == 0 && tq == 0) pml[2 * rr] = m[r], pml[2 * rr + 1] = l[r];
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  const int n = a.n_chunks;
+  uint32_t rank = 0;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  auto remote = [](const float* local, int c) {
+    uint32_t addr;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(addr) : "r"(smem_u32(local)), "r"(c));
+    return addr;
+  };
+  if (tid < kMlaRows) {  // row tid's weights over the chunks
+    float mc[kMlaClusterMax], lc[kMlaClusterMax], mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kMlaClusterMax; ++c) {
+      mc[c] = -INFINITY, lc[c] = 0.f;
+      if (c < n) {
+        float2 v;
+        asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(remote(pml + 2 * tid, c)));
+        mc[c] = v.x, lc[c] = v.y, mx = fmaxf(mx, v.x);
+      }
+    }
+    float den = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMlaClusterMax; ++c) den += mc[c] == -INFINITY ? 0.f : expf(mc[c] - mx) * lc[c];
+    const float inv = den > 0.f ? 1.f / den : 0.f;  // no visible key: zeros, like the CPU
+#pragma unroll
+    for (int c = 0; c < kMlaClusterMax; ++c) wts[tid][c] = mc[c] == -INFINITY ? 0.f : expf(mc[c] - mx) * inv;
+  }
+  __syncthreads();
+  // this block's dims: a multiple of 4 each, [d0, d1)
+  const int per = (kDv / 4 + n - 1) / n * 4, d0 = int(rank) * per, d1 = min(kDv, d0 + per);
+  const int quads = (d1 - d0) / 4;
+  for (int idx = tid; idx < kMlaRows * quads; idx += kThreads) {
+    const int row = idx / quads, d = d0 + 4 * (idx % quads);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int c = 0; c < n; ++c) {
+      float4 v;
+      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                   : "r"(remote(po + row * kPo + d, c)));
+      const float w = wts[row][c];
+      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    }
+    if (row_out[row] >= 0) {
+      float* out = a.p.out + row_out[row] + d;
+      out[0] = acc.x, out[1] = acc.y, out[2] = acc.z, out[3] = acc.w;
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+#endif
 
 // grid (ceil(rows / 16), n_kv_heads, n_chunks), or batched (items, n_kv_heads, 1), or a uniform
 // batch (n_chunks * n_seqs * row tiles, n_kv_heads, 1).
@@ -390,6 +471,14 @@ __global__ void __launch_bounds__(kThreads) mla_attention_kernel(MlaLaunch a) {
   }
 
   // ---- results: o[i][e] is row gq + 8*(e/2), dim 64*warp + 8i + 2tq + e%2
+#ifndef FATHOM_KERNEL_EMU
+  if (a.cluster_merge) {  // (set only for Hopper launches)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    merge_in_cluster(a, o, m, l, row_out, reinterpret_cast<float*>(k_tiles));
+#endif
+    return;
+  }
+#endif
   // a uniform batch's sequence whose keys all fell in chunk 0 (this block): the output itself,
   // and the merge leaves the sequence alone (it reads the same key count)
   const bool alone = a.n_chunks == 1 || (a.u.n_seqs && n_kv <= a.chunk);
@@ -463,6 +552,39 @@ int smem_optin() {
   return g_smem_optin[device];
 }
 
+bool mla_cluster_merge_ok() {
+  static std::once_flag once[kMaxDevices];
+  static bool ok[kMaxDevices];
+  const int device = current_device();
+  if (device < 0 || device >= kMaxDevices) return false;
+  std::call_once(once[device], [device] {
+    const char* e = std::getenv("FATHOM_MLA_CLUSTER");
+    if (e && std::strcmp(e, "0") == 0) return;
+    int major = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    if (major < 9) return;
+    mla_setup();
+    const bool two = MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin());
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1, 1, kMlaClusterMax);
+    config.blockDim = kThreads;
+    config.dynamicSmemBytes = two ? MlaSmem<2>::bytes : MlaSmem<1>::bytes;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = kMlaClusterMax;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(
+        &clusters, two ? mla_attention_kernel<2> : mla_attention_kernel<1>, &config);
+    if (err != cudaSuccess) cudaGetLastError();
+    ok[device] = err == cudaSuccess && clusters > 0;
+  });
+  return ok[device];
+}
+
 bool mla_supported(const AttentionParams& p) {
   const bool shape = p.kv_dtype == DType::BF16 && p.d_qk == kDqk && p.d_v == kDv && p.v == p.k &&
                      p.v_token_stride == p.k_token_stride && p.v_head_stride == p.k_head_stride;
@@ -474,6 +596,31 @@ void mla_attention(const MlaLaunch& a, cudaStream_t stream, int64_t n_items) {
   mla_setup();
   const dim3 grid = a.items || a.u.n_seqs ? dim3(unsigned(n_items), unsigned(a.p.n_kv_heads), 1u)
                             : dim3(unsigned(ceil_div(a.rows, kMlaRows)), unsigned(a.p.n_kv_heads), unsigned(a.n_chunks));
+  if (a.cluster_merge) {  // the chunks of a (row tile, KV head) as one cluster
+    FATHOM_ASSERT(!a.items && !a.u.n_seqs && a.n_chunks >= 2 && a.n_chunks <= kMlaClusterMax,
+                  "mla_attention: a cluster merge is for single launches of 2 to 8 chunks");
+    const bool two = MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin());
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = kThreads;
+    config.dynamicSmemBytes = two ? MlaSmem<2>::bytes : MlaSmem<1>::bytes;
+    config.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = unsigned(a.n_chunks);
+    config.attrs = attr;
+    config.numAttrs = 1;
+    if (pdl_enabled()) {
+      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[1].val.programmaticStreamSerializationAllowed = 1;
+      config.numAttrs = 2;
+    }
+    check(cudaLaunchKernelEx(&config, two ? mla_attention_kernel<2> : mla_attention_kernel<1>, a),
+          "mla_attention_kernel (cluster launch)");
+    return check_launch("mla_attention_kernel");
+  }
   if (MlaSmem<2>::bytes + kRowSmem <= size_t(smem_optin())) {
     launch_kernel(mla_attention_kernel<2>, grid, kThreads, MlaSmem<2>::bytes, stream, a);
   } else {

@@ -58,6 +58,11 @@ struct MlaLaunch {
   float* part_o = nullptr;
   float* part_ml = nullptr;
   bool vec_q = false;  // Q rows 16-byte aligned: float4 loads
+  // Single launches on Hopper with 2 to kMlaClusterMax chunks: the chunks of a row tile run as one
+  // thread-block cluster and merge through distributed shared memory at the end (each block
+  // combines its share of the dims from every chunk's partial output) — no partials in global
+  // memory and no merge kernel.
+  bool cluster_merge = false;
   const MlaSeq* seqs = nullptr;  // batched: the sequences (device memory)
   const int4* items = nullptr;   // batched: block x's (sequence, row tile, chunk) (device memory)
   MlaUniform u;                  // a uniform batch (items null)
@@ -91,6 +96,7 @@ __device__ inline void take_uniform_seq(AttentionParams& p, float*& part_o, floa
 
 constexpr int kMlaKeys = 64;  // keys per tile of the latent kernel
 constexpr int kMlaRows = 16;  // query rows per block (one m16 MMA tile)
+constexpr int kMlaClusterMax = 8;  // the portable cluster size: the most chunks merged in a cluster
 
 // A uniform batch's keys per chunk for this step (u.wave > 0; else `chunk`, the host's split of
 // the bound): the batch's longest key count cut into as many chunks per sequence as let all of
@@ -115,6 +121,10 @@ __device__ inline int64_t uniform_chunk(const int32_t* kv_len, int64_t n_kv, con
 // without asking the driver again.
 void mla_setup();
 int smem_optin();
+// Whether single launches merge their chunks in a cluster (MlaLaunch::cluster_merge): a Hopper GPU
+// that can place a cluster of kMlaClusterMax blocks of this kernel; FATHOM_MLA_CLUSTER=0 turns it
+// off (the merge kernel then combines the chunks, as on other GPUs).
+bool mla_cluster_merge_ok();
 
 // Whether p has the latent shape the kernel is built for (BF16, d_qk 576, d_v 512, V the
 // prefix of K, 16-byte aligned rows) and the device has the shared memory it needs.
