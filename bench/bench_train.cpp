@@ -18,6 +18,8 @@
 //     bf16-rounded inputs, F32 accumulation and storage), as "precision": "bf16" trains
 //   --attention-gemm / --attention-tiled / --attention-rows: force one of the attention backward's
 //     paths (cuda::set_attention_backward_path; by default the GEMM path while its scores fit)
+//   --timeline: CUPTI's record of the measured steps (cupti_timeline.h): how much of the time the
+//     GPU was busy, the runtime and driver calls the host spent it in, the kernels by time
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +36,7 @@
 #include "train/model_grad.h"
 #include "train/optimizer.h"
 #ifdef FATHOM_HAVE_CUDA
+#include "cupti_timeline.h"
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_ops.h"
 #endif
@@ -68,7 +71,7 @@ int run(int argc, char** argv) {
   std::string config = std::string(FATHOM_SOURCE_DIR) + "/bench/configs/v3-0.5b-train.json";
   std::string dir = "/tmp/fathom-bench-train";
   int64_t seq = 2048, steps = 2, batch = 1;
-  bool bf16 = false;
+  bool bf16 = false, timeline = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -83,6 +86,7 @@ int run(int argc, char** argv) {
     else if (a == "--attention-tiled") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Tiled);
     else if (a == "--attention-gemm") cuda::set_attention_backward_path(cuda::AttentionBackwardPath::Gemm);
     else if (a == "--bf16") bf16 = true;
+    else if (a == "--timeline") timeline = true;
     else if (a == "--dir") dir = next();
     else throw Error(cat("bench_train: unknown argument ", a));
   }
@@ -118,7 +122,9 @@ int run(int argc, char** argv) {
   std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
   std::vector<std::vector<int32_t>> tokens(size_t(batch), std::vector<int32_t>(static_cast<size_t>(seq + 1)));
   double pass_s = 0, step_s = 0, host_s = 0, loss = 0;
+  bench::CuptiTimeline tl;
   for (int64_t s = 0; s <= steps; ++s) {  // step 0 warms up
+    if (timeline && s == 1 && !tl.begin()) timeline = false;
     for (auto& seq_tokens : tokens)
       for (int32_t& t : seq_tokens) t = tok(rng);
     const auto a = Clock::now();
@@ -135,6 +141,7 @@ int run(int argc, char** argv) {
                 loss, pass, host);
     if (s > 0) pass_s += pass / double(steps), host_s += host / double(steps), step_s += step / double(steps);
   }
+  if (timeline) tl.end(cat("the ", steps, " measured steps").c_str());
   const double tps_pass = double(batch * seq) / pass_s, tps_step = double(batch * seq) / step_s;
   const double mfu_pass = tps_pass * flops_per_token / peak, mfu_step = tps_step * flops_per_token / peak;
   std::printf("\n| measure | seconds | tokens/s | MFU (vs %.0f TFLOP/s) |\n|---|---|---|---|\n", peak / 1e12);
