@@ -339,6 +339,42 @@ TEST_F(CudaBackward, OptimizerPasses) {
     EXPECT_EQ(cpu_->sum_squares({down(z)}), 0.0) << n;
   }
   EXPECT_EQ(gpu_->sum_squares({}), 0.0);
+  {
+    // many tensors in one pass (Ops::adamw_steps, as the optimizer runs a model's ~1,200): sizes
+    // from empty to several chunks, each its own decay and scale, against the CPU's loop
+    std::vector<Tensor> w, m, v, g, gw, gm, gv, gg;
+    for (int64_t n : {int64_t(5), int64_t(0), int64_t(4096), int64_t(4097), int64_t(70000), int64_t(1), int64_t(12345)}) {
+      w.push_back(randn({n}));
+      m.push_back(randn({n}, 0.1f));
+      v.push_back(randn({n}));
+      for (int64_t i = 0; i < n; ++i) v.back().f32()[i] *= v.back().f32()[i];
+      g.push_back(randn({n}));
+      gw.push_back(up(w.back())), gm.push_back(up(m.back())), gv.push_back(up(v.back())), gg.push_back(up(g.back()));
+    }
+    std::vector<AdamWTensor> cpu_ts, gpu_ts;
+    for (size_t i = 0; i < w.size(); ++i) {
+      AdamWStepParams p;
+      p.decay = i % 2 ? 1.0f : 0.9999f;
+      p.step_size = 1e-3f * float(i + 1);
+      p.bc2_sqrt = 0.3f;
+      p.grad_scale = i % 3 ? 1.0f : 0.5f;
+      cpu_ts.push_back({&w[i], &m[i], &v[i], &g[i], p});
+      gpu_ts.push_back({&gw[i], &gm[i], &gv[i], &gg[i], p});
+    }
+    cpu_->adamw_steps(cpu_ts);
+    gpu_->adamw_steps(gpu_ts);
+    for (size_t i = 0; i < w.size(); ++i) {
+      EXPECT_LE(max_err(down(gw[i]), w[i]), 1e-6) << "tensor " << i;
+      EXPECT_LE(max_err(down(gm[i]), m[i]), 1e-6) << "tensor " << i;
+      EXPECT_LE(max_err(down(gv[i]), v[i]), 1e-6) << "tensor " << i;
+    }
+    const double want = cpu_->sum_squares(g), got = gpu_->sum_squares(gg);
+    EXPECT_NEAR(got, want, 1e-12 * want);
+    EXPECT_EQ(gpu_->sum_squares(gg), got) << "the same sum twice: the order is fixed";
+    std::vector<AdamWTensor> bad = {gpu_ts[0]};
+    bad[0].grad = &gg[2];  // sizes differ
+    EXPECT_THROW(gpu_->adamw_steps(bad), Error);
+  }
   Tensor host = randn({4}), dev = up(host);
   AdamWStepParams p;
   EXPECT_THROW(gpu_->adamw_step(dev, dev, host, dev, p), Error);  // a host tensor

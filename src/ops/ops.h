@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
 
 namespace fathom {
@@ -221,6 +222,14 @@ struct AdamWStepParams {
   float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
   float decay = 1.0f, step_size = 0.0f, bc2_sqrt = 1.0f, grad_scale = 1.0f;
 };
+// One tensor of Ops::adamw_steps: its value, moments and gradient, and its own parameters.
+struct AdamWTensor {
+  Tensor* w = nullptr;
+  Tensor* m = nullptr;
+  Tensor* v = nullptr;
+  const Tensor* grad = nullptr;
+  AdamWStepParams p;
+};
 
 class Ops {
  public:
@@ -363,6 +372,14 @@ class Ops {
   // grad · p.grad_scale — train/optimizer.h writes the formula; every value is F32 math, the same
   // expression on every backend.
   virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& grad, const AdamWStepParams& p) = 0;
+  // adamw_step for each of many tensors (a model's parameters; decay differs between matrices and
+  // the rest). This loop is the reference; the CUDA backend updates them all in one launch.
+  virtual void adamw_steps(const std::vector<AdamWTensor>& ts) {
+    for (const AdamWTensor& t : ts) {
+      FATHOM_CHECK(t.w && t.m && t.v && t.grad, "adamw_steps: a tensor is missing.");
+      adamw_step(*t.w, *t.m, *t.v, *t.grad, t.p);
+    }
+  }
   // Σ x² over every element of the F32 tensors, accumulated in double (the global gradient norm).
   virtual double sum_squares(const std::vector<Tensor>& xs) = 0;
   // Every byte of t set to zero.

@@ -74,14 +74,16 @@ void AdamW::step(float lr) {
   sp.bc2_sqrt = float(std::sqrt(bc2));
   sp.grad_scale = float(grad_scale_);
   const float decay = 1.0f - lr * config_.weight_decay;
+  std::vector<AdamWTensor> on_device;  // updated together (one launch on the GPU)
   for (Param& p : params_) {
     if (p.frozen) continue;
     sp.decay = p.decay ? decay : 1.0f;
     if (ops_)
-      ops_->adamw_step(p.device_value, p.device_m, p.device_v, p.device_grad, sp);
+      on_device.push_back({&p.device_value, &p.device_m, &p.device_v, &p.device_grad, sp});
     else
       cpu::adamw_step(p.value, p.m, p.v, p.grad, sp);
   }
+  if (ops_ && !on_device.empty()) ops_->adamw_steps(on_device);
   grad_scale_ = 1;
 }
 

@@ -428,18 +428,36 @@ class CudaOps final : public Ops {
                  shape_str(grad.shape()), " must all be one size.");
     cuda::adamw_step(w.f32(), m.f32(), v.f32(), grad.f32(), n, p, ctx_->stream);
   }
+  void adamw_steps(const std::vector<AdamWTensor>& ts) override {
+    use();
+    std::vector<cuda::AdamWSlab> slabs;
+    slabs.reserve(ts.size());
+    for (const AdamWTensor& t : ts) {
+      FATHOM_CHECK(t.w && t.m && t.v && t.grad, "adamw_steps: a tensor is missing.");
+      f32(*t.w, "adamw_steps", "a parameter");
+      f32(*t.m, "adamw_steps", "a first moment");
+      f32(*t.v, "adamw_steps", "a second moment");
+      f32(*t.grad, "adamw_steps", "a gradient");
+      const int64_t n = t.w->numel();
+      FATHOM_CHECK(t.m->numel() == n && t.v->numel() == n && t.grad->numel() == n, "adamw_steps: value ",
+                   shape_str(t.w->shape()), ", moments ", shape_str(t.m->shape()), " and ", shape_str(t.v->shape()),
+                   ", gradient ", shape_str(t.grad->shape()), " must all be one size.");
+      slabs.push_back({t.w->f32(), t.m->f32(), t.v->f32(), t.grad->f32(), n, t.p});
+    }
+    cuda::adamw_steps(slabs, ctx_->stream);
+  }
   double sum_squares(const std::vector<Tensor>& xs) override {
     use();
-    Tensor partials = empty({cuda::kSumSquaresPartials + 1}, DType::F64);
-    check(cudaMemsetAsync(partials.data(), 0, partials.nbytes(), ctx_->stream), "sum_squares (zeroing)");
-    double* d = partials.ptr<double>();
+    std::vector<std::pair<const float*, int64_t>> list;
+    list.reserve(xs.size());
     for (const Tensor& x : xs) {
       f32(x, "sum_squares", "a tensor");
-      cuda::sum_squares_accumulate(d, x.f32(), x.numel(), ctx_->stream);
+      list.emplace_back(x.f32(), x.numel());
     }
-    cuda::sum_squares_finish(d + cuda::kSumSquaresPartials, d, ctx_->stream);
+    Tensor result = empty({1}, DType::F64);
+    cuda::sum_squares_many(result.ptr<double>(), list, ctx_->stream);
     double total = 0;
-    check(cudaMemcpyAsync(&total, d + cuda::kSumSquaresPartials, sizeof(double), cudaMemcpyDeviceToHost, ctx_->stream),
+    check(cudaMemcpyAsync(&total, result.ptr<double>(), sizeof(double), cudaMemcpyDeviceToHost, ctx_->stream),
           "sum_squares (the result)");
     check(cudaStreamSynchronize(ctx_->stream), "sum_squares (or a kernel queued before it)");
     return total;

@@ -25,6 +25,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 #include <string>
 
@@ -360,13 +361,22 @@ void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout,
                              int64_t n_seq, Stream stream);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
-// The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula);
-// the sum of squares of x added into partials[0 .. kSumSquaresPartials) (zeroed by the caller
-// before the first tensor), then their total written to *out.
+// The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula).
 void adamw_step(float* w, float* m, float* v, const float* grad, int64_t n, const AdamWStepParams& p, Stream stream);
-constexpr int kSumSquaresPartials = 512;
-void sum_squares_accumulate(double* partials, const float* x, int64_t n, Stream stream);
-void sum_squares_finish(double* out, const double* partials, Stream stream);
+// The same for many tensors in one launch (Ops::adamw_steps): each its pointers, size and parameters.
+struct AdamWSlab {
+  float* w;
+  float* m;
+  float* v;
+  const float* g;
+  int64_t n;
+  AdamWStepParams p;
+};
+void adamw_steps(const std::vector<AdamWSlab>& slabs, Stream stream);
+// Σ x² over many F32 tensors (pointers and sizes) into *out (device memory), accumulated in double
+// with a fixed order: one launch over all of them and one for the block sums.
+void sum_squares_many(double* out, const std::vector<std::pair<const float*, int64_t>>& xs, Stream stream);
+constexpr int kSumSquaresPartials = 512;  // the blocks of its first launch, each one partial sum
 // dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
                      int64_t K, Stream stream);
