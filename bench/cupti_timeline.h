@@ -97,27 +97,27 @@ class CuptiTimeline {
   }
   void take(const CUpti_Activity* r) {
     std::lock_guard<std::mutex> lock(mu_);
+    // a kernel, copy or memset: its span on the device, and its time under its name
+    auto on_device = [&](uint64_t start, uint64_t end, const std::string& name) {
+      device_.push_back({start, end});
+      Total& tot = kernels_[name];
+      tot.n += 1, tot.ns += end - start;
+    };
     switch (r->kind) {
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL:
       case CUPTI_ACTIVITY_KIND_KERNEL: {
         const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(r);
-        device_.push_back({k->start, k->end});
-        Total& tot = kernels_[demangled(k->name)];
-        tot.n += 1, tot.ns += k->end - k->start;
+        on_device(k->start, k->end, demangled(k->name));
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(r);
-        device_.push_back({m->start, m->end});
-        Total& tot = kernels_["(copy)"];
-        tot.n += 1, tot.ns += m->end - m->start;
+        on_device(m->start, m->end, "(copy)");
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(r);
-        device_.push_back({m->start, m->end});
-        Total& tot = kernels_["(memset)"];
-        tot.n += 1, tot.ns += m->end - m->start;
+        on_device(m->start, m->end, "(memset)");
         break;
       }
       case CUPTI_ACTIVITY_KIND_RUNTIME:
