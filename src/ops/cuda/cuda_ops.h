@@ -376,7 +376,6 @@ void adamw_steps(const std::vector<AdamWSlab>& slabs, Stream stream);
 // Σ x² over many F32 tensors (pointers and sizes) into *out (device memory), accumulated in double
 // with a fixed order: one launch over all of them and one for the block sums.
 void sum_squares_many(double* out, const std::vector<std::pair<const float*, int64_t>>& xs, Stream stream);
-constexpr int kSumSquaresPartials = 512;  // the blocks of its first launch, each one partial sum
 // dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
                      int64_t K, Stream stream);

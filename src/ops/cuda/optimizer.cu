@@ -76,7 +76,8 @@ __device__ double block_sum_f64(double x, double* shared32) {
   return x;  // the block's sum, in thread 0
 }
 
-
+// The blocks of sum_squares_many's first launch, each one partial sum.
+constexpr int kSumSquaresPartials = 512;
 // kSumSquaresPartials blocks walk the chunks of all the tensors (block b: chunks b, b + blocks,
 // ...) and write their sums to partials[b]: a fixed order, no atomics.
 __global__ void sum_squares_many_kernel(double* __restrict__ partials, const float* const* __restrict__ xs,
