@@ -12,7 +12,7 @@
 // op on the GPU in F32, the gradients downloaded and AdamW stepped on the host masters. It reports
 // the GPU passes alone and the whole step.
 //
-// usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 2] [--dir /tmp/fathom-bench-train]
+// usage: bench_train [--config FILE] [--seq 2048] [--batch 1] [--steps 5] [--dir /tmp/fathom-bench-train]
 //   --batch B: B sequences of --seq tokens per step, in one pass (GradModel::loss_and_grad_batch)
 //   --bf16: bf16 mixed precision (Ops::set_bf16_matmuls: the matrix products on tensor cores from
 //     bf16-rounded inputs, F32 accumulation and storage), as "precision": "bf16" trains
@@ -20,6 +20,7 @@
 //     paths (cuda::set_attention_backward_path; by default the GEMM path while its scores fit)
 //   --timeline: CUPTI's record of the measured steps (cupti_timeline.h): how much of the time the
 //     GPU was busy, the runtime and driver calls the host spent it in, the kernels by time
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -70,7 +71,7 @@ double active_matrix_params(const ModelConfig& c) {
 int run(int argc, char** argv) {
   std::string config = std::string(FATHOM_SOURCE_DIR) + "/bench/configs/v3-0.5b-train.json";
   std::string dir = "/tmp/fathom-bench-train";
-  int64_t seq = 2048, steps = 2, batch = 1;
+  int64_t seq = 2048, steps = 5, batch = 1;
   bool bf16 = false, timeline = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -121,7 +122,8 @@ int run(int argc, char** argv) {
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
   std::vector<std::vector<int32_t>> tokens(size_t(batch), std::vector<int32_t>(static_cast<size_t>(seq + 1)));
-  double pass_s = 0, step_s = 0, host_s = 0, loss = 0;
+  std::vector<double> pass_v, step_v;
+  double loss = 0;
   bench::CuptiTimeline tl;
   for (int64_t s = 0; s <= steps; ++s) {  // step 0 warms up
     if (timeline && s == 1 && !tl.begin()) timeline = false;
@@ -139,15 +141,25 @@ int run(int argc, char** argv) {
     const double host = since(b), step = since(a);
     std::printf("  step %lld: loss %.4f, passes %.3f s, norm + clipping + AdamW on the GPU %.3f s\n", (long long)s,
                 loss, pass, host);
-    if (s > 0) pass_s += pass / double(steps), host_s += host / double(steps), step_s += step / double(steps);
+    if (s > 0) pass_v.push_back(pass), step_v.push_back(step);
   }
   if (timeline) tl.end(cat("the ", steps, " measured steps").c_str());
+  // the median step: a call's host can stall one step by tens of percent (bench/RESULTS.md)
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  const double pass_s = median(pass_v), step_s = median(step_v);
+  std::printf("steps (s): fastest %.3f, median %.3f, slowest %.3f of %lld measured\n",
+              *std::min_element(step_v.begin(), step_v.end()), step_s,
+              *std::max_element(step_v.begin(), step_v.end()), (long long)steps);
   const double tps_pass = double(batch * seq) / pass_s, tps_step = double(batch * seq) / step_s;
   const double mfu_pass = tps_pass * flops_per_token / peak, mfu_step = tps_step * flops_per_token / peak;
   std::printf("\n| measure | seconds | tokens/s | MFU (vs %.0f TFLOP/s) |\n|---|---|---|---|\n", peak / 1e12);
-  std::printf("| GPU passes (forward + backward, %s) | %.3f | %.0f | %.3f%% |\n",
+  std::printf("| GPU passes (forward + backward, %s; median) | %.3f | %.0f | %.3f%% |\n",
               bf16 ? "bf16 matmuls" : "F32", pass_s, tps_pass, 100 * mfu_pass);
-  std::printf("| whole step (+ the norm, clipping and AdamW on the GPU) | %.3f | %.0f | %.3f%% |\n", step_s, tps_step,
+  std::printf("| whole step (+ the norm, clipping and AdamW on the GPU; median) | %.3f | %.0f | %.3f%% |\n", step_s, tps_step,
               100 * mfu_step);
   std::printf("| target | | | 35%% |\n");
   std::filesystem::remove_all(dir);

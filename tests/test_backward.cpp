@@ -130,6 +130,70 @@ TEST(Backward, Matmul) {
   EXPECT_THROW(train::matmul_backward(dx, bad, dout, x, w), Error);
 }
 
+// The stacked products of the routed experts (Ops::matmul_stacked and its backward, the CPU
+// reference): group g's rows against weight g's, forward and gradients against finite
+// differences of the whole stack — a row or weight of the wrong group changes L and fails.
+TEST(Backward, StackedMatmul) {
+  Rng rng;
+  const int64_t G = 3, M = 2, K = 5, N = 4;
+  Tensor x = rng.randn({G * M, K}), w = rng.randn({G * N, K}), dout = rng.randn({G * M, N});
+  auto forward = [&]() {
+    double L = 0;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double y = 0;
+          for (int64_t k = 0; k < K; ++k) y += double(x.f32()[(g * M + m) * K + k]) * w.f32()[(g * N + n) * K + k];
+          L += y * dout.f32()[(g * M + m) * N + n];
+        }
+    return L;
+  };
+  auto ops = make_cpu_ops();
+  Tensor out = Tensor::empty({G * M, N});
+  ops->matmul_stacked(out, x, w, G);
+  double L = 0;
+  for (int64_t i = 0; i < out.numel(); ++i) L += double(out.f32()[i]) * dout.f32()[i];
+  EXPECT_NEAR(L, forward(), 1e-4 * (std::fabs(forward()) + 1));
+  Tensor dx = Tensor::empty({G * M, K}), dw0 = rng.randn({G * N, K}), dw = copy_of(dw0);
+  ops->matmul_stacked_backward(dx, dw, dout, x, w, G);
+  expect_grad(dx, numeric_grad(x, forward), "dx", rng.seed);
+  expect_grad(dw, numeric_grad(w, forward), "dw (accumulated)", rng.seed, &dw0);
+  Tensor bad = Tensor::empty({G * M + 1, N});
+  EXPECT_THROW(ops->matmul_stacked(bad, x, w, G), Error);  // out is not G groups of M x N
+  EXPECT_THROW(ops->matmul_stacked(out, x, w, 2), Error);  // 2 groups of 6 outputs: out would be 6 x 6
+  EXPECT_THROW(ops->matmul_stacked(out, x, w, 5), Error);  // 12 weight rows are not 5 groups
+}
+
+// gather_sum_rows: each token's rows summed in order of k, dropped (-1) slots skipped, written or
+// accumulated; positions past the input are an error.
+TEST(Backward, GatherSumRows) {
+  Rng rng;
+  const int64_t P = 5, N = 3;
+  const Tensor in = rng.randn({P, N});
+  Tensor pos = Tensor::empty({3, 2}, DType::I32);
+  const int32_t p[6] = {4, 0, -1, -1, 2, 2};
+  std::memcpy(pos.data(), p, sizeof p);
+  auto ops = make_cpu_ops();
+  Tensor out = rng.randn({3, N}), base = copy_of(out);
+  ops->gather_sum_rows(out, in, pos, false);
+  for (int64_t j = 0; j < N; ++j) {
+    EXPECT_EQ(out.f32()[0 * N + j], 0.0f + in.f32()[4 * N + j] + in.f32()[0 * N + j]);
+    EXPECT_EQ(out.f32()[1 * N + j], 0.0f);
+    EXPECT_EQ(out.f32()[2 * N + j], 0.0f + in.f32()[2 * N + j] + in.f32()[2 * N + j]);
+  }
+  out = copy_of(base);
+  ops->gather_sum_rows(out, in, pos, true);
+  for (int64_t j = 0; j < N; ++j) {
+    EXPECT_EQ(out.f32()[1 * N + j], base.f32()[1 * N + j]);
+    EXPECT_EQ(out.f32()[0 * N + j], base.f32()[0 * N + j] + in.f32()[4 * N + j] + in.f32()[0 * N + j]);
+  }
+  pos.ptr<int32_t>()[3] = int32_t(P);  // past the input's rows
+  EXPECT_THROW(ops->gather_sum_rows(out, in, pos, false), Error);
+  Tensor wide = Tensor::empty({3, N + 1});
+  pos.ptr<int32_t>()[3] = 0;
+  EXPECT_THROW(ops->gather_sum_rows(wide, in, pos, false), Error);  // rows of N into rows of N + 1
+}
+
 TEST(Backward, EmbeddingScattersRepeatedIds) {
   Rng rng;
   const int64_t V = 9, H = 5, T = 6;

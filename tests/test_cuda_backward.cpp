@@ -309,6 +309,51 @@ TEST_F(CudaBackward, RowHelpers) {
   }
 }
 
+// The routed experts' grouped ops of training (Ops::matmul_stacked, its backward, gather_sum_rows)
+// against the CPU's reference loops: group counts from 1 to many, odd rows, dx optional, dw
+// accumulated onto random values; gather positions with dropped (-1) slots and repeats.
+TEST_F(CudaBackward, StackedMatmulsAndGatherSum) {
+  for (auto [G, M, N, K] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 1}, {3, 7, 13, 5},
+                            {32, 37, 48, 64}, {5, 130, 96, 257}}) {
+    SCOPED_TRACE(cat("groups ", G, " M ", M, " N ", N, " K ", K));
+    const Tensor x = randn({G * M, K}), w = randn({G * N, K}, 1.0f / std::sqrt(float(K))), dout = randn({G * M, N});
+    Tensor out = Tensor::empty({G * M, N}), gout = poison({G * M, N});
+    cpu_->matmul_stacked(out, x, w, G);
+    gpu_->matmul_stacked(gout, up(x), up(w), G);
+    EXPECT_LE(max_err(down(gout), out), 1e-4);
+    const Tensor dw0 = randn({G * N, K});
+    Tensor dx = Tensor::empty({G * M, K}), dw = clone(dw0), gdx = poison({G * M, K}), gdw = up(dw0);
+    cpu_->matmul_stacked_backward(dx, dw, dout, x, w, G);
+    gpu_->matmul_stacked_backward(gdx, gdw, up(dout), up(x), up(w), G);
+    EXPECT_LE(max_err(down(gdx), dx), 1e-4);
+    EXPECT_LE(max_err(down(gdw), dw), 1e-4);
+    Tensor none;
+    cpu_->matmul_stacked_backward(none, dw, dout, x, w, G);
+    gpu_->matmul_stacked_backward(none, gdw, up(dout), up(x), up(w), G);
+    EXPECT_LE(max_err(down(gdw), dw), 1e-4);
+  }
+  for (auto [T, K, P, N] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 1}, {19, 6, 40, 33},
+                            {300, 8, 700, 1024}}) {
+    SCOPED_TRACE(cat("T ", T, " K ", K, " P ", P, " N ", N));
+    const Tensor in = randn({P, N}), out0 = randn({T, N});
+    Tensor pos = Tensor::empty({T, K}, DType::I32);
+    std::uniform_int_distribution<int32_t> d(-1, int32_t(P) - 1);
+    for (int64_t i = 0; i < T * K; ++i) pos.ptr<int32_t>()[i] = d(rng_);
+    for (bool accumulate : {false, true}) {
+      Tensor want = clone(out0), got = accumulate ? up(out0) : poison({T, N});
+      cpu_->gather_sum_rows(want, in, pos, accumulate);
+      gpu_->gather_sum_rows(got, up(in), up(pos), accumulate);
+      EXPECT_LE(max_err(down(got), want), 1e-6) << (accumulate ? "accumulated" : "written");
+    }
+  }
+  Tensor w = up(randn({10, 4})), x = up(randn({6, 4})), out = up(randn({6, 5})), wide = up(randn({6, 6}));
+  EXPECT_THROW(gpu_->matmul_stacked(out, x, w, 3), Error);   // 10 weight rows are not 3 groups
+  EXPECT_THROW(gpu_->matmul_stacked(wide, x, w, 2), Error);  // 2 groups of 3 x 5 outputs, not 6 x 6
+  gpu_->matmul_stacked(out, x, w, 2);                        // while 6 x 5 holds them
+  Tensor pos = up(Tensor::zeros({6, 2}, DType::I32)), in = up(randn({4, 3}));
+  EXPECT_THROW(gpu_->gather_sum_rows(out, in, pos, false), Error);  // rows of 3 into rows of 5
+}
+
 TEST_F(CudaBackward, OptimizerPasses) {
   // AdamW's update and the gradient norm's sum of squares, several sizes (one element, odd, many
   // blocks' worth), with and without decay, three steps so the moments are nonzero going in
@@ -337,6 +382,23 @@ TEST_F(CudaBackward, OptimizerPasses) {
     Tensor z = up(a);
     gpu_->zero(z);
     EXPECT_EQ(cpu_->sum_squares({down(z)}), 0.0) << n;
+  }
+  {
+    // zero_many (a model's gradients in one launch): sizes from empty to many chunks, views that
+    // start off 16-byte alignment, a neighbour left alone
+    Tensor big = up(randn({300001}));
+    Tensor a = big.slice_rows(1, 70000), b = big.slice_rows(70001, 70001), c = big.slice_rows(70003, 300000);
+    Tensor d = up(randn({3}));
+    gpu_->zero_many({&a, &b, &c, &d});
+    const Tensor h = down(big);
+    for (int64_t i = 0; i < h.numel(); ++i) {
+      const bool cleared = (i >= 1 && i < 70000) || (i >= 70003 && i < 300000);
+      if (cleared != (h.f32()[i] == 0.0f)) {
+        ADD_FAILURE() << "element " << i << " is " << h.f32()[i] << (cleared ? ", not zero" : ": cleared, outside");
+        break;
+      }
+    }
+    EXPECT_EQ(cpu_->sum_squares({down(d)}), 0.0);
   }
   EXPECT_EQ(gpu_->sum_squares({}), 0.0);
   {

@@ -231,6 +231,13 @@ struct AdamWTensor {
   AdamWStepParams p;
 };
 
+// The per-group M, N, K of Ops::matmul_stacked's operands (out may be the output or its gradient),
+// checked: w (groups·N, K), x (groups·M, K), out (groups·M, N); a clear error otherwise.
+struct StackedDims {
+  int64_t M = 0, N = 0, K = 0;
+};
+StackedDims stacked_dims(const char* op, const Tensor& out, const Tensor& x, const Tensor& w, int64_t groups);
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -362,6 +369,20 @@ class Ops {
   // out (M) = the dot products of the rows of a and b (M, N), summed in double on the CPU.
   virtual void mul_rows(Tensor& x, const Tensor& s) = 0;
   virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  // out (T, N) = (or += with accumulate) Σ_k in[pos[t, k]] over the k < K of pos (T, K) I32 with
+  // pos[t, k] >= 0 (< 0: nothing), added in order of k: the rows of in (P, N) a token's top-k
+  // routed experts produced, summed back into the token's row without atomics (the same sum on
+  // every run). F32. This loop is the reference.
+  virtual void gather_sum_rows(Tensor& out, const Tensor& in, const Tensor& pos, bool accumulate);
+  // Many products of one shape at once: for g < groups, rows [g·M, (g+1)·M) of out (groups·M, N) =
+  // rows [g·M, (g+1)·M) of x (groups·M, K) · W_gᵀ, W_g rows [g·N, (g+1)·N) of w (groups·N, K): the
+  // routed experts of a MoE layer in training, their matrices stacked and each expert's tokens
+  // padded to one count. All F32 (mixed precision as matmul_backward). This loop is the reference.
+  virtual void matmul_stacked(Tensor& out, const Tensor& x, const Tensor& w, int64_t groups);
+  // The backward of matmul_stacked, as matmul_backward per group: dx written (may be undefined),
+  // dw (groups·N, K) accumulated.
+  virtual void matmul_stacked_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w,
+                                       int64_t groups);
   // losses (T) and dlogits (T, V) (which may be logits itself) from logits and targets (T) I32
   // (< 0: no target, zero loss and gradient), the gradient scaled by dloss.
   virtual void cross_entropy_backward(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
@@ -384,6 +405,10 @@ class Ops {
   virtual double sum_squares(const std::vector<Tensor>& xs) = 0;
   // Every byte of t set to zero.
   virtual void zero(Tensor& t) = 0;
+  // zero() of each tensor (a model's gradients); the CUDA backend clears them in one launch.
+  virtual void zero_many(const std::vector<Tensor*>& ts) {
+    for (Tensor* t : ts) zero(*t);
+  }
 
   // ---- mixed precision (training). On: the matrix products of F32 tensors (matmul with F32
   // weights, matmul_backward, attention_backward) run on tensor cores from inputs rounded to bf16

@@ -25,21 +25,28 @@ Ops& cpu() {
 }
 
 // What one layer's backward needs from its forward.
-struct Expert {  // one expert's tokens in the layer (routed: the pairs that chose it)
+struct Expert {  // the shared experts, or a dense layer's MLP: every token of the layer
   std::string prefix;
-  std::vector<int64_t> token, slot;  // slot: index in the token's top-k (empty: shared or dense)
-  Tensor idx, w;                     // routed: the tokens (n) I32 and their routing weights (n), on the device
-  int64_t offset = 0;                // routed: where its pairs start in the layer's packed lists
-  Tensor x, g, u, a, y;              // (n, D), (n, I), (n, I), (n, I), (n, D) unweighted output
+  Tensor x, g, u, a, y;  // (n, D), (n, I), (n, I), (n, I), (n, D)
+};
+// A MoE layer's routed experts, computed all at once: each expert's tokens gathered into its own
+// C rows (C: the most any expert took; the rest of its rows padding: token 0 at routing weight 0,
+// which adds exactly nothing to any gradient), so that each product is one stacked matmul over
+// the experts instead of one per expert.
+struct Routed {
+  int64_t C = 0;                  // rows per expert (0: no pair was routed)
+  Tensor idx, w;                  // (E·C) I32 tokens and F32 routing weights (0 for padding), on the device
+  Tensor pos;                     // (n, top_k) I32: each pair's row in the stack (-1: dropped at capacity)
+  std::vector<int64_t> pair_of;   // host (E·C): row -> token · top_k + slot (-1: padding)
+  Tensor x, g, u, a, y;           // (E·C, D), (E·C, I) ×3, (E·C, D) unweighted output
 };
 struct LayerActs {
   Tensor x_in, h1, qa, qan, q, kva, ckv, ckvn, kvb, kpe, K, V, attn, x_mid, h2;
-  Tensor g, u, a;                       // dense MLP
   Tensor logits, weights, ids;          // router (on the device)
   Tensor weights_h, ids_h;              // the router's choice in host memory
   Tensor dlogits_balance;               // the balance loss's gradient of the router logits
-  std::vector<Expert> experts;          // routed (with tokens) and shared
-  int64_t pairs = 0;                    // (token, expert) pairs the routed experts took
+  std::vector<Expert> experts;          // a dense layer's MLP, or the shared experts
+  Routed routed;
   bool moe = false;
 };
 
@@ -82,7 +89,49 @@ std::unique_ptr<GradModel> GradModel::load(const std::string& dir) {
   FATHOM_CHECK(m->value_.count("model.embed_tokens.weight") && m->value_.count("model.norm.weight"), dir,
                ": the checkpoint has no model.embed_tokens.weight or model.norm.weight.");
   FATHOM_CHECK(c.tie_word_embeddings || m->value_.count("lm_head.weight"), dir, ": no lm_head.weight.");
+  m->stack_experts();
   return m;
+}
+
+void GradModel::stack_experts() {
+  const int E = config_.n_routed_experts;
+  if (E <= 0) return;
+  for (int l = 0; l < config_.num_hidden_layers + config_.num_nextn_predict_layers; ++l) {
+    const std::string p = cat("model.layers.", l, ".mlp.experts.");
+    for (const char* kind : {"gate_proj", "up_proj", "down_proj"}) {
+      const std::string first = cat(p, 0, ".", kind, ".weight");
+      if (!value_.count(first)) continue;  // a dense layer, or an MTP module the checkpoint lacks
+      const Shape shape = value_.at(first).shape();
+      FATHOM_CHECK(shape.size() == 2, first, " is ", shape_str(shape), "; an expert's matrix must be 2-D.");
+      const int64_t N = shape[0], K = shape[1];
+      Stack st{Tensor::empty({E * N, K}), Tensor::zeros({E * N, K}), {}, {}};
+      const std::string key = p + kind;
+      for (int e = 0; e < E; ++e) {
+        const std::string name = cat(p, e, ".", kind, ".weight");
+        const auto it = value_.find(name);
+        FATHOM_CHECK(it != value_.end() && it->second.shape() == shape, "the checkpoint has ", first, " (",
+                     shape_str(shape), ") but ",
+                     it == value_.end() ? cat("no ", name) : cat(name, " is ", shape_str(it->second.shape())),
+                     ": every routed expert of a layer needs matrices of one shape.");
+        std::memcpy(st.value.f32() + e * N * K, it->second.f32(), size_t(N * K) * sizeof(float));
+        it->second = st.value.slice_rows(e * N, (e + 1) * N);
+        grad_.at(name) = st.grad.slice_rows(e * N, (e + 1) * N);
+        stacked_[name] = {key, e};
+      }
+      stacks_[key] = std::move(st);
+    }
+  }
+}
+
+Tensor& GradModel::stack_value(const std::string& key) {
+  auto it = stacks_.find(key);
+  FATHOM_CHECK(it != stacks_.end(), "the model has no routed experts ", key, ".");
+  return it->second.dvalue.defined() ? it->second.dvalue : it->second.value;
+}
+Tensor& GradModel::stack_grad(const std::string& key) {
+  auto it = stacks_.find(key);
+  FATHOM_CHECK(it != stacks_.end(), "the model has no routed experts ", key, ".");
+  return it->second.dgrad.defined() ? it->second.dgrad : it->second.grad;
 }
 
 Tensor& GradModel::value(const std::string& name) {
@@ -105,7 +154,10 @@ void GradModel::zero_grad() {
     return;
   }
   // the host gradients are left as they are: grads_to_host() overwrites every one of them
-  for (auto& [n, g] : dgrad_) ops_->zero(g);
+  std::vector<Tensor*> all;
+  all.reserve(dgrad_.size());
+  for (auto& [n, g] : dgrad_) all.push_back(&g);
+  ops_->zero_many(all);  // one launch on the GPU, not one a tensor
 }
 Tensor& GradModel::device_value(const std::string& name) {
   if (dvalue_.empty()) return value(name);
@@ -125,8 +177,21 @@ void GradModel::use_backend(std::unique_ptr<Ops> ops) {
   ops_ = owned_ops_.get();
   dvalue_.clear();
   dgrad_.clear();
+  for (auto& [key, st] : stacks_) st.dvalue = st.dgrad = Tensor();
   if (ops_->device() == Device::CPU) return;  // the host tensors are the backend's
+  for (auto& [key, st] : stacks_) {
+    st.dvalue = ops_->upload(st.value);
+    st.dgrad = ops_->upload(st.grad);
+  }
   for (const std::string& n : names_) {
+    const auto it = stacked_.find(n);
+    if (it != stacked_.end()) {  // a view of its rows of the stack's copy
+      const Stack& st = stacks_.at(it->second.first);
+      const int64_t N = value_.at(n).dim(0), e = it->second.second;
+      dvalue_[n] = st.dvalue.slice_rows(e * N, (e + 1) * N);
+      dgrad_[n] = st.dgrad.slice_rows(e * N, (e + 1) * N);
+      continue;
+    }
     dvalue_[n] = ops_->upload(value_.at(n));
     dgrad_[n] = ops_->upload(grad_.at(n));
   }
@@ -326,7 +391,7 @@ struct GradModel::Impl {
     add_into(x, a.x_in);  // x_mid = x_in + o
     a.x_mid = x;
     a.h2 = norm(x, W(p + "post_attention_layernorm.weight"));
-    Tensor y = zeros({n, D});
+    Tensor y;
     a.moe = c.is_moe_layer(l);
     if (!a.moe) {
       Expert e;
@@ -364,56 +429,68 @@ struct GradModel::Impl {
               : n * K;
       const int32_t* ids_h = a.ids_h.ptr<int32_t>();
       const float* weights_h = a.weights_h.f32();
-      std::vector<Expert> routed;
-      for (int e = 0; e < c.n_routed_experts; ++e) {
-        Expert ex;
-        ex.prefix = cat(p, "mlp.experts.", e, ".");
-        for (int64_t t = 0; t < n; ++t)
-          for (int k = 0; k < K; ++k)
-            if (ids_h[t * K + k] == e) ex.token.push_back(t), ex.slot.push_back(k);
-        if (int64_t(ex.token.size()) > capacity) {
+      const int E = c.n_routed_experts;
+      std::vector<std::vector<int64_t>> pairs(static_cast<size_t>(E));  // expert -> its pairs (t · K + k)
+      for (int64_t t = 0; t < n; ++t)
+        for (int k = 0; k < K; ++k) {
+          const int32_t e = ids_h[t * K + k];
+          FATHOM_ASSERT(e >= 0 && e < E, "moe_gate chose expert ", e, " of ", E);
+          pairs[size_t(e)].push_back(t * K + k);
+        }
+      int64_t C = 0;
+      for (int e = 0; e < E; ++e) {
+        std::vector<int64_t>& list = pairs[size_t(e)];
+        if (int64_t(list.size()) > capacity) {
           // keep the `capacity` pairs of the highest routing weight (the earlier token on ties),
           // in token order
-          std::vector<size_t> order(ex.token.size());
-          for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-          auto weight = [&](size_t i) { return weights_h[ex.token[i] * K + ex.slot[i]]; };
-          std::stable_sort(order.begin(), order.end(), [&](size_t i, size_t j) { return weight(i) > weight(j); });
-          order.resize(size_t(capacity));
-          std::sort(order.begin(), order.end());
-          std::vector<int64_t> token, slot;
-          for (size_t i : order) token.push_back(ex.token[i]), slot.push_back(ex.slot[i]);
-          if (backward && !recomputing) m.dropped_[l] += int64_t(ex.token.size()) - capacity;
-          ex.token = std::move(token);
-          ex.slot = std::move(slot);
+          std::vector<int64_t> kept = list;
+          std::stable_sort(kept.begin(), kept.end(),
+                           [&](int64_t i, int64_t j) { return weights_h[i] > weights_h[j]; });
+          kept.resize(size_t(capacity));
+          std::sort(kept.begin(), kept.end());
+          if (backward && !recomputing) m.dropped_[l] += int64_t(list.size()) - capacity;
+          list = std::move(kept);
         }
-        if (!ex.token.empty()) routed.push_back(std::move(ex));
+        C = std::max<int64_t>(C, int64_t(list.size()));
       }
-      // every expert's tokens and routing weights in one upload each (a copy per expert would
-      // wait on the GPU each time), then sliced per expert
-      int64_t pairs = 0;
-      for (const Expert& ex : routed) pairs += int64_t(ex.token.size());
-      Tensor idx_h = Tensor::empty({pairs}, DType::I32), w_h = Tensor::empty({pairs});
-      int64_t at = 0;
-      for (Expert& ex : routed) {
-        ex.offset = at;
-        for (size_t i = 0; i < ex.token.size(); ++i, ++at) {
-          idx_h.ptr<int32_t>()[at] = int32_t(ex.token[i]);
-          w_h.f32()[at] = weights_h[ex.token[i] * K + ex.slot[i]];
-        }
-      }
-      a.pairs = pairs;
-      const Tensor idx_all = ops.upload(idx_h), w_all = ops.upload(w_h);
-      for (Expert& ex : routed) {
-        const int64_t ne = int64_t(ex.token.size());
-        ex.idx = idx_all.slice_rows(ex.offset, ex.offset + ne);
-        ex.w = w_all.slice_rows(ex.offset, ex.offset + ne);
-        ex.x = ops.empty({ne, D});
-        ops.embedding(ex.x, ex.idx, a.h2);  // gather the expert's tokens
-        expert_forward(ex);
-        Tensor weighted = clone(ex.y);
-        ops.mul_rows(weighted, ex.w);
-        ops.embedding_backward(y, weighted, ex.idx);  // scatter-add: y[token] += weight · out
-        a.experts.push_back(std::move(ex));
+      Routed& r = a.routed;
+      r.C = C;
+      y = ops.empty({n, D});
+      if (C == 0) {
+        ops.zero(y);
+      } else {
+        // one upload each of the gather list, the weights and the positions (a copy per expert
+        // would wait on the GPU each time)
+        Tensor idx_h = Tensor::zeros({E * C}, DType::I32), w_h = Tensor::zeros({E * C});
+        Tensor pos_h = Tensor::empty({n, K}, DType::I32);
+        std::fill_n(pos_h.ptr<int32_t>(), n * K, -1);
+        r.pair_of.assign(size_t(E * C), -1);
+        for (int e = 0; e < E; ++e)
+          for (size_t i = 0; i < pairs[size_t(e)].size(); ++i) {
+            const int64_t pair = pairs[size_t(e)][i], row = e * C + int64_t(i);
+            idx_h.ptr<int32_t>()[row] = int32_t(pair / K);
+            w_h.f32()[row] = weights_h[pair];
+            pos_h.ptr<int32_t>()[pair] = int32_t(row);
+            r.pair_of[size_t(row)] = pair;
+          }
+        r.idx = ops.upload(idx_h);
+        r.w = ops.upload(w_h);
+        r.pos = ops.upload(pos_h);
+        const std::string ep = p + "mlp.experts.";
+        const int64_t I = m.stack_value(ep + "gate_proj").dim(0) / E;
+        r.x = ops.empty({E * C, D});
+        ops.embedding(r.x, r.idx, a.h2);  // every expert's tokens (and padding rows of token 0)
+        r.g = ops.empty({E * C, I});
+        r.u = ops.empty({E * C, I});
+        ops.matmul_stacked(r.g, r.x, m.stack_value(ep + "gate_proj"), E);
+        ops.matmul_stacked(r.u, r.x, m.stack_value(ep + "up_proj"), E);
+        r.a = ops.empty(r.g.shape());
+        ops.silu_mul(r.a, r.g, r.u);
+        r.y = ops.empty({E * C, D});
+        ops.matmul_stacked(r.y, r.a, m.stack_value(ep + "down_proj"), E);
+        Tensor weighted = clone(r.y);
+        ops.mul_rows(weighted, r.w);
+        ops.gather_sum_rows(y, weighted, r.pos, false);  // y[token] = Σ_k weight · out, in order of k
       }
       if (c.n_shared_experts > 0) {
         Expert ex;
@@ -437,28 +514,32 @@ struct GradModel::Impl {
     if (!a.moe) {
       dh2 = expert_backward(a.experts[0], dx);
     } else {
-      dh2 = zeros({n, D});
-      const int K = c.num_experts_per_tok;
+      const int K = c.num_experts_per_tok, E = c.n_routed_experts;
       Tensor dweights = Tensor::zeros({n, K});  // host: each routed pair's dot product lands here
-      Tensor dots = ops.empty({a.pairs});        // device: the same, packed as the pairs were
-      for (Expert& e : a.experts) {
-        if (e.token.empty()) {  // the shared expert: every token, weight 1
-          add_into(dh2, expert_backward(e, dx));
-          continue;
-        }
-        const int64_t ne = e.x.dim(0);
-        Tensor dy = ops.empty({ne, D});
-        ops.embedding(dy, e.idx, dx);  // the tokens' output gradients
-        Tensor dot = dots.slice_rows(e.offset, e.offset + ne);
-        ops.row_dot(dot, dy, e.y);  // d weight = dx[token] · out
-        ops.mul_rows(dy, e.w);  // d out = weight · dx[token]
-        const Tensor dxe = expert_backward(e, dy);
-        ops.embedding_backward(dh2, dxe, e.idx);  // scatter-add into the tokens' rows
+      dh2 = ops.empty({n, D});
+      Routed& r = a.routed;
+      if (r.C == 0) {
+        ops.zero(dh2);
+      } else {
+        const std::string ep = p + "mlp.experts.";
+        Tensor dy = ops.empty(r.y.shape());
+        ops.embedding(dy, r.idx, dx);  // the tokens' output gradients
+        Tensor dots = ops.empty({E * r.C});
+        ops.row_dot(dots, dy, r.y);  // d weight = dx[token] · out
+        ops.mul_rows(dy, r.w);       // d out = weight · dx[token] (0 on padding rows)
+        Tensor da = ops.empty(r.a.shape()), dg = ops.empty(r.g.shape()), du = ops.empty(r.u.shape());
+        ops.matmul_stacked_backward(da, m.stack_grad(ep + "down_proj"), dy, r.a, m.stack_value(ep + "down_proj"), E);
+        ops.silu_mul_backward(dg, du, da, r.g, r.u);
+        Tensor dxe = ops.empty(r.x.shape()), dxu = ops.empty(r.x.shape());
+        ops.matmul_stacked_backward(dxe, m.stack_grad(ep + "gate_proj"), dg, r.x, m.stack_value(ep + "gate_proj"), E);
+        ops.matmul_stacked_backward(dxu, m.stack_grad(ep + "up_proj"), du, r.x, m.stack_value(ep + "up_proj"), E);
+        add_into(dxe, dxu);
+        ops.gather_sum_rows(dh2, dxe, r.pos, false);  // each token's rows summed back, in order of k
+        const Tensor dots_h = to_host(dots);           // one wait for the whole layer
+        for (size_t row = 0; row < r.pair_of.size(); ++row)
+          if (r.pair_of[row] >= 0) dweights.f32()[r.pair_of[row]] = dots_h.f32()[row];
       }
-      const Tensor dots_h = to_host(dots);  // one wait for the whole layer
-      for (const Expert& e : a.experts)
-        for (size_t i = 0; i < e.token.size() && !e.slot.empty(); ++i)
-          dweights.f32()[e.token[i] * K + e.slot[i]] += dots_h.f32()[e.offset + int64_t(i)];
+      for (Expert& e : a.experts) add_into(dh2, expert_backward(e, dx));  // the shared experts, weight 1
       Tensor dlg = ops.empty(a.logits.shape());
       ops.moe_gate_backward(dlg, ops.upload(dweights), a.logits, a.ids, gp);
       if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);

@@ -111,6 +111,14 @@ class GradModel {
   }
   // config.json as read, for checkpoints.
   const std::string& config_json() const { return config_json_; }
+  // The routed experts' matrices of one kind in one MoE layer, stacked: `key` is
+  // "model.layers.L.mlp.experts.{gate_proj,up_proj,down_proj}"; (n_routed_experts · N, K), expert
+  // e's rows [e·N, (e+1)·N). Each expert's own value()/grad() (and backend copy) is a view of its
+  // rows, so the optimizer and checkpoints see the usual tensors. The backend's copy, or the host's
+  // on the CPU.
+  bool has_stack(const std::string& key) const { return stacks_.count(key) != 0; }
+  Tensor& stack_value(const std::string& key);
+  Tensor& stack_grad(const std::string& key);
 
  private:
   struct Impl;
@@ -121,6 +129,13 @@ class GradModel {
   std::unique_ptr<Ops> owned_ops_;
   Ops* ops_ = nullptr;                          // set by load(): the CPU reference
   std::map<std::string, Tensor> dvalue_, dgrad_;  // the backend's copies (empty on the CPU)
+  struct Stack {
+    Tensor value, grad;    // host (n_routed_experts · N, K)
+    Tensor dvalue, dgrad;  // the backend's copies (undefined on the CPU)
+  };
+  std::map<std::string, Stack> stacks_;
+  std::map<std::string, std::pair<std::string, int64_t>> stacked_;  // weight name -> (stack key, expert)
+  void stack_experts();
   std::map<int, std::vector<int64_t>> load_;
   std::map<int, int64_t> dropped_;  // (token, expert) pairs dropped at capacity, per layer
   bool recompute_ = false;

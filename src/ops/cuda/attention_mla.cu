@@ -526,11 +526,7 @@ void allow_smem(int smem_max) {
 std::once_flag g_setup[kMaxDevices];
 int g_smem_optin[kMaxDevices];
 
-int current_device() {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  return device;
-}
+int current_device() { return thread_device(); }
 
 #endif  // FATHOM_KERNEL_EMU
 }  // namespace

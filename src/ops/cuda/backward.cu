@@ -215,7 +215,32 @@ __global__ void row_dot_kernel(float* __restrict__ out, const float* __restrict_
   if (threadIdx.x == 0) out[blockIdx.x] = d;
 }
 
+// grid (T), block 256: out[t] (+)= Σ_k in[pos[t, k]] over the k with 0 <= pos < P, in order of k.
+__global__ void gather_sum_rows_kernel(float* __restrict__ out, const float* __restrict__ in,
+                                       const int32_t* __restrict__ pos, int64_t N, int K, int64_t P, bool accumulate) {
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  const int32_t* pt = pos + t * K;
+  float* o = out + t * N;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    float acc = accumulate ? o[j] : 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int32_t r = pt[k];
+      if (r >= 0 && r < P) acc += in[int64_t(r) * N + j];
+    }
+    o[j] = acc;
+  }
+}
+
 }  // namespace
+
+void gather_sum_rows(float* out, const float* in, const int32_t* pos, int64_t T, int64_t N, int K, int64_t P,
+                     bool accumulate, Stream stream) {
+  if (T == 0 || N == 0) return;
+  FATHOM_CHECK(T < (int64_t(1) << 31), "gather_sum_rows: ", T, " rows is too many for one launch.");
+  launch_kernel(gather_sum_rows_kernel, unsigned(T), 256, 0, as_cuda(stream), out, in, pos, N, K, P, accumulate);
+  check_launch("gather_sum_rows");
+}
 
 void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t T, int64_t H, int64_t V,
                         Stream stream) {
@@ -282,17 +307,26 @@ void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, S
   check_launch("row_dot");
 }
 
+void matmul_stacked(float* out, const float* x, const float* w, int64_t M, int64_t N, int64_t K, int64_t groups,
+                    Stream stream) {
+  if (M == 0 || N == 0 || K == 0 || groups == 0) return;
+  // out_g (M, N) = x_g (M, K) · W_gᵀ   <=>   out_gᵀ (N, M) = W_g_cm(K, N)ᵀ · x_gᵀ (K, M), per group g
+  gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, 1.0f, w, K, N * K, x, K, M * K, 0.0f, out, N, M * N, groups,
+           as_cuda(stream), "matmul_stacked");
+}
+
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
-                     int64_t K, Stream stream) {
-  if (M == 0 || N == 0 || K == 0) return;
-  FATHOM_CHECK(M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && K < (int64_t(1) << 31),
-               "matmul_backward: dims ", M, " x ", N, " x ", K, " exceed cuBLAS's int range.");
+                     int64_t K, Stream stream, int64_t groups) {
+  if (M == 0 || N == 0 || K == 0 || groups == 0) return;
   const cudaStream_t s = as_cuda(stream);
-  // Row-major A (r × c) is column-major Aᵀ (c × r) with leading dimension c.
+  // Row-major A (r × c) is column-major Aᵀ (c × r) with leading dimension c; group g's operands lie
+  // g · (its rows × cols) further on.
   if (dx)  // dx (M, K) = dout (M, N) · W (N, K)   <=>   dxᵀ (K, M) = Wᵀ (K, N) · doutᵀ (N, M)
-    gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, 1.0f, w, K, 0, dout, N, 0, 0.0f, dx, K, 0, 1, s, "matmul_backward (dx)");
+    gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, 1.0f, w, K, N * K, dout, N, M * N, 0.0f, dx, K, M * K, groups, s,
+             "matmul_backward (dx)");
   // dw (N, K) += doutᵀ (N, M) · x (M, K)   <=>   dwᵀ (K, N) += xᵀ (K, M) · dout (M, N)
-  gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, 1.0f, x, K, 0, dout, N, 0, 1.0f, dw, K, 0, 1, s, "matmul_backward (dw)");
+  gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, 1.0f, x, K, M * K, dout, N, M * N, 1.0f, dw, K, N * K, groups, s,
+           "matmul_backward (dw)");
 }
 
 }  // namespace fathom::cuda

@@ -16,8 +16,7 @@ std::atomic<bool> g_bf16{false};
 cublasHandle_t cublas_handle() {
   static std::mutex mu;
   static cublasHandle_t handles[64] = {};
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
+  const int dev = thread_device();
   std::lock_guard<std::mutex> lock(mu);
   FATHOM_CHECK(dev >= 0 && dev < 64, "cuBLAS: device ", dev, " is out of range.");
   if (!handles[dev]) {

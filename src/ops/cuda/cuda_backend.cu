@@ -467,6 +467,17 @@ class CudaOps final : public Ops {
     on_gpu(t, "zero", "the tensor");
     if (t.nbytes()) check(cudaMemsetAsync(t.data(), 0, t.nbytes(), ctx_->stream), "zero");
   }
+  void zero_many(const std::vector<Tensor*>& ts) override {
+    use();
+    std::vector<std::pair<void*, size_t>> regions;
+    regions.reserve(ts.size());
+    for (Tensor* t : ts) {
+      FATHOM_CHECK(t != nullptr, "zero_many: a tensor is missing.");
+      on_gpu(*t, "zero_many", "a tensor");
+      regions.emplace_back(t->data(), t->nbytes());
+    }
+    cuda::zero_many(regions, ctx_->stream);
+  }
 
   bool set_fp8_activations(bool enabled) override {
     fp8_activations_ = enabled;
@@ -495,6 +506,45 @@ class CudaOps final : public Ops {
     FATHOM_CHECK(M > 0 && a.numel() == b.numel() && a.numel() % M == 0, "row_dot: a ", shape_str(a.shape()), " b ",
                  shape_str(b.shape()), " out ", shape_str(out.shape()));
     cuda::row_dot(out.f32(), a.f32(), b.f32(), M, a.numel() / M, ctx_->stream);
+  }
+
+  void gather_sum_rows(Tensor& out, const Tensor& in, const Tensor& pos, bool accumulate) override {
+    use();
+    f32(out, "gather_sum_rows", "out");
+    f32(in, "gather_sum_rows", "in");
+    on_gpu(pos, "gather_sum_rows", "the positions");
+    FATHOM_CHECK(pos.dtype() == DType::I32 && pos.ndim() == 2 && out.ndim() == 2 && pos.dim(0) == out.dim(0) &&
+                     in.ndim() == 2 && in.dim(1) == out.dim(1) && pos.dim(1) < (int64_t(1) << 31),
+                 "gather_sum_rows: out ", shape_str(out.shape()), ", in ", shape_str(in.shape()),
+                 " and I32 positions ", shape_str(pos.shape()), " do not fit (out (T, N), in (P, N), pos (T, K)).");
+    cuda::gather_sum_rows(out.f32(), in.f32(), pos.ptr<int32_t>(), out.dim(0), out.dim(1), int(pos.dim(1)),
+                          in.dim(0), accumulate, ctx_->stream);
+  }
+  void matmul_stacked(Tensor& out, const Tensor& x, const Tensor& w, int64_t groups) override {
+    use();
+    f32(out, "matmul_stacked", "the output");
+    f32(x, "matmul_stacked", "the input");
+    f32(w, "matmul_stacked", "the weights");
+    const StackedDims d = stacked_dims("matmul_stacked", out, x, w, groups);
+    cuda::matmul_stacked(out.f32(), x.f32(), w.f32(), d.M, d.N, d.K, groups, ctx_->stream);
+  }
+  void matmul_stacked_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x, const Tensor& w,
+                               int64_t groups) override {
+    use();
+    f32(dw, "matmul_stacked_backward", "the weights' gradient");
+    f32(dout, "matmul_stacked_backward", "the output gradient");
+    f32(x, "matmul_stacked_backward", "the input");
+    f32(w, "matmul_stacked_backward", "the weights");
+    const StackedDims d = stacked_dims("matmul_stacked_backward", dout, x, w, groups);
+    FATHOM_CHECK(dw.shape() == w.shape(), "matmul_stacked_backward: weights ", shape_str(w.shape()),
+                 " and their gradient ", shape_str(dw.shape()), " differ.");
+    if (dx.defined()) {
+      f32(dx, "matmul_stacked_backward", "the input gradient");
+      FATHOM_CHECK(dx.numel() == x.numel(), "matmul_stacked_backward: dx ", shape_str(dx.shape()), " for x ",
+                   shape_str(x.shape()), ".");
+    }
+    cuda::matmul_backward(dx.defined() ? dx.f32() : nullptr, dw.f32(), dout.f32(), x.f32(), w.f32(), d.M, d.N, d.K,
+                          ctx_->stream, groups);
   }
 
   void matmul_per_head(const HeadMatmulParams& p, const Tensor& w) override {
@@ -743,7 +793,7 @@ class CudaOps final : public Ops {
 
  private:
   // Kernels go to the stream of this backend's device, whichever device the calling thread had.
-  void use() const { check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
+  void use() const { cuda::use_device(ctx_->device); }
 
   cuda::MemoryInfo memory_info_or_zero() const {
     size_t free = 0, total = 0;

@@ -16,6 +16,14 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 
 inline cudaStream_t as_cuda(Stream s) { return static_cast<cudaStream_t>(s); }
 
+// The calling thread's current device, read from the runtime once per thread and then kept as
+// fathom's own device switches (use_device) leave it: every launch asks (pdl_enabled), and each
+// cudaGetDevice / cudaSetDevice was ~0.2–0.3 µs of host time (bench_train's timeline: ~28,000 a
+// training step). Fathom changes the device only through use_device.
+int thread_device();
+// cudaSetDevice(device) unless it is this thread's current device already.
+void use_device(int device);
+
 // Streaming multiprocessors of the current device (cached per device).
 int sm_count();
 
@@ -25,8 +33,7 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 constexpr int kMaxDevices = 64;
 template <class F>
 void once_per_device(std::once_flag (&done)[kMaxDevices], F&& fn) {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
+  const int device = thread_device();
   if (device >= 0 && device < kMaxDevices) std::call_once(done[device], fn);
   else fn();
 }

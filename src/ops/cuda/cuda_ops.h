@@ -377,7 +377,18 @@ void adamw_steps(const std::vector<AdamWSlab>& slabs, Stream stream);
 // with a fixed order: one launch over all of them and one for the block sums.
 void sum_squares_many(double* out, const std::vector<std::pair<const float*, int64_t>>& xs, Stream stream);
 // dx (M, K) = dout (M, N) · w (N, K) when dx is not null; dw (N, K) += doutᵀ · x (M, K). cuBLAS SGEMM.
+// With groups > 1, that for each of `groups` stacked problems of one shape (Ops::
+// matmul_stacked_backward), one batched call per product.
 void matmul_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, int64_t M, int64_t N,
-                     int64_t K, Stream stream);
+                     int64_t K, Stream stream, int64_t groups = 1);
+// Ops::matmul_stacked: out_g (M, N) = x_g (M, K) · w_gᵀ for `groups` stacked F32 problems, one
+// batched cuBLAS call.
+void matmul_stacked(float* out, const float* x, const float* w, int64_t M, int64_t N, int64_t K, int64_t groups,
+                    Stream stream);
+// Ops::gather_sum_rows: out (T, N) (+)= Σ_k in[pos[t, k]] for 0 <= pos < P, in order of k.
+void gather_sum_rows(float* out, const float* in, const int32_t* pos, int64_t T, int64_t N, int K, int64_t P,
+                     bool accumulate, Stream stream);
+// Ops::zero_many: each (pointer, bytes) region set to zero, one launch.
+void zero_many(const std::vector<std::pair<void*, size_t>>& regions, Stream stream);
 
 }  // namespace fathom::cuda

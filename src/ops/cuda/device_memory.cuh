@@ -21,7 +21,7 @@ struct CudaContext {
   cudaMemPool_t pool = nullptr;
 
   explicit CudaContext(int d) : device(d) {
-    check(cudaSetDevice(device), "cudaSetDevice");
+    use_device(device);
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
     // Keep freed blocks in the pool instead of returning them at every synchronization: the

@@ -20,8 +20,8 @@ __global__ void sm90a_probe_kernel(int* flag) {
 
 bool sm90a_available() {
   static int cached[kMaxDevices];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  const int device = thread_device();
+  if (device < 0 || device >= kMaxDevices) return false;
   if (cached[device] == 0) {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);

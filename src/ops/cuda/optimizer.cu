@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -108,9 +109,56 @@ __global__ void sum_partials_kernel(double* __restrict__ out, const double* __re
   if (threadIdx.x == 0) *out = ss;
 }
 
+// grid (the chunks of every region), a block one chunk of kZeroChunk bytes: 16-byte stores where
+// the chunk's addresses are aligned, single bytes at its unaligned ends.
+constexpr int64_t kZeroChunk = 64 * 1024;
+__global__ void zero_many_kernel(uint8_t* const* __restrict__ ptrs, const int64_t* __restrict__ sizes,
+                                 const int64_t* __restrict__ first, int count) {
+  pdl_wait();
+  const int t = find_slab(first, count, blockIdx.x);
+  uint8_t* const base = ptrs[t];
+  const int64_t begin = (int64_t(blockIdx.x) - first[t]) * kZeroChunk, end = min(sizes[t], begin + kZeroChunk);
+  const uintptr_t b = reinterpret_cast<uintptr_t>(base + begin), e = reinterpret_cast<uintptr_t>(base + end);
+  const uintptr_t a0 = min(e, (b + 15) & ~uintptr_t(15)), a1 = max(a0, e & ~uintptr_t(15));
+  for (uintptr_t p = b + threadIdx.x; p < a0; p += blockDim.x) *reinterpret_cast<uint8_t*>(p) = 0;
+  for (uintptr_t p = a1 + threadIdx.x; p < e; p += blockDim.x) *reinterpret_cast<uint8_t*>(p) = 0;
+  uint4* w = reinterpret_cast<uint4*>(a0);
+  const int64_t words = int64_t(a1 - a0) / 16;
+  for (int64_t i = threadIdx.x; i < words; i += blockDim.x) w[i] = make_uint4(0, 0, 0, 0);
+}
+
 constexpr int kThreads = 256;
 
 }  // namespace
+
+void zero_many(const std::vector<std::pair<void*, size_t>>& regions, Stream stream) {
+  std::vector<void*> ptrs;
+  std::vector<int64_t> sizes, first;
+  int64_t chunks = 0;
+  for (const auto& [p, n] : regions) {
+    if (n == 0) continue;
+    FATHOM_ASSERT(p, "zero_many with a null pointer");
+    ptrs.push_back(p);
+    sizes.push_back(int64_t(n));
+    first.push_back(chunks);
+    chunks += ceil_div(int64_t(n), kZeroChunk);
+  }
+  if (ptrs.empty()) return;
+  FATHOM_CHECK(chunks < (int64_t(1) << 31) && ptrs.size() < (size_t(1) << 30), "zero_many: ", chunks,
+               " chunks are too many for one launch.");
+  const cudaStream_t s = as_cuda(stream);
+  const size_t k = ptrs.size();
+  std::vector<uint8_t> table(k * (sizeof(void*) + 2 * sizeof(int64_t)));
+  std::memcpy(table.data(), ptrs.data(), k * sizeof(void*));
+  std::memcpy(table.data() + k * sizeof(void*), sizes.data(), k * sizeof(int64_t));
+  std::memcpy(table.data() + k * (sizeof(void*) + sizeof(int64_t)), first.data(), k * sizeof(int64_t));
+  StreamScratch d(table.size(), s, "zero_many (the regions)");
+  check(cudaMemcpyAsync(d.as<uint8_t>(), table.data(), table.size(), cudaMemcpyHostToDevice, s), "zero_many (upload)");
+  launch_kernel(zero_many_kernel, unsigned(chunks), kThreads, 0, s, reinterpret_cast<uint8_t* const*>(d.as<uint8_t>()),
+                reinterpret_cast<const int64_t*>(d.as<uint8_t>() + k * sizeof(void*)),
+                reinterpret_cast<const int64_t*>(d.as<uint8_t>() + k * (sizeof(void*) + sizeof(int64_t))), int(k));
+  check_launch("zero_many");
+}
 
 void adamw_step(float* w, float* m, float* v, const float* grad, int64_t n, const AdamWStepParams& p, Stream stream) {
   if (n == 0) return;

@@ -19,6 +19,21 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+namespace {
+thread_local int t_device = -1;  // -1: not read yet
+}  // namespace
+
+int thread_device() {
+  if (t_device < 0) check(cudaGetDevice(&t_device), "cudaGetDevice");
+  return t_device;
+}
+
+void use_device(int device) {
+  if (t_device == device) return;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  t_device = device;
+}
+
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -43,8 +58,7 @@ MemoryInfo memory_info() {
 
 int sm_count() {
   static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
+  const int device = thread_device();
   if (device >= 0 && device < kMaxDevices) {
     if (const int n = cached[device].load(std::memory_order_relaxed)) return n;
   }
@@ -94,8 +108,8 @@ void device_synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchroniz
 
 bool pdl_enabled() {
   static int cached[64];  // per device: 0 unknown, 1 off, 2 on
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  const int device = thread_device();
+  if (device < 0 || device >= 64) return false;
   if (cached[device] == 0) {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
