@@ -369,6 +369,10 @@ class Ops {
   // out (M) = the dot products of the rows of a and b (M, N), summed in double on the CPU.
   virtual void mul_rows(Tensor& x, const Tensor& s) = 0;
   virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  // out[t, c] = Σ_h in[t, h, c] over p.n_heads heads in order, for t < p.n_tokens, c < p.cols,
+  // with CopyParams' strides (out F32; out_head_stride and out_token_index unused): the gradient
+  // of a row that a copy broadcast to every head (MLA's shared k_pe). This loop is the reference.
+  virtual void sum_heads(const CopyParams& p);
   // out (T, N) = (or += with accumulate) Σ_k in[pos[t, k]] over the k < K of pos (T, K) I32 with
   // pos[t, k] >= 0 (< 0: nothing), added in order of k: the rows of in (P, N) a token's top-k
   // routed experts produced, summed back into the token's row without atomics (the same sum on

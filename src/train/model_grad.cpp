@@ -557,13 +557,15 @@ struct GradModel::Impl {
     Tensor dq = zeros(a.q.shape()), dK = zeros(a.K.shape()), dV = zeros(a.V.shape());
     ops.attention_backward(dq.f32(), dK.f32(), dV.f32(), dattn.f32(), attn_params(a, L, 0), B);  // all B sequences
     // K = [k_nope | k_pe broadcast], V from kv_b_proj's rows
-    Tensor dkvb = ops.empty(a.kvb.shape()), dkpe = zeros({n, rd});
+    Tensor dkvb = ops.empty(a.kvb.shape()), dkpe = ops.empty({n, rd});
     copy(dkvb.f32(), H * kvb_w, kvb_w, dK.f32(), int64_t(H) * dqk, dqk, n, H, nope);
     copy(dkvb.f32() + nope, H * kvb_w, kvb_w, dV.f32(), int64_t(H) * dv, dv, n, H, dv);
-    Tensor head_pe = ops.empty({n, rd});
-    for (int h = 0; h < H; ++h) {  // k_pe's gradient: the sum over the heads that shared it
-      copy(head_pe.f32(), rd, 0, dK.f32() + int64_t(h) * dqk + nope, int64_t(H) * dqk, 0, n, 1, rd);
-      add_into(dkpe, head_pe);
+    {  // k_pe's gradient: the sum over the heads that shared it
+      CopyParams sp;
+      sp.out = dkpe.f32(), sp.out_token_stride = rd;
+      sp.in = dK.f32() + nope, sp.in_token_stride = int64_t(H) * dqk, sp.in_head_stride = dqk;
+      sp.n_tokens = n, sp.n_heads = H, sp.cols = rd;
+      ops.sum_heads(sp);
     }
     ops.rope_backward(rope_params(dkpe.f32(), n, L, rd, 0, 1, 0));
     Tensor dckvn = ops.empty(a.ckvn.shape()), dckv = ops.empty(a.ckv.shape());

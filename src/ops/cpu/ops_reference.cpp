@@ -30,6 +30,19 @@ StackedDims stacked_dims(const char* op, const Tensor& out, const Tensor& x, con
   return d;
 }
 
+void Ops::sum_heads(const CopyParams& p) {
+  FATHOM_CHECK(p.out && p.in && p.out_dtype == DType::F32 && !p.out_token_index && p.n_tokens >= 0 && p.n_heads >= 1 &&
+                   p.cols >= 0,
+               "sum_heads: F32 out and in pointers, at least one head and no output index are needed.");
+  FATHOM_CHECK(device() == Device::CPU, "sum_heads: the ", name(), " backend has no implementation.");
+  for (int64_t t = 0; t < p.n_tokens; ++t)
+    for (int c = 0; c < p.cols; ++c) {
+      float acc = 0.f;
+      for (int h = 0; h < p.n_heads; ++h) acc += p.in[t * p.in_token_stride + h * p.in_head_stride + c];
+      static_cast<float*>(p.out)[t * p.out_token_stride + c] = acc;
+    }
+}
+
 void Ops::gather_sum_rows(Tensor& out, const Tensor& in, const Tensor& pos, bool accumulate) {
   check_f32(out, "gather_sum_rows", "out");
   check_f32(in, "gather_sum_rows", "in");

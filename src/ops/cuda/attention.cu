@@ -717,6 +717,8 @@ void attention(const AttentionParams& p, Stream stream) {
   const cudaStream_t s = as_cuda(stream);
   if (g_latent_attention && mla_supported(p)) return attention_latent(p, s);
   if (flash_prefill_takes(p)) return attention_flash(p, stream);
+  // training's windows in bf16 mixed precision: the flash kernels, the scores never stored
+  if (train_flash_takes(p, 1)) return attention_train_flash(p, 1, stream);
   // a long F32 self-attention (training's forward, F32 prefill): the scores materialized and the
   // two products as cuBLAS GEMMs (attention_gemm.cu) beat this kernel's CUDA-core loops
   if (attention_gemm_forward_takes(p)) return attention_forward_gemm(p, stream);

@@ -404,6 +404,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   FATHOM_CHECK(n_seq >= 1 && n_seq < 65536 && p.n_q_heads < 65536, "attention_backward: ", n_seq, " sequences of ",
                p.n_q_heads, " heads (at most 65535 of each).");
   FATHOM_ASSERT(dq && dk && dv && dout && p.q && p.k && p.v, "attention_backward with a null pointer");
+  if (g_path == AttentionBackwardPath::Flash || (g_path == AttentionBackwardPath::Auto && train_flash_takes(p, n_seq))) {
+    attention_backward_train_flash(dq, dk, dv, dout, p, n_seq, stream);
+    return;
+  }
   if (g_path == AttentionBackwardPath::Gemm || (g_path == AttentionBackwardPath::Auto && attention_backward_gemm_fits(p))) {
     attention_backward_gemm(dq, dk, dv, dout, p, n_seq, stream);
     return;

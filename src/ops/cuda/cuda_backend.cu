@@ -508,6 +508,14 @@ class CudaOps final : public Ops {
     cuda::row_dot(out.f32(), a.f32(), b.f32(), M, a.numel() / M, ctx_->stream);
   }
 
+  void sum_heads(const CopyParams& p) override {
+    use();
+    FATHOM_CHECK(p.out && p.in && p.out_dtype == DType::F32 && !p.out_token_index && p.n_tokens >= 0 &&
+                     p.n_heads >= 1 && p.cols >= 0,
+                 "sum_heads: F32 out and in pointers, at least one head and no output index are needed.");
+    cuda::sum_heads(static_cast<float*>(p.out), p.out_token_stride, p.in, p.in_token_stride, p.in_head_stride,
+                    p.n_tokens, p.n_heads, p.cols, ctx_->stream);
+  }
   void gather_sum_rows(Tensor& out, const Tensor& in, const Tensor& pos, bool accumulate) override {
     use();
     f32(out, "gather_sum_rows", "out");

@@ -341,7 +341,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 // Which kernels attention_backward runs: Auto (the default) takes the GEMM path when two score
 // matrices of one head fit in its scratch limit, else the tiled kernels; the others force one
 // set, for tests and bench_train (a forced GEMM path that does not fit is an error).
-enum class AttentionBackwardPath { Auto, Gemm, Tiled, Rows };
+// Flash: the flash attention kernels in bf16 (attention_train_flash.cu), which Auto takes
+// whenever train_flash_takes.
+enum class AttentionBackwardPath { Auto, Gemm, Tiled, Rows, Flash };
 void set_attention_backward_path(AttentionBackwardPath path);
 // The GEMM path (attention_gemm.cu): scores materialized, the products as cuBLAS SGEMMs,
 // as many KV heads at a time as fit in the scratch limit (kAttentionGemmScratchDefault, 512 MiB; tests lower it to run one head
@@ -359,8 +361,22 @@ bool attention_gemm_forward_takes(const AttentionParams& p);
 void attention_forward_gemm(const AttentionParams& p, Stream stream);
 void attention_backward_gemm(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
                              int64_t n_seq, Stream stream);
+// Training's attention on the flash kernels (attention_train_flash.cu), taken by attention() and
+// attention_backward() when train_flash_takes: bf16 matmuls on (set_bf16_gemms), F32 Q/K/V in
+// separate buffers without a block table or device key count, n_seq sequences each a
+// self-attention window of n_q = n_kv >= kTrainFlashMinQueries queries (q_pos0 0), head dims
+// within (192, 128) — padded with zeros to the kernels' (64, 64), (128, 128) or (192, 128) — and
+// the Hopper kernels available.
+constexpr int64_t kTrainFlashMinQueries = 128;
+bool train_flash_takes(const AttentionParams& p, int64_t n_seq);
+void attention_train_flash(const AttentionParams& p, int64_t n_seq, Stream stream);
+void attention_backward_train_flash(float* dq, float* dk, float* dv, const float* dout, const AttentionParams& p,
+                                    int64_t n_seq, Stream stream);
 void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream);
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream);
+// Ops::sum_heads: out[t, c] (token stride out_ts) = Σ_h in[t·in_ts + h·in_hs + c], h in order.
+void sum_heads(float* out, int64_t out_ts, const float* in, int64_t in_ts, int64_t in_hs, int64_t n, int heads,
+               int cols, Stream stream);
 // The optimizer (optimizer.cu): one AdamW update of n F32 parameters (AdamWStepParams' formula).
 void adamw_step(float* w, float* m, float* v, const float* grad, int64_t n, const AdamWStepParams& p, Stream stream);
 // The same for many tensors in one launch (Ops::adamw_steps): each its pointers, size and parameters.
