@@ -37,7 +37,6 @@ struct Routed {
   int64_t C = 0;                  // rows per expert (0: no pair was routed)
   Tensor idx, w;                  // (E·C) I32 tokens and F32 routing weights (0 for padding), on the device
   Tensor pos;                     // (n, top_k) I32: each pair's row in the stack (-1: dropped at capacity)
-  std::vector<int64_t> pair_of;   // host (E·C): row -> token · top_k + slot (-1: padding)
   Tensor x, g, u, a, y;           // (E·C, D), (E·C, I) ×3, (E·C, D) unweighted output
 };
 struct LayerActs {
@@ -306,6 +305,13 @@ struct GradModel::Impl {
     ops.copy_bytes(out.data(), t.data(), t.nbytes());
     return out;
   }
+  // A view of `shape` in `dtype` at 4-byte element `at` of t (4-byte elements), sharing its storage:
+  // several small arrays moved between host and device as one.
+  static Tensor as(const Tensor& t, int64_t at, Shape shape, DType dtype) {
+    FATHOM_ASSERT(dtype_size(t.dtype()) == 4 && dtype_size(dtype) == 4 && at + shape_numel(shape) <= t.numel(),
+                  "a view past its buffer");
+    return Tensor::view(const_cast<int32_t*>(t.ptr<int32_t>()) + at, std::move(shape), dtype, t.owner(), t.device());
+  }
   Tensor to_host(const Tensor& t) {
     if (t.device() == Device::CPU) return t;
     Tensor h = Tensor::empty(t.shape(), t.dtype());
@@ -403,12 +409,15 @@ struct GradModel::Impl {
     } else {
       const int K = c.num_experts_per_tok;
       a.logits = mm(a.h2, W(p + "mlp.gate.weight"));
-      a.weights = ops.empty({n, K});
-      a.ids = ops.empty({n, K}, DType::I32);
+      // the weights and the ids in one buffer: one download (one wait) for both
+      const Tensor route = ops.empty({2 * n * K}, DType::I32);
+      a.weights = as(route, 0, {n, K}, DType::F32);
+      a.ids = as(route, n * K, {n, K}, DType::I32);
       const std::string bias = p + "mlp.gate.e_score_correction_bias";
       ops.moe_gate(a.weights, a.ids, a.logits, m.has(bias) ? W(bias).f32() : nullptr, gp);
-      a.weights_h = to_host(a.weights);
-      a.ids_h = to_host(a.ids);
+      const Tensor route_h = to_host(route);
+      a.weights_h = as(route_h, 0, {n, K}, DType::F32);
+      a.ids_h = as(route_h, n * K, {n, K}, DType::I32);
       if (m.balance_alpha_ > 0) {
         Tensor dlb = Tensor::zeros(a.logits.shape());
         const double b = sequence_balance_loss(dlb, to_host(a.logits), a.ids_h, std::vector<int64_t>(size_t(B), L),
@@ -461,21 +470,22 @@ struct GradModel::Impl {
       } else {
         // one upload each of the gather list, the weights and the positions (a copy per expert
         // would wait on the GPU each time)
-        Tensor idx_h = Tensor::zeros({E * C}, DType::I32), w_h = Tensor::zeros({E * C});
-        Tensor pos_h = Tensor::empty({n, K}, DType::I32);
+        // (one upload: each is a wait for a staging buffer otherwise)
+        Tensor packed_h = Tensor::zeros({2 * E * C + n * K}, DType::I32);
+        Tensor idx_h = as(packed_h, 0, {E * C}, DType::I32), w_h = as(packed_h, E * C, {E * C}, DType::F32);
+        Tensor pos_h = as(packed_h, 2 * E * C, {n, K}, DType::I32);
         std::fill_n(pos_h.ptr<int32_t>(), n * K, -1);
-        r.pair_of.assign(size_t(E * C), -1);
         for (int e = 0; e < E; ++e)
           for (size_t i = 0; i < pairs[size_t(e)].size(); ++i) {
             const int64_t pair = pairs[size_t(e)][i], row = e * C + int64_t(i);
             idx_h.ptr<int32_t>()[row] = int32_t(pair / K);
             w_h.f32()[row] = weights_h[pair];
             pos_h.ptr<int32_t>()[pair] = int32_t(row);
-            r.pair_of[size_t(row)] = pair;
           }
-        r.idx = ops.upload(idx_h);
-        r.w = ops.upload(w_h);
-        r.pos = ops.upload(pos_h);
+        const Tensor packed = ops.upload(packed_h);
+        r.idx = as(packed, 0, {E * C}, DType::I32);
+        r.w = as(packed, E * C, {E * C}, DType::F32);
+        r.pos = as(packed, 2 * E * C, {n, K}, DType::I32);
         const std::string ep = p + "mlp.experts.";
         const int64_t I = m.stack_value(ep + "gate_proj").dim(0) / E;
         r.x = ops.empty({E * C, D});
@@ -515,11 +525,12 @@ struct GradModel::Impl {
       dh2 = expert_backward(a.experts[0], dx);
     } else {
       const int K = c.num_experts_per_tok, E = c.n_routed_experts;
-      Tensor dweights = Tensor::zeros({n, K});  // host: each routed pair's dot product lands here
+      Tensor dweights = ops.empty({n, K});  // each routed pair's dot product (0 when dropped)
       dh2 = ops.empty({n, D});
       Routed& r = a.routed;
       if (r.C == 0) {
         ops.zero(dh2);
+        ops.zero(dweights);
       } else {
         const std::string ep = p + "mlp.experts.";
         Tensor dy = ops.empty(r.y.shape());
@@ -535,13 +546,13 @@ struct GradModel::Impl {
         ops.matmul_stacked_backward(dxu, m.stack_grad(ep + "up_proj"), du, r.x, m.stack_value(ep + "up_proj"), E);
         add_into(dxe, dxu);
         ops.gather_sum_rows(dh2, dxe, r.pos, false);  // each token's rows summed back, in order of k
-        const Tensor dots_h = to_host(dots);           // one wait for the whole layer
-        for (size_t row = 0; row < r.pair_of.size(); ++row)
-          if (r.pair_of[row] >= 0) dweights.f32()[r.pair_of[row]] = dots_h.f32()[row];
+        // each pair's dot product from its row, on the device (no wait for the host)
+        Tensor dw_rows = dweights.reshape({n * K, 1});
+        ops.gather_sum_rows(dw_rows, dots.reshape({E * r.C, 1}), r.pos.reshape({n * K, 1}), false);
       }
       for (Expert& e : a.experts) add_into(dh2, expert_backward(e, dx));  // the shared experts, weight 1
       Tensor dlg = ops.empty(a.logits.shape());
-      ops.moe_gate_backward(dlg, ops.upload(dweights), a.logits, a.ids, gp);
+      ops.moe_gate_backward(dlg, dweights, a.logits, a.ids, gp);
       if (a.dlogits_balance.defined()) add_into(dlg, a.dlogits_balance);
       Tensor dhg = ops.empty({n, D});
       ops.matmul_backward(dhg, G(p + "mlp.gate.weight"), dlg, a.h2, W(p + "mlp.gate.weight"));

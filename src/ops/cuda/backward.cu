@@ -263,7 +263,8 @@ void gather_sum_rows(float* out, const float* in, const int32_t* pos, int64_t T,
                      bool accumulate, Stream stream) {
   if (T == 0 || N == 0) return;
   FATHOM_CHECK(T < (int64_t(1) << 31), "gather_sum_rows: ", T, " rows is too many for one launch.");
-  launch_kernel(gather_sum_rows_kernel, unsigned(T), 256, 0, as_cuda(stream), out, in, pos, N, K, P, accumulate);
+  const unsigned threads = unsigned(std::min<int64_t>(256, (N + 31) / 32 * 32));
+  launch_kernel(gather_sum_rows_kernel, unsigned(T), threads, 0, as_cuda(stream), out, in, pos, N, K, P, accumulate);
   check_launch("gather_sum_rows");
 }
 
