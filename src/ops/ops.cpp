@@ -1,6 +1,8 @@
-// The reference compositions of ops.h's grouped ops: loops over the plain ops on views of the
-// operands. The CPU backend runs them as they are; a GPU backend overrides them with one launch
-// and is tested against them (tests/test_cuda_backward.cpp).
+// The op interface's own code: the reference compositions of ops.h's grouped ops, loops over the
+// plain ops on views of the operands (and the shape check they share with the backends). The CPU
+// backend runs them as they are; the CUDA backend overrides them with one launch each and is
+// tested against them (tests/test_cuda_backward.cpp). Its own library (fathom_ops_api), below
+// both backends.
 #include <initializer_list>
 
 #include "core/error.h"
