@@ -28,6 +28,15 @@
 namespace fathom::cuda {
 namespace {
 
+// Element i of a (rows, heads, width) array, row-major: its row, head and column.
+struct RowHeadCol {
+  int64_t r;
+  int h, k;
+};
+__device__ __forceinline__ RowHeadCol row_head_col(int64_t i, int heads, int width) {
+  return {i / (int64_t(heads) * width), int(i / width % heads), int(i % width)};
+}
+
 // dst (rows, heads, dp) bf16, contiguous: the first d dims of each (row, head) of src (F32, token
 // stride ts, head stride hs) rounded to bf16, zeros in dims d..dp-1.
 __global__ void pad_to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src, int64_t ts, int64_t hs,
@@ -35,8 +44,7 @@ __global__ void pad_to_bf16_kernel(uint16_t* __restrict__ dst, const float* __re
   pdl_wait();
   const int64_t n = rows * heads * dp;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * dp);
-    const int h = int(i / dp % heads), k = int(i % dp);
+    const auto [r, h, k] = row_head_col(i, heads, dp);
     dst[i] = k < d ? f32_to_bf16_bits(src[r * ts + int64_t(h) * hs + k]) : uint16_t(0);
   }
 }
@@ -49,8 +57,8 @@ __global__ void pad_to_bf16_x8_kernel(uint4* __restrict__ dst, const float* __re
   const int g8 = dp / 8;
   const int64_t n = rows * heads * g8;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * g8);
-    const int h = int(i / g8 % heads), k = int(i % g8) * 8;
+    const auto [r, h, g] = row_head_col(i, heads, g8);
+    const int k = g * 8;
     uint4 o = make_uint4(0, 0, 0, 0);
     if (k < d) {
       const float4* s4 = reinterpret_cast<const float4*>(src + r * ts + int64_t(h) * hs + k);
@@ -70,8 +78,7 @@ __global__ void unpad_kernel(float* __restrict__ dst, int64_t ts, int64_t hs, co
   pdl_wait();
   const int64_t n = rows * heads * d;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * d);
-    const int h = int(i / d % heads), k = int(i % d);
+    const auto [r, h, k] = row_head_col(i, heads, d);
     const T x = src[(r * heads + h) * dp + k];
     if constexpr (sizeof(T) == 2) dst[r * ts + int64_t(h) * hs + k] = bf16_bits_to_f32(x);
     else dst[r * ts + int64_t(h) * hs + k] = x;
@@ -86,8 +93,8 @@ __global__ void unpad_x4_kernel(float* __restrict__ dst, int64_t ts, int64_t hs,
   const int g4 = d / 4;
   const int64_t n = rows * heads * g4;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * g4);
-    const int h = int(i / g4 % heads), k = int(i % g4) * 4;
+    const auto [r, h, g] = row_head_col(i, heads, g4);
+    const int k = g * 4;
     *reinterpret_cast<float4*>(dst + r * ts + int64_t(h) * hs + k) = src[((r * heads + h) * dp + k) / 4];
   }
 }
