@@ -106,7 +106,9 @@ __global__ void equal_seqlens_kernel(int32_t* __restrict__ cu_q, int32_t* __rest
   for (int b = threadIdx.x; b <= n_seq; b += blockDim.x) cu_q[b] = b * lq, cu_k[b] = b * lk;
 }
 
-unsigned grid_for(int64_t n);
+unsigned grid_for(int64_t n) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), int64_t(sm_count()) * 8)));
+}
 
 // pad_to_bf16 over rows of src, 8 dims a thread where the shapes and alignment allow.
 void pad_to_bf16(uint16_t* dst, const float* src, int64_t ts, int64_t hs, int64_t rows, int heads, int d, int dp,
@@ -118,8 +120,14 @@ void pad_to_bf16(uint16_t* dst, const float* src, int64_t ts, int64_t hs, int64_
     launch_kernel(pad_to_bf16_kernel, grid_for(rows * heads * dp), 256, 0, s, dst, src, ts, hs, rows, heads, d, dp);
 }
 
-unsigned grid_for(int64_t n) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), int64_t(sm_count()) * 8)));
+// unpad_kernel<float> (the gradients) 4 dims a thread where the shapes and alignment allow.
+void unpad_f32(float* dst, int64_t ts, int64_t hs, const float* src, int64_t rows, int heads, int d, int dp,
+               cudaStream_t s) {
+  if (d % 4 == 0 && dp % 4 == 0 && aligned16(dst) && ts % 4 == 0 && hs % 4 == 0)
+    launch_kernel(unpad_x4_kernel, grid_for(rows * heads * d / 4), 256, 0, s, dst, ts, hs,
+                  reinterpret_cast<const float4*>(src), rows, heads, d, dp);
+  else
+    launch_kernel(unpad_kernel<float>, grid_for(rows * heads * d), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
 }
 
 // The kernel shape the heads are padded to, or {0, 0} when none holds them.
@@ -137,29 +145,21 @@ struct Padded {
   uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr;
   int32_t *cu_q = nullptr, *cu_k = nullptr;
   float* lse = nullptr;
+  size_t bytes = 0;  // the scratch it all takes
   FlashAttentionParams f;
 };
 
 size_t up256(size_t b) { return (b + 255) / 256 * 256; }
 
-size_t padded_bytes(const AttentionParams& p, int64_t n_seq) {
-  const auto [dqk, dv] = padded_dims(p.d_qk, p.d_v);
-  const int64_t rq = n_seq * p.n_q, rk = n_seq * p.n_kv;
-  return up256(size_t(rq * p.n_q_heads * dqk) * 2) + up256(size_t(rk * p.n_kv_heads * dqk) * 2) +
-         up256(size_t(rk * p.n_kv_heads * dv) * 2) + up256(size_t(rq * p.n_q_heads * dv) * 2) +
-         2 * up256(size_t(n_seq + 1) * 4) + up256(size_t(rq * p.n_q_heads) * 4);
-}
-
-// Lays out the scratch at `base`, fills the padded Q, K, V and the tables, and runs the forward
-// (out and the log-sum-exp into the scratch).
-Padded forward_padded(const AttentionParams& p, int64_t n_seq, uint8_t* base, cudaStream_t s) {
+// The scratch's layout at `base` (null: only its size, in Padded::bytes).
+Padded carve(const AttentionParams& p, int64_t n_seq, uint8_t* base) {
   Padded a;
   std::tie(a.dqk, a.dv) = padded_dims(p.d_qk, p.d_v);
   a.rows_q = n_seq * p.n_q, a.rows_k = n_seq * p.n_kv;
   const int H = p.n_q_heads, G = p.n_kv_heads;
   auto take = [&](size_t bytes) {
-    uint8_t* at = base;
-    base += up256(bytes);
+    uint8_t* at = base ? base + a.bytes : nullptr;
+    a.bytes += up256(bytes);
     return at;
   };
   a.q = reinterpret_cast<uint16_t*>(take(size_t(a.rows_q * H * a.dqk) * 2));
@@ -169,6 +169,14 @@ Padded forward_padded(const AttentionParams& p, int64_t n_seq, uint8_t* base, cu
   a.cu_q = reinterpret_cast<int32_t*>(take(size_t(n_seq + 1) * 4));
   a.cu_k = reinterpret_cast<int32_t*>(take(size_t(n_seq + 1) * 4));
   a.lse = reinterpret_cast<float*>(take(size_t(a.rows_q * H) * 4));
+  return a;
+}
+
+// Lays out the scratch at `base`, fills the padded Q, K, V and the tables, and runs the forward
+// (out and the log-sum-exp into the scratch).
+Padded forward_padded(const AttentionParams& p, int64_t n_seq, uint8_t* base, cudaStream_t s) {
+  Padded a = carve(p, n_seq, base);
+  const int H = p.n_q_heads, G = p.n_kv_heads;
   const auto* kf = static_cast<const float*>(p.k);
   const auto* vf = static_cast<const float*>(p.v);
   pad_to_bf16(a.q, p.q, p.q_token_stride, p.q_head_stride, a.rows_q, H, p.d_qk, a.dqk, s);
@@ -206,22 +214,10 @@ bool train_flash_takes(const AttentionParams& p, int64_t n_seq) {
   return flash_wgmma_refusal(f) == nullptr;
 }
 
-namespace {
-// unpad_kernel<float> (the gradients) 4 dims a thread where the shapes and alignment allow.
-void unpad_f32(float* dst, int64_t ts, int64_t hs, const float* src, int64_t rows, int heads, int d, int dp,
-               cudaStream_t s) {
-  if (d % 4 == 0 && dp % 4 == 0 && aligned16(dst) && ts % 4 == 0 && hs % 4 == 0)
-    launch_kernel(unpad_x4_kernel, grid_for(rows * heads * d / 4), 256, 0, s, dst, ts, hs,
-                  reinterpret_cast<const float4*>(src), rows, heads, d, dp);
-  else
-    launch_kernel(unpad_kernel<float>, grid_for(rows * heads * d), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
-}
-}  // namespace
-
 void attention_train_flash(const AttentionParams& p, int64_t n_seq, Stream stream) {
   FATHOM_CHECK(train_flash_takes(p, n_seq), "attention (training, flash): the call does not fit the flash kernels.");
   const cudaStream_t s = as_cuda(stream);
-  StreamScratch work(padded_bytes(p, n_seq), s, "attention (training, flash)");
+  StreamScratch work(carve(p, n_seq, nullptr).bytes, s, "attention (training, flash)");
   const Padded a = forward_padded(p, n_seq, work.as<uint8_t>(), s);
   launch_kernel(unpad_kernel<uint16_t>, grid_for(a.rows_q * p.n_q_heads * p.d_v), 256, 0, s, p.out,
                 p.out_token_stride, p.out_head_stride, static_cast<const uint16_t*>(a.out), a.rows_q, p.n_q_heads,
@@ -238,7 +234,7 @@ void attention_backward_train_flash(float* dq, float* dk, float* dv, const float
   const int H = p.n_q_heads, G = p.n_kv_heads;
   const auto [dqk_p, dv_p] = padded_dims(p.d_qk, p.d_v);
   const int64_t rq = n_seq * p.n_q, rk = n_seq * p.n_kv;
-  const size_t fwd = padded_bytes(p, n_seq);
+  const size_t fwd = carve(p, n_seq, nullptr).bytes;
   const size_t b_dout = up256(size_t(rq * H * dv_p) * 2), b_dq = up256(size_t(rq * H * dqk_p) * 4),
                b_dk = up256(size_t(rk * G * dqk_p) * 4), b_dv = up256(size_t(rk * G * dv_p) * 4);
   StreamScratch work(fwd + b_dout + b_dq + b_dk + b_dv, s, "attention_backward (flash)");

@@ -325,8 +325,7 @@ void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream) {
   FATHOM_CHECK(M < (int64_t(1) << 31), "mul_rows: ", M, " rows is too many for one launch.");
   if (N % 4 == 0 && aligned16(x)) {
     const int64_t n4 = M * N / 4;
-    const unsigned grid = unsigned(std::min<int64_t>(ceil_div(n4, 256), int64_t(sm_count()) * 16));
-    launch_kernel(mul_rows4_kernel, grid, 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x), s, n4, N / 4);
+    launch_kernel(mul_rows4_kernel, blocks_for(n4, 256), 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x), s, n4, N / 4);
   } else {
     launch_kernel(mul_rows_kernel, unsigned(M), 256, 0, as_cuda(stream), x, s, N);
   }
@@ -335,8 +334,7 @@ void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream) {
 void sum_heads(float* out, int64_t out_ts, const float* in, int64_t in_ts, int64_t in_hs, int64_t n, int heads,
                int cols, Stream stream) {
   if (n == 0 || cols == 0) return;
-  const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n * cols, 256), int64_t(sm_count()) * 8)));
-  launch_kernel(sum_heads_kernel, grid, 256, 0, as_cuda(stream), out, out_ts, in, in_ts, in_hs, n, heads, cols);
+  launch_kernel(sum_heads_kernel, blocks_for(n * cols, 256), 256, 0, as_cuda(stream), out, out_ts, in, in_ts, in_hs, n, heads, cols);
   check_launch("sum_heads");
 }
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream) {
