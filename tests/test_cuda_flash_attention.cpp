@@ -264,6 +264,10 @@ TEST_F(CudaFlashAttention, ChunkedPrefillGqaAndMqa) {
 // FATHOM_FLASH_SCHEDULE; a name a head-dim pair lacks falls back to its default. Includes blocks
 // whose queries all see no key (300 causal queries after 20 keys).
 TEST_F(CudaFlashAttention, EveryForwardScheduleMatchesTheCpu) {
+  // many ragged sequences: blocks whose last consumers' queries lie past the sequence, or whose
+  // diagonal tiles are wholly masked for some consumers and not for others (which skip them)
+  std::vector<int> ragged;
+  for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
   for (const char* schedule : {"serial2", "serial3", "ws", "pingpong", "ws3", "pingpong3"}) {
     SCOPED_TRACE(schedule);
     ::setenv("FATHOM_FLASH_SCHEDULE", schedule, 1);
@@ -271,7 +275,8 @@ TEST_F(CudaFlashAttention, EveryForwardScheduleMatchesTheCpu) {
       const Case c{{1, 130, 300, 255}, {1, 130, 300, 255}, 4, 2, dqk, dv, true};
       const Case f{{17, 300}, {17, 300}, 2, 1, dqk, dv, false};
       const Case blind{{300, 64}, {20, 200}, 2, 2, dqk, dv, true};
-      for (const Case* x : {&c, &f, &blind})
+      const Case many{ragged, ragged, 8, 2, dqk, dv, true};
+      for (const Case* x : {&c, &f, &blind, &many})
         if (kernels(*x).size() > 1) check(*x, FlashKernel::Wgmma);
     }
   }

@@ -323,7 +323,9 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
 // O is rescaled one tile late — between the two issues, where no wgmma writes it — so the softmax
 // touches only S(j)'s registers and the row state, and never has to wait for the P·V product.
 // With kPingPong the two consumers also take turns issuing their products (named barriers): one
-// warpgroup's softmax runs while the other's wgmmas hold the tensor cores.
+// warpgroup's softmax runs while the other's wgmmas hold the tensor cores. Under the causal mask a
+// consumer skips the diagonal key tiles that mask all of its 64 queries (with 192 queries a block,
+// a tenth of the tiles at 2,048 tokens).
 template <int kDqk, int kDv, int kC, bool kPingPong>
 __global__ void __launch_bounds__(128 * (kC + 1), 1)
     flash_fwd_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
@@ -336,7 +338,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   constexpr int kConsumerRegs = kC == 2 ? 240 : 160;
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
-  const int m_block = int(gridDim.y - 1 - blockIdx.y);
+  const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
   const SeqSpan s = seq_span(a, b);
   if (m_block * kBlockM >= s.lq) return;
   const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
@@ -368,6 +370,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     setmaxnreg_inc<kConsumerRegs>();
     const int cw = wg - 1;  // this consumer's 64 queries of the block
     const int warp = (tid % 128) / 32, lane = tid % 32;
+    const uint64_t dq0 = sw128_desc(sq + cw * 64 * 128);
     const int r0 = m_block * kBlockM + cw * 64 + warp * 16 + lane / 4;
     float o[kDv / 2];
 #pragma unroll
@@ -375,13 +378,13 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     RowState rs;
     float sc[64], corr[2] = {1.f, 1.f};
     uint32_t pa[kBlockN / 16][4];
-    const uint64_t dq0 = sw128_desc(sq + cw * 64 * 128);
     auto dk = [&](int it) { return sw128_desc(sk + (it % kStages) * Shape::kKBytes); };
     auto dv = [&](int it) { return sw128_desc_mn(sv + (it % kStages) * Shape::kVBytes, kChunkBytes); };
+    auto full = [&](uint32_t bar, int it) { mbar_wait(bar + 8 * (it % kStages), phase(it)); };
     auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * (it % kStages)); };
     // ping-pong: consumer cw issues after bar 1 + cw and then lets the next one go (round
     // robin); the last consumer lets consumer 0 go first, and skips its last arrival so that the
-    // barriers end balanced. (256: the 128 threads waiting and the 128 arriving.)
+    // barriers end balanced (256: the 128 threads waiting and the 128 arriving).
     auto my_turn = [&] {
       if constexpr (kPingPong) named_bar_sync(1 + cw, 256);
     };
@@ -390,65 +393,89 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
         if (!(last && cw == kC - 1)) named_bar_arrive(1 + (cw + 1) % kC, 256);
     };
     const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
+    // The leading tiles (the block's last keys) that mask out every one of this consumer's 64
+    // queries: causally past its last query's diagonal, or all of them when its queries lie past
+    // the sequence. It waits for and releases those stages (and takes its turns) without
+    // computing — under the causal mask that is a tenth of the products at 192 queries a block.
+    const int my_first = m_block * kBlockM + cw * 64;
+    int skip = 0;
+    if (my_first >= s.lq) {
+      skip = n_tiles;
+    } else if (a.causal) {
+      const int last_key = min(my_first + 63, s.lq - 1) + s.lk - s.lq;
+      skip = last_key < 0 ? n_tiles : max(0, n_tiles - 1 - last_key / kBlockN);
+    }
     mbar_wait(q_full, 0);
     if (n_tiles > 0) {  // (none: causal queries before every key; O = 0, lse = -inf)
-    if constexpr (kPingPong)
-      if (cw == kC - 1) named_bar_arrive(1, 256);
-
-    // the first tile: S(0) and its softmax alone
-    mbar_wait(k_full, 0);
-    my_turn();
-    wgmma_fence();
-    qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(0));
-    wgmma_commit();
-    your_turn(false);
-    wgmma_wait<0>();
-    fence_regs(sc);
-    release(k_empty, 0);
-    if (n_masked > 0) softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
-    else softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1, r0, lane);
-    pack_p(pa, sc);
-
-    auto step = [&](int it, auto masked) {
-      mbar_wait(k_full + 8 * (it % kStages), phase(it));
-      mbar_wait(v_full + 8 * ((it - 1) % kStages), phase(it - 1));
+      if constexpr (kPingPong)
+        if (cw == kC - 1) named_bar_arrive(1, 256);
+      for (int it = 0; it < skip; ++it) {
+        full(k_full, it);
+        full(v_full, it);
+        my_turn();
+        your_turn(false);
+        release(k_empty, it);
+        release(v_empty, it);
+      }
+    }
+    if (skip < n_tiles) {
+      // the first tile: S(skip) and its softmax alone
+      full(k_full, skip);
       my_turn();
-      fence_regs(pa);
       wgmma_fence();
-      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
-      wgmma_commit();
-      rescale<kDv>(o, corr);
-      fence_regs(o);
-      wgmma_fence();
-      pv_product<kDv>(o, pa, dv(it - 1));
+      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(skip));
       wgmma_commit();
       your_turn(false);
-      wgmma_wait<1>();
+      wgmma_wait<0>();
       fence_regs(sc);
-      release(k_empty, it);
-      softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
-      fence_regs(sc);
+      release(k_empty, skip);
+      if (n_masked > skip) softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      else softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      pack_p(pa, sc);
+
+      auto step = [&](int it, auto masked) {
+        full(k_full, it);
+        full(v_full, it - 1);
+        my_turn();
+        fence_regs(pa);
+        wgmma_fence();
+        qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
+        wgmma_commit();
+        rescale<kDv>(o, corr);
+        fence_regs(o);
+        wgmma_fence();
+        pv_product<kDv>(o, pa, dv(it - 1));
+        wgmma_commit();
+        your_turn(false);
+        wgmma_wait<1>();
+        fence_regs(sc);
+        release(k_empty, it);
+        softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
+        fence_regs(sc);
+        wgmma_wait<0>();
+        fence_regs(o);
+        release(v_empty, it - 1);
+        pack_p(pa, sc);
+      };
+      int it = skip + 1;
+      for (; it < n_masked; ++it) step(it, std::true_type{});
+      for (; it < n_tiles; ++it) step(it, std::false_type{});
+
+      // the last tile's P·V
+      full(v_full, n_tiles - 1);
+      my_turn();
+      rescale<kDv>(o, corr);
+      fence_regs(o), fence_regs(pa);
+      wgmma_fence();
+      pv_product<kDv>(o, pa, dv(n_tiles - 1));
+      wgmma_commit();
+      your_turn(true);
       wgmma_wait<0>();
       fence_regs(o);
-      release(v_empty, it - 1);
-      pack_p(pa, sc);
-    };
-    int it = 1;
-    for (; it < n_masked; ++it) step(it, std::true_type{});
-    for (; it < n_tiles; ++it) step(it, std::false_type{});
-
-    // the last tile's P·V
-    mbar_wait(v_full + 8 * ((n_tiles - 1) % kStages), phase(n_tiles - 1));
-    my_turn();
-    rescale<kDv>(o, corr);
-    fence_regs(o), fence_regs(pa);
-    wgmma_fence();
-    pv_product<kDv>(o, pa, dv(n_tiles - 1));
-    wgmma_commit();
-    your_turn(true);
-    wgmma_wait<0>();
-    fence_regs(o);
-    release(v_empty, n_tiles - 1);
+      release(v_empty, n_tiles - 1);
+    } else if (n_tiles > 0) {  // the last P·V's turn, balancing the barriers
+      my_turn();
+      your_turn(true);
     }
     store_output<kDv>(a, s, h, r0, lane, o, rs);
   }
