@@ -89,27 +89,39 @@ class CudaBackward : public testing::Test {
   std::unique_ptr<Ops> cpu_, gpu_;
 };
 
+// The GPU adds each row's tokens in token order, as the CPU does, without atomics: the same bits
+// as the CPU, on every run (training on the GPU repeats exactly).
 TEST_F(CudaBackward, Embedding) {
-  for (auto [T, V, H] : {std::tuple<int64_t, int32_t, int64_t>{1, 1, 1}, {23, 7, 19}, {300, 1000, 256}}) {
+  for (auto [T, V, H] : {std::tuple<int64_t, int32_t, int64_t>{1, 1, 1}, {23, 7, 19}, {300, 1000, 256},
+                         {1000, 3, 70}, {777, 200, 33}}) {
     SCOPED_TRACE(cat("T ", T, " V ", V, " H ", H));
     const Tensor id = ids(T, V), dout = randn({T, H}), table0 = randn({V, H});  // few ids: repeats
-    Tensor want = clone(table0), got = up(table0);
+    Tensor want = clone(table0), got = up(table0), again = up(table0);
     cpu_->embedding_backward(want, dout, id);
-    gpu_->embedding_backward(got, up(dout), up(id));
-    EXPECT_LE(max_err(down(got), want), 1e-5);
+    const Tensor gdout = up(dout), gid = up(id);
+    gpu_->embedding_backward(got, gdout, gid);
+    gpu_->embedding_backward(again, gdout, gid);
+    const Tensor g = down(got), a = down(again);
+    EXPECT_EQ(std::memcmp(g.data(), want.data(), want.nbytes()), 0) << "not the CPU's sums, bit for bit";
+    EXPECT_EQ(std::memcmp(a.data(), g.data(), g.nbytes()), 0) << "two runs differ";
+    EXPECT_LE(max_err(g, want), 1e-5);
   }
 }
 
 TEST_F(CudaBackward, RmsNorm) {
-  for (auto [M, N] : {std::pair<int64_t, int64_t>{1, 1}, {7, 19}, {130, 256}, {65, 1000}}) {
+  for (auto [M, N] : {std::pair<int64_t, int64_t>{1, 1}, {7, 19}, {130, 256}, {65, 1000}, {1000, 300}}) {
     SCOPED_TRACE(cat("M ", M, " N ", N));
     const Tensor x = randn({M, N}, 2.0f), w = randn({N}), dout = randn({M, N}), dw0 = randn({N});
     Tensor dx = Tensor::empty({M, N}), dw = clone(dw0);
     cpu_->rmsnorm_backward(dx, dw, dout, x, w, 1e-6f);
-    Tensor gdx = poison({M, N}), gdw = up(dw0);
-    gpu_->rmsnorm_backward(gdx, gdw, up(dout), up(x), up(w), 1e-6f);
+    Tensor gdx = poison({M, N}), gdw = up(dw0), gdw2 = up(dw0), gdx2 = poison({M, N});
+    const Tensor gx = up(x), gw = up(w), gdout = up(dout);
+    gpu_->rmsnorm_backward(gdx, gdw, gdout, gx, gw, 1e-6f);
+    gpu_->rmsnorm_backward(gdx2, gdw2, gdout, gx, gw, 1e-6f);
     EXPECT_LE(max_err(down(gdx), dx), 1e-5);
     EXPECT_LE(max_err(down(gdw), dw), 1e-4);  // a sum over M rows
+    const Tensor a = down(gdw), b = down(gdw2);  // summed in a fixed order, not by atomics
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.nbytes()), 0) << "two runs differ";
   }
 }
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -216,6 +217,11 @@ TEST(Trainer, TrainsOnTheGpuInBf16) {
     most = std::max(most, std::fabs(b - a) / a);
   }
   EXPECT_GT(most, 1e-6) << "the bf16 run logged the F32 run's objectives exactly";
+  // the same run again logs the same objectives, bit for bit (no atomics in the GPU's sums)
+  const std::vector<json> repeat = run("gpu-repeat", "cuda", "bf16");
+  ASSERT_EQ(repeat.size(), gpu.size());
+  for (size_t i = 0; i < gpu.size(); ++i)
+    EXPECT_EQ(repeat[i]["objective"].get<double>(), gpu[i]["objective"].get<double>()) << "step " << i + 1;
   // and the process is back to F32 products for what comes next
   const std::vector<json> again = run("gpu-f32", "cuda", "fp32");
   for (size_t i = 0; i < cpu.size(); ++i)
@@ -225,8 +231,8 @@ TEST(Trainer, TrainsOnTheGpuInBf16) {
 
 // On the GPU the optimizer's state lives there (AdamW::use_backend): a run stopped at step 3 and
 // resumed must bring the values and both moments back out of the checkpoint. Its final weights
-// and moments match an unbroken GPU run's (to rounding: the GPU's gradient sums need not be
-// bit-reproducible), and the checkpoints hold the GPU's values, not the stale host copies.
+// and moments equal an unbroken GPU run's bit for bit (no GPU kernel of training sums with
+// atomics), and the checkpoints hold the GPU's values, not the stale host copies.
 TEST(Trainer, AGpuRunResumesWithItsOptimizerState) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA build or GPU: GPU training is not checked here";
   TempDir tmp;
@@ -253,7 +259,8 @@ TEST(Trainer, AGpuRunResumesWithItsOptimizerState) {
       const Tensor ta = to_f32(fa.tensor(n)), tb = to_f32(fb.tensor(n));
       ASSERT_EQ(ta.numel(), tb.numel()) << n;
       for (int64_t i = 0; i < ta.numel(); ++i)
-        ASSERT_NEAR(tb.f32()[i], ta.f32()[i], 1e-5 * (1 + std::fabs(ta.f32()[i]))) << f << " " << n << " [" << i << "]";
+        ASSERT_EQ(std::bit_cast<uint32_t>(tb.f32()[i]), std::bit_cast<uint32_t>(ta.f32()[i]))
+            << f << " " << n << " [" << i << "]: " << tb.f32()[i] << " vs " << ta.f32()[i];
       if (std::string(f) == "model.safetensors" && init.contains(n)) {
         const Tensor t0 = to_f32(init.tensor(n));
         for (int64_t i = 0; i < ta.numel(); ++i) moved = std::max(moved, double(std::fabs(ta.f32()[i] - t0.f32()[i])));

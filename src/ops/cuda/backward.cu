@@ -3,7 +3,8 @@
 // compares them on fresh random inputs. F32 throughout.
 //
 // These are the correct first versions: the linear layer's two products go to cuBLAS (SGEMM, no
-// TF32), the rest are plain kernels. Attention's backward is in attention_backward.cu.
+// TF32), the rest are plain kernels. Attention's backward is in attention_backward.cu. No kernel
+// here adds with atomics: every sum runs in a fixed order, so a training run repeats bit for bit.
 
 
 #include <algorithm>
@@ -22,15 +23,40 @@ unsigned blocks_for(int64_t n, int threads) {
   return unsigned(g < (int64_t(1) << 30) ? (g > 0 ? g : 1) : (int64_t(1) << 30));
 }
 
-// grid (T), block 256: token t's output-gradient row added to its id's row. Repeated ids add
-// through atomics (so the order of the additions, not the result's exactness, varies).
-__global__ void embedding_backward_kernel(float* __restrict__ dtable, const float* __restrict__ dout,
-                                          const int32_t* __restrict__ ids, int64_t H, int64_t V) {
+// grid (ceil(V / kEmbeddingRows)), block 256: the block owns kEmbeddingRows rows of the table and
+// finds, a chunk of 256 ids at a time, the tokens whose id is one of them — in token order (a
+// ballot per warp, the warps' counts added in warp order) — then adds their output-gradient rows
+// to their ids' rows in that order. Every row of dtable thus sums its tokens in the same order on
+// every run (the CPU's order too), with no atomics: GPU training is bit-reproducible.
+constexpr int kEmbeddingRows = 64;
+__global__ void __launch_bounds__(256) embedding_backward_kernel(float* __restrict__ dtable, const float* __restrict__ dout,
+                                                                 const int32_t* __restrict__ ids, int64_t T, int64_t H,
+                                                                 int64_t V) {
   pdl_wait();
-  const int64_t t = blockIdx.x;
-  const int32_t id = ids[t];
-  if (id < 0 || id >= V) return;  // the launcher's caller checked the ids; never write outside the table
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) atomicAdd(dtable + int64_t(id) * H + i, dout[t * H + i]);
+  __shared__ int32_t found[256];
+  __shared__ int warp_found[8];
+  const int64_t v0 = int64_t(blockIdx.x) * kEmbeddingRows, v1 = min(V, v0 + kEmbeddingRows);
+  const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+  for (int64_t c0 = 0; c0 < T; c0 += 256) {
+    const int64_t t = c0 + threadIdx.x;
+    const int32_t id = t < T ? ids[t] : -1;
+    const bool mine = id >= v0 && id < v1;  // ids outside the table are nobody's (the caller checked them)
+    const unsigned ballot = __ballot_sync(kFullMask, mine);
+    if (lane == 0) warp_found[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) before += w < warp ? warp_found[w] : 0, total += warp_found[w];
+    if (mine) found[before + __popc(ballot & ((1u << lane) - 1u))] = int32_t(threadIdx.x);
+    __syncthreads();
+    for (int k = 0; k < total; ++k) {
+      const int64_t tk = c0 + found[k];
+      float* row = dtable + int64_t(ids[tk]) * H;
+      const float* g = dout + tk * H;
+      for (int64_t i = threadIdx.x; i < H; i += 256) row[i] += g[i];
+    }
+    __syncthreads();  // found and warp_found are refilled
+  }
 }
 
 // Sum over the block; every thread gets it. Ends synchronized.
@@ -77,10 +103,11 @@ __global__ void rmsnorm_backward_dx_kernel(float* __restrict__ dx, float* __rest
   if (threadIdx.x == 0) r_out[blockIdx.x] = r;
 }
 
-// grid (ceil(N / 256), ceil(M / kRows)), block 256: column n's Σ_m dout·x·r over kRows rows,
-// added to dweight[n] (one atomic per column per block of rows).
+// grid (ceil(N / 256), ceil(M / kNormRows)), block 256: column n's Σ_m dout·x·r over the block's
+// kNormRows rows, into partials[blockIdx.y · N + n]; rmsnorm_backward_dw_sum_kernel then adds each
+// column's partial sums in row-block order (no atomics: the same sum on every run).
 constexpr int kNormRows = 64;
-__global__ void rmsnorm_backward_dw_kernel(float* __restrict__ dweight, const float* __restrict__ r,
+__global__ void rmsnorm_backward_dw_kernel(float* __restrict__ partials, const float* __restrict__ r,
                                            const float* __restrict__ dout, const float* __restrict__ x, int64_t M,
                                            int64_t N) {
   pdl_wait();
@@ -89,7 +116,16 @@ __global__ void rmsnorm_backward_dw_kernel(float* __restrict__ dweight, const fl
   const int64_t m0 = int64_t(blockIdx.y) * kNormRows, m1 = min(M, m0 + kNormRows);
   float s = 0.f;
   for (int64_t m = m0; m < m1; ++m) s += dout[m * N + n] * x[m * N + n] * r[m];
-  atomicAdd(dweight + n, s);
+  partials[int64_t(blockIdx.y) * N + n] = s;
+}
+__global__ void rmsnorm_backward_dw_sum_kernel(float* __restrict__ dweight, const float* __restrict__ partials,
+                                               int64_t blocks, int64_t N) {
+  pdl_wait();
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float s = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) s += partials[b * N + n];
+  dweight[n] += s;
 }
 
 __global__ void silu_mul_backward_kernel(float* __restrict__ dgate, float* __restrict__ dup,
@@ -272,7 +308,8 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, in
                         Stream stream) {
   if (T == 0 || H == 0) return;
   FATHOM_ASSERT(dtable && dout && ids, "embedding_backward with a null pointer");
-  launch_kernel(embedding_backward_kernel, unsigned(T), 256, 0, as_cuda(stream), dtable, dout, ids, H, V);
+  launch_kernel(embedding_backward_kernel, blocks_for(V, kEmbeddingRows), 256, 0, as_cuda(stream), dtable, dout, ids, T,
+                H, V);
   check_launch("embedding_backward");
 }
 
@@ -280,13 +317,18 @@ void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float*
                       int64_t N, float eps, Stream stream) {
   if (M == 0 || N == 0) return;
   FATHOM_ASSERT(dx && dweight && dout && x && w, "rmsnorm_backward with a null pointer");
-  FATHOM_CHECK(M < (int64_t(1) << 31), "rmsnorm_backward: ", M, " rows is too many for one launch.");
+  const int64_t row_blocks = (M + kNormRows - 1) / kNormRows;  // the weight gradient's partial sums
+  FATHOM_CHECK(row_blocks <= 65535, "rmsnorm_backward: ", M, " rows is too many for one launch.");
   StreamScratch r(size_t(M) * sizeof(float), as_cuda(stream), "rmsnorm_backward");
   launch_kernel(rmsnorm_backward_dx_kernel, unsigned(M), 256, 0, as_cuda(stream), dx, r.as<float>(), dout, x, w, N,
                 eps);
   check_launch("rmsnorm_backward (dx)");
-  launch_kernel(rmsnorm_backward_dw_kernel, dim3(blocks_for(N, 256), unsigned((M + kNormRows - 1) / kNormRows)), 256,
-                0, as_cuda(stream), dweight, static_cast<const float*>(r.as<float>()), dout, x, M, N);
+  StreamScratch partials(size_t(row_blocks) * size_t(N) * sizeof(float), as_cuda(stream), "rmsnorm_backward");
+  launch_kernel(rmsnorm_backward_dw_kernel, dim3(blocks_for(N, 256), unsigned(row_blocks)), 256, 0, as_cuda(stream),
+                partials.as<float>(), static_cast<const float*>(r.as<float>()), dout, x, M, N);
+  check_launch("rmsnorm_backward (dweight, partial sums)");
+  launch_kernel(rmsnorm_backward_dw_sum_kernel, blocks_for(N, 256), 256, 0, as_cuda(stream), dweight,
+                static_cast<const float*>(partials.as<float>()), row_blocks, N);
   check_launch("rmsnorm_backward (dweight)");
 }
 
