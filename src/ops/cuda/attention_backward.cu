@@ -32,11 +32,6 @@
 namespace fathom::cuda {
 namespace {
 
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t g = (n + threads - 1) / threads;
-  return unsigned(g < (int64_t(1) << 30) ? (g > 0 ? g : 1) : (int64_t(1) << 30));
-}
-
 // ---- the simple kernels (a warp per row), three passes without atomics:
 //   row pass   (query i, head h), one warp: lse_ih and D_ih = Σ_j P_ij dP_ij (= dout_i · out_i),
 //              then dq_i = scale Σ_j P_ij (dP_ij − D_ih) k_j;
@@ -447,11 +442,11 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                     dk + b * p.n_kv * p.k_token_stride, dv + b * p.n_kv * p.v_token_stride, lse + b * rows,
                     delta + b * rows};
     if (rows > 0) {
-      launch_kernel(attention_backward_rows_kernel, blocks_for(rows, warps), threads, 0, as_cuda(stream), a);
+      launch_kernel(attention_backward_rows_kernel, grid_blocks(rows, warps), threads, 0, as_cuda(stream), a);
       check_launch("attention_backward (rows)");
     }
     if (keys > 0) {
-      launch_kernel(attention_backward_keys_kernel, blocks_for(keys, warps), threads, 0, as_cuda(stream), a);
+      launch_kernel(attention_backward_keys_kernel, grid_blocks(keys, warps), threads, 0, as_cuda(stream), a);
       check_launch("attention_backward (keys)");
     }
   }

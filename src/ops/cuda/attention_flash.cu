@@ -50,8 +50,6 @@ __global__ void seqlens_kernel(int32_t* cu, int32_t n_q, int32_t n_kv) {
   cu[0] = 0, cu[1] = n_q, cu[2] = 0, cu[3] = n_kv;
 }
 
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, 256), int64_t(sm_count()) * 8)); }
-
 }  // namespace
 
 void set_flash_prefill(bool enabled) { g_flash_prefill = enabled ? 1 : 0; }
@@ -84,13 +82,13 @@ void attention_flash(const AttentionParams& p, Stream stream) {
   uint16_t* v = reinterpret_cast<uint16_t*>(base + up16(q_elems) + up16(k_elems));
   uint16_t* o = reinterpret_cast<uint16_t*>(base + up16(q_elems) + up16(k_elems) + up16(v_elems));
   int32_t* cu = reinterpret_cast<int32_t*>(base + up16(q_elems) + up16(k_elems) + up16(v_elems) + up16(o_elems));
-  launch_kernel(gather_bf16_kernel<float>, dim3(grid_for(q_elems)), dim3(256), 0, s, q, p.q, p.q_token_stride,
+  launch_kernel(gather_bf16_kernel<float>, dim3(grid_blocks_per_sm(q_elems, 256)), dim3(256), 0, s, q, p.q, p.q_token_stride,
                 p.q_head_stride, static_cast<const int32_t*>(nullptr), 1, p.n_q, H, p.d_qk);
   const auto* kb = static_cast<const uint16_t*>(p.k);
   const auto* vb = static_cast<const uint16_t*>(p.v);
-  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_for(k_elems)), dim3(256), 0, s, k, kb, p.k_token_stride,
+  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(k_elems, 256)), dim3(256), 0, s, k, kb, p.k_token_stride,
                 p.k_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_qk);
-  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_for(v_elems)), dim3(256), 0, s, v, vb, p.v_token_stride,
+  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(v_elems, 256)), dim3(256), 0, s, v, vb, p.v_token_stride,
                 p.v_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_v);
   launch_kernel(seqlens_kernel, dim3(1), dim3(1), 0, s, cu, int32_t(p.n_q), int32_t(n_kv));
   check_launch("attention (flash): gathers");
@@ -104,7 +102,7 @@ void attention_flash(const AttentionParams& p, Stream stream) {
   f.batch = 1, f.total_q = p.n_q, f.total_k = n_kv, f.max_seqlen_q = int(p.n_q), f.max_seqlen_k = int(n_kv);
   f.n_heads = H, f.n_kv_heads = G, f.d_qk = p.d_qk, f.d_v = p.d_v, f.scale = p.scale, f.causal = p.causal;
   flash_attention_forward(f, stream, FlashKernel::Wgmma);
-  launch_kernel(bf16_to_rows_kernel, dim3(grid_for(o_elems)), dim3(256), 0, s, p.out, p.out_token_stride,
+  launch_kernel(bf16_to_rows_kernel, dim3(grid_blocks_per_sm(o_elems, 256)), dim3(256), 0, s, p.out, p.out_token_stride,
                 p.out_head_stride, static_cast<const uint16_t*>(o), p.n_q, H, p.d_v);
   check_launch("attention (flash): output");
 }

@@ -106,28 +106,24 @@ __global__ void equal_seqlens_kernel(int32_t* __restrict__ cu_q, int32_t* __rest
   for (int b = threadIdx.x; b <= n_seq; b += blockDim.x) cu_q[b] = b * lq, cu_k[b] = b * lk;
 }
 
-unsigned grid_for(int64_t n) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), int64_t(sm_count()) * 8)));
-}
-
 // pad_to_bf16 over rows of src, 8 dims a thread where the shapes and alignment allow.
 void pad_to_bf16(uint16_t* dst, const float* src, int64_t ts, int64_t hs, int64_t rows, int heads, int d, int dp,
                  cudaStream_t s) {
   if (d % 8 == 0 && dp % 8 == 0 && aligned16(src) && ts % 4 == 0 && hs % 4 == 0)
-    launch_kernel(pad_to_bf16_x8_kernel, grid_for(rows * heads * dp / 8), 256, 0, s, reinterpret_cast<uint4*>(dst),
+    launch_kernel(pad_to_bf16_x8_kernel, grid_blocks_per_sm(rows * heads * dp / 8, 256), 256, 0, s, reinterpret_cast<uint4*>(dst),
                   src, ts, hs, rows, heads, d, dp);
   else
-    launch_kernel(pad_to_bf16_kernel, grid_for(rows * heads * dp), 256, 0, s, dst, src, ts, hs, rows, heads, d, dp);
+    launch_kernel(pad_to_bf16_kernel, grid_blocks_per_sm(rows * heads * dp, 256), 256, 0, s, dst, src, ts, hs, rows, heads, d, dp);
 }
 
 // unpad_kernel<float> (the gradients) 4 dims a thread where the shapes and alignment allow.
 void unpad_f32(float* dst, int64_t ts, int64_t hs, const float* src, int64_t rows, int heads, int d, int dp,
                cudaStream_t s) {
   if (d % 4 == 0 && dp % 4 == 0 && aligned16(dst) && ts % 4 == 0 && hs % 4 == 0)
-    launch_kernel(unpad_x4_kernel, grid_for(rows * heads * d / 4), 256, 0, s, dst, ts, hs,
+    launch_kernel(unpad_x4_kernel, grid_blocks_per_sm(rows * heads * d / 4, 256), 256, 0, s, dst, ts, hs,
                   reinterpret_cast<const float4*>(src), rows, heads, d, dp);
   else
-    launch_kernel(unpad_kernel<float>, grid_for(rows * heads * d), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
+    launch_kernel(unpad_kernel<float>, grid_blocks_per_sm(rows * heads * d, 256), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
 }
 
 // The kernel shape the heads are padded to, or {0, 0} when none holds them.
@@ -219,7 +215,7 @@ void attention_train_flash(const AttentionParams& p, int64_t n_seq, Stream strea
   const cudaStream_t s = as_cuda(stream);
   StreamScratch work(carve(p, n_seq, nullptr).bytes, s, "attention (training, flash)");
   const Padded a = forward_padded(p, n_seq, work.as<uint8_t>(), s);
-  launch_kernel(unpad_kernel<uint16_t>, grid_for(a.rows_q * p.n_q_heads * p.d_v), 256, 0, s, p.out,
+  launch_kernel(unpad_kernel<uint16_t>, grid_blocks_per_sm(a.rows_q * p.n_q_heads * p.d_v, 256), 256, 0, s, p.out,
                 p.out_token_stride, p.out_head_stride, static_cast<const uint16_t*>(a.out), a.rows_q, p.n_q_heads,
                 p.d_v, a.dv);
   check_launch("attention (training, flash: the output)");

@@ -18,11 +18,6 @@
 namespace fathom::cuda {
 namespace {
 
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t g = (n + threads - 1) / threads;
-  return unsigned(g < (int64_t(1) << 30) ? (g > 0 ? g : 1) : (int64_t(1) << 30));
-}
-
 // grid (ceil(V / kEmbeddingRows)), block 256: the block owns kEmbeddingRows rows of the table and
 // finds, a chunk of 256 ids at a time, the tokens whose id is one of them — in token order (a
 // ballot per warp, the warps' counts added in warp order) — then adds their output-gradient rows
@@ -308,7 +303,7 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, in
                         Stream stream) {
   if (T == 0 || H == 0) return;
   FATHOM_ASSERT(dtable && dout && ids, "embedding_backward with a null pointer");
-  launch_kernel(embedding_backward_kernel, blocks_for(V, kEmbeddingRows), 256, 0, as_cuda(stream), dtable, dout, ids, T,
+  launch_kernel(embedding_backward_kernel, grid_blocks(V, kEmbeddingRows), 256, 0, as_cuda(stream), dtable, dout, ids, T,
                 H, V);
   check_launch("embedding_backward");
 }
@@ -324,10 +319,10 @@ void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float*
                 eps);
   check_launch("rmsnorm_backward (dx)");
   StreamScratch partials(size_t(row_blocks) * size_t(N) * sizeof(float), as_cuda(stream), "rmsnorm_backward");
-  launch_kernel(rmsnorm_backward_dw_kernel, dim3(blocks_for(N, 256), unsigned(row_blocks)), 256, 0, as_cuda(stream),
+  launch_kernel(rmsnorm_backward_dw_kernel, dim3(grid_blocks(N, 256), unsigned(row_blocks)), 256, 0, as_cuda(stream),
                 partials.as<float>(), static_cast<const float*>(r.as<float>()), dout, x, M, N);
   check_launch("rmsnorm_backward (dweight, partial sums)");
-  launch_kernel(rmsnorm_backward_dw_sum_kernel, blocks_for(N, 256), 256, 0, as_cuda(stream), dweight,
+  launch_kernel(rmsnorm_backward_dw_sum_kernel, grid_blocks(N, 256), 256, 0, as_cuda(stream), dweight,
                 static_cast<const float*>(partials.as<float>()), row_blocks, N);
   check_launch("rmsnorm_backward (dweight)");
 }
@@ -336,7 +331,7 @@ void silu_mul_backward(float* dgate, float* dup, const float* dout, const float*
                        Stream stream) {
   if (n == 0) return;
   FATHOM_ASSERT(dgate && dup && dout && gate && up, "silu_mul_backward with a null pointer");
-  launch_kernel(silu_mul_backward_kernel, std::min(blocks_for(n, 256), 65535u * 8), 256, 0, as_cuda(stream), dgate, dup,
+  launch_kernel(silu_mul_backward_kernel, grid_blocks(n, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), dgate, dup,
                 dout, gate, up, n);
   check_launch("silu_mul_backward");
 }
@@ -357,7 +352,7 @@ void moe_gate_backward(float* dlogits, const float* dweights, const float* logit
   FATHOM_CHECK(p.n_experts > 0 && p.n_experts <= kMaxExperts && p.top_k > 0 && p.top_k <= kMaxTopK,
                "moe_gate_backward: ", p.n_experts, " experts, top ", p.top_k, " (the CUDA op takes up to ", kMaxExperts,
                " experts and top ", kMaxTopK, ").");
-  launch_kernel(moe_gate_backward_kernel, blocks_for(T, 128), 128, 0, as_cuda(stream), dlogits, dweights, logits,
+  launch_kernel(moe_gate_backward_kernel, grid_blocks(T, 128), 128, 0, as_cuda(stream), dlogits, dweights, logits,
                 experts, T, p);
   check_launch("moe_gate_backward");
 }
@@ -367,7 +362,7 @@ void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream) {
   FATHOM_CHECK(M < (int64_t(1) << 31), "mul_rows: ", M, " rows is too many for one launch.");
   if (N % 4 == 0 && aligned16(x)) {
     const int64_t n4 = M * N / 4;
-    launch_kernel(mul_rows4_kernel, blocks_for(n4, 256), 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x), s, n4, N / 4);
+    launch_kernel(mul_rows4_kernel, grid_blocks(n4, 256), 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x), s, n4, N / 4);
   } else {
     launch_kernel(mul_rows_kernel, unsigned(M), 256, 0, as_cuda(stream), x, s, N);
   }
@@ -376,7 +371,7 @@ void mul_rows(float* x, const float* s, int64_t M, int64_t N, Stream stream) {
 void sum_heads(float* out, int64_t out_ts, const float* in, int64_t in_ts, int64_t in_hs, int64_t n, int heads,
                int cols, Stream stream) {
   if (n == 0 || cols == 0) return;
-  launch_kernel(sum_heads_kernel, blocks_for(n * cols, 256), 256, 0, as_cuda(stream), out, out_ts, in, in_ts, in_hs, n, heads, cols);
+  launch_kernel(sum_heads_kernel, grid_blocks(n * cols, 256), 256, 0, as_cuda(stream), out, out_ts, in, in_ts, in_hs, n, heads, cols);
   check_launch("sum_heads");
 }
 void row_dot(float* out, const float* a, const float* b, int64_t M, int64_t N, Stream stream) {

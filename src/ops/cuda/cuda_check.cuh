@@ -27,6 +27,17 @@ void use_device(int device);
 // Streaming multiprocessors of the current device (cached per device).
 int sm_count();
 
+// Blocks of `threads` threads for n elements at one a thread: at least 1, at most `cap` — kernels
+// with a grid-stride loop pass the most blocks worth launching (kGridStrideBlocks, or a multiple of
+// the SMs) and cover the rest by striding; the default is beyond any launch that needs no stride.
+constexpr int64_t kGridStrideBlocks = 65535 * 8;
+inline unsigned grid_blocks(int64_t n, int threads, int64_t cap = int64_t(1) << 30) {
+  const int64_t g = (n + threads - 1) / threads;
+  return unsigned(g < 1 ? 1 : g > cap ? cap : g);
+}
+// The same for a grid-stride kernel capped at 8 blocks an SM of this device.
+inline unsigned grid_blocks_per_sm(int64_t n, int threads) { return grid_blocks(n, threads, int64_t(sm_count()) * 8); }
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Runs fn once for the current device (on a device past the table, every time).

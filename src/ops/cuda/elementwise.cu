@@ -194,11 +194,6 @@ __global__ void fill_random_kernel(void* out, DType dtype, int64_t n, uint64_t s
   }
 }
 
-unsigned grid_for(int64_t n, int block) {
-  const int64_t g = (n + block - 1) / block;
-  return unsigned(g < 65535 * 8 ? (g > 0 ? g : 1) : 65535 * 8);
-}
-
 unsigned threads_for(int64_t n, int max_threads) {
   return unsigned(std::min<int64_t>(max_threads, std::max<int64_t>(32, (n + 31) / 32 * 32)));
 }
@@ -229,7 +224,7 @@ void fill_random(void* out, DType dtype, int64_t n, uint64_t seed, float scale, 
   FATHOM_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F8_E4M3,
                "fill_random: dtype ", dtype_name(dtype), " is not supported; expected F32, BF16, F16 or F8_E4M3.");
   if (n == 0) return;
-  launch_kernel(fill_random_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), out, dtype, n, seed, scale);
+  launch_kernel(fill_random_kernel, grid_blocks(n, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), out, dtype, n, seed, scale);
   check_launch("fill_random");
 }
 
@@ -251,17 +246,17 @@ void add_rmsnorm(float* x, const float* y, float* out, const float* w, int64_t M
 
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, Stream stream) {
   if (n == 0) return;
-  launch_kernel(silu_mul_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), out, gate, up, n);
+  launch_kernel(silu_mul_kernel, grid_blocks(n, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), out, gate, up, n);
   check_launch("silu_mul");
 }
 
 void add(float* x, const float* y, int64_t n, Stream stream) {
   if (n == 0) return;
   if (n % 4 == 0 && aligned16(x) && aligned16(y))
-    launch_kernel(add4_kernel, grid_for(n / 4, 256), 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x),
+    launch_kernel(add4_kernel, grid_blocks(n / 4, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), reinterpret_cast<float4*>(x),
                   reinterpret_cast<const float4*>(y), n / 4);
   else
-    launch_kernel(add_kernel, grid_for(n, 256), 256, 0, as_cuda(stream), x, y, n);
+    launch_kernel(add_kernel, grid_blocks(n, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), x, y, n);
   check_launch("add");
 }
 
@@ -279,7 +274,7 @@ void copy(const CopyParams& p, Stream stream) {
                     p.out_token_stride % 4 == 0 && p.out_head_stride % 4 == 0 && p.in_token_stride % 4 == 0 &&
                     p.in_head_stride % 4 == 0;
   if (vec4)
-    launch_kernel(copy4_kernel, grid_for(rows * p.cols / 4, 256), 256, 0, as_cuda(stream), p);
+    launch_kernel(copy4_kernel, grid_blocks(rows * p.cols / 4, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), p);
   else if (p.out_dtype == DType::BF16)
     launch_kernel(copy_kernel<true>, unsigned(rows), threads, 0, as_cuda(stream), p);
   else
@@ -291,7 +286,7 @@ void rope_tables(float* cos, float* sin, const int32_t* positions, const double*
                  float attention_factor, Stream stream) {
   if (T == 0 || half == 0) return;
   FATHOM_ASSERT(cos && sin && positions && inv_freq, "rope_tables with a null pointer");
-  launch_kernel(rope_tables_kernel, grid_for(T * half, 256), 256, 0, as_cuda(stream), cos, sin, positions, inv_freq, T, half,
+  launch_kernel(rope_tables_kernel, grid_blocks(T * half, 256, kGridStrideBlocks), 256, 0, as_cuda(stream), cos, sin, positions, inv_freq, T, half,
                                                                            attention_factor);
   check_launch("rope_tables");
 }
