@@ -114,18 +114,20 @@ __device__ __forceinline__ void pv_product(float (&o)[kDv / 2], const uint32_t (
 struct RowState {
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 };
-template <bool kMask>
-__device__ __forceinline__ void softmax_tile(float (&sc)[64], RowState& st, float (&corr)[2], const FlashArgs& a,
+// kN = 64: only the scores of the tile's first 64 keys (sc[0, 32)) are used.
+template <bool kMask, int kN = kBlockN>
+__device__ __forceinline__ void softmax_tile(float (&sc)[kBlockN / 2], RowState& st, float (&corr)[2], const FlashArgs& a,
                                              const SeqSpan& s, int j, int r0, int lane) {
+  constexpr int kPer = kN / 2;
   if constexpr (kMask) {
     const int diag = s.lk - s.lq, k0 = j * kBlockN + 2 * (lane % 4);
     const int end[2] = {min(s.lk, a.causal ? r0 + diag + 1 : s.lk), min(s.lk, a.causal ? r0 + 8 + diag + 1 : s.lk)};
 #pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = k0 + 8 * (i / 4) + (i & 1) < end[(i >> 1) & 1] ? sc[i] : -INFINITY;
+    for (int i = 0; i < kPer; ++i) sc[i] = k0 + 8 * (i / 4) + (i & 1) < end[(i >> 1) & 1] ? sc[i] : -INFINITY;
   }
   float mx[2] = {st.m[0], st.m[1]}, ms[2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
+  for (int i = 0; i < kPer; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sc[i]);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
@@ -136,7 +138,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[64], RowState& st, floa
     st.l[r] *= corr[r];
   }
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int r = (i >> 1) & 1;
     sc[i] = fast_exp2(fmaf(sc[i], a.scale_log2, -ms[r]));
     st.l[r] += sc[i];
@@ -398,13 +400,18 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     // the sequence. It waits for and releases those stages (and takes its turns) without
     // computing — under the causal mask that is a tenth of the products at 192 queries a block.
     const int my_first = m_block * kBlockM + cw * 64;
-    int skip = 0;
+    int skip = 0, last_key = s.lk - 1;  // the last key any of the consumer's queries sees
     if (my_first >= s.lq) {
       skip = n_tiles;
     } else if (a.causal) {
-      const int last_key = min(my_first + 63, s.lq - 1) + s.lk - s.lq;
+      last_key = min(last_key, min(my_first + 63, s.lq - 1) + s.lk - s.lq);
       skip = last_key < 0 ? n_tiles : max(0, n_tiles - 1 - last_key / kBlockN);
     }
+    // The first tile it computes may mask all of its last 64 keys too (the diagonal, or the
+    // sequence's end): then the softmax runs over the first 64 keys' scores only (half the
+    // exponentials: at head dim 64 the SFU, not the tensor cores, bounds a tile). The n64 product
+    // for that tile alone made ptxas serialize every wgmma of the kernel (C7511), so S stays n128.
+    const bool half = skip < n_tiles && last_key < (n_tiles - 1 - skip) * kBlockN + 64;
     mbar_wait(q_full, 0);
     if (n_tiles > 0) {  // (none: causal queries before every key; O = 0, lse = -inf)
       if constexpr (kPingPong)
@@ -429,8 +436,15 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
       wgmma_wait<0>();
       fence_regs(sc);
       release(k_empty, skip);
-      if (n_masked > skip) softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
-      else softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      if (half) {  // (a half tile is always a masked one)
+        softmax_tile<true, kBlockN / 2>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+#pragma unroll
+        for (int i = kBlockN / 4; i < kBlockN / 2; ++i) sc[i] = 0.f;  // the masked keys' P
+      } else if (n_masked > skip) {
+        softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      } else {
+        softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      }
       pack_p(pa, sc);
 
       auto step = [&](int it, auto masked) {
