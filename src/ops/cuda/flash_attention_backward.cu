@@ -85,6 +85,38 @@ __global__ void flash_bwd_stats_kernel(const FlashArgs a, float* stats) {
   stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = q < s.lq ? a.delta[src] : 0.f;
 }
 
+// D and the statistics rows in one pass, when rows are whole 16-byte units: 8 lanes per (query
+// place, head) — a query's D = dout · out written to delta and, beside its lse · log2 e, to the
+// stats rows; the 64 places past the sequence's last query +inf and 0 (as the two kernels above).
+__global__ void flash_bwd_prep_kernel(const FlashArgs a, float* stats) {
+  pdl_wait();
+  const int h = int(blockIdx.y), b = int(blockIdx.z), lane = int(threadIdx.x % 8);
+  const SeqSpan s = seq_span(a, b);
+  const int q = int(blockIdx.x) * int(blockDim.x / 8) + int(threadIdx.x / 8);
+  const bool in = q < s.lq;  // (every lane reaches the shuffles)
+  float acc = 0.f;
+  if (in) {
+    const int64_t t = s.q0 + q;
+    const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
+    const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
+    for (int i = 8 * lane; i < a.d_v; i += 64) {
+      const uint4 x = *reinterpret_cast<const uint4*>(o + i), y = *reinterpret_cast<const uint4*>(d + i);
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        acc += bf16_bits_to_f32(xs[j] & 0xFFFFu) * bf16_bits_to_f32(ys[j] & 0xFFFFu) +
+               bf16_bits_to_f32(xs[j] >> 16) * bf16_bits_to_f32(ys[j] >> 16);
+    }
+  }
+#pragma unroll
+  for (int off = 4; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+  if (lane != 0 || q >= s.lq + 64) return;
+  const int64_t at = stats_start(s.q0, b) + q, src = int64_t(h) * a.total_q + s.q0 + q;
+  if (in) const_cast<float*>(a.delta)[src] = acc;
+  stats[int64_t(h) * a.stats_stride + at] = in ? a.lse[src] * kLog2e : INFINITY;
+  stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = in ? acc : 0.f;
+}
+
 // ---- the warp-specialized, pipelined forms (the default on Hopper; FATHOM_FLASH_BACKWARD=serial
 // brings back the kernels above). A block of three warpgroups: warpgroup 0 produces — thread 0
 // issues the TMA copies, for dK dV also each query tile's log-sum-exp (·log2 e; +inf past the
@@ -106,16 +138,15 @@ struct DkdvWsShape {
   static_assert(kStages >= 2, "two stages of Q and dout must fit");
 };
 
-template <int kD, int kDv, int kQT, bool kPipe>
-__global__ void __launch_bounds__(384, 1)
-    flash_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                             const FlashArgs a) {
 #ifdef FATHOM_SM90A
+// One dK dV block: keys [kb·128, kb·128 + 128) of KV head kvh in sequence b (the maps: Q and dout
+// in boxes of kQT rows, K and V of 128).
+template <int kD, int kDv, int kQT, bool kPipe>
+__device__ __forceinline__ void dkdv_ws_block(const CUtensorMap* map_q, const CUtensorMap* map_k,
+                                              const CUtensorMap* map_v, const CUtensorMap* map_do, const FlashArgs& a,
+                                              int kvh, int kb, int b) {
   using Shape = DkdvWsShape<kD, kDv, kQT>;
   constexpr int kStages = Shape::kStages;
-  pdl_wait();
-  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
   const SeqSpan s = seq_span(a, b);
   if (kb * kRows >= s.lk) return;
   const int diag = s.lk - s.lq;
@@ -142,15 +173,15 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) {
       const int key_row = int(s.k0 + int64_t(kb) * kRows);
       mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-      load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
-      load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
+      load_head_rows<kD, kRows>(sk, map_k, kvh, key_row, kv_full);
+      load_head_rows<kDv, kRows>(sv, map_v, kvh, key_row, kv_full);
       const int64_t stats0 = stats_start(s.q0, b);
       for (int it = 0; it < n_it; ++it) {
         const int st = it % kStages, h = head_of(it), qt = tile_of(it), row = int(s.q0 + qt);
         mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
         mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes + Shape::kStatBytes);
-        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
-        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
+        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, map_q, h, row, full + 8 * st);
+        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, map_do, h, row, full + 8 * st);
         const float* lse2 = a.stats + int64_t(h) * a.stats_stride + stats0 + qt;
         const uint32_t dst = sstat + st * Shape::kStatBytes;
         bulk_load(dst, lse2, kQT * 4, full + 8 * st);
@@ -213,16 +244,26 @@ __global__ void __launch_bounds__(384, 1)
       }
     };
     auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+    // The leading query tiles of the first head that mask all of this consumer's 64 keys (below
+    // its first key's diagonal; every tile when its keys lie past the sequence) add nothing: it
+    // waits for and releases their stages without multiplying (the forward's skip, mirrored).
+    // (Later heads of a GQA group compute theirs: their P is 0 there.)
+    int first = 0;
+    if (const int my_key = kb * kRows + cw * 64; my_key >= s.lk)
+      first = n_it;
+    else if (a.causal)
+      while (first < per_head && my_key - (tile_of(first) + kQT - 1) > diag) ++first;
+    for (int it = 0; it < first; ++it) full_wait(it), release(it);
     mbar_wait(kv_full, 0);
-    if (n_it > 0) {
-      full_wait(0);
-      sdp(0);
+    if (n_it > first) {
+      full_wait(first);
+      sdp(first);
       wgmma_wait<0>();
       fence_regs(sc), fence_regs(dp);
-      pds(0);
+      pds(first);
       pack_frags<kQT>(pf, sc);
       pack_frags<kQT>(dsf, dp);
-      for (int it = 1; it < n_it; ++it) {
+      for (int it = first + 1; it < n_it; ++it) {
         full_wait(it);
         fence_regs(pf), fence_regs(dsf);
         if constexpr (!kPipe) {  // tile it-1's products first, then tile it's (fewer registers live)
@@ -258,6 +299,18 @@ __global__ void __launch_bounds__(384, 1)
     }
     store_key_grads<kD, kDv>(a, s, kvh, key0, lane, dk, dv);
   }
+}
+#endif
+
+template <int kD, int kDv, int kQT, bool kPipe>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                             const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  pdl_wait();
+  dkdv_ws_block<kD, kDv, kQT, kPipe>(&map_q, &map_k, &map_v, &map_do, a, int(blockIdx.x), int(blockIdx.y),
+                                     int(blockIdx.z));
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
   __trap();
@@ -267,16 +320,15 @@ __global__ void __launch_bounds__(384, 1)
 // kRegA: Q and dout of the warpgroup's 64 rows held as wgmma A fragments in registers (loaded
 // once), so that S and dP read only K and V from shared memory (qk 64 and 128; at 192 they do not
 // fit beside dQ).
-template <int kD, int kDv, bool kRegA>
-__global__ void __launch_bounds__(384, 1)
-    flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                           const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                           const FlashArgs a) {
 #ifdef FATHOM_SM90A
+// One dQ block: queries [m_block·128, m_block·128 + 128) of head h in sequence b (the maps: Q and
+// dout in boxes of 128 rows, K and V of 64).
+template <int kD, int kDv, bool kRegA>
+__device__ __forceinline__ void dq_ws_block(const CUtensorMap* map_q, const CUtensorMap* map_k,
+                                            const CUtensorMap* map_v, const CUtensorMap* map_do, const FlashArgs& a,
+                                            int h, int m_block, int b) {
   using Shape = DqShape<kD, kDv>;
   constexpr int kStages = Shape::kStages;
-  pdl_wait();
-  const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
   const SeqSpan s = seq_span(a, b);
   if (m_block * kRows >= s.lq) return;
   const int diag = s.lk - s.lq, kvh = h / a.group, n_tiles = dq_key_tiles(a, s, m_block);
@@ -291,14 +343,14 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) {
       const int row = int(s.q0 + int64_t(m_block) * kRows);
       mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
-      load_head_rows<kD, kRows>(sq, &map_q, h, row, q_full);
-      load_head_rows<kDv, kRows>(sdo, &map_do, h, row, q_full);
+      load_head_rows<kD, kRows>(sq, map_q, h, row, q_full);
+      load_head_rows<kDv, kRows>(sdo, map_do, h, row, q_full);
       for (int it = 0; it < n_tiles; ++it) {
         const int st = it % kStages, key_row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
         mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
         mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
-        load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, &map_k, kvh, key_row, full + 8 * st);
-        load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, &map_v, kvh, key_row, full + 8 * st);
+        load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, map_k, kvh, key_row, full + 8 * st);
+        load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, map_v, kvh, key_row, full + 8 * st);
       }
     }
   } else {
@@ -358,14 +410,25 @@ __global__ void __launch_bounds__(384, 1)
       load_a_frags<kD>(qf, sq, kRows * 128, cw * 64 + warp * 16, lane);
       load_a_frags<kDv>(dof, sdo, kRows * 128, cw * 64 + warp * 16, lane);
     }
-    if (n_tiles > 0) {
-      full_wait(0);
-      sdp(0);
+    // The leading key tiles (the last by position) that mask all of this consumer's 64 queries
+    // — its upper neighbour's diagonal tile; every tile when its queries lie past the sequence:
+    // waited for and released without multiplying (the forward's skip).
+    int first = 0;
+    if (const int my_row = m_block * kRows + cw * 64; my_row >= s.lq) {
+      first = n_tiles;
+    } else if (a.causal) {
+      const int last_row = min(my_row + 63, s.lq - 1);
+      while (first < n_tiles && (n_tiles - 1 - first) * kKeyTile - last_row > diag) ++first;
+    }
+    for (int it = 0; it < first; ++it) full_wait(it), release(it);
+    if (n_tiles > first) {
+      full_wait(first);
+      sdp(first);
       wgmma_wait<0>();
       fence_regs(sc), fence_regs(dp);
-      ds(0);
+      ds(first);
       pack_frags<kKeyTile>(dsf, dp);
-      for (int it = 1; it < n_tiles; ++it) {
+      for (int it = first + 1; it < n_tiles; ++it) {
         full_wait(it);
         fence_regs(dsf);
         sdp(it);
@@ -387,8 +450,52 @@ __global__ void __launch_bounds__(384, 1)
     }
     store_query_grads<kD>(a, s, h, r0, lane, dq);
   }
+}
+#endif
+
+template <int kD, int kDv, bool kRegA>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                           const FlashArgs a) {
+#ifdef FATHOM_SM90A
+  pdl_wait();
+  dq_ws_block<kD, kDv, kRegA>(&map_q, &map_k, &map_v, &map_do, a, int(blockIdx.x), int(gridDim.y - 1 - blockIdx.y),
+                              int(blockIdx.z));
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
+  __trap();
+#endif
+}
+
+// Both kinds of blocks in one launch (FATHOM_FLASH_BACKWARD=ws-one): every dK dV block in the
+// two-launch grid's order, then every dQ block in its order, so that as the last dK dV blocks
+// finish, dQ blocks take their SMs instead of waiting for the last one. (An order in layers —
+// key block i's dK dV blocks of every head and sequence, then query block n - 1 - i's dQ blocks —
+// measured 12% slower: the blocks running at once read the Q, dout, K and V of every sequence
+// and head, which L2 does not hold.)
+template <int kD, int kDv, int kQT>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                        const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                        const __grid_constant__ CUtensorMap map_q2, const __grid_constant__ CUtensorMap map_k2,
+                        const __grid_constant__ CUtensorMap map_v2, const __grid_constant__ CUtensorMap map_do2,
+                        const FlashArgs a, const int batch, const int n_kb, const int n_qb) {
+#ifdef FATHOM_SM90A
+  pdl_wait();
+  const int n_kv = a.n_heads / a.group;
+  const int64_t n_dkdv = int64_t(n_kv) * n_kb * batch;
+  if (int64_t at = blockIdx.x; at < n_dkdv) {
+    dkdv_ws_block<kD, kDv, kQT, true>(&map_q, &map_k, &map_v, &map_do, a, int(at % n_kv), int(at / n_kv % n_kb),
+                                      int(at / (int64_t(n_kv) * n_kb)));
+  } else {
+    at -= n_dkdv;
+    dq_ws_block<kD, kDv, (kD <= 128)>(&map_q2, &map_k2, &map_v2, &map_do2, a, int(at % a.n_heads),
+                                      n_qb - 1 - int(at / a.n_heads % n_qb), int(at / (int64_t(a.n_heads) * n_qb)));
+  }
+#else
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)map_q2, (void)map_k2, (void)map_v2, (void)map_do2;
+  (void)a, (void)batch, (void)n_kb, (void)n_qb;
   __trap();
 #endif
 }
@@ -491,12 +598,17 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 // qk 128, where 64 spills in the pipelined kernel) — the serial ones: flash_bwd_serial_kernels.
 // Which run: FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-
 // specialized dK dV kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading
-// Q and dout from shared memory; otherwise (ws, the default: the fastest on the H200,
-// bench/RESULTS.md) the warp-specialized, pipelined kernels with Q and dout in registers in the dQ
-// kernel (qk <= 128).
+// Q and dout from shared memory; ws-one: the pipelined kernels below in one launch
+// (flash_bwd_ws_kernel); otherwise (ws, the default: the fastest on the H200, bench/RESULTS.md)
+// the warp-specialized, pipelined kernels with Q and dout in registers in the dQ kernel
+// (qk <= 128), in two launches.
+using MergedBwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                                 const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                                 const FlashArgs, int, int, int);
 struct BwdVariant {
   int d_qk, d_v, qt_ws, dq_smem, dkdv_ws_smem;
   BwdKernel dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
+  MergedBwdKernel merged;
 };
 template <int kD, int kDv, int kQTWs>
 constexpr BwdVariant bwd_variant_of() {
@@ -508,7 +620,8 @@ constexpr BwdVariant bwd_variant_of() {
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, true>,
           flash_bwd_dq_ws_kernel<kD, kDv, (kD <= 128)>,
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, false>,
-          flash_bwd_dq_ws_kernel<kD, kDv, false>};
+          flash_bwd_dq_ws_kernel<kD, kDv, false>,
+          flash_bwd_ws_kernel<kD, kDv, kQTWs>};
 }
 const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 48>(),
                                    bwd_variant_of<192, 128, 32>()};
@@ -532,6 +645,9 @@ void allow_bwd_smem() {
       for (BwdKernel k : {v.dq_ws, v.dq_ws_ss})
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
               "flash_attention_backward (shared memory of the dQ kernel)");
+      check(cudaFuncSetAttribute(v.merged, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 std::max(v.dq_smem, v.dkdv_ws_smem)),
+            "flash_attention_backward (shared memory of the merged kernel)");
     }
   });
 }
@@ -580,19 +696,25 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
   float* stats = delta + ((rows + 3) & ~int64_t(3));  // 16-byte aligned
   a.stats = stats;
   try {
-    {
-      const bool vec = p.d_v % 8 == 0 && aligned16(p.out) && aligned16(g.dout) && p.out_token_stride % 8 == 0 &&
-                       p.out_head_stride % 8 == 0 && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0;
+    const bool vec = p.d_v % 8 == 0 && aligned16(p.out) && aligned16(g.dout) && p.out_token_stride % 8 == 0 &&
+                     p.out_head_stride % 8 == 0 && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0;
+    const bool want_stats = !refusal && !bwd_form("serial");  // (the warp-specialized dK dV kernel's)
+    if (want_stats && vec) {
+      launch_kernel(flash_bwd_prep_kernel,
+                    dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 32)), unsigned(p.n_heads), unsigned(p.batch)),
+                    dim3(256), 0, cs, a, stats);
+      check_launch("flash_bwd_prep_kernel");
+    } else {
       const int64_t rows_per_block = vec ? 32 : 8;
       launch_kernel(vec ? flash_bwd_delta_kernel<true> : flash_bwd_delta_kernel<false>,
                     dim3(unsigned(ceil_div(p.total_q * p.n_heads, rows_per_block))), dim3(256), 0, cs, a);
       check_launch("flash_bwd_delta_kernel");
-    }
-    if (!refusal && !bwd_form("serial")) {
-      launch_kernel(flash_bwd_stats_kernel, dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 128)), unsigned(p.n_heads),
-                                                 unsigned(p.batch)),
-                    dim3(128), 0, cs, a, stats);
-      check_launch("flash_bwd_stats_kernel");
+      if (want_stats) {
+        launch_kernel(flash_bwd_stats_kernel, dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 128)),
+                                                   unsigned(p.n_heads), unsigned(p.batch)),
+                      dim3(128), 0, cs, a, stats);
+        check_launch("flash_bwd_stats_kernel");
+      }
     }
     if (!refusal) {
       allow_bwd_smem();
@@ -612,10 +734,14 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(qt), "q");
         const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
                                                g.dout_token_stride, uint32_t(qt), "dout");
-        launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : serial.dkdv,
-                      dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
-                      dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : serial.dkdv_smem), cs, mq, mk, mv, mdo, a);
-        check_launch("flash_bwd_dkdv_wgmma_kernel");
+        const bool merged = ws && bwd_form("ws-one");
+        if (!merged) {
+          launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : serial.dkdv,
+                        dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
+                        dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : serial.dkdv_smem), cs, mq, mk, mv, mdo,
+                        a);
+          check_launch("flash_bwd_dkdv_wgmma_kernel");
+        }
         // dQ: Q and dout whole blocks of 128; K and V in tiles of 64
         const CUtensorMap mq2 =
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kRows, "q");
@@ -625,10 +751,20 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
         const CUtensorMap mv2 =
             flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
-        launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : serial.dq,
-                      dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
-                      dim3(ws ? 384 : 256), size_t(ws ? v->dq_smem : serial.dq_smem), cs, mq2, mk2, mv2, mdo2, a);
-        check_launch("flash_bwd_dq_wgmma_kernel");
+        if (merged) {
+          const int64_t n_kb = ceil_div(p.max_seqlen_k, kRows), n_qb = ceil_div(p.max_seqlen_q, kRows);
+          const int64_t blocks = (n_kb * p.n_kv_heads + n_qb * p.n_heads) * p.batch;
+          FATHOM_CHECK(blocks < (int64_t(1) << 31), "flash_attention_backward: ", blocks,
+                       " blocks exceed the grid (2^31 - 1).");
+          launch_kernel(v->merged, dim3(unsigned(blocks)), dim3(384), size_t(std::max(v->dq_smem, v->dkdv_ws_smem)),
+                        cs, mq, mk, mv, mdo, mq2, mk2, mv2, mdo2, a, int(p.batch), int(n_kb), int(n_qb));
+          check_launch("flash_bwd_ws_kernel");
+        } else {
+          launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : serial.dq,
+                        dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
+                        dim3(ws ? 384 : 256), size_t(ws ? v->dq_smem : serial.dq_smem), cs, mq2, mk2, mv2, mdo2, a);
+          check_launch("flash_bwd_dq_wgmma_kernel");
+        }
       }
     } else {
       const int per = int(ceil_div(std::max(p.d_qk, p.d_v), 32));
