@@ -9,7 +9,8 @@
 //   of B into a ring of shared-memory stages, 128-byte swizzled (the layout wgmma reads without
 //   bank conflicts); each copy completes on the stage's "full" mbarrier. With 256-row tiles that
 //   thread is a producer warpgroup of its own, whose registers setmaxnreg gives to the consumers
-//   (24 / 240: their 192 accumulators fit); otherwise thread 0 issues them between its wgmmas.
+//   (40 / 232: their 192 accumulators fit), and two more of its warps copy each K tile's scales
+//   into the stage; otherwise thread 0 issues them between its wgmmas.
 // - each warpgroup owns 64-row slices of the tile: per K tile it waits on the stage's full
 //   barrier, issues four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory per slice,
 //   waits for them, and adds the slice's sums times sa[row, t] * sb[n / 128, t] into its fp32
@@ -46,13 +47,19 @@ namespace {
 // per multiply-add (256 rows: A 32 KB + B 16 KB a K tile for twice a 128-row tile's work); a third
 // warpgroup gives the tensor cores a third stream of wgmmas instead.
 constexpr int kTileBytes = kTile * kTile;  // a 128 x 128 tile of e4m3: 16 KB
+// With a producer warpgroup, two of its idle warps copy each K tile's scales into the stage (the
+// consumers' own scattered loads of them were the kernel's largest stall: ncu, bench/RESULTS.md).
+constexpr int kScaleWarps = 2;
 template <int kWaves, int kWGs>
 struct WgmmaShape {
   static constexpr int kThreads = 128 * kWGs;
   static constexpr int kRows = 64 * kWGs * kWaves;                           // the tile's rows
   static constexpr int kStageBytes = kRows * kTile + kTileBytes;            // A and B
-  static constexpr int kStages = (227 * 1024 - 2048) / kStageBytes > 6 ? 6 : (227 * 1024 - 2048) / kStageBytes;
-  static constexpr int kSmem = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+  // with a producer warpgroup, each stage's scales too: the tile rows' A scales, then B's
+  static constexpr int kScaleBytes = (kRows + 4) * 4;
+  static constexpr int kPerStage = kStageBytes + kScaleBytes + 16;  // + the stage's two barriers
+  static constexpr int kStages = (227 * 1024 - 2048) / kPerStage > 6 ? 6 : (227 * 1024 - 2048) / kPerStage;
+  static constexpr int kSmem = kStages * kPerStage + 1024;  // + alignment slack
 };
 // A producer warpgroup beside two consumers leaves 168 registers a thread at the kernel's entry,
 // not the ~240 a 256-row tile's 128 fp32 accumulators and 64 tensor-core ones need: setmaxnreg
@@ -157,9 +164,9 @@ __device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (
 // "empty" barrier of each block. Clusters take their tiles in bands of 8 cluster rows, so that
 // the tiles in flight share A and B panels in L2 instead of sweeping all of B every wave.
 // Each consumer warpgroup computes kWaves slices of 64 rows, one after the other per K tile.
-// kProducer: a third warpgroup before the consumers issues every copy (one thread), its
-// registers given to the consumers by setmaxnreg (24 / 240), so that no consumer branches to
-// produce between its wgmmas.
+// kProducer: a third warpgroup before the consumers issues every copy (one thread) and copies the
+// scales (two warps), its registers given to the consumers by setmaxnreg (40 / 232), so that no
+// consumer branches to produce between its wgmmas nor waits on a global load.
 // kTwoAcc (with kProducer, one slice a warpgroup): two tensor-core accumulators, so that K tile
 // kt + 1's wgmmas are issued before K tile kt's sums are promoted — the tensor cores work on
 // while the warpgroup promotes (192 of its 240 registers hold accumulators).
@@ -175,6 +182,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
   const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages;
+  const uint32_t scales = empty + 8 * kStages;  // kProducer: each stage's scales (Shape::kScaleBytes)
   // this block's place in its cluster, and the cluster's tile by the banded raster
   const int x = int(blockIdx.x % kCN), y = int(blockIdx.y % kCM);
   int64_t m_tile, n_tile;
@@ -197,7 +205,9 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   if (t.g < 0) return write_padding_tile(p, m0, n0, kTile, int(threadIdx.x), int(blockDim.x));
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + 8 * s, 1);                // the producer's arrive, plus the copies' bytes
+      // the producer's arrive, plus the copies' bytes (and with a producer warpgroup, the arrives
+      // of its two scale warps)
+      mbar_init(full + 8 * s, kProducer ? 1 + kScaleWarps : 1);
       mbar_init(empty + 8 * s, 4 * kWGs * kCluster);  // one arrive per consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -251,6 +261,19 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
         mbar_arrive(empty + 8 * st);
       }
     };
+    // K tile kt's scales for this thread's rows and the B block: with a producer warpgroup from
+    // stage st's copy (read before the stage is released), else from global memory
+    auto tile_scales = [&](int kt, int st, float& b_s, float(&s0)[kWaves], float(&s1)[kWaves]) {
+      if constexpr (kProducer) {
+        const float* sc =
+            reinterpret_cast<const float*>(smem_raw + (scales + st * Shape::kScaleBytes - smem_u32(smem_raw)));
+        b_s = sc[Shape::kRows];
+#pragma unroll
+        for (int w = 0; w < kWaves; ++w) s0[w] = sc[r[w]], s1[w] = sc[r[w] + 8];
+      } else {
+        load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
+      }
+    };
     float acc[64], total[kWaves][64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
@@ -274,7 +297,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
       // after wgmma_wait: K tile kt's sums in a, promoted (its stage released first)
       auto finish = [&](const float(&a)[64], int kt) {
         float b_s, s0[1], s1[1];
-        load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
+        tile_scales(kt, kt % kStages, b_s, s0, s1);
         release(kt % kStages);
         promote(total[0], a, s0[0] * b_s, s1[0] * b_s);
       };
@@ -304,8 +327,9 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
     for (int kt = 0; kt < Kt; ++kt) {
       // the scales first: their loads are in flight while the tile lands and multiplies
       float b_s, s0[kWaves], s1[kWaves];
-      load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
+      if constexpr (!kProducer) tile_scales(kt, s, b_s, s0, s1);  // (in flight while the tile lands)
       mbar_wait(full + 8 * s, phase);
+      if constexpr (kProducer) tile_scales(kt, s, b_s, s0, s1);
       const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
@@ -337,11 +361,35 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
   if constexpr (kProducer) {
     if (wg == 0) {
-      setmaxnreg_dec<24>();
-      if (threadIdx.x == 0)
+      setmaxnreg_dec<40>();
+      const int warp = int(threadIdx.x / 32);
+      if (threadIdx.x == 0) {
         for (int64_t kt = 0; kt < p.Kt; ++kt) produce(kt);
+      } else if (warp >= 1 && warp <= kScaleWarps) {
+        // scale warp h: rows h·kRows/2 .. of each K tile's A scales (0 past the tile's rows: their
+        // sums are never stored), warp 1 also B's; its arrival on the stage's full barrier
+        // publishes them (the stage is free once every consumer released it)
+        const int h = warp - 1, lane = int(threadIdx.x % 32), Kt = int(p.Kt);
+        constexpr int kPerWarp = Shape::kRows / kScaleWarps;
+        const int row = h * kPerWarp + lane, valid = int(lmin(kPerWarp / 32, (t.rows - row + 31) / 32));
+        const float* src = p.a_scale + (t.row0 + row) * p.Kt;  // row's scales, then row + 32's, ...
+        const float* sb = h == 0 && lane == 0 ? p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt
+                                              : nullptr;
+        uint32_t dst = scales + uint32_t(row) * 4;
+        for (int kt = 0, st = 0, round = 0; kt < Kt; ++kt) {
+          mbar_wait(empty + 8 * st, uint32_t(round & 1) ^ 1u);
+#pragma unroll
+          for (int j = 0; j < kPerWarp / 32; ++j)
+            st_shared_f32(dst + 128 * j, j < valid ? __ldg(src + int64_t(32 * j) * Kt + kt) : 0.f);
+          if (sb) st_shared_f32(scales + st * Shape::kScaleBytes + Shape::kRows * 4, __ldg(sb + kt));
+          __syncwarp();
+          if (lane == 0) mbar_arrive(full + 8 * st);
+          dst += Shape::kScaleBytes;
+          if (++st == kStages) st = 0, ++round, dst -= kStages * Shape::kScaleBytes;
+        }
+      }
     } else {
-      setmaxnreg_inc<240>();
+      setmaxnreg_inc<232>();
       consume(wg - 1);
     }
   } else {
