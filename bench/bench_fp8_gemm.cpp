@@ -7,8 +7,11 @@
 //
 // usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--min-ms 200]
 // --shape: that dense product alone (for a profiler). --no-promote: one tensor-core accumulator
-// over all of K (the contrast mode; what the promotion costs).
+// over all of K (the contrast mode; what the promotion costs). --wgmma: instead, the e4m3 wgmma
+// rate of the tile patterns the kernel could take, operands resident in shared memory
+// (src/ops/cuda/wgmma_bench.cu): "wgmma <pattern>: <TFLOP/s> (<ratio to the best raw rate>)".
 // Prints one line per case: "fp8_gemm <case> M N K groups <TFLOP/s>".
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +21,7 @@
 #include "core/error.h"
 #include "ops/ops.h"
 #ifdef FATHOM_HAVE_CUDA
+#include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_ops.h"
 #include "cuda_timing.h"
 #endif
@@ -43,7 +47,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   double min_ms = 200;
   int64_t only[3] = {0, 0, 0};
-  bool promote = true;
+  bool promote = true, wgmma_rates = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--kernel" && i + 1 < argc) {
@@ -57,6 +61,8 @@ int main(int argc, char** argv) {
       promote = false;
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--wgmma") {
+      wgmma_rates = true;
     } else if (a == "--shape" && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%ld,%ld,%ld", &only[0], &only[1], &only[2]) != 3 || only[0] <= 0 || only[1] <= 0 ||
           only[2] <= 0) {
@@ -66,7 +72,8 @@ int main(int argc, char** argv) {
     } else if (a == "--min-ms" && i + 1 < argc) {
       min_ms = std::atof(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--no-promote] [--min-ms 200]\n");
+      std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--no-promote] [--min-ms 200] "
+                   "[--wgmma]\n");
       return 2;
     }
   }
@@ -76,6 +83,16 @@ int main(int argc, char** argv) {
       return 0;
     }
     std::unique_ptr<Ops> ops = make_cuda_ops(0);
+    if (wgmma_rates) {
+      const std::vector<cuda::StageBenchRow> rows = cuda::wgmma_rate_bench(5);
+      double best = 0;
+      for (const auto& r : rows)
+        if (r.variant.find("raw") != std::string::npos) best = std::max(best, r.weight_bytes / r.seconds);
+      for (const auto& r : rows)
+        std::printf("wgmma %-44s %8.1f TFLOP/s  %.2f of the best raw rate\n", (r.variant + ":").c_str(),
+                    r.weight_bytes / r.seconds / 1e12, r.weight_bytes / r.seconds / best);
+      return 0;
+    }
     std::printf("# %s; wgmma kernel %s\n", cuda::device_name(0).c_str(),
                 cuda::fp8_gemm_wgmma_available() ? "available" : "NOT available (SIMT fallback)");
     std::vector<Case> cases;

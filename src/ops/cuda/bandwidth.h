@@ -35,4 +35,8 @@ std::vector<StageBenchRow> stage_chain_bench(int layers, bool tiny, int reps, bo
 // (steps in flight, bytes per row step, a tiled layout, cp.async rings). Seconds per read of
 // weight_bytes, best of `reps`.
 std::vector<StageBenchRow> stream_pattern_bench(int reps);
+// wgmma_bench.cu: the e4m3 wgmma rate of the FP8 GEMM's candidate patterns (operands resident in
+// shared memory; raw, waited for each K tile, promoted, two slices). weight_bytes holds the FLOPs
+// of a run, seconds its time, best of `reps`.
+std::vector<StageBenchRow> wgmma_rate_bench(int reps);
 }  // namespace fathom::cuda
