@@ -12,39 +12,12 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/head_rows.cuh"
 
 namespace fathom::cuda {
 namespace {
 
 std::atomic<int> g_flash_prefill{-1};  // -1: FATHOM_FLASH_PREFILL decides (default on)
-
-// dst (rows, heads, d) bf16 contiguous from src rows (token stride ts, head stride hs) of F32 or
-// BF16, row r at src row block_table[r / bs] * bs + r % bs when paged.
-template <typename T>
-__global__ void gather_bf16_kernel(uint16_t* dst, const T* src, int64_t ts, int64_t hs, const int32_t* block_table,
-                                   int bs, int64_t rows, int heads, int d) {
-  pdl_wait();
-  const int64_t n = rows * heads * d;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * d);
-    const int h = int(i / d % heads), k = int(i % d);
-    const int64_t sr = block_table ? int64_t(block_table[r / bs]) * bs + r % bs : r;
-    const T x = src[sr * ts + int64_t(h) * hs + k];
-    if constexpr (sizeof(T) == 2) dst[i] = x;
-    else dst[i] = f32_to_bf16_bits(x);
-  }
-}
-
-__global__ void bf16_to_rows_kernel(float* dst, int64_t ts, int64_t hs, const uint16_t* src, int64_t rows, int heads,
-                                    int d) {
-  pdl_wait();
-  const int64_t n = rows * heads * d;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / (int64_t(heads) * d);
-    const int h = int(i / d % heads), k = int(i % d);
-    dst[r * ts + int64_t(h) * hs + k] = bf16_bits_to_f32(src[i]);
-  }
-}
 
 __global__ void seqlens_kernel(int32_t* cu, int32_t n_q, int32_t n_kv) {
   cu[0] = 0, cu[1] = n_q, cu[2] = 0, cu[3] = n_kv;
@@ -82,14 +55,14 @@ void attention_flash(const AttentionParams& p, Stream stream) {
   uint16_t* v = reinterpret_cast<uint16_t*>(base + up16(q_elems) + up16(k_elems));
   uint16_t* o = reinterpret_cast<uint16_t*>(base + up16(q_elems) + up16(k_elems) + up16(v_elems));
   int32_t* cu = reinterpret_cast<int32_t*>(base + up16(q_elems) + up16(k_elems) + up16(v_elems) + up16(o_elems));
-  launch_kernel(gather_bf16_kernel<float>, dim3(grid_blocks_per_sm(q_elems, 256)), dim3(256), 0, s, q, p.q, p.q_token_stride,
-                p.q_head_stride, static_cast<const int32_t*>(nullptr), 1, p.n_q, H, p.d_qk);
+  launch_kernel(rows_to_bf16_kernel<float>, dim3(grid_blocks_per_sm(q_elems, 256)), dim3(256), 0, s, q, p.q,
+                p.q_token_stride, p.q_head_stride, static_cast<const int32_t*>(nullptr), 1, p.n_q, H, p.d_qk, p.d_qk);
   const auto* kb = static_cast<const uint16_t*>(p.k);
   const auto* vb = static_cast<const uint16_t*>(p.v);
-  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(k_elems, 256)), dim3(256), 0, s, k, kb, p.k_token_stride,
-                p.k_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_qk);
-  launch_kernel(gather_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(v_elems, 256)), dim3(256), 0, s, v, vb, p.v_token_stride,
-                p.v_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_v);
+  launch_kernel(rows_to_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(k_elems, 256)), dim3(256), 0, s, k, kb,
+                p.k_token_stride, p.k_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_qk, p.d_qk);
+  launch_kernel(rows_to_bf16_kernel<uint16_t>, dim3(grid_blocks_per_sm(v_elems, 256)), dim3(256), 0, s, v, vb,
+                p.v_token_stride, p.v_head_stride, p.block_table, std::max(1, p.block_size), n_kv, G, p.d_v, p.d_v);
   launch_kernel(seqlens_kernel, dim3(1), dim3(1), 0, s, cu, int32_t(p.n_q), int32_t(n_kv));
   check_launch("attention (flash): gathers");
   FlashAttentionParams f;
@@ -102,8 +75,8 @@ void attention_flash(const AttentionParams& p, Stream stream) {
   f.batch = 1, f.total_q = p.n_q, f.total_k = n_kv, f.max_seqlen_q = int(p.n_q), f.max_seqlen_k = int(n_kv);
   f.n_heads = H, f.n_kv_heads = G, f.d_qk = p.d_qk, f.d_v = p.d_v, f.scale = p.scale, f.causal = p.causal;
   flash_attention_forward(f, stream, FlashKernel::Wgmma);
-  launch_kernel(bf16_to_rows_kernel, dim3(grid_blocks_per_sm(o_elems, 256)), dim3(256), 0, s, p.out, p.out_token_stride,
-                p.out_head_stride, static_cast<const uint16_t*>(o), p.n_q, H, p.d_v);
+  launch_kernel(rows_to_f32_kernel<uint16_t>, dim3(grid_blocks_per_sm(o_elems, 256)), dim3(256), 0, s, p.out,
+                p.out_token_stride, p.out_head_stride, static_cast<const uint16_t*>(o), p.n_q, H, p.d_v, p.d_v);
   check_launch("attention (flash): output");
 }
 

@@ -23,34 +23,15 @@
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/head_rows.cuh"
 #include "ops/flash_attention.h"
 
 namespace fathom::cuda {
 namespace {
 
-// Element i of a (rows, heads, width) array, row-major: its row, head and column.
-struct RowHeadCol {
-  int64_t r;
-  int h, k;
-};
-__device__ __forceinline__ RowHeadCol row_head_col(int64_t i, int heads, int width) {
-  return {i / (int64_t(heads) * width), int(i / width % heads), int(i % width)};
-}
-
-// dst (rows, heads, dp) bf16, contiguous: the first d dims of each (row, head) of src (F32, token
-// stride ts, head stride hs) rounded to bf16, zeros in dims d..dp-1.
-__global__ void pad_to_bf16_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src, int64_t ts, int64_t hs,
-                                   int64_t rows, int heads, int d, int dp) {
-  pdl_wait();
-  const int64_t n = rows * heads * dp;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const auto [r, h, k] = row_head_col(i, heads, dp);
-    dst[i] = k < d ? f32_to_bf16_bits(src[r * ts + int64_t(h) * hs + k]) : uint16_t(0);
-  }
-}
-
-// The same, 8 dims a thread (two 16-byte loads, one 16-byte store): d and dp multiples of 8, src
-// 16-byte aligned with strides of whole 4-float units.
+// rows_to_bf16_kernel<float> (head_rows.cuh) without a block table, 8 dims a thread (two 16-byte
+// loads, one 16-byte store): d and dp multiples of 8, src 16-byte aligned with strides of whole
+// 4-float units.
 __global__ void pad_to_bf16_x8_kernel(uint4* __restrict__ dst, const float* __restrict__ src, int64_t ts, int64_t hs,
                                       int64_t rows, int heads, int d, int dp) {
   pdl_wait();
@@ -70,23 +51,8 @@ __global__ void pad_to_bf16_x8_kernel(uint4* __restrict__ dst, const float* __re
   }
 }
 
-// dst (F32, token stride ts, head stride hs): the first d dims of each (row, head) of src (rows,
-// heads, dp), bf16 bits or F32.
-template <typename T>
-__global__ void unpad_kernel(float* __restrict__ dst, int64_t ts, int64_t hs, const T* __restrict__ src, int64_t rows,
-                             int heads, int d, int dp) {
-  pdl_wait();
-  const int64_t n = rows * heads * d;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const auto [r, h, k] = row_head_col(i, heads, d);
-    const T x = src[(r * heads + h) * dp + k];
-    if constexpr (sizeof(T) == 2) dst[r * ts + int64_t(h) * hs + k] = bf16_bits_to_f32(x);
-    else dst[r * ts + int64_t(h) * hs + k] = x;
-  }
-}
-
-// unpad_kernel<float> 4 dims a thread (16-byte load and store): d and dp multiples of 4, dst 16-byte
-// aligned with strides of whole 4-float units.
+// rows_to_f32_kernel<float> (head_rows.cuh) 4 dims a thread (16-byte load and store): d and dp
+// multiples of 4, dst 16-byte aligned with strides of whole 4-float units.
 __global__ void unpad_x4_kernel(float* __restrict__ dst, int64_t ts, int64_t hs, const float4* __restrict__ src,
                                 int64_t rows, int heads, int d, int dp) {
   pdl_wait();
@@ -106,24 +72,26 @@ __global__ void equal_seqlens_kernel(int32_t* __restrict__ cu_q, int32_t* __rest
   for (int b = threadIdx.x; b <= n_seq; b += blockDim.x) cu_q[b] = b * lq, cu_k[b] = b * lk;
 }
 
-// pad_to_bf16 over rows of src, 8 dims a thread where the shapes and alignment allow.
+// src's heads rounded to bf16 and zero-padded from d to dp dims, 8 dims a thread where the shapes
+// and alignment allow.
 void pad_to_bf16(uint16_t* dst, const float* src, int64_t ts, int64_t hs, int64_t rows, int heads, int d, int dp,
                  cudaStream_t s) {
   if (d % 8 == 0 && dp % 8 == 0 && aligned16(src) && ts % 4 == 0 && hs % 4 == 0)
     launch_kernel(pad_to_bf16_x8_kernel, grid_blocks_per_sm(rows * heads * dp / 8, 256), 256, 0, s, reinterpret_cast<uint4*>(dst),
                   src, ts, hs, rows, heads, d, dp);
   else
-    launch_kernel(pad_to_bf16_kernel, grid_blocks_per_sm(rows * heads * dp, 256), 256, 0, s, dst, src, ts, hs, rows, heads, d, dp);
+    launch_kernel(rows_to_bf16_kernel<float>, grid_blocks_per_sm(rows * heads * dp, 256), 256, 0, s, dst, src, ts, hs,
+                  static_cast<const int32_t*>(nullptr), 1, rows, heads, d, dp);
 }
 
-// unpad_kernel<float> (the gradients) 4 dims a thread where the shapes and alignment allow.
+// rows_to_f32_kernel<float> (the gradients) 4 dims a thread where the shapes and alignment allow.
 void unpad_f32(float* dst, int64_t ts, int64_t hs, const float* src, int64_t rows, int heads, int d, int dp,
                cudaStream_t s) {
   if (d % 4 == 0 && dp % 4 == 0 && aligned16(dst) && ts % 4 == 0 && hs % 4 == 0)
     launch_kernel(unpad_x4_kernel, grid_blocks_per_sm(rows * heads * d / 4, 256), 256, 0, s, dst, ts, hs,
                   reinterpret_cast<const float4*>(src), rows, heads, d, dp);
   else
-    launch_kernel(unpad_kernel<float>, grid_blocks_per_sm(rows * heads * d, 256), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
+    launch_kernel(rows_to_f32_kernel<float>, grid_blocks_per_sm(rows * heads * d, 256), 256, 0, s, dst, ts, hs, src, rows, heads, d, dp);
 }
 
 // The kernel shape the heads are padded to, or {0, 0} when none holds them.
@@ -215,7 +183,7 @@ void attention_train_flash(const AttentionParams& p, int64_t n_seq, Stream strea
   const cudaStream_t s = as_cuda(stream);
   StreamScratch work(carve(p, n_seq, nullptr).bytes, s, "attention (training, flash)");
   const Padded a = forward_padded(p, n_seq, work.as<uint8_t>(), s);
-  launch_kernel(unpad_kernel<uint16_t>, grid_blocks_per_sm(a.rows_q * p.n_q_heads * p.d_v, 256), 256, 0, s, p.out,
+  launch_kernel(rows_to_f32_kernel<uint16_t>, grid_blocks_per_sm(a.rows_q * p.n_q_heads * p.d_v, 256), 256, 0, s, p.out,
                 p.out_token_stride, p.out_head_stride, static_cast<const uint16_t*>(a.out), a.rows_q, p.n_q_heads,
                 p.d_v, a.dv);
   check_launch("attention (training, flash: the output)");
