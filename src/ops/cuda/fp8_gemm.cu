@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
   if constexpr (kProducer) {
     if (wg == 0) {
-      setmaxnreg_dec<40>();
+      // (3 consumers: 32 + 3 x 160 of 4 x 128; 2: 40 + 2 x 232 of 3 x 168)
+      setmaxnreg_dec<kWGs == 3 ? 32 : 40>();
       const int warp = int(threadIdx.x / 32);
       if (threadIdx.x == 0) {
         for (int64_t kt = 0; kt < p.Kt; ++kt) produce(kt);
@@ -389,7 +390,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
         }
       }
     } else {
-      setmaxnreg_inc<232>();
+      setmaxnreg_inc<kWGs == 3 ? 160 : 232>();
       consume(wg - 1);
     }
   } else {
@@ -534,10 +535,10 @@ const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
     {fp8_gemm_wgmma_kernel<1, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 1, 1, 3>, fp8_gemm_wgmma_kernel<2, 2, 1, 3>},
     {fp8_gemm_wgmma_kernel<1, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 1, 2, 2>, fp8_gemm_wgmma_kernel<2, 2, 2, 2>}};
-const GridKernel kProducerKernels[3][3] = {  // [rows 128, -, 256][cluster 1x1, 2x1, 2x2]
+const GridKernel kProducerKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 1, 2, true>,
      fp8_gemm_wgmma_kernel<2, 2, 1, 2, true>},
-    {nullptr, nullptr, nullptr},
+    {fp8_gemm_wgmma_kernel<1, 1, 1, 3, true>, nullptr, nullptr},
     {fp8_gemm_wgmma_kernel<1, 1, 2, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 2, 2, true>,
      fp8_gemm_wgmma_kernel<2, 2, 2, 2, true>}};
 // 128-row tiles, a producer warpgroup and two accumulators a consumer (kTwoAcc)
@@ -662,7 +663,7 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
       FATHOM_CHECK((r == "128" || r == "192" || r == "256") && (cl == "1x1" || cl == "2x1" || cl == "2x2"),
                    "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent|,producer|,twoacc]: 128, 192 "
                    "or 256, then 1x1, 2x1 or 2x2, then a block per tile, the persistent dense kernel, a block per tile "
-                   "with a producer warpgroup (128 or 256 rows) or that with two accumulators (128 rows).");
+                   "with a producer warpgroup (128, 192 or 256 rows) or that with two accumulators (128 rows).");
       if (!form.empty()) persistent = form == "persistent" && p.layout == Fp8Layout::Dense && p.promote;
       producer = form == "producer" ? 1 : form == "twoacc" ? 2 : form == "grid" ? 0 : -1;
       persistent = persistent && cl == "1x1";
@@ -675,7 +676,8 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
     const int ci = cn == 1 ? 0 : cm == 1 ? 1 : 2;
-    const bool with_producer = !persistent && ri != 1 && (producer >= 1 || (producer < 0 && ri == 2 && ci == 0));
+    const bool with_producer = !persistent && (ri != 1 || ci == 0) &&
+                               (producer >= 1 || (producer < 0 && ri == 2 && ci == 0));
     const bool two_acc = with_producer && producer == 2 && ri == 0 && p.promote;
     const GridKernel kernel = two_acc ? kTwoAccKernels[ci] : with_producer ? kProducerKernels[ri][ci] : kGridKernels[ri][ci];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
