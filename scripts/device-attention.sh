@@ -98,7 +98,7 @@ if [ "$schedules" = 1 ]; then
     fi
     FATHOM_FLASH_SCHEDULE=$sch timeout 120 "$bin"/bench_flash_attention --fwd --min-ms 100 | sed "s/^/$sch: /"
   done
-  for form in ${ATTN_BACKWARDS:-serial ws-serial ws-ss ws-one ws}; do
+  for form in ${ATTN_BACKWARDS:-serial ws-serial ws-ss ws}; do
     FATHOM_FLASH_BACKWARD=$form timeout 120 "$bin"/bench_flash_attention --min-ms 100 | grep fwdbwd | sed "s/^/backward $form: /"
   done
 fi

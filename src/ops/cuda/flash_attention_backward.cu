@@ -38,6 +38,21 @@
 namespace fathom::cuda {
 namespace {
 
+// One lane's part of the dot product of two bf16 rows of n (a multiple of 8, 16-byte aligned), 8
+// lanes a row: elements 8 lane .. 8 lane + 7, then 64 on.
+__device__ __forceinline__ float dot_bf16_x8(const uint16_t* x, const uint16_t* y, int n, int lane) {
+  float acc = 0.f;
+  for (int i = 8 * lane; i < n; i += 64) {
+    const uint4 u = *reinterpret_cast<const uint4*>(x + i), v = *reinterpret_cast<const uint4*>(y + i);
+    const uint32_t us[4] = {u.x, u.y, u.z, u.w}, vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      acc += bf16_bits_to_f32(us[j] & 0xFFFFu) * bf16_bits_to_f32(vs[j] & 0xFFFFu) +
+             bf16_bits_to_f32(us[j] >> 16) * bf16_bits_to_f32(vs[j] >> 16);
+  }
+  return acc;
+}
+
 // D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head); or, when rows are whole
 // 16-byte units (kVec), 8 lanes per (token, head) with 16-byte loads.
 template <bool kVec>
@@ -54,14 +69,7 @@ __global__ void flash_bwd_delta_kernel(const FlashArgs a) {
   float acc = 0.f;
   if (in) {
     if constexpr (kVec) {
-      for (int i = 8 * lane; i < a.d_v; i += 64) {
-        const uint4 x = *reinterpret_cast<const uint4*>(o + i), y = *reinterpret_cast<const uint4*>(d + i);
-        const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          acc += bf16_bits_to_f32(xs[j] & 0xFFFFu) * bf16_bits_to_f32(ys[j] & 0xFFFFu) +
-                 bf16_bits_to_f32(xs[j] >> 16) * bf16_bits_to_f32(ys[j] >> 16);
-      }
+      acc = dot_bf16_x8(o, d, a.d_v, lane);
     } else {
       for (int i = lane; i < a.d_v; i += 32) acc += bf16_bits_to_f32(o[i]) * bf16_bits_to_f32(d[i]);
     }
@@ -99,14 +107,7 @@ __global__ void flash_bwd_prep_kernel(const FlashArgs a, float* stats) {
     const int64_t t = s.q0 + q;
     const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
     const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
-    for (int i = 8 * lane; i < a.d_v; i += 64) {
-      const uint4 x = *reinterpret_cast<const uint4*>(o + i), y = *reinterpret_cast<const uint4*>(d + i);
-      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        acc += bf16_bits_to_f32(xs[j] & 0xFFFFu) * bf16_bits_to_f32(ys[j] & 0xFFFFu) +
-               bf16_bits_to_f32(xs[j] >> 16) * bf16_bits_to_f32(ys[j] >> 16);
-    }
+    acc = dot_bf16_x8(o, d, a.d_v, lane);
   }
 #pragma unroll
   for (int off = 4; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
@@ -468,38 +469,6 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-// Both kinds of blocks in one launch (FATHOM_FLASH_BACKWARD=ws-one): every dK dV block in the
-// two-launch grid's order, then every dQ block in its order, so that as the last dK dV blocks
-// finish, dQ blocks take their SMs instead of waiting for the last one. (An order in layers —
-// key block i's dK dV blocks of every head and sequence, then query block n - 1 - i's dQ blocks —
-// measured 12% slower: the blocks running at once read the Q, dout, K and V of every sequence
-// and head, which L2 does not hold.)
-template <int kD, int kDv, int kQT>
-__global__ void __launch_bounds__(384, 1)
-    flash_bwd_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                        const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                        const __grid_constant__ CUtensorMap map_q2, const __grid_constant__ CUtensorMap map_k2,
-                        const __grid_constant__ CUtensorMap map_v2, const __grid_constant__ CUtensorMap map_do2,
-                        const FlashArgs a, const int batch, const int n_kb, const int n_qb) {
-#ifdef FATHOM_SM90A
-  pdl_wait();
-  const int n_kv = a.n_heads / a.group;
-  const int64_t n_dkdv = int64_t(n_kv) * n_kb * batch;
-  if (int64_t at = blockIdx.x; at < n_dkdv) {
-    dkdv_ws_block<kD, kDv, kQT, true>(&map_q, &map_k, &map_v, &map_do, a, int(at % n_kv), int(at / n_kv % n_kb),
-                                      int(at / (int64_t(n_kv) * n_kb)));
-  } else {
-    at -= n_dkdv;
-    dq_ws_block<kD, kDv, (kD <= 128)>(&map_q2, &map_k2, &map_v2, &map_do2, a, int(at % a.n_heads),
-                                      n_qb - 1 - int(at / a.n_heads % n_qb), int(at / (int64_t(a.n_heads) * n_qb)));
-  }
-#else
-  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)map_q2, (void)map_k2, (void)map_v2, (void)map_do2;
-  (void)a, (void)batch, (void)n_kb, (void)n_qb;
-  __trap();
-#endif
-}
-
 // ---- the fallback: one warp per row, lanes over the dims (kPer each)
 
 template <int kPer>
@@ -598,17 +567,12 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 // qk 128, where 64 spills in the pipelined kernel) — the serial ones: flash_bwd_serial_kernels.
 // Which run: FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-
 // specialized dK dV kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading
-// Q and dout from shared memory; ws-one: the pipelined kernels below in one launch
-// (flash_bwd_ws_kernel); otherwise (ws, the default: the fastest on the H200, bench/RESULTS.md)
-// the warp-specialized, pipelined kernels with Q and dout in registers in the dQ kernel
-// (qk <= 128), in two launches.
-using MergedBwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
-                                 const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
-                                 const FlashArgs, int, int, int);
+// Q and dout from shared memory; otherwise (ws, the default: the fastest on the H200,
+// bench/RESULTS.md) the warp-specialized, pipelined kernels with Q and dout in registers in the dQ
+// kernel (qk <= 128). (Both kernels' blocks in one launch measured slower: RESULTS, 2026-12-02.)
 struct BwdVariant {
   int d_qk, d_v, qt_ws, dq_smem, dkdv_ws_smem;
   BwdKernel dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
-  MergedBwdKernel merged;
 };
 template <int kD, int kDv, int kQTWs>
 constexpr BwdVariant bwd_variant_of() {
@@ -620,8 +584,7 @@ constexpr BwdVariant bwd_variant_of() {
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, true>,
           flash_bwd_dq_ws_kernel<kD, kDv, (kD <= 128)>,
           flash_bwd_dkdv_ws_kernel<kD, kDv, kQTWs, false>,
-          flash_bwd_dq_ws_kernel<kD, kDv, false>,
-          flash_bwd_ws_kernel<kD, kDv, kQTWs>};
+          flash_bwd_dq_ws_kernel<kD, kDv, false>};
 }
 const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 48>(),
                                    bwd_variant_of<192, 128, 32>()};
@@ -645,9 +608,6 @@ void allow_bwd_smem() {
       for (BwdKernel k : {v.dq_ws, v.dq_ws_ss})
         check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.dq_smem),
               "flash_attention_backward (shared memory of the dQ kernel)");
-      check(cudaFuncSetAttribute(v.merged, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 std::max(v.dq_smem, v.dkdv_ws_smem)),
-            "flash_attention_backward (shared memory of the merged kernel)");
     }
   });
 }
@@ -734,14 +694,10 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(qt), "q");
         const CUtensorMap mdo = flash_head_map(g.dout, p.d_v, p.n_heads, p.total_q, g.dout_head_stride,
                                                g.dout_token_stride, uint32_t(qt), "dout");
-        const bool merged = ws && bwd_form("ws-one");
-        if (!merged) {
-          launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : serial.dkdv,
-                        dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
-                        dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : serial.dkdv_smem), cs, mq, mk, mv, mdo,
-                        a);
-          check_launch("flash_bwd_dkdv_wgmma_kernel");
-        }
+        launch_kernel(ws ? (bwd_form("ws-serial") ? v->dkdv_ws_serial : v->dkdv_ws) : serial.dkdv,
+                      dim3(unsigned(p.n_kv_heads), unsigned(ceil_div(p.max_seqlen_k, kRows)), unsigned(p.batch)),
+                      dim3(ws ? 384 : 256), size_t(ws ? v->dkdv_ws_smem : serial.dkdv_smem), cs, mq, mk, mv, mdo, a);
+        check_launch("flash_bwd_dkdv_wgmma_kernel");
         // dQ: Q and dout whole blocks of 128; K and V in tiles of 64
         const CUtensorMap mq2 =
             flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, kRows, "q");
@@ -751,20 +707,10 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
             flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kKeyTile, "k");
         const CUtensorMap mv2 =
             flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kKeyTile, "v");
-        if (merged) {
-          const int64_t n_kb = ceil_div(p.max_seqlen_k, kRows), n_qb = ceil_div(p.max_seqlen_q, kRows);
-          const int64_t blocks = (n_kb * p.n_kv_heads + n_qb * p.n_heads) * p.batch;
-          FATHOM_CHECK(blocks < (int64_t(1) << 31), "flash_attention_backward: ", blocks,
-                       " blocks exceed the grid (2^31 - 1).");
-          launch_kernel(v->merged, dim3(unsigned(blocks)), dim3(384), size_t(std::max(v->dq_smem, v->dkdv_ws_smem)),
-                        cs, mq, mk, mv, mdo, mq2, mk2, mv2, mdo2, a, int(p.batch), int(n_kb), int(n_qb));
-          check_launch("flash_bwd_ws_kernel");
-        } else {
-          launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : serial.dq,
-                        dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
-                        dim3(ws ? 384 : 256), size_t(ws ? v->dq_smem : serial.dq_smem), cs, mq2, mk2, mv2, mdo2, a);
-          check_launch("flash_bwd_dq_wgmma_kernel");
-        }
+        launch_kernel(ws ? (bwd_form("ws-ss") ? v->dq_ws_ss : v->dq_ws) : serial.dq,
+                      dim3(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, kRows)), unsigned(p.batch)),
+                      dim3(ws ? 384 : 256), size_t(ws ? v->dq_smem : serial.dq_smem), cs, mq2, mk2, mv2, mdo2, a);
+        check_launch("flash_bwd_dq_wgmma_kernel");
       }
     } else {
       const int per = int(ceil_div(std::max(p.d_qk, p.d_v), 32));

@@ -36,6 +36,7 @@
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/fp8_gemm.cuh"
 #include "ops/cuda/hopper.cuh"
+#include "ops/cuda/wgmma_e4m3.cuh"
 
 namespace fathom::cuda {
 namespace {
@@ -64,30 +65,6 @@ struct WgmmaShape {
 // A producer warpgroup beside two consumers leaves 168 registers a thread at the kernel's entry,
 // not the ~240 a 256-row tile's 128 fp32 accumulators and 64 tensor-core ones need: setmaxnreg
 // moves them (kProducer below). Without it, thread 0 issues the copies between its wgmmas.
-
-#ifdef FATHOM_SM90A
-// d (64 x 128 f32 over the warpgroup: 64 registers a thread) (+)= A (64 x 32) · B (128 x 32)ᵀ,
-// both e4m3 in shared memory; scale_d = 0 overwrites d.
-__device__ inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-#endif
 
 #ifdef FATHOM_SM90A
 // The promotion: the tile's sums, scaled by their rows' sa * sb, into the fp32 accumulators.
@@ -132,7 +109,7 @@ __device__ __forceinline__ void issue_slice(float (&acc)[64], uint64_t hi, uint3
   const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-  for (int k = 0; k < kTile / 32; ++k) wgmma_m64n128k32_e4m3(acc, da + 2 * k, db + 2 * k, fresh && k == 0 ? 0 : 1);
+  for (int k = 0; k < kTile / 32; ++k) wgmma_m64n128k32(acc, da + 2 * k, db + 2 * k, fresh && k == 0 ? 0 : 1);
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
