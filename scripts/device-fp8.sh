@@ -9,16 +9,19 @@
 # dependencies), `bash scripts/device-pack.sh fathom_tests bench_fp8_gemm bench_cuda_decode` (device-bin/), and
 # hide the training-reference gradients (`bash scripts/device-serve.sh --hide`, `--restore`
 # after). Then there (carry ["device-serve-data", "device-bin"]):
-#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants] [--prefill]
+#   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants] [--prefill] [--wgmma]
 # --quick: three shapes (M 128 and 4096 of N 4096, K 7168; 8192³).
 # --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections).
 # --variants: the 8192³ and M = 4096 shapes with each tile and cluster shape (FATHOM_FP8_GEMM).
 # --prefill: bench_cuda_decode's 2,048-token prefill of the 4.89B V3-shaped model in bf16 and in FP8,
 # weight-only and FP8 x FP8 (needs bench_cuda_decode in device-bin).
 # --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
+# --wgmma: bench_fp8_gemm --wgmma, the e4m3 wgmma rate of the tile patterns on resident tiles
+# (src/ops/cuda/wgmma_bench.cu). FP8_VARIANTS="192,1x1,producer 256,1x1,producer" with --variants
+# compares the 192-row producer form with the default's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-quick=() tests=1 peer=1 ncu=0 sass=0 variants=0 prefill=0
+quick=() tests=1 peer=1 ncu=0 sass=0 variants=0 prefill=0 wgmma=0
 for a in "$@"; do
   case "$a" in
     --quick) quick=(--quick) ;;
@@ -28,6 +31,7 @@ for a in "$@"; do
     --sass) sass=1 ;;
     --variants) variants=1 ;;
     --prefill) prefill=1 ;;
+    --wgmma) wgmma=1 ;;
     *) echo "device-fp8: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -51,6 +55,7 @@ if [ "$tests" = 1 ]; then
   set -e
   grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | head -60
 fi
+if [ "$wgmma" = 1 ]; then timeout 120 "$bin"/bench_fp8_gemm --wgmma | tee "$log/wgmma.txt"; fi
 timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
 if [ "$variants" = 1 ]; then
   for v in ${FP8_VARIANTS:-128,1x1,grid 128,1x1,persistent 256,1x1,grid 256,1x1,persistent}; do
