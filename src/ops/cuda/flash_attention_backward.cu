@@ -139,15 +139,16 @@ struct DkdvWsShape {
   static_assert(kStages >= 2, "two stages of Q and dout must fit");
 };
 
-#ifdef FATHOM_SM90A
-// One dK dV block: keys [kb·128, kb·128 + 128) of KV head kvh in sequence b (the maps: Q and dout
-// in boxes of kQT rows, K and V of 128).
 template <int kD, int kDv, int kQT, bool kPipe>
-__device__ __forceinline__ void dkdv_ws_block(const CUtensorMap* map_q, const CUtensorMap* map_k,
-                                              const CUtensorMap* map_v, const CUtensorMap* map_do, const FlashArgs& a,
-                                              int kvh, int kb, int b) {
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                             const FlashArgs a) {
+#ifdef FATHOM_SM90A
   using Shape = DkdvWsShape<kD, kDv, kQT>;
   constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
   const SeqSpan s = seq_span(a, b);
   if (kb * kRows >= s.lk) return;
   const int diag = s.lk - s.lq;
@@ -174,15 +175,15 @@ __device__ __forceinline__ void dkdv_ws_block(const CUtensorMap* map_q, const CU
     if (tid == 0) {
       const int key_row = int(s.k0 + int64_t(kb) * kRows);
       mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-      load_head_rows<kD, kRows>(sk, map_k, kvh, key_row, kv_full);
-      load_head_rows<kDv, kRows>(sv, map_v, kvh, key_row, kv_full);
+      load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
+      load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
       const int64_t stats0 = stats_start(s.q0, b);
       for (int it = 0; it < n_it; ++it) {
         const int st = it % kStages, h = head_of(it), qt = tile_of(it), row = int(s.q0 + qt);
         mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
         mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes + Shape::kStatBytes);
-        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, map_q, h, row, full + 8 * st);
-        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, map_do, h, row, full + 8 * st);
+        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
+        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
         const float* lse2 = a.stats + int64_t(h) * a.stats_stride + stats0 + qt;
         const uint32_t dst = sstat + st * Shape::kStatBytes;
         bulk_load(dst, lse2, kQT * 4, full + 8 * st);
@@ -300,18 +301,6 @@ __device__ __forceinline__ void dkdv_ws_block(const CUtensorMap* map_q, const CU
     }
     store_key_grads<kD, kDv>(a, s, kvh, key0, lane, dk, dv);
   }
-}
-#endif
-
-template <int kD, int kDv, int kQT, bool kPipe>
-__global__ void __launch_bounds__(384, 1)
-    flash_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                             const FlashArgs a) {
-#ifdef FATHOM_SM90A
-  pdl_wait();
-  dkdv_ws_block<kD, kDv, kQT, kPipe>(&map_q, &map_k, &map_v, &map_do, a, int(blockIdx.x), int(blockIdx.y),
-                                     int(blockIdx.z));
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
   __trap();
@@ -321,15 +310,16 @@ __global__ void __launch_bounds__(384, 1)
 // kRegA: Q and dout of the warpgroup's 64 rows held as wgmma A fragments in registers (loaded
 // once), so that S and dP read only K and V from shared memory (qk 64 and 128; at 192 they do not
 // fit beside dQ).
-#ifdef FATHOM_SM90A
-// One dQ block: queries [m_block·128, m_block·128 + 128) of head h in sequence b (the maps: Q and
-// dout in boxes of 128 rows, K and V of 64).
 template <int kD, int kDv, bool kRegA>
-__device__ __forceinline__ void dq_ws_block(const CUtensorMap* map_q, const CUtensorMap* map_k,
-                                            const CUtensorMap* map_v, const CUtensorMap* map_do, const FlashArgs& a,
-                                            int h, int m_block, int b) {
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
+                           const FlashArgs a) {
+#ifdef FATHOM_SM90A
   using Shape = DqShape<kD, kDv>;
   constexpr int kStages = Shape::kStages;
+  pdl_wait();
+  const int h = int(blockIdx.x), b = int(blockIdx.z), m_block = int(gridDim.y - 1 - blockIdx.y);
   const SeqSpan s = seq_span(a, b);
   if (m_block * kRows >= s.lq) return;
   const int diag = s.lk - s.lq, kvh = h / a.group, n_tiles = dq_key_tiles(a, s, m_block);
@@ -344,14 +334,14 @@ __device__ __forceinline__ void dq_ws_block(const CUtensorMap* map_q, const CUte
     if (tid == 0) {
       const int row = int(s.q0 + int64_t(m_block) * kRows);
       mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
-      load_head_rows<kD, kRows>(sq, map_q, h, row, q_full);
-      load_head_rows<kDv, kRows>(sdo, map_do, h, row, q_full);
+      load_head_rows<kD, kRows>(sq, &map_q, h, row, q_full);
+      load_head_rows<kDv, kRows>(sdo, &map_do, h, row, q_full);
       for (int it = 0; it < n_tiles; ++it) {
         const int st = it % kStages, key_row = int(s.k0 + int64_t(n_tiles - 1 - it) * kKeyTile);
         mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
         mbar_expect_tx(full + 8 * st, Shape::kKBytes + Shape::kVBytes);
-        load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, map_k, kvh, key_row, full + 8 * st);
-        load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, map_v, kvh, key_row, full + 8 * st);
+        load_head_rows<kD, kKeyTile>(sk + st * Shape::kKBytes, &map_k, kvh, key_row, full + 8 * st);
+        load_head_rows<kDv, kKeyTile>(sv + st * Shape::kVBytes, &map_v, kvh, key_row, full + 8 * st);
       }
     }
   } else {
@@ -451,18 +441,6 @@ __device__ __forceinline__ void dq_ws_block(const CUtensorMap* map_q, const CUte
     }
     store_query_grads<kD>(a, s, h, r0, lane, dq);
   }
-}
-#endif
-
-template <int kD, int kDv, bool kRegA>
-__global__ void __launch_bounds__(384, 1)
-    flash_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                           const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                           const FlashArgs a) {
-#ifdef FATHOM_SM90A
-  pdl_wait();
-  dq_ws_block<kD, kDv, kRegA>(&map_q, &map_k, &map_v, &map_do, a, int(blockIdx.x), int(gridDim.y - 1 - blockIdx.y),
-                              int(blockIdx.z));
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a;
   __trap();
