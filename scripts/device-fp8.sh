@@ -17,8 +17,8 @@
 # weight-only and FP8 x FP8 (needs bench_cuda_decode in device-bin).
 # --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
 # --wgmma: bench_fp8_gemm --wgmma, the e4m3 wgmma rate of the tile patterns on resident tiles
-# (src/ops/cuda/wgmma_bench.cu). FP8_VARIANTS="192,1x1,producer 256,1x1,producer" with --variants
-# compares the 192-row producer form with the default's.
+# (src/ops/cuda/wgmma_bench.cu). FP8_VARIANTS="256,2x1,producer 192,2x1,persistent" and
+# FP8_SHAPES="M,N,K ..." choose the forms and shapes --variants runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=() tests=1 peer=1 ncu=0 sass=0 variants=0 prefill=0 wgmma=0
@@ -53,13 +53,14 @@ if [ "$tests" = 1 ]; then
   timeout 300 "$bin"/fathom_tests --gtest_filter="CudaFp8Gemm.*:Fp8Gemm.*:CudaOps.MatmulFp8*${FP8_TESTS:-}" >"$log/tests.log" 2>&1
   trc=$?
   set -e
-  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | head -60
+  grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | grep -v "worst out" | head -60 || true
+  echo "tests: exit $trc"
 fi
 if [ "$wgmma" = 1 ]; then timeout 120 "$bin"/bench_fp8_gemm --wgmma | tee "$log/wgmma.txt"; fi
 timeout 240 "$bin"/bench_fp8_gemm "${quick[@]}" | tee "$log/fathom.txt"
 if [ "$variants" = 1 ]; then
-  for v in ${FP8_VARIANTS:-128,1x1,grid 128,1x1,persistent 256,1x1,grid 256,1x1,persistent}; do
-    for shape in 8192,8192,8192 4096,4096,7168 4096,7168,2048 4096,2112,7168 4096,32768,512; do
+  for v in ${FP8_VARIANTS:-256,2x1,producer 256,1x1,persistent 256,2x1,persistent 192,2x1,persistent}; do
+    for shape in ${FP8_SHAPES:-8192,8192,8192 4096,2112,7168 4096,24576,1536 4096,32768,512 4096,7168,16384 4096,4096,7168 4096,7168,2048}; do
       echo "tiles,clusters $v $(FATHOM_FP8_GEMM=$v "$bin"/bench_fp8_gemm --shape $shape | grep ^fp8_gemm)"
     done
   done

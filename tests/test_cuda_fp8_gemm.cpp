@@ -165,10 +165,12 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
     Tensor b = gpu_->upload(w.weight), bs = gpu_->upload(w.scale_inv);
     for (const Fp8GemmKernel k : kernels_)
       for (const DType od : {DType::F32, DType::BF16})
-        for (const char* shape : {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1",
-                                  "256,2x2", "128,1x1,persistent", "192,1x1,persistent", "256,1x1,persistent",
-                                  "128,1x1,producer", "192,1x1,producer", "256,1x1,producer", "128,2x1,producer", "256,2x1,producer",
-                                  "256,2x2,producer", "128,1x1,twoacc", "128,2x1,twoacc"}) {
+        for (const char* shape :
+             {"", "128,1x1", "128,2x1", "128,2x2", "192,1x1", "192,2x2", "256,1x1", "256,2x1", "256,2x2",
+              "128,1x1,producer", "192,1x1,producer", "256,1x1,producer", "128,2x1,producer", "192,2x1,producer",
+              "256,2x1,producer", "192,2x2,producer", "256,2x2,producer", "128,1x1,twoacc", "128,2x1,twoacc",
+              "128,1x1,persistent", "128,2x1,persistent", "192,1x1,persistent", "192,2x1,persistent",
+              "256,1x1,persistent", "256,2x1,persistent"}) {
         if (k == Fp8GemmKernel::Simt && *shape) continue;
         ShapeOverride use(shape);
         Tensor out = poison(M * N, od);

@@ -3,20 +3,24 @@
 // fp32 accumulator in registers and scaled there. The CPU reference, and the recipe in words:
 // src/ops/cpu/fp8_gemm.h; docs/fp8-gemm.md.
 //
-// The Hopper kernel (fp8_gemm_wgmma_kernel, sm_90a), one (128 | 192 | 256) x 128 output tile per
-// block of two or three warpgroups:
+// The Hopper kernels (sm_90a), one (128 | 192 | 256) x 128 output tile at a time per block of
+// two or three consumer warpgroups:
 // - one thread issues the TMA copies (cp.async.bulk.tensor) of each 128-byte-wide K tile of A and
 //   of B into a ring of shared-memory stages, 128-byte swizzled (the layout wgmma reads without
-//   bank conflicts); each copy completes on the stage's "full" mbarrier. With 256-row tiles that
-//   thread is a producer warpgroup of its own, whose registers setmaxnreg gives to the consumers
-//   (40 / 232: their 192 accumulators fit), and two more of its warps copy each K tile's scales
-//   into the stage; otherwise thread 0 issues them between its wgmmas.
+//   bank conflicts); each copy completes on the stage's "full" mbarrier. In the producer forms that
+//   thread is in a producer warpgroup of its own, whose registers setmaxnreg gives to the
+//   consumers (40 / 232: a 256-row tile's 192 accumulators fit), and two more of its warps copy
+//   each K tile's scales into the stage; otherwise thread 0 issues the copies between its wgmmas.
+//   Blocks may form clusters of 2 along N (and M) that share A (B) tiles by TMA multicast.
 // - each warpgroup owns 64-row slices of the tile: per K tile it waits on the stage's full
 //   barrier, issues four wgmma m64n128k32 (e4m3 x e4m3 -> f32) from shared memory per slice,
 //   waits for them, and adds the slice's sums times sa[row, t] * sb[n / 128, t] into its fp32
 //   accumulators — the promotion; after the last slice it releases the stage ("empty" barrier).
 //   While one warpgroup promotes, the other's wgmmas keep the tensor cores busy.
 // - the epilogue converts the accumulators and stores them straight from registers.
+// fp8_gemm_wgmma_kernel takes one tile per block (every layout); fp8_gemm_wgmma_persistent_kernel
+// (dense) keeps a cluster per SM pair on the GPU taking tile after tile, its copies running on
+// into the next tile while the consumers store. Which one a product gets: fp8_gemm() below.
 // The SIMT kernel and the 1x128 quantization: fp8_gemm_simt.cu; what both kernels share about a
 // tile's rows and its stores: fp8_gemm.cuh.
 #include <cuda.h>
@@ -25,6 +29,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -130,6 +135,31 @@ __device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (
       if (r[w] < rows) store_pair(p, ra, col, value(ra, total[w][4 * j]), value(ra, total[w][4 * j + 1]));
       if (r[w] + 8 < rows) store_pair(p, rb, col, value(rb, total[w][4 * j + 2]), value(rb, total[w][4 * j + 3]));
     }
+}
+// A scale warp of the producer warpgroup (h: 0 or 1) copies one output tile's scales into the
+// ring, K tile after K tile: rows h·kRows/2 .. of the tile's A scales (0 past the tile's `rows`:
+// their sums are never stored), warp 0 also the B block's (b_scales: that block's row, else null).
+// Each copy waits for its stage to be free and its arrival on the stage's full barrier publishes
+// it. (st, round): the ring position, carried from tile to tile.
+template <class Shape, int kStages>
+__device__ __forceinline__ void copy_tile_scales(const Fp8GemmArgs& p, uint32_t scales, uint32_t full, uint32_t empty,
+                                                 int h, int lane, int64_t row0, int64_t rows, const float* b_scales,
+                                                 int& st, int& round) {
+  constexpr int kPerWarp = Shape::kRows / kScaleWarps;
+  const int Kt = int(p.Kt), row = h * kPerWarp + lane, valid = int(lmin(kPerWarp / 32, (rows - row + 31) / 32));
+  const float* src = p.a_scale + (row0 + row) * p.Kt;  // row's scales, then row + 32's, ...
+  const float* sb = h == 0 && lane == 0 ? b_scales : nullptr;
+  for (int kt = 0; kt < Kt; ++kt) {
+    mbar_wait(empty + 8 * st, uint32_t(round & 1) ^ 1u);
+    const uint32_t dst = scales + st * Shape::kScaleBytes + uint32_t(row) * 4;
+#pragma unroll
+    for (int j = 0; j < kPerWarp / 32; ++j)
+      st_shared_f32(dst + 128 * j, j < valid ? __ldg(src + int64_t(32 * j) * Kt + kt) : 0.f);
+    if (sb) st_shared_f32(scales + st * Shape::kScaleBytes + Shape::kRows * 4, __ldg(sb + kt));
+    __syncwarp();
+    if (lane == 0) mbar_arrive(full + 8 * st);
+    if (++st == kStages) st = 0, ++round;
+  }
 }
 #endif
 
@@ -344,27 +374,10 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
       if (threadIdx.x == 0) {
         for (int64_t kt = 0; kt < p.Kt; ++kt) produce(kt);
       } else if (warp >= 1 && warp <= kScaleWarps) {
-        // scale warp h: rows h·kRows/2 .. of each K tile's A scales (0 past the tile's rows: their
-        // sums are never stored), warp 1 also B's; its arrival on the stage's full barrier
-        // publishes them (the stage is free once every consumer released it)
-        const int h = warp - 1, lane = int(threadIdx.x % 32), Kt = int(p.Kt);
-        constexpr int kPerWarp = Shape::kRows / kScaleWarps;
-        const int row = h * kPerWarp + lane, valid = int(lmin(kPerWarp / 32, (t.rows - row + 31) / 32));
-        const float* src = p.a_scale + (t.row0 + row) * p.Kt;  // row's scales, then row + 32's, ...
-        const float* sb = h == 0 && lane == 0 ? p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt
-                                              : nullptr;
-        uint32_t dst = scales + uint32_t(row) * 4;
-        for (int kt = 0, st = 0, round = 0; kt < Kt; ++kt) {
-          mbar_wait(empty + 8 * st, uint32_t(round & 1) ^ 1u);
-#pragma unroll
-          for (int j = 0; j < kPerWarp / 32; ++j)
-            st_shared_f32(dst + 128 * j, j < valid ? __ldg(src + int64_t(32 * j) * Kt + kt) : 0.f);
-          if (sb) st_shared_f32(scales + st * Shape::kScaleBytes + Shape::kRows * 4, __ldg(sb + kt));
-          __syncwarp();
-          if (lane == 0) mbar_arrive(full + 8 * st);
-          dst += Shape::kScaleBytes;
-          if (++st == kStages) st = 0, ++round, dst -= kStages * Shape::kScaleBytes;
-        }
+        int st = 0, round = 0;
+        copy_tile_scales<Shape, kStages>(p, scales, full, empty, warp - 1, int(threadIdx.x % 32), t.row0, t.rows,
+                                         p.b_scale + (int64_t(t.g) * p.NB + lmin(n0 / kTile, p.NB - 1)) * p.Kt, st,
+                                         round);
       }
     } else {
       setmaxnreg_inc<kWGs == 3 ? 160 : 232>();
@@ -381,108 +394,127 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
 #endif
 }
 
-// The dense layout's persistent form: a grid of at most one block per SM, each block taking every
-// gridDim.x-th tile of the banded raster order. Thread 0's copies run on across tiles (a global
-// K-tile count indexes the ring), so the next tile's first stages land while this tile's last K
-// tiles multiply and its epilogue stores: no block starts with an empty pipeline.
-template <int kWaves, int kWGs>
-__global__ void __launch_bounds__(128 * kWGs, 1)
+// The dense layout's persistent form with a producer warpgroup: a grid of clusters of kCN blocks
+// (1 or 2 along N, sharing their A tile by multicast), at most as many as fit on the GPU at once,
+// each cluster taking every n-th output tile pair of the banded raster. The producer thread's
+// copies and the scale warps' run on from one output tile to the next through the same ring of
+// stages, so while the consumers store a tile the next one's first K tiles land: no tile starts
+// with an empty pipeline, and no block is launched per tile.
+template <int kCN, int kWaves, int kWGs>
+__global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     fp8_gemm_wgmma_persistent_kernel(const __grid_constant__ CUtensorMap map_a,
-                                     const __grid_constant__ CUtensorMap map_b, const Fp8GemmArgs p,
-                                     int64_t m_tiles, int64_t n_tiles) {
+                                              const __grid_constant__ CUtensorMap map_b, const Fp8GemmArgs p,
+                                              int64_t m_tiles, int64_t n_tiles) {
 #ifdef FATHOM_SM90A
   using Shape = WgmmaShape<kWaves, kWGs>;
   constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes, kRows = Shape::kRows;
-  constexpr int kATileBytes = kRows * kTile;
+  constexpr int kATileBytes = kRows * kTile, kARows = kRows / kCN;
   pdl_wait();
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
-  const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages;
-  const int Kt = int(p.Kt);
-  const int64_t total = m_tiles * n_tiles, mine = (total - blockIdx.x + gridDim.x - 1) / gridDim.x;
-  const int64_t steps = mine * Kt;  // this block's K tiles, over all its output tiles
-  // this block's j-th tile: its first row and column
+  const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages, scales = empty + 8 * kStages;
+  const int x = int(blockIdx.x % kCN), Kt = int(p.Kt);
+  // the cluster's tiles: cluster tile `id` is tile row m of kCN tile columns; a band of 8 tile
+  // rows is swept column pair by column pair, so that the tiles in flight share panels in L2
+  const int64_t cid = blockIdx.x / kCN, clusters = gridDim.x / kCN, pairs = ceil_div(n_tiles, int64_t(kCN));
+  const int64_t total = m_tiles * pairs, mine = cid < total ? (total - cid + clusters - 1) / clusters : 0;
   auto tile_of = [&](int64_t j, int64_t& m0, int64_t& n0) {
     constexpr int64_t kBand = 8;
-    const int64_t id = blockIdx.x + j * gridDim.x;
-    const int64_t first = id / (kBand * n_tiles) * kBand, rows = lmin(m_tiles - first, kBand);
-    const int64_t local = id % (kBand * n_tiles);
+    const int64_t id = cid + j * clusters;
+    const int64_t first = id / (kBand * pairs) * kBand, rows = lmin(m_tiles - first, kBand);
+    const int64_t local = id % (kBand * pairs);
     m0 = (first + local % rows) * kRows;
-    n0 = (local / rows) * kTile;
+    n0 = ((local / rows) * kCN + x) * kTile;
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + 8 * s, 1);
-      mbar_init(empty + 8 * s, 4 * kWGs);
+      mbar_init(full + 8 * s, 1 + kScaleWarps);  // the producer's arrive (+ bytes), the scale warps'
+      mbar_init(empty + 8 * s, 4 * kWGs * kCN);  // one arrive per consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
-  // thread 0's copies, one K tile after the other over this block's tiles: counters, not
-  // divisions (a 64-bit division per copy slowed the whole first warpgroup down)
-  int pj = 0, pkt = 0, ps = 0;
-  uint32_t pphase = 1;  // the first round of empty waits passes at once
-  int64_t pm0 = 0, pn0 = 0;
-  if (threadIdx.x == 0) tile_of(0, pm0, pn0);
-  auto produce = [&]() {
-    mbar_wait(empty + 8 * ps, pphase);
-    const uint32_t a_dst = base + ps * kStageBytes;
-    mbar_expect_tx(full + 8 * ps, kStageBytes);
-    tma_load_2d(a_dst, &map_a, pkt * kTile, int(pm0), full + 8 * ps);
-    tma_load_2d(a_dst + kATileBytes, &map_b, pkt * kTile, int(pn0), full + 8 * ps);
-    if (++ps == kStages) ps = 0, pphase ^= 1;
-    if (++pkt == Kt) {
-      pkt = 0;
-      if (++pj < mine) tile_of(pj, pm0, pn0);
-    }
-  };
-  if (threadIdx.x == 0)
-    for (int64_t g = 0; g < lmin(kStages, steps); ++g) produce();
-  const int c = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
-  const int tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
-  const uint64_t desc0 = sw128_desc(base);
-  const uint32_t lo0 = __shfl_sync(kFullMask, uint32_t(desc0), 0);
-  const uint64_t hi = desc0 & 0xFFFFFFFF00000000ull;
-  int s = 0;
-  uint32_t phase = 0;
-  int64_t g = 0;
-  for (int64_t j = 0; j < mine; ++j) {
-    int64_t m0, n0;
-    tile_of(j, m0, n0);
-    const int64_t rows = lmin(kRows, p.M - m0);
-    int r[kWaves], off0[kWaves], off1[kWaves];
-    slice_rows(c, warp, lane, rows, Kt, r, off0, off1);
-    const float* sa = p.a_scale + m0 * p.Kt;
-    const float* sb = p.b_scale + (n0 / kTile) * p.Kt;
-    float acc[64], total[kWaves][64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      acc[i] = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) total[w][i] = 0.f;
-    }
-    for (int kt = 0; kt < Kt; ++kt, ++g) {
-      float b_s, s0[kWaves], s1[kWaves];
-      load_scales(sa, sb, off0, off1, kt, b_s, s0, s1);
-      mbar_wait(full + 8 * s, phase);
-      const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
-        issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, true);
-        // the stage the last K tile used, refilled — with the next output tile's copies near the end
-        if (w == kWaves - 1 && threadIdx.x == 0 && g >= 1 && g - 1 + kStages < steps) produce();  // K tile g - 1 + kStages
-        __syncwarp();
-        wgmma_wait<0>();
-        if (w == kWaves - 1) {
-          __syncwarp();
-          if (lane == 0) mbar_arrive(empty + 8 * s);
+  if (kCN > 1) cluster_sync();
+  else __syncthreads();
+  const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
+  if (wg == 0) {
+    setmaxnreg_dec<40>();  // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
+    const int warp = int(threadIdx.x / 32);
+    if (threadIdx.x == 0) {
+      int s = 0;
+      uint32_t phase = 0;
+      for (int64_t j = 0; j < mine; ++j) {
+        int64_t m0, n0;
+        tile_of(j, m0, n0);
+        for (int kt = 0; kt < Kt; ++kt) {
+          mbar_wait(empty + 8 * s, phase ^ 1u);  // the first round passes at once
+          const uint32_t a_dst = base + s * kStageBytes + x * kARows * kTile;
+          mbar_expect_tx(full + 8 * s, kStageBytes);  // all of A (this block's part and its peer's) and B
+          if (kCN > 1)
+            tma_load_2d_multicast(a_dst, &map_a, kt * kTile, int(m0 + x * kARows), full + 8 * s,
+                                  uint16_t((1u << kCN) - 1));
+          else
+            tma_load_2d(a_dst, &map_a, kt * kTile, int(m0), full + 8 * s);
+          tma_load_2d(base + s * kStageBytes + kATileBytes, &map_b, kt * kTile, int(n0), full + 8 * s);
+          if (++s == kStages) s = 0, phase ^= 1u;
         }
-        promote(total[w], acc, s0[w] * b_s, s1[w] * b_s);
       }
-      if (++s == kStages) s = 0, phase ^= 1;
+    } else if (warp >= 1 && warp <= kScaleWarps) {
+      int st = 0, round = 0;
+      for (int64_t j = 0; j < mine; ++j) {
+        int64_t m0, n0;
+        tile_of(j, m0, n0);
+        copy_tile_scales<Shape, kStages>(p, scales, full, empty, warp - 1, int(threadIdx.x % 32), m0,
+                                         lmin(kRows, p.M - m0), p.b_scale + lmin(n0 / kTile, p.NB - 1) * p.Kt, st,
+                                         round);
+      }
     }
-    store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
+  } else {
+    setmaxnreg_inc<kWGs == 3 ? 152 : 232>();
+    const int c = wg - 1, tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
+    const uint64_t desc0 = sw128_desc(base);
+    const uint32_t lo0 = __shfl_sync(kFullMask, uint32_t(desc0), 0);
+    const uint64_t hi = desc0 & 0xFFFFFFFF00000000ull;
+    int s = 0;
+    uint32_t phase = 0;
+    for (int64_t j = 0; j < mine; ++j) {
+      int64_t m0, n0;
+      tile_of(j, m0, n0);
+      const int64_t rows = lmin(kRows, p.M - m0);
+      int r[kWaves], off0[kWaves], off1[kWaves];
+      slice_rows(c, warp, lane, rows, Kt, r, off0, off1);
+      float acc[64], total[kWaves][64];
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) total[w][i] = 0.f;
+      for (int kt = 0; kt < Kt; ++kt) {
+        mbar_wait(full + 8 * s, phase);
+        const float* sc = reinterpret_cast<const float*>(smem_raw + (scales + s * Shape::kScaleBytes - smem_u32(smem_raw)));
+        const float b_s = sc[kRows];
+        float s0[kWaves], s1[kWaves];
+#pragma unroll
+        for (int w = 0; w < kWaves; ++w) s0[w] = sc[r[w]] * b_s, s1[w] = sc[r[w] + 8] * b_s;
+        const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
+#pragma unroll
+        for (int w = 0; w < kWaves; ++w) {
+          issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, true);
+          wgmma_wait<0>();
+          if (w == kWaves - 1) {  // the stage back to the producers of the cluster
+            __syncwarp();
+            if (kCN > 1) {
+              if (lane < kCN) mbar_arrive_cluster(empty + 8 * s, uint32_t(lane));
+            } else if (lane == 0) {
+              mbar_arrive(empty + 8 * s);
+            }
+          }
+          promote(total[w], acc, s0[w], s1[w]);
+        }
+        if (++s == kStages) s = 0, phase ^= 1u;
+      }
+      store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
+    }
   }
+  if (kCN > 1) cluster_sync();  // no block leaves while a peer may still arrive on its barriers
 #else
   (void)map_a, (void)map_b, (void)p, (void)m_tiles, (void)n_tiles;
   __trap();  // never launched: fp8_gemm_wgmma_available() is false without an sm_90a image
@@ -515,7 +547,8 @@ const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x
 const GridKernel kProducerKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 1, 2, true>,
      fp8_gemm_wgmma_kernel<2, 2, 1, 2, true>},
-    {fp8_gemm_wgmma_kernel<1, 1, 1, 3, true>, nullptr, nullptr},
+    {fp8_gemm_wgmma_kernel<1, 1, 1, 3, true>, fp8_gemm_wgmma_kernel<2, 1, 1, 3, true>,
+     fp8_gemm_wgmma_kernel<2, 2, 1, 3, true>},
     {fp8_gemm_wgmma_kernel<1, 1, 2, 2, true>, fp8_gemm_wgmma_kernel<2, 1, 2, 2, true>,
      fp8_gemm_wgmma_kernel<2, 2, 2, 2, true>}};
 // 128-row tiles, a producer warpgroup and two accumulators a consumer (kTwoAcc)
@@ -523,9 +556,10 @@ const GridKernel kTwoAccKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true, tr
                                       fp8_gemm_wgmma_kernel<2, 1, 1, 2, true, true>,
                                       fp8_gemm_wgmma_kernel<2, 2, 1, 2, true, true>};
 using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
-const PersistentKernel kPersistentKernels[3] = {fp8_gemm_wgmma_persistent_kernel<1, 2>,
-                                                fp8_gemm_wgmma_persistent_kernel<1, 3>,
-                                                fp8_gemm_wgmma_persistent_kernel<2, 2>};
+const PersistentKernel kPersistentKernels[3][2] = {  // [rows 128, 192, 256][cluster 1x1, 2x1]
+    {fp8_gemm_wgmma_persistent_kernel<1, 1, 2>, fp8_gemm_wgmma_persistent_kernel<2, 1, 2>},
+    {fp8_gemm_wgmma_persistent_kernel<1, 1, 3>, fp8_gemm_wgmma_persistent_kernel<2, 1, 3>},
+    {fp8_gemm_wgmma_persistent_kernel<1, 2, 2>, fp8_gemm_wgmma_persistent_kernel<2, 2, 2>}};
 
 // Every wgmma kernel may use its shared-memory ring, once per device.
 std::once_flag g_wgmma_smem[kMaxDevices];
@@ -538,15 +572,15 @@ void allow_wgmma_smem() {
               "fp8_gemm (shared memory of the wgmma kernel)");
     for (const auto& by_rows : kProducerKernels)
       for (const GridKernel k : by_rows)
-        if (k)
-          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
                 "fp8_gemm (shared memory of the wgmma kernel)");
     for (const GridKernel k : kTwoAccKernels)
       check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
             "fp8_gemm (shared memory of the wgmma kernel)");
-    for (const PersistentKernel k : kPersistentKernels)
-      check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-            "fp8_gemm (shared memory of the persistent wgmma kernel)");
+    for (const auto& by_rows : kPersistentKernels)
+      for (const PersistentKernel k : by_rows)
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+              "fp8_gemm (shared memory of the persistent wgmma kernel)");
   });
 }
 
@@ -619,60 +653,58 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
                fp8_gemm_wgmma_available() ? "K must be a multiple of 16 and A and B 16-byte aligned"
                                           : "this device or build has no sm_90a kernel image");
   if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
-    // No clusters (measured no faster on the H200: bench/RESULTS.md), tile rows by fp8_tile_rows.
-    // FATHOM_FP8_GEMM=ROWS,CLUSTER[,FORM] overrides them (benchmarks, tests): 128, 192 or 256 (2
-    // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2; ",producer" adds the
-    // producer warpgroup (kProducer).
+    // The form, by what measured fastest on the H200 (bench/RESULTS.md, 2026-12-02): tile rows by
+    // fp8_tile_rows. Dense products: the persistent kernel with a producer warpgroup (the next
+    // tile's copies land while a tile stores: K 512 422 -> 469 TFLOP/s, K 1536 693 -> 787; M 128
+    // 1.04-1.24x the grid of tiles), except 256-row tiles over K > 2048, which run as a grid of
+    // tiles with a producer warpgroup (8192³: 981 -> 998); 192- and 256-row tiles in clusters of
+    // 2 along N (A multicast: a quarter fewer L2 reads). Other layouts: a block per tile, with a
+    // producer warpgroup for 256 rows.
+    // FATHOM_FP8_GEMM=ROWS,CLUSTER[,FORM] overrides it (benchmarks, tests): 128, 192 or 256 (2
+    // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2, then the form.
+    enum class Form { Grid, Producer, TwoAcc, Persistent };
     int rows = fp8_tile_rows(p), cn = 1, cm = 1;
-    // persistent (dense) where K is short: a tile's few K tiles do not hide filling the pipeline
-    // (K 512: 363 -> 433 TFLOP/s); with many K tiles the grid of tiles measured faster (8192³:
-    // 920 vs 858)
-    bool persistent = p.layout == Fp8Layout::Dense && p.promote && ceil_div(p.K, kTile) <= 12;
-    // 256-row tiles with a producer warpgroup (8192³: 908 -> 942 TFLOP/s; M 4096 N 4096 K 7168:
-    // 900 -> 954 on the H200, bench/RESULTS.md)
-    int producer = -1;  // -1: by the tile rows (256); 0: none (",grid"); 1: asked for (",producer"); 2: ",twoacc"
+    const bool dense = p.layout == Fp8Layout::Dense && p.promote;
+    Form form = rows == 256 ? Form::Producer : Form::Grid;
+    if (dense) {
+      cn = rows > 128 && ceil_div(p.N, kTile) > 1 ? 2 : 1;
+      form = rows == 256 && ceil_div(p.K, kTile) > 16 ? Form::Producer : Form::Persistent;
+    }
     if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
-      std::string c = v, form;
-      for (const char* f : {",grid", ",persistent", ",producer", ",twoacc"})
-        if (c.size() > std::strlen(f) && c.compare(c.size() - std::strlen(f), std::strlen(f), f) == 0)
-          form = f + 1, c.resize(c.size() - std::strlen(f));
+      std::string c = v, f;
+      form = rows == 256 ? Form::Producer : Form::Grid;
+      for (const char* suffix : {",grid", ",producer", ",twoacc", ",persistent"})
+        if (c.size() > std::strlen(suffix) && c.compare(c.size() - std::strlen(suffix), std::strlen(suffix), suffix) == 0)
+          f = suffix + 1, c.resize(c.size() - std::strlen(suffix));
       const std::string r = c.substr(0, c.find(',')), cl = c.find(',') == std::string::npos ? "" : c.substr(r.size() + 1);
       FATHOM_CHECK((r == "128" || r == "192" || r == "256") && (cl == "1x1" || cl == "2x1" || cl == "2x2"),
-                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,grid|,persistent|,producer|,twoacc]: 128, 192 "
-                   "or 256, then 1x1, 2x1 or 2x2, then a block per tile, the persistent dense kernel, a block per tile "
-                   "with a producer warpgroup (128, 192 or 256 rows) or that with two accumulators (128 rows).");
-      if (!form.empty()) persistent = form == "persistent" && p.layout == Fp8Layout::Dense && p.promote;
-      producer = form == "producer" ? 1 : form == "twoacc" ? 2 : form == "grid" ? 0 : -1;
-      persistent = persistent && cl == "1x1";
+                   "FATHOM_FP8_GEMM is '", v, "'; expected ROWS,CLUSTER[,FORM]: 128, 192 or 256, then 1x1, 2x1 or 2x2, "
+                   "then grid (a block per tile), producer (the same with a producer warpgroup), twoacc (that with two "
+                   "accumulators, 128 rows) or persistent (dense: persistent with a producer warpgroup, 1x1 or 2x1).");
       rows = p.layout == Fp8Layout::Contiguous ? 128 : r == "192" ? 192 : r == "256" && p.promote ? 256 : 128;
       cn = cl[0] == '2' ? 2 : 1;
       cm = cl[2] == '2' && p.layout == Fp8Layout::Dense ? 2 : 1;
+      form = f == "grid"                                            ? Form::Grid
+             : f == "producer"                                      ? Form::Producer
+             : f == "twoacc" && rows == 128 && p.promote            ? Form::TwoAcc
+             : f == "persistent" && dense && cm == 1                ? Form::Persistent
+             : f.empty() && rows == 256                             ? Form::Producer
+                                                                    : Form::Grid;
     }
-    FATHOM_CHECK(p.promote || rows != 192, "fp8_gemm: the unpromoted contrast runs on 128-row tiles");
     const CUtensorMap map_a = tile_map(p.a, a_rows, p.K, uint32_t(rows / cn), "A");
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
     const int ci = cn == 1 ? 0 : cm == 1 ? 1 : 2;
-    const bool with_producer = !persistent && (ri != 1 || ci == 0) &&
-                               (producer >= 1 || (producer < 0 && ri == 2 && ci == 0));
-    const bool two_acc = with_producer && producer == 2 && ri == 0 && p.promote;
-    const GridKernel kernel = two_acc ? kTwoAccKernels[ci] : with_producer ? kProducerKernels[ri][ci] : kGridKernels[ri][ci];
+    const GridKernel kernel = form == Form::TwoAcc     ? kTwoAccKernels[ci]
+                              : form == Form::Producer ? kProducerKernels[ri][ci]
+                                                       : kGridKernels[ri][ci];
     const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
     allow_wgmma_smem();
-    if (persistent) {
-      const int64_t m_tiles = ceil_div(p.M, rows), n_tiles = ceil_div(p.N, kTile);
-      const int64_t blocks = std::min<int64_t>(m_tiles * n_tiles, sm_count());
-      launch_kernel(kPersistentKernels[ri], dim3(unsigned(blocks)), unsigned(threads), size_t(smem), s, map_a, map_b, args,
-                    m_tiles, n_tiles);
-      check_launch("fp8_gemm_wgmma_persistent_kernel");
-      return;
-    }
+    const int64_t m_tiles = ceil_div(p.M, rows), n_tiles = ceil_div(p.N, kTile);
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(unsigned(ceil_div(ceil_div(p.N, kTile), cn) * cn),
-                          unsigned(ceil_div(ceil_div(p.M, rows), cm) * cm), gz);
-    config.blockDim = dim3(unsigned(threads + (with_producer ? 128 : 0)));
+    config.blockDim = dim3(unsigned(threads + (form == Form::Grid ? 0 : 128)));  // + the producer warpgroup
     config.dynamicSmemBytes = size_t(smem);
     config.stream = s;
     cudaLaunchAttribute attr[2];
@@ -682,12 +714,34 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     attr[0].val.clusterDim.z = 1;
     config.attrs = attr;
     config.numAttrs = 1;
+    if (form == Form::Persistent) {
+      // as many clusters as are resident at once (asked once per kernel and device), at most
+      // one per cluster tile
+      static std::atomic<int> resident[kMaxDevices][3][2];
+      int device = 0;
+      check(cudaGetDevice(&device), "fp8_gemm (device)");
+      std::atomic<int>& fit = resident[std::min(device, kMaxDevices - 1)][ri][cn - 1];
+      if (fit.load() == 0) {
+        int clusters = 0;
+        config.gridDim = dim3(unsigned(sm_count() / cn * cn));
+        check(cudaOccupancyMaxActiveClusters(&clusters, kPersistentKernels[ri][cn - 1], &config), "fp8_gemm (the clusters resident at once)");
+        fit.store(std::max(clusters, 1));
+      }
+      config.gridDim = dim3(unsigned(std::min<int64_t>(fit.load(), m_tiles * ceil_div(n_tiles, int64_t(cn))) * cn));
+    } else {
+      config.gridDim = dim3(unsigned(ceil_div(n_tiles, cn) * cn), unsigned(ceil_div(m_tiles, cm) * cm), gz);
+    }
     if (pdl_enabled()) {
       attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[1].val.programmaticStreamSerializationAllowed = 1;
       config.numAttrs = 2;
     }
-    check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");
+    if (form == Form::Persistent) {
+      check(cudaLaunchKernelEx(&config, kPersistentKernels[ri][cn - 1], map_a, map_b, args, m_tiles, n_tiles),
+            "fp8_gemm_wgmma_persistent_kernel (launch)");
+    } else {
+      check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");
+    }
     check_launch("fp8_gemm_wgmma_kernel");
     return;
   }
