@@ -6,7 +6,10 @@
 //     (the tensor cores' rate with an operand width N),
 //   - wait: each K tile's batch waited for before the next is issued (what the promotion needs),
 //   - promote: that, plus the promotion's FFMAs into fp32 totals (DeepSeek-V3's recipe),
-//   - slices: a warpgroup computes two 64-row slices a K tile (the 256-row tile: B read twice).
+//   - slices: a warpgroup computes two 64-row slices a K tile (the 256-row tile: B read twice),
+//   - ordered: promote, with the warpgroups taking turns to issue (named barriers: warpgroup w
+//     issues its batch, then lets w + 1 issue), so that one promotes while the tensor cores run
+//     the other's batch instead of all waiting for batches that were issued together.
 // One block per SM; TFLOP/s over the grid. See bench/bench_fp8_gemm.cpp --wgmma.
 #include <cuda_runtime.h>
 
@@ -24,7 +27,7 @@
 namespace fathom::cuda {
 namespace {
 
-enum Mode { kRaw, kWait, kPromote };
+enum Mode { kRaw, kWait, kPromote, kOrdered };
 
 // kWGs warpgroups x kSlices slices of 64 rows, against one B tile of kN rows; `iters` K tiles of
 // 128 (four k32 wgmmas a slice each).
@@ -43,29 +46,33 @@ __global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, fl
   float acc[kN / 2];
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
-  float total[kMode == kPromote ? kSlices : 1][kMode == kPromote ? kN / 2 : 1];
+  constexpr bool kTotals = kMode == kPromote || kMode == kOrdered;
+  float total[kTotals ? kSlices : 1][kTotals ? kN / 2 : 1];
 #pragma unroll
-  for (int s = 0; s < (kMode == kPromote ? kSlices : 1); ++s)
+  for (int s = 0; s < (kTotals ? kSlices : 1); ++s)
 #pragma unroll
-    for (int i = 0; i < (kMode == kPromote ? kN / 2 : 1); ++i) total[s][i] = 0.f;
+    for (int i = 0; i < (kTotals ? kN / 2 : 1); ++i) total[s][i] = 0.f;
   for (int it = 0; it < iters; ++it) {
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
       const uint64_t da = sw128_desc(base + uint32_t((wg * kSlices + s) * 64 * 128));
+      // (ordered: barrier 1 + w is warpgroup w's turn; the first batch of warpgroup 0 goes at once)
+      if (kMode == kOrdered && (it > 0 || s > 0 || wg > 0)) named_bar_sync(1 + wg, 256);
       wgmma_fence();
 #pragma unroll
       // (raw and wait accumulate over every K tile, promote starts each batch afresh: every
       // wgmma's result is used, so that ptxas keeps them all — a first version overwrote the
       // accumulator in the wait mode and left the second slice's totals unread, and measured
       // 2.9x and 1.4x the tensor cores' peak)
-      for (int k = 0; k < 4; ++k) wgmma_e4m3<kN>(acc, da + 2 * k, db + 2 * k, kMode != kPromote || k != 0 ? 1 : 0);
+      for (int k = 0; k < 4; ++k) wgmma_e4m3<kN>(acc, da + 2 * k, db + 2 * k, !kTotals || k != 0 ? 1 : 0);
       wgmma_commit();
+      if (kMode == kOrdered) named_bar_arrive(1 + (wg + 1) % kWGs, 256);
       if constexpr (kMode == kRaw) {
         wgmma_wait<1>();
       } else {
         wgmma_wait<0>();
         fence_regs(acc);
-        if constexpr (kMode == kPromote) {
+        if constexpr (kTotals) {
 #pragma unroll
           for (int i = 0; i < kN / 2; ++i) total[s][i] += acc[i] * scale;
         }
@@ -74,11 +81,12 @@ __global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, fl
   }
   wgmma_wait<0>();
   fence_regs(acc);
+  if (kMode == kOrdered && wg == 0) named_bar_sync(1, 256);  // the last warpgroup's last turn given back
   float keep = 0.f;
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i)
 #pragma unroll
-    for (int t = 0; t < (kMode == kPromote ? kSlices : 1); ++t) keep += kMode == kPromote ? total[t][i] : acc[i];
+    for (int t = 0; t < (kTotals ? kSlices : 1); ++t) keep += kTotals ? total[t][i] : acc[i];
   if (keep == 12345.f) sink[threadIdx.x] = keep;  // (never true: keeps the work)
 #else
   (void)iters, (void)scale, (void)sink;
@@ -124,6 +132,9 @@ std::vector<StageBenchRow> wgmma_rate_bench(int reps) {
     rows.push_back(run<192, 2, 1, kPromote>("n192 promote (128x192 tile)", reps, sink));
     rows.push_back(run<128, 2, 2, kPromote>("n128 promote, 2 slices (256x128 tile)", reps, sink));
     rows.push_back(run<128, 3, 1, kPromote>("n128 promote, 3 warpgroups (192x128 tile)", reps, sink));
+    rows.push_back(run<128, 2, 1, kOrdered>("n128 promote, turns (128x128 tile)", reps, sink));
+    rows.push_back(run<128, 2, 2, kOrdered>("n128 promote, 2 slices, turns (256x128 tile)", reps, sink));
+    rows.push_back(run<128, 3, 1, kOrdered>("n128 promote, 3 warpgroups, turns (192x128 tile)", reps, sink));
   } catch (...) {
     cudaFree(sink);
     throw;
