@@ -29,7 +29,7 @@ struct FlashArgs {
   const uint16_t* dout;
   int64_t do_ts, do_hs;
   const float* delta;
-  // the dK dV kernel's per-query statistics (flash_bwd_stats_kernel): lse · log2 e, then D, each
+  // the dK dV kernel's per-query statistics (flash_bwd_prep_kernel): lse · log2 e, then D, each
   // n_heads rows of stats_stride floats, a sequence's queries from stats_start(b) (16-byte
   // aligned) followed by 64 entries of +inf and 0
   const float* stats;

@@ -2,7 +2,7 @@
 // reference: cpu::flash_attention_backward; the ideas: docs/flash-attention.md). Nothing of the
 // forward is kept but its output and log-sum-exp: the scores are recomputed tile by tile, and
 // P = exp(scale·s - lse) needs no softmax pass (FlashAttention 1's recomputation). With
-// D = rowsum(dout ∘ out) (flash_bwd_delta_kernel), dS = P ∘ (dP - D) where dP = dout Vᵀ, and
+// D = rowsum(dout ∘ out) (flash_bwd_prep_kernel), dS = P ∘ (dP - D) where dP = dout Vᵀ, and
 //   dV = Pᵀ dout,   dK = scale · dSᵀ Q,   dQ = scale · dS K.
 // Two Hopper kernels split the work so that every gradient has one owner and no atomics are
 // needed — the result is deterministic, run after run:
@@ -53,21 +53,24 @@ __device__ __forceinline__ float dot_bf16_x8(const uint16_t* x, const uint16_t* 
   return acc;
 }
 
-// D[h, t] = Σ_d dout[t, h, d] · out[t, h, d]: one warp per (token, head); or, when rows are whole
-// 16-byte units (kVec), 8 lanes per (token, head) with 16-byte loads.
+// D[h, t] = Σ_d dout[t, h, d] · out[t, h, d] for each (query place, head) of a sequence: a warp
+// each, or 8 lanes with 16-byte loads when rows are whole 16-byte units (kVec). With `stats` (the
+// warp-specialized dK dV kernel's statistics rows, FlashArgs::stats) also query q's lse · log2 e
+// and D there, and for the 64 places after the sequence's last query +inf and 0 — a query tile
+// past the end then gives P = exp2(s - inf) = 0 with no test.
 template <bool kVec>
-__global__ void flash_bwd_delta_kernel(const FlashArgs a) {
+__global__ void flash_bwd_prep_kernel(const FlashArgs a, float* stats) {
   pdl_wait();
   constexpr int kLanes = kVec ? 8 : 32;
-  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
-  const int lane = int(threadIdx.x % kLanes);
-  const bool in = w < a.total_q * a.n_heads;  // (every lane reaches the shuffles)
-  const int64_t t = in ? w / a.n_heads : 0;
-  const int h = in ? int(w % a.n_heads) : 0;
-  const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
-  const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
+  const int h = int(blockIdx.y), b = int(blockIdx.z), lane = int(threadIdx.x % kLanes);
+  const SeqSpan s = seq_span(a, b);
+  const int q = int(blockIdx.x) * int(blockDim.x / kLanes) + int(threadIdx.x / kLanes);
+  const bool in = q < s.lq;  // (every lane reaches the shuffles)
   float acc = 0.f;
   if (in) {
+    const int64_t t = s.q0 + q;
+    const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
+    const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
     if constexpr (kVec) {
       acc = dot_bf16_x8(o, d, a.d_v, lane);
     } else {
@@ -76,44 +79,11 @@ __global__ void flash_bwd_delta_kernel(const FlashArgs a) {
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
-  if (in && lane == 0) const_cast<float*>(a.delta)[int64_t(h) * a.total_q + t] = acc;
-}
-
-// The dK dV kernel's statistics rows (FlashArgs::stats): for each head and sequence, query q's
-// lse · log2 e and D, and for the 64 places after the last query +inf and 0 — a query tile past
-// the sequence's end then gives P = exp2(s - inf) = 0 with no test. One thread per place.
-__global__ void flash_bwd_stats_kernel(const FlashArgs a, float* stats) {
-  pdl_wait();
-  const int h = int(blockIdx.y), b = int(blockIdx.z);
-  const SeqSpan s = seq_span(a, b);
-  const int q = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  if (q >= s.lq + 64) return;
-  const int64_t at = stats_start(s.q0, b) + q, src = int64_t(h) * a.total_q + s.q0 + q;
-  stats[int64_t(h) * a.stats_stride + at] = q < s.lq ? a.lse[src] * kLog2e : INFINITY;
-  stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = q < s.lq ? a.delta[src] : 0.f;
-}
-
-// D and the statistics rows in one pass, when rows are whole 16-byte units: 8 lanes per (query
-// place, head) — a query's D = dout · out written to delta and, beside its lse · log2 e, to the
-// stats rows; the 64 places past the sequence's last query +inf and 0 (as the two kernels above).
-__global__ void flash_bwd_prep_kernel(const FlashArgs a, float* stats) {
-  pdl_wait();
-  const int h = int(blockIdx.y), b = int(blockIdx.z), lane = int(threadIdx.x % 8);
-  const SeqSpan s = seq_span(a, b);
-  const int q = int(blockIdx.x) * int(blockDim.x / 8) + int(threadIdx.x / 8);
-  const bool in = q < s.lq;  // (every lane reaches the shuffles)
-  float acc = 0.f;
-  if (in) {
-    const int64_t t = s.q0 + q;
-    const uint16_t* o = a.out + t * a.o_ts + int64_t(h) * a.o_hs;
-    const uint16_t* d = a.dout + t * a.do_ts + int64_t(h) * a.do_hs;
-    acc = dot_bf16_x8(o, d, a.d_v, lane);
-  }
-#pragma unroll
-  for (int off = 4; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
-  if (lane != 0 || q >= s.lq + 64) return;
-  const int64_t at = stats_start(s.q0, b) + q, src = int64_t(h) * a.total_q + s.q0 + q;
+  if (lane != 0) return;
+  const int64_t src = int64_t(h) * a.total_q + s.q0 + q;
   if (in) const_cast<float*>(a.delta)[src] = acc;
+  if (!stats || q >= s.lq + 64) return;
+  const int64_t at = stats_start(s.q0, b) + q;
   stats[int64_t(h) * a.stats_stride + at] = in ? a.lse[src] * kLog2e : INFINITY;
   stats[(int64_t(a.n_heads) + h) * a.stats_stride + at] = in ? acc : 0.f;
 }
@@ -122,7 +92,7 @@ __global__ void flash_bwd_prep_kernel(const FlashArgs a, float* stats) {
 // brings back the kernels above). A block of three warpgroups: warpgroup 0 produces — thread 0
 // issues the TMA copies, for dK dV also each query tile's log-sum-exp (·log2 e; +inf past the
 // sequence, so that those queries' P is 0 without a test) and D, by bulk copies from the rows
-// flash_bwd_stats_kernel laid out — with its registers given to the two consumers (setmaxnreg
+// flash_bwd_prep_kernel laid out — with its registers given to the two consumers (setmaxnreg
 // 24 / 240). Each consumer runs the
 // tiles as the forward does (FlashAttention 3's order): issue tile j's S and dP, issue tile j-1's
 // gradient products, wait for S and dP only, compute P and dS of tile j while the tensor cores
@@ -637,23 +607,14 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
     const bool vec = p.d_v % 8 == 0 && aligned16(p.out) && aligned16(g.dout) && p.out_token_stride % 8 == 0 &&
                      p.out_head_stride % 8 == 0 && g.dout_token_stride % 8 == 0 && g.dout_head_stride % 8 == 0;
     const bool want_stats = !refusal && !bwd_form("serial");  // (the warp-specialized dK dV kernel's)
-    if (want_stats && vec) {
-      launch_kernel(flash_bwd_prep_kernel,
-                    dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 32)), unsigned(p.n_heads), unsigned(p.batch)),
-                    dim3(256), 0, cs, a, stats);
-      check_launch("flash_bwd_prep_kernel");
-    } else {
-      const int64_t rows_per_block = vec ? 32 : 8;
-      launch_kernel(vec ? flash_bwd_delta_kernel<true> : flash_bwd_delta_kernel<false>,
-                    dim3(unsigned(ceil_div(p.total_q * p.n_heads, rows_per_block))), dim3(256), 0, cs, a);
-      check_launch("flash_bwd_delta_kernel");
-      if (want_stats) {
-        launch_kernel(flash_bwd_stats_kernel, dim3(unsigned(ceil_div(p.max_seqlen_q + 64, 128)),
-                                                   unsigned(p.n_heads), unsigned(p.batch)),
-                      dim3(128), 0, cs, a, stats);
-        check_launch("flash_bwd_stats_kernel");
-      }
-    }
+    // (a block: 32 places of 8 lanes, or 8 of a warp; the 64 places past each sequence's end
+    // only for the statistics rows)
+    const int places = vec ? 32 : 8;
+    launch_kernel(vec ? flash_bwd_prep_kernel<true> : flash_bwd_prep_kernel<false>,
+                  dim3(unsigned(std::max<int64_t>(1, ceil_div(p.max_seqlen_q + (want_stats ? 64 : 0), places))), unsigned(p.n_heads),
+                       unsigned(p.batch)),
+                  dim3(256), 0, cs, a, want_stats ? stats : nullptr);
+    check_launch("flash_bwd_prep_kernel");
     if (!refusal) {
       allow_bwd_smem();
       const BwdVariant* v = nullptr;

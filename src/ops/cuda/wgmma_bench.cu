@@ -9,10 +9,14 @@
 //   - slices: a warpgroup computes two 64-row slices a K tile (the 256-row tile: B read twice),
 //   - ordered: promote, with the warpgroups taking turns to issue (named barriers: warpgroup w
 //     issues its batch, then lets w + 1 issue), so that one promotes while the tensor cores run
-//     the other's batch instead of all waiting for batches that were issued together.
+//     the other's batch instead of all waiting for batches that were issued together,
+//   - with copies: one more warpgroup's thread copies 48 KB a K tile (a 256 x 128 tile's A and B)
+//     from L2 into other shared memory by the copy engine, paced at kPace cycles a K tile, as the
+//     GEMM's TMA does — what the copies' writes cost the wgmmas' reads.
 // One block per SM; TFLOP/s over the grid. See bench/bench_fp8_gemm.cpp --wgmma.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -31,8 +35,10 @@ enum Mode { kRaw, kWait, kPromote, kOrdered };
 
 // kWGs warpgroups x kSlices slices of 64 rows, against one B tile of kN rows; `iters` K tiles of
 // 128 (four k32 wgmmas a slice each).
-template <int kN, int kWGs, int kSlices, int kMode>
-__global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, float scale, float* sink) {
+constexpr int kCopyBytes = 48 * 1024, kCopySlots = 3;
+template <int kN, int kWGs, int kSlices, int kMode, int kPace = 0>
+__global__ void __launch_bounds__(128 * (kWGs + (kPace > 0)), 1)
+    wgmma_rate_kernel(int iters, float scale, float* sink, const uint8_t* src, int64_t src_chunks) {
 #ifdef FATHOM_SM90A
   extern __shared__ uint8_t raw[];
   constexpr int kABytes = kWGs * kSlices * 64 * 128, kBBytes = kN * 128;
@@ -40,8 +46,41 @@ __global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, fl
   uint8_t* tiles = raw + (base - smem_u32(raw));
   for (int i = int(threadIdx.x); i < kABytes + kBBytes; i += int(blockDim.x))
     tiles[i] = uint8_t(0x30 + (i * 7) % 13);  // small positive e4m3 codes (no NaN, no overflow)
+  // (with copies: kCopySlots slots of kCopyBytes after the tiles, then their barriers)
+  const uint32_t slots = base + uint32_t(kABytes + kBBytes), bars = slots + kCopySlots * kCopyBytes;
+  // (set by the consumers when they are done: the copies stop there, so that the time is theirs)
+  __shared__ int done;
+  if (kPace > 0 && threadIdx.x == 0) {
+    for (int i = 0; i < kCopySlots; ++i) mbar_init(bars + 8 * i, 1);
+    done = 0;
+  }
   __syncthreads();
   const int wg = int(threadIdx.x / 128);
+  // (with copies, the copying warpgroup's registers go to the others, as in the GEMM: 40 / 232)
+  if constexpr (kPace > 0) {
+    if (wg == kWGs) setmaxnreg_dec<40>();
+    else setmaxnreg_inc<232>();
+  }
+  if (kPace > 0 && wg == kWGs) {
+    if (threadIdx.x % 128 == 0) {
+      const long long t0 = clock64();
+      int it = 0;
+      for (; it < iters && !*static_cast<volatile int*>(&done); ++it) {
+        while (clock64() - t0 < (long long)it * kPace && !*static_cast<volatile int*>(&done)) {
+        }
+        if (*static_cast<volatile int*>(&done)) break;
+        const int slot = it % kCopySlots;
+        if (it >= kCopySlots) mbar_wait(bars + 8 * slot, uint32_t((it / kCopySlots - 1) & 1));
+        mbar_expect_tx(bars + 8 * slot, kCopyBytes);
+        const uint8_t* from = src + ((int64_t(blockIdx.x) * iters + it) % src_chunks) * kCopyBytes;
+        for (int c = 0; c < 3; ++c)
+          bulk_load(slots + uint32_t(slot * kCopyBytes + c * 16384), from + c * 16384, 16384, bars + 8 * slot);
+      }
+      for (int j = std::max(0, it - kCopySlots); j < it; ++j)
+        mbar_wait(bars + 8 * (j % kCopySlots), uint32_t((j / kCopySlots) & 1));
+    }
+    return;
+  }
   const uint64_t db = sw128_desc(base + kABytes);
   float acc[kN / 2];
 #pragma unroll
@@ -82,6 +121,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, fl
   wgmma_wait<0>();
   fence_regs(acc);
   if (kMode == kOrdered && wg == 0) named_bar_sync(1, 256);  // the last warpgroup's last turn given back
+  if (kPace > 0 && threadIdx.x == 0) atomicExch(&done, 1);
   float keep = 0.f;
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i)
@@ -89,7 +129,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1) wgmma_rate_kernel(int iters, fl
     for (int t = 0; t < (kTotals ? kSlices : 1); ++t) keep += kTotals ? total[t][i] : acc[i];
   if (keep == 12345.f) sink[threadIdx.x] = keep;  // (never true: keeps the work)
 #else
-  (void)iters, (void)scale, (void)sink;
+  (void)iters, (void)scale, (void)sink, (void)src, (void)src_chunks;
   __trap();
 #endif
 }
@@ -98,14 +138,14 @@ void ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw Error(cat("wgmma rate bench: ", what, ": ", cudaGetErrorString(e)));
 }
 
-template <int kN, int kWGs, int kSlices, int kMode>
-StageBenchRow run(const char* name, int reps, float* sink) {
-  auto kernel = wgmma_rate_kernel<kN, kWGs, kSlices, kMode>;
-  const int smem = kWGs * kSlices * 64 * 128 + kN * 128 + 1024;
+template <int kN, int kWGs, int kSlices, int kMode, int kPace = 0>
+StageBenchRow run(const char* name, int reps, float* sink, const uint8_t* src = nullptr, int64_t chunks = 1) {
+  auto kernel = wgmma_rate_kernel<kN, kWGs, kSlices, kMode, kPace>;
+  const int smem = kWGs * kSlices * 64 * 128 + kN * 128 + 1024 + (kPace > 0 ? kCopySlots * (kCopyBytes + 8) : 0);
   ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
   const int blocks = sm_count(), iters = 4096;
   const float ms = best_event_ms(reps, nullptr, [&] {
-    kernel<<<blocks, 128 * kWGs, smem>>>(iters, 0.5f, sink);
+    kernel<<<blocks, 128 * (kWGs + (kPace > 0)), smem>>>(iters, 0.5f, sink, src, chunks);
     ok(cudaGetLastError(), name);
   });
   StageBenchRow r;
@@ -121,6 +161,14 @@ std::vector<StageBenchRow> wgmma_rate_bench(int reps) {
   FATHOM_CHECK(sm90a_available(), "the wgmma rate bench needs an sm_90a GPU and kernel image");
   float* sink = nullptr;
   ok(cudaMalloc(&sink, 512 * sizeof(float)), "cudaMalloc");
+  // the copies' source: 24 MB, which stays in L2 as the GEMM's panels mostly do
+  constexpr int64_t kChunks = 512;
+  uint8_t* src = nullptr;
+  if (cudaMalloc(&src, size_t(kChunks * kCopyBytes)) != cudaSuccess) {
+    cudaFree(sink);
+    throw Error("wgmma rate bench: cudaMalloc of the copies' source failed");
+  }
+  ok(cudaMemset(src, 0x31, size_t(kChunks * kCopyBytes)), "cudaMemset");
   std::vector<StageBenchRow> rows;
   try {
     rows.push_back(run<128, 2, 1, kRaw>("n128 raw, 2 warpgroups", reps, sink));
@@ -135,11 +183,18 @@ std::vector<StageBenchRow> wgmma_rate_bench(int reps) {
     rows.push_back(run<128, 2, 1, kOrdered>("n128 promote, turns (128x128 tile)", reps, sink));
     rows.push_back(run<128, 2, 2, kOrdered>("n128 promote, 2 slices, turns (256x128 tile)", reps, sink));
     rows.push_back(run<128, 3, 1, kOrdered>("n128 promote, 3 warpgroups, turns (192x128 tile)", reps, sink));
+    // 48 KB a K tile at 1,100 cycles (a 256 x 128 K tile at ~93% of the peak) and at 1,500 (68%)
+    rows.push_back(run<128, 2, 2, kOrdered, (1 << 30)>("2 slices, turns, setmaxnreg, no copies", reps, sink, src, kChunks));
+    rows.push_back(run<128, 2, 2, kPromote, 1100>("2 slices + copies/1100 cycles", reps, sink, src, kChunks));
+    rows.push_back(run<128, 2, 2, kOrdered, 1100>("2 slices, turns + copies/1100 cycles", reps, sink, src, kChunks));
+    rows.push_back(run<128, 2, 2, kOrdered, 1500>("2 slices, turns + copies/1500 cycles", reps, sink, src, kChunks));
   } catch (...) {
     cudaFree(sink);
+    cudaFree(src);
     throw;
   }
   cudaFree(sink);
+  cudaFree(src);
   return rows;
 }
 
