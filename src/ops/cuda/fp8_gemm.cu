@@ -66,6 +66,12 @@ struct WgmmaShape {
   static constexpr int kPerStage = kStageBytes + kScaleBytes + 16;  // + the stage's two barriers
   static constexpr int kStages = (227 * 1024 - 2048) / kPerStage > 6 ? 6 : (227 * 1024 - 2048) / kPerStage;
   static constexpr int kSmem = kStages * kPerStage + 1024;  // + alignment slack
+  // the persistent kernel: also a bf16 output tile for its TMA-store epilogue, fewer stages
+  static constexpr int kOutBytes = kRows * kTile * 2;
+  static constexpr int kPStages = (227 * 1024 - 2048 - kOutBytes) / kPerStage > 6
+                                      ? 6
+                                      : (227 * 1024 - 2048 - kOutBytes) / kPerStage;
+  static constexpr int kPSmem = kPStages * kPerStage + kOutBytes + 1024;
 };
 // A producer warpgroup beside two consumers leaves 168 registers a thread at the kernel's entry,
 // not the ~240 a 256-row tile's 128 fp32 accumulators and 64 tensor-core ones need: setmaxnreg
@@ -136,6 +142,27 @@ __device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (
       if (r[w] + 8 < rows) store_pair(p, rb, col, value(rb, total[w][4 * j + 2]), value(rb, total[w][4 * j + 3]));
     }
 }
+// The tile's sums as bf16 into the shared-memory image of the output tile that the TMA store
+// reads: two boxes of 64 columns (out, out + kRows·128 bytes), rows of 128 bytes whose 16-byte
+// chunk c sits at c ^ (row % 8) (the 128-byte swizzle; a warp's 32 four-byte writes then fall
+// in 32 different banks). Rows past the product's end are written too: the store clips them.
+template <int kWaves, int kRows>
+__device__ __forceinline__ void stage_out_tile(uint32_t out, const float (&total)[kWaves][64], const int (&r)[kWaves],
+                                               int lane) {
+#pragma unroll
+  for (int w = 0; w < kWaves; ++w)
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t box = out + uint32_t(j / 8) * (kRows * 128), within = 4u * uint32_t(lane % 4);
+      const uint32_t ra = uint32_t(r[w]), rb = ra + 8;  // (the same row % 8)
+      const uint32_t chunk = (uint32_t(j % 8) ^ (ra % 8)) << 4;
+      const __nv_bfloat162 va = __floats2bfloat162_rn(total[w][4 * j], total[w][4 * j + 1]);
+      const __nv_bfloat162 vb = __floats2bfloat162_rn(total[w][4 * j + 2], total[w][4 * j + 3]);
+      st_shared_u32(box + ra * 128 + chunk + within, *reinterpret_cast<const uint32_t*>(&va));
+      st_shared_u32(box + rb * 128 + chunk + within, *reinterpret_cast<const uint32_t*>(&vb));
+    }
+}
+
 // A scale warp of the producer warpgroup (h: 0 or 1) copies one output tile's scales into the
 // ring, K tile after K tile: rows h·kRows/2 .. of the tile's A scales (0 past the tile's `rows`:
 // their sums are never stored), warp 0 also the B block's (b_scales: that block's row, else null).
@@ -403,16 +430,19 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
 template <int kCN, int kWaves, int kWGs>
 __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
     fp8_gemm_wgmma_persistent_kernel(const __grid_constant__ CUtensorMap map_a,
-                                              const __grid_constant__ CUtensorMap map_b, const Fp8GemmArgs p,
-                                              int64_t m_tiles, int64_t n_tiles) {
+                                              const __grid_constant__ CUtensorMap map_b,
+                                              const __grid_constant__ CUtensorMap map_out, const Fp8GemmArgs p,
+                                              int64_t m_tiles, int64_t n_tiles, int tma_store) {
 #ifdef FATHOM_SM90A
   using Shape = WgmmaShape<kWaves, kWGs>;
-  constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes, kRows = Shape::kRows;
+  constexpr int kStages = Shape::kPStages, kStageBytes = Shape::kStageBytes, kRows = Shape::kRows;
   constexpr int kATileBytes = kRows * kTile, kARows = kRows / kCN;
   pdl_wait();
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
-  const uint32_t full = base + kStages * kStageBytes, empty = full + 8 * kStages, scales = empty + 8 * kStages;
+  // the stages, the output tile (1024-byte aligned: the store's swizzle), the barriers, the scales
+  const uint32_t out = base + kStages * kStageBytes, full = out + Shape::kOutBytes, empty = full + 8 * kStages;
+  const uint32_t scales = empty + 8 * kStages;
   const int x = int(blockIdx.x % kCN), Kt = int(p.Kt);
   // the cluster's tiles: cluster tile `id` is tile row m of kCN tile columns; a band of 8 tile
   // rows is swept column pair by column pair, so that the tiles in flight share panels in L2
@@ -511,12 +541,29 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
         }
         if (++s == kStages) s = 0, phase ^= 1u;
       }
-      store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
+      if (tma_store) {
+        // the epilogue through shared memory: once the last tile's store has read the output
+        // tile, every consumer writes its sums there, and one thread stores the two boxes by
+        // TMA — the consumers go on to the next tile's wgmmas while the copy engine writes
+        if (threadIdx.x == 128) bulk_wait_read<0>();
+        named_bar_sync(1, 128 * kWGs);
+        stage_out_tile<kWaves, kRows>(out, total, r, lane);
+        fence_proxy_async_smem();
+        named_bar_sync(1, 128 * kWGs);
+        if (threadIdx.x == 128) {
+          tma_store_2d(&map_out, out, int(n0), int(m0));
+          tma_store_2d(&map_out, out + kRows * 128, int(n0 + 64), int(m0));
+          bulk_commit();
+        }
+      } else {
+        store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
+      }
     }
+    if (tma_store && threadIdx.x == 128) bulk_wait<0>();  // (the last stores finished before leaving)
   }
   if (kCN > 1) cluster_sync();  // no block leaves while a peer may still arrive on its barriers
 #else
-  (void)map_a, (void)map_b, (void)p, (void)m_tiles, (void)n_tiles;
+  (void)map_a, (void)map_b, (void)map_out, (void)p, (void)m_tiles, (void)n_tiles, (void)tma_store;
   __trap();  // never launched: fp8_gemm_wgmma_available() is false without an sm_90a image
 #endif
 }
@@ -539,6 +586,22 @@ CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_r
   return m;
 }
 
+// The tensor map of the bf16 output (M, N) with row stride ldo, stored by TMA as 64-column x
+// box_rows boxes, 128-byte swizzled (stage_out_tile's layout).
+CUtensorMap out_map(void* out, int64_t M, int64_t N, int64_t ldo, uint32_t box_rows) {
+  CUtensorMap m{};
+  const cuuint64_t dims[2] = {cuuint64_t(N), cuuint64_t(M)};
+  const cuuint64_t strides[1] = {cuuint64_t(ldo) * 2};
+  const cuuint32_t box[2] = {64, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, out, dims, strides, box, elem,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of the output (", M, " x ", N, ", row stride ", ldo,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
 using GridKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs);
 const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
     {fp8_gemm_wgmma_kernel<1, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 1, 1, 2>, fp8_gemm_wgmma_kernel<2, 2, 1, 2>},
@@ -555,7 +618,8 @@ const GridKernel kProducerKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1
 const GridKernel kTwoAccKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true, true>,
                                       fp8_gemm_wgmma_kernel<2, 1, 1, 2, true, true>,
                                       fp8_gemm_wgmma_kernel<2, 2, 1, 2, true, true>};
-using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t, int64_t);
+using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t,
+                                  int64_t, int);
 const PersistentKernel kPersistentKernels[3][2] = {  // [rows 128, 192, 256][cluster 1x1, 2x1]
     {fp8_gemm_wgmma_persistent_kernel<1, 1, 2>, fp8_gemm_wgmma_persistent_kernel<2, 1, 2>},
     {fp8_gemm_wgmma_persistent_kernel<1, 1, 3>, fp8_gemm_wgmma_persistent_kernel<2, 1, 3>},
@@ -577,9 +641,10 @@ void allow_wgmma_smem() {
     for (const GridKernel k : kTwoAccKernels)
       check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
             "fp8_gemm (shared memory of the wgmma kernel)");
+    const int most_p = std::max({WgmmaShape<1, 2>::kPSmem, WgmmaShape<1, 3>::kPSmem, WgmmaShape<2, 2>::kPSmem});
     for (const auto& by_rows : kPersistentKernels)
       for (const PersistentKernel k : by_rows)
-        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most_p),
               "fp8_gemm (shared memory of the persistent wgmma kernel)");
   });
 }
@@ -698,7 +763,9 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const GridKernel kernel = form == Form::TwoAcc     ? kTwoAccKernels[ci]
                               : form == Form::Producer ? kProducerKernels[ri][ci]
                                                        : kGridKernels[ri][ci];
-    const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
+    const int smem = form == Form::Persistent
+                         ? (ri == 0 ? WgmmaShape<1, 2>::kPSmem : ri == 1 ? WgmmaShape<1, 3>::kPSmem : WgmmaShape<2, 2>::kPSmem)
+                         : (ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem);
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
     allow_wgmma_smem();
@@ -737,7 +804,17 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
       config.numAttrs = 2;
     }
     if (form == Form::Persistent) {
-      check(cudaLaunchKernelEx(&config, kPersistentKernels[ri][cn - 1], map_a, map_b, args, m_tiles, n_tiles),
+      // the epilogue by TMA stores where the output allows (bf16, not accumulating, 16-byte rows);
+      // FATHOM_FP8_TMA_STORE=0 keeps the stores from registers (to measure the difference)
+      static const bool allow_tma_store = [] {
+        const char* v = std::getenv("FATHOM_FP8_TMA_STORE");
+        return !(v && std::strcmp(v, "0") == 0);
+      }();
+      const bool tma_store =
+          allow_tma_store && p.out_dtype == DType::BF16 && !p.accumulate && ldo % 8 == 0 && aligned16(p.out);
+      const CUtensorMap map_out = tma_store ? out_map(p.out, p.M, p.N, ldo, uint32_t(rows)) : CUtensorMap{};
+      check(cudaLaunchKernelEx(&config, kPersistentKernels[ri][cn - 1], map_a, map_b, map_out, args, m_tiles, n_tiles,
+                               int(tma_store)),
             "fp8_gemm_wgmma_persistent_kernel (launch)");
     } else {
       check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");

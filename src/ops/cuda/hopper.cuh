@@ -156,6 +156,31 @@ __device__ inline void named_bar_sync(int id, int threads) {
 __device__ inline void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// TMA store: the box at (c0, c1) of the tensor map from shared memory (laid out as the map's
+// swizzle says), in this thread's bulk group; bulk_commit closes the group, bulk_wait_read<N>
+// returns once at most N groups still read shared memory, bulk_wait<N> once at most N are
+// unfinished. Shared-memory writes by the generic proxy that a store reads need
+// fence_proxy_async_smem() between them and the store.
+__device__ inline void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ inline void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N>
+__device__ inline void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ inline void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ inline void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ inline void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
 // Returns once at most N of this warpgroup's committed wgmma groups are still running.
 template <int N>
 __device__ inline void wgmma_wait() {
