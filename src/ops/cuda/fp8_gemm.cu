@@ -720,20 +720,31 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
   if (p.kernel != Fp8GemmKernel::Simt && wgmma_fits) {
     // The form, by what measured fastest on the H200 (bench/RESULTS.md, 2026-12-02): tile rows by
     // fp8_tile_rows. Dense products: the persistent kernel with a producer warpgroup (the next
-    // tile's copies land while a tile stores: K 512 422 -> 469 TFLOP/s, K 1536 693 -> 787; M 128
-    // 1.04-1.24x the grid of tiles), except 256-row tiles over K > 2048, which run as a grid of
-    // tiles with a producer warpgroup (8192³: 981 -> 998); 192- and 256-row tiles in clusters of
-    // 2 along N (A multicast: a quarter fewer L2 reads). Other layouts: a block per tile, with a
-    // producer warpgroup for 256 rows.
+    // tile's copies land while a tile stores) and, for bf16 outputs, the epilogue by TMA stores
+    // (the consumers go on to the next tile while the copy engine writes: K 512 439 -> 835
+    // TFLOP/s, K 1536 780 -> 1021, 8192³ 998 -> 1028-1049). Without the TMA store (F32 or
+    // accumulating outputs) 256-row tiles over K > 2048 run as a grid of tiles with a producer
+    // warpgroup (8192³: 981 -> 998). 192- and 256-row tiles in clusters of 2 along N (A
+    // multicast: a quarter fewer L2 reads). Other layouts: a block per tile, with a producer
+    // warpgroup for 256 rows.
     // FATHOM_FP8_GEMM=ROWS,CLUSTER[,FORM] overrides it (benchmarks, tests): 128, 192 or 256 (2
     // warpgroups of one slice, 3 of one, 2 of two), then 1x1, 2x1 or 2x2, then the form.
     enum class Form { Grid, Producer, TwoAcc, Persistent };
     int rows = fp8_tile_rows(p), cn = 1, cm = 1;
     const bool dense = p.layout == Fp8Layout::Dense && p.promote;
     Form form = rows == 256 ? Form::Producer : Form::Grid;
+    // the persistent kernel's epilogue by TMA stores where the output allows (bf16, not
+    // accumulating, 16-byte rows); FATHOM_FP8_TMA_STORE=0 keeps the stores from registers (to
+    // measure the difference)
+    static const bool allow_tma_store = [] {
+      const char* v = std::getenv("FATHOM_FP8_TMA_STORE");
+      return !(v && std::strcmp(v, "0") == 0);
+    }();
+    const bool tma_store =
+        allow_tma_store && p.out_dtype == DType::BF16 && !p.accumulate && ldo % 8 == 0 && aligned16(p.out);
     if (dense) {
       cn = rows > 128 && ceil_div(p.N, kTile) > 1 ? 2 : 1;
-      form = rows == 256 && ceil_div(p.K, kTile) > 16 ? Form::Producer : Form::Persistent;
+      form = rows == 256 && ceil_div(p.K, kTile) > 16 && !tma_store ? Form::Producer : Form::Persistent;
     }
     if (const char* v = std::getenv("FATHOM_FP8_GEMM"); v && *v) {
       std::string c = v, f;
@@ -804,14 +815,6 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
       config.numAttrs = 2;
     }
     if (form == Form::Persistent) {
-      // the epilogue by TMA stores where the output allows (bf16, not accumulating, 16-byte rows);
-      // FATHOM_FP8_TMA_STORE=0 keeps the stores from registers (to measure the difference)
-      static const bool allow_tma_store = [] {
-        const char* v = std::getenv("FATHOM_FP8_TMA_STORE");
-        return !(v && std::strcmp(v, "0") == 0);
-      }();
-      const bool tma_store =
-          allow_tma_store && p.out_dtype == DType::BF16 && !p.accumulate && ldo % 8 == 0 && aligned16(p.out);
       const CUtensorMap map_out = tma_store ? out_map(p.out, p.M, p.N, ldo, uint32_t(rows)) : CUtensorMap{};
       check(cudaLaunchKernelEx(&config, kPersistentKernels[ri][cn - 1], map_a, map_b, map_out, args, m_tiles, n_tiles,
                                int(tma_store)),
