@@ -1,23 +1,34 @@
 // The FP8 block-scaled GEMM on the GPU (src/ops/cuda/fp8_gemm.cu): TFLOP/s of out (M, N) BF16 =
 // A (M, K) e4m3 (1x128 scales) · B (N, K)ᵀ e4m3 (128x128 scales) at the shapes of DeepSeek-V3's
 // projections (the FP8 issue's list) and 8192³, the grouped layouts at V3's expert shapes, and
-// the 1x128 activation quantization's bandwidth. Random codes and scales generated on the GPU.
-// The peer, PyTorch's blockwise scaled_mm on the same shapes, runs in the same device script
-// (bench/fp8_gemm_peer.py; scripts/device-fp8.sh joins the two into one table).
+// the 1x128 activation quantization's bandwidth. The peer, PyTorch's blockwise scaled_mm on the
+// same shapes, runs in the same device script (bench/fp8_gemm_peer.py; scripts/device-fp8.sh
+// joins the two into one table).
 //
-// usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--min-ms 200]
+// The inputs are drawn as the peer draws its own (--inputs normal, the default): codes e4m3(100 ·
+// N(0, 1)), scales uniform in [0.5, 1.5). The bit patterns a GEMM multiplies change its power
+// draw, and both kernels run at the H200's power cap, so the two sides must multiply alike data
+// (bench/RESULTS.md, bench_fp8_gemm: PyTorch ran 5% faster on these than on uniform codes).
+// --inputs uniform: codes uniform in ±200 and scales in ±0.01, generated on the GPU (what this
+// bench used before 2026-12-02).
+//
+// usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--min-ms 200] [--inputs normal|uniform]
 // --shape: that dense product alone (for a profiler). --no-promote: one tensor-core accumulator
 // over all of K (the contrast mode; what the promotion costs). --wgmma: instead, the e4m3 wgmma
 // rate of the tile patterns the kernel could take, operands resident in shared memory
 // (src/ops/cuda/wgmma_bench.cu): "wgmma <pattern>: <TFLOP/s> (<ratio to the best raw rate>)".
 // Prints one line per case: "fp8_gemm <case> M N K groups <TFLOP/s>".
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "ops/ops.h"
 #ifdef FATHOM_HAVE_CUDA
@@ -40,6 +51,40 @@ struct Case {
   cuda::Fp8Layout layout = cuda::Fp8Layout::Dense;
 };
 
+// The peer's distribution, made on the host: e4m3 codes of 100 · N(0, 1) (a pool of 2^24 codes,
+// read from a different offset for each tensor: 0.5 s to draw instead of seconds per tensor)
+// and scales uniform in [0.5, 1.5).
+class NormalInputs {
+ public:
+  NormalInputs() : pool_(size_t(1) << 24) {
+    std::mt19937 rng(20261202);
+    std::normal_distribution<float> d(0.f, 100.f);
+    for (uint8_t& c : pool_) c = f32_to_fp8e4m3(d(rng));
+  }
+  Tensor codes(Ops& ops, int64_t rows, int64_t cols, uint64_t seed) const {
+    Tensor h = Tensor::empty({rows, cols}, DType::F8_E4M3);
+    uint8_t* p = h.ptr<uint8_t>();
+    const size_t n = size_t(rows * cols), pool = pool_.size();
+    size_t at = size_t(seed * 7919u) % pool;
+    for (size_t i = 0; i < n;) {
+      const size_t take = std::min(n - i, pool - at);
+      std::memcpy(p + i, pool_.data() + at, take);
+      i += take, at = 0;
+    }
+    return ops.upload(h);
+  }
+  static Tensor scales(Ops& ops, int64_t rows, int64_t cols, uint64_t seed) {
+    Tensor h = Tensor::empty({rows, cols});
+    std::mt19937 rng{static_cast<uint32_t>(seed)};
+    std::uniform_real_distribution<float> d(0.5f, 1.5f);
+    for (int64_t i = 0; i < rows * cols; ++i) h.f32()[i] = d(rng);
+    return ops.upload(h);
+  }
+
+ private:
+  std::vector<uint8_t> pool_;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -47,7 +92,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   double min_ms = 200;
   int64_t only[3] = {0, 0, 0};
-  bool promote = true, wgmma_rates = false;
+  bool promote = true, wgmma_rates = false, normal = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--kernel" && i + 1 < argc) {
@@ -71,9 +116,16 @@ int main(int argc, char** argv) {
       }
     } else if (a == "--min-ms" && i + 1 < argc) {
       min_ms = std::atof(argv[++i]);
+    } else if (a == "--inputs" && i + 1 < argc) {
+      const std::string v = argv[++i];
+      if (v != "normal" && v != "uniform") {
+        std::fprintf(stderr, "bench_fp8_gemm: --inputs is '%s'; expected normal or uniform\n", v.c_str());
+        return 2;
+      }
+      normal = v == "normal";
     } else {
       std::fprintf(stderr, "usage: bench_fp8_gemm [--kernel wgmma|simt] [--quick] [--shape M,N,K] [--no-promote] [--min-ms 200] "
-                   "[--wgmma]\n");
+                   "[--wgmma] [--inputs normal|uniform]\n");
       return 2;
     }
   }
@@ -95,6 +147,9 @@ int main(int argc, char** argv) {
     }
     std::printf("# %s; wgmma kernel %s\n", cuda::device_name(0).c_str(),
                 cuda::fp8_gemm_wgmma_available() ? "available" : "NOT available (SIMT fallback)");
+    std::printf("# inputs: %s\n", normal ? "normal (codes e4m3(100 N(0,1)), scales U[0.5, 1.5): the peer's)"
+                                             : "uniform (codes in +-200, scales in +-0.01)");
+    const std::unique_ptr<NormalInputs> inputs = normal ? std::make_unique<NormalInputs>() : nullptr;
     std::vector<Case> cases;
     const std::vector<std::pair<int64_t, int64_t>> nk = {{2112, 7168}, {24576, 1536}, {32768, 512},
                                                          {7168, 16384}, {4096, 7168}, {7168, 2048}};
@@ -112,13 +167,19 @@ int main(int argc, char** argv) {
 
     for (const Case& c : cases) {
       const int64_t a_rows = c.layout == cuda::Fp8Layout::Masked ? c.groups * c.M : c.M;
-      Tensor a = ops->empty({a_rows, c.K}, DType::F8_E4M3), sa = ops->empty({a_rows, tiles(c.K)});
-      Tensor b = ops->empty({c.groups * c.N, c.K}, DType::F8_E4M3), sb = ops->empty({c.groups * tiles(c.N), tiles(c.K)});
-      Tensor out = ops->empty({a_rows, c.N}, DType::BF16);
-      ops->fill_random(a, 1, 200.f);
-      ops->fill_random(b, 2, 200.f);
-      ops->fill_random(sa, 3, 0.01f);
-      ops->fill_random(sb, 4, 0.01f);
+      Tensor a, sa, b, sb, out = ops->empty({a_rows, c.N}, DType::BF16);
+      if (normal) {
+        a = inputs->codes(*ops, a_rows, c.K, 1), sa = NormalInputs::scales(*ops, a_rows, tiles(c.K), 3);
+        b = inputs->codes(*ops, c.groups * c.N, c.K, 2);
+        sb = NormalInputs::scales(*ops, c.groups * tiles(c.N), tiles(c.K), 4);
+      } else {
+        a = ops->empty({a_rows, c.K}, DType::F8_E4M3), sa = ops->empty({a_rows, tiles(c.K)});
+        b = ops->empty({c.groups * c.N, c.K}, DType::F8_E4M3), sb = ops->empty({c.groups * tiles(c.N), tiles(c.K)});
+        ops->fill_random(a, 1, 200.f);
+        ops->fill_random(b, 2, 200.f);
+        ops->fill_random(sa, 3, 0.01f);
+        ops->fill_random(sb, 4, 0.01f);
+      }
       Tensor ids;
       cuda::Fp8GemmParams p;
       p.out = out.data(), p.out_dtype = DType::BF16;
