@@ -338,6 +338,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   constexpr int kConsumers = 128 * kC;
   // registers: 168 x 384 = 24 x 128 + 240 x 256; 128 x 512 >= 24 x 128 + 160 x 384
   constexpr int kConsumerRegs = kC == 2 ? 240 : 160;
+  static_assert(setmaxnreg_fits(24, kConsumerRegs, kC), "setmaxnreg over the launch's registers");
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
   const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first

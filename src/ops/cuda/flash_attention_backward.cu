@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
   auto head_of = [&](int it) { return kvh * a.group + it / per_head; };
   auto tile_of = [&](int it) { return (i0 + it % per_head) * kQT; };
+  static_assert(setmaxnreg_fits(24, 240, 2), "setmaxnreg over the launch's registers");
   if (wg == 0) {
     setmaxnreg_dec<24>();
     if (tid == 0) {
@@ -299,6 +300,7 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = int(threadIdx.x);
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
+  static_assert(setmaxnreg_fits(24, 240, 2), "setmaxnreg over the launch's registers");
   if (wg == 0) {
     setmaxnreg_dec<24>();
     if (tid == 0) {

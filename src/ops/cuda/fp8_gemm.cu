@@ -55,7 +55,7 @@ namespace {
 constexpr int kTileBytes = kTile * kTile;  // a 128 x 128 tile of e4m3: 16 KB
 // With a producer warpgroup, two of its idle warps copy each K tile's scales into the stage (the
 // consumers' own scattered loads of them were the kernel's largest stall: ncu, bench/RESULTS.md).
-constexpr int kScaleWarps = 2;
+[[maybe_unused]] constexpr int kScaleWarps = 2;  // (used by the sm_90a kernels only)
 template <int kWaves, int kWGs>
 struct WgmmaShape {
   static constexpr int kThreads = 128 * kWGs;
@@ -394,9 +394,11 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
   };
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
   if constexpr (kProducer) {
+    // (3 consumers: 32 + 3 x 160 of 4 x 128; 2: 40 + 2 x 232 of 3 x 168)
+    constexpr int kProducerRegs = kWGs == 3 ? 32 : 40, kConsumerRegs = kWGs == 3 ? 160 : 232;
+    static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kWGs), "setmaxnreg over the launch's registers");
     if (wg == 0) {
-      // (3 consumers: 32 + 3 x 160 of 4 x 128; 2: 40 + 2 x 232 of 3 x 168)
-      setmaxnreg_dec<kWGs == 3 ? 32 : 40>();
+      setmaxnreg_dec<kProducerRegs>();
       const int warp = int(threadIdx.x / 32);
       if (threadIdx.x == 0) {
         for (int64_t kt = 0; kt < p.Kt; ++kt) produce(kt);
@@ -407,7 +409,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
                                          round);
       }
     } else {
-      setmaxnreg_inc<kWGs == 3 ? 160 : 232>();
+      setmaxnreg_inc<kConsumerRegs>();
       consume(wg - 1);
     }
   } else {
@@ -467,7 +469,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   else __syncthreads();
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
   if (wg == 0) {
-    setmaxnreg_dec<40>();  // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
+    // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
+    static_assert(setmaxnreg_fits(40, kWGs == 3 ? 152 : 232, kWGs), "setmaxnreg over the launch's registers");
+    setmaxnreg_dec<40>();
     const int warp = int(threadIdx.x / 32);
     if (threadIdx.x == 0) {
       int s = 0;

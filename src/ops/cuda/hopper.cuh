@@ -148,6 +148,14 @@ template <int N>
 __device__ inline void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// Whether one producer warpgroup at `producer` registers a thread and `consumers` warpgroups at
+// `consumer` fit in what the launch gave each thread (the SM's 64K registers over the block of
+// consumers + 1 warpgroups, in steps of 8): past it, the consumers' setmaxnreg.inc waits forever,
+// with no error (an FP8 GEMM producer at 48 beside two consumers at 232 hung, 2026-12-02). For a
+// static_assert beside each pair.
+constexpr bool setmaxnreg_fits(int producer, int consumer, int consumers) {
+  return producer + consumers * consumer <= (consumers + 1) * (65536 / (128 * (consumers + 1)) / 8 * 8);
+}
 // Named barriers (id 1-15; 0 is __syncthreads) over `threads` threads: sync waits for the phase,
 // arrive only counts this warp in.
 __device__ inline void named_bar_sync(int id, int threads) {
