@@ -337,8 +337,8 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kBlockM = Shape::kBlockM;
   constexpr int kConsumers = 128 * kC;
   // registers: 168 x 384 = 24 x 128 + 240 x 256; 128 x 512 >= 24 x 128 + 160 x 384
-  constexpr int kConsumerRegs = kC == 2 ? 240 : 160;
-  static_assert(setmaxnreg_fits(24, kConsumerRegs, kC), "setmaxnreg over the launch's registers");
+  constexpr int kProducerRegs = 24, kConsumerRegs = kC == 2 ? 240 : 160;
+  static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kC), "setmaxnreg over the launch's registers");
   pdl_wait();
   const int h = int(blockIdx.x), b = int(blockIdx.z);
   const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
   if (wg == 0) {
     // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first).
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
       mbar_expect_tx(q_full, Shape::kQBytes);
       load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);

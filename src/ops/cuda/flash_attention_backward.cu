@@ -38,6 +38,11 @@
 namespace fathom::cuda {
 namespace {
 
+// The warp-specialized kernels' registers a thread: a producer warpgroup's, and each of the two
+// consumers' (24 + 2 x 240 of 3 x 168).
+constexpr int kBwdProducerRegs = 24, kBwdConsumerRegs = 240;
+static_assert(setmaxnreg_fits(kBwdProducerRegs, kBwdConsumerRegs, 2), "setmaxnreg over the launch's registers");
+
 // One lane's part of the dot product of two bf16 rows of n (a multiple of 8, 16-byte aligned), 8
 // lanes a row: elements 8 lane .. 8 lane + 7, then 64 on.
 __device__ __forceinline__ float dot_bf16_x8(const uint16_t* x, const uint16_t* y, int n, int lane) {
@@ -140,9 +145,8 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
   auto head_of = [&](int it) { return kvh * a.group + it / per_head; };
   auto tile_of = [&](int it) { return (i0 + it % per_head) * kQT; };
-  static_assert(setmaxnreg_fits(24, 240, 2), "setmaxnreg over the launch's registers");
   if (wg == 0) {
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kBwdProducerRegs>();
     if (tid == 0) {
       const int key_row = int(s.k0 + int64_t(kb) * kRows);
       mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   } else {
-    setmaxnreg_inc<240>();
+    setmaxnreg_inc<kBwdConsumerRegs>();
     const int cw = wg - 1, warp = (tid % 128) / 32;
     const int key0 = kb * kRows + cw * 64 + warp * 16 + lane / 4;  // this thread's keys key0, key0 + 8
     float dk[kD / 2], dv[kDv / 2];
@@ -300,9 +304,8 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = int(threadIdx.x);
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
-  static_assert(setmaxnreg_fits(24, 240, 2), "setmaxnreg over the launch's registers");
   if (wg == 0) {
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kBwdProducerRegs>();
     if (tid == 0) {
       const int row = int(s.q0 + int64_t(m_block) * kRows);
       mbar_expect_tx(q_full, Shape::kQBytes + Shape::kDoBytes);
@@ -317,7 +320,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   } else {
-    setmaxnreg_inc<240>();
+    setmaxnreg_inc<kBwdConsumerRegs>();
     const int cw = wg - 1, warp = (tid % 128) / 32;
     const int r0 = m_block * kRows + cw * 64 + warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8
     float lse2[2], delta[2];

@@ -468,10 +468,11 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
   if (kCN > 1) cluster_sync();
   else __syncthreads();
   const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
+  // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
+  constexpr int kProducerRegs = 40, kConsumerRegs = kWGs == 3 ? 152 : 232;
+  static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kWGs), "setmaxnreg over the launch's registers");
   if (wg == 0) {
-    // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
-    static_assert(setmaxnreg_fits(40, kWGs == 3 ? 152 : 232, kWGs), "setmaxnreg over the launch's registers");
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<kProducerRegs>();
     const int warp = int(threadIdx.x / 32);
     if (threadIdx.x == 0) {
       int s = 0;
@@ -503,7 +504,7 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
       }
     }
   } else {
-    setmaxnreg_inc<kWGs == 3 ? 152 : 232>();
+    setmaxnreg_inc<kConsumerRegs>();
     const int c = wg - 1, tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
     const uint64_t desc0 = sw128_desc(base);
     const uint32_t lo0 = __shfl_sync(kFullMask, uint32_t(desc0), 0);

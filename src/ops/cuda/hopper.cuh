@@ -24,6 +24,15 @@ bool sm90a_available();
 // The driver's cuTensorMapEncodeTiled (through the runtime's entry-point query: no -lcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder();
 
+// Whether one producer warpgroup at `producer` registers a thread and `consumers` warpgroups at
+// `consumer` fit in what the launch gave each thread (the SM's 64K registers over the block of
+// consumers + 1 warpgroups, in steps of 8): past it, the consumers' setmaxnreg.inc waits forever,
+// with no error (an FP8 GEMM producer at 48 beside two consumers at 232 hung, 2026-12-02). For a
+// static_assert beside each pair.
+constexpr bool setmaxnreg_fits(int producer, int consumer, int consumers) {
+  return producer + consumers * consumer <= (consumers + 1) * (65536 / (128 * (consumers + 1)) / 8 * 8);
+}
+
 #ifdef FATHOM_SM90A
 __device__ inline void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
@@ -147,14 +156,6 @@ __device__ inline void setmaxnreg_dec() {
 template <int N>
 __device__ inline void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-// Whether one producer warpgroup at `producer` registers a thread and `consumers` warpgroups at
-// `consumer` fit in what the launch gave each thread (the SM's 64K registers over the block of
-// consumers + 1 warpgroups, in steps of 8): past it, the consumers' setmaxnreg.inc waits forever,
-// with no error (an FP8 GEMM producer at 48 beside two consumers at 232 hung, 2026-12-02). For a
-// static_assert beside each pair.
-constexpr bool setmaxnreg_fits(int producer, int consumer, int consumers) {
-  return producer + consumers * consumer <= (consumers + 1) * (65536 / (128 * (consumers + 1)) / 8 * 8);
 }
 // Named barriers (id 1-15; 0 is __syncthreads) over `threads` threads: sync waits for the phase,
 // arrive only counts this warp in.

@@ -58,9 +58,10 @@ __global__ void __launch_bounds__(128 * (kWGs + (kPace > 0)), 1)
   const int wg = int(threadIdx.x / 128);
   // (with copies, the copying warpgroup's registers go to the others, as in the GEMM: 40 / 232)
   if constexpr (kPace > 0) {
-    static_assert(setmaxnreg_fits(40, 232, kWGs), "setmaxnreg over the launch's registers");
-    if (wg == kWGs) setmaxnreg_dec<40>();
-    else setmaxnreg_inc<232>();
+    constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+    static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kWGs), "setmaxnreg over the launch's registers");
+    if (wg == kWGs) setmaxnreg_dec<kProducerRegs>();
+    else setmaxnreg_inc<kConsumerRegs>();
   }
   if (kPace > 0 && wg == kWGs) {
     if (threadIdx.x % 128 == 0) {
