@@ -15,7 +15,8 @@
 # --variants: the 8192³ and M = 4096 shapes with each tile and cluster shape (FATHOM_FP8_GEMM).
 # --prefill: bench_cuda_decode's 2,048-token prefill of the 4.89B V3-shaped model in bf16 and in FP8,
 # weight-only and FP8 x FP8 (needs bench_cuda_decode in device-bin).
-# --sass: which tensor-core instructions the wgmma kernel's machine code holds (QGMMA expected).
+# --sass: which tensor-core instructions the wgmma kernels' machine code holds (QGMMA expected), and
+# their local-memory (spill) loads and stores.
 # --wgmma: bench_fp8_gemm --wgmma, the e4m3 wgmma rate of the tile patterns on resident tiles
 # (src/ops/cuda/wgmma_bench.cu). FP8_VARIANTS="256,2x1,producer 192,2x1,persistent" and
 # FP8_SHAPES="M,N,K ..." choose the forms and shapes --variants runs.
@@ -42,7 +43,7 @@ log=/tmp/device-fp8
 mkdir -p "$log"
 if [ "$sass" = 1 ]; then
   /usr/local/cuda/bin/cuobjdump -sass "$bin"/bench_fp8_gemm 2>/dev/null >"$log/sass.txt" || true
-  awk '/Function :/ {f=$3} /GMMA|UTMALDG|SYNCS/ {split($2,o,"."); n[f" "o[1]]++} END {for (k in n) print "sass", k, n[k]}' \
+  awk '/Function :/ {f=$3} /GMMA|UTMALDG|SYNCS|STL|LDL/ {split($2,o,"."); n[f" "o[1]]++} END {for (k in n) print "sass", k, n[k]}' \
     "$log/sass.txt" | grep fp8_gemm || echo "sass: no tensor-core instructions found"
   # the default kernel's machine code, for reading here
   awk '/Function :/ {p = ($3 ~ /fp8_gemm_wgmma_kernelILi1ELi1ELi2E/)} p' "$log/sass.txt" >"${OUT:-/tmp}/fp8-gemm-sass.txt"
@@ -50,7 +51,7 @@ fi
 trc="not run"
 if [ "$tests" = 1 ]; then
   set +e
-  timeout 300 "$bin"/fathom_tests --gtest_filter="CudaFp8Gemm.*:Fp8Gemm.*:CudaOps.MatmulFp8*${FP8_TESTS:-}" >"$log/tests.log" 2>&1
+  timeout 120 "$bin"/fathom_tests --gtest_filter="CudaFp8Gemm.*:Fp8Gemm.*:CudaOps.MatmulFp8*${FP8_TESTS:-}" >"$log/tests.log" 2>&1
   trc=$?
   set -e
   grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|FP8 GEMM|Failure|Expected|Which is|rel_err|wgmma|simt|seed" "$log/tests.log" | grep -v "worst out" | head -60 || true

@@ -151,9 +151,10 @@ TEST_F(CudaFp8Gemm, DenseMatchesTheCpuRecipe) {
   struct Shape3 {
     int64_t M, N, K;
   };
-  // (1100 x 4000: more tiles than SMs, so that the persistent kernel's blocks take several)
+  // (1100 x 4000 and 2048 x 2560: more tiles than SMs, so that the persistent kernel's blocks
+  // take several, and a last round only partly filled)
   for (const Shape3 sh : {Shape3{1, 64, 128}, Shape3{77, 200, 512}, Shape3{130, 2112 / 8, 7168}, Shape3{300, 130, 208},
-                          Shape3{256, 384, 1536}, Shape3{1100, 4000, 256}}) {
+                          Shape3{256, 384, 1536}, Shape3{1100, 4000, 256}, Shape3{2048, 2560, 512}}) {
     const auto [M, N, K] = sh;
     const LinearWeight w = weight(N, K);
     const std::vector<float> x = randn(M * K);

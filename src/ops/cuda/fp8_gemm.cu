@@ -17,19 +17,21 @@
 //   waits for them, and adds the slice's sums times sa[row, t] * sb[n / 128, t] into its fp32
 //   accumulators — the promotion; after the last slice it releases the stage ("empty" barrier).
 //   While one warpgroup promotes, the other's wgmmas keep the tensor cores busy.
-// - the epilogue converts the accumulators and stores them straight from registers.
-// fp8_gemm_wgmma_kernel takes one tile per block (every layout); fp8_gemm_wgmma_persistent_kernel
-// (dense) keeps a cluster per SM pair on the GPU taking tile after tile, its copies running on
-// into the next tile while the consumers store. Which one a product gets: fp8_gemm() below.
-// The SIMT kernel and the 1x128 quantization: fp8_gemm_simt.cu; what both kernels share about a
-// tile's rows and its stores: fp8_gemm.cuh.
+// - the epilogue converts the accumulators and stores them straight from registers (or, in the
+//   persistent kernel, through shared memory by TMA stores).
+// fp8_gemm_wgmma_kernel (here) takes one tile per block (every layout);
+// fp8_gemm_wgmma_persistent_kernel (fp8_gemm_persistent.cu, dense) keeps a cluster per SM pair
+// on the GPU taking tile after tile, its copies running on into the next tile while the
+// consumers store. Which one a product gets: fp8_gemm()
+// below. What the two share: fp8_gemm_wgmma.cuh. The SIMT kernel and the 1x128 quantization:
+// fp8_gemm_simt.cu; what every kernel shares about a tile's rows and its stores: fp8_gemm.cuh.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
-#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -40,155 +42,52 @@
 #include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/fp8_gemm.cuh"
+#include "ops/cuda/fp8_gemm_wgmma.cuh"
 #include "ops/cuda/hopper.cuh"
-#include "ops/cuda/wgmma_e4m3.cuh"
 
 namespace fathom::cuda {
+namespace fp8_wgmma {
+
+// ---- host side: the tensor maps
+
+// The tensor map of a (rows, K) e4m3 matrix read as box_rows x 128-byte boxes, 128-byte swizzled.
+CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_rows, const char* what) {
+  CUtensorMap m{};
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(K)};
+  const cuuint32_t box[2] = {kTile, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(ptr), dims,
+                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of ", what, " (", rows, " x ", K,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
+// The tensor map of the bf16 output (M, N) with row stride ldo, stored by TMA as 64-column x
+// box_rows boxes, 128-byte swizzled (stage_out_tile's layout).
+CUtensorMap out_map(void* out, int64_t M, int64_t N, int64_t ldo, uint32_t box_rows) {
+  CUtensorMap m{};
+  const cuuint64_t dims[2] = {cuuint64_t(N), cuuint64_t(M)};
+  const cuuint64_t strides[1] = {cuuint64_t(ldo) * 2};
+  const cuuint32_t box[2] = {64, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, out, dims, strides, box, elem,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of the output (", M, " x ", N, ", row stride ", ldo,
+               ") was refused (CUresult ", int(r), ")");
+  return m;
+}
+
+}  // namespace fp8_wgmma
+
 namespace {
+using namespace fp8_wgmma;
 
-// ---- the Hopper kernel
-
-// A block of kWGs warpgroups computes a (64 kWGs kWaves) x 128 tile, each warpgroup kWaves slices
-// of 64 rows one after the other per K tile. Taller tiles bring fewer bytes into shared memory
-// per multiply-add (256 rows: A 32 KB + B 16 KB a K tile for twice a 128-row tile's work); a third
-// warpgroup gives the tensor cores a third stream of wgmmas instead.
-constexpr int kTileBytes = kTile * kTile;  // a 128 x 128 tile of e4m3: 16 KB
-// With a producer warpgroup, two of its idle warps copy each K tile's scales into the stage (the
-// consumers' own scattered loads of them were the kernel's largest stall: ncu, bench/RESULTS.md).
-[[maybe_unused]] constexpr int kScaleWarps = 2;  // (used by the sm_90a kernels only)
-template <int kWaves, int kWGs>
-struct WgmmaShape {
-  static constexpr int kThreads = 128 * kWGs;
-  static constexpr int kRows = 64 * kWGs * kWaves;                           // the tile's rows
-  static constexpr int kStageBytes = kRows * kTile + kTileBytes;            // A and B
-  // with a producer warpgroup, each stage's scales too: the tile rows' A scales, then B's
-  static constexpr int kScaleBytes = (kRows + 4) * 4;
-  static constexpr int kPerStage = kStageBytes + kScaleBytes + 16;  // + the stage's two barriers
-  static constexpr int kStages = (227 * 1024 - 2048) / kPerStage > 6 ? 6 : (227 * 1024 - 2048) / kPerStage;
-  static constexpr int kSmem = kStages * kPerStage + 1024;  // + alignment slack
-  // the persistent kernel: also a bf16 output tile for its TMA-store epilogue, fewer stages
-  static constexpr int kOutBytes = kRows * kTile * 2;
-  static constexpr int kPStages = (227 * 1024 - 2048 - kOutBytes) / kPerStage > 6
-                                      ? 6
-                                      : (227 * 1024 - 2048 - kOutBytes) / kPerStage;
-  static constexpr int kPSmem = kPStages * kPerStage + kOutBytes + 1024;
-};
-// A producer warpgroup beside two consumers leaves 168 registers a thread at the kernel's entry,
-// not the ~240 a 256-row tile's 128 fp32 accumulators and 64 tensor-core ones need: setmaxnreg
-// moves them (kProducer below). Without it, thread 0 issues the copies between its wgmmas.
-
-#ifdef FATHOM_SM90A
-// The promotion: the tile's sums, scaled by their rows' sa * sb, into the fp32 accumulators.
-__device__ inline void promote(float (&total)[64], const float (&acc)[64], float s0, float s1) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) total[i] += acc[i] * ((i & 2) ? s1 : s0);
-}
-
-// Warpgroup c's slice w: this thread's accumulator rows r[w] and r[w] + 8 of the tile, and the
-// offsets of their scales among the tile's (rows at or past `rows` read row 0's: their sums are
-// never stored).
-template <int kWaves>
-__device__ __forceinline__ void slice_rows(int c, int warp, int lane, int64_t rows, int Kt, int (&r)[kWaves],
-                                           int (&off0)[kWaves], int (&off1)[kWaves]) {
-#pragma unroll
-  for (int w = 0; w < kWaves; ++w) {
-    r[w] = 64 * (kWaves * c + w) + 16 * warp + lane / 4;
-    off0[w] = r[w] < rows ? r[w] * Kt : 0;
-    off1[w] = r[w] + 8 < rows ? (r[w] + 8) * Kt : 0;
-  }
-}
-
-// K tile kt's scales for this thread's rows (sa + off: each row's scales) and the B block.
-template <int kWaves>
-__device__ __forceinline__ void load_scales(const float* sa, const float* sb, const int (&off0)[kWaves],
-                                            const int (&off1)[kWaves], int kt, float& b_s, float (&s0)[kWaves],
-                                            float (&s1)[kWaves]) {
-  b_s = __ldg(sb + kt);
-#pragma unroll
-  for (int w = 0; w < kWaves; ++w) {
-    s0[w] = __ldg(sa + off0[w] + kt);
-    s1[w] = __ldg(sa + off1[w] + kt);
-  }
-}
-
-// One slice's wgmmas of a stage: A rows 64 slice .. of the stage's A tile against its B tile (both
-// given by the stage's descriptor low word; hi: the layout's high word), into acc (overwritten
-// first when fresh). 32 bytes of K a step: +2 in the descriptor's 16-byte units.
-template <int kATileBytes>
-__device__ __forceinline__ void issue_slice(float (&acc)[64], uint64_t hi, uint32_t stage_lo, int slice, bool fresh) {
-  const uint64_t da = hi | (stage_lo + uint32_t(slice * (kTileBytes / 2)) / 16);
-  const uint64_t db = hi | (stage_lo + (kATileBytes >> 4));
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-  for (int k = 0; k < kTile / 32; ++k) wgmma_m64n128k32(acc, da + 2 * k, db + 2 * k, fresh && k == 0 ? 0 : 1);
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-// The tile's fp32 sums to out: slice w's rows r[w] and r[w] + 8 (of the tile's first `rows`,
-// from row0) and columns n0 + 8j + 2(lane % 4) + {0, 1} — the m64n128 accumulator layout, register
-// 4j + 2h + {0, 1} holding row r + 8h.
-// kDense: the dense layout for certain (no rows to check against their expert).
-template <bool kDense, int kWaves>
-__device__ __forceinline__ void store_slices(const Fp8GemmArgs& p, const float (&total)[kWaves][64],
-                                             const int (&r)[kWaves], int64_t rows, int64_t row0, int64_t n0, int g,
-                                             int lane) {
-  auto value = [&](int64_t row, float v) { return kDense ? v : row_value(p, g, row, v); };
-#pragma unroll
-  for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int64_t col = n0 + 8 * j + 2 * (lane % 4), ra = row0 + r[w], rb = ra + 8;
-      if (r[w] < rows) store_pair(p, ra, col, value(ra, total[w][4 * j]), value(ra, total[w][4 * j + 1]));
-      if (r[w] + 8 < rows) store_pair(p, rb, col, value(rb, total[w][4 * j + 2]), value(rb, total[w][4 * j + 3]));
-    }
-}
-// The tile's sums as bf16 into the shared-memory image of the output tile that the TMA store
-// reads: two boxes of 64 columns (out, out + kRows·128 bytes), rows of 128 bytes whose 16-byte
-// chunk c sits at c ^ (row % 8) (the 128-byte swizzle; a warp's 32 four-byte writes then fall
-// in 32 different banks). Rows past the product's end are written too: the store clips them.
-template <int kWaves, int kRows>
-__device__ __forceinline__ void stage_out_tile(uint32_t out, const float (&total)[kWaves][64], const int (&r)[kWaves],
-                                               int lane) {
-#pragma unroll
-  for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const uint32_t box = out + uint32_t(j / 8) * (kRows * 128), within = 4u * uint32_t(lane % 4);
-      const uint32_t ra = uint32_t(r[w]), rb = ra + 8;  // (the same row % 8)
-      const uint32_t chunk = (uint32_t(j % 8) ^ (ra % 8)) << 4;
-      const __nv_bfloat162 va = __floats2bfloat162_rn(total[w][4 * j], total[w][4 * j + 1]);
-      const __nv_bfloat162 vb = __floats2bfloat162_rn(total[w][4 * j + 2], total[w][4 * j + 3]);
-      st_shared_u32(box + ra * 128 + chunk + within, *reinterpret_cast<const uint32_t*>(&va));
-      st_shared_u32(box + rb * 128 + chunk + within, *reinterpret_cast<const uint32_t*>(&vb));
-    }
-}
-
-// A scale warp of the producer warpgroup (h: 0 or 1) copies one output tile's scales into the
-// ring, K tile after K tile: rows h·kRows/2 .. of the tile's A scales (0 past the tile's `rows`:
-// their sums are never stored), warp 0 also the B block's (b_scales: that block's row, else null).
-// Each copy waits for its stage to be free and its arrival on the stage's full barrier publishes
-// it. (st, round): the ring position, carried from tile to tile.
-template <class Shape, int kStages>
-__device__ __forceinline__ void copy_tile_scales(const Fp8GemmArgs& p, uint32_t scales, uint32_t full, uint32_t empty,
-                                                 int h, int lane, int64_t row0, int64_t rows, const float* b_scales,
-                                                 int& st, int& round) {
-  constexpr int kPerWarp = Shape::kRows / kScaleWarps;
-  const int Kt = int(p.Kt), row = h * kPerWarp + lane, valid = int(lmin(kPerWarp / 32, (rows - row + 31) / 32));
-  const float* src = p.a_scale + (row0 + row) * p.Kt;  // row's scales, then row + 32's, ...
-  const float* sb = h == 0 && lane == 0 ? b_scales : nullptr;
-  for (int kt = 0; kt < Kt; ++kt) {
-    mbar_wait(empty + 8 * st, uint32_t(round & 1) ^ 1u);
-    const uint32_t dst = scales + st * Shape::kScaleBytes + uint32_t(row) * 4;
-#pragma unroll
-    for (int j = 0; j < kPerWarp / 32; ++j)
-      st_shared_f32(dst + 128 * j, j < valid ? __ldg(src + int64_t(32 * j) * Kt + kt) : 0.f);
-    if (sb) st_shared_f32(scales + st * Shape::kScaleBytes + Shape::kRows * 4, __ldg(sb + kt));
-    __syncwarp();
-    if (lane == 0) mbar_arrive(full + 8 * st);
-    if (++st == kStages) st = 0, ++round;
-  }
-}
-#endif
+// ---- the Hopper kernel: a block per output tile (every layout)
 
 // Blocks come in clusters of kCN x kCM (tile columns x tile rows; 1 or 2 each). The blocks of a
 // cluster row share their A tile, those of a cluster column their B tile: each block loads its
@@ -423,189 +322,7 @@ __global__ void __launch_bounds__(128 * (kWGs + kProducer), 1)
 #endif
 }
 
-// The dense layout's persistent form with a producer warpgroup: a grid of clusters of kCN blocks
-// (1 or 2 along N, sharing their A tile by multicast), at most as many as fit on the GPU at once,
-// each cluster taking every n-th output tile pair of the banded raster. The producer thread's
-// copies and the scale warps' run on from one output tile to the next through the same ring of
-// stages, so while the consumers store a tile the next one's first K tiles land: no tile starts
-// with an empty pipeline, and no block is launched per tile.
-template <int kCN, int kWaves, int kWGs>
-__global__ void __launch_bounds__(128 * (kWGs + 1), 1)
-    fp8_gemm_wgmma_persistent_kernel(const __grid_constant__ CUtensorMap map_a,
-                                              const __grid_constant__ CUtensorMap map_b,
-                                              const __grid_constant__ CUtensorMap map_out, const Fp8GemmArgs p,
-                                              int64_t m_tiles, int64_t n_tiles, int tma_store) {
-#ifdef FATHOM_SM90A
-  using Shape = WgmmaShape<kWaves, kWGs>;
-  constexpr int kStages = Shape::kPStages, kStageBytes = Shape::kStageBytes, kRows = Shape::kRows;
-  constexpr int kATileBytes = kRows * kTile, kARows = kRows / kCN;
-  pdl_wait();
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle: 1024-byte aligned tiles
-  // the stages, the output tile (1024-byte aligned: the store's swizzle), the barriers, the scales
-  const uint32_t out = base + kStages * kStageBytes, full = out + Shape::kOutBytes, empty = full + 8 * kStages;
-  const uint32_t scales = empty + 8 * kStages;
-  const int x = int(blockIdx.x % kCN), Kt = int(p.Kt);
-  // the cluster's tiles: cluster tile `id` is tile row m of kCN tile columns; a band of 8 tile
-  // rows is swept column pair by column pair, so that the tiles in flight share panels in L2
-  const int64_t cid = blockIdx.x / kCN, clusters = gridDim.x / kCN, pairs = ceil_div(n_tiles, int64_t(kCN));
-  const int64_t total = m_tiles * pairs, mine = cid < total ? (total - cid + clusters - 1) / clusters : 0;
-  auto tile_of = [&](int64_t j, int64_t& m0, int64_t& n0) {
-    constexpr int64_t kBand = 8;
-    const int64_t id = cid + j * clusters;
-    const int64_t first = id / (kBand * pairs) * kBand, rows = lmin(m_tiles - first, kBand);
-    const int64_t local = id % (kBand * pairs);
-    m0 = (first + local % rows) * kRows;
-    n0 = ((local / rows) * kCN + x) * kTile;
-  };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + 8 * s, 1 + kScaleWarps);  // the producer's arrive (+ bytes), the scale warps'
-      mbar_init(empty + 8 * s, 4 * kWGs * kCN);  // one arrive per consumer warp of the cluster
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  if (kCN > 1) cluster_sync();
-  else __syncthreads();
-  const int wg = __shfl_sync(kFullMask, int(threadIdx.x / 128), 0);
-  // (3 consumers: 40 + 3 x 152 of 4 x 128: the producer loop spilled at 32)
-  constexpr int kProducerRegs = 40, kConsumerRegs = kWGs == 3 ? 152 : 232;
-  static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kWGs), "setmaxnreg over the launch's registers");
-  if (wg == 0) {
-    setmaxnreg_dec<kProducerRegs>();
-    const int warp = int(threadIdx.x / 32);
-    if (threadIdx.x == 0) {
-      int s = 0;
-      uint32_t phase = 0;
-      for (int64_t j = 0; j < mine; ++j) {
-        int64_t m0, n0;
-        tile_of(j, m0, n0);
-        for (int kt = 0; kt < Kt; ++kt) {
-          mbar_wait(empty + 8 * s, phase ^ 1u);  // the first round passes at once
-          const uint32_t a_dst = base + s * kStageBytes + x * kARows * kTile;
-          mbar_expect_tx(full + 8 * s, kStageBytes);  // all of A (this block's part and its peer's) and B
-          if (kCN > 1)
-            tma_load_2d_multicast(a_dst, &map_a, kt * kTile, int(m0 + x * kARows), full + 8 * s,
-                                  uint16_t((1u << kCN) - 1));
-          else
-            tma_load_2d(a_dst, &map_a, kt * kTile, int(m0), full + 8 * s);
-          tma_load_2d(base + s * kStageBytes + kATileBytes, &map_b, kt * kTile, int(n0), full + 8 * s);
-          if (++s == kStages) s = 0, phase ^= 1u;
-        }
-      }
-    } else if (warp >= 1 && warp <= kScaleWarps) {
-      int st = 0, round = 0;
-      for (int64_t j = 0; j < mine; ++j) {
-        int64_t m0, n0;
-        tile_of(j, m0, n0);
-        copy_tile_scales<Shape, kStages>(p, scales, full, empty, warp - 1, int(threadIdx.x % 32), m0,
-                                         lmin(kRows, p.M - m0), p.b_scale + lmin(n0 / kTile, p.NB - 1) * p.Kt, st,
-                                         round);
-      }
-    }
-  } else {
-    setmaxnreg_inc<kConsumerRegs>();
-    const int c = wg - 1, tid = int(threadIdx.x % 128), warp = tid / 32, lane = tid % 32;
-    const uint64_t desc0 = sw128_desc(base);
-    const uint32_t lo0 = __shfl_sync(kFullMask, uint32_t(desc0), 0);
-    const uint64_t hi = desc0 & 0xFFFFFFFF00000000ull;
-    int s = 0;
-    uint32_t phase = 0;
-    for (int64_t j = 0; j < mine; ++j) {
-      int64_t m0, n0;
-      tile_of(j, m0, n0);
-      const int64_t rows = lmin(kRows, p.M - m0);
-      int r[kWaves], off0[kWaves], off1[kWaves];
-      slice_rows(c, warp, lane, rows, Kt, r, off0, off1);
-      float acc[64], total[kWaves][64];
-#pragma unroll
-      for (int w = 0; w < kWaves; ++w)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) total[w][i] = 0.f;
-      for (int kt = 0; kt < Kt; ++kt) {
-        mbar_wait(full + 8 * s, phase);
-        const float* sc = reinterpret_cast<const float*>(smem_raw + (scales + s * Shape::kScaleBytes - smem_u32(smem_raw)));
-        const float b_s = sc[kRows];
-        float s0[kWaves], s1[kWaves];
-#pragma unroll
-        for (int w = 0; w < kWaves; ++w) s0[w] = sc[r[w]] * b_s, s1[w] = sc[r[w] + 8] * b_s;
-        const uint32_t stage_lo = lo0 + uint32_t(s) * (kStageBytes >> 4);
-#pragma unroll
-        for (int w = 0; w < kWaves; ++w) {
-          issue_slice<kATileBytes>(acc, hi, stage_lo, kWaves * c + w, true);
-          wgmma_wait<0>();
-          if (w == kWaves - 1) {  // the stage back to the producers of the cluster
-            __syncwarp();
-            if (kCN > 1) {
-              if (lane < kCN) mbar_arrive_cluster(empty + 8 * s, uint32_t(lane));
-            } else if (lane == 0) {
-              mbar_arrive(empty + 8 * s);
-            }
-          }
-          promote(total[w], acc, s0[w], s1[w]);
-        }
-        if (++s == kStages) s = 0, phase ^= 1u;
-      }
-      if (tma_store) {
-        // the epilogue through shared memory: once the last tile's store has read the output
-        // tile, every consumer writes its sums there, and one thread stores the two boxes by
-        // TMA — the consumers go on to the next tile's wgmmas while the copy engine writes
-        if (threadIdx.x == 128) bulk_wait_read<0>();
-        named_bar_sync(1, 128 * kWGs);
-        stage_out_tile<kWaves, kRows>(out, total, r, lane);
-        fence_proxy_async_smem();
-        named_bar_sync(1, 128 * kWGs);
-        if (threadIdx.x == 128) {
-          tma_store_2d(&map_out, out, int(n0), int(m0));
-          tma_store_2d(&map_out, out + kRows * 128, int(n0 + 64), int(m0));
-          bulk_commit();
-        }
-      } else {
-        store_slices<true>(p, total, r, rows, m0, n0, 0, lane);
-      }
-    }
-    if (tma_store && threadIdx.x == 128) bulk_wait<0>();  // (the last stores finished before leaving)
-  }
-  if (kCN > 1) cluster_sync();  // no block leaves while a peer may still arrive on its barriers
-#else
-  (void)map_a, (void)map_b, (void)map_out, (void)p, (void)m_tiles, (void)n_tiles, (void)tma_store;
-  __trap();  // never launched: fp8_gemm_wgmma_available() is false without an sm_90a image
-#endif
-}
-
 // ---- host side
-
-// The tensor map of a (rows, K) e4m3 matrix read as box_rows x 128-byte boxes, 128-byte swizzled.
-CUtensorMap tile_map(const uint8_t* ptr, int64_t rows, int64_t K, uint32_t box_rows, const char* what) {
-  CUtensorMap m{};
-  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(K)};
-  const cuuint32_t box[2] = {kTile, box_rows};
-  const cuuint32_t elem[2] = {1, 1};
-  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(ptr), dims,
-                                          strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of ", what, " (", rows, " x ", K,
-               ") was refused (CUresult ", int(r), ")");
-  return m;
-}
-
-// The tensor map of the bf16 output (M, N) with row stride ldo, stored by TMA as 64-column x
-// box_rows boxes, 128-byte swizzled (stage_out_tile's layout).
-CUtensorMap out_map(void* out, int64_t M, int64_t N, int64_t ldo, uint32_t box_rows) {
-  CUtensorMap m{};
-  const cuuint64_t dims[2] = {cuuint64_t(N), cuuint64_t(M)};
-  const cuuint64_t strides[1] = {cuuint64_t(ldo) * 2};
-  const cuuint32_t box[2] = {64, box_rows};
-  const cuuint32_t elem[2] = {1, 1};
-  const CUresult r = tensor_map_encoder()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, out, dims, strides, box, elem,
-                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                          CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  FATHOM_CHECK(r == CUDA_SUCCESS, "fp8_gemm: the tensor map of the output (", M, " x ", N, ", row stride ", ldo,
-               ") was refused (CUresult ", int(r), ")");
-  return m;
-}
 
 using GridKernel = void (*)(const CUtensorMap, const CUtensorMap, const Fp8GemmArgs);
 const GridKernel kGridKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1, 2x1, 2x2]
@@ -623,13 +340,6 @@ const GridKernel kProducerKernels[3][3] = {  // [rows 128, 192, 256][cluster 1x1
 const GridKernel kTwoAccKernels[3] = {fp8_gemm_wgmma_kernel<1, 1, 1, 2, true, true>,
                                       fp8_gemm_wgmma_kernel<2, 1, 1, 2, true, true>,
                                       fp8_gemm_wgmma_kernel<2, 2, 1, 2, true, true>};
-using PersistentKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const Fp8GemmArgs, int64_t,
-                                  int64_t, int);
-const PersistentKernel kPersistentKernels[3][2] = {  // [rows 128, 192, 256][cluster 1x1, 2x1]
-    {fp8_gemm_wgmma_persistent_kernel<1, 1, 2>, fp8_gemm_wgmma_persistent_kernel<2, 1, 2>},
-    {fp8_gemm_wgmma_persistent_kernel<1, 1, 3>, fp8_gemm_wgmma_persistent_kernel<2, 1, 3>},
-    {fp8_gemm_wgmma_persistent_kernel<1, 2, 2>, fp8_gemm_wgmma_persistent_kernel<2, 2, 2>}};
-
 // Every wgmma kernel may use its shared-memory ring, once per device.
 std::once_flag g_wgmma_smem[kMaxDevices];
 void allow_wgmma_smem() {
@@ -646,11 +356,7 @@ void allow_wgmma_smem() {
     for (const GridKernel k : kTwoAccKernels)
       check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
             "fp8_gemm (shared memory of the wgmma kernel)");
-    const int most_p = std::max({WgmmaShape<1, 2>::kPSmem, WgmmaShape<1, 3>::kPSmem, WgmmaShape<2, 2>::kPSmem});
-    for (const auto& by_rows : kPersistentKernels)
-      for (const PersistentKernel k : by_rows)
-        check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most_p),
-              "fp8_gemm (shared memory of the persistent wgmma kernel)");
+    allow_persistent_smem();
   });
 }
 
@@ -776,57 +482,24 @@ void fp8_gemm(const Fp8GemmParams& p, Stream stream) {
     const CUtensorMap map_b = tile_map(p.b, int64_t(p.groups) * p.N, p.K, uint32_t(kTile / cm), "B");
     const int ri = rows == 128 ? 0 : rows == 192 ? 1 : 2;
     const int ci = cn == 1 ? 0 : cm == 1 ? 1 : 2;
+    allow_wgmma_smem();
+    if (form == Form::Persistent) {
+      launch_persistent(args, map_a, map_b, rows, cn, tma_store, s);
+      return;
+    }
     const GridKernel kernel = form == Form::TwoAcc     ? kTwoAccKernels[ci]
                               : form == Form::Producer ? kProducerKernels[ri][ci]
                                                        : kGridKernels[ri][ci];
-    const int smem = form == Form::Persistent
-                         ? (ri == 0 ? WgmmaShape<1, 2>::kPSmem : ri == 1 ? WgmmaShape<1, 3>::kPSmem : WgmmaShape<2, 2>::kPSmem)
-                         : (ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem);
+    const int smem = ri == 0 ? WgmmaShape<1, 2>::kSmem : ri == 1 ? WgmmaShape<1, 3>::kSmem : WgmmaShape<2, 2>::kSmem;
     const int threads = ri == 0 ? WgmmaShape<1, 2>::kThreads : ri == 1 ? WgmmaShape<1, 3>::kThreads
                                                                   : WgmmaShape<2, 2>::kThreads;
-    allow_wgmma_smem();
     const int64_t m_tiles = ceil_div(p.M, rows), n_tiles = ceil_div(p.N, kTile);
-    cudaLaunchConfig_t config{};
-    config.blockDim = dim3(unsigned(threads + (form == Form::Grid ? 0 : 128)));  // + the producer warpgroup
-    config.dynamicSmemBytes = size_t(smem);
-    config.stream = s;
     cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(cn);
-    attr[0].val.clusterDim.y = unsigned(cm);
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    if (form == Form::Persistent) {
-      // as many clusters as are resident at once (asked once per kernel and device), at most
-      // one per cluster tile
-      static std::atomic<int> resident[kMaxDevices][3][2];
-      int device = 0;
-      check(cudaGetDevice(&device), "fp8_gemm (device)");
-      std::atomic<int>& fit = resident[std::min(device, kMaxDevices - 1)][ri][cn - 1];
-      if (fit.load() == 0) {
-        int clusters = 0;
-        config.gridDim = dim3(unsigned(sm_count() / cn * cn));
-        check(cudaOccupancyMaxActiveClusters(&clusters, kPersistentKernels[ri][cn - 1], &config), "fp8_gemm (the clusters resident at once)");
-        fit.store(std::max(clusters, 1));
-      }
-      config.gridDim = dim3(unsigned(std::min<int64_t>(fit.load(), m_tiles * ceil_div(n_tiles, int64_t(cn))) * cn));
-    } else {
-      config.gridDim = dim3(unsigned(ceil_div(n_tiles, cn) * cn), unsigned(ceil_div(m_tiles, cm) * cm), gz);
-    }
-    if (pdl_enabled()) {
-      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[1].val.programmaticStreamSerializationAllowed = 1;
-      config.numAttrs = 2;
-    }
-    if (form == Form::Persistent) {
-      const CUtensorMap map_out = tma_store ? out_map(p.out, p.M, p.N, ldo, uint32_t(rows)) : CUtensorMap{};
-      check(cudaLaunchKernelEx(&config, kPersistentKernels[ri][cn - 1], map_a, map_b, map_out, args, m_tiles, n_tiles,
-                               int(tma_store)),
-            "fp8_gemm_wgmma_persistent_kernel (launch)");
-    } else {
-      check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");
-    }
+    // (+ the producer warpgroup)
+    cudaLaunchConfig_t config = launch_config(threads + (form == Form::Grid ? 0 : 128), smem, cn, cm, s, attr);
+    config.gridDim = dim3(unsigned(ceil_div(n_tiles, cn) * cn), unsigned(ceil_div(m_tiles, cm) * cm), gz);
+    allow_pdl(config, attr);
+    check(cudaLaunchKernelEx(&config, kernel, map_a, map_b, args), "fp8_gemm_wgmma_kernel (launch)");
     check_launch("fp8_gemm_wgmma_kernel");
     return;
   }
