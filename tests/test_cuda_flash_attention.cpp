@@ -261,14 +261,15 @@ TEST_F(CudaFlashAttention, ChunkedPrefillGqaAndMqa) {
 
 // Every forward schedule (flash_attention.cu: the serial kernel with 2 or 3 warpgroups, the
 // warp-specialized pipelined one with 2 or 3 consumers, with and without ping-pong), chosen by
-// FATHOM_FLASH_SCHEDULE; a name a head-dim pair lacks falls back to its default. Includes blocks
+// FATHOM_FLASH_SCHEDULE, and their persistent forms (-p: the 40 ragged sequences make ~1,000 query
+// blocks, several a block); a name a head-dim pair lacks falls back to its default. Includes blocks
 // whose queries all see no key (300 causal queries after 20 keys).
 TEST_F(CudaFlashAttention, EveryForwardScheduleMatchesTheCpu) {
   // many ragged sequences: blocks whose last consumers' queries lie past the sequence, or whose
   // diagonal tiles are wholly masked for some consumers and not for others (which skip them)
   std::vector<int> ragged;
   for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
-  for (const char* schedule : {"serial2", "serial3", "ws", "pingpong", "ws3", "pingpong3"}) {
+  for (const char* schedule : {"serial2", "serial3", "ws", "pingpong", "ws3", "pingpong3", "ws-p", "pingpong3-p"}) {
     SCOPED_TRACE(schedule);
     ::setenv("FATHOM_FLASH_SCHEDULE", schedule, 1);
     for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}}) {

@@ -30,8 +30,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -57,6 +59,7 @@ struct FlashShape {
   static constexpr int kFit = (227 * 1024 - 2048 - kQBytes) / (kKBytes + kVBytes);
   static constexpr int kStages = kFit > 4 ? 4 : kFit;
   static constexpr int kSmem = kQBytes + kStages * (kKBytes + kVBytes) + 1024 + 256;  // + alignment, barriers
+  static_assert(8 * (2 + 4 * kStages) + 4 <= 256, "the barriers and the item fit their room");
   static_assert(kStages >= 2, "two stages of K and V must fit");
 };
 
@@ -166,7 +169,7 @@ __device__ __forceinline__ void rescale(float (&o)[kDv / 2], const float (&corr)
 // 1024-byte aligned), and their mbarriers — full: one arrival and the copies' bytes; empty: one
 // arrival per consumer thread — which thread 0 initializes (the caller syncs the block after).
 struct FwdSmem {
-  uint32_t sq, sk, sv, q_full, k_full, v_full, k_empty, v_empty;
+  uint32_t sq, sk, sv, q_full, k_full, v_full, k_empty, v_empty, q_empty, item;
 };
 template <class Shape>
 __device__ inline FwdSmem fwd_smem(uint8_t* raw, int consumers) {
@@ -175,9 +178,11 @@ __device__ inline FwdSmem fwd_smem(uint8_t* raw, int consumers) {
   m.sq = (smem_u32(raw) + 1023u) & ~1023u;
   m.sk = m.sq + Shape::kQBytes, m.sv = m.sk + kStages * Shape::kKBytes;
   m.q_full = m.sv + kStages * Shape::kVBytes, m.k_full = m.q_full + 8, m.v_full = m.k_full + 8 * kStages;
-  m.k_empty = m.v_full + 8 * kStages, m.v_empty = m.k_empty + 8 * kStages;
+  m.k_empty = m.v_full + 8 * kStages, m.v_empty = m.k_empty + 8 * kStages, m.q_empty = m.v_empty + 8 * kStages;
+  m.item = m.q_empty + 8;  // the query block the Q tile in shared memory belongs to (-1: no more)
   if (threadIdx.x == 0) {
     mbar_init(m.q_full, 1);
+    mbar_init(m.q_empty, uint32_t(consumers / 32));  // (the persistent kernel's: one arrival per consumer warp)
     for (int i = 0; i < kStages; ++i) {
       mbar_init(m.k_full + 8 * i, 1);
       mbar_init(m.v_full + 8 * i, 1);
@@ -328,7 +333,7 @@ __global__ void __launch_bounds__(128 * kWGs, 1)
 // warpgroup's softmax runs while the other's wgmmas hold the tensor cores. Under the causal mask a
 // consumer skips the diagonal key tiles that mask all of its 64 queries (with 192 queries a block,
 // a tenth of the tiles at 2,048 tokens).
-template <int kDqk, int kDv, int kC, bool kPingPong>
+template <int kDqk, int kDv, int kC, bool kPingPong, bool kPersistent>
 __global__ void __launch_bounds__(128 * (kC + 1), 1)
     flash_fwd_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                         const __grid_constant__ CUtensorMap map_v, const FlashArgs a) {
@@ -340,33 +345,70 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   constexpr int kProducerRegs = 24, kConsumerRegs = kC == 2 ? 240 : 160;
   static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kC), "setmaxnreg over the launch's registers");
   pdl_wait();
-  const int h = int(blockIdx.x), b = int(blockIdx.z);
-  const int m_block = int(gridDim.y - 1 - blockIdx.y);  // the longest causal blocks start first
-  const SeqSpan s = seq_span(a, b);
-  if (m_block * kBlockM >= s.lq) return;
-  const int n_tiles = key_tiles(a, s, m_block, kBlockM), kvh = h / a.group;
   extern __shared__ uint8_t smem_raw[];
   const FwdSmem m = fwd_smem<Shape>(smem_raw, kConsumers);
   const uint32_t sq = m.sq, sk = m.sk, sv = m.sv, q_full = m.q_full, k_full = m.k_full, v_full = m.v_full;
-  const uint32_t k_empty = m.k_empty, v_empty = m.v_empty;
+  const uint32_t k_empty = m.k_empty, v_empty = m.v_empty, q_empty = m.q_empty;
   const int tid = int(threadIdx.x);
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0);
-  auto phase = [&](int it) { return uint32_t((it / kStages) & 1); };
+  // The block's work: query blocks, numbered sequence by sequence, in a sequence from the last
+  // (the longest under the causal mask) to the first, head by head within — the grid's order. The
+  // grid form has one, its block's; in the persistent form each block takes its first, then the
+  // next not yet taken (an atomic counter), as the hardware would hand a new block to an SM, so
+  // that the blocks running at once share a sequence's keys in L2. The producer thread takes them
+  // and tells the consumers with the Q tile (m.item, -1 when there are no more); a query block
+  // past its sequence's end is skipped (n_tiles = -1).
+  const int hm = a.n_heads * a.m_blocks;
+  auto decode = [&](int i, int& h, int& m_block, SeqSpan& s, int& n_tiles) {
+    const int b = i / hm, r = i % hm;
+    m_block = a.m_blocks - 1 - r / a.n_heads, h = r % a.n_heads;
+    s = seq_span(a, b);
+    n_tiles = m_block * kBlockM >= s.lq ? -1 : key_tiles(a, s, m_block, kBlockM);
+  };
+  // The rings' position: g key tiles of earlier items passed through them; qn query tiles.
+  int g = 0, qn = 0;
+  auto phase = [&](int it) { return uint32_t(((g + it) / kStages) & 1); };
   if (wg == 0) {
-    // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first).
+    // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first). The
+    // next item's query tile waits until every consumer warp has done its last Q Kᵀ product.
     setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
-      mbar_expect_tx(q_full, Shape::kQBytes);
-      load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
-      for (int it = 0; it < n_tiles; ++it) {
-        const int st = it % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
-        mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
-        mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
-        load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
-        mbar_wait(v_empty + 8 * st, phase(it) ^ 1);
-        mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
-        load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
+      const int total = kPersistent ? hm * a.batch : 0;
+      int i = kPersistent ? int(blockIdx.x) : int((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
+      for (;;) {
+        int h, m_block, n_tiles;
+        SeqSpan s;
+        decode(i, h, m_block, s, n_tiles);
+        if (n_tiles >= 0) {
+          const int kvh = h / a.group;
+          mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);  // the first round passes at once
+          st_shared_u32(m.item, uint32_t(i));         // (published by the arrival below)
+          mbar_expect_tx(q_full, Shape::kQBytes);
+          load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+          for (int it = 0; it < n_tiles; ++it) {
+            const int st = (g + it) % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
+            mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
+            mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
+            load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
+            mbar_wait(v_empty + 8 * st, phase(it) ^ 1);
+            mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
+            load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
+          }
+          g += n_tiles, ++qn;
+        }
+        if (!kPersistent) break;
+        i = int(gridDim.x) + atomicAdd(a.sched, 1);
+        if (i >= total) break;
+      }
+      // no more: the consumers learn it with the next Q tile's arrival; the last block to finish
+      // sets the counters back to 0 for the next launch (every block took its last number before)
+      mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);
+      st_shared_u32(m.item, ~0u);
+      mbar_arrive(q_full);
+      if (kPersistent) {
+        __threadfence();
+        if (atomicAdd(a.sched + 1, 1) == int(gridDim.x) - 1) atomicExch(a.sched, 0), atomicExch(a.sched + 1, 0);
       }
     }
   } else {
@@ -374,17 +416,17 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     const int cw = wg - 1;  // this consumer's 64 queries of the block
     const int warp = (tid % 128) / 32, lane = tid % 32;
     const uint64_t dq0 = sw128_desc(sq + cw * 64 * 128);
-    const int r0 = m_block * kBlockM + cw * 64 + warp * 16 + lane / 4;
     float o[kDv / 2];
-#pragma unroll
-    for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
-    RowState rs;
-    float sc[64], corr[2] = {1.f, 1.f};
+    float sc[64], corr[2];
     uint32_t pa[kBlockN / 16][4];
-    auto dk = [&](int it) { return sw128_desc(sk + (it % kStages) * Shape::kKBytes); };
-    auto dv = [&](int it) { return sw128_desc_mn(sv + (it % kStages) * Shape::kVBytes, kChunkBytes); };
-    auto full = [&](uint32_t bar, int it) { mbar_wait(bar + 8 * (it % kStages), phase(it)); };
-    auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * (it % kStages)); };
+    auto dk = [&](int it) { return sw128_desc(sk + ((g + it) % kStages) * Shape::kKBytes); };
+    auto dv = [&](int it) { return sw128_desc_mn(sv + ((g + it) % kStages) * Shape::kVBytes, kChunkBytes); };
+    auto full = [&](uint32_t bar, int it) { mbar_wait(bar + 8 * ((g + it) % kStages), phase(it)); };
+    auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * ((g + it) % kStages)); };
+    auto release_q = [&] {  // (after the warp's last Q Kᵀ product has completed)
+      __syncwarp();
+      if (lane == 0) mbar_arrive(q_empty);
+    };
     // ping-pong: consumer cw issues after bar 1 + cw and then lets the next one go (round
     // robin); the last consumer lets consumer 0 go first, and skips its last arrival so that the
     // barriers end balanced (256: the 128 threads waiting and the 128 arriving).
@@ -395,104 +437,121 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
       if constexpr (kPingPong)
         if (!(last && cw == kC - 1)) named_bar_arrive(1 + (cw + 1) % kC, 256);
     };
-    const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
-    // The leading tiles (the block's last keys) that mask out every one of this consumer's 64
-    // queries: causally past its last query's diagonal, or all of them when its queries lie past
-    // the sequence. It waits for and releases those stages (and takes its turns) without
-    // computing — under the causal mask that is a tenth of the products at 192 queries a block.
-    const int my_first = m_block * kBlockM + cw * 64;
-    int skip = 0, last_key = s.lk - 1;  // the last key any of the consumer's queries sees
-    if (my_first >= s.lq) {
-      skip = n_tiles;
-    } else if (a.causal) {
-      last_key = min(last_key, min(my_first + 63, s.lq - 1) + s.lk - s.lq);
-      skip = last_key < 0 ? n_tiles : max(0, n_tiles - 1 - last_key / kBlockN);
-    }
-    // The first tile it computes may mask all of its last 64 keys too (the diagonal, or the
-    // sequence's end): then the softmax runs over the first 64 keys' scores only (half the
-    // exponentials: at head dim 64 the SFU, not the tensor cores, bounds a tile). The n64 product
-    // for that tile alone made ptxas serialize every wgmma of the kernel (C7511), so S stays n128.
-    const bool half = skip < n_tiles && last_key < (n_tiles - 1 - skip) * kBlockN + 64;
-    mbar_wait(q_full, 0);
-    if (n_tiles > 0) {  // (none: causal queries before every key; O = 0, lse = -inf)
-      if constexpr (kPingPong)
-        if (cw == kC - 1) named_bar_arrive(1, 256);
-      for (int it = 0; it < skip; ++it) {
-        full(k_full, it);
-        full(v_full, it);
-        my_turn();
-        your_turn(false);
-        release(k_empty, it);
-        release(v_empty, it);
-      }
-    }
-    if (skip < n_tiles) {
-      // the first tile: S(skip) and its softmax alone
-      full(k_full, skip);
-      my_turn();
-      wgmma_fence();
-      qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(skip));
-      wgmma_commit();
-      your_turn(false);
-      wgmma_wait<0>();
-      fence_regs(sc);
-      release(k_empty, skip);
-      if (half) {  // (a half tile is always a masked one)
-        softmax_tile<true, kBlockN / 2>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+    for (;;) {
+      mbar_wait(q_full, uint32_t(qn & 1));
+      const int i = int(ld_shared_u32(m.item));
+      if (i < 0) break;
+      int h, m_block, n_tiles;
+      SeqSpan s;
+      decode(i, h, m_block, s, n_tiles);
+      const int r0 = m_block * kBlockM + cw * 64 + warp * 16 + lane / 4;
 #pragma unroll
-        for (int i = kBlockN / 4; i < kBlockN / 2; ++i) sc[i] = 0.f;  // the masked keys' P
-      } else if (n_masked > skip) {
-        softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
-      } else {
-        softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+      for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
+      RowState rs;
+      corr[0] = corr[1] = 1.f;
+      const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
+      // The leading tiles (the block's last keys) that mask out every one of this consumer's 64
+      // queries: causally past its last query's diagonal, or all of them when its queries lie past
+      // the sequence. It waits for and releases those stages (and takes its turns) without
+      // computing — under the causal mask that is a tenth of the products at 192 queries a block.
+      const int my_first = m_block * kBlockM + cw * 64;
+      int skip = 0, last_key = s.lk - 1;  // the last key any of the consumer's queries sees
+      if (my_first >= s.lq) {
+        skip = n_tiles;
+      } else if (a.causal) {
+        last_key = min(last_key, min(my_first + 63, s.lq - 1) + s.lk - s.lq);
+        skip = last_key < 0 ? n_tiles : max(0, n_tiles - 1 - last_key / kBlockN);
       }
-      pack_p(pa, sc);
-
-      auto step = [&](int it, auto masked) {
-        full(k_full, it);
-        full(v_full, it - 1);
+      // The first tile it computes may mask all of its last 64 keys too (the diagonal, or the
+      // sequence's end): then the softmax runs over the first 64 keys' scores only (half the
+      // exponentials: at head dim 64 the SFU, not the tensor cores, bounds a tile). The n64 product
+      // for that tile alone made ptxas serialize every wgmma of the kernel (C7511), so S stays n128.
+      const bool half = skip < n_tiles && last_key < (n_tiles - 1 - skip) * kBlockN + 64;
+      if (n_tiles > 0) {  // (none: causal queries before every key; O = 0, lse = -inf)
+        if constexpr (kPingPong)
+          if (cw == kC - 1) named_bar_arrive(1, 256);
+        for (int it = 0; it < skip; ++it) {
+          full(k_full, it);
+          full(v_full, it);
+          my_turn();
+          your_turn(false);
+          release(k_empty, it);
+          release(v_empty, it);
+        }
+      }
+      if (skip < n_tiles) {
+        // the first tile: S(skip) and its softmax alone
+        full(k_full, skip);
         my_turn();
-        fence_regs(pa);
         wgmma_fence();
-        qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
-        wgmma_commit();
-        rescale<kDv>(o, corr);
-        fence_regs(o);
-        wgmma_fence();
-        pv_product<kDv>(o, pa, dv(it - 1));
+        qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(skip));
         wgmma_commit();
         your_turn(false);
-        wgmma_wait<1>();
+        wgmma_wait<0>();
         fence_regs(sc);
-        release(k_empty, it);
-        softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
-        fence_regs(sc);
+        release(k_empty, skip);
+        if (half) {  // (a half tile is always a masked one)
+          softmax_tile<true, kBlockN / 2>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+#pragma unroll
+          for (int i = kBlockN / 4; i < kBlockN / 2; ++i) sc[i] = 0.f;  // the masked keys' P
+        } else if (n_masked > skip) {
+          softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+        } else {
+          softmax_tile<false>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
+        }
+        pack_p(pa, sc);
+
+        auto step = [&](int it, auto masked) {
+          full(k_full, it);
+          full(v_full, it - 1);
+          my_turn();
+          fence_regs(pa);
+          wgmma_fence();
+          qk_product<kQChunks, kBlockM * 128>(sc, dq0, dk(it));
+          wgmma_commit();
+          rescale<kDv>(o, corr);
+          fence_regs(o);
+          wgmma_fence();
+          pv_product<kDv>(o, pa, dv(it - 1));
+          wgmma_commit();
+          your_turn(false);
+          wgmma_wait<1>();
+          fence_regs(sc);
+          release(k_empty, it);
+          softmax_tile<decltype(masked)::value>(sc, rs, corr, a, s, n_tiles - 1 - it, r0, lane);
+          fence_regs(sc);
+          wgmma_wait<0>();
+          fence_regs(o);
+          release(v_empty, it - 1);
+          pack_p(pa, sc);
+        };
+        int it = skip + 1;
+        for (; it < n_masked; ++it) step(it, std::true_type{});
+        for (; it < n_tiles; ++it) step(it, std::false_type{});
+        release_q();  // (the last step waited for its Q Kᵀ)
+
+        // the last tile's P·V
+        full(v_full, n_tiles - 1);
+        my_turn();
+        rescale<kDv>(o, corr);
+        fence_regs(o), fence_regs(pa);
+        wgmma_fence();
+        pv_product<kDv>(o, pa, dv(n_tiles - 1));
+        wgmma_commit();
+        your_turn(true);
         wgmma_wait<0>();
         fence_regs(o);
-        release(v_empty, it - 1);
-        pack_p(pa, sc);
-      };
-      int it = skip + 1;
-      for (; it < n_masked; ++it) step(it, std::true_type{});
-      for (; it < n_tiles; ++it) step(it, std::false_type{});
-
-      // the last tile's P·V
-      full(v_full, n_tiles - 1);
-      my_turn();
-      rescale<kDv>(o, corr);
-      fence_regs(o), fence_regs(pa);
-      wgmma_fence();
-      pv_product<kDv>(o, pa, dv(n_tiles - 1));
-      wgmma_commit();
-      your_turn(true);
-      wgmma_wait<0>();
-      fence_regs(o);
-      release(v_empty, n_tiles - 1);
-    } else if (n_tiles > 0) {  // the last P·V's turn, balancing the barriers
-      my_turn();
-      your_turn(true);
+        release(v_empty, n_tiles - 1);
+      } else {
+        release_q();
+        if (n_tiles > 0) {  // the last P·V's turn, balancing the barriers
+          my_turn();
+          your_turn(true);
+        }
+      }
+      store_output<kDv>(a, s, h, r0, lane, o, rs);
+      g += n_tiles, ++qn;
     }
-    store_output<kDv>(a, s, h, r0, lane, o, rs);
   }
 #else
   (void)map_q, (void)map_k, (void)map_v, (void)a;
@@ -549,7 +608,8 @@ using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtenso
 // The forward kernels by head dims and schedule (FATHOM_FLASH_SCHEDULE picks one, for benchmarks):
 //   serial2, serial3 — flash_fwd_wgmma_kernel, two or three warpgroups (128 / 192 queries);
 //   ws, ws3 — flash_fwd_ws_kernel, a producer and two or three pipelined consumers;
-//   pingpong, pingpong3 — the same with the consumers taking turns at the tensor cores.
+//   pingpong, pingpong3 — the same with the consumers taking turns at the tensor cores;
+//   a -p suffix: the same kernel persistent (a block per SM taking query block after query block).
 // The default for each head dims is the fastest measured on the H200 (bench/RESULTS.md).
 struct FwdVariant {
   int d_qk, d_v;
@@ -557,16 +617,18 @@ struct FwdVariant {
   WgmmaKernel kernel;
   int smem, threads, block_m;
   bool is_default;
+  bool persistent = false;  // a block per SM taking query block after query block (else one each)
+  WgmmaKernel grid_kernel = nullptr;  // the persistent kernel's grid form (no counters to be had)
 };
 template <int kDqk, int kDv, int kWGs>
 FwdVariant serial(const char* name, bool is_default) {
   return {kDqk, kDv, name, flash_fwd_wgmma_kernel<kDqk, kDv, kWGs>, FlashShape<kDqk, kDv, kWGs>::kSmem, 128 * kWGs,
           64 * kWGs, is_default};
 }
-template <int kDqk, int kDv, int kC, bool kPP>
+template <int kDqk, int kDv, int kC, bool kPP, bool kPersistent = false>
 FwdVariant ws(const char* name, bool is_default) {
-  return {kDqk, kDv, name, flash_fwd_ws_kernel<kDqk, kDv, kC, kPP>, FlashShape<kDqk, kDv, kC>::kSmem,
-          128 * (kC + 1), 64 * kC, is_default};
+  return {kDqk, kDv, name, flash_fwd_ws_kernel<kDqk, kDv, kC, kPP, kPersistent>, FlashShape<kDqk, kDv, kC>::kSmem,
+          128 * (kC + 1), 64 * kC, is_default, kPersistent, flash_fwd_ws_kernel<kDqk, kDv, kC, kPP, false>};
 }
 const std::vector<FwdVariant>& fwd_variants() {
   static const std::vector<FwdVariant> v = {
@@ -575,13 +637,16 @@ const std::vector<FwdVariant>& fwd_variants() {
       ws<64, 64, 2, false>("ws", false),
       ws<64, 64, 2, true>("pingpong", false),
       ws<64, 64, 3, false>("ws3", false),
-      ws<64, 64, 3, true>("pingpong3", true),
+      ws<64, 64, 3, true>("pingpong3", false),
+      ws<64, 64, 3, true, true>("pingpong3-p", true),
       serial<128, 128, 2>("serial2", false),
       serial<128, 128, 3>("serial3", false),
-      ws<128, 128, 2, false>("ws", true),
+      ws<128, 128, 2, false>("ws", false),
+      ws<128, 128, 2, false, true>("ws-p", true),
       ws<128, 128, 2, true>("pingpong", false),
       serial<192, 128, 2>("serial2", false),
-      ws<192, 128, 2, false>("ws", true),
+      ws<192, 128, 2, false>("ws", false),
+      ws<192, 128, 2, false, true>("ws-p", true),
       ws<192, 128, 2, true>("pingpong", false),
   };
   return v;
@@ -591,9 +656,35 @@ std::once_flag g_flash_smem[kMaxDevices];
 void allow_flash_smem() {
   once_per_device(g_flash_smem, [] {
     for (const FwdVariant& v : fwd_variants())
-      check(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
-            "flash_attention (shared memory of the forward kernels)");
+      for (const WgmmaKernel k : {v.kernel, v.grid_kernel})
+        if (k)
+          check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem),
+                "flash_attention (shared memory of the forward kernels)");
   });
+}
+
+// The persistent forward's two counters for launches on stream s (on its device): allocated and
+// zeroed the first time the stream asks outside a graph capture, and left zeroed by every launch
+// (the last block to finish resets them). Null while a capture asks first: the grid form runs
+// then. Launches in flight at once on two streams do not share counters; two replays of one
+// captured graph on two streams at once would.
+int* sched_counters(cudaStream_t s) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, int*> counters;
+  int device = 0;
+  check(cudaGetDevice(&device), "flash_attention (device)");
+  std::lock_guard<std::mutex> lock(mu);
+  int*& c = counters[{device, s}];
+  if (!c) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    check(cudaStreamIsCapturing(s, &capturing), "flash_attention (capture status)");
+    if (capturing != cudaStreamCaptureStatusNone) return nullptr;
+    int* p = nullptr;
+    check(cudaMalloc(&p, 2 * sizeof(int)), "flash_attention (the persistent kernel's counters)");
+    check(cudaMemsetAsync(p, 0, 2 * sizeof(int), s), "flash_attention (the persistent kernel's counters)");
+    c = p;
+  }
+  return c;
 }
 
 // The kernel for p's head dims: the schedule FATHOM_FLASH_SCHEDULE names (FATHOM_FLASH_WARPGROUPS=2:
@@ -668,13 +759,21 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
   if (!refusal) {
     allow_flash_smem();
     const FwdVariant& v = *wgmma_variant(p);
+    a.m_blocks = int(ceil_div(p.max_seqlen_q, v.block_m)), a.batch = int(p.batch);
     const CUtensorMap mq =
         flash_head_map(p.q, p.d_qk, p.n_heads, p.total_q, p.q_head_stride, p.q_token_stride, uint32_t(v.block_m), "q");
     const CUtensorMap mk =
         flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kBlockN, "k");
     const CUtensorMap mv = flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kBlockN, "v");
-    const dim3 grid(unsigned(p.n_heads), unsigned(ceil_div(p.max_seqlen_q, v.block_m)), unsigned(p.batch));
-    launch_kernel(v.kernel, grid, dim3(unsigned(v.threads)), size_t(v.smem), s, mq, mk, mv, a);
+    const int64_t items = int64_t(a.m_blocks) * p.n_heads * p.batch;
+    FATHOM_CHECK(items < (int64_t(1) << 31), "flash_attention_forward: ", items,
+                 " query blocks (heads x blocks of the longest sequence x sequences) exceed 2^31.");
+    a.sched = v.persistent ? sched_counters(s) : nullptr;
+    const bool persistent = a.sched != nullptr;
+    const dim3 grid = persistent ? dim3(unsigned(std::min<int64_t>(items, sm_count())))
+                                 : dim3(unsigned(p.n_heads), unsigned(a.m_blocks), unsigned(p.batch));
+    launch_kernel(persistent || !v.persistent ? v.kernel : v.grid_kernel, grid, dim3(unsigned(v.threads)),
+                  size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }

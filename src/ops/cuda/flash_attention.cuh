@@ -25,6 +25,8 @@ struct FlashArgs {
   int n_heads, group, d_qk, d_v;
   float scale, scale_log2;  // scale · log2(e): the kernels use exp2
   int causal;
+  int m_blocks, batch;  // the forward's query blocks a sequence (the longest's) and sequences
+  int* sched;           // the persistent forward's two counters (items handed out, blocks done), 0 between launches
   // the backward's: dout (out's strides), D = Σ dout · out and the gradients (fp32, contiguous)
   const uint16_t* dout;
   int64_t do_ts, do_hs;

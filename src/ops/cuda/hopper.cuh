@@ -189,6 +189,11 @@ __device__ inline void fence_proxy_async_smem() { asm volatile("fence.proxy.asyn
 __device__ inline void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ inline uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
 
 // Returns once at most N of this warpgroup's committed wgmma groups are still running.
 template <int N>
