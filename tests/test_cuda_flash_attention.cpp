@@ -321,6 +321,9 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
 // with the dK dV kernel taking its tiles in order; with the dQ kernel reading Q and dout from
 // shared memory; the default, pipelined), chosen by FATHOM_FLASH_BACKWARD.
 TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
+  // (many: 40 ragged sequences, ~1,000 query blocks and ~300 key blocks, several waves of them)
+  std::vector<int> ragged;
+  for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
   for (const char* form : {"serial", "ws-serial", "ws-ss", "ws"}) {
     SCOPED_TRACE(form);
     ::setenv("FATHOM_FLASH_BACKWARD", form, 1);
@@ -328,7 +331,8 @@ TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
       const Case c{{1, 130, 300}, {1, 130, 300}, 4, 2, dqk, dv, true};
       const Case m{{64, 200, 7}, {300, 460, 3}, 4, 1, dqk, dv, true, 8};
       const Case f{{17, 260}, {17, 260}, 2, 2, dqk, dv, false};
-      for (const Case* x : {&c, &m, &f})
+      const Case many{ragged, ragged, 8, 2, dqk, dv, true};
+      for (const Case* x : {&c, &m, &f, &many})
         if (kernels(*x).size() > 1) check_backward(*x, FlashKernel::Wgmma);
     }
   }

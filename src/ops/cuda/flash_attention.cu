@@ -354,11 +354,10 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   const int wg = __shfl_sync(kFullMask, tid / 128, 0);
   // The block's work: query blocks, numbered sequence by sequence, in a sequence from the last
   // (the longest under the causal mask) to the first, head by head within — the grid's order. The
-  // grid form has one, its block's; in the persistent form each block takes its first, then the
-  // next not yet taken (an atomic counter), as the hardware would hand a new block to an SM, so
-  // that the blocks running at once share a sequence's keys in L2. The producer thread takes them
-  // and tells the consumers with the Q tile (m.item, -1 when there are no more); a query block
-  // past its sequence's end is skipped (n_tiles = -1).
+  // grid form has one, its block's; in the persistent form a block takes them as it frees up
+  // (next_work_item), so that the blocks running at once share a sequence's keys in L2 as the
+  // grid's do. The consumers learn which with the Q tile (m.item); a query block past its
+  // sequence's end is skipped (n_tiles = -1).
   const int hm = a.n_heads * a.m_blocks;
   auto decode = [&](int i, int& h, int& m_block, SeqSpan& s, int& n_tiles) {
     const int b = i / hm, r = i % hm;
@@ -398,18 +397,14 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
           g += n_tiles, ++qn;
         }
         if (!kPersistent) break;
-        i = int(gridDim.x) + atomicAdd(a.sched, 1);
+        i = next_work_item(a.sched);
         if (i >= total) break;
       }
-      // no more: the consumers learn it with the next Q tile's arrival; the last block to finish
-      // sets the counters back to 0 for the next launch (every block took its last number before)
+      // no more: the consumers learn it with the next Q tile's arrival
       mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);
       st_shared_u32(m.item, ~0u);
       mbar_arrive(q_full);
-      if (kPersistent) {
-        __threadfence();
-        if (atomicAdd(a.sched + 1, 1) == int(gridDim.x) - 1) atomicExch(a.sched, 0), atomicExch(a.sched + 1, 0);
-      }
+      if (kPersistent) work_items_done(a.sched);
     }
   } else {
     setmaxnreg_inc<kConsumerRegs>();
@@ -663,12 +658,9 @@ void allow_flash_smem() {
   });
 }
 
-// The persistent forward's two counters for launches on stream s (on its device): allocated and
-// zeroed the first time the stream asks outside a graph capture, and left zeroed by every launch
-// (the last block to finish resets them). Null while a capture asks first: the grid form runs
-// then. Launches in flight at once on two streams do not share counters; two replays of one
-// captured graph on two streams at once would.
-int* sched_counters(cudaStream_t s) {
+}  // namespace
+
+int* flash_sched_counters(cudaStream_t s) {
   static std::mutex mu;
   static std::map<std::pair<int, cudaStream_t>, int*> counters;
   int device = 0;
@@ -686,6 +678,8 @@ int* sched_counters(cudaStream_t s) {
   }
   return c;
 }
+
+namespace {
 
 // The kernel for p's head dims: the schedule FATHOM_FLASH_SCHEDULE names (FATHOM_FLASH_WARPGROUPS=2:
 // serial2) where it exists for them, else the default; null for other head dims.
@@ -768,7 +762,7 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
     const int64_t items = int64_t(a.m_blocks) * p.n_heads * p.batch;
     FATHOM_CHECK(items < (int64_t(1) << 31), "flash_attention_forward: ", items,
                  " query blocks (heads x blocks of the longest sequence x sequences) exceed 2^31.");
-    a.sched = v.persistent ? sched_counters(s) : nullptr;
+    a.sched = v.persistent ? flash_sched_counters(s) : nullptr;
     const bool persistent = a.sched != nullptr;
     const dim3 grid = persistent ? dim3(unsigned(std::min<int64_t>(items, sm_count())))
                                  : dim3(unsigned(p.n_heads), unsigned(a.m_blocks), unsigned(p.batch));

@@ -2,6 +2,7 @@
 // the backward): their arguments, a sequence's span, the wgmma forms they use, the tensor maps.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -25,8 +26,10 @@ struct FlashArgs {
   int n_heads, group, d_qk, d_v;
   float scale, scale_log2;  // scale · log2(e): the kernels use exp2
   int causal;
-  int m_blocks, batch;  // the forward's query blocks a sequence (the longest's) and sequences
-  int* sched;           // the persistent forward's two counters (items handed out, blocks done), 0 between launches
+  // the persistent forward's: query blocks a sequence (the longest's), sequences, and the two
+  // counters (work items handed out, blocks done; 0 between launches: flash_sched_counters)
+  int m_blocks, batch;
+  int* sched;
   // the backward's: dout (out's strides), D = Σ dout · out and the gradients (fp32, contiguous)
   const uint16_t* dout;
   int64_t do_ts, do_hs;
@@ -66,7 +69,26 @@ constexpr int kChunk = 64;  // bf16 columns in one 128-byte swizzled box
 CUtensorMap flash_head_map(const uint16_t* ptr, int d, int heads, int64_t tokens, int64_t head_stride,
                            int64_t token_stride, uint32_t box_rows, const char* what);
 
+// The persistent forward's counters for launches on stream s (on its device), two ints: allocated
+// and zeroed the first time the stream asks outside a graph capture, and left zeroed by every
+// launch. Null while a capture asks first (the kernel's grid form runs then). Launches in flight
+// at once on two streams do not share counters; two replays of one captured graph on two streams
+// at once would. (flash_attention.cu)
+int* flash_sched_counters(cudaStream_t s);
+
 #ifdef FATHOM_SM90A
+// A persistent kernel's work items (the forward's query blocks): a block's first is its index, each next the counter's next number past the grid — so
+// blocks take items in order as they free up, as the hardware hands out a grid's blocks. Its
+// producer thread takes them and tells the consumers with the item's first copy (a word in shared
+// memory, published by that copy's mbarrier arrival; -1 when there are no more).
+__device__ inline int next_work_item(int* counters) { return int(gridDim.x) + atomicAdd(counters, 1); }
+// After a block's last item has been taken: the last block to get here sets the counters back to
+// 0 for the next launch (every block has taken its last number before it counts itself done).
+__device__ inline void work_items_done(int* counters) {
+  __threadfence();
+  if (atomicAdd(counters + 1, 1) == int(gridDim.x) - 1) atomicExch(counters, 0), atomicExch(counters + 1, 0);
+}
+
 __device__ inline float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
