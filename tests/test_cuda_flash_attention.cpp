@@ -32,6 +32,10 @@
 #include "ops/ops.h"
 
 #ifdef FATHOM_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include <functional>
+
 #include "ops/cuda/cuda_ops.h"
 #endif
 
@@ -113,7 +117,10 @@ class CudaFlashAttention : public testing::Test {
 
   // Runs the case on the CPU and with `kernel` on the GPU; returns the worst error ratios
   // (error / bound) of out and lse, failing the test past 1.
-  void check(const Case& c, FlashKernel kernel, float scale_mul = 1.0f) {
+  // run: launches the forward on the GPU's arguments (default: flash_attention_forward on the
+  // default stream).
+  void check(const Case& c, FlashKernel kernel, float scale_mul = 1.0f,
+             const std::function<void(const FlashAttentionParams&)>& run = {}) {
     std::vector<int32_t> cu_q, cu_k;
     const FlashAttentionParams p = layout(c, scale_mul, cu_q, cu_k);
     const int64_t tq = p.total_q, tk = p.total_k;
@@ -139,7 +146,8 @@ class CudaFlashAttention : public testing::Test {
     g.lse = static_cast<float*>(dlse.data());
     g.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), g.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
     cuda::device_synchronize();
-    cuda::flash_attention_forward(g, nullptr, kernel);
+    if (run) run(g);
+    else cuda::flash_attention_forward(g, nullptr, kernel);
     cuda::device_synchronize();
     const std::vector<uint16_t> out = down<uint16_t>(dout, tq * p.out_token_stride);
     const std::vector<float> lse = down<float>(dlse, tq * c.heads);
@@ -282,6 +290,43 @@ TEST_F(CudaFlashAttention, EveryForwardScheduleMatchesTheCpu) {
     }
   }
   ::unsetenv("FATHOM_FLASH_SCHEDULE");
+}
+
+// The persistent forward's counters (flash_sched_counters, one pair a stream) inside CUDA graphs:
+// a stream's first forward inside a capture runs the grid form (no counters can be made there);
+// once the stream has its counters, captured forwards use them, and each replay leaves them reset
+// for the next — the second replay, into a poisoned output, must compute every query block again.
+TEST_F(CudaFlashAttention, PersistentForwardInCapturedGraphs) {
+  std::vector<int> ragged;
+  for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
+  const Case many{ragged, ragged, 8, 2, 128, 128, true};
+  if (kernels(many).size() < 2) GTEST_SKIP() << "no sm_90a kernels on this GPU";
+  for (const bool counters_first : {false, true}) {
+    SCOPED_TRACE(counters_first ? "counters made before the capture" : "first use inside the capture");
+    cudaStream_t st = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    check(many, FlashKernel::Wgmma, 1.0f, [&](const FlashAttentionParams& g) {
+      if (counters_first) {
+        cuda::flash_attention_forward(g, st, FlashKernel::Wgmma);
+        ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+      }
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      cuda::flash_attention_forward(g, st, FlashKernel::Wgmma);
+      ASSERT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);
+      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      const size_t out_bytes = size_t(g.total_q * g.out_token_stride) * 2;
+      for (int replay = 0; replay < 2; ++replay) {
+        ASSERT_EQ(cudaMemsetAsync(g.out, 0xFF, out_bytes, st), cudaSuccess);  // NaN: unwritten rows fail
+        ASSERT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
+        ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+      }
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    });
+    cudaStreamDestroy(st);
+  }
 }
 
 TEST_F(CudaFlashAttention, LongSequencesAndPeakedScores) {

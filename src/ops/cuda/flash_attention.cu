@@ -341,6 +341,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   using Shape = FlashShape<kDqk, kDv, kC>;
   constexpr int kStages = Shape::kStages, kQChunks = kDqk / kChunk, kBlockM = Shape::kBlockM;
   constexpr int kConsumers = 128 * kC;
+  constexpr int kItemBar = 1 + kC;  // the named barrier of the item word (1 .. kC: the ping-pong turns)
   // registers: 168 x 384 = 24 x 128 + 240 x 256; 128 x 512 >= 24 x 128 + 160 x 384
   constexpr int kProducerRegs = 24, kConsumerRegs = kC == 2 ? 240 : 160;
   static_assert(setmaxnreg_fits(kProducerRegs, kConsumerRegs, kC), "setmaxnreg over the launch's registers");
@@ -372,14 +373,23 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first). The
     // next item's query tile waits until every consumer warp has done its last Q Kᵀ product.
     setmaxnreg_dec<kProducerRegs>();
-    if (tid == 0) {
+    if (tid < 32) {  // the producer warp: lane 0 copies; the warp takes part in the item barrier
       const int total = kPersistent ? hm * a.batch : 0;
       int i = kPersistent ? int(blockIdx.x) : int((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
+      // before the item word is written again, every consumer thread has read it (a named barrier,
+      // which is also what compute-sanitizer's racecheck can see)
+      auto item_free = [&] {
+        __syncwarp();
+        if (qn > 0) named_bar_sync(kItemBar, 32 + kConsumers);
+      };
       for (;;) {
         int h, m_block, n_tiles;
         SeqSpan s;
         decode(i, h, m_block, s, n_tiles);
         if (n_tiles >= 0) {
+          item_free();
+        }
+        if (n_tiles >= 0 && tid == 0) {
           const int kvh = h / a.group;
           mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);  // the first round passes at once
           st_shared_u32(m.item, uint32_t(i));         // (published by the arrival below)
@@ -394,17 +404,20 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
             mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
             load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
           }
-          g += n_tiles, ++qn;
         }
+        if (n_tiles >= 0) g += n_tiles, ++qn;
         if (!kPersistent) break;
-        i = next_work_item(a.sched);
+        i = __shfl_sync(kFullMask, tid == 0 ? next_work_item(a.sched) : 0, 0);
         if (i >= total) break;
       }
       // no more: the consumers learn it with the next Q tile's arrival
-      mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);
-      st_shared_u32(m.item, ~0u);
-      mbar_arrive(q_full);
-      if (kPersistent) work_items_done(a.sched);
+      item_free();
+      if (tid == 0) {
+        mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);
+        st_shared_u32(m.item, ~0u);
+        mbar_arrive(q_full);
+        if (kPersistent) work_items_done(a.sched);
+      }
     }
   } else {
     setmaxnreg_inc<kConsumerRegs>();
@@ -436,6 +449,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
       mbar_wait(q_full, uint32_t(qn & 1));
       const int i = int(ld_shared_u32(m.item));
       if (i < 0) break;
+      named_bar_arrive(kItemBar, 32 + kConsumers);  // (read: the producer may write the next)
       int h, m_block, n_tiles;
       SeqSpan s;
       decode(i, h, m_block, s, n_tiles);
