@@ -366,7 +366,8 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
 // with the dK dV kernel taking its tiles in order; with the dQ kernel reading Q and dout from
 // shared memory; the default, pipelined), chosen by FATHOM_FLASH_BACKWARD.
 TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
-  // (many: 40 ragged sequences, ~1,000 query blocks and ~300 key blocks, several waves of them)
+  // (many, for the default form: 40 ragged sequences, ~1,000 query blocks and ~300 key blocks,
+  // several waves of them)
   std::vector<int> ragged;
   for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
   for (const char* form : {"serial", "ws-serial", "ws-ss", "ws"}) {
@@ -378,7 +379,7 @@ TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
       const Case f{{17, 260}, {17, 260}, 2, 2, dqk, dv, false};
       const Case many{ragged, ragged, 8, 2, dqk, dv, true};
       for (const Case* x : {&c, &m, &f, &many})
-        if (kernels(*x).size() > 1) check_backward(*x, FlashKernel::Wgmma);
+        if (kernels(*x).size() > 1 && (x != &many || !std::strcmp(form, "ws"))) check_backward(*x, FlashKernel::Wgmma);
     }
   }
   ::unsetenv("FATHOM_FLASH_BACKWARD");
