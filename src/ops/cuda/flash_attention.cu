@@ -182,7 +182,7 @@ __device__ inline FwdSmem fwd_smem(uint8_t* raw, int consumers) {
   m.item = m.q_empty + 8;  // the query block the Q tile in shared memory belongs to (-1: no more)
   if (threadIdx.x == 0) {
     mbar_init(m.q_full, 1);
-    mbar_init(m.q_empty, uint32_t(consumers / 32));  // (the persistent kernel's: one arrival per consumer warp)
+    mbar_init(m.q_empty, uint32_t(consumers / 32));  // (flash_fwd_ws_kernel's: one arrival per consumer warp)
     for (int i = 0; i < kStages; ++i) {
       mbar_init(m.k_full + 8 * i, 1);
       mbar_init(m.v_full + 8 * i, 1);
@@ -388,24 +388,24 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
         decode(i, h, m_block, s, n_tiles);
         if (n_tiles >= 0) {
           item_free();
-        }
-        if (n_tiles >= 0 && tid == 0) {
-          const int kvh = h / a.group;
-          mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);  // the first round passes at once
-          st_shared_u32(m.item, uint32_t(i));         // (published by the arrival below)
-          mbar_expect_tx(q_full, Shape::kQBytes);
-          load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
-          for (int it = 0; it < n_tiles; ++it) {
-            const int st = (g + it) % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
-            mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
-            mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
-            load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
-            mbar_wait(v_empty + 8 * st, phase(it) ^ 1);
-            mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
-            load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
+          if (tid == 0) {
+            const int kvh = h / a.group;
+            mbar_wait(q_empty, uint32_t(qn & 1) ^ 1u);  // the first round passes at once
+            st_shared_u32(m.item, uint32_t(i));         // (published by the arrival below)
+            mbar_expect_tx(q_full, Shape::kQBytes);
+            load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
+            for (int it = 0; it < n_tiles; ++it) {
+              const int st = (g + it) % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
+              mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
+              mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
+              load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
+              mbar_wait(v_empty + 8 * st, phase(it) ^ 1);
+              mbar_expect_tx(v_full + 8 * st, Shape::kVBytes);
+              load_head_rows<kDv, kBlockN>(sv + st * Shape::kVBytes, &map_v, kvh, row, v_full + 8 * st);
+            }
           }
+          g += n_tiles, ++qn;
         }
-        if (n_tiles >= 0) g += n_tiles, ++qn;
         if (!kPersistent) break;
         i = __shfl_sync(kFullMask, tid == 0 ? next_work_item(a.sched) : 0, 0);
         if (i >= total) break;
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
       decode(i, h, m_block, s, n_tiles);
       const int r0 = m_block * kBlockM + cw * 64 + warp * 16 + lane / 4;
 #pragma unroll
-      for (int i = 0; i < kDv / 2; ++i) o[i] = 0.f;
+      for (int x = 0; x < kDv / 2; ++x) o[x] = 0.f;
       RowState rs;
       corr[0] = corr[1] = 1.f;
       const int n_masked = masked_tiles(a, s, m_block, n_tiles, kBlockM);
@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
         if (half) {  // (a half tile is always a masked one)
           softmax_tile<true, kBlockN / 2>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
 #pragma unroll
-          for (int i = kBlockN / 4; i < kBlockN / 2; ++i) sc[i] = 0.f;  // the masked keys' P
+          for (int x = kBlockN / 4; x < kBlockN / 2; ++x) sc[x] = 0.f;  // the masked keys' P
         } else if (n_masked > skip) {
           softmax_tile<true>(sc, rs, corr, a, s, n_tiles - 1 - skip, r0, lane);
         } else {
