@@ -2,7 +2,7 @@
 B 128x128; cuBLAS on Hopper) on the same dense shapes, BF16 output, in the same device run.
 Used only on the GPU machine as a reference; never part of fathom.
 
-usage: python3 bench/fp8_gemm_peer.py [--quick]
+usage: python3 bench/fp8_gemm_peer.py [--quick] [--shape M,N,K]
 Prints one line per case: "torch dense M N K 1 <TFLOP/s>" (or "... n/a <reason>").
 """
 import sys
@@ -14,7 +14,9 @@ from peer_timing import seconds_per_call
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
-def cases(quick):
+def cases(quick, shape=None):
+    if shape:
+        return [shape]
     out = [(M, N, K) for M in (128, 4096) for (N, K) in SHAPES_NK] + [(8192, 8192, 8192)]
     return [out[4], out[10], out[12]] if quick else out
 
@@ -32,8 +34,13 @@ def blockwise_call(M, N, K):
 
 def main():
     quick = "--quick" in sys.argv
+    shape = None
+    if "--shape" in sys.argv:
+        shape = tuple(int(x) for x in sys.argv[sys.argv.index("--shape") + 1].split(","))
+        if len(shape) != 3 or min(shape) <= 0:
+            sys.exit(f"fp8_gemm_peer: --shape wants M,N,K (positive), got {sys.argv[sys.argv.index('--shape') + 1]}")
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}", flush=True)
-    for M, N, K in cases(quick):
+    for M, N, K in cases(quick, shape):
         try:
             s = seconds_per_call(blockwise_call(M, N, K))
             print(f"torch dense {M} {N} {K} 1 {2.0 * M * N * K / s / 1e12:.1f}", flush=True)

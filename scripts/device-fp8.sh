@@ -11,7 +11,9 @@
 # after). Then there (carry ["device-serve-data", "device-bin"]):
 #   bash scripts/device-fp8.sh [--quick] [--no-tests] [--no-peer] [--ncu] [--sass] [--variants] [--prefill] [--wgmma]
 # --quick: three shapes (M 128 and 4096 of N 4096, K 7168; 8192³).
-# --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections).
+# --ncu: an ncu profile of the wgmma kernel at 8192³ (SOL and warp-state sections), the peer's
+# kernel's alike (unless --no-peer), and both kernels' source counters (stalls per instruction)
+# into $OUT/ncu-source-*.txt.
 # --variants: the 8192³ and M = 4096 shapes with each tile and cluster shape (FATHOM_FP8_GEMM).
 # --prefill: bench_cuda_decode's 2,048-token prefill of the 4.89B V3-shaped model in bf16 and in FP8,
 # weight-only and FP8 x FP8 (needs bench_cuda_decode in device-bin).
@@ -82,6 +84,23 @@ if [ "$ncu" = 1 ] && [ -n "$ncu_bin" ]; then
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,regex:l1tex__data_pipe_lsu_wavefronts_mem_shared.*sum\.pct.*,sm__cycles_elapsed.avg.per_second" \
     "$bin"/bench_fp8_gemm --shape 8192,8192,8192 --min-ms 1 >"$log/ncu.txt" 2>&1
   grep -vE "^ *-+ *$|^ *$" "$log/ncu.txt" | grep -vE "^fp8_gemm|^#" | awk '$NF != "0" && $NF != "0.00"' | head -90
+  # the peer's kernel (cuBLAS's nvjet) with the same metrics, and where each kernel's warps stall,
+  # instruction by instruction (ncu's source counters; the reports come back in $OUT)
+  if [ "$peer" = 1 ]; then
+    echo "== the peer's kernel at 8192³"
+    timeout 200 "$ncu_bin" --kernel-name regex:nvjet --launch-count 1 --launch-skip 3 --section SpeedOfLight \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*gmma.*pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second" \
+      python3 bench/fp8_gemm_peer.py --shape 8192,8192,8192 >"$log/ncu-peer.txt" 2>&1
+    grep -vE "^ *-+ *$|^ *$" "$log/ncu-peer.txt" | grep -vE "^torch|^#" | awk '$NF != "0" && $NF != "0.00"' | head -60
+  fi
+  if [ -n "${OUT:-}" ]; then
+    timeout 200 "$ncu_bin" --kernel-name regex:fp8_gemm_wgmma --launch-count 1 --launch-skip 1 --section SourceCounters \
+      --section WarpStateStats "$bin"/bench_fp8_gemm --shape 8192,8192,8192 --min-ms 1 >"$OUT/ncu-source-fathom.txt" 2>&1 || true
+    if [ "$peer" = 1 ]; then
+      timeout 200 "$ncu_bin" --kernel-name regex:nvjet --launch-count 1 --launch-skip 3 --section SourceCounters \
+        --section WarpStateStats python3 bench/fp8_gemm_peer.py --shape 8192,8192,8192 >"$OUT/ncu-source-peer.txt" 2>&1 || true
+    fi
+  fi
 fi
 python3 - "$log/fathom.txt" "$log/torch.txt" "$trc" <<'EOF' | tee "${OUT:-/tmp}/device-fp8.txt"
 import sys
