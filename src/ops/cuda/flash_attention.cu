@@ -368,6 +368,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   };
   // The rings' position: g key tiles of earlier items passed through them; qn query tiles.
   int g = 0, qn = 0;
+  auto stage = [&](int it) { return (g + it) % kStages; };
   auto phase = [&](int it) { return uint32_t(((g + it) / kStages) & 1); };
   if (wg == 0) {
     // The producer: loop step `it` brings key tile n_tiles - 1 - it (the masked tiles first). The
@@ -395,7 +396,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
             mbar_expect_tx(q_full, Shape::kQBytes);
             load_head_rows<kDqk, kBlockM>(sq, &map_q, h, int(s.q0 + int64_t(m_block) * kBlockM), q_full);
             for (int it = 0; it < n_tiles; ++it) {
-              const int st = (g + it) % kStages, row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
+              const int st = stage(it), row = int(s.k0 + int64_t(n_tiles - 1 - it) * kBlockN);
               mbar_wait(k_empty + 8 * st, phase(it) ^ 1);  // the first round passes at once
               mbar_expect_tx(k_full + 8 * st, Shape::kKBytes);
               load_head_rows<kDqk, kBlockN>(sk + st * Shape::kKBytes, &map_k, kvh, row, k_full + 8 * st);
@@ -427,10 +428,10 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     float o[kDv / 2];
     float sc[64], corr[2];
     uint32_t pa[kBlockN / 16][4];
-    auto dk = [&](int it) { return sw128_desc(sk + ((g + it) % kStages) * Shape::kKBytes); };
-    auto dv = [&](int it) { return sw128_desc_mn(sv + ((g + it) % kStages) * Shape::kVBytes, kChunkBytes); };
-    auto full = [&](uint32_t bar, int it) { mbar_wait(bar + 8 * ((g + it) % kStages), phase(it)); };
-    auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * ((g + it) % kStages)); };
+    auto dk = [&](int it) { return sw128_desc(sk + stage(it) * Shape::kKBytes); };
+    auto dv = [&](int it) { return sw128_desc_mn(sv + stage(it) * Shape::kVBytes, kChunkBytes); };
+    auto full = [&](uint32_t bar, int it) { mbar_wait(bar + 8 * stage(it), phase(it)); };
+    auto release = [&](uint32_t empty, int it) { mbar_arrive(empty + 8 * stage(it)); };
     auto release_q = [&] {  // (after the warp's last Q Kᵀ product has completed)
       __syncwarp();
       if (lane == 0) mbar_arrive(q_empty);
@@ -776,12 +777,12 @@ void flash_attention_forward(const FlashAttentionParams& p, Stream stream, Flash
     const int64_t items = int64_t(a.m_blocks) * p.n_heads * p.batch;
     FATHOM_CHECK(items < (int64_t(1) << 31), "flash_attention_forward: ", items,
                  " query blocks (heads x blocks of the longest sequence x sequences) exceed 2^31.");
-    a.sched = v.persistent ? flash_sched_counters(s) : nullptr;
+    a.sched = v.persistent ? flash_sched_counters(s) : nullptr;  // (null: the grid form runs)
     const bool persistent = a.sched != nullptr;
+    const WgmmaKernel kernel_fn = v.persistent && !persistent ? v.grid_kernel : v.kernel;
     const dim3 grid = persistent ? dim3(unsigned(std::min<int64_t>(items, sm_count())))
                                  : dim3(unsigned(p.n_heads), unsigned(a.m_blocks), unsigned(p.batch));
-    launch_kernel(persistent || !v.persistent ? v.kernel : v.grid_kernel, grid, dim3(unsigned(v.threads)),
-                  size_t(v.smem), s, mq, mk, mv, a);
+    launch_kernel(kernel_fn, grid, dim3(unsigned(v.threads)), size_t(v.smem), s, mq, mk, mv, a);
     check_launch("flash_fwd_wgmma_kernel");
     return;
   }
