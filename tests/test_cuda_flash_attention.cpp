@@ -370,7 +370,7 @@ TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
   // several waves of them)
   std::vector<int> ragged;
   for (int i = 0; i < 40; ++i) ragged.push_back(1 + (i * 97) % 520);
-  for (const char* form : {"serial", "ws-serial", "ws-ss", "ws"}) {
+  for (const char* form : {"serial", "ws-serial", "ws-ss", "ws", "onepass"}) {
     SCOPED_TRACE(form);
     ::setenv("FATHOM_FLASH_BACKWARD", form, 1);
     for (const auto& [dqk, dv] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {192, 128}}) {
@@ -379,14 +379,14 @@ TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
       const Case f{{17, 260}, {17, 260}, 2, 2, dqk, dv, false};
       const Case many{ragged, ragged, 8, 2, dqk, dv, true};
       for (const Case* x : {&c, &m, &f, &many})
-        if (kernels(*x).size() > 1 && (x != &many || !std::strcmp(form, "ws"))) check_backward(*x, FlashKernel::Wgmma);
+        if (kernels(*x).size() > 1 && (x != &many || !std::strcmp(form, "ws") || !std::strcmp(form, "onepass"))) check_backward(*x, FlashKernel::Wgmma);
     }
   }
   ::unsetenv("FATHOM_FLASH_BACKWARD");
 }
 
-// The backward has no atomics (every gradient has one owner): two runs on the same inputs give
-// the same bits.
+// The deterministic backward has no atomics (every gradient has one owner): two runs on the same
+// inputs give the same bits (the default at qk 128 sums dQ by atomics: the one-pass kernel).
 TEST_F(CudaFlashAttention, BackwardRepeatsBitForBit) {
   // two runs on the same inputs (check_backward draws fresh ones each call)
   const int64_t T = 300, H = 4, G = 2, D = 128;
@@ -410,6 +410,7 @@ TEST_F(CudaFlashAttention, BackwardRepeatsBitForBit) {
   FlashAttentionGrads g;
   g.dout = static_cast<const uint16_t*>(gdo.data()), g.dout_token_stride = H * D, g.dout_head_stride = D;
   g.dq = static_cast<float*>(dq.data()), g.dk = static_cast<float*>(dk.data()), g.dv = static_cast<float*>(dv.data());
+  g.deterministic = true;
   std::vector<uint32_t> bits[2];
   for (int run = 0; run < 2; ++run) {
     cuda::device_synchronize();

@@ -50,6 +50,10 @@ struct FlashAttentionGrads {
   float* dq = nullptr;
   float* dk = nullptr;
   float* dv = nullptr;
+  // The same bits run after run: on the GPU, the backward whose every gradient has one owner (7
+  // products) instead of the one-pass kernel, whose dQ is summed by atomics in L2 (5 products;
+  // Hopper, head dims 128/128). The CPU's is always deterministic.
+  bool deterministic = false;
 };
 
 // The argument checks every backend makes (fathom::Error naming what is wrong): shapes, strides,

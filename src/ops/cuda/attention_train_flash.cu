@@ -213,6 +213,7 @@ void attention_backward_train_flash(float* dq, float* dk, float* dv, const float
   FlashAttentionGrads g;
   g.dout = g_out, g.dout_token_stride = int64_t(H) * dv_p, g.dout_head_stride = dv_p;
   g.dq = g_dq, g.dk = g_dk, g.dv = g_dv;
+  g.deterministic = true;  // (training resumes bit for bit: no gradient summed by atomics)
   flash_attention_backward(a.f, g, s, FlashKernel::Wgmma);
   unpad_f32(dq, p.q_token_stride, p.q_head_stride, g_dq, rq, H, p.d_qk, dqk_p, s);
   unpad_f32(dk, p.k_token_stride, p.k_head_stride, g_dk, rk, G, p.d_qk, dqk_p, s);

@@ -12,7 +12,9 @@
 //   register A operands and dout, Q read N-major — the forward's P V trick twice.
 // - dQ: a block owns 128 queries of one head (64 per consumer warpgroup) and sweeps the key tiles:
 //   S = Q Kᵀ, dP = dout Vᵀ, dS, then dQ += dS K (K N-major).
-// The two recompute S and dP each (7 products in all instead of 5), the price of no atomics.
+// The two recompute S and dP each (7 products in all instead of 5), the price of no atomics; at
+// head dims 128/128 the default is the one-pass kernel of flash_attention_backward_onepass.cu
+// (dQ summed by atomics, 5 products) and these are the deterministic option.
 // Each comes in two forms: flash_bwd_*_ws_kernel here (a producer warpgroup and two pipelined
 // consumers: see the comment above them; the default) and flash_bwd_*_wgmma_kernel in
 // flash_attention_backward_serial.cu (two warpgroups, thread 0 issuing the TMA copies between its
@@ -520,9 +522,11 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_simt_kernel(const FlashArg
 // qk 128, where 64 spills in the pipelined kernel) — the serial ones: flash_bwd_serial_kernels.
 // Which run: FATHOM_FLASH_BACKWARD — serial: the 256-thread kernels; ws-serial: the warp-
 // specialized dK dV kernel taking its tiles in order (no pipelining); ws-ss: the dQ kernel reading
-// Q and dout from shared memory; otherwise (ws, the default: the fastest on the H200,
-// bench/RESULTS.md) the warp-specialized, pipelined kernels with Q and dout in registers in the dQ
-// kernel (qk <= 128). (Both kernels' blocks in one launch measured slower: RESULTS, 2026-12-02.)
+// Q and dout from shared memory; ws (the deterministic default: the fastest on the H200 without
+// atomics, bench/RESULTS.md): the warp-specialized, pipelined kernels with Q and dout in registers
+// in the dQ kernel (qk <= 128); onepass (the default at qk = v = 128 unless
+// FlashAttentionGrads::deterministic): flash_attention_backward_onepass.cu. (Both two-kernel
+// blocks in one launch measured slower: RESULTS, 2026-12-02.)
 struct BwdVariant {
   int d_qk, d_v, qt_ws, dq_smem, dkdv_ws_smem;
   BwdKernel dkdv_ws, dq_ws, dkdv_ws_serial, dq_ws_ss;
@@ -603,7 +607,13 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
   // (+ the warp-specialized dK dV kernel's statistics rows: 2 n_heads rows of stats_stride)
   a.stats_stride = (stats_start(p.total_q, p.batch) + 64 + 3) & ~int64_t(3);
   const int64_t stats_floats = 2 * int64_t(p.n_heads) * a.stats_stride;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows + 4 + stats_floats) * sizeof(float), cs),
+  // (the one-pass kernel unless determinism or another form is asked for)
+  const char* form = std::getenv("FATHOM_FLASH_BACKWARD");
+  const bool onepass =
+      !refusal && !g.deterministic && flash_bwd_onepass_fits(p.d_qk, p.d_v) && (!form || !std::strcmp(form, "onepass"));
+  const int64_t acc_floats = onepass ? int64_t(p.n_heads) * a.stats_stride * p.d_qk : 0;  // (its dq accumulator)
+  check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows + 4 + stats_floats + acc_floats) * sizeof(float),
+                        cs),
         "flash_attention_backward (work space)");
   a.delta = delta;
   float* stats = delta + ((rows + 3) & ~int64_t(3));  // 16-byte aligned
@@ -629,7 +639,11 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
           flash_head_map(p.k, p.d_qk, p.n_kv_heads, p.total_k, p.k_head_stride, p.k_token_stride, kRows, "k");
       const CUtensorMap mv =
           flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kRows, "v");
-      {
+      if (onepass) {
+        flash_bwd_onepass(a, mk, mv, p.q, g.dout, p.q_token_stride, p.q_head_stride, g.dout_token_stride,
+                          g.dout_head_stride, p.n_kv_heads, p.batch, p.max_seqlen_q, p.max_seqlen_k,
+                          stats + stats_floats, cs);
+      } else {
         // dK dV: Q and dout in tiles of qt rows; K and V whole blocks of 128
         const bool ws = !bwd_form("serial");
         const SerialBwdKernels serial = flash_bwd_serial_kernels(p.d_qk, p.d_v);
