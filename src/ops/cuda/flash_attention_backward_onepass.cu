@@ -18,8 +18,10 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 
+#include "core/error.h"
 #include "ops/cuda/cuda_check.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/flash_attention.cuh"
@@ -76,12 +78,18 @@ __device__ inline void red_add_v4(float* p, float a, float b, float c, float d) 
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_onepass_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                              const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_do,
-                             const FlashArgs a, float* dq_acc) {
+                             const FlashArgs a, float* dq_acc, int heads_at_once) {
 #ifdef FATHOM_SM90A
   using Shape = OnePassShape;
   constexpr int kStages = Shape::kStages, kQT = kOpQT, kD = kOpD;
   pdl_wait();
-  const int kvh = int(blockIdx.x), kb = int(blockIdx.y), b = int(blockIdx.z);
+  // The blocks of a sequence in groups of heads_at_once KV heads, a group's key blocks from the
+  // first (the longest sweep) and its heads within: the blocks on the GPU at once then share
+  // those heads' Q, dout and dq accumulator in L2 (grid order alone — every head at once — left
+  // the accumulator of a 16,384-token sequence, 134 MB, to HBM: bench/RESULTS.md).
+  const int n_kb = int(gridDim.x) / (a.n_heads / a.group), per_group = heads_at_once * n_kb;
+  const int lin = int(blockIdx.x), hg = lin / per_group, rem = lin - hg * per_group;
+  const int kb = rem / heads_at_once, kvh = hg * heads_at_once + rem % heads_at_once, b = int(blockIdx.z);
   const SeqSpan s = seq_span(a, b);
   if (kb * kRows >= s.lk) return;
   const int diag = s.lk - s.lq;
@@ -220,7 +228,7 @@ __global__ void __launch_bounds__(384, 1)
     store_key_grads<kD, kD>(a, s, kvh, key0, lane, dk, dv);
   }
 #else
-  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a, (void)dq_acc;
+  (void)map_q, (void)map_k, (void)map_v, (void)map_do, (void)a, (void)dq_acc, (void)heads_at_once;
   __trap();
 #endif
 }
@@ -262,9 +270,16 @@ void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUten
       flash_head_map(q, kOpD, a.n_heads, a.total_q, q_head_stride, q_token_stride, uint32_t(kOpQT), "q");
   const CUtensorMap mdo =
       flash_head_map(dout, kOpD, a.n_heads, a.total_q, do_head_stride, do_token_stride, uint32_t(kOpQT), "dout");
-  launch_kernel(flash_bwd_onepass_kernel,
-                dim3(unsigned(n_kv_heads), unsigned(ceil_div(max_seqlen_k, kRows)), unsigned(batch)), dim3(384),
-                size_t(OnePassShape::kSmem), cs, mq, map_k, map_v, mdo, a, acc);
+  // (two KV heads at a time: 16 MB of Q and dout and 16 MB of accumulator at 16,384 tokens, in L2's 50)
+  int heads_at_once = n_kv_heads % 2 == 0 ? 2 : 1;
+  if (const char* e = std::getenv("FATHOM_FLASH_ONEPASS_HEADS")) {
+    const int h = std::atoi(e);
+    if (h >= 1 && n_kv_heads % h == 0) heads_at_once = h;
+  }
+  const int64_t blocks = int64_t(n_kv_heads) * ceil_div(max_seqlen_k, kRows);
+  FATHOM_CHECK(blocks < (int64_t(1) << 31), "flash_attention_backward: ", blocks, " key blocks exceed the grid.");
+  launch_kernel(flash_bwd_onepass_kernel, dim3(unsigned(blocks), 1, unsigned(batch)), dim3(384),
+                size_t(OnePassShape::kSmem), cs, mq, map_k, map_v, mdo, a, acc, heads_at_once);
   check_launch("flash_bwd_onepass_kernel");
   if (max_seqlen_q > 0) {
     launch_kernel(flash_bwd_dq_post_kernel,
