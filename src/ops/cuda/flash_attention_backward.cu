@@ -145,7 +145,6 @@ __global__ void __launch_bounds__(384, 1)
   }
   __syncthreads();
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
-  auto head_of = [&](int it) { return kvh * a.group + it / per_head; };
   auto tile_of = [&](int it) { return (i0 + it % per_head) * kQT; };
   if (wg == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
@@ -154,18 +153,8 @@ __global__ void __launch_bounds__(384, 1)
       mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
       load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
       load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
-      const int64_t stats0 = stats_start(s.q0, b);
-      for (int it = 0; it < n_it; ++it) {
-        const int st = it % kStages, h = head_of(it), qt = tile_of(it), row = int(s.q0 + qt);
-        mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
-        mbar_expect_tx(full + 8 * st, Shape::kQTBytes + Shape::kDoBytes + Shape::kStatBytes);
-        load_head_rows<kD, kQT>(sq + st * Shape::kQTBytes, &map_q, h, row, full + 8 * st);
-        load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
-        const float* lse2 = a.stats + int64_t(h) * a.stats_stride + stats0 + qt;
-        const uint32_t dst = sstat + st * Shape::kStatBytes;
-        bulk_load(dst, lse2, kQT * 4, full + 8 * st);
-        bulk_load(dst + kQT * 4, lse2 + int64_t(a.n_heads) * a.stats_stride, kQT * 4, full + 8 * st);
-      }
+      load_query_tiles<kD, kDv, kQT, kStages>(a, s, b, &map_q, &map_do, kvh, i0, per_head, n_it, sq, sdo, sstat, full,
+                                              empty);
     }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();
@@ -201,26 +190,10 @@ __global__ void __launch_bounds__(384, 1)
     // Pᵀ and dSᵀ in place: this thread's columns are queries qt + 8 n + 2 (lane % 4) + {0, 1}; a key
     // is masked (causal) when key - q > diag, tested against a bound that is huge off the diagonal.
     auto pds = [&](int it) {
-      const int st = it % kStages, qt = tile_of(it);
+      const int qt = tile_of(it);
       const bool masked = a.causal && kb * kRows + kRows - 1 > qt + diag;
-      const int bound = masked ? qt + diag : 1 << 30;
-      const float* lse2 = stat + st * 2 * kQT + 2 * (lane % 4);
-#pragma unroll
-      for (int n = 0; n < kQT / 8; ++n) {
-        const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * n);
-        const float2 dl = *reinterpret_cast<const float2*>(lse2 + kQT + 8 * n);
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int x = 4 * n + 2 * r + e;
-            const float p = fast_exp2(fmaf(sc[x], a.scale_log2, -(e ? l2.y : l2.x)));
-            const bool ok = key0 + 8 * r - (8 * n + 2 * (lane % 4) + e) <= bound;
-            sc[x] = ok ? p : 0.f;
-            dp[x] = sc[x] * (dp[x] - (e ? dl.y : dl.x));
-          }
-        if constexpr (kPipe) asm volatile("" ::: "memory");  // (the next loads no earlier: registers)
-      }
+      p_and_ds<kQT, kPipe>(sc, dp, stat + (it % kStages) * 2 * kQT, a.scale_log2, masked ? qt + diag : 1 << 30, key0,
+                           lane, true, true);
     };
     auto release = [&](int it) { mbar_arrive(empty + 8 * (it % kStages)); };
     // The leading query tiles of the first head that mask all of this consumer's 64 keys (below

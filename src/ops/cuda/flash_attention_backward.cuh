@@ -78,6 +78,57 @@ __device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpa
     for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
   }
 }
+// The dK dV kernels' producer (thread 0 of the producer warpgroup), after K and V: query tile it
+// (head kvh · group + it / per_head, rows (i0 + it % per_head) · kQT of the sequence) into stage
+// it % kStages once the consumers gave it back — Q and dout by TMA, the tile's lse·log2 e and D
+// rows (flash_bwd_prep_kernel's statistics) by bulk copies, all on the stage's full barrier.
+template <int kD, int kDv, int kQT, int kStages>
+__device__ __forceinline__ void load_query_tiles(const FlashArgs& a, const SeqSpan& s, int b, const CUtensorMap* map_q,
+                                                 const CUtensorMap* map_do, int kvh, int i0, int per_head, int n_it,
+                                                 uint32_t sq, uint32_t sdo, uint32_t sstat, uint32_t full,
+                                                 uint32_t empty) {
+  constexpr uint32_t kQTBytes = kQT * kD * 2, kDoBytes = kQT * kDv * 2, kStatBytes = kQT * 8;
+  const int64_t stats0 = stats_start(s.q0, b);
+  for (int it = 0; it < n_it; ++it) {
+    const int st = it % kStages, h = kvh * a.group + it / per_head, qt = (i0 + it % per_head) * kQT;
+    const int row = int(s.q0 + qt);
+    mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
+    mbar_expect_tx(full + 8 * st, kQTBytes + kDoBytes + kStatBytes);
+    load_head_rows<kD, kQT>(sq + st * kQTBytes, map_q, h, row, full + 8 * st);
+    load_head_rows<kDv, kQT>(sdo + st * kDoBytes, map_do, h, row, full + 8 * st);
+    const float* lse2 = a.stats + int64_t(h) * a.stats_stride + stats0 + qt;
+    const uint32_t dst = sstat + st * kStatBytes;
+    bulk_load(dst, lse2, kQT * 4, full + 8 * st);
+    bulk_load(dst + kQT * 4, lse2 + int64_t(a.n_heads) * a.stats_stride, kQT * 4, full + 8 * st);
+  }
+}
+// Pᵀ = exp2(scale·log2 e · Sᵀ − lse·log2 e) and dSᵀ = Pᵀ ∘ (dPᵀ − D) in place of Sᵀ and dPᵀ, for
+// a thread's keys key0 and key0 + 8 (their columns: queries 8 n + 2 (lane % 4) + {0, 1} of the
+// tile, whose lse·log2 e and D rows start at stat): a key counts when key − query <= bound (huge
+// off the causal diagonal; the tile's first query folded in) and its key_in flag is set.
+// kPipe: the statistics' loads kept in place (the caller's wgmmas are still running).
+template <int kQT, bool kPipe>
+__device__ __forceinline__ void p_and_ds(float (&sc)[kQT / 2], float (&dp)[kQT / 2], const float* stat,
+                                         float scale_log2, int bound, int key0, int lane, bool key_in0,
+                                         bool key_in1) {
+  const float* lse2 = stat + 2 * (lane % 4);
+#pragma unroll
+  for (int n = 0; n < kQT / 8; ++n) {
+    const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * n);
+    const float2 dl = *reinterpret_cast<const float2*>(lse2 + kQT + 8 * n);
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int x = 4 * n + 2 * r + e;
+        const float p = fast_exp2(fmaf(sc[x], scale_log2, -(e ? l2.y : l2.x)));
+        const bool ok = (r ? key_in1 : key_in0) && key0 + 8 * r - (8 * n + 2 * (lane % 4) + e) <= bound;
+        sc[x] = ok ? p : 0.f;
+        dp[x] = sc[x] * (dp[x] - (e ? dl.y : dl.x));
+      }
+    if constexpr (kPipe) asm volatile("" ::: "memory");  // (the next loads no earlier: registers)
+  }
+}
 // The dQ kernels' per-row statistics of a thread's rows r0 and r0 + 8: the forward's
 // log-sum-exp times log2 e and D = rowsum(dout ∘ out) (zeros past the sequence).
 __device__ __forceinline__ void query_row_stats(const FlashArgs& a, const SeqSpan& s, int h, int r0, float (&lse2)[2],
