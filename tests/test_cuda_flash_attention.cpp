@@ -364,7 +364,8 @@ TEST_F(CudaFlashAttention, BackwardMatchesTheCpu) {
 
 // Every backward form (flash_attention_backward.cu: the serial kernels; the warp-specialized ones
 // with the dK dV kernel taking its tiles in order; with the dQ kernel reading Q and dout from
-// shared memory; the default, pipelined), chosen by FATHOM_FLASH_BACKWARD.
+// shared memory; the pipelined two kernels, deterministic; the one-pass kernel at qk 128,
+// flash_attention_backward_onepass.cu), chosen by FATHOM_FLASH_BACKWARD.
 TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
   // (many, for the default form: 40 ragged sequences, ~1,000 query blocks and ~300 key blocks,
   // several waves of them)
@@ -379,7 +380,8 @@ TEST_F(CudaFlashAttention, EveryBackwardFormMatchesTheCpu) {
       const Case f{{17, 260}, {17, 260}, 2, 2, dqk, dv, false};
       const Case many{ragged, ragged, 8, 2, dqk, dv, true};
       for (const Case* x : {&c, &m, &f, &many})
-        if (kernels(*x).size() > 1 && (x != &many || !std::strcmp(form, "ws") || !std::strcmp(form, "onepass"))) check_backward(*x, FlashKernel::Wgmma);
+        if (kernels(*x).size() > 1 && (x != &many || !std::strcmp(form, "ws") || !std::strcmp(form, "onepass")))
+          check_backward(*x, FlashKernel::Wgmma);
     }
   }
   ::unsetenv("FATHOM_FLASH_BACKWARD");

@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(384, 1)
     };
     // dQ[:, 64 cw ..] = dS (64 x 128 keys, K-major, buffer buf) · K[:, 64 cw ..] (N-major: box cw of K)
     auto dq_product = [&](int buf) {
-      const uint64_t da = sw128_desc(sds + buf * Shape::kDsBytes), db = sw128_desc_mn(sk + cw * (kRows * 128), kRows * 128);
+      const uint64_t da = sw128_desc(sds + buf * Shape::kDsBytes);
+      const uint64_t db = sw128_desc_mn(sk + cw * (kRows * 128), kRows * 128);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kRows / 16; ++kk)
