@@ -613,9 +613,7 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
       const CUtensorMap mv =
           flash_head_map(p.v, p.d_v, p.n_kv_heads, p.total_k, p.v_head_stride, p.v_token_stride, kRows, "v");
       if (onepass) {
-        flash_bwd_onepass(a, mk, mv, p.q, g.dout, p.q_token_stride, p.q_head_stride, g.dout_token_stride,
-                          g.dout_head_stride, p.n_kv_heads, p.batch, p.max_seqlen_q, p.max_seqlen_k,
-                          stats + stats_floats, cs);
+        flash_bwd_onepass(a, mk, mv, p.batch, p.max_seqlen_q, p.max_seqlen_k, stats + stats_floats, cs);
       } else {
         // dK dV: Q and dout in tiles of qt rows; K and V whole blocks of 128
         const bool ws = !bwd_form("serial");

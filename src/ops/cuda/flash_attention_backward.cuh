@@ -216,11 +216,10 @@ SerialBwdKernels flash_bwd_serial_kernels(int d_qk, int d_v);
 
 // The one-pass backward (flash_attention_backward_onepass.cu): whether it takes these head dims, and
 // its launches — the accumulator zeroed, the pass over the key blocks (K and V by map_k / map_v in
-// boxes of 128 rows), dq from the accumulator (a.n_heads x a.stats_stride x 128 floats).
+// boxes of 128 rows; Q and dout from a's pointers and strides), dq from the accumulator (a.n_heads x
+// a.stats_stride x 128 floats).
 bool flash_bwd_onepass_fits(int d_qk, int d_v);
-void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUtensorMap& map_v, const uint16_t* q,
-                       const uint16_t* dout, int64_t q_token_stride, int64_t q_head_stride, int64_t do_token_stride,
-                       int64_t do_head_stride, int n_kv_heads, int batch, int max_seqlen_q, int max_seqlen_k,
-                       float* acc, cudaStream_t cs);
+void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUtensorMap& map_v, int batch,
+                       int max_seqlen_q, int max_seqlen_k, float* acc, cudaStream_t cs);
 
 }  // namespace fathom::cuda

@@ -230,10 +230,8 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_post_kernel(const FlashArgs 
 
 bool flash_bwd_onepass_fits(int d_qk, int d_v) { return d_qk == kOpD && d_v == kOpD; }
 
-void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUtensorMap& map_v, const uint16_t* q,
-                       const uint16_t* dout, int64_t q_token_stride, int64_t q_head_stride, int64_t do_token_stride,
-                       int64_t do_head_stride, int n_kv_heads, int batch, int max_seqlen_q, int max_seqlen_k,
-                       float* acc, cudaStream_t cs) {
+void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUtensorMap& map_v, int batch,
+                       int max_seqlen_q, int max_seqlen_k, float* acc, cudaStream_t cs) {
   static std::once_flag smem[kMaxDevices];
   once_per_device(smem, [] {
     check(cudaFuncSetAttribute(flash_bwd_onepass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -243,10 +241,11 @@ void flash_bwd_onepass(const FlashArgs& a, const CUtensorMap& map_k, const CUten
   check(cudaMemsetAsync(acc, 0, size_t(a.n_heads) * size_t(a.stats_stride) * kOpD * sizeof(float), cs),
         "flash_attention_backward (the dq accumulator)");
   const CUtensorMap mq =
-      flash_head_map(q, kOpD, a.n_heads, a.total_q, q_head_stride, q_token_stride, uint32_t(kOpQT), "q");
+      flash_head_map(a.q, kOpD, a.n_heads, a.total_q, a.q_hs, a.q_ts, uint32_t(kOpQT), "q");
   const CUtensorMap mdo =
-      flash_head_map(dout, kOpD, a.n_heads, a.total_q, do_head_stride, do_token_stride, uint32_t(kOpQT), "dout");
+      flash_head_map(a.dout, kOpD, a.n_heads, a.total_q, a.do_hs, a.do_ts, uint32_t(kOpQT), "dout");
   // (two KV heads at a time: 16 MB of Q and dout and 16 MB of accumulator at 16,384 tokens, in L2's 50)
+  const int n_kv_heads = a.n_heads / a.group;
   int heads_at_once = n_kv_heads % 2 == 0 ? 2 : 1;
   if (const char* e = std::getenv("FATHOM_FLASH_ONEPASS_HEADS")) {
     const int h = std::atoi(e);
