@@ -138,21 +138,13 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t kv_full = sstat + kStages * Shape::kStatBytes, full = kv_full + 8, empty = full + 8 * kStages;
   const float* stat = reinterpret_cast<const float*>(smem_raw + (sstat - smem_u32(smem_raw)));
   const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_key_block_barriers(kv_full, full, empty, kStages);
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), lane = tid % 32;
   auto tile_of = [&](int it) { return (i0 + it % per_head) * kQT; };
   if (wg == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
     if (tid == 0) {
-      const int key_row = int(s.k0 + int64_t(kb) * kRows);
-      mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-      load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
-      load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
+      load_key_block<kD, kDv>(sk, sv, &map_k, &map_v, kvh, int(s.k0 + int64_t(kb) * kRows), kv_full);
       load_query_tiles<kD, kDv, kQT, kStages>(a, s, b, &map_q, &map_do, kvh, i0, per_head, n_it, sq, sdo, sstat, full,
                                               empty);
     }

@@ -78,6 +78,26 @@ __device__ __forceinline__ void store_key_grads(const FlashArgs& a, const SeqSpa
     for (int i = 0; i < kDv / 8; ++i) *reinterpret_cast<float2*>(gv + 8 * i) = make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
   }
 }
+// The dK dV kernels' barriers, made by thread 0 before the block meets: kv_full (the key block's K
+// and V landed) and each of the `stages` stages' full (the producer's arrive and the copies'
+// bytes) and empty (the two consumer warpgroups' 256 threads).
+__device__ __forceinline__ void init_key_block_barriers(uint32_t kv_full, uint32_t full, uint32_t empty, int stages) {
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 1);
+    for (int i = 0; i < stages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+}
+// The dK dV kernels' key block (128 keys of KV head kvh from the sequence's row key_row): K and V
+// into sk and sv by TMA, on kv_full.
+template <int kD, int kDv>
+__device__ __forceinline__ void load_key_block(uint32_t sk, uint32_t sv, const CUtensorMap* map_k,
+                                               const CUtensorMap* map_v, int kvh, int key_row, uint32_t kv_full) {
+  mbar_expect_tx(kv_full, uint32_t(kRows * (kD + kDv) * 2));
+  load_head_rows<kD, kRows>(sk, map_k, kvh, key_row, kv_full);
+  load_head_rows<kDv, kRows>(sv, map_v, kvh, key_row, kv_full);
+}
 // The dK dV kernels' producer (thread 0 of the producer warpgroup), after K and V: query tile it
 // (head kvh · group + it / per_head, rows (i0 + it % per_head) · kQT of the sequence) into stage
 // it % kStages once the consumers gave it back — Q and dout by TMA, the tile's lse·log2 e and D

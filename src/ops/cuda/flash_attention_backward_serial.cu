@@ -37,12 +37,7 @@ __global__ void __launch_bounds__(256, 1)
   const uint32_t sq = sv + Shape::kVBytes, sdo = sq + kStages * Shape::kQTBytes;
   const uint32_t kv_full = sdo + kStages * Shape::kDoBytes, full = kv_full + 8, empty = full + 8 * kStages;
   const int tid = int(threadIdx.x);
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int i = 0; i < kStages; ++i) mbar_init(full + 8 * i, 1), mbar_init(empty + 8 * i, 256);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_key_block_barriers(kv_full, full, empty, kStages);
   auto produce = [&](int it) {
     const int st = it % kStages, h = kvh * a.group + it / per_head, row = int(s.q0 + int64_t(i0 + it % per_head) * kQT);
     mbar_wait(empty + 8 * st, uint32_t(((it / kStages) & 1) ^ 1));
@@ -51,10 +46,7 @@ __global__ void __launch_bounds__(256, 1)
     load_head_rows<kDv, kQT>(sdo + st * Shape::kDoBytes, &map_do, h, row, full + 8 * st);
   };
   if (tid == 0) {
-    const int key_row = int(s.k0 + int64_t(kb) * kRows);
-    mbar_expect_tx(kv_full, Shape::kKBytes + Shape::kVBytes);
-    load_head_rows<kD, kRows>(sk, &map_k, kvh, key_row, kv_full);
-    load_head_rows<kDv, kRows>(sv, &map_v, kvh, key_row, kv_full);
+    load_key_block<kD, kDv>(sk, sv, &map_k, &map_v, kvh, int(s.k0 + int64_t(kb) * kRows), kv_full);
     for (int it = 0; it < min(kStages, n_it); ++it) produce(it);
   }
   const int wg = __shfl_sync(kFullMask, tid / 128, 0), warp = (tid % 128) / 32, lane = tid % 32;
