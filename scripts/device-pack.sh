@@ -8,6 +8,8 @@
 # device-serve-data. Hide the training-reference gradients first (`bash scripts/device-serve.sh
 # --hide`, `--restore` after): the working tree with fathom-mini's weights, device-serve-data and
 # the three programs then come to ~64.4 MB, under the 64 MiB a call carries.
+# Pack `fathom` too for the tests that run the program (CudaCli.*, the CLI tests): the device
+# scripts then point them at it (FATHOM_TEST_BINARY).
 #   bash scripts/device-pack.sh [TARGET...]   (default: fathom_tests bench_cuda_decode bench_serve_engine)
 set -euo pipefail
 cd "$(dirname "$0")/.."

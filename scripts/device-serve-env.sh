@@ -24,6 +24,8 @@ serve_programs() {
     bin=/tmp/fathom-bin
     rm -rf "$bin" && mkdir -p "$bin" && tar -C "$bin" -xJf device-bin/bin.tar.xz
     echo "$name: the programs packed here (device-bin/)"
+    # the CLI tests run the packed fathom program when it is there (device-pack.sh ... fathom)
+    if [ -x "$bin/fathom" ]; then export FATHOM_TEST_BINARY="$bin/fathom"; fi
     return
   fi
   bin=build/device-serve

@@ -610,7 +610,7 @@ TEST(Config, InitRandomThroughCli) {
   for (const char* dtype : {"bf16", "fp8"}) {
     SCOPED_TRACE(dtype);
     std::string dir = tmp.file(std::string("out-") + dtype);
-    std::string cmd = cat("timeout 120 '", FATHOM_BINARY, "' init-random --config '", tmp.file("config.json"),
+    std::string cmd = cat("timeout 120 '", fathom_binary(), "' init-random --config '", tmp.file("config.json"),
                           "' --out '", dir, "' --dtype ", dtype, " --seed 7 --shard-mb 0.2 2>'", tmp.file("err"), "'");
     int rc = std::system(cmd.c_str());
     ASSERT_TRUE(rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << cmd << "\n" << rc;
@@ -625,7 +625,7 @@ TEST(Config, InitRandomThroughCli) {
   bad["qk_rope_head_dim"] = 7;
   write_text(tmp.file("bad.json"), bad.dump());
   std::string dir = tmp.file("out-bad");
-  std::string cmd = cat("timeout 60 '", FATHOM_BINARY, "' init-random --config '", tmp.file("bad.json"), "' --out '",
+  std::string cmd = cat("timeout 60 '", fathom_binary(), "' init-random --config '", tmp.file("bad.json"), "' --out '",
                         dir, "' 2>'", tmp.file("err"), "'");
   int rc = std::system(cmd.c_str());
   EXPECT_TRUE(rc != -1 && WIFEXITED(rc) && WEXITSTATUS(rc) == 2) << rc;

@@ -43,10 +43,15 @@ std::string slurp(const std::string& path) {
   return s.str();
 }
 
+std::string fathom_binary() {
+  const char* e = std::getenv("FATHOM_TEST_BINARY");
+  return e && *e ? std::string(e) : std::string(FATHOM_BINARY);
+}
+
 CliRun run_fathom(const std::vector<std::string>& args, const TempDir& scratch, const std::string& stdin_text) {
   CliRun r;
   // CLI tests run on the CPU unless they pass --device: the same answers on every machine
-  r.command = cat("FATHOM_DEVICE=cpu timeout 60 ", sh_quote(FATHOM_BINARY));
+  r.command = cat("FATHOM_DEVICE=cpu timeout 60 ", sh_quote(fathom_binary()));
   for (const std::string& a : args) r.command.append(1, ' ').append(sh_quote(a));
   const std::string out_path = scratch.file("cli.stdout"), err_path = scratch.file("cli.stderr");
   std::string in_path = "/dev/null";

@@ -14,6 +14,9 @@
 namespace fathom::test {
 
 inline std::string fixture_dir(const std::string& name) { return std::string(FATHOM_SHARED_DATA) + "/fixtures/" + name; }
+// The fathom program the CLI tests run: the build's, or FATHOM_TEST_BINARY's where the tests run
+// from a packed copy on another machine (scripts/device-serve-env.sh sets it).
+std::string fathom_binary();
 
 // ‖a − b‖ / ‖b‖ over n floats (NaN anywhere gives NaN, which fails every bound).
 inline double rel_err(const float* a, const float* b, size_t n) {
