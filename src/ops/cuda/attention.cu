@@ -11,8 +11,7 @@
 //   (through the block table when paged) and converted to fp32 in shared memory; each warp owns
 //   two query rows, lane j scores key j against both, the warp keeps the running max and sum
 //   with shuffles, and then accumulates p · V with lane d owning output dims d*4 + 128*i.
-//   When V is a prefix of K in memory (absorbed MLA: V = the latent part of [latent | pe]), the
-//   K tile is reused as the V tile.
+//   When V is a prefix of K in memory (absorbed MLA: V = [latent | pe]'s latent), K's tile is V's.
 // - With AttentionParams::kv_len (graph-replayed decode) the key count is read on the device;
 //   the grid is sized for the bound p.n_kv and blocks past the actual keys contribute nothing.
 // - When one pass over the keys would leave SMs idle (decode, short prompts), the keys are
