@@ -510,9 +510,10 @@ constexpr BwdVariant bwd_variant_of() {
 }
 const BwdVariant kBwdVariants[] = {bwd_variant_of<64, 64, 64>(), bwd_variant_of<128, 128, 48>(),
                                    bwd_variant_of<192, 128, 32>()};
+// Whether FATHOM_FLASH_BACKWARD names this form (a null name: whether it names none).
 bool bwd_form(const char* name) {
   const char* e = std::getenv("FATHOM_FLASH_BACKWARD");
-  return e && !std::strcmp(e, name);
+  return name ? e && !std::strcmp(e, name) : !e;
 }
 
 std::once_flag g_bwd_smem[kMaxDevices];
@@ -573,9 +574,8 @@ void flash_attention_backward(const FlashAttentionParams& p, const FlashAttentio
   a.stats_stride = (stats_start(p.total_q, p.batch) + 64 + 3) & ~int64_t(3);
   const int64_t stats_floats = 2 * int64_t(p.n_heads) * a.stats_stride;
   // (the one-pass kernel unless determinism or another form is asked for)
-  const char* form = std::getenv("FATHOM_FLASH_BACKWARD");
-  const bool onepass =
-      !refusal && !g.deterministic && flash_bwd_onepass_fits(p.d_qk, p.d_v) && (!form || !std::strcmp(form, "onepass"));
+  const bool onepass = !refusal && !g.deterministic && flash_bwd_onepass_fits(p.d_qk, p.d_v) &&
+                       (bwd_form(nullptr) || bwd_form("onepass"));
   const int64_t acc_floats = onepass ? int64_t(p.n_heads) * a.stats_stride * p.d_qk : 0;  // (its dq accumulator)
   check(cudaMallocAsync(reinterpret_cast<void**>(&delta), size_t(rows + 4 + stats_floats + acc_floats) * sizeof(float),
                         cs),
