@@ -15,9 +15,13 @@ case "${1:-status}" in
     [ -f "${shards[0]}" ] || { echo "device-room: the shards are already hidden"; exit 0; }
     git diff --quiet HEAD -- models/fathom-mini 2>/dev/null ||
       { echo "device-room: models/fathom-mini has uncommitted changes; commit them first" >&2; exit 1; }
-    rm -f models/fathom-mini/model-*-of-*.safetensors
+    # skip-worktree: while hidden, `git add -A` / `commit -a` do not record the shards as deleted
+    # (that happened on 2026-12-02, as it had with device-serve.sh's file before its guard)
+    git update-index --skip-worktree "${shards[@]}"
+    rm -f "${shards[@]}"
     echo "device-room: fathom-mini's shards hidden; 'bash scripts/device-room.sh restore' brings them back" ;;
   restore)
+    git update-index --no-skip-worktree $(git ls-files 'models/fathom-mini/model-*-of-*.safetensors')
     git checkout -- models/fathom-mini
     echo "device-room: fathom-mini's shards restored" ;;
   status)
