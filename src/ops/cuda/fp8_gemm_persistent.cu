@@ -144,9 +144,9 @@ __global__ void __launch_bounds__(128 * (kWGs + 1), 1)
       };
       // Two consumers (128- and 256-row tiles) walk the ring a round at a time, its stages
       // unrolled (their barriers, scales and descriptors at constant offsets): 1.3-3.8% faster
-      // than a runtime stage index on the M 4096 and 8192³ shapes, up to 13% at M 128 (bench/
-      // RESULTS.md); the turns before the ring's first stage and after its last whole round take
-      // the plain loop. (Three consumers, 192 rows: no faster so.)
+      // than a runtime stage index on the M 4096 and 8192³ shapes, up to 13% at M 128
+      // (bench/RESULTS.md); the turns before the ring's first stage and after its last whole
+      // round take the plain loop. (Three consumers, 192 rows: no faster so.)
       int kt = 0;
       if constexpr (kWGs == 2) {
         for (; kt < Kt && s != 0; ++kt) {
