@@ -1073,21 +1073,30 @@ TEST_F(CudaOps, MoeRouteMatchesTheCpu) {
 
 TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
   // the SIMT and the tensor-core GEMV (mma_gemv.cuh), the latter with each form of the grouped
-  // small tiles (cuda::GroupedForm)
-  for (int mode = 0; mode < 3; ++mode) {
-    const bool tensor_cores = mode > 0;
+  // small tiles (cuda::GroupedForm); then (modes 3-5, FP8, one token) the default GEMV kind with
+  // gate and up on the tensor cores, each tile's K split over 1, 2 and 4 warps
+  for (int mode = 0; mode < 6; ++mode) {
+    const bool tensor_cores = mode == 1 || mode == 2;
     const TensorCoreGemv gemv(tensor_cores);
+    if (mode >= 3) cuda::set_gemv_kind(cuda::GemvKind::Auto);
+    cuda::set_token_expert_tiles(mode == 3 ? 1 : mode == 4 ? 2 : mode == 5 ? 4 : 0);
     cuda::set_grouped_form(mode == 2 ? cuda::GroupedForm::Ahead : cuda::GroupedForm::ThreeBlocks);
-    SCOPED_TRACE(!tensor_cores ? "SIMT GEMV" : mode == 1 ? "tensor-core GEMV, grouped three blocks a SM"
-                                                          : "tensor-core GEMV, grouped next unit ahead");
+    SCOPED_TRACE(mode == 0   ? "SIMT GEMV"
+                 : mode == 1 ? "tensor-core GEMV, grouped three blocks a SM"
+                 : mode == 2 ? "tensor-core GEMV, grouped next unit ahead"
+                             : cat("one token's FP8 gate and up in tiles, K over ", mode == 3 ? 1 : mode == 4 ? 2 : 4,
+                                   " warps"));
     struct Case { int E, K; int64_t D, I, block; };
     // {16, 4, 256, 128}: 33 tokens take the grouped path's small tiles (8 rows), on the tensor cores
     // (mma_gemv.cuh) as do 1 and 5 tokens there and in {4, 4, 512, 256} (the shared expert in pieces);
-    // {12, 4, 1536, 136}: hidden 1,536, staged in two chunks of x by the three-block form
+    // {12, 4, 1536, 136}: hidden 1,536, staged in two chunks of x by the three-block form;
+    // {8, 3, 2048, 96}: one token's FP8 gate and up in tiles (modes 3-5), the last block partly past inter
     for (Case c : {Case{8, 3, 256, 136, 128}, Case{6, 2, 33, 19, 128}, Case{4, 4, 512, 256, 128}, Case{5, 2, 64, 48, 16},
-                   Case{3, 2, 40, 24, 7}, Case{16, 4, 256, 128, 128}, Case{12, 4, 1536, 136, 128}}) {
+                   Case{3, 2, 40, 24, 7}, Case{16, 4, 256, 128, 128}, Case{12, 4, 1536, 136, 128},
+                   Case{8, 3, 2048, 96, 128}}) {
       for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
         if (c.block != 128 && dt != DType::F8_E4M3) continue;
+        if (mode >= 3 && dt != DType::F8_E4M3) continue;
         std::vector<LinearWeight> host(static_cast<size_t>(3 * c.E)), dev(host.size());
         ExpertSet cpu_set, gpu_set;
         for (int e = 0; e < c.E; ++e) {
@@ -1112,6 +1121,7 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
         gpu_->prepare_experts(gpu_shared);
         // 1 and 5 tokens take the gather path, 33 and 130 the grouped one (several tiles per expert)
         for (int64_t T : {1, 5, 33, 130}) {
+          if (mode >= 3 && T != 1) continue;
           Tensor x = randn({T, c.D}), weights = uniform({T, c.K}, 0.1f, 1.0f);
           Tensor ids = Tensor::empty({T, c.K}, DType::I32);
           for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token
@@ -1141,6 +1151,7 @@ TEST_F(CudaOps, MoeExpertsMatchTheCpu) {
     }
   }
   cuda::set_grouped_form(cuda::GroupedForm::Auto);
+  cuda::set_token_expert_tiles(-1);
 }
 
 // The dense SwiGLU (shared experts, dense MLP) through the expert kernels: out = or += .

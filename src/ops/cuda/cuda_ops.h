@@ -80,6 +80,11 @@ GemvKind gemv_kind();
 // takes FATHOM_GROUPED_FORM=3x1|ahead, else ThreeBlocks. Tests and benchmarks switch it per run.
 enum class GroupedForm { Auto, Ahead, ThreeBlocks };
 void set_grouped_form(GroupedForm f);
+// One token's FP8 experts: gate and up on the tensor cores (moe.cu's
+// mma_expert_gate_up_tiles_kernel), each 16-row tile's K split over 1, 2 or 4 warps, or the SIMT
+// per-pair kernel (0). -1 (the default): FATHOM_EXPERT_TILES=0|1|2|4 if set, else the split that
+// fills the GPU once (moe.cu). Only where the GEMV kind is not forced to SIMT.
+void set_token_expert_tiles(int splits);
 
 // ---- elementwise.cu
 

@@ -19,8 +19,10 @@
 // on the device, each expert's weights read once per tile; the shared expert then runs as a
 // dense SwiGLU).
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "core/error.h"
@@ -417,6 +419,90 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpe
   mma_expert_gate_up_block<D, NORM>(p, h, unit, chunk, vec_x, sh);
 }
 
+// Gate and up of one token's pairs on the tensor cores: grid of units of 8 * kMmaWarps / KS rows
+// (gate_up_unit), a block's x (the token's, all of `hidden`) staged once for its warps, each
+// 16-row MMA tile (8 gate rows and the 8 up rows beside them, gate_up_tile_rows) taken by KS
+// warps, each over its 1/KS of the units, their sums added through shared memory at the end.
+// Lanes 0, 4, .., 28 of a tile's first warp then hold the gate and up values of its rows (C
+// fragment entries 0 and 2 of x row 0). Needs the whole row staged: mma_chunk(hidden, 1) >= hidden.
+template <DType D, bool NORM, int KS>
+__global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_tiles_kernel(MoeExpertsParams p, float* __restrict__ h,
+                                                                              int chunk, bool vec_x) {
+  constexpr int kTiles = kMmaWarps / KS;
+  const GateUpUnit unit = gate_up_unit<8 * kTiles>(p, blockIdx.x);
+  const HiddenRow hr = hidden_row(p, unit.pair);
+  pdl_wait();
+  FATHOM_MMA_SHARED(sh, chunk, 1);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int tile = warp % kTiles, part = warp / kTiles;
+  float* hp = h + hr.offset;
+  const int e = hr.shared ? 0 : p.experts ? p.experts[unit.pair] : 0;
+  if (e < 0 || e >= p.n_experts) {  // not a valid id (moe_gate never makes one): contributes nothing
+    if (threadIdx.x < 8 * kTiles && unit.n0 + threadIdx.x < hr.inter) hp[unit.n0 + threadIdx.x] = 0.f;
+    return;
+  }
+  const int64_t n0 = unit.n0 + 8 * tile;
+  const MmaRows rows = n0 < hr.inter ? gate_up_tile_rows<D>(hr.shared ? p.shared : p.table[e], n0, hr.inter, p) : MmaRows{};
+  const bool active = __any_sync(0xffffffffu, rows.a != nullptr);
+  const int units = int(ceil_div(p.hidden, kMmaUnit)), per = int(ceil_div(units, KS));
+  const int u0 = part * per, u1 = min(units, u0 + per);
+  // the first unit's weights in flight while x is staged
+  MmaUnitW<D> cur;
+  float wsa = 1.f, wsb = 1.f;
+  if (active && u0 < u1) {
+    mma_load_unit<D>(cur, rows, int64_t(u0) * kMmaUnit, p.hidden);
+    mma_row_scales<D>(rows, int64_t(u0) * kMmaUnit, p.block, wsa, wsb);
+  }
+  if (NORM)
+    for (int i = threadIdx.x; i < kMmaWarps * kMmaSsRows; i += kMmaThreads) sh.ss[i] = 0.f;
+  __syncthreads();
+  const float* x = p.x + hr.t * p.hidden;
+  mma_stage_x<D, NORM>(sh, [&](int) { return x; }, 1, 0, chunk, p.hidden, p.norm, vec_x);
+  __syncthreads();
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  if (active) {
+    for (int u = u0; u < u1; ++u) {
+      MmaUnitW<D> nxt;
+      float nsa = 1.f, nsb = 1.f;
+      if (u + 1 < u1) {
+        mma_load_unit<D>(nxt, rows, int64_t(u + 1) * kMmaUnit, p.hidden);
+        mma_row_scales<D>(rows, int64_t(u + 1) * kMmaUnit, p.block, nsa, nsb);
+      }
+      mma_unit_nt<D, 1>(acc, cur, sh, 1, -1, u, chunk, wsa, wsb);
+      if (u + 1 < u1) cur = nxt;
+      wsa = nsa, wsb = nsb;
+    }
+  }
+  // the parts' sums: parts 1.. into shared memory (sh.red: kMmaWarps * 16 * kMmaMaxRows floats),
+  // part 0 adds them in order
+  if constexpr (KS > 1) {
+    if (part > 0 && lane % 4 == 0) {
+      sh.red[((part - 1) * kTiles + tile) * 16 + lane / 4] = acc[0][0];
+      sh.red[((part - 1) * kTiles + tile) * 16 + 8 + lane / 4] = acc[0][2];
+    }
+  }
+  __syncthreads();
+  if (part > 0) return;
+  if constexpr (KS > 1) {
+    if (lane % 4 == 0)
+      for (int q = 1; q < KS; ++q) {
+        acc[0][0] += sh.red[((q - 1) * kTiles + tile) * 16 + lane / 4];
+        acc[0][2] += sh.red[((q - 1) * kTiles + tile) * 16 + 8 + lane / 4];
+      }
+  }
+  float sc = 1.f;
+  if constexpr (NORM) {
+    float ss = 0.f;
+    for (int w = 0; w < kMmaWarps; ++w) ss += sh.ss[w * kMmaSsRows];
+    sc = norm_scale(ss, p.hidden, p.eps);
+  }
+  const int64_t n = n0 + lane / 4;
+  if (lane % 4 == 0 && n < hr.inter) {
+    const float g = acc[0][0] * sc, u = acc[0][2] * sc;
+    hp[n] = g / (1.f + expf(-g)) * u;
+  }
+}
+
 // Down: grid (ceil(hidden / 16), T). A block's jobs are the token's slots, each the 16 down rows
 // of its expert on its own h row (x row j for slot j), the shared expert split into pieces of
 // inter columns; the slots' sums are weighted and added in slot order (deterministic).
@@ -466,6 +552,45 @@ void run_mma_experts(const MoeExpertsParams& p, cudaStream_t s) {
   check_launch("moe_experts (mma_expert_down_kernel)");
 }
 
+std::atomic<int> g_token_expert_tiles{-1};
+
+// How many warps split each tile's K in mma_expert_gate_up_tiles_kernel (0: the SIMT kernel) for
+// one token's `routed` pairs of `inter` rows and `shared` of `shared_inter`: set_token_expert_tiles
+// or FATHOM_EXPERT_TILES, else the most splits (more, smaller blocks: more weight bytes in flight
+// a SM) whose blocks all fit on the GPU at once. The kernel holds ~110 registers a thread, two
+// blocks a SM. Measured on an H200 (bench/RESULTS.md, FP8 batch-1 decode): v3-4.9b (6 + 2 pairs
+// of 1,024 rows) 1,128–1,130 tokens/s with the SIMT kernel, 1,108–1,110 / 1,194–1,195 /
+// 1,149–1,151 at 1 / 2 / 4 splits (128 / 256 / 512 blocks); v2-lite-16b (1,408 rows) 464 SIMT,
+// 470–473 / 453–457 / 459–460 (176 / 352 / 704 blocks).
+int token_expert_splits(int64_t routed, int64_t shared, int64_t inter, int64_t shared_inter) {
+  int set = g_token_expert_tiles.load(std::memory_order_relaxed);
+  if (set < 0) {
+    static const int from_env = [] {
+      const char* v = std::getenv("FATHOM_EXPERT_TILES");
+      if (!v || !*v) return -1;
+      const int n = std::atoi(v);
+      FATHOM_CHECK(std::string(v) == std::to_string(n) && (n == 0 || n == 1 || n == 2 || n == 4),
+                   "FATHOM_EXPERT_TILES is '", v, "'; expected 0, 1, 2 or 4.");
+      return n;
+    }();
+    set = from_env;
+  }
+  if (set >= 0) return set;
+  static const int resident = [] {
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              &per_sm, mma_expert_gate_up_tiles_kernel<DType::F8_E4M3, true, 2>, kMmaThreads,
+              mma_smem_bytes(mma_chunk(7168, 1), 1)),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return std::max(1, per_sm) * sm_count();
+  }();
+  for (int ks : {4, 2}) {
+    const int64_t rows = 8 * kMmaWarps / ks;
+    if (routed * ceil_div(inter, rows) + shared * ceil_div(shared_inter, rows) <= resident) return ks;
+  }
+  return 1;
+}
+
 template <DType D>
 void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   if constexpr (D != DType::F32) {
@@ -506,6 +631,27 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
     else if (r == 8) launch(std::integral_constant<int, 8>{});
     else launch(std::integral_constant<int, 4>{});
   };
+  if constexpr (D == DType::F8_E4M3) {
+    const int chunk = mma_chunk(p.hidden, 1);
+    if (p.n_tokens == 1 && gemv_kind() != GemvKind::Simt && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) &&
+        chunk >= p.hidden) {
+      const int splits = token_expert_splits(routed, shared, p.inter, p.shared_inter);
+      if (splits > 0) {
+        const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0;
+        auto launch = [&](auto ks) {
+          constexpr int KS = decltype(ks)::value, kRows = 8 * kMmaWarps / KS;
+          const int64_t units = routed * ceil_div(p.inter, kRows) + shared * ceil_div(p.shared_inter, kRows);
+          auto* kernel = p.norm ? mma_expert_gate_up_tiles_kernel<D, true, KS> : mma_expert_gate_up_tiles_kernel<D, false, KS>;
+          launch_kernel(kernel, unsigned(units), kMmaThreads, mma_smem_bytes(chunk, 1), s, p, h.as<float>(), chunk, vec_x);
+        };
+        if (splits == 1) launch(std::integral_constant<int, 1>{});
+        else if (splits == 2) launch(std::integral_constant<int, 2>{});
+        else launch(std::integral_constant<int, 4>{});
+        check_launch("moe_experts (mma_expert_gate_up_tiles_kernel)");
+        return with_rows(down_rows, down);
+      }
+    }
+  }
   with_rows(up_rows, gate_up);
   with_rows(down_rows, down);
 }
@@ -584,6 +730,12 @@ void moe_router_gate(float* weights, int32_t* experts, float* xn, const float* x
                 kRouterThreads, size_t(hidden) * sizeof(float), as_cuda(stream), weights, experts, xn, x, router, norm,
                 eps, hidden, bias, p, vec);
   check_launch("moe_route");
+}
+
+void set_token_expert_tiles(int splits) {
+  FATHOM_CHECK(splits == -1 || splits == 0 || splits == 1 || splits == 2 || splits == 4,
+               "set_token_expert_tiles: ", splits, " splits; expected -1, 0, 1, 2 or 4.");
+  g_token_expert_tiles.store(splits, std::memory_order_relaxed);
 }
 
 void moe_experts(const MoeExpertsParams& p, Stream stream) {
