@@ -425,6 +425,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_kernel(MoeExpe
 // warps, each over its 1/KS of the units, their sums added through shared memory at the end.
 // Lanes 0, 4, .., 28 of a tile's first warp then hold the gate and up values of its rows (C
 // fragment entries 0 and 2 of x row 0). Needs the whole row staged: mma_chunk(hidden, 1) >= hidden.
+// KS 1 runs the grouped path's warp-tile loop (mma_warp_tile_product), KS 2 and 4 their own.
 template <DType D, bool NORM, int KS>
 __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_tiles_kernel(MoeExpertsParams p, float* __restrict__ h,
                                                                               int chunk, bool vec_x) {
@@ -443,34 +444,39 @@ __global__ void __launch_bounds__(kMmaThreads) mma_expert_gate_up_tiles_kernel(M
   }
   const int64_t n0 = unit.n0 + 8 * tile;
   const MmaRows rows = n0 < hr.inter ? gate_up_tile_rows<D>(hr.shared ? p.shared : p.table[e], n0, hr.inter, p) : MmaRows{};
-  const bool active = __any_sync(0xffffffffu, rows.a != nullptr);
-  const int units = int(ceil_div(p.hidden, kMmaUnit)), per = int(ceil_div(units, KS));
-  const int u0 = part * per, u1 = min(units, u0 + per);
-  // the first unit's weights in flight while x is staged
-  MmaUnitW<D> cur;
-  float wsa = 1.f, wsb = 1.f;
-  if (active && u0 < u1) {
-    mma_load_unit<D>(cur, rows, int64_t(u0) * kMmaUnit, p.hidden);
-    mma_row_scales<D>(rows, int64_t(u0) * kMmaUnit, p.block, wsa, wsb);
-  }
-  if (NORM)
-    for (int i = threadIdx.x; i < kMmaWarps * kMmaSsRows; i += kMmaThreads) sh.ss[i] = 0.f;
-  __syncthreads();
   const float* x = p.x + hr.t * p.hidden;
-  mma_stage_x<D, NORM>(sh, [&](int) { return x; }, 1, 0, chunk, p.hidden, p.norm, vec_x);
-  __syncthreads();
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  if (active) {
-    for (int u = u0; u < u1; ++u) {
-      MmaUnitW<D> nxt;
-      float nsa = 1.f, nsb = 1.f;
-      if (u + 1 < u1) {
-        mma_load_unit<D>(nxt, rows, int64_t(u + 1) * kMmaUnit, p.hidden);
-        mma_row_scales<D>(rows, int64_t(u + 1) * kMmaUnit, p.block, nsa, nsb);
+  if constexpr (KS == 1) {  // (this form measured 3-4% faster than the loop below at KS 1)
+    mma_warp_tile_product<D, 1, NORM>(acc, sh, rows, [&](int) { return x; }, 1, 0, p.hidden, p.block, chunk, vec_x,
+                                       p.norm);
+  } else {  // KS warps a tile, each over its share of the units
+    const bool active = __any_sync(0xffffffffu, rows.a != nullptr);
+    const int units = int(ceil_div(p.hidden, kMmaUnit)), per = int(ceil_div(units, KS));
+    const int u0 = part * per, u1 = min(units, u0 + per);
+    // the first unit's weights in flight while x is staged
+    MmaUnitW<D> cur;
+    float wsa = 1.f, wsb = 1.f;
+    if (active && u0 < u1) {
+      mma_load_unit<D>(cur, rows, int64_t(u0) * kMmaUnit, p.hidden);
+      mma_row_scales<D>(rows, int64_t(u0) * kMmaUnit, p.block, wsa, wsb);
+    }
+    if (NORM)
+      for (int i = threadIdx.x; i < kMmaWarps * kMmaSsRows; i += kMmaThreads) sh.ss[i] = 0.f;
+    __syncthreads();
+    mma_stage_x<D, NORM>(sh, [&](int) { return x; }, 1, 0, chunk, p.hidden, p.norm, vec_x);
+    __syncthreads();
+    if (active) {
+      for (int u = u0; u < u1; ++u) {
+        MmaUnitW<D> nxt;
+        float nsa = 1.f, nsb = 1.f;
+        if (u + 1 < u1) {
+          mma_load_unit<D>(nxt, rows, int64_t(u + 1) * kMmaUnit, p.hidden);
+          mma_row_scales<D>(rows, int64_t(u + 1) * kMmaUnit, p.block, nsa, nsb);
+        }
+        mma_unit_nt<D, 1>(acc, cur, sh, 1, -1, u, chunk, wsa, wsb);
+        if (u + 1 < u1) cur = nxt;
+        wsa = nsa, wsb = nsb;
       }
-      mma_unit_nt<D, 1>(acc, cur, sh, 1, -1, u, chunk, wsa, wsb);
-      if (u + 1 < u1) cur = nxt;
-      wsa = nsa, wsb = nsb;
     }
   }
   // the parts' sums: parts 1.. into shared memory (sh.red: kMmaWarps * 16 * kMmaMaxRows floats),
@@ -558,10 +564,10 @@ std::atomic<int> g_token_expert_tiles{-1};
 // one token's `routed` pairs of `inter` rows and `shared` of `shared_inter`: set_token_expert_tiles
 // or FATHOM_EXPERT_TILES, else the most splits (more, smaller blocks: more weight bytes in flight
 // a SM) whose blocks all fit on the GPU at once. The kernel holds ~110 registers a thread, two
-// blocks a SM. Measured on an H200 (bench/RESULTS.md, FP8 batch-1 decode): v3-4.9b (6 + 2 pairs
-// of 1,024 rows) 1,128–1,130 tokens/s with the SIMT kernel, 1,108–1,110 / 1,194–1,195 /
-// 1,149–1,151 at 1 / 2 / 4 splits (128 / 256 / 512 blocks); v2-lite-16b (1,408 rows) 464 SIMT,
-// 470–473 / 453–457 / 459–460 (176 / 352 / 704 blocks).
+// blocks a SM. Measured on an H200 (bench/RESULTS.md, FP8 batch-1 decode, tokens/s): v3-4.9b
+// (6 + 2 pairs of 1,024 rows) 1,133–1,135 with the SIMT kernel, 1,151–1,155 / 1,190–1,197 at
+// 1 / 2 splits (128 / 256 blocks), 1,149–1,151 at 4 (512 blocks, another call); v2-lite-16b
+// (1,408 rows) 464 SIMT, 482–485 / 455 (176 / 352 blocks), 459–460 at 4.
 int token_expert_splits(int64_t routed, int64_t shared, int64_t inter, int64_t shared_inter) {
   int set = g_token_expert_tiles.load(std::memory_order_relaxed);
   if (set < 0) {
