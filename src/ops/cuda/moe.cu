@@ -536,12 +536,20 @@ bool mma_experts_take(const MoeExpertsParams& p) {
   return whole && p.top_k + p.shared_inter / p.inter <= kMmaMaxRows;
 }
 
+// Blocks of a gate+up launch over one flat list of units of `rows` rows (gate_up_unit): every
+// routed pair's inter rows, then every token's shared_inter rows.
+int64_t gate_up_units(const MoeExpertsParams& p, int64_t rows) {
+  const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
+  const int64_t units = routed * ceil_div(p.inter, rows) + shared * ceil_div(p.shared_inter, rows);
+  FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", rows, " rows exceed one launch.");
+  return units;
+}
+
 template <DType D>
 void run_mma_experts(const MoeExpertsParams& p, cudaStream_t s) {
   const int64_t routed = p.n_tokens * p.top_k, shared = p.has_shared ? p.n_tokens : 0;
   StreamScratch h(size_t(routed * p.inter + shared * p.shared_inter) * sizeof(float), s, "moe_experts");
-  const int64_t units = routed * ceil_div(p.inter, 8) + shared * ceil_div(p.shared_inter, 8);
-  FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of 8 rows exceed one launch.");
+  const int64_t units = gate_up_units(p, 8);
   const int c_up = mma_chunk(p.hidden, 1);
   const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0;
   if (p.norm)
@@ -561,14 +569,14 @@ void run_mma_experts(const MoeExpertsParams& p, cudaStream_t s) {
 std::atomic<int> g_token_expert_tiles{-1};
 
 // How many warps split each tile's K in mma_expert_gate_up_tiles_kernel (0: the SIMT kernel) for
-// one token's `routed` pairs of `inter` rows and `shared` of `shared_inter`: set_token_expert_tiles
+// one token's pairs of p: set_token_expert_tiles
 // or FATHOM_EXPERT_TILES, else the most splits (more, smaller blocks: more weight bytes in flight
 // a SM) whose blocks all fit on the GPU at once. The kernel holds ~110 registers a thread, two
 // blocks a SM. Measured on an H200 (bench/RESULTS.md, FP8 batch-1 decode, tokens/s): v3-4.9b
 // (6 + 2 pairs of 1,024 rows) 1,133–1,135 with the SIMT kernel, 1,151–1,155 / 1,190–1,197 at
 // 1 / 2 splits (128 / 256 blocks), 1,149–1,151 at 4 (512 blocks, another call); v2-lite-16b
 // (1,408 rows) 464 SIMT, 482–485 / 455 (176 / 352 blocks), 459–460 at 4.
-int token_expert_splits(int64_t routed, int64_t shared, int64_t inter, int64_t shared_inter) {
+int token_expert_splits(const MoeExpertsParams& p) {
   int set = g_token_expert_tiles.load(std::memory_order_relaxed);
   if (set < 0) {
     static const int from_env = [] {
@@ -590,10 +598,8 @@ int token_expert_splits(int64_t routed, int64_t shared, int64_t inter, int64_t s
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     return std::max(1, per_sm) * sm_count();
   }();
-  for (int ks : {4, 2}) {
-    const int64_t rows = 8 * kMmaWarps / ks;
-    if (routed * ceil_div(inter, rows) + shared * ceil_div(shared_inter, rows) <= resident) return ks;
-  }
+  for (int ks : {4, 2})
+    if (gate_up_units(p, 8 * kMmaWarps / ks) <= resident) return ks;
   return 1;
 }
 
@@ -620,8 +626,7 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
   static const int down_rows = rows_from("FATHOM_EXPERT_DOWN_ROWS");
   auto gate_up = [&](auto rows) {
     constexpr int R = decltype(rows)::value;
-    const int64_t units = routed * ceil_div(p.inter, R) + shared * ceil_div(p.shared_inter, R);
-    FATHOM_CHECK(units < (int64_t(1) << 31), "moe_experts: ", units, " blocks of ", R, " rows exceed one launch.");
+    const int64_t units = gate_up_units(p, R);
     auto* kernel = p.norm ? expert_gate_up_kernel<D, R, true> : expert_gate_up_kernel<D, R, false>;
     launch_kernel(kernel, unsigned(units), kExpertThreads, 0, s, p, h.as<float>(), vec_up);
     check_launch("moe_experts (expert_gate_up_kernel)");
@@ -641,12 +646,12 @@ void run_experts(const MoeExpertsParams& p, cudaStream_t s) {
     const int chunk = mma_chunk(p.hidden, 1);
     if (p.n_tokens == 1 && gemv_kind() != GemvKind::Simt && p.aligned16 && mma_gemv_fits(D, p.hidden, p.block) &&
         chunk >= p.hidden) {
-      const int splits = token_expert_splits(routed, shared, p.inter, p.shared_inter);
+      const int splits = token_expert_splits(p);
       if (splits > 0) {
         const bool vec_x = aligned16(p.x) && p.hidden % 4 == 0;
         auto launch = [&](auto ks) {
-          constexpr int KS = decltype(ks)::value, kRows = 8 * kMmaWarps / KS;
-          const int64_t units = routed * ceil_div(p.inter, kRows) + shared * ceil_div(p.shared_inter, kRows);
+          constexpr int KS = decltype(ks)::value;
+          const int64_t units = gate_up_units(p, 8 * kMmaWarps / KS);
           auto* kernel = p.norm ? mma_expert_gate_up_tiles_kernel<D, true, KS> : mma_expert_gate_up_tiles_kernel<D, false, KS>;
           launch_kernel(kernel, unsigned(units), kMmaThreads, mma_smem_bytes(chunk, 1), s, p, h.as<float>(), chunk, vec_x);
         };
